@@ -1,0 +1,41 @@
+"""histoflow: computational pathology from slide to cell table.
+
+Open any slide with :func:`open_slide`, tile it with :class:`SlideData`, keep the results in one
+h5path file per slide (:func:`read_h5path`). Importing histoflow is light: no torch, no dask.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: F401
+    H5PathError,
+    HistoflowError,
+    RegionError,
+    RegionTooLargeError,
+    SlideNotFoundError,
+    SlideReadError,
+    TileDecodeError,
+    UnsupportedFormatError,
+)
+from .io import open_slide  # noqa: F401
+
+_LAZY = {
+    "SlideData": "histoflow.core.slide",
+    "SlideType": "histoflow.core.types",
+    "Tile": "histoflow.core.tile",
+    "TileGrid": "histoflow.core.grid",
+    "read_h5path": "histoflow.store",
+    "H5Path": "histoflow.store",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'histoflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

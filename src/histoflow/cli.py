@@ -1,0 +1,170 @@
+"""The ``histoflow`` command. Thin: every verb calls the library.
+
+    histoflow info SLIDE [--json]
+    histoflow thumbnail SLIDE -o OUT.png [--size N]
+    histoflow tile SLIDE -o OUT.h5path [--size 256] [--level L | --mpp M] [--overlap K] [--edge pad|drop]
+    histoflow demo [-o OUTDIR]
+
+Errors print one line (``histoflow: error: ...``) and exit with status 1; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="histoflow", description="Computational pathology: slides, tiles, h5path.")
+    p.add_argument("--version", action="version", version=f"histoflow {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("info", help="describe a slide (format, levels, mpp, channels)")
+    s.add_argument("slide")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--backend", default="auto")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("thumbnail", help="write a PNG thumbnail of a slide")
+    s.add_argument("slide")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--size", type=int, default=1024, help="longer side in pixels (default 1024)")
+    s.add_argument("--backend", default="auto")
+    s.set_defaults(func=cmd_thumbnail)
+
+    s = sub.add_parser("tile", help="cut a slide into tiles and write an h5path file")
+    s.add_argument("slide")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--size", type=int, default=256, help="tile size in pixels (default 256)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--level", type=int, help="pyramid level to tile (default 0)")
+    g.add_argument("--mpp", type=float, help="target µm/px (resampled when no level matches)")
+    s.add_argument("--overlap", type=int, default=0)
+    s.add_argument("--edge", choices=["pad", "drop"], default="pad")
+    s.add_argument("--slide-mpp", type=float, help="override the slide's own µm/px")
+    s.add_argument("--compression", choices=["gzip", "lzf", "none"], default="gzip")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_tile)
+
+    s = sub.add_parser("demo", help="tile the built-in sample slide and show what came out")
+    s.add_argument("-o", "--output", default="demo_out")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .errors import HistoflowError
+
+    try:
+        return args.func(args) or 0
+    except (HistoflowError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"histoflow: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("histoflow: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------- verbs
+def cmd_info(args):
+    from . import open_slide
+
+    with open_slide(args.slide, backend=args.backend) as s:
+        info = s.info()
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['path']}")
+    print(f"  format     {info['format']} (backend {info['backend']})")
+    print(f"  size       {info['width']} x {info['height']} px, {info['channels']} channel(s), {info['dtype']}")
+    mpp = info["mpp"]
+    print(f"  mpp        {'unknown' if mpp is None else f'{mpp[0]:.4g} x {mpp[1]:.4g} µm/px'}"
+          + (f", objective {info['objective_power']:g}x" if info["objective_power"] else ""))
+    print(f"  levels     " + ", ".join(f"{lv['width']}x{lv['height']} (/{lv['downsample']:.4g})"
+                                      for lv in info["levels"]))
+    names = info["channel_names"]
+    print(f"  channels   {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+    if info["associated_images"]:
+        print(f"  associated {', '.join(info['associated_images'])}")
+    for w in info["warnings"]:
+        print(f"  warning    {w}")
+    return 0
+
+
+def cmd_thumbnail(args):
+    from . import open_slide
+    from .utils import save_png, to_rgb
+
+    with open_slide(args.slide, backend=args.backend) as s:
+        rgb = to_rgb(s.thumbnail(args.size), brightfield=s.brightfield)
+    save_png(args.output, rgb)
+    print(f"{args.output}: {rgb.shape[1]} x {rgb.shape[0]} px")
+    return 0
+
+
+def cmd_tile(args):
+    from .core.slide import SlideData
+
+    t0 = time.perf_counter()
+    with SlideData(args.slide, backend=args.backend, mpp=args.slide_mpp) as slide:
+        grid = slide.grid(args.size, overlap=args.overlap, level=args.level, mpp=args.mpp, edge=args.edge)
+        tiles = (slide.read_tile(spec) for spec in grid)
+        slide.write(args.output, tiles=tiles, total=len(grid), progress=not args.no_progress,
+                    compression=None if args.compression == "none" else args.compression)
+    dt = time.perf_counter() - t0
+    size = os.path.getsize(args.output)
+    print(f"{args.output}: {len(grid)} tiles of {args.size}x{args.size} ({grid.rows} rows x {grid.cols} cols, "
+          f"downsample {grid.downsample:.4g}), {size / 1e6:.1f} MB, {dt:.1f} s")
+    return 0
+
+
+def cmd_demo(args):
+    from PIL import Image, ImageDraw
+
+    from .core.slide import SlideData
+    from .data import sample_slide_path
+    from .store import read_h5path
+    from .utils import save_png, to_rgb
+
+    os.makedirs(args.output, exist_ok=True)
+    t0 = time.perf_counter()
+    slide = SlideData(sample_slide_path())
+    print(slide)
+    grid = slide.grid(256, level=0)
+    out = os.path.join(args.output, f"{slide.name}.h5path")
+    slide.write(out, tiles=(slide.read_tile(s) for s in grid), total=len(grid), progress=True)
+    thumb = to_rgb(slide.thumbnail(1024), brightfield=True)
+    # the tile grid drawn over the thumbnail
+    im = Image.fromarray(thumb)
+    draw = ImageDraw.Draw(im)
+    sx = thumb.shape[1] / slide.dimensions[0]
+    for spec in grid:
+        draw.rectangle([spec.x * sx, spec.y * sx, (spec.x + spec.width0) * sx - 1, (spec.y + spec.height0) * sx - 1],
+                       outline=(20, 20, 20))
+    thumb_path = save_png(os.path.join(args.output, f"{slide.name}_thumbnail.png"), thumb)
+    grid_path = save_png(os.path.join(args.output, f"{slide.name}_tiles.png"), __import__("numpy").asarray(im))
+    slide.close()
+    with read_h5path(out) as h5:
+        n, shape = len(h5), h5.tile(0).image.shape
+    dt = time.perf_counter() - t0
+    print(f"\nsample slide   {sample_slide_path()}")
+    print(f"tiles          {n} tiles of {shape[1]}x{shape[0]}x{shape[2]} ({grid.rows} rows x {grid.cols} cols)")
+    print(f"h5path         {out} ({os.path.getsize(out) / 1e6:.1f} MB)")
+    print(f"thumbnail      {thumb_path}")
+    print(f"tile grid      {grid_path}")
+    print(f"time           {dt:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

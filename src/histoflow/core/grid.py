@@ -1,0 +1,250 @@
+"""TileGrid: where the tiles of a slide are. Geometry only; no pixels are read here.
+
+A grid is laid out in *output* pixels: those of a pyramid level, or of a target pixel size (µm/px) that no
+level may have exactly, in which case each tile is read from the finest level that is not coarser than
+the target and resampled. Every tile knows its level-0 rectangle, the level it is read from and the size
+to read there, so a reader can fetch it and a mask can be looked up at any resolution.
+
+>>> g = TileGrid((2220, 2967), tile_size=256, overlap=32)
+>>> g.shape, len(g)
+((13, 10), 130)
+>>> t = g[0]; (t.x, t.y, t.read_size)
+(0, 0, (256, 256))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import RegionError
+
+#: relative difference under which a level's pixel size counts as the target's (no resampling)
+MPP_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """One cell of a grid."""
+
+    row: int
+    col: int
+    x: int  # level-0 top-left
+    y: int
+    width0: int  # level-0 extent covered by the tile
+    height0: int
+    level: int  # level to read from
+    read_size: tuple[int, int]  # (w, h) to read at that level
+    size: tuple[int, int]  # (w, h) of the output tile
+    downsample: float  # output pixel -> level-0 pixels
+
+    @property
+    def coords(self) -> tuple[int, int]:
+        return (self.x, self.y)
+
+    @property
+    def needs_resample(self) -> bool:
+        return self.read_size != self.size
+
+
+class TileGrid:
+    """A regular grid of tiles over a slide.
+
+    Parameters
+    ----------
+    dimensions : (int, int)
+        Level-0 (width, height) of the slide.
+    tile_size : int or (int, int)
+        Output tile (width, height) in pixels.
+    stride : int or (int, int), optional
+        Step between tile corners in output pixels. Default: ``tile_size - overlap``.
+    overlap : int or (int, int)
+        Overlap between neighbours in output pixels (ignored when ``stride`` is given).
+    level : int, optional
+        Read tiles from this level, at its resolution. Default 0 unless ``mpp`` is given.
+    mpp : float, optional
+        Target pixel size in µm/px. The grid is laid out at that resolution; tiles are read from the
+        finest level not coarser than it and resampled when no level matches (within 1 %).
+    level_downsamples : sequence of float
+        Downsample of each level (level 0 first). Default ``[1.0]``.
+    slide_mpp : float or (float, float), optional
+        Level-0 pixel size, required with ``mpp``.
+    edge : {"pad", "drop"}
+        ``"pad"`` keeps partial tiles at the right and bottom edges (the reader pads them);
+        ``"drop"`` keeps only tiles fully inside the slide.
+    mask : 2-D array, optional
+        A slide-level mask (any resolution); keep only tiles it covers by at least ``min_coverage``.
+    mask_downsample : float, optional
+        Level-0 pixels per mask pixel. Default: inferred from the mask's width.
+    min_coverage : float
+        Fraction (0..1) of the tile's area the mask must cover. With a mask and the default 0, a tile
+        is kept when the mask touches it at all.
+    """
+
+    def __init__(self, dimensions, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None,
+                 level_downsamples=None, slide_mpp=None, edge="pad", mask=None, mask_downsample=None,
+                 min_coverage=0.0):
+        self.dimensions = (int(dimensions[0]), int(dimensions[1]))
+        if min(self.dimensions) <= 0:
+            raise RegionError(f"slide dimensions must be positive, got {self.dimensions}")
+        self.tile_size = _pair(tile_size, "tile_size")
+        if min(self.tile_size) <= 0:
+            raise RegionError(f"tile_size must be positive, got {tile_size}")
+        if stride is None:
+            ov = _pair(overlap, "overlap")
+            if not all(0 <= o < t for o, t in zip(ov, self.tile_size)):
+                raise RegionError(f"overlap must be in [0, tile_size), got {overlap} for tile size {tile_size}")
+            self.stride = (self.tile_size[0] - ov[0], self.tile_size[1] - ov[1])
+        else:
+            self.stride = _pair(stride, "stride")
+            if min(self.stride) <= 0:
+                raise RegionError(f"stride must be positive, got {stride}")
+        self.overlap = (self.tile_size[0] - self.stride[0], self.tile_size[1] - self.stride[1])
+        if edge not in ("pad", "drop"):
+            raise RegionError(f"edge must be 'pad' or 'drop', got {edge!r}")
+        self.edge = edge
+        self.level_downsamples = [float(d) for d in (level_downsamples or [1.0])]
+        if level is not None and mpp is not None:
+            raise RegionError("give either level or mpp, not both")
+        self.target_mpp = None
+        if mpp is not None:
+            if slide_mpp is None:
+                raise RegionError("a target mpp needs the slide's pixel size, which is unknown: "
+                                  "pass mpp=... when opening the slide, or tile by level")
+            smpp = float(slide_mpp[0] if not np.isscalar(slide_mpp) else slide_mpp)
+            self.target_mpp = float(mpp)
+            if self.target_mpp <= 0:
+                raise RegionError(f"target mpp must be positive, got {mpp}")
+            want = self.target_mpp / smpp
+            self.level = max((i for i, d in enumerate(self.level_downsamples) if d <= want * (1 + MPP_TOLERANCE)),
+                             default=0)
+            lds = self.level_downsamples[self.level]
+            self.downsample = lds if abs(lds - want) <= MPP_TOLERANCE * want else want
+        else:
+            self.level = int(level or 0)
+            if not 0 <= self.level < len(self.level_downsamples):
+                raise RegionError(f"level {self.level} does not exist (the slide has {len(self.level_downsamples)})")
+            self.downsample = self.level_downsamples[self.level]
+        self.level_downsample = self.level_downsamples[self.level]
+        # output-space size of the slide
+        self.out_size = (self.dimensions[0] / self.downsample, self.dimensions[1] / self.downsample)
+        self.cols = _count(self.out_size[0], self.tile_size[0], self.stride[0], edge)
+        self.rows = _count(self.out_size[1], self.tile_size[1], self.stride[1], edge)
+        self.mask_filter = None
+        if mask is not None:
+            self.mask_filter = _MaskCoverage(np.asarray(mask), mask_downsample, self.dimensions)
+        self.min_coverage = float(min_coverage)
+        self._index = None
+
+    # ------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the full grid, before any mask filter."""
+        return (self.rows, self.cols)
+
+    @property
+    def resampled(self) -> bool:
+        return abs(self.downsample - self.level_downsample) > 1e-9
+
+    def spec(self, row: int, col: int) -> TileSpec:
+        ds = self.downsample
+        ox, oy = col * self.stride[0], row * self.stride[1]
+        x, y = int(round(ox * ds)), int(round(oy * ds))
+        w0, h0 = int(round(self.tile_size[0] * ds)), int(round(self.tile_size[1] * ds))
+        if self.resampled:
+            f = ds / self.level_downsample
+            read = (max(1, int(round(self.tile_size[0] * f))), max(1, int(round(self.tile_size[1] * f))))
+        else:
+            read = self.tile_size
+        return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds)
+
+    def coverage(self, spec: TileSpec) -> float:
+        """Fraction of the tile covered by the mask (1.0 when there is no mask)."""
+        if self.mask_filter is None:
+            return 1.0
+        return self.mask_filter.fraction(spec.x, spec.y, spec.width0, spec.height0)
+
+    def _kept(self):
+        if self._index is None:
+            keep = []
+            for r in range(self.rows):
+                for c in range(self.cols):
+                    if self.mask_filter is not None:
+                        cov = self.coverage(self.spec(r, c))
+                        if cov <= 0 or cov < self.min_coverage:
+                            continue
+                    keep.append((r, c))
+            self._index = keep
+        return self._index
+
+    def __len__(self):
+        if self.mask_filter is None:
+            return self.rows * self.cols
+        return len(self._kept())
+
+    def __iter__(self):
+        if self.mask_filter is None:
+            for r in range(self.rows):
+                for c in range(self.cols):
+                    yield self.spec(r, c)
+        else:
+            for r, c in self._kept():
+                yield self.spec(r, c)
+
+    def __getitem__(self, i: int) -> TileSpec:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"tile index {i} out of range for a grid of {n} tiles")
+        i %= n
+        if self.mask_filter is None:
+            return self.spec(i // self.cols, i % self.cols)
+        return self.spec(*self._kept()[i])
+
+    def __repr__(self):
+        where = f"mpp={self.target_mpp}" if self.target_mpp else f"level={self.level}"
+        return (f"TileGrid({self.rows}x{self.cols} tiles of {self.tile_size[0]}x{self.tile_size[1]}, "
+                f"stride={self.stride}, {where}, downsample={self.downsample:.4g}, edge={self.edge!r}, "
+                f"{len(self)} kept)")
+
+
+def _pair(v, name):
+    if np.isscalar(v):
+        return (int(v), int(v))
+    if len(v) != 2:
+        raise RegionError(f"{name} must be an int or a pair, got {v!r}")
+    return (int(v[0]), int(v[1]))
+
+
+def _count(extent: float, tile: int, stride: int, edge: str) -> int:
+    if edge == "drop":
+        return 0 if extent < tile else int(math.floor((extent - tile) / stride + 1e-9)) + 1
+    if extent <= tile:
+        return 1
+    return int(math.ceil((extent - tile) / stride - 1e-9)) + 1
+
+
+class _MaskCoverage:
+    """Fraction of a level-0 rectangle covered by a mask at another resolution (integral image)."""
+
+    def __init__(self, mask: np.ndarray, downsample, dimensions):
+        if mask.ndim != 2:
+            raise RegionError(f"a tile filter mask must be 2-D, got shape {mask.shape}")
+        self.ds = float(downsample) if downsample else dimensions[0] / mask.shape[1]
+        m = (mask > 0).astype(np.int64)
+        self.h, self.w = m.shape
+        self.integral = np.zeros((self.h + 1, self.w + 1), np.int64)
+        self.integral[1:, 1:] = m.cumsum(0).cumsum(1)
+
+    def fraction(self, x, y, w0, h0) -> float:
+        ds = self.ds
+        fx0, fy0, fx1, fy1 = x / ds, y / ds, (x + w0) / ds, (y + h0) / ds
+        area = max((fx1 - fx0) * (fy1 - fy0), 1e-12)
+        x0, y0 = int(np.clip(math.floor(fx0 + 1e-9), 0, self.w)), int(np.clip(math.floor(fy0 + 1e-9), 0, self.h))
+        x1, y1 = int(np.clip(math.ceil(fx1 - 1e-9), 0, self.w)), int(np.clip(math.ceil(fy1 - 1e-9), 0, self.h))
+        if x1 <= x0 or y1 <= y0:
+            return 0.0
+        s = self.integral[y1, x1] - self.integral[y0, x1] - self.integral[y1, x0] + self.integral[y0, x0]
+        # the window of mask pixels may stick out of an unaligned tile: normalise by the larger area, so
+        # a tile inside one mask pixel gets that pixel's value and the part past the slide counts as empty
+        return float(min(1.0, s / max(area, (x1 - x0) * (y1 - y0))))

@@ -1,0 +1,232 @@
+"""SlideData: one object per slide — its reader, slide type, slide-level masks and labels, and tiles."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import RegionError
+from ..io import open_slide
+from .grid import TileGrid
+from .resample import resize, resize_mask
+from .tile import Tile
+from .types import SlideType, SlideTypePreset
+
+
+@dataclass
+class SlideMask:
+    """A slide-level mask or label image and its resolution (level-0 pixels per mask pixel)."""
+
+    array: np.ndarray
+    downsample: float
+
+    def crop(self, x: int, y: int, w0: int, h0: int, size) -> np.ndarray:
+        """The part of the mask under a level-0 rectangle, resized (nearest) to ``size = (w, h)``;
+        zero where the rectangle leaves the mask."""
+        ds = self.downsample
+        mh, mw = self.array.shape[:2]
+        x0, y0 = int(np.floor(x / ds)), int(np.floor(y / ds))
+        x1, y1 = max(x0 + 1, int(np.ceil((x + w0) / ds))), max(y0 + 1, int(np.ceil((y + h0) / ds)))
+        out = np.zeros((y1 - y0, x1 - x0), self.array.dtype)
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, mw), min(y1, mh)
+        if cx1 > cx0 and cy1 > cy0:
+            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = self.array[cy0:cy1, cx0:cx1]
+        return resize_mask(out, size)
+
+
+class SlideData:
+    """A slide and everything known about it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The slide (any format :func:`histoflow.open_slide` reads).
+    name : str, optional
+        Default: the file name without its extension.
+    slide_type : str or SlideTypePreset, optional
+        ``"HE"``, ``"IHC"``, ``"IF"``, ``"CODEX"``, ``"Vectra"``, ``"MIBI"``. Default: inferred (``HE`` for
+        brightfield RGB, ``MIBI`` for MIBItiff, ``Vectra`` for QPTIFF, ``IF`` for other fluorescence).
+    backend : str
+        Reader backend, ``"auto"`` by default.
+    mpp : float or (float, float), optional
+        Override the level-0 pixel size (µm/px).
+    labels : dict, optional
+        Slide-level labels (grade, site, ...), stored with the slide.
+    masks : dict, optional
+        Slide-level masks: name -> 2-D array (resolution inferred from its width) or ``(array, downsample)``.
+
+    Examples
+    --------
+    >>> slide = SlideData(histoflow.data.sample_slide_path())             # doctest: +SKIP
+    >>> for tile in slide.generate_tiles(256, mpp=1.0):                   # doctest: +SKIP
+    ...     ...
+    >>> slide.write("out.h5path", tiles=slide.generate_tiles(256))        # doctest: +SKIP
+    """
+
+    def __init__(self, path, name=None, slide_type=None, backend="auto", mpp=None, labels=None, masks=None,
+                 *, max_region_bytes=None):
+        self.path = os.fspath(path)
+        self.reader = open_slide(self.path, backend=backend, mpp=mpp, max_region_bytes=max_region_bytes)
+        self.name = name or os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]
+        self.slide_type: SlideTypePreset = SlideType.get(slide_type) if slide_type else self._infer_type()
+        if self.slide_type.brightfield != self.reader.brightfield:
+            self.reader.brightfield = self.slide_type.brightfield  # padding follows the declared type
+        self.labels = dict(labels or {})
+        self.masks: dict[str, SlideMask] = {}
+        for k, v in (masks or {}).items():
+            self.add_mask(k, *(v if isinstance(v, tuple) else (v,)))
+        self.tiles: list[Tile] = []
+
+    def _infer_type(self) -> SlideTypePreset:
+        r = self.reader
+        if r.brightfield:
+            return SlideType.HE
+        if r.format == "MIBItiff":
+            return SlideType.MIBI
+        if r.format == "QPTIFF":
+            return SlideType.VECTRA
+        return SlideType.IF
+
+    # ------------------------------------------------------------------ metadata passthrough
+    @property
+    def dimensions(self):
+        return self.reader.dimensions
+
+    @property
+    def levels(self):
+        return self.reader.levels
+
+    @property
+    def mpp(self):
+        return self.reader.mpp
+
+    @property
+    def channel_names(self):
+        return self.reader.channel_names
+
+    def read_region(self, location, level, size):
+        return self.reader.read_region(location, level, size)
+
+    def thumbnail(self, max_size=512):
+        return self.reader.thumbnail(max_size)
+
+    # ------------------------------------------------------------------ masks
+    def add_mask(self, name: str, array, downsample: float | None = None):
+        """Attach a slide-level mask; ``downsample`` defaults to level-0 width / mask width."""
+        array = np.asarray(array)
+        if array.ndim != 2:
+            raise RegionError(f"{self.path}: slide mask {name!r} must be 2-D, got shape {array.shape}")
+        if array.dtype == bool:
+            array = array.astype(np.uint8)
+        ds = float(downsample) if downsample else self.dimensions[0] / array.shape[1]
+        self.masks[name] = SlideMask(array, ds)
+
+    # ------------------------------------------------------------------ tiling
+    def grid(self, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None, edge="pad",
+             mask=None, min_coverage=0.0) -> TileGrid:
+        """The :class:`TileGrid` for these parameters. ``mask`` is the name of a slide mask (or an array)
+        to keep only tiles it covers by at least ``min_coverage``."""
+        mask_arr, mask_ds = None, None
+        if mask is not None:
+            if isinstance(mask, str):
+                if mask not in self.masks:
+                    raise RegionError(f"{self.path}: no slide mask named {mask!r} (have {sorted(self.masks)})")
+                mask_arr, mask_ds = self.masks[mask].array, self.masks[mask].downsample
+            else:
+                mask_arr = np.asarray(mask)
+        return TileGrid(self.dimensions, tile_size, stride=stride, overlap=overlap, level=level, mpp=mpp,
+                        level_downsamples=[lv.downsample for lv in self.levels], slide_mpp=self.mpp, edge=edge,
+                        mask=mask_arr, mask_downsample=mask_ds, min_coverage=min_coverage)
+
+    def read_tile(self, spec) -> Tile:
+        """Read the tile of a :class:`~histoflow.core.grid.TileSpec`, with the slide masks under it."""
+        image = self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
+        if spec.needs_resample:
+            image = resize(image, spec.size)
+        masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size) for k, m in self.masks.items()}
+        mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
+        return Tile(image=image, coords=(spec.x, spec.y), level=spec.level, downsample=spec.downsample,
+                    masks=masks, labels={}, slide_type=self.slide_type.name,
+                    name=f"{self.name}_x{spec.x}_y{spec.y}", mpp=mpp)
+
+    def generate_tiles(self, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None, edge="pad",
+                       mask=None, min_coverage=0.0) -> Iterator[Tile]:
+        """Yield tiles lazily, one read at a time: memory does not grow with the slide.
+
+        Parameters are those of :meth:`grid`. Each :class:`Tile` carries the slide masks cropped to it.
+        """
+        grid = self.grid(tile_size, stride=stride, overlap=overlap, level=level, mpp=mpp, edge=edge,
+                         mask=mask, min_coverage=min_coverage)
+        for spec in grid:
+            yield self.read_tile(spec)
+
+    # ------------------------------------------------------------------ storage
+    def metadata(self) -> dict:
+        """What the h5path store records about the slide."""
+        r = self.reader
+        return {
+            "name": self.name,
+            "source_path": os.path.abspath(self.path),
+            "backend": r.backend,
+            "format": r.format,
+            "width": r.dimensions[0],
+            "height": r.dimensions[1],
+            "levels": [lv.as_dict() for lv in r.levels],
+            "mpp": list(r.mpp) if r.mpp is not None else None,
+            "objective_power": r.objective_power,
+            "channel_names": list(r.channel_names),
+            "dtype": r.dtype.name,
+            "slide_type": self.slide_type.name,
+            "labels": dict(self.labels),
+        }
+
+    def write(self, path, tiles: Iterable[Tile] | None = None, *, compression="gzip", progress=False,
+              total=None, provenance: dict | None = None) -> str:
+        """Write an h5path file (atomically: a temporary name, then a rename).
+
+        Parameters
+        ----------
+        path : str
+            Output file.
+        tiles : iterable of Tile, optional
+            Tiles to store, streamed (e.g. ``slide.generate_tiles(...)``). Default: ``self.tiles``.
+        compression : {"gzip", "lzf", None}
+            Lossless per-tile compression.
+        progress : bool
+            Show a progress bar.
+        total : int, optional
+            Number of tiles, for the progress bar's ETA.
+        """
+        from ..store import H5PathWriter
+        from ..utils import progress_bar
+
+        tiles = self.tiles if tiles is None else tiles
+        if total is None and hasattr(tiles, "__len__"):
+            total = len(tiles)
+        with H5PathWriter(path, slide=self.metadata(), compression=compression) as w:
+            for name, m in self.masks.items():
+                w.add_slide_mask(name, m.array, m.downsample)
+            for t in progress_bar(tiles, total=total, desc=f"tiles {self.name}", unit="tile", disable=not progress):
+                w.add_tile(t)
+            if provenance:
+                w.add_provenance(provenance)
+        return os.fspath(path)
+
+    # ------------------------------------------------------------------ life cycle
+    def close(self):
+        self.reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        w, h = self.dimensions
+        mpp = f"{self.mpp[0]:.4g} µm/px" if self.mpp else "mpp unknown"
+        return (f"SlideData({self.name!r}, {self.slide_type.name}, {self.reader.format}, {w}x{h}, "
+                f"{len(self.levels)} level(s), {mpp}, masks={sorted(self.masks)}, labels={self.labels}, "
+                f"tiles={len(self.tiles)})")

@@ -1,0 +1,42 @@
+"""The exceptions histoflow raises.
+
+Every error names the file (and where it applies the level, tile or region) and the reason, so that a
+user can act on it. All derive from :class:`HistoflowError`; the ones about bad arguments also derive
+from ``ValueError`` and the one about a missing file from ``FileNotFoundError``, so generic handlers work.
+"""
+
+
+class HistoflowError(Exception):
+    """Base class of every error raised by histoflow."""
+
+
+class SlideReadError(HistoflowError):
+    """A slide (or another image file) could not be read: damaged, truncated or inconsistent."""
+
+
+class SlideNotFoundError(SlideReadError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class UnsupportedFormatError(SlideReadError):
+    """The file exists but is not a format any backend can read."""
+
+
+class TileDecodeError(SlideReadError):
+    """One stored tile (or strip/frame) of a slide could not be decoded."""
+
+
+class RegionError(HistoflowError, ValueError):
+    """A region request is invalid (negative size, unknown level, ...)."""
+
+
+class RegionTooLargeError(RegionError, MemoryError):
+    """A region request would need more memory than the configured bound."""
+
+
+class H5PathError(HistoflowError):
+    """An h5path file is missing, truncated, foreign, of an unknown version, or inconsistent."""
+
+
+class PipelineError(HistoflowError):
+    """A pipeline is invalid or failed."""

@@ -1,0 +1,396 @@
+"""The SlideReader protocol: what every backend offers, and the checks they all share.
+
+A backend subclasses :class:`SlideReader` and implements four hooks:
+
+``_open()``
+    open the file and set ``levels``, ``dtype``, ``channel_names``, ``format``, ``brightfield``, and where
+    known ``_native_mpp``, ``objective_power``, ``properties`` and ``_associated`` (a dict of name ->
+    zero-argument callable returning the image).
+``_read(level, x, y, w, h)``
+    return the ``(h, w, c)`` array of the given rectangle in *level* pixel coordinates; the rectangle
+    is always fully inside the level (the base class clips and pads).
+``_close()``
+    release file handles.
+
+Everything else (argument checks, the memory bound, padding past the edges, mpp plausibility,
+thumbnails, pickling, context management) lives here, so every backend behaves the same.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import RegionError, RegionTooLargeError, SlideReadError
+
+#: Default bound on the memory one ``read_region`` may allocate (bytes). Override per reader with
+#: ``open_slide(path, max_region_bytes=...)``.
+DEFAULT_MAX_REGION_BYTES = 4 * 1024**3
+
+#: Pixel sizes outside this range (µm/px) are treated as a broken resolution tag.
+PLAUSIBLE_MPP = (0.01, 100.0)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level: its size in pixels and its downsample relative to level 0."""
+
+    width: int
+    height: int
+    downsample: float
+
+    def as_dict(self) -> dict:
+        return {"width": self.width, "height": self.height, "downsample": self.downsample}
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+class AssociatedImages(Mapping):
+    """Read-only mapping of associated image names (label, macro, thumbnail, ...) to arrays.
+
+    Images are decoded on access, not when the slide is opened.
+    """
+
+    def __init__(self, loaders: dict):
+        self._loaders = dict(loaders)
+
+    def __getitem__(self, name):
+        return self._loaders[name]()
+
+    def __iter__(self):
+        return iter(self._loaders)
+
+    def __len__(self):
+        return len(self._loaders)
+
+    def __repr__(self):
+        return f"AssociatedImages({sorted(self._loaders)})"
+
+
+class SlideReader:
+    """Base class of every backend. Use :func:`histoflow.open_slide` rather than the classes directly.
+
+    Attributes
+    ----------
+    path : str
+        The file (or folder, for DICOM) that was opened.
+    levels : list of Level
+        Pyramid levels, largest first. Associated images are never levels.
+    dtype : numpy.dtype
+        Native sample type (uint8 for most brightfield slides, uint16 for much fluorescence).
+    channel_names : list of str
+        One name per channel (``["R", "G", "B"]`` for brightfield RGB).
+    brightfield : bool
+        True for transmitted-light RGB slides; regions past the edge are padded with white for those
+        and with 0 otherwise (see ``fill_value``).
+    warnings : list of str
+        Problems noticed while opening (an implausible resolution tag, ...).
+    """
+
+    backend = "base"
+
+    def __init__(self, path, *, mpp=None, max_region_bytes: int | None = None):
+        self.path = os.fspath(path)
+        self._kwargs = {"mpp": mpp, "max_region_bytes": max_region_bytes}
+        self.max_region_bytes = int(max_region_bytes or DEFAULT_MAX_REGION_BYTES)
+        self.warnings: list[str] = []
+        self.levels: list[Level] = []
+        self.dtype = np.dtype(np.uint8)
+        self.channel_names: list[str] = []
+        self.format = "unknown"
+        self.brightfield = True
+        self.objective_power: float | None = None
+        self.properties: dict = {}
+        self._native_mpp: tuple[float, float] | None = None
+        self._associated: dict = {}
+        self._mpp_override = None
+        self._closed = False
+        self._open()
+        if not self.levels:
+            raise SlideReadError(f"{self.path}: no image levels found")
+        if not self.channel_names:
+            self.channel_names = [f"channel {i}" for i in range(self.channels)]
+        self._native_mpp = self._check_mpp(self._native_mpp, "the file's resolution metadata")
+        if mpp is not None:
+            self.mpp = mpp
+
+    # ------------------------------------------------------------------ hooks for backends
+    def _open(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def _close(self):
+        pass
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0."""
+        return self.levels[0].width, self.levels[0].height
+
+    @property
+    def level_count(self) -> int:
+        return len(self.levels)
+
+    @property
+    def channels(self) -> int:
+        return len(self.channel_names) if self.channel_names else self._channels_hint()
+
+    def _channels_hint(self) -> int:
+        return 3
+
+    @property
+    def fill_value(self):
+        """Value used for pixels outside the slide: white for brightfield, 0 for fluorescence."""
+        if self.brightfield:
+            return np.iinfo(self.dtype).max if self.dtype.kind in "ui" else 1.0
+        return 0
+
+    @property
+    def mpp(self) -> tuple[float, float] | None:
+        """(x, y) pixel size of level 0 in µm, or None when unknown or implausible.
+
+        Assign to override it (for slides whose metadata is missing or wrong)."""
+        return self._mpp_override if self._mpp_override is not None else self._native_mpp
+
+    @mpp.setter
+    def mpp(self, value):
+        if value is None:
+            self._mpp_override = None
+            self._kwargs["mpp"] = None
+            return
+        if np.isscalar(value):
+            value = (float(value), float(value))
+        value = (float(value[0]), float(value[1]))
+        if not all(math.isfinite(v) and v > 0 for v in value):
+            raise RegionError(f"{self.path}: mpp override must be positive, got {value}")
+        self._mpp_override = value
+        self._kwargs["mpp"] = value
+
+    def _check_mpp(self, mpp, source: str):
+        if mpp is None:
+            return None
+        try:
+            mx, my = (float(mpp[0]), float(mpp[1])) if not np.isscalar(mpp) else (float(mpp), float(mpp))
+        except (TypeError, ValueError):
+            return None
+        lo, hi = PLAUSIBLE_MPP
+        if not (math.isfinite(mx) and math.isfinite(my)) or not (lo <= mx <= hi and lo <= my <= hi):
+            self.warnings.append(
+                f"implausible pixel size {mx:.6g} x {my:.6g} µm/px in {source} (expected {lo}-{hi}); "
+                "ignored, mpp is unknown: pass mpp=... to set it")
+            return None
+        return (mx, my)
+
+    @property
+    def associated_images(self) -> AssociatedImages:
+        """Label, macro, thumbnail ... where the format has them, decoded on access."""
+        return AssociatedImages(self._associated)
+
+    def level_mpp(self, level: int):
+        """(x, y) µm/px at a level, or None when the slide's mpp is unknown."""
+        if self.mpp is None:
+            return None
+        ds = self.levels[level].downsample
+        return (self.mpp[0] * ds, self.mpp[1] * ds)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The level with the largest downsample not above ``downsample`` (as OpenSlide)."""
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.downsample <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    def info(self) -> dict:
+        """Facts about the slide as a JSON-friendly dict (what ``histoflow info --json`` prints)."""
+        w, h = self.dimensions
+        return {
+            "path": self.path,
+            "format": self.format,
+            "backend": self.backend,
+            "width": w,
+            "height": h,
+            "levels": [lv.as_dict() for lv in self.levels],
+            "mpp": list(self.mpp) if self.mpp is not None else None,
+            "objective_power": self.objective_power,
+            "channels": self.channels,
+            "channel_names": list(self.channel_names),
+            "dtype": self.dtype.name,
+            "brightfield": self.brightfield,
+            "associated_images": sorted(self._associated),
+            "warnings": list(self.warnings),
+        }
+
+    # ------------------------------------------------------------------ pixels
+    def _check_level(self, level) -> int:
+        if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)):
+            raise RegionError(f"{self.path}: level must be an integer, got {level!r}")
+        level = int(level)
+        if level < 0:
+            level += len(self.levels)
+        if not 0 <= level < len(self.levels):
+            raise RegionError(f"{self.path}: level {level} does not exist (the slide has {len(self.levels)})")
+        return level
+
+    def check_region_bytes(self, w: int, h: int, what: str = "region"):
+        need = int(w) * int(h) * self.channels * self.dtype.itemsize
+        if need > self.max_region_bytes:
+            raise RegionTooLargeError(
+                f"{self.path}: refusing to read a {w} x {h} {what} ({self.channels} channels, "
+                f"{self.dtype.name}): it would take {format_bytes(need)}, above the bound of "
+                f"{format_bytes(self.max_region_bytes)}; read it in tiles (generate_tiles) or raise "
+                "max_region_bytes")
+
+    def read_region(self, location, level: int, size) -> np.ndarray:
+        """Read a rectangle of a level.
+
+        Parameters
+        ----------
+        location : (x, y)
+            Top-left corner in **level-0** pixel coordinates (may lie outside the slide). It is mapped
+            to the nearest pixel of ``level``; pixels are never interpolated.
+        level : int
+            Pyramid level to read from.
+        size : (w, h)
+            Size in pixels **of that level**.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(h, w, c)`` in the native dtype; pixels outside the slide are ``fill_value``.
+        """
+        self._check_open()
+        level = self._check_level(level)
+        try:
+            x, y = (int(v) for v in location)
+            w, h = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise RegionError(f"{self.path}: location and size must be pairs of integers, "
+                              f"got {location!r}, {size!r}") from None
+        if w <= 0 or h <= 0:
+            raise RegionError(f"{self.path}: region size must be positive, got {w} x {h}")
+        self.check_region_bytes(w, h)
+        lv = self.levels[level]
+        # nearest level pixel: level-0 coordinates made from level ones (round(lx * ds)) map back exactly.
+        # No sub-pixel resampling (OpenSlide interpolates when x / downsample is fractional).
+        lx = math.floor(x / lv.downsample + 0.5)
+        ly = math.floor(y / lv.downsample + 0.5)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, lv.width), min(ly + h, lv.height)
+        if x0 == lx and y0 == ly and x1 == lx + w and y1 == ly + h:
+            return self._read(level, x0, y0, w, h)
+        out = np.full((h, w, self.channels), self.fill_value, dtype=self.dtype)
+        if x1 > x0 and y1 > y0:
+            out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = self._read(level, x0, y0, x1 - x0, y1 - y0)
+        return out
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level as one array (refused above ``max_region_bytes``)."""
+        level = self._check_level(level)
+        lv = self.levels[level]
+        self.check_region_bytes(lv.width, lv.height, what=f"level {level}")
+        return self.read_region((0, 0), level, (lv.width, lv.height))
+
+    def thumbnail(self, max_size: int = 512) -> np.ndarray:
+        """A downsampled view of the whole slide whose longer side is ``max_size`` pixels.
+
+        Reads the smallest level that is still at least ``max_size`` on its longer side, in strips, so
+        memory stays bounded whatever the slide size. Returns the native dtype, ``(h, w, c)``.
+        """
+        self._check_open()
+        max_size = int(max_size)
+        if max_size <= 0:
+            raise RegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
+        w0, h0 = self.dimensions
+        scale = max_size / max(w0, h0)
+        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        level = 0
+        for i, lv in enumerate(self.levels):
+            if max(lv.width, lv.height) >= max_size:
+                level = i
+        lv = self.levels[level]
+        return _downscale_level(self, level, lv, tw, th)
+
+    # ------------------------------------------------------------------ life cycle
+    def _check_open(self):
+        if self._closed:
+            raise SlideReadError(f"{self.path}: the slide has been closed")
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # pickling: send the path and options, reopen on the other side
+    def __getstate__(self):
+        return {"path": self.path, "kwargs": dict(self._kwargs)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], **state["kwargs"])
+
+    def __repr__(self):
+        w, h = self.dimensions if self.levels else (0, 0)
+        return (f"<{type(self).__name__} {os.path.basename(self.path)!r} {self.format}, {w}x{h}, "
+                f"{len(self.levels)} level(s), {self.channels} ch {self.dtype.name}>")
+
+
+def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: int) -> np.ndarray:
+    """Area-average a level down to (tw, th), reading it in horizontal strips."""
+    c = reader.channels
+    fy, fx = lv.height / th, lv.width / tw
+    out = np.zeros((th, tw, c), dtype=np.float64)
+    # rows of the output covered by each strip: keep a strip under ~64 MiB
+    row_bytes = lv.width * c * reader.dtype.itemsize
+    rows_per_strip = max(1, int((64 * 1024**2) // max(row_bytes * max(fy, 1), 1)))
+    ds = lv.downsample
+    for oy0 in range(0, th, rows_per_strip):
+        oy1 = min(th, oy0 + rows_per_strip)
+        sy0, sy1 = int(math.floor(oy0 * fy)), min(lv.height, int(math.ceil(oy1 * fy)))
+        sy1 = max(sy1, sy0 + 1)
+        strip = reader.read_region((0, int(round(sy0 * ds))), level, (lv.width, sy1 - sy0))
+        out[oy0:oy1] = _area_resize(strip.astype(np.float32), tw, oy1 - oy0, fx, fy, sy0, oy0)
+    if reader.dtype.kind in "ui":
+        return np.clip(np.rint(out), np.iinfo(reader.dtype).min, np.iinfo(reader.dtype).max).astype(reader.dtype)
+    return out.astype(reader.dtype)
+
+
+def _area_resize(strip, tw, nrows, fx, fy, sy0, oy0):
+    """Average the source pixels falling into each output pixel (box filter; nearest when enlarging)."""
+    a = _resize_axis(strip, tw, fx, np.arange(tw) * fx, axis=1)
+    return _resize_axis(a, nrows, fy, (oy0 + np.arange(nrows)) * fy - sy0, axis=0)
+
+
+def _resize_axis(a, n, f, starts_f, axis):
+    length = a.shape[axis]
+    starts = np.clip(np.floor(starts_f).astype(np.int64), 0, length - 1)
+    if f < 1:  # enlarging: nearest neighbour
+        return np.take(a, starts, axis=axis).astype(np.float64)
+    sums = np.add.reduceat(a.astype(np.float64), starts, axis=axis)
+    counts = np.maximum(np.diff(np.append(starts, length)), 1).astype(np.float64)
+    shape = [1] * a.ndim
+    shape[axis] = n
+    return sums / counts.reshape(shape)

@@ -1,0 +1,82 @@
+"""Image backend (Pillow): PNG, JPEG, BMP, GIF and small TIFFs without tiles. The image is decoded
+once, on first read, and kept; Pillow's decompression-bomb limit bounds its size."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ..errors import SlideReadError, UnsupportedFormatError
+from .base import Level, SlideReader
+
+_MODES = {  # Pillow mode -> (mode to convert to, dtype, channel names, brightfield)
+    "RGB": ("RGB", np.uint8, ["R", "G", "B"], True),
+    "RGBA": ("RGBA", np.uint8, ["R", "G", "B"], True),
+    "P": ("RGBA", np.uint8, ["R", "G", "B"], True),
+    "CMYK": ("RGB", np.uint8, ["R", "G", "B"], True),
+    "YCbCr": ("RGB", np.uint8, ["R", "G", "B"], True),
+    "L": ("L", np.uint8, ["intensity"], False),
+    "LA": ("L", np.uint8, ["intensity"], False),
+    "1": ("L", np.uint8, ["intensity"], False),
+    "I;16": ("I;16", np.uint16, ["intensity"], False),
+    "I;16B": ("I;16B", np.uint16, ["intensity"], False),
+    "I;16L": ("I;16L", np.uint16, ["intensity"], False),
+    "I": ("I", np.int32, ["intensity"], False),
+    "F": ("F", np.float32, ["intensity"], False),
+}
+
+
+class ImageReader(SlideReader):
+    """Plain images read with Pillow. See the module docstring."""
+
+    backend = "image"
+
+    def _open(self):
+        try:
+            with Image.open(self.path) as im:
+                im.verify()  # cheap structural check
+            self._im = Image.open(self.path)
+        except FileNotFoundError:
+            from ..errors import SlideNotFoundError
+
+            raise SlideNotFoundError(f"{self.path}: no such file") from None
+        except Image.DecompressionBombError as e:
+            raise SlideReadError(f"{self.path}: image too large for the image backend ({e}); "
+                                 "convert it to a tiled TIFF") from None
+        except Exception as e:
+            raise UnsupportedFormatError(f"{self.path}: Pillow cannot read it ({type(e).__name__}: {e})") from None
+        im = self._im
+        if im.mode not in _MODES:
+            raise UnsupportedFormatError(f"{self.path}: unsupported image mode {im.mode!r}")
+        self._mode, dtype, names, self.brightfield = _MODES[im.mode]
+        self.dtype = np.dtype(dtype)
+        self.channel_names = list(names)
+        self.format = im.format or "image"
+        self.levels = [Level(im.width, im.height, 1.0)]
+        dpi = im.info.get("dpi")
+        if dpi and dpi[0] and dpi[1]:
+            self._native_mpp = (25400 / float(dpi[0]), 25400 / float(dpi[1]))
+        self._pixels = None
+
+    def _array(self) -> np.ndarray:
+        if self._pixels is None:
+            try:
+                im = self._im.convert(self._mode) if self._im.mode != self._mode else self._im
+                a = np.asarray(im)
+            except Exception as e:
+                raise SlideReadError(f"{self.path}: cannot decode image: {type(e).__name__}: {e}") from None
+            if a.ndim == 2:
+                a = a[:, :, None]
+            if a.shape[2] == 4:  # composite on white
+                al = a[:, :, 3:4].astype(np.uint16)
+                a = ((a[:, :, :3].astype(np.uint16) * al + 255 * (255 - al) + 127) // 255).astype(np.uint8)
+            self._pixels = np.ascontiguousarray(a.astype(self.dtype, copy=False))
+        return self._pixels
+
+    def _read(self, level, x, y, w, h):
+        return self._array()[y:y + h, x:x + w]
+
+    def _close(self):
+        im = getattr(self, "_im", None)
+        if im is not None:
+            im.close()
+        self._pixels = None

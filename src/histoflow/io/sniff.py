@@ -1,0 +1,135 @@
+"""Format detection by content: magic bytes, TIFF tags, the DICOM preamble. Never by extension."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import SlideNotFoundError, SlideReadError, UnsupportedFormatError
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: TIFF compressions our tifffile path decodes exactly as OpenSlide does. Aperio's JPEG 2000 with
+#: YCbCr (33003) needs a colour conversion that OpenSlide does and the raw codec does not.
+_OPENSLIDE_ONLY_COMPRESSION = {33003}
+#: how many entries of a folder to look at when searching for DICOM files
+_MAX_FOLDER_ENTRIES = 10000
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    format: str  # human readable, e.g. "Aperio SVS"
+    backend: str  # tiff | openslide | dicom | image
+
+
+def is_dicom_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def dicom_files_in(folder: str) -> list[str]:
+    """DICOM files (by preamble) directly inside a folder, sorted."""
+    out = []
+    with os.scandir(folder) as it:
+        for i, entry in enumerate(it):
+            if i >= _MAX_FOLDER_ENTRIES:
+                break
+            if entry.is_file() and is_dicom_file(entry.path):
+                out.append(entry.path)
+    return sorted(out)
+
+
+def detect_format(path) -> FormatInfo:
+    """Decide format and backend from the file's content.
+
+    Raises SlideNotFoundError for a missing path and UnsupportedFormatError for content that no
+    backend reads.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SlideNotFoundError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        if dicom_files_in(path):
+            return FormatInfo("DICOM WSI", "dicom")
+        if os.path.exists(os.path.join(path, "Slidedat.ini")):
+            raise UnsupportedFormatError(f"{path}: this is the data folder of a MIRAX slide; open the .mrxs file next to it")
+        raise UnsupportedFormatError(f"{path}: folder contains no DICOM files (nothing with a DICM preamble)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise SlideReadError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not head:
+        raise UnsupportedFormatError(f"{path}: empty file")
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return FormatInfo("DICOM WSI", "dicom")
+    if head[:4] in TIFF_MAGIC:
+        return _detect_tiff(path)
+    if head[:3] == b"\xff\xd8\xff":
+        stem = os.path.splitext(path)[0]
+        if os.path.exists(os.path.join(stem, "Slidedat.ini")):
+            return FormatInfo("MIRAX", "openslide")
+        return FormatInfo("JPEG", "image")
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return FormatInfo("PNG", "image")
+    if head[:2] == b"BM":
+        return FormatInfo("BMP", "image")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return FormatInfo("GIF", "image")
+    vendor = _openslide_vendor(path)
+    if vendor:
+        return FormatInfo(f"OpenSlide {vendor}", "openslide")
+    raise UnsupportedFormatError(
+        f"{path}: not a recognised slide or image format (first bytes {head[:8].hex(' ')})")
+
+
+def _openslide_vendor(path):
+    try:
+        import openslide
+    except ImportError:  # pragma: no cover - openslide is a core dependency
+        return None
+    try:
+        return openslide.OpenSlide.detect_format(path)
+    except Exception:
+        return None
+
+
+def _detect_tiff(path: str) -> FormatInfo:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            if not len(tf.pages):
+                raise UnsupportedFormatError(f"{path}: TIFF without images")
+            page = tf.pages.first
+            if tf.is_ndpi:
+                return FormatInfo("Hamamatsu NDPI", "openslide")
+            if tf.is_scn:
+                return FormatInfo("Leica SCN", "openslide")
+            if tf.is_philips:
+                return FormatInfo("Philips TIFF", "openslide")
+            xmp = page.tags.get(700)
+            if xmp is not None and b"iScan" in bytes(xmp.value)[:4096]:
+                return FormatInfo("Ventana BIF", "openslide")
+            if tf.is_svs:
+                if int(page.compression) in _OPENSLIDE_ONLY_COMPRESSION:
+                    return FormatInfo("Aperio SVS", "openslide")
+                return FormatInfo("Aperio SVS", "tiff")
+            if tf.is_ome:
+                return FormatInfo("OME-TIFF", "tiff")
+            if tf.is_qpi:
+                return FormatInfo("QPTIFF", "tiff")
+            if page.description.startswith('{"mibi.'):
+                return FormatInfo("MIBItiff", "tiff")
+            if tf.is_imagej:
+                return FormatInfo("ImageJ TIFF", "tiff")
+            if page.is_tiled:
+                pyramid = len(tf.series) and len(tf.series[0].levels) > 1
+                return FormatInfo("pyramidal tiled TIFF" if pyramid else "generic tiled TIFF", "tiff")
+            return FormatInfo("TIFF", "tiff")
+    except UnsupportedFormatError:
+        raise
+    except Exception as e:  # tifffile raises many kinds of errors on damaged files
+        raise SlideReadError(f"{path}: damaged TIFF: {e}") from None

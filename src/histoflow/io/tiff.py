@@ -1,0 +1,428 @@
+"""TIFF backend (tifffile + imagecodecs): SVS, generic tiled or stripped TIFF, pyramids (pages or SubIFDs),
+OME-TIFF, QPTIFF, MIBItiff, ImageJ and multi-page channel stacks.
+
+Reading is lazy and lean: for a region, only the tiles (or strips) it touches are read with ``os.pread``
+(thread-safe, no shared file position) and decoded with tifffile's per-page decoder. Native dtypes are
+kept (uint16 fluorescence stays uint16). A level is a list of *planes* (TIFF pages) whose samples are
+concatenated into channels, so an RGB page, a page per channel, or a planar-separate page all read as
+``(h, w, c)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import tifffile
+
+from ..errors import SlideReadError, TileDecodeError, UnsupportedFormatError
+from .base import Level, SlideReader
+
+_MAX_DESCRIPTION = 4 * 1024**2  # bytes of ImageDescription we are willing to parse
+_RGB_PHOTOMETRIC = {2, 6}  # RGB, YCbCr
+
+
+@dataclass
+class _Plane:
+    """One TIFF page as a source of ``samples`` channels, with everything the hot path needs."""
+
+    page: object  # TiffPage or TiffFrame
+    index: int  # page index in the file, for messages
+    width: int
+    height: int
+    samples: int  # channels this plane contributes
+    separate: int  # number of planar-separate sample planes (1 for contiguous)
+    tile_w: int
+    tile_h: int
+    tiles_across: int
+    tiles_down: int
+    offsets: np.ndarray
+    counts: np.ndarray
+    jpegtables: bytes | None
+    jpegheader: bytes | None
+    tiled: bool
+    keep: int  # samples to keep per decoded pixel (drops alpha)
+
+    @classmethod
+    def from_page(cls, page, keep_samples: int | None = None) -> _Plane:
+        key = page.keyframe if hasattr(page, "keyframe") and page.keyframe is not None else page
+        shaped = key.shaped  # (separate samples, depth, length, width, contig samples)
+        separate, depth = int(shaped[0]), int(shaped[1])
+        if depth != 1:
+            raise UnsupportedFormatError(f"page {page.index}: volumetric TIFF tiles (depth {depth}) not supported")
+        width, height, contig = int(shaped[3]), int(shaped[2]), int(shaped[4])
+        if key.is_tiled:
+            tw, th = int(key.tilewidth), int(key.tilelength)
+        else:
+            tw, th = width, int(min(key.rowsperstrip or height, height))
+        samples = separate * contig
+        keep = samples if keep_samples is None else min(keep_samples, samples)
+        return cls(page=page, index=int(page.index), width=width, height=height, samples=keep,
+                   separate=separate, tile_w=tw, tile_h=th, tiles_across=math.ceil(width / tw),
+                   tiles_down=math.ceil(height / th), offsets=np.asarray(page.dataoffsets, np.int64),
+                   counts=np.asarray(page.databytecounts, np.int64), jpegtables=key.jpegtables,
+                   jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep)
+
+    def data_end(self) -> int:
+        return int((self.offsets + self.counts).max()) if len(self.offsets) else 0
+
+
+class TiffReader(SlideReader):
+    """Slides and images in TIFF containers, read with tifffile. See the module docstring."""
+
+    backend = "tiff"
+
+    # ------------------------------------------------------------------ opening
+    def _open(self):
+        path = self.path
+        if not os.path.isfile(path):
+            from ..errors import SlideNotFoundError
+
+            raise SlideNotFoundError(f"{path}: no such file")
+        try:
+            self._tf = tifffile.TiffFile(path)
+            series = self._tf.series
+        except Exception as e:
+            raise SlideReadError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
+        if not series:
+            raise UnsupportedFormatError(f"{path}: TIFF holds no image series")
+        self._fd = os.open(path, os.O_RDONLY)
+        self._size = os.fstat(self._fd).st_size
+        tf = self._tf
+        first = tf.pages.first
+        desc = first.description[:_MAX_DESCRIPTION] if first.description else ""
+
+        main = series[0]
+        if tf.is_qpi:
+            self.format = "QPTIFF"
+        elif tf.is_svs:
+            self.format = "Aperio SVS"
+        elif tf.is_ome:
+            self.format = "OME-TIFF"
+        elif desc.startswith('{"mibi.'):
+            self.format = "MIBItiff"
+        elif tf.is_imagej:
+            self.format = "ImageJ TIFF"
+        elif first.is_tiled:
+            self.format = "pyramidal tiled TIFF" if len(main.levels) > 1 else "generic tiled TIFF"
+        else:
+            self.format = "TIFF"
+
+        self._levels_planes = []
+        level0 = None
+        for i, lvl in enumerate(self._pyramid(series)):
+            try:
+                planes = self._planes_of(lvl)
+            except UnsupportedFormatError as e:
+                raise UnsupportedFormatError(f"{path}: {e}") from None
+            w, h = planes[0].width, planes[0].height
+            if any(p.width != w or p.height != h for p in planes):
+                raise SlideReadError(f"{path}: level {i} has planes of different sizes")
+            if level0 is None:
+                level0 = (w, h)
+                ds = 1.0
+            else:
+                ds = (level0[0] / w + level0[1] / h) / 2  # as OpenSlide computes it
+            self.levels.append(Level(w, h, ds))
+            self._levels_planes.append(planes)
+        self._check_truncation()
+
+        planes0 = self._levels_planes[0]
+        kp = planes0[0].page.keyframe if getattr(planes0[0].page, "keyframe", None) is not None else planes0[0].page
+        self.dtype = np.dtype(kp.dtype)
+        photometric = int(kp.photometric)
+        self.brightfield = (len(planes0) == 1 and photometric in _RGB_PHOTOMETRIC and planes0[0].samples == 3)
+        self.channel_names = self._channel_names(planes0, desc)
+        self._native_mpp = self._find_mpp(desc, kp)
+        self._associated = self._find_associated()
+        self.properties = {"tiff.pages": len(tf.pages), "tiff.compression": kp.compression.name
+                           if hasattr(kp.compression, "name") else int(kp.compression)}
+
+    def _pyramid(self, series) -> list:
+        """The levels of the main series, plus following series made only of reduced-resolution pages
+        of the same kind and decreasing size (pyramids whose levels are not exact halvings or quarters,
+        which tifffile lists as separate series; OpenSlide's generic-tiff reads them as levels)."""
+        main = series[0]
+        levels = list(main.levels)
+        if len(levels) > 1 or self._tf.is_qpi or self._tf.is_svs or self._tf.is_ome:
+            return levels
+        last = levels[0]
+        for s in series[1:]:
+            pages = [p for p in s.pages if p is not None]
+            if not pages or not all(getattr(p, "is_reduced", False) for p in pages):
+                break
+            if (s.dtype != main.dtype or len(pages) != len([p for p in last.pages if p is not None])
+                    or s.shape[-1] != last.shape[-1] and "S" in s.axes
+                    or s.sizes.get("width", 0) >= last.sizes.get("width", 0)
+                    or s.sizes.get("height", 0) >= last.sizes.get("height", 0)):
+                break
+            levels.append(s)
+            last = s
+        return levels
+
+    def _planes_of(self, lvl) -> list[_Plane]:
+        """The pages of one pyramid level, as channel planes (first index of any Z/T axes)."""
+        pages = [p for p in lvl.pages if p is not None]
+        if not pages:
+            raise UnsupportedFormatError("a pyramid level without pages")
+        axes = lvl.axes
+        extra = [(a, n) for a, n in zip(axes, lvl.shape) if a not in "YXS"]
+        if len(pages) > 1 and len(extra) > 1:
+            # keep only the channel axis; take the first index of the others (Z, T, ...)
+            chan_axis = next((a for a, _ in extra if a in "CIQ"), extra[-1][0])
+            shape = [n for _, n in extra]
+            idx = [range(n) if a == chan_axis else [0] for a, n in extra]
+            keep = set(int(np.ravel_multi_index(t, shape)) for t in np.array(np.meshgrid(*idx, indexing="ij")).reshape(len(shape), -1).T)
+            pages = [p for i, p in enumerate(pages) if i in keep]
+        key = pages[0].keyframe if getattr(pages[0], "keyframe", None) is not None else pages[0]
+        keep_samples = None
+        if int(key.photometric) in _RGB_PHOTOMETRIC and key.samplesperpixel > 3:
+            keep_samples = 3  # RGBA and RGB + extra samples: keep the colour
+        return [_Plane.from_page(p, keep_samples) for p in pages]
+
+    def _check_truncation(self):
+        for i, planes in enumerate(self._levels_planes):
+            for pl in planes:
+                end = pl.data_end()
+                if end > self._size:
+                    raise SlideReadError(
+                        f"{self.path}: file is truncated: level {i} (page {pl.index}) needs data up to byte "
+                        f"{end:,} but the file has {self._size:,} bytes")
+
+    def _full_page(self, page):
+        """A TiffPage (with tags) for a page that tifffile handed out as a lightweight TiffFrame."""
+        if isinstance(page, tifffile.TiffPage):
+            return page
+        fh = self._tf.filehandle
+        with fh.lock:
+            fh.seek(page.offset)
+            return tifffile.TiffPage(self._tf, index=page.index)
+
+    def _channel_names(self, planes, desc) -> list[str]:
+        n = sum(p.samples for p in planes)
+        tf = self._tf
+        if self.brightfield:
+            return ["R", "G", "B"]
+        names = None
+        if tf.is_qpi:
+            names = []
+            for p in planes:
+                d = self._full_page(p.page).description[:_MAX_DESCRIPTION]
+                m = re.search(r"<Biomarker>([^<]*)</Biomarker>", d) or re.search(r"<Name>([^<]*)</Name>", d)
+                names.append(m.group(1).strip() if m else "")
+        elif tf.is_ome:
+            names = [html_unescape(m) for m in re.findall(r"<(?:\w+:)?Channel [^>]*?Name=\"([^\"]*)\"", desc)]
+        elif tf.is_imagej and tf.imagej_metadata:
+            labels = tf.imagej_metadata.get("Labels")
+            if isinstance(labels, (list, tuple)):
+                names = [str(v) for v in labels]
+        if not names or len(names) != n or not all(names):
+            pagenames = []
+            for p in planes:
+                tag = self._full_page(p.page).tags.get(285)  # PageName
+                pagenames.append(str(tag.value) if tag is not None else "")
+            if len(planes) == n and all(pagenames) and len(set(pagenames)) == n:
+                names = pagenames
+        if not names or len(names) != n or not all(names):
+            if n == 1:
+                return ["intensity"]
+            names = [f"channel {i}" for i in range(n)]
+        return names
+
+    def _find_mpp(self, desc, page):
+        tf = self._tf
+        if tf.is_svs:
+            m = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", desc)
+            mag = re.search(r"\bAppMag\s*=\s*([0-9.]+)", desc)
+            if mag:
+                self.objective_power = float(mag.group(1))
+            if m:
+                v = float(m.group(1))
+                return (v, v)
+        if tf.is_ome:
+            m = re.search(r"<(?:\w+:)?Pixels [^>]*>", desc)
+            if m:
+                tag = m.group(0)
+                mx = _ome_size(tag, "X")
+                my = _ome_size(tag, "Y")
+                if mx and my:
+                    return (mx, my)
+            mag = re.search(r"NominalMagnification=\"([0-9.]+)\"", desc)
+            if mag:
+                self.objective_power = float(mag.group(1))
+        if tf.is_qpi:
+            m = re.search(r"<PixelSizeMicrons>([0-9.eE+-]+)</PixelSizeMicrons>", desc)
+            mag = re.search(r"<Magnification>([0-9.]+)</Magnification>", desc)
+            if mag:
+                self.objective_power = float(mag.group(1))
+            if m:
+                v = float(m.group(1))
+                return (v, v)
+        if desc.startswith('{"mibi.'):
+            try:
+                meta = json.loads(desc)
+                fov = float(meta["mibi.size"])
+                return (fov / self.levels[0].width, fov / self.levels[0].height)
+            except (ValueError, KeyError, TypeError):
+                pass
+        return _resolution_mpp(self._full_page(page), tf)
+
+    def _find_associated(self) -> dict:
+        tf = self._tf
+        out = {}
+        used = {p.index for planes in self._levels_planes for p in planes}
+        for s in tf.series[1:]:
+            if any(p is not None and p.index in used for p in s.pages):
+                continue
+            name = (s.name or "").strip().lower()
+            for key in ("thumbnail", "label", "macro", "overview"):
+                if key in name and key not in out:
+                    out[key] = self._series_loader(s)
+        if tf.is_qpi:  # Overview and Label pages are not in tifffile's series
+            for page in tf.pages:
+                if page.index in used:
+                    continue
+                m = re.search(r"<ImageType>([^<]*)</ImageType>", self._full_page(page).description[:_MAX_DESCRIPTION])
+                if m:
+                    key = m.group(1).strip().lower()
+                    if key in ("thumbnail", "overview", "label", "macro") and key not in out:
+                        out[key] = self._page_loader(page.index)
+        return out
+
+    def _series_loader(self, s):
+        def load():
+            with self._tf.filehandle.lock:
+                return _as_hwc(s.asarray())
+        return load
+
+    def _page_loader(self, index):
+        def load():
+            with self._tf.filehandle.lock:
+                return _as_hwc(self._tf.pages[index].asarray())
+        return load
+
+    # ------------------------------------------------------------------ pixels
+    def _read(self, level, x, y, w, h):
+        planes = self._levels_planes[level]
+        if len(planes) == 1:
+            return self._read_plane(level, planes[0], x, y, w, h, None, 0)
+        out = np.empty((h, w, self.channels), self.dtype)
+        c = 0
+        for pl in planes:
+            self._read_plane(level, pl, x, y, w, h, out, c)
+            c += pl.samples
+        return out
+
+    def _read_plane(self, level, pl: _Plane, x, y, w, h, out, c0):
+        tw, th = pl.tile_w, pl.tile_h
+        col0, col1 = x // tw, (x + w - 1) // tw
+        row0, row1 = y // th, (y + h - 1) // th
+        per_plane = pl.tiles_across * pl.tiles_down
+        if out is None and col0 == col1 and row0 == row1 and pl.separate == 1:
+            # the region lies in one tile: decode it and return a view (the common aligned case)
+            tile = self._decode(level, pl, row0 * pl.tiles_across + col0, col0, row0)
+            ox, oy = x - col0 * tw, y - row0 * th
+            return tile[oy:oy + h, ox:ox + w, :pl.keep]
+        if out is None:
+            out = np.empty((h, w, pl.samples), self.dtype)
+            c0 = 0
+        per_sample = pl.samples // pl.separate if pl.separate > 1 else pl.keep
+        for r in range(row0, row1 + 1):
+            ty0 = r * th
+            sy0, sy1 = max(y, ty0), min(y + h, ty0 + th, pl.height)
+            for c in range(col0, col1 + 1):
+                tx0 = c * tw
+                sx0, sx1 = max(x, tx0), min(x + w, tx0 + tw, pl.width)
+                for s in range(pl.separate):
+                    tile = self._decode(level, pl, s * per_plane + r * pl.tiles_across + c, c, r)
+                    cs = c0 + s * per_sample
+                    out[sy0 - y:sy1 - y, sx0 - x:sx1 - x, cs:cs + per_sample] = \
+                        tile[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0, :per_sample]
+        return out
+
+    def _decode(self, level, pl: _Plane, index, col, row) -> np.ndarray:
+        offset, count = int(pl.offsets[index]), int(pl.counts[index])
+        kind = "tile" if pl.tiled else "strip"
+        if count == 0:  # sparse TIFF: tile never written
+            return np.full((pl.tile_h, pl.tile_w, pl.samples), self.fill_value, self.dtype)
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise SlideReadError(
+                f"{self.path}: {kind} (col {col}, row {row}) of level {level} lies past the end of the file "
+                f"(bytes {offset:,}-{offset + count:,}, file has {self._size:,}): truncated?")
+        try:
+            seg = pl.page.decode(data, index, jpegtables=pl.jpegtables, jpegheader=pl.jpegheader)[0]
+        except Exception as e:
+            raise TileDecodeError(
+                f"{self.path}: {kind} (col {col}, row {row}) of level {level} (page {pl.index}, "
+                f"bytes {offset:,}+{count:,}) cannot be decoded: {type(e).__name__}: {e}") from None
+        if seg is None or seg.ndim != 4:
+            raise TileDecodeError(f"{self.path}: {kind} (col {col}, row {row}) of level {level} decoded to "
+                                  f"an unexpected shape {getattr(seg, 'shape', None)}")
+        return seg[0]
+
+    def _close(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+        tf = getattr(self, "_tf", None)
+        if tf is not None:
+            tf.close()
+
+
+def html_unescape(s: str) -> str:
+    import html
+
+    return html.unescape(s)
+
+
+def _as_hwc(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        return a[:, :, None]
+    if a.ndim == 3 and a.shape[0] < a.shape[-1] and a.shape[0] <= 4 and a.shape[-1] > 4:
+        return np.moveaxis(a, 0, -1)
+    return a
+
+
+_OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+def _ome_size(tag: str, axis: str):
+    m = re.search(rf'PhysicalSize{axis}="([0-9.eE+-]+)"', tag)
+    if not m:
+        return None
+    u = re.search(rf'PhysicalSize{axis}Unit="([^"]*)"', tag)
+    unit = html_unescape(u.group(1)) if u else "µm"
+    return float(m.group(1)) * _OME_UNITS.get(unit, 1.0)
+
+
+def _resolution_mpp(page, tf):
+    """µm/px from the XResolution/YResolution tags, or None when they carry no physical unit."""
+    tags = page.tags
+    xr, yr = tags.get(282), tags.get(283)
+    unit = tags.get(296)
+    unit = int(unit.value) if unit is not None else 2
+    if xr is None or yr is None:
+        return None
+
+    def ratio(v):
+        v = v.value
+        return v[0] / v[1] if isinstance(v, tuple) and v[1] else float(v if not isinstance(v, tuple) else 0)
+
+    rx, ry = ratio(xr), ratio(yr)
+    if rx <= 0 or ry <= 0:
+        return None
+    if tf.is_imagej and tf.imagej_metadata:
+        u = str(tf.imagej_metadata.get("unit", "")).lower()
+        if u in ("micron", "um", "µm", "\\u00B5m"):
+            return (1 / rx, 1 / ry)
+    if unit == 3:  # centimetre
+        return (1e4 / rx, 1e4 / ry)
+    if unit == 2:  # inch (the TIFF default)
+        return (25400 / rx, 25400 / ry)
+    return None

@@ -1,0 +1,72 @@
+"""Small helpers shared by the rooms: progress bars and turning any image into a picture."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+#: additive colours for fluorescence channels, in order (blue first: the nuclear stain usually comes first)
+CHANNEL_COLOURS = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (255, 0, 255), (0, 255, 255), (255, 255, 0),
+                   (255, 128, 0), (128, 0, 255), (255, 255, 255)]
+
+
+def progress_bar(iterable, *, total=None, desc=None, unit="it", disable=False):
+    """A tqdm progress bar (tiles done, rate, ETA) on stderr; silent when disabled or not a terminal
+    unless HISTOFLOW_PROGRESS=1."""
+    from tqdm.auto import tqdm
+
+    if not disable and not sys.stderr.isatty() and os.environ.get("HISTOFLOW_PROGRESS") != "1":
+        disable = True
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None) -> np.ndarray:
+    """An 8-bit RGB picture of any ``(h, w, c)`` image, for thumbnails and figures.
+
+    Brightfield RGB uint8 passes through. Other images are shown as fluorescence: each channel is
+    stretched between its 1st and 99.5th percentiles and added in its own colour (blue, green, red,
+    magenta, ...). ``channels`` picks which channels to show (default: the first 9).
+    """
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    c = img.shape[2]
+    if brightfield is None:
+        brightfield = c == 3 and img.dtype == np.uint8
+    if brightfield and c >= 3:
+        rgb = img[:, :, :3]
+        if rgb.dtype != np.uint8:
+            rgb = _stretch(rgb.astype(np.float32), per_channel=False)
+        return np.ascontiguousarray(rgb.astype(np.uint8))
+    if c == 1:
+        g = (_stretch(img[:, :, 0].astype(np.float32)) * 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    idx = list(channels) if channels is not None else list(range(min(c, len(CHANNEL_COLOURS))))
+    out = np.zeros(img.shape[:2] + (3,), np.float32)
+    for k, ch in enumerate(idx):
+        col = np.asarray(CHANNEL_COLOURS[k % len(CHANNEL_COLOURS)], np.float32) / 255
+        out += _stretch(img[:, :, ch].astype(np.float32))[:, :, None] * col
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def _stretch(a: np.ndarray, per_channel=True) -> np.ndarray:
+    lo, hi = np.percentile(a, [1, 99.5])
+    if hi <= lo:
+        hi = lo + 1
+    return np.clip((a - lo) / (hi - lo), 0, 1)
+
+
+def save_png(path, rgb: np.ndarray):
+    """Write an RGB uint8 array as PNG, atomically."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    try:
+        Image.fromarray(rgb).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
