@@ -1,6 +1,7 @@
 """Format detection by content: magic bytes, TIFF tags, the DICOM preamble. Never by extension."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -96,13 +97,62 @@ def _openslide_vendor(path):
         return None
 
 
+def first_ifd_offset(head: bytes) -> int:
+    """Byte offset of the first image directory of a TIFF, from its header."""
+    order = "little" if head[:2] == b"II" else "big"
+    if head[2:4] in (b"+\x00", b"\x00+"):  # BigTIFF
+        return int.from_bytes(head[8:16], order)
+    return int.from_bytes(head[4:8], order)
+
+
+def check_tiff_intact(path: str):
+    """Raise SlideReadError when the TIFF header points past the end of the file (a truncated copy)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = os.path.getsize(path)
+    off = first_ifd_offset(head)
+    if off >= size:
+        raise SlideReadError(f"{path}: file is truncated: its first image directory is at byte {off:,} "
+                             f"but the file has {size:,} bytes")
+
+
+class quiet_tifffile:
+    """Collect tifffile's log warnings (it logs, rather than raises, on many damaged files)."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def __enter__(self):
+        self._logger = logging.getLogger("tifffile")
+        self._handler = _ListHandler(self.messages)
+        self._propagate = self._logger.propagate
+        self._logger.addHandler(self._handler)
+        self._logger.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self._handler)
+        self._logger.propagate = self._propagate
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink):
+        super().__init__()
+        self.sink = sink
+
+    def emit(self, record):
+        self.sink.append(record.getMessage())
+
+
 def _detect_tiff(path: str) -> FormatInfo:
     import tifffile
 
+    check_tiff_intact(path)
     try:
-        with tifffile.TiffFile(path) as tf:
+        with quiet_tifffile() as log, tifffile.TiffFile(path) as tf:
             if not len(tf.pages):
-                raise UnsupportedFormatError(f"{path}: TIFF without images")
+                why = f": {log.messages[0]}" if log.messages else ""
+                raise SlideReadError(f"{path}: TIFF without readable images (damaged?){why}")
             page = tf.pages.first
             if tf.is_ndpi:
                 return FormatInfo("Hamamatsu NDPI", "openslide")
@@ -129,7 +179,7 @@ def _detect_tiff(path: str) -> FormatInfo:
                 pyramid = len(tf.series) and len(tf.series[0].levels) > 1
                 return FormatInfo("pyramidal tiled TIFF" if pyramid else "generic tiled TIFF", "tiff")
             return FormatInfo("TIFF", "tiff")
-    except UnsupportedFormatError:
+    except SlideReadError:
         raise
     except Exception as e:  # tifffile raises many kinds of errors on damaged files
         raise SlideReadError(f"{path}: damaged TIFF: {e}") from None

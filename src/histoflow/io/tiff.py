@@ -20,6 +20,7 @@ import tifffile
 
 from ..errors import SlideReadError, TileDecodeError, UnsupportedFormatError
 from .base import Level, SlideReader
+from .sniff import check_tiff_intact, quiet_tifffile
 
 _MAX_DESCRIPTION = 4 * 1024**2  # bytes of ImageDescription we are willing to parse
 _RGB_PHOTOMETRIC = {2, 6}  # RGB, YCbCr
@@ -82,11 +83,14 @@ class TiffReader(SlideReader):
             from ..errors import SlideNotFoundError
 
             raise SlideNotFoundError(f"{path}: no such file")
+        check_tiff_intact(path)
         try:
-            self._tf = tifffile.TiffFile(path)
-            series = self._tf.series
+            with quiet_tifffile() as log:
+                self._tf = tifffile.TiffFile(path)
+                series = self._tf.series
         except Exception as e:
             raise SlideReadError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
+        self.warnings.extend(f"tifffile: {m}" for m in log.messages[:5])
         if not series:
             raise UnsupportedFormatError(f"{path}: TIFF holds no image series")
         self._fd = os.open(path, os.O_RDONLY)
@@ -107,7 +111,7 @@ class TiffReader(SlideReader):
         elif tf.is_imagej:
             self.format = "ImageJ TIFF"
         elif first.is_tiled:
-            self.format = "pyramidal tiled TIFF" if len(main.levels) > 1 else "generic tiled TIFF"
+            self.format = "tiled TIFF"  # refined below, once the pyramid is known
         else:
             self.format = "TIFF"
 
@@ -129,6 +133,8 @@ class TiffReader(SlideReader):
             self.levels.append(Level(w, h, ds))
             self._levels_planes.append(planes)
         self._check_truncation()
+        if self.format == "tiled TIFF":
+            self.format = "pyramidal tiled TIFF" if len(self.levels) > 1 else "generic tiled TIFF"
 
         planes0 = self._levels_planes[0]
         kp = planes0[0].page.keyframe if getattr(planes0[0].page, "keyframe", None) is not None else planes0[0].page

@@ -1,0 +1,8 @@
+"""store: h5path, the on-disk format of one processed slide (spec: ``docs/h5path.md``).
+
+Write with :class:`H5PathWriter`, read with :func:`read_h5path` (which also reads PathML's version-1
+files).
+"""
+from .h5path import FORMAT_VERSION, H5Path, H5PathWriter, read_h5path
+
+__all__ = ["FORMAT_VERSION", "H5Path", "H5PathWriter", "read_h5path"]

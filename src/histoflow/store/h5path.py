@@ -1,0 +1,1216 @@
+"""h5path format version 2: one HDF5 file per processed slide.
+
+The format is specified in ``docs/h5path.md``; this module and that page describe the same thing.
+:class:`H5PathWriter` writes a file (atomically: temporary name, then rename) and :func:`read_h5path`
+opens one, version 2 or PathML's version 1 (see :mod:`histoflow.store.pathml_v1`), as an
+:class:`H5Path`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timezone
+
+import h5py
+import numpy as np
+
+from .. import __version__
+from ..core.tile import Tile
+from ..errors import H5PathError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "H5Path", "H5PathWriter", "read_h5path"]
+
+#: value of the root attribute ``format``
+FORMAT = "h5path"
+#: the version this module writes (and the newest it reads)
+FORMAT_VERSION = 2
+#: default gzip level of tile images and masks
+GZIP_LEVEL = 4
+
+#: keys of the slide metadata dict (writer argument and ``H5Path.slide``)
+SLIDE_KEYS = ("name", "source_path", "backend", "format", "width", "height", "mpp", "objective_power",
+              "dtype", "slide_type", "channel_names", "levels", "labels")
+_STR_KEYS = ("name", "source_path", "backend", "format", "dtype", "slide_type")
+
+#: longest attribute string the reader parses (characters)
+MAX_ATTR_CHARS = 1 << 20
+#: largest attribute the reader loads (bytes of storage)
+MAX_ATTR_BYTES = 16 << 20
+#: largest single tile image the reader loads (bytes)
+MAX_TILE_BYTES = 1 << 30
+#: integers a numeric tile label can hold exactly (float64 storage)
+MAX_EXACT_INT = 2 ** 53
+
+_FLUSH_EVERY = 1024       # per-tile metadata rows buffered before writing
+_GROW_MIN, _GROW_MAX = 64, 8192
+_LABEL_KINDS = ("bool", "int", "float", "str")
+_NUMERIC_RANK = {"bool": 0, "int": 1, "float": 2}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_default(value):
+    """``json.dumps`` hook: numpy scalars and arrays, paths."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _check_name(path, what: str, name) -> str:
+    if not isinstance(name, str) or not name or "/" in name or name == ".":
+        raise H5PathError(f"{path}: invalid {what} name {name!r}: use a non-empty string without '/'")
+    return name
+
+
+def _mask_storage(path, where: str, name: str, array) -> tuple[np.ndarray, bool]:
+    """Validate a mask; return it in its storage dtype and whether it is boolean."""
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8), True
+    if arr.dtype.kind in "ui" or arr.dtype in (np.float32, np.float64):
+        return arr, False
+    raise H5PathError(f"{path}: {where}: mask {name!r} has dtype {arr.dtype}; use bool, an integer dtype, "
+                      "float32 or float64 (float16 is not stored)")
+
+
+# ----------------------------------------------------------------------------------------- writer
+
+class H5PathWriter:
+    """Write one h5path (format version 2) file, tile by tile.
+
+    The file is written to a temporary name next to ``path`` and renamed onto ``path`` by
+    :meth:`close`. As a context manager, an exception inside the block removes the temporary file
+    and leaves an existing file at ``path`` untouched.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target file.
+    slide : dict, optional
+        Slide metadata, any of the keys ``name, source_path, backend, format, width, height, mpp,
+        objective_power, dtype, slide_type, channel_names, levels, labels`` (missing or ``None``
+        means unknown). ``mpp`` is ``(x, y)`` µm/px or one number; ``levels`` a list of dicts with
+        ``width, height, downsample``; ``labels`` a dict of slide labels; ``slide_type`` a name or a
+        :class:`~histoflow.core.types.SlideTypePreset`.
+    compression : {"gzip", "lzf", None}
+        Lossless compression of tile images and masks.
+    compression_level : int
+        gzip level (0-9).
+    overwrite : bool
+        If False, an existing file at ``path`` is an error.
+
+    Raises
+    ------
+    H5PathError
+        Bad metadata, an existing target with ``overwrite=False``, or a temporary file that cannot
+        be created.
+
+    Examples
+    --------
+    >>> with H5PathWriter("out.h5path", slide={"name": "s1", "mpp": (0.5, 0.5)}) as w:  # doctest: +SKIP
+    ...     w.add_tile(image, (0, 0), masks={"tissue": mask}, labels={"grade": 2})
+    """
+
+    def __init__(self, path, *, slide: dict | None = None, compression: str | None = "gzip",
+                 compression_level: int = GZIP_LEVEL, overwrite: bool = True):
+        self.path = os.fspath(path)
+        self._closed = True
+        self._f = None
+        if compression not in ("gzip", "lzf", None):
+            raise H5PathError(f"{self.path}: compression must be 'gzip', 'lzf' or None, not {compression!r}")
+        if compression == "gzip" and not (isinstance(compression_level, int) and 0 <= compression_level <= 9):
+            raise H5PathError(f"{self.path}: gzip compression_level must be an int 0..9, "
+                              f"not {compression_level!r}")
+        if os.path.isdir(self.path):
+            raise H5PathError(f"{self.path}: is a directory")
+        if not overwrite and os.path.exists(self.path):
+            raise H5PathError(f"{self.path}: file exists and overwrite=False")
+        self.overwrite = overwrite
+        self.compression = compression
+        self.compression_level = compression_level
+        meta = _check_slide(self.path, slide or {})
+        self._slide_mpp = meta.get("mpp")
+        self._channel_names = meta.get("channel_names")
+
+        self._tmp = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self._f = h5py.File(self._tmp, "w-")
+        except OSError as e:
+            raise H5PathError(f"{self.path}: cannot create the temporary file {self._tmp}: {e}") from e
+        self._closed = False
+        try:
+            f = self._f
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+            f.attrs["writer"] = f"histoflow {__version__}"
+            f.attrs["created"] = _now()
+            _write_slide(f.create_group("slide"), meta, self.path)
+            tiles = f.create_group("tiles")
+            tiles.attrs["compression"] = compression or "none"
+            if compression == "gzip":
+                tiles.attrs["compression_level"] = np.int64(compression_level)
+        except BaseException:
+            self.abort()
+            raise
+
+        self._n = 0                 # tiles added
+        self._cap = 0               # rows allocated in the per-tile datasets
+        self._shape = None          # (h, w, c) fixed by the first tile
+        self._dtype = None
+        self._images = None
+        self._mask_ds: dict[str, h5py.Dataset] = {}
+        self._mask_bool: dict[str, bool] = {}
+        self._label_ds: dict[str, h5py.Dataset] = {}
+        self._label_kinds: dict[str, str] = {}
+        self._flushed = 0           # rows of buffered metadata already written
+        self._buf_coords: list = []
+        self._buf_level: list = []
+        self._buf_down: list = []
+        self._buf_names: list = []
+        self._buf_labels: list = []
+
+    # -- context manager / lifecycle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+            return False
+        self.close()
+        return False
+
+    def __del__(self):
+        # a writer dropped without close() must not leave its temporary file behind
+        try:
+            if not self._closed:
+                self.abort()
+        except Exception:
+            pass
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _check_open(self):
+        if self._closed:
+            raise H5PathError(f"{self.path}: the writer is closed")
+
+    def _comp(self, itemsize: int) -> dict:
+        if self.compression is None:
+            return {}
+        kw = {"compression": self.compression, "shuffle": itemsize > 1}
+        if self.compression == "gzip":
+            kw["compression_opts"] = self.compression_level
+        return kw
+
+    # -- tiles
+
+    def add_tile(self, image, coords=None, *, level: int = 0, downsample: float = 1.0,
+                 masks: Mapping | None = None, labels: Mapping | None = None, name: str | None = None):
+        """Append one tile.
+
+        Parameters
+        ----------
+        image : numpy.ndarray or Tile
+            ``(h, w, c)`` or ``(h, w)`` pixels in their native dtype, or a :class:`Tile` (then every
+            other argument is taken from it and ``coords`` must be left out).
+        coords : (int, int)
+            Level-0 ``(x, y)`` of the top-left corner.
+        level : int
+            Pyramid level the pixels were read from.
+        downsample : float
+            Effective downsample of ``image`` relative to level 0.
+        masks : dict of str -> ndarray, optional
+            ``(h, w)`` masks (bool, integer, float32/64). A mask that other tiles carry and this one
+            does not is stored as zeros.
+        labels : dict of str -> number or str, optional
+            Tile labels; ``None`` or NaN values count as missing.
+        name : str, optional
+            A readable identifier.
+
+        Raises
+        ------
+        H5PathError
+            The tile's shape or dtype differs from the first tile's, or a mask/label is invalid. The
+            tile is then not added and the writer stays usable.
+        """
+        self._check_open()
+        if isinstance(image, Tile):
+            if coords is not None:
+                raise H5PathError(f"{self.path}: give either a Tile or an image with coords, not both")
+            t = image
+            image, coords, level, downsample = t.image, t.coords, t.level, t.downsample
+            masks, labels, name = t.masks, t.labels, t.name
+        i = self._n
+        if coords is None or len(coords) != 2:
+            raise H5PathError(f"{self.path}: tile {i} ({name!r}): coords must be (x, y), got {coords!r}")
+        x, y = int(coords[0]), int(coords[1])
+        where = f"tile {i}" + (f" {name!r}" if name else "") + f" at (x={x}, y={y})"
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or 0 in image.shape:
+            raise H5PathError(f"{self.path}: {where}: image must be (h, w, c) or (h, w), got {image.shape}")
+        if self._shape is None:
+            self._check_first_image(image, where)
+        elif image.shape != self._shape or image.dtype != self._dtype:
+            raise H5PathError(f"{self.path}: {where}: shape {image.shape} dtype {image.dtype} differs from "
+                              f"the file's tiles, {self._shape} {self._dtype}")
+        level = int(level)
+        if not -32768 <= level <= 32767:
+            raise H5PathError(f"{self.path}: {where}: level {level} out of range")
+        downsample = float(downsample)
+        if not (math.isfinite(downsample) and downsample > 0):
+            raise H5PathError(f"{self.path}: {where}: downsample must be a positive number, not {downsample}")
+        if name is not None and not isinstance(name, str):
+            raise H5PathError(f"{self.path}: {where}: name must be a str, not {type(name).__name__}")
+        mask_items = self._check_tile_masks(masks or {}, image.shape[:2], where)
+        label_items = self._check_tile_labels(labels or {}, where)
+
+        # everything is valid: write
+        if self._images is None:
+            self._create_tile_datasets(image)
+        if i == self._cap:
+            self._grow()
+        self._images[i] = image
+        for mname, arr, is_bool in mask_items:
+            ds = self._mask_ds.get(mname)
+            if ds is None:
+                ds = self._create_tile_mask(mname, arr.dtype, is_bool)
+            ds[i] = arr
+        for lname, (kind, _) in label_items.items():
+            old = self._label_kinds.get(lname)
+            if old is None or (kind != "str" and _NUMERIC_RANK[kind] > _NUMERIC_RANK[old]):
+                self._label_kinds[lname] = kind
+        self._buf_coords.append((x, y))
+        self._buf_level.append(level)
+        self._buf_down.append(downsample)
+        self._buf_names.append(name or "")
+        self._buf_labels.append({k: v for k, (_, v) in label_items.items()})
+        self._n += 1
+        if len(self._buf_coords) >= _FLUSH_EVERY:
+            self._flush()
+
+    def add_tiles(self, tiles: Iterable[Tile]) -> int:
+        """Append every :class:`Tile` of an iterable (e.g. an :class:`H5Path`); return how many."""
+        n = 0
+        for tile in tiles:
+            self.add_tile(tile)
+            n += 1
+        return n
+
+    def _check_first_image(self, image, where):
+        dt = image.dtype
+        if not (dt.kind in "ui" or dt in (np.float32, np.float64)):
+            raise H5PathError(f"{self.path}: {where}: tile dtype {dt} is not stored; use the native integer "
+                              "dtype, or float32/float64 for float data (float16 is refused)")
+        if self._channel_names is not None and len(self._channel_names) != image.shape[2]:
+            raise H5PathError(f"{self.path}: {where}: {image.shape[2]} channels but the slide has "
+                              f"{len(self._channel_names)} channel_names")
+
+    def _check_tile_masks(self, masks: Mapping, hw: tuple, where: str) -> list:
+        out = []
+        for mname, m in masks.items():
+            _check_name(self.path, "mask", mname)
+            arr, is_bool = _mask_storage(self.path, where, mname, m)
+            if arr.shape != hw:
+                raise H5PathError(f"{self.path}: {where}: mask {mname!r} has shape {arr.shape}, "
+                                  f"expected the tile's {hw}")
+            ds = self._mask_ds.get(mname)
+            if ds is not None:
+                if self._mask_bool[mname] != is_bool and self._mask_bool[mname]:
+                    raise H5PathError(f"{self.path}: {where}: mask {mname!r} is {arr.dtype} here but bool "
+                                      "in earlier tiles")
+                if not is_bool and not np.can_cast(arr.dtype, ds.dtype, "safe"):
+                    raise H5PathError(f"{self.path}: {where}: mask {mname!r} has dtype {arr.dtype}, which "
+                                      f"does not cast safely to {ds.dtype} of earlier tiles")
+            out.append((mname, arr, is_bool))
+        return out
+
+    def _check_tile_labels(self, labels: Mapping, where: str) -> dict:
+        out = {}
+        for lname, value in labels.items():
+            _check_name(self.path, "label", lname)
+            kv = _tile_label(value)
+            if kv is False:
+                raise H5PathError(f"{self.path}: {where}: label {lname!r} = {value!r}: tile labels must be "
+                                  "numbers or strings")
+            if kv is None:
+                continue  # missing
+            kind, v = kv
+            if kind == "int" and abs(v) > MAX_EXACT_INT:
+                raise H5PathError(f"{self.path}: {where}: label {lname!r} = {v} is beyond ±2**53, which "
+                                  "the float64 label column cannot hold exactly")
+            old = self._label_kinds.get(lname)
+            if old is not None and (old == "str") != (kind == "str"):
+                raise H5PathError(f"{self.path}: {where}: label {lname!r} is a {kind} here but a {old} "
+                                  "in earlier tiles")
+            out[lname] = (kind, v)
+        return out
+
+    def _create_tile_datasets(self, image):
+        h, w, c = image.shape
+        self._shape, self._dtype = image.shape, image.dtype
+        tiles = self._f["tiles"]
+        tiles.attrs["tile_width"] = np.int64(w)
+        tiles.attrs["tile_height"] = np.int64(h)
+        tiles.attrs["channels"] = np.int64(c)
+        tiles.attrs["dtype"] = image.dtype.name
+        self._images = tiles.create_dataset("images", shape=(0, h, w, c), maxshape=(None, h, w, c),
+                                            dtype=image.dtype, chunks=(1, h, w, c),
+                                            **self._comp(image.dtype.itemsize))
+        tiles.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
+        tiles.create_dataset("level", shape=(0,), maxshape=(None,), dtype=np.int16, chunks=(8192,))
+        tiles.create_dataset("downsample", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(8192,))
+        tiles.create_dataset("names", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
+                             chunks=(4096,))
+        tiles.create_group("masks")
+        tiles.create_group("labels")
+
+    def _create_tile_mask(self, name, dtype, is_bool):
+        h, w = self._shape[:2]
+        ds = self._f["tiles/masks"].create_dataset(
+            name, shape=(self._cap, h, w), maxshape=(None, h, w), dtype=dtype, chunks=(1, h, w),
+            fillvalue=0, **self._comp(np.dtype(dtype).itemsize))
+        if is_bool:
+            ds.attrs["bool"] = True
+        self._mask_ds[name] = ds
+        self._mask_bool[name] = is_bool
+        return ds
+
+    def _per_tile_datasets(self):
+        t = self._f["tiles"]
+        return [t["images"], t["coords"], t["level"], t["downsample"], t["names"],
+                *self._mask_ds.values(), *self._label_ds.values()]
+
+    def _grow(self):
+        self._cap += min(max(self._cap, _GROW_MIN), _GROW_MAX)
+        for ds in self._per_tile_datasets():
+            ds.resize(self._cap, axis=0)
+
+    def _flush(self):
+        """Write the buffered per-tile metadata rows."""
+        k = len(self._buf_coords)
+        if not k:
+            return
+        a, b = self._flushed, self._flushed + k
+        t = self._f["tiles"]
+        t["coords"][a:b] = np.asarray(self._buf_coords, dtype=np.int64)
+        t["level"][a:b] = np.asarray(self._buf_level, dtype=np.int16)
+        t["downsample"][a:b] = np.asarray(self._buf_down, dtype=np.float64)
+        t["names"][a:b] = np.asarray(self._buf_names, dtype=object)
+        for lname, kind in self._label_kinds.items():
+            ds = self._label_ds.get(lname)
+            if ds is None:
+                if kind == "str":
+                    ds = t["labels"].create_dataset(lname, shape=(self._cap,), maxshape=(None,),
+                                                    dtype=h5py.string_dtype(), chunks=(4096,))
+                else:
+                    ds = t["labels"].create_dataset(lname, shape=(self._cap,), maxshape=(None,),
+                                                    dtype=np.float64, chunks=(8192,), fillvalue=np.nan)
+                self._label_ds[lname] = ds
+            ds.attrs["kind"] = kind
+            if kind == "str":
+                col = np.array([row.get(lname, "") for row in self._buf_labels], dtype=object)
+            else:
+                col = np.array([row.get(lname, np.nan) for row in self._buf_labels], dtype=np.float64)
+            ds[a:b] = col
+        self._flushed = b
+        self._buf_coords, self._buf_level, self._buf_down = [], [], []
+        self._buf_names, self._buf_labels = [], []
+
+    # -- slide-level data
+
+    def add_slide_mask(self, name: str, array, downsample: float = 1.0):
+        """Store a slide-level mask.
+
+        Parameters
+        ----------
+        name : str
+            Mask name (no ``/``).
+        array : numpy.ndarray
+            2-D mask: bool, an integer dtype (label image) or float32/float64.
+        downsample : float
+            Downsample of ``array`` relative to level 0.
+
+        Raises
+        ------
+        H5PathError
+            Invalid name/array, or a mask of that name already exists.
+        """
+        self._check_open()
+        _check_name(self.path, "mask", name)
+        arr, is_bool = _mask_storage(self.path, "slide mask", name, array)
+        if arr.ndim != 2 or 0 in arr.shape:
+            raise H5PathError(f"{self.path}: slide mask {name!r} must be a non-empty 2-D array, got {arr.shape}")
+        downsample = float(downsample)
+        if not (math.isfinite(downsample) and downsample > 0):
+            raise H5PathError(f"{self.path}: slide mask {name!r}: downsample must be positive, not {downsample}")
+        group = self._f.require_group("masks")
+        if name in group:
+            raise H5PathError(f"{self.path}: slide mask {name!r} was already added")
+        chunks = (min(arr.shape[0], 512), min(arr.shape[1], 512))
+        ds = group.create_dataset(name, data=arr, chunks=chunks, **self._comp(arr.dtype.itemsize))
+        ds.attrs["downsample"] = downsample
+        if is_bool:
+            ds.attrs["bool"] = True
+
+    def set_cells(self, adata):
+        """Store the single-cell table (an :class:`anndata.AnnData`) as ``/cells``, replacing any."""
+        self._check_open()
+        import anndata
+
+        if not isinstance(adata, anndata.AnnData):
+            raise H5PathError(f"{self.path}: cells must be an AnnData, not {type(adata).__name__}")
+        if "cells" in self._f:
+            del self._f["cells"]
+        _write_elem()(self._f, "cells", adata)
+
+    def add_provenance(self, record: Mapping):
+        """Append one run record to ``/provenance``.
+
+        Parameters
+        ----------
+        record : dict
+            JSON-serialisable description of a run (pipeline, parameters, versions, ...). ``date``
+            (ISO 8601 UTC) and ``histoflow`` (version) are added when absent.
+        """
+        self._check_open()
+        if not isinstance(record, Mapping):
+            raise H5PathError(f"{self.path}: a provenance record must be a dict, not {type(record).__name__}")
+        rec = dict(record)
+        rec.setdefault("date", _now())
+        rec.setdefault("histoflow", __version__)
+        try:
+            text = json.dumps(rec, default=_json_default)
+        except (TypeError, ValueError) as e:
+            raise H5PathError(f"{self.path}: provenance record is not JSON serialisable: {e}") from e
+        if "provenance" not in self._f:
+            self._f.create_dataset("provenance", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
+                                   chunks=(64,))
+        ds = self._f["provenance"]
+        ds.resize(ds.shape[0] + 1, axis=0)
+        ds[-1] = text
+
+    # -- finishing
+
+    def close(self):
+        """Finish the file: write buffered rows, trim, mark complete, rename onto ``path``."""
+        if self._closed:
+            return
+        try:
+            self._flush()
+            if self._images is not None:
+                for ds in self._per_tile_datasets():
+                    ds.resize(self._n, axis=0)
+            self._f.attrs["complete"] = True
+            self._f.close()
+            if not self.overwrite and os.path.exists(self.path):
+                raise H5PathError(f"{self.path}: file appeared while writing and overwrite=False")
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self):
+        """Drop the file being written: close it and remove the temporary file; ``path`` is untouched."""
+        self._closed = True
+        try:
+            if self._f is not None and self._f.id.valid:
+                self._f.close()
+        finally:
+            if os.path.exists(self._tmp):
+                os.remove(self._tmp)
+
+
+def _tile_label(value):
+    """Normalise a tile label: ``(kind, value)``, None when missing, False when not storable."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return "bool", bool(value)
+    if isinstance(value, (int, np.integer)):
+        return "int", int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return None if math.isnan(v) else ("float", v)
+    if isinstance(value, str):
+        return ("str", value) if value else None
+    return False
+
+
+def _write_elem():
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+    return write_elem
+
+
+def _read_elem():
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    return read_elem
+
+
+def _check_slide(path, slide: Mapping) -> dict:
+    """Validate and normalise the writer's slide metadata dict."""
+    if not isinstance(slide, Mapping):
+        raise H5PathError(f"{path}: slide metadata must be a dict, not {type(slide).__name__}")
+    unknown = sorted(set(slide) - set(SLIDE_KEYS))
+    if unknown:
+        raise H5PathError(f"{path}: unknown slide metadata keys {unknown}; known: {list(SLIDE_KEYS)}")
+    meta = {k: v for k, v in slide.items() if v is not None}
+    try:
+        for k in _STR_KEYS:
+            if k in meta:
+                v = meta[k]
+                if k == "slide_type" and not isinstance(v, str):
+                    v = v.name  # a SlideTypePreset
+                elif k == "dtype" and not isinstance(v, str):
+                    v = np.dtype(v).name
+                meta[k] = str(os.fspath(v) if isinstance(v, os.PathLike) else v)
+        for k in ("width", "height"):
+            if k in meta:
+                meta[k] = int(meta[k])
+                if meta[k] < 0:
+                    raise ValueError(f"{k} must be >= 0")
+        if "mpp" in meta:
+            mpp = np.broadcast_to(np.asarray(meta["mpp"], dtype=np.float64), (2,))
+            if not (np.all(np.isfinite(mpp)) and np.all(mpp > 0)):
+                raise ValueError(f"mpp must be positive, got {meta['mpp']!r}")
+            meta["mpp"] = (float(mpp[0]), float(mpp[1]))
+        if "objective_power" in meta:
+            meta["objective_power"] = float(meta["objective_power"])
+        if "channel_names" in meta:
+            meta["channel_names"] = [str(c) for c in meta["channel_names"]]
+        if "levels" in meta:
+            meta["levels"] = [(int(lv["width"]), int(lv["height"]), float(lv["downsample"]))
+                              for lv in meta["levels"]]
+        if "labels" in meta and not isinstance(meta["labels"], Mapping):
+            raise ValueError("labels must be a dict")
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise H5PathError(f"{path}: invalid slide metadata: {e}") from e
+    return meta
+
+
+def _write_slide(g: h5py.Group, meta: dict, path):
+    for k in _STR_KEYS:
+        if k in meta:
+            g.attrs[k] = meta[k]
+    for k in ("width", "height"):
+        if k in meta:
+            g.attrs[k] = np.int64(meta[k])
+    if "mpp" in meta:
+        g.attrs["mpp"] = np.asarray(meta["mpp"], dtype=np.float64)
+    if "objective_power" in meta:
+        g.attrs["objective_power"] = np.float64(meta["objective_power"])
+    if "channel_names" in meta:
+        g.attrs["channel_names"] = np.array(meta["channel_names"], dtype=h5py.string_dtype())
+    if "levels" in meta:
+        ds = g.create_dataset("levels", data=np.asarray(meta["levels"], dtype=np.float64).reshape(-1, 3))
+        ds.attrs["columns"] = np.array(["width", "height", "downsample"], dtype=h5py.string_dtype())
+    labels = g.create_group("labels")
+    as_json = []
+    for k, v in (meta.get("labels") or {}).items():
+        _check_name(path, "slide label", k)
+        if isinstance(v, (bool, np.bool_)):
+            labels.attrs[k] = np.bool_(v)
+        elif isinstance(v, (int, np.integer)) and -2 ** 63 <= int(v) < 2 ** 63:
+            labels.attrs[k] = np.int64(v)
+        elif isinstance(v, (float, np.floating)):
+            labels.attrs[k] = np.float64(v)
+        elif isinstance(v, str):
+            labels.attrs[k] = v
+        else:
+            try:
+                labels.attrs[k] = json.dumps(v, default=_json_default)
+            except (TypeError, ValueError) as e:
+                raise H5PathError(f"{path}: slide label {k!r} is not JSON serialisable: {e}") from e
+            as_json.append(k)
+    if as_json:
+        g.attrs["json_labels"] = np.array(as_json, dtype=h5py.string_dtype())
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+def _attr(obj, name: str, path, default=None):
+    """Read one attribute with bounded size; bytes become str (UTF-8)."""
+    if name not in obj.attrs:
+        return default
+    try:
+        if obj.attrs.get_id(name).get_storage_size() > MAX_ATTR_BYTES:
+            raise H5PathError(f"{path}: attribute {name!r} of {obj.name} is too large")
+        value = obj.attrs[name]
+    except H5PathError:
+        raise
+    except Exception as e:  # h5py raises OSError, TypeError, ValueError on odd attributes
+        raise H5PathError(f"{path}: attribute {name!r} of {obj.name} cannot be read: {e}") from e
+    return _bounded(value, f"attribute {name!r} of {obj.name}", path)
+
+
+def _bounded(value, what, path):
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise H5PathError(f"{path}: {what} is not UTF-8") from e
+    if isinstance(value, str) and len(value) > MAX_ATTR_CHARS:
+        raise H5PathError(f"{path}: {what} is longer than {MAX_ATTR_CHARS} characters")
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        value = np.array([_bounded(v, what, path) for v in value.ravel()], dtype=object).reshape(value.shape)
+    return value
+
+
+def _plain(value):
+    """numpy scalars/arrays to Python values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _dataset(group, name: str, path) -> h5py.Dataset:
+    """``group[name]``, checked to be a plain dataset (hard link, internal storage, not virtual)."""
+    link = group.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise H5PathError(f"{path}: {group.name}/{name} is a {type(link).__name__}, not a plain dataset")
+    ds = group[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise H5PathError(f"{path}: {ds.name} is not a dataset")
+    if ds.external or ds.is_virtual:
+        raise H5PathError(f"{path}: {ds.name} stores its data outside the file; refused")
+    return ds
+
+
+def _group(parent, name: str, path) -> h5py.Group | None:
+    if name not in parent:
+        return None
+    if not isinstance(parent.get(name, getlink=True), h5py.HardLink) or not isinstance(parent[name], h5py.Group):
+        raise H5PathError(f"{path}: {parent.name.rstrip('/')}/{name} is not a group")
+    return parent[name]
+
+
+def _check_tree(group, path):
+    """Every object below ``group`` must be hard-linked, and datasets stored inside the file."""
+    problems = []
+
+    def visit(name, link):
+        if not isinstance(link, h5py.HardLink):
+            problems.append(name)
+        else:
+            obj = group[name]
+            if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual):
+                problems.append(name)
+
+    group.visititems_links(visit)
+    if problems:
+        raise H5PathError(f"{path}: {group.name}/{problems[0]} is a link or external dataset; refused")
+
+
+def _is_str_dtype(dt) -> bool:
+    return h5py.check_string_dtype(dt) is not None
+
+
+class _V2Reader:
+    """Reader of format version 2 (internal; use :func:`read_h5path`)."""
+
+    format_version = 2
+
+    def __init__(self, f: h5py.File, path: str):
+        self.f, self.path = f, path
+        complete = _attr(f, "complete", path)
+        if not (isinstance(complete, (bool, np.bool_)) and bool(complete)):
+            raise H5PathError(f"{path}: incomplete: the writer did not finish (root attribute "
+                              "'complete' is not True)")
+        self._slide_group = _group(f, "slide", path)
+        if self._slide_group is None:
+            raise H5PathError(f"{path}: inconsistent: no /slide group")
+        tiles = _group(f, "tiles", path)
+        if tiles is None:
+            raise H5PathError(f"{path}: inconsistent: no /tiles group")
+        self._slide = None
+        self._columns = None
+        self._labels_cache = None
+        self.images = None
+        self.n = 0
+        self._tile_masks: dict[str, tuple[h5py.Dataset, bool]] = {}
+        self._tile_labels: dict[str, tuple[h5py.Dataset, str]] = {}
+        if "images" not in tiles:
+            return
+        img = _dataset(tiles, "images", path)
+        if img.ndim != 4 or not (img.dtype.kind in "ui" or img.dtype in (np.float32, np.float64)):
+            raise H5PathError(f"{path}: inconsistent: /tiles/images has shape {img.shape} dtype {img.dtype}")
+        n, h, w, c = img.shape
+        if h * w * c * img.dtype.itemsize > MAX_TILE_BYTES:
+            raise H5PathError(f"{path}: tiles of shape {img.shape[1:]} are larger than "
+                              f"{MAX_TILE_BYTES >> 20} MiB each; refused")
+        expect = {"coords": ((n, 2), "i"), "level": ((n,), "i"), "downsample": ((n,), "f"),
+                  "names": ((n,), "s")}
+        for name, (shape, kind) in expect.items():
+            if name not in tiles:
+                raise H5PathError(f"{path}: inconsistent: /tiles/{name} is missing")
+            ds = _dataset(tiles, name, path)
+            ok_kind = _is_str_dtype(ds.dtype) if kind == "s" else ds.dtype.kind in ("ui" if kind == "i" else "f")
+            if ds.shape != shape or not ok_kind:
+                raise H5PathError(f"{path}: inconsistent: /tiles/{name} has shape {ds.shape} dtype {ds.dtype}, "
+                                  f"expected {shape}")
+        self.images, self.n, self._hw = img, n, (h, w)
+        mg = _group(tiles, "masks", path)
+        for name in (mg or {}):
+            ds = _dataset(mg, name, path)
+            if ds.shape != (n, h, w) or not (ds.dtype.kind in "ui" or ds.dtype in (np.float32, np.float64)):
+                raise H5PathError(f"{path}: inconsistent: tile mask {ds.name} has shape {ds.shape} "
+                                  f"dtype {ds.dtype}, expected ({n}, {h}, {w})")
+            self._tile_masks[name] = (ds, bool(_attr(ds, "bool", path, False)))
+        lg = _group(tiles, "labels", path)
+        for name in (lg or {}):
+            ds = _dataset(lg, name, path)
+            is_str = _is_str_dtype(ds.dtype)
+            if ds.shape != (n,) or not (is_str or ds.dtype.kind in "uifb"):
+                raise H5PathError(f"{path}: inconsistent: tile label {ds.name} has shape {ds.shape} "
+                                  f"dtype {ds.dtype}")
+            kind = _attr(ds, "kind", path) or ("str" if is_str else "float" if ds.dtype.kind == "f" else "int")
+            if kind not in _LABEL_KINDS or (kind == "str") != is_str:
+                raise H5PathError(f"{path}: inconsistent: tile label {ds.name} has kind {kind!r}")
+            self._tile_labels[name] = (ds, kind)
+
+    # slide metadata
+
+    def slide(self) -> dict:
+        if self._slide is None:
+            self._slide = _read_slide(self._slide_group, self.path)
+        return self._slide
+
+    # tiles
+
+    def _cols(self):
+        if self._columns is None:
+            t = self.f["tiles"]
+            if self.n:
+                names = t["names"].asstr()[()]
+                self._columns = (t["coords"][()].astype(np.int64), t["level"][()], t["downsample"][()],
+                                 names)
+            else:
+                self._columns = (np.zeros((0, 2), np.int64), np.zeros(0, np.int16),
+                                 np.zeros(0, np.float64), np.zeros(0, object))
+        return self._columns
+
+    def _label_columns(self):
+        if self._labels_cache is None:
+            cols = {}
+            for name, (ds, kind) in self._tile_labels.items():
+                cols[name] = (ds.asstr()[()] if kind == "str" else ds[()], kind)
+            self._labels_cache = cols
+        return self._labels_cache
+
+    def coords(self) -> np.ndarray:
+        return self._cols()[0]
+
+    def read_tile(self, i: int) -> Tile:
+        coords, level, down, names = self._cols()
+        try:
+            image = self.images[i]
+            masks = {}
+            for name, (ds, is_bool) in self._tile_masks.items():
+                m = ds[i]
+                masks[name] = m.astype(bool) if is_bool else m
+        except OSError as e:
+            raise H5PathError(f"{self.path}: tile {i} cannot be read (damaged file?): {e}") from e
+        labels = {}
+        for name, (col, kind) in self._label_columns().items():
+            v = col[i]
+            if kind == "str":
+                if v != "":
+                    labels[name] = str(v)
+            elif not (isinstance(v, (float, np.floating)) and math.isnan(v)):
+                labels[name] = bool(v) if kind == "bool" else int(v) if kind == "int" else float(v)
+        slide = self.slide()
+        ds = float(down[i])
+        mpp = None if slide["mpp"] is None else (slide["mpp"][0] * ds, slide["mpp"][1] * ds)
+        return Tile(image=image, coords=(int(coords[i, 0]), int(coords[i, 1])), level=int(level[i]),
+                    downsample=ds, masks=masks, labels=labels, slide_type=slide["slide_type"],
+                    name=str(names[i]) or None, mpp=mpp)
+
+    @property
+    def tile_mask_names(self) -> list:
+        return list(self._tile_masks)
+
+    @property
+    def tile_label_names(self) -> list:
+        return list(self._tile_labels)
+
+    # slide masks
+
+    def _mask_group(self):
+        return _group(self.f, "masks", self.path)
+
+    def mask_names(self) -> list:
+        g = self._mask_group()
+        return list(g) if g is not None else []
+
+    def _mask_ds(self, name):
+        g = self._mask_group()
+        if g is None or name not in g:
+            raise KeyError(f"{self.path}: no slide mask {name!r}")
+        ds = _dataset(g, name, self.path)
+        if ds.ndim != 2:
+            raise H5PathError(f"{self.path}: inconsistent: slide mask {ds.name} has shape {ds.shape}")
+        return ds
+
+    def read_mask(self, name) -> np.ndarray:
+        ds = self._mask_ds(name)
+        try:
+            arr = ds[()]
+        except OSError as e:
+            raise H5PathError(f"{self.path}: slide mask {name!r} cannot be read (damaged file?): {e}") from e
+        return arr.astype(bool) if _attr(ds, "bool", self.path, False) else arr
+
+    def mask_downsample(self, name) -> float:
+        return float(_attr(self._mask_ds(name), "downsample", self.path, 1.0))
+
+    # cells and provenance
+
+    def cells(self):
+        g = _group(self.f, "cells", self.path)
+        if g is None:
+            return None
+        _check_tree(g, self.path)
+        try:
+            return _read_elem()(g)
+        except Exception as e:
+            raise H5PathError(f"{self.path}: /cells cannot be read as AnnData: {e}") from e
+
+    def provenance(self) -> list:
+        if "provenance" not in self.f:
+            return []
+        ds = _dataset(self.f, "provenance", self.path)
+        if ds.ndim != 1 or not _is_str_dtype(ds.dtype):
+            raise H5PathError(f"{self.path}: inconsistent: /provenance must be a 1-D string dataset")
+        out = []
+        for k, text in enumerate(ds.asstr()[()]):
+            text = _bounded(text, f"provenance record {k}", self.path)
+            try:
+                rec = json.loads(text)
+            except ValueError as e:
+                raise H5PathError(f"{self.path}: provenance record {k} is not valid JSON: {e}") from e
+            if not isinstance(rec, dict):
+                raise H5PathError(f"{self.path}: provenance record {k} is not a JSON object")
+            out.append(rec)
+        return out
+
+
+def _read_slide(g: h5py.Group, path) -> dict:
+    out = dict.fromkeys(SLIDE_KEYS)
+    for k in _STR_KEYS:
+        v = _attr(g, k, path)
+        if v is not None and not isinstance(v, str):
+            raise H5PathError(f"{path}: /slide attribute {k!r} is not a string")
+        out[k] = v
+    try:
+        for k in ("width", "height"):
+            v = _attr(g, k, path)
+            out[k] = None if v is None else int(v)
+        mpp = _attr(g, "mpp", path)
+        if mpp is not None:
+            mpp = np.asarray(mpp, dtype=np.float64).reshape(-1)
+            if mpp.shape != (2,):
+                raise ValueError(f"mpp has {mpp.size} values, not 2")
+            out["mpp"] = (float(mpp[0]), float(mpp[1]))
+        op = _attr(g, "objective_power", path)
+        out["objective_power"] = None if op is None else float(op)
+        names = _attr(g, "channel_names", path)
+        out["channel_names"] = None if names is None else [str(c) for c in np.asarray(names).reshape(-1)]
+    except (TypeError, ValueError) as e:
+        raise H5PathError(f"{path}: invalid /slide metadata: {e}") from e
+    levels = []
+    if "levels" in g:
+        ds = _dataset(g, "levels", path)
+        if ds.ndim != 2 or ds.shape[1] != 3 or ds.shape[0] > 1024 or ds.dtype.kind not in "uif":
+            raise H5PathError(f"{path}: inconsistent: /slide/levels has shape {ds.shape} dtype {ds.dtype}")
+        levels = [{"width": int(w), "height": int(h), "downsample": float(d)} for w, h, d in ds[()]]
+    out["levels"] = levels
+    json_names = set(_plain(_attr(g, "json_labels", path, np.zeros(0, object))))
+    labels = {}
+    lg = _group(g, "labels", path)
+    for k in (lg.attrs if lg is not None else ()):
+        v = _attr(lg, k, path)
+        if k in json_names:
+            if not isinstance(v, str):
+                raise H5PathError(f"{path}: slide label {k!r} is marked JSON but is not a string")
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise H5PathError(f"{path}: slide label {k!r} is not valid JSON: {e}") from e
+        labels[k] = _plain(v)
+    out["labels"] = labels
+    return out
+
+
+# ----------------------------------------------------------------------------------------- H5Path
+
+class _Masks(Mapping):
+    """Slide-level masks by name; each is read from disk when accessed."""
+
+    def __init__(self, src):
+        self._src = src
+
+    def __getitem__(self, name) -> np.ndarray:
+        return self._src.read_mask(name)
+
+    def __iter__(self):
+        return iter(self._src.mask_names())
+
+    def __len__(self):
+        return len(self._src.mask_names())
+
+    def __repr__(self):
+        return f"<slide masks {self._src.mask_names()}>"
+
+
+class H5Path:
+    """An open h5path file (version 2, or PathML's version 1), read lazily.
+
+    The HDF5 file stays open (read-only) until :meth:`close`; use it as a context manager. Open one
+    per process: an h5py handle must not cross a fork.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Attributes
+    ----------
+    path : str
+        The file's path.
+    format_version : int
+        2, or 1 for a PathML file.
+
+    Raises
+    ------
+    H5PathError
+        Missing, not HDF5 / truncated, foreign, of a newer version, incomplete or inconsistent file.
+
+    Examples
+    --------
+    >>> with read_h5path("slide.h5path") as h:  # doctest: +SKIP
+    ...     first = h.tile(0)
+    ...     same = h.tile(first.coords)
+    ...     n_tissue = sum(t.masks["tissue"].any() for t in h)
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._src = None
+        if not os.path.exists(self.path):
+            raise H5PathError(f"{self.path}: no such file")
+        if not os.path.isfile(self.path):
+            raise H5PathError(f"{self.path}: not a regular file")
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise H5PathError(f"{self.path}: not a readable HDF5 file (truncated or damaged?): {e}") from e
+        try:
+            self._src = _open_source(f, self.path)
+        except BaseException:
+            f.close()
+            raise
+        self._f = f
+        self.format_version = self._src.format_version
+
+    # lifecycle
+
+    def close(self):
+        """Close the HDF5 file; further reads raise :class:`H5PathError`."""
+        if self._src is not None:
+            self._src = None
+            self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._src is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _s(self):
+        if self._src is None:
+            raise H5PathError(f"{self.path}: the file is closed")
+        return self._src
+
+    def __repr__(self):
+        if self._src is None:
+            return f"H5Path({self.path!r}, closed)"
+        return (f"H5Path({self.path!r}, version={self.format_version}, tiles={len(self)}, "
+                f"tile_masks={self.tile_mask_names}, masks={list(self.masks)})")
+
+    # metadata
+
+    @property
+    def slide(self) -> dict:
+        """Slide metadata: the keys :class:`H5PathWriter` accepts, ``None`` where unknown.
+
+        ``levels`` is a list of ``{"width", "height", "downsample"}`` dicts, ``mpp`` a tuple or None,
+        ``labels`` the slide labels.
+        """
+        return copy.deepcopy(self._s().slide())
+
+    @property
+    def labels(self) -> dict:
+        """Slide labels."""
+        return copy.deepcopy(self._s().slide()["labels"])
+
+    # tiles
+
+    def __len__(self) -> int:
+        return self._s().n
+
+    @property
+    def coords(self) -> np.ndarray:
+        """``(N, 2)`` int64 level-0 ``(x, y)`` of every tile, in file order."""
+        return self._s().coords().copy()
+
+    @property
+    def images(self):
+        """All tile images, lazily: an ``(N, h, w, c)`` h5py dataset (v2; None when there are no
+        tiles) or an array-like view (v1). Index it; ``images[()]`` loads everything."""
+        return self._s().images
+
+    @property
+    def tile_mask_names(self) -> list:
+        """Names of the per-tile masks."""
+        return list(self._s().tile_mask_names)
+
+    @property
+    def tile_label_names(self) -> list:
+        """Names of the per-tile labels."""
+        return list(self._s().tile_label_names)
+
+    def tile(self, key) -> Tile:
+        """One tile, read from disk without reading the others.
+
+        Parameters
+        ----------
+        key : int or (int, int)
+            Index in file order (negative counts from the end), or level-0 ``(x, y)`` coords.
+
+        Returns
+        -------
+        Tile
+
+        Raises
+        ------
+        IndexError
+            Index out of range.
+        KeyError
+            No tile at those coords.
+        """
+        src = self._s()
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+            i = int(key)
+            if i < 0:
+                i += src.n
+            if not 0 <= i < src.n:
+                raise IndexError(f"{self.path}: tile index {int(key)} out of range for {src.n} tiles")
+            return src.read_tile(i)
+        if isinstance(key, (tuple, list, np.ndarray)) and len(key) == 2:
+            x, y = int(key[0]), int(key[1])
+            hits = np.flatnonzero((src.coords() == (x, y)).all(axis=1))
+            if not hits.size:
+                raise KeyError(f"{self.path}: no tile at (x={x}, y={y})")
+            return src.read_tile(int(hits[0]))
+        raise TypeError(f"{self.path}: a tile key is an int index or (x, y) coords, not {key!r}")
+
+    __getitem__ = tile
+
+    def __iter__(self) -> Iterator[Tile]:
+        src = self._s()
+        for i in range(src.n):
+            yield src.read_tile(i)
+
+    # slide masks
+
+    @property
+    def masks(self) -> Mapping:
+        """Slide-level masks, name -> ndarray, each read when accessed."""
+        return _Masks(self._s())
+
+    def mask_downsample(self, name: str) -> float:
+        """Downsample of slide mask ``name`` relative to level 0."""
+        return self._s().mask_downsample(name)
+
+    # cells and provenance
+
+    @property
+    def cells(self):
+        """The single-cell table (:class:`anndata.AnnData`), or None when the file has none."""
+        return self._s().cells()
+
+    @property
+    def provenance(self) -> list:
+        """Run records (dicts), oldest first."""
+        return self._s().provenance()
+
+
+def _open_source(f: h5py.File, path: str):
+    from . import pathml_v1  # imports this module's helpers
+
+    fmt = _attr(f, "format", path)
+    if fmt is None:
+        if pathml_v1.is_pathml_v1(f):
+            return pathml_v1.PathMLV1Reader(f, path)
+        raise H5PathError(f"{path}: foreign HDF5 file: no 'format' attribute and not a PathML h5path file")
+    if fmt != FORMAT:
+        raise H5PathError(f"{path}: foreign HDF5 file: format attribute is {fmt!r}, not {FORMAT!r}")
+    version = _attr(f, "format_version", path)
+    if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):
+        raise H5PathError(f"{path}: invalid format_version {version!r}")
+    version = int(version)
+    if version > FORMAT_VERSION:
+        raise H5PathError(f"{path}: h5path format version {version} is newer than this histoflow reads "
+                          f"(up to {FORMAT_VERSION}); upgrade histoflow")
+    if version < FORMAT_VERSION:
+        raise H5PathError(f"{path}: invalid format_version {version}: version 1 files (PathML) carry no "
+                          "format attribute")
+    return _V2Reader(f, path)
+
+
+def read_h5path(path) -> H5Path:
+    """Open an h5path file (version 2, or PathML's version 1) for reading.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    H5Path
+        Open, read-only; close it (or use ``with``).
+
+    Raises
+    ------
+    H5PathError
+        The file is missing, not HDF5 or truncated, foreign, of a newer version, incomplete, or
+        inconsistent.
+    """
+    return H5Path(path)

@@ -1,0 +1,85 @@
+"""TileGrid geometry: counts, overlap, edges, target mpp, mask filters."""
+import numpy as np
+import pytest
+
+from histoflow import RegionError, TileGrid
+
+
+def test_level0_no_overlap_pad_and_drop():
+    g = TileGrid((2220, 2967), 256)
+    assert g.shape == (12, 9) and len(g) == 108
+    last = g[-1]
+    assert (last.x, last.y) == (8 * 256, 11 * 256) and last.read_size == (256, 256)
+    d = TileGrid((2220, 2967), 256, edge="drop")
+    assert d.shape == (11, 8)
+    assert all(t.x + 256 <= 2220 and t.y + 256 <= 2967 for t in d)
+
+
+def test_overlap_and_stride():
+    g = TileGrid((1000, 600), 256, overlap=56)  # stride 200
+    assert g.stride == (200, 200)
+    xs = sorted({t.x for t in g})
+    assert xs == [0, 200, 400, 600, 800]  # the tile at 800 reaches 1056 > 1000: padded
+    assert sorted({t.y for t in g}) == [0, 200, 400]
+    d = TileGrid((1000, 600), 256, overlap=56, edge="drop")
+    assert sorted({t.x for t in d}) == [0, 200, 400, 600] and sorted({t.y for t in d}) == [0, 200]
+    s = TileGrid((1000, 600), 100, stride=150, edge="drop")
+    assert sorted({t.x for t in s}) == [0, 150, 300, 450, 600, 750, 900] and s.overlap == (-50, -50)
+
+
+def test_exact_fit_has_no_extra_tile():
+    assert TileGrid((512, 512), 256).shape == (2, 2)
+    assert TileGrid((513, 512), 256).shape == (2, 3)
+    assert TileGrid((100, 100), 256).shape == (1, 1)
+    assert TileGrid((100, 100), 256, edge="drop").shape == (0, 0)
+
+
+def test_level_coordinates_are_level0():
+    ds = [1.0, 4.0, 16.0]
+    g = TileGrid((17760, 23736), 256, level=1, level_downsamples=ds)
+    t = g[1]
+    assert (t.x, t.y, t.level, t.read_size, t.width0) == (1024, 0, 1, (256, 256), 1024)
+    assert g.shape == (24, 18)  # 4440 x 5934 at level 1
+
+
+def test_target_mpp_matching_a_level_reads_it_directly():
+    g = TileGrid((17760, 23736), 256, mpp=0.499 * 4, slide_mpp=0.499, level_downsamples=[1.0, 3.9993, 15.96])
+    assert g.level == 1 and not g.resampled and g[0].read_size == (256, 256)
+
+
+def test_target_mpp_between_levels_resamples_from_finer_level():
+    g = TileGrid((17760, 23736), 256, mpp=1.0, slide_mpp=0.5, level_downsamples=[1.0, 4.0, 16.0])
+    assert g.level == 0 and g.resampled and g.downsample == pytest.approx(2.0)
+    t = g[1]
+    assert t.read_size == (512, 512) and t.size == (256, 256) and (t.x, t.width0) == (512, 512)
+    g = TileGrid((17760, 23736), 128, mpp=4.0, slide_mpp=0.5, level_downsamples=[1.0, 4.0, 16.0])
+    assert g.level == 1 and g.downsample == pytest.approx(8.0) and g[0].read_size == (256, 256)
+    assert g.shape == (round(23736 / 8 / 128 + 0.5), round(17760 / 8 / 128 + 0.5))
+    # finer than level 0: read less and enlarge
+    g = TileGrid((1000, 1000), 100, mpp=0.25, slide_mpp=0.5)
+    assert g.level == 0 and g[0].read_size == (50, 50) and g.shape == (20, 20)
+
+
+def test_target_mpp_needs_slide_mpp():
+    with pytest.raises(RegionError, match="pixel size, which is unknown"):
+        TileGrid((100, 100), 10, mpp=1.0)
+
+
+def test_mask_filter_at_another_resolution():
+    mask = np.zeros((30, 40), bool)  # 1 mask px = 32 level-0 px over a 1280 x 960 slide
+    mask[0:8, 0:8] = True  # covers level-0 x, y in [0, 256): tile (0, 0) fully
+    mask[8:10, 8:12] = True  # covers [256, 384) x [256, 320): half of tile (1, 1)'s width, a quarter of it
+    g = TileGrid((1280, 960), 256, mask=mask)
+    assert len(g) == 2 and [(t.row, t.col) for t in g] == [(0, 0), (1, 1)]
+    assert g.coverage(g[0]) == 1.0 and g.coverage(g[1]) == pytest.approx(0.125)
+    g = TileGrid((1280, 960), 256, mask=mask, min_coverage=0.25)
+    assert [(t.row, t.col) for t in g] == [(0, 0)]
+
+
+def test_bad_parameters():
+    with pytest.raises(RegionError, match="overlap"):
+        TileGrid((100, 100), 10, overlap=10)
+    with pytest.raises(RegionError, match="edge"):
+        TileGrid((100, 100), 10, edge="wrap")
+    with pytest.raises(RegionError, match="level 3 does not exist"):
+        TileGrid((100, 100), 10, level=3)

@@ -1,0 +1,110 @@
+"""SlideData on real slides: types, lazy tiling, masks, target mpp, writing h5path."""
+import pickle
+import tracemalloc
+
+import numpy as np
+import pytest
+from datafiles import SVS, data_path
+
+from histoflow import RegionError, SlideData, SlideType, read_h5path
+
+
+@pytest.mark.parametrize("rel,kind", [
+    ("wsi/aperio_svs/CMU-1-Small-Region.svs", "HE"),
+    ("multiplex/ark_fov8_mibitiff_22ch.tiff", "MIBI"),
+    ("wsi/qptiff/small_vectra.qptiff", "Vectra"),
+    ("fluorescence/pathml_smalltif.tif", "IF"),
+])
+def test_slide_type_inferred(rel, kind):
+    with SlideData(data_path(rel)) as s:
+        assert s.slide_type.name == kind
+
+
+def test_declared_slide_type_sets_background():
+    with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff"), slide_type="IF") as s:
+        assert s.slide_type is SlideType.IF and s.slide_type.background == "black"
+        assert (s.read_region((1900, 1400), 0, (64, 64))[40:, 40:] == 0).all()
+    with SlideData(SVS, slide_type="ihc", name="cmu", labels={"grade": 2}) as s:
+        assert s.slide_type is SlideType.IHC and s.name == "cmu" and s.labels == {"grade": 2}
+    with pytest.raises(ValueError, match="unknown slide type"):
+        SlideData(SVS, slide_type="xray")
+
+
+def test_generate_tiles_is_lazy_and_exact():
+    with SlideData(SVS) as s:
+        gen = s.generate_tiles(256, overlap=16)
+        assert iter(gen) is gen  # a generator, nothing read yet
+        tiles = list(gen)
+        assert len(tiles) == len(s.grid(256, overlap=16))
+        t = tiles[13]
+        np.testing.assert_array_equal(t.image, s.read_region(t.coords, 0, (256, 256)))
+        assert t.name == f"CMU-1-Small-Region_x{t.coords[0]}_y{t.coords[1]}" and t.slide_type == "HE"
+        assert t.mpp == pytest.approx((0.499, 0.499))
+        edge = tiles[-1]
+        assert edge.image.shape == (256, 256, 3) and (edge.image[-1, -1] == 255).all()
+
+
+def test_target_mpp_tiles_are_resampled_in_native_dtype():
+    with SlideData(SVS) as s:
+        tiles = list(s.generate_tiles(128, mpp=1.0, edge="drop"))
+        assert len(tiles) == len(s.grid(128, mpp=1.0, edge="drop")) == 8 * 11
+        t = tiles[5]
+        assert t.image.shape == (128, 128, 3) and t.downsample == pytest.approx(1.0 / 0.499)
+        assert t.mpp == pytest.approx((1.0, 1.0))
+        # the resampled tile is the area-average of the level-0 pixels it covers
+        big = s.read_region(t.coords, 0, (256, 256)).astype(float)
+        assert np.abs(t.image.astype(float).mean((0, 1)) - big.mean((0, 1))).max() < 2.0
+    with SlideData(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")) as s:
+        tiles = list(s.generate_tiles(256, mpp=0.78125))  # twice the 0.390625 pixel size
+        assert len(tiles) == 4 and tiles[0].image.dtype == np.uint16 and tiles[0].image.shape == (256, 256, 22)
+
+
+def test_slide_masks_cropped_to_tiles_and_filtering():
+    with SlideData(SVS) as s:
+        mask = np.zeros((2967 // 8 + 1, 2220 // 8 + 1), np.uint8)
+        mask[:, : 1000 // 8] = 1  # left part of the slide
+        s.add_mask("tissue", mask, downsample=8)
+        tiles = list(s.generate_tiles(256, mask="tissue", min_coverage=0.5))
+        assert tiles and all(t.coords[0] < 1000 for t in tiles)
+        assert len(tiles) == 4 * 12  # columns 0-3 (x < 1000 covers >= half of column 3: 768..1000)
+        t = tiles[0]
+        assert t.masks["tissue"].shape == (256, 256) and t.masks["tissue"].all()
+        with pytest.raises(RegionError, match="no slide mask named 'tumour'"):
+            s.grid(256, mask="tumour")
+
+
+def test_tiling_memory_does_not_grow_with_the_slide(mosaic2):
+    """Iterating the 432 tiles of a 4440 x 5934 level keeps only a tile or two alive at a time."""
+    with SlideData(mosaic2) as s:
+        tracemalloc.start()
+        n = 0
+        for tile in s.generate_tiles(256):
+            n += 1
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert n == 18 * 24
+    level_bytes = 4440 * 5934 * 3
+    assert peak < 8 * 256 * 256 * 3 and peak < level_bytes / 40, peak
+
+
+def test_write_and_read_back(tmp_path):
+    out = tmp_path / "cmu.h5path"
+    with SlideData(SVS, labels={"grade": 2, "site": "lung"}) as s:
+        s.add_mask("left", np.ones((100, 75), np.uint8))
+        s.write(out, tiles=s.generate_tiles(512, edge="drop"))
+        want = s.read_region((1024, 512), 0, (512, 512))
+    with read_h5path(out) as h5:
+        assert len(h5) == 4 * 5
+        assert h5.slide["mpp"] == pytest.approx((0.499, 0.499)) and h5.slide["slide_type"] == "HE"
+        assert h5.labels == {"grade": 2, "site": "lung"}
+        t = h5.tile((1024, 512))
+        np.testing.assert_array_equal(t.image, want)
+        assert t.masks["left"].shape == (512, 512)
+        assert h5.masks["left"].shape == (100, 75) and h5.mask_downsample("left") == pytest.approx(2220 / 75)
+
+
+def test_slide_data_pickles():
+    with SlideData(SVS) as s:
+        clone = pickle.loads(pickle.dumps(s))
+        np.testing.assert_array_equal(clone.read_region((5, 5), 0, (9, 9)), s.read_region((5, 5), 0, (9, 9)))
+        clone.close()

@@ -1,0 +1,296 @@
+"""The DICOM backend on real files: wsidicom folders, the tolerant single-file reader, damaged copies.
+
+Expected values come from the data catalog (wsidicom and pydicom as readers of truth) and from frames
+decoded independently of histoflow (pydicom's frame splitter + imagecodecs, and pydicom's pixel_array).
+Derived files (TILED_SPARSE, split fragments, uncompressed) are written with pydicom from the real frames.
+"""
+import os
+import pickle
+import shutil
+import warnings
+
+import imagecodecs
+import numpy as np
+import pydicom
+import pytest
+from datafiles import data_path
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from histoflow import SlideNotFoundError, SlideReadError, TileDecodeError, UnsupportedFormatError, open_slide
+
+WSIC = ["wsi/dicom_wsic/CMU-1-Small-Region/", "wsi/dicom_wsic/CMU-1-Small-Region-J2K/"]
+SMALL = "wsi/dicom_pathml/small_dicom.dcm"
+SMALL_PATH = data_path(SMALL)
+FRAME = 500  # small_dicom.dcm: 3236 x 2638 in 7 x 6 frames of 500 x 500
+ACROSS, DOWN = 7, 6
+
+
+def _quiet_read(path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # over-long UIDs in the TCGA conversion
+        return pydicom.dcmread(path, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def small_frames():
+    """The 42 encoded frames of small_dicom.dcm, split by pydicom."""
+    ds = _quiet_read(SMALL_PATH)
+    return list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+
+
+@pytest.fixture(scope="module")
+def small_mosaic(small_frames):
+    """small_dicom.dcm's pixel matrix assembled from frames decoded by imagecodecs directly."""
+    full = np.zeros((DOWN * FRAME, ACROSS * FRAME, 3), np.uint8)
+    for i, frame in enumerate(small_frames):
+        row, column = divmod(i, ACROSS)
+        full[row * FRAME:(row + 1) * FRAME, column * FRAME:(column + 1) * FRAME] = imagecodecs.jpeg8_decode(frame)
+    return full[:2638, :3236]
+
+
+def _write_like_small(path, frames, *, sparse_positions=None, has_bot=True, fragments_per_frame=1,
+                      native=None):
+    """Write a variant of small_dicom.dcm: its header with other frames, organisation or encoding."""
+    ds = _quiet_read(SMALL_PATH, stop_before_pixels=True)
+    if sparse_positions is not None:
+        ds.DimensionOrganizationType = "TILED_SPARSE"
+        items = []
+        for column, row in sparse_positions:
+            position = Dataset()
+            position.ColumnPositionInTotalImagePixelMatrix = column * FRAME + 1
+            position.RowPositionInTotalImagePixelMatrix = row * FRAME + 1
+            item = Dataset()
+            item.PlanePositionSlideSequence = Sequence([position])
+            items.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+    if native is not None:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.Rows, ds.Columns = native.shape[1:3]
+        ds.TotalPixelMatrixRows = ds.TotalPixelMatrixColumns = native.shape[1] * 2
+        ds.NumberOfFrames = len(native)
+        ds.PixelData = native.tobytes()
+    else:
+        ds.NumberOfFrames = len(frames)
+        ds.PixelData = encapsulate(frames, fragments_per_frame=fragments_per_frame, has_bot=has_bot)
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return str(path)
+
+
+# ---------------------------------------------------------------------- wsidicom folders
+@pytest.mark.parametrize("name", WSIC)
+@pytest.mark.parametrize("backend", ["auto", "dicom"])
+def test_wsic_folder(name, backend, catalog):
+    truth = catalog[name]
+    with open_slide(data_path(name), backend=backend) as slide:
+        assert slide.backend == "dicom" and slide.format == "DICOM WSI"
+        assert slide.dimensions == (truth["width"], truth["height"]) == (2220, 2967)
+        assert slide.level_count == truth["levels"]
+        assert slide.mpp == pytest.approx(tuple(truth["mpp"]), abs=1e-3)
+        assert slide.channels == truth["channels"] == 3
+        assert slide.channel_names == ["R", "G", "B"] and slide.brightfield
+        assert slide.dtype == np.uint8
+        assert slide.warnings == [] and slide.properties["dicom.reader"] == "wsidicom"
+        region = slide.read_region((1000, 1000), 0, (256, 256))
+        assert region.shape == (256, 256, 3) and region.dtype == np.uint8 and region.flags.c_contiguous
+        mean = region.reshape(-1, 3).mean(axis=0)
+        np.testing.assert_allclose(mean, truth["region_x1000_y1000_256"]["mean"], atol=1.5)
+        np.testing.assert_allclose(mean, [150.598, 104.14, 143.919], atol=1.5)
+
+
+@pytest.mark.parametrize("name", WSIC)
+def test_wsic_associated_images(name):
+    with open_slide(data_path(name)) as slide:
+        assert {"label", "macro"} <= set(slide.associated_images)
+        for key in ("label", "macro"):
+            image = slide.associated_images[key]
+            assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and image.size
+
+
+def test_wsic_pickle_round_trip():
+    with open_slide(data_path(WSIC[0])) as slide:
+        expected = slide.read_region((500, 700), 0, (300, 200))
+        clone = pickle.loads(pickle.dumps(slide))
+    with clone:
+        np.testing.assert_array_equal(clone.read_region((500, 700), 0, (300, 200)), expected)
+
+
+def test_wsic_single_volume_file():
+    """One instance file (not the folder) opens with wsidicom too, without associated images."""
+    folder = data_path(WSIC[0])
+    volume = max((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getsize)
+    with open_slide(volume, backend="dicom") as single, open_slide(folder) as whole:
+        assert single.warnings == [] and single.dimensions == whole.dimensions
+        np.testing.assert_array_equal(single.read_region((1000, 1000), 0, (64, 64)),
+                                      whole.read_region((1000, 1000), 0, (64, 64)))
+
+
+def test_wsic_damaged_frame(tmp_path):
+    """A garbage frame in a wsidicom-read slide is a TileDecodeError naming the folder and the tiles."""
+    folder = tmp_path / "slide"
+    shutil.copytree(data_path(WSIC[0]), folder)
+    volume = max(folder.iterdir(), key=lambda p: p.stat().st_size)
+    os.chmod(volume, 0o644)
+    ds = _quiet_read(volume)
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    data = bytearray(volume.read_bytes())
+    start = data.find(frames[50])  # tile column 0, row 5 of a 10-tile-wide grid of 240 px tiles
+    data[start:start + len(frames[50])] = bytes(len(frames[50]))
+    volume.write_bytes(bytes(data))
+    with open_slide(folder) as slide:
+        slide.read_region((0, 0), 0, (100, 100))
+        with pytest.raises(TileDecodeError, match=rf"{folder}: cannot decode a frame of .*columns 0-0, rows 5-5"):
+            slide.read_region((10, 5 * 240 + 10), 0, (50, 50))
+
+
+# ---------------------------------------------------------------------- tolerant single-file reader
+def test_small_dicom_opens_with_tolerant_reader(catalog):
+    truth = catalog[SMALL]
+    for backend in ("auto", "dicom"):
+        with open_slide(SMALL_PATH, backend=backend) as slide:
+            assert slide.dimensions == (truth["width"], truth["height"]) == (3236, 2638)
+            assert slide.level_count == 1 and slide.channels == 3 and slide.dtype == np.uint8
+            assert slide.brightfield and slide.channel_names == ["R", "G", "B"]
+            assert slide.mpp is None  # no PixelSpacing in the file
+            assert "wsidicom refused it" in slide.warnings[0] and "tolerant DICOM reader" in slide.warnings[0]
+            assert slide.properties["dicom.reader"] == "tolerant"
+            assert slide.properties["dicom.TransferSyntaxUID"] == truth["transfer_syntax"]
+
+
+def test_small_dicom_colours_are_he(small_mosaic):
+    """Frames are YCbCr JPEG (JFIF) under a 'RGB' photometric: decoded to RGB, tissue is pink/purple."""
+    with open_slide(SMALL_PATH) as slide:
+        region = slide.read_region((1000, 1000), 0, (1000, 1000)).reshape(-1, 3).astype(float)
+    tissue = region[region.min(axis=1) < 200]
+    assert len(tissue) > 1000
+    r, g, b = tissue.mean(axis=0)
+    assert r > g + 10 and b > g
+
+
+def test_small_dicom_region_across_frames(small_mosaic):
+    """A region over four frames equals the same pixels of independently decoded frames."""
+    with open_slide(SMALL_PATH) as slide:
+        region = slide.read_region((450, 450), 0, (100, 100))
+        assert region.shape == (100, 100, 3) and region.flags.c_contiguous and region.flags.writeable
+        np.testing.assert_array_equal(region, small_mosaic[450:550, 450:550])
+        whole = slide.read_level(0)
+    np.testing.assert_array_equal(whole, small_mosaic)
+    # pydicom's own decoder (pylibjpeg or Pillow) rounds differently in a few pixels
+    frames = _quiet_read(SMALL_PATH).pixel_array  # (42, 500, 500, 3)
+    expected = np.concatenate([np.concatenate([frames[0][450:], frames[1][450:, :50]], axis=1),
+                               np.concatenate([frames[ACROSS][:50, 450:], frames[ACROSS + 1][:50, :50]], axis=1)])
+    diff = np.abs(region.astype(int) - expected)
+    assert diff.max() <= 5 and diff.mean() < 0.5
+
+
+def test_small_dicom_padding_is_white(small_mosaic):
+    with open_slide(SMALL_PATH) as slide:
+        region = slide.read_region((3236 - 40, 2638 - 30), 0, (100, 100))
+    assert region.shape == (100, 100, 3)
+    np.testing.assert_array_equal(region[:30, :40], small_mosaic[-30:, -40:])
+    assert (region[30:] == 255).all() and (region[:, 40:] == 255).all()
+
+
+def test_small_dicom_pickle_round_trip():
+    with open_slide(SMALL_PATH) as slide:
+        expected = slide.read_region((900, 1400), 0, (300, 300))
+        clone = pickle.loads(pickle.dumps(slide))
+    with clone:
+        assert clone.warnings and clone.dimensions == (3236, 2638)
+        np.testing.assert_array_equal(clone.read_region((900, 1400), 0, (300, 300)), expected)
+
+
+def test_tiled_sparse_with_split_fragments(tmp_path, small_frames, small_mosaic):
+    """TILED_SPARSE frames in shuffled order, two fragments each behind a basic offset table."""
+    keep = [(column, row) for row in range(DOWN) for column in range(ACROSS) if (column + row) % 3]
+    order = np.random.default_rng(1).permutation(len(keep))
+    positions = [keep[i] for i in order]
+    frames = [small_frames[row * ACROSS + column] for column, row in positions]
+    path = _write_like_small(tmp_path / "sparse.dcm", frames, sparse_positions=positions, fragments_per_frame=2)
+    with open_slide(path) as slide:
+        image = slide.read_level(0)
+    for row in range(DOWN):
+        for column in range(ACROSS):
+            box = np.s_[row * FRAME:(row + 1) * FRAME, column * FRAME:(column + 1) * FRAME]
+            if (column, row) in keep:
+                np.testing.assert_array_equal(image[box], small_mosaic[box])
+            else:
+                assert (image[box] == 255).all()  # absent tile: white, as the slide is brightfield
+
+
+def test_split_fragments_without_offset_table(tmp_path, small_frames, small_mosaic):
+    """Without a basic offset table, frames are told apart by their JPEG start-of-image markers."""
+    path = _write_like_small(tmp_path / "nobot.dcm", small_frames, has_bot=False, fragments_per_frame=3)
+    with open_slide(path) as slide:
+        np.testing.assert_array_equal(slide.read_region((450, 950), 0, (600, 600)), small_mosaic[950:1550, 450:1050])
+
+
+def test_uncompressed_pixel_data(tmp_path, small_mosaic):
+    tiles = np.stack([small_mosaic[r * 64:(r + 1) * 64, 1000 + c * 64:1000 + (c + 1) * 64]
+                      for r in range(2) for c in range(2)])
+    path = _write_like_small(tmp_path / "native.dcm", None, native=np.ascontiguousarray(tiles))
+    with open_slide(path) as slide:
+        assert slide.dimensions == (128, 128)
+        np.testing.assert_array_equal(slide.read_level(0), small_mosaic[:128, 1000:1128])
+
+
+# ---------------------------------------------------------------------- bad input
+def test_folder_without_dicom_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("no slide here")
+    for backend in ("auto", "dicom"):
+        with pytest.raises(UnsupportedFormatError, match=f"{tmp_path}: folder contains no DICOM files"):
+            open_slide(tmp_path, backend=backend)
+
+
+def test_missing_and_non_dicom_paths(tmp_path):
+    with pytest.raises(SlideNotFoundError, match="nope.dcm: no such file"):
+        open_slide(tmp_path / "nope.dcm", backend="dicom")
+    text = tmp_path / "text.dcm"
+    text.write_text("x" * 500)
+    with pytest.raises(UnsupportedFormatError, match="text.dcm: not a DICOM file"):
+        open_slide(text, backend="dicom")
+
+
+def test_dicom_without_image_reports_both_readers(tmp_path):
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "empty.dcm"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    with pytest.raises(SlideReadError, match=r"empty.dcm: wsidicom refused it \(.*\) and the tolerant DICOM reader "
+                                             r"failed too \(.*no Rows tag"):
+        open_slide(path)
+
+
+def test_truncated_at_half(tmp_path):
+    """Open works (with a warning); the intact frames read; a region in the lost half raises."""
+    path = tmp_path / "half.dcm"
+    data = open(SMALL_PATH, "rb").read()
+    path.write_bytes(data[: len(data) // 2])
+    with open_slide(path) as slide:
+        assert any("truncated" in w for w in slide.warnings)
+        assert slide.read_region((0, 0), 0, (600, 600)).shape == (600, 600, 3)
+        with pytest.raises(SlideReadError, match=r"half.dcm: file is truncated: frame \d+ of 42 .* lies beyond"):
+            slide.read_region((3000, 2500), 0, (100, 100))
+
+
+def test_garbage_frame(tmp_path, small_frames):
+    """Frame 9 (1-based; tile column 1, row 1) overwritten with garbage of the same length."""
+    path = tmp_path / "garbage.dcm"
+    data = bytearray(open(SMALL_PATH, "rb").read())
+    start = data.find(small_frames[8])
+    data[start:start + len(small_frames[8])] = np.random.default_rng(0).integers(
+        0, 256, len(small_frames[8]), dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    with open_slide(path) as slide:
+        assert slide.read_region((0, 0), 0, (500, 500)).shape == (500, 500, 3)
+        with pytest.raises(TileDecodeError, match=r"garbage.dcm: cannot decode frame 9 of 42 \(tile column 1, row 1\)"):
+            slide.read_region((600, 600), 0, (50, 50))

@@ -1,0 +1,173 @@
+"""Reader behaviour on real pixels: pyramids against OpenSlide, padding, dtypes, pickling, thumbnails."""
+import pickle
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from datafiles import SVS, data_path
+
+from histoflow import SlideReadError, open_slide
+from histoflow.io import detect_format
+
+MIBI = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
+QPTIFF = data_path("wsi", "qptiff", "small_vectra.qptiff")
+JPEG_TIFF = data_path("wsi", "tiled_tiff", "CMU-1-Small-Region.jpeg.tiff")
+
+
+def aligned_locations(ds, n=4, lo=1, hi=1000):
+    """Level-0 coordinates that fall (almost) on a pixel of the level: OpenSlide interpolates at fractional
+    level coordinates (histoflow never does), so only there are the two comparable pixel for pixel."""
+    out = []
+    for k in range(lo, hi):
+        x = k * ds
+        if abs(x - round(x)) / ds < 0.003:
+            out.append(int(round(x)))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("backend", ["tiff", "openslide"])
+def test_mosaic_pyramid_matches_openslide(mosaic8, backend):
+    ref = openslide.OpenSlide(mosaic8)
+    with open_slide(mosaic8, backend=backend) as s:
+        assert s.backend == backend
+        assert [(lv.width, lv.height) for lv in s.levels] == list(ref.level_dimensions)
+        assert [lv.downsample for lv in s.levels] == pytest.approx(list(ref.level_downsamples))
+        assert s.mpp == pytest.approx((0.499, 0.499))
+        for level in range(3):
+            ds = ref.level_downsamples[level]
+            lw, lh = ref.level_dimensions[level]
+            xs = aligned_locations(ds, lo=1, hi=min(lw, lh) - 300)
+            assert len(xs) >= 2
+            for x, y in zip(xs, reversed(xs)):
+                got = s.read_region((x, y), level, (300, 200))
+                want = np.asarray(ref.read_region((x, y), level, (300, 200)).convert("RGB"))
+                assert got.shape == (200, 300, 3) and got.dtype == np.uint8
+                diff = np.abs(got.astype(int) - want)
+                assert diff.max() <= 2 and diff.mean() < 0.1, (level, x, y, diff.max(), diff.mean())
+
+
+def test_mosaic_default_backend_is_fast_tiff_path(mosaic8):
+    assert detect_format(mosaic8).backend == "tiff"
+    with open_slide(mosaic8) as s:
+        assert s.format == "pyramidal tiled TIFF" and len(s.levels) == 3
+
+
+def test_regions_across_tile_boundaries_equal_tifffile():
+    full = tifffile.imread(SVS, key=0)
+    with open_slide(SVS) as s:
+        for (x, y, w, h) in [(0, 0, 2220, 2967), (239, 239, 3, 3), (1000, 123, 517, 301), (2000, 2900, 220, 67)]:
+            np.testing.assert_array_equal(s.read_region((x, y), 0, (w, h)), full[y:y + h, x:x + w])
+
+
+def test_padding_white_for_brightfield_black_for_fluorescence():
+    with open_slide(SVS) as s:
+        r = s.read_region((2200, 2950), 0, (40, 30))
+        assert (r[17:, :] == 255).all() and (r[:, 20:] == 255).all()
+        assert (r[:17, :20] != 255).any()
+        assert (s.read_region((-100, -100), 0, (50, 50)) == 255).all()
+    with open_slide(MIBI) as s:
+        r = s.read_region((1000, 1000), 0, (48, 48))
+        assert r.dtype == np.uint16 and r.shape == (48, 48, 22)
+        assert (r[24:, :] == 0).all() and (r[:, 24:] == 0).all()
+
+
+def test_mibi_uint16_channels_equal_pages():
+    pages = tifffile.imread(MIBI)  # (22, 1024, 1024)
+    with open_slide(MIBI) as s:
+        assert s.format == "MIBItiff" and not s.brightfield
+        r = s.read_region((100, 200), 0, (300, 100))
+        np.testing.assert_array_equal(r, np.moveaxis(pages[:, 200:300, 100:400], 0, -1))
+        assert s.channel_names[13] == "HH3 (89)"
+
+
+def test_qptiff_channels_and_associated_pages():
+    with open_slide(QPTIFF) as s:
+        assert s.channel_names == ["DAPI", "FITC", "Cy3"] and not s.brightfield
+        assert sorted(s.associated_images) == ["label", "overview", "thumbnail"]
+        assert s.associated_images["label"].shape == (120, 199, 3)
+        assert len(s.levels) == 1  # thumbnail, overview, label are not levels
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (1920, 1440))[:, :, 1],
+                                      tifffile.imread(QPTIFF, key=1))
+
+
+def test_svs_associated_images_and_metadata():
+    with open_slide(SVS) as s:
+        assert s.objective_power == 20
+        label = s.associated_images["label"]
+        assert label.shape == (463, 387, 3) and label.dtype == np.uint8
+        assert s.associated_images["thumbnail"].shape == (768, 574, 3)
+
+
+def test_subifd_pyramid_and_planar_separate_uint16(tmp_path):
+    """A pyramid stored in SubIFDs, planar-separate uint16 channels: levels found, pixels exact."""
+    rgb = tifffile.imread(SVS, key=0)[:1024, :1536]
+    base = (rgb.astype(np.uint16) * 257).transpose(2, 0, 1)  # (3, 1024, 1536) uint16
+    path = tmp_path / "subifd.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(base, tile=(256, 256), photometric="minisblack", planarconfig="separate", subifds=2,
+                 compression="zlib", resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+        for f in (2, 4):
+            tw.write(base[:, ::f, ::f], tile=(256, 256), photometric="minisblack", planarconfig="separate",
+                     subfiletype=1, compression="zlib")
+    with open_slide(path) as s:
+        assert [(lv.width, lv.height) for lv in s.levels] == [(1536, 1024), (768, 512), (384, 256)]
+        assert s.dtype == np.uint16 and s.channels == 3 and not s.brightfield
+        assert s.mpp == pytest.approx((0.25, 0.25))
+        np.testing.assert_array_equal(s.read_region((300, 200), 0, (700, 500)),
+                                      base[:, 200:700, 300:1000].transpose(1, 2, 0))
+        np.testing.assert_array_equal(s.read_region((600, 400), 1, (300, 100)),
+                                      base[:, ::2, ::2][:, 200:300, 300:600].transpose(1, 2, 0))
+
+
+def test_reader_pickles_and_reopens():
+    with open_slide(JPEG_TIFF, mpp=0.499) as s:
+        want = s.read_region((500, 700), 0, (128, 128))
+        clone = pickle.loads(pickle.dumps(s))
+    assert clone.mpp == (0.499, 0.499)
+    np.testing.assert_array_equal(clone.read_region((500, 700), 0, (128, 128)), want)
+    clone.close()
+
+
+def test_mpp_override_keeps_the_warning():
+    with open_slide(JPEG_TIFF, mpp=0.499) as s:
+        assert s.mpp == (0.499, 0.499)
+        assert any("implausible" in w for w in s.warnings)
+        s.mpp = None
+        assert s.mpp is None
+
+
+def test_thumbnail_bounded_and_faithful(mosaic8):
+    with open_slide(mosaic8) as s:
+        th = s.thumbnail(512)
+        assert th.shape == (512, 383, 3) and th.dtype == np.uint8
+        # agrees with an area-average of the smallest level (which is what it is made from)
+        lvl = s.read_level(2).astype(float)
+        assert abs(th.mean() - lvl.mean()) < 1.0
+    with open_slide(MIBI) as s:
+        th = s.thumbnail(256)
+        assert th.shape == (256, 256, 22) and th.dtype == np.uint16
+
+
+def test_closed_reader_refuses():
+    s = open_slide(SVS)
+    s.close()
+    with pytest.raises(SlideReadError, match="closed"):
+        s.read_region((0, 0), 0, (10, 10))
+
+
+def test_backend_override_image_reads_plain_tiff():
+    path = data_path("he_patches", "napari_skin_HE.tif")
+    with open_slide(path, backend="image") as a, open_slide(path) as b:
+        assert (a.backend, b.backend) == ("image", "tiff")
+        np.testing.assert_array_equal(a.read_region((100, 50), 0, (300, 200)), b.read_region((100, 50), 0, (300, 200)))
+
+
+def test_svs_and_its_tiled_tiff_copy_agree():
+    """The same CMU-1 region stored as SVS and re-encoded as a JPEG tiled TIFF: same place, same colours."""
+    with open_slide(SVS) as a, open_slide(JPEG_TIFF) as b:
+        ra, rb = a.read_region((600, 800), 0, (512, 512)), b.read_region((600, 800), 0, (512, 512))
+    assert np.abs(ra.astype(int) - rb).mean() < 6  # a second JPEG encoding, pixel-aligned
+    np.testing.assert_allclose(ra.reshape(-1, 3).mean(0), rb.reshape(-1, 3).mean(0), atol=1.5)

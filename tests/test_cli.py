@@ -1,0 +1,84 @@
+"""The histoflow command: info, thumbnail, tile, demo; light import."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datafiles import SVS, data_path
+from PIL import Image
+
+from histoflow import read_h5path
+from histoflow.cli import main
+
+
+def run(*args):
+    """Run the installed console script as a user would."""
+    exe = os.path.join(os.path.dirname(sys.executable), "histoflow")
+    return subprocess.run([exe, *args], capture_output=True, text=True)
+
+
+def test_info_json_console_script():
+    r = run("info", SVS, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["backend"] == "tiff" and info["format"] == "Aperio SVS"
+    assert info["levels"] == [{"width": 2220, "height": 2967, "downsample": 1.0}]
+
+
+def test_info_text(capsys):
+    assert main(["info", data_path("wsi", "tiled_tiff", "CMU-1-Small-Region.webp.tiff")]) == 0
+    out = capsys.readouterr().out
+    assert "2220 x 2967 px" in out and "mpp        unknown" in out and "warning    implausible" in out
+
+
+def test_thumbnail_png(tmp_path):
+    out = tmp_path / "t.png"
+    assert main(["thumbnail", SVS, "-o", str(out), "--size", "300"]) == 0
+    im = np.asarray(Image.open(out))
+    assert im.shape == (300, 224, 3)
+    assert 100 < im.mean() < 250  # tissue on glass, not black or blank
+
+
+def test_thumbnail_of_fluorescence_is_coloured(tmp_path):
+    out = tmp_path / "mibi.png"
+    assert main(["thumbnail", data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff"), "-o", str(out), "--size", "256"]) == 0
+    im = np.asarray(Image.open(out))
+    assert im.shape == (256, 256, 3) and im.std() > 10
+
+
+def test_tile_command_writes_h5path(tmp_path):
+    out = tmp_path / "cmu.h5path"
+    r = run("tile", SVS, "-o", str(out), "--size", "256", "--mpp", "2.0", "--overlap", "32")
+    assert r.returncode == 0, r.stderr
+    assert "tiles of 256x256" in r.stdout
+    with read_h5path(out) as h5:
+        # 2220 x 2967 px at 0.499 -> 554 x 740 px at 2 µm/px; stride 224 -> 3 x 4 tiles
+        assert len(h5) == 12
+        t = h5.tile(0)
+        assert t.image.shape == (256, 256, 3) and t.mpp == pytest.approx((2.0, 2.0), rel=1e-3)
+
+
+def test_tile_command_bad_slide_one_line(tmp_path):
+    bad = tmp_path / "x.svs"
+    bad.write_bytes(b"\0" * 1000)
+    r = run("tile", str(bad), "-o", str(tmp_path / "o.h5path"))
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "x.svs" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "o.h5path")
+
+
+def test_demo(tmp_path):
+    r = run("demo", "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "108 tiles of 256x256x3" in r.stdout
+    assert os.path.exists(tmp_path / "CMU-1-Small-Region.h5path")
+    assert Image.open(tmp_path / "CMU-1-Small-Region_thumbnail.png").size[1] == 1024
+
+
+def test_import_is_light():
+    code = ("import sys, histoflow; heavy = [m for m in ('torch', 'dask', 'distributed', 'h5py', 'anndata', "
+            "'openslide', 'wsidicom') if m in sys.modules]; print(heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
