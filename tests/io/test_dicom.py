@@ -8,6 +8,7 @@ import os
 import pickle
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import imagecodecs
 import numpy as np
@@ -52,8 +53,13 @@ def small_mosaic(small_frames):
 
 
 def _write_like_small(path, frames, *, sparse_positions=None, has_bot=True, fragments_per_frame=1,
-                      native=None):
-    """Write a variant of small_dicom.dcm: its header with other frames, organisation or encoding."""
+                      native=None, grid=None, image_type=None, spacing_mm=None):
+    """Write a variant of small_dicom.dcm: its header with other frames, organisation or encoding.
+
+    ``native`` is an uncompressed ``(frames, rows, columns, 3)`` array; ``grid`` = (tile size, tiles
+    across, tiles down) overrides the frame and matrix sizes; ``spacing_mm`` is DICOM PixelSpacing
+    (row spacing, column spacing) in mm.
+    """
     ds = _quiet_read(SMALL_PATH, stop_before_pixels=True)
     if sparse_positions is not None:
         ds.DimensionOrganizationType = "TILED_SPARSE"
@@ -66,21 +72,52 @@ def _write_like_small(path, frames, *, sparse_positions=None, has_bot=True, frag
             item.PlanePositionSlideSequence = Sequence([position])
             items.append(item)
         ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+    if grid is not None:
+        size, across, down = grid
+        ds.Rows = ds.Columns = size
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = size * across, size * down
+    if image_type is not None:
+        ds.ImageType = image_type
+    if spacing_mm is not None:
+        measures = Dataset()
+        measures.PixelSpacing = list(spacing_mm)
+        shared = Dataset()
+        shared.PixelMeasuresSequence = Sequence([measures])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
     if native is not None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.Rows, ds.Columns = native.shape[1:3]
-        ds.TotalPixelMatrixRows = ds.TotalPixelMatrixColumns = native.shape[1] * 2
         ds.NumberOfFrames = len(native)
         ds.PixelData = native.tobytes()
     else:
         ds.NumberOfFrames = len(frames)
         ds.PixelData = encapsulate(frames, fragments_per_frame=fragments_per_frame, has_bot=has_bot)
-        ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
+    ds["PixelData"].VR = "OB"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return str(path)
+
+
+def _bare_rgb_jpeg(tile):
+    """A JPEG of untransformed RGB samples with neither JFIF nor Adobe marker and component ids 1, 2, 3.
+
+    libjpeg takes such a stream for YCbCr; DICOM's 'RGB' photometric interpretation says it is not.
+    """
+    data = bytearray(imagecodecs.jpeg8_encode(tile, level=95, colorspace="RGB", outcolorspace="RGB"))
+    position = 2
+    while data[position + 1] != 0xDA:
+        marker, length = data[position + 1], int.from_bytes(data[position + 2:position + 4], "big")
+        if marker == 0xEE:  # drop the Adobe segment
+            del data[position:position + 2 + length]
+            continue
+        if marker == 0xC0:  # SOF0: component ids
+            for k in range(3):
+                data[position + 10 + 3 * k] = k + 1
+        position += 2 + length
+    for k in range(3):  # SOS: component ids
+        data[position + 5 + 2 * k] = k + 1
+    return bytes(data)
 
 
 # ---------------------------------------------------------------------- wsidicom folders
@@ -182,8 +219,10 @@ def test_small_dicom_region_across_frames(small_mosaic):
         whole = slide.read_level(0)
     np.testing.assert_array_equal(whole, small_mosaic)
     # pydicom's own decoder (pylibjpeg or Pillow) rounds differently in a few pixels
-    frames = _quiet_read(SMALL_PATH).pixel_array  # (42, 500, 500, 3)
-    expected = np.concatenate([np.concatenate([frames[0][450:], frames[1][450:, :50]], axis=1),
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom notes the JFIF marker under 'RGB'
+        frames = _quiet_read(SMALL_PATH).pixel_array  # (42, 500, 500, 3)
+    expected = np.concatenate([np.concatenate([frames[0][450:, 450:], frames[1][450:, :50]], axis=1),
                                np.concatenate([frames[ACROSS][:50, 450:], frames[ACROSS + 1][:50, :50]], axis=1)])
     diff = np.abs(region.astype(int) - expected)
     assert diff.max() <= 5 and diff.mean() < 0.5
@@ -195,6 +234,15 @@ def test_small_dicom_padding_is_white(small_mosaic):
     assert region.shape == (100, 100, 3)
     np.testing.assert_array_equal(region[:30, :40], small_mosaic[-30:, -40:])
     assert (region[30:] == 255).all() and (region[:, 40:] == 255).all()
+
+
+def test_small_dicom_threaded_reads(small_mosaic):
+    """Concurrent reads share one file descriptor through os.pread: same pixels as serial reads."""
+    boxes = [(x, y) for x in range(0, 3000, 450) for y in range(0, 2400, 450)]
+    with open_slide(SMALL_PATH) as slide, ThreadPoolExecutor(8) as pool:
+        regions = list(pool.map(lambda xy: slide.read_region(xy, 0, (230, 230)), boxes))
+    for (x, y), region in zip(boxes, regions):
+        np.testing.assert_array_equal(region, small_mosaic[y:y + 230, x:x + 230])
 
 
 def test_small_dicom_pickle_round_trip():
@@ -224,9 +272,11 @@ def test_tiled_sparse_with_split_fragments(tmp_path, small_frames, small_mosaic)
                 assert (image[box] == 255).all()  # absent tile: white, as the slide is brightfield
 
 
-def test_split_fragments_without_offset_table(tmp_path, small_frames, small_mosaic):
-    """Without a basic offset table, frames are told apart by their JPEG start-of-image markers."""
-    path = _write_like_small(tmp_path / "nobot.dcm", small_frames, has_bot=False, fragments_per_frame=3)
+@pytest.mark.parametrize("fragments_per_frame", [1, 3])
+def test_fragments_without_offset_table(tmp_path, small_frames, small_mosaic, fragments_per_frame):
+    """Without a basic offset table, split frames are told apart by their JPEG start-of-image markers."""
+    path = _write_like_small(tmp_path / "nobot.dcm", small_frames, has_bot=False,
+                             fragments_per_frame=fragments_per_frame)
     with open_slide(path) as slide:
         np.testing.assert_array_equal(slide.read_region((450, 950), 0, (600, 600)), small_mosaic[950:1550, 450:1050])
 
@@ -234,10 +284,37 @@ def test_split_fragments_without_offset_table(tmp_path, small_frames, small_mosa
 def test_uncompressed_pixel_data(tmp_path, small_mosaic):
     tiles = np.stack([small_mosaic[r * 64:(r + 1) * 64, 1000 + c * 64:1000 + (c + 1) * 64]
                       for r in range(2) for c in range(2)])
-    path = _write_like_small(tmp_path / "native.dcm", None, native=np.ascontiguousarray(tiles))
+    path = _write_like_small(tmp_path / "native.dcm", None, native=np.ascontiguousarray(tiles), grid=(64, 2, 2),
+                             spacing_mm=(0.0005, 0.00025))
     with open_slide(path) as slide:
         assert slide.dimensions == (128, 128)
+        assert slide.mpp == pytest.approx((0.25, 0.5))  # x from the column spacing, µm
         np.testing.assert_array_equal(slide.read_level(0), small_mosaic[:128, 1000:1128])
+
+
+def test_rgb_jpeg_without_colour_marker(tmp_path, small_mosaic):
+    """Photometric 'RGB' and a JPEG with no JFIF/Adobe marker: samples are RGB, not converted from YCbCr."""
+    source = np.ascontiguousarray(small_mosaic[1000:1128, 1000:1128])
+    frames = [_bare_rgb_jpeg(np.ascontiguousarray(source[r * 64:(r + 1) * 64, c * 64:(c + 1) * 64]))
+              for r in range(2) for c in range(2)]
+    naive = imagecodecs.jpeg8_decode(frames[0]).astype(int)  # libjpeg alone takes it for YCbCr
+    assert np.abs(naive - source[:64, :64]).mean() > 20
+    path = _write_like_small(tmp_path / "rgb.dcm", frames, grid=(64, 2, 2))
+    with open_slide(path) as slide:
+        image = slide.read_level(0)
+    assert np.abs(image.astype(int) - source).mean() < 3
+
+
+def test_folder_fallback_with_label(tmp_path, small_frames, small_mosaic):
+    """A folder wsidicom refuses: the largest volume file is read, a LABEL file becomes "label"."""
+    shutil.copy(SMALL_PATH, tmp_path / "volume.dcm")
+    _write_like_small(tmp_path / "label.dcm", small_frames[8:9], grid=(FRAME, 1, 1),
+                      image_type=["ORIGINAL", "PRIMARY", "LABEL", "NONE"])
+    with open_slide(tmp_path) as slide:
+        assert slide.dimensions == (3236, 2638) and "volume.dcm" in slide.warnings[0]
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (64, 64)), small_mosaic[:64, :64])
+        assert list(slide.associated_images) == ["label"]
+        np.testing.assert_array_equal(slide.associated_images["label"], small_mosaic[500:1000, 500:1000])
 
 
 # ---------------------------------------------------------------------- bad input
@@ -294,3 +371,18 @@ def test_garbage_frame(tmp_path, small_frames):
         assert slide.read_region((0, 0), 0, (500, 500)).shape == (500, 500, 3)
         with pytest.raises(TileDecodeError, match=r"garbage.dcm: cannot decode frame 9 of 42 \(tile column 1, row 1\)"):
             slide.read_region((600, 600), 0, (50, 50))
+
+
+def test_truncated_inside_a_split_frame(tmp_path, small_frames):
+    """Cut inside the last fragment of frame 21 (three fragments each, no offset table): frames 1-20 read."""
+    path = tmp_path / "cut.dcm"
+    _write_like_small(path, small_frames, has_bot=False, fragments_per_frame=3)
+    data = path.read_bytes()
+    cut = data.find(small_frames[20][-200:])
+    path.write_bytes(data[:cut])
+    with open_slide(path) as slide:
+        assert any("only 20 of 42 frames" in w for w in slide.warnings)
+        assert slide.read_region((5 * FRAME, 2 * FRAME), 0, (10, 10)).shape == (10, 10, 3)  # frame 20
+        lost = r"cut.dcm: file is truncated: frame 21 of 42 \(tile column 6, row 2\)"
+        with pytest.raises(SlideReadError, match=lost):
+            slide.read_region((6 * FRAME, 2 * FRAME), 0, (10, 10))

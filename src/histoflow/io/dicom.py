@@ -53,8 +53,11 @@ _DECODERS = {
     "1.2.840.10008.1.2.4.112": ("jpegxl_decode",),  # JPEG XL
 }
 _COLOUR_PHOTOMETRIC = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
-#: first bytes of a codestream that starts a frame (JPEG/JPEG-LS SOI, J2K SOC, JPEG XL, JP2 box)
-_FRAME_START_MARKERS = (b"\xff\xd8", b"\xff\x4f", b"\xff\x0a", b"\x00\x00")
+#: first decoder of a transfer syntax -> first bytes of its codestreams (JPEG/JPEG-LS SOI + a marker,
+#: J2K SOC + SIZ, JPEG XL signature), which tell where a frame starts when fragments outnumber frames
+_FRAME_START_MARKERS = {"jpeg8_decode": b"\xff\xd8\xff", "ljpeg_decode": b"\xff\xd8\xff",
+                        "jpegls_decode": b"\xff\xd8\xff", "jpeg2k_decode": b"\xff\x4f\xff\x51",
+                        "jpegxl_decode": b"\xff\x0a"}
 #: DICOM ImageType flavour (third value) -> associated image name (OpenSlide's names)
 _ASSOCIATED_FLAVOURS = {"LABEL": "label", "OVERVIEW": "macro", "THUMBNAIL": "thumbnail"}
 #: tags copied into ``properties`` (as ``dicom.<keyword>``); patient identifiers are left out on purpose
@@ -242,11 +245,13 @@ class _FrameFile:
     path : str
     dataset : pydicom.Dataset
         The metadata (without pixel data).
+    transfer_syntax, photometric : str
     width, height : int
         Total pixel matrix size.
     tile_width, tile_height : int
         Frame size.
     samples : int
+        Samples per pixel (3 for colour, 1 for grey).
     dtype : numpy.dtype
     mpp : (float, float) or None
         (x, y) µm/px from the pixel measures, None when absent.
@@ -280,7 +285,7 @@ class _FrameFile:
         self.channel_names = ["R", "G", "B"] if self.samples == 3 else list(names.values())[:1]
         self._tile_frames = self._tile_to_frame(ds)
         self._file_size = os.path.getsize(path)
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0)) if hasattr(os, "pread") else None
+        self._fd = os.open(path, os.O_RDONLY) if hasattr(os, "pread") else None
         try:
             if self.transfer_syntax in _NATIVE_SYNTAXES:
                 self._frames = self._index_native(pixel_start)
@@ -371,7 +376,7 @@ class _FrameFile:
     def _index_encapsulated(self, start: int) -> list:
         """Byte ranges of each frame's fragments, from the item headers that follow the PixelData tag."""
         header = self._element_header(start)
-        if self._pread(start + header - 4, 4) != b"\xff\xff\xff\xff":
+        if struct.unpack("<I", self._pread(start + header - 4, 4))[0] != _UNDEFINED_LENGTH:
             raise SlideReadError(f"{self.path}: compressed transfer syntax but the pixel data is not encapsulated")
         position = start + header
         tag, length = self._item_header(position)
@@ -399,24 +404,26 @@ class _FrameFile:
     def _group_fragments(self, fragments, table, first_item, lost_at) -> list:
         """Split fragments into frames; ``lost_at`` is where a truncated file's lost data began."""
         n = self.n_frames
-        if n == 1:
-            return [tuple(fragments)] if fragments and lost_at is None else []
         item_index = {offset - 8 - first_item: i for i, (offset, _) in enumerate(fragments)}
-        if table is not None and len(table) == n and table[0] == 0 and np.all(np.diff(table) > 0):
+        if n == 1:
+            starts = [0] if fragments else []
+            lost_starts_frame = False
+        elif table is not None and len(table) == n and table[0] == 0 and np.all(np.diff(table) > 0):
             starts = [item_index[t] for t in table.tolist() if t in item_index]
             lost_starts_frame = lost_at is not None and (lost_at - first_item) in set(table.tolist())
         elif len(fragments) == n and lost_at is None:
             starts = list(range(n))
             lost_starts_frame = False
         else:
+            marker = _FRAME_START_MARKERS[_DECODERS[self.transfer_syntax][0]]
             starts = [i for i, (offset, _) in enumerate(fragments)
-                      if self._pread(offset, 2) in _FRAME_START_MARKERS]
-            lost_starts_frame = lost_at is not None and self._pread(lost_at + 8, 2) in _FRAME_START_MARKERS
+                      if self._pread(offset, len(marker)) == marker]
+            lost_starts_frame = lost_at is not None and self._pread(lost_at + 8, len(marker)) == marker
         if lost_at is None and len(starts) != n:
             raise SlideReadError(f"{self.path}: damaged pixel data: its {len(fragments)} fragments form "
                                  f"{len(starts)} frames (by the basic offset table or the codestream markers) "
                                  f"but NumberOfFrames is {n}")
-        if not starts or starts[0] != 0:
+        if fragments and (not starts or starts[0] != 0):
             raise SlideReadError(f"{self.path}: damaged pixel data: the first fragment does not start a frame")
         frames = [tuple(fragments[a:b]) for a, b in zip(starts, starts[1:] + [len(fragments)])]
         if lost_at is not None and not lost_starts_frame:

@@ -75,6 +75,8 @@ def _check_name(path, what: str, name) -> str:
 def _mask_storage(path, where: str, name: str, array) -> tuple[np.ndarray, bool]:
     """Validate a mask; return it in its storage dtype and whether it is boolean."""
     arr = np.asarray(array)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8), True
     if arr.dtype.kind in "ui" or arr.dtype in (np.float32, np.float64):
@@ -224,7 +226,8 @@ class H5PathWriter:
         ----------
         image : numpy.ndarray or Tile
             ``(h, w, c)`` or ``(h, w)`` pixels in their native dtype, or a :class:`Tile` (then every
-            other argument is taken from it and ``coords`` must be left out).
+            other argument is taken from it and ``coords`` must be left out; its ``slide_type`` and
+            ``mpp`` are not stored per tile: they follow from the slide metadata).
         coords : (int, int)
             Level-0 ``(x, y)`` of the top-left corner.
         level : int
@@ -258,6 +261,8 @@ class H5PathWriter:
         x, y = int(coords[0]), int(coords[1])
         where = f"tile {i}" + (f" {name!r}" if name else "") + f" at (x={x}, y={y})"
         image = np.asarray(image)
+        if not image.dtype.isnative:
+            image = image.astype(image.dtype.newbyteorder("="))
         if image.ndim == 2:
             image = image[:, :, None]
         if image.ndim != 3 or 0 in image.shape:
@@ -770,7 +775,7 @@ class _V2Reader:
             if ds.shape != shape or not ok_kind:
                 raise H5PathError(f"{path}: inconsistent: /tiles/{name} has shape {ds.shape} dtype {ds.dtype}, "
                                   f"expected {shape}")
-        self.images, self.n, self._hw = img, n, (h, w)
+        self.images, self.n = img, n
         mg = _group(tiles, "masks", path)
         for name in (mg or {}):
             ds = _dataset(mg, name, path)
@@ -786,7 +791,7 @@ class _V2Reader:
                 raise H5PathError(f"{path}: inconsistent: tile label {ds.name} has shape {ds.shape} "
                                   f"dtype {ds.dtype}")
             kind = _attr(ds, "kind", path) or ("str" if is_str else "float" if ds.dtype.kind == "f" else "int")
-            if kind not in _LABEL_KINDS or (kind == "str") != is_str:
+            if not isinstance(kind, str) or kind not in _LABEL_KINDS or (kind == "str") != is_str:
                 raise H5PathError(f"{path}: inconsistent: tile label {ds.name} has kind {kind!r}")
             self._tile_labels[name] = (ds, kind)
 
@@ -839,7 +844,10 @@ class _V2Reader:
                 if v != "":
                     labels[name] = str(v)
             elif not (isinstance(v, (float, np.floating)) and math.isnan(v)):
-                labels[name] = bool(v) if kind == "bool" else int(v) if kind == "int" else float(v)
+                try:
+                    labels[name] = bool(v) if kind == "bool" else int(v) if kind == "int" else float(v)
+                except (OverflowError, ValueError) as e:
+                    raise H5PathError(f"{self.path}: tile {i}: label {name!r} = {v!r} is not a {kind}") from e
         slide = self.slide()
         ds = float(down[i])
         mpp = None if slide["mpp"] is None else (slide["mpp"][0] * ds, slide["mpp"][1] * ds)
@@ -936,15 +944,15 @@ def _read_slide(g: h5py.Group, path) -> dict:
         out["objective_power"] = None if op is None else float(op)
         names = _attr(g, "channel_names", path)
         out["channel_names"] = None if names is None else [str(c) for c in np.asarray(names).reshape(-1)]
-    except (TypeError, ValueError) as e:
+        levels = []
+        if "levels" in g:
+            ds = _dataset(g, "levels", path)
+            if ds.ndim != 2 or ds.shape[1] != 3 or ds.shape[0] > 1024 or ds.dtype.kind not in "uif":
+                raise H5PathError(f"{path}: inconsistent: /slide/levels has shape {ds.shape} dtype {ds.dtype}")
+            levels = [{"width": int(w), "height": int(h), "downsample": float(d)} for w, h, d in ds[()]]
+        out["levels"] = levels
+    except (TypeError, ValueError, OverflowError) as e:
         raise H5PathError(f"{path}: invalid /slide metadata: {e}") from e
-    levels = []
-    if "levels" in g:
-        ds = _dataset(g, "levels", path)
-        if ds.ndim != 2 or ds.shape[1] != 3 or ds.shape[0] > 1024 or ds.dtype.kind not in "uif":
-            raise H5PathError(f"{path}: inconsistent: /slide/levels has shape {ds.shape} dtype {ds.dtype}")
-        levels = [{"width": int(w), "height": int(h), "downsample": float(d)} for w, h, d in ds[()]]
-    out["levels"] = levels
     json_names = set(_plain(_attr(g, "json_labels", path, np.zeros(0, object))))
     labels = {}
     lg = _group(g, "labels", path)

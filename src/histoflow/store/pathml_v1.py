@@ -37,7 +37,6 @@ __all__ = ["PathMLV1Reader", "is_pathml_v1", "parse_coords"]
 #: longest coordinate / shape string parsed
 MAX_KEY_CHARS = 64
 _COORDS_RE = re.compile(r"\(\s*(-?\d{1,12})\s*,\s*(-?\d{1,12})\s*\)")
-_SHAPE_RE = re.compile(r"\(\s*(\d{1,9})\s*,\s*(\d{1,9})\s*(?:,\s*(\d{1,9})\s*)?,?\s*\)")
 
 _PLATFORM_TYPES = {"codex": "CODEX", "vectra": "Vectra", "mibi": "MIBI"}
 _STAIN_TYPES = {"he": "HE", "ihc": "IHC", "fluor": "IF"}
@@ -48,8 +47,10 @@ def is_pathml_v1(f: h5py.File) -> bool:
     latter with a ``tile_shape`` attribute, and no ``format`` root attribute)."""
     if "format" in f.attrs:
         return False
-    return (isinstance(f.get("fields"), h5py.Group) and isinstance(f.get("tiles"), h5py.Group)
-            and "tile_shape" in f["tiles"].attrs)
+    for name in ("fields", "tiles"):  # hard links only: never follow a link out of the file
+        if not isinstance(f.get(name, getlink=True), h5py.HardLink) or not isinstance(f[name], h5py.Group):
+            return False
+    return "tile_shape" in f["tiles"].attrs
 
 
 def parse_coords(text, path="", what="tile coordinates") -> tuple[int, int]:
@@ -77,10 +78,10 @@ def parse_coords(text, path="", what="tile coordinates") -> tuple[int, int]:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     if not isinstance(text, str) or len(text) > MAX_KEY_CHARS:
-        raise H5PathError(f"{path}: {what} {str(text)[:MAX_KEY_CHARS]!r} are not a short '(i, j)' string")
+        raise H5PathError(f"{path}: {what} {str(text)[:MAX_KEY_CHARS]!r}... is not a short '(i, j)' string")
     m = _COORDS_RE.fullmatch(text.strip())
     if m is None:
-        raise H5PathError(f"{path}: {what} {text!r} are not of the form '(i, j)'")
+        raise H5PathError(f"{path}: {what} {text!r} is not of the form '(i, j)'")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -155,7 +156,7 @@ class PathMLV1Reader:
         tiles = f["tiles"]
         entries = []
         for key in tiles:
-            ij = parse_coords(key, path, f"tile group name {key!r}:")
+            ij = parse_coords(key, path, "tile group name")
             entries.append((ij, key))
         entries.sort()
         self._keys = [k for _, k in entries]
@@ -186,7 +187,7 @@ class PathMLV1Reader:
         if self._scanned is None:
             mask_names, label_names, common = {}, {}, None
             for key in self._keys:
-                g = self.f["tiles"][key]
+                g = _group(self.f["tiles"], key, self.path)
                 mg = _group(g, "masks", self.path)
                 for m in (mg or ()):
                     mask_names.setdefault(m, None)
@@ -237,7 +238,8 @@ class PathMLV1Reader:
                 or ds.dtype.kind not in "uif":
             raise H5PathError(f"{self.path}: {where}: array has shape {ds.shape} dtype {ds.dtype}")
         coords_attr = _attr(g, "coords", self.path)
-        if coords_attr is not None and parse_coords(coords_attr, self.path, f"{where} coords") != self._ij[i]:
+        if coords_attr is not None and \
+                parse_coords(coords_attr, self.path, f"{where}: coords attribute") != self._ij[i]:
             raise H5PathError(f"{self.path}: {where}: coords attribute {coords_attr!r} disagrees with the "
                               "group name")
         try:

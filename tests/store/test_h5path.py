@@ -1,0 +1,452 @@
+"""h5path format version 2 (write/read) and PathML version-1 reading, on real pixels."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from histoflow.core.tile import Tile
+from histoflow.errors import H5PathError
+from histoflow.store import FORMAT_VERSION, H5Path, H5PathWriter, read_h5path
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
+SVS = DATA / "wsi" / "aperio_svs" / "CMU-1-Small-Region.svs"
+MIBI = DATA / "multiplex" / "ark_fov8_mibitiff_22ch.tiff"
+PATHML = DATA / "pathml_h5path" / "cmu_crop_written_by_pathml_3.0.8.h5path"
+
+T = 256  # H&E tile size
+
+
+@pytest.fixture(scope="module")
+def he():
+    """Level 0 of CMU-1-Small-Region, (2967, 2220, 3) uint8."""
+    return tifffile.imread(SVS, key=0)
+
+
+@pytest.fixture(scope="module")
+def he_tiles(he):
+    """24 real H&E tiles (a 4 x 6 grid) with a tissue mask and labels, some missing."""
+    out = []
+    for k, (y, x) in enumerate((y, x) for y in range(512, 512 + 6 * T, T) for x in range(256, 256 + 4 * T, T)):
+        img = he[y:y + T, x:x + T]
+        tissue = img.mean(axis=2) < 210
+        masks = {"tissue": tissue}
+        if k % 3 == 0:  # a per-tile mask only some tiles carry
+            masks["dark"] = (img.min(axis=2) < 100).astype(np.uint8) * 255
+        labels = {"n": k * 10, "tissue_fraction": float(tissue.mean())}
+        if k % 2 == 0:
+            labels["region"] = "tumour" if k % 4 == 0 else "stroma"
+        out.append(Tile(image=img, coords=(x, y), masks=masks, labels=labels, name=f"cmu_x{x}_y{y}"))
+    return out
+
+
+SLIDE = {
+    "name": "CMU-1-Small-Region", "source_path": str(SVS), "backend": "tiff", "format": "svs",
+    "width": 2220, "height": 2967, "mpp": (0.499, 0.499), "objective_power": 20, "dtype": "uint8",
+    "slide_type": "HE", "channel_names": ["R", "G", "B"],
+    "levels": [{"width": 2220, "height": 2967, "downsample": 1.0}],
+    "labels": {"grade": 2, "site": "unknown", "ok": True, "scores": [0.5, 1], "extra": {"a": None}},
+}
+
+
+@pytest.fixture(scope="module")
+def he_file(tmp_path_factory, he, he_tiles):
+    path = tmp_path_factory.mktemp("h5") / "cmu.h5path"
+    import anndata
+    import pandas as pd
+
+    cells = anndata.AnnData(
+        X=np.arange(20, dtype=np.float32).reshape(5, 4),
+        obs=pd.DataFrame({"area": [10.0, 12.5, 8.0, 30.0, 22.0], "tile": [0, 0, 1, 5, 5]},
+                         index=[f"cell{i}" for i in range(5)]),
+        var=pd.DataFrame(index=["DAPI", "CD3", "CD8", "PanCK"]))
+    thumb = he[::16, ::16].mean(axis=2) < 210
+    with H5PathWriter(path, slide=SLIDE) as w:
+        for t in he_tiles[:10]:
+            w.add_tile(t)
+        # the same, through the array form, one of them 2-D-masked via a non-Tile call
+        for t in he_tiles[10:]:
+            w.add_tile(t.image, t.coords, masks=t.masks, labels=t.labels, name=t.name)
+        w.add_slide_mask("tissue", thumb, downsample=16)
+        w.add_slide_mask("labels", np.arange(12, dtype=np.int32).reshape(3, 4), downsample=740.0)
+        w.set_cells(cells)
+        w.add_provenance({"pipeline": "Pipeline([TissueMask()])", "versions": {"numpy": np.__version__}})
+        w.add_provenance({"pipeline": "second run", "date": "2025-01-01T00:00:00+00:00"})
+    return path, cells, thumb
+
+
+def test_he_tiles_round_trip(he_file, he_tiles):
+    path, _, _ = he_file
+    with read_h5path(path) as h:
+        assert isinstance(h, H5Path) and h.format_version == FORMAT_VERSION == 2
+        assert len(h) == len(he_tiles)
+        np.testing.assert_array_equal(h.coords, [t.coords for t in he_tiles])
+        assert h.coords.dtype == np.int64
+        assert sorted(h.tile_mask_names) == ["dark", "tissue"]
+        assert sorted(h.tile_label_names) == ["n", "region", "tissue_fraction"]
+        for k, (got, want) in enumerate(zip(h, he_tiles)):
+            assert got.image.dtype == np.uint8 and got.image.shape == (T, T, 3)
+            assert got.image.tobytes() == want.image.tobytes()
+            assert got.coords == want.coords and got.name == want.name
+            assert got.level == 0 and got.downsample == 1.0
+            assert got.mpp == pytest.approx((0.499, 0.499)) and got.slide_type == "HE"
+            assert got.masks["tissue"].dtype == bool
+            np.testing.assert_array_equal(got.masks["tissue"], want.masks["tissue"])
+            if "dark" in want.masks:
+                np.testing.assert_array_equal(got.masks["dark"], want.masks["dark"])
+                assert got.masks["dark"].dtype == np.uint8
+            else:  # absent on this tile: stored as zeros
+                assert not got.masks["dark"].any() and got.masks["dark"].shape == (T, T)
+            assert got.labels == want.labels  # "region" missing on odd tiles stays missing
+            assert type(got.labels["n"]) is int and type(got.labels["tissue_fraction"]) is float
+            assert ("region" in got.labels) == (k % 2 == 0)
+
+
+def test_random_access_by_index_and_coords(he_file, he_tiles):
+    path, _, _ = he_file
+    want = he_tiles[5]
+    with read_h5path(path) as h:
+        a, b = h.tile(5), h.tile(want.coords)
+        assert h[5].coords == want.coords and h.tile(-1).coords == he_tiles[-1].coords
+        with pytest.raises(IndexError):
+            h.tile(len(he_tiles))
+        with pytest.raises(KeyError):
+            h.tile((1, 1))
+    for t in (a, b):
+        assert t.coords == want.coords and t.name == want.name
+        np.testing.assert_array_equal(t.image, want.image)
+
+
+def test_slide_metadata_masks_cells_provenance(he_file):
+    path, cells, thumb = he_file
+    with read_h5path(path) as h:
+        s = h.slide
+        for k in ("name", "source_path", "backend", "format", "width", "height", "dtype", "slide_type",
+                  "channel_names", "levels"):
+            assert s[k] == SLIDE[k], k
+        assert s["mpp"] == (0.499, 0.499) and s["objective_power"] == 20.0
+        assert h.labels == SLIDE["labels"] == s["labels"]
+        assert type(h.labels["grade"]) is int and h.labels["ok"] is True
+
+        assert sorted(h.masks) == ["labels", "tissue"]
+        np.testing.assert_array_equal(h.masks["tissue"], thumb)
+        assert h.masks["tissue"].dtype == bool and h.mask_downsample("tissue") == 16.0
+        assert h.masks["labels"].dtype == np.int32 and h.mask_downsample("labels") == 740.0
+
+        got = h.cells
+        np.testing.assert_array_equal(got.X, cells.X)
+        assert list(got.obs_names) == list(cells.obs_names) and list(got.var_names) == list(cells.var_names)
+        np.testing.assert_array_equal(got.obs["area"], cells.obs["area"])
+
+        prov = h.provenance
+        assert [p["pipeline"] for p in prov] == ["Pipeline([TissueMask()])", "second run"]
+        assert prov[0]["versions"]["numpy"] == np.__version__ and prov[0]["date"].endswith("+00:00")
+        assert prov[1]["date"] == "2025-01-01T00:00:00+00:00" and prov[0]["histoflow"]
+
+
+def test_layout_chunks_compression_and_size(he_file, he_tiles):
+    path, _, _ = he_file
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "h5path" and f.attrs["format_version"] == 2
+        assert f.attrs["complete"] and f.attrs["writer"].startswith("histoflow ")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", f.attrs["created"])
+        img = f["tiles/images"]
+        assert img.shape == (24, T, T, 3) and img.dtype == np.uint8
+        assert img.chunks == (1, T, T, 3) and img.maxshape == (None, T, T, 3)
+        assert img.compression == "gzip" and img.compression_opts == 4
+        assert f["tiles/masks/tissue"].chunks == (1, T, T) and f["tiles/masks/tissue"].attrs["bool"]
+        assert f["tiles/coords"].dtype == np.int64 and f["tiles/level"].dtype == np.int16
+        assert f["tiles/labels/n"].attrs["kind"] == "int"
+        assert dict(f["tiles"].attrs) == {"tile_width": T, "tile_height": T, "channels": 3, "dtype": "uint8",
+                                          "compression": "gzip", "compression_level": 4}
+        assert f["masks/tissue"].compression == "gzip"
+    raw = sum(t.image.nbytes for t in he_tiles)
+    assert os.path.getsize(path) < raw
+
+
+def test_mibi_uint16_22_channels(tmp_path):
+    with tifffile.TiffFile(MIBI) as tf:
+        stack = tf.asarray()
+        names = [p.tags["PageName"].value for p in tf.pages]
+    assert stack.shape == (22, 1024, 1024) and stack.dtype == np.uint16
+    tiles = [np.ascontiguousarray(stack[:, y:y + 128, x:x + 128].transpose(1, 2, 0))
+             for y in (0, 512) for x in (0, 384, 896)]
+    path = tmp_path / "mibi.h5path"
+    with H5PathWriter(path, slide={"name": "fov8", "slide_type": "MIBI", "channel_names": names,
+                                   "dtype": np.uint16}, compression="lzf") as w:
+        for k, img in enumerate(tiles):
+            w.add_tile(img, (k * 128, 0), labels={"fov": "Point8"})
+    with read_h5path(path) as h:
+        assert h.slide["channel_names"] == names and len(names) == 22
+        assert h.slide["mpp"] is None and h.slide["dtype"] == "uint16" and h.slide["levels"] == []
+        assert h.images.dtype == np.uint16 and h.images.compression == "lzf"
+        for got, want in zip(h, tiles):
+            assert got.image.dtype == np.uint16 and got.image.shape == (128, 128, 22)
+            assert got.image.tobytes() == want.tobytes() and got.mpp is None
+            assert got.labels == {"fov": "Point8"}
+
+
+def test_uncompressed_empty_and_2d_tiles(tmp_path, he):
+    path = tmp_path / "empty.h5path"
+    with H5PathWriter(path, compression=None):
+        pass
+    with read_h5path(path) as h:
+        assert len(h) == 0 and h.coords.shape == (0, 2) and h.images is None and list(h) == []
+        assert h.slide["name"] is None and h.labels == {} and h.cells is None and h.provenance == []
+    gray = he[:64, :64, 0]
+    with H5PathWriter(path, compression=None) as w:
+        w.add_tile(gray, (0, 0))
+    with read_h5path(path) as h:
+        assert h.images.compression is None and h.tile(0).image.shape == (64, 64, 1)
+        np.testing.assert_array_equal(h.tile(0).image[:, :, 0], gray)
+
+
+def test_label_kinds_and_conflicts(tmp_path, he):
+    img = he[:32, :32]
+    path = tmp_path / "labels.h5path"
+    with H5PathWriter(path) as w:
+        w.add_tile(img, (0, 0), labels={"a": 1, "b": True, "c": "x"})
+        w.add_tile(img, (32, 0), labels={"a": 2.5, "b": None, "c": ""})
+        w.add_tile(img, (64, 0), labels={"d": np.int64(7)})
+        with pytest.raises(H5PathError, match=r"tile 3 .*label 'c'"):
+            w.add_tile(img, (96, 0), labels={"c": 3})
+        with pytest.raises(H5PathError, match="numbers or strings"):
+            w.add_tile(img, (96, 0), labels={"e": [1, 2]})
+        with pytest.raises(H5PathError, match=r"2\*\*53"):
+            w.add_tile(img, (96, 0), labels={"a": 2 ** 60})
+    with read_h5path(path) as h:
+        assert [t.labels for t in h] == [{"a": 1.0, "b": True, "c": "x"}, {"a": 2.5}, {"d": 7}]
+        assert type(h.tile(2).labels["d"]) is int
+
+
+def test_atomic_write_on_exception(tmp_path, he):
+    path = tmp_path / "a.h5path"
+    with pytest.raises(RuntimeError):
+        with H5PathWriter(path) as w:
+            w.add_tile(he[:64, :64], (0, 0))
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+    with H5PathWriter(path, slide={"name": "first"}) as w:
+        w.add_tile(he[:64, :64], (0, 0))
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with H5PathWriter(path, slide={"name": "second"}) as w:
+            w.add_tile(he[64:128, :64], (0, 64))
+            assert any(".tmp-" in p for p in os.listdir(tmp_path))  # written beside, not in place
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == ["a.h5path"] and path.read_bytes() == before
+    with read_h5path(path) as h:
+        assert h.slide["name"] == "first"
+
+    with pytest.raises(H5PathError, match="overwrite=False"):
+        H5PathWriter(path, overwrite=False)
+    assert os.listdir(tmp_path) == ["a.h5path"]
+
+
+def test_bad_tiles_are_refused(tmp_path, he):
+    path = tmp_path / "bad.h5path"
+    with H5PathWriter(path) as w:
+        w.add_tile(he[:64, :64], (0, 0), name="first")
+        with pytest.raises(H5PathError, match=r"tile 1 'odd' at \(x=64, y=0\).*\(64, 32, 3\)"):
+            w.add_tile(he[:64, :32], (64, 0), name="odd")
+        with pytest.raises(H5PathError, match=r"tile 1 .*uint16"):
+            w.add_tile(he[:64, :64].astype(np.uint16), (64, 0))
+        with pytest.raises(H5PathError, match="mask 'm' has shape"):
+            w.add_tile(he[:64, :64], (64, 0), masks={"m": np.zeros((8, 8), bool)})
+        with pytest.raises(H5PathError, match="invalid mask name"):
+            w.add_tile(he[:64, :64], (64, 0), masks={"a/b": np.zeros((64, 64), bool)})
+        w.add_tile(he[:64, 64:128], (64, 0))  # the writer is still usable
+        with pytest.raises(H5PathError, match="already added"):
+            w.add_slide_mask("m", np.zeros((4, 4), np.uint8))
+            w.add_slide_mask("m", np.zeros((4, 4), np.uint8))
+    with read_h5path(path) as h:
+        assert len(h) == 2 and h.coords.tolist() == [[0, 0], [64, 0]]
+
+    with pytest.raises(H5PathError, match="float16"):
+        with H5PathWriter(tmp_path / "f16.h5path") as w:
+            w.add_tile(he[:8, :8].astype(np.float16), (0, 0))
+    with pytest.raises(H5PathError, match="unknown slide metadata keys"):
+        H5PathWriter(tmp_path / "k.h5path", slide={"nmae": "typo"})
+    with pytest.raises(H5PathError, match="compression"):
+        H5PathWriter(tmp_path / "c.h5path", compression="jpeg")
+    assert sorted(os.listdir(tmp_path)) == ["bad.h5path"]
+
+
+@pytest.fixture()
+def small_file(tmp_path, he):
+    path = tmp_path / "small.h5path"
+    with H5PathWriter(path, slide={"name": "s"}) as w:
+        for k in range(4):
+            w.add_tile(he[:64, k * 64:(k + 1) * 64], (k * 64, 0))
+    return path
+
+
+def test_incomplete_file_is_refused(small_file):
+    with h5py.File(small_file, "r+") as f:
+        del f.attrs["complete"]
+    with pytest.raises(H5PathError, match="incomplete: the writer did not finish"):
+        read_h5path(small_file)
+
+
+def test_truncated_file_is_refused(small_file, tmp_path):
+    cut = tmp_path / "cut.h5path"
+    shutil.copy(small_file, cut)
+    with open(cut, "r+b") as fh:
+        fh.truncate(os.path.getsize(cut) // 2)
+    with pytest.raises(H5PathError, match=r"cut\.h5path: not a readable HDF5 file \(truncated or damaged\?\)"):
+        read_h5path(cut)
+    text = tmp_path / "notes.h5path"
+    text.write_text("not hdf5")
+    with pytest.raises(H5PathError, match="not a readable HDF5 file"):
+        read_h5path(text)
+    with pytest.raises(H5PathError, match="no such file"):
+        read_h5path(tmp_path / "missing.h5path")
+
+
+def test_foreign_hdf5_and_newer_version(tmp_path, small_file):
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.random.default_rng(0).random((10, 10))
+    with pytest.raises(H5PathError, match="foreign"):
+        read_h5path(foreign)
+    with h5py.File(foreign, "a") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(H5PathError, match="foreign"):
+        read_h5path(foreign)
+
+    with h5py.File(small_file, "r+") as f:
+        f.attrs["format_version"] = 3
+    with pytest.raises(H5PathError, match="version 3 is newer"):
+        read_h5path(small_file)
+
+
+def test_links_outside_the_file_are_refused(small_file, tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = np.zeros((4, 2), np.int64)
+    with h5py.File(small_file, "r+") as f:
+        del f["tiles/coords"]
+        f["tiles/coords"] = h5py.ExternalLink(str(other), "/x")
+    with pytest.raises(H5PathError, match="ExternalLink"):
+        read_h5path(small_file)
+
+
+def test_closed_file(small_file):
+    h = read_h5path(small_file)
+    assert len(h) == 4
+    h.close()
+    assert h.closed
+    with pytest.raises(H5PathError, match="closed"):
+        h.tile(0)
+
+
+# ---------------------------------------------------------------------------------- PathML v1
+
+def _box_blur(a, k=5):
+    """cv2.boxFilter(a, -1, (k, k)) with its default border (reflect-101), in numpy."""
+    p = k // 2
+    c = np.pad(a.astype(np.float64), ((p, p), (p, p), (0, 0)), mode="reflect").cumsum(0).cumsum(1)
+    c = np.pad(c, ((1, 0), (1, 0), (0, 0)))
+    h, w = a.shape[:2]
+    s = c[k:k + h, k:k + w] - c[:h, k:k + w] - c[k:k + h, :w] + c[:h, :w]
+    return np.round(s / (k * k))
+
+
+def test_pathml_v1_file(he):
+    with h5py.File(PATHML, "r") as f:  # what PathML stored: "(i, j)" = (row, column)
+        stored = sorted(tuple(int(v) for v in re.findall(r"-?\d+", g.attrs["coords"]))
+                        for g in f["tiles"].values())
+    with read_h5path(PATHML) as h:
+        assert h.format_version == 1 and len(h) == 12
+        assert sorted((y, x) for x, y in h.coords.tolist()) == stored
+        assert h.labels == {"grade": 2, "site": "unknown"} and type(h.labels["grade"]) is int
+        s = h.slide
+        assert (s["name"], s["width"], s["height"], s["slide_type"]) == ("cmu_crop", 512, 384, "HE")
+        assert s["mpp"] is None and h.tile_mask_names == ["tissue"] and h.provenance == []
+        assert h.images.shape == (12, 128, 128, 3) and h.images[3].dtype == np.uint8
+        tiles = list(h)
+    xs, ys = {t.coords[0] for t in tiles}, {t.coords[1] for t in tiles}
+    assert xs == {0, 128, 256, 384} and ys == {0, 128, 256}  # (x, y) within the 512 x 384 crop
+    for t in tiles:
+        assert t.image.dtype == np.uint8 and t.image.shape == (128, 128, 3)
+        assert 60 < t.image.mean() < 235  # H&E, neither black nor blank
+        assert t.masks["tissue"].shape == (128, 128) and t.masks["tissue"].dtype == np.uint8
+        assert t.labels == {"grade": 2, "site": "unknown"} and t.level == 0 and t.name is None
+        # the crop is x 800-1312, y 1000-1384 of CMU-1, and PathML stored it after BoxBlur(5)
+        x, y = t.coords
+        region = he[1000 + y:1000 + y + 128, 800 + x:800 + x + 128]
+        assert np.abs(_box_blur(region) - t.image).mean() < 3
+
+
+def test_pathml_v1_converts_to_v2(tmp_path):
+    out = tmp_path / "v2.h5path"
+    with read_h5path(PATHML) as old, H5PathWriter(out, slide=old.slide) as w:
+        assert w.add_tiles(old) == 12
+        old_tiles = list(old)
+    with read_h5path(out) as new:
+        assert new.format_version == 2 and new.labels == {"grade": 2, "site": "unknown"}
+        assert new.images.dtype == np.uint8
+        for a, b in zip(new, old_tiles):
+            assert a.coords == b.coords and a.labels == b.labels
+            np.testing.assert_array_equal(a.image, b.image)
+            np.testing.assert_array_equal(a.masks["tissue"], b.masks["tissue"])
+
+
+def test_streaming_across_flush_and_growth(tmp_path, he):
+    """More tiles than one metadata flush (1024) and several dataset growths; labels and masks that
+    first appear late are missing / zero before."""
+    n = 2600
+    path = tmp_path / "many.h5path"
+    src = he[:4 * 52, :4 * 50, 1]
+    with H5PathWriter(path) as w:
+        for k in range(n):
+            y, x = divmod(k, 50)
+            img = src[4 * y:4 * y + 4, 4 * x:4 * x + 4]
+            labels = {"k": k}
+            if k >= 1500:
+                labels["late"] = f"t{k}"
+            masks = {"late": img > 128} if k >= 2000 else None
+            w.add_tile(img, (4 * x, 4 * y), labels=labels, masks=masks, level=k % 3, downsample=1 + k % 3)
+        assert len(w) == n
+    with read_h5path(path) as h:
+        assert len(h) == n and h.images.shape == (n, 4, 4, 1)
+        for k in (0, 1023, 1024, 1499, 1500, 1999, 2000, 2047, 2048, n - 1):
+            t = h.tile(k)
+            y, x = divmod(k, 50)
+            np.testing.assert_array_equal(t.image[:, :, 0], src[4 * y:4 * y + 4, 4 * x:4 * x + 4])
+            assert t.coords == (4 * x, 4 * y) and t.level == k % 3 and t.downsample == 1 + k % 3
+            assert t.labels == ({"k": k, "late": f"t{k}"} if k >= 1500 else {"k": k})
+            assert t.masks["late"].dtype == bool
+            if k < 2000:
+                assert not t.masks["late"].any()
+            else:
+                np.testing.assert_array_equal(t.masks["late"], t.image[:, :, 0] > 128)
+
+
+def test_pathml_v1_hostile_strings_are_not_evaluated(tmp_path):
+    path = tmp_path / "hostile.h5path"
+
+    def fresh_copy():
+        path.write_bytes(PATHML.read_bytes())  # the shared file is read-only; the copy is not
+
+    fresh_copy()
+    with h5py.File(path, "r+") as f:
+        f["tiles"].move("(0, 0)", "(__import__('os').remove('x'), 0)")
+    with pytest.raises(H5PathError, match=r"tile group name .*is not of the form '\(i, j\)'"):
+        read_h5path(path)
+    fresh_copy()
+    with h5py.File(path, "r+") as f:
+        f["tiles/(0, 128)"].attrs["coords"] = "(1" + "0" * 100 + ", 0)"
+    with read_h5path(path) as h:
+        with pytest.raises(H5PathError, match="is not a short"):
+            h.tile((128, 0))
+        assert h.tile(0).coords == (0, 0)
