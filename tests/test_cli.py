@@ -82,3 +82,14 @@ def test_import_is_light():
             "'openslide', 'wsidicom') if m in sys.modules]; print(heavy)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_display_channels_put_the_nuclear_stain_first():
+    from histoflow import open_slide
+    from histoflow.utils import display_channels
+
+    with open_slide(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")) as s:
+        order = display_channels(s.channel_names)
+    assert order[0] == 13 and 0 not in order  # HH3 (89) first, "Background (128)" left out
+    assert display_channels(["DAPI", "FITC", "Cy3"]) == [0, 1, 2]
+    assert display_channels(["CD3", "CD8", "Hoechst 33342"])[0] == 2

@@ -106,7 +106,7 @@ def cmd_thumbnail(args):
     from .utils import save_png, to_rgb
 
     with open_slide(args.slide, backend=args.backend) as s:
-        rgb = to_rgb(s.thumbnail(args.size), brightfield=s.brightfield)
+        rgb = to_rgb(s.thumbnail(args.size), brightfield=s.brightfield, channel_names=s.channel_names)
     save_png(args.output, rgb)
     print(f"{args.output}: {rgb.shape[1]} x {rgb.shape[0]} px")
     return 0

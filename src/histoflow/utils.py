@@ -21,12 +21,27 @@ def progress_bar(iterable, *, total=None, desc=None, unit="it", disable=False):
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
-def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None) -> np.ndarray:
+NUCLEAR_MARKERS = ("dapi", "hoechst", "hh3", "histone", "dna", "nuclear", "h3")
+
+
+def display_channels(names, limit: int = 6) -> list[int]:
+    """Channels worth showing in a picture: the nuclear stain first, background/empty channels left out."""
+    names = [str(n).lower() for n in names]
+    usable = [i for i, n in enumerate(names) if not n.startswith(("background", "empty", "blank"))]
+    nuclear = [i for i in usable if any(n == m or n.startswith(m + " ") or n.startswith(m + "(") or
+                                        n.startswith(m + "_") for m in NUCLEAR_MARKERS for n in [names[i]])]
+    order = nuclear[:1] + [i for i in usable if i not in nuclear[:1]]
+    return order[:limit]
+
+
+def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None, channel_names=None) -> np.ndarray:
     """An 8-bit RGB picture of any ``(h, w, c)`` image, for thumbnails and figures.
 
     Brightfield RGB uint8 passes through. Other images are shown as fluorescence: each channel is
     stretched between its 1st and 99.5th percentiles and added in its own colour (blue, green, red,
-    magenta, ...). ``channels`` picks which channels to show (default: the first 9).
+    magenta, ...). ``channels`` picks which channels to show; by default, with ``channel_names``, the
+    nuclear stain (DAPI, HH3, ...) comes first in blue and background channels are left out
+    (:func:`display_channels`), otherwise the first 9 are shown.
     """
     img = np.asarray(image)
     if img.ndim == 2:
@@ -42,7 +57,12 @@ def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None) ->
     if c == 1:
         g = (_stretch(img[:, :, 0].astype(np.float32)) * 255).astype(np.uint8)
         return np.repeat(g[:, :, None], 3, axis=2)
-    idx = list(channels) if channels is not None else list(range(min(c, len(CHANNEL_COLOURS))))
+    if channels is not None:
+        idx = list(channels)
+    elif channel_names is not None and len(channel_names) == c:
+        idx = display_channels(channel_names)
+    else:
+        idx = list(range(min(c, len(CHANNEL_COLOURS))))
     out = np.zeros(img.shape[:2] + (3,), np.float32)
     for k, ch in enumerate(idx):
         col = np.asarray(CHANNEL_COLOURS[k % len(CHANNEL_COLOURS)], np.float32) / 255

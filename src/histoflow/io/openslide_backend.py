@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import openslide
+from PIL import Image
 
 from ..errors import SlideReadError, UnsupportedFormatError
 from .base import Level, SlideReader
@@ -52,7 +53,7 @@ class OpenSlideReader(SlideReader):
 
     def _assoc_loader(self, name):
         def load():
-            return _rgba_to_rgb(np.asarray(self._osr.associated_images[name]))
+            return _pil_rgba_to_rgb(self._osr.associated_images[name])
         return load
 
     def _read(self, level, x, y, w, h):
@@ -64,7 +65,7 @@ class OpenSlideReader(SlideReader):
         except openslide.OpenSlideError as e:
             raise SlideReadError(f"{self.path}: OpenSlide failed to read level {level} at ({x0}, {y0}) "
                                  f"size {w}x{h}: {e}") from None
-        return _rgba_to_rgb(np.asarray(img))
+        return _pil_rgba_to_rgb(img)
 
     def _close(self):
         osr = getattr(self, "_osr", None)
@@ -73,15 +74,10 @@ class OpenSlideReader(SlideReader):
             self._osr = None
 
 
-def _rgba_to_rgb(a: np.ndarray) -> np.ndarray:
-    """OpenSlide's RGBA (not premultiplied, alpha 0 outside the scanned area) to RGB on white."""
-    if a.ndim == 2:
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if a.shape[2] == 3:
-        return a
-    rgb = a[:, :, :3]
-    alpha = a[:, :, 3]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    al = alpha[:, :, None].astype(np.uint16)
-    return ((rgb.astype(np.uint16) * al + 255 * (255 - al) + 127) // 255).astype(np.uint8)
+def _pil_rgba_to_rgb(img: Image.Image) -> np.ndarray:
+    """OpenSlide's RGBA image (alpha 0 outside the scanned area) to an RGB array on white, in C."""
+    if img.mode == "RGBA" and img.getextrema()[3][0] < 255:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        white.alpha_composite(img)
+        img = white
+    return np.asarray(img.convert("RGB"))
