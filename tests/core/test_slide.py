@@ -24,6 +24,12 @@ def test_declared_slide_type_sets_background():
     with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff"), slide_type="IF") as s:
         assert s.slide_type is SlideType.IF and s.slide_type.background == "black"
         assert (s.read_region((1900, 1400), 0, (64, 64))[40:, 40:] == 0).all()
+    # a declared type decides the padding, also after pickling (as on a worker)
+    with SlideData(data_path("fluorescence", "instanseg_Fluorescence_example.tif"), slide_type="HE") as s:
+        clone = pickle.loads(pickle.dumps(s))
+        for obj in (s, clone):
+            assert (obj.read_region((440, 440), 0, (20, 20))[15:, 15:] == 255).all()
+        clone.close()
     with SlideData(SVS, slide_type="ihc", name="cmu", labels={"grade": 2}) as s:
         assert s.slide_type is SlideType.IHC and s.name == "cmu" and s.labels == {"grade": 2}
     with pytest.raises(ValueError, match="unknown slide type"):

@@ -113,3 +113,12 @@ def test_cli_error_is_one_line_and_exit_1(tmp_path, capsys):
 def test_cli_debug_shows_traceback(tmp_path):
     with pytest.raises(SlideNotFoundError):
         main(["--debug", "info", str(tmp_path / "missing.svs")])
+
+
+@pytest.mark.parametrize("backend", ["tiff", "image", "openslide", "dicom"])
+def test_forced_backend_on_random_bytes(tmp_path, backend):
+    """Whatever backend is forced, garbage is refused with our exception, naming the file."""
+    path = tmp_path / "random.bin"
+    path.write_bytes(np.random.default_rng(2).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    with pytest.raises(SlideReadError, match="random.bin"):
+        open_slide(path, backend=backend)

@@ -68,11 +68,11 @@ class SlideData:
     def __init__(self, path, name=None, slide_type=None, backend="auto", mpp=None, labels=None, masks=None,
                  *, max_region_bytes=None):
         self.path = os.fspath(path)
-        self.reader = open_slide(self.path, backend=backend, mpp=mpp, max_region_bytes=max_region_bytes)
+        declared = SlideType.get(slide_type) if slide_type else None
+        self.reader = open_slide(self.path, backend=backend, mpp=mpp, max_region_bytes=max_region_bytes,
+                                 brightfield=declared.brightfield if declared else None)
         self.name = name or os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]
-        self.slide_type: SlideTypePreset = SlideType.get(slide_type) if slide_type else self._infer_type()
-        if self.slide_type.brightfield != self.reader.brightfield:
-            self.reader.brightfield = self.slide_type.brightfield  # padding follows the declared type
+        self.slide_type: SlideTypePreset = declared or self._infer_type()
         self.labels = dict(labels or {})
         self.masks: dict[str, SlideMask] = {}
         for k, v in (masks or {}).items():

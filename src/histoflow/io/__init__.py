@@ -34,7 +34,8 @@ def get_backend(name: str) -> type[SlideReader]:
     return getattr(importlib.import_module(module), cls)
 
 
-def open_slide(path, backend: str = "auto", *, mpp=None, max_region_bytes: int | None = None) -> SlideReader:
+def open_slide(path, backend: str = "auto", *, mpp=None, max_region_bytes: int | None = None,
+               brightfield: bool | None = None) -> SlideReader:
     """Open a slide with the backend its content calls for (or the one named by ``backend``).
 
     Parameters
@@ -47,19 +48,16 @@ def open_slide(path, backend: str = "auto", *, mpp=None, max_region_bytes: int |
         Override the pixel size in µm/px (for files whose metadata is missing or wrong).
     max_region_bytes : int, optional
         Refuse single reads that would allocate more than this (default 4 GiB).
+    brightfield : bool, optional
+        Override whether the slide is brightfield (padded white) or fluorescence (padded 0).
 
     Raises
     ------
     SlideNotFoundError, UnsupportedFormatError, SlideReadError
     """
     path = os.fspath(path)
-    if backend == "auto":
-        fmt = detect_format(path)
-        cls = get_backend(fmt.backend)
-        reader = cls(path, mpp=mpp, max_region_bytes=max_region_bytes)
-    else:
-        reader = get_backend(backend)(path, mpp=mpp, max_region_bytes=max_region_bytes)
-    return reader
+    cls = get_backend(detect_format(path).backend if backend == "auto" else backend)
+    return cls(path, mpp=mpp, max_region_bytes=max_region_bytes, brightfield=brightfield)
 
 
 __all__ = ["open_slide", "SlideReader", "Level", "detect_format", "BACKENDS", "get_backend",

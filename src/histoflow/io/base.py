@@ -91,16 +91,16 @@ class SlideReader:
         One name per channel (``["R", "G", "B"]`` for brightfield RGB).
     brightfield : bool
         True for transmitted-light RGB slides; regions past the edge are padded with white for those
-        and with 0 otherwise (see ``fill_value``).
+        and with 0 otherwise (see ``fill_value``). Decided from the file; ``brightfield=...`` overrides.
     warnings : list of str
         Problems noticed while opening (an implausible resolution tag, ...).
     """
 
     backend = "base"
 
-    def __init__(self, path, *, mpp=None, max_region_bytes: int | None = None):
+    def __init__(self, path, *, mpp=None, max_region_bytes: int | None = None, brightfield: bool | None = None):
         self.path = os.fspath(path)
-        self._kwargs = {"mpp": mpp, "max_region_bytes": max_region_bytes}
+        self._kwargs = {"mpp": mpp, "max_region_bytes": max_region_bytes, "brightfield": brightfield}
         self.max_region_bytes = int(max_region_bytes or DEFAULT_MAX_REGION_BYTES)
         self.warnings: list[str] = []
         self.levels: list[Level] = []
@@ -114,7 +114,13 @@ class SlideReader:
         self._associated: dict = {}
         self._mpp_override = None
         self._closed = False
-        self._open()
+        try:
+            self._open()
+        except BaseException:
+            self._close()
+            raise
+        if brightfield is not None:
+            self.brightfield = bool(brightfield)
         if not self.levels:
             raise SlideReadError(f"{self.path}: no image levels found")
         if not self.channel_names:

@@ -222,10 +222,10 @@ class DicomReader(SlideReader):
         return _as_rgb(np.asarray(image))
 
     def _close(self):
-        if self._wsi is not None:
+        if getattr(self, "_wsi", None) is not None:
             self._wsi.close()
             self._wsi = None
-        if self._frames is not None:
+        if getattr(self, "_frames", None) is not None:
             self._frames.close()
             self._frames = None
 

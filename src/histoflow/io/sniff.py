@@ -109,6 +109,8 @@ def check_tiff_intact(path: str):
     """Raise SlideReadError when the TIFF header points past the end of the file (a truncated copy)."""
     with open(path, "rb") as f:
         head = f.read(16)
+    if head[:4] not in TIFF_MAGIC:
+        raise UnsupportedFormatError(f"{path}: not a TIFF file (first bytes {head[:8].hex(' ')})")
     size = os.path.getsize(path)
     off = first_ifd_offset(head)
     if off >= size:
