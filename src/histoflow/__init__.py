@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: F401
     H5PathError,
     HistoflowError,
+    PipelineError,
     RegionError,
     RegionTooLargeError,
     SlideNotFoundError,
@@ -21,6 +22,9 @@ from .io import open_slide  # noqa: F401
 
 _LAZY = {
     "SlideData": "histoflow.core.slide",
+    "SlideDataset": "histoflow.core.slide",
+    "Pipeline": "histoflow.transforms.base",
+    "Transform": "histoflow.transforms.base",
     "SlideType": "histoflow.core.types",
     "Tile": "histoflow.core.tile",
     "TileGrid": "histoflow.core.grid",

@@ -3,6 +3,8 @@
     histoflow info SLIDE [--json]
     histoflow thumbnail SLIDE -o OUT.png [--size N]
     histoflow tile SLIDE -o OUT.h5path [--size 256] [--level L | --mpp M] [--overlap K] [--edge pad|drop]
+    histoflow run PIPELINE.yaml SLIDE... -o OUTDIR [--workers N | --scheduler ADDRESS] [--resume]
+    histoflow transforms [--json]
     histoflow demo [-o OUTDIR]
 
 Errors print one line (``histoflow: error: ...``) and exit with status 1; ``--debug`` shows the traceback.
@@ -52,6 +54,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_tile)
+
+    s = sub.add_parser("run", help="run a pipeline (YAML) on slides, one h5path per slide")
+    s.add_argument("pipeline", help="pipeline YAML file (see `histoflow transforms`)")
+    s.add_argument("slides", nargs="+")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("--size", type=int, default=256, help="tile size in pixels (default 256)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--level", type=int)
+    g.add_argument("--mpp", type=float)
+    s.add_argument("--overlap", type=int, default=0)
+    s.add_argument("--tissue-filter", type=float, metavar="FRACTION",
+                   help="detect tissue at low resolution first; keep tiles with at least this fraction")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=int, help="local dask cluster with N worker processes")
+    g.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
+    g.add_argument("--executor", choices=["inprocess", "threads", "dask"], help="default: dask")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    s.add_argument("--slide-type", help="HE, IHC, IF, CODEX, Vectra, MIBI (default: from the file)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("transforms", help="list every transform with its parameters")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_transforms)
 
     s = sub.add_parser("demo", help="tile the built-in sample slide and show what came out")
     s.add_argument("-o", "--output", default="demo_out")
@@ -125,6 +153,49 @@ def cmd_tile(args):
     size = os.path.getsize(args.output)
     print(f"{args.output}: {len(grid)} tiles of {args.size}x{args.size} ({grid.rows} rows x {grid.cols} cols, "
           f"downsample {grid.downsample:.4g}), {size / 1e6:.1f} MB, {dt:.1f} s")
+    return 0
+
+
+def cmd_run(args):
+    from .core.slide import SlideData, SlideDataset
+    from .transforms import Pipeline
+    from .transforms import library  # noqa: F401 - registers the built-in transforms
+
+    pipeline = Pipeline.load(args.pipeline)
+    t0 = time.perf_counter()
+    slides = SlideDataset([SlideData(p, slide_type=args.slide_type) for p in args.slides])
+    executor = args.executor or ("dask" if args.scheduler is None else None)
+    outs = slides.run(pipeline, args.output, tile_size=args.size, overlap=args.overlap, level=args.level,
+                      mpp=args.mpp, tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
+                      scheduler=args.scheduler, batch_size=args.batch_size, on_error=args.on_error,
+                      resume=args.resume, progress=not args.no_progress)
+    slides.close()
+    dt = time.perf_counter() - t0
+    from .store import read_h5path
+
+    for out in outs:
+        with read_h5path(out) as h5:
+            prov = h5.provenance[-1] if h5.provenance else {}
+            failed = len(prov.get("failed_tiles", []))
+            print(f"{out}: {len(h5)} tiles" + (f", {failed} failed" if failed else "")
+                  + f", masks {h5.tile_mask_names}, labels {h5.tile_label_names}, "
+                  f"{os.path.getsize(out) / 1e6:.1f} MB")
+    print(f"{len(outs)} slide(s) in {dt:.1f} s")
+    return 0
+
+
+def cmd_transforms(args):
+    from .transforms import library  # noqa: F401 - registers the built-in transforms
+    from .transforms.base import list_transforms
+
+    items = list_transforms()
+    if args.json:
+        print(json.dumps(items, default=repr))
+        return 0
+    for t in items:
+        params = ", ".join(f"{k}={v!r}" for k, v in t["params"].items())
+        kinds = f"  [{', '.join(t['slide_types'])}]" if t["slide_types"] else ""
+        print(f"{t['name']}({params}){kinds}\n    {t['doc']}")
     return 0
 
 

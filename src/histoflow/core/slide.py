@@ -214,6 +214,45 @@ class SlideData:
                 w.add_provenance(provenance)
         return os.fspath(path)
 
+    # ------------------------------------------------------------------ running pipelines
+    def run(self, pipeline, out, *, tile_size=256, overlap=0, stride=None, level=None, mpp=None, edge="pad",
+            tissue_filter=None, executor="dask", workers=None, scheduler=None, client=None, batch_size=16,
+            max_in_flight=None, on_error="raise", resume=False, progress=True, compression="gzip",
+            on_batch=None) -> str:
+        """Run a pipeline on every tile and write the results to the h5path file ``out``.
+
+        Parameters
+        ----------
+        pipeline : Pipeline or Transform or None
+            What to apply to each tile (None: store the tiles as read).
+        out : str
+            Output h5path file; while the run goes, finished batches are kept in ``out + ".partial/"``.
+        tile_size, overlap, stride, level, mpp, edge
+            The tile grid (see :meth:`grid`).
+        tissue_filter : float, optional
+            Run the tissue pre-pass on a low-resolution view (stored as the slide mask "tissue") and keep
+            only tiles with at least this fraction of tissue (e.g. 0.25).
+        executor : {"dask", "threads", "inprocess"} or distributed.Client or address
+            Where tiles run: a local dask cluster of ``workers`` processes by default; ``scheduler`` (an
+            address such as ``"tcp://10.0.0.5:8786"``) or ``client`` uses an existing cluster.
+        batch_size : int
+            Tiles per task; at most ``max_in_flight`` tasks (default 2 x workers + 2) are in flight.
+        on_error : {"raise", "skip"}
+            Stop at the first failing tile (the error names the slide, tile and transform), or record
+            failed tiles in the file's provenance and go on.
+        resume : bool
+            Continue an interrupted run from its finished batches.
+        progress : bool
+            Show a progress bar (tiles done, rate, ETA).
+        """
+        from ..engine import run_slides
+
+        return run_slides([self], [out], pipeline, tile_size=tile_size, overlap=overlap, stride=stride,
+                          level=level, mpp=mpp, edge=edge, tissue_filter=tissue_filter, executor=executor,
+                          workers=workers, scheduler=scheduler, client=client, batch_size=batch_size,
+                          max_in_flight=max_in_flight, on_error=on_error, resume=resume, progress=progress,
+                          compression=compression, on_batch=on_batch)[0]
+
     # ------------------------------------------------------------------ life cycle
     def close(self):
         self.reader.close()
@@ -230,3 +269,46 @@ class SlideData:
         return (f"SlideData({self.name!r}, {self.slide_type.name}, {self.reader.format}, {w}x{h}, "
                 f"{len(self.levels)} level(s), {mpp}, masks={sorted(self.masks)}, labels={self.labels}, "
                 f"tiles={len(self.tiles)})")
+
+
+class SlideDataset:
+    """Many slides, run as one job: every worker stays busy across slides; one h5path per slide.
+
+    >>> ds = SlideDataset(["a.svs", "b.svs"], slide_type="HE")              # doctest: +SKIP
+    >>> ds.run(pipeline, "out/", workers=4)                               # doctest: +SKIP
+    ['out/a.h5path', 'out/b.h5path']
+    """
+
+    def __init__(self, paths, **slide_kwargs):
+        self.slides = [p if isinstance(p, SlideData) else SlideData(p, **slide_kwargs) for p in paths]
+        names = [s.name for s in self.slides]
+        if len(set(names)) != len(names):
+            raise RegionError(f"slide names must be unique (they name the output files): {names}")
+
+    def __len__(self):
+        return len(self.slides)
+
+    def __iter__(self):
+        return iter(self.slides)
+
+    def __getitem__(self, i):
+        return self.slides[i]
+
+    def run(self, pipeline, outdir, **kwargs) -> list[str]:
+        """Run ``pipeline`` on every slide, writing ``outdir/<slide name>.h5path``; parameters as
+        :meth:`SlideData.run`."""
+        from ..engine import run_slides
+
+        os.makedirs(outdir, exist_ok=True)
+        outs = [os.path.join(outdir, f"{s.name}.h5path") for s in self.slides]
+        return run_slides(self.slides, outs, pipeline, **kwargs)
+
+    def close(self):
+        for s in self.slides:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,165 @@
+"""Executors: where batches run. In-process (debugging), threads, or dask.distributed.
+
+They share one small interface so that the run loop is the same for all: ``share(obj)`` (send a large
+object to the workers once), ``submit(fn, *args)``, ``wait_any(pending)``, ``workers`` and ``close()``.
+This is the only module that imports dask, and only when a dask executor is made.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+
+from ..errors import PipelineError
+
+
+class _Done:
+    """A future that is already resolved (in-process execution)."""
+
+    def __init__(self, fn, args):
+        try:
+            self._value, self._error = fn(*args), None
+        except BaseException as e:  # re-raised by result(), as a real future would
+            self._value, self._error = None, e
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def done(self):
+        return True
+
+
+class InProcessExecutor:
+    """Runs each batch at submission, in the calling thread: simplest to debug (pdb works)."""
+
+    name = "inprocess"
+    workers = 1
+
+    def share(self, obj):
+        return obj
+
+    def submit(self, fn, *args, key=None):
+        return _Done(fn, args)
+
+    def wait_any(self, pending):
+        return set(pending)
+
+    def close(self):
+        pass
+
+
+class ThreadExecutor:
+    """A thread pool in this process (decoders and OpenCV release the GIL)."""
+
+    name = "threads"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = int(workers or os.cpu_count() or 1)
+        self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="histoflow")
+
+    def share(self, obj):
+        return obj
+
+    def submit(self, fn, *args, key=None):
+        return self._pool.submit(fn, *args)
+
+    def wait_any(self, pending):
+        done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        return done
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskExecutor:
+    """dask.distributed: a local cluster (started and stopped here), an existing ``Client``, or a
+    scheduler address (``"tcp://host:8786"``) of any cluster — Slurm through dask-jobqueue, Kubernetes
+    through dask-kubernetes, or ``dask scheduler`` / ``dask worker`` started by hand.
+
+    Workers open the slide themselves (the slide object is scattered once and its reader reopens the
+    file on each worker), so every worker must see the slide at the same path.
+    """
+
+    name = "dask"
+
+    def __init__(self, workers: int | None = None, client=None, address: str | None = None,
+                 threads_per_worker: int = 1):
+        try:
+            import distributed
+        except ImportError:  # pragma: no cover - a core dependency
+            raise PipelineError("the dask executor needs dask.distributed: pip install 'dask[distributed]'")
+        self._distributed = distributed
+        self._own_cluster = None
+        self._own_client = False
+        if client is not None:
+            self.client = client
+        elif address is not None:
+            try:
+                self.client = distributed.Client(address, timeout="20s")
+            except (OSError, TimeoutError) as e:
+                raise PipelineError(f"cannot connect to the dask scheduler at {address}: {e}") from None
+            self._own_client = True
+        else:
+            n = int(workers or os.cpu_count() or 1)
+            self._own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=threads_per_worker,
+                                                         processes=True, dashboard_address=None,
+                                                         silence_logs=40)
+            self.client = distributed.Client(self._own_cluster)
+            self._own_client = True
+
+    @property
+    def workers(self) -> int:
+        info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) else \
+            self.client.scheduler_info()
+        return max(1, sum(w.get("nthreads", 1) for w in info["workers"].values()))
+
+    def share(self, obj):
+        return self.client.scatter(obj, broadcast=True, hash=False)
+
+    def submit(self, fn, *args, key=None):
+        return self.client.submit(fn, *args, key=key, pure=False, retries=2)
+
+    def wait_any(self, pending):
+        done, _ = self._distributed.wait(list(pending), return_when="FIRST_COMPLETED")
+        return set(done)
+
+    def close(self):
+        if self._own_client:
+            self.client.close()
+        if self._own_cluster is not None:
+            self._own_cluster.close()
+
+
+def _takes_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_executor(executor="dask", workers=None, scheduler=None, client=None):
+    """An executor from the user's choice.
+
+    ``executor`` is ``"inprocess"``, ``"threads"``, ``"dask"`` (a local cluster of ``workers``
+    processes, unless ``scheduler`` (an address) or ``client`` (a ``distributed.Client``) is given), or an
+    executor object (returned as is). Returns ``(executor, owned)``: an executor made here is closed by
+    the caller.
+    """
+    if hasattr(executor, "submit") and hasattr(executor, "wait_any"):
+        return executor, False
+    if client is not None or scheduler is not None or (isinstance(executor, str) and "://" in executor):
+        address = scheduler or (executor if isinstance(executor, str) and "://" in executor else None)
+        return DaskExecutor(client=client, address=address), True
+    if executor is not None and type(executor).__name__ == "Client":
+        return DaskExecutor(client=executor), True
+    if executor in ("inprocess", "in-process", None):
+        return InProcessExecutor(), True
+    if executor == "threads":
+        return ThreadExecutor(workers), True
+    if executor == "dask":
+        return DaskExecutor(workers=workers), True
+    raise PipelineError(f"unknown executor {executor!r}: use 'inprocess', 'threads', 'dask', a scheduler "
+                        "address or a distributed.Client")

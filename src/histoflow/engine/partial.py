@@ -1,0 +1,129 @@
+"""The journal of a run in progress: ``OUT.h5path.partial/``, one file per finished batch.
+
+Each batch file is written atomically (temporary name, then rename), so a run killed at any moment
+leaves only whole batches behind; ``resume=True`` reads them and runs the rest. When every batch is
+there, the batches are copied in grid order into the final h5path (chunks are copied as bytes, not
+recompressed) and the folder is removed. Files are ``.npz`` (no pickle) plus JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from ..errors import PipelineError
+from ..store.h5path import EncodedTile, _ArrayChunk
+from .worker import BatchResult, Failure
+
+MANIFEST = "manifest.json"
+
+
+def partial_dir(out_path: str) -> str:
+    return os.fspath(out_path) + ".partial"
+
+
+def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set]:
+    """Prepare the journal folder; return it and the batches already done (when resuming)."""
+    d = partial_dir(out_path)
+    if os.path.isdir(d):
+        old = _read_manifest(d)
+        if resume and old is not None:
+            if old != manifest:
+                diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                raise PipelineError(f"{out_path}: cannot resume: the unfinished run used other settings "
+                                    f"({', '.join(diff)}); run without resume to start over")
+            return d, done_batches(d)
+        shutil.rmtree(d)
+    os.makedirs(d)
+    _write_json(os.path.join(d, MANIFEST), manifest)
+    return d, set()
+
+
+def _read_manifest(d):
+    try:
+        with open(os.path.join(d, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def batch_path(d: str, batch: int) -> str:
+    return os.path.join(d, f"batch-{batch:07d}.npz")
+
+
+def done_batches(d: str) -> set:
+    out = set()
+    for name in os.listdir(d):
+        if name.startswith("batch-") and name.endswith(".npz"):
+            try:
+                out.add(int(name[6:-4]))
+            except ValueError:
+                pass
+    return out
+
+
+def write_batch(d: str, result: BatchResult):
+    """Store one finished batch (its encoded tiles and failures) atomically."""
+    meta = {"tiles": [], "failures": [f.as_dict() for f in result.failures]}
+    blobs, offset = [], 0
+
+    def put(data: bytes):
+        nonlocal offset
+        blobs.append(data)
+        offset += len(data)
+        return [offset - len(data), len(data)]
+
+    for index, enc in result.tiles:
+        meta["tiles"].append({
+            "index": index, "coords": list(enc.coords), "level": enc.level, "downsample": enc.downsample,
+            "name": enc.name, "labels": enc.labels, "compression": enc.compression,
+            "compression_level": enc.compression_level,
+            "image": [put(enc.image.data), list(enc.image.shape), enc.image.dtype],
+            "masks": {k: [put(m.data), list(m.shape), m.dtype, m.is_bool] for k, m in enc.masks.items()},
+        })
+    blob = np.frombuffer(b"".join(blobs), np.uint8) if blobs else np.zeros(0, np.uint8)
+    path = batch_path(d, result.batch)
+    tmp = path[:-4] + f".tmp-{os.getpid()}.npz"
+    np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8), blob=blob)
+    os.replace(tmp, path)
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"{type(v).__name__} is not JSON serialisable")
+
+
+def read_batch(d: str, batch: int) -> BatchResult:
+    path = batch_path(d, batch)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            blob = z["blob"].tobytes()
+    except (OSError, ValueError, KeyError) as e:
+        raise PipelineError(f"{path}: unreadable batch file of an unfinished run ({e}); remove "
+                            f"{d} to start over") from None
+    out = BatchResult(batch)
+    for t in meta["tiles"]:
+        (o, n), shape, dtype = t["image"]
+        image = _ArrayChunk(blob[o:o + n], tuple(shape), dtype)
+        masks = {k: _ArrayChunk(blob[o2:o2 + n2], tuple(s2), dt2, b2) for k, ((o2, n2), s2, dt2, b2)
+                 in t["masks"].items()}
+        enc = EncodedTile(image, tuple(t["coords"]), t["level"], t["downsample"], masks, t["labels"], t["name"],
+                          t["compression"], t["compression_level"])
+        out.tiles.append((t["index"], enc))
+    out.failures = [Failure(**f) for f in meta["failures"]]
+    return out
+
+
+def remove(d: str):
+    shutil.rmtree(d, ignore_errors=True)

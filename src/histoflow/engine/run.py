@@ -1,0 +1,217 @@
+"""Running a pipeline over slides: the same code in-process, on threads or on a dask cluster.
+
+The driver prepares each slide (tissue pre-pass, slide-level fitting such as stain matrices, the tile
+grid), cuts the grid into batches and keeps a bounded number of batches in flight (backpressure:
+memory stays flat whatever the slide size). Workers read their own tiles, apply the pipeline and
+compress the results (:mod:`histoflow.engine.worker`); the driver journals each finished batch to disk
+(:mod:`histoflow.engine.partial`, which makes runs resumable) and, when a slide is complete, copies the
+batches in grid order into its h5path file through one writer. The output does not depend on the
+executor or on the order in which batches finish.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import time
+import uuid
+from collections import deque
+
+from ..errors import PipelineError
+from ..store import H5PathWriter
+from ..transforms.base import Pipeline, Transform
+from ..utils import progress_bar
+from . import partial
+from .executors import make_executor
+from .worker import process_batch
+
+TISSUE_MASK = "tissue"
+
+
+class _Job:
+    """One slide of a run."""
+
+    def __init__(self, slide, out_path):
+        self.slide = slide
+        self.out = os.fspath(out_path)
+        self.batches: list = []
+        self.done: set = set()
+        self.dir = None
+        self.pipeline = None
+        self.manifest = None
+        self.shared = None
+        self.resumed = 0
+        self.finished = False
+
+    @property
+    def n_tiles(self):
+        return sum(len(b) for b in self.batches)
+
+
+def tissue_prepass(slide, max_size=2048, **kwargs):
+    """Detect tissue on a low-resolution view of the slide and store it as the slide mask "tissue".
+
+    The view is the slide's thumbnail with its longer side ``max_size`` (about 1.25x magnification for
+    a 40x slide of 100k px). Returns the mask (uint8 0/1) and its downsample.
+    """
+    from ..transforms.tissue import detect_tissue
+
+    thumb = slide.thumbnail(max_size)
+    if not slide.slide_type.brightfield:
+        raise PipelineError(f"{slide.path}: the tissue pre-pass detects H&E-like tissue; for a "
+                            f"{slide.slide_type.name} slide give a slide mask named 'tissue' instead")
+    mask = detect_tissue(thumb[:, :, :3], **kwargs).astype("uint8")
+    downsample = slide.dimensions[0] / mask.shape[1]
+    slide.add_mask(TISSUE_MASK, mask, downsample)
+    return mask, downsample
+
+
+def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, overlap=0, stride=None, level=None,
+               mpp=None, edge="pad", tissue_filter=None, executor="dask", workers=None, scheduler=None,
+               client=None, batch_size=16, max_in_flight=None, on_error="raise", resume=False, progress=True,
+               compression="gzip", compression_level=2, on_batch=None) -> list[str]:
+    """Run ``pipeline`` on every tile of every slide; write one h5path per slide. See :meth:`SlideData.run`.
+
+    Returns the output paths, in the order of ``slides``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise PipelineError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if compression not in ("gzip", None):
+        raise PipelineError(f"pipeline runs store tiles with 'gzip' or None compression, not {compression!r}")
+    if pipeline is not None and not isinstance(pipeline, Transform):
+        raise PipelineError(f"pipeline must be a Transform or Pipeline, got {type(pipeline).__name__}")
+    if pipeline is not None and not isinstance(pipeline, Pipeline):
+        pipeline = Pipeline([pipeline])
+    batch_size = max(1, int(batch_size))
+    jobs = [_Job(s, o) for s, o in zip(slides, outputs)]
+    tiling = {"tile_size": tile_size, "overlap": overlap, "stride": stride, "level": level, "mpp": mpp, "edge": edge,
+              "tissue_filter": tissue_filter}
+    run_id = uuid.uuid4().hex[:12]
+    for job in jobs:
+        _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume)
+
+    ex, owned = make_executor(executor, workers=workers, scheduler=scheduler, client=client)
+    t0 = time.perf_counter()
+    total = sum(j.n_tiles for j in jobs)
+    initial = sum(len(j.batches[b]) for j in jobs for b in j.done)
+    bar = progress_bar(None, total=total, desc="tiles", unit="tile", disable=not progress)
+    bar.update(initial)
+    try:
+        for job in jobs:  # slides resumed with every batch done only need their merge
+            if len(job.done) == len(job.batches):
+                _finish(job, tiling, ex, batch_size, run_id, t0)
+        queue = deque((j, b) for j in jobs for b in range(len(j.batches)) if b not in j.done)
+        in_flight_max = int(max_in_flight or 2 * ex.workers + 2)
+        pending: dict = {}
+        while queue or pending:
+            while queue and len(pending) < in_flight_max:
+                job, b = queue.popleft()
+                if job.shared is None:
+                    job.shared = (ex.share(job.slide), ex.share(job.pipeline))
+                fut = ex.submit(process_batch, job.shared[0], job.shared[1], b, job.batches[b], compression,
+                                compression_level, on_error, key=f"histoflow-{run_id}-{id(job)}-{b}")
+                pending[fut] = (job, b)
+            for fut in sorted(ex.wait_any(list(pending)), key=lambda f: (id(pending[f][0]), pending[f][1])):
+                job, b = pending.pop(fut)
+                try:
+                    result = fut.result()
+                except Exception as e:
+                    raise PipelineError(f"{job.slide.path}: batch {b} (tiles at "
+                                        f"{_where(job.batches[b])}) failed on the executor: "
+                                        f"{type(e).__name__}: {e}") from e
+                if result.failures and on_error == "raise":
+                    f = result.failures[0]
+                    raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}): "
+                                        f"{f.error}. Finished batches are kept in {job.dir}; fix the cause "
+                                        "and run again with resume=True, or pass on_error='skip'")
+                partial.write_batch(job.dir, result)
+                job.done.add(b)
+                bar.update(len(job.batches[b]))
+                if on_batch is not None:
+                    on_batch(job.slide, b, len(job.done), len(job.batches))
+                if len(job.done) == len(job.batches):
+                    _finish(job, tiling, ex, batch_size, run_id, t0)
+    finally:
+        bar.close()
+        if owned:
+            ex.close()
+    return [j.out for j in jobs]
+
+
+def _where(batch):
+    (_, a), (_, b) = batch[0], batch[-1]
+    return f"({a.x}, {a.y})..({b.x}, {b.y})"
+
+
+def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume):
+    slide = job.slide
+    if tiling["tissue_filter"] is not None and TISSUE_MASK not in slide.masks:
+        tissue_prepass(slide)
+    if pipeline is not None:
+        missing = sorted(set(pipeline.inputs) - set(slide.masks))
+        if missing:
+            raise PipelineError(f"{slide.path}: the pipeline needs slide mask(s) {missing} as inputs, which the "
+                                "slide does not have: add them with slide.add_mask(...), or pass "
+                                "tissue_filter=... to make 'tissue'")
+        pipeline.check(slide.slide_type, available_masks=set(slide.masks))
+        job.pipeline = copy.deepcopy(pipeline)  # fitted per slide
+        job.pipeline.fit_slide(slide)
+    grid = slide.grid(tiling["tile_size"], stride=tiling["stride"], overlap=tiling["overlap"],
+                      level=tiling["level"], mpp=tiling["mpp"], edge=tiling["edge"],
+                      mask=TISSUE_MASK if tiling["tissue_filter"] is not None else None,
+                      min_coverage=tiling["tissue_filter"] or 0.0)
+    specs = list(enumerate(grid))
+    if not specs:
+        raise PipelineError(f"{slide.path}: no tiles to process (grid {grid})")
+    job.batches = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
+    job.manifest = {
+        "journal": 1, "slide": os.path.abspath(slide.path), "name": slide.name,
+        "pipeline": pipeline.to_document() if pipeline is not None else None,
+        "tiling": tiling, "batch_size": batch_size, "tiles": len(specs),
+        "compression": compression, "compression_level": compression_level,
+    }
+    job.dir, job.done = partial.start(job.out, job.manifest, resume)
+    job.resumed = len(job.done)
+
+
+def _finish(job, tiling, ex, batch_size, run_id, t0):
+    """Copy the journal into the final h5path (grid order), with provenance; remove the journal."""
+    from .. import __version__
+
+    slide = job.slide
+    failures = []
+    n = 0
+    with H5PathWriter(job.out, slide=slide.metadata(), compression=job.manifest["compression"],
+                      compression_level=job.manifest["compression_level"]) as w:
+        for name, m in slide.masks.items():
+            w.add_slide_mask(name, m.array, m.downsample)
+        for b in range(len(job.batches)):
+            result = partial.read_batch(job.dir, b)
+            for _, enc in sorted(result.tiles, key=lambda t: t[0]):
+                w.add_tile(enc)
+                n += 1
+            failures.extend(f.as_dict() for f in result.failures)
+        w.add_provenance({
+            "kind": "pipeline run", "run_id": run_id,
+            "pipeline": job.manifest["pipeline"],
+            "tiling": tiling, "batch_size": batch_size, "tiles_written": n, "tiles_in_grid": job.n_tiles,
+            "failed_tiles": failures, "resumed_batches": job.resumed,
+            "executor": {"kind": ex.name, "workers": ex.workers},
+            "elapsed_s": round(time.perf_counter() - t0, 3),
+            "versions": _versions(), "histoflow": __version__, "python": platform.python_version(),
+        })
+    partial.remove(job.dir)
+    job.finished = True
+
+
+def _versions():
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("numpy", "tifffile", "imagecodecs", "openslide-python", "opencv-python-headless", "scikit-image",
+                "h5py", "dask", "distributed"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,327 @@
+"""Transform and Pipeline: the unit of tile processing and its composition.
+
+A :class:`Transform` is a small class with parameters and ``apply(tile)``, which updates the tile in place
+(its image, masks and labels). It declares the masks and labels it reads and writes and the slide types
+it accepts, so a :class:`Pipeline` is checked before the first tile runs. Where it makes sense a
+transform also offers a functional form on arrays, ``F(image)``.
+
+Every subclass registers itself under its class name, so pipelines are saved to YAML as names and
+parameters (no pickle) and loaded back by name. A user's own transform registers the same way when its
+module is imported::
+
+    class Invert(Transform):
+        \"\"\"Invert an 8-bit image.\"\"\"
+        def __init__(self, keep_masks=True):
+            self.keep_masks = keep_masks
+        def F(self, image):
+            return 255 - image
+        def apply(self, tile):
+            tile.image = self.F(tile.image)
+
+    pipe = Pipeline([BoxBlur(5), Invert()])
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import numpy as np
+import yaml
+
+from ..errors import PipelineError
+
+#: transform name -> class; filled by Transform.__init_subclass__
+REGISTRY: dict[str, type[Transform]] = {}
+
+PIPELINE_FORMAT = 1
+
+
+class TransformError(PipelineError):
+    """A transform raised on a tile. Carries the transform's name and the tile's coordinates."""
+
+    def __init__(self, message, *, transform=None, coords=None, slide=None):
+        super().__init__(message)
+        self.transform = transform
+        self.coords = coords
+        self.slide = slide
+
+
+class Transform:
+    """Base class of every transform.
+
+    Subclasses set their parameters in ``__init__`` as attributes of the same names (the scikit-learn
+    convention: :meth:`get_params` reads them back) and implement :meth:`apply`.
+
+    Class attributes (override as properties when they depend on parameters):
+
+    ``masks_in`` / ``masks_out``
+        names of the tile masks read / written.
+    ``labels_in`` / ``labels_out``
+        names of the tile labels read / written.
+    ``slide_types``
+        names of the slide types accepted (``None``: any).
+    ``changes_image``
+        whether ``apply`` replaces ``tile.image``.
+    """
+
+    masks_in: tuple = ()
+    masks_out: tuple = ()
+    labels_in: tuple = ()
+    labels_out: tuple = ()
+    slide_types: tuple | None = None
+    changes_image: bool = False
+
+    def __init_subclass__(cls, register: bool = True, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if register and not cls.__name__.startswith("_"):
+            REGISTRY[cls.__name__] = cls
+
+    # ------------------------------------------------------------------ behaviour
+    def apply(self, tile) -> None:  # pragma: no cover - abstract
+        """Update ``tile`` in place."""
+        raise NotImplementedError(f"{type(self).__name__}.apply is not implemented")
+
+    def fit_slide(self, slide) -> None:
+        """Slide-level preparation before any tile runs (e.g. a stain matrix from a low-resolution
+        tissue sample). Runs once, in the driver; the fitted transform is then sent to the workers."""
+
+    def __call__(self, tile):
+        self.apply(tile)
+        return tile
+
+    # ------------------------------------------------------------------ parameters and serialisation
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    def get_params(self) -> dict:
+        """The constructor parameters, read back from the attributes of the same names."""
+        out = {}
+        for name in self._param_names():
+            if not hasattr(self, name):
+                raise PipelineError(f"{type(self).__name__} does not keep its parameter {name!r} as an "
+                                    "attribute; store every __init__ parameter under its own name")
+            out[name] = getattr(self, name)
+        return out
+
+    def to_dict(self) -> dict:
+        return {type(self).__name__: _plain(self.get_params())}
+
+    @staticmethod
+    def from_dict(d: dict) -> Transform:
+        """Build a transform from ``{Name: {param: value}}`` (the YAML step form)."""
+        if not isinstance(d, dict) or len(d) != 1:
+            raise PipelineError(f"a pipeline step must be a mapping with one transform name, got {d!r}")
+        (name, params), = d.items()
+        if name not in REGISTRY:
+            from . import library  # noqa: F401 - the built-ins register on import
+        if name not in REGISTRY:
+            raise PipelineError(f"unknown transform {name!r}; known: {', '.join(sorted(REGISTRY))} "
+                                "(import the module that defines a custom transform before loading)")
+        params = params or {}
+        if not isinstance(params, dict):
+            raise PipelineError(f"parameters of {name} must be a mapping, got {params!r}")
+        cls = REGISTRY[name]
+        unknown = set(params) - set(cls._param_names())
+        if unknown:
+            raise PipelineError(f"{name} has no parameter(s) {sorted(unknown)}; it takes {cls._param_names()}")
+        if cls is Pipeline:
+            params = dict(params)
+            params["steps"] = [Transform.from_dict(s) for s in params.get("steps", [])]
+        return cls(**params)
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.to_dict() == other.to_dict()
+
+    def __hash__(self):
+        return hash(repr(self))
+
+
+class Pipeline(Transform):
+    """An ordered list of transforms, itself a transform.
+
+    Parameters
+    ----------
+    steps : list of Transform
+    inputs : list of str
+        Masks the tiles bring with them (slide masks cropped to tiles, e.g. ``"tissue"`` from the
+        tissue pre-pass). A step reading a mask that neither an input nor an earlier step provides is an
+        error, raised here, before any tile runs.
+
+    Examples
+    --------
+    >>> from histoflow.transforms import BoxBlur, TissueDetectionHE     # doctest: +SKIP
+    >>> pipe = Pipeline([BoxBlur(15), TissueDetectionHE()])             # doctest: +SKIP
+    >>> pipe.save("pipeline.yaml"); Pipeline.load("pipeline.yaml") == pipe   # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, steps, inputs=()):
+        self.steps = list(steps)
+        self.inputs = list(inputs)
+        for i, s in enumerate(self.steps):
+            if not isinstance(s, Transform):
+                raise PipelineError(f"pipeline step {i} is not a Transform: {s!r}")
+        self.check()
+
+    # ------------------------------------------------------------------ checking
+    @property
+    def masks_in(self):
+        return tuple(self.inputs)
+
+    @property
+    def masks_out(self):
+        return tuple(m for s in self.steps for m in s.masks_out)
+
+    @property
+    def labels_out(self):
+        return tuple(lb for s in self.steps for lb in s.labels_out)
+
+    @property
+    def changes_image(self):
+        return any(s.changes_image for s in self.steps)
+
+    def check(self, slide_type=None, available_masks=(), available_labels=()):
+        """Raise PipelineError if a step reads a mask or label nothing before it makes, or does not accept
+        the slide type. ``available_*`` add what the slide brings (its masks cropped to the tiles)."""
+        masks = set(self.inputs) | set(available_masks)
+        labels = set(available_labels)
+        for i, step in enumerate(self.steps):
+            name = type(step).__name__
+            if slide_type is not None and step.slide_types is not None:
+                st = getattr(slide_type, "name", slide_type)
+                if st not in step.slide_types:
+                    raise PipelineError(f"step {i} {name} accepts {', '.join(step.slide_types)} slides, not {st}")
+            if isinstance(step, Pipeline):
+                step.check(slide_type, masks, labels)
+            for m in step.masks_in:
+                if m not in masks:
+                    made = sorted(masks) or "none"
+                    raise PipelineError(
+                        f"step {i} {name} needs mask {m!r}, which no earlier step makes (masks available: "
+                        f"{made}); add a step that makes it or declare it with Pipeline(..., inputs=[{m!r}])")
+            for lb in step.labels_in:
+                if lb not in labels:
+                    raise PipelineError(f"step {i} {name} needs label {lb!r}, which no earlier step makes")
+            masks |= set(step.masks_out)
+            labels |= set(step.labels_out)
+
+    # ------------------------------------------------------------------ running
+    def apply(self, tile):
+        for step in self.steps:
+            try:
+                step.apply(tile)
+            except TransformError:
+                raise
+            except Exception as e:
+                raise TransformError(
+                    f"{type(step).__name__} failed on tile {tile.name or ''} at {tile.coords}: "
+                    f"{type(e).__name__}: {e}", transform=type(step).__name__, coords=tile.coords) from e
+
+    def fit_slide(self, slide):
+        for step in self.steps:
+            step.fit_slide(slide)
+
+    # ------------------------------------------------------------------ containers
+    def __len__(self):
+        return len(self.steps)
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __getitem__(self, i):
+        return self.steps[i]
+
+    def __repr__(self):
+        inner = ",\n".join("    " + repr(s).replace("\n", "\n    ") for s in self.steps)
+        inputs = f", inputs={self.inputs!r}" if self.inputs else ""
+        return f"Pipeline([\n{inner}\n]{inputs})"
+
+    # ------------------------------------------------------------------ YAML
+    def to_document(self) -> dict:
+        """The YAML document form: ``{histoflow_pipeline: 1, steps: [...], inputs: [...]}``."""
+        d = {"histoflow_pipeline": PIPELINE_FORMAT, "steps": [s.to_dict() for s in self.steps]}
+        if self.inputs:
+            d["inputs"] = list(self.inputs)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_document(), sort_keys=False)
+
+    def save(self, path) -> str:
+        """Write the pipeline as YAML (atomically)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.to_yaml())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<string>") -> Pipeline:
+        if len(text) > 1_000_000:
+            raise PipelineError(f"{source}: pipeline file too large ({len(text)} bytes)")
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PipelineError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(d, dict) or "steps" not in d:
+            raise PipelineError(f"{source}: a pipeline file is a mapping with 'steps' (a list of "
+                                "{TransformName: {param: value}})")
+        version = d.get("histoflow_pipeline", PIPELINE_FORMAT)
+        if version != PIPELINE_FORMAT:
+            raise PipelineError(f"{source}: pipeline format {version} is not supported (this histoflow "
+                                f"reads format {PIPELINE_FORMAT})")
+        try:
+            steps = [Transform.from_dict(s) for s in d["steps"] or []]
+            return cls(steps, inputs=d.get("inputs") or ())
+        except PipelineError as e:
+            raise PipelineError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise PipelineError(f"{source}: bad parameter: {e}") from None
+
+    @classmethod
+    def load(cls, path) -> Pipeline:
+        path = os.fspath(path)
+        try:
+            with open(path) as f:
+                text = f.read(1_000_001)
+        except OSError as e:
+            raise PipelineError(f"{path}: cannot read pipeline file: {e.strerror or e}") from None
+        return cls.from_yaml(text, source=path)
+
+
+def _plain(value):
+    """Parameters as plain YAML types (numpy scalars and arrays become numbers and lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Transform):
+        return value.to_dict()
+    return value
+
+
+def list_transforms() -> list[dict]:
+    """Every registered transform: name, parameters with defaults, first docstring line."""
+    out = []
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        sig = inspect.signature(cls.__init__)
+        params = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
+                  for p in sig.parameters.values() if p.name != "self"
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        doc = (inspect.getdoc(cls) or "").split("\n")[0]
+        out.append({"name": name, "params": params, "doc": doc,
+                    "slide_types": list(cls.slide_types) if isinstance(cls.slide_types, tuple) else None})
+    return out

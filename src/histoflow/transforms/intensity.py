@@ -1,0 +1,324 @@
+"""Intensity transforms: contrast stretching and (adaptive) histogram equalisation, plus the colour
+conversions the other transform modules share (grey, HSV saturation).
+
+The transforms follow :mod:`skimage.exposure` semantics and return the input dtype: uint8 stays uint8,
+uint16 stays uint16 (a float result in ``[0, 1]`` is scaled to the dtype's full range and rounded).
+"""
+from __future__ import annotations
+
+import numbers
+
+import cv2
+import numpy as np
+
+from .base import Transform
+from .filters import _as_hwc, _check_bool, _check_number, _check_positive_int, _restore
+
+__all__ = [
+    "RescaleIntensity", "HistogramEqualization", "AdaptiveHistogramEqualization",
+    "rescale_intensity", "equalize_histogram", "equalize_adaptive",
+    "to_grey", "rgb_to_saturation",
+]
+
+
+# --------------------------------------------------------------------------- colour helpers
+def to_grey(image, channel=None):
+    """One grey channel of an image, in its dtype.
+
+    ``channel`` given: that channel. Otherwise one channel is itself, three channels are RGB and four
+    RGBA, converted with OpenCV's weights ``0.299 R + 0.587 G + 0.114 B``. Other channel counts need
+    ``channel``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> to_grey(np.full((2, 2, 3), 200, np.uint8))[0, 0]
+    np.uint8(200)
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    c = image.shape[2]
+    if channel is not None:
+        if not -c <= channel < c:
+            raise ValueError(f"channel {channel} out of range for an image of {c} channels")
+        return image[:, :, channel]
+    if c == 1:
+        return image[:, :, 0]
+    if c in (3, 4):
+        code = cv2.COLOR_RGB2GRAY if c == 3 else cv2.COLOR_RGBA2GRAY
+        if image.dtype in (np.uint8, np.uint16, np.float32):
+            return cv2.cvtColor(np.ascontiguousarray(image), code)
+        rgb = image[:, :, :3].astype(np.float64)
+        grey = rgb @ np.array([0.299, 0.587, 0.114])
+        if np.issubdtype(image.dtype, np.integer):
+            info = np.iinfo(image.dtype)
+            grey = np.clip(np.round(grey), info.min, info.max)
+        return grey.astype(image.dtype)
+    raise ValueError(f"cannot make a grey image from {c} channels without knowing which: pass channel=")
+
+
+def rgb_to_saturation(image):
+    """HSV saturation of an RGB image on the 0-255 scale, uint8 ``(h, w)``.
+
+    ``S = (max - min) / max`` over R, G, B (0 where max is 0), as OpenCV's ``COLOR_RGB2HSV``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> int(rgb_to_saturation(np.array([[[255, 0, 0]]], np.uint8))[0, 0])
+    255
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"saturation needs an RGB image (h, w, 3), got shape {image.shape}")
+    rgb = np.ascontiguousarray(image[:, :, :3])
+    if rgb.dtype == np.uint8:
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1]
+    f = rgb.astype(np.float32)
+    mx, mn = f.max(axis=2), f.min(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(mx > 0, (mx - mn) / mx, 0)
+    return np.clip(np.round(s * 255), 0, 255).astype(np.uint8)
+
+
+def _to_dtype(x, dtype):
+    """A float array in [0, 1] to ``dtype`` (full integer range, rounded)."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x * info.max), max(info.min, 0), info.max).astype(dtype)
+    if dtype == np.bool_:
+        return x >= 0.5
+    return x.astype(dtype, copy=False)
+
+
+def _cast_like(x, dtype):
+    """Values to ``dtype`` unscaled, clipped to its range (rounded for integers)."""
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x), info.min, info.max).astype(dtype)
+    return x.astype(dtype)
+
+
+def _check_range(name, param, value):
+    from skimage.exposure.exposure import DTYPE_RANGE
+
+    if isinstance(value, str):
+        if value in ("image", "dtype") or value in DTYPE_RANGE:
+            return value
+        raise ValueError(f"{name}: {param} must be 'image', 'dtype', a dtype name or (min, max), got {value!r}")
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        lo, hi = (v.item() if isinstance(v, np.generic) else v for v in value)
+        if not lo < hi:
+            raise ValueError(f"{name}: {param} (min, max) needs min < max, got {value!r}")
+        return (lo, hi)
+    raise ValueError(f"{name}: {param} must be 'image', 'dtype', a dtype name or (min, max), got {value!r}")
+
+
+# --------------------------------------------------------------------------- functions on arrays
+def rescale_intensity(image, in_range="image", out_range="dtype", per_channel=False):
+    """Stretch intensities from ``in_range`` to ``out_range``
+    (:func:`skimage.exposure.rescale_intensity`), the result in the input dtype.
+
+    Parameters
+    ----------
+    image : ndarray
+    in_range, out_range : str or (min, max)
+        ``"image"`` (the image's min and max), ``"dtype"`` (its dtype's range), a dtype name such as
+        ``"uint12"``, or two numbers. Values outside ``in_range`` are clipped.
+    per_channel : bool
+        Take ``"image"`` ranges of each channel separately (useful for multiplex fluorescence).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rescale_intensity(np.array([[[50], [100], [150]]], np.uint8))[0, :, 0]
+    array([  0, 127, 255], dtype=uint8)
+    """
+    from skimage import exposure
+
+    in_range = _check_range("rescale_intensity", "in_range", in_range)
+    out_range = _check_range("rescale_intensity", "out_range", out_range)
+    image = np.asarray(image)
+    if per_channel and image.ndim == 3:
+        out = np.empty_like(image)
+        for i in range(image.shape[2]):
+            out[:, :, i] = _cast_like(exposure.rescale_intensity(image[:, :, i], in_range, out_range),
+                                      image.dtype)
+        return out
+    return _cast_like(exposure.rescale_intensity(image, in_range, out_range), image.dtype)
+
+
+def equalize_histogram(image, nbins=256, per_channel=False):
+    """Histogram equalisation (:func:`skimage.exposure.equalize_hist`, one histogram over all channels
+    unless ``per_channel``), the result in the input dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.array([[[10], [10], [20], [30]]], np.uint8)
+    >>> equalize_histogram(img)[0, :, 0]
+    array([128, 128, 191, 255], dtype=uint8)
+    """
+    from skimage import exposure
+
+    nbins = _check_positive_int("equalize_histogram", "nbins", nbins, 2)
+    image = np.asarray(image)
+    if per_channel and image.ndim == 3:
+        out = np.empty_like(image)
+        for i in range(image.shape[2]):
+            out[:, :, i] = _to_dtype(exposure.equalize_hist(image[:, :, i], nbins=nbins), image.dtype)
+        return out
+    # one histogram over every channel: flatten (scikit-image would warn that this might be a colour image)
+    flat = exposure.equalize_hist(image.reshape(-1), nbins=nbins)
+    return _to_dtype(flat, image.dtype).reshape(image.shape)
+
+
+def equalize_adaptive(image, clip_limit=0.03, nbins=256, kernel_size=None):
+    """Contrast-limited adaptive histogram equalisation (:func:`skimage.exposure.equalize_adapthist`),
+    the result in the input dtype.
+
+    A three-channel image is taken as RGB and equalised on its HSV value (as scikit-image does); any other
+    number of channels (1, 2, 4, 22, ...) is equalised channel by channel.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``(h, w, c)`` or ``(h, w)``, non-negative.
+    clip_limit : float
+        In ``[0, 1]``; higher gives more contrast.
+    nbins : int
+        Grey bins of the histograms.
+    kernel_size : int or (int, int) or None
+        Size of the contextual regions; default 1/8 of the image's height and width.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.random.default_rng(0).integers(0, 4000, (64, 64, 22), dtype=np.uint16)
+    >>> equalize_adaptive(img).dtype
+    dtype('uint16')
+    """
+    from skimage import exposure
+
+    image, was_2d = _as_hwc(image)
+    ks = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
+    c = image.shape[2]
+    if c == 3:
+        out = _to_dtype(exposure.equalize_adapthist(image, kernel_size=ks, clip_limit=clip_limit,
+                                                    nbins=nbins), image.dtype)
+    else:
+        out = np.empty_like(image)
+        for i in range(c):
+            out[:, :, i] = _to_dtype(exposure.equalize_adapthist(image[:, :, i], kernel_size=ks,
+                                                                 clip_limit=clip_limit, nbins=nbins),
+                                     image.dtype)
+    return _restore(out, was_2d)
+
+
+# --------------------------------------------------------------------------- transforms
+class RescaleIntensity(Transform):
+    """Contrast stretching with :func:`skimage.exposure.rescale_intensity` semantics, dtype kept.
+
+    Parameters
+    ----------
+    in_range, out_range : str or (min, max)
+        ``"image"``, ``"dtype"``, a dtype name (``"uint12"``) or two numbers.
+    per_channel : bool
+        Rescale each channel from its own range (for multiplex images).
+
+    Examples
+    --------
+    >>> from histoflow.transforms.intensity import RescaleIntensity
+    >>> RescaleIntensity(in_range=(0, 4095)).apply(tile)       # doctest: +SKIP
+    """
+
+    changes_image = True
+
+    def __init__(self, in_range="image", out_range="dtype", per_channel=False):
+        self.in_range = _check_range("RescaleIntensity", "in_range", in_range)
+        self.out_range = _check_range("RescaleIntensity", "out_range", out_range)
+        self.per_channel = _check_bool("RescaleIntensity", "per_channel", per_channel)
+
+    def F(self, image):
+        return rescale_intensity(image, self.in_range, self.out_range, self.per_channel)
+
+    def apply(self, tile):
+        tile.image = self.F(tile.image)
+
+
+class HistogramEqualization(Transform):
+    """Histogram equalisation (:func:`skimage.exposure.equalize_hist`), dtype kept.
+
+    Parameters
+    ----------
+    nbins : int
+        Bins of the histogram (ignored by scikit-image for integer images, which use every value).
+    per_channel : bool
+        One histogram per channel instead of one over all channels.
+
+    Examples
+    --------
+    >>> from histoflow.transforms.intensity import HistogramEqualization
+    >>> HistogramEqualization().F(image)        # doctest: +SKIP
+    """
+
+    changes_image = True
+
+    def __init__(self, nbins=256, per_channel=False):
+        self.nbins = _check_positive_int("HistogramEqualization", "nbins", nbins, 2)
+        self.per_channel = _check_bool("HistogramEqualization", "per_channel", per_channel)
+
+    def F(self, image):
+        return equalize_histogram(image, self.nbins, self.per_channel)
+
+    def apply(self, tile):
+        tile.image = self.F(tile.image)
+
+
+class AdaptiveHistogramEqualization(Transform):
+    """CLAHE (:func:`skimage.exposure.equalize_adapthist`), dtype kept; RGB on its HSV value, other
+    channel counts channel by channel.
+
+    Parameters
+    ----------
+    clip_limit : float
+        In ``[0, 1]`` (default 0.03).
+    nbins : int
+        Grey bins (default 256).
+    kernel_size : int or (int, int) or None
+        Contextual region size; default 1/8 of the image size.
+
+    Examples
+    --------
+    >>> from histoflow.transforms.intensity import AdaptiveHistogramEqualization
+    >>> AdaptiveHistogramEqualization(clip_limit=0.02).apply(tile)      # doctest: +SKIP
+    """
+
+    changes_image = True
+
+    def __init__(self, clip_limit=0.03, nbins=256, kernel_size=None):
+        name = "AdaptiveHistogramEqualization"
+        self.clip_limit = _check_number(name, "clip_limit", clip_limit, 0)
+        if self.clip_limit > 1:
+            raise ValueError(f"{name}: clip_limit must be in [0, 1], got {clip_limit!r}")
+        self.nbins = _check_positive_int(name, "nbins", nbins, 2)
+        if kernel_size is not None:
+            if isinstance(kernel_size, (list, tuple)):
+                if len(kernel_size) != 2:
+                    raise ValueError(f"{name}: kernel_size must be an int or (height, width), got {kernel_size!r}")
+                kernel_size = tuple(_check_positive_int(name, "kernel_size", k) for k in kernel_size)
+            else:
+                kernel_size = _check_positive_int(name, "kernel_size", kernel_size)
+        self.kernel_size = kernel_size
+
+    def F(self, image):
+        return equalize_adaptive(image, self.clip_limit, self.nbins, self.kernel_size)
+
+    def apply(self, tile):
+        tile.image = self.F(tile.image)

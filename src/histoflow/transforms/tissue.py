@@ -1,0 +1,395 @@
+"""Tissue detection and tile labels for brightfield (H&E, IHC) slides.
+
+- :class:`TissueDetectionHE` / :func:`detect_tissue`: the PathML recipe (grey or saturation, median blur,
+  threshold, opening, closing, region and hole clean-up), guarded against blank glass.
+- :class:`TissueDetectionCascade` / :func:`detect_tissue_cascade`: the low-magnification (about 1.25x)
+  recipe of the cascaded tumour-segmentation method: HSV saturation above 20, closed with 5x5 then 3x3.
+- :class:`LabelWhiteSpaceHE`: is the tile mostly glass?
+- :class:`LabelArtifactTileHE`: is the tile dominated by pen ink?
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .base import Transform
+from .filters import (_check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int,
+                      median_blur)
+from .intensity import rgb_to_saturation, to_grey
+from .morphology import foreground_detection, morph_close, morph_open, otsu_threshold
+
+__all__ = [
+    "TissueDetectionHE", "TissueDetectionCascade", "LabelWhiteSpaceHE", "LabelArtifactTileHE",
+    "detect_tissue", "detect_tissue_cascade", "white_space_fraction", "ink_mask", "ink_fraction",
+]
+
+#: blank-glass guards of the Otsu threshold (see :func:`detect_tissue`)
+MIN_DYNAMIC_RANGE = 10
+MAX_GREY_OTSU = 235
+MIN_SATURATION_OTSU = 15
+
+
+def _grey_uint8(image):
+    """Grey image (RGB with OpenCV weights, or the single channel) on the 0-255 scale, uint8."""
+    grey = to_grey(image)
+    return _to_uint8(grey)
+
+
+def _to_uint8(a):
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.integer):
+        return np.clip(np.round(a.astype(np.float32) * (255.0 / np.iinfo(a.dtype).max)), 0, 255).astype(np.uint8)
+    return np.clip(np.round(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)  # floats in [0, 1]
+
+
+def _rgb(image, who):
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"{who} needs an RGB image (h, w, 3), got shape {image.shape}")
+    return image[:, :, :3]
+
+
+def _odd(x):
+    k = int(round(x))
+    if k % 2 == 0:
+        k = k + 1 if x >= k else k - 1
+    return max(k, 1)
+
+
+# --------------------------------------------------------------------------- functions on arrays
+def detect_tissue(image, use_saturation=False, blur_ksize=17, threshold=None, morph_n_iter=3, morph_k_size=7,
+                  min_region_size=5000, max_hole_size=1500, outer_contours_only=False, scale=1.0):
+    """Tissue mask of a brightfield image (the PathML ``TissueDetectionHE`` recipe).
+
+    Steps: one channel (grey, or HSV saturation when ``use_saturation``) -> median blur -> threshold
+    (Otsu when ``threshold`` is None; grey keeps the pixels at or below it, since tissue is darker than
+    glass, saturation the pixels above it) -> opening -> closing -> :func:`foreground_detection`.
+
+    Blank glass is guarded: Otsu always splits an image in two, so on a tile of glass it would split the
+    noise. When Otsu is used and the blurred channel's range is under ``MIN_DYNAMIC_RANGE`` (10) grey levels,
+    or Otsu's threshold is above ``MAX_GREY_OTSU`` (235) on grey or below ``MIN_SATURATION_OTSU`` (15) on
+    saturation, the mask is all zero.
+
+    Parameters
+    ----------
+    image : ndarray
+        RGB ``(h, w, 3)`` (uint8, or uint16 / float in [0, 1], scaled to 0-255), or one grey channel.
+    use_saturation : bool
+        Threshold HSV saturation instead of grey.
+    blur_ksize : int
+        Odd median-blur kernel (1: no blur).
+    threshold : float or None
+        Fixed threshold on the 0-255 scale; None for Otsu.
+    morph_n_iter, morph_k_size : int
+        Iterations and odd square kernel of the opening and the closing.
+    min_region_size, max_hole_size : int
+        Regions smaller than this (pixels) are dropped; holes smaller than this are filled.
+    outer_contours_only : bool
+        Fill every hole.
+    scale : float
+        Resolution of ``image`` relative to the one the sizes are meant for: kernels are multiplied by
+        ``scale`` (kept odd, at least 1) and areas by ``scale ** 2``. For a slide-level pre-pass on a
+        thumbnail ``d`` times smaller than the tiles' level, pass ``scale=1/d``.
+
+    Returns
+    -------
+    uint8 ndarray (h, w) of 0 and 1.
+
+    Examples
+    --------
+    >>> import histoflow
+    >>> slide = histoflow.open_slide(path)                                   # doctest: +SKIP
+    >>> thumb = slide.thumbnail(512)                                         # doctest: +SKIP
+    >>> d = max(slide.dimensions) / max(thumb.shape[:2])                     # doctest: +SKIP
+    >>> mask = detect_tissue(thumb, scale=1 / d)                             # doctest: +SKIP
+    """
+    scale = float(_check_number("detect_tissue", "scale", scale, 0, strict=True))
+    if use_saturation:
+        channel = rgb_to_saturation(_rgb(image, "detect_tissue(use_saturation=True)"))
+    else:
+        channel = _grey_uint8(image)
+    bk = _odd(_check_odd_kernel("detect_tissue", blur_ksize) * scale)
+    mk = _odd(_check_odd_kernel("detect_tissue", morph_k_size) * scale)
+    blurred = median_blur(channel, bk) if bk > 1 else channel
+    empty = np.zeros(channel.shape, np.uint8)
+    if threshold is None:
+        lo, hi = cv2.minMaxLoc(blurred)[:2]
+        if hi - lo < MIN_DYNAMIC_RANGE:
+            return empty
+        t = otsu_threshold(blurred)
+        if (not use_saturation and t > MAX_GREY_OTSU) or (use_saturation and t < MIN_SATURATION_OTSU):
+            return empty
+    else:
+        t = float(threshold)
+    kind = cv2.THRESH_BINARY if use_saturation else cv2.THRESH_BINARY_INV
+    _, mask = cv2.threshold(blurred, np.floor(t), 1, kind)
+    if morph_n_iter > 0 and mk > 1:
+        mask = morph_open(mask, mk, morph_n_iter)
+        mask = morph_close(mask, mk, morph_n_iter)
+    return foreground_detection(mask, min_region_size * scale ** 2, max_hole_size * scale ** 2,
+                                outer_contours_only)
+
+
+def detect_tissue_cascade(image, saturation_threshold=20, close_kernel_sizes=(5, 3)):
+    """Tissue mask by the recipe of the cascaded tumour-segmentation method, meant for a level near 1.25x:
+    HSV saturation (0-255) above ``saturation_threshold``, then a morphological closing with a square
+    kernel of each size in turn (5x5 then 3x3).
+
+    Returns
+    -------
+    uint8 ndarray (h, w) of 0 and 1.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> img = np.full((32, 32, 3), 240, np.uint8); img[8:24, 8:24] = (200, 80, 160)
+    >>> int(detect_tissue_cascade(img).sum())
+    256
+    """
+    sat = rgb_to_saturation(_rgb(image, "detect_tissue_cascade"))
+    _, mask = cv2.threshold(sat, float(np.floor(saturation_threshold)), 1, cv2.THRESH_BINARY)
+    for k in close_kernel_sizes:
+        mask = morph_close(mask, int(k), 1)
+    return mask
+
+
+def white_space_fraction(image, greyscale_threshold=230):
+    """Fraction of pixels whose grey value (0-255 scale) is above ``greyscale_threshold``."""
+    grey = _grey_uint8(image)
+    return float(np.count_nonzero(grey > greyscale_threshold)) / grey.size
+
+
+#: the ink rule's constants, on OpenCV's HSV scale (H 0-179, i.e. degrees / 2; S and V 0-255)
+INK_HUE_RANGE = (35, 125)       # 70-250 degrees: green, cyan, blue. H&E lies at 250-360 and 0-40 degrees.
+INK_MIN_SATURATION = 60
+INK_MIN_VALUE = 30
+BLACK_MAX_VALUE = 70            # dark ...
+BLACK_MAX_SATURATION = 100      # ... and not strongly coloured (dense nuclei are dark but saturated purple)
+BLACK_MAX_VALUE_ANY = 30        # or nearly black whatever the colour
+GLASS_MIN_VALUE = 200
+GLASS_MAX_SATURATION = 25
+
+
+def ink_mask(image):
+    """Pixels that look like pen ink (uint8 0/1 mask).
+
+    On OpenCV's HSV scale (H 0-179, S and V 0-255) a pixel is ink when it is
+
+    - coloured ink: hue in ``INK_HUE_RANGE`` (35-125, i.e. 70-250 degrees: green, cyan, blue), saturation
+      at least 60 and value at least 30 — haematoxylin and eosin lie outside this hue range (purple to
+      pink, 250-360 and 0-40 degrees);
+    - black ink: value below 70 with saturation below 100 (dark but not strongly coloured; dense nuclei are
+      dark but saturated purple), or value below 30 whatever the colour.
+
+    Red ink cannot be told from eosin by colour and is not detected.
+    """
+    rgb = _to_uint8(np.ascontiguousarray(_rgb(image, "ink_mask")))
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    h, s, v = hsv[:, :, 0], hsv[:, :, 1], hsv[:, :, 2]
+    coloured = ((h >= INK_HUE_RANGE[0]) & (h <= INK_HUE_RANGE[1]) & (s >= INK_MIN_SATURATION)
+                & (v >= INK_MIN_VALUE))
+    black = ((v < BLACK_MAX_VALUE) & (s < BLACK_MAX_SATURATION)) | (v < BLACK_MAX_VALUE_ANY)
+    return (coloured | black).astype(np.uint8)
+
+
+def ink_fraction(image):
+    """``(ink fraction of the tile, ink fraction of the tile's non-glass pixels)``; glass is value at least
+    200 with saturation below 25 (HSV, 0-255)."""
+    rgb = _to_uint8(np.ascontiguousarray(_rgb(image, "ink_fraction")))
+    ink = ink_mask(rgb)
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+    glass = (hsv[:, :, 2] >= GLASS_MIN_VALUE) & (hsv[:, :, 1] < GLASS_MAX_SATURATION)
+    n_ink = int(np.count_nonzero(ink))
+    n_fg = ink.size - int(np.count_nonzero(glass))
+    return n_ink / ink.size, (n_ink / n_fg if n_fg else 0.0)
+
+
+# --------------------------------------------------------------------------- transforms
+class TissueDetectionHE(Transform):
+    """Tissue mask of an H&E or IHC tile (PathML recipe, see :func:`detect_tissue`), guarded so that a
+    tile of blank glass gives an all-zero mask.
+
+    Parameters
+    ----------
+    mask_name : str
+        Where the 0/1 mask goes (default ``"tissue"``).
+    use_saturation : bool
+        Threshold HSV saturation instead of grey.
+    blur_ksize : int
+        Odd median-blur kernel (default 17).
+    threshold : float or None
+        Fixed threshold (0-255 scale); None for Otsu.
+    morph_n_iter, morph_k_size : int
+        Opening and closing: iterations (default 3) and odd kernel (default 7).
+    min_region_size, max_hole_size : int
+        Regions under ``min_region_size`` px are dropped, holes under ``max_hole_size`` px filled.
+    outer_contours_only : bool
+        Fill every hole.
+
+    Examples
+    --------
+    >>> from histoflow.transforms.base import Pipeline
+    >>> from histoflow.transforms.tissue import TissueDetectionHE
+    >>> from histoflow.transforms.filters import BoxBlur
+    >>> pipe = Pipeline([TissueDetectionHE(), BoxBlur(5, mask_name="tissue")])
+    """
+
+    slide_types = ("HE", "IHC")
+
+    def __init__(self, mask_name="tissue", use_saturation=False, blur_ksize=17, threshold=None, morph_n_iter=3,
+                 morph_k_size=7, min_region_size=5000, max_hole_size=1500, outer_contours_only=False):
+        name = "TissueDetectionHE"
+        self.mask_name = _check_name(name, "mask_name", mask_name)
+        self.use_saturation = _check_bool(name, "use_saturation", use_saturation)
+        self.blur_ksize = _check_odd_kernel(name, blur_ksize)
+        if threshold is not None:
+            threshold = _check_number(name, "threshold", threshold)
+        self.threshold = threshold
+        self.morph_n_iter = _check_positive_int(name, "morph_n_iter", morph_n_iter, 0)
+        self.morph_k_size = _check_odd_kernel(name, morph_k_size)
+        self.min_region_size = _check_number(name, "min_region_size", min_region_size, 0)
+        self.max_hole_size = _check_number(name, "max_hole_size", max_hole_size, 0)
+        self.outer_contours_only = _check_bool(name, "outer_contours_only", outer_contours_only)
+
+    @property
+    def masks_out(self):
+        return (self.mask_name,)
+
+    def F(self, image):
+        return detect_tissue(image, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
+                             self.morph_k_size, self.min_region_size, self.max_hole_size,
+                             self.outer_contours_only)
+
+    def apply(self, tile):
+        tile.masks[self.mask_name] = self.F(tile.image)
+
+
+class TissueDetectionCascade(Transform):
+    """Tissue mask by the low-magnification recipe of the cascaded tumour-segmentation method (see
+    :func:`detect_tissue_cascade`): HSV saturation above ``saturation_threshold``, closed 5x5 then 3x3.
+    Meant for tiles or thumbnails near 1.25x.
+
+    Parameters
+    ----------
+    mask_name : str
+        Where the 0/1 mask goes (default ``"tissue"``).
+    saturation_threshold : float
+        On the 0-255 scale (default 20).
+    close_kernel_sizes : sequence of int
+        Square closings applied in turn (default ``(5, 3)``).
+
+    Examples
+    --------
+    >>> from histoflow.transforms.tissue import TissueDetectionCascade
+    >>> TissueDetectionCascade().apply(tile)        # doctest: +SKIP
+    """
+
+    slide_types = ("HE", "IHC")
+
+    def __init__(self, mask_name="tissue", saturation_threshold=20, close_kernel_sizes=(5, 3)):
+        name = "TissueDetectionCascade"
+        self.mask_name = _check_name(name, "mask_name", mask_name)
+        self.saturation_threshold = _check_number(name, "saturation_threshold", saturation_threshold, 0)
+        if not isinstance(close_kernel_sizes, (list, tuple)):
+            raise ValueError(f"{name}: close_kernel_sizes must be a list of odd integers, got {close_kernel_sizes!r}")
+        self.close_kernel_sizes = tuple(_check_odd_kernel(name, k) for k in close_kernel_sizes)
+
+    @property
+    def masks_out(self):
+        return (self.mask_name,)
+
+    def F(self, image):
+        return detect_tissue_cascade(image, self.saturation_threshold, self.close_kernel_sizes)
+
+    def apply(self, tile):
+        tile.masks[self.mask_name] = self.F(tile.image)
+
+
+class LabelWhiteSpaceHE(Transform):
+    """Label a tile as white space (PathML semantics): True when the fraction of pixels whose grey value is
+    above ``greyscale_threshold`` exceeds ``proportion_threshold``.
+
+    Parameters
+    ----------
+    label_name : str
+        Where the bool label goes (default ``"white_space"``).
+    proportion_threshold : float
+        In [0, 1] (default 0.9).
+    greyscale_threshold : float
+        Grey level on the 0-255 scale (default 230).
+
+    Examples
+    --------
+    >>> from histoflow.transforms.tissue import LabelWhiteSpaceHE
+    >>> LabelWhiteSpaceHE().apply(tile); tile.labels["white_space"]       # doctest: +SKIP
+    False
+    """
+
+    slide_types = ("HE", "IHC")
+
+    def __init__(self, label_name="white_space", proportion_threshold=0.9, greyscale_threshold=230):
+        name = "LabelWhiteSpaceHE"
+        self.label_name = _check_name(name, "label_name", label_name)
+        self.proportion_threshold = _check_number(name, "proportion_threshold", proportion_threshold, 0)
+        if self.proportion_threshold > 1:
+            raise ValueError(f"{name}: proportion_threshold must be in [0, 1], got {proportion_threshold!r}")
+        self.greyscale_threshold = _check_number(name, "greyscale_threshold", greyscale_threshold, 0)
+
+    @property
+    def labels_out(self):
+        return (self.label_name,)
+
+    def F(self, image):
+        return bool(white_space_fraction(image, self.greyscale_threshold) > self.proportion_threshold)
+
+    def apply(self, tile):
+        tile.labels[self.label_name] = bool(self.F(tile.image))
+
+
+class LabelArtifactTileHE(Transform):
+    """Label a tile dominated by pen ink.
+
+    A pixel is ink by the colour rule of :func:`ink_mask` (green/cyan/blue hues with saturation, or
+    black). The tile is labelled True when ink covers at least ``min_ink_fraction`` of the tile **and** at
+    least ``proportion_threshold`` of its non-glass pixels (glass: HSV value >= 200 and saturation < 25).
+    Red ink is not detected (it has the colour of eosin).
+
+    Parameters
+    ----------
+    label_name : str
+        Where the bool label goes (default ``"artifact"``).
+    proportion_threshold : float
+        Share of the non-glass pixels that must be ink (default 0.25).
+    min_ink_fraction : float
+        Share of the whole tile that must be ink (default 0.05), so a fleck of dye or a few dark specks on glass are not
+        enough.
+
+    Examples
+    --------
+    >>> from histoflow.transforms.tissue import LabelArtifactTileHE
+    >>> LabelArtifactTileHE().apply(tile); tile.labels["artifact"]       # doctest: +SKIP
+    False
+    """
+
+    slide_types = ("HE", "IHC")
+
+    def __init__(self, label_name="artifact", proportion_threshold=0.25, min_ink_fraction=0.05):
+        name = "LabelArtifactTileHE"
+        self.label_name = _check_name(name, "label_name", label_name)
+        self.proportion_threshold = _check_number(name, "proportion_threshold", proportion_threshold, 0)
+        self.min_ink_fraction = _check_number(name, "min_ink_fraction", min_ink_fraction, 0)
+        for p in ("proportion_threshold", "min_ink_fraction"):
+            if getattr(self, p) > 1:
+                raise ValueError(f"{name}: {p} must be in [0, 1], got {getattr(self, p)!r}")
+
+    @property
+    def labels_out(self):
+        return (self.label_name,)
+
+    def F(self, image):
+        of_tile, of_foreground = ink_fraction(image)
+        return bool(of_tile >= self.min_ink_fraction and of_foreground >= self.proportion_threshold)
+
+    def apply(self, tile):
+        tile.labels[self.label_name] = bool(self.F(tile.image))

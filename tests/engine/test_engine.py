@@ -1,0 +1,265 @@
+"""The engine: same output on every executor, faults, worker loss, resume, many slides, checks.
+
+Dask tests start a real scheduler and two workers as separate processes on 127.0.0.1 with the
+`dask scheduler` / `dask worker` commands, and run through the scheduler's address.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from datafiles import SVS, mosaic
+
+from histoflow import PipelineError, SlideData, SlideDataset, read_h5path
+from histoflow.transforms import Pipeline, Transform
+
+BIN = os.path.dirname(sys.executable)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Blur(Transform):
+    """Box blur (test copy, independent of the library)."""
+
+    changes_image = True
+
+    def __init__(self, k=9):
+        self.k = k
+
+    def apply(self, tile):
+        tile.image = cv2.blur(tile.image, (self.k, self.k))
+
+
+class Dark(Transform):
+    """Mask of dark pixels and its fraction as a label."""
+
+    masks_out = ("dark",)
+    labels_out = ("dark_fraction",)
+
+    def __init__(self, threshold=160, delay=0.0):
+        self.threshold = threshold
+        self.delay = delay
+
+    def apply(self, tile):
+        if self.delay:
+            time.sleep(self.delay)
+        m = (cv2.cvtColor(tile.image, cv2.COLOR_RGB2GRAY) < self.threshold).astype(np.uint8)
+        tile.masks["dark"] = m
+        tile.labels["dark_fraction"] = float(m.mean())
+
+
+class FailAt(Transform):
+    """Raises on the tile at one coordinate."""
+
+    def __init__(self, x=256, y=512):
+        self.x = x
+        self.y = y
+
+    def apply(self, tile):
+        if tile.coords == (self.x, self.y):
+            raise ValueError("synthetic failure")
+
+
+def pipeline(delay=0.0):
+    return Pipeline([Blur(9), Dark(160, delay)])
+
+
+def chunks(path):
+    """Everything that defines the tile data of a file, chunk bytes included."""
+    with h5py.File(path, "r") as f:
+        t = f["tiles"]
+        n = t["images"].shape[0]
+        imgs = [t["images"].id.read_direct_chunk((i, 0, 0, 0))[1] for i in range(n)]
+        masks = [t["masks/dark"].id.read_direct_chunk((i, 0, 0))[1] for i in range(n)]
+        return imgs, masks, t["coords"][:].tolist(), t["labels/dark_fraction"][:].tolist()
+
+
+# ---------------------------------------------------------------------- a real cluster
+def _start_cluster(tmp_path, n_workers=2):
+    sched_file = tmp_path / "scheduler.json"
+    # the workers import this module to unpickle its transforms, as they would a user's own module
+    path = os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    procs = [subprocess.Popen([os.path.join(BIN, "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(sched_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    for _ in range(200):
+        if sched_file.exists() and sched_file.stat().st_size:
+            break
+        time.sleep(0.1)
+    address = json.loads(sched_file.read_text())["address"]
+    for i in range(n_workers):
+        procs.append(subprocess.Popen([os.path.join(BIN, "dask"), "worker", address, "--nthreads", "1",
+                                       "--no-nanny", "--no-dashboard", "--name", f"w{i}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    from distributed import Client
+
+    with Client(address, timeout="30s") as c:
+        c.wait_for_workers(n_workers, timeout=60)
+    return address, procs
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    address, procs = _start_cluster(tmp_path)
+    yield address, procs
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+# ---------------------------------------------------------------------- tests
+def test_same_output_on_every_executor(tmp_path, cluster):
+    address, _ = cluster
+    slide = SlideData(mosaic(2))
+    ref = slide.run(pipeline(), tmp_path / "inprocess.h5path", executor="inprocess", progress=False)
+    thr = slide.run(pipeline(), tmp_path / "threads.h5path", executor="threads", workers=2, progress=False)
+    dsk = slide.run(pipeline(), tmp_path / "dask.h5path", scheduler=address, batch_size=8, progress=False)
+    a = chunks(ref)
+    assert len(a[0]) == 18 * 24
+    assert chunks(thr) == a
+    assert chunks(dsk) == a
+    with read_h5path(dsk) as h5:
+        prov = h5.provenance[-1]
+        assert prov["executor"] == {"kind": "dask", "workers": 2}
+        assert prov["pipeline"]["steps"] == [{"Blur": {"k": 9}}, {"Dark": {"threshold": 160, "delay": 0.0}}]
+        t = h5.tile(100)
+        np.testing.assert_array_equal(t.image, cv2.blur(slide.read_region(t.coords, 0, (256, 256)), (9, 9)))
+    assert not os.path.exists(str(dsk) + ".partial")
+
+
+def test_worker_killed_mid_run(tmp_path, cluster):
+    address, procs = cluster
+    slide = SlideData(mosaic(2))
+    killed = []
+
+    def kill_one(slide_, batch, done, total):
+        if done == 5 and not killed:
+            procs[1].send_signal(signal.SIGKILL)  # worker w0, no nanny: gone for good
+            killed.append(batch)
+
+    out = slide.run(pipeline(delay=0.01), tmp_path / "killed.h5path", scheduler=address, batch_size=6,
+                    progress=False, on_batch=kill_one)
+    assert killed
+    ref = slide.run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", progress=False)
+    got = chunks(out)
+    assert got == chunks(ref)  # nothing lost, nothing duplicated, same order
+    assert len(set(map(tuple, got[2]))) == 432
+
+
+def test_transform_error_names_slide_tile_and_transform(tmp_path):
+    slide = SlideData(SVS)
+    pipe = Pipeline([Blur(3), FailAt(256, 512)])
+    for executor in ("inprocess", "threads"):
+        with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: FailAt failed on tile at \(x=256, y=512\)"
+                                                r".*synthetic failure"):
+            slide.run(pipe, tmp_path / f"{executor}.h5path", executor=executor, progress=False)
+        assert not os.path.exists(tmp_path / f"{executor}.h5path")
+
+
+def test_transform_error_on_a_dask_cluster(tmp_path, cluster):
+    address, _ = cluster
+    slide = SlideData(SVS)
+    with pytest.raises(PipelineError, match=r"FailAt failed on tile at \(x=256, y=512\)"):
+        slide.run(Pipeline([FailAt(256, 512)]), tmp_path / "d.h5path", scheduler=address, progress=False)
+
+
+def test_on_error_skip_records_failed_tiles(tmp_path):
+    slide = SlideData(SVS)
+    out = slide.run(Pipeline([Blur(3), FailAt(256, 512)]), tmp_path / "skip.h5path", executor="threads",
+                    on_error="skip", progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) == 108 - 1
+        assert (256, 512) not in {tuple(c) for c in h5.coords.tolist()}
+        failed = h5.provenance[-1]["failed_tiles"]
+        assert len(failed) == 1 and failed[0]["x"] == 256 and failed[0]["y"] == 512
+        assert failed[0]["transform"] == "FailAt" and "synthetic failure" in failed[0]["error"]
+
+
+RESUME_SCRIPT = r"""
+import os, signal, sys
+sys.path[:0] = [{tests!r}, {tests_root!r}]
+from test_engine import pipeline
+from histoflow import SlideData
+def die(slide, batch, done, total):
+    if done == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+SlideData({slide!r}).run(pipeline(), {out!r}, executor="inprocess", batch_size=10, progress=False, on_batch=die)
+"""
+
+
+def test_resume_after_the_process_was_killed(tmp_path):
+    slide_path = mosaic(2)
+    out = str(tmp_path / "resumed.h5path")
+    script = RESUME_SCRIPT.format(tests=HERE, tests_root=os.path.dirname(HERE), slide=slide_path, out=out)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    assert not os.path.exists(out)
+    journal = os.listdir(out + ".partial")
+    done_before = {int(f[6:-4]) for f in journal if f.startswith("batch-") and f.endswith(".npz")}
+    assert len(done_before) == 7
+    ran = []
+    SlideData(slide_path).run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False,
+                              on_batch=lambda s, b, d, t: ran.append(b))
+    assert sorted(ran) == sorted(set(range(44)) - done_before)  # only what was missing
+    ref = SlideData(slide_path).run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", batch_size=10,
+                                    progress=False)
+    assert chunks(out) == chunks(ref)
+    with read_h5path(out) as h5:
+        assert h5.provenance[-1]["resumed_batches"] == 7
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    slide = SlideData(SVS)
+    out = str(tmp_path / "x.h5path")
+    os.makedirs(out + ".partial")
+    with open(os.path.join(out + ".partial", "manifest.json"), "w") as f:
+        json.dump({"journal": 1, "tiles": 3}, f)
+    with pytest.raises(PipelineError, match="cannot resume: the unfinished run used other settings"):
+        slide.run(pipeline(), out, executor="inprocess", resume=True, progress=False)
+
+
+def test_many_slides_one_file_each(tmp_path):
+    ds = SlideDataset([SVS, mosaic(2)])
+    outs = ds.run(pipeline(), tmp_path / "out", executor="threads", workers=2, progress=False)
+    assert [os.path.basename(o) for o in outs] == ["CMU-1-Small-Region.h5path", "mosaic2.h5path"]
+    with read_h5path(outs[0]) as a, read_h5path(outs[1]) as b:
+        assert (len(a), len(b)) == (108, 432)
+        assert a.slide["name"] == "CMU-1-Small-Region" and b.slide["width"] == 4440
+
+
+def test_pipeline_checked_before_any_tile(tmp_path):
+    from histoflow.transforms.base import TransformError  # noqa: F401
+
+    class NeedsTissue(Transform):
+        masks_in = ("tissue",)
+
+        def apply(self, tile):
+            pass
+
+    with pytest.raises(PipelineError, match=r"step 1 NeedsTissue needs mask 'tissue', which no earlier step makes"):
+        Pipeline([Blur(3), NeedsTissue()])
+    pipe = Pipeline([Blur(3), NeedsTissue()], inputs=["tissue"])
+    slide = SlideData(SVS)
+    with pytest.raises(PipelineError, match=r"needs slide mask\(s\) \['tissue'\] as inputs"):
+        slide.run(pipe, tmp_path / "a.h5path", executor="inprocess", progress=False)
+    slide.add_mask("tissue", np.ones((10, 10), np.uint8))
+    out = slide.run(pipe, tmp_path / "b.h5path", executor="inprocess", progress=False)
+    with read_h5path(out) as h5:
+        assert h5.tile(0).masks["tissue"].all()
+
+
+def test_memory_flat_while_running(tmp_path):
+    import tracemalloc
+
+    slide = SlideData(mosaic(2))
+    tracemalloc.start()
+    slide.run(pipeline(), tmp_path / "m.h5path", executor="inprocess", batch_size=8, progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 40 * 1024**2, peak  # the level is 79 MB; in flight: a few batches of 8 tiles

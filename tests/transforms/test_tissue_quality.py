@@ -1,0 +1,235 @@
+"""Tissue detection, white-space and pen-ink labels, and blur QC on real slides and H&E crops."""
+import cv2
+import numpy as np
+import pytest
+from datafiles import SVS, data_path
+from PIL import Image
+
+import histoflow
+from histoflow.core.tile import Tile
+from histoflow.errors import PipelineError
+from histoflow.transforms.base import Pipeline, Transform
+from histoflow.transforms.filters import BoxBlur
+from histoflow.transforms.intensity import to_grey
+from histoflow.transforms.morphology import BinaryThreshold, MorphOpen
+from histoflow.transforms.quality import BlurQC, laplacian_variance
+from histoflow.transforms.tissue import (LabelArtifactTileHE, LabelWhiteSpaceHE, TissueDetectionCascade,
+                                         TissueDetectionHE, detect_tissue, detect_tissue_cascade, ink_mask)
+
+
+@pytest.fixture(scope="module")
+def slide():
+    s = histoflow.open_slide(SVS)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def thumb(slide):
+    return slide.thumbnail(512)
+
+
+@pytest.fixture(scope="module")
+def white(slide):
+    """The top-left corner of CMU-1: glass, with one small fleck of debris."""
+    img = slide.read_region((0, 0), 0, (256, 256))
+    grey = to_grey(img)
+    assert np.median(grey) > 235 and np.mean(grey > 220) > 0.95
+    return img
+
+
+@pytest.fixture(scope="module")
+def glass(slide):
+    """Blank glass only: the case where an unguarded Otsu splits the noise."""
+    img = slide.read_region((1900, 100), 0, (256, 256))
+    grey = to_grey(img)
+    assert grey.min() > 230
+    return img
+
+
+@pytest.fixture(scope="module")
+def tissue(slide):
+    img = slide.read_region((1000, 1000), 0, (256, 256))
+    assert np.mean(to_grey(img) < 200) > 0.8
+    return img
+
+
+def _he(name):
+    return np.asarray(Image.open(data_path("he_patches", name)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def he_crops():
+    """256 x 256 crops of every real H&E image at hand."""
+    crops = []
+    for name in ("tiatoolbox_stain_target.png", "napari_skin_HE.tif", "stardist_histo.jpg"):
+        img = _he(name)
+        for y in range(0, img.shape[0] - 255, 128):
+            for x in range(0, img.shape[1] - 255, 128):
+                crops.append(np.ascontiguousarray(img[y:y + 256, x:x + 256]))
+    return crops
+
+
+def _is_mask(m, shape):
+    return m.dtype == np.uint8 and m.shape == shape and set(np.unique(m)) <= {0, 1}
+
+
+# --------------------------------------------------------------------------- tissue detection
+def test_tissue_detection_on_thumbnail(slide, thumb):
+    d = max(slide.dimensions) / max(thumb.shape[:2])
+    mask = detect_tissue(thumb, scale=1 / d)
+    assert _is_mask(mask, thumb.shape[:2])
+    # CMU-1-Small-Region: a strip of skin over glass, about a third of the slide
+    assert 0.28 < mask.mean() < 0.42
+    grey = to_grey(thumb)
+    assert grey[mask == 1].mean() < 190 < grey[mask == 0].mean()
+    # unscaled parameters and the saturation channel agree
+    assert 0.28 < detect_tissue(thumb).mean() < 0.42
+    sat = detect_tissue(thumb, use_saturation=True, scale=1 / d)
+    assert (sat & mask).sum() / (sat | mask).sum() > 0.85
+
+
+def test_tissue_detection_transform_and_guard(white, glass, tissue):
+    t = TissueDetectionHE()
+    tile = Tile(image=white, coords=(0, 0), slide_type="HE")
+    t.apply(tile)
+    assert _is_mask(tile.masks["tissue"], (256, 256)) and tile.masks["tissue"].max() == 0
+    assert t.F(glass).max() == 0
+    assert TissueDetectionHE(use_saturation=True).F(glass).max() == 0
+    # without the guard, Otsu on blank glass marks a good part of it
+    assert BinaryThreshold(inverse=True).F(glass).mean() > 0.1
+    m = t.F(tissue)
+    assert _is_mask(m, (256, 256)) and m.mean() > 0.3
+    np.testing.assert_array_equal(m, detect_tissue(tissue))
+    # a fixed threshold instead of Otsu
+    assert TissueDetectionHE(threshold=220, min_region_size=100).F(tissue).mean() > 0.9
+
+
+def test_tissue_detection_uint16_same_as_uint8(tissue):
+    np.testing.assert_array_equal(detect_tissue(tissue.astype(np.uint16) * 257), detect_tissue(tissue))
+
+
+def test_cascade_recipe(thumb, white, glass, tissue):
+    mask = TissueDetectionCascade().F(thumb)
+    assert _is_mask(mask, thumb.shape[:2])
+    assert 0.28 < mask.mean() < 0.45
+    he = detect_tissue(thumb, scale=0.17)
+    assert (he & mask).sum() / (he | mask).sum() > 0.8
+    # by hand: saturation > 20, then closing 5x5 and 3x3
+    sat = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[:, :, 1]
+    ref = (sat > 20).astype(np.uint8)
+    for k in (5, 3):
+        ref = cv2.morphologyEx(ref, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
+    np.testing.assert_array_equal(mask, ref)
+    assert detect_tissue_cascade(glass).max() == 0
+    assert detect_tissue_cascade(white).mean() < 0.05          # only the fleck of debris
+    assert detect_tissue_cascade(tissue).mean() > 0.95
+    tile = Tile(image=tissue, coords=(1000, 1000))
+    TissueDetectionCascade(mask_name="fg").apply(tile)
+    assert "fg" in tile.masks
+
+
+# --------------------------------------------------------------------------- labels
+def test_white_space_label(white, glass, tissue):
+    t = LabelWhiteSpaceHE()
+    for img, expected in ((white, True), (glass, True), (tissue, False)):
+        tile = Tile(image=img, coords=(0, 0))
+        t.apply(tile)
+        assert tile.labels["white_space"] is expected
+        assert expected == (np.mean(to_grey(img) > 230) > 0.9)      # PathML semantics
+    assert LabelWhiteSpaceHE(proportion_threshold=0.99).F(white) is False     # 97% of it is above 230
+
+
+def _pen(img, colour, seed=0, n=4, thickness=24):
+    """Strokes of ink drawn across a copy of ``img``."""
+    out = img.copy()
+    rng = np.random.default_rng(seed)
+    h, w = img.shape[:2]
+    for i in range(n):
+        y0, y1 = (int(v) for v in rng.integers(0, h, 2))
+        cv2.line(out, (0, y0 + i * 10), (w - 1, y1), colour, thickness, cv2.LINE_AA)
+    return out
+
+
+INKS = {"blue": (40, 60, 190), "green": (40, 150, 70), "black": (30, 30, 35), "navy": (20, 30, 110),
+        "dark green": (20, 80, 40)}
+
+
+@pytest.mark.parametrize("ink", sorted(INKS))
+def test_pen_marks_flagged(he_crops, tissue, ink):
+    t = LabelArtifactTileHE()
+    for i, crop in enumerate([tissue] + he_crops[::7]):
+        marked = _pen(crop, INKS[ink], seed=i)
+        tile = Tile(image=marked, coords=(0, 0), slide_type="HE")
+        t.apply(tile)
+        assert tile.labels["artifact"] is True, (ink, i)
+        assert ink_mask(marked).mean() > ink_mask(crop).mean() + 0.2
+
+
+def test_real_he_not_flagged(he_crops, tissue, white, glass, thumb):
+    t = LabelArtifactTileHE()
+    for i, crop in enumerate(he_crops + [tissue, white, glass, np.ascontiguousarray(thumb[:256, :256])]):
+        assert t.F(crop) is False, i
+    # a single thin stroke does not dominate a tissue tile
+    assert not t.F(_pen(tissue, INKS["blue"], n=1, thickness=3))
+
+
+# --------------------------------------------------------------------------- blur QC
+def test_blur_qc(he_crops, tissue):
+    t = BlurQC()
+    for img in (tissue, he_crops[0], he_crops[-1]):
+        tile = Tile(image=img, coords=(0, 0))
+        t.apply(tile)
+        assert isinstance(tile.labels["laplacian_variance"], float)
+        assert tile.labels["laplacian_variance"] > 200 and tile.labels["blur"] is False
+        blurred = cv2.GaussianBlur(img, (0, 0), 3)
+        tile = Tile(image=blurred, coords=(0, 0))
+        t.apply(tile)
+        assert tile.labels["laplacian_variance"] < 100 and tile.labels["blur"] is True
+    grey = cv2.cvtColor(tissue, cv2.COLOR_RGB2GRAY)
+    assert laplacian_variance(tissue) == pytest.approx(cv2.Laplacian(grey, cv2.CV_64F).var())
+    # uint16 on the same 0-255 scale; one channel of a multiplex image
+    assert laplacian_variance(tissue.astype(np.uint16) * 257) == pytest.approx(laplacian_variance(tissue), rel=0.01)
+    mibi = histoflow.open_slide(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")).read_region((0, 0), 0, (128, 128))
+    assert laplacian_variance(mibi, channel=0) >= 0
+    with pytest.raises(ValueError):
+        BlurQC(label_name="x", score_name="x")
+
+
+# --------------------------------------------------------------------------- serialisation and pipelines
+ALL = [TissueDetectionHE(), TissueDetectionHE("fg", True, 9, 200, 2, 5, 100, 50, True),
+       TissueDetectionCascade(), TissueDetectionCascade("t2", 25, [7, 5, 3]), LabelWhiteSpaceHE(),
+       LabelWhiteSpaceHE("ws", 0.8, 220), LabelArtifactTileHE(), LabelArtifactTileHE("pen", 0.5, 0.1),
+       BlurQC(), BlurQC("oof", "lv", 50.0, 0)]
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: repr(t)[:40])
+def test_round_trip(t):
+    back = Transform.from_dict(t.to_dict())
+    assert back == t and type(back) is type(t)
+
+
+def test_pipeline(tissue):
+    pipe = Pipeline([TissueDetectionHE(mask_name="tissue"), MorphOpen("tissue", 3), BoxBlur(3, mask_name="tissue"),
+                     LabelWhiteSpaceHE(), LabelArtifactTileHE(), BlurQC()])
+    assert set(pipe.labels_out) == {"white_space", "artifact", "blur", "laplacian_variance"}
+    tile = Tile(image=tissue, coords=(1000, 1000), slide_type="HE")
+    pipe.apply(tile)
+    assert tile.masks["tissue"].mean() > 0.3
+    assert tile.labels == {"white_space": False, "artifact": False, "blur": False,
+                           "laplacian_variance": tile.labels["laplacian_variance"]}
+    assert Pipeline.from_yaml(pipe.to_yaml()) == pipe
+    pipe.check(slide_type="IHC")
+    with pytest.raises(PipelineError, match="TissueDetectionHE"):
+        pipe.check(slide_type="IF")
+    with pytest.raises(PipelineError, match=r"MorphOpen.*'tissue'"):
+        Pipeline([TissueDetectionHE(mask_name="fg"), MorphOpen("tissue")])
+    Pipeline([TissueDetectionCascade(mask_name="fg"), MorphOpen("fg")])
+
+
+def test_parameters_validated():
+    for make in (lambda: TissueDetectionHE(blur_ksize=4), lambda: TissueDetectionHE(mask_name=None),
+                 lambda: TissueDetectionCascade(close_kernel_sizes=5), lambda: LabelWhiteSpaceHE(proportion_threshold=2),
+                 lambda: LabelArtifactTileHE(min_ink_fraction=-0.1), lambda: BlurQC(threshold="high")):
+        with pytest.raises(ValueError):
+            make()
