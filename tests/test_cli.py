@@ -72,9 +72,34 @@ def test_tile_command_bad_slide_one_line(tmp_path):
 def test_demo(tmp_path):
     r = run("demo", "-o", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "108 tiles of 256x256x3" in r.stdout
-    assert os.path.exists(tmp_path / "CMU-1-Small-Region.h5path")
-    assert Image.open(tmp_path / "CMU-1-Small-Region_thumbnail.png").size[1] == 1024
+    assert "tiles of 256x256 with >= 25% tissue (of 108 in the full grid)" in r.stdout
+    with read_h5path(tmp_path / "CMU-1-Small-Region.h5path") as h5:
+        assert 30 <= len(h5) <= 70
+        assert set(h5.tile_mask_names) >= {"tissue", "nuclei"}
+        assert h5.masks["tissue"].mean() > 0.2
+        assert sum(len(np.unique(t.masks["nuclei"])) - 1 for t in h5) > 1000
+    overlay = np.asarray(Image.open(tmp_path / "CMU-1-Small-Region_overlay.png"))
+    assert overlay.shape[0] == 1024
+    assert ((overlay == (0, 220, 0)).all(-1)).sum() > 500      # the tissue outline is drawn
+    assert ((overlay == (0, 200, 255)).all(-1)).sum() > 1000   # and the nuclei
+
+
+def test_run_command_and_transforms_listing(tmp_path):
+    from histoflow.transforms import BoxBlur, Pipeline, TissueDetectionHE
+
+    pipe = tmp_path / "p.yaml"
+    Pipeline([BoxBlur(15), TissueDetectionHE()]).save(pipe)
+    r = run("run", str(pipe), SVS, "-o", str(tmp_path / "out"), "--executor", "threads", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "CMU-1-Small-Region.h5path: 108 tiles" in r.stdout and "'tissue'" in r.stdout
+    r = run("transforms")
+    assert r.returncode == 0
+    for name in ("BoxBlur(kernel_size=5", "StainNormalizationHE(", "TissueDetectionHE(", "NucleusDetectionHE("):
+        assert name in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - NoSuchTransform: {}\n")
+    r = run("run", str(bad), SVS, "-o", str(tmp_path / "o2"))
+    assert r.returncode == 1 and "unknown transform 'NoSuchTransform'" in r.stderr
 
 
 def test_import_is_light():

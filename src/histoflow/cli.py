@@ -199,42 +199,91 @@ def cmd_transforms(args):
     return 0
 
 
+def demo_pipeline():
+    """The demo's pipeline: stain normalisation then nucleus detection, on tiles of detected tissue."""
+    from .transforms import NucleusDetectionHE, Pipeline, StainNormalizationHE
+
+    return Pipeline([StainNormalizationHE(), NucleusDetectionHE(mask_name="nuclei")], inputs=["tissue"])
+
+
 def cmd_demo(args):
+    import numpy as np
     from PIL import Image, ImageDraw
 
     from .core.slide import SlideData
     from .data import sample_slide_path
     from .store import read_h5path
-    from .utils import save_png, to_rgb
+    from .utils import save_png
 
     os.makedirs(args.output, exist_ok=True)
     t0 = time.perf_counter()
     slide = SlideData(sample_slide_path())
     print(slide)
-    grid = slide.grid(256, level=0)
+    pipe = demo_pipeline()
+    print(pipe)
     out = os.path.join(args.output, f"{slide.name}.h5path")
-    slide.write(out, tiles=(slide.read_tile(s) for s in grid), total=len(grid), progress=True)
-    thumb = to_rgb(slide.thumbnail(1024), brightfield=True)
-    # the tile grid drawn over the thumbnail
+    full_grid = len(slide.grid(256))
+    slide.run(pipe, out, tile_size=256, tissue_filter=0.25, executor="dask", workers=2, progress=True)
+
+    # the picture: thumbnail, tissue outline (pre-pass), tile grid, nuclei centroids
+    thumb = slide.thumbnail(1024)
+    scale = thumb.shape[1] / slide.dimensions[0]
     im = Image.fromarray(thumb)
     draw = ImageDraw.Draw(im)
-    sx = thumb.shape[1] / slide.dimensions[0]
-    for spec in grid:
-        draw.rectangle([spec.x * sx, spec.y * sx, (spec.x + spec.width0) * sx - 1, (spec.y + spec.height0) * sx - 1],
-                       outline=(20, 20, 20))
-    thumb_path = save_png(os.path.join(args.output, f"{slide.name}_thumbnail.png"), thumb)
-    grid_path = save_png(os.path.join(args.output, f"{slide.name}_tiles.png"), __import__("numpy").asarray(im))
-    slide.close()
     with read_h5path(out) as h5:
-        n, shape = len(h5), h5.tile(0).image.shape
+        tissue = h5.masks["tissue"]
+        n_tiles = len(h5)
+        nuclei = 0
+        for tile in h5:
+            x0, y0 = tile.coords
+            ds = tile.downsample
+            draw.rectangle([x0 * scale, y0 * scale, (x0 + 256 * ds) * scale - 1, (y0 + 256 * ds) * scale - 1],
+                           outline=(90, 90, 90))
+            inst = tile.masks["nuclei"]
+            ids = np.unique(inst[inst > 0])
+            nuclei += len(ids)
+            if len(ids):
+                ys, xs = np.nonzero(inst)
+                lab = inst[ys, xs]
+                order = np.argsort(lab)
+                lab, xs, ys = lab[order], xs[order], ys[order]
+                starts = np.r_[0, np.nonzero(np.diff(lab))[0] + 1]
+                cx = np.add.reduceat(xs, starts) / np.diff(np.r_[starts, len(lab)])
+                cy = np.add.reduceat(ys, starts) / np.diff(np.r_[starts, len(lab)])
+                for px, py in zip((x0 + cx * ds) * scale, (y0 + cy * ds) * scale):
+                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=(0, 200, 255))
+        prov = h5.provenance[-1]
+    outline = _mask_outline(tissue, (thumb.shape[1], thumb.shape[0]))
+    pic = np.asarray(im).copy()
+    pic[outline] = (0, 220, 0)
+    overlay = save_png(os.path.join(args.output, f"{slide.name}_overlay.png"), pic)
+    thumb_path = save_png(os.path.join(args.output, f"{slide.name}_thumbnail.png"), thumb)
+    slide.close()
     dt = time.perf_counter() - t0
     print(f"\nsample slide   {sample_slide_path()}")
-    print(f"tiles          {n} tiles of {shape[1]}x{shape[0]}x{shape[2]} ({grid.rows} rows x {grid.cols} cols)")
+    print(f"tissue         {100 * float(tissue.mean()):.0f}% of the slide (pre-pass at "
+          f"{tissue.shape[1]}x{tissue.shape[0]} px)")
+    print(f"tiles          {n_tiles} tiles of 256x256 with >= 25% tissue (of {full_grid} in the full grid), "
+          f"on {prov['executor']['workers']} dask workers")
+    print(f"nuclei         {nuclei} detected")
     print(f"h5path         {out} ({os.path.getsize(out) / 1e6:.1f} MB)")
-    print(f"thumbnail      {thumb_path}")
-    print(f"tile grid      {grid_path}")
+    print(f"pictures       {overlay} (tissue outline green, nuclei cyan), {thumb_path}")
     print(f"time           {dt:.1f} s")
     return 0
+
+
+def _mask_outline(mask, size):
+    """Boolean outline (1-2 px) of a 0/1 mask resized to ``size = (w, h)``."""
+    import numpy as np
+
+    from .core.resample import resize_mask
+
+    m = resize_mask(mask, size) > 0
+    inner = m.copy()
+    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    edge = m & ~inner
+    edge[1:, :] |= edge[:-1, :]
+    return edge
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,7 +35,8 @@ def he16(he):
 @pytest.fixture(scope="module")
 def mibi():
     """A 200 x 200 crop of the 22-channel uint16 MIBI field of view."""
-    img = histoflow.open_slide(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")).read_region((300, 300), 0, (200, 200))
+    slide = histoflow.open_slide(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff"))
+    img = slide.read_region((300, 300), 0, (200, 200))
     assert img.shape == (200, 200, 22) and img.dtype == np.uint16
     return img
 

@@ -154,7 +154,8 @@ def foreground_detection(mask, min_region_size=5000, max_hole_size=1500, outer_c
         n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
         keep = stats[:, cv2.CC_STAT_AREA] >= min_region_size
         keep[0] = False
-        binary = keep.astype(np.uint8)[labels]
+        if not keep[1:].all():
+            binary = keep.astype(np.uint8)[labels]
     if outer_contours_only or max_hole_size > 0:
         holes = 1 - binary
         n, labels, stats, _ = cv2.connectedComponentsWithStats(holes, connectivity=4, ltype=cv2.CV_32S)

@@ -164,11 +164,24 @@ def white_space_fraction(image, greyscale_threshold=230):
 INK_HUE_RANGE = (35, 125)       # 70-250 degrees: green, cyan, blue. H&E lies at 250-360 and 0-40 degrees.
 INK_MIN_SATURATION = 60
 INK_MIN_VALUE = 30
-BLACK_MAX_VALUE = 70            # dark ...
-BLACK_MAX_SATURATION = 100      # ... and not strongly coloured (dense nuclei are dark but saturated purple)
+BLACK_MAX_VALUE = 90            # dark ...
+BLACK_MAX_SATURATION = 120      # ... and not strongly coloured (dense nuclei are dark but saturated purple)
 BLACK_MAX_VALUE_ANY = 30        # or nearly black whatever the colour
 GLASS_MIN_VALUE = 200
 GLASS_MAX_SATURATION = 25
+
+
+def _hsv(image, who):
+    rgb = _to_uint8(np.ascontiguousarray(_rgb(image, who)))
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
+
+
+def _ink_from_hsv(hsv):
+    coloured = cv2.inRange(hsv, (INK_HUE_RANGE[0], INK_MIN_SATURATION, INK_MIN_VALUE),
+                           (INK_HUE_RANGE[1], 255, 255))
+    black = cv2.inRange(hsv, (0, 0, 0), (180, BLACK_MAX_SATURATION - 1, BLACK_MAX_VALUE - 1))
+    very_dark = cv2.inRange(hsv, (0, 0, 0), (180, 255, BLACK_MAX_VALUE_ANY - 1))
+    return cv2.bitwise_or(cv2.bitwise_or(coloured, black), very_dark)     # 0 / 255
 
 
 def ink_mask(image):
@@ -179,30 +192,29 @@ def ink_mask(image):
     - coloured ink: hue in ``INK_HUE_RANGE`` (35-125, i.e. 70-250 degrees: green, cyan, blue), saturation
       at least 60 and value at least 30 — haematoxylin and eosin lie outside this hue range (purple to
       pink, 250-360 and 0-40 degrees);
-    - black ink: value below 70 with saturation below 100 (dark but not strongly coloured; dense nuclei are
+    - black ink: value below 90 with saturation below 120 (dark but not strongly coloured; dense nuclei are
       dark but saturated purple), or value below 30 whatever the colour.
 
     Red ink cannot be told from eosin by colour and is not detected.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ink_mask(np.array([[[40, 60, 190], [200, 80, 160], [30, 30, 35]]], np.uint8))
+    array([[1, 0, 1]], dtype=uint8)
     """
-    rgb = _to_uint8(np.ascontiguousarray(_rgb(image, "ink_mask")))
-    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
-    h, s, v = hsv[:, :, 0], hsv[:, :, 1], hsv[:, :, 2]
-    coloured = ((h >= INK_HUE_RANGE[0]) & (h <= INK_HUE_RANGE[1]) & (s >= INK_MIN_SATURATION)
-                & (v >= INK_MIN_VALUE))
-    black = ((v < BLACK_MAX_VALUE) & (s < BLACK_MAX_SATURATION)) | (v < BLACK_MAX_VALUE_ANY)
-    return (coloured | black).astype(np.uint8)
+    return (_ink_from_hsv(_hsv(image, "ink_mask")) // 255).astype(np.uint8)
 
 
 def ink_fraction(image):
-    """``(ink fraction of the tile, ink fraction of the tile's non-glass pixels)``; glass is value at least
-    200 with saturation below 25 (HSV, 0-255)."""
-    rgb = _to_uint8(np.ascontiguousarray(_rgb(image, "ink_fraction")))
-    ink = ink_mask(rgb)
-    hsv = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
-    glass = (hsv[:, :, 2] >= GLASS_MIN_VALUE) & (hsv[:, :, 1] < GLASS_MAX_SATURATION)
-    n_ink = int(np.count_nonzero(ink))
-    n_fg = ink.size - int(np.count_nonzero(glass))
-    return n_ink / ink.size, (n_ink / n_fg if n_fg else 0.0)
+    """``(ink fraction of the tile, ink fraction of the tile's non-glass pixels)``; ink as in
+    :func:`ink_mask`, glass is HSV value at least 200 with saturation below 25 (0-255 scale)."""
+    hsv = _hsv(image, "ink_fraction")
+    n = hsv.shape[0] * hsv.shape[1]
+    n_ink = cv2.countNonZero(_ink_from_hsv(hsv))
+    n_glass = cv2.countNonZero(cv2.inRange(hsv, (0, 0, GLASS_MIN_VALUE), (180, GLASS_MAX_SATURATION - 1, 255)))
+    n_fg = n - n_glass
+    return n_ink / n, (n_ink / n_fg if n_fg else 0.0)
 
 
 # --------------------------------------------------------------------------- transforms

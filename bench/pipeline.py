@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Pipeline throughput: BoxBlur(15) + TissueDetectionHE on every 256x256 tile of mosaic slides.
+
+Measures, each in a fresh child process so that peak RSS is that run's own:
+
+- ``tiles_per_s_inprocess``: ``SlideData.run(..., executor="inprocess")`` on the 4x mosaic
+- ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
+  processes (cluster start-up not counted; scatter, journal and final merge counted)
+- ``output_mb``: size of the h5path written for the 4x mosaic
+- ``peak_rss_mb_4x`` / ``peak_rss_mb_16x``: peak RSS of in-process runs on the 4x and 16x mosaics
+  (memory must stay flat with slide size)
+- ``pathml_tiles_per_s`` / ``pathml_output_mb``: PathML 3.0.8 on the same slide and pipeline, when
+  PathML is installed (null otherwise; the issue's figures measured on this machine are given under
+  ``pathml_reference``)
+- ``demo_tiles_per_s``: the full demo pipeline (tissue pre-pass, stain normalisation, nucleus detection)
+  in-process on the 4x mosaic's tissue tiles
+
+Prints one JSON line.
+
+    python bench/pipeline.py [--n 4] [--big 16] [--skip-big]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from read_tiles import mosaic  # noqa: E402
+
+PATHML_REFERENCE = {"tiles_per_s_inprocess": 67, "tiles_per_s_dask2": 39, "output_mb_4x": 320,
+                    "source": "measured on this machine before the pipelines issue (issue text)"}
+
+
+def child(mode, slide, out):
+    import histoflow
+    from histoflow.transforms import BoxBlur, Pipeline, TissueDetectionHE
+
+    pipe = Pipeline([BoxBlur(15), TissueDetectionHE()])
+    s = histoflow.SlideData(slide)
+    n = len(s.grid(256))
+    if mode == "inprocess":
+        t0 = time.perf_counter()
+        s.run(pipe, out, executor="inprocess", progress=False)
+        dt = time.perf_counter() - t0
+    elif mode.startswith("dask"):
+        from distributed import Client, LocalCluster
+
+        workers = int(mode[4:])
+        with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
+                          silence_logs=40) as cluster, Client(cluster) as client:
+            client.wait_for_workers(workers)
+            t0 = time.perf_counter()
+            s.run(pipe, out, client=client, progress=False)
+            dt = time.perf_counter() - t0
+    elif mode == "demo":
+        from histoflow.cli import demo_pipeline
+
+        pipe = demo_pipeline()
+        t0 = time.perf_counter()
+        s.run(pipe, out, executor="inprocess", tissue_filter=0.25, progress=False)
+        dt = time.perf_counter() - t0
+        with histoflow.read_h5path(out) as h5:
+            n = len(h5)
+    elif mode == "pathml":
+        from pathml.core import HESlide
+        from pathml.preprocessing import BoxBlur as PBoxBlur
+        from pathml.preprocessing import Pipeline as PPipeline
+        from pathml.preprocessing import TissueDetectionHE as PTissue
+
+        ps = HESlide(slide, backend="openslide")
+        t0 = time.perf_counter()
+        ps.run(PPipeline([PBoxBlur(kernel_size=15), PTissue(mask_name="tissue")]), distributed=False,
+               tile_size=256)
+        ps.write(out)
+        dt = time.perf_counter() - t0
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tiles": n, "seconds": dt, "tiles_per_s": n / dt, "peak_rss_mb": rss,
+                      "output_mb": os.path.getsize(out) / 1e6}))
+
+
+def measure(mode, slide):
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "out.h5path")
+        r = subprocess.run([sys.executable, __file__, "--child", mode, slide, out], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{mode} on {slide} failed:\n{r.stderr[-3000:]}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--big", type=int, default=16)
+    p.add_argument("--skip-big", action="store_true")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    slide = mosaic(args.n)
+    out = {"bench": "pipeline", "pipeline": "BoxBlur(15) + TissueDetectionHE", "tile": 256,
+           "slide": f"mosaic{args.n}"}
+    ip = measure("inprocess", slide)
+    out["tiles"] = ip["tiles"]
+    out["tiles_per_s_inprocess"] = round(ip["tiles_per_s"], 1)
+    out["output_mb"] = round(ip["output_mb"], 1)
+    out["peak_rss_mb_4x" if args.n == 4 else f"peak_rss_mb_{args.n}x"] = round(ip["peak_rss_mb"], 1)
+    for w in (1, 2):
+        r = measure(f"dask{w}", slide)
+        out[f"tiles_per_s_dask{w}"] = round(r["tiles_per_s"], 1)
+    out["dask2_over_dask1"] = round(out["tiles_per_s_dask2"] / out["tiles_per_s_dask1"], 2)
+    try:
+        import pathml  # noqa: F401
+
+        pm = measure("pathml", slide)
+        out["pathml_tiles_per_s"] = round(pm["tiles_per_s"], 1)
+        out["pathml_output_mb"] = round(pm["output_mb"], 1)
+    except ImportError:
+        out["pathml_tiles_per_s"] = None
+        out["pathml_output_mb"] = None
+    ref = PATHML_REFERENCE
+    base_ip = out["pathml_tiles_per_s"] or ref["tiles_per_s_inprocess"]
+    out["speedup_vs_pathml_inprocess"] = round(out["tiles_per_s_inprocess"] / base_ip, 1)
+    out["speedup_vs_pathml_dask2"] = round(out["tiles_per_s_dask2"] / ref["tiles_per_s_dask2"], 1)
+    out["output_fraction_of_pathml"] = round(out["output_mb"] / (out["pathml_output_mb"] or ref["output_mb_4x"]), 3)
+    out["pathml_reference"] = ref
+    if not args.skip_big:
+        big = measure("inprocess", mosaic(args.big))
+        out[f"peak_rss_mb_{args.big}x"] = round(big["peak_rss_mb"], 1)
+        out[f"tiles_{args.big}x"] = big["tiles"]
+        out[f"tiles_per_s_inprocess_{args.big}x"] = round(big["tiles_per_s"], 1)
+    demo = measure("demo", slide)
+    out["demo_tiles_per_s"] = round(demo["tiles_per_s"], 1)
+    out["demo_tiles"] = demo["tiles"]
+    out["machine"] = f"{os.cpu_count()} cpu"
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
