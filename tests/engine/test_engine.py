@@ -263,3 +263,17 @@ def test_memory_flat_while_running(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 40 * 1024**2, peak  # the level is 79 MB; in flight: a few batches of 8 tiles
+
+
+def test_tissue_prepass_filters_tiles_and_is_stored(tmp_path):
+    slide = SlideData(SVS)
+    out = slide.run(Pipeline([Blur(3)], inputs=["tissue"]), tmp_path / "t.h5path", tissue_filter=0.25,
+                    executor="inprocess", progress=False)
+    with read_h5path(out) as h5:
+        tissue = h5.masks["tissue"]
+        assert 0.25 < tissue.mean() < 0.45  # CMU-1 is about a third tissue
+        assert h5.mask_downsample("tissue") == pytest.approx(2220 / tissue.shape[1])
+        assert 30 <= len(h5) < 108
+        for t in h5:
+            assert t.masks["tissue"].mean() >= 0.2  # each kept tile is at least ~25% tissue
+        assert h5.provenance[-1]["tiling"]["tissue_filter"] == 0.25
