@@ -202,7 +202,7 @@ def test_resume_after_the_process_was_killed(tmp_path):
     assert not os.path.exists(out)
     journal = os.listdir(out + ".partial")
     done_before = {int(f[6:-4]) for f in journal if f.startswith("batch-") and f.endswith(".npz")}
-    assert len(done_before) == 7
+    assert 7 <= len(done_before) < 20  # 7 reported, plus the few already in flight
     ran = []
     SlideData(slide_path).run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False,
                               on_batch=lambda s, b, d, t: ran.append(b))
@@ -211,7 +211,7 @@ def test_resume_after_the_process_was_killed(tmp_path):
                                     progress=False)
     assert chunks(out) == chunks(ref)
     with read_h5path(out) as h5:
-        assert h5.provenance[-1]["resumed_batches"] == 7
+        assert h5.provenance[-1]["resumed_batches"] == len(done_before)
 
 
 def test_resume_refuses_other_settings(tmp_path):

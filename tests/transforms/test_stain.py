@@ -293,12 +293,12 @@ def test_stain_augmentation_reproducible_per_tile(cmu, slide):
     assert np.array_equal(t1.image, t2.image)
     assert not np.array_equal(t1.image, t3.image)
     assert _mad(t1.image, cmu) > 0.5
-    assert not np.array_equal(StainAugmentation(seed=4).F(cmu, (256, 512)), StainAugmentation(seed=3).F(cmu, (256, 512)))
+    other_seed = StainAugmentation(seed=4).F(cmu, (256, 512))
+    assert not np.array_equal(other_seed, StainAugmentation(seed=3).F(cmu, (256, 512)))
 
 
-def test_stain_augmentation_mean_change_is_small(cmu, slide):
-    a = StainAugmentation(seed=0)
-    a.fit_slide(slide)
+def test_stain_augmentation_mean_change_is_small(cmu, fitted):
+    a = StainAugmentation(seed=0, stain_matrix=fitted["macenko", "normalize"].slide_stains_[0].tolist())
     img = cmu[:256, :256]
     base = img.astype(np.float64)
     changes = np.array([(a.F(img, (256 * i, 7)) - base).reshape(-1, 3).mean(0) for i in range(40)])

@@ -109,7 +109,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                 if job.shared is None:
                     job.shared = (ex.share(job.slide), ex.share(job.pipeline))
                 fut = ex.submit(process_batch, job.shared[0], job.shared[1], b, job.batches[b], compression,
-                                compression_level, on_error, key=f"histoflow-{run_id}-{id(job)}-{b}")
+                                compression_level, on_error, job.dir, key=f"histoflow-{run_id}-{id(job)}-{b}")
                 pending[fut] = (job, b)
             for fut in sorted(ex.wait_any(list(pending)), key=lambda f: (id(pending[f][0]), pending[f][1])):
                 job, b = pending.pop(fut)
@@ -124,7 +124,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}): "
                                         f"{f.error}. Finished batches are kept in {job.dir}; fix the cause "
                                         "and run again with resume=True, or pass on_error='skip'")
-                partial.write_batch(job.dir, result)
+                if not result.journalled:  # a worker that cannot see the journal folder sent its tiles
+                    partial.write_batch(job.dir, result)
                 job.done.add(b)
                 bar.update(len(job.batches[b]))
                 if on_batch is not None:

@@ -5,6 +5,7 @@ bytes. The slide object arrives once per worker process (scattered) and keeps it
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..store.h5path import encode_tile
@@ -30,12 +31,30 @@ class BatchResult:
     batch: int
     tiles: list = field(default_factory=list)  # [(grid index, EncodedTile)]
     failures: list = field(default_factory=list)  # [Failure]
+    journalled: bool = False  # the worker wrote the batch to the journal itself (tiles then left out)
+    n_tiles: int = 0
 
 
 def process_batch(slide, pipeline, batch: int, specs, compression="gzip", compression_level=4,
-                  on_error="raise") -> BatchResult:
+                  on_error="raise", journal_dir=None) -> BatchResult:
     """Read, transform and encode the tiles of one batch. Never raises for a tile's failure: failures
-    are returned (the driver decides whether they stop the run)."""
+    are returned (the driver decides whether they stop the run).
+
+    When ``journal_dir`` is visible from here (the same machine, or a shared file system), the worker
+    journals the batch itself and returns only its failures: tile bytes then never travel through the
+    driver. A batch that stops a run (a failure with ``on_error="raise"``) is not journalled."""
+    out = _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error)
+    out.n_tiles = len(out.tiles)
+    if journal_dir is not None and os.path.isdir(journal_dir) and not (out.failures and on_error == "raise"):
+        from .partial import write_batch
+
+        write_batch(journal_dir, out)
+        out.tiles = []
+        out.journalled = True
+    return out
+
+
+def _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error) -> BatchResult:
     out = BatchResult(batch)
     for index, spec in specs:
         try:
