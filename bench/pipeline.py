@@ -4,6 +4,7 @@
 Measures, each in a fresh child process so that peak RSS is that run's own:
 
 - ``tiles_per_s_inprocess``: ``SlideData.run(..., executor="inprocess")`` on the 4x mosaic
+- ``tiles_per_s_threads2``: the same with the threads executor, 2 threads in one process
 - ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
   processes (cluster start-up not counted; scatter, journal and final merge counted)
 - ``output_mb``: size of the h5path written for the 4x mosaic
@@ -48,6 +49,10 @@ def child(mode, slide, out):
     if mode == "inprocess":
         t0 = time.perf_counter()
         s.run(pipe, out, executor="inprocess", progress=False)
+        dt = time.perf_counter() - t0
+    elif mode == "threads2":
+        t0 = time.perf_counter()
+        s.run(pipe, out, executor="threads", workers=2, progress=False)
         dt = time.perf_counter() - t0
     elif mode.startswith("dask"):
         from distributed import Client, LocalCluster
@@ -114,6 +119,7 @@ def main():
     out["tiles_per_s_inprocess"] = round(ip["tiles_per_s"], 1)
     out["output_mb"] = round(ip["output_mb"], 1)
     out["peak_rss_mb_4x" if args.n == 4 else f"peak_rss_mb_{args.n}x"] = round(ip["peak_rss_mb"], 1)
+    out["tiles_per_s_threads2"] = round(measure("threads2", slide)["tiles_per_s"], 1)
     for w in (1, 2):
         r = measure(f"dask{w}", slide)
         out[f"tiles_per_s_dask{w}"] = round(r["tiles_per_s"], 1)
