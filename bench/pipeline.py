@@ -7,7 +7,8 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 - ``tiles_per_s_threads2``: the same with the threads executor, 2 threads in one process
 - ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
   processes (cluster start-up not counted; scatter, journal and final merge counted)
-- ``output_mb``: size of the h5path written for the 4x mosaic
+- ``output_mb``: size of the h5path written for the 4x mosaic (default gzip); ``output_mb_htj2k`` and
+  ``tiles_per_s_inprocess_htj2k`` with ``compression="htj2k"``
 - ``peak_rss_mb_4x`` / ``peak_rss_mb_16x``: peak RSS of in-process runs on the 4x and 16x mosaics
   (memory must stay flat with slide size)
 - ``pathml_tiles_per_s`` / ``pathml_output_mb``: PathML 3.0.8 on the same slide and pipeline, when
@@ -40,6 +41,9 @@ PATHML_REFERENCE = {"tiles_per_s_inprocess": 67, "tiles_per_s_dask2": 39, "outpu
 
 
 def child(mode, slide, out):
+    compression = "gzip"
+    if mode.endswith("-htj2k"):
+        mode, compression = mode[:-6], "htj2k"
     import histoflow
     from histoflow.transforms import BoxBlur, Pipeline, TissueDetectionHE
 
@@ -48,7 +52,7 @@ def child(mode, slide, out):
     n = len(s.grid(256))
     if mode == "inprocess":
         t0 = time.perf_counter()
-        s.run(pipe, out, executor="inprocess", progress=False)
+        s.run(pipe, out, executor="inprocess", progress=False, compression=compression)
         dt = time.perf_counter() - t0
     elif mode == "threads2":
         t0 = time.perf_counter()
@@ -119,6 +123,9 @@ def main():
     out["tiles_per_s_inprocess"] = round(ip["tiles_per_s"], 1)
     out["output_mb"] = round(ip["output_mb"], 1)
     out["peak_rss_mb_4x" if args.n == 4 else f"peak_rss_mb_{args.n}x"] = round(ip["peak_rss_mb"], 1)
+    hj = measure("inprocess-htj2k", slide)
+    out["output_mb_htj2k"] = round(hj["output_mb"], 1)
+    out["tiles_per_s_inprocess_htj2k"] = round(hj["tiles_per_s"], 1)
     out["tiles_per_s_threads2"] = round(measure("threads2", slide)["tiles_per_s"], 1)
     for w in (1, 2):
         r = measure(f"dask{w}", slide)
@@ -138,6 +145,8 @@ def main():
     out["speedup_vs_pathml_inprocess"] = round(out["tiles_per_s_inprocess"] / base_ip, 1)
     out["speedup_vs_pathml_dask2"] = round(out["tiles_per_s_dask2"] / ref["tiles_per_s_dask2"], 1)
     out["output_fraction_of_pathml"] = round(out["output_mb"] / (out["pathml_output_mb"] or ref["output_mb_4x"]), 3)
+    out["output_fraction_of_pathml_htj2k"] = round(out["output_mb_htj2k"] / (out["pathml_output_mb"] or
+                                                                             ref["output_mb_4x"]), 3)
     out["pathml_reference"] = ref
     if not args.skip_big:
         big = measure("inprocess", mosaic(args.big))

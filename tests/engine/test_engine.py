@@ -277,3 +277,15 @@ def test_tissue_prepass_filters_tiles_and_is_stored(tmp_path):
         for t in h5:
             assert t.masks["tissue"].mean() >= 0.2  # each kept tile is at least ~25% tissue
         assert h5.provenance[-1]["tiling"]["tissue_filter"] == 0.25
+
+
+def test_htj2k_run_same_pixels_smaller_file(tmp_path):
+    slide = SlideData(mosaic(2))
+    a = slide.run(pipeline(), tmp_path / "gzip.h5path", executor="threads", workers=2, progress=False)
+    b = slide.run(pipeline(), tmp_path / "htj2k.h5path", executor="threads", workers=2, progress=False,
+                  compression="htj2k")
+    assert os.path.getsize(b) < 0.6 * os.path.getsize(a)  # smoothed tiles: HTJ2K's prediction pays off
+    with read_h5path(a) as ha, read_h5path(b) as hb:
+        for i in range(0, len(ha), 37):
+            np.testing.assert_array_equal(ha.tile(i).image, hb.tile(i).image)
+            np.testing.assert_array_equal(ha.tile(i).masks["dark"], hb.tile(i).masks["dark"])

@@ -76,8 +76,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     """
     if on_error not in ("raise", "skip"):
         raise PipelineError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if compression not in ("gzip", None):
-        raise PipelineError(f"pipeline runs store tiles with 'gzip' or None compression, not {compression!r}")
+    if compression not in ("gzip", "htj2k", None):
+        raise PipelineError(f"pipeline runs store tiles with 'gzip', 'htj2k' or None compression, not {compression!r}")
     if pipeline is not None and not isinstance(pipeline, Transform):
         raise PipelineError(f"pipeline must be a Transform or Pipeline, got {type(pipeline).__name__}")
     if pipeline is not None and not isinstance(pipeline, Pipeline):

@@ -91,6 +91,65 @@ def _mask_storage(path, where: str, name: str, array) -> tuple[np.ndarray, bool]
                       "float32 or float64 (float16 is not stored)")
 
 
+#: lossless image compressions; "htj2k" (High-Throughput JPEG 2000, reversible) needs hdf5plugin to
+#: write and to read, and applies to images of 1 or 3 channels of 8 or 16 bits (other images: gzip)
+COMPRESSIONS = ("gzip", "lzf", "htj2k", None)
+
+
+def htj2k_applies(shape, dtype) -> bool:
+    """Whether an ``(h, w, c)`` image of this dtype can be stored with HTJ2K."""
+    return shape[-1] in (1, 3) and np.dtype(dtype) in (np.uint8, np.uint16)
+
+
+def _hdf5plugin():
+    try:
+        import hdf5plugin
+    except ImportError:  # pragma: no cover - a core dependency
+        raise H5PathError("HTJ2K compression needs the hdf5plugin package: pip install hdf5plugin") from None
+    return hdf5plugin
+
+
+class _FilterCodec:
+    """Encode/decode one chunk with any HDF5 filter, through a small in-memory HDF5 file, so that a worker
+    produces exactly the bytes the filter writes (for ``write_direct_chunk`` in the writer)."""
+
+    _cache: dict = {}
+    _RENEW = 512  # encodes before the in-memory file is made anew (bounds its growth)
+
+    def __init__(self, shape, dtype, kwargs):
+        self.shape, self.dtype, self.kwargs = tuple(shape), np.dtype(dtype), kwargs
+        self._uses = self._RENEW
+
+    @classmethod
+    def get(cls, shape, dtype, kind):
+        key = (tuple(shape), np.dtype(dtype).str, kind)
+        codec = cls._cache.get(key)
+        if codec is None:
+            kwargs = dict(_hdf5plugin().Htj2k()) if kind == "htj2k" else {}
+            codec = cls._cache[key] = cls(shape, dtype, kwargs)
+        return codec
+
+    def _dataset(self):
+        if self._uses >= self._RENEW:
+            f = h5py.File(f"histoflow-codec-{id(self)}-{secrets.token_hex(4)}", "w", driver="core",
+                          backing_store=False)
+            self._ds = f.create_dataset("x", shape=(1, *self.shape), dtype=self.dtype, chunks=(1, *self.shape),
+                                        **self.kwargs)
+            self._uses = 0
+        self._uses += 1
+        return self._ds
+
+    def encode(self, a: np.ndarray) -> bytes:
+        ds = self._dataset()
+        ds[0] = a
+        return bytes(ds.id.read_direct_chunk((0,) * ds.ndim)[1])
+
+    def decode(self, data: bytes) -> np.ndarray:
+        ds = self._dataset()
+        ds.id.write_direct_chunk((0,) * ds.ndim, data)
+        return ds[0]
+
+
 class _ArrayChunk:
     """One array compressed exactly as HDF5 stores a one-chunk dataset (shuffle + deflate, or raw)."""
 
@@ -104,6 +163,8 @@ class _ArrayChunk:
 
     def decode(self, compression) -> np.ndarray:
         dt = np.dtype(self.dtype)
+        if compression == "htj2k":
+            return _FilterCodec.get(self.shape, dt, "htj2k").decode(self.data)
         raw = zlib.decompress(self.data) if compression == "gzip" else self.data
         if compression == "gzip" and dt.itemsize > 1:
             raw = np.frombuffer(raw, np.uint8).reshape(dt.itemsize, -1).T.tobytes()
@@ -156,29 +217,37 @@ class EncodedTile:
     def decode(self) -> Tile:
         """Back to a :class:`Tile` (for writers with another compression, and for tests)."""
         c = self.compression
-        masks = {k: (m.decode(c).astype(bool) if m.is_bool else m.decode(c)) for k, m in self.masks.items()}
-        return Tile(image=self.image.decode(c).copy(), coords=self.coords, level=self.level,
+        mc = "gzip" if c == "htj2k" else c
+        masks = {k: (m.decode(mc).astype(bool) if m.is_bool else m.decode(mc)) for k, m in self.masks.items()}
+        ic = c if c != "htj2k" or htj2k_applies(self.image.shape, self.image.dtype) else "gzip"
+        return Tile(image=self.image.decode(ic).copy(), coords=self.coords, level=self.level,
                     downsample=self.downsample, masks=masks, labels=dict(self.labels), name=self.name)
 
 
 def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level: int = GZIP_LEVEL) -> EncodedTile:
     """Compress a tile's image and masks into h5path chunks (see :class:`EncodedTile`).
 
-    Only ``"gzip"`` and ``None`` can be encoded outside HDF5; with ``"lzf"`` use plain tiles.
+    ``"gzip"``, ``None`` and ``"htj2k"`` (images with HTJ2K where it applies, else gzip; masks gzip)
+    can be encoded here; with ``"lzf"`` give plain tiles to the writer.
     """
-    if compression not in ("gzip", None):
+    if compression not in ("gzip", "htj2k", None):
         raise H5PathError(f"encode_tile: compression {compression!r} cannot be encoded outside HDF5 "
-                          "(use 'gzip' or None)")
+                          "(use 'gzip', 'htj2k' or None)")
     image = np.asarray(tile.image)
     if image.ndim == 2:
         image = image[:, :, None]
     if not image.dtype.isnative:
         image = image.astype(image.dtype.newbyteorder("="))
-    img = _ArrayChunk(_encode_array(image, compression, compression_level), image.shape, image.dtype.str)
+    mask_comp = "gzip" if compression == "htj2k" else compression
+    if compression == "htj2k" and htj2k_applies(image.shape, image.dtype):
+        data = _FilterCodec.get(image.shape, image.dtype, "htj2k").encode(image)
+    else:
+        data = _encode_array(image, mask_comp, compression_level)
+    img = _ArrayChunk(data, image.shape, image.dtype.str)
     masks = {}
     for name, m in (tile.masks or {}).items():
         arr, is_bool = _mask_storage("encode_tile", f"tile at {tile.coords}", name, m)
-        masks[name] = _ArrayChunk(_encode_array(arr, compression, compression_level), arr.shape, arr.dtype.str,
+        masks[name] = _ArrayChunk(_encode_array(arr, mask_comp, compression_level), arr.shape, arr.dtype.str,
                                   is_bool)
     return EncodedTile(img, (int(tile.coords[0]), int(tile.coords[1])), int(tile.level), float(tile.downsample),
                        masks, dict(tile.labels or {}), tile.name, compression, compression_level)
@@ -227,9 +296,11 @@ class H5PathWriter:
         self.path = os.fspath(path)
         self._closed = True
         self._f = None
-        if compression not in ("gzip", "lzf", None):
-            raise H5PathError(f"{self.path}: compression must be 'gzip', 'lzf' or None, not {compression!r}")
-        if compression == "gzip" and not (isinstance(compression_level, int) and 0 <= compression_level <= 9):
+        if compression not in COMPRESSIONS:
+            raise H5PathError(f"{self.path}: compression must be 'gzip', 'lzf', 'htj2k' or None, not {compression!r}")
+        if compression == "htj2k":
+            _hdf5plugin()
+        if compression in ("gzip", "htj2k") and not (isinstance(compression_level, int) and 0 <= compression_level <= 9):
             raise H5PathError(f"{self.path}: gzip compression_level must be an int 0..9, "
                               f"not {compression_level!r}")
         if os.path.isdir(self.path):
@@ -258,7 +329,7 @@ class H5PathWriter:
             _write_slide(f.create_group("slide"), meta, self.path)
             tiles = f.create_group("tiles")
             tiles.attrs["compression"] = compression or "none"
-            if compression == "gzip":
+            if compression in ("gzip", "htj2k"):
                 tiles.attrs["compression_level"] = np.int64(compression_level)
         except BaseException:
             self.abort()
@@ -308,12 +379,19 @@ class H5PathWriter:
             raise H5PathError(f"{self.path}: the writer is closed")
 
     def _comp(self, itemsize: int) -> dict:
+        """Filters of masks and other arrays (gzip also when images are HTJ2K)."""
         if self.compression is None:
             return {}
-        kw = {"compression": self.compression, "shuffle": itemsize > 1}
-        if self.compression == "gzip":
+        comp = "gzip" if self.compression == "htj2k" else self.compression
+        kw = {"compression": comp, "shuffle": itemsize > 1}
+        if comp == "gzip":
             kw["compression_opts"] = self.compression_level
         return kw
+
+    def _image_comp(self, shape, dtype) -> dict:
+        if self.compression == "htj2k" and htj2k_applies(shape, dtype):
+            return dict(_hdf5plugin().Htj2k())
+        return self._comp(np.dtype(dtype).itemsize)
 
     # -- tiles
 
@@ -516,7 +594,7 @@ class H5PathWriter:
         tiles.attrs["channels"] = np.int64(c)
         tiles.attrs["dtype"] = dtype.name
         self._images = tiles.create_dataset("images", shape=(0, h, w, c), maxshape=(None, h, w, c),
-                                            dtype=dtype, chunks=(1, h, w, c), **self._comp(dtype.itemsize))
+                                            dtype=dtype, chunks=(1, h, w, c), **self._image_comp(shape, dtype))
         tiles.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
         tiles.create_dataset("level", shape=(0,), maxshape=(None,), dtype=np.int16, chunks=(8192,))
         tiles.create_dataset("downsample", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(8192,))
@@ -1172,6 +1250,7 @@ class H5Path:
         if not os.path.isfile(self.path):
             raise H5PathError(f"{self.path}: not a regular file")
         try:
+            _register_filters()
             f = h5py.File(self.path, "r")
         except OSError as e:
             raise H5PathError(f"{self.path}: not a readable HDF5 file (truncated or damaged?): {e}") from e
@@ -1342,6 +1421,14 @@ def _open_source(f: h5py.File, path: str):
         raise H5PathError(f"{path}: invalid format_version {version}: version 1 files (PathML) carry no "
                           "format attribute")
     return _V2Reader(f, path)
+
+
+def _register_filters():
+    """Make hdf5plugin's filters (HTJ2K images) readable, when it is installed."""
+    try:
+        import hdf5plugin  # noqa: F401 - importing registers the filters with HDF5
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def read_h5path(path) -> H5Path:
