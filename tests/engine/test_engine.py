@@ -160,6 +160,7 @@ def test_transform_error_names_slide_tile_and_transform(tmp_path):
                                                 r".*synthetic failure"):
             slide.run(pipe, tmp_path / f"{executor}.h5path", executor=executor, progress=False)
         assert not os.path.exists(tmp_path / f"{executor}.h5path")
+        assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # no half-written file left behind
 
 
 def test_transform_error_on_a_dask_cluster(tmp_path, cluster):

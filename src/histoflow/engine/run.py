@@ -42,6 +42,10 @@ class _Job:
         self.shared = None
         self.resumed = 0
         self.finished = False
+        self.writer = None  # the h5path being filled in grid order
+        self.next_merge = 0
+        self.merged = 0
+        self.failures: list = []
 
     @property
     def n_tiles(self):
@@ -132,7 +136,12 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     on_batch(job.slide, b, len(job.done), len(job.batches))
                 if len(job.done) == len(job.batches):
                     _finish(job, tiling, ex, batch_size, run_id, t0)
+                elif b == job.next_merge:
+                    _merge_ready(job)
     finally:
+        for job in jobs:  # an interrupted run: drop half-made files, keep the journals for resume
+            if job.writer is not None:
+                job.writer.abort()
         bar.close()
         if owned:
             ex.close()
@@ -175,32 +184,40 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
     job.resumed = len(job.done)
 
 
+def _merge_ready(job):
+    """Copy every journalled batch that is next in grid order into the slide's h5path, as batches finish
+    (the copy overlaps with the work still running). The file stays under a temporary name until
+    :func:`_finish`; the journal stays until then too, so an interrupted run resumes from it."""
+    if job.writer is None:
+        job.writer = H5PathWriter(job.out, slide=job.slide.metadata(), compression=job.manifest["compression"],
+                                  compression_level=job.manifest["compression_level"])
+        for name, m in job.slide.masks.items():
+            job.writer.add_slide_mask(name, m.array, m.downsample)
+    while job.next_merge in job.done:
+        result = partial.read_batch(job.dir, job.next_merge)
+        for _, enc in sorted(result.tiles, key=lambda t: t[0]):
+            job.writer.add_tile(enc)
+            job.merged += 1
+        job.failures.extend(f.as_dict() for f in result.failures)
+        job.next_merge += 1
+
+
 def _finish(job, tiling, ex, batch_size, run_id, t0):
-    """Copy the journal into the final h5path (grid order), with provenance; remove the journal."""
+    """Complete the slide's h5path (remaining batches, provenance), rename it into place, drop the journal."""
     from .. import __version__
 
-    slide = job.slide
-    failures = []
-    n = 0
-    with H5PathWriter(job.out, slide=slide.metadata(), compression=job.manifest["compression"],
-                      compression_level=job.manifest["compression_level"]) as w:
-        for name, m in slide.masks.items():
-            w.add_slide_mask(name, m.array, m.downsample)
-        for b in range(len(job.batches)):
-            result = partial.read_batch(job.dir, b)
-            for _, enc in sorted(result.tiles, key=lambda t: t[0]):
-                w.add_tile(enc)
-                n += 1
-            failures.extend(f.as_dict() for f in result.failures)
-        w.add_provenance({
-            "kind": "pipeline run", "run_id": run_id,
-            "pipeline": job.manifest["pipeline"],
-            "tiling": tiling, "batch_size": batch_size, "tiles_written": n, "tiles_in_grid": job.n_tiles,
-            "failed_tiles": failures, "resumed_batches": job.resumed,
-            "executor": {"kind": ex.name, "workers": ex.workers},
-            "elapsed_s": round(time.perf_counter() - t0, 3),
-            "versions": _versions(), "histoflow": __version__, "python": platform.python_version(),
-        })
+    _merge_ready(job)
+    job.writer.add_provenance({
+        "kind": "pipeline run", "run_id": run_id,
+        "pipeline": job.manifest["pipeline"],
+        "tiling": tiling, "batch_size": batch_size, "tiles_written": job.merged, "tiles_in_grid": job.n_tiles,
+        "failed_tiles": job.failures, "resumed_batches": job.resumed,
+        "executor": {"kind": ex.name, "workers": ex.workers},
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+        "versions": _versions(), "histoflow": __version__, "python": platform.python_version(),
+    })
+    job.writer.close()
+    job.writer = None
     partial.remove(job.dir)
     job.finished = True
 
