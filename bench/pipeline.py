@@ -6,7 +6,8 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 - ``tiles_per_s_inprocess``: ``SlideData.run(..., executor="inprocess")`` on the 4x mosaic
 - ``tiles_per_s_threads2``: the same with the threads executor, 2 threads in one process
 - ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
-  processes (cluster start-up not counted; scatter, journal and final merge counted)
+  processes, warmed by a run on the small sample slide (cluster start-up and the workers' first imports
+  not counted; scatter, journal and merge counted)
 - ``output_mb``: size of the h5path written for the 4x mosaic (default gzip); ``output_mb_htj2k`` and
   ``tiles_per_s_inprocess_htj2k`` with ``compression="htj2k"``
 - ``peak_rss_mb_4x`` / ``peak_rss_mb_16x``: peak RSS of in-process runs on the 4x and 16x mosaics
@@ -65,6 +66,10 @@ def child(mode, slide, out):
         with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
                           silence_logs=40) as cluster, Client(cluster) as client:
             client.wait_for_workers(workers)
+            # warm the workers (imports, first OpenCV calls) on the small sample slide: steady-state rate
+            from histoflow.data import sample_slide_path
+
+            histoflow.SlideData(sample_slide_path()).run(pipe, out + ".warm.h5path", client=client, progress=False)
             t0 = time.perf_counter()
             s.run(pipe, out, client=client, progress=False)
             dt = time.perf_counter() - t0

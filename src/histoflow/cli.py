@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, help="local dask cluster with N worker processes")
     g.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
     g.add_argument("--executor", choices=["inprocess", "threads", "dask"], help="default: dask")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     s.add_argument("--compression", choices=["gzip", "htj2k", "none"], default="gzip",
                    help="lossless tile compression: gzip (any HDF5 reader) or htj2k (smaller; needs hdf5plugin)")

@@ -216,7 +216,7 @@ class SlideData:
 
     # ------------------------------------------------------------------ running pipelines
     def run(self, pipeline, out, *, tile_size=256, overlap=0, stride=None, level=None, mpp=None, edge="pad",
-            tissue_filter=None, executor="dask", workers=None, scheduler=None, client=None, batch_size=16,
+            tissue_filter=None, executor="dask", workers=None, scheduler=None, client=None, batch_size=32,
             max_in_flight=None, on_error="raise", resume=False, progress=True, compression="gzip",
             on_batch=None) -> str:
         """Run a pipeline on every tile and write the results to the h5path file ``out``.
