@@ -489,3 +489,18 @@ def test_htj2k_compression_is_lossless_and_smaller(tmp_path):
         w.add_tile(encode_tile(Tile(image=mibi, coords=(0, 0)), "htj2k", 4))
     with read_h5path(tmp_path / "mibi.h5path") as h5:
         np.testing.assert_array_equal(h5.tile(0).image, mibi)
+
+
+def test_htj2k_encoding_is_thread_safe():
+    """Workers of the threads executor encode at the same time: every chunk decodes to its own tile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from histoflow.store import encode_tile
+
+    base = tifffile.imread(SVS, key=0)
+    tiles = [Tile(image=np.ascontiguousarray(base[y:y + 128, x:x + 128]), coords=(x, y))
+             for y in range(0, 2048, 128) for x in range(0, 1024, 128)]
+    with ThreadPoolExecutor(4) as ex:
+        encoded = list(ex.map(lambda t: encode_tile(t, "htj2k", 2), tiles))
+    for t, e in zip(tiles, encoded):
+        np.testing.assert_array_equal(e.decode().image, t.image)

@@ -182,8 +182,8 @@ class SlideData:
             "labels": dict(self.labels),
         }
 
-    def write(self, path, tiles: Iterable[Tile] | None = None, *, compression="gzip", progress=False,
-              total=None, provenance: dict | None = None) -> str:
+    def write(self, path, tiles: Iterable[Tile] | None = None, *, compression="gzip", compression_level=2,
+              progress=False, total=None, provenance: dict | None = None) -> str:
         """Write an h5path file (atomically: a temporary name, then a rename).
 
         Parameters
@@ -192,24 +192,28 @@ class SlideData:
             Output file.
         tiles : iterable of Tile, optional
             Tiles to store, streamed (e.g. ``slide.generate_tiles(...)``). Default: ``self.tiles``.
-        compression : {"gzip", "lzf", None}
-            Lossless per-tile compression.
+        compression : {"gzip", "htj2k", "lzf", None}
+            Lossless per-tile compression (see ``docs/h5path.md``; ``"htj2k"`` files need hdf5plugin to read).
+        compression_level : int
+            gzip level (low levels use ISA-L's fast deflate when installed).
         progress : bool
             Show a progress bar.
         total : int, optional
             Number of tiles, for the progress bar's ETA.
         """
-        from ..store import H5PathWriter
+        from ..store import H5PathWriter, encode_tile
         from ..utils import progress_bar
 
         tiles = self.tiles if tiles is None else tiles
         if total is None and hasattr(tiles, "__len__"):
             total = len(tiles)
-        with H5PathWriter(path, slide=self.metadata(), compression=compression) as w:
+        encode = compression in ("gzip", "htj2k", None)
+        with H5PathWriter(path, slide=self.metadata(), compression=compression,
+                          compression_level=compression_level) as w:
             for name, m in self.masks.items():
                 w.add_slide_mask(name, m.array, m.downsample)
             for t in progress_bar(tiles, total=total, desc=f"tiles {self.name}", unit="tile", disable=not progress):
-                w.add_tile(t)
+                w.add_tile(encode_tile(t, compression, compression_level) if encode else t)
             if provenance:
                 w.add_provenance(provenance)
         return os.fspath(path)

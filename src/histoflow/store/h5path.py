@@ -12,6 +12,7 @@ import json
 import math
 import os
 import secrets
+import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -114,19 +115,22 @@ class _FilterCodec:
     produces exactly the bytes the filter writes (for ``write_direct_chunk`` in the writer)."""
 
     _cache: dict = {}
+    _cache_lock = threading.Lock()
     _RENEW = 512  # encodes before the in-memory file is made anew (bounds its growth)
 
     def __init__(self, shape, dtype, kwargs):
         self.shape, self.dtype, self.kwargs = tuple(shape), np.dtype(dtype), kwargs
         self._uses = self._RENEW
+        self._lock = threading.Lock()
 
     @classmethod
     def get(cls, shape, dtype, kind):
         key = (tuple(shape), np.dtype(dtype).str, kind)
-        codec = cls._cache.get(key)
-        if codec is None:
-            kwargs = dict(_hdf5plugin().Htj2k()) if kind == "htj2k" else {}
-            codec = cls._cache[key] = cls(shape, dtype, kwargs)
+        with cls._cache_lock:
+            codec = cls._cache.get(key)
+            if codec is None:
+                kwargs = dict(_hdf5plugin().Htj2k()) if kind == "htj2k" else {}
+                codec = cls._cache[key] = cls(shape, dtype, kwargs)
         return codec
 
     def _dataset(self):
@@ -140,14 +144,16 @@ class _FilterCodec:
         return self._ds
 
     def encode(self, a: np.ndarray) -> bytes:
-        ds = self._dataset()
-        ds[0] = a
-        return bytes(ds.id.read_direct_chunk((0,) * ds.ndim)[1])
+        with self._lock:  # write then read back: one thread at a time (threads executor)
+            ds = self._dataset()
+            ds[0] = a
+            return bytes(ds.id.read_direct_chunk((0,) * ds.ndim)[1])
 
     def decode(self, data: bytes) -> np.ndarray:
-        ds = self._dataset()
-        ds.id.write_direct_chunk((0,) * ds.ndim, data)
-        return ds[0]
+        with self._lock:
+            ds = self._dataset()
+            ds.id.write_direct_chunk((0,) * ds.ndim, data)
+            return ds[0]
 
 
 class _ArrayChunk:
