@@ -3,7 +3,8 @@
 
 Measures, each in a fresh child process so that peak RSS is that run's own:
 
-- ``tiles_per_s_inprocess``: ``SlideData.run(..., executor="inprocess")`` on the 4x mosaic
+- ``tiles_per_s_inprocess``: ``SlideData.run(..., executor="inprocess")`` on the 4x mosaic, and
+  ``tiles_per_s_inprocess_8x`` / ``tiles_per_s_dask2_8x`` on the 8x mosaic
 - ``tiles_per_s_threads2``: the same with the threads executor, 2 threads in one process
 - ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
   processes, warmed by a run on the small sample slide (cluster start-up and the workers' first imports
@@ -20,7 +21,7 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 
 Prints one JSON line.
 
-    python bench/pipeline.py [--n 4] [--big 16] [--skip-big]
+    python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big]
 """
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def measure(mode, slide):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=4)
+    p.add_argument("--mid", type=int, default=8, help="second mosaic for throughput (0 to skip)")
     p.add_argument("--big", type=int, default=16)
     p.add_argument("--skip-big", action="store_true")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -153,6 +155,13 @@ def main():
     out["output_fraction_of_pathml_htj2k"] = round(out["output_mb_htj2k"] / (out["pathml_output_mb"] or
                                                                              ref["output_mb_4x"]), 3)
     out["pathml_reference"] = ref
+    if args.mid:
+        mid = mosaic(args.mid)
+        r = measure("inprocess", mid)
+        out[f"tiles_{args.mid}x"] = r["tiles"]
+        out[f"tiles_per_s_inprocess_{args.mid}x"] = round(r["tiles_per_s"], 1)
+        out[f"peak_rss_mb_{args.mid}x"] = round(r["peak_rss_mb"], 1)
+        out[f"tiles_per_s_dask2_{args.mid}x"] = round(measure("dask2", mid)["tiles_per_s"], 1)
     if not args.skip_big:
         big = measure("inprocess", mosaic(args.big))
         out[f"peak_rss_mb_{args.big}x"] = round(big["peak_rss_mb"], 1)

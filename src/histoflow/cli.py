@@ -122,7 +122,7 @@ def cmd_info(args):
     mpp = info["mpp"]
     print(f"  mpp        {'unknown' if mpp is None else f'{mpp[0]:.4g} x {mpp[1]:.4g} µm/px'}"
           + (f", objective {info['objective_power']:g}x" if info["objective_power"] else ""))
-    print(f"  levels     " + ", ".join(f"{lv['width']}x{lv['height']} (/{lv['downsample']:.4g})"
+    print("  levels     " + ", ".join(f"{lv['width']}x{lv['height']} (/{lv['downsample']:.4g})"
                                       for lv in info["levels"]))
     names = info["channel_names"]
     print(f"  channels   {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
@@ -279,8 +279,6 @@ def cmd_demo(args):
 
 def _mask_outline(mask, size):
     """Boolean outline (1-2 px) of a 0/1 mask resized to ``size = (w, h)``."""
-    import numpy as np
-
     from .core.resample import resize_mask
 
     m = resize_mask(mask, size) > 0

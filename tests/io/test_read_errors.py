@@ -1,5 +1,4 @@
 """Bad input gives histoflow's own exceptions, naming the file and the reason. One test per case."""
-import os
 import shutil
 
 import numpy as np

@@ -5,7 +5,7 @@ grid), cuts the grid into batches and keeps a bounded number of batches in fligh
 memory stays flat whatever the slide size). Workers read their own tiles, apply the pipeline and
 compress the results (:mod:`histoflow.engine.worker`); the driver journals each finished batch to disk
 (:mod:`histoflow.engine.partial`, which makes runs resumable) and, when a slide is complete, copies the
-batches in grid order into its h5path file through one writer. The output does not depend on the
+batches in grid order into its h5path file through one writer. The tile data does not depend on the
 executor or on the order in which batches finish.
 """
 from __future__ import annotations

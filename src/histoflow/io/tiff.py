@@ -99,7 +99,6 @@ class TiffReader(SlideReader):
         first = tf.pages.first
         desc = first.description[:_MAX_DESCRIPTION] if first.description else ""
 
-        main = series[0]
         if tf.is_qpi:
             self.format = "QPTIFF"
         elif tf.is_svs:
