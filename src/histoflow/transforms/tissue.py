@@ -240,10 +240,11 @@ class TissueDetectionHE(Transform):
         Fill every hole.
     working_downsample : int
         Detect at 1/``working_downsample`` of the tile's resolution (area-averaged; kernels and areas
-        scaled to match), then enlarge the mask. The default 3 is about 6x faster than full resolution
-        (the 17 px median becomes a 5 px one, which OpenCV does quickly, where 7 px and up are slow) and
-        agrees with it on about 98 % of the pixels of CMU-1 tiles (boundaries move by a few pixels); use 1
-        for PathML's exact full-resolution behaviour.
+        scaled to match), then enlarge the mask. The default 3 is about 12x faster than full resolution
+        (the 17 px median becomes a 5 px one, which OpenCV does quickly, where 7 px and up are slow; the
+        grey image is reduced by an exact factor, OpenCV's fast path) and agrees with it on about 98 % of
+        the pixels of CMU-1 tiles (boundaries move by a few pixels); use 1 for PathML's exact
+        full-resolution behaviour.
 
     Examples
     --------
@@ -279,16 +280,23 @@ class TissueDetectionHE(Transform):
     def F(self, image):
         f = self.working_downsample
         h, w = image.shape[:2]
-        small = image
-        if f > 1 and min(h, w) >= 4 * f:
-            small = cv2.resize(np.ascontiguousarray(image), (max(1, w // f), max(1, h // f)),
-                               interpolation=cv2.INTER_AREA)
-        scale = small.shape[1] / w
-        mask = detect_tissue(small, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
-                             self.morph_k_size, self.min_region_size, self.max_hole_size,
-                             self.outer_contours_only, scale=scale)
-        if mask.shape != (h, w):
-            mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        if f == 1 or min(h, w) < 4 * f:
+            return detect_tissue(image, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
+                                 self.morph_k_size, self.min_region_size, self.max_hole_size,
+                                 self.outer_contours_only)
+        # an exact multiple of f keeps OpenCV's area resampling on its fast integer-factor path
+        hh, ww = h // f * f, w // f * f
+        crop = np.ascontiguousarray(image[:hh, :ww])
+        if not self.use_saturation and (crop.ndim == 2 or crop.shape[2] in (1, 3)):
+            crop = _grey_uint8(crop)  # grey first: one channel to resample (grey is linear in RGB)
+        small = cv2.resize(crop, (ww // f, hh // f), interpolation=cv2.INTER_AREA)
+        mask_small = detect_tissue(small, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
+                                   self.morph_k_size, self.min_region_size, self.max_hole_size,
+                                   self.outer_contours_only, scale=1 / f)
+        mask = np.empty((h, w), np.uint8)
+        mask[:hh, :ww] = cv2.resize(mask_small, (ww, hh), interpolation=cv2.INTER_NEAREST)
+        mask[hh:, :ww] = mask[hh - 1:hh, :ww]  # the rows and columns past the last whole block
+        mask[:, ww:] = mask[:, ww - 1:ww]
         return mask
 
     def apply(self, tile):
