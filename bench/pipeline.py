@@ -64,8 +64,11 @@ def child(mode, slide, out):
         from distributed import Client, LocalCluster
 
         workers = int(mode[4:])
-        with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
-                          silence_logs=40) as cluster, Client(cluster) as client:
+        import dask
+        from histoflow.engine.executors import WORKER_ENV
+
+        with dask.config.set(WORKER_ENV), LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None,
+                                                       silence_logs=40) as cluster, Client(cluster) as client:
             client.wait_for_workers(workers)
             # warm the workers (imports, first OpenCV calls) on the small sample slide: steady-state rate
             from histoflow.data import sample_slide_path
