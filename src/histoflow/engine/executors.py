@@ -111,10 +111,16 @@ class DaskExecutor:
             import dask
 
             n = int(workers or os.cpu_count() or 1)
-            with dask.config.set(WORKER_ENV):
-                self._own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=threads_per_worker,
-                                                             processes=True, dashboard_address=None,
-                                                             silence_logs=40)
+            try:
+                with dask.config.set(WORKER_ENV):
+                    self._own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=threads_per_worker,
+                                                                 processes=True, dashboard_address=":0",
+                                                                 silence_logs=40)
+            except Exception as e:
+                raise PipelineError(
+                    f"could not start a local dask cluster of {n} worker process(es) ({type(e).__name__}: {e}). "
+                    "Worker processes re-import the main script: in a script, put the run under "
+                    "`if __name__ == \"__main__\":`; or use executor=\"threads\"") from e
             self.client = distributed.Client(self._own_cluster)
             self._own_client = True
 
