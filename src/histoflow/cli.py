@@ -163,7 +163,6 @@ def cmd_tile(args):
 def cmd_run(args):
     from .core.slide import SlideData, SlideDataset
     from .transforms import Pipeline
-    from .transforms import library  # noqa: F401 - registers the built-in transforms
 
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
@@ -190,7 +189,6 @@ def cmd_run(args):
 
 
 def cmd_transforms(args):
-    from .transforms import library  # noqa: F401 - registers the built-in transforms
     from .transforms.base import list_transforms
 
     items = list_transforms()

@@ -52,7 +52,7 @@ def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None, ch
     if brightfield and c >= 3:
         rgb = img[:, :, :3]
         if rgb.dtype != np.uint8:
-            rgb = _stretch(rgb.astype(np.float32), per_channel=False)
+            rgb = _stretch(rgb.astype(np.float32))
         return np.ascontiguousarray(rgb.astype(np.uint8))
     if c == 1:
         g = (_stretch(img[:, :, 0].astype(np.float32)) * 255).astype(np.uint8)
@@ -70,7 +70,8 @@ def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None, ch
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
-def _stretch(a: np.ndarray, per_channel=True) -> np.ndarray:
+def _stretch(a: np.ndarray) -> np.ndarray:
+    """Scale between the 1st and 99.5th percentiles of ``a`` to [0, 1]."""
     lo, hi = np.percentile(a, [1, 99.5])
     if hi <= lo:
         hi = lo + 1
