@@ -40,3 +40,8 @@ class H5PathError(HistoflowError):
 
 class PipelineError(HistoflowError):
     """A pipeline is invalid or failed."""
+
+
+class DatasetError(HistoflowError, ValueError):
+    """A dataset cannot be built: a folder or file is missing or incomplete, or its contents are not what
+    the dataset needs. Says what is expected where."""

@@ -1,0 +1,76 @@
+"""MoNuSeg 2018 (Kumar et al., IEEE TMI 2017): H&E images of 1000 x 1000 px at 40x with every nucleus
+outlined in Aperio XML.
+
+Put the images and annotations in one folder as ``<ID>.png`` (or ``.tif``) + ``<ID>.xml`` (the official
+"MoNuSeg 2018 Training Data" zip, unpacked with Tissue Images and Annotations together); this module
+never downloads anything. Licence of the data: CC BY-NC-SA 4.0 (non-commercial, share-alike); models
+trained on it inherit those terms.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..annotations import rasterize, read_aperio_xml
+from ..annotations.aperio import aperio_mpp
+from ..errors import DatasetError
+
+__all__ = ["MONUSEG_MPP", "DatasetError", "monuseg_ids", "load_monuseg"]
+
+#: the images are 40x Aperio scans; files that lack MicronsPerPixel are taken to be this
+MONUSEG_MPP = 0.2527
+_IMAGE_EXTS = (".png", ".tif", ".tiff")
+
+
+def _where(root):
+    return (f"put the MoNuSeg images and their Aperio XML annotations (<ID>.png or <ID>.tif with <ID>.xml) "
+            f"in {os.path.abspath(root)}")
+
+
+def monuseg_ids(root) -> list[str]:
+    """The ids (file stems) that have both an image and an XML annotation in ``root``, sorted."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: no such folder; {_where(root)}")
+    names = os.listdir(root)
+    xml = {os.path.splitext(n)[0] for n in names if n.lower().endswith(".xml")}
+    img = {os.path.splitext(n)[0] for n in names if n.lower().endswith(_IMAGE_EXTS)}
+    ids = sorted(xml & img)
+    if not ids:
+        raise DatasetError(f"{root}: no image with a matching .xml annotation; {_where(root)}")
+    return ids
+
+
+def _image_path(root, ident):
+    for ext in _IMAGE_EXTS:
+        p = os.path.join(root, ident + ext)
+        if os.path.exists(p):
+            return p
+    raise DatasetError(f"{root}: no image for {ident}; {_where(root)}")
+
+
+def load_monuseg(root, ids=None) -> list[dict]:
+    """Load images and instance masks.
+
+    Returns a list of dicts ``{"id", "image": uint8 (H, W, 3), "instances": int32 (H, W), "mpp"}``,
+    one per id (all ids in ``root`` when ``ids`` is None). Nuclei are numbered 1..n in file order;
+    where outlines overlap the later one wins.
+    """
+    from PIL import Image
+
+    root = os.fspath(root)
+    known = monuseg_ids(root)
+    ids = known if ids is None else list(ids)
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise DatasetError(f"{root}: no image + annotation for {missing}; {_where(root)}")
+    out = []
+    for ident in ids:
+        with Image.open(_image_path(root, ident)) as im:
+            image = np.asarray(im.convert("RGB"))
+        xml = os.path.join(root, ident + ".xml")
+        polys = [p for p in read_aperio_xml(xml) if not p.measurements.get("negative")]
+        inst = rasterize(polys, image.shape[:2])
+        out.append({"id": ident, "image": image, "instances": inst, "mpp": aperio_mpp(xml) or MONUSEG_MPP})
+    return out

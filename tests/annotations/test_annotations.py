@@ -1,0 +1,149 @@
+"""Annotations on real files: MoNuSeg's Aperio XML, polygon <-> mask, QuPath GeoJSON."""
+import json
+import re
+
+import numpy as np
+import pytest
+from datafiles import data_path
+
+from histoflow.annotations import (AnnotationError, Polygon, polygonize, rasterize, read_aperio_xml, read_geojson,
+                                   write_geojson)
+from histoflow.datasets import DatasetError, load_monuseg, monuseg_ids
+
+MONUSEG = data_path("monuseg_train")
+ID = "TCGA-21-5784-01Z-00-DX1"
+
+
+def _regions_with_3_vertices(path):
+    text = open(path).read()
+    regions = re.findall(r"<Region .*?</Region>", text, flags=re.S)
+    return sum(1 for r in regions if len(re.findall(r"<Vertex ", r)) >= 3)
+
+
+def test_aperio_xml_reads_every_region():
+    path = f"{MONUSEG}/{ID}.xml"
+    polys = read_aperio_xml(path)
+    assert len(polys) == _regions_with_3_vertices(path) == 398
+    assert all(p.exterior.shape[1] == 2 and len(p.exterior) >= 3 for p in polys)
+    # vertices are image pixels of a 1000 x 1000 image
+    allxy = np.concatenate([p.exterior for p in polys])
+    assert allxy.min() >= -1 and allxy.max() <= 1001
+    assert all("area" in p.measurements for p in polys)
+
+
+def test_aperio_xml_skips_degenerate_regions():
+    # some MoNuSeg files have regions with fewer than 3 vertices: they are skipped, not errors
+    counts = []
+    for ident in monuseg_ids(MONUSEG):
+        path = f"{MONUSEG}/{ident}.xml"
+        counts.append((len(read_aperio_xml(path)), _regions_with_3_vertices(path),
+                       len(re.findall(r"<Region ", open(path).read()))))
+    assert all(a == b for a, b, _ in counts)
+    assert any(b < c for _, b, c in counts)  # the data really has such regions
+
+
+def test_rasterize_areas_match_polygons():
+    polys = read_aperio_xml(f"{MONUSEG}/{ID}.xml")
+    mask = rasterize(polys, (1000, 1000))
+    assert mask.dtype == np.int32 and mask.max() == len(polys)
+    pix = np.bincount(mask.ravel(), minlength=len(polys) + 1)[1:]
+    area = np.array([p.area for p in polys])
+    # pixel-centre rasterisation of a polygon covers its area up to boundary pixels (overlaps taken
+    # by later nuclei aside): the totals agree within 3 %
+    assert abs(pix.sum() - area.sum()) / area.sum() < 0.03
+
+
+def test_rasterize_downsample_and_origin():
+    sq = Polygon([[100, 200], [140, 200], [140, 240], [100, 240]])
+    full = rasterize([sq], (300, 300))
+    assert full.sum() == 40 * 40 and full[200:240, 100:140].all()
+    half = rasterize([sq], (150, 150), downsample=2)
+    assert half.sum() == 20 * 20 and half[100:120, 50:70].all()
+    shifted = rasterize([sq], (100, 100), origin=(80, 180))
+    assert shifted[20:60, 20:60].all() and shifted.sum() == 1600
+    cls = rasterize([sq], (300, 300), values=[7], dtype=np.uint8)
+    assert cls.max() == 7 and cls.dtype == np.uint8
+
+
+def test_polygonize_round_trip_on_real_mask():
+    mask = load_monuseg(MONUSEG, [ID])[0]["instances"]
+    polys = polygonize(mask)
+    ids = [int(p.name) for p in polys]
+    assert sorted(set(ids)) == sorted(set(np.unique(mask)[1:].tolist()))
+    back = rasterize(polys, mask.shape, values=ids)
+    assert (back == mask).mean() > 0.999
+    area = np.bincount(mask.ravel())
+    for p in polys[:50]:
+        assert abs(p.area - area[int(p.name)]) <= 0.02 * area[int(p.name)] + 1
+
+
+def test_polygonize_keeps_holes():
+    m = np.zeros((50, 50), np.int32)
+    m[10:40, 10:40] = 3
+    m[20:30, 20:30] = 0
+    (p,) = polygonize(m, downsample=2, origin=(100, 0))
+    assert p.name == "3" and len(p.holes) == 1
+    assert p.area == pytest.approx(4 * (900 - 100))
+    assert p.bounds == (120.0, 20.0, 180.0, 80.0)
+
+
+def test_geojson_round_trip(tmp_path):
+    polys = [Polygon([[0, 0], [10, 0], [10, 10], [0, 10]], holes=[[[2, 2], [4, 2], [4, 4], [2, 4]]], name="a",
+                     classification="Tumor", measurements={"area": 96.0}),
+             Polygon([[20, 20], [30, 20], [25, 30]], name="b", classification="Stroma")]
+    out = write_geojson(polys, tmp_path / "x.geojson", object_type="annotation")
+    doc = json.load(open(out))
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == 2
+    f0 = doc["features"][0]
+    assert f0["properties"]["objectType"] == "annotation"
+    assert f0["properties"]["classification"]["name"] == "Tumor"
+    assert f0["geometry"]["coordinates"][0][0] == f0["geometry"]["coordinates"][0][-1]  # closed rings
+    back = read_geojson(out)
+    assert [p.classification for p in back] == ["Tumor", "Stroma"]
+    assert back[0].area == pytest.approx(96.0) and back[0].measurements == {"area": 96.0}
+    np.testing.assert_allclose(back[1].exterior, polys[1].exterior)
+
+
+def test_geojson_reads_qupath_forms(tmp_path):
+    # a bare list of features, MultiPolygon, measurements as a list of name/value (older QuPath)
+    feats = [{"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
+        [[[0, 0], [5, 0], [5, 5], [0, 0]]], [[[10, 10], [15, 10], [15, 15], [10, 10]]]]},
+        "properties": {"classification": {"name": "Immune cells", "colorRGB": -1},
+                       "measurements": [{"name": "Nucleus: Area", "value": 12.5}]}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(feats))
+    polys = read_geojson(path)
+    assert len(polys) == 2 and {p.classification for p in polys} == {"Immune cells"}
+    assert polys[0].measurements == {"Nucleus: Area": 12.5}
+
+
+def test_annotation_errors(tmp_path):
+    with pytest.raises(AnnotationError, match="no such annotation file"):
+        read_aperio_xml(tmp_path / "none.xml")
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<Annotations><Annotation>")
+    with pytest.raises(AnnotationError, match="bad.xml: not a readable XML"):
+        read_aperio_xml(bad)
+    other = tmp_path / "other.xml"
+    other.write_text("<svg></svg>")
+    with pytest.raises(AnnotationError, match="expected <Annotations>"):
+        read_aperio_xml(other)
+    j = tmp_path / "bad.geojson"
+    j.write_text("{not json")
+    with pytest.raises(AnnotationError, match="bad.geojson: not a JSON file"):
+        read_geojson(j)
+
+
+def test_monuseg_loader(tmp_path):
+    ids = monuseg_ids(MONUSEG)
+    assert len(ids) == 20 and ID in ids
+    (s,) = load_monuseg(MONUSEG, [ID])
+    assert s["image"].shape == (1000, 1000, 3) and s["image"].dtype == np.uint8
+    assert s["instances"].max() == 398 and 0.2 < s["mpp"] < 0.3
+    with pytest.raises(DatasetError, match="put the MoNuSeg images"):
+        monuseg_ids(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no image with a matching .xml"):
+        monuseg_ids(tmp_path)
+    with pytest.raises(DatasetError, match="nope"):
+        load_monuseg(MONUSEG, ["nope"])
