@@ -38,6 +38,11 @@ class TileSpec:
     read_size: tuple[int, int]  # (w, h) to read at that level
     size: tuple[int, int]  # (w, h) of the output tile
     downsample: float  # output pixel -> level-0 pixels
+    #: (x0, y0, x1, y1) in tile pixels: the part of the tile that this tile owns when tiles overlap. The
+    #: overlap with each neighbour is split at its middle; the first and last tiles of a row or column own
+    #: up to the slide's edge. The cores of all tiles cover the slide once, so an object (a nucleus, a
+    #: cell) is kept by exactly one tile when each tile keeps the objects whose centroid is in its core.
+    core: tuple = None
 
     @property
     def coords(self) -> tuple[int, int]:
@@ -157,7 +162,17 @@ class TileGrid:
             read = (max(1, int(round(self.tile_size[0] * f))), max(1, int(round(self.tile_size[1] * f))))
         else:
             read = self.tile_size
-        return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds)
+        return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds, self.core(row, col))
+
+    def core(self, row: int, col: int) -> tuple:
+        """The ``(x0, y0, x1, y1)`` part of tile (row, col) it owns, in tile pixels (see TileSpec.core)."""
+        (tw, th), (sx, sy) = self.tile_size, self.stride
+        ox, oy = max(0, tw - sx) // 2, max(0, th - sy) // 2
+        x0 = 0 if col == 0 else ox
+        y0 = 0 if row == 0 else oy
+        x1 = tw if col == self.cols - 1 else min(tw, sx + ox)
+        y1 = th if row == self.rows - 1 else min(th, sy + oy)
+        return (x0, y0, x1, y1)
 
     def coverage(self, spec: TileSpec) -> float:
         """Fraction of the tile covered by the mask (1.0 when there is no mask)."""

@@ -149,7 +149,7 @@ class SlideData:
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
         return Tile(image=image, coords=(spec.x, spec.y), level=spec.level, downsample=spec.downsample,
                     masks=masks, labels={}, slide_type=self.slide_type.name,
-                    name=f"{self.name}_x{spec.x}_y{spec.y}", mpp=mpp)
+                    name=f"{self.name}_x{spec.x}_y{spec.y}", mpp=mpp, core=spec.core)
 
     def generate_tiles(self, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None, edge="pad",
                        mask=None, min_coverage=0.0) -> Iterator[Tile]:

@@ -31,6 +31,10 @@ class Tile:
         A readable identifier, by default ``"<slide>_x<x>_y<y>"``.
     mpp : (float, float) or None
         Pixel size of ``image`` in µm, when known.
+    core : (x0, y0, x1, y1) or None
+        The part of the tile it owns among overlapping neighbours, in tile pixels (set by the grid:
+        :attr:`histoflow.core.grid.TileSpec.core`); None means the whole tile. Transforms that find
+        objects keep those whose centroid lies in the core, so no object is counted twice or lost.
     """
 
     image: np.ndarray
@@ -42,6 +46,7 @@ class Tile:
     slide_type: str | None = None
     name: str | None = None
     mpp: tuple[float, float] | None = None
+    core: tuple | None = None
 
     def __post_init__(self):
         self.coords = (int(self.coords[0]), int(self.coords[1]))

@@ -195,8 +195,11 @@ def _merge_ready(job):
             job.writer.add_slide_mask(name, m.array, m.downsample)
     while job.next_merge in job.done:
         result = partial.read_batch(job.dir, job.next_merge)
+        reduces = job.pipeline is not None and job.pipeline.reduces
         for _, enc in sorted(result.tiles, key=lambda t: t[0]):
             job.writer.add_tile(enc)
+            if reduces:
+                job.pipeline.collect(enc.decode())
             job.merged += 1
         job.failures.extend(f.as_dict() for f in result.failures)
         job.next_merge += 1
@@ -207,6 +210,9 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     from .. import __version__
 
     _merge_ready(job)
+    if job.pipeline is not None and job.pipeline.reduces:
+        for name, (array, downsample) in job.pipeline.slide_masks().items():
+            job.writer.add_slide_mask(name, array, downsample)
     job.writer.add_provenance({
         "kind": "pipeline run", "run_id": run_id,
         "pipeline": job.manifest["pipeline"],

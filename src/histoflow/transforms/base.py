@@ -85,6 +85,19 @@ class Transform:
         """Slide-level preparation before any tile runs (e.g. a stain matrix from a low-resolution
         tissue sample). Runs once, in the driver; the fitted transform is then sent to the workers."""
 
+    #: whether :meth:`collect` / :meth:`slide_masks` do something (the engine then hands this transform
+    #: every finished tile, in grid order, in the driver)
+    reduces: bool = False
+
+    def collect(self, tile) -> None:
+        """See one finished tile in the driver (after the whole pipeline ran on it), e.g. to paint a
+        slide-level heatmap. Only called when :attr:`reduces` is true."""
+
+    def slide_masks(self) -> dict:
+        """Slide-level masks made from the collected tiles: ``{name: (array, downsample)}``, stored in
+        the slide's h5path when the run ends. Only called when :attr:`reduces` is true."""
+        return {}
+
     def __call__(self, tile):
         self.apply(tile)
         return tile
@@ -117,6 +130,8 @@ class Transform:
         (name, params), = d.items()
         if name not in REGISTRY:
             from . import library  # noqa: F401 - the built-ins register on import
+        if name not in REGISTRY:
+            load_model_transforms()
         if name not in REGISTRY:
             raise PipelineError(f"unknown transform {name!r}; known: {', '.join(sorted(REGISTRY))} "
                                 "(import the module that defines a custom transform before loading)")
@@ -228,6 +243,22 @@ class Pipeline(Transform):
         for step in self.steps:
             step.fit_slide(slide)
 
+    @property
+    def reduces(self):
+        return any(step.reduces for step in self.steps)
+
+    def collect(self, tile):
+        for step in self.steps:
+            if step.reduces:
+                step.collect(tile)
+
+    def slide_masks(self):
+        out = {}
+        for step in self.steps:
+            if step.reduces:
+                out.update(step.slide_masks())
+        return out
+
     # ------------------------------------------------------------------ containers
     def __len__(self):
         return len(self.steps)
@@ -312,8 +343,22 @@ def _plain(value):
     return value
 
 
+def load_model_transforms() -> bool:
+    """Register the transforms that run models (:mod:`histoflow.ml.transforms`) when torch is installed.
+
+    Returns whether they are available. Kept out of :mod:`histoflow.transforms.library` so that the
+    classical transforms never import torch.
+    """
+    try:
+        import histoflow.ml.transforms  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def list_transforms() -> list[dict]:
     """Every registered transform: name, parameters with defaults, first docstring line."""
+    load_model_transforms()
     out = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
