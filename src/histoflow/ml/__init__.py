@@ -1,0 +1,1 @@
+"""Deep learning layer (imports torch)."""

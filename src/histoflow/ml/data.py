@@ -1,0 +1,608 @@
+"""PyTorch datasets of tiles: from an h5path file (:class:`TileDataset`) or straight from slides
+(:class:`WSIPatchDataset`).
+
+Both return the same sample, a dict that :func:`torch.utils.data.default_collate` batches:
+
+=========== ==========================================================================================
+key         value
+=========== ==========================================================================================
+``image``   float32 tensor ``(C, H, W)``. uint8 pixels are divided by 255, uint16 by 65535 (any unsigned
+            integer by its maximum), so they lie in [0, 1]; float pixels are kept as they are.
+``masks``   dict name -> tensor ``(H, W)``: bool, uint8, int8/16/32/64 keep their dtype, uint16/32/64
+            become int64 (instance ids), floats become float32. Empty for :class:`WSIPatchDataset`.
+``labels``  dict name -> value: 0-d tensor (int64 for bool and int labels, float32 for float labels) or
+            ``str`` (collated into a list of str).
+``coords``  int64 tensor ``(2,)``: level-0 ``(x, y)`` of the tile's top-left corner.
+``index``   int: the tile's index in the h5path file (:class:`TileDataset`) or the row of the coordinate
+            table (:class:`WSIPatchDataset`).
+``slide``   int, :class:`WSIPatchDataset` only: index of the patch's slide in ``slides``.
+=========== ==========================================================================================
+
+A ``transform`` (for instance :class:`histoflow.ml.augment.Compose`) is called on the **numpy** sample
+before the conversion to tensors: the same dict with ``image`` an ``(H, W, C)`` array in the native dtype,
+``masks`` 2-D arrays, ``labels`` plain Python values and ``coords`` a ``(2,)`` int64 array; it returns the
+(new) sample dict. :func:`to_tensors` does the conversion and is public for datasets of your own.
+
+Files and slides are opened lazily, once per process: the datasets hold only paths, open on the first
+``__getitem__`` in each process and reopen when the process id changes, so they are safe with
+``DataLoader(num_workers > 0)`` whether workers are forked or spawned (pickled by value: no open handle is
+ever pickled).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DatasetError, H5PathError, RegionError
+
+__all__ = ["DatasetError", "TileDataset", "WSIPatchDataset", "to_tensors", "DEFAULT_TISSUE_FILTER",
+           "MISSING_LABEL_INT"]
+
+#: least tissue fraction of a tile :class:`WSIPatchDataset` keeps when it lists a slide's tiles itself
+DEFAULT_TISSUE_FILTER = 0.5
+#: stands for a missing int / bool label (torch's default ``ignore_index`` of the classification losses)
+MISSING_LABEL_INT = -100
+
+
+# --------------------------------------------------------------------------------------- conversion
+def _image_tensor(image) -> torch.Tensor:
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise DatasetError(f"a sample image must be (H, W, C), got shape {a.shape}")
+    if a.dtype == bool:
+        f = a.astype(np.float32)
+    elif a.dtype.kind == "u":
+        f = a.astype(np.float32)
+        f *= np.float32(1.0 / np.iinfo(a.dtype).max)
+    else:
+        f = a.astype(np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(f.transpose(2, 0, 1)))
+
+
+def _mask_tensor(mask) -> torch.Tensor:
+    m = np.asarray(mask)
+    if m.dtype.kind == "u" and m.dtype != np.uint8:
+        m = m.astype(np.int64)
+    elif m.dtype.kind == "f" and m.dtype != np.float32:
+        m = m.astype(np.float32)
+    elif m.dtype.kind not in "biuf":
+        raise DatasetError(f"a sample mask must be numeric or bool, got dtype {m.dtype}")
+    m = np.ascontiguousarray(m)
+    if not m.flags.writeable:
+        m = m.copy()
+    return torch.from_numpy(m)
+
+
+def _label_value(v):
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, (str, np.str_)):
+        return str(v)
+    if isinstance(v, (bool, np.bool_, int, np.integer)):
+        return torch.tensor(int(v), dtype=torch.int64)
+    if isinstance(v, (float, np.floating)):
+        return torch.tensor(float(v), dtype=torch.float32)
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return v
+
+
+def to_tensors(sample: Mapping) -> dict:
+    """Convert a numpy sample (see the module docs) to the tensor sample the datasets return.
+
+    Keys other than ``image``, ``masks``, ``labels`` and ``coords`` are passed through unchanged.
+    """
+    out = dict(sample)
+    out["image"] = _image_tensor(sample["image"])
+    out["masks"] = {k: _mask_tensor(m) for k, m in (sample.get("masks") or {}).items()}
+    out["labels"] = {k: _label_value(v) for k, v in (sample.get("labels") or {}).items()}
+    if "coords" in sample:
+        out["coords"] = torch.as_tensor(np.asarray(sample["coords"], dtype=np.int64).reshape(2))
+    return out
+
+
+def _names(requested, available, what, path):
+    """Requested mask / label names, checked against the file's; True means all of them."""
+    if requested is True:
+        return list(available)
+    if requested is None or requested is False:
+        return []
+    if isinstance(requested, str):
+        requested = [requested]
+    requested = list(requested)
+    missing = [n for n in requested if n not in available]
+    if missing:
+        raise H5PathError(f"{path}: no per-tile {what} named {', '.join(repr(m) for m in missing)} "
+                          f"(the file has {list(available) or 'none'})")
+    return requested
+
+
+# --------------------------------------------------------------------------------------- TileDataset
+class TileDataset(Dataset):
+    """The tiles of an h5path file as a PyTorch dataset (random access, one tile read per item).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An h5path file (version 2, or PathML's version 1).
+    image_key : str
+        Where the input image comes from: ``"image"`` for the tile images, or the name of a per-tile mask
+        (e.g. a stored hematoxylin channel) to use as a one-channel image instead.
+    masks : sequence of str, or True
+        Per-tile masks to return (True: all of the file's). Default none.
+    labels : sequence of str, or True
+        Per-tile labels to return (True: all of the file's). Default none.
+    transform : callable, optional
+        Called on the numpy sample before tensor conversion; returns the sample (see the module docs).
+    indices : sequence of int, optional
+        The file's tiles to use, in this order (a train / validation split). Default: all of them.
+    missing_label : scalar or dict, optional
+        Value of a requested label that a tile does not carry (h5path stores it as missing). Default by
+        the label's kind in the file: :data:`MISSING_LABEL_INT` (-100, ignored by torch's classification
+        losses) for int and bool labels, NaN for float labels, ``""`` for strings. A dict gives one value
+        per label name.
+
+    Raises
+    ------
+    H5PathError
+        The file is missing or unreadable, or a requested mask or label is not in it (the message names
+        the file and what it has).
+
+    Examples
+    --------
+    >>> from torch.utils.data import DataLoader                                  # doctest: +SKIP
+    >>> from histoflow.ml.augment import Compose, RandomFlip, StainAugment       # doctest: +SKIP
+    >>> ds = TileDataset("slide.h5path", masks=["nuclei"], labels=["tumour"],    # doctest: +SKIP
+    ...                  transform=Compose([RandomFlip(), StainAugment()]))
+    >>> batch = next(iter(DataLoader(ds, batch_size=16, num_workers=4)))         # doctest: +SKIP
+    >>> batch["image"].shape, batch["masks"]["nuclei"].shape                     # doctest: +SKIP
+    (torch.Size([16, 3, 256, 256]), torch.Size([16, 256, 256]))
+    """
+
+    def __init__(self, path, image_key="image", masks=(), labels=(), transform=None, indices=None,
+                 missing_label=None):
+        from ..store import read_h5path
+
+        self.path = os.fspath(path)
+        if transform is not None and not callable(transform):
+            raise DatasetError(f"{self.path}: transform must be callable, got {transform!r}")
+        with read_h5path(self.path) as h:
+            n = len(h)
+            mask_names, label_names = h.tile_mask_names, h.tile_label_names
+            self.format_version = h.format_version
+        if image_key != "image" and image_key not in mask_names:
+            raise H5PathError(f"{self.path}: image_key {image_key!r} is neither 'image' nor a per-tile mask "
+                              f"(the file has masks {mask_names or 'none'})")
+        self.image_key = image_key
+        self.masks = _names(masks, mask_names, "mask", self.path)
+        self.labels = _names(labels, label_names, "label", self.path)
+        self.transform = transform
+        self.n_tiles = n
+        if indices is None:
+            self.indices = None
+        else:
+            idx = np.asarray(indices)
+            if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+                raise DatasetError(f"{self.path}: indices must be a 1-D sequence of integers, got {indices!r}")
+            idx = idx.astype(np.int64)
+            bad = idx[(idx < 0) | (idx >= n)]
+            if bad.size:
+                raise DatasetError(f"{self.path}: tile indices {bad[:5].tolist()} out of range for {n} tiles")
+            self.indices = idx
+        self._kinds = self._label_kinds()
+        self._missing = {}
+        for name in self.labels:
+            if isinstance(missing_label, Mapping):
+                if name in missing_label:
+                    self._missing[name] = missing_label[name]
+                    continue
+            elif missing_label is not None:
+                self._missing[name] = missing_label
+                continue
+            kind = self._kinds.get(name)
+            if kind in ("int", "bool"):
+                self._missing[name] = MISSING_LABEL_INT
+            elif kind == "float":
+                self._missing[name] = math.nan
+            elif kind == "str":
+                self._missing[name] = ""
+        self._h = None
+        self._pid = None
+        self._coords = None
+
+    def _label_kinds(self) -> dict:
+        """The kind ("bool", "int", "float", "str") of each requested label, from the file (version 2)."""
+        if not self.labels or self.format_version != 2:
+            return {}
+        import h5py
+
+        kinds = {}
+        with h5py.File(self.path, "r") as f:
+            for name in self.labels:
+                k = f["tiles/labels"][name].attrs.get("kind")
+                kinds[name] = k.decode() if isinstance(k, bytes) else (str(k) if k is not None else None)
+        return kinds
+
+    # ------------------------------------------------------------------ file handle, one per process
+    def _file(self):
+        pid = os.getpid()
+        if self._h is None or self._pid != pid:
+            from ..store import read_h5path
+
+            # a handle inherited through fork is dropped, not closed: it belongs to the parent
+            self._h = read_h5path(self.path)
+            self._pid = pid
+            self._coords = self._h.coords
+        return self._h
+
+    def close(self):
+        """Close this process's handle (it is reopened on the next access)."""
+        if self._h is not None and self._pid == os.getpid():
+            self._h.close()
+        self._h = None
+        self._coords = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_h"] = None
+        state["_pid"] = None
+        state["_coords"] = None
+        return state
+
+    # ------------------------------------------------------------------ Dataset
+    def __len__(self) -> int:
+        return self.n_tiles if self.indices is None else len(self.indices)
+
+    def tile_index(self, i: int) -> int:
+        """The file's tile index of item ``i``."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"{self.path}: item {i} out of range for a dataset of {n} tiles")
+        i = int(i) % n
+        return i if self.indices is None else int(self.indices[i])
+
+    def read(self, i: int) -> dict:
+        """The numpy sample of item ``i`` (before ``transform`` and tensor conversion)."""
+        j = self.tile_index(i)
+        h = self._file()
+        need_tile = self.image_key != "image" or self.masks or self.labels
+        if need_tile:
+            tile = h.tile(j)
+            image = tile.image if self.image_key == "image" else tile.masks[self.image_key]
+            masks = {k: tile.masks[k] for k in self.masks}
+            labels = {}
+            for k in self.labels:
+                if k in tile.labels:
+                    labels[k] = tile.labels[k]
+                elif k in self._missing:
+                    labels[k] = self._missing[k]
+                else:
+                    raise H5PathError(f"{self.path}: tile {j} has no label {k!r} and its kind is unknown; "
+                                      "pass missing_label=... to give tiles without it a value")
+        else:
+            try:
+                image = h.images[j]
+            except OSError as e:
+                raise H5PathError(f"{self.path}: tile {j} cannot be read (damaged file?): {e}") from e
+            masks, labels = {}, {}
+        return {"image": image, "masks": masks, "labels": labels,
+                "coords": np.asarray(self._coords[j], np.int64), "index": j}
+
+    def __getitem__(self, i) -> dict:
+        sample = self.read(i)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return to_tensors(sample)
+
+    def label_column(self, name) -> list:
+        """The value of label ``name`` for every item of the dataset (in item order), e.g. to build the
+        keys of a :class:`~histoflow.ml.samplers.HierarchicalSampler`. Tiles without it get the
+        ``missing_label`` value (or None when it has none)."""
+        h = self._file()
+        if name not in h.tile_label_names:
+            raise H5PathError(f"{self.path}: no per-tile label named {name!r} "
+                              f"(the file has {h.tile_label_names or 'none'})")
+        order = range(self.n_tiles) if self.indices is None else self.indices.tolist()
+        fill = self._missing.get(name)
+        if self.format_version == 2:
+            import h5py
+
+            with h5py.File(self.path, "r") as f:
+                ds = f["tiles/labels"][name]
+                kind = ds.attrs.get("kind")
+                kind = kind.decode() if isinstance(kind, bytes) else kind
+                col = ds.asstr()[()] if kind == "str" else ds[()]
+            out = []
+            for j in order:
+                v = col[j]
+                if kind == "str":
+                    out.append(str(v) if v != "" else fill)
+                elif math.isnan(v):
+                    out.append(fill)
+                else:
+                    out.append(bool(v) if kind == "bool" else int(v) if kind == "int" else float(v))
+            return out
+        return [h.tile(j).labels.get(name, fill) for j in order]
+
+    def __repr__(self):
+        return (f"TileDataset({self.path!r}, {len(self)} tiles, image_key={self.image_key!r}, "
+                f"masks={self.masks}, labels={self.labels})")
+
+
+# --------------------------------------------------------------------------------------- WSIPatchDataset
+def _parse_coords(coords, n_slides):
+    """(N, 3) int64 table of (slide, x, y) and the per-patch labels found in it."""
+    labels: dict = {}
+    if isinstance(coords, np.ndarray) and coords.dtype.names:
+        raise DatasetError("coords: structured arrays are not supported; give an (N, 3) integer array or a "
+                           "list of dicts with keys 'slide', 'x', 'y'")
+    rows = list(coords) if not isinstance(coords, np.ndarray) else None
+    if rows is not None and rows and isinstance(rows[0], Mapping):
+        extra = None
+        table = np.zeros((len(rows), 3), np.int64)
+        for i, r in enumerate(rows):
+            if not isinstance(r, Mapping):
+                raise DatasetError(f"coords: row {i} is not a dict like the first one: {r!r}")
+            missing = [k for k in ("slide", "x", "y") if k not in r]
+            if missing:
+                raise DatasetError(f"coords: row {i} lacks {missing} (each dict needs 'slide', 'x', 'y')")
+            keys = sorted(k for k in r if k not in ("slide", "x", "y"))
+            if extra is None:
+                extra = keys
+                labels = {k: [] for k in keys}
+            elif keys != extra:
+                raise DatasetError(f"coords: row {i} has label keys {keys}, row 0 has {extra}")
+            for j, k in enumerate(("slide", "x", "y")):
+                table[i, j] = _as_int(r[k], f"coords row {i} {k!r}")
+            for k in keys:
+                labels[k].append(r[k])
+    else:
+        arr = np.asarray(coords)
+        if arr.size == 0:
+            arr = arr.reshape(0, 3)
+        if arr.ndim != 2 or arr.shape[1] != 3:
+            raise DatasetError(f"coords must be an (N, 3) table of (slide index, x, y) or a list of dicts, "
+                               f"got shape {arr.shape}")
+        if arr.dtype.kind == "f":
+            if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+                raise DatasetError("coords must hold integers (slide index, level-0 x, y)")
+        elif arr.size and arr.dtype.kind not in "iu":
+            raise DatasetError(f"coords must hold integers (slide index, level-0 x, y), got dtype {arr.dtype}")
+        table = arr.astype(np.int64)
+    bad = np.flatnonzero((table[:, 0] < 0) | (table[:, 0] >= n_slides))
+    if bad.size:
+        raise DatasetError(f"coords row {int(bad[0])}: slide index {int(table[bad[0], 0])} out of range for "
+                           f"{n_slides} slide(s)")
+    return table, labels
+
+
+def _as_int(v, what):
+    if isinstance(v, (bool, np.bool_)):
+        raise DatasetError(f"{what} must be an integer, got {v!r}")
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    raise DatasetError(f"{what} must be an integer, got {v!r}")
+
+
+def _label_array(name, values, n, what):
+    values = list(values) if not isinstance(values, np.ndarray) else values
+    if len(values) != n:
+        raise DatasetError(f"label {name!r} has {len(values)} values; it needs one per {what} ({n})")
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise DatasetError(f"label {name!r} must be one value per {what}, got shape {arr.shape}")
+    if arr.dtype.kind in "US":
+        return arr.astype(str).astype(object)
+    if arr.dtype.kind == "b" or arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float64)
+    raise DatasetError(f"label {name!r} must hold numbers or strings (not a mix), got {arr.dtype}")
+
+
+class WSIPatchDataset(Dataset):
+    """Patches read straight from slides, at a pyramid level or a target µm/px (no pre-extraction).
+
+    Parameters
+    ----------
+    slides : sequence of str or os.PathLike
+        Slide files (anything :func:`histoflow.open_slide` reads); a single path is one slide.
+    coords : table, optional
+        The patches, as level-0 **top-left** corners:
+
+        - an ``(N, 3)`` integer array (or list of triples) of ``(slide index, x, y)``, or
+        - a list of dicts with keys ``"slide"``, ``"x"``, ``"y"``; any other key is a per-patch label
+          (every dict must have the same keys).
+
+        None: every tissue tile of each slide, on a grid of ``patch_size`` (step ``stride``), found by the
+        tissue pre-pass of the engine (:func:`histoflow.engine.tissue_prepass`: tissue detection on a
+        thumbnail) and :class:`histoflow.core.grid.TileGrid`.
+    patch_size : int or (int, int)
+        Output patch (width, height) in pixels.
+    level : int, optional
+        Read at this pyramid level (default 0 unless ``mpp`` is given).
+    mpp : float, optional
+        Target pixel size in µm/px: patches are read from the finest level not coarser than it and
+        resampled (area average when shrinking), exactly as :class:`~histoflow.core.grid.TileGrid` tiles
+        are; a patch then covers ``patch_size * mpp / slide mpp`` level-0 pixels.
+    labels : dict of str -> sequence, optional
+        Labels returned with each patch: one value per patch (row of ``coords``), or, when ``coords`` is
+        None, one value per slide (given to each of its patches, e.g. a slide's grade). Numbers (bool and
+        int become int64) or strings.
+    tissue_filter : float or False, optional
+        With ``coords=None``: least fraction of tissue of a kept tile (default
+        :data:`DEFAULT_TISSUE_FILTER` = 0.5); ``False``: no tissue detection, every tile of the grid.
+        Not allowed with ``coords``.
+    transform : callable, optional
+        Called on the numpy sample before tensor conversion (see the module docs).
+    stride : int or (int, int), optional
+        Grid step in output pixels with ``coords=None`` (default ``patch_size``: no overlap).
+    max_open_slides : int
+        Readers kept open per process (least recently used are closed).
+
+    Attributes
+    ----------
+    coords : (N, 3) int64 ndarray
+        ``(slide index, x, y)`` of every patch.
+    labels : dict of str -> ndarray
+        One value per patch.
+
+    Raises
+    ------
+    SlideNotFoundError, SlideReadError
+        A slide is missing or unreadable (the message names it).
+    RegionError
+        ``mpp`` is given but a slide's pixel size is unknown, or the level does not exist.
+    DatasetError
+        Invalid coordinates or labels.
+
+    Examples
+    --------
+    >>> ds = WSIPatchDataset(["a.svs", "b.svs"], patch_size=224, mpp=0.5,           # doctest: +SKIP
+    ...                      labels={"grade": [1, 3]})
+    >>> keys = [(int(ds.labels["grade"][i]), int(ds.coords[i, 0])) for i in range(len(ds))]  # doctest: +SKIP
+    """
+
+    def __init__(self, slides, coords=None, patch_size=256, level=None, mpp=None, labels=None,
+                 tissue_filter=None, transform=None, *, stride=None, max_open_slides=16):
+        from ..core.slide import SlideData
+
+        if isinstance(slides, (str, os.PathLike)):
+            slides = [slides]
+        self.slides = [os.fspath(s) for s in slides]
+        if not self.slides:
+            raise DatasetError("WSIPatchDataset: no slides given")
+        if transform is not None and not callable(transform):
+            raise DatasetError(f"WSIPatchDataset: transform must be callable, got {transform!r}")
+        if coords is not None and tissue_filter is not None:
+            raise DatasetError("WSIPatchDataset: tissue_filter applies only when coords is None (the dataset "
+                               "lists the tissue tiles itself); filter your coordinates beforehand")
+        if int(max_open_slides) < 1:
+            raise DatasetError(f"WSIPatchDataset: max_open_slides must be >= 1, got {max_open_slides}")
+        self.patch_size = patch_size
+        self.level = level
+        self.mpp = mpp
+        self.transform = transform
+        self.max_open_slides = int(max_open_slides)
+        self._geometry = []   # per slide: (level, read_size, size)
+        tables = []
+        for s, path in enumerate(self.slides):
+            slide = SlideData(path)
+            try:
+                grid = self._grid(slide, tissue_filter if coords is None else False, stride)
+                spec = grid.spec(0, 0)
+                self._geometry.append((spec.level, tuple(spec.read_size), tuple(spec.size)))
+                if coords is None:
+                    xy = np.array([(t.x, t.y) for t in grid], np.int64).reshape(-1, 2)
+                    tables.append(np.column_stack([np.full(len(xy), s, np.int64), xy]))
+            finally:
+                slide.close()
+        if coords is None:
+            self.coords = np.concatenate(tables) if tables else np.zeros((0, 3), np.int64)
+            per_slide = self.coords[:, 0]
+            self.labels = {k: _label_array(k, v, len(self.slides), "slide")[per_slide]
+                           for k, v in (labels or {}).items()}
+        else:
+            self.coords, patch_labels = _parse_coords(coords, len(self.slides))
+            self.labels = {k: _label_array(k, v, len(self.coords), "patch") for k, v in patch_labels.items()}
+            for k, v in (labels or {}).items():
+                if k in self.labels:
+                    raise DatasetError(f"WSIPatchDataset: label {k!r} is given both in coords and in labels")
+                self.labels[k] = _label_array(k, v, len(self.coords), "patch")
+        self._readers = OrderedDict()
+        self._pid = None
+
+    def _grid(self, slide, tissue_filter, stride):
+        """The TileGrid of a slide (tissue-filtered when asked), with the slide's path in any error."""
+        try:
+            mask, cover = None, 0.0
+            if tissue_filter is not False:
+                from ..engine import tissue_prepass
+
+                tissue_prepass(slide)
+                mask = "tissue"
+                cover = DEFAULT_TISSUE_FILTER if tissue_filter is None else float(tissue_filter)
+                if not 0.0 <= cover <= 1.0:
+                    raise DatasetError(f"tissue_filter must be in [0, 1] or False, got {tissue_filter!r}")
+            return slide.grid(self.patch_size, stride=stride, level=self.level, mpp=self.mpp, mask=mask,
+                              min_coverage=cover)
+        except (RegionError, DatasetError) as e:
+            msg = str(e)
+            if msg.startswith(slide.path):
+                raise
+            raise type(e)(f"{slide.path}: {msg}") from None
+
+    # ------------------------------------------------------------------ readers, one set per process
+    def _reader(self, s: int):
+        from ..io import open_slide
+
+        pid = os.getpid()
+        if self._pid != pid:
+            self._readers = OrderedDict()   # inherited through fork: dropped, never used
+            self._pid = pid
+        r = self._readers.get(s)
+        if r is None:
+            r = open_slide(self.slides[s])
+            self._readers[s] = r
+            while len(self._readers) > self.max_open_slides:
+                _, old = self._readers.popitem(last=False)
+                old.close()
+        else:
+            self._readers.move_to_end(s)
+        return r
+
+    def close(self):
+        """Close this process's readers (they are reopened on the next access)."""
+        if self._pid == os.getpid():
+            for r in self._readers.values():
+                r.close()
+        self._readers = OrderedDict()
+        self._pid = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_readers"] = OrderedDict()
+        state["_pid"] = None
+        return state
+
+    # ------------------------------------------------------------------ Dataset
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def read(self, i: int) -> dict:
+        """The numpy sample of item ``i`` (before ``transform`` and tensor conversion)."""
+        from ..core.resample import resize
+
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"patch {i} out of range for a dataset of {n} patches")
+        i = int(i) % n
+        s, x, y = (int(v) for v in self.coords[i])
+        level, read_size, size = self._geometry[s]
+        image = self._reader(s).read_region((x, y), level, read_size)
+        if read_size != size:
+            image = resize(image, size)
+        labels = {k: (v[i] if v.dtype != object else str(v[i])) for k, v in self.labels.items()}
+        return {"image": image, "masks": {}, "labels": labels, "coords": np.array([x, y], np.int64),
+                "index": i, "slide": s}
+
+    def __getitem__(self, i) -> dict:
+        sample = self.read(i)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return to_tensors(sample)
+
+    def __repr__(self):
+        where = f"mpp={self.mpp}" if self.mpp is not None else f"level={self.level or 0}"
+        return (f"WSIPatchDataset({len(self.slides)} slide(s), {len(self)} patches of {self.patch_size}, "
+                f"{where}, labels={sorted(self.labels)})")

@@ -1,0 +1,296 @@
+"""Model architectures, a name registry, and saving / loading with a model card.
+
+Every architecture is plain torch (HoVer-Net wraps MONAI's). A model is created by name::
+
+    from histoflow.ml import models
+    net = models.create("unet", in_channels=4, filters=(8, 16, 32, 64, 128, 128, 256, 256, 512))
+    models.save(net, "tumour.pt", card={"training_data": "...", "metrics": {"dice": 0.91}})
+    net = models.load("tumour.pt")   # eval mode; net.card is the card
+
+``save`` writes the weights (a ``state_dict``, ``.pt``) and beside them a JSON model card
+(``tumour.json``) naming the architecture and its parameters, so ``load`` can re-create the model
+without any code from the user. Weights are read with ``weights_only=True``.
+
+Registered names: ``unet``, ``mobilenet_v2``, ``resnet18``, ``resnet34``, ``rccnet``, ``hovernet``;
+more can be added with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import inspect
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from histoflow.errors import HistoflowError
+
+__all__ = [
+    "ModelError", "UnknownModelError", "register", "create", "list_models", "save", "load",
+    "card_path", "read_card", "UNet", "MobileNetV2", "ResNet", "RCCNet", "HoVerNet", "hovernet_postprocess",
+    "replace_batchnorm_with_instancenorm",
+]
+
+
+class ModelError(HistoflowError):
+    """A model could not be created, saved or loaded (bad card, missing or mismatched weights)."""
+
+
+class UnknownModelError(ModelError, ValueError):
+    """No architecture is registered under that name."""
+
+
+# name -> factory (a class or a function returning an nn.Module). Built-ins are resolved lazily
+# from "module:attribute" so that importing the registry does not import MONAI.
+_BUILTINS: dict[str, str] = {
+    "unet": "histoflow.ml.models.unet:UNet",
+    "mobilenet_v2": "histoflow.ml.models.mobilenet:MobileNetV2",
+    "resnet18": "histoflow.ml.models.resnet:resnet18",
+    "resnet34": "histoflow.ml.models.resnet:resnet34",
+    "rccnet": "histoflow.ml.models.rccnet:RCCNet",
+    "hovernet": "histoflow.ml.models.hovernet:HoVerNet",
+}
+_REGISTRY: dict[str, Callable[..., nn.Module] | str] = dict(_BUILTINS)
+
+# Card keys always present (extra keys from the user's card are kept as well).
+_CARD_DEFAULTS: dict[str, Any] = {"training_data": None, "metrics": {}, "licence": None}
+
+
+def register(name: str, factory: Callable[..., nn.Module] | None = None):
+    """Register an architecture under ``name``; usable as a decorator or a plain call.
+
+    The factory's keyword parameters are what :func:`save` records in the card: the model it
+    returns should keep each of them as an attribute of the same name (``self.in_channels`` ...),
+    or have been made by :func:`create`, which records them.
+
+    Examples
+    --------
+    >>> @register("tiny")                       # doctest: +SKIP
+    ... class Tiny(nn.Module): ...
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+
+    def _add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if not callable(f):
+            raise TypeError(f"register({name!r}): {f!r} is not callable")
+        _REGISTRY[name] = f
+        return f
+
+    return _add if factory is None else _add(factory)
+
+
+def list_models() -> list[str]:
+    """The registered architecture names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
+    try:
+        f = _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(
+            f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+    if isinstance(f, str):
+        module, attr = f.split(":")
+        f = getattr(importlib.import_module(module), attr)
+        _REGISTRY[name] = f
+    return f
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Create the architecture registered as ``name`` with keyword parameters ``kwargs``.
+
+    Raises
+    ------
+    UnknownModelError
+        (a ``ValueError``) when no architecture has that name; the message lists the known ones.
+    """
+    model = _factory(name)(**kwargs)
+    model.registry_name = name
+    model._histoflow_params = dict(kwargs)
+    return model
+
+
+def _name_of(model: nn.Module) -> str:
+    name = getattr(model, "registry_name", None)
+    if isinstance(name, str) and name in _REGISTRY:
+        return name
+    for n in list_models():
+        f = _factory(n)
+        if inspect.isclass(f) and type(model) is f:
+            return n
+    raise ModelError(f"cannot save a {type(model).__name__}: it is not a registered architecture "
+                     f"({', '.join(list_models())}); register it first")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def _parameters_of(model: nn.Module, name: str) -> dict[str, Any]:
+    """The factory's keyword parameters, read back from the model's attributes."""
+    recorded = getattr(model, "_histoflow_params", {})
+    params: dict[str, Any] = {}
+    for p in inspect.signature(_factory(name)).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if hasattr(model, p.name) and not isinstance(getattr(model, p.name), nn.Module | torch.Tensor):
+            params[p.name] = getattr(model, p.name)
+        elif p.name in recorded:
+            params[p.name] = recorded[p.name]
+        elif p.default is not p.empty:
+            params[p.name] = p.default
+        else:
+            raise ModelError(f"cannot save {name}: its parameter {p.name!r} is neither an attribute "
+                             "of the model nor recorded by create()")
+    params = _jsonable(params)
+    try:
+        json.dumps(params)
+    except TypeError as e:
+        raise ModelError(f"cannot save {name}: parameters {params!r} are not JSON-serialisable ({e})") from e
+    return params
+
+
+def card_path(path: str | Path) -> Path:
+    """The model card beside the weights file ``path`` (same name, suffix ``.json``)."""
+    return Path(path).with_suffix(".json")
+
+
+def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = None) -> Path:
+    """Save the weights of ``model`` to ``path`` and its model card beside it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A registered architecture (made by :func:`create`, or directly from its class).
+    path : str or Path
+        The weights file, conventionally ``*.pt`` (a ``state_dict``). The card goes to
+        ``path.with_suffix(".json")``.
+    card : mapping, optional
+        Extra card entries: ``training_data``, ``metrics``, ``licence`` and any other JSON keys.
+        ``architecture`` and ``parameters`` are filled in from the model and cannot be overridden.
+
+    Returns
+    -------
+    Path
+        The card's path.
+    """
+    from histoflow import __version__
+
+    path = Path(path)
+    if path.suffix == ".json":
+        raise ValueError(f"save: {path} would be overwritten by the model card; use a .pt file name")
+    name = _name_of(model)
+    full: dict[str, Any] = {"architecture": name, "parameters": _parameters_of(model, name),
+                            "histoflow_version": __version__, "torch_version": torch.__version__,
+                            "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    full.update(_CARD_DEFAULTS)
+    for k, v in dict(card or {}).items():
+        if k in ("architecture", "parameters") and _jsonable(v) != full[k]:
+            raise ValueError(f"save: card[{k!r}]={v!r} disagrees with the model ({full[k]!r})")
+        full[k] = v
+    try:
+        text = json.dumps(_jsonable(full), indent=2, sort_keys=False)
+    except TypeError as e:
+        raise ValueError(f"save: the card is not JSON-serialisable: {e}") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    cpath = card_path(path)
+    cpath.write_text(text + "\n", encoding="utf-8")
+    return cpath
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """Read and check the model card of the weights file ``path`` (or the card itself)."""
+    cpath = card_path(path)
+    if not cpath.is_file():
+        raise ModelError(f"{cpath}: model card not found (expected beside the weights {Path(path).name})")
+    try:
+        card = json.loads(cpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{cpath}: not a readable JSON model card ({e})") from e
+    if not isinstance(card, dict):
+        raise ModelError(f"{cpath}: a model card must be a JSON object, got {type(card).__name__}")
+    if not isinstance(card.get("architecture"), str):
+        raise ModelError(f"{cpath}: the card has no 'architecture' name")
+    if not isinstance(card.get("parameters", {}), dict):
+        raise ModelError(f"{cpath}: the card's 'parameters' must be an object")
+    return card
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Re-create a saved model from its card and weights; returned in eval mode.
+
+    Parameters
+    ----------
+    path : str or Path
+        The weights file given to :func:`save` (the card is found beside it; passing the
+        ``.json`` card instead also works when the weights are ``<same name>.pt``).
+    map_location : str or torch.device
+        Where the weights are loaded (``"cpu"`` by default).
+
+    Returns
+    -------
+    nn.Module
+        The model, in eval mode, with the card as ``model.card``.
+
+    Raises
+    ------
+    ModelError
+        When the card or the weights are missing, unreadable or do not match; the message names
+        the file.
+    """
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".pt")
+    card = read_card(path)
+    cpath = card_path(path)
+    name, params = card["architecture"], card.get("parameters", {})
+    try:
+        model = create(name, **params)
+    except UnknownModelError as e:
+        raise ModelError(f"{cpath}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{cpath}: cannot create {name!r} with parameters {params}: {e}") from e
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found (card {cpath.name} is there)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for damaged or foreign files
+        raise ModelError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from e
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{path}: the weights do not match {name} {params}: {e}") from e
+    model.to(map_location)
+    model.card = card
+    return model.eval()
+
+
+_LAZY = {
+    "UNet": "histoflow.ml.models.unet",
+    "MobileNetV2": "histoflow.ml.models.mobilenet",
+    "ResNet": "histoflow.ml.models.resnet",
+    "replace_batchnorm_with_instancenorm": "histoflow.ml.models.resnet",
+    "RCCNet": "histoflow.ml.models.rccnet",
+    "HoVerNet": "histoflow.ml.models.hovernet",
+    "hovernet_postprocess": "histoflow.ml.models.hovernet",
+}
+
+
+def __getattr__(attr: str) -> Any:
+    if attr in _LAZY:
+        return getattr(importlib.import_module(_LAZY[attr]), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -1,0 +1,243 @@
+"""HoVer-Net (Graham et al. 2019) for simultaneous nucleus segmentation and classification.
+
+:class:`HoVerNet` is a thin wrapper around :class:`monai.networks.nets.HoVerNet` so the registry can
+create, save and load it; ``forward`` returns MONAI's dict of branch outputs (logits):
+
+- ``"nucleus_prediction"`` (NP): ``(N, 2, h, w)`` nucleus vs background,
+- ``"horizontal_vertical"`` (HV): ``(N, 2, h, w)`` horizontal and vertical distances of each
+  nucleus pixel to its nucleus' centre, in [-1, 1],
+- ``"type_prediction"`` (TP, only when ``out_classes > 0``): ``(N, out_classes, h, w)``.
+
+In ``"fast"`` mode the input is 256x256 and the output 164x164 (256x256 with
+``decoder_padding=True``); in ``"original"`` mode the input is 270x270 and the output 80x80.
+
+:func:`hovernet_postprocess` turns the branch maps of one image into an instance label image with
+the published marker-controlled watershed, and :func:`hv_maps_from_instances` builds HV training
+targets from an instance label image.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+from torch import nn
+
+__all__ = ["HoVerNet", "hovernet_postprocess", "hv_maps_from_instances", "HOVERNET_KEYS"]
+
+#: The keys of the dict returned by :meth:`HoVerNet.forward`: NP, HV and TP branches.
+HOVERNET_KEYS = ("nucleus_prediction", "horizontal_vertical", "type_prediction")
+
+
+class HoVerNet(nn.Module):
+    """HoVer-Net (MONAI's implementation, randomly initialised; no weights are downloaded).
+
+    Parameters
+    ----------
+    mode : {"fast", "original"}
+        Network variant (input 256 -> output 164, or input 270 -> output 80).
+    in_channels : int
+        Input channels.
+    out_classes : int
+        Nucleus types of the TP branch, background included; 0 disables the TP branch.
+    np_out_channels : int
+        Channels of the NP branch (2: background / nucleus).
+    decoder_padding : bool
+        Pad the decoder convolutions so that ("fast" mode) the output is 256x256 like the input.
+    dropout : float
+        Dropout after each dense layer of the decoders.
+    """
+
+    registry_name = "hovernet"
+
+    def __init__(self, mode: str = "fast", in_channels: int = 3, out_classes: int = 0,
+                 np_out_channels: int = 2, decoder_padding: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        from monai.networks.nets import HoVerNet as _MonaiHoVerNet
+
+        mode = str(mode).lower()
+        if mode not in ("fast", "original"):
+            raise ValueError(f"HoVerNet: mode must be 'fast' or 'original', got {mode!r}")
+        self.mode = mode
+        self.in_channels = int(in_channels)
+        self.out_classes = int(out_classes)
+        self.np_out_channels = int(np_out_channels)
+        self.decoder_padding = bool(decoder_padding)
+        self.dropout = float(dropout)
+        self.net = _MonaiHoVerNet(mode=mode, in_channels=self.in_channels, np_out_channels=self.np_out_channels,
+                                  out_classes=self.out_classes, decoder_padding=self.decoder_padding,
+                                  dropout_prob=self.dropout)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input the network expects."""
+        return 256 if self.mode == "fast" else 270
+
+    @property
+    def output_size(self) -> int:
+        """Side of the square output maps."""
+        if self.mode == "fast":
+            return 256 if self.decoder_padding else 164
+        return 80
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dict of branch logits (see the module docstring)."""
+        return self.net(x)
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _to_numpy(a, dtype=None) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=dtype)
+
+
+def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float = 0.5,
+                         marker_threshold: float = 0.4, sobel_ksize: int = 21,
+                         min_size: int = 10) -> tuple[np.ndarray, dict[int, int]]:
+    """Instances (and their types) from HoVer-Net's branch maps of one image.
+
+    The published post-processing: threshold NP into a foreground; min-max normalise the HV maps
+    and take Sobel derivatives (horizontal derivative of the horizontal map, vertical of the
+    vertical); the boundary energy is the larger of the two normalised responses; markers are the
+    foreground minus the high-energy pixels (``>= marker_threshold``), cleaned by hole filling and
+    a 5x5 opening; a watershed of the smoothed "distance" ``(1 - energy) * foreground`` from these
+    markers, inside the foreground, gives the instances. Each instance's type is the majority
+    vote of the TP argmax over its pixels (background votes ignored when another type is present).
+
+    Parameters
+    ----------
+    np_prob : array (H, W) or (2, H, W)
+        Nucleus probability, or the NP branch's two-channel softmax (channel 1 = nucleus).
+    hv_map : array (2, H, W)
+        Horizontal (channel 0) and vertical (channel 1) maps, as MONAI's HV branch outputs them.
+    tp_prob : array (C, H, W) of probabilities, or (H, W) integer type map, optional
+        Type branch output (softmax) or a ready type map.
+    fg_threshold, marker_threshold : float
+        Foreground threshold on ``np_prob`` and energy threshold for markers (0.5 and 0.4).
+    sobel_ksize : int
+        Sobel kernel size (21 in the published code, for 0.25-0.5 um/px images).
+    min_size : int
+        Foreground components and markers smaller than this (pixels) are dropped.
+
+    Returns
+    -------
+    labels : ndarray (H, W) int32
+        Instance label image, 0 = background, instances numbered 1..n.
+    types : dict of int to int
+        Instance id -> type index (empty when ``tp_prob`` is None).
+    """
+    np_prob = _to_numpy(np_prob, np.float32)
+    hv = _to_numpy(hv_map, np.float32)
+    if np_prob.ndim == 3:
+        if np_prob.shape[0] != 2:
+            raise ValueError(f"hovernet_postprocess: np_prob must be (H, W) or (2, H, W), got {np_prob.shape}")
+        np_prob = np_prob[1]
+    if np_prob.ndim != 2:
+        raise ValueError(f"hovernet_postprocess: np_prob must be (H, W) or (2, H, W), got {np_prob.shape}")
+    if hv.ndim != 3 or hv.shape[0] != 2 or hv.shape[1:] != np_prob.shape:
+        raise ValueError(f"hovernet_postprocess: hv_map must be (2, H, W) with (H, W) = {np_prob.shape}, "
+                         f"got {hv.shape}")
+    if sobel_ksize % 2 == 0 or not 1 <= sobel_ksize <= 31:
+        raise ValueError(f"hovernet_postprocess: sobel_ksize must be odd and <= 31, got {sobel_ksize}")
+
+    fg = np_prob >= fg_threshold
+    fg_lab, _ = ndi.label(fg)
+    fg = _remove_small(fg_lab, min_size) > 0
+    labels = np.zeros(fg.shape, np.int32)
+    if fg.any():
+        h_dir = _minmax(hv[0].astype(np.float64))
+        v_dir = _minmax(hv[1].astype(np.float64))
+        sobel_h = 1.0 - _minmax(cv2.Sobel(h_dir, cv2.CV_64F, 1, 0, ksize=sobel_ksize))
+        sobel_v = 1.0 - _minmax(cv2.Sobel(v_dir, cv2.CV_64F, 0, 1, ksize=sobel_ksize))
+        energy = np.maximum(sobel_h, sobel_v)
+        energy = np.clip(energy - (~fg).astype(np.float64), 0, None)
+        dist = (1.0 - energy) * fg
+        dist = -cv2.GaussianBlur(dist, (3, 3), 0)
+        marker = fg & ~(energy >= marker_threshold)
+        marker = ndi.binary_fill_holes(marker)
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+        marker = cv2.morphologyEx(marker.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+        markers, _ = ndi.label(marker)
+        markers = _remove_small(markers, min_size)
+        labels = watershed(dist, markers=markers, mask=fg).astype(np.int32)
+        labels = _relabel(labels)
+
+    types: dict[int, int] = {}
+    if tp_prob is not None:
+        tp = _to_numpy(tp_prob)
+        if tp.ndim == 3:
+            tp = tp.argmax(axis=0)
+        if tp.shape != labels.shape:
+            raise ValueError(f"hovernet_postprocess: tp_prob must be (C, H, W) or (H, W) with (H, W) = "
+                             f"{labels.shape}, got {np.shape(tp_prob)}")
+        types = _majority_types(labels, tp.astype(np.int64))
+    return labels, types
+
+
+def _remove_small(lab: np.ndarray, min_size: int) -> np.ndarray:
+    if min_size <= 1 or lab.max() == 0:
+        return lab
+    sizes = np.bincount(lab.ravel())
+    small = sizes < min_size
+    small[0] = False
+    out = lab.copy()
+    out[small[lab]] = 0
+    return out
+
+
+def _relabel(lab: np.ndarray) -> np.ndarray:
+    ids = np.unique(lab)
+    ids = ids[ids != 0]
+    lut = np.zeros(int(lab.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[lab]
+
+
+def _majority_types(labels: np.ndarray, type_map: np.ndarray) -> dict[int, int]:
+    types: dict[int, int] = {}
+    for inst, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        votes = type_map[sl][labels[sl] == inst]
+        values, counts = np.unique(votes, return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        best = int(values[order[0]])
+        if best == 0 and len(values) > 1:
+            best = int(values[order[1]])
+        types[inst] = best
+    return types
+
+
+def hv_maps_from_instances(labels: np.ndarray) -> np.ndarray:
+    """HoVer-Net's HV targets ``(2, H, W)`` float32 from an instance label image ``(H, W)``.
+
+    For every instance, each pixel's horizontal (channel 0) and vertical (channel 1) offset from the
+    instance's centre of mass, scaled separately on each side of the centre so the instance spans
+    [-1, 1]; background is 0.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"hv_maps_from_instances: labels must be 2-D, got shape {labels.shape}")
+    hv = np.zeros((2, *labels.shape), np.float32)
+    for inst, sl in enumerate(ndi.find_objects(labels.astype(np.int64, copy=False)), start=1):
+        if sl is None:
+            continue
+        mask = labels[sl] == inst
+        cy, cx = ndi.center_of_mass(mask)
+        yy, xx = np.nonzero(mask)
+        for ch, d in ((0, xx - cx), (1, yy - cy)):
+            d = d.astype(np.float32)
+            neg, pos = d < 0, d > 0
+            if neg.any():
+                d[neg] /= -d[neg].min()
+            if pos.any():
+                d[pos] /= d[pos].max()
+            hv[ch][sl][mask] = d
+    return hv

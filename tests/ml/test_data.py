@@ -1,0 +1,352 @@
+"""TileDataset (h5path) and WSIPatchDataset (raw slides) on the real CMU-1 pixels."""
+import math
+import os
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from datafiles import SVS, data_path
+from torch.utils.data import DataLoader
+
+import histoflow
+from histoflow.core.grid import TileGrid
+from histoflow.errors import H5PathError, RegionError, SlideNotFoundError
+from histoflow.ml.augment import Compose, RandomFlip
+from histoflow.ml.data import MISSING_LABEL_INT, DatasetError, TileDataset, WSIPatchDataset, to_tensors
+from histoflow.store import H5PathWriter
+from histoflow.transforms.nuclei import detect_nuclei
+
+# 8 tiles of 128 px on tissue and at its edge (x 768-1280, y 1024-1280 of the SVS)
+COORDS = [(768 + 128 * (i % 4), 1024 + 128 * (i // 4)) for i in range(8)]
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    with histoflow.open_slide(SVS) as r:
+        out = []
+        for i, (x, y) in enumerate(COORDS):
+            img = r.read_region((x, y), 0, (SIZE, SIZE))
+            grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+            masks = {"tissue": grey < 210, "nuclei": detect_nuclei(img)}
+            labels = {"tumour": i % 2, "site": "a" if i < 4 else "b",
+                      "score": None if i == 3 else 0.25 * i}
+            out.append((img, (x, y), masks, labels))
+    return out
+
+
+@pytest.fixture(scope="module")
+def h5file(tiles, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ml") / "cmu.h5path"
+    with H5PathWriter(path, slide={"name": "CMU-1-Small-Region", "mpp": (0.499, 0.499)}) as w:
+        for img, xy, masks, labels in tiles:
+            w.add_tile(img, xy, masks=masks, labels=labels)
+    return str(path)
+
+
+def _as_uint8(t):
+    """(C, H, W) float tensor in [0, 1] back to (H, W, C) uint8."""
+    return np.rint(t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def _check_sample(s, tile, i):
+    img, xy, masks, labels = tile
+    assert s["image"].dtype == torch.float32 and s["image"].shape == (3, SIZE, SIZE)
+    assert float(s["image"].min()) >= 0 and float(s["image"].max()) <= 1
+    np.testing.assert_allclose(s["image"].numpy(), img.transpose(2, 0, 1).astype(np.float32) / 255, atol=1e-6)
+    np.testing.assert_array_equal(_as_uint8(s["image"]), img)
+    assert s["masks"]["tissue"].dtype == torch.bool
+    np.testing.assert_array_equal(s["masks"]["tissue"].numpy(), masks["tissue"])
+    assert s["masks"]["nuclei"].dtype == torch.int32
+    np.testing.assert_array_equal(s["masks"]["nuclei"].numpy(), masks["nuclei"])
+    assert s["coords"].tolist() == list(xy)
+    assert s["index"] == i
+
+
+def test_tile_dataset_direct(h5file, tiles):
+    ds = TileDataset(h5file, masks=["tissue", "nuclei"], labels=True)
+    assert len(ds) == 8 and sorted(ds.labels) == ["score", "site", "tumour"]
+    for i in range(8):
+        s = ds[i]
+        _check_sample(s, tiles[i], i)
+        assert s["labels"]["tumour"].dtype == torch.int64 and int(s["labels"]["tumour"]) == i % 2
+        assert s["labels"]["site"] == ("a" if i < 4 else "b")
+        if i == 3:  # a float label the tile lacks: NaN
+            assert math.isnan(float(s["labels"]["score"]))
+        else:
+            assert s["labels"]["score"].dtype == torch.float32 and float(s["labels"]["score"]) == 0.25 * i
+    assert ds[-1]["index"] == 7
+    with pytest.raises(IndexError):
+        ds[8]
+    # the nuclei mask is a real instance mask (the alignment checks below mean something)
+    assert tiles[0][2]["nuclei"].max() > 3
+
+
+def test_tile_dataset_image_only_and_indices(h5file, tiles):
+    ds = TileDataset(h5file, indices=[5, 2])
+    assert len(ds) == 2
+    s = ds[0]
+    assert s["masks"] == {} and s["labels"] == {} and s["index"] == 5
+    np.testing.assert_array_equal(_as_uint8(s["image"]), tiles[5][0])
+    ds = TileDataset(h5file, labels=["tumour", "score"], indices=[3, 4, 1])
+    assert ds.label_column("tumour") == [1, 0, 1]
+    assert ds.label_column("site") == ["a", "b", "a"]
+    assert math.isnan(ds.label_column("score")[0]) and ds.label_column("score")[1] == 1.0
+    with pytest.raises(DatasetError, match="out of range"):
+        TileDataset(h5file, indices=[0, 8])
+
+
+def test_tile_dataset_missing_label_fill(tmp_path, tiles):
+    path = tmp_path / "int_label.h5path"
+    with H5PathWriter(path) as w:
+        for i, (img, xy, _, _) in enumerate(tiles[:3]):
+            w.add_tile(img, xy, labels={"cls": i} if i != 1 else {})
+    ds = TileDataset(path, labels=["cls"])
+    assert [int(ds[i]["labels"]["cls"]) for i in range(3)] == [0, MISSING_LABEL_INT, 2]
+    ds = TileDataset(path, labels=["cls"], missing_label={"cls": 7})
+    assert int(ds[1]["labels"]["cls"]) == 7
+    # a batch of int labels with a missing one still collates into one int64 tensor
+    batch = next(iter(DataLoader(TileDataset(path, labels=["cls"]), batch_size=3)))
+    assert batch["labels"]["cls"].tolist() == [0, MISSING_LABEL_INT, 2]
+
+
+def test_tile_dataset_dataloader_workers(h5file, tiles):
+    ds = TileDataset(h5file, masks=["tissue", "nuclei"], labels=["tumour", "site"])
+    ds[0]  # the parent opens the file first: forked workers must not use its handle
+    assert ds._h is not None
+    loader = DataLoader(ds, batch_size=3, num_workers=2, shuffle=False)
+    seen = []
+    for batch in loader:
+        assert batch["image"].shape[1:] == (3, SIZE, SIZE)
+        for b, i in enumerate(batch["index"].tolist()):
+            img, xy, masks, labels = tiles[i]
+            np.testing.assert_array_equal(_as_uint8(batch["image"][b]), img)
+            np.testing.assert_array_equal(batch["masks"]["nuclei"][b].numpy(), masks["nuclei"])
+            np.testing.assert_array_equal(batch["masks"]["tissue"][b].numpy(), masks["tissue"])
+            assert batch["coords"][b].tolist() == list(xy)
+            assert int(batch["labels"]["tumour"][b]) == labels["tumour"]
+            assert batch["labels"]["site"][b] == labels["site"]
+            seen.append(i)
+    assert seen == list(range(8))
+    # and the parent's handle still works after the workers are gone
+    np.testing.assert_array_equal(_as_uint8(ds[7]["image"]), tiles[7][0])
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Reports, from inside a worker, which file handle the wrapped dataset used."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.ds[i]
+        return id(self.ds._h), self.ds._pid == os.getpid(), os.getpid()
+
+
+def test_tile_dataset_workers_open_their_own_handle(h5file):
+    ds = TileDataset(h5file)
+    ds[0]
+    parent = id(ds._h)
+    out = list(DataLoader(_Probe(ds), batch_size=None, num_workers=2))
+    assert {pid for _, _, pid in out} != {os.getpid()} and len({pid for _, _, pid in out}) == 2
+    assert all(same_pid for _, same_pid, _ in out)
+    assert all(h != parent for h, _, _ in out)
+
+
+def test_tile_dataset_pickles_without_handle(h5file, tiles):
+    ds = TileDataset(h5file, masks=["nuclei"])
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._h is None
+    np.testing.assert_array_equal(clone[2]["masks"]["nuclei"].numpy(), tiles[2][2]["nuclei"])
+    ds.close()
+    np.testing.assert_array_equal(_as_uint8(ds[1]["image"]), tiles[1][0])
+
+
+def test_tile_dataset_transform_on_numpy_before_tensors(h5file, tiles):
+    calls = []
+
+    def transform(sample):
+        calls.append((sample["image"].dtype, sample["image"].shape, sorted(sample["masks"])))
+        return Compose([RandomFlip(p=1.0, vertical=False)], seed=0)(sample)
+
+    ds = TileDataset(h5file, masks=["nuclei"], transform=transform)
+    s = ds[0]
+    assert calls == [(np.dtype(np.uint8), (SIZE, SIZE, 3), ["nuclei"])]
+    img, _, masks, _ = tiles[0]
+    np.testing.assert_array_equal(_as_uint8(s["image"]), img[:, ::-1])
+    np.testing.assert_array_equal(s["masks"]["nuclei"].numpy(), masks["nuclei"][:, ::-1])
+
+
+def test_tile_dataset_uint16_and_mask_as_image(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 65536, (16, 16, 2), dtype=np.uint16)
+    hema = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    path = tmp_path / "u16.h5path"
+    with H5PathWriter(path) as w:
+        w.add_tile(img, (0, 0), masks={"hema": hema})
+    s = TileDataset(path)[0]
+    assert s["image"].shape == (2, 16, 16)
+    np.testing.assert_allclose(s["image"].numpy(), img.transpose(2, 0, 1) / 65535.0, atol=1e-6)
+    s = TileDataset(path, image_key="hema")[0]
+    assert s["image"].shape == (1, 16, 16)
+    np.testing.assert_allclose(s["image"][0].numpy(), hema / 255.0, atol=1e-6)
+
+
+def test_tile_dataset_errors_name_the_file(h5file, tmp_path):
+    missing = str(tmp_path / "nope.h5path")
+    with pytest.raises(H5PathError, match="nope.h5path.*no such file"):
+        TileDataset(missing)
+    with pytest.raises(H5PathError) as e:
+        TileDataset(h5file, masks=["tissue", "stroma"])
+    assert h5file in str(e.value) and "'stroma'" in str(e.value) and "nuclei" in str(e.value)
+    with pytest.raises(H5PathError, match="label named 'grade'"):
+        TileDataset(h5file, labels=["grade"])
+    with pytest.raises(H5PathError, match="image_key"):
+        TileDataset(h5file, image_key="images")
+    not_h5 = tmp_path / "bad.h5path"
+    not_h5.write_bytes(b"not an hdf5 file at all")
+    with pytest.raises(H5PathError, match="bad.h5path"):
+        TileDataset(not_h5)
+
+
+def test_tile_dataset_reads_pathml_v1():
+    path = data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path")
+    ds = TileDataset(path, masks=True, labels=["grade"])
+    assert len(ds) == 12 and ds.masks == ["tissue"]
+    s = ds[4]
+    assert s["image"].shape == (3, 128, 128) and int(s["labels"]["grade"]) == 2
+    # PathML's float16 tiles hold whole numbers 0..255: they come back as uint8, hence / 255 exactly
+    with histoflow.open_slide(SVS) as r:
+        x, y = s["coords"].tolist()
+        raw = r.read_region((800 + x - 8, 1000 + y - 8), 0, (144, 144))
+    blurred = cv2.blur(raw, (5, 5))[8:-8, 8:-8]  # PathML stored BoxBlur(5) tiles
+    assert np.abs(_as_uint8(s["image"]).astype(int) - blurred).mean() < 2
+    assert ds.label_column("grade") == [2] * 12
+
+
+# ------------------------------------------------------------------------------------------ WSIPatchDataset
+@pytest.fixture(scope="module")
+def reader():
+    with histoflow.open_slide(SVS) as r:
+        yield r
+
+
+def test_wsi_patch_equals_read_region(reader):
+    coords = [(0, 800, 1000), (0, 1500, 2000), (0, 2100, 2900)]  # the last one runs past the edge
+    ds = WSIPatchDataset([SVS], coords=coords, patch_size=128, labels={"cls": [1, 0, 1]})
+    assert len(ds) == 3
+    for i, (_, x, y) in enumerate(coords):
+        s = ds[i]
+        want = reader.read_region((x, y), 0, (128, 128))
+        np.testing.assert_allclose(s["image"].numpy(), want.transpose(2, 0, 1) / 255.0, atol=1e-6)
+        assert s["coords"].tolist() == [x, y] and s["slide"] == 0 and s["index"] == i
+        assert s["masks"] == {} and int(s["labels"]["cls"]) == [1, 0, 1][i]
+    # past the edge: white padding of a brightfield slide
+    assert float(ds[2]["image"][:, -1, -1].min()) == 1.0
+
+
+def test_wsi_patch_at_target_mpp_covers_twice_the_area(reader):
+    x, y = 700, 1100
+    ds = WSIPatchDataset([SVS], coords=np.array([[0, x, y]]), patch_size=128, mpp=1.0)
+    got = _as_uint8(ds[0]["image"])
+    assert got.shape == (128, 128, 3)
+    # 1.0 µm/px on a 0.499 µm/px slide: 128 output px cover ~256.5 level-0 px. Compared at low frequency
+    # (both brought to 32 x 32, so that two resampling filters of high-frequency texture do not count),
+    # an independent area-average of the 256 x 256 read matches; the 128 x 128 read does not
+    def low(a):
+        return cv2.resize(a, (32, 32), interpolation=cv2.INTER_AREA).astype(float)
+
+    wide = reader.read_region((x, y), 0, (256, 256))
+    narrow = reader.read_region((x, y), 0, (128, 128))
+    d_wide = np.abs(low(got) - low(wide)).mean()
+    d_narrow = np.abs(low(got) - low(narrow)).mean()
+    assert d_wide < 4, d_wide
+    assert d_narrow > 4 * d_wide and d_narrow > 10, (d_narrow, d_wide)
+    # at level 0 (no mpp) the same coordinates give the native 128 x 128 read
+    native = WSIPatchDataset([SVS], coords=np.array([[0, x, y]]), patch_size=128)
+    np.testing.assert_array_equal(_as_uint8(native[0]["image"]), narrow)
+
+
+def test_wsi_tissue_tiles_only(reader):
+    ds = WSIPatchDataset([SVS], patch_size=128)
+    full = TileGrid(reader.dimensions, 128)
+    assert 0 < len(ds) < len(full) * 0.6
+    assert ds.coords.shape == (len(ds), 3) and (ds.coords[:, 0] == 0).all()
+    # every kept patch is mostly tissue by an independent pixel count (non-white pixels)
+    kept = set()
+    for i in range(len(ds)):
+        img = _as_uint8(ds[i]["image"])
+        assert (img.min(axis=-1) < 220).mean() > 0.35, tuple(ds.coords[i])
+        kept.add(tuple(int(v) for v in ds.coords[i, 1:]))
+    # and the glass tiles of the grid were left out
+    glass = [t.coords for t in full
+             if (reader.read_region(t.coords, 0, (128, 128)).min(axis=-1) < 220).mean() < 0.05]
+    assert len(glass) > 50 and not kept & set(glass)
+    # a stricter filter keeps fewer; False keeps the whole grid
+    assert len(WSIPatchDataset([SVS], patch_size=128, tissue_filter=0.9)) < len(ds)
+    assert len(WSIPatchDataset([SVS], patch_size=256, tissue_filter=False)) == len(TileGrid(reader.dimensions, 256))
+
+
+def test_wsi_dataloader_workers_and_labels(reader):
+    ds = WSIPatchDataset([SVS, SVS], patch_size=256, labels={"grade": [1, 3], "name": ["first", "second"]})
+    assert len(ds) % 2 == 0 and (ds.coords[: len(ds) // 2, 0] == 0).all()
+    ds[0]  # readers opened in the parent first
+    loader = DataLoader(ds, batch_size=8, num_workers=2, shuffle=False)
+    n = 0
+    for batch in loader:
+        for b in range(len(batch["index"])):
+            i = int(batch["index"][b])
+            s, x, y = (int(v) for v in ds.coords[i])
+            want = reader.read_region((x, y), 0, (256, 256))
+            np.testing.assert_array_equal(_as_uint8(batch["image"][b]), want)
+            assert int(batch["slide"][b]) == s
+            assert int(batch["labels"]["grade"][b]) == (1 if s == 0 else 3)
+            assert batch["labels"]["name"][b] == ("first" if s == 0 else "second")
+            n += 1
+    assert n == len(ds)
+
+
+def test_wsi_coords_as_dicts_and_pickling():
+    rows = [{"slide": 0, "x": 64, "y": 96, "cls": "tumour"}, {"slide": 0, "x": 1000, "y": 1200, "cls": "stroma"}]
+    ds = WSIPatchDataset(SVS, coords=rows, patch_size=64, level=0)
+    ds[1]
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._pid is None and len(clone._readers) == 0
+    s = clone[1]
+    assert s["labels"]["cls"] == "stroma" and s["coords"].tolist() == [1000, 1200]
+    torch.testing.assert_close(s["image"], ds[1]["image"])
+
+
+def test_wsi_errors(tmp_path):
+    with pytest.raises(SlideNotFoundError, match="missing.svs"):
+        WSIPatchDataset([str(tmp_path / "missing.svs")], coords=[(0, 0, 0)])
+    with pytest.raises(DatasetError, match="slide index 1 out of range"):
+        WSIPatchDataset([SVS], coords=[(0, 0, 0), (1, 0, 0)])
+    with pytest.raises(DatasetError, match=r"\(N, 3\)"):
+        WSIPatchDataset([SVS], coords=[(0, 0)])
+    with pytest.raises(DatasetError, match="one per patch"):
+        WSIPatchDataset([SVS], coords=[(0, 0, 0)], labels={"cls": [1, 2]})
+    with pytest.raises(DatasetError, match="tissue_filter"):
+        WSIPatchDataset([SVS], coords=[(0, 0, 0)], tissue_filter=0.5)
+    with pytest.raises(RegionError, match="CMU-1-Small-Region.svs: level 3 does not exist"):
+        WSIPatchDataset([SVS], coords=[(0, 0, 0)], level=3)
+    with pytest.raises(DatasetError, match="lacks"):
+        WSIPatchDataset([SVS], coords=[{"slide": 0, "x": 1}])
+
+
+def test_to_tensors_dtypes():
+    s = to_tensors({"image": np.zeros((4, 5, 3), np.float32), "coords": (1, 2),
+                    "masks": {"ids": np.arange(20, dtype=np.uint16).reshape(4, 5)[:, ::-1],
+                              "hv": np.zeros((4, 5), np.float64)},
+                    "labels": {"flag": True, "p": 0.5}})
+    assert s["image"].shape == (3, 4, 5)
+    assert s["masks"]["ids"].dtype == torch.int64 and s["masks"]["ids"][0, 0] == 4
+    assert s["masks"]["hv"].dtype == torch.float32
+    assert s["labels"]["flag"].dtype == torch.int64 and s["labels"]["p"].dtype == torch.float32
+    assert s["coords"].dtype == torch.int64

@@ -1,0 +1,362 @@
+"""Losses: hand-computed batches, and MONAI as an independent reference where it computes the same thing."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage.draw import disk
+
+from histoflow.ml.losses import (CWCELoss, DiceCELoss, DiceLoss, DistillationLoss, HoVerNetLoss, cwce_loss,
+                                 dice_ce_loss, dice_loss, distillation_loss, hovernet_loss, hv_targets,
+                                 sobel_kernel_5x5)
+
+
+def _ce_by_hand(row, label):
+    """-log softmax(row)[label], with math only."""
+    m = max(row)
+    z = sum(math.exp(v - m) for v in row)
+    return -((row[label] - m) - math.log(z))
+
+
+# ---------------------------------------------------------------------------------------------- CWCE
+LOGITS = [[2.0, -1.0, 0.5], [0.1, 0.3, -0.2], [-1.5, 2.5, 0.0], [1.0, 1.0, 3.0]]
+LABELS = [0, 2, 1, 0]
+
+
+def test_cwce_two_clusters_of_sizes_3_and_1_by_hand():
+    clusters = [4, 4, 4, 9]  # cluster 4 has three samples, cluster 9 one
+    ce = [_ce_by_hand(r, y) for r, y in zip(LOGITS, LABELS)]
+    expected = (sum(ce[:3]) / 3 + ce[3]) / 2
+    got = cwce_loss(torch.tensor(LOGITS, dtype=torch.float64), torch.tensor(LABELS), torch.tensor(clusters))
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+    # and it is not the plain mean: the lone sample of cluster 9 weighs as much as the other three
+    assert abs(expected - sum(ce) / 4) > 0.1
+    module = CWCELoss()(torch.tensor(LOGITS, dtype=torch.float64), torch.tensor(LABELS), torch.tensor(clusters))
+    assert float(module) == pytest.approx(expected, rel=1e-12)
+
+
+def test_cwce_with_class_weights_by_hand():
+    w = [0.5, 2.0, 1.0]
+    clusters = [0, 1, 0, 1]
+    ce = [_ce_by_hand(r, y) for r, y in zip(LOGITS, LABELS)]
+    c0 = (w[0] * ce[0] + w[1] * ce[2]) / (w[0] + w[1])
+    c1 = (w[2] * ce[1] + w[0] * ce[3]) / (w[2] + w[0])
+    got = CWCELoss(class_weights=w)(torch.tensor(LOGITS, dtype=torch.float64), torch.tensor(LABELS),
+                                    torch.tensor(clusters))
+    assert float(got) == pytest.approx((c0 + c1) / 2, rel=1e-6)
+
+
+def test_cwce_equals_cross_entropy_with_one_cluster():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(17, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (17,), generator=g)
+    one = torch.full((17,), 3)
+    assert float(cwce_loss(logits, labels, one)) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-12)
+    w = torch.tensor([0.2, 1.0, 3.0, 0.7, 1.5], dtype=torch.float64)
+    assert float(cwce_loss(logits, labels, one, class_weights=w)) == pytest.approx(
+        float(F.cross_entropy(logits, labels, weight=w)), rel=1e-12)
+
+
+def test_cwce_per_cluster_and_gradients():
+    logits = torch.tensor(LOGITS, dtype=torch.float64, requires_grad=True)
+    loss, (ids, per) = cwce_loss(logits, torch.tensor(LABELS), torch.tensor([7, -3, 7, 7]), return_per_cluster=True)
+    assert ids.tolist() == [-3, 7]
+    assert float(per[0]) == pytest.approx(_ce_by_hand(LOGITS[1], LABELS[1]), rel=1e-12)
+    loss.backward()
+    # the lone sample of cluster -3 gets gradient 1/2 * (softmax - onehot); the others 1/2 * 1/3
+    p = torch.softmax(torch.tensor(LOGITS[1], dtype=torch.float64), 0)
+    p[LABELS[1]] -= 1
+    assert torch.allclose(logits.grad[1], p / 2)
+
+
+def test_cwce_shape_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"\(3,\).*\(4, 3\)"):
+        cwce_loss(torch.tensor(LOGITS), torch.tensor(LABELS[:3]), torch.tensor([0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="clusters shape"):
+        cwce_loss(torch.tensor(LOGITS), torch.tensor(LABELS), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="class weights"):
+        cwce_loss(torch.tensor(LOGITS), torch.tensor(LABELS), torch.zeros(4, dtype=torch.long),
+                  class_weights=[1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------- Dice
+def _confident_logits(target, n_classes, scale=40.0):
+    """Logits whose softmax is (numerically) the one-hot of target."""
+    return (F.one_hot(target, n_classes).movedim(-1, 1).double() * 2 - 1) * scale
+
+
+def test_dice_perfect_and_disjoint_multiclass():
+    target = torch.zeros(2, 6, 6, dtype=torch.long)
+    target[:, :3] = 1
+    target[:, 4:, 4:] = 2
+    perfect = _confident_logits(target, 3)
+    assert float(dice_loss(perfect, target)) == pytest.approx(0.0, abs=1e-9)
+    # every pixel predicted as a wrong class: each class with pixels scores Dice 0
+    wrong = _confident_logits((target + 1) % 3, 3)
+    assert float(dice_loss(wrong, target)) == pytest.approx(1.0, abs=1e-6)
+    assert float(dice_loss(wrong, target, include_background=False)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dice_binary_sigmoid_by_hand():
+    # probabilities given directly (activation="none"): 2 * 1.5 / (2.0 + 2) with smooth 0
+    probs = torch.tensor([[[[0.9, 0.6], [0.4, 0.1]]]], dtype=torch.float64)
+    target = torch.tensor([[[1, 1], [0, 0]]])
+    got = dice_loss(probs, target, activation="none", smooth=0.0)
+    assert float(got) == pytest.approx(1 - 2 * 1.5 / (2.0 + 2.0), rel=1e-12)
+    logits = torch.logit(probs)
+    assert float(dice_loss(logits, target, smooth=0.0)) == pytest.approx(float(got), rel=1e-9)
+    # disjoint binary prediction
+    assert float(dice_loss(torch.full((1, 1, 2, 2), -40.0, dtype=torch.float64) * (target[:, None] * 2 - 1),
+                           target)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_dice_include_background_drops_channel_zero_by_hand():
+    probs = torch.tensor([[[[0.8, 0.3]], [[0.2, 0.7]]]], dtype=torch.float64)  # (1, 2, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    d0 = 1 - 2 * 0.8 / (1.1 + 1)
+    d1 = 1 - 2 * 0.7 / (0.9 + 1)
+    assert float(dice_loss(probs, target, activation="none", smooth=0)) == pytest.approx((d0 + d1) / 2)
+    assert float(dice_loss(probs, target, activation="none", smooth=0, include_background=False)) == pytest.approx(d1)
+    assert float(dice_loss(probs, target, activation="none", smooth=0, class_weights=[1.0, 3.0])) == \
+        pytest.approx((d0 + 3 * d1) / 4)
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("batch", [True, False])
+def test_dice_matches_monai(include_background, batch):
+    from monai.losses import DiceLoss as MonaiDice
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 9, 11, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 4, (3, 9, 11), generator=g)
+    ours = DiceLoss(include_background=include_background, batch=batch)(logits, target)
+    ref = MonaiDice(softmax=True, to_onehot_y=True, include_background=include_background, batch=batch)(
+        logits, target[:, None])
+    assert float(ours) == pytest.approx(float(ref), rel=1e-10)
+
+
+def test_dice_ce_matches_monai_and_weighted_ce():
+    from monai.losses import DiceCELoss as MonaiDiceCE
+    from monai.losses import DiceLoss as MonaiDice
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 8, 8), generator=g)
+    ref = MonaiDiceCE(softmax=True, to_onehot_y=True, lambda_dice=0.7, lambda_ce=1.3)(logits, target[:, None])
+    assert float(DiceCELoss(lambda_dice=0.7, lambda_ce=1.3)(logits, target)) == pytest.approx(float(ref), rel=1e-10)
+    w = torch.tensor([0.2, 1.0, 2.0], dtype=torch.float64)
+    expected = MonaiDice(softmax=True, to_onehot_y=True)(logits, target[:, None]) + F.cross_entropy(logits, target, weight=w)
+    assert float(dice_ce_loss(logits, target, ce_weight=w)) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_ignore_index_pixels_do_not_count():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 3, (1, 6, 6), generator=g)
+    target[0, :2] = 255
+    loss = DiceCELoss(ignore_index=255)
+    before = float(loss(logits, target))
+    changed = logits.clone()
+    changed[0, :, :2] = torch.randn(3, 2, 6, generator=g, dtype=torch.float64) * 10
+    assert float(loss(changed, target)) == pytest.approx(before, rel=1e-12)
+    assert float(loss(logits, torch.where(target == 255, 0, target))) != pytest.approx(before)
+
+
+def test_dice_shape_errors():
+    with pytest.raises(ValueError, match=r"\(2, 5, 5\).*\(2, 3, 4, 4\)"):
+        dice_loss(torch.randn(2, 3, 4, 4), torch.zeros(2, 5, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="lie in"):
+        dice_loss(torch.randn(1, 3, 2, 2), torch.full((1, 2, 2), 3))
+
+
+# ------------------------------------------------------------------------------------- distillation
+def test_distillation_alpha_zero_is_cross_entropy():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=g)
+    got = DistillationLoss(temperature=3.0, alpha=0.0)(s, t, y)
+    assert float(got) == pytest.approx(float(F.cross_entropy(s, y)), rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_distillation_alpha_one_is_kl_by_hand(temperature):
+    student = [[1.0, 0.0, -1.0], [0.2, 0.4, 0.1]]
+    teacher = [[2.0, 0.5, -0.5], [-1.0, 1.0, 0.0]]
+    total = 0.0
+    for srow, trow in zip(student, teacher):
+        ps = [math.exp(v / temperature) for v in srow]
+        pt = [math.exp(v / temperature) for v in trow]
+        ps = [v / sum(ps) for v in ps]
+        pt = [v / sum(pt) for v in pt]
+        total += sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    expected = temperature ** 2 * total / 2
+    got = distillation_loss(torch.tensor(student, dtype=torch.float64), torch.tensor(teacher, dtype=torch.float64),
+                            temperature=temperature, alpha=1.0)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_distillation_mixture_dense_and_teacher_frozen():
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (2, 4, 4), generator=g)
+    a, temp = 0.3, 2.0
+    got = distillation_loss(s, t, y, temperature=temp, alpha=a)
+    kl = F.kl_div(F.log_softmax(s / temp, 1), F.softmax(t / temp, 1), reduction="sum") / (2 * 4 * 4)
+    expected = a * temp ** 2 * kl + (1 - a) * F.cross_entropy(s, y)
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    got.backward()
+    assert t.grad is None and s.grad is not None
+    with pytest.raises(ValueError, match="labels"):
+        distillation_loss(s, t, None, alpha=0.5)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\).*\(2, 3, 4, 4\)"):
+        distillation_loss(s, t, torch.zeros(2, 3, 4, dtype=torch.long), alpha=0.5)
+    with pytest.raises(ValueError, match="teacher_logits shape"):
+        distillation_loss(s, t[:, :2], y, alpha=0.5)
+
+
+# ---------------------------------------------------------------------------------------- HoVer-Net
+def _instances():
+    inst = np.zeros((2, 32, 32), np.int32)
+    rr, cc = disk((8, 9), 5, shape=(32, 32))
+    inst[0, rr, cc] = 3
+    rr, cc = disk((20, 22), 7, shape=(32, 32))
+    inst[0, rr, cc] = 11
+    rr, cc = disk((15, 15), 9, shape=(32, 32))
+    inst[1, rr, cc] = 1
+    return inst
+
+
+def test_hv_targets_single_disc_range_and_antisymmetry():
+    m = np.zeros((41, 41), np.int32)
+    rr, cc = disk((20, 20), 9, shape=m.shape)
+    m[rr, cc] = 5
+    hv = hv_targets(m)
+    assert hv.shape == (2, 41, 41) and hv.dtype == np.float32
+    inside = m > 0
+    assert np.all(hv[:, ~inside] == 0)
+    assert hv.min() == -1.0 and hv.max() == 1.0
+    h, v = hv
+    # antisymmetric about the centroid (20, 20): h(y, 20 + d) = -h(y, 20 - d), v likewise in y
+    assert np.allclose(h, -h[:, ::-1], atol=1e-6)
+    assert np.allclose(v, -v[::-1, :], atol=1e-6)
+    # h grows from left to right along the centre row; v from top to bottom along the centre column
+    row = h[20, inside[20]]
+    col = v[inside[:, 20], 20]
+    assert np.all(np.diff(row) > 0) and np.all(np.diff(col) > 0)
+    assert row[0] == -1 and row[-1] == 1
+
+
+def test_hv_targets_match_monai_on_several_nuclei():
+    from monai.transforms import ComputeHoVerMaps
+    inst = _instances()[0]
+    inst[0:3, 28:31] = 1000  # a small nucleus in a corner, label far from the others
+    ours = hv_targets(inst)
+    ref = ComputeHoVerMaps()(inst[None]).numpy()
+    assert np.allclose(ours, ref, atol=1e-6)
+    for label in (3, 11, 1000):  # every nucleus is normalised on its own
+        sel = inst == label
+        assert ours[0][sel].min() == -1 and ours[0][sel].max() == 1
+    with pytest.raises(ValueError, match=r"\(2, 32, 32\)"):
+        hv_targets(_instances())
+
+
+def test_sobel_kernel_differentiates_a_ramp():
+    kx, ky = sobel_kernel_5x5(torch.float64)
+    ramp = torch.arange(12, dtype=torch.float64).repeat(12, 1)  # f(y, x) = x
+    gx = F.conv2d(ramp[None, None], kx[None, None])
+    gy = F.conv2d(ramp[None, None], ky[None, None])
+    assert torch.allclose(gx, torch.full_like(gx, 12.0))
+    assert torch.allclose(gy, torch.zeros_like(gy))
+
+
+def _perfect(inst, n_types=3, scale=40.0):
+    fg = torch.from_numpy(inst > 0).long()
+    types = torch.from_numpy(np.where(inst > 0, inst % (n_types - 1) + 1, 0)).long()
+    hv = torch.from_numpy(np.stack([hv_targets(m) for m in inst])).double()
+    target = {"nucleus_prediction": torch.from_numpy(inst), "horizontal_vertical": hv, "type_prediction": types}
+    pred = {"nucleus_prediction": _confident_logits(fg, 2, scale), "horizontal_vertical": hv.clone(),
+            "type_prediction": _confident_logits(types, n_types, scale)}
+    return pred, target
+
+
+def test_hovernet_loss_is_zero_for_perfect_predictions():
+    pred, target = _perfect(_instances())
+    loss, terms = HoVerNetLoss()(pred, target, return_terms=True)
+    assert float(loss) == pytest.approx(0.0, abs=1e-9)
+    assert set(terms) == {"np_ce", "np_dice", "hv_mse", "hv_msge", "tp_ce", "tp_dice"}
+    # without the type branch too
+    del pred["type_prediction"], target["type_prediction"]
+    assert float(hovernet_loss(pred, target)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_hovernet_terms_and_weights():
+    pred, target = _perfect(_instances())
+    g = torch.Generator().manual_seed(6)
+    for k in pred:  # the logits are +-40: perturb them enough to flip some pixels
+        pred[k] = pred[k] + (1 if k == "horizontal_vertical" else 40) * torch.randn(pred[k].shape, generator=g,
+                                                                                   dtype=torch.float64)
+    weights = dict(lambda_np_ce=0.5, lambda_np_dice=2.0, lambda_hv_mse=3.0, lambda_hv_msge=0.25,
+                   lambda_tp_ce=1.5, lambda_tp_dice=0.1)
+    loss, terms = HoVerNetLoss(**weights)(pred, target, return_terms=True)
+    expected = sum(weights["lambda_" + k] * float(v) for k, v in terms.items())
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    assert all(float(v) > 0 for v in terms.values())
+    assert float(terms["hv_mse"]) == pytest.approx(
+        float(F.mse_loss(pred["horizontal_vertical"], target["horizontal_vertical"])), rel=1e-12)
+
+
+def test_hovernet_msge_only_inside_nuclei():
+    pred, target = _perfect(_instances())
+    # a perturbation of the HV prediction farther than 2 px (the kernel radius) from every nucleus
+    far = np.ones((2, 32, 32), bool)
+    from scipy.ndimage import binary_dilation
+    for i in range(2):
+        far[i] = ~binary_dilation(_instances()[i] > 0, np.ones((3, 3), bool), iterations=3)
+    bump = torch.zeros_like(pred["horizontal_vertical"])
+    bump[:, 0][torch.from_numpy(far)] = torch.linspace(0, 5, int(far.sum()), dtype=torch.float64)
+    pred["horizontal_vertical"] = pred["horizontal_vertical"] + bump
+    _, terms = hovernet_loss(pred, target, return_terms=True)
+    assert float(terms["hv_msge"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(terms["hv_mse"]) > 0.1
+    # the same perturbation inside the nuclei is seen by the gradient term
+    pred2, _ = _perfect(_instances())
+    inside = torch.from_numpy(_instances() > 0)
+    bump2 = torch.zeros_like(bump)
+    bump2[:, 0][inside] = torch.linspace(0, 5, int(inside.sum()), dtype=torch.float64)
+    pred2["horizontal_vertical"] = pred2["horizontal_vertical"] + bump2
+    _, terms2 = hovernet_loss(pred2, target, return_terms=True)
+    assert float(terms2["hv_msge"]) > 0.1
+
+
+def test_hovernet_matches_monai_without_the_gradient_term():
+    from monai.apps.pathology.losses import HoVerNetLoss as MonaiHoVerNetLoss
+    pred, target = _perfect(_instances())
+    g = torch.Generator().manual_seed(7)
+    pred = {k: v + (1 if k == "horizontal_vertical" else 40) * torch.randn(v.shape, generator=g, dtype=torch.float64)
+            for k, v in pred.items()}
+    ours = HoVerNetLoss(lambda_hv_msge=0.0)(pred, target)  # default weights as MONAI's: 2 on the HV MSE
+    fg = torch.from_numpy(_instances() > 0).long()
+    monai_target = {"nucleus_prediction": F.one_hot(fg, 2).movedim(-1, 1).double(),
+                    "horizontal_vertical": target["horizontal_vertical"],
+                    "type_prediction": F.one_hot(target["type_prediction"], 3).movedim(-1, 1).double()}
+    ref = MonaiHoVerNetLoss(lambda_hv_mse_grad=0.0)(pred, monai_target)
+    assert float(ref) > 1.0  # every term takes part
+    assert float(ours) == pytest.approx(float(ref), rel=1e-10)
+    # one-hot targets are accepted by ours as well
+    assert float(HoVerNetLoss(lambda_hv_msge=0.0)(pred, monai_target)) == pytest.approx(float(ref), rel=1e-10)
+    ref1 = MonaiHoVerNetLoss(lambda_hv_mse=1.0, lambda_hv_mse_grad=0.0)(pred, monai_target)
+    assert float(HoVerNetLoss(lambda_hv_mse=1.0, lambda_hv_msge=0.0)(pred, target)) == pytest.approx(float(ref1), rel=1e-10)
+
+
+def test_hovernet_input_errors():
+    pred, target = _perfect(_instances())
+    t2 = dict(target)
+    del t2["type_prediction"]
+    with pytest.raises(ValueError, match="type_prediction"):
+        hovernet_loss(pred, t2)
+    p2 = dict(pred)
+    p2["horizontal_vertical"] = pred["horizontal_vertical"][:, :, :16]
+    with pytest.raises(ValueError, match=r"\(2, 2, 16, 32\)"):
+        hovernet_loss(p2, target)
+    with pytest.raises(ValueError, match="nucleus_prediction"):
+        hovernet_loss({"horizontal_vertical": pred["horizontal_vertical"]}, target)

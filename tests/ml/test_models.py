@@ -1,0 +1,360 @@
+"""Model architectures (parameter counts against the published ones), registry, save / load."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+from torch import nn
+
+from histoflow.errors import HistoflowError
+from histoflow.ml import models
+from histoflow.ml.models import ModelError, UnknownModelError
+from histoflow.ml.models.hovernet import hovernet_postprocess, hv_maps_from_instances
+from histoflow.ml.models.resnet import replace_batchnorm_with_instancenorm
+from histoflow.ml.models.unet import UNet
+
+NINE_LEVELS = (8, 16, 32, 64, 128, 128, 256, 256, 512)
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- published parameter counts
+
+@pytest.mark.parametrize("name, kwargs, expected", [
+    ("mobilenet_v2", {}, 3_504_872),                      # torchvision mobilenet_v2(), 1000 classes
+    ("resnet18", {}, 11_689_512),
+    ("resnet34", {}, 21_797_672),
+    ("resnet18", {"norm": "instance"}, 11_689_512),       # affine IN has BN's gamma / beta
+])
+def test_published_parameter_counts(name, kwargs, expected):
+    assert n_params(models.create(name, **kwargs)) == expected
+
+
+def test_rccnet_matches_the_papers_count():
+    # Basha et al. 2018 report 1,512,868 parameters, counted the Keras way (running stats included)
+    m = models.create("rccnet")
+    running = sum(b.numel() for k, b in m.named_buffers() if "running" in k)
+    assert n_params(m) == 1_511_652
+    assert n_params(m) + running == 1_512_868
+
+
+def test_mobilenet_width_multiplier_shrinks_the_body():
+    small = models.create("mobilenet_v2", width_mult=0.5)
+    assert n_params(small) < n_params(models.create("mobilenet_v2")) // 1.5
+    assert small.last_channel == 1280  # never scaled below 1280
+
+
+# ---------------------------------------------------------------- U-Net
+
+def test_unet_default_shapes_and_attributes():
+    m = UNet().eval()
+    assert (m.in_channels, m.out_channels, m.filters) == (3, 2, (32, 64, 128, 256))
+    with torch.no_grad():
+        y = m(torch.randn(2, 3, 64, 48))
+    assert y.shape == (2, 2, 64, 48)
+
+
+def test_unet_nine_levels_on_rgb_plus_heatmap():
+    m = UNet(in_channels=4, out_channels=2, filters=NINE_LEVELS).eval()
+    assert len(m.encoder) == 9 and len(m.decoder) == 8 and m.size_divisor == 256
+    with torch.no_grad():
+        y = m(torch.randn(1, 4, 256, 256))
+    assert y.shape == (1, 2, 256, 256)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("upsample, norm", [("bilinear", "instance"), ("transpose", None), ("bilinear", "batch")])
+def test_unet_variants(upsample, norm):
+    m = UNet(in_channels=1, out_channels=3, filters=(4, 8, 16), upsample=upsample, norm=norm, dropout=0.1).eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    kinds = {type(x) for x in m.modules()}
+    assert (nn.ConvTranspose2d in kinds) == (upsample == "transpose")
+    assert (nn.InstanceNorm2d in kinds) == (norm == "instance")
+    assert (nn.BatchNorm2d in kinds) == (norm == "batch")
+
+
+def test_unet_skip_connections_are_used():
+    m = UNet(filters=(4, 8), norm=None).eval()
+    x = torch.zeros(1, 3, 16, 16)
+    x2 = x.clone()
+    x2[..., 0, 0] = 10.0  # a change at one pixel reaches the output at full resolution via the skip
+    with torch.no_grad():
+        d = (m(x2) - m(x)).abs().sum(1)[0]
+    assert d[0, 0] > 0 and d[8:, 8:].max() == 0
+
+
+def test_unet_rejects_indivisible_input():
+    m = UNet(filters=(4, 8, 16, 32))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        m(torch.randn(1, 3, 60, 64))
+    with pytest.raises(ValueError, match="expected input"):
+        m(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="upsample"):
+        UNet(upsample="nearest")
+    with pytest.raises(ValueError, match="norm"):
+        UNet(norm="group")
+
+
+def test_unet_channels_last_and_bf16_autocast():
+    m = UNet(filters=(4, 8, 16)).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert torch.allclose(y.float(), ref, atol=0.1 * ref.abs().max().item())
+
+
+def test_unet_trains_one_step():
+    m = UNet(filters=(4, 8))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, t = torch.randn(2, 3, 16, 16), torch.randint(0, 2, (2, 16, 16))
+    loss0 = nn.functional.cross_entropy(m(x), t)
+    loss0.backward()
+    opt.step()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+# ---------------------------------------------------------------- classifiers
+
+def test_mobilenet_paper_head():
+    m = models.create("mobilenet_v2", head="paper", num_classes=2).eval()
+    layers = [type(x) for x in m.classifier]
+    assert layers == [nn.Linear, nn.Dropout, nn.ReLU, nn.BatchNorm1d, nn.Linear]
+    assert m.classifier[0].out_features == 100 and m.classifier[1].p == 0.5
+    with torch.no_grad():
+        assert m(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+        assert m.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 1280)
+    with pytest.raises(ValueError, match="head"):
+        models.create("mobilenet_v2", head="fancy")
+
+
+def test_resnet_in_channels_and_classes():
+    m = models.create("resnet34", in_channels=1, num_classes=5).eval()
+    with torch.no_grad():
+        assert m(torch.randn(2, 1, 64, 64)).shape == (2, 5)
+    with pytest.raises(ValueError, match="norm"):
+        models.create("resnet18", norm="layer")
+
+
+def test_replace_batchnorm_with_instancenorm_leaves_no_batchnorm():
+    m = models.create("resnet18", num_classes=3)
+    with torch.no_grad():
+        m.bn1.weight.fill_(2.0)
+    out = replace_batchnorm_with_instancenorm(m)
+    assert out is m and m.norm == "instance"
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+    ins = [x for x in m.modules() if isinstance(x, nn.InstanceNorm2d)]
+    assert len(ins) == 20 and all(x.affine for x in ins)
+    assert torch.all(m.bn1.weight == 2.0)  # affine weights carried over
+    assert isinstance(replace_batchnorm_with_instancenorm(nn.BatchNorm1d(4)), nn.InstanceNorm1d)
+
+
+def test_instance_norm_resnet_prediction_does_not_depend_on_the_batch():
+    x = torch.randn(3, 3, 48, 48)
+    for norm, independent in (("instance", True), ("batch", False)):
+        m = models.create("resnet18", num_classes=3, norm=norm).train()
+        with torch.no_grad():
+            together, alone = m(x)[:1], m(x[:1].repeat(2, 1, 1, 1))[:1]
+        assert torch.allclose(together, alone, atol=1e-5) == independent
+
+
+def test_rccnet_patch_sizes():
+    with torch.no_grad():
+        assert models.create("rccnet").eval()(torch.randn(3, 3, 32, 32)).shape == (3, 4)
+        assert models.create("rccnet", input_size=27, num_classes=2).eval()(torch.randn(1, 3, 27, 27)).shape == (1, 2)
+    with pytest.raises(ValueError, match="32x32"):
+        models.create("rccnet")(torch.randn(1, 3, 27, 27))
+
+
+# ---------------------------------------------------------------- HoVer-Net
+
+def _touching_discs():
+    yy, xx = np.mgrid[:96, :96]
+    lab = np.zeros((96, 96), np.int32)
+    lab[(yy - 48) ** 2 + (xx - 34) ** 2 <= 18 ** 2] = 1
+    lab[((yy - 48) ** 2 + (xx - 66) ** 2 <= 18 ** 2) & (lab == 0)] = 2  # overlaps disc 1: they touch
+    lab[(yy - 14) ** 2 + (xx - 14) ** 2 <= 7 ** 2] = 3
+    return lab
+
+
+def test_hv_maps_from_instances():
+    lab = _touching_discs()
+    hv = hv_maps_from_instances(lab)
+    assert hv.shape == (2, 96, 96) and hv.dtype == np.float32
+    assert hv.min() == -1 and hv.max() == 1
+    assert np.all(hv[:, lab == 0] == 0)
+    assert hv[0, 48, 20] < 0 < hv[0, 48, 45]     # left / right of disc 1's centre
+    assert hv[1, 35, 34] < 0 < hv[1, 60, 34]     # above / below
+
+
+def test_hovernet_postprocess_separates_touching_nuclei():
+    lab = _touching_discs()
+    assert ndi.label(lab > 0)[1] == 2  # the two large discs are one foreground component
+    hv = hv_maps_from_instances(lab)
+    np_prob = np.stack([lab == 0, lab > 0]).astype(np.float32)       # the NP branch's softmax
+    type_map = np.select([lab == 1, lab == 2, lab == 3], [1, 2, 1], 0)
+    tp_prob = np.eye(3, dtype=np.float32)[type_map].transpose(2, 0, 1)
+    out, types = hovernet_postprocess(np_prob, hv, tp_prob)
+    assert out.dtype == np.int32 and out.max() == 3 and set(np.unique(out)) == {0, 1, 2, 3}
+    for inst in range(1, 4):
+        true = np.bincount(lab[out == inst]).argmax()
+        iou = ((out == inst) & (lab == true)).sum() / ((out == inst) | (lab == true)).sum()
+        assert iou > 0.9
+        assert types[inst] == {1: 1, 2: 2, 3: 1}[true]
+    # also from torch tensors and a plain type map
+    out2, types2 = hovernet_postprocess(torch.from_numpy(np_prob[1]), torch.from_numpy(hv), type_map)
+    assert np.array_equal(out, out2) and types == types2
+    empty, none = hovernet_postprocess(np.zeros((32, 32)), np.zeros((2, 32, 32)))
+    assert empty.max() == 0 and none == {}
+    with pytest.raises(ValueError, match="hv_map"):
+        hovernet_postprocess(np_prob, hv[:1])
+
+
+@pytest.mark.parametrize("mode, size, out_size, pad, classes", [
+    ("fast", 256, 256, True, 3), ("fast", 256, 164, False, 0), ("original", 270, 80, False, 5)])
+def test_hovernet_forward_returns_branch_dict(mode, size, out_size, pad, classes):
+    # shapes on the meta device: a real CPU forward of HoVer-Net takes ~10 s
+    with torch.device("meta"):
+        m = models.create("hovernet", mode=mode, out_classes=classes, decoder_padding=pad).eval()
+    assert (m.input_size, m.output_size) == (size, out_size)
+    out = m(torch.empty(2, 3, size, size, device="meta"))
+    expected = {"nucleus_prediction": 2, "horizontal_vertical": 2}
+    if classes:
+        expected["type_prediction"] = classes
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        k: (2, c, out_size, out_size) for k, c in expected.items()}
+
+
+def test_hovernet_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        models.create("hovernet", mode="slow")
+
+
+# ---------------------------------------------------------------- registry, save / load
+
+def test_registry_names_and_unknown_model():
+    assert {"unet", "mobilenet_v2", "resnet18", "resnet34", "rccnet", "hovernet"} <= set(models.list_models())
+    with pytest.raises(ValueError, match="unknown model 'vgg'.*resnet18"):
+        models.create("vgg")
+    assert issubclass(UnknownModelError, ModelError) and issubclass(ModelError, HistoflowError)
+
+
+def _settle(m: nn.Module, shape) -> nn.Module:
+    """A train-mode pass so batch-norm running statistics are not the defaults."""
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(*shape))
+    return m.eval()
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("unet", {"in_channels": 4, "filters": (4, 8, 16), "upsample": "bilinear"}, (2, 4, 32, 32)),
+    ("resnet18", {"norm": "instance", "num_classes": 3}, (2, 3, 48, 48)),
+    ("mobilenet_v2", {"head": "paper", "num_classes": 2, "width_mult": 0.35}, (2, 3, 32, 32)),
+    ("rccnet", {"num_classes": 5}, (2, 3, 32, 32)),
+])
+def test_save_load_round_trip(tmp_path, name, kwargs, shape):
+    m = _settle(models.create(name, **kwargs), shape)
+    path = tmp_path / "sub" / "model.pt"
+    card_file = models.save(m, path, card={"metrics": {"f1": 0.8}, "training_data": "synthetic", "notes": "x"})
+    assert card_file == tmp_path / "sub" / "model.json" and path.is_file()
+    card = json.loads(card_file.read_text())
+    assert card["architecture"] == name
+    for k, v in kwargs.items():
+        assert card["parameters"][k] == (list(v) if isinstance(v, tuple) else v)
+    assert card["metrics"] == {"f1": 0.8} and card["notes"] == "x" and card["licence"] is None
+    assert "histoflow_version" in card
+
+    loaded = models.load(path)
+    assert type(loaded) is type(m) and not loaded.training and loaded.card == card
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.equal(m(x), loaded(x))
+
+
+def test_save_a_directly_constructed_model(tmp_path):
+    m = UNet(in_channels=2, filters=(4, 8), norm="instance").eval()
+    models.save(m, tmp_path / "u.pt")
+    loaded = models.load(tmp_path / "u.json")  # the card's path works too
+    assert (loaded.in_channels, loaded.filters, loaded.norm) == (2, (4, 8), "instance")
+    x = torch.randn(1, 2, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(m(x), loaded(x))
+
+
+def test_register_a_new_architecture(tmp_path):
+    @models.register("tiny_test_net")
+    class Tiny(nn.Module):
+        def __init__(self, width: int = 3):
+            super().__init__()
+            self.width = width
+            self.lin = nn.Linear(width, 1)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    assert "tiny_test_net" in models.list_models()
+    models.save(Tiny(width=5), tmp_path / "t.pt")
+    assert models.load(tmp_path / "t.pt").lin.in_features == 5
+    with pytest.raises(ModelError, match="not a registered architecture"):
+        models.save(nn.Linear(2, 2), tmp_path / "lin.pt")
+
+
+def test_load_errors_name_the_file(tmp_path):
+    m = models.create("rccnet")
+    path = tmp_path / "r.pt"
+    models.save(m, path)
+    card = path.with_suffix(".json")
+
+    path.unlink()
+    with pytest.raises(ModelError, match=r"r\.pt.*weights file not found"):
+        models.load(path)
+
+    models.save(m, path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match=r"r\.pt.*cannot read the weights"):
+        models.load(path)
+
+    models.save(models.create("rccnet", num_classes=2), path)  # weights of another shape
+    card.write_text(json.dumps({"architecture": "rccnet", "parameters": {"num_classes": 4}}))
+    with pytest.raises(ModelError, match=r"r\.pt.*do not match"):
+        models.load(path)
+
+    card.write_text("{not json")
+    with pytest.raises(ModelError, match=r"r\.json.*not a readable JSON"):
+        models.load(path)
+
+    card.write_text(json.dumps({"architecture": "vgg", "parameters": {}}))
+    with pytest.raises(ModelError, match=r"r\.json.*unknown model 'vgg'"):
+        models.load(path)
+
+    card.write_text(json.dumps({"architecture": "rccnet", "parameters": {"bogus": 1}}))
+    with pytest.raises(ModelError, match=r"r\.json.*cannot create 'rccnet'"):
+        models.load(path)
+
+    card.write_text(json.dumps({"parameters": {}}))
+    with pytest.raises(ModelError, match=r"r\.json.*no 'architecture'"):
+        models.load(path)
+
+    card.unlink()
+    with pytest.raises(ModelError, match=r"r\.json.*model card not found"):
+        models.load(path)
+
+
+def test_save_refuses_conflicting_card(tmp_path):
+    m = models.create("rccnet")
+    with pytest.raises(ValueError, match="architecture"):
+        models.save(m, tmp_path / "r.pt", card={"architecture": "unet"})
+    with pytest.raises(ValueError, match="overwritten"):
+        models.save(m, tmp_path / "r.json")
