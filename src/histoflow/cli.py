@@ -5,6 +5,8 @@
     histoflow tile SLIDE -o OUT.h5path [--size 256] [--level L | --mpp M] [--overlap K] [--edge pad|drop]
     histoflow run PIPELINE.yaml SLIDE... -o OUTDIR [--workers N | --scheduler ADDRESS] [--resume]
     histoflow transforms [--json]
+    histoflow train CONFIG.yaml [--resume] [--epochs N] [--output DIR]
+    histoflow segment-nuclei IMAGE_OR_SLIDE -o OUT.tif [--geojson OUT.geojson] [--workers N]
     histoflow demo [-o OUTDIR]
 
 Errors print one line (``histoflow: error: ...``) and exit with status 1; ``--debug`` shows the traceback.
@@ -84,6 +86,29 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("transforms", help="list every transform with its parameters")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_transforms)
+
+    s = sub.add_parser("train", help="train a model from a YAML configuration (see configs/)")
+    s.add_argument("config")
+    s.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.ckpt")
+    s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument("--output", help="override the output folder")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("segment-nuclei", help="nucleus instances of an H&E image or slide (uint32 label TIFF)")
+    s.add_argument("slide", help="an H&E slide or image (PNG, JPEG, TIFF, SVS, ...)")
+    s.add_argument("-o", "--output", required=True, help="label image: uint32 TIFF, same size as level 0")
+    s.add_argument("--geojson", help="also write the nuclei as QuPath GeoJSON (detections)")
+    s.add_argument("--model", default="builtin", help="nucleus model .pt (default: the shipped one)")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    s.add_argument("--mpp", type=float, help="the input's µm/px when the file does not say (default: the model's)")
+    s.add_argument("--tile", type=int, default=1024, help="tile size in level-0 pixels (default 1024)")
+    s.add_argument("--overlap", type=int, default=128, help="tile overlap; larger than a nucleus (default 128)")
+    s.add_argument("--tissue-filter", type=float, metavar="FRACTION", help="only tiles with this much tissue")
+    s.add_argument("--workers", type=int, help="local dask cluster with N workers (default: in-process)")
+    s.add_argument("--h5path", help="keep the per-tile results in this h5path file")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_segment_nuclei)
 
     s = sub.add_parser("demo", help="tile the built-in sample slide and show what came out")
     s.add_argument("-o", "--output", default="demo_out")
@@ -199,6 +224,70 @@ def cmd_transforms(args):
         params = ", ".join(f"{k}={v!r}" for k, v in t["params"].items())
         kinds = f"  [{', '.join(t['slide_types'])}]" if t["slide_types"] else ""
         print(f"{t['name']}({params}){kinds}\n    {t['doc']}")
+    return 0
+
+
+def cmd_train(args):
+    from .ml.recipes import load_config, train_from_config
+
+    cfg = load_config(args.config)
+    if args.epochs is not None:
+        cfg.setdefault("train", {})["epochs"] = args.epochs
+    if args.output is not None:
+        cfg["output"] = os.path.abspath(args.output)
+    if args.no_progress:
+        cfg.setdefault("train", {})["progress"] = False
+    t0 = time.perf_counter()
+    trainer, _ = train_from_config(cfg, resume=args.resume)
+    out = trainer.out_dir
+    best = trainer.history[trainer.best_epoch] if trainer.best_epoch >= 0 else {}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items() if isinstance(v, float) and k not in ("lr", "seconds"))
+    print(f"{out}: {trainer.epoch} epochs in {time.perf_counter() - t0:.0f} s; best epoch "
+          f"{trainer.best_epoch + 1}: {shown}; weights {os.path.join(out, 'best.pt')}")
+    return 0
+
+
+def cmd_segment_nuclei(args):
+    import tempfile
+
+    import numpy as np
+    import tifffile
+
+    from .core.slide import SlideData
+    from .ml.infer import assemble_instances
+    from .ml.transforms import NucleusSegmentation
+
+    transform = NucleusSegmentation(model=args.model, backend=args.backend)
+    t0 = time.perf_counter()
+    with SlideData(args.slide, mpp=args.mpp, slide_type="HE") as slide, tempfile.TemporaryDirectory() as tmp:
+        if slide.mpp is None:
+            from .ml.transforms import _runner
+
+            model_mpp = _runner(args.model, args.backend, None).mpp
+            print(f"histoflow: {args.slide} does not say its µm/px; taking the model's {model_mpp} "
+                  "(pass --mpp to set it)", file=sys.stderr)
+            slide.reader.mpp = (model_mpp, model_mpp)
+        store = args.h5path or os.path.join(tmp, "nuclei.h5path")
+        executor = "dask" if args.workers else "inprocess"
+        slide.run(transform, store, tile_size=args.tile, overlap=args.overlap, level=0,
+                  tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
+                  progress=not args.no_progress, batch_size=4)
+        labels = assemble_instances(store, "nuclei", shape=(slide.dimensions[1], slide.dimensions[0]))
+    tmp_out = f"{args.output}.tmp-{os.getpid()}.tif"
+    tifffile.imwrite(tmp_out, labels.astype(np.uint32), compression="zlib", tile=(512, 512)
+                     if max(labels.shape) > 4096 else None)
+    os.replace(tmp_out, args.output)
+    n = int(labels.max())
+    msg = f"{args.output}: {n} nuclei in a {labels.shape[1]} x {labels.shape[0]} uint32 label image"
+    if args.geojson:
+        from .annotations import polygonize, write_geojson
+
+        polys = polygonize(labels)
+        for p in polys:
+            p.classification = "Nucleus"
+        write_geojson(polys, args.geojson, object_type="detection")
+        msg += f"; {len(polys)} outlines in {args.geojson}"
+    print(msg + f" ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

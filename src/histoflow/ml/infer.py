@@ -1,0 +1,106 @@
+"""Slide-level inference through the engine, and assembling tile results into slide-sized outputs.
+
+* :func:`infer_slide` runs a model transform (:class:`~histoflow.ml.transforms.PatchClassification`,
+  :class:`~histoflow.ml.transforms.SemanticSegmentation`, :class:`~histoflow.ml.transforms.NucleusSegmentation`)
+  over a slide with :meth:`SlideData.run <histoflow.core.slide.SlideData.run>` (in-process, threads or
+  dask): heatmaps and stitched masks land in the slide's h5path as slide masks.
+* :func:`assemble_instances` turns the per-tile instance masks of an h5path (each nucleus kept by the
+  one tile that owns its centroid) into one slide-sized label image with slide-wide ids.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import H5PathError, RegionTooLargeError
+
+__all__ = ["assemble_instances", "infer_slide"]
+
+#: largest label image assemble_instances builds in memory (uint32/int32 pixels)
+MAX_ASSEMBLY_PIXELS = 2_000_000_000
+
+
+def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int = MAX_ASSEMBLY_PIXELS):
+    """One label image (int32, 0 = background) from the per-tile instance masks of an h5path.
+
+    Parameters
+    ----------
+    store : str or H5Path
+        An h5path file (or an open reader) whose tiles carry the instance mask ``mask``.
+    shape : (height, width), optional
+        Output shape at the tiles' resolution; default: the slide's level-0 size divided by the tiles'
+        downsample (from the file's slide metadata), else the tiles' extent.
+
+    Each tile's objects get ids offset by the objects of the tiles before it, so ids are unique over the
+    slide. Where objects of two tiles overlap (only in tile overlaps), the pixel keeps the first.
+    """
+    from ..store import read_h5path
+
+    own = isinstance(store, str) or hasattr(store, "__fspath__")
+    h = read_h5path(store) if own else store
+    try:
+        if mask not in h.tile_mask_names:
+            raise H5PathError(f"{getattr(h, 'path', store)}: tiles have no mask {mask!r} "
+                              f"(they have {sorted(h.tile_mask_names)})")
+        n = len(h)
+        if n == 0:
+            raise H5PathError(f"{getattr(h, 'path', store)}: no tiles")
+        first = h.tile(0)
+        ds = float(first.downsample)
+        if shape is None:
+            meta = h.slide or {}
+            if meta.get("width") and meta.get("height"):
+                shape = (int(np.ceil(meta["height"] / ds)), int(np.ceil(meta["width"] / ds)))
+            else:
+                coords = np.asarray(h.coords)
+                th, tw = first.image.shape[:2]
+                shape = (int(coords[:, 1].max() / ds) + th, int(coords[:, 0].max() / ds) + tw)
+        H, W = int(shape[0]), int(shape[1])
+        if H * W > max_pixels:
+            raise RegionTooLargeError(f"{getattr(h, 'path', store)}: a {W} x {H} label image would take "
+                                      f"{H * W * 4 / 2**30:.1f} GiB; raise max_pixels or keep the per-tile masks")
+        out = np.zeros((H, W), np.int32)
+        offset = 0
+        for i in range(n):
+            t = h.tile(i)
+            lab = np.asarray(t.masks[mask])
+            m = int(lab.max()) if lab.size else 0
+            if m == 0:
+                continue
+            x0, y0 = int(round(t.coords[0] / ds)), int(round(t.coords[1] / ds))
+            hh, ww = min(lab.shape[0], H - y0), min(lab.shape[1], W - x0)
+            if hh <= 0 or ww <= 0:
+                continue
+            lab = lab[:hh, :ww]
+            win = out[y0:y0 + hh, x0:x0 + ww]
+            put = (lab > 0) & (win == 0)
+            win[put] = lab[put] + offset
+            offset += m
+        return _relabel_sequential(out)
+    finally:
+        if own:
+            h.close()
+
+
+def _relabel_sequential(labels):
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if len(ids) == 0 or ids[-1] == len(ids):
+        return labels
+    lut = np.zeros(int(ids[-1]) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def infer_slide(slide, transform, out, *, tile_size=512, overlap=64, level=None, mpp=None, tissue_filter=None,
+                executor="inprocess", workers=None, **run_kwargs) -> str:
+    """Run one model transform over a slide; returns the h5path written.
+
+    ``slide`` is a path or a :class:`~histoflow.core.slide.SlideData`. Heatmaps (patch classifiers) and
+    stitched masks (segmentation) are stored as slide masks of the h5path; nucleus instances stay per
+    tile (use :func:`assemble_instances`).
+    """
+    from ..core.slide import SlideData
+
+    sd = slide if isinstance(slide, SlideData) else SlideData(slide)
+    return sd.run(transform, out, tile_size=tile_size, overlap=overlap, level=level, mpp=mpp,
+                  tissue_filter=tissue_filter, executor=executor, workers=workers, **run_kwargs)

@@ -1,0 +1,210 @@
+"""Nucleus instance segmentation with a light U-Net and HoVer-Net-style maps.
+
+The model (a :class:`~histoflow.ml.models.UNet` with four output channels) predicts, per pixel, two
+nucleus/background logits and the horizontal and vertical distance of the pixel to the centre of its
+nucleus (HoVer-Net's HV maps, Graham et al. 2019). Instances come from HoVer-Net's post-processing
+(:func:`~histoflow.ml.models.hovernet.hovernet_postprocess`): the gradients of the HV maps mark the
+borders between touching nuclei, and a marker-controlled watershed separates them.
+
+:class:`NucleusCrops` makes training samples (random crops, augmented with their instance mask, HV maps
+computed after the augmentation); :func:`predict_maps` / :func:`segment_nuclei` run a model on an image of
+any size (sliding window with Gaussian blending, resampled to the model's µm/px and back).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .losses import hv_targets
+from .models.hovernet import hovernet_postprocess
+
+__all__ = ["NP", "HV", "split_outputs", "NucleusCrops", "NucleusImages", "predict_maps", "maps_to_instances",
+           "segment_nuclei", "nucleus_batch_loss"]
+
+NP = "nucleus_prediction"
+HV = "horizontal_vertical"
+
+
+def split_outputs(out: torch.Tensor) -> dict:
+    """The 4-channel model output as HoVer-Net branches: NP logits (channels 0-1), HV maps (2-3)."""
+    return {NP: out[:, :2], HV: out[:, 2:4]}
+
+
+def nucleus_batch_loss(model, batch, loss_fn):
+    """Trainer ``batch_loss`` for :class:`NucleusCrops` batches and a HoVer-Net loss."""
+    return loss_fn(split_outputs(model(batch["image"])), batch["target"])
+
+
+def _to_sample(image, inst):
+    hv = hv_targets(inst)
+    return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255),
+            "target": {NP: torch.from_numpy((inst > 0).astype(np.int64)), HV: torch.from_numpy(hv)},
+            "instances": torch.from_numpy(inst.astype(np.int32))}
+
+
+class NucleusCrops(torch.utils.data.Dataset):
+    """Random crops of annotated images for training.
+
+    Parameters
+    ----------
+    samples : list of dict
+        ``{"image": uint8 (H, W, 3), "instances": int (H, W)}`` (e.g. from
+        :func:`histoflow.datasets.load_monuseg`).
+    crop : int
+        Side of the crops returned.
+    length : int
+        Crops per epoch.
+    augment : callable, optional
+        ``augment.apply(image, {"instances": inst}, rng)`` (a :class:`histoflow.ml.augment.Compose`);
+        it runs on a crop ``margin`` pixels larger on each side, so that nuclei cut by the final crop
+        keep their whole-nucleus HV maps.
+    margin : int
+    seed : int
+        Crops of epoch ``e``, item ``i`` come from ``default_rng((seed, e, i))``: reproducible, and the
+        same in any DataLoader worker.
+    """
+
+    def __init__(self, samples, crop: int = 256, length: int = 256, augment=None, margin: int = 32, seed: int = 0):
+        if not samples:
+            raise ValueError("NucleusCrops: no samples")
+        self.images = [np.ascontiguousarray(s["image"]) for s in samples]
+        self.instances = [np.ascontiguousarray(s["instances"]).astype(np.int32) for s in samples]
+        self.crop, self.length, self.augment, self.margin, self.seed = int(crop), int(length), augment, int(margin), seed
+        self.epoch = 0
+        for img in self.images:
+            if min(img.shape[:2]) < self.crop:
+                raise ValueError(f"NucleusCrops: an image of {img.shape[:2]} is smaller than the crop {self.crop}")
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
+        k = int(rng.integers(len(self.images)))
+        image, inst = self.images[k], self.instances[k]
+        h, w = inst.shape
+        big = self.crop + 2 * self.margin
+        y = int(rng.integers(0, h - self.crop + 1)) - self.margin
+        x = int(rng.integers(0, w - self.crop + 1)) - self.margin
+        img = _crop_reflect(image, y, x, big)
+        lab = _crop_reflect(inst, y, x, big, reflect=False)
+        if self.augment is not None:
+            img, masks = self.augment.apply(img, {"instances": lab}, rng)
+            lab = masks["instances"]
+        s = _to_sample(img, lab)
+        m, c = self.margin, self.crop
+        # HV maps were computed on the larger crop: cut the margin away now
+        s["image"] = s["image"][:, m:m + c, m:m + c].contiguous()
+        s["target"] = {NP: s["target"][NP][m:m + c, m:m + c].contiguous(),
+                       HV: s["target"][HV][:, m:m + c, m:m + c].contiguous()}
+        s["instances"] = s["instances"][m:m + c, m:m + c].contiguous()
+        return s
+
+
+class NucleusImages(torch.utils.data.Dataset):
+    """Whole annotated images for validation, padded (white / background) to a multiple of ``divisor``."""
+
+    def __init__(self, samples, divisor: int = 16):
+        self.samples = samples
+        self.divisor = int(divisor)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        image, inst = s["image"], np.asarray(s["instances"], np.int32)
+        h, w = inst.shape
+        ph, pw = -h % self.divisor, -w % self.divisor
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=255)
+        inst = np.pad(inst, ((0, ph), (0, pw)))
+        out = _to_sample(image, inst)
+        out["shape"] = torch.tensor([h, w])
+        return out
+
+
+def _crop_reflect(a, y, x, size, reflect=True):
+    h, w = a.shape[:2]
+    y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + size, h), min(x + size, w)
+    out = a[y0:y1, x0:x1]
+    pad = ((y0 - y, y + size - y1), (x0 - x, x + size - x1)) + ((0, 0),) * (a.ndim - 2)
+    if any(p for pair in pad for p in pair):
+        out = np.pad(out, pad, mode="reflect" if reflect else "constant")
+    return out
+
+
+@torch.no_grad()
+def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float = 0.25, device=None,
+                 amp: bool | None = None, batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus probability ``(H, W)`` and HV maps ``(2, H, W)`` of an RGB uint8 image at the model's scale.
+
+    Images larger than ``window`` run through MONAI's sliding-window inference with Gaussian blending
+    (``overlap`` of the window); the image is padded with white to a multiple of the model's divisor.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if amp is None:
+        amp = device.type == "cpu" and _cpu_bf16()
+    model.eval()
+    div = int(getattr(model, "size_divisor", 16))
+    h, w = image.shape[:2]
+    ph, pw = -h % div, -w % div
+    x = np.pad(image[..., :3], ((0, ph), (0, pw), (0, 0)), constant_values=255)
+    x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].float().div_(255).to(device)
+    win = max(div, (min(window, max(x.shape[2:])) // div) * div)
+
+    def run(t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(amp)):
+            return model(t).float()
+
+    if x.shape[2] <= win and x.shape[3] <= win:
+        out = run(x)
+    else:
+        out = sliding_window_inference(x, (win, win), batch_size, run, overlap=overlap, mode="gaussian",
+                                       padding_mode="replicate")
+    out = out[0, :, :h, :w]
+    prob = torch.softmax(out[:2], dim=0)[1].cpu().numpy()
+    return prob.astype(np.float32), out[2:4].cpu().numpy().astype(np.float32)
+
+
+def _cpu_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def maps_to_instances(prob, hv, *, fg_threshold: float = 0.5, marker_threshold: float = 0.4,
+                      sobel_ksize: int = 21, min_size: int = 10) -> np.ndarray:
+    """Instance labels (int32, 0 = background) from the nucleus probability and HV maps."""
+    labels, _ = hovernet_postprocess(prob, hv, fg_threshold=fg_threshold, marker_threshold=marker_threshold,
+                                     sobel_ksize=sobel_ksize, min_size=min_size)
+    return labels
+
+
+def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.ndarray:
+    """Instance labels of an RGB image with a nucleus model.
+
+    ``scale`` = (image µm/px) / (model µm/px): the image is resized by it before the model runs and the
+    probability and HV maps are resized back (bilinear) before the post-processing, so the labels have
+    the image's size. Other keywords go to :func:`predict_maps` / :func:`maps_to_instances`.
+    """
+    import cv2
+
+    post = {k: kw.pop(k) for k in ("fg_threshold", "marker_threshold", "sobel_ksize", "min_size") if k in kw}
+    h, w = image.shape[:2]
+    if abs(scale - 1.0) > 1e-3:
+        sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+        small = cv2.resize(image[..., :3], (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        prob, hv = predict_maps(model, small, **kw)
+        prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        hv = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in hv])
+    else:
+        prob, hv = predict_maps(model, image, **kw)
+    return maps_to_instances(prob, hv, **post)

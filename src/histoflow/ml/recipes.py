@@ -1,0 +1,209 @@
+"""Training from a YAML configuration: ``histoflow train CONFIG.yaml``.
+
+A configuration names a ``task`` (a recipe below), the ``data``, the ``model`` (a registry name and its
+parameters), the ``train`` settings of :class:`~histoflow.ml.train.Trainer`, the ``output`` folder and
+the ``card`` fields saved with the weights. Relative paths are taken from the configuration file's
+folder. Example: ``configs/nucleus_monuseg.yaml`` (the shipped nucleus model).
+
+Tasks
+-----
+``nucleus_segmentation``
+    Nucleus instances from annotated images (MoNuSeg layout: ``<ID>.png`` + Aperio ``<ID>.xml``; all of
+    ``data.root`` or the ``data.ids`` listed, ``data.val_ids`` held out for validation);
+    a U-Net with 4 outputs (nucleus logits + HV maps), HoVer-Net loss, validation Dice / AJI / PQ.
+``tile_classification``
+    A classifier on the tiles of h5path files and one of their tile labels.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import yaml
+
+from ..errors import HistoflowError
+from .train import Trainer
+
+__all__ = ["ConfigError", "load_config", "train_from_config", "TASKS"]
+
+
+class ConfigError(HistoflowError, ValueError):
+    """A training configuration is missing something or has a wrong value: names the key."""
+
+
+def load_config(path) -> dict:
+    """Read a YAML training configuration; relative paths are resolved against its folder."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such configuration file")
+    with open(path) as f:
+        try:
+            cfg = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: a training configuration is a mapping with task, data, model, train")
+    cfg["_base"] = os.path.dirname(os.path.abspath(path))
+    cfg["_path"] = path
+    return cfg
+
+
+def _need(cfg, *keys):
+    node = cfg
+    for i, k in enumerate(keys):
+        if not isinstance(node, dict) or k not in node:
+            raise ConfigError(f"{cfg.get('_path', 'configuration')}: missing key {'.'.join(keys[:i + 1])}")
+        node = node[k]
+    return node
+
+
+def _path(cfg, p):
+    p = os.path.expanduser(str(p))
+    return p if os.path.isabs(p) else os.path.normpath(os.path.join(cfg.get("_base", "."), p))
+
+
+def _augmenter(spec: dict | None, seed: int):
+    from . import augment as A
+
+    spec = dict(spec or {})
+    ops = []
+    if spec.pop("flip", True):
+        ops.append(A.RandomFlip())
+    if spec.pop("rot90", True):
+        ops.append(A.RandomRotate90())
+    if (z := spec.pop("zoom", None)):
+        ops.append(A.RandomZoom(tuple(z), p=0.5))
+    if (s := spec.pop("stain", None)):
+        ops.append(A.StainAugment(*s, p=0.5))
+    if (h := spec.pop("hsv", None)):
+        ops.append(A.HSVShift(*h, p=0.5))
+    if (b := spec.pop("brightness", None)):
+        ops.append(A.Brightness(b, p=0.5))
+    if (c := spec.pop("contrast", None)):
+        ops.append(A.Contrast(c, p=0.5))
+    if spec:
+        raise ConfigError(f"unknown augmentation(s) {sorted(spec)}; known: flip, rot90, zoom, stain, hsv, "
+                          "brightness, contrast")
+    return A.Compose(ops, seed=seed)
+
+
+def _model(cfg):
+    from . import models
+
+    m = _need(cfg, "model")
+    return models.create(_need(cfg, "model", "name"), **(m.get("params") or {}))
+
+
+def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
+    t = dict(cfg.get("train") or {})
+    known = {"epochs", "lr", "weight_decay", "accumulate", "schedule", "patience", "seed", "device", "amp",
+             "progress"}
+    unknown = set(t) - known - {"batch_size", "num_workers"}
+    if unknown:
+        raise ConfigError(f"{cfg.get('_path')}: unknown train setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    card = dict(cfg.get("card") or {})
+    card.setdefault("config", os.path.basename(cfg.get("_path", "")))
+    return Trainer(model, loss_fn, out_dir=_path(cfg, _need(cfg, "output")), card=card,
+                   **{k: v for k, v in t.items() if k in known}, **kw)
+
+
+# ---------------------------------------------------------------------------------------- tasks
+def _nucleus_segmentation(cfg, resume=False):
+    from ..datasets import load_monuseg, monuseg_ids
+    from . import metrics
+    from .losses import HoVerNetLoss
+    from .nucleus import NucleusCrops, NucleusImages, maps_to_instances, nucleus_batch_loss, split_outputs
+
+    d = _need(cfg, "data")
+    root = _path(cfg, _need(cfg, "data", "root"))
+    val_ids = list(d.get("val_ids") or [])
+    ids = monuseg_ids(root)
+    if d.get("ids"):
+        missing = [i for i in d["ids"] if i not in ids]
+        if missing:
+            raise ConfigError(f"data.ids {missing} are not in {root}")
+        ids = list(d["ids"])
+    unknown = [i for i in val_ids if i not in ids]
+    if unknown:
+        raise ConfigError(f"data.val_ids {unknown} are not in {root}")
+    train_ids = [i for i in ids if i not in val_ids]
+    seed = int((cfg.get("train") or {}).get("seed", 0))
+    train = NucleusCrops(load_monuseg(root, train_ids), crop=int(d.get("crop", 256)),
+                         length=int(d.get("crops_per_epoch", 256)), augment=_augmenter(d.get("augment"), seed),
+                         seed=seed)
+    t = cfg.get("train") or {}
+    loader = torch.utils.data.DataLoader(train, batch_size=int(t.get("batch_size", 8)), shuffle=False,
+                                         num_workers=int(t.get("num_workers", 0)),
+                                         persistent_workers=int(t.get("num_workers", 0)) > 0)
+    val_loader = validate = None
+    if val_ids:
+        val_loader = torch.utils.data.DataLoader(NucleusImages(load_monuseg(root, val_ids)), batch_size=1)
+        post = dict(d.get("postprocess") or {})
+
+        @torch.no_grad()
+        def _validate(model, vl, device):
+            model.eval()
+            dices, ajis, pqs = [], [], []
+            for batch in vl:
+                h, w = (int(v) for v in batch["shape"][0])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(t.get("amp"))):
+                    out = split_outputs(model(batch["image"].to(device)).float())
+                prob = torch.softmax(out["nucleus_prediction"][0], 0)[1, :h, :w].cpu().numpy()
+                hv = out["horizontal_vertical"][0, :, :h, :w].cpu().numpy()
+                pred = maps_to_instances(prob, hv, **post)
+                true = batch["instances"][0, :h, :w].numpy()
+                dices.append(metrics.dice(pred > 0, true > 0))
+                ajis.append(metrics.aji(true, pred))
+                pqs.append(metrics.panoptic_quality(true, pred).pq)
+            return {"dice": float(np.mean(dices)), "aji": float(np.mean(ajis)), "pq": float(np.mean(pqs))}
+
+        validate = _validate
+
+    model = _model(cfg)
+    card = cfg.setdefault("card", {})
+    card.setdefault("task", "nucleus_segmentation")
+    card.setdefault("outputs", ["background logit", "nucleus logit", "horizontal map", "vertical map"])
+    card.setdefault("split", {"train": train_ids, "validation": val_ids})
+    trainer = _trainer(cfg, model, HoVerNetLoss(**(cfg.get("loss") or {})), batch_loss=nucleus_batch_loss,
+                       validate=validate)
+    return trainer, trainer.fit(loader, val_loader, resume=resume)
+
+
+def _tile_classification(cfg, resume=False):
+    from .data import TileDataset
+
+    d = _need(cfg, "data")
+    label = _need(cfg, "data", "label")
+    t = cfg.get("train") or {}
+
+    def dataset(paths):
+        sets = [TileDataset(_path(cfg, p), labels=(label,)) for p in ([paths] if isinstance(paths, str) else paths)]
+        return torch.utils.data.ConcatDataset(sets)
+
+    def batch_loss(model, batch, loss_fn):
+        return loss_fn(model(batch["image"]), batch["labels"][label].long())
+
+    bs, nw = int(t.get("batch_size", 16)), int(t.get("num_workers", 0))
+    train = torch.utils.data.DataLoader(dataset(_need(cfg, "data", "train")), batch_size=bs, shuffle=True,
+                                        num_workers=nw)
+    val = None
+    if d.get("val"):
+        val = torch.utils.data.DataLoader(dataset(d["val"]), batch_size=bs, num_workers=nw)
+    trainer = _trainer(cfg, _model(cfg), torch.nn.CrossEntropyLoss(), batch_loss=batch_loss)
+    return trainer, trainer.fit(train, val, resume=resume)
+
+
+TASKS = {"nucleus_segmentation": _nucleus_segmentation, "tile_classification": _tile_classification}
+
+
+def train_from_config(config, resume: bool = False):
+    """Run the training a configuration describes; returns ``(trainer, history)``.
+
+    ``config`` is a path to a YAML file or an already loaded dict.
+    """
+    cfg = load_config(config) if not isinstance(config, dict) else dict(config)
+    task = _need(cfg, "task")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[task](cfg, resume=resume)

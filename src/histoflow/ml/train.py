@@ -1,0 +1,305 @@
+"""A small, reproducible trainer.
+
+:class:`Trainer` runs Adam with optional gradient accumulation, a one-cycle or plateau schedule, early
+stopping on the validation loss, and keeps in ``out_dir``:
+
+``last.ckpt``
+    everything needed to resume (model, optimiser, schedule, epoch, history, best loss);
+``best.pt`` + ``best.json``
+    the weights with the lowest validation loss and their model card (:func:`histoflow.ml.models.save`);
+``metrics.csv`` / ``metrics.json``
+    one row per epoch: train loss, validation loss, the validation metrics, learning rate, seconds.
+
+Runs are seeded: the same seed, data and settings give the same weights on the same machine (the data
+order of epoch ``e`` is drawn from ``seed + e``, so a resumed run continues exactly where it stopped).
+
+Examples
+--------
+>>> trainer = Trainer(model, loss_fn, epochs=20, lr=1e-3, out_dir="runs/a")   # doctest: +SKIP
+>>> history = trainer.fit(train_loader, val_loader)                           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pickle
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..errors import HistoflowError
+from ..utils import progress_bar
+
+__all__ = ["Trainer", "TrainingError", "default_batch_loss", "pick_device"]
+
+
+class TrainingError(HistoflowError, RuntimeError):
+    """Training cannot start or go on (bad checkpoint, non-finite loss, empty data)."""
+
+
+def pick_device(device=None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device is not None and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def default_batch_loss(model, batch, loss_fn):
+    """Loss of one batch: ``(x, y)`` pairs or dicts with ``"image"`` and ``"target"``."""
+    if isinstance(batch, Mapping):
+        x, y = batch["image"], batch["target"]
+    else:
+        x, y = batch[0], batch[1]
+    return loss_fn(model(x), y)
+
+
+class Trainer:
+    """Train a model with Adam; see the module docstring for what it writes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    loss_fn : callable
+        ``loss_fn(prediction, target) -> scalar tensor``.
+    epochs : int
+        Upper bound on epochs (early stopping may end sooner).
+    lr, weight_decay : float
+        Adam's learning rate (the peak rate for one-cycle) and weight decay.
+    accumulate : int
+        Batches whose gradients are summed before each optimiser step.
+    schedule : {None, "onecycle", "plateau"}
+        One-cycle (per step, cosine) or reduce-on-plateau (per epoch, factor 0.5 after ``patience // 2``
+        epochs without improvement of the validation loss).
+    patience : int or None
+        Stop after this many epochs without a lower validation loss (None: never).
+    seed : int
+        Seeds torch at the start of every epoch with ``seed + epoch``.
+    device : str or None
+        Default: CUDA when present, else CPU.
+    amp : bool
+        bfloat16 autocast (CPU with AVX-512 BF16 or a CUDA GPU); the loss stays float32.
+    out_dir : str or None
+        Where checkpoints and metrics go (nothing is written when None).
+    batch_loss : callable, optional
+        ``batch_loss(model, batch, loss_fn) -> loss`` for batches of another shape than
+        :func:`default_batch_loss` expects.
+    validate : callable, optional
+        ``validate(model, val_loader, device) -> dict`` of extra metrics (e.g. Dice, AJI), run after the
+        validation loss each epoch; values are logged, the validation loss still picks the best epoch.
+    card : dict, optional
+        Model-card fields saved with ``best.pt`` (training data, licence ...); metrics are added.
+    progress : bool
+        Show a progress bar per epoch (on a terminal).
+    """
+
+    def __init__(self, model, loss_fn, *, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 0.0,
+                 accumulate: int = 1, schedule: str | None = None, patience: int | None = None,
+                 seed: int = 0, device=None, amp: bool = False, out_dir=None,
+                 batch_loss: Callable | None = None, validate: Callable | None = None,
+                 card: Mapping | None = None, progress: bool = True):
+        if schedule not in (None, "onecycle", "plateau"):
+            raise ValueError(f"schedule must be None, 'onecycle' or 'plateau', got {schedule!r}")
+        if int(accumulate) < 1 or int(epochs) < 1:
+            raise ValueError("accumulate and epochs must be >= 1")
+        self.device = pick_device(device)
+        self.model = model.to(self.device)
+        self.loss_fn = loss_fn
+        self.epochs = int(epochs)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.accumulate = int(accumulate)
+        self.schedule = schedule
+        self.patience = patience
+        self.seed = int(seed)
+        self.amp = bool(amp)
+        self.out_dir = os.fspath(out_dir) if out_dir is not None else None
+        self.batch_loss = batch_loss or default_batch_loss
+        self.validate = validate
+        self.card = dict(card or {})
+        self.progress = progress
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.scheduler = None
+        self.history: list[dict] = []
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self.epoch = 0  # epochs completed
+
+    # ------------------------------------------------------------------ schedule
+    def _make_scheduler(self, steps_per_epoch: int):
+        if self.schedule == "onecycle":
+            total = max(1, self.epochs * math.ceil(steps_per_epoch / self.accumulate))
+            return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.lr, total_steps=total)
+        if self.schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5,
+                                                              patience=max(1, (self.patience or 4) // 2))
+        return None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_path(self):
+        return os.path.join(self.out_dir, "last.ckpt")
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "epoch": self.epoch, "history": self.history, "best_loss": self.best_loss,
+                "best_epoch": self.best_epoch, "seed": self.seed}
+
+    def save_checkpoint(self, path=None):
+        path = path or self._ckpt_path()
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path):
+        """Restore a run from ``last.ckpt`` (model, optimiser, schedule, epoch, history)."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise TrainingError(f"{path}: no checkpoint to resume from")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
+            raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best_loss = float(state["best_loss"])
+        self.best_epoch = int(state["best_epoch"])
+
+    def _save_best(self, metrics: dict):
+        from . import models
+
+        card = dict(self.card)
+        card.setdefault("training", {})
+        card["training"] = {**card["training"], "epoch": self.epoch, "seed": self.seed, "lr": self.lr,
+                            "schedule": self.schedule, "accumulate": self.accumulate}
+        card["metrics"] = {**card.get("metrics", {}), **{k: v for k, v in metrics.items()
+                                                         if k not in ("epoch", "seconds", "lr")}}
+        models.save(self.model, os.path.join(self.out_dir, "best.pt"), card=card)
+
+    def _write_metrics(self):
+        keys = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        tmp = os.path.join(self.out_dir, f".metrics.csv.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.history)
+        os.replace(tmp, os.path.join(self.out_dir, "metrics.csv"))
+        with open(os.path.join(self.out_dir, "metrics.json"), "w") as f:
+            json.dump({"history": self.history, "best_epoch": self.best_epoch,
+                       "best_val_loss": None if math.isinf(self.best_loss) else self.best_loss}, f, indent=1)
+
+    # ------------------------------------------------------------------ loops
+    def _train_epoch(self, loader) -> float:
+        self.model.train()
+        total, n = 0.0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        steps = len(loader)
+        bar = progress_bar(None, total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch",
+                           disable=not self.progress)
+        for i, batch in enumerate(loader):
+            batch = _to(batch, self.device)
+            with self._autocast():
+                loss = self.batch_loss(self.model, batch, self.loss_fn)
+            loss = loss.float()
+            if not torch.isfinite(loss):
+                raise TrainingError(f"the training loss became {loss.item()} at epoch {self.epoch + 1}, "
+                                    f"batch {i}; lower the learning rate or check the targets")
+            (loss / self.accumulate).backward()
+            if (i + 1) % self.accumulate == 0 or i + 1 == steps:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.schedule == "onecycle":
+                    self.scheduler.step()
+            total += loss.item()
+            n += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        bar.close()
+        if n == 0:
+            raise TrainingError("the training data loader gave no batch")
+        return total / n
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> float:
+        """Mean loss over ``loader`` in eval mode."""
+        self.model.eval()
+        total, n = 0.0, 0
+        for batch in loader:
+            batch = _to(batch, self.device)
+            with self._autocast():
+                total += self.batch_loss(self.model, batch, self.loss_fn).float().item()
+            n += 1
+        return total / max(n, 1)
+
+    def fit(self, train_loader, val_loader=None, resume: bool = False) -> list[dict]:
+        """Train until ``epochs`` or early stopping; returns the history (one dict per epoch).
+
+        ``resume=True`` continues from ``out_dir/last.ckpt`` when it exists.
+        """
+        if self.out_dir is not None:
+            os.makedirs(self.out_dir, exist_ok=True)
+        # the schedule first: creating it sets the optimiser's rate, which a checkpoint then restores
+        self.scheduler = self._make_scheduler(len(train_loader))
+        if resume:
+            if self.out_dir is None:
+                raise TrainingError("resume=True needs an out_dir holding last.ckpt")
+            if os.path.exists(self._ckpt_path()):
+                self.load_checkpoint(self._ckpt_path())
+        since_best = self.epoch - 1 - self.best_epoch if self.best_epoch >= 0 else 0
+        while self.epoch < self.epochs:
+            if self.patience is not None and since_best >= self.patience:
+                break
+            torch.manual_seed(self.seed + self.epoch)
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            dataset = getattr(train_loader, "dataset", None)
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(self.epoch)
+            t0 = time.perf_counter()
+            train_loss = self._train_epoch(train_loader)
+            row = {"epoch": self.epoch + 1, "train_loss": train_loss}
+            if val_loader is not None:
+                row["val_loss"] = self.evaluate(val_loader)
+                if self.validate is not None:
+                    row.update({k: float(v) for k, v in self.validate(self.model, val_loader,
+                                                                      self.device).items()})
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            monitored = row.get("val_loss", train_loss)
+            if self.schedule == "plateau":
+                self.scheduler.step(monitored)
+            self.epoch += 1
+            self.history.append(row)
+            improved = monitored < self.best_loss
+            if improved:
+                self.best_loss, self.best_epoch, since_best = monitored, self.epoch - 1, 0
+            else:
+                since_best += 1
+            if self.out_dir is not None:
+                if improved:
+                    self._save_best(row)
+                self.save_checkpoint()
+                self._write_metrics()
+        return self.history

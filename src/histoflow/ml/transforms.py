@@ -1,0 +1,474 @@
+"""Transforms that run a trained model on tiles (importing this module imports torch).
+
+:class:`NucleusSegmentation` segments nuclei in H&E tiles with a nucleus model (the shipped one by
+default, see ``src/histoflow/data/models/nucleus_unet.md``). The model is loaded once per process,
+never per tile; it runs in torch or, with ``backend="onnx"``, in onnxruntime.
+
+Tiles on a grid with overlap carry their :attr:`~histoflow.core.tile.Tile.core`; the transform keeps
+the nuclei whose centroid lies in the core, whole (their pixels in the overlap included), so a nucleus
+cut by a tile edge is found once, in one piece, by the tile that owns its centre.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from ..errors import HistoflowError
+from ..transforms.base import Transform
+
+__all__ = ["NucleusSegmentation", "builtin_model_path", "keep_owned"]
+
+_LOCK = threading.Lock()
+_CACHE: dict = {}
+
+
+def builtin_model_path(name: str = "nucleus_unet") -> str:
+    """Path of a model shipped inside the package (``histoflow/data/models/<name>.pt``)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "models")
+    path = os.path.join(here, f"{name}.pt")
+    if not os.path.exists(path):
+        raise HistoflowError(f"the built-in model {name!r} is not installed ({path} is missing)")
+    return path
+
+
+def _resolve(model: str) -> str:
+    return builtin_model_path() if model in (None, "builtin", "nucleus_unet") else os.fspath(model)
+
+
+class _Runner:
+    """A loaded nucleus model (torch or onnxruntime) with its card; one per process and model file."""
+
+    def __init__(self, path: str, backend: str, threads: int | None):
+        from . import models
+
+        self.card = models.read_card(path)
+        self.mpp = float(self.card.get("mpp") or 0.25)
+        self.backend = backend
+        if backend == "onnx":
+            from .onnx import export_onnx, get_session
+
+            onnx_path = os.path.splitext(path)[0] + ".onnx"
+            if not os.path.exists(onnx_path) or os.path.getmtime(onnx_path) < os.path.getmtime(path):
+                net = models.load(path)
+                onnx_path = _writable_onnx(path)
+                if not os.path.exists(onnx_path) or os.path.getmtime(onnx_path) < os.path.getmtime(path):
+                    export_onnx(net, onnx_path, input_shape=(1, 3, 256, 256), dynamic_spatial=True)
+            self.session = get_session(onnx_path)
+            self.model = _OnnxModule(self.session)
+        else:
+            import torch
+
+            if threads:
+                torch.set_num_threads(int(threads))
+            self.model = models.load(path)
+
+    def segment(self, image, mpp, **post):
+        from .nucleus import segment_nuclei
+
+        scale = 1.0 if mpp is None else float(mpp) / self.mpp
+        return segment_nuclei(self.model, image, scale=scale, **post)
+
+
+def _writable_onnx(path):
+    """An ONNX file next to the weights when that folder is writable, else in the user cache."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.access(folder, os.W_OK):
+        return os.path.splitext(path)[0] + ".onnx"
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "histoflow")
+    os.makedirs(cache, exist_ok=True)
+    return os.path.join(cache, os.path.basename(os.path.splitext(path)[0]) + ".onnx")
+
+
+class _OnnxModule:
+    """Looks enough like a torch module for :func:`histoflow.ml.nucleus.predict_maps`."""
+
+    size_divisor = 16
+
+    def __init__(self, session):
+        self.session = session
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        import torch
+
+        yield torch.zeros(1)
+
+    def __call__(self, x):
+        import torch
+
+        out = self.session(x.float().cpu().numpy())
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        return torch.from_numpy(np.asarray(out))
+
+
+def _runner(model, backend, threads) -> _Runner:
+    path = _resolve(model)
+    key = (os.path.abspath(path), backend, os.getpid())
+    with _LOCK:
+        r = _CACHE.get(key)
+        if r is None:
+            r = _CACHE[key] = _Runner(path, backend, threads)
+    return r
+
+
+def keep_owned(labels: np.ndarray, core) -> np.ndarray:
+    """Keep the objects of a label image whose centroid lies in ``core`` = (x0, y0, x1, y1); relabel 1..n.
+
+    ``core=None`` keeps every object.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return labels.astype(np.int32)
+    if core is not None:
+        idx = np.arange(1, n + 1)
+        cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones_like(labels, np.uint8), labels, idx)))
+        x0, y0, x1, y1 = core
+        ok = np.isfinite(cx) & (cx >= x0 - 0.5) & (cx < x1 - 0.5) & (cy >= y0 - 0.5) & (cy < y1 - 0.5)
+        lut = np.zeros(n + 1, np.int32)
+        lut[idx[ok]] = np.arange(1, int(ok.sum()) + 1, dtype=np.int32)
+        return lut[labels]
+    uniq = np.unique(labels)
+    lut = np.zeros(n + 1, np.int32)
+    lut[uniq[uniq > 0]] = np.arange(1, int((uniq > 0).sum()) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+class NucleusSegmentation(Transform):
+    """Nucleus instances of H&E tiles with a trained nucleus model.
+
+    Parameters
+    ----------
+    model : str
+        ``"builtin"`` (the shipped MoNuSeg-trained U-Net) or the path of a nucleus model saved by
+        :func:`histoflow.ml.models.save` (a ``.pt`` with its ``.json`` card; the card's ``mpp`` is the
+        resolution the model was trained at).
+    backend : {"torch", "onnx"}
+        Run the network in torch or onnxruntime (exported once next to the weights, or in
+        ``~/.cache/histoflow`` when that folder is read-only).
+    mask_name, label_name : str
+        Tile mask written (int32 instance labels, 0 background) and tile label (nucleus count).
+    fg_threshold, marker_threshold : float
+        Post-processing thresholds (nucleus probability; HV boundary energy for markers).
+    min_size : int
+        Smallest nucleus kept, in pixels of the tile.
+    threads : int, optional
+        torch threads per process (default: torch's own choice).
+
+    Tiles are resized to the model's µm/px when the slide's pixel size is known (``tile.mpp``), and
+    the labels come back at the tile's size. Run it on a grid with overlap (e.g. ``overlap=64``) so
+    nuclei on tile borders are whole: each is kept by the tile owning its centroid.
+    """
+
+    slide_types = ("HE",)
+    changes_image = False
+
+    def __init__(self, model="builtin", backend="torch", mask_name="nuclei", label_name="nucleus_count",
+                 fg_threshold=0.5, marker_threshold=0.4, min_size=10, threads=None):
+        if backend not in ("torch", "onnx"):
+            raise ValueError(f"NucleusSegmentation: backend must be 'torch' or 'onnx', got {backend!r}")
+        self.model = model
+        self.backend = backend
+        self.mask_name = mask_name
+        self.label_name = label_name
+        self.fg_threshold = fg_threshold
+        self.marker_threshold = marker_threshold
+        self.min_size = min_size
+        self.threads = threads
+        _resolve(model)  # fail at construction when the model file is missing
+
+    @property
+    def masks_out(self):
+        return (self.mask_name,)
+
+    @property
+    def labels_out(self):
+        return (self.label_name,)
+
+    def F(self, image, mpp=None, core=None):
+        """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's)."""
+        r = _runner(self.model, self.backend, self.threads)
+        labels = r.segment(np.asarray(image)[..., :3], mpp, fg_threshold=self.fg_threshold,
+                           marker_threshold=self.marker_threshold, min_size=self.min_size)
+        return keep_owned(labels, core)
+
+    def apply(self, tile):
+        mpp = tile.mpp[0] if tile.mpp else None
+        labels = self.F(tile.image, mpp, tile.core)
+        tile.masks[self.mask_name] = labels
+        tile.labels[self.label_name] = int(labels.max())
+
+
+# ------------------------------------------------------------------------------------ any model
+class _ModelRunner:
+    """A model file loaded once per process: torch (``.pt`` + card) or onnxruntime (``.onnx``)."""
+
+    def __init__(self, path: str, device=None):
+        self.path = path
+        if path.endswith(".onnx"):
+            from .onnx import get_session
+
+            self.session = get_session(path)
+            self.card = _card_near(path)
+            self.torch = None
+        else:
+            import torch
+
+            from . import models
+
+            self.card = models.read_card(path)
+            self.torch = models.load(path)
+            self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available()
+                                                                              else "cpu")
+            self.torch.to(self.device)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, C, H, W)`` float32 in, the first output as float32 numpy out."""
+        if self.torch is None:
+            out = self.session(batch)
+            return np.asarray(next(iter(out.values())) if isinstance(out, dict) else out, np.float32)
+        import torch
+
+        with torch.no_grad():
+            out = self.torch(torch.from_numpy(batch).to(self.device))
+            if isinstance(out, dict):
+                out = next(iter(out.values()))
+            return out.float().cpu().numpy()
+
+
+def _card_near(path):
+    import json
+
+    p = os.path.splitext(path)[0] + ".json"
+    if os.path.exists(p):
+        with open(p) as f:
+            return json.load(f)
+    return {}
+
+
+def _model_runner(path, device=None) -> _ModelRunner:
+    path = os.path.abspath(os.fspath(path))
+    key = ("any", path, os.getpid())
+    with _LOCK:
+        r = _CACHE.get(key)
+        if r is None:
+            if not os.path.exists(path):
+                raise HistoflowError(f"{path}: no such model file")
+            r = _CACHE[key] = _ModelRunner(path, device)
+    return r
+
+
+def _as_input(image, scale):
+    """A tile as a float32 ``(1, C, H, W)`` batch: uint8 / 255, uint16 / 65535, float as is."""
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535
+    else:
+        a = a.astype(np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))[None] if scale else a
+
+
+def _softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class _Heatmap:
+    """Weighted sums of tile values painted at a fixed downsample of level 0."""
+
+    def __init__(self, dimensions, downsample, channels):
+        self.ds = float(downsample)
+        w, h = (max(1, int(np.ceil(d / self.ds))) for d in dimensions)
+        self.sum = np.zeros((channels, h, w), np.float32)
+        self.weight = np.zeros((h, w), np.float32)
+
+    def add(self, x, y, w0, h0, values, weights=None):
+        """Paint ``values`` ((C,) constants or (C, h, w) maps) over the level-0 box (x, y, w0, h0)."""
+        import cv2
+
+        ds = self.ds
+        H, W = self.weight.shape
+        x0, y0 = int(round(x / ds)), int(round(y / ds))
+        x1, y1 = min(W, int(round((x + w0) / ds))), min(H, int(round((y + h0) / ds)))
+        if x1 <= x0 or y1 <= y0:
+            return
+        full_w, full_h = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
+        if values.ndim == 1:
+            v = np.broadcast_to(values[:, None, None], (len(values), full_h, full_w))
+        else:
+            v = np.stack([cv2.resize(c, (full_w, full_h), interpolation=cv2.INTER_AREA) for c in values])
+        wt = np.ones((full_h, full_w), np.float32) if weights is None else cv2.resize(
+            weights, (full_w, full_h), interpolation=cv2.INTER_AREA)
+        v, wt = v[:, :y1 - y0, :x1 - x0], wt[:y1 - y0, :x1 - x0]
+        self.sum[:, y0:y1, x0:x1] += v * wt
+        self.weight[y0:y1, x0:x1] += wt
+
+    def result(self):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = self.sum / self.weight
+        out[:, self.weight == 0] = np.nan
+        return out
+
+
+def _blend_weights(h, w, sigma_scale=0.125):
+    """A Gaussian window (1 in the centre, small but > 0 at the edges) for overlap blending."""
+    yy = np.exp(-0.5 * ((np.arange(h) - (h - 1) / 2) / (sigma_scale * h * 2)) ** 2)
+    xx = np.exp(-0.5 * ((np.arange(w) - (w - 1) / 2) / (sigma_scale * w * 2)) ** 2)
+    return np.maximum(np.outer(yy, xx), 1e-3).astype(np.float32)
+
+
+class _ReducingModelTransform(Transform, register=False):
+    reduces = True
+    changes_image = False
+
+    def fit_slide(self, slide):
+        self._dims = tuple(slide.dimensions)
+        self._maps = None
+
+    def _classes(self, n):
+        names = self.classes or _model_runner(self.model).card.get("classes")
+        names = list(names) if names else [str(i) for i in range(n)]
+        if len(names) != n:
+            raise HistoflowError(f"{self.model}: the model gives {n} outputs but {len(names)} class names "
+                                 f"({names})")
+        return names
+
+    def _paint(self, tile, values, weights=None):
+        if getattr(self, "_dims", None) is None:
+            raise HistoflowError(f"{type(self).__name__} makes a slide-level map: run it through "
+                                 "SlideData.run (fit_slide sets the slide's size)")
+        if self._maps is None:
+            ds = self.heatmap_downsample or tile.downsample * (tile.size[0] if values.ndim == 1 else 1)
+            self._maps = _Heatmap(self._dims, ds, len(values))
+        w0 = int(round(tile.size[0] * tile.downsample))
+        h0 = int(round(tile.size[1] * tile.downsample))
+        self._maps.add(tile.coords[0], tile.coords[1], w0, h0, values, weights)
+
+
+class PatchClassification(_ReducingModelTransform):
+    """Classify each tile with a patch classifier and build a slide-level probability heatmap.
+
+    Parameters
+    ----------
+    model : str
+        A ``.pt`` saved by :func:`histoflow.ml.models.save` (run in torch) or an ``.onnx`` file (run in
+        onnxruntime); loaded once per process.
+    classes : list of str, optional
+        Class names (default: the card's ``classes``, else 0, 1, ...).
+    label_prefix : str
+        Tile labels written: ``<prefix><class>`` = probability, and ``<prefix>class`` = the top class.
+    heatmap_downsample : float, optional
+        Level-0 pixels per heatmap pixel (default: one heatmap pixel per tile width).
+
+    When run through :meth:`SlideData.run`, the slide's h5path gets one slide mask per class,
+    ``heatmap_<class>`` (float32 probabilities, NaN where no tile was run).
+    """
+
+    def __init__(self, model, classes=None, label_prefix="prob_", heatmap_downsample=None):
+        self.model = model
+        self.classes = classes
+        self.label_prefix = label_prefix
+        self.heatmap_downsample = heatmap_downsample
+
+    @property
+    def labels_out(self):
+        return (f"{self.label_prefix}class",)
+
+    def F(self, image):
+        """Class probabilities ``(C,)`` of one image."""
+        logits = _model_runner(self.model)(_as_input(image, True))[0]
+        return _softmax(logits.astype(np.float64), 0).astype(np.float32)
+
+    def apply(self, tile):
+        p = self.F(tile.image)
+        names = self._classes(len(p))
+        for name, v in zip(names, p):
+            tile.labels[f"{self.label_prefix}{name}"] = float(v)
+        tile.labels[f"{self.label_prefix}class"] = names[int(np.argmax(p))]
+
+    def collect(self, tile):
+        names = [k[len(self.label_prefix):] for k in tile.labels
+                 if k.startswith(self.label_prefix) and k != f"{self.label_prefix}class"]
+        if names:
+            self._names = names
+            self._paint(tile, np.array([tile.labels[f"{self.label_prefix}{n}"] for n in names], np.float32))
+
+    def slide_masks(self):
+        if getattr(self, "_maps", None) is None:
+            return {}
+        maps = self._maps.result()
+        return {f"heatmap_{n}": (maps[i], self._maps.ds) for i, n in enumerate(self._names)}
+
+
+class SemanticSegmentation(_ReducingModelTransform):
+    """Segment each tile with a segmentation model; stitch the tiles into slide-level maps.
+
+    Parameters
+    ----------
+    model : str
+        ``.pt`` (torch) or ``.onnx`` (onnxruntime) segmentation model returning ``(N, C, H, W)`` logits.
+    classes : list of str, optional
+        Class names (default: the card's ``classes``, else 0, 1, ...).
+    mask_name : str
+        Tile mask written: the argmax class (uint8).
+    heatmap_downsample : float, optional
+        Level-0 pixels per pixel of the stitched maps (default: the tiles' own).
+
+    Each tile gets the argmax mask and one uint8 probability mask per class, ``<mask_name>_<class>``
+    (probability x 255). Overlapping tiles are blended with a Gaussian window (centre pixels count most),
+    so seams vanish. The slide's h5path gets ``<mask_name>_prob_<class>`` (float32) and ``<mask_name>``
+    (uint8 argmax) slide masks.
+    """
+
+    def __init__(self, model, classes=None, mask_name="segmentation", heatmap_downsample=None):
+        self.model = model
+        self.classes = classes
+        self.mask_name = mask_name
+        self.heatmap_downsample = heatmap_downsample
+
+    @property
+    def masks_out(self):
+        return (self.mask_name,)
+
+    def F(self, image):
+        """Class probabilities ``(C, H, W)`` of one image (padded to the model's divisor and cropped back)."""
+        x = _as_input(image, True)
+        h, w = x.shape[2:]
+        div = 32
+        x = np.pad(x, ((0, 0), (0, 0), (0, -h % div), (0, -w % div)), mode="reflect")
+        logits = _model_runner(self.model)(x)[0][:, :h, :w]
+        return _softmax(logits, 0).astype(np.float32)
+
+    def apply(self, tile):
+        p = self.F(tile.image)
+        tile.masks[self.mask_name] = np.argmax(p, 0).astype(np.uint8)
+        names = self._classes(len(p))
+        for name, v in zip(names, p):
+            tile.masks[f"{self.mask_name}_{name}"] = np.round(v * 255).astype(np.uint8)
+
+    def collect(self, tile):
+        prefix = f"{self.mask_name}_"
+        names = [k[len(prefix):] for k in tile.masks if k.startswith(prefix)]
+        if not names:
+            return
+        self._names = names
+        p = np.stack([np.asarray(tile.masks[prefix + n], np.float32) / 255 for n in names])
+        self._paint(tile, p, _blend_weights(*p.shape[1:]))
+
+    def slide_masks(self):
+        if getattr(self, "_maps", None) is None:
+            return {}
+        maps = self._maps.result()
+        out = {f"{self.mask_name}_prob_{n}": (maps[i], self._maps.ds) for i, n in enumerate(self._names)}
+        arg = np.nan_to_num(maps, nan=-1).argmax(0).astype(np.uint8)
+        out[self.mask_name] = (arg, self._maps.ds)
+        return out

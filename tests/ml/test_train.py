@@ -1,0 +1,142 @@
+"""The trainer on a small real problem: tissue vs glass patches of the CMU-1 slide."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from datafiles import SVS
+
+from histoflow import open_slide
+from histoflow.ml import models
+from histoflow.ml.train import Trainer, TrainingError
+
+
+@pytest.fixture(scope="module")
+def patches():
+    with open_slide(SVS) as r:
+        img = r.read_region((0, 0), 0, r.dimensions)[..., :3]
+    xs = []
+    for y in range(0, img.shape[0] - 32, 128):
+        for x in range(0, img.shape[1] - 32, 128):
+            xs.append(img[y:y + 32, x:x + 32])
+    xs = np.stack(xs)
+    # label: tissue when the patch is darker than glass (a real property of each real patch)
+    ys = (xs.mean(axis=(1, 2, 3)) < 210).astype(np.int64)
+    assert 0.2 < ys.mean() < 0.8
+    x = torch.from_numpy(xs.transpose(0, 3, 1, 2).copy()).float() / 255
+    return x, torch.from_numpy(ys)
+
+
+def _loaders(patches):
+    x, y = patches
+    n = len(x) * 3 // 4
+    # no generator of its own: the shuffle follows torch's seed, which the trainer sets per epoch
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:n], y[:n]), batch_size=16, shuffle=True)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[n:], y[n:]), batch_size=64)
+    return train, val
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return models.create("rccnet", num_classes=2)
+
+
+def _accuracy(model, loader):
+    model.eval()
+    with torch.no_grad():
+        right = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
+    return right / len(loader.dataset)
+
+
+def test_trainer_learns_and_writes_its_files(patches, tmp_path):
+    train, val = _loaders(patches)
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=4, lr=2e-3, schedule="onecycle", out_dir=tmp_path,
+                card={"training_data": "CMU-1 patches", "licence": "CC0"}, progress=False,
+                validate=lambda m, vl, dev: {"accuracy": _accuracy(m, vl)})
+    hist = t.fit(train, val)
+    assert len(hist) == 4
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert max(h["accuracy"] for h in hist) >= 0.9
+    for f in ("last.ckpt", "best.pt", "best.json", "metrics.csv", "metrics.json"):
+        assert os.path.exists(tmp_path / f), f
+    card = json.load(open(tmp_path / "best.json"))
+    assert card["architecture"] == "rccnet" and card["licence"] == "CC0"
+    assert card["metrics"]["val_loss"] == pytest.approx(min(h["val_loss"] for h in hist))
+    best = models.load(tmp_path / "best.pt")
+    assert _accuracy(best, val) == pytest.approx(hist[t.best_epoch]["accuracy"])
+    lines = open(tmp_path / "metrics.csv").read().strip().splitlines()
+    assert lines[0].startswith("epoch,train_loss,val_loss,accuracy") and len(lines) == 5
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+def test_trainer_is_reproducible_and_resumes_exactly(patches, tmp_path):
+    def run(out, epochs, resume=False, model=None):
+        train, val = _loaders(patches)
+        t = Trainer(model or _model(), torch.nn.CrossEntropyLoss(), epochs=epochs, lr=1e-3, out_dir=out,
+                    progress=False, accumulate=2, schedule="onecycle")
+        t.fit(train, val, resume=resume)
+        return t
+
+    a = run(tmp_path / "a", 3)
+    b = run(tmp_path / "b", 3)
+    assert torch.equal(_weights(a.model), _weights(b.model))
+    # a run interrupted after 2 of 3 epochs, then resumed, ends with the straight run's weights
+    part = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=3, lr=1e-3, out_dir=tmp_path / "e",
+                   progress=False, accumulate=2, schedule="onecycle")
+    _stop_after(part, 2)
+    part.fit(*_loaders(patches))
+    assert part.epoch == 2
+    resumed = run(tmp_path / "e", 3, resume=True)
+    assert resumed.epoch == 3 and len(resumed.history) == 3
+    assert torch.equal(_weights(resumed.model), _weights(a.model))
+
+
+def _stop_after(trainer, n):
+    original = trainer._train_epoch
+
+    def limited(loader):
+        if trainer.epoch >= n:
+            raise KeyboardInterrupt
+        return original(loader)
+
+    trainer._train_epoch = limited
+    fit = trainer.fit
+
+    def fit_until(*a, **k):
+        try:
+            return fit(*a, **k)
+        except KeyboardInterrupt:
+            return trainer.history
+
+    trainer.fit = fit_until
+
+
+def test_early_stopping_and_plateau(patches, tmp_path):
+    train, val = _loaders(patches)
+    # a learning rate of 0 never improves after the first epoch: patience 2 stops at epoch 3
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=20, lr=0.0, patience=2, schedule="plateau",
+                out_dir=tmp_path, progress=False)
+    hist = t.fit(train, val)
+    assert len(hist) == 3 and t.best_epoch == 0
+
+
+def test_training_errors(patches, tmp_path):
+    train, val = _loaders(patches)
+
+    def nan_loss(pred, target):
+        return pred.sum() * float("nan")
+
+    t = Trainer(_model(), nan_loss, epochs=1, progress=False)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1"):
+        t.fit(train)
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, out_dir=tmp_path, progress=False)
+    with pytest.raises(TrainingError, match="cannot resume from this checkpoint"):
+        t.fit(train, resume=True)
+    with pytest.raises(ValueError, match="schedule"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), schedule="cosine")
