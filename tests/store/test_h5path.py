@@ -454,7 +454,8 @@ def test_pathml_v1_hostile_strings_are_not_evaluated(tmp_path):
 
 def test_htj2k_compression_is_lossless_and_smaller(tmp_path):
     """compression="htj2k": RGB tiles with lossless HTJ2K (hdf5plugin), masks gzip; encoded on a worker
-    or by the writer, the same bytes; a 22-channel uint16 image falls back to gzip."""
+    (imagecodecs' encoder) or by the writer (the HDF5 filter), the same pixels and about the same size;
+    a 22-channel uint16 image falls back to gzip."""
     import h5py
 
     from histoflow.store import encode_tile
@@ -480,9 +481,12 @@ def test_htj2k_compression_is_lossless_and_smaller(tmp_path):
         for t in tiles:
             w.add_tile(encode_tile(t, "htj2k", 4))
     with h5py.File(paths["htj2k"], "r") as a, h5py.File(enc_path, "r") as b:
+        assert b["tiles/images"].compression is not None
+        np.testing.assert_array_equal(a["tiles/images"][:], b["tiles/images"][:])  # plain h5py + hdf5plugin
         for i in range(len(tiles)):
-            assert a["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1] == \
-                b["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1]
+            ca = a["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1]
+            cb = b["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1]
+            assert abs(len(ca) - len(cb)) < 0.02 * len(ca)
     assert not htj2k_applies((256, 256, 22), np.uint16) and htj2k_applies((256, 256, 1), np.uint16)
     mibi = np.moveaxis(tifffile.imread(MIBI), 0, -1)[:128, :128]
     with H5PathWriter(tmp_path / "mibi.h5path", slide={"name": "m"}, compression="htj2k") as w:
