@@ -31,6 +31,10 @@ class Tile:
         A readable identifier, by default ``"<slide>_x<x>_y<y>"``.
     mpp : (float, float) or None
         Pixel size of ``image`` in µm, when known.
+    cells : dict or None
+        The tile's cell table: numeric column arrays with one row per cell (e.g. ``"mean"`` (n, channels),
+        ``"area"`` (n,), ``"centroid"`` (n, 2) in level-0 pixels), made by cell quantification on a worker
+        and gathered by the engine into the slide's AnnData table.
     core : (x0, y0, x1, y1) or None
         The part of the tile it owns among overlapping neighbours, in tile pixels (set by the grid:
         :attr:`histoflow.core.grid.TileSpec.core`); None means the whole tile. Transforms that find
@@ -47,6 +51,7 @@ class Tile:
     name: str | None = None
     mpp: tuple[float, float] | None = None
     core: tuple | None = None
+    cells: dict | None = None
 
     def __post_init__(self):
         self.coords = (int(self.coords[0]), int(self.coords[1]))

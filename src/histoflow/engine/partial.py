@@ -89,6 +89,8 @@ def write_batch(d: str, result: BatchResult):
             "compression_level": enc.compression_level,
             "image": [put(enc.image.data), list(enc.image.shape), enc.image.dtype],
             "masks": {k: [put(m.data), list(m.shape), m.dtype, m.is_bool] for k, m in enc.masks.items()},
+            "cells": None if enc.cells is None else {k: [put(a.tobytes()), list(a.shape), a.dtype.str]
+                                                     for k, a in enc.cells.items()},
         })
     blob = np.frombuffer(b"".join(blobs), np.uint8) if blobs else np.zeros(0, np.uint8)
     path = batch_path(d, result.batch)
@@ -118,8 +120,12 @@ def read_batch(d: str, batch: int) -> BatchResult:
         image = _ArrayChunk(blob[o:o + n], tuple(shape), dtype)
         masks = {k: _ArrayChunk(blob[o2:o2 + n2], tuple(s2), dt2, b2) for k, ((o2, n2), s2, dt2, b2)
                  in t["masks"].items()}
+        cells = None
+        if t.get("cells") is not None:
+            cells = {k: np.frombuffer(blob[o3:o3 + n3], np.dtype(dt3)).reshape(s3).copy()
+                     for k, ((o3, n3), s3, dt3) in t["cells"].items()}
         enc = EncodedTile(image, tuple(t["coords"]), t["level"], t["downsample"], masks, t["labels"], t["name"],
-                          t["compression"], t["compression_level"])
+                          t["compression"], t["compression_level"], cells)
         out.tiles.append((t["index"], enc))
     out.failures = [Failure(**f) for f in meta["failures"]]
     return out

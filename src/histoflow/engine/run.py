@@ -213,6 +213,9 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     if job.pipeline is not None and job.pipeline.reduces:
         for name, (array, downsample) in job.pipeline.slide_masks().items():
             job.writer.add_slide_mask(name, array, downsample)
+        cells = job.pipeline.slide_cells()
+        if cells is not None:
+            job.writer.set_cells(cells)
     job.writer.add_provenance({
         "kind": "pipeline run", "run_id": run_id,
         "pipeline": job.manifest["pipeline"],

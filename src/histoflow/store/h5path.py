@@ -223,6 +223,26 @@ def _encode_array(a: np.ndarray, compression, level: int) -> bytes:
     return _deflate(raw, level)
 
 
+def _check_cells(tile):
+    """The tile's cell table as a dict of numpy column arrays with one row per cell (or None)."""
+    cells = getattr(tile, "cells", None)
+    if cells is None:
+        return None
+    if not isinstance(cells, dict):
+        raise H5PathError(f"tile at {tile.coords}: cells must be a dict of column arrays, got {type(cells).__name__}")
+    out, n = {}, None
+    for k, v in cells.items():
+        a = np.asarray(v)
+        if a.ndim == 0 or a.dtype.kind not in "biuf":
+            raise H5PathError(f"tile at {tile.coords}: cell column {k!r} must be a numeric array with one row per "
+                              f"cell, got {a.dtype} {a.shape}")
+        if n is not None and a.shape[0] != n:
+            raise H5PathError(f"tile at {tile.coords}: cell column {k!r} has {a.shape[0]} rows, others {n}")
+        n = a.shape[0]
+        out[str(k)] = np.ascontiguousarray(a)
+    return out
+
+
 class EncodedTile:
     """A tile already compressed into its HDF5 chunks, so that the (single) writer only copies bytes.
 
@@ -232,16 +252,18 @@ class EncodedTile:
     """
 
     __slots__ = ("image", "coords", "level", "downsample", "masks", "labels", "name", "compression",
-                 "compression_level")
+                 "compression_level", "cells")
 
-    def __init__(self, image, coords, level, downsample, masks, labels, name, compression, compression_level):
+    def __init__(self, image, coords, level, downsample, masks, labels, name, compression, compression_level,
+                 cells=None):
         self.image, self.coords, self.level, self.downsample = image, coords, level, downsample
         self.masks, self.labels, self.name = masks, labels, name
         self.compression, self.compression_level = compression, compression_level
+        self.cells = cells  # the tile's cell table (dict of column arrays), uncompressed; not a chunk
 
     def __reduce__(self):
         return (EncodedTile, (self.image, self.coords, self.level, self.downsample, self.masks, self.labels,
-                              self.name, self.compression, self.compression_level))
+                              self.name, self.compression, self.compression_level, self.cells))
 
     @property
     def nbytes(self) -> int:
@@ -254,7 +276,8 @@ class EncodedTile:
         masks = {k: (m.decode(mc).astype(bool) if m.is_bool else m.decode(mc)) for k, m in self.masks.items()}
         ic = c if c != "htj2k" or htj2k_applies(self.image.shape, self.image.dtype) else "gzip"
         return Tile(image=self.image.decode(ic).copy(), coords=self.coords, level=self.level,
-                    downsample=self.downsample, masks=masks, labels=dict(self.labels), name=self.name)
+                    downsample=self.downsample, masks=masks, labels=dict(self.labels), name=self.name,
+                    cells=self.cells)
 
 
 def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level: int = GZIP_LEVEL) -> EncodedTile:
@@ -283,7 +306,8 @@ def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level:
         masks[name] = _ArrayChunk(_encode_array(arr, mask_comp, compression_level), arr.shape, arr.dtype.str,
                                   is_bool)
     return EncodedTile(img, (int(tile.coords[0]), int(tile.coords[1])), int(tile.level), float(tile.downsample),
-                       masks, dict(tile.labels or {}), tile.name, compression, compression_level)
+                       masks, dict(tile.labels or {}), tile.name, compression, compression_level,
+                       _check_cells(tile))
 
 
 # ----------------------------------------------------------------------------------------- writer

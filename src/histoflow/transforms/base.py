@@ -98,6 +98,11 @@ class Transform:
         the slide's h5path when the run ends. Only called when :attr:`reduces` is true."""
         return {}
 
+    def slide_cells(self):
+        """The slide's cell table (an AnnData) made from the collected tiles, stored in the h5path when
+        the run ends; None when this transform makes none. Only called when :attr:`reduces` is true."""
+        return None
+
     def __call__(self, tile):
         self.apply(tile)
         return tile
@@ -258,6 +263,12 @@ class Pipeline(Transform):
             if step.reduces:
                 out.update(step.slide_masks())
         return out
+
+    def slide_cells(self):
+        tables = [t for t in (step.slide_cells() for step in self.steps if step.reduces) if t is not None]
+        if len(tables) > 1:
+            raise PipelineError("more than one step of the pipeline makes a cell table; keep one")
+        return tables[0] if tables else None
 
     # ------------------------------------------------------------------ containers
     def __len__(self):

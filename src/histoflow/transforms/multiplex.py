@@ -1,0 +1,343 @@
+"""Multiplexed fluorescence: folding CODEX/Vectra acquisitions into channels, and classical nucleus and
+whole-cell segmentation.
+
+Segmentation (:class:`SegmentNuclei`, :class:`SegmentCells`) works in micrometres: sizes are converted
+with the tile's pixel size. The nuclear threshold is one number per slide (Otsu's on the smoothed nuclear
+channel of the slide's thumbnail, :meth:`SegmentNuclei.fit_slide`), so a cell's fate does not depend on
+the tile it falls in. Run on tiles with overlap: each tile keeps the cells whose nucleus centroid lies in
+the part of the tile it owns (:attr:`~histoflow.core.tile.Tile.core`), whole, and the cell count of a slide
+does not depend on the tile size.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..utils import NUCLEAR_MARKERS
+from .base import Transform
+from .objects import find_channel, keep_owned, relabel_sequential
+
+__all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentCells", "segment_nuclei_fluorescence",
+           "grow_cells", "nuclear_channel_index"]
+
+#: pixel size assumed when neither the tile nor the transform knows it (µm/px)
+DEFAULT_MPP = 0.5
+
+
+def nuclear_channel_index(names, channel="auto") -> int:
+    """The nuclear channel: ``channel`` by name or index, or with ``"auto"`` the first channel named like a
+    nuclear stain (DAPI, Hoechst, HH3, histone, DNA, ...)."""
+    if channel != "auto":
+        return find_channel(names, channel)
+    low = [str(n).lower() for n in names]
+    for marker in NUCLEAR_MARKERS:
+        for i, n in enumerate(low):
+            base = n.split("(")[0].strip()
+            if base == marker or base.startswith(marker + " ") or base.startswith(marker + "_") or \
+                    base.startswith(marker + "-"):
+                return i
+    raise KeyError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
+
+
+def _smooth(channel, sigma_px):
+    img = np.asarray(channel, np.float32)
+    return ndi.gaussian_filter(img, sigma_px, mode="reflect") if sigma_px > 0 else img
+
+
+def segment_nuclei_fluorescence(nuclear, threshold, *, sigma=2.0, min_area=30, max_area=None, min_distance=6,
+                                smoothed=False) -> np.ndarray:
+    """Nuclei (int32 labels) of one nuclear-stain image.
+
+    Gaussian smoothing (``sigma`` px), a fixed ``threshold`` on the smoothed intensity, holes filled,
+    objects below ``min_area`` px dropped, touching nuclei split by a watershed of the distance transform
+    from its maxima at least ``min_distance`` px apart; objects above ``max_area`` dropped.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    sm = np.asarray(nuclear, np.float32) if smoothed else _smooth(nuclear, sigma)
+    fg = ndi.binary_fill_holes(sm > threshold)
+    comp, _ = ndi.label(fg)
+    small = np.bincount(comp.ravel()) < min_area
+    small[0] = True
+    fg = ~small[comp]
+    comp[~fg] = 0
+    if not fg.any():
+        return np.zeros(fg.shape, np.int32)
+    dist = ndi.distance_transform_edt(fg)
+    dist = ndi.gaussian_filter(dist, 1.0)
+    peaks = peak_local_max(dist, min_distance=max(1, int(min_distance)), labels=comp, exclude_border=False)
+    markers = np.zeros(fg.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    # components without a peak (flat, tiny) keep one marker at their maximum
+    missing = np.setdiff1d(np.unique(comp[fg]), np.unique(comp[markers > 0]))
+    if len(missing):
+        pos = ndi.maximum_position(dist, comp, missing)
+        for k, (y, x) in enumerate(pos):
+            markers[y, x] = len(peaks) + 1 + k
+    lab = watershed(-dist, markers, mask=fg)
+    areas = np.bincount(lab.ravel())
+    bad = areas < min_area
+    if max_area is not None:
+        bad |= areas > max_area
+    bad[0] = False
+    if bad.any():
+        lab[bad[lab]] = 0
+    return relabel_sequential(lab)
+
+
+def grow_cells(nuclei, distance, membrane=None, foreground=None) -> np.ndarray:
+    """Whole cells grown from nuclei (same ids), at most ``distance`` px beyond each nucleus.
+
+    Without ``membrane``: each nucleus grows by ``distance`` px, stopping where neighbours meet
+    (``skimage.segmentation.expand_labels``). With a ``membrane`` signal (a 2-D image): a watershed of it
+    from the nuclei decides the borders between neighbours, within the same reach. ``foreground``
+    (bool) limits cells to stained pixels.
+    """
+    from skimage.segmentation import expand_labels, watershed
+
+    nuclei = np.asarray(nuclei, np.int32)
+    reach = expand_labels(nuclei, distance=distance)
+    if membrane is None:
+        cells = reach
+    else:
+        mask = reach > 0
+        cells = watershed(np.asarray(membrane, np.float32), nuclei, mask=mask)
+    if foreground is not None:
+        keep = np.asarray(foreground, bool) | (nuclei > 0)
+        cells = np.where(keep, cells, 0).astype(np.int32)
+    return cells.astype(np.int32)
+
+
+class SegmentNuclei(Transform):
+    """Nuclei of fluorescence / mass-cytometry tiles: smoothing, a slide-wide threshold, distance-transform
+    watershed (an int32 instance mask).
+
+    Parameters
+    ----------
+    nuclear_channel : str or int
+        Name (``"DAPI"``, ``"HH3"`` finds ``"HH3 (89)"``) or index; ``"auto"`` takes the first channel named
+        like a nuclear stain.
+    threshold : float, optional
+        On the smoothed nuclear intensity (native units). Default: Otsu's on the slide's thumbnail, set by
+        :meth:`fit_slide`; without ``fit_slide``, Otsu's on each tile.
+    sigma_um, min_distance_um : float
+        Smoothing and least distance between nucleus centres, in µm.
+    min_area_um2, max_area_um2 : float
+        Nucleus sizes kept, in µm².
+    mpp : float, optional
+        Pixel size when the tile does not carry one (default: the tile's, else 0.5).
+    mask_name, label_name : str
+        Tile mask written and tile label (the number of nuclei).
+    """
+
+    slide_types = None
+    changes_image = False
+
+    def __init__(self, nuclear_channel="auto", threshold=None, sigma_um=0.8, min_area_um2=8.0, max_area_um2=None,
+                 min_distance_um=2.5, mpp=None, mask_name="nuclei", label_name="nucleus_count"):
+        self.nuclear_channel = nuclear_channel
+        self.threshold = threshold
+        self.sigma_um = sigma_um
+        self.min_area_um2 = min_area_um2
+        self.max_area_um2 = max_area_um2
+        self.min_distance_um = min_distance_um
+        self.mpp = mpp
+        self.mask_name = mask_name
+        self.label_name = label_name
+        self.threshold_ = None
+        self.channel_names_ = None
+
+    @property
+    def masks_out(self):
+        return (self.mask_name,)
+
+    @property
+    def labels_out(self):
+        return (self.label_name,)
+
+    # ------------------------------------------------------------------ slide level
+    def fit_slide(self, slide):
+        """Fix the nuclear threshold for the whole slide: Otsu's on its smoothed nuclear channel, read from
+        a thumbnail of at most 2048 px (the full image for small ones)."""
+        names = list(slide.reader.channel_names)
+        self.channel_names_ = names
+        if self.threshold is not None:
+            return
+        c = nuclear_channel_index(names, self.nuclear_channel)
+        thumb = np.asarray(slide.thumbnail(2048))
+        ds = slide.dimensions[0] / thumb.shape[1]
+        mpp = (slide.mpp[0] if slide.mpp else (self.mpp or DEFAULT_MPP)) * ds
+        self.threshold_ = _otsu_threshold(_smooth(thumb[..., c], self.sigma_um / mpp))
+
+    # ------------------------------------------------------------------ tiles
+    def _mpp(self, tile):
+        if tile is not None and tile.mpp:
+            return float(tile.mpp[0])
+        return float(self.mpp or DEFAULT_MPP)
+
+    def _channel(self, image, names=None):
+        names = names or self.channel_names_ or [str(i) for i in range(image.shape[2])]
+        return nuclear_channel_index(names, self.nuclear_channel)
+
+    def nuclei(self, image, mpp, names=None):
+        """Nuclei (int32 labels) of a ``(h, w, c)`` image with pixel size ``mpp``."""
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        c = self._channel(image, names)
+        sm = _smooth(image[..., c], self.sigma_um / mpp)
+        thr = self.threshold if self.threshold is not None else self.threshold_
+        if thr is None:
+            thr = _otsu_threshold(sm)
+        px2 = mpp * mpp
+        return segment_nuclei_fluorescence(
+            sm, thr, smoothed=True, min_area=self.min_area_um2 / px2,
+            max_area=None if self.max_area_um2 is None else self.max_area_um2 / px2,
+            min_distance=self.min_distance_um / mpp)
+
+    def F(self, image, mpp=None, core=None):
+        """The owned nuclei of one image (all of them when ``core`` is None)."""
+        return keep_owned(self.nuclei(image, mpp or self.mpp or DEFAULT_MPP), core)
+
+    def apply(self, tile):
+        lab = self.F(tile.image, self._mpp(tile), tile.core)
+        tile.masks[self.mask_name] = lab
+        tile.labels[self.label_name] = int(lab.max())
+
+
+def _otsu_threshold(values) -> float:
+    from skimage.filters import threshold_otsu
+
+    v = np.asarray(values, np.float32).ravel()
+    if v.size == 0 or v.max() <= v.min():
+        warnings.warn("the nuclear channel is flat: no nuclei", stacklevel=3)
+        return float("inf")
+    return float(threshold_otsu(v))
+
+
+class SegmentCells(SegmentNuclei):
+    """Whole cells of fluorescence tiles: nuclei as in :class:`SegmentNuclei`, grown into cells.
+
+    Parameters (besides those of :class:`SegmentNuclei`)
+    ----------------------------------------------------
+    membrane_channels : list of str, optional
+        Membrane or cytoplasm channels (summed after scaling each by its 99th percentile); borders between
+        neighbouring cells follow their signal (watershed). Without them cells grow evenly.
+    expand_um : float
+        How far a cell reaches beyond its nucleus, in µm.
+    cell_mask, nucleus_mask : str
+        Tile masks written: cells and their nuclei, with the same ids.
+
+    Ownership follows the nucleus centroid; run with an overlap larger than a cell.
+    """
+
+    def __init__(self, nuclear_channel="auto", membrane_channels=None, expand_um=3.0, threshold=None,
+                 sigma_um=0.8, min_area_um2=8.0, max_area_um2=None, min_distance_um=2.5, mpp=None,
+                 cell_mask="cells", nucleus_mask="nuclei", label_name="cell_count"):
+        super().__init__(nuclear_channel=nuclear_channel, threshold=threshold, sigma_um=sigma_um,
+                         min_area_um2=min_area_um2, max_area_um2=max_area_um2, min_distance_um=min_distance_um,
+                         mpp=mpp, mask_name=nucleus_mask, label_name=label_name)
+        self.membrane_channels = membrane_channels
+        self.expand_um = expand_um
+        self.cell_mask = cell_mask
+        self.nucleus_mask = nucleus_mask
+
+    @property
+    def masks_out(self):
+        return (self.cell_mask, self.nucleus_mask)
+
+    def cells(self, image, mpp, names=None):
+        """(cells, nuclei) int32 label images with matching ids, of a whole image."""
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        nuc = self.nuclei(image, mpp, names)
+        membrane = None
+        if self.membrane_channels:
+            names = names or self.channel_names_ or [str(i) for i in range(image.shape[2])]
+            sig = np.zeros(image.shape[:2], np.float32)
+            for ch in self.membrane_channels:
+                m = _smooth(image[..., find_channel(names, ch)], self.sigma_um / mpp)
+                scale = float(np.percentile(m, 99)) or 1.0
+                sig += m / scale
+            membrane = sig
+        return grow_cells(nuc, self.expand_um / mpp, membrane=membrane), nuc
+
+    def F(self, image, mpp=None, core=None):
+        """(cells, nuclei) of one image, those owned by ``core`` only, numbered alike 1..n."""
+        cells, nuc = self.cells(image, mpp or self.mpp or DEFAULT_MPP)
+        nuc_kept, ids = keep_owned(nuc, core, return_ids=True)
+        lut = np.zeros(int(max(cells.max(), nuc.max())) + 1, np.int32)
+        lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+        return lut[cells], nuc_kept
+
+    def apply(self, tile):
+        cells, nuc = self.F(tile.image, self._mpp(tile), tile.core)
+        tile.masks[self.cell_mask] = cells
+        tile.masks[self.nucleus_mask] = nuc
+        tile.labels[self.label_name] = int(nuc.max())
+
+
+class _CollapseRuns(Transform, register=False):
+    changes_image = True
+
+    def _fold(self, image, n_cycles, channels_per_cycle, z=None, n_z=1):
+        image = np.asarray(image)
+        c = image.shape[-1]
+        expected = n_cycles * channels_per_cycle * n_z
+        if c != expected:
+            raise ValueError(f"{type(self).__name__}: the tile has {c} planes, expected {n_cycles} cycles x "
+                             f"{channels_per_cycle} channels x {n_z} z = {expected}")
+        a = image.reshape(*image.shape[:-1], n_z, n_cycles, channels_per_cycle)
+        if n_z > 1:
+            if z is None:  # the sharpest plane: highest variance of the Laplacian over all channels
+                z = int(np.argmax([ndi.laplace(a[..., k, :, :].astype(np.float32).sum(-1).sum(-1)).var()
+                                   for k in range(n_z)]))
+            a = a[..., z, :, :]
+        else:
+            a = a[..., 0, :, :]
+        return a.reshape(*image.shape[:-1], n_cycles * channels_per_cycle)
+
+
+class CollapseRunsCODEX(_CollapseRuns):
+    """Fold a CODEX acquisition's planes (z x cycle x channel, z outermost) into cycle x channel channels
+    at one z plane (``z``; None picks the sharpest). The result's channels run cycle by cycle."""
+
+    slide_types = ("CODEX",)
+
+    def __init__(self, n_cycles, channels_per_cycle=4, n_z=1, z=None):
+        self.n_cycles = n_cycles
+        self.channels_per_cycle = channels_per_cycle
+        self.n_z = n_z
+        self.z = z
+
+    def F(self, image):
+        return self._fold(image, self.n_cycles, self.channels_per_cycle, self.z, self.n_z)
+
+    def apply(self, tile):
+        tile.image = self.F(tile.image)
+
+
+class CollapseRunsVectra(_CollapseRuns):
+    """Keep a Vectra (QPTIFF) image's unmixed channels and drop extra planes (e.g. the autofluorescence or
+    composite planes at the end): the first ``n_channels`` channels, in acquisition order."""
+
+    slide_types = ("Vectra", "IF")
+
+    def __init__(self, n_channels=None):
+        self.n_channels = n_channels
+
+    def F(self, image):
+        image = np.asarray(image)
+        if self.n_channels is None:
+            return image
+        if image.shape[-1] < self.n_channels:
+            raise ValueError(f"CollapseRunsVectra: the tile has {image.shape[-1]} channels, fewer than "
+                             f"n_channels={self.n_channels}")
+        return image[..., : self.n_channels]
+
+    def apply(self, tile):
+        tile.image = self.F(tile.image)

@@ -1,0 +1,71 @@
+"""Objects found in tiles (nuclei, cells) and the tiles that own them.
+
+When tiles overlap, every tile carries its :attr:`~histoflow.core.tile.Tile.core`: the part it owns. A
+transform that finds objects keeps those whose centroid lies in the core, whole (pixels in the overlap
+included), so an object on a tile border is found once, in one piece, by exactly one tile.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["keep_owned", "relabel_sequential", "find_channel"]
+
+
+def relabel_sequential(labels) -> np.ndarray:
+    """Labels renumbered 1..n in order of their old ids (int32), 0 stays background."""
+    labels = np.asarray(labels)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return labels.astype(np.int32)
+    present = np.zeros(n + 1, bool)
+    present[labels.ravel()] = True
+    present[0] = False
+    lut = np.zeros(n + 1, np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def keep_owned(labels, core, *, return_ids: bool = False):
+    """Keep the objects of a label image whose centroid lies in ``core`` = (x0, y0, x1, y1) (tile pixels);
+    renumber them 1..n. ``core=None`` keeps every object.
+
+    With ``return_ids=True`` also returns the old ids of the kept objects (in their new order), so that
+    a second mask with the same ids (e.g. cells grown from nuclei) can be filtered alike.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        out = labels.astype(np.int32)
+        return (out, np.zeros(0, np.int64)) if return_ids else out
+    idx = np.arange(1, n + 1)
+    ok = np.bincount(labels.ravel(), minlength=n + 1)[1:] > 0
+    if core is not None:
+        cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones(labels.shape, np.uint8), labels, idx)))
+        x0, y0, x1, y1 = core
+        with np.errstate(invalid="ignore"):
+            ok &= np.isfinite(cx) & (cx >= x0 - 0.5) & (cx < x1 - 0.5) & (cy >= y0 - 0.5) & (cy < y1 - 0.5)
+    lut = np.zeros(n + 1, np.int32)
+    lut[idx[ok]] = np.arange(1, int(ok.sum()) + 1, dtype=np.int32)
+    out = lut[labels]
+    return (out, idx[ok]) if return_ids else out
+
+
+def find_channel(names, channel) -> int:
+    """Index of a channel by index, exact name, case-insensitive name, or name without a mass/wavelength
+    suffix in parentheses (``"HH3"`` finds ``"HH3 (89)"``). Raises ``KeyError`` listing the channels."""
+    names = [str(n) for n in names]
+    if isinstance(channel, (int, np.integer)):
+        if not -len(names) <= int(channel) < len(names):
+            raise KeyError(f"channel {channel} out of range: the image has {len(names)} channels {names}")
+        return int(channel) % len(names)
+    want = str(channel).strip().lower()
+    for i, n in enumerate(names):
+        if n == channel:
+            return i
+    for key in (lambda n: n.strip().lower(), lambda n: n.split("(")[0].strip().lower()):
+        hits = [i for i, n in enumerate(names) if key(n) == want]
+        if len(hits) == 1:
+            return hits[0]
+    raise KeyError(f"no channel {channel!r}; the channels are {names}")

@@ -1,0 +1,242 @@
+"""Single-cell quantification: one row per cell, per-channel intensities and morphology.
+
+:class:`QuantifyCells` measures the cells of a tile's instance mask on the worker (per channel mean,
+median and max in native units; area, perimeter, eccentricity, solidity, major and minor axis; centroid
+in level-0 pixels) and keeps them as the tile's cell table (:attr:`~histoflow.core.tile.Tile.cells`). The
+engine gathers the tables in grid order and the transform turns them into one AnnData per slide
+(``X`` = mean intensities, ``layers["median"]`` / ``layers["max"]``, ``var_names`` = channel names,
+``obs`` = morphology + ``slide`` + ``tile``, ``obsm["spatial"]`` = level-0 centroids), stored in the h5path
+(``/cells``) and readable by scanpy / squidpy once written as ``.h5ad``.
+
+On brightfield H&E the channels are the hematoxylin and eosin optical densities (colour deconvolution
+with the slide's stain matrix, or Macenko's reference).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .base import Transform
+from .objects import relabel_sequential
+
+__all__ = ["QuantifyCells", "quantify_cells", "MORPHOLOGY"]
+
+MORPHOLOGY = ("area", "perimeter", "eccentricity", "solidity", "major_axis_length", "minor_axis_length")
+STATS = ("mean", "median", "max")
+
+
+def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
+    """Per-cell measurements of one image: a dict of column arrays, one row per label 1..n.
+
+    ``mean`` / ``median`` / ``max``: ``(n, channels)`` float32 in the image's units; morphology columns
+    ``(n,)`` in pixels; ``centroid``: ``(n, 2)`` (x, y) in pixels of ``image``; with ``nuclei`` (a label
+    image with the same ids) also ``nucleus_area``.
+    """
+    from skimage.measure import regionprops_table
+
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    labels = relabel_sequential(labels)
+    n = int(labels.max())
+    c = image.shape[2]
+    out = {}
+    if n == 0:
+        for s in stats:
+            out[s] = np.zeros((0, c), np.float32)
+        for k in MORPHOLOGY:
+            out[k] = np.zeros(0, np.float32)
+        out["centroid"] = np.zeros((0, 2), np.float64)
+        if nuclei is not None:
+            out["nucleus_area"] = np.zeros(0, np.float32)
+        return out
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    idx = np.arange(1, n + 1)
+    order = None
+    if "median" in stats:
+        order = np.argsort(flat, kind="stable")
+        starts = np.searchsorted(flat[order], idx)
+    for s in stats:
+        out[s] = np.empty((n, c), np.float32)
+    for ch in range(c):
+        v = image[..., ch].ravel()
+        if "mean" in stats:
+            out["mean"][:, ch] = np.bincount(flat, weights=v.astype(np.float64), minlength=n + 1)[1:] / counts
+        if "max" in stats:
+            out["max"][:, ch] = ndi.maximum(v, flat, idx)
+        if "median" in stats:
+            vs = v[order]
+            med = np.empty(n, np.float32)
+            for k in range(n):  # each cell's values are contiguous in label order
+                a, b = starts[k], starts[k] + int(counts[k])
+                med[k] = np.median(vs[a:b])
+            out["median"][:, ch] = med
+    props = regionprops_table(labels, properties=("label", "centroid") + MORPHOLOGY)
+    for k in MORPHOLOGY:
+        out[k] = np.asarray(props[k], np.float32)
+    out["centroid"] = np.column_stack([props["centroid-1"], props["centroid-0"]]).astype(np.float64)
+    if nuclei is not None:
+        out["nucleus_area"] = np.bincount(np.asarray(nuclei).ravel(), minlength=n + 1)[1:n + 1].astype(np.float32)
+    return out
+
+
+class QuantifyCells(Transform):
+    """Measure the cells of a tile's instance mask into the slide's cell table (AnnData).
+
+    Parameters
+    ----------
+    mask_name : str
+        The instance mask to measure (``"cells"`` from :class:`SegmentCells`, ``"nuclei"`` from
+        :class:`SegmentNuclei`, :class:`NucleusDetectionHE` or ``NucleusSegmentation``).
+    nucleus_mask : str, optional
+        A nucleus mask with the same ids (adds ``nucleus_area``).
+    stats : list of str
+        Intensity statistics per channel: any of ``"mean"`` (the AnnData ``X``), ``"median"``, ``"max"``.
+    brightfield : {"auto", True, False}
+        Measure hematoxylin and eosin optical densities instead of the raw channels (``"auto"``: when the
+        tile is 8-bit RGB of a brightfield slide type).
+
+    Areas and lengths in ``obs`` are in µm (µm²) when the slide's pixel size is known, else in pixels
+    (``uns["histoflow"]["units"]`` says which).
+    """
+
+    changes_image = False
+    reduces = True
+
+    def __init__(self, mask_name="cells", nucleus_mask=None, stats=("mean", "median", "max"), brightfield="auto"):
+        unknown = set(stats) - set(STATS)
+        if unknown or "mean" not in stats:
+            raise ValueError(f"QuantifyCells: stats must include 'mean' and be among {STATS}, got {list(stats)}")
+        self.mask_name = mask_name
+        self.nucleus_mask = nucleus_mask
+        self.stats = list(stats)
+        self.brightfield = brightfield
+        self._reset()
+
+    def _reset(self):
+        self._tables, self._tiles = [], []
+        self.channel_names_ = None
+        self.slide_name_ = None
+        self.stain_matrix_ = None
+        self.mpp_ = None
+        self.od_ = None
+
+    @property
+    def masks_in(self):
+        return (self.mask_name,) + ((self.nucleus_mask,) if self.nucleus_mask else ())
+
+    @property
+    def labels_out(self):
+        return ("cell_count",)
+
+    def fit_slide(self, slide):
+        self._reset()
+        self.slide_name_ = slide.name
+        self.mpp_ = float(slide.mpp[0]) if slide.mpp else None
+        self.channel_names_ = list(slide.reader.channel_names)
+        self.od_ = self._use_od(slide.slide_type.brightfield, slide.reader.dtype, len(self.channel_names_))
+        if self.od_:
+            from .stain import slide_tissue_sample, estimate_stain_matrix, StainEstimationError
+
+            try:
+                thumb, mask = slide_tissue_sample(slide)
+                self.stain_matrix_ = estimate_stain_matrix(thumb, mask=mask)
+            except StainEstimationError:
+                self.stain_matrix_ = None
+
+    def _use_od(self, brightfield, dtype, channels):
+        if self.brightfield == "auto":
+            return bool(brightfield) and np.dtype(dtype) == np.uint8 and channels in (3, 4)
+        return bool(self.brightfield)
+
+    def _channels(self, tile):
+        image = np.asarray(tile.image)
+        od = self.od_
+        if od is None:
+            od = self._use_od(tile.slide_type in ("HE", "IHC"), image.dtype, image.shape[2])
+        if od:
+            from .stain import REFERENCE_STAIN_MATRIX, separate_stains
+
+            m = self.stain_matrix_ if self.stain_matrix_ is not None else REFERENCE_STAIN_MATRIX
+            return separate_stains(image[..., :3], m)[..., :2], ["hematoxylin_od", "eosin_od"]
+        names = self.channel_names_ or [f"channel_{i}" for i in range(image.shape[2])]
+        return image, names
+
+    def apply(self, tile):
+        if self.mask_name not in tile.masks:
+            raise KeyError(f"QuantifyCells: the tile has no mask {self.mask_name!r} (it has {sorted(tile.masks)})")
+        image, _ = self._channels(tile)
+        labels = relabel_sequential(tile.masks[self.mask_name])
+        nuclei = tile.masks.get(self.nucleus_mask) if self.nucleus_mask else None
+        cells = quantify_cells(image, labels, self.stats, nuclei)
+        ds = float(tile.downsample)
+        cells["centroid"] = cells["centroid"] * ds + np.asarray(tile.coords, np.float64)
+        tile.cells = cells
+        tile.labels["cell_count"] = int(len(cells["centroid"]))
+
+    # ------------------------------------------------------------------ the slide's table
+    def collect(self, tile):
+        if tile.cells is None:
+            return
+        n = len(tile.cells["centroid"])
+        if n:
+            self._tables.append(tile.cells)
+            self._tiles.append((tile.name or f"x{tile.coords[0]}_y{tile.coords[1]}", n, float(tile.downsample)))
+
+    def slide_cells(self):
+        """The slide's cells as an AnnData (None before any tile was collected)."""
+        import anndata as ad
+        import pandas as pd
+
+        if self.slide_name_ is None:
+            return None
+        tables = self._tables
+        if self.od_:
+            var_names = ["hematoxylin_od", "eosin_od"]
+        else:
+            var_names = list(self.channel_names_ or [])
+        n_ch = tables[0]["mean"].shape[1] if tables else len(var_names)
+        if len(var_names) != n_ch:
+            var_names = [f"channel_{i}" for i in range(n_ch)]
+        var_names = _unique(var_names)
+
+        def cat(key, width=None):
+            if not tables:
+                return np.zeros((0,) + ((width,) if width else ()), np.float32)
+            return np.concatenate([t[key] for t in tables])
+
+        X = cat("mean", n_ch).astype(np.float32)
+        ds_col = np.concatenate([np.full(n, d) for _, n, d in self._tiles]) if tables else np.zeros(0)
+        mpp = self.mpp_
+        unit = "um" if mpp else "px"
+        obs = {}
+        for k in MORPHOLOGY + (("nucleus_area",) if tables and "nucleus_area" in tables[0] else ()):
+            v = cat(k).astype(np.float64)
+            scale = ds_col * (mpp or 1.0)
+            v = v * scale ** 2 if k.endswith("area") else (v if k in ("eccentricity", "solidity") else v * scale)
+            obs[k] = v.astype(np.float32)
+        obs["slide"] = pd.Categorical([self.slide_name_] * len(X))
+        obs["tile"] = pd.Categorical(np.concatenate([[name] * n for name, n, _ in self._tiles]) if tables else [])
+        obs_df = pd.DataFrame(obs, index=[f"{self.slide_name_}-{i}" for i in range(len(X))])
+        adata = ad.AnnData(X=X, obs=obs_df, var=pd.DataFrame(index=var_names))
+        for s in self.stats:
+            if s != "mean":
+                adata.layers[s] = cat(s, n_ch).astype(np.float32)
+        adata.obsm["spatial"] = cat("centroid", 2).astype(np.float64)
+        adata.uns["histoflow"] = {"mask": self.mask_name, "stats": list(self.stats), "units": unit,
+                                  "mpp": mpp if mpp else 0.0, "spatial": "level-0 pixels (x, y)"}
+        return adata
+
+
+def _unique(names):
+    seen, out = {}, []
+    for n in names:
+        n = str(n)
+        if n in seen:
+            seen[n] += 1
+            out.append(f"{n}-{seen[n]}")
+        else:
+            seen[n] = 0
+            out.append(n)
+    return out

@@ -1,0 +1,119 @@
+"""Multiplex segmentation and single-cell quantification on the real MIBI image (22 channels, uint16)."""
+import anndata
+import numpy as np
+import pytest
+from datafiles import SVS, data_path
+
+from histoflow.core.slide import SlideData
+from histoflow.store import read_h5path
+from histoflow.transforms import NucleusDetectionHE, Pipeline
+from histoflow.transforms.multiplex import CollapseRunsCODEX, CollapseRunsVectra, SegmentCells, SegmentNuclei
+from histoflow.transforms.objects import find_channel
+from histoflow.transforms.quantify import QuantifyCells, quantify_cells
+
+MIBI = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
+
+
+@pytest.fixture(scope="module")
+def mibi():
+    with SlideData(MIBI) as s:
+        seg = SegmentCells(membrane_channels=["Membrane"])
+        seg.fit_slide(s)
+        image = s.reader.read_region((0, 0), 0, s.dimensions)
+        return s.mpp[0], list(s.reader.channel_names), image, seg
+
+
+def test_find_channel():
+    names = ["Background (128)", "HH3 (89)", "CD3 (159)"]
+    assert find_channel(names, "HH3") == 1 and find_channel(names, "cd3") == 2 and find_channel(names, -1) == 2
+    with pytest.raises(KeyError, match="no channel 'DAPI'"):
+        find_channel(names, "DAPI")
+
+
+def test_nuclei_look_like_nuclei(mibi):
+    mpp, names, image, seg = mibi
+    cells, nuc = seg.F(image, mpp)
+    n = int(nuc.max())
+    assert 200 < n < 600
+    area = np.bincount(nuc.ravel())[1:] * mpp ** 2
+    assert 25 < np.median(area) < 120          # µm²: nuclei of about 6-12 µm across
+    # cells grow from their nuclei and keep their ids; nuclear stain is brighter inside nuclei
+    assert set(np.unique(cells)) == set(np.unique(nuc))
+    assert np.all(np.bincount(cells.ravel(), minlength=n + 1)[1:] >= np.bincount(nuc.ravel(), minlength=n + 1)[1:])
+    hh3 = image[..., names.index("HH3 (89)")].astype(float)
+    assert hh3[nuc > 0].mean() > 4 * hh3[cells == 0].mean()
+
+
+def test_cell_count_does_not_depend_on_tile_size(tmp_path, mibi):
+    mpp, names, image, seg = mibi
+    whole = int(seg.F(image, mpp)[1].max())
+    pipe = Pipeline([SegmentCells(membrane_channels=["Membrane"]), QuantifyCells(nucleus_mask="nuclei")])
+    counts = {}
+    for tile in (256, 512):
+        with SlideData(MIBI) as s:
+            out = s.run(pipe, str(tmp_path / f"t{tile}.h5path"), tile_size=tile, overlap=64, executor="inprocess",
+                        progress=False)
+        with read_h5path(out) as h:
+            counts[tile] = h.cells.n_obs
+            if tile == 256:
+                cells = h.cells
+    assert all(abs(c - whole) <= max(3, 0.01 * whole) for c in counts.values()), (counts, whole)
+    # the table: native intensities per channel, morphology in µm, level-0 centroids, slide and tile ids
+    assert list(cells.var_names) == names and cells.X.dtype == np.float32
+    assert {"median", "max"} <= set(cells.layers)
+    xy = cells.obsm["spatial"]
+    assert xy.min() >= 0 and xy[:, 0].max() < 1024 and xy[:, 1].max() < 1024
+    assert len(np.unique(np.round(xy).astype(int), axis=0)) == cells.n_obs  # no cell twice
+    assert (cells.obs["slide"] == "ark_fov8_mibitiff_22ch").all() and cells.obs["tile"].nunique() > 4
+    assert 30 < cells.obs["area"].median() < 300 and (cells.obs["nucleus_area"] <= cells.obs["area"] + 1e-3).all()
+    assert cells.uns["histoflow"]["units"] == "um"
+    path = tmp_path / "cells.h5ad"
+    cells.write_h5ad(path)
+    back = anndata.read_h5ad(path)
+    np.testing.assert_array_equal(back.X, cells.X)
+    assert list(back.obs.columns) == list(cells.obs.columns)
+
+
+def test_quantify_cells_matches_direct_measurement(mibi):
+    mpp, names, image, seg = mibi
+    _, nuc = seg.F(image[:300, :300], mpp)
+    t = quantify_cells(image[:300, :300], nuc)
+    for k in (1, nuc.max() // 2, nuc.max()):
+        px = image[:300, :300][nuc == k]
+        np.testing.assert_allclose(t["mean"][k - 1], px.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(t["median"][k - 1], np.median(px, 0))
+        np.testing.assert_allclose(t["max"][k - 1], px.max(0))
+        ys, xs = np.nonzero(nuc == k)
+        np.testing.assert_allclose(t["centroid"][k - 1], [xs.mean(), ys.mean()])
+        assert t["area"][k - 1] == len(px)
+
+
+def test_brightfield_quantification_uses_stain_densities(tmp_path):
+    pipe = Pipeline([NucleusDetectionHE(), QuantifyCells(mask_name="nuclei")])
+    with SlideData(SVS) as s:
+        out = s.run(pipe, str(tmp_path / "he.h5path"), tile_size=512, level=0, executor="inprocess",
+                    progress=False)
+    with read_h5path(out) as h:
+        cells = h.cells
+    assert list(cells.var_names) == ["hematoxylin_od", "eosin_od"]
+    assert cells.n_obs > 500
+    # nuclei are stained by hematoxylin: more of it than of eosin in the typical nucleus
+    h, e = cells.X[:, 0], cells.X[:, 1]
+    assert np.median(h) > np.median(e) and np.median(h) > 0.5
+
+
+def test_collapse_runs():
+    planes = np.arange(2 * 3 * 4, dtype=np.uint16)[None, None, :].repeat(5, 0).repeat(6, 1)  # z=2, cyc=3, ch=4
+    out = CollapseRunsCODEX(n_cycles=3, channels_per_cycle=4, n_z=2, z=1).F(planes)
+    assert out.shape == (5, 6, 12) and out[0, 0, 0] == 12 and out[0, 0, -1] == 23
+    with pytest.raises(ValueError, match="expected 3 cycles x 4 channels x 1 z = 12"):
+        CollapseRunsCODEX(n_cycles=3).F(planes)
+    assert CollapseRunsVectra(n_channels=2).F(planes).shape == (5, 6, 2)
+
+
+def test_segment_nuclei_errors():
+    with pytest.raises(KeyError, match="no channel looks like a nuclear stain"):
+        SegmentNuclei().nuclei(np.zeros((32, 32, 2), np.uint16), 0.5, names=["CD3", "CD8"])
+    with pytest.warns(UserWarning, match="flat"):
+        lab = SegmentNuclei(nuclear_channel=0).F(np.zeros((32, 32, 1), np.uint16), 0.5)
+    assert lab.max() == 0
