@@ -1,0 +1,6 @@
+"""Single-cell tables: quantification, gating, phenotypes."""
+from histoflow.cells.gating import CellsError, GatingWarning, gate
+from histoflow.cells.rules import ExpressionError, RuleError, RuleTable, Step, list_presets, load_preset
+
+__all__ = ["CellsError", "GatingWarning", "gate", "RuleTable", "Step", "RuleError", "ExpressionError",
+           "load_preset", "list_presets"]
