@@ -2,7 +2,7 @@
 from .filters import BoxBlur, GaussianBlur, MedianBlur
 from .intensity import AdaptiveHistogramEqualization, HistogramEqualization, RescaleIntensity
 from .morphology import BinaryThreshold, ForegroundDetection, MorphClose, MorphOpen
-from .multiplex import CollapseRunsCODEX, CollapseRunsVectra, SegmentCells, SegmentNuclei
+from .multiplex import CollapseRunsCODEX, CollapseRunsVectra, SegmentCells, SegmentNuclei, VirtualHE
 from .nuclei import NucleusDetectionHE
 from .quality import BlurQC
 from .quantify import QuantifyCells
@@ -16,5 +16,5 @@ __all__ = [
     "GaussianBlur", "HistogramEqualization", "LabelArtifactTileHE", "LabelWhiteSpaceHE", "MedianBlur",
     "MorphClose", "MorphOpen", "NucleusDetectionHE", "RescaleIntensity", "StainAugmentation",
     "StainNormalizationHE", "StainSeparation", "SuperpixelInterpolation", "TissueDetectionCascade",
-    "TissueDetectionHE",
+    "TissueDetectionHE", "VirtualHE",
 ]

@@ -19,8 +19,8 @@ from ..utils import NUCLEAR_MARKERS
 from .base import Transform
 from .objects import find_channel, keep_owned, relabel_sequential
 
-__all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentCells", "segment_nuclei_fluorescence",
-           "grow_cells", "nuclear_channel_index"]
+__all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentCells", "VirtualHE",
+           "segment_nuclei_fluorescence", "grow_cells", "nuclear_channel_index"]
 
 #: pixel size assumed when neither the tile nor the transform knows it (µm/px)
 DEFAULT_MPP = 0.5
@@ -341,3 +341,80 @@ class CollapseRunsVectra(_CollapseRuns):
 
     def apply(self, tile):
         tile.image = self.F(tile.image)
+
+
+class VirtualHE(Transform):
+    """False-coloured H&E from fluorescence by Beer-Lambert mixing (Giacomelli et al. 2016's model).
+
+    Each channel is scaled to [0, 1] by a slide-wide percentile (:meth:`fit_slide`; else per tile), then
+    acts as the concentration of a stain: the nuclear channel as hematoxylin, the chosen cytoplasm /
+    stroma channels (summed) as eosin. The RGB transmitted through both is
+    ``255 * exp(-(k_h * H * beta_h + k_e * E * beta_e))`` per colour, with the absorption colours
+    ``beta_h`` / ``beta_e`` (optical density per unit stain of R, G, B) below.
+
+    Parameters
+    ----------
+    nuclear_channel : str or int
+        ``"auto"``: the first channel named like a nuclear stain.
+    eosin_channels : list of str, optional
+        Cytoplasm / stroma channels for eosin; default: every channel but the nuclear one and those named
+        background / empty.
+    k_h, k_e : float
+        Stain strengths (OD at full concentration, scaled by the absorption colours).
+    percentile : float
+        Intensity mapped to full concentration.
+    beta_h, beta_e : (float, float, float)
+        Absorption colours (the defaults give the usual purple nuclei and pink stroma).
+
+    A learned style-transfer model can take its place: any transform whose ``apply`` turns ``tile.image``
+    into an 8-bit RGB tile (e.g. a model run with :class:`histoflow.ml.transforms.SemanticSegmentation`'s
+    loading machinery) slots into the same pipelines; :class:`VirtualHE` is the no-training baseline.
+    """
+
+    slide_types = None
+    changes_image = True
+
+    def __init__(self, nuclear_channel="auto", eosin_channels=None, k_h=1.6, k_e=1.1, percentile=99.0,
+                 beta_h=(0.86, 1.0, 0.30), beta_e=(0.05, 1.0, 0.544)):
+        self.nuclear_channel = nuclear_channel
+        self.eosin_channels = eosin_channels
+        self.k_h = k_h
+        self.k_e = k_e
+        self.percentile = percentile
+        self.beta_h = beta_h
+        self.beta_e = beta_e
+        self.scales_ = None
+        self.channel_names_ = None
+
+    def _indices(self, names):
+        h = nuclear_channel_index(names, self.nuclear_channel)
+        if self.eosin_channels:
+            e = [find_channel(names, c) for c in self.eosin_channels]
+        else:
+            e = [i for i, n in enumerate(names) if i != h and
+                 not str(n).lower().startswith(("background", "empty", "blank"))]
+        return h, e
+
+    def fit_slide(self, slide):
+        """Percentile scales from the slide's thumbnail, so colours do not change from tile to tile."""
+        names = list(slide.reader.channel_names)
+        self.channel_names_ = names
+        thumb = np.asarray(slide.thumbnail(1024)).astype(np.float32)
+        self.scales_ = [float(np.percentile(thumb[..., i], self.percentile)) or 1.0 for i in range(thumb.shape[2])]
+
+    def F(self, image):
+        """8-bit RGB virtual H&E of a ``(h, w, c)`` fluorescence image."""
+        image = np.asarray(image, np.float32)
+        names = self.channel_names_ or [str(i) for i in range(image.shape[2])]
+        h, e = self._indices(names)
+        scales = self.scales_ or [float(np.percentile(image[..., i], self.percentile)) or 1.0
+                                  for i in range(image.shape[2])]
+        H = np.clip(image[..., h] / scales[h], 0, 1)
+        E = np.clip(sum(image[..., i] / scales[i] for i in e) / max(1, len(e)), 0, 1) if e else np.zeros_like(H)
+        od = self.k_h * H[..., None] * np.asarray(self.beta_h, np.float32) + \
+            self.k_e * E[..., None] * np.asarray(self.beta_e, np.float32)
+        return np.clip(255 * np.exp(-od), 0, 255).astype(np.uint8)
+
+    def apply(self, tile):
+        tile.image = self.F(tile.image)
+        tile.slide_type = "HE"
