@@ -7,6 +7,9 @@
     histoflow transforms [--json]
     histoflow train CONFIG.yaml [--resume] [--epochs N] [--output DIR]
     histoflow segment-nuclei IMAGE_OR_SLIDE -o OUT.tif [--geojson OUT.geojson] [--workers N]
+    histoflow quantify SLIDE -o cells.h5ad [--nuclear-channel NAME] [--membrane NAME ...] [--workers N]
+    histoflow phenotype cells.h5ad --rules RULES.yaml|PRESET -o out.h5ad [--gate otsu|gmm]
+    histoflow annotations convert IN OUT
     histoflow demo [-o OUTDIR]
 
 Errors print one line (``histoflow: error: ...``) and exit with status 1; ``--debug`` shows the traceback.
@@ -109,6 +112,36 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--h5path", help="keep the per-tile results in this h5path file")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_segment_nuclei)
+
+    s = sub.add_parser("quantify", help="segment cells of a multiplex (or H&E) slide and measure them (AnnData)")
+    s.add_argument("slide")
+    s.add_argument("-o", "--output", required=True, help="cells.h5ad (an .h5path with tiles goes beside it)")
+    s.add_argument("--nuclear-channel", default="auto", help="name or index (default: the DAPI/Hoechst/HH3 channel)")
+    s.add_argument("--membrane", nargs="*", default=None, metavar="NAME", help="membrane/cytoplasm channels")
+    s.add_argument("--expand", type=float, default=3.0, help="cell reach beyond the nucleus, µm (default 3)")
+    s.add_argument("--tile", type=int, default=512)
+    s.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels; larger than a cell")
+    s.add_argument("--workers", type=int, help="local dask cluster with N workers (default: in-process)")
+    s.add_argument("--mpp", type=float, help="the slide's µm/px when the file does not say")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_quantify)
+
+    s = sub.add_parser("phenotype", help="gate markers and assign phenotypes with a rule table")
+    s.add_argument("cells", help="an .h5ad (or .h5path with a cell table)")
+    s.add_argument("--rules", required=True, help="rule table YAML, or a preset name (see --list-presets)")
+    s.add_argument("-o", "--output", required=True, help="output .h5ad")
+    s.add_argument("--gate", choices=["otsu", "gmm"], default="otsu", help="automatic thresholds (default otsu)")
+    s.add_argument("--thresholds", help="YAML/JSON of manual thresholds {channel: value} or {slide: {channel: v}}")
+    s.add_argument("--png", help="picture of the cells coloured by phenotype (default: OUTPUT with .png)")
+    s.set_defaults(func=cmd_phenotype)
+
+    s = sub.add_parser("annotations", help="annotation files: convert between formats")
+    a = s.add_subparsers(dest="action", metavar="ACTION")
+    a.required = True
+    c = a.add_parser("convert", help="Aperio XML, QuPath GeoJSON, ImageJ .roi/.zip -> .xml, .geojson, .zip")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.set_defaults(func=cmd_annotations_convert)
 
     s = sub.add_parser("demo", help="tile the built-in sample slide and show what came out")
     s.add_argument("-o", "--output", default="demo_out")
@@ -288,6 +321,143 @@ def cmd_segment_nuclei(args):
         write_geojson(polys, args.geojson, object_type="detection")
         msg += f"; {len(polys)} outlines in {args.geojson}"
     print(msg + f" ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_quantify(args):
+    from .core.slide import SlideData
+    from .store import read_h5path
+    from .transforms import Pipeline, QuantifyCells, SegmentCells
+
+    t0 = time.perf_counter()
+    out = args.output
+    store = os.path.splitext(out)[0] + ".h5path"
+    with SlideData(args.slide, mpp=args.mpp) as slide:
+        if slide.slide_type.brightfield:
+            from .transforms import NucleusDetectionHE
+
+            steps = [NucleusDetectionHE(mask_name="cells"), QuantifyCells(mask_name="cells")]
+        else:
+            steps = [SegmentCells(nuclear_channel=args.nuclear_channel, membrane_channels=args.membrane,
+                                  expand_um=args.expand), QuantifyCells(nucleus_mask="nuclei")]
+        slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=args.overlap,
+                  executor="dask" if args.workers else "inprocess", workers=args.workers,
+                  progress=not args.no_progress)
+    with read_h5path(store) as h:
+        cells = h.cells
+    tmp = f"{out}.tmp-{os.getpid()}.h5ad"
+    cells.write_h5ad(tmp)
+    os.replace(tmp, out)
+    print(f"{out}: {cells.n_obs} cells x {cells.n_vars} channels ({', '.join(map(str, cells.var_names[:6]))}"
+          f"{', ...' if cells.n_vars > 6 else ''}); tiles and masks in {store} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _read_cells(path):
+    import anndata
+
+    from .errors import HistoflowError
+
+    if not os.path.exists(path):
+        raise HistoflowError(f"{path}: no such file")
+    if path.endswith(".h5path"):
+        from .store import read_h5path
+
+        with read_h5path(path) as h:
+            cells = h.cells
+        if cells is None:
+            raise HistoflowError(f"{path}: has no cell table (run QuantifyCells first)")
+        return cells
+    try:
+        return anndata.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise HistoflowError(f"{path}: not an AnnData .h5ad file ({e})") from None
+
+
+def cmd_phenotype(args):
+    import yaml
+
+    from .cells import RuleTable, gate, list_presets, load_preset
+
+    cells = _read_cells(args.cells)
+    table = load_preset(args.rules) if args.rules in list_presets() else RuleTable.from_yaml(args.rules)
+    manual = None
+    if args.thresholds:
+        with open(args.thresholds) as f:
+            manual = yaml.safe_load(f)
+    by = "slide" if "slide" in cells.obs else None
+    gate(cells, thresholds=manual, method=args.gate, by=by)
+    counts = table.apply(cells)
+    tmp = f"{args.output}.tmp-{os.getpid()}.h5ad"
+    cells.write_h5ad(tmp)
+    os.replace(tmp, args.output)
+    width = max(len(str(k)) for k in counts) if counts else 5
+    total = sum(counts.values()) or 1
+    print(f"{'phenotype':<{width}}  cells      %")
+    for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"{str(k):<{width}}  {v:>5}  {100 * v / total:5.1f}")
+    png = args.png or os.path.splitext(args.output)[0] + ".png"
+    _phenotype_png(cells, png)
+    print(f"{args.output}: {cells.n_obs} cells, {len([c for c in counts if counts[c]])} phenotypes; picture {png}")
+    return 0
+
+
+def _phenotype_png(cells, png):
+    """Cells as dots coloured by phenotype, over the nuclear channel of the source slide when it is at hand."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from .utils import save_png
+
+    xy = np.asarray(cells.obsm["spatial"], float)
+    w, h = int(xy[:, 0].max()) + 20 if len(xy) else 100, int(xy[:, 1].max()) + 20 if len(xy) else 100
+    background = None
+    source = str(cells.uns.get("histoflow", {}).get("source", ""))
+    if source and os.path.exists(source):
+        from . import open_slide
+        from .utils import to_rgb
+
+        try:
+            with open_slide(source) as r:
+                w, h = r.dimensions
+                scale = min(1.0, 1500 / max(w, h))
+                thumb = r.thumbnail(int(max(w, h) * scale))
+                names = list(r.channel_names)
+            from .transforms.multiplex import nuclear_channel_index
+
+            try:
+                c = [nuclear_channel_index(names)]
+            except KeyError:
+                c = None
+            background = Image.fromarray((to_rgb(thumb, channels=c, channel_names=names) * 0.6).astype(np.uint8))
+        except Exception:  # noqa: BLE001 - the picture still works without its background
+            background = None
+    scale = min(1.0, 1500 / max(w, h))
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    canvas = background.resize(size) if background is not None else Image.new("RGB", size, (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    classes = list(cells.obs["phenotype"].cat.categories)
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+               (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195)]
+    colour = {c: palette[i % len(palette)] for i, c in enumerate(classes)}
+    for c in ("unassigned", "excluded"):
+        if c in colour:
+            colour[c] = (90, 90, 90)
+    r = max(1.5, 3 * scale)
+    for (x, y), c in zip(xy * scale, cells.obs["phenotype"]):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour[c])
+    for i, c in enumerate(classes):  # legend
+        draw.rectangle([8, 8 + 14 * i, 18, 18 + 14 * i], fill=colour[c])
+        draw.text((24, 6 + 14 * i), str(c), fill=(255, 255, 255))
+    save_png(png, np.asarray(canvas))
+
+
+def cmd_annotations_convert(args):
+    from .annotations import convert
+
+    n = convert(args.input, args.output)
+    print(f"{args.output}: {n} polygons from {args.input}")
     return 0
 
 

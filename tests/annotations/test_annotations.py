@@ -147,3 +147,33 @@ def test_monuseg_loader(tmp_path):
         monuseg_ids(tmp_path)
     with pytest.raises(DatasetError, match="nope"):
         load_monuseg(MONUSEG, ["nope"])
+
+
+def test_imagej_and_aperio_round_trips_and_convert(tmp_path):
+    from histoflow.annotations import convert, read_annotations, read_imagej_rois, write_aperio_xml, \
+        write_imagej_rois
+
+    polys = read_aperio_xml(f"{MONUSEG}/{ID}.xml")[:30]
+    zip_path = write_imagej_rois(polys, tmp_path / "RoiSet.zip")
+    back = read_imagej_rois(zip_path)
+    assert [p.name for p in back] == [p.name for p in polys]
+    for a, b in zip(polys, back):
+        np.testing.assert_allclose(a.exterior, b.exterior, atol=1e-3)  # ImageJ keeps float32 sub-pixels
+    # Aperio XML written and read back, classes kept
+    for p in polys:
+        p.classification = "Nucleus"
+    xml = write_aperio_xml(polys, tmp_path / "a.xml", mpp=0.25)
+    again = read_aperio_xml(xml)
+    assert {p.classification for p in again} == {"Nucleus"} and len(again) == 30
+    np.testing.assert_allclose(again[7].exterior, polys[7].exterior, atol=1e-3)
+    # a chain of conversions keeps every polygon and its area
+    assert convert(zip_path, tmp_path / "b.geojson") == 30
+    assert convert(tmp_path / "b.geojson", tmp_path / "c.xml") == 30
+    final = read_annotations(tmp_path / "c.xml")
+    np.testing.assert_allclose([p.area for p in final], [p.area for p in polys], rtol=1e-4)
+    with pytest.raises(AnnotationError, match="cannot write .txt"):
+        convert(zip_path, tmp_path / "x.txt")
+    bad = tmp_path / "bad.roi"
+    bad.write_bytes(b"not a roi")
+    with pytest.raises(AnnotationError, match="bad.roi: not an ImageJ ROI"):
+        read_imagej_rois(bad)

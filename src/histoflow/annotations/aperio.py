@@ -16,7 +16,7 @@ import numpy as np
 
 from .polygon import AnnotationError, Polygon
 
-__all__ = ["read_aperio_xml", "aperio_mpp"]
+__all__ = ["read_aperio_xml", "write_aperio_xml", "aperio_mpp"]
 
 
 def _parse(path):
@@ -76,6 +76,37 @@ def read_aperio_xml(path, min_vertices: int = 3) -> list[Polygon]:
                     pass
             if region.get("NegativeROA") == "1":
                 meas["negative"] = 1
-            out.append(Polygon(xy, name=str(region.get("Id", len(out) + 1)), classification=cls,
+            text = region.get("Text") or ""
+            out.append(Polygon(xy, name=text or str(region.get("Id", len(out) + 1)), classification=cls,
                                measurements=meas))
     return out
+
+
+def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
+    """Write polygons as an Aperio ImageScope XML file (one Annotation per class, one Region per polygon).
+
+    Holes are not representable as holes in this format; they are written as regions flagged
+    ``NegativeROA="1"``, which ImageScope subtracts.
+    """
+    path = os.fspath(path)
+    root = ET.Element("Annotations", {"MicronsPerPixel": f"{mpp:.6f}" if mpp else "0"})
+    by_class: dict = {}
+    for p in polygons:
+        by_class.setdefault(p.classification or "", []).append(p)
+    rid = 1
+    for aid, (cls, polys) in enumerate(by_class.items(), start=1):
+        ann = ET.SubElement(root, "Annotation", {"Id": str(aid), "Name": cls, "LineColor": "65280", "Type": "4",
+                                                 "Visible": "1"})
+        regions = ET.SubElement(ann, "Regions")
+        for p in polys:
+            for ring, negative in [(p.exterior, "0")] + [(h, "1") for h in p.holes]:
+                reg = ET.SubElement(regions, "Region", {"Id": str(rid), "Type": "0", "NegativeROA": negative,
+                                                        "Text": p.name or ""})
+                rid += 1
+                verts = ET.SubElement(reg, "Vertices")
+                for x, y in ring:
+                    ET.SubElement(verts, "Vertex", {"X": f"{x:.3f}", "Y": f"{y:.3f}"})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+    os.replace(tmp, path)
+    return path

@@ -1,7 +1,7 @@
 """Transforms: small classes with parameters and ``apply(tile)``, composed into Pipelines.
 
-The library by domain: filters, intensity, morphology, superpixel, tissue, quality, stain, nuclei (and,
-with the cells issue, multiplex). ``histoflow transforms`` lists them all with their parameters.
+The library by domain: filters, intensity, morphology, superpixel, tissue, quality, stain, nuclei,
+multiplex (fluorescence segmentation, virtual H&E) and quantify (single-cell tables). ``histoflow transforms`` lists them all with their parameters.
 
 >>> from histoflow.transforms import Pipeline, BoxBlur, TissueDetectionHE
 >>> Pipeline([BoxBlur(15), TissueDetectionHE()])      # doctest: +ELLIPSIS

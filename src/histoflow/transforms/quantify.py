@@ -121,6 +121,7 @@ class QuantifyCells(Transform):
         self.stain_matrix_ = None
         self.mpp_ = None
         self.od_ = None
+        self.source_ = None
 
     @property
     def masks_in(self):
@@ -133,6 +134,7 @@ class QuantifyCells(Transform):
     def fit_slide(self, slide):
         self._reset()
         self.slide_name_ = slide.name
+        self.source_ = str(slide.path)
         self.mpp_ = float(slide.mpp[0]) if slide.mpp else None
         self.channel_names_ = list(slide.reader.channel_names)
         self.od_ = self._use_od(slide.slide_type.brightfield, slide.reader.dtype, len(self.channel_names_))
@@ -225,7 +227,8 @@ class QuantifyCells(Transform):
                 adata.layers[s] = cat(s, n_ch).astype(np.float32)
         adata.obsm["spatial"] = cat("centroid", 2).astype(np.float64)
         adata.uns["histoflow"] = {"mask": self.mask_name, "stats": list(self.stats), "units": unit,
-                                  "mpp": mpp if mpp else 0.0, "spatial": "level-0 pixels (x, y)"}
+                                  "mpp": mpp if mpp else 0.0, "spatial": "level-0 pixels (x, y)",
+                                  "source": self.source_ or ""}
         return adata
 
 
