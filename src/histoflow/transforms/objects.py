@@ -42,7 +42,8 @@ def keep_owned(labels, core, *, return_ids: bool = False):
     idx = np.arange(1, n + 1)
     ok = np.bincount(labels.ravel(), minlength=n + 1)[1:] > 0
     if core is not None:
-        cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones(labels.shape, np.uint8), labels, idx)))
+        with np.errstate(invalid="ignore", divide="ignore"):  # ids absent from the image give NaN, dropped
+            cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones(labels.shape, np.uint8), labels, idx)))
         x0, y0, x1, y1 = core
         with np.errstate(invalid="ignore"):
             ok &= np.isfinite(cx) & (cx >= x0 - 0.5) & (cx < x1 - 0.5) & (cy >= y0 - 0.5) & (cy < y1 - 0.5)
