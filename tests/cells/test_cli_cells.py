@@ -32,6 +32,14 @@ def test_quantify_then_phenotype(tmp_path):
     assert any(line.startswith("epithelial") and str(counts["epithelial"]) in line for line in r.stdout.splitlines())
     png = np.asarray(Image.open(tmp_path / "pheno.png"))
     assert png.shape[2] == 3 and png.std() > 5
+    # scanpy reads the table and runs its basics on it
+    import scanpy as sc
+
+    ad = sc.read_h5ad(out)
+    sc.pp.log1p(ad)
+    sc.tl.pca(ad, n_comps=5)
+    sc.pp.neighbors(ad, n_neighbors=10, use_rep="X_pca")
+    assert ad.obsm["X_pca"].shape == (a.n_obs, 5) and ad.obsp["connectivities"].shape == (a.n_obs, a.n_obs)
     bad = _cli("phenotype", tmp_path / "none.h5ad", "--rules", "mibi_panel", "-o", tmp_path / "x.h5ad")
     assert bad.returncode == 1 and "none.h5ad: no such file" in bad.stderr
 
