@@ -177,3 +177,17 @@ def test_imagej_and_aperio_round_trips_and_convert(tmp_path):
     bad.write_bytes(b"not a roi")
     with pytest.raises(AnnotationError, match="bad.roi: not an ImageJ ROI"):
         read_imagej_rois(bad)
+
+
+def test_rasterize_over_a_slide_at_a_level_or_mpp():
+    from datafiles import SVS
+
+    from histoflow.annotations import rasterize_slide
+
+    box = Polygon([[1000, 1000], [1400, 1000], [1400, 1200], [1000, 1200]], classification="Tumor")
+    m0, ds0 = rasterize_slide([box], SVS, level=0)
+    assert ds0 == 1 and m0.shape == (2967, 2220) and m0.sum() == 400 * 200
+    m, ds = rasterize_slide([box], SVS, mpp=2.0)            # the slide is 0.499 µm/px: ~4x coarser
+    assert ds == pytest.approx(2.0 / 0.499, rel=1e-3)
+    assert m.shape == (round(2967 / ds), round(2220 / ds))
+    assert abs(m.sum() * ds * ds - 400 * 200) / (400 * 200) < 0.05

@@ -12,9 +12,9 @@ import os
 from .aperio import read_aperio_xml, write_aperio_xml  # noqa: F401
 from .geojson import read_geojson, write_geojson  # noqa: F401
 from .imagej import read_imagej_rois, write_imagej_rois  # noqa: F401
-from .polygon import AnnotationError, Polygon, polygonize, rasterize  # noqa: F401
+from .polygon import AnnotationError, Polygon, polygonize, rasterize, rasterize_slide  # noqa: F401
 
-__all__ = ["AnnotationError", "Polygon", "polygonize", "rasterize", "read_aperio_xml", "write_aperio_xml",
+__all__ = ["AnnotationError", "Polygon", "polygonize", "rasterize", "rasterize_slide", "read_aperio_xml", "write_aperio_xml",
            "read_geojson", "write_geojson", "read_imagej_rois", "write_imagej_rois", "read_annotations",
            "write_annotations", "convert"]
 

@@ -170,3 +170,32 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
             if poly.area >= min_area:
                 out.append(poly)
     return out
+
+
+def rasterize_slide(polygons, slide, level: int | None = None, mpp: float | None = None, values=None,
+                    dtype=np.int32):
+    """:func:`rasterize` over a whole slide at one of its levels or at a target µm/px.
+
+    ``slide`` is a path, a reader (:func:`histoflow.open_slide`) or a ``SlideData``. Returns
+    ``(mask, downsample)``: the mask covers the slide at that resolution, ``downsample`` is level-0 pixels
+    per mask pixel (what a slide mask of :class:`~histoflow.core.slide.SlideData` takes).
+    """
+    from ..io import open_slide
+
+    own = isinstance(slide, (str, bytes)) or hasattr(slide, "__fspath__")
+    reader = open_slide(slide) if own else getattr(slide, "reader", slide)
+    try:
+        if level is not None and mpp is not None:
+            raise ValueError("give either level or mpp, not both")
+        w0, h0 = reader.dimensions
+        if mpp is not None:
+            if reader.mpp is None:
+                raise AnnotationError(f"{reader.path}: the slide's pixel size is unknown; rasterise by level")
+            ds = float(mpp) / float(reader.mpp[0])
+        else:
+            ds = float(reader.levels[level or 0].downsample)
+        shape = (max(1, int(round(h0 / ds))), max(1, int(round(w0 / ds))))
+        return rasterize(polygons, shape, downsample=ds, values=values, dtype=dtype), ds
+    finally:
+        if own:
+            reader.close()
