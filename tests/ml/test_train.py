@@ -63,6 +63,7 @@ def test_trainer_learns_and_writes_its_files(patches, tmp_path):
     card = json.load(open(tmp_path / "best.json"))
     assert card["architecture"] == "rccnet" and card["licence"] == "CC0"
     assert card["metrics"]["val_loss"] == pytest.approx(min(h["val_loss"] for h in hist))
+    assert json.load(open(tmp_path / "metrics.json"))["best_epoch"] == t.best_epoch + 1
     best = models.load(tmp_path / "best.pt")
     assert _accuracy(best, val) == pytest.approx(hist[t.best_epoch]["accuracy"])
     lines = open(tmp_path / "metrics.csv").read().strip().splitlines()
@@ -113,6 +114,18 @@ def _stop_after(trainer, n):
             return trainer.history
 
     trainer.fit = fit_until
+
+
+def test_monitor_a_metric(patches, tmp_path):
+    train, val = _loaders(patches)
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=3, lr=2e-3, out_dir=tmp_path, progress=False,
+                monitor="accuracy", validate=lambda m, vl, dev: {"accuracy": _accuracy(m, vl)})
+    hist = t.fit(train, val)
+    accs = [h["accuracy"] for h in hist]
+    assert t.best_epoch == int(np.argmax(accs))   # the first of the highest
+    assert json.load(open(tmp_path / "metrics.json"))["best_value"] == pytest.approx(max(accs))
+    with pytest.raises(TrainingError, match="monitor 'dice' is not among"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False, monitor="dice").fit(train, val)
 
 
 def test_early_stopping_and_plateau(patches, tmp_path):

@@ -98,7 +98,7 @@ def _model(cfg):
 def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
     t = dict(cfg.get("train") or {})
     known = {"epochs", "lr", "weight_decay", "accumulate", "schedule", "patience", "seed", "device", "amp",
-             "progress"}
+             "progress", "monitor"}
     unknown = set(t) - known - {"batch_size", "num_workers"}
     if unknown:
         raise ConfigError(f"{cfg.get('_path')}: unknown train setting(s) {sorted(unknown)}; known: {sorted(known)}")

@@ -99,6 +99,10 @@ class Trainer:
     validate : callable, optional
         ``validate(model, val_loader, device) -> dict`` of extra metrics (e.g. Dice, AJI), run after the
         validation loss each epoch; values are logged, the validation loss still picks the best epoch.
+    monitor : str
+        What picks the best epoch and drives early stopping and the plateau schedule: ``"val_loss"``
+        (lower is better; the training loss without validation data) or the name of a metric returned by
+        ``validate`` (higher is better, e.g. ``"aji"``).
     card : dict, optional
         Model-card fields saved with ``best.pt`` (training data, licence ...); metrics are added.
     progress : bool
@@ -108,7 +112,7 @@ class Trainer:
     def __init__(self, model, loss_fn, *, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 0.0,
                  accumulate: int = 1, schedule: str | None = None, patience: int | None = None,
                  seed: int = 0, device=None, amp: bool = False, out_dir=None,
-                 batch_loss: Callable | None = None, validate: Callable | None = None,
+                 batch_loss: Callable | None = None, validate: Callable | None = None, monitor: str = "val_loss",
                  card: Mapping | None = None, progress: bool = True):
         if schedule not in (None, "onecycle", "plateau"):
             raise ValueError(f"schedule must be None, 'onecycle' or 'plateau', got {schedule!r}")
@@ -128,6 +132,7 @@ class Trainer:
         self.out_dir = os.fspath(out_dir) if out_dir is not None else None
         self.batch_loss = batch_loss or default_batch_loss
         self.validate = validate
+        self.monitor = monitor
         self.card = dict(card or {})
         self.progress = progress
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -206,8 +211,10 @@ class Trainer:
             w.writerows(self.history)
         os.replace(tmp, os.path.join(self.out_dir, "metrics.csv"))
         with open(os.path.join(self.out_dir, "metrics.json"), "w") as f:
-            json.dump({"history": self.history, "best_epoch": self.best_epoch,
-                       "best_val_loss": None if math.isinf(self.best_loss) else self.best_loss}, f, indent=1)
+            best = None if math.isinf(self.best_loss) else (
+                self.best_loss if self.monitor == "val_loss" else -self.best_loss)
+            json.dump({"history": self.history, "best_epoch": self.best_epoch + 1, "monitor": self.monitor,
+                       "best_value": best}, f, indent=1)
 
     # ------------------------------------------------------------------ loops
     def _train_epoch(self, loader) -> float:
@@ -287,7 +294,12 @@ class Trainer:
                                                                       self.device).items()})
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - t0, 2)
-            monitored = row.get("val_loss", train_loss)
+            if self.monitor == "val_loss":
+                monitored = row.get("val_loss", train_loss)
+            elif self.monitor in row:
+                monitored = -row[self.monitor]  # metrics: higher is better
+            else:
+                raise TrainingError(f"monitor {self.monitor!r} is not among the epoch's values {sorted(row)}")
             if self.schedule == "plateau":
                 self.scheduler.step(monitored)
             self.epoch += 1

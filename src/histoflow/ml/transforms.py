@@ -132,10 +132,11 @@ class NucleusSegmentation(Transform):
         ``~/.cache/histoflow`` when that folder is read-only).
     mask_name, label_name : str
         Tile mask written (int32 instance labels, 0 background) and tile label (nucleus count).
-    fg_threshold, marker_threshold : float
-        Post-processing thresholds (nucleus probability; HV boundary energy for markers).
-    min_size : int
-        Smallest nucleus kept, in pixels of the tile.
+    fg_threshold, marker_threshold : float, optional
+        Post-processing thresholds (nucleus probability; HV boundary energy for markers). Default: the
+        values in the model card's ``postprocess`` (chosen on training images), else 0.5 and 0.4.
+    min_size : int, optional
+        Smallest nucleus kept, in pixels of the tile (default: the card's, else 10).
     threads : int, optional
         torch threads per process (default: torch's own choice).
     tta : bool
@@ -150,7 +151,7 @@ class NucleusSegmentation(Transform):
     changes_image = False
 
     def __init__(self, model="builtin", backend="torch", mask_name="nuclei", label_name="nucleus_count",
-                 fg_threshold=0.5, marker_threshold=0.4, min_size=10, threads=None, tta=False):
+                 fg_threshold=None, marker_threshold=None, min_size=None, threads=None, tta=False):
         if backend not in ("torch", "onnx"):
             raise ValueError(f"NucleusSegmentation: backend must be 'torch' or 'onnx', got {backend!r}")
         self.model = model
@@ -175,8 +176,11 @@ class NucleusSegmentation(Transform):
     def F(self, image, mpp=None, core=None):
         """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's)."""
         r = _runner(self.model, self.backend, self.threads)
-        labels = r.segment(np.asarray(image)[..., :3], mpp, fg_threshold=self.fg_threshold,
-                           marker_threshold=self.marker_threshold, min_size=self.min_size, tta=self.tta)
+        post = dict(r.card.get("postprocess") or {})
+        for k in ("fg_threshold", "marker_threshold", "min_size"):
+            if getattr(self, k) is not None:
+                post[k] = getattr(self, k)
+        labels = r.segment(np.asarray(image)[..., :3], mpp, tta=self.tta, **post)
         return keep_owned(labels, core)
 
     def apply(self, tile):
