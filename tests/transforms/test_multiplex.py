@@ -117,3 +117,20 @@ def test_segment_nuclei_errors():
     with pytest.warns(UserWarning, match="flat"):
         lab = SegmentNuclei(nuclear_channel=0).F(np.zeros((32, 32, 1), np.uint16), 0.5)
     assert lab.max() == 0
+
+
+def test_vectra_qptiff_cells(tmp_path):
+    """DAPI + two Opal channels, 8-bit: the same pipeline, names from the file."""
+    pipe = Pipeline([SegmentCells(), QuantifyCells(nucleus_mask="nuclei")])
+    with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff")) as s:
+        assert s.slide_type.name == "Vectra"
+        out = s.run(pipe, str(tmp_path / "v.h5path"), tile_size=512, overlap=64, executor="inprocess",
+                    progress=False)
+    with read_h5path(out) as h:
+        cells = h.cells
+    assert list(cells.var_names) == ["DAPI", "FITC", "Cy3"] and cells.n_obs > 500
+    # DAPI is the nuclear stain: brighter inside the measured nuclei than across the image
+    with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff")) as s:
+        dapi = s.reader.read_region((0, 0), 0, s.dimensions)[..., 0]
+    assert np.median(cells.X[:, 0]) > 1.5 * dapi.mean()
+    assert 30 < cells.obs["area"].median() < 400
