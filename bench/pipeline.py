@@ -9,8 +9,8 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 - ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
   processes, warmed by a run on the small sample slide (cluster start-up and the workers' first imports
   not counted; scatter, journal and merge counted)
-- ``output_mb``: size of the h5path written for the 4x mosaic (default gzip); ``output_mb_htj2k`` and
-  ``tiles_per_s_inprocess_htj2k`` with ``compression="htj2k"``
+- ``output_mb``: size of the h5path written for the 4x mosaic (default gzip); ``output_mb_htj2k``,
+  ``tiles_per_s_inprocess_htj2k`` and ``tiles_per_s_dask2_htj2k`` with ``compression="htj2k"``
 - ``peak_rss_mb_4x`` / ``peak_rss_mb_16x``: peak RSS of in-process runs on the 4x and 16x mosaics
   (memory must stay flat with slide size)
 - ``pathml_tiles_per_s`` / ``pathml_output_mb``: PathML 3.0.8 on the same slide and pipeline, when
@@ -22,6 +22,7 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 Prints one JSON line.
 
     python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big]
+    python bench/pipeline.py --compressions     # gzip vs htj2k only, in-process and 2 dask workers
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def child(mode, slide, out):
 
             histoflow.SlideData(sample_slide_path()).run(pipe, out + ".warm.h5path", client=client, progress=False)
             t0 = time.perf_counter()
-            s.run(pipe, out, client=client, progress=False)
+            s.run(pipe, out, client=client, progress=False, compression=compression)
             dt = time.perf_counter() - t0
     elif mode == "demo":
         from histoflow.cli import demo_pipeline
@@ -120,10 +121,22 @@ def main():
     p.add_argument("--mid", type=int, default=8, help="second mosaic for throughput (0 to skip)")
     p.add_argument("--big", type=int, default=16)
     p.add_argument("--skip-big", action="store_true")
+    p.add_argument("--compressions", action="store_true",
+                   help="only gzip vs htj2k: in-process and 2 dask workers on the first mosaic")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.compressions:
+        slide = mosaic(args.n)
+        out = {"bench": "pipeline-compressions", "slide": f"mosaic{args.n}", "pathml_reference": PATHML_REFERENCE}
+        for mode in ("inprocess", "inprocess-htj2k", "dask2", "dask2-htj2k"):
+            r = measure(mode, slide)
+            key = mode.replace("-", "_")
+            out[f"tiles_per_s_{key}"] = round(r["tiles_per_s"], 1)
+            out[f"output_mb_{key}"] = round(r["output_mb"], 1)
+        print(json.dumps(out))
         return
     slide = mosaic(args.n)
     out = {"bench": "pipeline", "pipeline": "BoxBlur(15) + TissueDetectionHE", "tile": 256,
@@ -141,6 +154,7 @@ def main():
         r = measure(f"dask{w}", slide)
         out[f"tiles_per_s_dask{w}"] = round(r["tiles_per_s"], 1)
     out["dask2_over_dask1"] = round(out["tiles_per_s_dask2"] / out["tiles_per_s_dask1"], 2)
+    out["tiles_per_s_dask2_htj2k"] = round(measure("dask2-htj2k", slide)["tiles_per_s"], 1)
     try:
         import pathml  # noqa: F401
 

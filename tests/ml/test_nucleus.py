@@ -1,0 +1,139 @@
+"""Nucleus segmentation: training samples, the shipped model on held-out MoNuSeg images, tile-border
+merging through the engine, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from datafiles import data_path
+
+from histoflow.annotations import read_geojson
+from histoflow.core.slide import SlideData
+from histoflow.datasets import load_monuseg
+from histoflow.ml import metrics, models
+from histoflow.ml.augment import Compose, RandomFlip, RandomRotate90, RandomZoom
+from histoflow.ml.infer import assemble_instances
+from histoflow.ml.losses import hv_targets
+from histoflow.ml.nucleus import HV, NP, NucleusCrops, segment_nuclei
+from histoflow.ml.transforms import NucleusSegmentation, builtin_model_path, keep_owned
+
+MONUSEG = data_path("monuseg_train")
+CARD = json.load(open(os.path.splitext(builtin_model_path())[0] + ".json"))
+VAL = CARD["split"]["validation"]
+
+
+@pytest.fixture(scope="module")
+def val_sample():
+    return load_monuseg(MONUSEG, [VAL[0]])[0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.load(builtin_model_path())
+
+
+def test_crops_targets_follow_the_augmented_instances(val_sample):
+    aug = Compose([RandomFlip(), RandomRotate90(), RandomZoom((0.8, 1.25))])
+    ds = NucleusCrops([val_sample], crop=128, length=6, augment=aug, seed=3)
+    a, b = ds[2], ds[2]
+    assert torch.equal(a["image"], b["image"])  # reproducible per (seed, epoch, index)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[2]["image"], a["image"])
+    for i in range(6):
+        s = ds[i]
+        inst = s["instances"].numpy()
+        assert s["image"].shape == (3, 128, 128) and 0 <= s["image"].min() and s["image"].max() <= 1
+        assert torch.equal(s["target"][NP], torch.from_numpy((inst > 0).astype(np.int64)))
+        hv = s["target"][HV].numpy()
+        assert np.all(hv[:, inst == 0] == 0) and np.abs(hv).max() <= 1
+        # nuclei away from the crop border have the HV maps of the whole nucleus
+        inner = [k for k in np.unique(inst[20:-20, 20:-20]) if k and not _touches_border(inst, k)]
+        ref = hv_targets(inst)
+        for k in inner[:5]:
+            np.testing.assert_allclose(hv[:, inst == k], ref[:, inst == k], atol=1e-5)
+
+
+def _touches_border(inst, k):
+    m = inst == k
+    return m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()
+
+
+def test_keep_owned():
+    lab = np.zeros((20, 20), np.int32)
+    lab[1:4, 1:4] = 5      # centroid (2, 2)
+    lab[8:12, 8:12] = 2    # centroid (9.5, 9.5)
+    lab[15:19, 15:19] = 9  # centroid (16.5, 16.5)
+    out = keep_owned(lab, (5, 5, 15, 15))
+    assert out.max() == 1 and (out == 1).sum() == 16 and out[9, 9] == 1
+    assert keep_owned(lab, None).max() == 3
+
+
+def test_shipped_model_card():
+    assert CARD["architecture"] == "unet" and CARD["mpp"] == pytest.approx(0.25)
+    assert "CC BY-NC-SA" in CARD["licence"]
+    assert not set(VAL) & set(CARD["split"]["train"])
+    assert os.path.getsize(builtin_model_path()) <= 20 * 2**20
+    for key in ("dice", "aji", "pq"):
+        assert key in CARD["metrics"]
+
+
+def test_shipped_model_on_a_held_out_image(model, val_sample):
+    pred = segment_nuclei(model, val_sample["image"])
+    true = val_sample["instances"]
+    assert pred.shape == true.shape and pred.dtype == np.int32
+    # the card's figures are means over the 4 held-out images; one image is checked here
+    assert metrics.dice(pred > 0, true > 0) > 0.75
+    assert metrics.aji(true, pred) > 0.5
+    assert 0.7 < pred.max() / true.max() < 1.3
+
+
+def test_transform_tiles_give_the_whole_image_result(tmp_path, val_sample):
+    from PIL import Image
+
+    png = tmp_path / "he.png"
+    Image.fromarray(val_sample["image"]).save(png)
+    whole = NucleusSegmentation().F(val_sample["image"])
+    counts = {}
+    for tile, overlap in ((256, 96), (512, 128)):
+        with SlideData(str(png), mpp=0.25, slide_type="HE") as s:
+            out = s.run(NucleusSegmentation(), str(tmp_path / f"t{tile}.h5path"), tile_size=tile, overlap=overlap,
+                        executor="inprocess", progress=False)
+        lab = assemble_instances(out, "nuclei")
+        assert lab.shape == whole.shape
+        counts[tile] = int(lab.max())
+        # each nucleus once and whole: the tiled result matches the whole-image one
+        assert metrics.aji(whole, lab) > 0.9
+    assert all(abs(c - whole.max()) <= 0.03 * whole.max() for c in counts.values()), (counts, whole.max())
+
+
+def test_onnx_backend_matches_torch(val_sample):
+    crop = val_sample["image"][:256, :256]
+    a = NucleusSegmentation(backend="torch").F(crop)
+    b = NucleusSegmentation(backend="onnx").F(crop)
+    assert metrics.aji(a, b) > 0.95
+
+
+def test_segment_nuclei_cli(tmp_path, val_sample):
+    from PIL import Image
+
+    png = tmp_path / "he.png"
+    Image.fromarray(val_sample["image"][:512, :640]).save(png)
+    out, gj = tmp_path / "nuclei.tif", tmp_path / "nuclei.geojson"
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(png), "-o", str(out),
+                        "--geojson", str(gj), "--mpp", "0.25", "--tile", "512", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lab = tifffile.imread(out)
+    assert lab.dtype == np.uint32 and lab.shape == (512, 640)
+    n = int(lab.max())
+    assert n > 50 and len(np.unique(lab)) == n + 1
+    polys = read_geojson(gj)
+    assert len(polys) >= n and {p.classification for p in polys} == {"Nucleus"}
+    assert f"{n} nuclei" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(tmp_path / "none.png"),
+                          "-o", str(tmp_path / "x.tif")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "none.png" in bad.stderr and not (tmp_path / "x.tif").exists()

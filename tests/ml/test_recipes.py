@@ -1,0 +1,83 @@
+"""`histoflow train CONFIG.yaml`: the configurations the repo ships, and small real runs of each task."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from datafiles import ROOT, SVS, data_path
+
+from histoflow.ml.recipes import ConfigError, load_config, train_from_config
+
+MONUSEG = data_path("monuseg_train")
+
+
+def test_shipped_nucleus_config_is_complete():
+    cfg = load_config(os.path.join(ROOT, "configs", "nucleus_monuseg.yaml"))
+    assert cfg["task"] == "nucleus_segmentation" and cfg["model"]["name"] == "unet"
+    assert os.path.normpath(os.path.join(cfg["_base"], cfg["data"]["root"])) == os.path.normpath(MONUSEG)
+    assert len(cfg["data"]["val_ids"]) == 4 and "licence" in cfg["card"]
+
+
+def test_nucleus_task_from_the_command_line(tmp_path):
+    ids = ["TCGA-21-5784-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX1"]
+    cfg = {"task": "nucleus_segmentation",
+           "data": {"root": MONUSEG, "ids": ids, "val_ids": ids[1:], "crop": 64, "crops_per_epoch": 8,
+                    "augment": {"zoom": [0.9, 1.1], "hsv": [0.02, 0.1, 0.1]}},
+           "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}},
+           "train": {"epochs": 2, "batch_size": 4, "lr": 0.01, "seed": 1},
+           "output": str(tmp_path / "run"), "card": {"mpp": 0.25, "licence": "CC BY-NC-SA 4.0"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "2 epochs" in r.stdout and "best.pt" in r.stdout
+    card = json.load(open(tmp_path / "run" / "best.json"))
+    assert card["task"] == "nucleus_segmentation" and card["split"] == {"train": ids[:1], "validation": ids[1:]}
+    assert {"dice", "aji", "pq", "val_loss"} <= set(card["metrics"])
+    hist = json.load(open(tmp_path / "run" / "metrics.json"))["history"]
+    assert len(hist) == 2 and all(np.isfinite(h["val_loss"]) for h in hist)
+    # --resume with more epochs goes on from the checkpoint
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--resume", "--epochs", "3",
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(json.load(open(tmp_path / "run" / "metrics.json"))["history"]) == 3
+
+
+def test_tile_classification_task(tmp_path):
+    from histoflow.core.slide import SlideData
+
+    with SlideData(SVS) as s:
+        tiles = []
+        for t in s.generate_tiles(64, level=0):
+            t.labels["tissue"] = int(t.image.mean() < 210)
+            tiles.append(t)
+            if len(tiles) == 96:
+                break
+        store = s.write(str(tmp_path / "t.h5path"), tiles=tiles)
+    cfg = {"task": "tile_classification", "data": {"train": store, "val": store, "label": "tissue"},
+           "model": {"name": "mobilenet_v2", "params": {"num_classes": 2, "width_mult": 0.25}},
+           "train": {"epochs": 1, "batch_size": 32, "progress": False}, "output": str(tmp_path / "cls")}
+    trainer, hist = train_from_config(cfg)
+    assert len(hist) == 1 and os.path.exists(tmp_path / "cls" / "best.pt")
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "b.yaml"
+    bad.write_text("task: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown task 'segment_everything'"):
+        train_from_config({"task": "segment_everything"})
+    with pytest.raises(ConfigError, match="missing key data.root"):
+        train_from_config({"task": "nucleus_segmentation", "data": {}})
+    with pytest.raises(ConfigError, match="are not in"):
+        train_from_config({"task": "nucleus_segmentation", "data": {"root": MONUSEG, "val_ids": ["nope"]}})
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(tmp_path / "none.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "none.yaml: no such configuration file" in r.stderr
