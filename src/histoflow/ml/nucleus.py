@@ -138,12 +138,30 @@ def _crop_reflect(a, y, x, size, reflect=True):
 
 @torch.no_grad()
 def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float = 0.25, device=None,
-                 amp: bool | None = None, batch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                 amp: bool | None = None, batch_size: int = 2, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Nucleus probability ``(H, W)`` and HV maps ``(2, H, W)`` of an RGB uint8 image at the model's scale.
 
     Images larger than ``window`` run through MONAI's sliding-window inference with Gaussian blending
     (``overlap`` of the window); the image is padded with white to a multiple of the model's divisor.
+    ``tta=True`` averages the maps over the four flips of the image (horizontal and vertical maps change
+    sign with their flips): about 4x the time, smoother borders.
     """
+    if tta:
+        probs, hvs = [], []
+        for fy, fx in ((False, False), (False, True), (True, False), (True, True)):
+            im = image[::-1] if fy else image
+            im = im[:, ::-1] if fx else im
+            p, hv = predict_maps(model, np.ascontiguousarray(im), window=window, overlap=overlap, device=device,
+                                 amp=amp, batch_size=batch_size)
+            if fy:
+                p, hv = p[::-1], hv[:, ::-1]
+                hv = hv * np.array([1, -1], np.float32)[:, None, None]
+            if fx:
+                p, hv = p[:, ::-1], hv[:, :, ::-1]
+                hv = hv * np.array([-1, 1], np.float32)[:, None, None]
+            probs.append(p)
+            hvs.append(hv)
+        return np.mean(probs, 0).astype(np.float32), np.mean(hvs, 0).astype(np.float32)
     from monai.inferers import sliding_window_inference
 
     device = torch.device(device) if device is not None else next(model.parameters()).device

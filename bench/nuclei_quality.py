@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Nucleus segmentation quality on held-out MoNuSeg images: the shipped model next to the classical
+NucleusDetectionHE (hematoxylin threshold + distance-transform watershed).
+
+The images are the model's validation split (its card's ``split.validation``): never trained on. For each
+method, Dice (nucleus pixels), AJI and PQ per image, and their mean and sd. Targets (issue 4): Dice >= 0.82
+and AJI >= 0.62 (HoVer-Net on the Kumar data: Dice 0.826, AJI 0.618).
+
+Prints one JSON line.
+
+    python bench/nuclei_quality.py [--model PATH] [--ids ID ...] [--backend torch|onnx]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MONUSEG = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "monuseg_train"))
+
+
+def main():
+    from histoflow.datasets import load_monuseg
+    from histoflow.ml import metrics, models
+    from histoflow.ml.transforms import NucleusSegmentation, builtin_model_path
+    from histoflow.transforms import NucleusDetectionHE
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--ids", nargs="*")
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--tta", action="store_true", help="average over the four flips")
+    ap.add_argument("--root", default=MONUSEG)
+    args = ap.parse_args()
+    path = args.model or builtin_model_path()
+    card = models.read_card(path)
+    ids = args.ids or card["split"]["validation"]
+    samples = load_monuseg(args.root, ids)
+    seg = NucleusSegmentation(model=path, backend=args.backend, tta=args.tta)
+    classical = NucleusDetectionHE()
+    out = {"bench": "nuclei_quality", "images": ids, "model": os.path.basename(path), "tta": args.tta}
+    for name, fn in (("model", lambda s: seg.F(s["image"], mpp=s["mpp"])),
+                     ("classical", lambda s: classical.F(s["image"]))):
+        rows = []
+        t = time.perf_counter()
+        for s in samples:
+            pred, true = fn(s), s["instances"]
+            pq = metrics.panoptic_quality(true, pred)
+            rows.append({"dice": metrics.dice(pred > 0, true > 0), "aji": metrics.aji(true, pred), "pq": pq.pq,
+                         "n_true": int(true.max()), "n_pred": int(pred.max())})
+        out[f"{name}_seconds"] = round(time.perf_counter() - t, 2)
+        for k in ("dice", "aji", "pq"):
+            v = [r[k] for r in rows]
+            out[f"{name}_{k}"] = round(float(np.mean(v)), 4)
+            out[f"{name}_{k}_sd"] = round(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 4)
+        out[f"{name}_per_image"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                    for r in rows]
+    out["targets"] = {"dice": 0.82, "aji": 0.62}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
