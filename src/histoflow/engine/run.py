@@ -199,7 +199,7 @@ def _merge_ready(job):
         for _, enc in sorted(result.tiles, key=lambda t: t[0]):
             job.writer.add_tile(enc)
             if reduces:
-                job.pipeline.collect(enc.decode())
+                job.pipeline.collect(enc.decode(image=False))  # reducers read masks, labels, cells
             job.merged += 1
         job.failures.extend(f.as_dict() for f in result.failures)
         job.next_merge += 1

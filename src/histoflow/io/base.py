@@ -368,20 +368,27 @@ def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: in
     """Area-average a level down to (tw, th), reading it in horizontal strips."""
     c = reader.channels
     fy, fx = lv.height / th, lv.width / tw
-    out = np.zeros((th, tw, c), dtype=np.float64)
-    # rows of the output covered by each strip: keep a strip under ~64 MiB
+    # the output in the native dtype, filled strip by strip (a float64 image of many channels would take
+    # 4-8x the memory of the result)
+    out = np.empty((th, tw, c), dtype=reader.dtype)
+    # rows of the output covered by each strip: keep a strip under ~16 MiB (its float64 sums take 4-8x that)
     row_bytes = lv.width * c * reader.dtype.itemsize
-    rows_per_strip = max(1, int((64 * 1024**2) // max(row_bytes * max(fy, 1), 1)))
+    rows_per_strip = max(1, int((16 * 1024**2) // max(row_bytes * max(fy, 1), 1)))
     ds = lv.downsample
     for oy0 in range(0, th, rows_per_strip):
         oy1 = min(th, oy0 + rows_per_strip)
         sy0, sy1 = int(math.floor(oy0 * fy)), min(lv.height, int(math.ceil(oy1 * fy)))
         sy1 = max(sy1, sy0 + 1)
         strip = reader.read_region((0, int(round(sy0 * ds))), level, (lv.width, sy1 - sy0))
-        out[oy0:oy1] = _area_resize(strip.astype(np.float32), tw, oy1 - oy0, fx, fy, sy0, oy0)
-    if reader.dtype.kind in "ui":
-        return np.clip(np.rint(out), np.iinfo(reader.dtype).min, np.iinfo(reader.dtype).max).astype(reader.dtype)
-    return out.astype(reader.dtype)
+        if strip.shape[0] == oy1 - oy0 and strip.shape[1] == tw:  # same size: no resampling
+            out[oy0:oy1] = strip
+            continue
+        part = _area_resize(strip.astype(np.float32), tw, oy1 - oy0, fx, fy, sy0, oy0)
+        if reader.dtype.kind in "ui":
+            info = np.iinfo(reader.dtype)
+            part = np.clip(np.rint(part), info.min, info.max)
+        out[oy0:oy1] = part.astype(reader.dtype)
+    return out
 
 
 def _area_resize(strip, tw, nrows, fx, fy, sy0, oy0):

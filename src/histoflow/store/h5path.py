@@ -269,13 +269,21 @@ class EncodedTile:
     def nbytes(self) -> int:
         return len(self.image.data) + sum(len(m.data) for m in self.masks.values())
 
-    def decode(self) -> Tile:
-        """Back to a :class:`Tile` (for writers with another compression, and for tests)."""
+    def decode(self, image: bool = True) -> Tile:
+        """Back to a :class:`Tile` (for writers with another compression, and for tests).
+
+        ``image=False`` skips decoding the pixels (the tile's image is then an empty ``(h, w, 0)`` array):
+        what the engine hands to reducing transforms, which read masks, labels and cells only.
+        """
         c = self.compression
         mc = "gzip" if c == "htj2k" else c
         masks = {k: (m.decode(mc).astype(bool) if m.is_bool else m.decode(mc)) for k, m in self.masks.items()}
-        ic = c if c != "htj2k" or htj2k_applies(self.image.shape, self.image.dtype) else "gzip"
-        return Tile(image=self.image.decode(ic).copy(), coords=self.coords, level=self.level,
+        if image:
+            ic = c if c != "htj2k" or htj2k_applies(self.image.shape, self.image.dtype) else "gzip"
+            pixels = self.image.decode(ic).copy()
+        else:
+            pixels = np.empty((*self.image.shape[:2], 0), np.dtype(self.image.dtype))
+        return Tile(image=pixels, coords=self.coords, level=self.level,
                     downsample=self.downsample, masks=masks, labels=dict(self.labels), name=self.name,
                     cells=self.cells)
 

@@ -91,7 +91,8 @@ class Transform:
 
     def collect(self, tile) -> None:
         """See one finished tile in the driver (after the whole pipeline ran on it), e.g. to paint a
-        slide-level heatmap. Only called when :attr:`reduces` is true."""
+        slide-level heatmap. Only called when :attr:`reduces` is true. The engine passes the tile's masks,
+        labels and cells but not its pixels (``tile.image`` is an empty ``(h, w, 0)`` array)."""
 
     def slide_masks(self) -> dict:
         """Slide-level masks made from the collected tiles: ``{name: (array, downsample)}``, stored in
