@@ -10,7 +10,8 @@ from torch import nn
 from histoflow.errors import HistoflowError
 from histoflow.ml import models
 from histoflow.ml.models import ModelError, UnknownModelError
-from histoflow.ml.models.hovernet import hovernet_postprocess, hv_maps_from_instances
+from histoflow.ml.losses import hv_targets as hv_maps_from_instances
+from histoflow.ml.models.hovernet import hovernet_postprocess
 from histoflow.ml.models.resnet import replace_batchnorm_with_instancenorm
 from histoflow.ml.models.unet import UNet
 

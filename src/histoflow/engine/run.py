@@ -70,6 +70,10 @@ def tissue_prepass(slide, max_size=2048, **kwargs):
     return mask, downsample
 
 
+#: most bytes of raw tile pixels in one batch (see _prepare)
+BATCH_BYTES = 64 * 2**20
+
+
 def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, overlap=0, stride=None, level=None,
                mpp=None, edge="pad", tissue_filter=None, executor="dask", workers=None, scheduler=None,
                client=None, batch_size=32, max_in_flight=None, on_error="raise", resume=False, progress=True,
@@ -173,6 +177,11 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
     specs = list(enumerate(grid))
     if not specs:
         raise PipelineError(f"{slide.path}: no tiles to process (grid {grid})")
+    # a batch holds at most BATCH_BYTES of raw pixels, so many-channel tiles (22 uint16 channels of
+    # 512 px are 11 MiB a tile) do not multiply the memory of every batch in flight
+    tw, th = grid.tile_size
+    tile_bytes = tw * th * max(1, slide.reader.channels) * slide.reader.dtype.itemsize
+    batch_size = max(1, min(batch_size, BATCH_BYTES // max(1, tile_bytes)))
     job.batches = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
     job.manifest = {
         "journal": 1, "slide": os.path.abspath(slide.path), "name": slide.name,

@@ -12,7 +12,7 @@ In ``"fast"`` mode the input is 256x256 and the output 164x164 (256x256 with
 ``decoder_padding=True``); in ``"original"`` mode the input is 270x270 and the output 80x80.
 
 :func:`hovernet_postprocess` turns the branch maps of one image into an instance label image with
-the published marker-controlled watershed, and :func:`hv_maps_from_instances` builds HV training
+the published marker-controlled watershed; :func:`histoflow.ml.losses.hv_targets` builds the HV training
 targets from an instance label image.
 """
 
@@ -25,7 +25,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 from torch import nn
 
-__all__ = ["HoVerNet", "hovernet_postprocess", "hv_maps_from_instances", "HOVERNET_KEYS"]
+__all__ = ["HoVerNet", "hovernet_postprocess", "HOVERNET_KEYS"]
 
 #: The keys of the dict returned by :meth:`HoVerNet.forward`: NP, HV and TP branches.
 HOVERNET_KEYS = ("nucleus_prediction", "horizontal_vertical", "type_prediction")
@@ -213,31 +213,3 @@ def _majority_types(labels: np.ndarray, type_map: np.ndarray) -> dict[int, int]:
             best = int(values[order[1]])
         types[inst] = best
     return types
-
-
-def hv_maps_from_instances(labels: np.ndarray) -> np.ndarray:
-    """HoVer-Net's HV targets ``(2, H, W)`` float32 from an instance label image ``(H, W)``.
-
-    For every instance, each pixel's horizontal (channel 0) and vertical (channel 1) offset from the
-    instance's centre of mass, scaled separately on each side of the centre so the instance spans
-    [-1, 1]; background is 0.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"hv_maps_from_instances: labels must be 2-D, got shape {labels.shape}")
-    hv = np.zeros((2, *labels.shape), np.float32)
-    for inst, sl in enumerate(ndi.find_objects(labels.astype(np.int64, copy=False)), start=1):
-        if sl is None:
-            continue
-        mask = labels[sl] == inst
-        cy, cx = ndi.center_of_mass(mask)
-        yy, xx = np.nonzero(mask)
-        for ch, d in ((0, xx - cx), (1, yy - cy)):
-            d = d.astype(np.float32)
-            neg, pos = d < 0, d > 0
-            if neg.any():
-                d[neg] /= -d[neg].min()
-            if pos.any():
-                d[pos] /= d[pos].max()
-            hv[ch][sl][mask] = d
-    return hv
