@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gate", choices=["otsu", "gmm"], default="otsu", help="automatic thresholds (default otsu)")
     s.add_argument("--thresholds", help="YAML/JSON of manual thresholds {channel: value} or {slide: {channel: v}}")
     s.add_argument("--png", help="picture of the cells coloured by phenotype (default: OUTPUT with .png)")
+    s.add_argument("--geojson", help="also write the cells with their phenotypes as QuPath GeoJSON (needs the "
+                                     ".h5path that `histoflow quantify` wrote beside the .h5ad)")
     s.set_defaults(func=cmd_phenotype)
 
     s = sub.add_parser("annotations", help="annotation files: convert between formats")
@@ -398,6 +400,16 @@ def cmd_phenotype(args):
         print(f"{str(k):<{width}}  {v:>5}  {100 * v / total:5.1f}")
     png = args.png or os.path.splitext(args.output)[0] + ".png"
     _phenotype_png(cells, png)
+    if args.geojson:
+        from .errors import HistoflowError
+        from .ml.infer import cells_to_geojson
+
+        store = args.cells if args.cells.endswith(".h5path") else os.path.splitext(args.cells)[0] + ".h5path"
+        if not os.path.exists(store):
+            raise HistoflowError(f"{store}: not found; --geojson needs the tiles and masks that `histoflow quantify` "
+                                 "writes beside the .h5ad")
+        n = cells_to_geojson(store, args.geojson, adata=cells)
+        print(f"{args.geojson}: {n} cells with outlines, phenotypes and measurements (QuPath: File > Import objects)")
     print(f"{args.output}: {cells.n_obs} cells, {len([c for c in counts if counts[c]])} phenotypes; picture {png}")
     return 0
 

@@ -22,7 +22,8 @@ def test_quantify_then_phenotype(tmp_path):
     assert 250 < a.n_obs < 500 and a.n_vars == 22 and "HH3 (89)" in a.var_names
     assert f"{a.n_obs} cells x 22 channels" in r.stdout
     out = tmp_path / "pheno.h5ad"
-    r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", out)
+    gj = tmp_path / "cells.geojson"
+    r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", out, "--geojson", gj)
     assert r.returncode == 0, r.stderr
     b = anndata.read_h5ad(out)
     counts = b.obs["phenotype"].value_counts()
@@ -30,6 +31,22 @@ def test_quantify_then_phenotype(tmp_path):
     assert "positive" in b.layers and "gating" in b.uns
     # the summary table lists each class with its count
     assert any(line.startswith("epithelial") and str(counts["epithelial"]) in line for line in r.stdout.splitlines())
+    # QuPath GeoJSON: one outline per cell, its phenotype as class, measurements incl. channel means;
+    # each outline contains its cell's centroid
+    from histoflow.annotations import rasterize, read_geojson
+
+    polys = read_geojson(gj)
+    assert len({p.name for p in polys}) == a.n_obs
+    by_name = {}
+    for p in polys:
+        by_name.setdefault(p.name, p)
+    pheno = b.obs["phenotype"].astype(str)
+    for name in list(b.obs_names[:: max(1, a.n_obs // 20)]):
+        p = by_name[name]
+        assert p.classification == pheno[name] and "HH3 (89): mean" in p.measurements
+        x, y = b.obsm["spatial"][b.obs_names.get_loc(name)]
+        m = rasterize([p], (3, 3), origin=(round(x) - 1, round(y) - 1))
+        assert m.any()
     png = np.asarray(Image.open(tmp_path / "pheno.png"))
     assert png.shape[2] == 3 and png.std() > 5
     # scanpy reads the table and runs its basics on it

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import H5PathError, RegionTooLargeError
 
-__all__ = ["assemble_instances", "infer_slide"]
+__all__ = ["assemble_instances", "infer_slide", "cells_to_geojson"]
 
 #: largest label image assemble_instances builds in memory (uint32/int32 pixels)
 MAX_ASSEMBLY_PIXELS = 2_000_000_000
@@ -104,3 +104,60 @@ def infer_slide(slide, transform, out, *, tile_size=512, overlap=64, level=None,
     sd = slide if isinstance(slide, SlideData) else SlideData(slide)
     return sd.run(transform, out, tile_size=tile_size, overlap=overlap, level=level, mpp=mpp,
                   tissue_filter=tissue_filter, executor=executor, workers=workers, **run_kwargs)
+
+
+def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: str = "phenotype",
+                     object_type: str = "cell") -> int:
+    """Write the cells of an h5path as QuPath GeoJSON: outlines from the per-tile instance masks, classes
+    and measurements from the cell table.
+
+    Parameters
+    ----------
+    store : str
+        The h5path written by a run with ``QuantifyCells`` (its tiles carry ``mask``).
+    adata : AnnData, optional
+        The cell table (default: the store's own ``/cells``); rows must be in the store's order (they are,
+        for tables made by ``QuantifyCells`` and kept in order, e.g. after ``histoflow phenotype``).
+        ``obs[classes_key]`` becomes each cell's classification when present.
+
+    Each cell carries its numeric ``obs`` columns (morphology ...) and its mean intensity per channel
+    (``"<channel>: mean"``) as QuPath measurements.
+
+    Returns the number of cells written.
+    """
+    from ..annotations import polygonize, write_geojson
+    from ..store import read_h5path
+
+    with read_h5path(store) as h:
+        table = adata if adata is not None else h.cells
+        if table is None:
+            raise H5PathError(f"{store}: no cell table; run QuantifyCells, or pass adata")
+        if mask not in h.tile_mask_names:
+            raise H5PathError(f"{store}: tiles have no mask {mask!r} (they have {sorted(h.tile_mask_names)})")
+        numeric = [c for c in table.obs.columns if table.obs[c].dtype.kind in "fiu"]
+        classes = table.obs[classes_key].astype(str).to_numpy() if classes_key in table.obs else None
+        X = np.asarray(table.X)
+        channels = list(table.var_names)
+        polys, row = [], 0
+        for i in range(len(h)):
+            t = h.tile(i)
+            lab = np.asarray(t.masks[mask])
+            n = int(lab.max()) if lab.size else 0
+            if n == 0:
+                continue
+            if row + n > table.n_obs:
+                raise H5PathError(f"{store}: the cell table has {table.n_obs} rows but the tiles hold more cells; "
+                                  "is it the table of this file?")
+            for p in polygonize(lab, downsample=float(t.downsample), origin=t.coords):
+                k = row + int(p.name) - 1
+                p.name = str(table.obs_names[k])
+                if classes is not None:
+                    p.classification = classes[k]
+                p.measurements = {c: float(table.obs[c].iloc[k]) for c in numeric}
+                p.measurements.update({f"{ch}: mean": float(X[k, j]) for j, ch in enumerate(channels)})
+                polys.append(p)
+            row += n
+        if row != table.n_obs:
+            raise H5PathError(f"{store}: the tiles hold {row} cells, the cell table {table.n_obs}")
+    write_geojson(polys, out, object_type=object_type)
+    return row
