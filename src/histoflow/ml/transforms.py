@@ -56,7 +56,10 @@ class _Runner:
                 net = models.load(path)
                 onnx_path = _writable_onnx(path)
                 if not os.path.exists(onnx_path) or os.path.getmtime(onnx_path) < os.path.getmtime(path):
-                    export_onnx(net, onnx_path, input_shape=(1, 3, 256, 256), dynamic_spatial=True)
+                    # several worker processes may export at once: each writes its own file, renamed into place
+                    tmp = f"{onnx_path}.tmp-{os.getpid()}.onnx"
+                    export_onnx(net, tmp, input_shape=(1, 3, 256, 256), dynamic_spatial=True)
+                    os.replace(tmp, onnx_path)
             self.session = get_session(onnx_path)
             self.model = _OnnxModule(self.session)
         else:
