@@ -42,41 +42,44 @@ def cell_table(patterns, channels=None):
 # ----------------------------------------------------------------------------------------------------------
 
 # (positive markers, expected class, expected deciding step; 0 = default)
+V = "Vimentin"  # immune cells are kept only when stromal too (Vimentin+, SMA-), as in the source's rules
 CASES = [
-    ({"CD45", "PanCK"}, "excluded", 14),
-    ({"CD45", "NaKATPase", "Muc2"}, "excluded", 14),
-    ({"CD45", "CD3d", "CD20"}, "excluded", 15),
-    ({"CD45", "CD3d", "CD4", "CD68"}, "excluded", 16),
-    ({"CD45", "CD20", "Lysozyme"}, "excluded", 16),
-    ({"PanCK", "Muc2", "CgA"}, "excluded", 17),
-    ({"PanCK", "Muc2"}, "goblet", 18),
-    ({"NaKATPase", "Muc2", "Sox9"}, "goblet", 18),
-    ({"PanCK", "CgA"}, "endocrine", 19),
-    ({"PanCK", "CgA", "OLFM4"}, "endocrine", 19),
-    ({"PanCK", "Sox9"}, "progenitor", 20),
-    ({"NaKATPase", "OLFM4", "Vimentin"}, "progenitor", 20),
-    ({"PanCK"}, "epithelial", 21),
-    ({"PanCK", "NaKATPase", "SMA"}, "epithelial", 21),
-    ({"CD45", "CD3d", "CD4"}, "helper T", 22),
-    ({"CD45", "CD3d", "CD4", "Vimentin"}, "helper T", 22),
-    ({"CD45", "CD3d", "CD8"}, "cytotoxic T", 23),
-    ({"CD45", "CD3d"}, "T cell receptor", 24),
-    ({"CD45", "CD3d", "CD4", "CD8"}, "T cell receptor", 24),
-    ({"CD45", "CD20"}, "B", 25),
-    ({"CD45", "CD68"}, "macrophage", 26),
-    ({"CD45", "CD68", "CD11B", "Lysozyme"}, "macrophage", 26),
-    ({"CD45", "CD11B"}, "monocyte", 27),
-    ({"CD45", "Lysozyme"}, "myeloid", 28),
-    ({"CD45"}, "leukocyte", 29),
-    ({"CD45", "CD4"}, "leukocyte", 29),
-    ({"CD45", "Vimentin", "SMA"}, "leukocyte", 29),
-    ({"Vimentin"}, "fibroblast", 30),
-    ({"SMA"}, "stromal", 31),
-    ({"Vimentin", "SMA"}, "stromal", 31),
-    (set(), "unassigned", 0),
-    ({"CD3d", "CD4"}, "unassigned", 0),          # T-cell markers without CD45
-    ({"Muc2", "Sox9"}, "unassigned", 0),         # sublineage markers without an epithelial marker
-    ({"Lysozyme"}, "unassigned", 0),             # Paneth-like: lysozyme without CD45
+    ({"PanCK", "Vimentin"}, "excluded", 3),
+    ({"CgA", "SMA"}, "excluded", 3),
+    ({"CD45", "CD68", "CD3d", V}, "excluded", 5),
+    ({"CD45", "CD68", "CD11B", "Lysozyme", V}, "excluded", 5),
+    ({"CD11B", "CD20", V}, "excluded", 6),
+    ({"CD45", "CD20", "CD3d", V}, "excluded", 7),
+    ({"CD45", "CD3d", "CD4", "CD8", V}, "excluded", 8),
+    (set(), "excluded", 10),
+    ({"CD45", "CD3d", "CD4"}, "excluded", 11),    # no stromal marker
+    ({"Sox9"}, "excluded", 11),
+    ({"PanCK", "Muc2", "CgA"}, "excluded", 12),
+    ({"PanCK", "Muc2", "OLFM4"}, "excluded", 12),
+    ({"PanCK", "CgA", "Sox9"}, "excluded", 13),
+    ({"CD45", V, "SMA"}, "excluded", 14),
+    ({"CD45", "Sox9", V}, "excluded", 15),
+    ({"PanCK", "CD45"}, "excluded", 16),
+    ({"PanCK", "Muc2"}, "goblet", 17),
+    ({"Muc2"}, "goblet", 17),
+    ({"NaKATPase", "CgA"}, "endocrine", 18),
+    ({"PanCK"}, "epithelial", 19),
+    ({"PanCK", "NaKATPase"}, "epithelial", 19),
+    ({"SMA"}, "fibroblast", 21),
+    ({"SMA", V}, "fibroblast", 21),
+    ({V}, "stromal", 22),
+    ({"Lysozyme", V}, "myeloid", 23),
+    ({"CD45", "Lysozyme", V}, "myeloid", 23),
+    ({"CD45", "CD3d", "CD4", V}, "helper T", 24),
+    ({"CD4", V}, "helper T", 24),
+    ({"CD45", "CD3d", "CD8", V}, "cytotoxic T", 25),
+    ({"CD45", "CD3d", V}, "T cell receptor", 26),
+    ({"CD45", "CD11B", V}, "monocyte", 27),
+    ({"CD45", "CD68", "Lysozyme", V}, "macrophage", 28),
+    ({"CD45", "CD20", V}, "B", 29),
+    ({"CD45", V}, "leukocyte", 30),
+    ({"PanCK", "Sox9"}, "progenitor", 31),
+    ({"OLFM4", "SMA"}, "progenitor", 31),
 ]
 
 
@@ -105,37 +108,50 @@ def test_nucleus_subtype_preset_every_step():
 
 
 def _oracle(p):
-    """The nucleus_subtype logic written out as plain Python, independently of the rule engine."""
-    imm = "CD45" in p
-    epi = "PanCK" in p or "NaKATPase" in p
-    t = imm and "CD3d" in p
-    b = imm and "CD20" in p
-    mye = imm and bool(p & {"CD68", "CD11B", "Lysozyme"})
-    gob, endo = epi and "Muc2" in p, epi and "CgA" in p
-    if imm and epi or t and b or (t or b) and mye or gob and endo:
+    """The nucleus_subtype logic in plain Python, as the source script writes it (a union of exclusions, then
+    final classes as independent conditions), independently of the rule engine."""
+    has = p.__contains__
+    epi = bool(p & {"NaKATPase", "PanCK", "CgA", "Muc2"})
+    stroma = bool(p & {"Vimentin", "SMA"})
+    immune = bool(p & {"CD45", "CD3d", "CD4", "CD8", "CD20", "CD68", "CD11B", "Lysozyme"})
+    prog = bool(p & {"Sox9", "OLFM4"})
+    lymph_myelo = {"CD3d", "CD20", "CD4", "CD8"}
+    excluded = any([
+        epi and stroma,
+        has("CD68") and bool(p & (lymph_myelo | {"CD11B"})),
+        has("CD11B") and bool(p & (lymph_myelo | {"CD68"})),
+        has("CD20") and bool(p & {"CD3d", "CD4", "CD8"}),
+        has("CD4") and has("CD8"),
+        not (epi or stroma),
+        has("Muc2") and (immune or stroma or prog or has("CgA")),
+        has("CgA") and (immune or stroma or prog),
+        has("SMA") and immune,
+        prog and immune,
+        epi and immune,
+    ])
+    t_or_prog = bool(p & {"CD3d", "CD4", "CD8"}) or prog
+    finals = {
+        "goblet": has("Muc2") and epi and not prog,
+        "endocrine": has("CgA") and epi and not prog,
+        "epithelial": epi and not (has("CgA") or has("Muc2") or prog),
+        "fibroblast": stroma and not immune and has("SMA") and not prog,
+        "stromal": stroma and not immune and not has("SMA") and not prog,
+        "myeloid": immune and has("Lysozyme") and not (p & {"CD68", "CD11B", "CD20", "CD3d", "CD8", "CD4"}),
+        "helper T": immune and has("CD4") and not prog,
+        "cytotoxic T": immune and has("CD8") and not prog,
+        "T cell receptor": immune and has("CD3d") and not has("CD4") and not has("CD8"),
+        "monocyte": immune and has("CD11B") and not t_or_prog,
+        "macrophage": immune and has("CD68") and not t_or_prog,
+        "B": immune and has("CD20") and not (has("CD68") or t_or_prog),
+        "leukocyte": immune and has("CD45") and not (p & {"CD20", "CD68", "CD3d", "CD4", "CD8", "CD11B", "Lysozyme"})
+        and not prog,
+        "progenitor": prog,
+    }
+    if excluded:
         return "excluded"
-    if gob:
-        return "goblet"
-    if endo:
-        return "endocrine"
-    if epi and ("Sox9" in p or "OLFM4" in p):
-        return "progenitor"
-    if epi:
-        return "epithelial"
-    if t:
-        cd4, cd8 = "CD4" in p, "CD8" in p
-        return "helper T" if cd4 and not cd8 else "cytotoxic T" if cd8 and not cd4 else "T cell receptor"
-    if b:
-        return "B"
-    if mye:
-        return "macrophage" if "CD68" in p else "monocyte" if "CD11B" in p else "myeloid"
-    if imm:
-        return "leukocyte"
-    if "SMA" in p:
-        return "stromal"
-    if "Vimentin" in p:
-        return "fibroblast"
-    return "unassigned"
+    hits = [c for c, on in finals.items() if on]
+    assert len(hits) <= 1, (sorted(p), hits)  # the final classes never overlap once conflicts are excluded
+    return hits[0] if hits else "unassigned"
 
 
 def test_nucleus_subtype_preset_matches_plain_python_on_all_patterns():
@@ -176,7 +192,7 @@ def test_preset_listing_and_mibi_table_fits_the_panel():
     mapping = load_preset("mibi_panel").validate(names)
     assert mapping["PanKeratin"] == "PanKeratin (171)" and mapping["CD45"] == "CD45 (169)"
     # the colon table does not fit this panel, and says which marker is missing
-    with pytest.raises(RuleError, match=r"step 5 \(.*\): unknown marker 'CD68'.*Channels: Background \(128\)"):
+    with pytest.raises(RuleError, match=r"step 1 \(.*\): unknown marker 'CgA'.*Channels: Background \(128\)"):
         load_preset("nucleus_subtype").validate(names)
 
 
