@@ -133,6 +133,20 @@ def test_same_output_on_every_executor(tmp_path, cluster):
     assert not os.path.exists(str(dsk) + ".partial")
 
 
+def test_inprocess_compresses_on_a_helper_thread_with_the_same_result(tmp_path):
+    from histoflow.engine.executors import InProcessExecutor
+
+    slide = SlideData(mosaic(2))
+    ex = InProcessExecutor()
+    assert ex.encoder is not None
+    threaded = slide.run(pipeline(), tmp_path / "a.h5path", executor=ex, progress=False, compression="htj2k")
+    ex.close()
+    plain_ex = InProcessExecutor(encode_thread=False)
+    plain = slide.run(pipeline(), tmp_path / "b.h5path", executor=plain_ex, progress=False, compression="htj2k")
+    assert tile_data(threaded) == tile_data(plain)
+    assert os.path.getsize(threaded) == pytest.approx(os.path.getsize(plain), rel=0.01)
+
+
 def test_worker_killed_mid_run(tmp_path, cluster):
     address, procs = cluster
     slide = SlideData(mosaic(2))

@@ -31,10 +31,17 @@ class _Done:
 
 
 class InProcessExecutor:
-    """Runs each batch at submission, in the calling thread: simplest to debug (pdb works)."""
+    """Runs each batch at submission, in the calling thread: simplest to debug (pdb works).
+
+    Reading and transforms run in the calling thread; compressing the finished tiles runs on one helper
+    thread (``encoder``, handed to the batch function) so that it overlaps with the next tiles' work
+    (the codecs release the GIL). ``encode_thread=False`` keeps everything in the calling thread."""
 
     name = "inprocess"
     workers = 1
+
+    def __init__(self, encode_thread: bool = True):
+        self.encoder = cf.ThreadPoolExecutor(int(encode_thread), thread_name_prefix="histoflow-encode") if encode_thread else None
 
     def share(self, obj):
         return obj
@@ -46,7 +53,8 @@ class InProcessExecutor:
         return set(pending)
 
     def close(self):
-        pass
+        if self.encoder is not None:
+            self.encoder.shutdown(wait=True)
 
 
 class ThreadExecutor:

@@ -36,14 +36,17 @@ class BatchResult:
 
 
 def process_batch(slide, pipeline, batch: int, specs, compression="gzip", compression_level=4,
-                  on_error="raise", journal_dir=None) -> BatchResult:
+                  on_error="raise", journal_dir=None, encoder=None) -> BatchResult:
     """Read, transform and encode the tiles of one batch. Never raises for a tile's failure: failures
     are returned (the driver decides whether they stop the run).
 
     When ``journal_dir`` is visible from here (the same machine, or a shared file system), the worker
     journals the batch itself and returns only its failures: tile bytes then never travel through the
-    driver. A batch that stops a run (a failure with ``on_error="raise"``) is not journalled."""
-    out = _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error)
+    driver. A batch that stops a run (a failure with ``on_error="raise"``) is not journalled.
+
+    ``encoder`` (a ``concurrent.futures`` executor, given by the in-process executor) compresses tiles in
+    the background while the next tiles are read and transformed; the result is the same bytes."""
+    out = _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error, encoder)
     out.n_tiles = len(out.tiles)
     if journal_dir is not None and os.path.isdir(journal_dir) and not (out.failures and on_error == "raise"):
         from .partial import write_batch
@@ -54,8 +57,16 @@ def process_batch(slide, pipeline, batch: int, specs, compression="gzip", compre
     return out
 
 
-def _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error) -> BatchResult:
+def _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error, encoder=None) -> BatchResult:
     out = BatchResult(batch)
+    try:
+        _transform_batch(slide, pipeline, specs, compression, compression_level, on_error, encoder, out)
+    finally:  # encodings still in the background are collected, in grid order, whatever happened
+        out.tiles = [(i, e.result() if hasattr(e, "result") else e) for i, e in out.tiles]
+    return out
+
+
+def _transform_batch(slide, pipeline, specs, compression, compression_level, on_error, encoder, out):
     for index, spec in specs:
         try:
             tile = slide.read_tile(spec)
@@ -77,5 +88,7 @@ def _run_batch(slide, pipeline, batch, specs, compression, compression_level, on
             if on_error == "raise":
                 break
             continue
-        out.tiles.append((index, encode_tile(tile, compression, compression_level)))
-    return out
+        if encoder is None:
+            out.tiles.append((index, encode_tile(tile, compression, compression_level)))
+        else:
+            out.tiles.append((index, encoder.submit(encode_tile, tile, compression, compression_level)))
