@@ -38,7 +38,7 @@ def main():
     ids = card["split"]["train"][:: max(1, len(card["split"]["train"]) // args.n)][: args.n]
     samples = load_monuseg(MONUSEG, ids)
     maps = [predict_maps(model, s["image"], tta=args.tta) for s in samples]
-    grid = list(itertools.product((0.4, 0.5, 0.6), (0.3, 0.4, 0.5, 0.6), (11, 21)))
+    grid = list(itertools.product((0.4, 0.5, 0.6, 0.7, 0.8), (0.3, 0.4, 0.5, 0.6), (11, 21)))
     rows = []
     for fg, mk, k in grid:
         aji, dice = [], []

@@ -19,6 +19,10 @@ def test_shipped_nucleus_config_is_complete():
     assert cfg["task"] == "nucleus_segmentation" and cfg["model"]["name"] == "unet"
     assert os.path.normpath(os.path.join(cfg["_base"], cfg["data"]["root"])) == os.path.normpath(MONUSEG)
     assert len(cfg["data"]["val_ids"]) == 4 and "licence" in cfg["card"]
+    ft = load_config(os.path.join(ROOT, "configs", "nucleus_monuseg_finetune.yaml"))
+    assert ft["data"]["val_ids"] == cfg["data"]["val_ids"] and ft["model"]["params"] == cfg["model"]["params"]
+    assert os.path.normpath(os.path.join(ft["_base"], ft["model"]["init"])) == \
+        os.path.normpath(os.path.join(cfg["_base"], cfg["output"], "best.pt"))
 
 
 def test_nucleus_task_from_the_command_line(tmp_path):
@@ -45,6 +49,22 @@ def test_nucleus_task_from_the_command_line(tmp_path):
                         "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(json.load(open(tmp_path / "run" / "metrics.json"))["history"]) == 3
+    # stage 2: fine-tune from that run's best weights, with a weight average
+    import torch
+
+    from histoflow.ml import models
+    from histoflow.ml.recipes import _model
+
+    cfg2 = dict(cfg, model=dict(cfg["model"], init=str(tmp_path / "run" / "best.pt")),
+                train=dict(cfg["train"], epochs=1, ema=0.9, progress=False), output=str(tmp_path / "ft"))
+    start = models.load(tmp_path / "run" / "best.pt").state_dict()
+    assert all(torch.equal(v, start[k]) for k, v in _model(cfg2).state_dict().items())
+    trainer, hist = train_from_config(cfg2)
+    assert len(hist) == 1 and json.load(open(tmp_path / "ft" / "best.json"))["training"]["ema"] == 0.9
+    wrong = dict(cfg2, model={"name": "unet", "params": {"out_channels": 4, "filters": [8, 16, 32]},
+                              "init": str(tmp_path / "run" / "best.pt")})
+    with pytest.raises(ConfigError, match="model.init .*best.pt cannot start this model"):
+        train_from_config(wrong)
 
 
 def test_tile_classification_task(tmp_path):

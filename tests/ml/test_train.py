@@ -153,3 +153,36 @@ def test_training_errors(patches, tmp_path):
         t.fit(train, resume=True)
     with pytest.raises(ValueError, match="schedule"):
         Trainer(_model(), torch.nn.CrossEntropyLoss(), schedule="cosine")
+
+
+def test_weight_average_is_validated_saved_and_resumed(patches, tmp_path):
+    def trainer(out, epochs=3):
+        return Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=epochs, lr=2e-3, out_dir=out, progress=False,
+                       schedule="onecycle", ema=0.9, validate=lambda m, vl, dev: {"accuracy": _accuracy(m, vl)})
+
+    train, val = _loaders(patches)
+    t = trainer(tmp_path / "a")
+    hist = t.fit(train, val)
+    # the average is a different set of weights from the last step's, and it is what was validated and saved
+    assert not torch.equal(_weights(t.model), _weights(t.eval_model))
+    assert hist[-1]["val_loss"] == pytest.approx(t.evaluate(val))
+    best = models.load(tmp_path / "a" / "best.pt")
+    if t.best_epoch == 2:
+        assert torch.equal(_weights(best), _weights(t.eval_model))
+    assert _accuracy(best, val) == pytest.approx(hist[t.best_epoch]["accuracy"])
+    assert json.load(open(tmp_path / "a" / "best.json"))["training"]["ema"] == 0.9
+    assert max(h["accuracy"] for h in hist) >= 0.9
+    # interrupted after 2 epochs and resumed: the same average as the straight run
+    part = trainer(tmp_path / "b")
+    _stop_after(part, 2)
+    part.fit(*_loaders(patches))
+    resumed = trainer(tmp_path / "b")
+    resumed.fit(*_loaders(patches), resume=True)
+    assert torch.equal(_weights(resumed.eval_model), _weights(t.eval_model))
+    # a checkpoint without an average cannot resume a run with one
+    plain = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, lr=1e-3, out_dir=tmp_path / "c", progress=False)
+    plain.fit(*_loaders(patches))
+    with pytest.raises(TrainingError, match="no weight average"):
+        trainer(tmp_path / "c", epochs=2).fit(*_loaders(patches), resume=True)
+    with pytest.raises(ValueError, match="ema"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), ema=1.5)

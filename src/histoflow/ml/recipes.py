@@ -92,13 +92,21 @@ def _model(cfg):
     from . import models
 
     m = _need(cfg, "model")
-    return models.create(_need(cfg, "model", "name"), **(m.get("params") or {}))
+    model = models.create(_need(cfg, "model", "name"), **(m.get("params") or {}))
+    if m.get("init"):  # fine-tuning: start from the weights of an earlier run (same architecture)
+        path = _path(cfg, m["init"])
+        try:
+            start = models.load(path)
+            model.load_state_dict(start.state_dict())
+        except (models.ModelError, RuntimeError) as e:
+            raise ConfigError(f"{cfg.get('_path')}: model.init {path} cannot start this model ({e})") from None
+    return model
 
 
 def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
     t = dict(cfg.get("train") or {})
     known = {"epochs", "lr", "weight_decay", "accumulate", "schedule", "patience", "seed", "device", "amp",
-             "progress", "monitor"}
+             "progress", "monitor", "ema"}
     unknown = set(t) - known - {"batch_size", "num_workers"}
     if unknown:
         raise ConfigError(f"{cfg.get('_path')}: unknown train setting(s) {sorted(unknown)}; known: {sorted(known)}")

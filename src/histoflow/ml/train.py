@@ -103,6 +103,10 @@ class Trainer:
         What picks the best epoch and drives early stopping and the plateau schedule: ``"val_loss"``
         (lower is better; the training loss without validation data) or the name of a metric returned by
         ``validate`` (higher is better, e.g. ``"aji"``).
+    ema : float or None
+        Keep an exponential moving average of the weights (and batch-norm statistics) with this decay per
+        optimiser step (e.g. 0.99): validation, ``best.pt`` and the returned model use the average, which
+        is usually smoother and better than the last step's weights. None: off.
     card : dict, optional
         Model-card fields saved with ``best.pt`` (training data, licence ...); metrics are added.
     progress : bool
@@ -113,7 +117,7 @@ class Trainer:
                  accumulate: int = 1, schedule: str | None = None, patience: int | None = None,
                  seed: int = 0, device=None, amp: bool = False, out_dir=None,
                  batch_loss: Callable | None = None, validate: Callable | None = None, monitor: str = "val_loss",
-                 card: Mapping | None = None, progress: bool = True):
+                 card: Mapping | None = None, progress: bool = True, ema: float | None = None):
         if schedule not in (None, "onecycle", "plateau"):
             raise ValueError(f"schedule must be None, 'onecycle' or 'plateau', got {schedule!r}")
         if int(accumulate) < 1 or int(epochs) < 1:
@@ -136,11 +140,24 @@ class Trainer:
         self.card = dict(card or {})
         self.progress = progress
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if ema is not None and not 0.0 < float(ema) < 1.0:
+            raise ValueError(f"ema must be a decay between 0 and 1 (e.g. 0.99), got {ema!r}")
+        self.ema = None if ema is None else float(ema)
+        self.ema_model = None
+        if self.ema is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema_model = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.ema), use_buffers=True)
         self.scheduler = None
         self.history: list[dict] = []
         self.best_loss = math.inf
         self.best_epoch = -1
         self.epoch = 0  # epochs completed
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The model that is validated and saved: the weight average when ``ema`` is on."""
+        return self.ema_model.module if self.ema_model is not None else self.model
 
     # ------------------------------------------------------------------ schedule
     def _make_scheduler(self, steps_per_epoch: int):
@@ -163,7 +180,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "epoch": self.epoch, "history": self.history, "best_loss": self.best_loss,
-                "best_epoch": self.best_epoch, "seed": self.seed}
+                "best_epoch": self.best_epoch, "seed": self.seed,
+                "ema": self.ema_model.state_dict() if self.ema_model is not None else None}
 
     def save_checkpoint(self, path=None):
         path = path or self._ckpt_path()
@@ -180,6 +198,10 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema_model is not None:
+                if state.get("ema") is None:
+                    raise KeyError("the checkpoint has no weight average (it was trained without ema)")
+                self.ema_model.load_state_dict(state["ema"])
         except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
             raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
         if self.scheduler is not None and state.get("scheduler") is not None:
@@ -195,10 +217,10 @@ class Trainer:
         card = dict(self.card)
         card.setdefault("training", {})
         card["training"] = {**card["training"], "epoch": self.epoch, "seed": self.seed, "lr": self.lr,
-                            "schedule": self.schedule, "accumulate": self.accumulate}
+                            "schedule": self.schedule, "accumulate": self.accumulate, "ema": self.ema}
         card["metrics"] = {**card.get("metrics", {}), **{k: v for k, v in metrics.items()
                                                          if k not in ("epoch", "seconds", "lr")}}
-        models.save(self.model, os.path.join(self.out_dir, "best.pt"), card=card)
+        models.save(self.eval_model, os.path.join(self.out_dir, "best.pt"), card=card)
 
     def _write_metrics(self):
         keys = []
@@ -236,6 +258,8 @@ class Trainer:
             if (i + 1) % self.accumulate == 0 or i + 1 == steps:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.ema_model is not None:
+                    self.ema_model.update_parameters(self.model)
                 if self.schedule == "onecycle":
                     self.scheduler.step()
             total += loss.item()
@@ -249,13 +273,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:
-        """Mean loss over ``loader`` in eval mode."""
-        self.model.eval()
+        """Mean loss over ``loader`` in eval mode (of the weight average when ``ema`` is on)."""
+        model = self.eval_model
+        model.eval()
         total, n = 0.0, 0
         for batch in loader:
             batch = _to(batch, self.device)
             with self._autocast():
-                total += self.batch_loss(self.model, batch, self.loss_fn).float().item()
+                total += self.batch_loss(model, batch, self.loss_fn).float().item()
             n += 1
         return total / max(n, 1)
 
@@ -290,7 +315,7 @@ class Trainer:
             if val_loader is not None:
                 row["val_loss"] = self.evaluate(val_loader)
                 if self.validate is not None:
-                    row.update({k: float(v) for k, v in self.validate(self.model, val_loader,
+                    row.update({k: float(v) for k, v in self.validate(self.eval_model, val_loader,
                                                                       self.device).items()})
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - t0, 2)
