@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 from ..errors import HistoflowError
-from ..transforms.base import Transform
+from ..transforms.base import Transform, outputs_from
 from ..transforms.objects import keep_owned
 
 __all__ = ["NucleusSegmentation", "PatchClassification", "SemanticSegmentation", "SegmentCellsModel",
@@ -168,13 +168,9 @@ class NucleusSegmentation(Transform):
         self.tta = tta
         _resolve(model)  # fail at construction when the model file is missing
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
-    @property
-    def labels_out(self):
-        return (self.label_name,)
+    labels_out = outputs_from("label_name")
 
     def F(self, image, mpp=None, core=None):
         """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's)."""
@@ -422,9 +418,7 @@ class SemanticSegmentation(_ReducingModelTransform):
         self.mask_name = mask_name
         self.heatmap_downsample = heatmap_downsample
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
     def F(self, image):
         """Class probabilities ``(C, H, W)`` of one image (padded to the model's divisor and cropped back)."""
@@ -515,13 +509,9 @@ class SegmentCellsModel(Transform):
         if not os.path.exists(os.fspath(model)):
             raise HistoflowError(f"{model}: no such model file")
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
-    @property
-    def labels_out(self):
-        return (self.label_name,)
+    labels_out = outputs_from("label_name")
 
     def fit_slide(self, slide):
         self.channel_names_ = list(slide.reader.channel_names)

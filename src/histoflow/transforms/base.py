@@ -46,13 +46,21 @@ class TransformError(PipelineError):
         self.slide = slide
 
 
+def outputs_from(*params: str) -> property:
+    """A ``masks_out`` / ``labels_out`` (or ``*_in``) that names what a transform writes from its own
+    parameters: ``masks_out = outputs_from("mask_name")`` declares the mask the user chose to write."""
+    return property(lambda self: tuple(getattr(self, p) for p in params),
+                    doc=f"names given by the parameter(s) {', '.join(params)}")
+
+
 class Transform:
     """Base class of every transform.
 
     Subclasses set their parameters in ``__init__`` as attributes of the same names (the scikit-learn
     convention: :meth:`get_params` reads them back) and implement :meth:`apply`.
 
-    Class attributes (override as properties when they depend on parameters):
+    Class attributes (override as properties when they depend on parameters, e.g. with
+    :func:`outputs_from`):
 
     ``masks_in`` / ``masks_out``
         names of the tile masks read / written.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .base import Transform
+from .base import Transform, outputs_from
 from .filters import _check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int
 from .intensity import to_grey
 
@@ -204,9 +204,7 @@ class BinaryThreshold(Transform):
             channel = _check_positive_int("BinaryThreshold", "channel", channel, 0)
         self.channel = channel
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
     def F(self, image):
         return binary_threshold(image, self.use_otsu, self.threshold, self.inverse, self.channel)
@@ -222,9 +220,7 @@ class _MaskTransform(Transform, register=False):
     def masks_in(self):
         return (self.mask_name,)
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
     def apply(self, tile):
         if self.mask_name not in tile.masks:

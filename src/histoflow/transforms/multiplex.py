@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..utils import NUCLEAR_MARKERS
-from .base import Transform
+from .base import Transform, outputs_from
 from .objects import find_channel, keep_owned, relabel_sequential
 
 __all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentCells", "VirtualHE",
@@ -150,13 +150,9 @@ class SegmentNuclei(Transform):
         self.threshold_ = None
         self.channel_names_ = None
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
-    @property
-    def labels_out(self):
-        return (self.label_name,)
+    labels_out = outputs_from("label_name")
 
     # ------------------------------------------------------------------ slide level
     def fit_slide(self, slide):

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from .base import Transform
+from .base import Transform, outputs_from
 from .stain import REFERENCE_STAIN_MATRIX, _METHODS, _check_rgb, _od_lut, _StainFitMixin
 
 __all__ = ["MIN_HEMATOXYLIN", "hematoxylin_concentration", "detect_nuclei", "NucleusDetectionHE"]
@@ -191,13 +191,9 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
         self.label_name = label_name
         self.slide_stains_ = None
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
-    @property
-    def labels_out(self):
-        return (self.label_name,)
+    labels_out = outputs_from("label_name")
 
     def fit_slide(self, slide):
         """Estimate the slide's H&E matrix once, from its thumbnail (and ``"tissue"`` mask)."""

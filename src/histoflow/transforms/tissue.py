@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .base import Transform
+from .base import Transform, outputs_from
 from .filters import (_check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int,
                       median_blur)
 from .intensity import rgb_to_saturation, to_grey
@@ -273,9 +273,7 @@ class TissueDetectionHE(Transform):
         self.max_hole_size = _check_number(name, "max_hole_size", max_hole_size, 0)
         self.outer_contours_only = _check_bool(name, "outer_contours_only", outer_contours_only)
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
     def F(self, image):
         f = self.working_downsample
@@ -333,9 +331,7 @@ class TissueDetectionCascade(Transform):
             raise ValueError(f"{name}: close_kernel_sizes must be a list of odd integers, got {close_kernel_sizes!r}")
         self.close_kernel_sizes = tuple(_check_odd_kernel(name, k) for k in close_kernel_sizes)
 
-    @property
-    def masks_out(self):
-        return (self.mask_name,)
+    masks_out = outputs_from("mask_name")
 
     def F(self, image):
         return detect_tissue_cascade(image, self.saturation_threshold, self.close_kernel_sizes)
@@ -374,9 +370,7 @@ class LabelWhiteSpaceHE(Transform):
             raise ValueError(f"{name}: proportion_threshold must be in [0, 1], got {proportion_threshold!r}")
         self.greyscale_threshold = _check_number(name, "greyscale_threshold", greyscale_threshold, 0)
 
-    @property
-    def labels_out(self):
-        return (self.label_name,)
+    labels_out = outputs_from("label_name")
 
     def F(self, image):
         return bool(white_space_fraction(image, self.greyscale_threshold) > self.proportion_threshold)
@@ -421,9 +415,7 @@ class LabelArtifactTileHE(Transform):
             if getattr(self, p) > 1:
                 raise ValueError(f"{name}: {p} must be in [0, 1], got {getattr(self, p)!r}")
 
-    @property
-    def labels_out(self):
-        return (self.label_name,)
+    labels_out = outputs_from("label_name")
 
     def F(self, image):
         of_tile, of_foreground = ink_fraction(image)
