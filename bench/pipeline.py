@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from read_tiles import mosaic  # noqa: E402
+from read_tiles import mosaic, peak_rss_mb  # noqa: E402
 
 PATHML_REFERENCE = {"tiles_per_s_inprocess": 67, "tiles_per_s_dask2": 39, "output_mb_4x": 320,
                     "source": "measured on this machine before the pipelines issue (issue text)"}
@@ -101,7 +100,7 @@ def child(mode, slide, out):
         dt = time.perf_counter() - t0
     else:
         raise SystemExit(f"unknown mode {mode}")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     print(json.dumps({"tiles": n, "seconds": dt, "tiles_per_s": n / dt, "peak_rss_mb": rss,
                       "output_mb": os.path.getsize(out) / 1e6}))
 
