@@ -8,6 +8,7 @@ import tifffile
 from datafiles import SVS, data_path
 
 from histoflow import SlideReadError, open_slide
+from histoflow.errors import RegionError
 from histoflow.io import detect_format
 
 MIBI = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
@@ -149,6 +150,12 @@ def test_thumbnail_bounded_and_faithful(mosaic8):
     with open_slide(MIBI) as s:
         th = s.thumbnail(256)
         assert th.shape == (256, 256, 22) and th.dtype == np.uint16
+        # a channel subset is the same pixels as those channels of the full thumbnail
+        sub = s.thumbnail(256, channels=[5, 0])
+        assert sub.shape == (256, 256, 2)
+        np.testing.assert_array_equal(sub, th[..., [5, 0]])
+        with pytest.raises(RegionError, match=r"thumbnail channels \[22\] out of range.*22 channel"):
+            s.thumbnail(256, channels=[22])
 
 
 def test_closed_reader_refuses():

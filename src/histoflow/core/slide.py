@@ -109,8 +109,8 @@ class SlideData:
     def read_region(self, location, level, size):
         return self.reader.read_region(location, level, size)
 
-    def thumbnail(self, max_size=512):
-        return self.reader.thumbnail(max_size)
+    def thumbnail(self, max_size=512, channels=None):
+        return self.reader.thumbnail(max_size, channels=channels)
 
     # ------------------------------------------------------------------ masks
     def add_mask(self, name: str, array, downsample: float | None = None):

@@ -309,16 +309,24 @@ class SlideReader:
         self.check_region_bytes(lv.width, lv.height, what=f"level {level}")
         return self.read_region((0, 0), level, (lv.width, lv.height))
 
-    def thumbnail(self, max_size: int = 512) -> np.ndarray:
+    def thumbnail(self, max_size: int = 512, channels=None) -> np.ndarray:
         """A downsampled view of the whole slide whose longer side is ``max_size`` pixels.
 
         Reads the smallest level that is still at least ``max_size`` on its longer side, in strips, so
         memory stays bounded whatever the slide size. Returns the native dtype, ``(h, w, c)``.
+        ``channels`` (indices) keeps only those channels, in that order: a one-channel view of a
+        22-channel slide takes 1/22 of the memory.
         """
         self._check_open()
         max_size = int(max_size)
         if max_size <= 0:
             raise RegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
+        if channels is not None:
+            channels = [int(c) for c in np.atleast_1d(channels)]
+            bad = [c for c in channels if not 0 <= c < self.channels]
+            if bad or not channels:
+                raise RegionError(f"{self.path}: thumbnail channels {bad or channels} out of range: the slide has "
+                                  f"{self.channels} channel(s)")
         w0, h0 = self.dimensions
         scale = max_size / max(w0, h0)
         tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
@@ -327,7 +335,7 @@ class SlideReader:
             if max(lv.width, lv.height) >= max_size:
                 level = i
         lv = self.levels[level]
-        return _downscale_level(self, level, lv, tw, th)
+        return _downscale_level(self, level, lv, tw, th, channels)
 
     # ------------------------------------------------------------------ life cycle
     def _check_open(self):
@@ -364,13 +372,13 @@ class SlideReader:
                 f"{len(self.levels)} level(s), {self.channels} ch {self.dtype.name}>")
 
 
-def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: int) -> np.ndarray:
-    """Area-average a level down to (tw, th), reading it in horizontal strips."""
+def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: int, channels=None) -> np.ndarray:
+    """Area-average a level down to (tw, th), reading it in horizontal strips (``channels``: keep those)."""
     c = reader.channels
     fy, fx = lv.height / th, lv.width / tw
     # the output in the native dtype, filled strip by strip (a float64 image of many channels would take
     # 4-8x the memory of the result)
-    out = np.empty((th, tw, c), dtype=reader.dtype)
+    out = np.empty((th, tw, c if channels is None else len(channels)), dtype=reader.dtype)
     # rows of the output covered by each strip: keep a strip under ~16 MiB (its float64 sums take 4-8x that)
     row_bytes = lv.width * c * reader.dtype.itemsize
     rows_per_strip = max(1, int((16 * 1024**2) // max(row_bytes * max(fy, 1), 1)))
@@ -380,6 +388,8 @@ def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: in
         sy0, sy1 = int(math.floor(oy0 * fy)), min(lv.height, int(math.ceil(oy1 * fy)))
         sy1 = max(sy1, sy0 + 1)
         strip = reader.read_region((0, int(round(sy0 * ds))), level, (lv.width, sy1 - sy0))
+        if channels is not None:
+            strip = strip[..., channels]
         if strip.shape[0] == oy1 - oy0 and strip.shape[1] == tw:  # same size: no resampling
             out[oy0:oy1] = strip
             continue

@@ -163,10 +163,10 @@ class SegmentNuclei(Transform):
         if self.threshold is not None:
             return
         c = nuclear_channel_index(names, self.nuclear_channel)
-        thumb = np.asarray(slide.thumbnail(2048))
+        thumb = np.asarray(slide.thumbnail(2048, channels=[c]))  # the nuclear channel only
         ds = slide.dimensions[0] / thumb.shape[1]
         mpp = (slide.mpp[0] if slide.mpp else (self.mpp or DEFAULT_MPP)) * ds
-        self.threshold_ = _otsu_threshold(_smooth(thumb[..., c], self.sigma_um / mpp))
+        self.threshold_ = _otsu_threshold(_smooth(thumb[..., 0], self.sigma_um / mpp))
 
     # ------------------------------------------------------------------ tiles
     def _mpp(self, tile):
