@@ -41,7 +41,9 @@ class InProcessExecutor:
     workers = 1
 
     def __init__(self, encode_thread: bool = True):
-        self.encoder = cf.ThreadPoolExecutor(int(encode_thread), thread_name_prefix="histoflow-encode") if encode_thread else None
+        self.encoder = None
+        if encode_thread:
+            self.encoder = cf.ThreadPoolExecutor(1, thread_name_prefix="histoflow-encode")
 
     def share(self, obj):
         return obj

@@ -6,6 +6,7 @@ bytes. The slide object arrives once per worker process (scattered) and keeps it
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..store.h5path import encode_tile
@@ -62,7 +63,7 @@ def _run_batch(slide, pipeline, batch, specs, compression, compression_level, on
     try:
         _transform_batch(slide, pipeline, specs, compression, compression_level, on_error, encoder, out)
     finally:  # encodings still in the background are collected, in grid order, whatever happened
-        out.tiles = [(i, e.result() if hasattr(e, "result") else e) for i, e in out.tiles]
+        out.tiles = [(i, e.result() if isinstance(e, Future) else e) for i, e in out.tiles]
     return out
 
 
