@@ -194,17 +194,30 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
     job.resumed = len(job.done)
 
 
+def _slide_metadata(job, first_batch) -> dict:
+    """The slide's record for the store. When the pipeline replaced the pixels with another number of
+    channels (virtual H&E from fluorescence: 22 channels in, RGB out), the slide's channel names do not name
+    the stored tiles' channels: they become R, G, B (or none)."""
+    meta = job.slide.metadata()
+    names = meta.get("channel_names")
+    first = next((enc for _, enc in first_batch.tiles), None)
+    if first is not None and names is not None and len(names) != first.image.shape[2]:
+        meta["channel_names"] = ["R", "G", "B"] if first.image.shape[2] == 3 else None
+    return meta
+
+
 def _merge_ready(job):
     """Copy every journalled batch that is next in grid order into the slide's h5path, as batches finish
     (the copy overlaps with the work still running). The file stays under a temporary name until
     :func:`_finish`; the journal stays until then too, so an interrupted run resumes from it."""
-    if job.writer is None:
-        job.writer = H5PathWriter(job.out, slide=job.slide.metadata(), compression=job.manifest["compression"],
-                                  compression_level=job.manifest["compression_level"])
-        for name, m in job.slide.masks.items():
-            job.writer.add_slide_mask(name, m.array, m.downsample)
     while job.next_merge in job.done:
         result = partial.read_batch(job.dir, job.next_merge)
+        if job.writer is None:
+            job.writer = H5PathWriter(job.out, slide=_slide_metadata(job, result),
+                                      compression=job.manifest["compression"],
+                                      compression_level=job.manifest["compression_level"])
+            for name, m in job.slide.masks.items():
+                job.writer.add_slide_mask(name, m.array, m.downsample)
         reduces = job.pipeline is not None and job.pipeline.reduces
         for _, enc in sorted(result.tiles, key=lambda t: t[0]):
             job.writer.add_tile(enc)

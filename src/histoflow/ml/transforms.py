@@ -20,7 +20,7 @@ from ..transforms.base import Transform, outputs_from
 from ..transforms.objects import keep_owned
 
 __all__ = ["NucleusSegmentation", "PatchClassification", "SemanticSegmentation", "SegmentCellsModel",
-           "builtin_model_path", "keep_owned"]
+           "StyleTransferHE", "builtin_model_path", "keep_owned"]
 
 _LOCK = threading.Lock()
 _CACHE: dict = {}
@@ -585,3 +585,91 @@ class SegmentCellsModel(Transform):
         lab = self.F(tile.image, tile.mpp[0] if tile.mpp else None, tile.core)
         tile.masks[self.mask_name] = lab
         tile.labels[self.label_name] = int(lab.max())
+
+
+# ------------------------------------------------------------------------------------ learned virtual H&E
+class StyleTransferHE(Transform):
+    """Virtual H&E from fluorescence with a learned image-to-image model (e.g. a CycleGAN / pix2pix
+    generator exported to ONNX): the learned counterpart of :class:`~histoflow.transforms.VirtualHE`,
+    with the same place in a pipeline (the tile becomes 8-bit RGB H&E).
+
+    Pre-processing: the ``channels`` (names or indices, in the model's input order) are each divided by a
+    slide-wide ``percentile`` of that channel (from a thumbnail, in :meth:`fit_slide`; per tile without
+    one), clipped to [0, 1], mapped to ``input_range``, and padded to a multiple of ``size_divisor``; the
+    model gets ``(1, len(channels), H, W)`` float32 and returns ``(1, 3, H, W)`` RGB in ``output_range``
+    (``"tanh"``: [-1, 1], the usual GAN generator; ``"unit"``: [0, 1]). One onnxruntime session per
+    worker process. Tiles at another pixel size than ``model_mpp`` are resampled to it and back.
+    """
+
+    slide_types = None
+    changes_image = True
+
+    def __init__(self, model, channels, percentile=99.0, input_range="unit", output_range="tanh",
+                 model_mpp=None, size_divisor=16):
+        for name, value in (("input_range", input_range), ("output_range", output_range)):
+            if value not in ("unit", "tanh"):
+                raise ValueError(f"StyleTransferHE: {name} must be 'unit' ([0, 1]) or 'tanh' ([-1, 1]), got {value!r}")
+        if not channels:
+            raise ValueError("StyleTransferHE: give the model's input channels (names or indices)")
+        self.model = os.fspath(model)  # a str: parameters are saved as YAML/JSON
+        self.channels = list(channels)
+        self.percentile = percentile
+        self.input_range = input_range
+        self.output_range = output_range
+        self.model_mpp = model_mpp
+        self.size_divisor = size_divisor
+        self.channel_names_ = None
+        self.scales_ = None
+        if not os.path.exists(os.fspath(model)):
+            raise HistoflowError(f"{model}: no such model file")
+
+    def _indices(self, names):
+        from ..transforms.objects import find_channel
+
+        return [c if isinstance(c, (int, np.integer)) else find_channel(names, c) for c in self.channels]
+
+    def fit_slide(self, slide):
+        """Slide-wide intensity scales of the input channels, from a thumbnail of those channels only."""
+        names = list(slide.reader.channel_names)
+        self.channel_names_ = names
+        thumb = np.asarray(slide.thumbnail(1024, channels=self._indices(names)), np.float32)
+        self.scales_ = [float(np.percentile(thumb[..., i], self.percentile)) or 1.0 for i in range(thumb.shape[2])]
+
+    def F(self, image, mpp=None):
+        """8-bit RGB of a ``(h, w, c)`` fluorescence image with pixel size ``mpp`` µm."""
+        import cv2
+
+        from .onnx import get_session
+
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        names = self.channel_names_ or [str(i) for i in range(image.shape[2])]
+        x = image[..., self._indices(names)].astype(np.float32)
+        scales = self.scales_ or [float(np.percentile(x[..., i], self.percentile)) or 1.0 for i in range(x.shape[2])]
+        x = np.clip(x / np.asarray(scales, np.float32), 0, 1)
+        if self.input_range == "tanh":
+            x = 2 * x - 1
+        h, w = x.shape[:2]
+        if mpp and self.model_mpp and abs(mpp / self.model_mpp - 1) > 1e-3:
+            s = mpp / self.model_mpp
+            x = cv2.resize(x, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_LINEAR)
+            x = x[:, :, None] if x.ndim == 2 else x
+        d = int(self.size_divisor)
+        xh, xw = x.shape[:2]
+        x = np.pad(x, ((0, -xh % d), (0, -xw % d), (0, 0)), mode="reflect" if min(xh, xw) > d else "edge")
+        out = get_session(os.fspath(self.model))(np.ascontiguousarray(x.transpose(2, 0, 1)[None], np.float32))
+        out = np.asarray(next(iter(out.values())) if isinstance(out, dict) else out)
+        if out.ndim != 4 or out.shape[1] != 3:
+            raise HistoflowError(f"{self.model}: a style-transfer model must output (1, 3, H, W) RGB, got {out.shape}")
+        rgb = out[0, :, :xh, :xw].transpose(1, 2, 0)
+        if self.output_range == "tanh":
+            rgb = (rgb + 1) / 2
+        rgb = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
+        if rgb.shape[:2] != (h, w):
+            rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+        return rgb
+
+    def apply(self, tile):
+        tile.image = self.F(tile.image, tile.mpp[0] if tile.mpp else None)
+        tile.slide_type = "HE"
