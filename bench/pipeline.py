@@ -7,10 +7,11 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
   ``tiles_per_s_inprocess_8x`` / ``tiles_per_s_dask2_8x`` on the 8x mosaic
 - ``tiles_per_s_threads2``: the same with the threads executor, 2 threads in one process
 - ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
-  processes, warmed by a run on the small sample slide (cluster start-up and the workers' first imports
-  not counted; scatter, journal and merge counted)
-- ``output_mb``: size of the h5path written for the 4x mosaic (default gzip); ``output_mb_htj2k``,
-  ``tiles_per_s_inprocess_htj2k`` and ``tiles_per_s_dask2_htj2k`` with ``compression="htj2k"``
+  processes, warmed by a run on the small sample slide with the same settings (cluster start-up, the
+  workers' first imports and first codec use not counted; scatter, journal and merge counted)
+- ``output_mb``: size of the h5path written for the 4x mosaic. All of the above use the runs' default
+  compression (HTJ2K); ``output_mb_gzip``, ``tiles_per_s_inprocess_gzip``, ``tiles_per_s_dask1_gzip`` and
+  ``tiles_per_s_dask2_gzip`` are the same with ``compression="gzip"``
 - ``peak_rss_mb_4x`` / ``peak_rss_mb_16x``: peak RSS of in-process runs on the 4x and 16x mosaics
   (memory must stay flat with slide size)
 - ``pathml_tiles_per_s`` / ``pathml_output_mb``: PathML 3.0.8 on the same slide and pipeline, when
@@ -22,7 +23,7 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 Prints one JSON line.
 
     python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big]
-    python bench/pipeline.py --compressions     # gzip vs htj2k only, in-process and 2 dask workers
+    python bench/pipeline.py --compressions [--modes inprocess-gzip,dask2-htj2k]   # chosen runs only
 """
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ PATHML_REFERENCE = {"tiles_per_s_inprocess": 67, "tiles_per_s_dask2": 39, "outpu
 
 
 def child(mode, slide, out):
-    compression = "gzip"
-    if mode.endswith("-htj2k"):
-        mode, compression = mode[:-6], "htj2k"
+    compression = "htj2k"  # the default of runs
+    if "-" in mode:
+        mode, compression = mode.split("-", 1)
     import histoflow
     from histoflow.transforms import BoxBlur, Pipeline, TissueDetectionHE
 
@@ -58,7 +59,7 @@ def child(mode, slide, out):
         dt = time.perf_counter() - t0
     elif mode == "threads2":
         t0 = time.perf_counter()
-        s.run(pipe, out, executor="threads", workers=2, progress=False)
+        s.run(pipe, out, executor="threads", workers=2, progress=False, compression=compression)
         dt = time.perf_counter() - t0
     elif mode.startswith("dask"):
         from distributed import Client, LocalCluster
@@ -73,7 +74,8 @@ def child(mode, slide, out):
             # warm the workers (imports, first OpenCV calls) on the small sample slide: steady-state rate
             from histoflow.data import sample_slide_path
 
-            histoflow.SlideData(sample_slide_path()).run(pipe, out + ".warm.h5path", client=client, progress=False)
+            histoflow.SlideData(sample_slide_path()).run(pipe, out + ".warm.h5path", client=client, progress=False,
+                                                         compression=compression)
             t0 = time.perf_counter()
             s.run(pipe, out, client=client, progress=False, compression=compression)
             dt = time.perf_counter() - t0
@@ -121,7 +123,9 @@ def main():
     p.add_argument("--big", type=int, default=16)
     p.add_argument("--skip-big", action="store_true")
     p.add_argument("--compressions", action="store_true",
-                   help="only gzip vs htj2k: in-process and 2 dask workers on the first mosaic")
+                   help="only the runs of --modes on the first mosaic")
+    p.add_argument("--modes", default="inprocess-htj2k,inprocess-gzip,dask2-htj2k,dask2-gzip",
+                   help="with --compressions: the runs, MODE[-COMPRESSION] (default: %(default)s)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -130,7 +134,7 @@ def main():
     if args.compressions:
         slide = mosaic(args.n)
         out = {"bench": "pipeline-compressions", "slide": f"mosaic{args.n}", "pathml_reference": PATHML_REFERENCE}
-        for mode in ("inprocess", "inprocess-htj2k", "dask2", "dask2-htj2k"):
+        for mode in args.modes.split(","):
             r = measure(mode, slide)
             key = mode.replace("-", "_")
             out[f"tiles_per_s_{key}"] = round(r["tiles_per_s"], 1)
@@ -145,15 +149,16 @@ def main():
     out["tiles_per_s_inprocess"] = round(ip["tiles_per_s"], 1)
     out["output_mb"] = round(ip["output_mb"], 1)
     out["peak_rss_mb_4x" if args.n == 4 else f"peak_rss_mb_{args.n}x"] = round(ip["peak_rss_mb"], 1)
-    hj = measure("inprocess-htj2k", slide)
-    out["output_mb_htj2k"] = round(hj["output_mb"], 1)
-    out["tiles_per_s_inprocess_htj2k"] = round(hj["tiles_per_s"], 1)
     out["tiles_per_s_threads2"] = round(measure("threads2", slide)["tiles_per_s"], 1)
     for w in (1, 2):
-        r = measure(f"dask{w}", slide)
-        out[f"tiles_per_s_dask{w}"] = round(r["tiles_per_s"], 1)
+        out[f"tiles_per_s_dask{w}"] = round(measure(f"dask{w}", slide)["tiles_per_s"], 1)
     out["dask2_over_dask1"] = round(out["tiles_per_s_dask2"] / out["tiles_per_s_dask1"], 2)
-    out["tiles_per_s_dask2_htj2k"] = round(measure("dask2-htj2k", slide)["tiles_per_s"], 1)
+    gz = measure("inprocess-gzip", slide)
+    out["output_mb_gzip"] = round(gz["output_mb"], 1)
+    out["tiles_per_s_inprocess_gzip"] = round(gz["tiles_per_s"], 1)
+    for w in (1, 2):
+        out[f"tiles_per_s_dask{w}_gzip"] = round(measure(f"dask{w}-gzip", slide)["tiles_per_s"], 1)
+    out["dask2_over_dask1_gzip"] = round(out["tiles_per_s_dask2_gzip"] / out["tiles_per_s_dask1_gzip"], 2)
     try:
         import pathml  # noqa: F401
 
@@ -165,11 +170,13 @@ def main():
         out["pathml_output_mb"] = None
     ref = PATHML_REFERENCE
     base_ip = out["pathml_tiles_per_s"] or ref["tiles_per_s_inprocess"]
+    base_mb = out["pathml_output_mb"] or ref["output_mb_4x"]
     out["speedup_vs_pathml_inprocess"] = round(out["tiles_per_s_inprocess"] / base_ip, 1)
     out["speedup_vs_pathml_dask2"] = round(out["tiles_per_s_dask2"] / ref["tiles_per_s_dask2"], 1)
-    out["output_fraction_of_pathml"] = round(out["output_mb"] / (out["pathml_output_mb"] or ref["output_mb_4x"]), 3)
-    out["output_fraction_of_pathml_htj2k"] = round(out["output_mb_htj2k"] / (out["pathml_output_mb"] or
-                                                                             ref["output_mb_4x"]), 3)
+    out["speedup_vs_pathml_inprocess_gzip"] = round(out["tiles_per_s_inprocess_gzip"] / base_ip, 1)
+    out["speedup_vs_pathml_dask2_gzip"] = round(out["tiles_per_s_dask2_gzip"] / ref["tiles_per_s_dask2"], 1)
+    out["output_fraction_of_pathml"] = round(out["output_mb"] / base_mb, 3)
+    out["output_fraction_of_pathml_gzip"] = round(out["output_mb_gzip"] / base_mb, 3)
     out["pathml_reference"] = ref
     if args.mid:
         mid = mosaic(args.mid)

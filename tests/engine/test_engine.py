@@ -11,6 +11,7 @@ import sys
 import time
 
 import cv2
+import h5py
 import numpy as np
 import pytest
 from datafiles import SVS, mosaic
@@ -294,10 +295,12 @@ def test_tissue_prepass_filters_tiles_and_is_stored(tmp_path):
 
 def test_htj2k_run_same_pixels_smaller_file(tmp_path):
     slide = SlideData(mosaic(2))
-    a = slide.run(pipeline(), tmp_path / "gzip.h5path", executor="threads", workers=2, progress=False)
-    b = slide.run(pipeline(), tmp_path / "htj2k.h5path", executor="threads", workers=2, progress=False,
-                  compression="htj2k")
+    a = slide.run(pipeline(), tmp_path / "gzip.h5path", executor="threads", workers=2, progress=False,
+                  compression="gzip")
+    b = slide.run(pipeline(), tmp_path / "htj2k.h5path", executor="threads", workers=2, progress=False)
     assert os.path.getsize(b) < 0.6 * os.path.getsize(a)  # smoothed tiles: HTJ2K's prediction pays off
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:  # htj2k: the default of runs
+        assert fa["tiles"].attrs["compression"] == "gzip" and fb["tiles"].attrs["compression"] == "htj2k"
     with read_h5path(a) as ha, read_h5path(b) as hb:
         for i in range(0, len(ha), 37):
             np.testing.assert_array_equal(ha.tile(i).image, hb.tile(i).image)

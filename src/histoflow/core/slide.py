@@ -221,7 +221,7 @@ class SlideData:
     # ------------------------------------------------------------------ running pipelines
     def run(self, pipeline, out, *, tile_size=256, overlap=0, stride=None, level=None, mpp=None, edge="pad",
             tissue_filter=None, executor="dask", workers=None, scheduler=None, client=None, batch_size=32,
-            max_in_flight=None, on_error="raise", resume=False, progress=True, compression="gzip",
+            max_in_flight=None, on_error="raise", resume=False, progress=True, compression="htj2k",
             on_batch=None) -> str:
         """Run a pipeline on every tile and write the results to the h5path file ``out``.
 
@@ -248,6 +248,11 @@ class SlideData:
             Continue an interrupted run from its finished batches.
         progress : bool
             Show a progress bar (tiles done, rate, ETA).
+        compression : {"htj2k", "gzip", None}
+            Lossless compression of the stored tiles. ``"htj2k"`` (default): reversible High-Throughput
+            JPEG 2000 for images of 1 or 3 channels of 8 or 16 bits (other images, and masks, gzip); about
+            2.6x smaller than gzip on H&E, read by any HDF5 reader that loads hdf5plugin (histoflow's does).
+            ``"gzip"``: readable by any HDF5 reader, larger, and faster to write in one process.
         """
         from ..engine import run_slides
 

@@ -77,7 +77,7 @@ BATCH_BYTES = 64 * 2**20
 def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, overlap=0, stride=None, level=None,
                mpp=None, edge="pad", tissue_filter=None, executor="dask", workers=None, scheduler=None,
                client=None, batch_size=32, max_in_flight=None, on_error="raise", resume=False, progress=True,
-               compression="gzip", compression_level=2, on_batch=None) -> list[str]:
+               compression="htj2k", compression_level=2, on_batch=None) -> list[str]:
     """Run ``pipeline`` on every tile of every slide; write one h5path per slide. See :meth:`SlideData.run`.
 
     Returns the output paths, in the order of ``slides``.
