@@ -92,6 +92,12 @@ def test_run_command_and_transforms_listing(tmp_path):
     r = run("run", str(pipe), SVS, "-o", str(tmp_path / "out"), "--executor", "threads", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "CMU-1-Small-Region.h5path: 108 tiles" in r.stdout and "'tissue'" in r.stdout
+    import h5py
+    import hdf5plugin
+
+    with h5py.File(tmp_path / "out" / "CMU-1-Small-Region.h5path", "r") as f:  # runs default to HTJ2K tiles
+        assert f["tiles"].attrs["compression"] == "htj2k"
+        assert f["tiles/images"].id.get_create_plist().get_filter(0)[0] == hdf5plugin.Htj2k.filter_id  # 32033
     r = run("transforms")
     assert r.returncode == 0
     for name in ("BoxBlur(kernel_size=5", "StainNormalizationHE(", "TissueDetectionHE(", "NucleusDetectionHE("):
