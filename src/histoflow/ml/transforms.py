@@ -236,15 +236,21 @@ def _card_near(path):
     return {}
 
 
+def _existing_model(path) -> str:
+    """``path`` as a str, or a HistoflowError naming it when there is no such file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise HistoflowError(f"{path}: no such model file")
+    return path
+
+
 def _model_runner(path, device=None) -> _ModelRunner:
     path = os.path.abspath(os.fspath(path))
     key = ("any", path, os.getpid())
     with _LOCK:
         r = _CACHE.get(key)
-        if r is None:
-            if not os.path.exists(path):
-                raise HistoflowError(f"{path}: no such model file")
-            r = _CACHE[key] = _ModelRunner(path, device)
+        if r is None:  # the file is checked once, not per tile
+            r = _CACHE[key] = _ModelRunner(_existing_model(path), device)
     return r
 
 
@@ -506,8 +512,7 @@ class SegmentCellsModel(Transform):
         self.mask_name = mask_name
         self.label_name = label_name
         self.channel_names_ = None
-        if not os.path.exists(os.fspath(model)):
-            raise HistoflowError(f"{model}: no such model file")
+        _existing_model(model)
 
     masks_out = outputs_from("mask_name")
 
@@ -620,8 +625,7 @@ class StyleTransferHE(Transform):
         self.size_divisor = size_divisor
         self.channel_names_ = None
         self.scales_ = None
-        if not os.path.exists(os.fspath(model)):
-            raise HistoflowError(f"{model}: no such model file")
+        _existing_model(model)
 
     def _indices(self, names):
         from ..transforms.objects import find_channel
