@@ -5,7 +5,7 @@
     histoflow tile SLIDE -o OUT.h5path [--size 256] [--level L | --mpp M] [--overlap K] [--edge pad|drop]
     histoflow run PIPELINE.yaml SLIDE... -o OUTDIR [--workers N | --scheduler ADDRESS] [--resume]
     histoflow transforms [--json]
-    histoflow train CONFIG.yaml [--resume] [--epochs N] [--output DIR]
+    histoflow train CONFIG.yaml [--resume] [--epochs N] [--seed S] [--output DIR]
     histoflow segment-nuclei IMAGE_OR_SLIDE -o OUT.tif [--geojson OUT.geojson] [--workers N]
     histoflow quantify SLIDE -o cells.h5ad [--nuclear-channel NAME] [--membrane NAME ...] [--workers N]
     histoflow phenotype cells.h5ad --rules RULES.yaml|PRESET -o out.h5ad [--gate otsu|gmm]
@@ -95,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.ckpt")
     s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument("--seed", type=int, help="override train.seed (e.g. members of an ensemble)")
     s.add_argument("--output", help="override the output folder")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train)
@@ -269,6 +270,8 @@ def cmd_train(args):
     cfg = load_config(args.config)
     if args.epochs is not None:
         cfg.setdefault("train", {})["epochs"] = args.epochs
+    if args.seed is not None:
+        cfg.setdefault("train", {})["seed"] = args.seed
     if args.output is not None:
         cfg["output"] = os.path.abspath(args.output)
     if args.no_progress:

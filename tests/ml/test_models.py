@@ -359,3 +359,70 @@ def test_save_refuses_conflicting_card(tmp_path):
         models.save(m, tmp_path / "r.pt", card={"architecture": "unet"})
     with pytest.raises(ValueError, match="overwritten"):
         models.save(m, tmp_path / "r.json")
+
+
+# ---------------------------------------------------------------- ensembles, float16 weights
+
+def _saved_unets(tmp_path, n, filters=(4, 8), **card):
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        m = _settle(models.create("unet", in_channels=3, out_channels=4, filters=filters), (2, 3, 16, 16))
+        p = tmp_path / f"member{i}.pt"
+        models.save(m, p, card={"mpp": 0.25, "task": "nucleus_segmentation", **card})
+        paths.append(p)
+    return paths
+
+
+def test_ensemble_is_the_weighted_mean_of_its_members(tmp_path):
+    paths = _saved_unets(tmp_path, 3)
+    members = [models.load(p) for p in paths]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        outs = [m(x) for m in members]
+        ens = models.ensemble(paths)
+        assert isinstance(ens, models.Ensemble) and not ens.training and ens.size_divisor == 2
+        torch.testing.assert_close(ens(x), sum(outs) / 3, rtol=0, atol=1e-6)
+        assert not torch.allclose(outs[0], outs[1])  # the members differ, so the mean is not trivial
+        weighted = models.ensemble(paths[:2], weights=[3, 1])
+        torch.testing.assert_close(weighted(x), 0.75 * outs[0] + 0.25 * outs[1], rtol=0, atol=1e-6)
+    assert ens.card["mpp"] == 0.25 and [m["path"] for m in ens.card["members"]] == [str(p) for p in paths]
+
+
+def test_ensemble_saves_as_one_model_in_float16(tmp_path):
+    paths = _saved_unets(tmp_path, 2, filters=(16, 32))  # 2 x 31 k weights: the pickle's overhead is small
+    ens = models.ensemble(paths)
+    out32 = tmp_path / "ens32.pt"
+    out16 = tmp_path / "ens16.pt"
+    models.save(ens, out32, card={"mpp": 0.25})
+    card = json.loads(models.save(ens, out16, card={"mpp": 0.25}, dtype="float16").read_text())
+    assert card["architecture"] == "ensemble" and card["weights_dtype"] == "float16"
+    assert [m["architecture"] for m in card["parameters"]["members"]] == ["unet", "unet"]
+    assert card["parameters"]["weights"] == [0.5, 0.5]
+    assert out16.stat().st_size < 0.6 * out32.stat().st_size
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = ens(x)
+        torch.testing.assert_close(models.load(out32)(x), ref, rtol=0, atol=1e-6)
+        back = models.load(out16)
+        assert all(p.dtype == torch.float32 for p in back.parameters())
+        err = (back(x) - ref).abs().max().item()
+    assert 0 < err < 1e-2  # rounded weights, same model
+
+
+def test_ensemble_errors(tmp_path):
+    paths = _saved_unets(tmp_path, 2)
+    other = tmp_path / "other.pt"
+    models.save(models.create("unet", in_channels=3, out_channels=4, filters=(4, 8)), other, card={"mpp": 0.5})
+    with pytest.raises(ModelError, match=r"disagree on 'mpp'.*other\.pt"):
+        models.ensemble([paths[0], other])
+    with pytest.raises(ModelError, match=r"missing\.pt.*weights file not found|missing\.json.*card not found"):
+        models.ensemble([paths[0], tmp_path / "missing.pt"])
+    with pytest.raises(ModelError, match="at least one"):
+        models.ensemble([])
+    with pytest.raises(ModelError, match="weights must be 2"):
+        models.ensemble(paths, weights=[1.0])
+    with pytest.raises(ValueError, match="cannot be ensembles"):
+        models.create("ensemble", members=[{"architecture": "ensemble", "parameters": {}}])
+    with pytest.raises(ValueError, match="dtype"):
+        models.save(models.ensemble(paths), tmp_path / "e.pt", dtype="int8")

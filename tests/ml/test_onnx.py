@@ -32,6 +32,8 @@ def _randomise(m: nn.Module) -> nn.Module:
     ("mobilenet_v2", {"head": "paper", "num_classes": 3, "width_mult": 0.35}, (1, 3, 64, 64)),
     ("resnet18", {"norm": "instance", "num_classes": 3}, (1, 3, 64, 64)),
     ("rccnet", {}, (1, 3, 32, 32)),
+    ("ensemble", {"members": [{"architecture": "unet", "parameters": {"filters": [8, 16]}},
+                              {"architecture": "unet", "parameters": {"filters": [4, 8, 16]}}]}, (1, 3, 32, 32)),
 ])
 def test_onnxruntime_matches_torch_with_dynamic_batch(tmp_path, name, kwargs, shape):
     torch.manual_seed(0)

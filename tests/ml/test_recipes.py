@@ -50,6 +50,11 @@ def test_nucleus_task_from_the_command_line(tmp_path):
                         "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(json.load(open(tmp_path / "run" / "metrics.json"))["history"]) == 3
+    # --seed and --output: another member of an ensemble from the same configuration
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--seed", "7", "--epochs", "1",
+                        "--output", str(tmp_path / "seed7"), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "seed7" / "best.json"))["training"]["seed"] == 7
     # stage 2: fine-tune from that run's best weights, with a weight average
     import torch
 

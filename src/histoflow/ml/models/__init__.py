@@ -11,8 +11,9 @@ Every architecture is plain torch (HoVer-Net wraps MONAI's). A model is created 
 (``tumour.json``) naming the architecture and its parameters, so ``load`` can re-create the model
 without any code from the user. Weights are read with ``weights_only=True``.
 
-Registered names: ``unet``, ``mobilenet_v2``, ``resnet18``, ``resnet34``, ``rccnet``, ``hovernet``;
-more can be added with :func:`register`.
+Registered names: ``unet``, ``mobilenet_v2``, ``resnet18``, ``resnet34``, ``rccnet``, ``hovernet``,
+``ensemble`` (the mean of several saved models, built with :func:`ensemble`); more can be added with
+:func:`register`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import datetime
 import importlib
 import inspect
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from histoflow.errors import HistoflowError
 
 __all__ = [
     "ModelError", "UnknownModelError", "register", "create", "list_models", "save", "load",
-    "card_path", "read_card", "UNet", "MobileNetV2", "ResNet", "RCCNet", "HoVerNet", "hovernet_postprocess",
+    "card_path", "read_card", "ensemble", "Ensemble", "UNet", "MobileNetV2", "ResNet", "RCCNet", "HoVerNet", "hovernet_postprocess",
     "replace_batchnorm_with_instancenorm",
 ]
 
@@ -54,6 +55,7 @@ _BUILTINS: dict[str, str] = {
     "resnet34": "histoflow.ml.models.resnet:resnet34",
     "rccnet": "histoflow.ml.models.rccnet:RCCNet",
     "hovernet": "histoflow.ml.models.hovernet:HoVerNet",
+    "ensemble": "histoflow.ml.models.ensembles:Ensemble",
 }
 _REGISTRY: dict[str, Callable[..., nn.Module] | str] = dict(_BUILTINS)
 
@@ -166,7 +168,8 @@ def card_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = None) -> Path:
+def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = None, *,
+         dtype: str = "float32") -> Path:
     """Save the weights of ``model`` to ``path`` and its model card beside it.
 
     Parameters
@@ -179,6 +182,9 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
     card : mapping, optional
         Extra card entries: ``training_data``, ``metrics``, ``licence`` and any other JSON keys.
         ``architecture`` and ``parameters`` are filled in from the model and cannot be overridden.
+    dtype : {"float32", "float16"}
+        Storage of the floating-point weights. ``"float16"`` halves the file (for shipping); :func:`load`
+        returns a float32 model either way, and the card records ``weights_dtype``.
 
     Returns
     -------
@@ -190,12 +196,17 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
     path = Path(path)
     if path.suffix == ".json":
         raise ValueError(f"save: {path} would be overwritten by the model card; use a .pt file name")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"save: dtype must be 'float32' or 'float16', got {dtype!r}")
     name = _name_of(model)
     full: dict[str, Any] = {"architecture": name, "parameters": _parameters_of(model, name),
                             "histoflow_version": __version__, "torch_version": torch.__version__,
                             "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     full.update(_CARD_DEFAULTS)
+    full["weights_dtype"] = dtype
     for k, v in dict(card or {}).items():
+        if k == "weights_dtype":
+            continue
         if k in ("architecture", "parameters") and _jsonable(v) != full[k]:
             raise ValueError(f"save: card[{k!r}]={v!r} disagrees with the model ({full[k]!r})")
         full[k] = v
@@ -204,7 +215,10 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
     except TypeError as e:
         raise ValueError(f"save: the card is not JSON-serialisable: {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
+    state = model.state_dict()
+    if dtype == "float16":
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    torch.save(state, path)
     cpath = card_path(path)
     cpath.write_text(text + "\n", encoding="utf-8")
     return cpath
@@ -271,6 +285,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
     if not isinstance(state, Mapping):
         raise ModelError(f"{path}: expected a state_dict, got {type(state).__name__}")
     try:
+        # float16 weights (save(dtype="float16")) are copied into the float32 parameters
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{path}: the weights do not match {name} {params}: {e}") from e
@@ -279,7 +294,45 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
     return model.eval()
 
 
+def ensemble(paths: Sequence[str | Path], weights: Sequence[float] | None = None,
+             map_location: str | torch.device = "cpu") -> nn.Module:
+    """One model averaging the outputs of the saved models ``paths`` (same input, same output shape).
+
+    Each member keeps its trained weights; the result is an ``"ensemble"`` architecture that
+    :func:`save` writes as one file and :func:`load` reads back, and that exports to ONNX as one graph.
+    The ensemble's ``card`` holds the members' cards under ``"members"``.
+
+    Raises
+    ------
+    ModelError
+        When a member cannot be loaded, or the members disagree on their input (``mpp``, ``task``).
+    """
+    from .ensembles import Ensemble
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ModelError("ensemble: give at least one saved model")
+    nets = [load(p, map_location=map_location) for p in paths]
+    for key in ("mpp", "task", "input"):
+        seen = {json.dumps(n.card.get(key)) for n in nets}
+        if len(seen) > 1:
+            raise ModelError(f"ensemble: the members disagree on {key!r} ({', '.join(map(str, paths))}): "
+                             f"{sorted(seen)}")
+    specs = [{"architecture": n.card["architecture"], "parameters": n.card.get("parameters", {})} for n in nets]
+    try:
+        ens = create("ensemble", members=specs, weights=weights)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"ensemble of {', '.join(map(str, paths))}: {e}") from e
+    for net, member in zip(ens.nets, nets):
+        net.load_state_dict(member.state_dict())
+    ens.to(map_location)
+    ens.card = {k: nets[0].card[k] for k in ("mpp", "task", "input", "outputs") if k in nets[0].card}
+    ens.card["members"] = [dict(n.card, path=str(p)) for n, p in zip(nets, paths)]
+    return ens.eval()
+
+
 _LAZY = {
+    "Ensemble": "histoflow.ml.models.ensembles",
     "UNet": "histoflow.ml.models.unet",
     "MobileNetV2": "histoflow.ml.models.mobilenet",
     "ResNet": "histoflow.ml.models.resnet",
