@@ -6,6 +6,8 @@ threshold, marker threshold and Sobel kernel size, and prints one JSON line with
 each setting and the best one. The shipped card records the chosen values.
 
     python bench/nuclei_tune.py [--model PATH] [--n 4]
+
+The images are resampled to the model's µm/px (its card's ``mpp``; 0.5 for the 20x model).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main():
     model = models.load(path)
     card = models.read_card(path)
     ids = card["split"]["train"][:: max(1, len(card["split"]["train"]) // args.n)][: args.n]
-    samples = load_monuseg(MONUSEG, ids)
+    samples = load_monuseg(MONUSEG, ids, mpp=card.get("mpp"))
     maps = [predict_maps(model, s["image"], tta=args.tta) for s in samples]
     grid = list(itertools.product((0.4, 0.5, 0.6, 0.7, 0.8), (0.3, 0.4, 0.5, 0.6), (11, 21)))
     rows = []
@@ -49,7 +51,7 @@ def main():
         rows.append({"fg_threshold": fg, "marker_threshold": mk, "sobel_ksize": k, "aji": round(float(np.mean(aji)), 4),
                      "dice": round(float(np.mean(dice)), 4)})
     best = max(rows, key=lambda r: r["aji"])
-    print(json.dumps({"bench": "nuclei_tune", "images": ids, "tta": args.tta, "best": best, "grid": rows}))
+    print(json.dumps({"bench": "nuclei_tune", "model": os.path.basename(path), "mpp": card.get("mpp"), "images": ids, "tta": args.tta, "best": best, "grid": rows}))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,8 @@ def test_monuseg_loader(tmp_path):
         monuseg_ids(tmp_path)
     with pytest.raises(DatasetError, match="nope"):
         load_monuseg(MONUSEG, ["nope"])
+    with pytest.raises(DatasetError, match="monuseg_train.*mpp must be a positive"):
+        load_monuseg(MONUSEG, [ID], mpp=0)
 
 
 def test_imagej_and_aperio_round_trips_and_convert(tmp_path):

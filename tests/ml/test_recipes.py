@@ -71,6 +71,9 @@ def test_nucleus_task_from_the_command_line(tmp_path):
                               "init": str(tmp_path / "run" / "best.pt")})
     with pytest.raises(ConfigError, match="model.init .*best.pt cannot start this model"):
         train_from_config(wrong)
+    # data.mpp resamples the images, and the card records it (a card saying otherwise is refused)
+    with pytest.raises(ConfigError, match="card.mpp 0.25 disagrees with data.mpp 0.5"):
+        train_from_config(dict(cfg, data=dict(cfg["data"], mpp=0.5), card={"mpp": 0.25}))
 
 
 def test_tile_classification_task(tmp_path):

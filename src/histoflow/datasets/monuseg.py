@@ -50,16 +50,21 @@ def _image_path(root, ident):
     raise DatasetError(f"{root}: no image for {ident}; {_where(root)}")
 
 
-def load_monuseg(root, ids=None) -> list[dict]:
+def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
     """Load images and instance masks.
 
     Returns a list of dicts ``{"id", "image": uint8 (H, W, 3), "instances": int32 (H, W), "mpp"}``,
     one per id (all ids in ``root`` when ``ids`` is None). Nuclei are numbered 1..n in file order;
     where outlines overlap the later one wins.
+
+    ``mpp`` resamples each image to that pixel size (e.g. 0.5 for 20x; area averaging when shrinking)
+    and paints the outlines directly at it (no resampling of the label image).
     """
     from PIL import Image
 
     root = os.fspath(root)
+    if mpp is not None and not float(mpp) > 0:
+        raise DatasetError(f"{root}: mpp must be a positive pixel size in µm, got {mpp!r}")
     known = monuseg_ids(root)
     ids = known if ids is None else list(ids)
     missing = [i for i in ids if i not in known]
@@ -71,6 +76,16 @@ def load_monuseg(root, ids=None) -> list[dict]:
             image = np.asarray(im.convert("RGB"))
         xml = os.path.join(root, ident + ".xml")
         polys = [p for p in read_aperio_xml(xml) if not p.measurements.get("negative")]
-        inst = rasterize(polys, image.shape[:2])
-        out.append({"id": ident, "image": image, "instances": inst, "mpp": aperio_mpp(xml) or MONUSEG_MPP})
+        own_mpp = aperio_mpp(xml) or MONUSEG_MPP
+        if mpp is None or abs(float(mpp) / own_mpp - 1) < 1e-3:
+            inst = rasterize(polys, image.shape[:2])
+            out.append({"id": ident, "image": image, "instances": inst, "mpp": own_mpp})
+            continue
+        import cv2
+
+        ds = float(mpp) / own_mpp
+        h, w = max(1, round(image.shape[0] / ds)), max(1, round(image.shape[1] / ds))
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if ds > 1 else cv2.INTER_LINEAR)
+        inst = rasterize(polys, (h, w), downsample=ds)
+        out.append({"id": ident, "image": np.ascontiguousarray(image), "instances": inst, "mpp": float(mpp)})
     return out

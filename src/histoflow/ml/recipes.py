@@ -137,7 +137,8 @@ def _nucleus_segmentation(cfg, resume=False):
         raise ConfigError(f"data.val_ids {unknown} are not in {root}")
     train_ids = [i for i in ids if i not in val_ids]
     seed = int((cfg.get("train") or {}).get("seed", 0))
-    train = NucleusCrops(load_monuseg(root, train_ids), crop=int(d.get("crop", 256)),
+    mpp = d.get("mpp")  # resample the images (e.g. 0.5 for a 20x model); None: as scanned
+    train = NucleusCrops(load_monuseg(root, train_ids, mpp=mpp), crop=int(d.get("crop", 256)),
                          length=int(d.get("crops_per_epoch", 256)), augment=_augmenter(d.get("augment"), seed),
                          seed=seed)
     t = cfg.get("train") or {}
@@ -146,7 +147,7 @@ def _nucleus_segmentation(cfg, resume=False):
                                          persistent_workers=int(t.get("num_workers", 0)) > 0)
     val_loader = validate = None
     if val_ids:
-        val_loader = torch.utils.data.DataLoader(NucleusImages(load_monuseg(root, val_ids)), batch_size=1)
+        val_loader = torch.utils.data.DataLoader(NucleusImages(load_monuseg(root, val_ids, mpp=mpp)), batch_size=1)
         post = dict(d.get("postprocess") or {})
 
         @torch.no_grad()
@@ -171,6 +172,10 @@ def _nucleus_segmentation(cfg, resume=False):
     model = _model(cfg)
     card = cfg.setdefault("card", {})
     card.setdefault("task", "nucleus_segmentation")
+    if mpp is not None:
+        if card.get("mpp") is not None and abs(float(card["mpp"]) - float(mpp)) > 1e-6:
+            raise ConfigError(f"card.mpp {card['mpp']} disagrees with data.mpp {mpp}: the model runs at the data's")
+        card["mpp"] = float(mpp)
     card.setdefault("outputs", ["background logit", "nucleus logit", "horizontal map", "vertical map"])
     card.setdefault("split", {"train": train_ids, "validation": val_ids})
     trainer = _trainer(cfg, model, HoVerNetLoss(**(cfg.get("loss") or {})), batch_loss=nucleus_batch_loss,
