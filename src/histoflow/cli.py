@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("slide", help="an H&E slide or image (PNG, JPEG, TIFF, SVS, ...)")
     s.add_argument("-o", "--output", required=True, help="label image: uint32 TIFF, same size as level 0")
     s.add_argument("--geojson", help="also write the nuclei as QuPath GeoJSON (detections)")
-    s.add_argument("--model", default="builtin", help="nucleus model .pt (default: the shipped one)")
+    s.add_argument("--model", default="builtin",
+                   help="nucleus model .pt, or nucleus_unet (40x) / nucleus_unet_20x (default: the shipped model "
+                        "trained nearest the input's µm/px)")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     s.add_argument("--mpp", type=float, help="the input's µm/px when the file does not say (default: the model's)")
     s.add_argument("--tile", type=int, default=1024, help="tile size in level-0 pixels (default 1024)")

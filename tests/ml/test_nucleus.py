@@ -19,7 +19,13 @@ from histoflow.ml.augment import Compose, RandomFlip, RandomRotate90, RandomZoom
 from histoflow.ml.infer import assemble_instances
 from histoflow.ml.losses import hv_targets
 from histoflow.ml.nucleus import HV, NP, NucleusCrops, segment_nuclei
-from histoflow.ml.transforms import NucleusSegmentation, builtin_model_path, keep_owned
+from histoflow.ml.transforms import (
+    BUILTIN_NUCLEUS_MODELS,
+    NucleusSegmentation,
+    builtin_model_path,
+    builtin_nucleus_model,
+    keep_owned,
+)
 
 MONUSEG = data_path("monuseg_train")
 CARD = json.load(open(os.path.splitext(builtin_model_path())[0] + ".json"))
@@ -76,9 +82,33 @@ def test_shipped_model_card():
     assert CARD["architecture"] == "unet" and CARD["mpp"] == pytest.approx(0.25)
     assert "CC BY-NC-SA" in CARD["licence"]
     assert not set(VAL) & set(CARD["split"]["train"])
-    assert os.path.getsize(builtin_model_path()) <= 20 * 2**20
+    # every shipped weight file together stays within the 20 MB
+    assert sum(os.path.getsize(builtin_model_path(n)) for n in BUILTIN_NUCLEUS_MODELS) <= 20 * 2**20
     for key in ("dice", "aji", "pq"):
         assert key in CARD["metrics"]
+    card20 = models.read_card(builtin_model_path("nucleus_unet_20x"))
+    assert card20["mpp"] == pytest.approx(0.5) and card20["split"] == CARD["split"]
+    assert "CC BY-NC-SA" in card20["licence"] and card20["weights_dtype"] == "float16"
+
+
+def test_builtin_model_follows_the_pixel_size():
+    assert builtin_nucleus_model(None) == builtin_model_path("nucleus_unet")
+    for mpp in (0.23, 0.25, 0.3, 0.34):
+        assert builtin_nucleus_model(mpp) == builtin_model_path("nucleus_unet"), mpp
+    for mpp in (0.36, 0.46, 0.5, 1.0):
+        assert builtin_nucleus_model(mpp) == builtin_model_path("nucleus_unet_20x"), mpp
+    for name, mpp in BUILTIN_NUCLEUS_MODELS.items():
+        assert models.read_card(builtin_model_path(name))["mpp"] == pytest.approx(mpp)
+
+
+def test_load_monuseg_at_20x(val_sample):
+    (s,) = load_monuseg(MONUSEG, [VAL[0]], mpp=0.5)
+    assert s["mpp"] == 0.5 and s["image"].shape[:2] == s["instances"].shape
+    assert abs(s["image"].shape[0] - val_sample["image"].shape[0] * val_sample["mpp"] / 0.5) <= 1
+    # the outlines are painted at the new size: the same nuclei, a quarter of the pixels
+    assert s["instances"].max() == val_sample["instances"].max()
+    frac20, frac40 = (s["instances"] > 0).mean(), (val_sample["instances"] > 0).mean()
+    assert abs(frac20 - frac40) < 0.02 * frac40 + 0.005
 
 
 def test_shipped_model_on_a_held_out_image(model, val_sample):
@@ -137,3 +167,16 @@ def test_segment_nuclei_cli(tmp_path, val_sample):
     bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(tmp_path / "none.png"),
                           "-o", str(tmp_path / "x.tif")], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.png" in bad.stderr and not (tmp_path / "x.tif").exists()
+
+
+def test_builtin_20x_model_on_a_held_out_image_at_20x():
+    (s,) = load_monuseg(MONUSEG, [VAL[1]], mpp=0.5)  # breast, resampled to 0.5 µm/px; never trained on
+    seg = NucleusSegmentation()  # "builtin": the 20x model for 0.5 µm/px input
+    pred = seg.F(s["image"], mpp=0.5)
+    assert np.array_equal(pred, NucleusSegmentation(model="nucleus_unet_20x").F(s["image"], mpp=0.5))
+    true = s["instances"]
+    assert pred.shape == true.shape
+    # bench/nuclei_quality.py --mpp 0.5 on this image: Dice 0.825, AJI 0.658
+    assert metrics.dice(pred > 0, true > 0) > 0.79
+    assert metrics.aji(true, pred) > 0.6
+    assert 0.8 < pred.max() / true.max() < 1.3

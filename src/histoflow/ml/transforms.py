@@ -20,7 +20,7 @@ from ..transforms.base import Transform, outputs_from
 from ..transforms.objects import keep_owned
 
 __all__ = ["NucleusSegmentation", "PatchClassification", "SemanticSegmentation", "SegmentCellsModel",
-           "StyleTransferHE", "builtin_model_path", "keep_owned"]
+           "StyleTransferHE", "builtin_model_path", "builtin_nucleus_model", "BUILTIN_NUCLEUS_MODELS", "keep_owned"]
 
 _LOCK = threading.Lock()
 _CACHE: dict = {}
@@ -35,8 +35,30 @@ def builtin_model_path(name: str = "nucleus_unet") -> str:
     return path
 
 
-def _resolve(model: str) -> str:
-    return builtin_model_path() if model in (None, "builtin", "nucleus_unet") else os.fspath(model)
+#: the shipped nucleus models and the pixel size (µm) each was trained at; "builtin" picks the nearer
+BUILTIN_NUCLEUS_MODELS = {"nucleus_unet": 0.25, "nucleus_unet_20x": 0.5}
+
+
+def builtin_nucleus_model(mpp: float | None = None) -> str:
+    """Path of the shipped nucleus model for images of ``mpp`` µm/px: the one trained nearest that scale.
+
+    ``None`` (pixel size unknown) gives the 40x model (0.25 µm/px), the one the images are assumed at.
+    Nearest is on a log scale: below ~0.35 µm/px the 40x model, above it the 20x one.
+    """
+    if mpp is None or not float(mpp) > 0:
+        return builtin_model_path("nucleus_unet")
+    import math
+
+    name = min(BUILTIN_NUCLEUS_MODELS, key=lambda n: abs(math.log(float(mpp) / BUILTIN_NUCLEUS_MODELS[n])))
+    return builtin_model_path(name)
+
+
+def _resolve(model: str, mpp: float | None = None) -> str:
+    if model in (None, "builtin"):
+        return builtin_nucleus_model(mpp)
+    if model in BUILTIN_NUCLEUS_MODELS:
+        return builtin_model_path(model)
+    return os.fspath(model)
 
 
 class _Runner:
@@ -111,8 +133,8 @@ class _OnnxModule:
         return torch.from_numpy(np.asarray(out))
 
 
-def _runner(model, backend, threads) -> _Runner:
-    path = _resolve(model)
+def _runner(model, backend, threads, mpp=None) -> _Runner:
+    path = _resolve(model, mpp)
     key = (os.path.abspath(path), backend, os.getpid())
     with _LOCK:
         r = _CACHE.get(key)
@@ -127,9 +149,12 @@ class NucleusSegmentation(Transform):
     Parameters
     ----------
     model : str
-        ``"builtin"`` (the shipped MoNuSeg-trained U-Net) or the path of a nucleus model saved by
-        :func:`histoflow.ml.models.save` (a ``.pt`` with its ``.json`` card; the card's ``mpp`` is the
-        resolution the model was trained at).
+        ``"builtin"``: the shipped MoNuSeg-trained U-Net for the tile's scale, ``"nucleus_unet"`` (trained
+        at 0.25 µm/px, 40x) for tiles finer than ~0.35 µm/px or of unknown pixel size, else
+        ``"nucleus_unet_20x"`` (0.5 µm/px); either name forces that model. Or the path of a nucleus model
+        saved by :func:`histoflow.ml.models.save` (a ``.pt`` with its ``.json`` card; the card's ``mpp``
+        is the resolution the model was trained at; an ensemble made by
+        :func:`histoflow.ml.models.ensemble` works too).
     backend : {"torch", "onnx"}
         Run the network in torch or onnxruntime (exported once next to the weights, or in
         ``~/.cache/histoflow`` when that folder is read-only).
@@ -174,7 +199,7 @@ class NucleusSegmentation(Transform):
 
     def F(self, image, mpp=None, core=None):
         """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's)."""
-        r = _runner(self.model, self.backend, self.threads)
+        r = _runner(self.model, self.backend, self.threads, mpp)
         post = dict(r.card.get("postprocess") or {})
         for k in ("fg_threshold", "marker_threshold", "min_size"):
             if getattr(self, k) is not None:
