@@ -22,8 +22,12 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 
 Prints one JSON line.
 
-    python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big]
-    python bench/pipeline.py --compressions [--modes inprocess-gzip,dask2-htj2k]   # chosen runs only
+    python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big] [--repeat 5]
+    python bench/pipeline.py --compressions [--modes inprocess-gzip,dask2-htj2k] [--repeat 5]   # chosen runs only
+
+With ``--repeat N`` the in-process and dask runs on the first mosaic are made N times, interleaved, and
+reported as medians (every run under ``..._runs``): this machine's speed drifts by up to a third between
+runs, so one run of each says little about a 1.7x ratio.
 """
 from __future__ import annotations
 
@@ -116,6 +120,31 @@ def measure(mode, slide):
         return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def measure_rounds(modes, slide, repeat):
+    """Each mode ``repeat`` times, interleaved (round 1 of every mode, then round 2, ...), so that a slow
+    spell of the machine falls on every mode alike. Returns {mode: [result, ...]}."""
+    runs = {m: [] for m in modes}
+    for _ in range(repeat):
+        for m in modes:
+            runs[m].append(measure(m, slide))
+    return runs
+
+
+def _median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def summarise(out, key, results):
+    """``tiles_per_s_KEY`` = the median over the runs; ``tiles_per_s_KEY_runs`` = every run (when more than one)."""
+    rates = [r["tiles_per_s"] for r in results]
+    out[f"tiles_per_s_{key}"] = round(_median(rates), 1)
+    if len(rates) > 1:
+        out[f"tiles_per_s_{key}_runs"] = [round(x, 1) for x in rates]
+    return rates
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=4)
@@ -126,6 +155,9 @@ def main():
                    help="only the runs of --modes on the first mosaic")
     p.add_argument("--modes", default="inprocess-htj2k,inprocess-gzip,dask2-htj2k,dask2-gzip",
                    help="with --compressions: the runs, MODE[-COMPRESSION] (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each in-process / dask measurement on the first mosaic, interleaved; the "
+                        "figures are medians, ratios the median of each round's ratio (default: %(default)s)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -133,26 +165,40 @@ def main():
         return
     if args.compressions:
         slide = mosaic(args.n)
-        out = {"bench": "pipeline-compressions", "slide": f"mosaic{args.n}", "pathml_reference": PATHML_REFERENCE}
-        for mode in args.modes.split(","):
-            r = measure(mode, slide)
+        out = {"bench": "pipeline-compressions", "slide": f"mosaic{args.n}", "pathml_reference": PATHML_REFERENCE,
+               "repeat": args.repeat}
+        modes = args.modes.split(",")
+        runs = measure_rounds(modes, slide, args.repeat)
+        for mode in modes:
             key = mode.replace("-", "_")
-            out[f"tiles_per_s_{key}"] = round(r["tiles_per_s"], 1)
-            out[f"output_mb_{key}"] = round(r["output_mb"], 1)
+            summarise(out, key, runs[mode])
+            out[f"output_mb_{key}"] = round(runs[mode][0]["output_mb"], 1)
+        for comp in ("", "-gzip", "-htj2k"):
+            if f"dask1{comp}" in runs and f"dask2{comp}" in runs:
+                ratios = [b["tiles_per_s"] / a["tiles_per_s"] for a, b in zip(runs[f"dask1{comp}"], runs[f"dask2{comp}"])]
+                key = comp.replace("-", "_")
+                out[f"dask2_over_dask1{key}"] = round(_median(ratios), 2)
+                if len(ratios) > 1:
+                    out[f"dask2_over_dask1{key}_runs"] = [round(x, 2) for x in ratios]
         print(json.dumps(out))
         return
     slide = mosaic(args.n)
     out = {"bench": "pipeline", "pipeline": "BoxBlur(15) + TissueDetectionHE", "tile": 256,
            "slide": f"mosaic{args.n}"}
-    ip = measure("inprocess", slide)
+    out["repeat"] = args.repeat
+    runs = measure_rounds(["inprocess", "dask1", "dask2"], slide, args.repeat)
+    ip = runs["inprocess"][0]
     out["tiles"] = ip["tiles"]
-    out["tiles_per_s_inprocess"] = round(ip["tiles_per_s"], 1)
+    summarise(out, "inprocess", runs["inprocess"])
     out["output_mb"] = round(ip["output_mb"], 1)
-    out["peak_rss_mb_4x" if args.n == 4 else f"peak_rss_mb_{args.n}x"] = round(ip["peak_rss_mb"], 1)
+    out["peak_rss_mb_4x" if args.n == 4 else f"peak_rss_mb_{args.n}x"] = round(max(r["peak_rss_mb"] for r in runs["inprocess"]), 1)
     out["tiles_per_s_threads2"] = round(measure("threads2", slide)["tiles_per_s"], 1)
     for w in (1, 2):
-        out[f"tiles_per_s_dask{w}"] = round(measure(f"dask{w}", slide)["tiles_per_s"], 1)
-    out["dask2_over_dask1"] = round(out["tiles_per_s_dask2"] / out["tiles_per_s_dask1"], 2)
+        summarise(out, f"dask{w}", runs[f"dask{w}"])
+    ratios = [b["tiles_per_s"] / a["tiles_per_s"] for a, b in zip(runs["dask1"], runs["dask2"])]
+    out["dask2_over_dask1"] = round(_median(ratios), 2)
+    if len(ratios) > 1:
+        out["dask2_over_dask1_runs"] = [round(x, 2) for x in ratios]
     gz = measure("inprocess-gzip", slide)
     out["output_mb_gzip"] = round(gz["output_mb"], 1)
     out["tiles_per_s_inprocess_gzip"] = round(gz["tiles_per_s"], 1)

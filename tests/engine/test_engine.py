@@ -148,6 +148,24 @@ def test_inprocess_compresses_on_a_helper_thread_with_the_same_result(tmp_path):
     assert os.path.getsize(threaded) == pytest.approx(os.path.getsize(plain), rel=0.01)
 
 
+def test_local_cluster_started_here(tmp_path):
+    """executor="dask" without an address starts a local cluster whose workers get WORKER_ENV (one OpenCV
+    thread per worker, the fixed mmap threshold) and write the same tiles as in-process."""
+    from histoflow.engine.executors import DaskExecutor
+
+    slide = SlideData(SVS)
+    ref = slide.run(pipeline(), tmp_path / "ref.h5path", tile_size=512, executor="inprocess", progress=False)
+    ex = DaskExecutor(workers=1)
+    try:
+        env = ex.client.run(lambda: (__import__("os").environ.get("MALLOC_MMAP_THRESHOLD_"),
+                                     __import__("cv2").getNumThreads()))
+        assert list(env.values()) == [(str(4 * 1024 * 1024), 1)]
+        out = slide.run(pipeline(), tmp_path / "dask.h5path", tile_size=512, executor=ex, progress=False)
+    finally:
+        ex.close()
+    assert tile_data(out) == tile_data(ref) and len(tile_data(ref)) == 30
+
+
 def test_worker_killed_mid_run(tmp_path, cluster):
     address, procs = cluster
     slide = SlideData(mosaic(2))

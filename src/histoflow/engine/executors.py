@@ -85,8 +85,12 @@ class ThreadExecutor:
 #: Worker environment for clusters started here. dask's nanny sets MALLOC_TRIM_THRESHOLD_, which turns off
 #: glibc's adaptive mmap threshold: every tile-sized buffer (~200 kB) is then mapped afresh and page-faulted,
 #: which made workers 1.4-1.7x slower than the same code in the driver. A fixed 4 MiB mmap threshold keeps
-#: tile buffers on the heap. Set the same variable on clusters you start yourself (docs/running.md).
-WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 4 * 1024 * 1024}
+#: tile buffers on the heap. dask also sets OMP/MKL/OpenBLAS to one thread per worker process, which OpenCV
+#: ignores: its own pool (one thread per core) made each single-threaded worker use ~1.15 cores, all workers
+#: of a machine fighting over the same cores; OPENCV_FOR_THREADS_NUM=1 is OpenCV's equivalent. Set the same
+#: variables on clusters you start yourself (docs/running.md).
+WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 4 * 1024 * 1024,
+              "distributed.nanny.pre-spawn-environ.OPENCV_FOR_THREADS_NUM": 1}
 
 
 class DaskExecutor:
