@@ -145,6 +145,14 @@ def summarise(out, key, results):
     return rates
 
 
+def summarise_ratio(out, key, slow, fast):
+    """``KEY`` = the median of each round's ratio fast / slow; ``KEY_runs`` = every round's (when more than one)."""
+    ratios = [b["tiles_per_s"] / a["tiles_per_s"] for a, b in zip(slow, fast)]
+    out[key] = round(_median(ratios), 2)
+    if len(ratios) > 1:
+        out[f"{key}_runs"] = [round(x, 2) for x in ratios]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=4)
@@ -175,11 +183,8 @@ def main():
             out[f"output_mb_{key}"] = round(runs[mode][0]["output_mb"], 1)
         for comp in ("", "-gzip", "-htj2k"):
             if f"dask1{comp}" in runs and f"dask2{comp}" in runs:
-                ratios = [b["tiles_per_s"] / a["tiles_per_s"] for a, b in zip(runs[f"dask1{comp}"], runs[f"dask2{comp}"])]
-                key = comp.replace("-", "_")
-                out[f"dask2_over_dask1{key}"] = round(_median(ratios), 2)
-                if len(ratios) > 1:
-                    out[f"dask2_over_dask1{key}_runs"] = [round(x, 2) for x in ratios]
+                summarise_ratio(out, "dask2_over_dask1" + comp.replace("-", "_"), runs[f"dask1{comp}"],
+                                runs[f"dask2{comp}"])
         print(json.dumps(out))
         return
     slide = mosaic(args.n)
@@ -195,10 +200,7 @@ def main():
     out["tiles_per_s_threads2"] = round(measure("threads2", slide)["tiles_per_s"], 1)
     for w in (1, 2):
         summarise(out, f"dask{w}", runs[f"dask{w}"])
-    ratios = [b["tiles_per_s"] / a["tiles_per_s"] for a, b in zip(runs["dask1"], runs["dask2"])]
-    out["dask2_over_dask1"] = round(_median(ratios), 2)
-    if len(ratios) > 1:
-        out["dask2_over_dask1_runs"] = [round(x, 2) for x in ratios]
+    summarise_ratio(out, "dask2_over_dask1", runs["dask1"], runs["dask2"])
     gz = measure("inprocess-gzip", slide)
     out["output_mb_gzip"] = round(gz["output_mb"], 1)
     out["tiles_per_s_inprocess_gzip"] = round(gz["tiles_per_s"], 1)
