@@ -148,6 +148,31 @@ def test_inprocess_compresses_on_a_helper_thread_with_the_same_result(tmp_path):
     assert os.path.getsize(threaded) == pytest.approx(os.path.getsize(plain), rel=0.01)
 
 
+def test_inprocess_encodes_itself_what_the_helper_has_not_started(tmp_path):
+    """At the end of a batch the calling thread encodes the tiles the helper thread has not started rather
+    than wait: with the helper blocked, the batch still finishes, with the same bytes, in grid order."""
+    import concurrent.futures as cf
+    import threading
+
+    from histoflow.engine.worker import process_batch
+
+    slide = SlideData(mosaic(2))
+    specs = list(enumerate(slide.grid(256)))[:6]
+    plain = process_batch(slide, pipeline(), 0, specs, "htj2k")
+    encoder = cf.ThreadPoolExecutor(1)
+    release = threading.Event()
+    encoder.submit(release.wait, 60)  # the helper is busy until released
+    t0 = time.perf_counter()
+    shared = process_batch(slide, pipeline(), 0, specs, "htj2k", encoder=encoder)
+    assert time.perf_counter() - t0 < 30  # did not wait for the helper
+    release.set()
+    encoder.shutdown(wait=True)
+    assert [i for i, _ in shared.tiles] == [i for i, _ in specs]
+    for (i, a), (j, b) in zip(plain.tiles, shared.tiles):
+        assert i == j and a.image.data == b.image.data and a.coords == b.coords
+        assert {k: m.data for k, m in a.masks.items()} == {k: m.data for k, m in b.masks.items()}
+
+
 def test_local_cluster_started_here(tmp_path):
     """executor="dask" without an address starts a local cluster whose workers get WORKER_ENV (one OpenCV
     thread per worker, the fixed mmap threshold) and write the same tiles as in-process."""

@@ -35,7 +35,9 @@ class InProcessExecutor:
 
     Reading and transforms run in the calling thread; compressing the finished tiles runs on one helper
     thread (``encoder``, handed to the batch function) so that it overlaps with the next tiles' work
-    (the codecs release the GIL). ``encode_thread=False`` keeps everything in the calling thread."""
+    (the codecs release the GIL); at the end of a batch the calling thread encodes the tiles the helper has
+    not started instead of waiting for them, so both cores stay busy when encoding is the slower half.
+    ``encode_thread=False`` keeps everything in the calling thread."""
 
     name = "inprocess"
     workers = 1

@@ -6,7 +6,6 @@ bytes. The slide object arrives once per worker process (scattered) and keeps it
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..store.h5path import encode_tile
@@ -63,8 +62,22 @@ def _run_batch(slide, pipeline, batch, specs, compression, compression_level, on
     try:
         _transform_batch(slide, pipeline, specs, compression, compression_level, on_error, encoder, out)
     finally:  # encodings still in the background are collected, in grid order, whatever happened
-        out.tiles = [(i, e.result() if isinstance(e, Future) else e) for i, e in out.tiles]
+        out.tiles = _collect(out.tiles, compression, compression_level)
     return out
+
+
+def _collect(tiles, compression, compression_level):
+    """Results of the background encodings, in grid order. The calling thread does not wait idle for the
+    encoder to work through its queue: it takes the tiles the encoder has not started, from the end of the
+    batch backwards, and encodes them itself (the same function, so the same bytes)."""
+    done = [None] * len(tiles)
+    for k in range(len(tiles) - 1, -1, -1):
+        index, e = tiles[k]
+        if isinstance(e, tuple):  # (future, tile) from the encoder
+            fut, tile = e
+            e = encode_tile(tile, compression, compression_level) if fut.cancel() else fut.result()
+        done[k] = (index, e)
+    return done
 
 
 def _transform_batch(slide, pipeline, specs, compression, compression_level, on_error, encoder, out):
@@ -92,4 +105,4 @@ def _transform_batch(slide, pipeline, specs, compression, compression_level, on_
         if encoder is None:
             out.tiles.append((index, encode_tile(tile, compression, compression_level)))
         else:
-            out.tiles.append((index, encoder.submit(encode_tile, tile, compression, compression_level)))
+            out.tiles.append((index, (encoder.submit(encode_tile, tile, compression, compression_level), tile)))
