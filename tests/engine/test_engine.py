@@ -173,6 +173,24 @@ def test_inprocess_encodes_itself_what_the_helper_has_not_started(tmp_path):
         assert {k: m.data for k, m in a.masks.items()} == {k: m.data for k, m in b.masks.items()}
 
 
+def test_same_process_executors_merge_from_memory(tmp_path, monkeypatch):
+    """In-process, finished batches are merged from memory (the journal is written for resume, not read
+    back); with no room in memory they are read back from the journal: the same file either way."""
+    from histoflow.engine import partial
+    from histoflow.engine import run as engine_run
+
+    reads = []
+    real_read = partial.read_batch
+    monkeypatch.setattr(partial, "read_batch", lambda d, b: reads.append(b) or real_read(d, b))
+    slide = SlideData(mosaic(2))
+    mem = slide.run(pipeline(), tmp_path / "mem.h5path", executor="inprocess", batch_size=16, progress=False)
+    assert reads == []
+    monkeypatch.setattr(engine_run, "IN_MEMORY_BATCHES", 0)
+    disk = slide.run(pipeline(), tmp_path / "disk.h5path", executor="inprocess", batch_size=16, progress=False)
+    assert reads == list(range(27))  # 432 tiles in batches of 16, read back in grid order
+    assert tile_data(mem) == tile_data(disk)
+
+
 def test_local_cluster_started_here(tmp_path):
     """executor="dask" without an address starts a local cluster whose workers get WORKER_ENV (one OpenCV
     thread per worker, the fixed mmap threshold) and write the same tiles as in-process."""

@@ -41,6 +41,7 @@ class InProcessExecutor:
 
     name = "inprocess"
     workers = 1
+    same_process = True  # results need no transport: journalled tiles stay in them for the merge
 
     def __init__(self, encode_thread: bool = True):
         self.encoder = None
@@ -65,6 +66,7 @@ class ThreadExecutor:
     """A thread pool in this process (decoders and OpenCV release the GIL)."""
 
     name = "threads"
+    same_process = True
 
     def __init__(self, workers: int | None = None):
         self.workers = int(workers or os.cpu_count() or 1)

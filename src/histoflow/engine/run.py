@@ -46,6 +46,7 @@ class _Job:
         self.next_merge = 0
         self.merged = 0
         self.failures: list = []
+        self.in_memory: dict = {}  # batch -> journalled result still in memory (same-process executors)
 
     @property
     def n_tiles(self):
@@ -72,6 +73,9 @@ def tissue_prepass(slide, max_size=2048, **kwargs):
 
 #: most bytes of raw tile pixels in one batch (see _prepare)
 BATCH_BYTES = 64 * 2**20
+#: most finished batches per slide held in memory until their turn to be merged (the rest are read back
+#: from the journal)
+IN_MEMORY_BATCHES = 8
 
 
 def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, overlap=0, stride=None, level=None,
@@ -118,7 +122,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     job.shared = (ex.share(job.slide), ex.share(job.pipeline))
                 fut = ex.submit(process_batch, job.shared[0], job.shared[1], b, job.batches[b], compression,
                                 compression_level, on_error, job.dir, getattr(ex, "encoder", None),
-                                key=f"histoflow-{run_id}-{id(job)}-{b}")
+                                getattr(ex, "same_process", False), key=f"histoflow-{run_id}-{id(job)}-{b}")
                 pending[fut] = (job, b)
             for fut in sorted(ex.wait_any(list(pending)), key=lambda f: (id(pending[f][0]), pending[f][1])):
                 job, b = pending.pop(fut)
@@ -135,6 +139,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                                         "and run again with resume=True, or pass on_error='skip'")
                 if not result.journalled:  # a worker that cannot see the journal folder sent its tiles
                     partial.write_batch(job.dir, result)
+                if result.tiles and len(job.in_memory) < IN_MEMORY_BATCHES:
+                    job.in_memory[b] = result  # merged from memory; the journal file is for resume
                 job.done.add(b)
                 bar.update(len(job.batches[b]))
                 if on_batch is not None:
@@ -211,7 +217,7 @@ def _merge_ready(job):
     (the copy overlaps with the work still running). The file stays under a temporary name until
     :func:`_finish`; the journal stays until then too, so an interrupted run resumes from it."""
     while job.next_merge in job.done:
-        result = partial.read_batch(job.dir, job.next_merge)
+        result = job.in_memory.pop(job.next_merge, None) or partial.read_batch(job.dir, job.next_merge)
         if job.writer is None:
             job.writer = H5PathWriter(job.out, slide=_slide_metadata(job, result),
                                       compression=job.manifest["compression"],
