@@ -2,6 +2,7 @@
 import functools
 import xml.etree.ElementTree as ET
 
+import cv2
 import numpy as np
 import pytest
 from datafiles import SVS, data_path
@@ -143,3 +144,66 @@ def test_hematoxylin_channel_is_high_in_nuclei():
     h = N.hematoxylin_concentration(img)
     assert np.isfinite(h).all() and h.dtype == np.float32
     assert h[gt > 0].mean() > 2 * h[gt == 0].mean()
+
+
+def _real_distance_maps():
+    """Smoothed distance maps and labels of nuclei on real H&E (MoNuSeg at 40x and 20x, a TIAToolbox
+    target), at several thresholds: dense, touching, tiny and flat objects."""
+    from scipy import ndimage as ndi
+
+    from histoflow.transforms.morphology import _fill_holes
+
+    images = [_monuseg(MONUSEG[0])[0][:512, :512], np.asarray(Image.open(data_path("he_patches",
+                                                                                 "tiatoolbox_stain_target.png"))
+                                                               .convert("RGB"))[:512, :512]]
+    images.append(resize(images[0], (256, 256)))
+
+    def cv2_blur(a):
+        return cv2.GaussianBlur(a, (0, 0), 1.0)
+
+    for img in images:
+        h = cv2_blur(N.hematoxylin_concentration(img, S.REFERENCE_STAIN_MATRIX, 245))
+        for threshold in (0.35, 0.6, 0.9):
+            binary = h > threshold
+            filled = _fill_holes(binary)
+            yield binary, filled
+            labels, _ = ndi.label(filled)
+            labels, n = N._relabel_by_area(labels, 30, None)
+            if n:
+                dist = cv2_blur(ndi.distance_transform_edt(labels > 0).astype(np.float32))
+                yield labels, dist
+
+
+def test_fast_watershed_helpers_equal_scipy_and_skimage():
+    """detect_nuclei's hole filling and seed finding give exactly what scipy's binary_fill_holes and
+    skimage's peak_local_max(labels=...) give (same coordinates, same order), on real nuclei."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+
+    from histoflow.transforms.morphology import _peaks_per_label
+
+    checked = peaks = 0
+    for a, b in _real_distance_maps():
+        if a.dtype == bool:  # (binary, filled)
+            assert np.array_equal(ndi.binary_fill_holes(a), b)
+            continue
+        labels, dist = a, b
+        gappy = labels.copy()
+        gappy[gappy % 4 == 0] = 0  # labels missing in between, as multiplex segmentation leaves them
+        for lab, d in ((labels, dist), (gappy, dist.astype(np.float64))):
+            for min_distance in (1, 2, 4, 7):
+                ref = peak_local_max(d, min_distance=min_distance, labels=lab, exclude_border=False)
+                ours = _peaks_per_label(d, lab, min_distance)
+                assert np.array_equal(ref, ours), (min_distance, len(ref), len(ours))
+                checked += 1
+                peaks += len(ref)
+    assert checked >= 60 and peaks > 5000
+    # flat objects (no strict maximum: thin lines, 2x2 squares, an L) take skimage's isolated-pixel rule
+    flat = np.zeros((40, 60), bool)
+    flat[5, 5:30] = flat[10:30, 40] = flat[20:22, 10:12] = flat[30:32, 20:22] = True
+    flat[34, 30:40] = flat[30:35, 30] = True
+    labels, _ = ndi.label(flat)
+    dist = ndi.distance_transform_edt(flat).astype(np.float32)
+    for min_distance in (1, 3):
+        ref = peak_local_max(dist, min_distance=min_distance, labels=labels, exclude_border=False)
+        assert len(ref) and np.array_equal(ref, _peaks_per_label(dist, labels, min_distance))

@@ -315,3 +315,68 @@ class ForegroundDetection(_MaskTransform):
 
     def F(self, mask):
         return foreground_detection(mask, self.min_region_size, self.max_hole_size, self.outer_contours_only)
+
+
+# --------------------------------------------------------------------------- helpers of the watershed recipes
+def _fill_holes(binary) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(binary)`` (default structure), the same bool array, faster: the
+    4-connected groups of background that do not touch the border are filled."""
+    binary = np.asarray(binary, bool)
+    if binary.ndim != 2 or binary.size == 0:
+        from scipy import ndimage as ndi
+
+        return ndi.binary_fill_holes(binary)
+    n, labels = cv2.connectedComponents((~binary).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    if n <= 1:
+        return binary.copy()
+    inner = np.ones(n, bool)
+    inner[0] = False  # label 0: the foreground
+    inner[labels[0]] = inner[labels[-1]] = inner[labels[:, 0]] = inner[labels[:, -1]] = False
+    return binary | inner[labels]
+
+
+def _peaks_per_label(image, labels, min_distance) -> np.ndarray:
+    """``skimage.feature.peak_local_max(image, min_distance=min_distance, labels=labels, exclude_border=False)``:
+    the same coordinates in the same order (tested against it), about 10x faster on tiles of nuclei.
+
+    For each label, in label order: its bounding box with the pixels of other labels set to the lowest
+    value; pixels equal to the maximum of their ``(2 d + 1)`` square window (edge replicated) and above the
+    image's minimum are candidates (on a label with no strict maximum, its pixels that an opening would
+    remove); candidates by decreasing value (ties in raster order), each dropped when closer than ``d``
+    (Chebyshev) to one kept before it.
+    """
+    from scipy import ndimage as ndi
+
+    image = np.asarray(image)
+    d = int(min_distance)
+    if image.ndim != 2 or d < 1 or image.dtype not in (np.float32, np.float64):
+        from skimage.feature import peak_local_max
+
+        return peak_local_max(image, min_distance=d, labels=labels, exclude_border=False)
+    threshold = image.min()
+    low = np.finfo(image.dtype).min
+    kernel = np.ones((2 * d + 1, 2 * d + 1), np.uint8)
+    out = []
+    for i, roi in enumerate(ndi.find_objects(labels)):
+        if roi is None:
+            continue
+        inside = labels[roi] == i + 1
+        img = np.where(inside, image[roi], low)
+        peak = img == cv2.dilate(img, kernel, borderType=cv2.BORDER_REPLICATE)
+        if peak[inside].all():  # no strict maximum: isolated pixels only (as skimage)
+            peak = inside ^ ndi.binary_opening(inside)
+        peak &= img > threshold
+        r, c = np.nonzero(peak)
+        if len(r) > 1:
+            order = np.argsort(-img[r, c], kind="stable")
+            r, c = r[order], c[order]
+            if d > 1:
+                keep = np.ones(len(r), bool)
+                for j in range(len(r)):
+                    if keep[j]:
+                        near = np.maximum(np.abs(r - r[j]), np.abs(c - c[j])) < d
+                        near[j] = False
+                        keep &= ~near
+                r, c = r[keep], c[keep]
+        out.append(np.stack([r + roi[0].start, c + roi[1].start], axis=1))
+    return np.concatenate(out).astype(np.intp, copy=False) if out else np.empty((0, 2), np.intp)

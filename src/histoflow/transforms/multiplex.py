@@ -54,11 +54,12 @@ def segment_nuclei_fluorescence(nuclear, threshold, *, sigma=2.0, min_area=30, m
     objects below ``min_area`` px dropped, touching nuclei split by a watershed of the distance transform
     from its maxima at least ``min_distance`` px apart; objects above ``max_area`` dropped.
     """
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
+    from .morphology import _fill_holes, _peaks_per_label
+
     sm = np.asarray(nuclear, np.float32) if smoothed else _smooth(nuclear, sigma)
-    fg = ndi.binary_fill_holes(sm > threshold)
+    fg = _fill_holes(sm > threshold)
     comp, _ = ndi.label(fg)
     small = np.bincount(comp.ravel()) < min_area
     small[0] = True
@@ -68,7 +69,7 @@ def segment_nuclei_fluorescence(nuclear, threshold, *, sigma=2.0, min_area=30, m
         return np.zeros(fg.shape, np.int32)
     dist = ndi.distance_transform_edt(fg)
     dist = ndi.gaussian_filter(dist, 1.0)
-    peaks = peak_local_max(dist, min_distance=max(1, int(min_distance)), labels=comp, exclude_border=False)
+    peaks = _peaks_per_label(dist, comp, max(1, int(min_distance)))
     markers = np.zeros(fg.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # components without a peak (flat, tiny) keep one marker at their maximum

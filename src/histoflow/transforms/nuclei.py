@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .base import Transform, outputs_from
+from .morphology import _fill_holes, _peaks_per_label
 from .stain import REFERENCE_STAIN_MATRIX, _METHODS, _check_rgb, _od_lut, _StainFitMixin
 
 __all__ = ["MIN_HEMATOXYLIN", "hematoxylin_concentration", "detect_nuclei", "NucleusDetectionHE"]
@@ -106,7 +107,6 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
     >>> labels = detect_nuclei(he_tile)                  # doctest: +SKIP
     >>> labels.max()                                     # number of nuclei   # doctest: +SKIP
     """
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     image = _check_rgb(image, "detect_nuclei")
@@ -116,7 +116,9 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
         h = cv2.GaussianBlur(h, (0, 0), sigmaX=float(sigma), sigmaY=float(sigma),
                              borderType=cv2.BORDER_REFLECT)
     if threshold is None:
-        stained = _od_lut(background_intensity)[image].max(axis=-1) >= _STAINED_OD
+        # the largest channel OD is the OD of the darkest channel (the table decreases)
+        darkest = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])
+        stained = _od_lut(background_intensity)[darkest] >= _STAINED_OD
         values = h[stained]
         if values.size < max(int(min_area), 1):
             return np.zeros(image.shape[:2], np.int32)
@@ -124,7 +126,7 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
     binary = h > threshold
     if not binary.any():
         return np.zeros(image.shape[:2], np.int32)
-    binary = ndi.binary_fill_holes(binary)
+    binary = _fill_holes(binary)
     labels, _ = ndi.label(binary)
     labels, n = _relabel_by_area(labels, min_area, None)
     if n == 0:
@@ -132,7 +134,7 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
     binary = labels > 0
     dist = ndi.distance_transform_edt(binary).astype(np.float32)
     dist = cv2.GaussianBlur(dist, (0, 0), 1.0)
-    peaks = peak_local_max(dist, min_distance=max(int(min_distance), 1), labels=labels, exclude_border=False)
+    peaks = _peaks_per_label(dist, labels, max(int(min_distance), 1))
     markers = np.zeros(labels.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     # every object gets at least one seed (peak_local_max may find none on a flat plateau)

@@ -155,9 +155,15 @@ def _background_weight(od_max, ramp=None):
     return w
 
 
+def _channel_max(a) -> np.ndarray:
+    """``a.max(axis=-1)`` of an (h, w, 3) array, the same values, ~20x faster (numpy reduces a short last
+    axis slowly)."""
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+
+
 def _blend_background(result, image, od, ramp=None):
     """``image + w * (result - image)`` with the weight of :func:`_background_weight`, uint8."""
-    w = _background_weight(od.max(axis=-1), ramp)
+    w = _background_weight(_channel_max(od), ramp)
     if np.all(w >= 1):
         return result
     img = image.astype(np.float32)
