@@ -337,7 +337,7 @@ def _fill_holes(binary) -> np.ndarray:
 
 def _peaks_per_label(image, labels, min_distance) -> np.ndarray:
     """``skimage.feature.peak_local_max(image, min_distance=min_distance, labels=labels, exclude_border=False)``:
-    the same coordinates in the same order (tested against it), about 10x faster on tiles of nuclei.
+    the same coordinates in the same order (tested against it), 3-5x faster on tiles of nuclei.
 
     For each label, in label order: its bounding box with the pixels of other labels set to the lowest
     value; pixels equal to the maximum of their ``(2 d + 1)`` square window (edge replicated) and above the
