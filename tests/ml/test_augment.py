@@ -7,8 +7,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import histoflow
-from histoflow.ml.augment import (AugmentError, Brightness, Compose, Contrast, HSVShift, RandomFlip,
-                                  RandomRotate90, RandomZoom, StainAugment)
+from histoflow.ml.augment import (AugmentError, Blur, Brightness, Compose, Contrast, GaussianNoise, HSVShift,
+                                  RandomFlip, RandomRotate90, RandomZoom, StainAugment)
 from histoflow.transforms.nuclei import detect_nuclei
 
 
@@ -114,7 +114,8 @@ def test_zoom_preserves_label_values_and_alignment(he, scale_range):
 def test_photometric_ops_change_only_the_image(he):
     img, labels = he
     masks = _masks(labels)
-    for op in (HSVShift(0.05, 0.2, 0.2), Brightness(0.2), Contrast(0.3), StainAugment(0.2, 0.2)):
+    for op in (HSVShift(0.05, 0.2, 0.2), Brightness(0.2), Contrast(0.3), StainAugment(0.2, 0.2), Blur(8.0),
+               GaussianNoise(0.05)):
         out, new_masks = op(img, masks, np.random.default_rng(3))
         assert out.dtype == np.uint8 and out.shape == img.shape
         assert not np.array_equal(out, img), op
@@ -127,9 +128,65 @@ def test_photometric_ops_change_only_the_image(he):
 def test_photometric_zero_is_identity(he):
     img, _ = he
     rng = np.random.default_rng(0)
-    for op in (HSVShift(0, 0, 0), Brightness(0), Contrast(0)):
+    for op in (HSVShift(0, 0, 0), Brightness(0), Contrast(0), Blur(0), GaussianNoise(0)):
         out, _ = op(img, None, rng)
         assert np.abs(out.astype(int) - img).max() <= 1, op
+
+
+def _laplacian_var(img):
+    import cv2
+    return cv2.Laplacian(img.mean(axis=-1).astype(np.float32), cv2.CV_32F).var()
+
+
+def test_blur_softens_edges_and_keeps_colours(he):
+    img, labels = he
+    sharp = _laplacian_var(img)
+    strengths = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        sigma = np.random.default_rng(seed).uniform(0, 2.0)  # the draw Blur makes first
+        out, _ = Blur(2.0)(img, None, rng)
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        assert np.abs(out.mean(axis=(0, 1)) - img.mean(axis=(0, 1))).max() < 1.0  # the colours stay
+        strengths.append((sigma, _laplacian_var(out)))
+    # every blur removes edge energy, and a wider kernel removes more
+    assert all(v < sharp for s, v in strengths if s > 0.3)
+    strengths.sort()
+    assert strengths[-1][1] < strengths[0][1]
+    # the nuclei are still where the mask says (blur is not a shift): darker inside than around
+    out, _ = Blur(2.0)(img, None, np.random.default_rng(5))
+    assert out[labels > 0].mean() < out[labels == 0].mean() - 20
+    # any dtype and channel count: a single-channel uint16 image and a float one
+    img16 = (img[..., :1].astype(np.uint16) * 257)
+    out16, _ = Blur(1.5)(img16, None, np.random.default_rng(2))
+    assert out16.dtype == np.uint16 and out16.shape == img16.shape and not np.array_equal(out16, img16)
+    f = img.astype(np.float32) / 255
+    outf, _ = Blur(1.5)(f, None, np.random.default_rng(2))
+    assert outf.dtype == np.float32 and outf.shape == f.shape and 0 <= outf.min() and outf.max() <= 1
+
+
+def test_gaussian_noise_level_and_range(he):
+    img, _ = he
+    flat = np.full((128, 128, 3), 128, np.uint8)
+    sds = []
+    for seed in range(8):
+        sd = np.random.default_rng(seed).uniform(0, 0.04) * 255  # the level Noise draws
+        out, _ = GaussianNoise(0.04)(flat, None, np.random.default_rng(seed))
+        assert out.dtype == np.uint8
+        assert abs(out.astype(float).std() - sd) < 0.1 * sd + 0.6
+        assert abs(out.astype(float).mean() - 128) < 0.5
+        sds.append(out.astype(float).std())
+    assert max(sds) > 4  # up to 0.04 * 255 = 10 grey levels
+    # clipped, never wrapped around: a white image gets only darker pixels
+    white = np.full((64, 64, 3), 255, np.uint8)
+    out, _ = GaussianNoise(0.1)(white, None, np.random.default_rng(1))
+    assert out.min() < 255 and (out.astype(int) - 255).max() == 0 and out.min() > 150
+    f = np.zeros((32, 32, 1), np.float32)
+    outf, _ = GaussianNoise(0.1)(f, None, np.random.default_rng(1))
+    assert outf.dtype == np.float32 and outf.min() >= 0 and outf.max() > 0
+    for bad in (lambda: Blur(-1), lambda: GaussianNoise(float("nan")), lambda: Blur(1, p=2)):
+        with pytest.raises(AugmentError):
+            bad()
 
 
 def test_brightness_contrast_uint16_and_float():

@@ -16,7 +16,8 @@ Every operation is called as ``op(image, masks, rng) -> (image, masks)``:
 Geometric operations (:class:`RandomFlip`, :class:`RandomRotate90`, :class:`RandomZoom`) move the image and
 the masks alike; masks are resampled by nearest neighbour only, so label values are preserved (no new ids
 appear, which matters for instance masks). Photometric operations (:class:`HSVShift`, :class:`Brightness`,
-:class:`Contrast`, :class:`StainAugment`) change the image only and return the masks untouched.
+:class:`Contrast`, :class:`StainAugment`, :class:`Blur`, :class:`GaussianNoise`) change the image only and return
+the masks untouched.
 
 .. note::
    Maps whose *values* depend on the geometry, such as HoVer-Net's horizontal / vertical distance maps,
@@ -49,7 +50,7 @@ from ..core.resample import resize_mask
 from ..errors import HistoflowError
 
 __all__ = ["AugmentError", "Augmentation", "RandomFlip", "RandomRotate90", "RandomZoom", "HSVShift",
-           "Brightness", "Contrast", "StainAugment", "Compose"]
+           "Brightness", "Contrast", "StainAugment", "Blur", "GaussianNoise", "Compose"]
 
 
 class AugmentError(HistoflowError, ValueError):
@@ -421,6 +422,56 @@ class StainAugment(Augmentation):
         beta = rng.uniform(-self.sigma2, self.sigma2, 2)
         image = np.ascontiguousarray(image)
         return augment_stains(image, alpha, beta, self.matrix(image), self.background_intensity), masks
+
+
+class Blur(Augmentation):
+    """Gaussian blur of random strength, as a slide scanned slightly out of focus (masks untouched).
+
+    ``sigma`` is drawn in ``[0, max_sigma]`` pixels; each channel is blurred alike (borders reflected).
+    HoVer-Net's training blurs its inputs this way (Graham et al. 2019, kernels up to 3 px). Works on any
+    dtype and channel count.
+
+    Parameters
+    ----------
+    max_sigma : float
+        Largest standard deviation, in pixels of the image.
+    p : float
+        Probability of applying it.
+    """
+
+    def __init__(self, max_sigma=1.0, p=1.0):
+        self.max_sigma = _check_nonneg("Blur", "max_sigma", max_sigma)
+        self.p = _check_prob("Blur", p)
+
+    def _apply(self, image, masks, rng):
+        sigma = rng.uniform(0.0, self.max_sigma)
+        if sigma < 0.2:  # neighbours would weigh < 1e-5: nothing changes after rounding
+            return image, masks
+        img = np.ascontiguousarray(image, dtype=np.float32)
+        out = cv2.GaussianBlur(img, (0, 0), sigmaX=float(sigma), borderType=cv2.BORDER_REFLECT_101)
+        out = out.reshape(image.shape)  # OpenCV drops a single channel axis
+        if image.dtype.kind == "f":
+            return out.astype(image.dtype), masks
+        return _to_dtype(out, image.dtype), masks
+
+
+class GaussianNoise(Augmentation):
+    """Add zero-mean Gaussian noise, its standard deviation drawn in ``[0, sigma]`` times full scale.
+
+    Full scale is 255 for uint8 (so ``sigma=0.02`` is up to about 5 grey levels), 65535 for uint16, 1.0 for
+    floats; the result is rounded and clipped to the dtype's range. Masks are untouched.
+    """
+
+    def __init__(self, sigma=0.02, p=1.0):
+        self.sigma = _check_nonneg("GaussianNoise", "sigma", sigma)
+        self.p = _check_prob("GaussianNoise", p)
+
+    def _apply(self, image, masks, rng):
+        sd = rng.uniform(0.0, self.sigma) * _full_scale(image.dtype)
+        out = image.astype(np.float32) + rng.normal(0.0, sd, image.shape).astype(np.float32)
+        if image.dtype.kind == "f":
+            return np.clip(out, 0.0, 1.0).astype(image.dtype), masks
+        return _to_dtype(out, image.dtype), masks
 
 
 # ------------------------------------------------------------------------------------------ Compose

@@ -82,9 +82,13 @@ def _augmenter(spec: dict | None, seed: int):
         ops.append(A.Brightness(b, p=0.5))
     if (c := spec.pop("contrast", None)):
         ops.append(A.Contrast(c, p=0.5))
+    if (bl := spec.pop("blur", None)):
+        ops.append(A.Blur(bl, p=0.3))
+    if (n := spec.pop("noise", None)):
+        ops.append(A.GaussianNoise(n, p=0.3))
     if spec:
         raise ConfigError(f"unknown augmentation(s) {sorted(spec)}; known: flip, rot90, zoom, stain, hsv, "
-                          "brightness, contrast")
+                          "brightness, contrast, blur, noise")
     return A.Compose(ops, seed=seed)
 
 
