@@ -158,6 +158,26 @@ def test_thumbnail_bounded_and_faithful(mosaic8):
             s.thumbnail(256, channels=[22])
 
 
+def test_same_thumbnail_again_is_not_read_again(monkeypatch):
+    from histoflow.io import base
+    calls = []
+    real = base._downscale_level
+    monkeypatch.setattr(base, "_downscale_level", lambda *a, **k: calls.append(a[1:]) or real(*a, **k))
+    with open_slide(MIBI) as s:
+        a = s.thumbnail(128)
+        a[:] = 0                                  # the caller's copy: scribbling on it changes nothing kept
+        b = s.thumbnail(128)
+        assert len(calls) == 1 and b.any()
+        c = s.thumbnail(128, channels=[3])        # another view is computed, and equals its own channel
+        np.testing.assert_array_equal(c[..., 0], b[..., 3])
+        assert len(calls) == 2
+        np.testing.assert_array_equal(s.thumbnail(128, channels=[3]), c)
+        assert len(calls) == 2
+    assert s._last_thumbnail is None              # released with the slide
+    with open_slide(MIBI) as s2:                  # a fresh reader computes the same thing
+        np.testing.assert_array_equal(s2.thumbnail(128), b)
+
+
 def test_closed_reader_refuses():
     s = open_slide(SVS)
     s.close()

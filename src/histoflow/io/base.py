@@ -114,6 +114,7 @@ class SlideReader:
         self._associated: dict = {}
         self._mpp_override = None
         self._closed = False
+        self._last_thumbnail = None  # (key, array): pipelines ask for the same view twice (pre-pass, stain fit)
         try:
             self._open()
         except BaseException:
@@ -315,7 +316,8 @@ class SlideReader:
         Reads the smallest level that is still at least ``max_size`` on its longer side, in strips, so
         memory stays bounded whatever the slide size. Returns the native dtype, ``(h, w, c)``.
         ``channels`` (indices) keeps only those channels, in that order: a one-channel view of a
-        22-channel slide takes 1/22 of the memory.
+        22-channel slide takes 1/22 of the memory. The last thumbnail is kept while the slide is open, so
+        asking again for the same one (the tissue pre-pass, then a slide-level stain fit) costs a copy.
         """
         self._check_open()
         max_size = int(max_size)
@@ -334,8 +336,13 @@ class SlideReader:
         for i, lv in enumerate(self.levels):
             if max(lv.width, lv.height) >= max_size:
                 level = i
-        lv = self.levels[level]
-        return _downscale_level(self, level, lv, tw, th, channels)
+        key = (max_size, None if channels is None else tuple(channels))
+        last = self._last_thumbnail
+        if last is not None and last[0] == key:
+            return last[1].copy()
+        out = _downscale_level(self, level, self.levels[level], tw, th, channels)
+        self._last_thumbnail = (key, out.copy())
+        return out
 
     # ------------------------------------------------------------------ life cycle
     def _check_open(self):
@@ -345,6 +352,7 @@ class SlideReader:
     def close(self):
         if not self._closed:
             self._closed = True
+            self._last_thumbnail = None
             self._close()
 
     def __enter__(self):
