@@ -140,6 +140,36 @@ def test_transform_tiles_give_the_whole_image_result(tmp_path, val_sample):
     assert all(abs(c - whole.max()) <= 0.03 * whole.max() for c in counts.values()), (counts, whole.max())
 
 
+def test_edge_tiles_run_the_model_on_the_slide_part_only(tmp_path, val_sample, monkeypatch):
+    """A 500 x 300 image in one 1024 px tile: the model sees 500 x 300 pixels, not 1024 x 1024 (7x the work)."""
+    from PIL import Image
+
+    img = np.ascontiguousarray(val_sample["image"][:300, :500])
+    png = tmp_path / "small.png"
+    Image.fromarray(img).save(png)
+    seen = []
+    real = NucleusSegmentation.F
+    monkeypatch.setattr(NucleusSegmentation, "F",
+                        lambda self, image, *a, **k: seen.append(image.shape) or real(self, image, *a, **k))
+    with SlideData(str(png), mpp=0.25, slide_type="HE") as s:
+        (spec,) = list(s.grid(1024, overlap=128))
+        tile = s.read_tile(spec)
+    assert tile.image.shape == (1024, 1024, 3) and tile.extent == (500, 300)
+    assert (tile.image[300:] == 255).all() and (tile.image[:, 500:] == 255).all()  # the reader's white fill
+    seg = NucleusSegmentation()
+    seg.apply(tile)
+    assert seen == [(300, 500, 3)]
+    lab = tile.masks["nuclei"]
+    assert lab.shape == (1024, 1024) and not lab[300:].any() and not lab[:, 500:].any()
+    np.testing.assert_array_equal(lab[:300, :500], real(seg, img, 0.25))
+    assert tile.labels["nucleus_count"] == lab.max() > 20
+    # the extent in tile pixels at another level / µm per pixel, and none for tiles inside the slide
+    with SlideData(str(png), mpp=0.25) as s:
+        tiles = [s.read_tile(sp) for sp in s.grid(128, overlap=0, mpp=0.5)]   # 250 x 150 output px
+    assert [t.extent for t in tiles] == [None, (122, 128), (128, 22), (122, 22)]
+    assert [t.image.shape[:2] for t in tiles] == [(128, 128)] * 4
+
+
 def test_onnx_backend_matches_torch(val_sample):
     crop = val_sample["image"][:256, :256]
     a = NucleusSegmentation(backend="torch").F(crop)

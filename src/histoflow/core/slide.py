@@ -1,6 +1,7 @@
 """SlideData: one object per slide — its reader, slide type, slide-level masks and labels, and tiles."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -147,9 +148,14 @@ class SlideData:
             image = resize(image, spec.size)
         masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size) for k, m in self.masks.items()}
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
+        # the part inside the slide, when the tile overhangs its right or bottom edge
+        w0, h0 = self.dimensions
+        ew = min(spec.size[0], math.ceil((w0 - spec.x) / spec.downsample - 1e-9))
+        eh = min(spec.size[1], math.ceil((h0 - spec.y) / spec.downsample - 1e-9))
+        extent = None if (ew, eh) == tuple(spec.size) else (max(ew, 1), max(eh, 1))
         return Tile(image=image, coords=(spec.x, spec.y), level=spec.level, downsample=spec.downsample,
                     masks=masks, labels={}, slide_type=self.slide_type.name,
-                    name=f"{self.name}_x{spec.x}_y{spec.y}", mpp=mpp, core=spec.core)
+                    name=f"{self.name}_x{spec.x}_y{spec.y}", mpp=mpp, core=spec.core, extent=extent)
 
     def generate_tiles(self, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None, edge="pad",
                        mask=None, min_coverage=0.0) -> Iterator[Tile]:

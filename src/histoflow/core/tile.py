@@ -39,6 +39,11 @@ class Tile:
         The part of the tile it owns among overlapping neighbours, in tile pixels (set by the grid:
         :attr:`histoflow.core.grid.TileSpec.core`); None means the whole tile. Transforms that find
         objects keep those whose centroid lies in the core, so no object is counted twice or lost.
+    extent : (int, int) or None
+        ``(width, height)`` in tile pixels of the part of ``image`` that lies inside the slide, for a tile
+        at the right or bottom edge of a grid whose tiles overhang the slide (the reader fills the rest:
+        white for brightfield, 0 otherwise); None means the whole tile. Costly transforms (the nucleus
+        model) work on that part only.
     """
 
     image: np.ndarray
@@ -52,6 +57,7 @@ class Tile:
     mpp: tuple[float, float] | None = None
     core: tuple | None = None
     cells: dict | None = None
+    extent: tuple | None = None
 
     def __post_init__(self):
         self.coords = (int(self.coords[0]), int(self.coords[1]))

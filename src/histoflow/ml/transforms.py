@@ -209,7 +209,13 @@ class NucleusSegmentation(Transform):
 
     def apply(self, tile):
         mpp = tile.mpp[0] if tile.mpp else None
-        labels = self.F(tile.image, mpp, tile.core)
+        image = tile.image
+        if tile.extent is not None:  # an edge tile: the model runs on the part inside the slide only
+            ew, eh = tile.extent
+            labels = np.zeros(image.shape[:2], np.int32)
+            labels[:eh, :ew] = self.F(image[:eh, :ew], mpp, tile.core)
+        else:
+            labels = self.F(image, mpp, tile.core)
         tile.masks[self.mask_name] = labels
         tile.labels[self.label_name] = int(labels.max())
 
