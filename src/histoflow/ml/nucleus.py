@@ -162,8 +162,6 @@ def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float 
             probs.append(p)
             hvs.append(hv)
         return np.mean(probs, 0).astype(np.float32), np.mean(hvs, 0).astype(np.float32)
-    from monai.inferers import sliding_window_inference
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if amp is None:
         amp = device.type == "cpu" and _cpu_bf16()
@@ -182,6 +180,8 @@ def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float 
     if x.shape[2] <= win and x.shape[3] <= win:
         out = run(x)
     else:
+        from monai.inferers import sliding_window_inference  # imported only when needed: ~2 s
+
         out = sliding_window_inference(x, (win, win), batch_size, run, overlap=overlap, mode="gaussian",
                                        padding_mode="replicate")
     out = out[0, :, :h, :w]
