@@ -88,6 +88,31 @@ def test_quantify_cells_matches_direct_measurement(mibi):
         assert t["area"][k - 1] == len(px)
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "float32", "int16", "uint8"])
+def test_quantify_cells_every_cell_equals_numpy(mibi, dtype):
+    """Means, medians (the mean of the middle two for even counts) and maxima of every cell, as numpy gives
+    them cell by cell, in the image's own dtype (the grouped sorts must not mix cells or values)."""
+    mpp, names, image, seg = mibi
+    img = image[:400, :400]
+    cells, nuc = seg.F(img, mpp)
+    if dtype == "float32":
+        img = img.astype(np.float32) / 7
+    elif dtype == "int16":
+        img = (img.astype(np.int32) - 300).astype(np.int16)   # negative values too
+    elif dtype == "uint8":
+        img = np.minimum(img, 255).astype(np.uint8)
+    t = quantify_cells(img, cells, nuclei=nuc)
+    n = int(cells.max())
+    assert n > 50 and t["mean"].shape == (n, img.shape[2])
+    assert any((cells == k).sum() % 2 == 0 for k in range(1, n + 1))   # even counts are exercised
+    for k in range(1, n + 1):
+        px = img[cells == k]
+        np.testing.assert_array_equal(t["median"][k - 1], np.median(px, 0).astype(np.float32))
+        np.testing.assert_array_equal(t["max"][k - 1], px.max(0).astype(np.float32))
+        np.testing.assert_allclose(t["mean"][k - 1], px.astype(np.float64).mean(0), rtol=1e-6)
+        assert t["nucleus_area"][k - 1] == (nuc == k).sum()
+
+
 def test_brightfield_quantification_uses_stain_densities(tmp_path):
     pipe = Pipeline([NucleusDetectionHE(), QuantifyCells(mask_name="nuclei")])
     with SlideData(SVS) as s:

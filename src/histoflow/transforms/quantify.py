@@ -14,7 +14,6 @@ with the slide's stain matrix, or Macenko's reference).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .base import Transform
 from .objects import relabel_sequential
@@ -51,26 +50,31 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
             out["nucleus_area"] = np.zeros(0, np.float32)
         return out
     flat = labels.ravel()
-    counts = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
-    idx = np.arange(1, n + 1)
-    order = None
-    if "median" in stats:
-        order = np.argsort(flat, kind="stable")
-        starts = np.searchsorted(flat[order], idx)
+    fg = np.flatnonzero(flat)  # background pixels take no part: often most of a tile
+    lab = flat[fg]
+    counts_i = np.bincount(lab, minlength=n + 1)[1:]
+    counts = counts_i.astype(np.float64)
+    # the pixels of each cell, contiguous in label order (stable: pixel order within a cell)
+    order = np.argsort(lab, kind="stable")
+    lab_sorted = lab[order]
+    starts = np.concatenate([[0], np.cumsum(counts_i)[:-1]])
+    lo, hi = starts + (counts_i - 1) // 2, starts + counts_i // 2  # the middle value(s)
     for s in stats:
         out[s] = np.empty((n, c), np.float32)
     for ch in range(c):
-        v = image[..., ch].ravel()
+        v = image[..., ch].ravel()[fg]
         if "mean" in stats:
-            out["mean"][:, ch] = np.bincount(flat, weights=v.astype(np.float64), minlength=n + 1)[1:] / counts
+            out["mean"][:, ch] = np.bincount(lab, weights=v.astype(np.float64), minlength=n + 1)[1:] / counts
+        vs = v[order]
         if "max" in stats:
-            out["max"][:, ch] = ndi.maximum(v, flat, idx)
+            out["max"][:, ch] = np.maximum.reduceat(vs, starts)
         if "median" in stats:
-            vs = v[order]
-            med = np.empty(n, np.float32)
-            for k in range(n):  # each cell's values are contiguous in label order
-                a, b = starts[k], starts[k] + int(counts[k])
-                med[k] = np.median(vs[a:b])
+            srt = _sorted_within(vs, lab_sorted)
+            a, b = srt[lo], srt[hi]
+            if srt.dtype.kind == "f":  # what np.median gives: the mean of the middle two, in the input's dtype
+                med = (a + b) / srt.dtype.type(2)
+            else:
+                med = (a.astype(np.float64) + b) / 2.0
             out["median"][:, ch] = med
     props = regionprops_table(labels, properties=("label", "centroid") + MORPHOLOGY)
     for k in MORPHOLOGY:
@@ -79,6 +83,22 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
     if nuclei is not None:
         out["nucleus_area"] = np.bincount(np.asarray(nuclei).ravel(), minlength=n + 1)[1:n + 1].astype(np.float32)
     return out
+
+
+def _sorted_within(values, groups):
+    """``values`` (grouped: ``groups`` is sorted) with each group's values sorted, groups kept in place."""
+    if values.dtype.kind in "ui" and values.dtype.itemsize <= 4:
+        # one sort of 64-bit keys (group in the high bits, value in the low ones) instead of a lexsort
+        v = values.astype(np.int64)
+        if values.dtype.kind == "i":
+            v -= np.iinfo(values.dtype).min
+        key = (groups.astype(np.int64) << 33) | v
+        key.sort()
+        out = key & ((1 << 33) - 1)
+        if values.dtype.kind == "i":
+            out += np.iinfo(values.dtype).min
+        return out.astype(values.dtype)
+    return values[np.lexsort((values, groups))]
 
 
 class QuantifyCells(Transform):
