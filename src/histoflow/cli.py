@@ -104,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("slide", help="an H&E slide or image (PNG, JPEG, TIFF, SVS, ...)")
     s.add_argument("-o", "--output", required=True, help="label image: uint32 TIFF, same size as level 0")
     s.add_argument("--geojson", help="also write the nuclei as QuPath GeoJSON (detections)")
+    s.add_argument("--png", help="picture of the nucleus outlines over the image, at most 2048 px "
+                                 "(default: OUTPUT with .png; 'none' for no picture)")
     s.add_argument("--model", default="builtin",
                    help="nucleus model .pt, or nucleus_unet (40x) / nucleus_unet_20x (default: the shipped model "
                         "trained nearest the input's µm/px)")
@@ -127,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels; larger than a cell")
     s.add_argument("--workers", type=int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--mpp", type=float, help="the slide's µm/px when the file does not say")
+    s.add_argument("--png", help="picture of the cell outlines over the slide, at most 2048 px "
+                                 "(default: OUTPUT with .png; 'none' for no picture)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_quantify)
 
@@ -328,6 +332,15 @@ def cmd_segment_nuclei(args):
             p.classification = "Nucleus"
         write_geojson(polys, args.geojson, object_type="detection")
         msg += f"; {len(polys)} outlines in {args.geojson}"
+    png = _picture_path(args.png, args.output)
+    if png:
+        from . import open_slide
+        from .utils import outline_instances, save_png, to_rgb
+
+        with open_slide(args.slide) as r:
+            thumb = to_rgb(r.thumbnail(min(PICTURE_SIZE, max(r.dimensions))))
+        save_png(png, outline_instances(thumb, labels))
+        msg += f"; picture {png}"
     print(msg + f" ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -356,9 +369,66 @@ def cmd_quantify(args):
     tmp = f"{out}.tmp-{os.getpid()}.h5ad"
     cells.write_h5ad(tmp)
     os.replace(tmp, out)
-    print(f"{out}: {cells.n_obs} cells x {cells.n_vars} channels ({', '.join(map(str, cells.var_names[:6]))}"
-          f"{', ...' if cells.n_vars > 6 else ''}); tiles and masks in {store} ({time.perf_counter() - t0:.1f} s)")
+    msg = (f"{out}: {cells.n_obs} cells x {cells.n_vars} channels ({', '.join(map(str, cells.var_names[:6]))}"
+           f"{', ...' if cells.n_vars > 6 else ''}); tiles and masks in {store}")
+    png = _picture_path(args.png, out)
+    if png:
+        from . import open_slide
+        from .utils import outline_instances, save_png, to_rgb
+
+        with open_slide(args.slide) as r:
+            thumb = to_rgb(r.thumbnail(min(PICTURE_SIZE, max(r.dimensions))),
+                           channel_names=list(r.channel_names or []) or None)
+            level0 = r.dimensions
+        save_png(png, outline_instances(thumb, _labels_at(store, "cells", level0, thumb.shape[:2])))
+        msg += f"; picture {png}"
+    print(msg + f" ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+#: longest side of the pictures the CLI writes
+PICTURE_SIZE = 2048
+
+
+def _picture_path(option, output):
+    """Where a verb's picture goes: ``--png PATH``, none for ``--png none``, else OUTPUT with .png."""
+    if option is not None and option.lower() == "none":
+        return None
+    return option or os.path.splitext(output)[0] + ".png"
+
+
+def _labels_at(store, mask, level0, shape):
+    """The instance masks ``mask`` of an h5path's tiles pasted into one label image of ``shape = (h, w)``
+    covering the slide's level 0 (``level0 = (w, h)``), by nearest neighbour, ids unique over tiles; a
+    picture-sized stand-in for :func:`histoflow.ml.infer.assemble_instances` on slides of any size."""
+    import numpy as np
+
+    from .store import read_h5path
+
+    H, W = shape
+    sy, sx = H / level0[1], W / level0[0]
+    out = np.zeros((H, W), np.int64)
+    offset = 0
+    with read_h5path(store) as h:
+        for tile in h:
+            lab = tile.masks.get(mask)
+            if lab is None or not lab.any():
+                continue
+            x0, y0 = tile.coords
+            ds = float(tile.downsample)
+            th, tw = lab.shape
+            r0, r1 = int(round(y0 * sy)), min(H, int(round((y0 + th * ds) * sy)))
+            c0, c1 = int(round(x0 * sx)), min(W, int(round((x0 + tw * ds) * sx)))
+            if r1 <= r0 or c1 <= c0:
+                continue
+            rows = np.minimum(((np.arange(r0, r1) + 0.5) / sy - y0) / ds, th - 1).astype(np.intp)
+            cols = np.minimum(((np.arange(c0, c1) + 0.5) / sx - x0) / ds, tw - 1).astype(np.intp)
+            part = lab[rows[:, None], cols[None, :]].astype(np.int64)
+            region = out[r0:r1, c0:c1]
+            free = (region == 0) & (part > 0)
+            region[free] = part[free] + offset
+            offset += int(lab.max())
+    return out
 
 
 def _read_cells(path):

@@ -91,3 +91,32 @@ def save_png(path, rgb: np.ndarray):
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def outline_instances(rgb: np.ndarray, labels: np.ndarray, colour=(255, 255, 0)) -> np.ndarray:
+    """``rgb`` with the outlines of the objects of an instance label image drawn over it.
+
+    ``labels`` (0 = background) may be larger than ``rgb`` (e.g. a slide's level 0 over its thumbnail): it is
+    resampled to the picture by nearest neighbour. An outline pixel is an object pixel with a 4-neighbour in
+    another object or in the background, so touching objects stay apart.
+    """
+    rgb = np.asarray(rgb)
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or rgb.ndim != 3:
+        raise ValueError(f"need a 2-D label image and an (h, w, 3) picture, got {labels.shape} and {rgb.shape}")
+    h, w = rgb.shape[:2]
+    if labels.shape != (h, w):
+        rows = np.minimum(((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.intp), labels.shape[0] - 1)
+        cols = np.minimum(((np.arange(w) + 0.5) * labels.shape[1] / w).astype(np.intp), labels.shape[1] - 1)
+        labels = labels[rows[:, None], cols[None, :]]
+    edge = np.zeros((h, w), bool)
+    dy = labels[1:, :] != labels[:-1, :]
+    dx = labels[:, 1:] != labels[:, :-1]
+    edge[1:, :] |= dy
+    edge[:-1, :] |= dy
+    edge[:, 1:] |= dx
+    edge[:, :-1] |= dx
+    edge &= labels > 0
+    out = rgb[:, :, :3].copy()
+    out[edge] = colour
+    return out

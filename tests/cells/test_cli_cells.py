@@ -21,6 +21,16 @@ def test_quantify_then_phenotype(tmp_path):
     a = anndata.read_h5ad(cells)
     assert 250 < a.n_obs < 500 and a.n_vars == 22 and "HH3 (89)" in a.var_names
     assert f"{a.n_obs} cells x 22 channels" in r.stdout
+    # the picture: the slide in false colour with the cell outlines (yellow) of the cells in the table
+    pic = np.asarray(Image.open(tmp_path / "cells.png"))
+    assert pic.shape == (1024, 1024, 3) and "picture" in r.stdout
+    yellow = np.all(pic == (255, 255, 0), axis=2)
+    from skimage.measure import label
+
+    centroids = np.round(a.obsm["spatial"]).astype(int)
+    rims = label(~yellow, connectivity=1)  # each outlined cell is a region enclosed by yellow
+    inside = rims[np.clip(centroids[:, 1], 0, 1023), np.clip(centroids[:, 0], 0, 1023)]
+    assert np.mean(inside != rims[0, 0]) > 0.8  # most cell centres lie in a closed outline, not the background
     out = tmp_path / "pheno.h5ad"
     gj = tmp_path / "cells.geojson"
     r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", out, "--geojson", gj)

@@ -114,3 +114,28 @@ def test_slide_data_pickles():
         clone = pickle.loads(pickle.dumps(s))
         np.testing.assert_array_equal(clone.read_region((5, 5), 0, (9, 9)), s.read_region((5, 5), 0, (9, 9)))
         clone.close()
+
+
+def test_outline_instances_draws_rims_of_each_object():
+    from histoflow.utils import outline_instances
+
+    lab = np.zeros((8, 10), np.int32)
+    lab[1:5, 1:4] = 1
+    lab[1:5, 4:7] = 2  # touches object 1
+    lab[6:8, 8:10] = 3  # touches the image border
+    rgb = np.full((8, 10, 3), 50, np.uint8)
+    out = outline_instances(rgb, lab, colour=(255, 0, 0))
+    drawn = np.all(out == (255, 0, 0), axis=2)
+    expect = np.zeros((8, 10), bool)
+    expect[1:5, 1:7] = True
+    expect[2:4, 2] = False  # interior of 1
+    expect[2:4, 5] = False  # interior of 2
+    expect[6, 8:10] = True  # 3 is 2x2: all rim (its border with the image edge does not count, its others do)
+    expect[7, 8] = True
+    assert np.array_equal(drawn, expect)
+    assert np.all(out[~drawn] == 50) and rgb.max() == 50  # input untouched
+    # a label image larger than the picture: nearest neighbour, so a 2x picture of a 2x label image is the same
+    big = np.kron(lab, np.ones((2, 2), np.int32))
+    assert np.array_equal(outline_instances(rgb, big, colour=(255, 0, 0)), out)
+    with pytest.raises(ValueError):
+        outline_instances(rgb, lab[None])

@@ -194,6 +194,20 @@ def test_segment_nuclei_cli(tmp_path, val_sample):
     polys = read_geojson(gj)
     assert len(polys) >= n and {p.classification for p in polys} == {"Nucleus"}
     assert f"{n} nuclei" in r.stdout
+    # the picture (OUTPUT with .png): the image, native size, with every nucleus outlined in yellow on its rim
+    pic = np.asarray(Image.open(tmp_path / "nuclei.png"))
+    assert pic.shape == (512, 640, 3) and f"picture {tmp_path / 'nuclei.png'}" in r.stdout
+    yellow = np.all(pic == (255, 255, 0), axis=2)
+    inner = np.zeros_like(lab)
+    inner[1:-1, 1:-1] = np.where((lab[1:-1, 1:-1] == lab[:-2, 1:-1]) & (lab[1:-1, 1:-1] == lab[2:, 1:-1])
+                                 & (lab[1:-1, 1:-1] == lab[1:-1, :-2]) & (lab[1:-1, 1:-1] == lab[1:-1, 2:]),
+                                 lab[1:-1, 1:-1], 0)
+    assert not (yellow & (lab == 0)).any() and not (yellow & (inner > 0)).any()  # rims only
+    assert len(np.unique(lab[yellow])) == n  # every nucleus
+    assert np.array_equal(pic[~yellow], np.asarray(Image.open(png).convert("RGB"))[~yellow])
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(png), "-o", str(tmp_path / "b.tif"),
+                        "--mpp", "0.25", "--tile", "512", "--no-progress", "--png", "none"], capture_output=True, text=True)
+    assert r.returncode == 0 and not (tmp_path / "b.png").exists() and "picture" not in r.stdout
     bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(tmp_path / "none.png"),
                           "-o", str(tmp_path / "x.tif")], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.png" in bad.stderr and not (tmp_path / "x.tif").exists()
