@@ -181,7 +181,7 @@ def test_same_process_executors_merge_from_memory(tmp_path, monkeypatch):
 
     reads = []
     real_read = partial.read_batch
-    monkeypatch.setattr(partial, "read_batch", lambda d, b: reads.append(b) or real_read(d, b))
+    monkeypatch.setattr(partial, "read_batch", lambda d, b, t: reads.append(b) or real_read(d, b, t))
     slide = SlideData(mosaic(2))
     mem = slide.run(pipeline(), tmp_path / "mem.h5path", executor="inprocess", batch_size=16, progress=False)
     assert reads == []
@@ -240,10 +240,187 @@ def test_transform_error_names_slide_tile_and_transform(tmp_path):
 
 
 def test_transform_error_on_a_dask_cluster(tmp_path, cluster):
+    from distributed import Client
+
     address, _ = cluster
     slide = SlideData(SVS)
     with pytest.raises(PipelineError, match=r"FailAt failed on tile at \(x=256, y=512\)"):
         slide.run(Pipeline([FailAt(256, 512)]), tmp_path / "d.h5path", scheduler=address, progress=False)
+
+    def tasks(dask_scheduler):
+        return len(dask_scheduler.tasks)
+
+    with Client(address) as c:  # the user's own client outlives the runs
+        with pytest.raises(PipelineError, match="FailAt failed"):
+            slide.run(Pipeline([Blur(3), Dark(delay=0.05), FailAt(0, 0)]), tmp_path / "e.h5path", client=c,
+                      batch_size=4, progress=False)
+        for _ in range(100):  # the stopped run's other tasks are cancelled, its scattered data released
+            if c.run_on_scheduler(tasks) == 0:
+                break
+            time.sleep(0.1)
+        assert c.run_on_scheduler(tasks) == 0
+        outs = SlideDataset([SVS, mosaic(2)]).run(pipeline(), tmp_path / "many", client=c, batch_size=32,
+                                                  progress=False)
+        assert [len(read_h5path(o)) for o in outs] == [108, 432]
+        for _ in range(100):  # each slide's reader and pipeline leave the workers when the slide is done
+            if c.run_on_scheduler(tasks) == 0:
+                break
+            time.sleep(0.1)
+        assert c.run_on_scheduler(tasks) == 0
+
+
+def test_batches_of_another_run_are_never_merged(tmp_path, monkeypatch):
+    """A task of an earlier, stopped run that finishes late writes into the journal folder of the new run
+    (a cluster outlives runs): its batch must not end up in the new file."""
+    from histoflow.engine import partial, run
+    from histoflow.engine.worker import process_batch
+
+    monkeypatch.setattr(run, "IN_MEMORY_BATCHES", 0)  # merge every batch from its journal file
+    slide = SlideData(SVS)
+    out = str(tmp_path / "o.h5path")
+    old = Pipeline([Blur(25), Dark(100)])
+
+    def late_write(slide_, b, done, total):  # after batch b is journalled and before it is merged
+        (d,) = [os.path.join(tmp_path, f) for f in os.listdir(tmp_path) if f.endswith(".partial")]
+        grid = list(enumerate(slide.grid(256)))
+        process_batch(slide, old, b, grid[b * 10:(b + 1) * 10], "gzip", 4, "raise", d, None, False, "0" * 12)
+
+    slide.run(pipeline(), out, executor="inprocess", batch_size=10, compression="gzip", progress=False,
+              on_batch=late_write)
+    ref = slide.run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", batch_size=10, progress=False)
+    assert tile_data(out) == tile_data(ref)
+    assert partial.batch_path("j", 3, "abc") == os.path.join("j", "batch-0000003-abc.npz")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(n):
+    def hook(slide, b, done, total):
+        if done == n:
+            raise Interrupt
+    return hook
+
+
+def test_resume_with_the_same_settings_spelled_otherwise(tmp_path):
+    slide = SlideData(SVS)
+    out = tmp_path / "o.h5path"
+    with pytest.raises(Interrupt):
+        slide.run(pipeline(), out, executor="inprocess", tile_size=(256, 256), batch_size=10, progress=False,
+                  on_batch=_interrupt_at(3))
+    done_before = {int(f[6:13]) for f in os.listdir(f"{out}.partial") if f.startswith("batch-")}
+    assert len(done_before) >= 3
+    ran = []
+    slide.run(pipeline(), out, executor="inprocess", tile_size=(256, 256), batch_size=10, resume=True,
+              progress=False, on_batch=lambda s, b, d, t: ran.append(b))
+    assert sorted(ran) == sorted(set(range(11)) - done_before)  # a tuple journalled is a list: same settings
+    assert tile_data(out) == tile_data(slide.run(pipeline(), tmp_path / "ref.h5path", executor="inprocess",
+                                                 progress=False))
+
+
+def test_skipped_failures_stop_a_resume_with_on_error_raise(tmp_path):
+    slide = SlideData(SVS)
+    out = tmp_path / "o.h5path"
+    pipe = Pipeline([Blur(3), FailAt(256, 512)])  # tile 19, batch 1
+    with pytest.raises(Interrupt):
+        slide.run(pipe, out, executor="inprocess", batch_size=10, on_error="skip", progress=False,
+                  on_batch=_interrupt_at(3))
+    with pytest.raises(PipelineError, match=r"FailAt failed on tile at \(x=256, y=512\) in the run being resumed"):
+        slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, progress=False)
+    assert not os.path.exists(out)
+    slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, on_error="skip", progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) == 107 and len(h5.provenance[-1]["failed_tiles"]) == 1
+
+
+def test_dataset_resume_keeps_slides_already_finished(tmp_path):
+    outdir = tmp_path / "out"
+    ds = SlideDataset([SVS, mosaic(2)])
+    with pytest.raises(Interrupt):  # interrupted in the second slide, after the first was written
+        ds.run(pipeline(), outdir, executor="inprocess", batch_size=32, progress=False, on_batch=_interrupt_at(9))
+    first = outdir / "CMU-1-Small-Region.h5path"
+    assert first.exists() and not (outdir / "mosaic2.h5path").exists()
+    stamp = first.stat().st_mtime_ns
+    ran = []
+    outs = ds.run(pipeline(), outdir, executor="inprocess", batch_size=32, resume=True, progress=False,
+                  on_batch=lambda s, b, d, t: ran.append(s.name))
+    assert set(ran) == {"mosaic2"} and first.stat().st_mtime_ns == stamp
+    assert [len(read_h5path(o)) for o in outs] == [108, 432]
+    # other settings: the finished slide is not taken as done
+    ran.clear()
+    ds.run(Pipeline([Blur(5), Dark()]), outdir, executor="inprocess", batch_size=32, resume=True, progress=False,
+           on_batch=lambda s, b, d, t: ran.append(s.name))
+    assert set(ran) == {"CMU-1-Small-Region", "mosaic2"}
+
+
+def test_outputs_that_would_lose_something_are_refused(tmp_path):
+    slide = SlideData(SVS)
+    link = tmp_path / "slide.svs"
+    os.symlink(SVS, link)
+    with pytest.raises(PipelineError, match="the output is the slide being read"):
+        SlideData(link).run(None, link, executor="inprocess", progress=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("results of last week")
+    with pytest.raises(PipelineError, match="notes.txt: exists and is not an h5path file"):
+        slide.run(None, notes, executor="inprocess", progress=False)
+    assert notes.read_text() == "results of last week"
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(PipelineError, match="adir: the output is a directory"):
+        slide.run(None, tmp_path / "adir", executor="inprocess", progress=False)
+    with pytest.raises(PipelineError, match="notes.txt is a file, not a directory"):
+        slide.run(None, notes / "x.h5path", executor="inprocess", progress=False)
+    for bad in (dict(max_in_flight=0), dict(max_in_flight=0.5), dict(tissue_filter=25)):
+        with pytest.raises(PipelineError, match="max_in_flight|tissue_filter"):
+            slide.run(None, tmp_path / "y.h5path", executor="inprocess", progress=False, **bad)
+    assert sorted(os.listdir(tmp_path)) == ["adir", "notes.txt", "slide.svs"]  # nothing half-made left
+
+
+def test_a_slide_without_tiles_gets_an_empty_file(tmp_path):
+    ds = SlideDataset([SVS, mosaic(2)])
+    with pytest.warns(UserWarning, match="CMU-1-Small-Region.svs: no tiles to process"):
+        outs = ds.run(pipeline(), tmp_path, tile_size=3000, edge="drop", executor="inprocess", progress=False)
+    with read_h5path(outs[0]) as a, read_h5path(outs[1]) as b:
+        assert len(a) == 0 and a.slide["width"] == 2220 and a.provenance[-1]["tiles_written"] == 0
+        assert len(b) == 1  # the 4440 x 5934 mosaic holds one 3000 px tile
+
+
+class Gray(Transform):
+    changes_image = True
+
+    def apply(self, tile):
+        tile.image = cv2.cvtColor(tile.image, cv2.COLOR_RGB2GRAY)[:, :, None]
+
+
+class FailTopRow(Transform):
+    def apply(self, tile):
+        if tile.coords[1] == 0:
+            raise ValueError("top row")
+
+
+class VaryingMask(Transform):
+    """A mask stored int32 on the first tile and uint8 (safely castable) later."""
+
+    masks_out = ("m",)
+
+    def apply(self, tile):
+        m = (tile.image[:, :, 0] > 128).astype(np.uint8)
+        tile.masks["m"] = m.astype(np.int32) * 300 if tile.coords == (0, 0) else m
+
+
+def test_tiles_that_set_the_file_come_from_the_first_batch_with_tiles(tmp_path):
+    slide = SlideData(SVS)
+    for bs in (9, 16):  # batch 0 = the top row (all failed) with 9; half of batch 0 with 16
+        out = slide.run(Pipeline([Gray(), FailTopRow()]), tmp_path / f"g{bs}.h5path", executor="inprocess",
+                        batch_size=bs, on_error="skip", progress=False)
+        with read_h5path(out) as h5:
+            assert len(h5) == 108 - 9 and h5.tile(0).image.shape == (256, 256, 1)
+    out = slide.run(Pipeline([VaryingMask()]), tmp_path / "m.h5path", executor="inprocess", batch_size=4,
+                    progress=False)
+    with read_h5path(out) as h5:
+        assert h5.tile(0).masks["m"].max() == 300
+        t = h5.tile(5)
+        np.testing.assert_array_equal(t.masks["m"], (slide.read_region(t.coords, 0, (256, 256))[:, :, 0] > 128))
 
 
 def test_on_error_skip_records_failed_tiles(tmp_path):
@@ -278,12 +455,16 @@ def test_resume_after_the_process_was_killed(tmp_path):
     assert r.returncode == -signal.SIGKILL
     assert not os.path.exists(out)
     journal = os.listdir(out + ".partial")
-    done_before = {int(f[6:-4]) for f in journal if f.startswith("batch-") and f.endswith(".npz")}
+    done_before = {int(f[6:13]) for f in journal if f.startswith("batch-") and f.endswith(".npz")}
     assert 7 <= len(done_before) < 20  # 7 reported, plus the few already in flight
+    # the half-merged file of the killed run is inside the journal, not beside the output
+    assert os.listdir(tmp_path) == ["resumed.h5path.partial"]
+    assert any(".tmp-" in f for f in journal)
     ran = []
     SlideData(slide_path).run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False,
                               on_batch=lambda s, b, d, t: ran.append(b))
     assert sorted(ran) == sorted(set(range(44)) - done_before)  # only what was missing
+    assert os.listdir(tmp_path) == ["resumed.h5path"]  # journal and the killed run's temporary file gone
     ref = SlideData(slide_path).run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", batch_size=10,
                                     progress=False)
     assert tile_data(out) == tile_data(ref)

@@ -1,7 +1,8 @@
 """Executors: where batches run. In-process (debugging), threads, or dask.distributed.
 
 They share one small interface so that the run loop is the same for all: ``share(obj)`` (send a large
-object to the workers once), ``submit(fn, *args)``, ``wait_any(pending)``, ``workers`` and ``close()``.
+object to the workers once) and ``release(shared)`` (let it go), ``submit(fn, *args)``, ``wait_any(pending)``,
+``cancel(futures)`` (a run stopped by an error), ``workers`` and ``close()``.
 This is the only module that imports dask, and only when a dask executor is made.
 """
 from __future__ import annotations
@@ -51,11 +52,17 @@ class InProcessExecutor:
     def share(self, obj):
         return obj
 
+    def release(self, shared):
+        pass
+
     def submit(self, fn, *args, key=None):
         return _Done(fn, args)
 
     def wait_any(self, pending):
         return set(pending)
+
+    def cancel(self, futures):
+        pass
 
     def close(self):
         if self.encoder is not None:
@@ -75,12 +82,19 @@ class ThreadExecutor:
     def share(self, obj):
         return obj
 
+    def release(self, shared):
+        pass
+
     def submit(self, fn, *args, key=None):
         return self._pool.submit(fn, *args)
 
     def wait_any(self, pending):
         done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
         return done
+
+    def cancel(self, futures):
+        for f in futures:
+            f.cancel()
 
     def close(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -150,6 +164,20 @@ class DaskExecutor:
 
     def share(self, obj):
         return self.client.scatter(obj, broadcast=True, hash=False)
+
+    def release(self, shared):
+        """Let the workers drop scattered objects (a finished slide's reader and pipeline)."""
+        futures = [f for f in (shared if isinstance(shared, (tuple, list)) else [shared])
+                   if isinstance(f, self._distributed.Future)]
+        for f in futures:
+            f.release()
+
+    def cancel(self, futures):
+        """Cancel tasks of a stopped run, so that they neither hold the workers nor write late results."""
+        try:
+            self.client.cancel(list(futures))
+        except Exception:  # noqa: BLE001 - a client already closing; the journal token guards the rest
+            pass
 
     def submit(self, fn, *args, key=None):
         return self.client.submit(fn, *args, key=key, pure=False, retries=2)

@@ -1,7 +1,9 @@
 """The journal of a run in progress: ``OUT.h5path.partial/``, one file per finished batch.
 
 Each batch file is written atomically (temporary name, then rename), so a run killed at any moment
-leaves only whole batches behind; ``resume=True`` reads them and runs the rest. When every batch is
+leaves only whole batches behind; ``resume=True`` reads them and runs the rest. Batch files carry the
+journal's token in their name: a task of an earlier, stopped run that finishes late (on a cluster that
+outlives the run) writes a file that no later run of another journal reads. When every batch is
 there, the batches are copied in grid order into the final h5path (chunks are copied as bytes, not
 recompressed) and the folder is removed. Files are ``.npz`` (no pickle) plus JSON.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 
 import numpy as np
 
@@ -24,21 +27,26 @@ def partial_dir(out_path: str) -> str:
     return os.fspath(out_path) + ".partial"
 
 
-def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set]:
-    """Prepare the journal folder; return it and the batches already done (when resuming)."""
+def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
+    """Prepare the journal folder; return it, the batches already done (when resuming) and its token."""
     d = partial_dir(out_path)
     if os.path.isdir(d):
         old = _read_manifest(d)
+        token = old.pop("token", None) if old is not None else None
         if resume and old is not None:
-            if old != manifest:
+            if old != manifest or token is None:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
                 raise PipelineError(f"{out_path}: cannot resume: the unfinished run used other settings "
-                                    f"({', '.join(diff)}); run without resume to start over")
-            return d, done_batches(d)
+                                    f"({', '.join(diff) or 'journal'}); run without resume to start over")
+            return d, done_batches(d, token), token
         shutil.rmtree(d)
-    os.makedirs(d)
-    _write_json(os.path.join(d, MANIFEST), manifest)
-    return d, set()
+    token = uuid.uuid4().hex[:12]
+    try:
+        os.makedirs(d)
+        _write_json(os.path.join(d, MANIFEST), {**manifest, "token": token})
+    except OSError as e:
+        raise PipelineError(f"{out_path}: cannot make the run's journal folder {d}: {e}") from None
+    return d, set(), token
 
 
 def _read_manifest(d):
@@ -56,22 +64,23 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def batch_path(d: str, batch: int) -> str:
-    return os.path.join(d, f"batch-{batch:07d}.npz")
+def batch_path(d: str, batch: int, token: str) -> str:
+    return os.path.join(d, f"batch-{batch:07d}-{token}.npz")
 
 
-def done_batches(d: str) -> set:
+def done_batches(d: str, token: str) -> set:
     out = set()
+    suffix = f"-{token}.npz"
     for name in os.listdir(d):
-        if name.startswith("batch-") and name.endswith(".npz"):
+        if name.startswith("batch-") and name.endswith(suffix):
             try:
-                out.add(int(name[6:-4]))
+                out.add(int(name[6:-len(suffix)]))
             except ValueError:
                 pass
     return out
 
 
-def write_batch(d: str, result: BatchResult):
+def write_batch(d: str, result: BatchResult, token: str):
     """Store one finished batch (its encoded tiles and failures) atomically."""
     meta = {"tiles": [], "failures": [f.as_dict() for f in result.failures]}
     blobs, offset = [], 0
@@ -93,7 +102,7 @@ def write_batch(d: str, result: BatchResult):
                                                      for k, a in enc.cells.items()},
         })
     blob = np.frombuffer(b"".join(blobs), np.uint8) if blobs else np.zeros(0, np.uint8)
-    path = batch_path(d, result.batch)
+    path = batch_path(d, result.batch, token)
     tmp = path[:-4] + f".tmp-{os.getpid()}.npz"
     np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8), blob=blob)
     os.replace(tmp, path)
@@ -105,8 +114,8 @@ def _json_default(v):
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
-def read_batch(d: str, batch: int) -> BatchResult:
-    path = batch_path(d, batch)
+def read_batch(d: str, batch: int, token: str) -> BatchResult:
+    path = batch_path(d, batch, token)
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes())

@@ -11,10 +11,12 @@ executor or on the order in which batches finish.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import time
 import uuid
+import warnings
 from collections import deque
 
 from ..errors import PipelineError
@@ -47,6 +49,9 @@ class _Job:
         self.merged = 0
         self.failures: list = []
         self.in_memory: dict = {}  # batch -> journalled result still in memory (same-process executors)
+        self.token = None  # names this journal's batch files: batches of another run are never merged
+        self.on_error = "raise"
+        self.already_done = False  # resume=True found the output complete with the same settings
 
     @property
     def n_tiles(self):
@@ -95,26 +100,31 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     if pipeline is not None and not isinstance(pipeline, Pipeline):
         pipeline = Pipeline([pipeline])
     batch_size = max(1, int(batch_size))
+    if max_in_flight is not None and not (isinstance(max_in_flight, int) and max_in_flight >= 1):
+        raise PipelineError(f"max_in_flight must be a whole number of batches >= 1, got {max_in_flight!r}")
+    if tissue_filter is not None and not (isinstance(tissue_filter, (int, float)) and 0 <= tissue_filter <= 1):
+        raise PipelineError(f"tissue_filter is the fraction of a tile that must be tissue, 0..1; got {tissue_filter!r}")
     jobs = [_Job(s, o) for s, o in zip(slides, outputs)]
     tiling = {"tile_size": tile_size, "overlap": overlap, "stride": stride, "level": level, "mpp": mpp, "edge": edge,
               "tissue_filter": tissue_filter}
     run_id = uuid.uuid4().hex[:12]
     for job in jobs:
+        job.on_error = on_error
         _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume)
 
     ex, owned = make_executor(executor, workers=workers, scheduler=scheduler, client=client)
+    pending: dict = {}
     t0 = time.perf_counter()
     total = sum(j.n_tiles for j in jobs)
     initial = sum(len(j.batches[b]) for j in jobs for b in j.done)
     bar = progress_bar(None, total=total, desc="tiles", unit="tile", disable=not progress)
     bar.update(initial)
     try:
-        for job in jobs:  # slides resumed with every batch done only need their merge
-            if len(job.done) == len(job.batches):
+        for job in jobs:  # slides resumed with every batch done (or without tiles) only need their merge
+            if len(job.done) == len(job.batches) and not job.already_done:
                 _finish(job, tiling, ex, batch_size, run_id, t0)
         queue = deque((j, b) for j in jobs for b in range(len(j.batches)) if b not in j.done)
         in_flight_max = int(max_in_flight or 2 * ex.workers + 2)
-        pending: dict = {}
         while queue or pending:
             while queue and len(pending) < in_flight_max:
                 job, b = queue.popleft()
@@ -122,7 +132,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     job.shared = (ex.share(job.slide), ex.share(job.pipeline))
                 fut = ex.submit(process_batch, job.shared[0], job.shared[1], b, job.batches[b], compression,
                                 compression_level, on_error, job.dir, getattr(ex, "encoder", None),
-                                getattr(ex, "same_process", False), key=f"histoflow-{run_id}-{id(job)}-{b}")
+                                getattr(ex, "same_process", False), job.token,
+                                key=f"histoflow-{run_id}-{id(job)}-{b}")
                 pending[fut] = (job, b)
             for fut in sorted(ex.wait_any(list(pending)), key=lambda f: (id(pending[f][0]), pending[f][1])):
                 job, b = pending.pop(fut)
@@ -138,7 +149,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                                         f"{f.error}. Finished batches are kept in {job.dir}; fix the cause "
                                         "and run again with resume=True, or pass on_error='skip'")
                 if not result.journalled:  # a worker that cannot see the journal folder sent its tiles
-                    partial.write_batch(job.dir, result)
+                    partial.write_batch(job.dir, result, job.token)
                 if result.tiles and len(job.in_memory) < IN_MEMORY_BATCHES:
                     job.in_memory[b] = result  # merged from memory; the journal file is for resume
                 job.done.add(b)
@@ -150,6 +161,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                 elif b == job.next_merge:
                     _merge_ready(job)
     finally:
+        if pending:  # stopped by an error: tasks still queued or running are of no use any more
+            ex.cancel(list(pending))
         for job in jobs:  # an interrupted run: drop half-made files, keep the journals for resume
             if job.writer is not None:
                 job.writer.abort()
@@ -164,8 +177,34 @@ def _where(batch):
     return f"({a.x}, {a.y})..({b.x}, {b.y})"
 
 
+def _check_output(job):
+    """Refuse outputs that would lose something: the slide itself, a directory, a file that is not an h5path."""
+    out, src = job.out, os.fspath(job.slide.path)
+    if os.path.isdir(out):
+        raise PipelineError(f"{out}: the output is a directory; give a file name such as "
+                            f"{os.path.join(out, job.slide.name + '.h5path')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise PipelineError(f"{out}: cannot write there: {parent} is a file, not a directory")
+    if os.path.exists(out):
+        if os.path.exists(src) and os.path.samefile(out, src):
+            raise PipelineError(f"{out}: the output is the slide being read; choose another output path")
+        if not _is_hdf5(out):
+            raise PipelineError(f"{out}: exists and is not an h5path file; a run only replaces h5path files "
+                                "(remove it or choose another output path)")
+
+
+def _is_hdf5(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume):
     slide = job.slide
+    _check_output(job)
     if tiling["tissue_filter"] is not None and TISSUE_MASK not in slide.masks:
         tissue_prepass(slide)
     if pipeline is not None:
@@ -182,22 +221,43 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
                       mask=TISSUE_MASK if tiling["tissue_filter"] is not None else None,
                       min_coverage=tiling["tissue_filter"] or 0.0)
     specs = list(enumerate(grid))
-    if not specs:
-        raise PipelineError(f"{slide.path}: no tiles to process (grid {grid})")
+    if not specs:  # a blank slide: its h5path has the slide's record and masks, and no tiles
+        warnings.warn(f"{slide.path}: no tiles to process (grid {grid}); its h5path will hold no tiles",
+                      stacklevel=4)
     # a batch holds at most BATCH_BYTES of raw pixels, so many-channel tiles (22 uint16 channels of
     # 512 px are 11 MiB a tile) do not multiply the memory of every batch in flight
     tw, th = grid.tile_size
     tile_bytes = tw * th * max(1, slide.reader.channels) * slide.reader.dtype.itemsize
     batch_size = max(1, min(batch_size, BATCH_BYTES // max(1, tile_bytes)))
     job.batches = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
-    job.manifest = {
-        "journal": 1, "slide": os.path.abspath(slide.path), "name": slide.name,
+    manifest = {
+        "journal": 2, "slide": os.path.abspath(slide.path), "name": slide.name,
         "pipeline": pipeline.to_document() if pipeline is not None else None,
         "tiling": tiling, "batch_size": batch_size, "tiles": len(specs),
         "compression": compression, "compression_level": compression_level,
     }
-    job.dir, job.done = partial.start(job.out, job.manifest, resume)
+    job.manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples are lists there)
+    if resume and not os.path.isdir(partial.partial_dir(job.out)) and _finished_before(job.out, job.manifest):
+        job.already_done, job.finished = True, True  # a slide the interrupted run had completed
+        job.done = set(range(len(job.batches)))
+        job.resumed = len(job.done)
+        return
+    job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)
     job.resumed = len(job.done)
+
+
+def _finished_before(out, manifest) -> bool:
+    """Whether ``out`` is the complete result of a run with these settings (its last provenance says so)."""
+    if not os.path.isfile(out):
+        return False
+    from ..store import read_h5path
+
+    try:
+        with read_h5path(out) as h:
+            prov = h.provenance
+    except Exception:  # noqa: BLE001 - not readable: run it again
+        return False
+    return bool(prov) and prov[-1].get("kind") == "pipeline run" and prov[-1].get("run_settings") == manifest
 
 
 def _slide_metadata(job, first_batch) -> dict:
@@ -217,13 +277,14 @@ def _merge_ready(job):
     (the copy overlaps with the work still running). The file stays under a temporary name until
     :func:`_finish`; the journal stays until then too, so an interrupted run resumes from it."""
     while job.next_merge in job.done:
-        result = job.in_memory.pop(job.next_merge, None) or partial.read_batch(job.dir, job.next_merge)
-        if job.writer is None:
-            job.writer = H5PathWriter(job.out, slide=_slide_metadata(job, result),
-                                      compression=job.manifest["compression"],
-                                      compression_level=job.manifest["compression_level"])
-            for name, m in job.slide.masks.items():
-                job.writer.add_slide_mask(name, m.array, m.downsample)
+        result = job.in_memory.pop(job.next_merge, None) or partial.read_batch(job.dir, job.next_merge, job.token)
+        if result.failures and job.on_error == "raise":  # journalled by an earlier run with on_error="skip"
+            f = result.failures[0]
+            raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}) in the run "
+                                f"being resumed: {f.error}. Resume with on_error='skip' to keep going without "
+                                "those tiles, or run without resume to start over")
+        if job.writer is None and result.tiles:  # made by the first tiles: they say the stored channels
+            _open_writer(job, result)
         reduces = job.pipeline is not None and job.pipeline.reduces
         for _, enc in sorted(result.tiles, key=lambda t: t[0]):
             job.writer.add_tile(enc)
@@ -234,11 +295,22 @@ def _merge_ready(job):
         job.next_merge += 1
 
 
+def _open_writer(job, first_batch):
+    job.writer = H5PathWriter(job.out, slide=_slide_metadata(job, first_batch),
+                              compression=job.manifest["compression"],
+                              compression_level=job.manifest["compression_level"], temp_dir=job.dir)
+    for name, m in job.slide.masks.items():
+        job.writer.add_slide_mask(name, m.array, m.downsample)
+
+
 def _finish(job, tiling, ex, batch_size, run_id, t0):
     """Complete the slide's h5path (remaining batches, provenance), rename it into place, drop the journal."""
     from .. import __version__
+    from .worker import BatchResult
 
     _merge_ready(job)
+    if job.writer is None:  # no tile at all (a blank slide, or every tile failed with on_error="skip")
+        _open_writer(job, BatchResult(-1))
     if job.pipeline is not None and job.pipeline.reduces:
         for name, (array, downsample) in job.pipeline.slide_masks().items():
             job.writer.add_slide_mask(name, array, downsample)
@@ -249,7 +321,7 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
         "kind": "pipeline run", "run_id": run_id,
         "pipeline": job.manifest["pipeline"],
         "tiling": tiling, "batch_size": batch_size, "tiles_written": job.merged, "tiles_in_grid": job.n_tiles,
-        "failed_tiles": job.failures, "resumed_batches": job.resumed,
+        "failed_tiles": job.failures, "resumed_batches": job.resumed, "run_settings": job.manifest,
         "executor": {"kind": ex.name, "workers": ex.workers},
         "elapsed_s": round(time.perf_counter() - t0, 3),
         "versions": _versions(), "histoflow": __version__, "python": platform.python_version(),
@@ -258,6 +330,9 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     job.writer = None
     partial.remove(job.dir)
     job.finished = True
+    if job.shared is not None:  # the slide and pipeline scattered to the workers can go
+        ex.release(job.shared)
+        job.shared = None
 
 
 def _versions():

@@ -36,7 +36,7 @@ class BatchResult:
 
 
 def process_batch(slide, pipeline, batch: int, specs, compression="gzip", compression_level=4,
-                  on_error="raise", journal_dir=None, encoder=None, keep_tiles=False) -> BatchResult:
+                  on_error="raise", journal_dir=None, encoder=None, keep_tiles=False, token=None) -> BatchResult:
     """Read, transform and encode the tiles of one batch. Never raises for a tile's failure: failures
     are returned (the driver decides whether they stop the run).
 
@@ -47,13 +47,15 @@ def process_batch(slide, pipeline, batch: int, specs, compression="gzip", compre
     ``encoder`` (a ``concurrent.futures`` executor, given by the in-process executor) compresses tiles in
     the background while the next tiles are read and transformed; the result is the same bytes.
     ``keep_tiles`` (executors in the driver's own process) keeps the journalled tiles in the result too,
-    so that the driver can merge them without reading the journal back."""
+    so that the driver can merge them without reading the journal back. ``token`` names the journal's
+    batch files (see :mod:`histoflow.engine.partial`)."""
     out = _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error, encoder)
     out.n_tiles = len(out.tiles)
-    if journal_dir is not None and os.path.isdir(journal_dir) and not (out.failures and on_error == "raise"):
+    if journal_dir is not None and token is not None and os.path.isdir(journal_dir) and \
+            not (out.failures and on_error == "raise"):
         from .partial import write_batch
 
-        write_batch(journal_dir, out)
+        write_batch(journal_dir, out, token)
         if not keep_tiles:
             out.tiles = []
         out.journalled = True

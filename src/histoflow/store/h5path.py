@@ -343,6 +343,9 @@ class H5PathWriter:
         gzip level (0-9).
     overwrite : bool
         If False, an existing file at ``path`` is an error.
+    temp_dir : str, optional
+        Where the temporary file is made (default: next to ``path``; must be on the same file system). The
+        engine puts it in the run's journal folder, which an interrupted run's resume or restart removes.
 
     Raises
     ------
@@ -357,7 +360,7 @@ class H5PathWriter:
     """
 
     def __init__(self, path, *, slide: dict | None = None, compression: str | None = "gzip",
-                 compression_level: int = GZIP_LEVEL, overwrite: bool = True):
+                 compression_level: int = GZIP_LEVEL, overwrite: bool = True, temp_dir=None):
         self.path = os.fspath(path)
         self._closed = True
         self._f = None
@@ -380,6 +383,8 @@ class H5PathWriter:
         self._channel_names = meta.get("channel_names")
 
         self._tmp = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        if temp_dir is not None:
+            self._tmp = os.path.join(os.fspath(temp_dir), os.path.basename(self._tmp))
         try:
             self._f = h5py.File(self._tmp, "w-")
         except OSError as e:
@@ -557,21 +562,32 @@ class H5PathWriter:
         elif shape != self._shape or dtype != self._dtype:
             raise H5PathError(f"{self.path}: {where}: shape {shape} dtype {dtype} differs from "
                               f"the file's tiles, {self._shape} {self._dtype}")
+        masks = dict(enc.masks)
         for mname, m in enc.masks.items():
             _check_name(self.path, "mask", mname)
             if m.shape != shape[:2]:
                 raise H5PathError(f"{self.path}: {where}: mask {mname!r} has shape {m.shape}, expected {shape[:2]}")
             ds = self._mask_ds.get(mname)
-            if ds is not None and (np.dtype(m.dtype) != ds.dtype or m.is_bool != self._mask_bool[mname]):
-                raise H5PathError(f"{self.path}: {where}: mask {mname!r} has dtype {m.dtype} here but "
-                                  f"{ds.dtype} in earlier tiles")
+            if ds is None:
+                continue
+            dt = np.dtype(m.dtype)
+            if self._mask_bool[mname] and not m.is_bool:
+                raise H5PathError(f"{self.path}: {where}: mask {mname!r} is {dt} here but bool in earlier tiles")
+            if not m.is_bool and not np.can_cast(dt, ds.dtype, "safe"):
+                raise H5PathError(f"{self.path}: {where}: mask {mname!r} has dtype {dt}, which does not cast "
+                                  f"safely to {ds.dtype} of earlier tiles")
+            if dt != ds.dtype:  # as add_tile does: cast to the file's dtype (the chunk is made again)
+                mc = "gzip" if enc.compression == "htj2k" else enc.compression
+                arr = m.decode(mc).astype(ds.dtype)
+                masks[mname] = _ArrayChunk(_encode_array(arr, mc, enc.compression_level), arr.shape,
+                                           ds.dtype.str, self._mask_bool[mname])
         label_items = self._check_tile_labels(enc.labels or {}, where)
         if self._images is None:
             self._create_tile_datasets(shape, dtype)
         if i == self._cap:
             self._grow()
         self._images.id.write_direct_chunk((i, 0, 0, 0), enc.image.data)
-        for mname, m in enc.masks.items():
+        for mname, m in masks.items():
             ds = self._mask_ds.get(mname)
             if ds is None:
                 ds = self._create_tile_mask(mname, np.dtype(m.dtype), m.is_bool)
