@@ -287,3 +287,17 @@ def test_compose_in_dataloader_workers_differs_per_worker_and_is_reproducible():
     # items 0 and 1 are the first draws of worker 0 and worker 1: a generator copied into both would repeat
     assert first[0] != first[1] and first[2] != first[3], first
     assert run() == first
+
+
+def test_compose_draws_follow_torchs_seed_in_the_main_process():
+    """The trainer seeds torch at each epoch: an epoch's augmentations are then the same in a run resumed
+    at that epoch as in the run that went through (no DataLoader workers)."""
+    aug = Compose([Brightness(0.4), GaussianNoise(0.05)], seed=2)
+    img = np.full((16, 16, 3), 120, np.uint8)
+    torch.manual_seed(10)
+    a1, a2 = aug.apply(img)[0], aug.apply(img)[0]
+    torch.manual_seed(11)
+    b = aug.apply(img)[0]
+    torch.manual_seed(10)  # "resumed": a fresh start of epoch 10's draws
+    assert np.array_equal(aug.apply(img)[0], a1) and np.array_equal(aug.apply(img)[0], a2)
+    assert not np.array_equal(a1, a2) and not np.array_equal(a1, b)

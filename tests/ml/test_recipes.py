@@ -76,6 +76,32 @@ def test_nucleus_task_from_the_command_line(tmp_path):
         train_from_config(dict(cfg, data=dict(cfg["data"], mpp=0.5), card={"mpp": 0.25}))
 
 
+def test_nucleus_crops_change_every_epoch_in_worker_processes(tmp_path, monkeypatch):
+    """The trainer sets each epoch on the dataset; a DataLoader worker must see it (new crops, new
+    augmentations), and the initial weights come from the seed."""
+    import torch
+
+    from histoflow.ml import train as T
+
+    seen = []
+    monkeypatch.setattr(T.Trainer, "fit", lambda self, train, val=None, resume=False: seen.append((self, train)) or [])
+    cfg = {"task": "nucleus_segmentation",
+           "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"], "crop": 64, "crops_per_epoch": 4,
+                    "augment": {"flip": True, "hsv": [0.02, 0.1, 0.1]}},
+           "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}},
+           "train": {"epochs": 2, "batch_size": 4, "num_workers": 1, "seed": 3}, "output": str(tmp_path / "r")}
+    train_from_config(dict(cfg))
+    train_from_config(dict(cfg))
+    (t1, loader), (t2, _) = seen
+    for a, b in zip(t1.model.state_dict().values(), t2.model.state_dict().values()):
+        assert torch.equal(a, b)
+    batches = []
+    for epoch in (0, 1, 0):
+        loader.dataset.set_epoch(epoch)
+        batches.append(next(iter(loader))["image"])
+    assert not torch.equal(batches[0], batches[1]) and torch.equal(batches[0], batches[2])
+
+
 def test_tile_classification_task(tmp_path):
     from histoflow.core.slide import SlideData
 

@@ -153,6 +153,22 @@ def test_training_errors(patches, tmp_path):
         t.fit(train, resume=True)
     with pytest.raises(ValueError, match="schedule"):
         Trainer(_model(), torch.nn.CrossEntropyLoss(), schedule="cosine")
+    # a one-cycle run resumed with more epochs than it was made for
+    bad.unlink()
+    Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, out_dir=tmp_path, schedule="onecycle",
+            progress=False).fit(train)
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=2, out_dir=tmp_path, schedule="onecycle", progress=False)
+    with pytest.raises(TrainingError, match="one-cycle schedule spans .* a one-cycle run cannot be lengthened"):
+        t.fit(train, resume=True)
+    # a dataset that changes with the epoch behind persistent workers would repeat its first epoch
+
+    class Epochs(torch.utils.data.TensorDataset):
+        def set_epoch(self, e):
+            self.e = e
+
+    loader = torch.utils.data.DataLoader(Epochs(*patches), batch_size=16, num_workers=1, persistent_workers=True)
+    with pytest.raises(TrainingError, match="persistent_workers"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False).fit(loader)
 
 
 def test_weight_average_is_validated_saved_and_resumed(patches, tmp_path):

@@ -506,18 +506,12 @@ class Compose:
         self._state = None  # (process key, generator)
 
     def _generator(self):
-        key = (os.getpid(), None)
+        # keyed by torch's seed when torch is in use: each DataLoader worker has its own, and the trainer
+        # seeds torch at every epoch, so the draws of an epoch are the same in a run resumed at that epoch
         torch = sys.modules.get("torch")
-        info = None
-        if torch is not None:
-            try:
-                info = torch.utils.data.get_worker_info()
-            except AttributeError:  # pragma: no cover - partial torch import
-                info = None
-        if info is not None:
-            key = (os.getpid(), int(torch.initial_seed()))
+        key = (os.getpid(), int(torch.initial_seed()) if torch is not None else None)
         if self._state is None or self._state[0] != key:
-            if info is not None:
+            if key[1] is not None:
                 entropy = [int(self.seed or 0) & 0xFFFFFFFFFFFFFFFF, key[1] & 0xFFFFFFFFFFFFFFFF]
                 gen = np.random.default_rng(entropy)
             else:

@@ -146,9 +146,10 @@ def _nucleus_segmentation(cfg, resume=False):
                          length=int(d.get("crops_per_epoch", 256)), augment=_augmenter(d.get("augment"), seed),
                          seed=seed)
     t = cfg.get("train") or {}
+    # not persistent_workers: workers take a copy of the dataset when an epoch's iterator starts, and only
+    # that copy knows the epoch that the trainer sets (set_epoch), i.e. which crops and augmentations to make
     loader = torch.utils.data.DataLoader(train, batch_size=int(t.get("batch_size", 8)), shuffle=False,
-                                         num_workers=int(t.get("num_workers", 0)),
-                                         persistent_workers=int(t.get("num_workers", 0)) > 0)
+                                         num_workers=int(t.get("num_workers", 0)))
     val_loader = validate = None
     if val_ids:
         val_loader = torch.utils.data.DataLoader(NucleusImages(load_monuseg(root, val_ids, mpp=mpp)), batch_size=1)
@@ -173,6 +174,7 @@ def _nucleus_segmentation(cfg, resume=False):
 
         validate = _validate
 
+    torch.manual_seed(seed)  # the initial weights too: the same config trains the same model in any process
     model = _model(cfg)
     card = cfg.setdefault("card", {})
     card.setdefault("task", "nucleus_segmentation")
@@ -207,6 +209,7 @@ def _tile_classification(cfg, resume=False):
     val = None
     if d.get("val"):
         val = torch.utils.data.DataLoader(dataset(d["val"]), batch_size=bs, num_workers=nw)
+    torch.manual_seed(int(t.get("seed", 0)))
     trainer = _trainer(cfg, _model(cfg), torch.nn.CrossEntropyLoss(), batch_loss=batch_loss)
     return trainer, trainer.fit(train, val, resume=resume)
 

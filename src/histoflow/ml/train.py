@@ -205,7 +205,14 @@ class Trainer:
         except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
             raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
         if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+            sched = state["scheduler"]
+            mine = getattr(self.scheduler, "total_steps", None)
+            if mine is not None and sched.get("total_steps") not in (None, mine):
+                raise TrainingError(
+                    f"{path}: the checkpoint's one-cycle schedule spans {sched['total_steps']} steps, this run's "
+                    f"{mine} ({self.epochs} epochs): a one-cycle run cannot be lengthened or shortened. Resume "
+                    "with the epochs it was started with, or start a new run from its weights (model.init)")
+            self.scheduler.load_state_dict(sched)
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best_loss = float(state["best_loss"])
@@ -298,6 +305,12 @@ class Trainer:
                 raise TrainingError("resume=True needs an out_dir holding last.ckpt")
             if os.path.exists(self._ckpt_path()):
                 self.load_checkpoint(self._ckpt_path())
+        dataset = getattr(train_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch") and getattr(train_loader, "persistent_workers", False):
+            raise TrainingError(f"{type(dataset).__name__} changes with the epoch (set_epoch), but the DataLoader "
+                                "keeps persistent_workers, whose copies of the dataset never see the new epoch: "
+                                "every epoch would repeat the first; make the DataLoader with "
+                                "persistent_workers=False")
         since_best = self.epoch - 1 - self.best_epoch if self.best_epoch >= 0 else 0
         while self.epoch < self.epochs:
             if self.patience is not None and since_best >= self.patience:

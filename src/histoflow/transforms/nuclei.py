@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 
 from .base import Transform, outputs_from
 from .morphology import _fill_holes, _peaks_per_label
+from .objects import keep_owned
 from .stain import REFERENCE_STAIN_MATRIX, _METHODS, _check_rgb, _od_lut, _StainFitMixin
 
 __all__ = ["MIN_HEMATOXYLIN", "hematoxylin_concentration", "detect_nuclei", "NucleusDetectionHE"]
@@ -205,12 +206,15 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
     def stain_matrix_(self):
         return REFERENCE_STAIN_MATRIX if self.slide_stains_ is None else self.slide_stains_[0]
 
-    def F(self, image):
-        """The instance mask of one RGB image."""
-        return detect_nuclei(image, self.stain_matrix_, self.threshold, self.min_area, self.max_area,
-                             self.min_distance, background_intensity=self.background_intensity)
+    def F(self, image, core=None):
+        """The instance mask of one RGB image: the nuclei whose centroid lies in ``core`` = (x0, y0, x1, y1)
+        (all of them when None), numbered 1..n."""
+        labels = detect_nuclei(image, self.stain_matrix_, self.threshold, self.min_area, self.max_area,
+                               self.min_distance, background_intensity=self.background_intensity)
+        return labels if core is None else keep_owned(labels, core)
 
     def apply(self, tile):
-        labels = self.F(tile.image)
+        # tiles that overlap: each nucleus is kept by the one tile whose core holds its centroid
+        labels = self.F(tile.image, tile.core)
         tile.masks[self.mask_name] = labels
         tile.labels[self.label_name] = int(labels.max())
