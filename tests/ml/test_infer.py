@@ -85,3 +85,32 @@ def test_segmentation_stitching_blends_overlaps(tmp_path, segmenter):
     # per-tile masks are stored as uint8 (1/255 steps) and blended where tiles overlap
     assert np.abs(probs[(slice(None),) + centre] - p[:, 64:192, 64:192]).max() < 0.01
     assert (seg[centre] == p.argmax(0)[64:192, 64:192]).mean() > 0.99
+
+
+def test_heatmap_boxes_at_any_downsample():
+    """Tiles painted at a downsample that does not divide the tile size: each box gets its rounded extent,
+    neighbours meet without gaps or overlaps."""
+    from histoflow.ml.transforms import _Heatmap
+
+    for ds in (3, 7, 120):
+        hm = _Heatmap((1024, 512), ds, 1)
+        for y in (0, 256):
+            for x in (0, 256, 512, 768):
+                hm.add(x, y, 256, 256, np.array([x / 1024 + y / 512], np.float32))
+        assert (hm.weight == 1).all(), ds  # every heatmap pixel painted exactly once
+        out = hm.result()[0]
+        col = int(round(600 / ds)), int(round(300 / ds))
+        assert out[col[1], col[0]] == pytest.approx(512 / 1024 + 256 / 512), ds
+
+
+def test_segmentation_pads_to_the_model_divisor(tmp_path):
+    torch.manual_seed(0)
+    deep = tmp_path / "deep.pt"
+    models.save(models.create("unet", in_channels=3, out_channels=2, filters=(4,) * 7), deep)  # divisor 64
+    img = np.random.default_rng(0).integers(0, 256, (160, 96, 3), np.uint8)
+    p = SemanticSegmentation(str(deep)).F(img)
+    assert p.shape == (2, 160, 96)
+    np.testing.assert_allclose(p.sum(0), 1, atol=1e-5)
+    onnx = export_onnx(models.load(deep), tmp_path / "deep.onnx", input_shape=(1, 3, 128, 128),
+                       dynamic_spatial=True)
+    np.testing.assert_allclose(SemanticSegmentation(str(onnx)).F(img), p, atol=1e-4)

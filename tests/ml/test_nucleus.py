@@ -224,3 +224,17 @@ def test_builtin_20x_model_on_a_held_out_image_at_20x():
     assert metrics.dice(pred > 0, true > 0) > 0.79
     assert metrics.aji(true, pred) > 0.6
     assert 0.8 < pred.max() / true.max() < 1.3
+
+
+def test_grey_input_and_missing_model_files(val_sample, tmp_path):
+    from histoflow import HistoflowError
+
+    with pytest.raises(HistoflowError, match="nope.pt: no such model file"):
+        NucleusSegmentation(model=str(tmp_path / "nope.pt"))
+    grey = val_sample["image"][:256, :256].mean(axis=2).astype(np.uint8)
+    seg = NucleusSegmentation()
+    a = seg.F(grey, mpp=0.25)
+    assert a.max() > 5  # nuclei are dark in grey too
+    assert np.array_equal(a, seg.F(np.repeat(grey[:, :, None], 3, axis=2), mpp=0.25))
+    with pytest.raises(ValueError, match=r"expected an RGB \(or grey\) H&E image, got shape \(64, 64, 22\)"):
+        seg.F(np.zeros((64, 64, 22), np.uint16))

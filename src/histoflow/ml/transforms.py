@@ -58,7 +58,18 @@ def _resolve(model: str, mpp: float | None = None) -> str:
         return builtin_nucleus_model(mpp)
     if model in BUILTIN_NUCLEUS_MODELS:
         return builtin_model_path(model)
-    return os.fspath(model)
+    return _existing_model(model)
+
+
+def _rgb_for_he_model(image) -> np.ndarray:
+    """An RGB view of an H&E image for the nucleus models: RGBA loses alpha, one grey channel is repeated."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"NucleusSegmentation: expected an RGB (or grey) H&E image, got shape {a.shape}; "
+                         "for fluorescence use SegmentNuclei / SegmentCells")
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
 
 
 class _Runner:
@@ -204,7 +215,7 @@ class NucleusSegmentation(Transform):
         for k in ("fg_threshold", "marker_threshold", "min_size"):
             if getattr(self, k) is not None:
                 post[k] = getattr(self, k)
-        labels = r.segment(np.asarray(image)[..., :3], mpp, tta=self.tta, **post)
+        labels = r.segment(_rgb_for_he_model(image), mpp, tta=self.tta, **post)
         return keep_owned(labels, core)
 
     def apply(self, tile):
@@ -242,6 +253,20 @@ class _ModelRunner:
             self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available()
                                                                               else "cpu")
             self.torch.to(self.device)
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sides must be multiples of this: the network's own, or from the card of an ONNX file (U-Net:
+        2 ** (levels - 1)); 32 when neither says."""
+        if self.torch is not None and hasattr(self.torch, "size_divisor"):
+            return int(self.torch.size_divisor)
+        card = self.card or {}
+        if card.get("size_divisor"):
+            return int(card["size_divisor"])
+        filters = (card.get("parameters") or {}).get("filters")
+        if card.get("architecture") == "unet" and filters:
+            return 2 ** (len(filters) - 1)
+        return 32
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """``(N, C, H, W)`` float32 in, the first output as float32 numpy out."""
@@ -307,6 +332,7 @@ class _Heatmap:
 
     def __init__(self, dimensions, downsample, channels):
         self.ds = float(downsample)
+        self.dimensions = tuple(int(d) for d in dimensions)
         w, h = (max(1, int(np.ceil(d / self.ds))) for d in dimensions)
         self.sum = np.zeros((channels, h, w), np.float32)
         self.weight = np.zeros((h, w), np.float32)
@@ -318,10 +344,13 @@ class _Heatmap:
         ds = self.ds
         H, W = self.weight.shape
         x0, y0 = int(round(x / ds)), int(round(y / ds))
-        x1, y1 = min(W, int(round((x + w0) / ds))), min(H, int(round((y + h0) / ds)))
+        # the box's own size at this downsample (rounding each side, not the width: neighbours then meet)
+        # a box reaching the slide's edge covers the last, partial heatmap pixel too
+        full_w = max(1, (W if x + w0 >= self.dimensions[0] else int(round((x + w0) / ds))) - x0)
+        full_h = max(1, (H if y + h0 >= self.dimensions[1] else int(round((y + h0) / ds))) - y0)
+        x1, y1 = min(W, x0 + full_w), min(H, y0 + full_h)
         if x1 <= x0 or y1 <= y0:
             return
-        full_w, full_h = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
         if values.ndim == 1:
             v = np.broadcast_to(values[:, None, None], (len(values), full_h, full_w))
         else:
@@ -461,9 +490,10 @@ class SemanticSegmentation(_ReducingModelTransform):
         """Class probabilities ``(C, H, W)`` of one image (padded to the model's divisor and cropped back)."""
         x = _as_input(image, True)
         h, w = x.shape[2:]
-        div = 32
-        x = np.pad(x, ((0, 0), (0, 0), (0, -h % div), (0, -w % div)), mode="reflect")
-        logits = _model_runner(self.model)(x)[0][:, :h, :w]
+        runner = _model_runner(self.model)
+        div = runner.size_divisor
+        x = np.pad(x, ((0, 0), (0, 0), (0, -h % div), (0, -w % div)), mode="reflect" if min(h, w) > 1 else "edge")
+        logits = runner(x)[0][:, :h, :w]
         return _softmax(logits, 0).astype(np.float32)
 
     def apply(self, tile):
