@@ -5,7 +5,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
-from datafiles import SVS, data_path
+from datafiles import SVS, data_path, mosaic
 
 from histoflow import SlideReadError, open_slide
 from histoflow.errors import RegionError
@@ -198,3 +198,17 @@ def test_svs_and_its_tiled_tiff_copy_agree():
         ra, rb = a.read_region((600, 800), 0, (512, 512)), b.read_region((600, 800), 0, (512, 512))
     assert np.abs(ra.astype(int) - rb).mean() < 6  # a second JPEG encoding, pixel-aligned
     np.testing.assert_allclose(ra.reshape(-1, 3).mean(0), rb.reshape(-1, 3).mean(0), atol=1.5)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_pyramid_level_as_openslide_lists_them(n):
+    """tifffile lists some levels of these pyramids as series of their own (3: levels 0-1 in one, 2 apart)."""
+    path = mosaic(n)
+    ref = openslide.OpenSlide(path)
+    with open_slide(path) as s:
+        assert [(lv.width, lv.height) for lv in s.levels] == list(ref.level_dimensions)
+        last = len(s.levels) - 1
+        w, h = s.levels[last].width, s.levels[last].height
+        got = s.read_region((0, 0), last, (w, h))
+        want = np.asarray(ref.read_region((0, 0), last, (w, h)).convert("RGB"))
+        assert np.abs(got.astype(int) - want).max() <= 2

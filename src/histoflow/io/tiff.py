@@ -152,9 +152,9 @@ class TiffReader(SlideReader):
         which tifffile lists as separate series; OpenSlide's generic-tiff reads them as levels)."""
         main = series[0]
         levels = list(main.levels)
-        if len(levels) > 1 or self._tf.is_qpi or self._tf.is_svs or self._tf.is_ome:
+        if self._tf.is_qpi or self._tf.is_svs or self._tf.is_ome:
             return levels
-        last = levels[0]
+        last = levels[-1]  # tifffile may group the first levels into one series and list the rest apart
         for s in series[1:]:
             pages = [p for p in s.pages if p is not None]
             if not pages or not all(getattr(p, "is_reduced", False) for p in pages):
