@@ -139,3 +139,20 @@ def test_outline_instances_draws_rims_of_each_object():
     assert np.array_equal(outline_instances(rgb, big, colour=(255, 0, 0)), out)
     with pytest.raises(ValueError):
         outline_instances(rgb, lab[None])
+
+
+def test_slide_mask_crop_lines_up_with_the_tile_pixels():
+    """Each tile-mask pixel is the mask pixel under the level-0 centre of that tile pixel, for masks at any
+    downsample (a thumbnail's 1.45, 3, 16) and tiles at any resolution; zero off the mask."""
+    from histoflow.core.slide import SlideMask
+
+    ids = np.arange(300 * 400, dtype=np.int64).reshape(300, 400) + 1  # every mask pixel unique
+    for ds in (1.0, 1.45, 3.0, 16.0):
+        m = SlideMask(ids, ds)
+        for x, y, w0, size in ((37, 11, 256, 256), (500, 260, 512, 256), (90, 45, 384, 256), (-40, -8, 256, 128)):
+            got = m.crop(x, y, w0, w0, (size, size))
+            centre = x + (np.arange(size) + 0.5) * w0 / size, y + (np.arange(size) + 0.5) * w0 / size
+            cx, cy = (np.floor(c / ds).astype(int) for c in centre)
+            inside = (cy[:, None] >= 0) & (cy[:, None] < 300) & (cx[None, :] >= 0) & (cx[None, :] < 400)
+            want = np.where(inside, ids[np.clip(cy, 0, 299)[:, None], np.clip(cx, 0, 399)[None, :]], 0)
+            assert np.array_equal(got, want), (ds, x, y, w0, size)

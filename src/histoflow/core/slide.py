@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import RegionError
 from ..io import open_slide
 from .grid import TileGrid
-from .resample import resize, resize_mask
+from .resample import resize
 from .tile import Tile
 from .types import SlideType, SlideTypePreset
 
@@ -24,17 +24,21 @@ class SlideMask:
     downsample: float
 
     def crop(self, x: int, y: int, w0: int, h0: int, size) -> np.ndarray:
-        """The part of the mask under a level-0 rectangle, resized (nearest) to ``size = (w, h)``;
-        zero where the rectangle leaves the mask."""
+        """The part of the mask under a level-0 rectangle, sampled (nearest) at ``size = (w, h)``: output pixel
+        (i, j) takes the mask pixel under the level-0 point at the centre of its share of the rectangle, so a
+        tile's mask lines up with the tile's pixels at any resolution; zero where the rectangle leaves the mask."""
         ds = self.downsample
         mh, mw = self.array.shape[:2]
-        x0, y0 = int(np.floor(x / ds)), int(np.floor(y / ds))
-        x1, y1 = max(x0 + 1, int(np.ceil((x + w0) / ds))), max(y0 + 1, int(np.ceil((y + h0) / ds)))
-        out = np.zeros((y1 - y0, x1 - x0), self.array.dtype)
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, mw), min(y1, mh)
-        if cx1 > cx0 and cy1 > cy0:
-            out[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0] = self.array[cy0:cy1, cx0:cx1]
-        return resize_mask(out, size)
+        w, h = int(size[0]), int(size[1])
+        cols = np.floor((x + (np.arange(w) + 0.5) * (w0 / w)) / ds).astype(np.int64)
+        rows = np.floor((y + (np.arange(h) + 0.5) * (h0 / h)) / ds).astype(np.int64)
+        cin, rin = (cols >= 0) & (cols < mw), (rows >= 0) & (rows < mh)
+        out = self.array[np.clip(rows, 0, mh - 1)[:, None], np.clip(cols, 0, mw - 1)[None, :]]
+        if not (cin.all() and rin.all()):
+            out = out.copy()
+            out[~rin, :] = 0
+            out[:, ~cin] = 0
+        return out
 
 
 class SlideData:
