@@ -8,8 +8,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401
+    ChannelError,
     H5PathError,
     HistoflowError,
+    OutputError,
+    ParameterError,
     PipelineError,
     RegionError,
     RegionTooLargeError,

@@ -38,6 +38,22 @@ class H5PathError(HistoflowError):
     """An h5path file is missing, truncated, foreign, of an unknown version, or inconsistent."""
 
 
+class ParameterError(HistoflowError, ValueError):
+    """An argument has a value histoflow cannot use (an unknown name, a value out of range); says which
+    values it can use."""
+
+
+class ChannelError(HistoflowError, KeyError):
+    """A channel asked for (by name or index) is not in the image, or none looks like the one needed."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputError(HistoflowError, OSError):
+    """An output file cannot be written (its folder is missing or not writable, the disk is full)."""
+
+
 class PipelineError(HistoflowError):
     """A pipeline is invalid or failed."""
 

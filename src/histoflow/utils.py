@@ -1,6 +1,7 @@
 """Small helpers shared by the rooms: progress bars and turning any image into a picture."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -78,18 +79,34 @@ def _stretch(a: np.ndarray) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0, 1)
 
 
+@contextlib.contextmanager
+def atomic_output(path, suffix: str = ""):
+    """Write a file under a temporary name beside ``path`` (yielded) and rename it onto ``path`` when the block
+    ends without error: an existing file is replaced whole or not at all. An ``OSError`` (missing or read-only
+    folder, full disk) becomes :class:`~histoflow.errors.OutputError` naming ``path``."""
+    from .errors import OutputError
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e})") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_png(path, rgb: np.ndarray):
     """Write an RGB uint8 array as PNG, atomically."""
     from PIL import Image
 
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
+    with atomic_output(path, ".png") as tmp:
         Image.fromarray(rgb).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

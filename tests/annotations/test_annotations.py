@@ -1,5 +1,6 @@
 """Annotations on real files: MoNuSeg's Aperio XML, polygon <-> mask, QuPath GeoJSON."""
 import json
+import os
 import re
 
 import numpy as np
@@ -193,3 +194,47 @@ def test_rasterize_over_a_slide_at_a_level_or_mpp():
     assert ds == pytest.approx(2.0 / 0.499, rel=1e-3)
     assert m.shape == (round(2967 / ds), round(2220 / ds))
     assert abs(m.sum() * ds * ds - 400 * 200) / (400 * 200) < 0.05
+
+
+def test_holes_and_classes_survive_every_format(tmp_path):
+    from histoflow.annotations import convert, rasterize, read_annotations
+
+    donut = Polygon([[10, 10], [60, 10], [60, 60], [10, 60]], holes=[[[20, 20], [40, 20], [40, 40], [20, 40]]],
+                    name="d", classification="Tumor")
+    plain = Polygon([[70, 70], [90, 70], [90, 90], [70, 90]], name="p")  # no class
+    src = write_geojson([donut, plain], tmp_path / "a.geojson")
+    want = rasterize([donut, plain], (100, 100))
+    assert want[30, 30] == 0 and want[15, 15] == 1
+    for ext in (".xml", ".zip", ".geojson"):
+        out = tmp_path / f"b{ext}"
+        convert(src, out)
+        back = read_annotations(out)
+        assert len(back) == 2, ext
+        assert np.array_equal(rasterize(back, (100, 100)) > 0, want > 0), ext  # the hole is still a hole
+        if ext != ".zip":  # ImageJ ROIs carry no class
+            assert [p.classification for p in back] == ["Tumor", None], ext
+
+
+def test_geojson_measurements_without_numbers_are_left_out(tmp_path):
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [5, 0], [5, 5], [0, 0]]]},
+              "properties": {"measurements": [{"name": "a", "value": None}, {"name": "b", "value": 2}]}}]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(feats))
+    (p,) = read_geojson(path)
+    assert p.measurements == {"b": 2}
+    write_geojson([p], tmp_path / "r.geojson")
+    assert read_geojson(tmp_path / "r.geojson")[0].measurements == {"b": 2.0}
+
+
+def test_unwritable_output_names_the_output(tmp_path):
+    from histoflow import OutputError
+    from histoflow.annotations import write_aperio_xml
+    from histoflow.utils import save_png
+
+    p = Polygon([[0, 0], [5, 0], [5, 5]])
+    for fn, name in ((write_geojson, "x.geojson"), (write_aperio_xml, "x.xml")):
+        with pytest.raises(OutputError, match=f"{tmp_path}/missing/{name}: cannot write it"):
+            fn([p], tmp_path / "missing" / name)
+    with pytest.raises(OutputError, match=r"missing/x.png: cannot write it \(No such file or directory\)"):
+        save_png(tmp_path / "missing" / "x.png", np.zeros((4, 4, 3), np.uint8))
+    assert os.listdir(tmp_path) == []

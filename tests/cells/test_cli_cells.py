@@ -1,4 +1,5 @@
 """The cell commands end to end on the real MIBI image: quantify -> phenotype; annotation conversion."""
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,16 @@ def test_annotations_convert_cli(tmp_path):
     assert r.returncode == 0 and "398 polygons" in r.stdout
     r = _cli("annotations", "convert", tmp_path / "n.geojson", tmp_path / "n.txt")
     assert r.returncode == 1 and "cannot write .txt" in r.stderr
+
+
+def test_cli_input_errors_are_one_line(tmp_path):
+    r = _cli("quantify", MIBI, "--nuclear-channel", "bogus", "-o", tmp_path / "c.h5ad", "--no-progress")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "ark_fov8_mibitiff_22ch.tiff: SegmentCells could not be fitted to the slide: no channel 'bogus'" in r.stderr
+    r = _cli("quantify", data_path("fluorescence", "pathml_smalltif.tif"), "-o", tmp_path / "c.h5ad", "--no-progress")
+    assert r.returncode == 1 and "no channel looks like a nuclear stain among ['intensity']" in r.stderr
+    (tmp_path / "p.yaml").write_text("steps: []\n")
+    r = _cli("run", tmp_path / "p.yaml", MIBI, "-o", tmp_path / "out", "--slide-type", "bogus")
+    assert r.returncode == 1 and r.stderr.strip() == ("histoflow: error: unknown slide type 'bogus'; choose one of "
+                                                      "['HE', 'IHC', 'IF', 'CODEX', 'Vectra', 'MIBI']")
+    assert sorted(os.listdir(tmp_path)) == ["p.yaml"]  # nothing half-made

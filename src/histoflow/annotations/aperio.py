@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from ..utils import atomic_output
 from .polygon import AnnotationError, Polygon
 
 __all__ = ["read_aperio_xml", "write_aperio_xml", "aperio_mpp"]
@@ -55,7 +56,8 @@ def read_aperio_xml(path, min_vertices: int = 3) -> list[Polygon]:
     path, root = _parse(path)
     out = []
     for ann in root.iter("Annotation"):
-        cls = ann.get("Name") or ann.get("Id")
+        cls = ann.get("Name") or None  # an unnamed annotation layer has no class (its Id is a number)
+        first = len(out)
         for region in ann.iter("Region"):
             verts = region.find("Vertices")
             if verts is None:
@@ -79,7 +81,33 @@ def read_aperio_xml(path, min_vertices: int = 3) -> list[Polygon]:
             text = region.get("Text") or ""
             out.append(Polygon(xy, name=text or str(region.get("Id", len(out) + 1)), classification=cls,
                                measurements=meas))
+        out[first:] = _negatives_as_holes(out[first:])
     return out
+
+
+def _negatives_as_holes(polys):
+    """Regions flagged NegativeROA become holes of the positive region of the same layer that holds them
+    (the smallest, for nested ones); a negative region inside none stays a polygon flagged negative."""
+    import cv2
+
+    pos = [p for p in polys if not p.measurements.get("negative")]
+    if len(pos) == len(polys):
+        return polys
+    areas = [abs(cv2.contourArea(p.exterior.astype(np.float32))) for p in pos]
+    kept = []
+    for p in polys:
+        if not p.measurements.get("negative"):
+            kept.append(p)
+            continue
+        x, y = (float(v) for v in p.exterior.mean(axis=0))
+        holders = [i for i, q in enumerate(pos)
+                   if cv2.pointPolygonTest(q.exterior.astype(np.float32).reshape(-1, 1, 2), (x, y), False) > 0]
+        if not holders:
+            kept.append(p)
+            continue
+        q = pos[min(holders, key=lambda i: areas[i])]
+        q.holes = list(q.holes) + [p.exterior]
+    return kept
 
 
 def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
@@ -106,7 +134,6 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
                 verts = ET.SubElement(reg, "Vertices")
                 for x, y in ring:
                     ET.SubElement(verts, "Vertex", {"X": f"{x:.3f}", "Y": f"{y:.3f}"})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
     return path

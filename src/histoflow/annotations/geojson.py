@@ -14,6 +14,7 @@ import uuid
 
 import numpy as np
 
+from ..utils import atomic_output
 from .polygon import AnnotationError, Polygon
 
 __all__ = ["read_geojson", "write_geojson"]
@@ -50,10 +51,8 @@ def write_geojson(polygons, path, object_type: str = "detection", colors: dict |
             props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
         geom = {"type": "Polygon", "coordinates": [_closed(p.exterior)] + [_closed(h) for h in p.holes]}
         feats.append({"type": "Feature", "id": str(uuid.uuid4()), "geometry": geom, "properties": props})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         json.dump({"type": "FeatureCollection", "features": feats}, f)
-    os.replace(tmp, path)
     return path
 
 
@@ -61,7 +60,8 @@ def _measurements(m) -> dict:
     if isinstance(m, dict):
         return {str(k): v for k, v in m.items() if isinstance(v, (int, float))}
     if isinstance(m, list):
-        return {str(d["name"]): d["value"] for d in m if isinstance(d, dict) and "name" in d and "value" in d}
+        return {str(d["name"]): d["value"] for d in m if isinstance(d, dict) and "name" in d
+                and isinstance(d.get("value"), (int, float))}
     return {}
 
 

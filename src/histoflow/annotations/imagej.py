@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from ..utils import atomic_output
 from .polygon import AnnotationError, Polygon
 
 __all__ = ["read_imagej_rois", "write_imagej_rois"]
@@ -51,20 +52,41 @@ def read_imagej_rois(path) -> list[Polygon]:
 
 
 def write_imagej_rois(polygons, path) -> str:
-    """Write polygons as an ImageJ ROI set (``.zip``; one polygon ROI each, named after the polygon)."""
+    """Write polygons as an ImageJ ROI set (``.zip``; one ROI each, named after the polygon): a polygon ROI,
+    or a composite (shape) ROI of the outline and its holes for polygons with holes."""
     rf = _roifile()
     path = os.fspath(path)
     if not path.lower().endswith(".zip"):
         raise AnnotationError(f"{path}: ImageJ ROI sets are written as .zip files")
-    tmp = f"{path}.tmp-{os.getpid()}.zip"
     rois = []
     for i, p in enumerate(polygons):
-        roi = rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
-        roi.roitype = rf.ROI_TYPE.POLYGON
+        roi = _composite(rf, p) if p.holes else rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
+        if not p.holes:
+            roi.roitype = rf.ROI_TYPE.POLYGON
         roi.name = (p.name or str(i + 1))[:60]
         rois.append(roi)
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    rf.roiwrite(tmp, rois, mode="w")
-    os.replace(tmp, path)
+    with atomic_output(path, ".zip") as tmp:
+        rf.roiwrite(tmp, rois, mode="w")
     return path
+
+
+def _composite(rf, polygon):
+    """A composite ROI (ImageJ's ShapeRoi): path data of closed rings, MOVETO (0) / LINETO (1) / CLOSE (4),
+    in image coordinates, the outline first and then each hole."""
+    rings = [polygon.exterior] + list(polygon.holes)
+    path = []
+    for ring in rings:
+        ring = np.asarray(ring, np.float64)
+        path += [0.0, *ring[0]]
+        for x, y in ring[1:]:
+            path += [1.0, x, y]
+        path.append(4.0)
+    roi = rf.ImagejRoi()
+    roi.roitype = rf.ROI_TYPE.RECT  # with shape data: a composite ROI
+    roi.version = 228
+    roi.multi_coordinates = np.asarray(path, np.float32)
+    roi.shape_roi_size = len(path)
+    pts = np.concatenate(rings)
+    roi.left, roi.top = (int(np.floor(v)) for v in pts.min(axis=0))
+    roi.right, roi.bottom = (int(np.ceil(v)) for v in pts.max(axis=0))
+    return roi

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ParameterError
+
 
 @dataclass(frozen=True)
 class SlideTypePreset:
@@ -44,4 +46,4 @@ class SlideType:
         for p in cls.all():
             if p.name.lower() == str(value).lower():
                 return p
-        raise ValueError(f"unknown slide type {value!r}; choose one of {[p.name for p in cls.all()]}")
+        raise ParameterError(f"unknown slide type {value!r}; choose one of {[p.name for p in cls.all()]}")

@@ -28,7 +28,7 @@ import os
 import numpy as np
 import yaml
 
-from ..errors import PipelineError
+from ..errors import HistoflowError, PipelineError
 
 #: transform name -> class; filled by Transform.__init_subclass__
 REGISTRY: dict[str, type[Transform]] = {}
@@ -255,7 +255,14 @@ class Pipeline(Transform):
 
     def fit_slide(self, slide):
         for step in self.steps:
-            step.fit_slide(slide)
+            try:
+                step.fit_slide(slide)
+            except Exception as e:
+                path = str(getattr(slide, "path", ""))
+                if isinstance(e, HistoflowError) and path and path in str(e):
+                    raise
+                raise PipelineError(f"{path}: {type(step).__name__} could not be fitted to the slide: "
+                                    f"{'' if isinstance(e, HistoflowError) else type(e).__name__ + ': '}{e}") from e
 
     @property
     def reduces(self):

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..errors import ChannelError
 from ..utils import NUCLEAR_MARKERS
 from .base import Transform, outputs_from
 from .objects import find_channel, keep_owned, relabel_sequential
@@ -38,7 +39,7 @@ def nuclear_channel_index(names, channel="auto") -> int:
             if base == marker or base.startswith(marker + " ") or base.startswith(marker + "_") or \
                     base.startswith(marker + "-"):
                 return i
-    raise KeyError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
+    raise ChannelError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
 
 
 def _smooth(channel, sigma_px):

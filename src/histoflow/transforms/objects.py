@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ChannelError
+
 __all__ = ["keep_owned", "relabel_sequential", "find_channel"]
 
 
@@ -59,7 +61,7 @@ def find_channel(names, channel) -> int:
     names = [str(n) for n in names]
     if isinstance(channel, (int, np.integer)):
         if not -len(names) <= int(channel) < len(names):
-            raise KeyError(f"channel {channel} out of range: the image has {len(names)} channels {names}")
+            raise ChannelError(f"channel {channel} out of range: the image has {len(names)} channels {names}")
         return int(channel) % len(names)
     want = str(channel).strip().lower()
     for i, n in enumerate(names):
@@ -69,4 +71,4 @@ def find_channel(names, channel) -> int:
         hits = [i for i, n in enumerate(names) if key(n) == want]
         if len(hits) == 1:
             return hits[0]
-    raise KeyError(f"no channel {channel!r}; the channels are {names}")
+    raise ChannelError(f"no channel {channel!r}; the channels are {names}")
