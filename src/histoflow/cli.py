@@ -264,7 +264,7 @@ def cmd_transforms(args):
         print(json.dumps(items, default=repr))
         return 0
     for t in items:
-        params = ", ".join(f"{k}={v!r}" for k, v in t["params"].items())
+        params = ", ".join(k if k in t["required"] else f"{k}={v!r}" for k, v in t["params"].items())
         kinds = f"  [{', '.join(t['slide_types'])}]" if t["slide_types"] else ""
         print(f"{t['name']}({params}){kinds}\n    {t['doc']}")
     return 0

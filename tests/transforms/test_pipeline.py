@@ -107,3 +107,34 @@ def test_listing_covers_the_library():
         assert n in names, n
     box = next(t for t in list_transforms() if t["name"] == "BoxBlur")
     assert box["params"]["kernel_size"] == 5 and box["doc"]
+
+
+def test_custom_transforms_that_would_save_wrongly_are_refused():
+    with pytest.raises(PipelineError, match=r"a transform named 'BoxBlur' is already registered "
+                                            r"\(histoflow.transforms.filters.BoxBlur\)"):
+        class BoxBlur(Transform):  # noqa: F811 - a user's own class of a built-in's name
+            def apply(self, tile):
+                pass
+    assert REGISTRY["BoxBlur"].__module__ == "histoflow.transforms.filters"
+
+    class Scaled(Transform, register=False):
+        def __init__(self, factor=2, **extra):
+            self.factor = factor
+
+        def apply(self, tile):
+            pass
+    with pytest.raises(PipelineError, match=r"Scaled.__init__ takes \*args or \*\*kwargs"):
+        Pipeline([Scaled()]).to_yaml()
+
+
+def test_pipeline_inputs_are_mask_names():
+    assert Pipeline([BoxBlur(3)], inputs="tissue").inputs == ["tissue"]
+    assert Pipeline.from_yaml("steps: [{BoxBlur: {kernel_size: 3}}]\ninputs: tissue\n").inputs == ["tissue"]
+    with pytest.raises(PipelineError, match="inputs must be slide mask names"):
+        Pipeline([BoxBlur(3)], inputs=[3])
+
+
+def test_listing_marks_required_parameters():
+    items = {t["name"]: t for t in list_transforms()}
+    assert items["ForegroundDetection"]["required"] == ["mask_name"]
+    assert items["BoxBlur"]["required"] == []

@@ -347,3 +347,20 @@ def test_module_does_not_import_torch():
     code = ("import sys, histoflow.transforms.stain, histoflow.transforms.nuclei; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_a_stain_missing_from_the_dark_pixels_is_not_blown_up(method):
+    """Half dark purple, half pale pink: the pink has OD < beta in red, so 'stained in every channel' pixels
+    hold no eosin; its maximum then comes from pixels stained in any channel (was 1e-3: pink turned black)."""
+    from histoflow.transforms.stain import StainNormalizationHE, fit_stains
+
+    tile = np.full((256, 256, 3), 255, np.uint8)
+    tile[:, :128] = (120, 60, 150)
+    tile[:, 128:] = (230, 150, 200)
+    if method == "vahadane":  # (Macenko finds one stain direction here and the transform falls back)
+        m, mc = fit_stains(tile, method)
+        assert (mc > 0.2).all(), mc
+    out = StainNormalizationHE(stain_estimation_method=method).F(tile)
+    pink = out[:, 128:].reshape(-1, 3).mean(axis=0)
+    assert pink.min() > 100 and pink[0] > pink[1], pink  # still light and reddish

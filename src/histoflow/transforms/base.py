@@ -82,6 +82,13 @@ class Transform:
     def __init_subclass__(cls, register: bool = True, **kwargs):
         super().__init_subclass__(**kwargs)
         if register and not cls.__name__.startswith("_"):
+            old = REGISTRY.get(cls.__name__)
+            if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+                # pipelines are saved by transform name: two classes of one name would load as the wrong one
+                raise PipelineError(f"a transform named {cls.__name__!r} is already registered "
+                                    f"({old.__module__}.{old.__qualname__}); give {cls.__module__}."
+                                    f"{cls.__qualname__} another name (or define it with register=False to "
+                                    "keep it out of saved pipelines)")
             REGISTRY[cls.__name__] = cls
 
     # ------------------------------------------------------------------ behaviour
@@ -125,6 +132,10 @@ class Transform:
 
     def get_params(self) -> dict:
         """The constructor parameters, read back from the attributes of the same names."""
+        sig = inspect.signature(type(self).__init__)
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+            raise PipelineError(f"{type(self).__name__}.__init__ takes *args or **kwargs, which a saved pipeline "
+                                "cannot record; name every parameter")
         out = {}
         for name in self._param_names():
             if not hasattr(self, name):
@@ -193,7 +204,11 @@ class Pipeline(Transform):
 
     def __init__(self, steps, inputs=()):
         self.steps = list(steps)
-        self.inputs = list(inputs)
+        if isinstance(inputs, str):  # one mask name
+            inputs = [inputs]
+        self.inputs = list(inputs or ())
+        if not all(isinstance(m, str) and m for m in self.inputs):
+            raise PipelineError(f"Pipeline inputs must be slide mask names (a list of str), got {inputs!r}")
         for i, s in enumerate(self.steps):
             if not isinstance(s, Transform):
                 raise PipelineError(f"pipeline step {i} is not a Transform: {s!r}")
@@ -384,16 +399,18 @@ def load_model_transforms() -> bool:
 
 
 def list_transforms() -> list[dict]:
-    """Every registered transform: name, parameters with defaults, first docstring line."""
+    """Every registered transform: name, parameters with defaults (None for the ``required`` ones, which have
+    none), first docstring line."""
     load_model_transforms()
     out = []
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         sig = inspect.signature(cls.__init__)
-        params = {p.name: (None if p.default is inspect.Parameter.empty else p.default)
-                  for p in sig.parameters.values() if p.name != "self"
-                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        named = [p for p in sig.parameters.values() if p.name != "self"
+                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        params = {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in named}
+        required = [p.name for p in named if p.default is inspect.Parameter.empty]
         doc = (inspect.getdoc(cls) or "").split("\n")[0]
-        out.append({"name": name, "params": params, "doc": doc,
+        out.append({"name": name, "params": params, "required": required, "doc": doc,
                     "slide_types": list(cls.slide_types) if isinstance(cls.slide_types, tuple) else None})
     return out

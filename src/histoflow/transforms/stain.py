@@ -432,21 +432,37 @@ def fit_stains(image, method="macenko", background_intensity=245, beta=0.15, alp
     m = estimate_stain_matrix(image, method, background_intensity, beta=beta, alpha=alpha,
                               luminosity_threshold=luminosity_threshold, regularizer=regularizer, mask=mask,
                               seed=seed)
-    od = _od_lut(background_intensity)[_pixels(image, mask)]
+    od_all = _od_lut(background_intensity)[_pixels(image, mask)]
     if max_c_pixels == "stained":
-        od = od[np.all(od >= beta, axis=1)]
+        od = od_all[np.all(od_all >= beta, axis=1)]
     elif max_c_pixels != "all":
         raise ValueError(f"max_c_pixels must be 'stained' or 'all', got {max_c_pixels!r}")
+    else:
+        od = od_all
     if len(od) < MIN_ESTIMATION_PIXELS:
         raise StainEstimationError(f"only {len(od)} stained pixels for the maximum concentrations")
-    c = _concentrations(od, m, "nnls" if method == "vahadane" else "lstsq")
-    return m, _max_concentrations(c, max_c_percentile)
+    solver = "nnls" if method == "vahadane" else "lstsq"
+    mc = _max_concentrations(_concentrations(od, m, solver), max_c_percentile)
+    if max_c_pixels == "stained" and (mc < FAINT_STAIN).any():
+        # a stain (nearly) absent where all three channels are stained, e.g. pale eosin next to dark nuclei:
+        # its maximum over the pixels stained in any channel, so that normalisation does not blow it up
+        some = od_all[np.any(od_all >= beta, axis=1)]
+        if len(some) >= MIN_ESTIMATION_PIXELS:
+            mc = np.where(mc < FAINT_STAIN, _max_concentrations(_concentrations(some, m, solver),
+                                                                max_c_percentile), mc)
+    return m, mc
 
 
 
 
 
 # ---------------------------------------------------------------------------------------- normalisation
+#: the most a stain's concentrations are scaled up by normalisation (target maximum / source maximum)
+MAX_STAIN_GAIN = 20.0
+#: a stain's maximum concentration (OD units) below which it counts as absent from the pixels it was taken on
+FAINT_STAIN = 0.05
+
+
 def normalize_stains(image, stain_matrix=None, max_concentrations=None,
                      target_stain_matrix=REFERENCE_STAIN_MATRIX,
                      target_max_concentrations=REFERENCE_MAX_CONCENTRATIONS, target="normalize",
@@ -504,9 +520,15 @@ def normalize_stains(image, stain_matrix=None, max_concentrations=None,
     if max_concentrations is None:
         sel = np.all(flat >= beta, axis=1) if max_c_pixels == "stained" else None
         src_max = _max_concentrations(c, max_c_percentile, sel) if sel is None or np.any(sel) else dst_max
+        if sel is not None and (src_max < FAINT_STAIN).any():  # as in fit_stains
+            some = np.any(flat >= beta, axis=1)
+            if np.count_nonzero(some) >= MIN_ESTIMATION_PIXELS:
+                src_max = np.where(src_max < FAINT_STAIN, _max_concentrations(c, max_c_percentile, some), src_max)
     else:
         src_max = np.asarray(max_concentrations, dtype=np.float64)
-    scale = (dst_max / np.maximum(src_max, 1e-6)).astype(np.float32)
+    # a source maximum far below the target's is a stain the image (almost) lacks, not a faint one: scaling
+    # its traces up 1000x would paint black; at most MAX_STAIN_GAIN x
+    scale = (dst_max / np.maximum(src_max, dst_max / MAX_STAIN_GAIN)).astype(np.float32)
     c *= scale
     if target == "normalize":
         out_od = c @ dst.astype(np.float32)
