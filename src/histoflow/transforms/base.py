@@ -132,8 +132,9 @@ class Transform:
 
     def get_params(self) -> dict:
         """The constructor parameters, read back from the attributes of the same names."""
-        sig = inspect.signature(type(self).__init__)
-        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        init = type(self).__init__
+        if init is not object.__init__ and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                               for p in inspect.signature(init).parameters.values()):
             raise PipelineError(f"{type(self).__name__}.__init__ takes *args or **kwargs, which a saved pipeline "
                                 "cannot record; name every parameter")
         out = {}
