@@ -201,9 +201,24 @@ class SegmentNuclei(Transform):
         return keep_owned(self.nuclei(image, mpp or self.mpp or DEFAULT_MPP), core)
 
     def apply(self, tile):
-        lab = self.F(tile.image, self._mpp(tile), tile.core)
+        lab = _on_extent(tile, lambda image: (self.F(image, self._mpp(tile), tile.core),))[0]
         tile.masks[self.mask_name] = lab
         tile.labels[self.label_name] = int(lab.max())
+
+
+def _on_extent(tile, fn):
+    """``fn(image)`` -> label images, run on the part of the tile inside the slide (a tile overhanging the
+    slide's right or bottom edge is filled, and smoothing would pull the fill into the cells there); the
+    labels are padded back to the tile's size with 0."""
+    if tile.extent is None or tuple(tile.extent) == tuple(tile.image.shape[1::-1]):
+        return fn(tile.image)
+    ew, eh = tile.extent
+    out = []
+    for lab in fn(tile.image[:eh, :ew]):
+        full = np.zeros(tile.image.shape[:2], lab.dtype)
+        full[:eh, :ew] = lab
+        out.append(full)
+    return tuple(out)
 
 
 def _otsu_threshold(values) -> float:
@@ -243,9 +258,26 @@ class SegmentCells(SegmentNuclei):
         self.cell_mask = cell_mask
         self.nucleus_mask = nucleus_mask
 
+        self.membrane_scales_ = None
+
     @property
     def masks_out(self):
         return (self.cell_mask, self.nucleus_mask)
+
+    def fit_slide(self, slide):
+        """The nuclear threshold (:meth:`SegmentNuclei.fit_slide`) and, with several membrane channels, the
+        scale of each (the 99th percentile of its smoothed thumbnail): one weighting of the channels for the
+        whole slide, so that cell borders do not depend on the tiling."""
+        super().fit_slide(slide)
+        if not self.membrane_channels:
+            return
+        names = self.channel_names_
+        idx = [find_channel(names, ch) for ch in self.membrane_channels]  # unknown names fail here, not per tile
+        thumb = np.asarray(slide.thumbnail(2048, channels=idx))
+        ds = slide.dimensions[0] / thumb.shape[1]
+        mpp = (slide.mpp[0] if slide.mpp else (self.mpp or DEFAULT_MPP)) * ds
+        self.membrane_scales_ = [float(np.percentile(_smooth(thumb[..., k], self.sigma_um / mpp), 99)) or 1.0
+                                 for k in range(len(idx))]
 
     def cells(self, image, mpp, names=None):
         """(cells, nuclei) int32 label images with matching ids, of a whole image."""
@@ -257,9 +289,9 @@ class SegmentCells(SegmentNuclei):
         if self.membrane_channels:
             names = names or self.channel_names_ or [str(i) for i in range(image.shape[2])]
             sig = np.zeros(image.shape[:2], np.float32)
-            for ch in self.membrane_channels:
+            for k, ch in enumerate(self.membrane_channels):
                 m = _smooth(image[..., find_channel(names, ch)], self.sigma_um / mpp)
-                scale = float(np.percentile(m, 99)) or 1.0
+                scale = self.membrane_scales_[k] if self.membrane_scales_ else (float(np.percentile(m, 99)) or 1.0)
                 sig += m / scale
             membrane = sig
         return grow_cells(nuc, self.expand_um / mpp, membrane=membrane), nuc
@@ -273,7 +305,7 @@ class SegmentCells(SegmentNuclei):
         return lut[cells], nuc_kept
 
     def apply(self, tile):
-        cells, nuc = self.F(tile.image, self._mpp(tile), tile.core)
+        cells, nuc = _on_extent(tile, lambda image: self.F(image, self._mpp(tile), tile.core))
         tile.masks[self.cell_mask] = cells
         tile.masks[self.nucleus_mask] = nuc
         tile.labels[self.label_name] = int(nuc.max())
