@@ -350,16 +350,22 @@ def cmd_quantify(args):
     from .store import read_h5path
     from .transforms import Pipeline, QuantifyCells, SegmentCells
 
+    from .errors import HistoflowError
+
     t0 = time.perf_counter()
     out = args.output
     store = os.path.splitext(out)[0] + ".h5path"
+    if os.path.abspath(store) == os.path.abspath(out):
+        raise HistoflowError(f"{out}: the cell table is an AnnData .h5ad file (the tiles and masks go to "
+                             f"{store} beside it); give -o a name ending in .h5ad")
+    nuclear = int(args.nuclear_channel) if str(args.nuclear_channel).lstrip("-").isdigit() else args.nuclear_channel
     with SlideData(args.slide, mpp=args.mpp) as slide:
         if slide.slide_type.brightfield:
             from .transforms import NucleusDetectionHE
 
             steps = [NucleusDetectionHE(mask_name="cells"), QuantifyCells(mask_name="cells")]
         else:
-            steps = [SegmentCells(nuclear_channel=args.nuclear_channel, membrane_channels=args.membrane,
+            steps = [SegmentCells(nuclear_channel=nuclear, membrane_channels=args.membrane,
                                   expand_um=args.expand), QuantifyCells(nucleus_mask="nuclei")]
         slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=args.overlap,
                   executor="dask" if args.workers else "inprocess", workers=args.workers,
@@ -457,15 +463,32 @@ def cmd_phenotype(args):
 
     from .cells import RuleTable, gate, list_presets, load_preset
 
+    from .cells import RuleError
+    from .errors import HistoflowError
+
     cells = _read_cells(args.cells)
     table = load_preset(args.rules) if args.rules in list_presets() else RuleTable.from_yaml(args.rules)
+    store = args.cells if args.cells.endswith(".h5path") else os.path.splitext(args.cells)[0] + ".h5path"
+    if args.geojson and not os.path.exists(store):  # before anything is written
+        raise HistoflowError(f"{store}: not found; --geojson needs the tiles and masks that `histoflow quantify` "
+                             "writes beside the .h5ad")
     manual = None
     if args.thresholds:
-        with open(args.thresholds) as f:
-            manual = yaml.safe_load(f)
+        try:
+            with open(args.thresholds, encoding="utf-8") as f:
+                manual = yaml.safe_load(f)
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise HistoflowError(f"{args.thresholds}: not a YAML/JSON file of thresholds "
+                                 f"({' '.join(str(e).split())})") from None
+        if manual is not None and not isinstance(manual, dict):
+            raise HistoflowError(f"{args.thresholds}: expected {{channel: value}} or {{slide: {{channel: value}}}}, "
+                                 f"got a {type(manual).__name__}")
     by = "slide" if "slide" in cells.obs else None
     gate(cells, thresholds=manual, method=args.gate, by=by)
-    counts = table.apply(cells)
+    try:
+        counts = table.apply(cells)
+    except RuleError as e:
+        raise RuleError(f"{args.rules}: {e}") from None
     tmp = f"{args.output}.tmp-{os.getpid()}.h5ad"
     cells.write_h5ad(tmp)
     os.replace(tmp, args.output)
@@ -477,13 +500,8 @@ def cmd_phenotype(args):
     png = args.png or os.path.splitext(args.output)[0] + ".png"
     _phenotype_png(cells, png)
     if args.geojson:
-        from .errors import HistoflowError
         from .ml.infer import cells_to_geojson
 
-        store = args.cells if args.cells.endswith(".h5path") else os.path.splitext(args.cells)[0] + ".h5path"
-        if not os.path.exists(store):
-            raise HistoflowError(f"{store}: not found; --geojson needs the tiles and masks that `histoflow quantify` "
-                                 "writes beside the .h5ad")
         n = cells_to_geojson(store, args.geojson, adata=cells)
         print(f"{args.geojson}: {n} cells with outlines, phenotypes and measurements (QuPath: File > Import objects)")
     print(f"{args.output}: {cells.n_obs} cells, {len([c for c in counts if counts[c]])} phenotypes; picture {png}")

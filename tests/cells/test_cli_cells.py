@@ -94,3 +94,24 @@ def test_cli_input_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip() == ("histoflow: error: unknown slide type 'bogus'; choose one of "
                                                       "['HE', 'IHC', 'IF', 'CODEX', 'Vectra', 'MIBI']")
     assert sorted(os.listdir(tmp_path)) == ["p.yaml"]  # nothing half-made
+
+
+def test_quantify_and_phenotype_bad_inputs_write_nothing(tmp_path):
+    r = _cli("quantify", MIBI, "-o", tmp_path / "c.h5path", "--no-progress")
+    assert r.returncode == 1 and "give -o a name ending in .h5ad" in r.stderr and not os.listdir(tmp_path)
+    cells = tmp_path / "c.h5ad"
+    r = _cli("quantify", MIBI, "-o", cells, "--nuclear-channel", "13", "--membrane", "Membrane", "--no-progress")
+    assert r.returncode == 0, r.stderr  # an index, as the help says: 13 is HH3
+    assert anndata.read_h5ad(cells).n_obs == 339
+    os.remove(tmp_path / "c.h5path")  # as if only the table had been copied elsewhere
+    before = sorted(os.listdir(tmp_path))
+    r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", tmp_path / "p.h5ad", "--geojson", tmp_path / "p.geojson")
+    assert r.returncode == 1 and "c.h5path: not found; --geojson needs" in r.stderr
+    (tmp_path / "rules.yaml").write_bytes(b"steps:\n  - group: \xff\xfe\n")
+    r = _cli("phenotype", cells, "--rules", tmp_path / "rules.yaml", "-o", tmp_path / "p.h5ad")
+    assert r.returncode == 1 and "rules.yaml: not a text (UTF-8) file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "t.yaml").write_text("CD3: [1, \n")
+    r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", tmp_path / "p.h5ad", "--thresholds", tmp_path / "t.yaml")
+    assert r.returncode == 1 and "t.yaml: not a YAML/JSON file of thresholds" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["rules.yaml", "t.yaml"])  # nothing half-written

@@ -68,3 +68,19 @@ def test_patient_folds_keep_patients_apart():
         assert len(np.unique(labels[te])) == 4               # every class in every fold
     with pytest.raises(CellsError, match="at least 5 patients"):
         patient_folds([0, 1, 0], [1, 1, 2])
+
+
+def test_patch_centre_is_the_centroid_pixel():
+    from histoflow import open_slide
+    from histoflow.ml.patches import NucleusPatchDataset
+
+    path = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
+    cents = np.array([[x, 200.0] for x in range(100, 106)] + [[300.0, y] for y in range(51, 54)])
+    with open_slide(path) as r:
+        img = r.read_region((0, 0), 0, (1024, 1024))
+    for size in (41, 40):
+        ds = NucleusPatchDataset(path, cents, size=size)
+        for i, (cx, cy) in enumerate(cents.astype(int)):  # odd and even coordinates alike
+            p = ds.patch(i)
+            assert p.shape[:2] == (size, size)
+            np.testing.assert_array_equal(p, img[cy - size // 2:cy - size // 2 + size, cx - size // 2:cx - size // 2 + size])

@@ -182,3 +182,37 @@ def test_vectra_qptiff_cells(tmp_path):
         dapi = s.reader.read_region((0, 0), 0, s.dimensions)[..., 0]
     assert np.median(cells.X[:, 0]) > 1.5 * dapi.mean()
     assert 30 < cells.obs["area"].median() < 400
+    # planes dropped by CollapseRunsVectra: later steps and the store name the channels that are left
+    pipe = Pipeline([CollapseRunsVectra(n_channels=2), SegmentCells(nuclear_channel="DAPI"),
+                     QuantifyCells(nucleus_mask="nuclei")])
+    with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff")) as s:
+        out = s.run(pipe, str(tmp_path / "v2.h5path"), tile_size=1024, overlap=64, executor="inprocess",
+                    progress=False)
+    with read_h5path(out) as h:
+        assert list(h.cells.var_names) == ["DAPI", "FITC"] and h.slide["channel_names"] == ["DAPI", "FITC"]
+        assert h.tile(0).image.shape[2] == 2
+
+
+def test_collapsed_codex_planes_keep_their_names():
+    names = [f"z{z}_c{c}_{m}" for z in range(2) for c in range(3) for m in ("DAPI", "CD3", "CD8", "CD20")]
+    t = CollapseRunsCODEX(n_cycles=3, channels_per_cycle=4, n_z=2, z=1)
+    assert t.channel_names_out(names) == names[12:]
+    assert Pipeline([t, CollapseRunsVectra(n_channels=5)]).channel_names_out(names) == names[12:17]
+    assert CollapseRunsCODEX(n_cycles=3, n_z=2).channel_names_out(names) == names[:12]
+
+
+def test_quantify_gapped_ids_and_downsampled_tiles(tmp_path, mibi):
+    from histoflow.core.tile import Tile
+    from histoflow.transforms.quantify import quantify_cells
+
+    lab = np.zeros((20, 20), np.int32)
+    lab[2:6, 2:6], lab[10:13, 10:13] = 3, 7  # ids with gaps, nuclei alike
+    nuc = np.where(lab > 0, lab, 0)
+    nuc[2, 2] = 0
+    q = quantify_cells(np.ones((20, 20, 1), np.uint8), lab, nuclei=nuc)
+    assert q["nucleus_area"].tolist() == [15, 9] and q["area"].tolist() == [16, 9]
+    t = Tile(image=np.ones((20, 20, 1), np.uint8), coords=(100, 40), downsample=2.0, masks={"cells": lab.copy()})
+    QuantifyCells().apply(t)
+    assert np.array_equal(np.unique(t.masks["cells"]), [0, 1, 2])  # stored ids are the table's rows
+    # tile pixel i covers level-0 [100 + 2i, 100 + 2i + 2): the 4 x 4 cell at 2..5 spans 104..111, centre 107.5
+    np.testing.assert_allclose(t.cells["centroid"][0], [100 + 7.5, 40 + 7.5])

@@ -576,12 +576,15 @@ class RuleTable:
             raise RuleError(f"{path}: cannot read the rule table ({e.strerror or e})") from None
         if size > MAX_TABLE_BYTES:
             raise RuleError(f"{path}: a rule table is at most {MAX_TABLE_BYTES} bytes, this file has {size}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise RuleError(f"{path}: not a text (UTF-8) file: {e.reason} at byte {e.start}") from None
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise RuleError(f"{path}: not valid YAML: {e}") from None
+            raise RuleError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         return cls.from_dict(d, where=path)
 
     def to_dict(self) -> dict:

@@ -266,6 +266,9 @@ def _slide_metadata(job, first_batch) -> dict:
     the stored tiles' channels: they become R, G, B (or none)."""
     meta = job.slide.metadata()
     names = meta.get("channel_names")
+    if names is not None and job.pipeline is not None:  # the channels the pipeline leaves (collapsed, RGB, ...)
+        names = job.pipeline.channel_names_out(list(names))
+        meta["channel_names"] = names
     first = next((enc for _, enc in first_batch.tiles), None)
     if first is not None and names is not None and len(names) != first.image.shape[2]:
         meta["channel_names"] = ["R", "G", "B"] if first.image.shape[2] == 3 else None

@@ -97,7 +97,8 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
         r = self._open()
         cx, cy = self.centroids[i]
         span = max(1, int(round(self.size * self.scale)))
-        x0, y0 = int(round(cx - span / 2)), int(round(cy - span / 2))
+        # the centroid's pixel (round half up, not to even) sits at the patch centre (span // 2)
+        x0, y0 = int(np.floor(cx + 0.5)) - span // 2, int(np.floor(cy + 0.5)) - span // 2
         a = r.read_region((x0, y0), 0, (span, span))
         if span != self.size:
             a = resize(a, (self.size, self.size))

@@ -580,7 +580,7 @@ class SegmentCellsModel(Transform):
     labels_out = outputs_from("label_name")
 
     def fit_slide(self, slide):
-        self.channel_names_ = list(slide.reader.channel_names)
+        self.channel_names_ = self.input_channel_names(slide)
 
     def _inputs(self, image):
         from ..transforms.multiplex import nuclear_channel_index
@@ -693,11 +693,15 @@ class StyleTransferHE(Transform):
 
         return [c if isinstance(c, (int, np.integer)) else find_channel(names, c) for c in self.channels]
 
+    def channel_names_out(self, names):
+        return ["R", "G", "B"]
+
     def fit_slide(self, slide):
         """Slide-wide intensity scales of the input channels, from a thumbnail of those channels only."""
-        names = list(slide.reader.channel_names)
+        names = self.input_channel_names(slide)
         self.channel_names_ = names
-        thumb = np.asarray(slide.thumbnail(1024, channels=self._indices(names)), np.float32)
+        thumb = np.asarray(slide.thumbnail(1024, channels=self.slide_channels(slide, names, self._indices(names))),
+                           np.float32)
         self.scales_ = [float(np.percentile(thumb[..., i], self.percentile)) or 1.0 for i in range(thumb.shape[2])]
 
     def F(self, image, mpp=None):

@@ -100,6 +100,28 @@ class Transform:
         """Slide-level preparation before any tile runs (e.g. a stain matrix from a low-resolution
         tissue sample). Runs once, in the driver; the fitted transform is then sent to the workers."""
 
+    def channel_names_out(self, names):
+        """The channel names of tiles after this transform, given those before (``None``: not known).
+        The default keeps them; transforms that change the channels (collapsing planes, rendering RGB) say
+        what comes out, so that later steps and the stored tiles name their channels right."""
+        return names
+
+    @staticmethod
+    def slide_channels(slide, names, indices=None) -> list:
+        """The slide's own channels (indices) holding the tile channels ``indices`` (default: all of ``names``),
+        matched by name, for reading a thumbnail of them; the same index where a name is not the slide's."""
+        own = list(slide.reader.channel_names or [])
+        indices = range(len(names)) if indices is None else indices
+        if own == list(names):
+            return list(indices)
+        return [own.index(names[i]) if names[i] in own else i for i in indices]
+
+    def input_channel_names(self, slide):
+        """The channel names of the tiles this transform gets: those the steps before it in a
+        :class:`Pipeline` leave (set by :meth:`Pipeline.fit_slide`), else the slide's."""
+        names = self.__dict__.get("_channel_names_in")
+        return list(names) if names is not None else list(slide.reader.channel_names or [])
+
     #: whether :meth:`collect` / :meth:`slide_masks` do something (the engine then hands this transform
     #: every finished tile, in grid order, in the driver)
     reduces: bool = False
@@ -269,8 +291,15 @@ class Pipeline(Transform):
                     f"{type(step).__name__} failed on tile {tile.name or ''} at {tile.coords}: "
                     f"{type(e).__name__}: {e}", transform=type(step).__name__, coords=tile.coords) from e
 
-    def fit_slide(self, slide):
+    def channel_names_out(self, names):
         for step in self.steps:
+            names = step.channel_names_out(names) if names is not None else None
+        return names
+
+    def fit_slide(self, slide):
+        names = self.input_channel_names(slide)
+        for step in self.steps:
+            step.__dict__["_channel_names_in"] = names
             try:
                 step.fit_slide(slide)
             except Exception as e:
@@ -279,6 +308,7 @@ class Pipeline(Transform):
                     raise
                 raise PipelineError(f"{path}: {type(step).__name__} could not be fitted to the slide: "
                                     f"{'' if isinstance(e, HistoflowError) else type(e).__name__ + ': '}{e}") from e
+            names = step.channel_names_out(names) if names is not None else None
 
     @property
     def reduces(self):

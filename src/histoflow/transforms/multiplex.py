@@ -160,12 +160,12 @@ class SegmentNuclei(Transform):
     def fit_slide(self, slide):
         """Fix the nuclear threshold for the whole slide: Otsu's on its smoothed nuclear channel, read from
         a thumbnail of at most 2048 px (the full image for small ones)."""
-        names = list(slide.reader.channel_names)
+        names = self.input_channel_names(slide)
         self.channel_names_ = names
         if self.threshold is not None:
             return
         c = nuclear_channel_index(names, self.nuclear_channel)
-        thumb = np.asarray(slide.thumbnail(2048, channels=[c]))  # the nuclear channel only
+        thumb = np.asarray(slide.thumbnail(2048, channels=self.slide_channels(slide, names, [c])))  # that one only
         ds = slide.dimensions[0] / thumb.shape[1]
         mpp = (slide.mpp[0] if slide.mpp else (self.mpp or DEFAULT_MPP)) * ds
         self.threshold_ = _otsu_threshold(_smooth(thumb[..., 0], self.sigma_um / mpp))
@@ -273,7 +273,7 @@ class SegmentCells(SegmentNuclei):
             return
         names = self.channel_names_
         idx = [find_channel(names, ch) for ch in self.membrane_channels]  # unknown names fail here, not per tile
-        thumb = np.asarray(slide.thumbnail(2048, channels=idx))
+        thumb = np.asarray(slide.thumbnail(2048, channels=self.slide_channels(slide, names, idx)))
         ds = slide.dimensions[0] / thumb.shape[1]
         mpp = (slide.mpp[0] if slide.mpp else (self.mpp or DEFAULT_MPP)) * ds
         self.membrane_scales_ = [float(np.percentile(_smooth(thumb[..., k], self.sigma_um / mpp), 99)) or 1.0
@@ -347,6 +347,14 @@ class CollapseRunsCODEX(_CollapseRuns):
     def F(self, image):
         return self._fold(image, self.n_cycles, self.channels_per_cycle, self.z, self.n_z)
 
+    def channel_names_out(self, names):
+        """The names of one z plane's channels (that of ``z``, else the first: they name the same markers)."""
+        n = self.n_cycles * self.channels_per_cycle
+        if names is None or len(names) != n * self.n_z:
+            return None
+        k = int(self.z or 0)
+        return list(names[k * n:(k + 1) * n])
+
     def apply(self, tile):
         tile.image = self.F(tile.image)
 
@@ -368,6 +376,9 @@ class CollapseRunsVectra(_CollapseRuns):
             raise ValueError(f"CollapseRunsVectra: the tile has {image.shape[-1]} channels, fewer than "
                              f"n_channels={self.n_channels}")
         return image[..., : self.n_channels]
+
+    def channel_names_out(self, names):  # noqa: D102 - the first n
+        return names if names is None or self.n_channels is None else list(names[: self.n_channels])
 
     def apply(self, tile):
         tile.image = self.F(tile.image)
@@ -425,11 +436,14 @@ class VirtualHE(Transform):
                  not str(n).lower().startswith(("background", "empty", "blank"))]
         return h, e
 
+    def channel_names_out(self, names):
+        return ["R", "G", "B"]
+
     def fit_slide(self, slide):
         """Percentile scales from the slide's thumbnail, so colours do not change from tile to tile."""
-        names = list(slide.reader.channel_names)
+        names = self.input_channel_names(slide)
         self.channel_names_ = names
-        thumb = np.asarray(slide.thumbnail(1024)).astype(np.float32)
+        thumb = np.asarray(slide.thumbnail(1024, channels=self.slide_channels(slide, names))).astype(np.float32)
         self.scales_ = [float(np.percentile(thumb[..., i], self.percentile)) or 1.0 for i in range(thumb.shape[2])]
 
     def F(self, image):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Transform
-from .objects import relabel_sequential
+
 
 __all__ = ["QuantifyCells", "quantify_cells", "MORPHOLOGY"]
 
@@ -36,7 +36,7 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
-    labels = relabel_sequential(labels)
+    labels, nuclei = _sequential(labels, nuclei)
     n = int(labels.max())
     c = image.shape[2]
     out = {}
@@ -83,6 +83,23 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
     if nuclei is not None:
         out["nucleus_area"] = np.bincount(np.asarray(nuclei).ravel(), minlength=n + 1)[1:n + 1].astype(np.float32)
     return out
+
+
+def _sequential(labels, nuclei=None):
+    """Cells renumbered 1..n in order of their ids, and their nuclei (same ids) renumbered alike."""
+    labels = np.asarray(labels)
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return labels.astype(np.int32), None if nuclei is None else np.zeros(labels.shape, np.int32)
+    present = np.zeros(n + 1, bool)
+    present[labels.ravel()] = True
+    present[0] = False
+    lut = np.zeros(n + 1, np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    if nuclei is not None:
+        nuclei = np.asarray(nuclei)
+        nuclei = np.where(nuclei <= n, lut[np.minimum(nuclei, n)], 0).astype(np.int32)
+    return lut[labels], nuclei
 
 
 def _sorted_within(values, groups):
@@ -156,7 +173,7 @@ class QuantifyCells(Transform):
         self.slide_name_ = slide.name
         self.source_ = str(slide.path)
         self.mpp_ = float(slide.mpp[0]) if slide.mpp else None
-        self.channel_names_ = list(slide.reader.channel_names)
+        self.channel_names_ = self.input_channel_names(slide)
         self.od_ = self._use_od(slide.slide_type.brightfield, slide.reader.dtype, len(self.channel_names_))
         if self.od_:
             from .stain import slide_tissue_sample, estimate_stain_matrix, StainEstimationError
@@ -189,11 +206,16 @@ class QuantifyCells(Transform):
         if self.mask_name not in tile.masks:
             raise KeyError(f"QuantifyCells: the tile has no mask {self.mask_name!r} (it has {sorted(tile.masks)})")
         image, _ = self._channels(tile)
-        labels = relabel_sequential(tile.masks[self.mask_name])
         nuclei = tile.masks.get(self.nucleus_mask) if self.nucleus_mask else None
+        labels, nuclei = _sequential(tile.masks[self.mask_name], nuclei)
+        # the stored masks take the table's numbering: row k is mask id k + 1
+        tile.masks[self.mask_name] = labels
+        if nuclei is not None:
+            tile.masks[self.nucleus_mask] = nuclei
         cells = quantify_cells(image, labels, self.stats, nuclei)
         ds = float(tile.downsample)
-        cells["centroid"] = cells["centroid"] * ds + np.asarray(tile.coords, np.float64)
+        # pixel i of a tile at downsample ds covers level-0 [i*ds, (i+1)*ds): its centre is at (i + 0.5) ds - 0.5
+        cells["centroid"] = (cells["centroid"] + 0.5) * ds - 0.5 + np.asarray(tile.coords, np.float64)
         tile.cells = cells
         tile.labels["cell_count"] = int(len(cells["centroid"]))
 
