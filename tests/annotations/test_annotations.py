@@ -150,6 +150,22 @@ def test_monuseg_loader(tmp_path):
         load_monuseg(MONUSEG, ["nope"])
     with pytest.raises(DatasetError, match="monuseg_train.*mpp must be a positive"):
         load_monuseg(MONUSEG, [ID], mpp=0)
+    with pytest.raises(DatasetError, match="mpp must be a positive"):
+        load_monuseg(MONUSEG, [ID], mpp="abc")
+    assert load_monuseg(MONUSEG, ID)[0]["id"] == ID  # one id as a str
+    # a folder of your own: upper-case extensions are found; broken files name themselves and the folder
+    import shutil
+
+    shutil.copy(f"{MONUSEG}/{ID}.xml", tmp_path / "A.xml")
+    (tmp_path / "A.PNG").write_bytes(open(f"{MONUSEG}/{ID}.png", "rb").read())
+    assert load_monuseg(tmp_path, ["A"])[0]["instances"].max() == 398
+    (tmp_path / "A.PNG").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"A.PNG: not a readable image .*put the MoNuSeg images"):
+        load_monuseg(tmp_path)
+    (tmp_path / "A.PNG").write_bytes(open(f"{MONUSEG}/{ID}.png", "rb").read())
+    (tmp_path / "A.xml").write_text("<Annotations><Annotation>")
+    with pytest.raises(DatasetError, match=r"A.xml: not a readable XML .*put the MoNuSeg images"):
+        load_monuseg(tmp_path)
 
 
 def test_imagej_and_aperio_round_trips_and_convert(tmp_path):

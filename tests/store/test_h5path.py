@@ -508,3 +508,115 @@ def test_htj2k_encoding_is_thread_safe():
         encoded = list(ex.map(lambda t: encode_tile(t, "htj2k", 2), tiles))
     for t, e in zip(tiles, encoded):
         np.testing.assert_array_equal(e.decode().image, t.image)
+
+
+def _hostile(tmp_path, name, change):
+    """A valid one-tile file, then changed with h5py as a stranger could."""
+    p = tmp_path / f"{name}.h5path"
+    with H5PathWriter(p) as w:
+        w.add_tile(np.zeros((4, 4, 3), np.uint8), (0, 0))
+    with h5py.File(p, "a") as f:
+        change(f)
+    return p
+
+
+def test_absurd_sizes_are_refused_before_reading(tmp_path):
+    """Tiny files whose datasets claim billions of rows or a 40 GB mask: refused, nothing allocated."""
+    def tiles(f):
+        n, t = 10 ** 9, f["tiles"]
+        for k in list(t):
+            del t[k]
+        t.create_dataset("images", shape=(n, 4, 4, 3), dtype=np.uint8, chunks=(1, 4, 4, 3))
+        t.create_dataset("coords", shape=(n, 2), dtype=np.int64, chunks=(4096, 2))
+        t.create_dataset("level", shape=(n,), dtype=np.int16, chunks=(4096,))
+        t.create_dataset("downsample", shape=(n,), dtype=np.float64, chunks=(4096,))
+        t.create_dataset("names", shape=(n,), dtype=h5py.string_dtype(), chunks=(4096,))
+
+    p = _hostile(tmp_path, "tiles", tiles)
+    assert os.path.getsize(p) < 1e6
+    with pytest.raises(H5PathError, match="claims 1000000000 tiles, more than histoflow reads"):
+        read_h5path(p)
+    p = _hostile(tmp_path, "prov", lambda f: f.create_dataset("provenance", shape=(10 ** 9,), chunks=(1024,),
+                                                               dtype=h5py.string_dtype()))
+    with read_h5path(p) as h, pytest.raises(H5PathError, match="claims 1000000000 records"):
+        h.provenance
+    p = _hostile(tmp_path, "mask", lambda f: f.require_group("masks").create_dataset(
+        "m", shape=(200000, 200000), dtype=np.uint8, chunks=(512, 512), compression="gzip"))
+    with read_h5path(p) as h, pytest.raises(H5PathError, match="slide mask 'm' .* 37.3 GiB"):
+        h.masks["m"]
+
+
+def test_odd_values_in_strangers_files_are_h5path_errors(tmp_path):
+    p = _hostile(tmp_path, "fmt", lambda f: f.attrs.__setitem__("format", np.array(["h5path", "x"], dtype=h5py.string_dtype())))
+    with pytest.raises(H5PathError, match="foreign HDF5 file"):
+        read_h5path(p)
+
+    def deep(f):
+        f["slide"]["labels"].attrs["x"] = "[" * 100000 + "]" * 100000
+        f["slide"].attrs["json_labels"] = np.array(["x"], dtype=h5py.string_dtype())
+    with pytest.raises(H5PathError, match="slide label 'x' is not valid JSON"):
+        with read_h5path(_hostile(tmp_path, "deep", deep)) as h:
+            h.slide
+
+    def badname(f):
+        f["tiles"]["names"][0] = b"\xff\xfe"
+    with read_h5path(_hostile(tmp_path, "utf", badname)) as h, pytest.raises(H5PathError, match="not UTF-8"):
+        h.tile(0)
+
+    def mask_ds(f):
+        f.require_group("masks").create_dataset("m", data=np.zeros((4, 4), np.uint8)).attrs["downsample"] = "big"
+    with read_h5path(_hostile(tmp_path, "ds", mask_ds)) as h, pytest.raises(H5PathError, match="invalid downsample"):
+        h.mask_downsample("m")
+
+
+def test_text_hdf5_cannot_hold_is_refused_at_add_tile(tmp_path):
+    """NUL characters (HDF5 would cut the text there, or fail at close and lose the file), lone surrogates and
+    coordinates beyond 64 bits: refused by add_tile, and the writer stays usable."""
+    p = tmp_path / "t.h5path"
+    with H5PathWriter(p) as w:
+        w.add_tile(np.zeros((2, 2, 1), np.uint8), (0, 0), labels={"s": "good"})
+        bad = [dict(labels={"s": "a\x00b"}), dict(labels={"a\x00b": 1}), dict(name="t\x00"),
+               dict(labels={"s": "\udc80"}), dict(masks={"m\x00": np.zeros((2, 2), np.uint8)}),
+               dict(coords=(2 ** 63, 0))]
+        for kw in bad:
+            with pytest.raises(H5PathError, match="NUL|Unicode|64-bit"):
+                w.add_tile(np.zeros((2, 2, 1), np.uint8), kw.pop("coords", (1, 0)), **kw)
+        w.add_tile(np.zeros((2, 2, 1), np.uint8), (2, 0))
+    with read_h5path(p) as h:
+        assert len(h) == 2 and h.tile(0).labels == {"s": "good"}
+    with pytest.raises(H5PathError, match="slide name 'a\\\\x00b' contains a NUL"):
+        H5PathWriter(tmp_path / "s.h5path", slide={"name": "a\x00b"})
+    assert sorted(os.listdir(tmp_path)) == ["t.h5path"]
+
+
+def test_pathml_v1_arrays_have_one_dtype_per_file(tmp_path):
+    """PathML stores pixels and masks as float16: they read as uint8 when every tile's hold whole numbers
+    0..255, else as float32 for every tile (one tile of zeros does not turn into uint8 on its own)."""
+    p = tmp_path / "v1.h5path"
+    with h5py.File(p, "w") as f:
+        fl = f.create_group("fields")
+        fl.attrs["name"] = "x"
+        fl.attrs["shape"] = np.array([8, 16])
+        fl.create_group("labels")
+        st = fl.create_group("slide_type")
+        st.attrs["stain"], st.attrs["platform"] = "HE", ""
+        f.create_group("masks")
+        f.create_group("counts")
+        t = f.create_group("tiles")
+        t.attrs["tile_shape"], t.attrs["tile_stride"] = "(8, 8, 3)", 8
+        for j, (img, prob, tissue) in enumerate([(100.0, 0.0, 1.0), (100.5, 0.5, 0.0)]):
+            g = t.create_group(f"(0, {8 * j})")
+            g.attrs["coords"], g.attrs["name"] = f"(0, {8 * j})", 0
+            g.create_dataset("array", data=np.full((8, 8, 3), img, np.float16))
+            m = g.create_group("masks")
+            m.create_dataset("prob", data=np.full((8, 8), prob, np.float16))
+            m.create_dataset("tissue", data=np.full((8, 8), tissue, np.float16))
+            g.create_group("labels")
+    with read_h5path(p) as h:
+        tiles = list(h)
+        assert {t.image.dtype for t in tiles} == {np.dtype(np.float32)}
+        assert {t.masks["prob"].dtype for t in tiles} == {np.dtype(np.float32)}
+        assert {t.masks["tissue"].dtype for t in tiles} == {np.dtype(np.uint8)}
+        assert h.images[np.int64(1)].max() == np.float32(100.5)
+        with H5PathWriter(tmp_path / "v2.h5path", slide=h.slide) as w:  # the conversion in docs/h5path.md
+            w.add_tiles(h)

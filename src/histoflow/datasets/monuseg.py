@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..annotations import rasterize, read_aperio_xml
+from ..annotations import AnnotationError, rasterize, read_aperio_xml
 from ..annotations.aperio import aperio_mpp
 from ..errors import DatasetError
 
@@ -43,11 +43,11 @@ def monuseg_ids(root) -> list[str]:
 
 
 def _image_path(root, ident):
-    for ext in _IMAGE_EXTS:
-        p = os.path.join(root, ident + ext)
-        if os.path.exists(p):
-            return p
-    raise DatasetError(f"{root}: no image for {ident}; {_where(root)}")
+    for name in sorted(os.listdir(root)):  # any case of the extension, as monuseg_ids lists them
+        stem, ext = os.path.splitext(name)
+        if stem == ident and ext.lower() in _IMAGE_EXTS and os.path.isfile(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise DatasetError(f"{root}: no image file for {ident}; {_where(root)}")
 
 
 def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
@@ -63,8 +63,14 @@ def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
     from PIL import Image
 
     root = os.fspath(root)
-    if mpp is not None and not float(mpp) > 0:
+    try:
+        ok = mpp is None or float(mpp) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise DatasetError(f"{root}: mpp must be a positive pixel size in µm, got {mpp!r}")
+    if isinstance(ids, str):
+        ids = [ids]  # one id, not its characters
     known = monuseg_ids(root)
     ids = known if ids is None else list(ids)
     missing = [i for i in ids if i not in known]
@@ -72,11 +78,19 @@ def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
         raise DatasetError(f"{root}: no image + annotation for {missing}; {_where(root)}")
     out = []
     for ident in ids:
-        with Image.open(_image_path(root, ident)) as im:
-            image = np.asarray(im.convert("RGB"))
-        xml = os.path.join(root, ident + ".xml")
-        polys = [p for p in read_aperio_xml(xml) if not p.measurements.get("negative")]
-        own_mpp = aperio_mpp(xml) or MONUSEG_MPP
+        path = _image_path(root, ident)
+        try:
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated files
+            raise DatasetError(f"{path}: not a readable image ({type(e).__name__}: {e}); {_where(root)}") from None
+        xml = next(os.path.join(root, n) for n in sorted(os.listdir(root))
+                   if os.path.splitext(n)[0] == ident and n.lower().endswith(".xml"))
+        try:
+            polys = [p for p in read_aperio_xml(xml) if not p.measurements.get("negative")]
+            own_mpp = aperio_mpp(xml) or MONUSEG_MPP
+        except AnnotationError as e:
+            raise DatasetError(f"{e}; {_where(root)}") from None
         if mpp is None or abs(float(mpp) / own_mpp - 1) < 1e-3:
             inst = rasterize(polys, image.shape[:2])
             out.append({"id": ident, "image": image, "instances": inst, "mpp": own_mpp})

@@ -217,9 +217,15 @@ class DicomReader(SlideReader):
         self._check_open()
         try:
             image = self._wsi.read_label(as_array=True) if name == "label" else self._wsi.read_overview(as_array=True)
+            group = (self._wsi.labels if name == "label" else self._wsi.overviews)[0]
+            declared = (int(group.size.height), int(group.size.width))
         except Exception as exc:  # wsidicom and its decoders raise many kinds of errors on damaged data
             raise SlideReadError(f"{self.path}: cannot read the {name} image: {type(exc).__name__}: {exc}") from None
-        return _as_rgb(np.asarray(image))
+        image = np.asarray(image)
+        if image.shape[:2] != declared:  # a short compressed stream decodes to fewer rows, silently
+            raise TileDecodeError(f"{self.path}: the {name} image decodes to {image.shape[1]} x {image.shape[0]} "
+                                  f"pixels, but the file declares {declared[1]} x {declared[0]} (truncated data?)")
+        return _as_rgb(image)
 
     def _close(self):
         if getattr(self, "_wsi", None) is not None:

@@ -51,6 +51,14 @@ MAX_ATTR_BYTES = 16 << 20
 MAX_TILE_BYTES = 1 << 30
 #: integers a numeric tile label can hold exactly (float64 storage)
 MAX_EXACT_INT = 2 ** 53
+#: most tiles the reader accepts in one file (a 200k px square slide has 0.6 M tiles of 256 px, 2.4 M of 128)
+MAX_TILES = 1 << 22
+#: largest slide mask the reader loads (bytes)
+MAX_MASK_BYTES = 1 << 30
+#: most provenance records the reader loads
+MAX_PROVENANCE = 1 << 16
+#: most elements of an array attribute (e.g. channel names)
+MAX_ATTR_ITEMS = 1 << 16
 
 _FLUSH_EVERY = 1024       # per-tile metadata rows buffered before writing
 _GROW_MIN, _GROW_MAX = 64, 8192
@@ -76,7 +84,21 @@ def _json_default(value):
 def _check_name(path, what: str, name) -> str:
     if not isinstance(name, str) or not name or "/" in name or name == ".":
         raise H5PathError(f"{path}: invalid {what} name {name!r}: use a non-empty string without '/'")
-    return name
+    return _check_text(path, f"{what} name", name)
+
+
+def _check_text(path, what: str, text: str) -> str:
+    """Text HDF5 stores as it is: UTF-8 without NUL (which would cut it short)."""
+    if "\0" in text:
+        raise H5PathError(f"{path}: {what} {text!r} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise H5PathError(f"{path}: {what} {text!r} is not valid Unicode text") from None
+    return text
+
+
+_INT64 = 2 ** 63
 
 
 def _mask_storage(path, where: str, name: str, array) -> tuple[np.ndarray, bool]:
@@ -509,10 +531,7 @@ class H5PathWriter:
             image, coords, level, downsample = t.image, t.coords, t.level, t.downsample
             masks, labels, name = t.masks, t.labels, t.name
         i = self._n
-        if coords is None or len(coords) != 2:
-            raise H5PathError(f"{self.path}: tile {i} ({name!r}): coords must be (x, y), got {coords!r}")
-        x, y = int(coords[0]), int(coords[1])
-        where = f"tile {i}" + (f" {name!r}" if name else "") + f" at (x={x}, y={y})"
+        x, y, level, downsample, where = self._check_row(coords, level, downsample, name)
         image = np.asarray(image)
         if not image.dtype.isnative:
             image = image.astype(image.dtype.newbyteorder("="))
@@ -525,14 +544,6 @@ class H5PathWriter:
         elif image.shape != self._shape or image.dtype != self._dtype:
             raise H5PathError(f"{self.path}: {where}: shape {image.shape} dtype {image.dtype} differs from "
                               f"the file's tiles, {self._shape} {self._dtype}")
-        level = int(level)
-        if not -32768 <= level <= 32767:
-            raise H5PathError(f"{self.path}: {where}: level {level} out of range")
-        downsample = float(downsample)
-        if not (math.isfinite(downsample) and downsample > 0):
-            raise H5PathError(f"{self.path}: {where}: downsample must be a positive number, not {downsample}")
-        if name is not None and not isinstance(name, str):
-            raise H5PathError(f"{self.path}: {where}: name must be a str, not {type(name).__name__}")
         mask_items = self._check_tile_masks(masks or {}, image.shape[:2], where)
         label_items = self._check_tile_labels(labels or {}, where)
 
@@ -549,11 +560,37 @@ class H5PathWriter:
             ds[i] = arr
         self._append_row(x, y, level, downsample, name, label_items)
 
+    def _check_row(self, coords, level, downsample, name):
+        """The per-tile row (coords, level, downsample, name) checked: ``(x, y, level, downsample, where)``."""
+        i = self._n
+        if coords is None or len(coords) != 2:
+            raise H5PathError(f"{self.path}: tile {i} ({name!r}): coords must be (x, y), got {coords!r}")
+        try:
+            x, y = int(coords[0]), int(coords[1])
+        except (TypeError, ValueError, OverflowError):
+            raise H5PathError(f"{self.path}: tile {i} ({name!r}): coords must be integers, got {coords!r}") from None
+        if name is not None and not isinstance(name, str):
+            raise H5PathError(f"{self.path}: tile {i}: name must be a str, not {type(name).__name__}")
+        if name:
+            _check_text(self.path, f"tile {i} name", name)
+        where = f"tile {i}" + (f" {name!r}" if name else "") + f" at (x={x}, y={y})"
+        if not (-_INT64 <= x < _INT64 and -_INT64 <= y < _INT64):
+            raise H5PathError(f"{self.path}: {where}: coords out of the 64-bit range")
+        try:
+            level, downsample = int(level), float(downsample)
+        except (TypeError, ValueError, OverflowError):
+            raise H5PathError(f"{self.path}: {where}: level and downsample must be numbers, got {level!r}, "
+                              f"{downsample!r}") from None
+        if not -32768 <= level <= 32767:
+            raise H5PathError(f"{self.path}: {where}: level {level} out of range")
+        if not (math.isfinite(downsample) and downsample > 0):
+            raise H5PathError(f"{self.path}: {where}: downsample must be a positive number, not {downsample}")
+        return x, y, level, downsample, where
+
     def _add_encoded(self, enc: EncodedTile):
         """Append a tile whose chunks were compressed elsewhere (same checks, bytes copied as they are)."""
         i = self._n
-        x, y = enc.coords
-        where = f"tile {i}" + (f" {enc.name!r}" if enc.name else "") + f" at (x={x}, y={y})"
+        x, y, level, downsample, where = self._check_row(enc.coords, enc.level, enc.downsample, enc.name)
         shape, dtype = enc.image.shape, np.dtype(enc.image.dtype)
         if len(shape) != 3 or 0 in shape:
             raise H5PathError(f"{self.path}: {where}: image must be (h, w, c), got {shape}")
@@ -592,7 +629,7 @@ class H5PathWriter:
             if ds is None:
                 ds = self._create_tile_mask(mname, np.dtype(m.dtype), m.is_bool)
             ds.id.write_direct_chunk((i, 0, 0), m.data)
-        self._append_row(x, y, enc.level, enc.downsample, enc.name, label_items)
+        self._append_row(x, y, level, downsample, enc.name, label_items)
 
     def _append_row(self, x, y, level, downsample, name, label_items):
         for lname, (kind, _) in label_items.items():
@@ -655,6 +692,8 @@ class H5PathWriter:
             if kv is None:
                 continue  # missing
             kind, v = kv
+            if kind == "str":
+                _check_text(self.path, f"{where}: label {lname!r} value", v)
             if kind == "int" and abs(v) > MAX_EXACT_INT:
                 raise H5PathError(f"{self.path}: {where}: label {lname!r} = {v} is beyond ±2**53, which "
                                   "the float64 label column cannot hold exactly")
@@ -889,7 +928,7 @@ def _check_slide(path, slide: Mapping) -> dict:
                     v = v.name  # a SlideTypePreset
                 elif k == "dtype" and not isinstance(v, str):
                     v = np.dtype(v).name
-                meta[k] = str(os.fspath(v) if isinstance(v, os.PathLike) else v)
+                meta[k] = _check_text(path, f"slide {k}", str(os.fspath(v) if isinstance(v, os.PathLike) else v))
         for k in ("width", "height"):
             if k in meta:
                 meta[k] = int(meta[k])
@@ -903,12 +942,16 @@ def _check_slide(path, slide: Mapping) -> dict:
         if "objective_power" in meta:
             meta["objective_power"] = float(meta["objective_power"])
         if "channel_names" in meta:
-            meta["channel_names"] = [str(c) for c in meta["channel_names"]]
+            meta["channel_names"] = [_check_text(path, "channel name", str(c)) for c in meta["channel_names"]]
         if "levels" in meta:
             meta["levels"] = [(int(lv["width"]), int(lv["height"]), float(lv["downsample"]))
                               for lv in meta["levels"]]
         if "labels" in meta and not isinstance(meta["labels"], Mapping):
             raise ValueError("labels must be a dict")
+        for k, v in (meta.get("labels") or {}).items():
+            _check_name(path, "slide label", k)
+            if isinstance(v, str):
+                _check_text(path, f"slide label {k!r}", v)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise H5PathError(f"{path}: invalid slide metadata: {e}") from e
     return meta
@@ -959,7 +1002,8 @@ def _attr(obj, name: str, path, default=None):
     if name not in obj.attrs:
         return default
     try:
-        if obj.attrs.get_id(name).get_storage_size() > MAX_ATTR_BYTES:
+        aid = obj.attrs.get_id(name)
+        if aid.get_storage_size() > MAX_ATTR_BYTES or aid.shape and int(np.prod(aid.shape)) > MAX_ATTR_ITEMS:
             raise H5PathError(f"{path}: attribute {name!r} of {obj.name} is too large")
         value = obj.attrs[name]
     except H5PathError:
@@ -979,6 +1023,8 @@ def _bounded(value, what, path):
         raise H5PathError(f"{path}: {what} is longer than {MAX_ATTR_CHARS} characters")
     if isinstance(value, np.ndarray) and value.dtype == object:
         value = np.array([_bounded(v, what, path) for v in value.ravel()], dtype=object).reshape(value.shape)
+        if sum(len(v) for v in value.ravel() if isinstance(v, str)) > MAX_ATTR_CHARS * 16:
+            raise H5PathError(f"{path}: {what} holds more than {MAX_ATTR_CHARS * 16} characters")
     return value
 
 
@@ -1063,6 +1109,9 @@ class _V2Reader:
         if img.ndim != 4 or not (img.dtype.kind in "ui" or img.dtype in (np.float32, np.float64)):
             raise H5PathError(f"{path}: inconsistent: /tiles/images has shape {img.shape} dtype {img.dtype}")
         n, h, w, c = img.shape
+        if n > MAX_TILES:
+            raise H5PathError(f"{path}: claims {n} tiles, more than histoflow reads in one file ({MAX_TILES}); "
+                              "refused")
         if h * w * c * img.dtype.itemsize > MAX_TILE_BYTES:
             raise H5PathError(f"{path}: tiles of shape {img.shape[1:]} are larger than "
                               f"{MAX_TILE_BYTES >> 20} MiB each; refused")
@@ -1109,7 +1158,10 @@ class _V2Reader:
         if self._columns is None:
             t = self.f["tiles"]
             if self.n:
-                names = t["names"].asstr()[()]
+                try:
+                    names = t["names"].asstr()[()]
+                except UnicodeDecodeError as e:
+                    raise H5PathError(f"{self.path}: /tiles/names holds a name that is not UTF-8 ({e.reason})") from e
                 self._columns = (t["coords"][()].astype(np.int64), t["level"][()], t["downsample"][()],
                                  names)
             else:
@@ -1121,7 +1173,11 @@ class _V2Reader:
         if self._labels_cache is None:
             cols = {}
             for name, (ds, kind) in self._tile_labels.items():
-                cols[name] = (ds.asstr()[()] if kind == "str" else ds[()], kind)
+                try:
+                    cols[name] = (ds.asstr()[()] if kind == "str" else ds[()], kind)
+                except UnicodeDecodeError as e:
+                    raise H5PathError(f"{self.path}: tile label {name!r} holds text that is not UTF-8 "
+                                      f"({e.reason})") from e
             self._labels_cache = cols
         return self._labels_cache
 
@@ -1184,6 +1240,9 @@ class _V2Reader:
 
     def read_mask(self, name) -> np.ndarray:
         ds = self._mask_ds(name)
+        if ds.size * ds.dtype.itemsize > MAX_MASK_BYTES:
+            raise H5PathError(f"{self.path}: slide mask {name!r} of shape {ds.shape} would take "
+                              f"{ds.size * ds.dtype.itemsize / 2**30:.1f} GiB; more than histoflow loads, refused")
         try:
             arr = ds[()]
         except OSError as e:
@@ -1191,7 +1250,14 @@ class _V2Reader:
         return arr.astype(bool) if _attr(ds, "bool", self.path, False) else arr
 
     def mask_downsample(self, name) -> float:
-        return float(_attr(self._mask_ds(name), "downsample", self.path, 1.0))
+        v = _attr(self._mask_ds(name), "downsample", self.path, 1.0)
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not (math.isfinite(v) and v > 0):
+            raise H5PathError(f"{self.path}: slide mask {name!r} has an invalid downsample attribute")
+        return v
 
     # cells and provenance
 
@@ -1211,12 +1277,15 @@ class _V2Reader:
         ds = _dataset(self.f, "provenance", self.path)
         if ds.ndim != 1 or not _is_str_dtype(ds.dtype):
             raise H5PathError(f"{self.path}: inconsistent: /provenance must be a 1-D string dataset")
+        if ds.shape[0] > MAX_PROVENANCE:
+            raise H5PathError(f"{self.path}: /provenance claims {ds.shape[0]} records, more than histoflow reads "
+                              f"({MAX_PROVENANCE}); refused")
         out = []
         for k, text in enumerate(ds.asstr()[()]):
             text = _bounded(text, f"provenance record {k}", self.path)
             try:
                 rec = json.loads(text)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise H5PathError(f"{self.path}: provenance record {k} is not valid JSON: {e}") from e
             if not isinstance(rec, dict):
                 raise H5PathError(f"{self.path}: provenance record {k} is not a JSON object")
@@ -1264,7 +1333,7 @@ def _read_slide(g: h5py.Group, path) -> dict:
                 raise H5PathError(f"{path}: slide label {k!r} is marked JSON but is not a string")
             try:
                 v = json.loads(v)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise H5PathError(f"{path}: slide label {k!r} is not valid JSON: {e}") from e
         labels[k] = _plain(v)
     out["labels"] = labels
@@ -1489,7 +1558,7 @@ def _open_source(f: h5py.File, path: str):
         if pathml_v1.is_pathml_v1(f):
             return pathml_v1.PathMLV1Reader(f, path)
         raise H5PathError(f"{path}: foreign HDF5 file: no 'format' attribute and not a PathML h5path file")
-    if fmt != FORMAT:
+    if not isinstance(fmt, str) or fmt != FORMAT:
         raise H5PathError(f"{path}: foreign HDF5 file: format attribute is {fmt!r}, not {FORMAT!r}")
     version = _attr(f, "format_version", path)
     if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):

@@ -85,15 +85,21 @@ def parse_coords(text, path="", what="tile coordinates") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _to_native(a: np.ndarray) -> np.ndarray:
-    """float16 (or any float) holding whole numbers 0..255 -> uint8; other floats -> float32 or wider."""
+def _whole_bytes(a: np.ndarray) -> bool:
+    """Whether a float array holds only whole numbers 0..255 (PathML stores uint8 pixels as float16)."""
+    a32 = a.astype(np.float32) if a.dtype.itemsize < 4 else a
+    return bool(np.all(np.isfinite(a32)) and (a32.size == 0 or (a32.min() >= 0 and a32.max() <= 255))
+                and np.array_equal(a32, np.floor(a32)))
+
+
+def _to_native(a: np.ndarray, as_uint8: bool) -> np.ndarray:
+    """Floats -> uint8 when the file's arrays of this kind all hold whole numbers 0..255, else float32 or wider
+    (decided once per file and per image / mask name, so every tile of a file has the same dtype)."""
     if a.dtype.kind != "f":
         return a
-    a32 = a.astype(np.float32) if a.dtype.itemsize < 4 else a
-    if a32.size and np.all(np.isfinite(a32)) and a32.min() >= 0 and a32.max() <= 255 \
-            and np.array_equal(a32, np.floor(a32)):
-        return a32.astype(np.uint8)
-    return a32
+    if as_uint8:
+        return a.astype(np.uint8)
+    return a.astype(np.float32) if a.dtype.itemsize < 4 else a
 
 
 def _slide_type(attrs: dict) -> str | None:
@@ -122,7 +128,7 @@ class _V1Images:
         return (self._r.n, *self._r.read_tile(0).image.shape) if self._r.n else (0,)
 
     def __getitem__(self, key):
-        if key == () or key is Ellipsis:
+        if (isinstance(key, tuple) and key == ()) or key is Ellipsis:
             key = slice(None)
         if isinstance(key, slice):
             return np.stack([self._r.read_tile(i).image for i in range(*key.indices(self._r.n))])
@@ -227,6 +233,26 @@ class PathMLV1Reader:
         lg = _group(g, "labels", self.path)
         return {k: _plain(_attr(lg, k, self.path)) for k in lg.attrs} if lg is not None else {}
 
+    def _uint8(self, mask) -> bool:
+        """Whether the file's images (``mask=None``) or masks ``mask`` all hold whole numbers 0..255: one scan of
+        the file per kind, cached."""
+        cache = self.__dict__.setdefault("_uint8_cache", {})
+        if mask not in cache:
+            ok = True
+            try:
+                for key in self._keys:
+                    g = self.f["tiles"][key]
+                    ds = g.get("array") if mask is None else (g.get("masks") or {}).get(mask)
+                    if ds is None or not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
+                        continue
+                    if ds.size * ds.dtype.itemsize > MAX_TILE_BYTES or not _whole_bytes(ds[()]):
+                        ok = False
+                        break
+            except (OSError, KeyError, TypeError):
+                ok = False  # read_tile reports the damaged tile
+            cache[mask] = ok
+        return cache[mask]
+
     def read_tile(self, i: int) -> Tile:
         key = self._keys[i]
         g = _group(self.f["tiles"], key, self.path)
@@ -243,7 +269,7 @@ class PathMLV1Reader:
             raise H5PathError(f"{self.path}: {where}: coords attribute {coords_attr!r} disagrees with the "
                               "group name")
         try:
-            image = _to_native(ds[()])
+            image = _to_native(ds[()], self._uint8(None))
             masks = {}
             mg = _group(g, "masks", self.path)
             for m in (mg or ()):
@@ -251,7 +277,7 @@ class PathMLV1Reader:
                 if mds.shape != ds.shape[:2]:
                     raise H5PathError(f"{self.path}: {where}: mask {m!r} has shape {mds.shape}, "
                                       f"not the tile's {ds.shape[:2]}")
-                masks[m] = _to_native(mds[()])
+                masks[m] = _to_native(mds[()], self._uint8(m))
         except OSError as e:
             raise H5PathError(f"{self.path}: {where} cannot be read (damaged file?): {e}") from e
         name = _plain(_attr(g, "name", self.path))
@@ -270,8 +296,12 @@ class PathMLV1Reader:
         g = _group(self.f, "masks", self.path)
         if g is None or name not in g:
             raise KeyError(f"{self.path}: no slide mask {name!r}")
+        ds = _dataset(g, name, self.path)
+        if ds.size * ds.dtype.itemsize > MAX_TILE_BYTES:
+            raise H5PathError(f"{self.path}: slide mask {name!r} of shape {ds.shape} is larger than histoflow loads")
         try:
-            return _to_native(_dataset(g, name, self.path)[()])
+            a = ds[()]
+            return _to_native(a, a.dtype.kind == "f" and _whole_bytes(a))
         except OSError as e:
             raise H5PathError(f"{self.path}: slide mask {name!r} cannot be read (damaged file?): {e}") from e
 
