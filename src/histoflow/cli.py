@@ -299,6 +299,7 @@ def cmd_segment_nuclei(args):
     import tifffile
 
     from .core.slide import SlideData
+    from .errors import PipelineError
     from .ml.infer import assemble_instances
     from .ml.transforms import NucleusSegmentation
 
@@ -314,9 +315,15 @@ def cmd_segment_nuclei(args):
             slide.reader.mpp = (model_mpp, model_mpp)
         store = args.h5path or os.path.join(tmp, "nuclei.h5path")
         executor = "dask" if args.workers else "inprocess"
-        slide.run(transform, store, tile_size=args.tile, overlap=args.overlap, level=0,
-                  tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
-                  progress=not args.no_progress, batch_size=4)
+        try:
+            slide.run(transform, store, tile_size=args.tile, overlap=args.overlap, level=0,
+                      tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
+                      progress=not args.no_progress, batch_size=4)
+        except PipelineError as e:
+            if args.h5path:
+                raise
+            # the journal was in a temporary folder, gone now: no advice about resuming from it
+            raise PipelineError(str(e).split(". Finished batches are kept in")[0]) from None
         labels = assemble_instances(store, "nuclei", shape=(slide.dimensions[1], slide.dimensions[0]))
     tmp_out = f"{args.output}.tmp-{os.getpid()}.tif"
     tifffile.imwrite(tmp_out, labels.astype(np.uint32), compression="zlib", tile=(512, 512)

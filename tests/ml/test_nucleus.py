@@ -211,6 +211,11 @@ def test_segment_nuclei_cli(tmp_path, val_sample):
     bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(tmp_path / "none.png"),
                           "-o", str(tmp_path / "x.tif")], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.png" in bad.stderr and not (tmp_path / "x.tif").exists()
+    fluo = data_path("fluorescence", "instanseg_Fluorescence_example.tif")
+    bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", fluo, "-o", str(tmp_path / "x.tif"),
+                          "--mpp", "0.5", "--no-progress"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "expected an RGB (or grey) H&E image, got shape (450, 450, 2)" in bad.stderr
+    assert "resume" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1  # no journal to resume from
 
 
 def test_builtin_20x_model_on_a_held_out_image_at_20x():
