@@ -547,3 +547,33 @@ def test_htj2k_run_same_pixels_smaller_file(tmp_path):
         for i in range(0, len(ha), 37):
             np.testing.assert_array_equal(ha.tile(i).image, hb.tile(i).image)
             np.testing.assert_array_equal(ha.tile(i).masks["dark"], hb.tile(i).masks["dark"])
+
+
+SCRIPT_TRANSFORM = r"""
+import numpy as np
+from histoflow import SlideData, read_h5path
+from histoflow.transforms import Pipeline, Transform
+
+
+class Brightness(Transform):  # a user's transform in the script itself, as docs/transforms.md shows
+    labels_out = ("brightness",)
+
+    def apply(self, tile):
+        tile.labels["brightness"] = float(tile.image.mean())
+
+
+if __name__ == "__main__":
+    out = SlideData({slide!r}).run(Pipeline([Brightness()]), {out!r}, workers=2, progress=False)
+    with read_h5path(out) as h:
+        print(len(h), round(float(np.mean([t.labels["brightness"] for t in h])), 3))
+"""
+
+
+def test_a_transform_defined_in_the_script_runs_on_a_local_cluster(tmp_path):
+    """Workers import the script as __mp_main__ and unpickle its classes from __main__: one transform."""
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT_TRANSFORM.format(slide=SVS, out=str(tmp_path / "b.h5path")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, mean = r.stdout.split()
+    assert int(n) == 108 and 100 < float(mean) < 255

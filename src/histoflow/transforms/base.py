@@ -53,6 +53,12 @@ def outputs_from(*params: str) -> property:
                     doc=f"names given by the parameter(s) {', '.join(params)}")
 
 
+def _module(cls) -> str:
+    """A class's module, with a script's two names as one: worker processes import the script that started
+    them as ``__mp_main__`` and then unpickle its classes from ``__main__``."""
+    return "__main__" if cls.__module__ in ("__main__", "__mp_main__") else cls.__module__
+
+
 class Transform:
     """Base class of every transform.
 
@@ -83,7 +89,7 @@ class Transform:
         super().__init_subclass__(**kwargs)
         if register and not cls.__name__.startswith("_"):
             old = REGISTRY.get(cls.__name__)
-            if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            if old is not None and (_module(old), old.__qualname__) != (_module(cls), cls.__qualname__):
                 # pipelines are saved by transform name: two classes of one name would load as the wrong one
                 raise PipelineError(f"a transform named {cls.__name__!r} is already registered "
                                     f"({old.__module__}.{old.__qualname__}); give {cls.__module__}."
