@@ -83,3 +83,55 @@ def test_bad_parameters():
         TileGrid((100, 100), 10, edge="wrap")
     with pytest.raises(RegionError, match="level 3 does not exist"):
         TileGrid((100, 100), 10, level=3)
+
+
+def test_strides_longer_than_the_tile_start_no_tile_past_the_edge():
+    g = TileGrid((2220, 2967), 256, stride=300)
+    assert g.shape == (10, 8)
+    assert max(s.y for s in g) < 2967 and max(s.x for s in g) < 2220
+    assert TileGrid((2220, 2967), 256).shape == (12, 9)  # stride = tile: as before
+
+
+def test_neighbouring_resampled_tiles_share_their_boundary():
+    """Tiles at a target µm/px: each ends where the next begins, in level-0 pixels and in pixels read, so
+    no slide pixel is skipped between tiles (rounding start and size apart lost 1 px every few tiles)."""
+    for smpp, mpp in ((0.2265, 0.5), (0.499, 0.25), (0.25, 0.6), (0.25, 1.7)):
+        g = TileGrid((120000, 3000), 256, mpp=mpp, slide_mpp=smpp, level_downsamples=[1.0, 4.0])
+        row = [g.spec(0, c) for c in range(g.cols)]
+        for a, b in zip(row, row[1:]):
+            assert a.x + a.width0 == b.x
+        lds = g.level_downsample
+        if g.resampled:
+            for a, b in zip(row, row[1:]):
+                assert round(a.x / lds) + a.read_size[0] == round(b.x / lds)
+        end = row[-1].x + row[-1].width0
+        assert abs(end - g.cols * 256 * g.downsample) <= 1  # no drift either
+
+
+def test_mask_coverage_is_the_covered_fraction_of_the_tile():
+    # a mask 100 level-0 px per pixel, all tissue: a bottom tile 43.75 % inside the slide is 43.75 % covered
+    mask = np.ones((10, 10), np.uint8)
+    g = TileGrid((1000, 1000), 256, mask=mask, mask_downsample=100)
+    bottom = g.spec(3, 0)  # y 768..1024
+    assert g.coverage(bottom) == pytest.approx((1000 - 768) / 256)
+    # a smooth mask: coverage equals the mean of the mask drawn at level 0 under the tile
+    rng = np.random.default_rng(0)
+    mask = (rng.random((37, 53)) > 0.5).astype(np.uint8)
+    ds = 1060 / 53
+    full = np.kron(mask, np.ones((20, 20), np.uint8))  # ds = 20 exactly
+    g = TileGrid((1060, 740), 96, overlap=17, mask=mask, mask_downsample=ds)
+    for s in list(g)[::7]:
+        window = full[s.y:s.y + s.height0, s.x:s.x + s.width0]
+        want = window.sum() / (s.width0 * s.height0)
+        assert g.coverage(s) == pytest.approx(want, abs=1e-9)
+    # fully covered tiles are kept at min_coverage=1 (no floating-point shortfall)
+    g = TileGrid((10000, 10000), 256, overlap=20, mask=np.ones((300, 300), np.uint8), min_coverage=1.0)
+    assert len(g) == sum(1 for r in range(g.rows) for c in range(g.cols)
+                         if g.spec(r, c).x + 256 <= 10000 and g.spec(r, c).y + 256 <= 10000)
+
+
+def test_grid_argument_errors():
+    for kw in (dict(min_coverage=25, mask=np.ones((4, 4))), dict(min_coverage=0.5), dict(mpp=float("nan"), slide_mpp=0.5),
+               dict(mpp=float("inf"), slide_mpp=0.5), dict(mpp=0.5, slide_mpp=0)):
+        with pytest.raises(RegionError):
+            TileGrid((1000, 1000), 256, **kw)

@@ -303,3 +303,15 @@ def test_pipeline_rejects_unmade_mask():
     with pytest.raises(PipelineError, match=r"BoxBlur.*'tissue'"):
         Pipeline([BoxBlur(5, mask_name="tissue")])
     Pipeline([MorphOpen("tissue")], inputs=["tissue"])       # declared as a slide mask: fine
+
+
+def test_otsu_on_one_grey_level_is_the_same_for_every_dtype():
+    """A blank (glass) tile has one grey level: the same mask whatever its dtype (OpenCV gave 0 for
+    uint8/uint16, skimage the level itself for floats, so 'tissue darker than glass' was 0 % or 100 %)."""
+    from histoflow.transforms.morphology import binary_threshold
+
+    masks = set()
+    for dtype, white in ((np.uint8, 255), (np.uint16, 65535), (np.float32, 1.0), (np.float64, 1.0)):
+        tile = np.full((16, 16, 3), white, dtype)
+        masks.add(int(binary_threshold(tile, inverse=True).sum()))
+    assert masks == {0}

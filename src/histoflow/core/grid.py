@@ -118,9 +118,14 @@ class TileGrid:
                 raise RegionError("a target mpp needs the slide's pixel size, which is unknown: "
                                   "pass mpp=... when opening the slide, or tile by level")
             smpp = float(slide_mpp[0] if not np.isscalar(slide_mpp) else slide_mpp)
-            self.target_mpp = float(mpp)
-            if self.target_mpp <= 0:
-                raise RegionError(f"target mpp must be positive, got {mpp}")
+            if not (math.isfinite(smpp) and smpp > 0):
+                raise RegionError(f"the slide's pixel size must be a positive number, got {slide_mpp!r}")
+            try:
+                self.target_mpp = float(mpp)
+            except (TypeError, ValueError):
+                raise RegionError(f"target mpp must be a positive number, got {mpp!r}") from None
+            if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
+                raise RegionError(f"target mpp must be a positive number, got {mpp}")
             want = self.target_mpp / smpp
             self.level = max((i for i, d in enumerate(self.level_downsamples) if d <= want * (1 + MPP_TOLERANCE)),
                              default=0)
@@ -140,6 +145,10 @@ class TileGrid:
         if mask is not None:
             self.mask_filter = _MaskCoverage(np.asarray(mask), mask_downsample, self.dimensions)
         self.min_coverage = float(min_coverage)
+        if not 0 <= self.min_coverage <= 1:
+            raise RegionError(f"min_coverage is a fraction of the tile, 0..1; got {min_coverage!r}")
+        if self.min_coverage > 0 and mask is None:
+            raise RegionError("min_coverage needs a mask to measure coverage with (e.g. mask='tissue')")
         self._index = None
 
     # ------------------------------------------------------------------
@@ -155,11 +164,16 @@ class TileGrid:
     def spec(self, row: int, col: int) -> TileSpec:
         ds = self.downsample
         ox, oy = col * self.stride[0], row * self.stride[1]
+        (tw, th) = self.tile_size
+        # both ends from output coordinates, rounded the same way: neighbours whose stride is the tile size
+        # share their boundary exactly (rounding the start and the size apart left 1 px gaps now and then)
         x, y = int(round(ox * ds)), int(round(oy * ds))
-        w0, h0 = int(round(self.tile_size[0] * ds)), int(round(self.tile_size[1] * ds))
+        x1, y1 = int(round((ox + tw) * ds)), int(round((oy + th) * ds))
+        w0, h0 = max(1, x1 - x), max(1, y1 - y)
         if self.resampled:
-            f = ds / self.level_downsample
-            read = (max(1, int(round(self.tile_size[0] * f))), max(1, int(round(self.tile_size[1] * f))))
+            lds = self.level_downsample
+            read = (max(1, int(round(x1 / lds)) - int(round(x / lds))),
+                    max(1, int(round(y1 / lds)) - int(round(y / lds))))
         else:
             read = self.tile_size
         return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds, self.core(row, col))
@@ -187,7 +201,7 @@ class TileGrid:
                 for c in range(self.cols):
                     if self.mask_filter is not None:
                         cov = self.coverage(self.spec(r, c))
-                        if cov <= 0 or cov < self.min_coverage:
+                        if cov <= 0 or cov < self.min_coverage - 1e-9:
                             continue
                     keep.append((r, c))
             self._index = keep
@@ -236,7 +250,8 @@ def _count(extent: float, tile: int, stride: int, edge: str) -> int:
         return 0 if extent < tile else int(math.floor((extent - tile) / stride + 1e-9)) + 1
     if extent <= tile:
         return 1
-    return int(math.ceil((extent - tile) / stride - 1e-9)) + 1
+    # enough tiles to reach the edge, but none that starts at or past it (strides longer than the tile)
+    return min(int(math.ceil((extent - tile) / stride - 1e-9)) + 1, int(math.ceil(extent / stride - 1e-9)))
 
 
 class _MaskCoverage:
@@ -251,15 +266,22 @@ class _MaskCoverage:
         self.integral = np.zeros((self.h + 1, self.w + 1), np.int64)
         self.integral[1:, 1:] = m.cumsum(0).cumsum(1)
 
+    def _at(self, fx, fy) -> float:
+        """The mask's area in [0, fx) x [0, fy) (mask pixels), for fractional corners: the integral image
+        interpolated bilinearly, which is exact for a mask that is constant over each of its pixels."""
+        fx, fy = min(max(fx, 0.0), self.w), min(max(fy, 0.0), self.h)
+        i, j = min(int(fx), self.w - 1), min(int(fy), self.h - 1)
+        ax, ay = fx - i, fy - j
+        s = self.integral
+        return float((1 - ay) * ((1 - ax) * s[j, i] + ax * s[j, i + 1])
+                     + ay * ((1 - ax) * s[j + 1, i] + ax * s[j + 1, i + 1]))
+
     def fraction(self, x, y, w0, h0) -> float:
+        """The fraction of the rectangle's area the mask covers; parts past the mask count as uncovered."""
         ds = self.ds
         fx0, fy0, fx1, fy1 = x / ds, y / ds, (x + w0) / ds, (y + h0) / ds
-        area = max((fx1 - fx0) * (fy1 - fy0), 1e-12)
-        x0, y0 = int(np.clip(math.floor(fx0 + 1e-9), 0, self.w)), int(np.clip(math.floor(fy0 + 1e-9), 0, self.h))
-        x1, y1 = int(np.clip(math.ceil(fx1 - 1e-9), 0, self.w)), int(np.clip(math.ceil(fy1 - 1e-9), 0, self.h))
-        if x1 <= x0 or y1 <= y0:
+        area = (fx1 - fx0) * (fy1 - fy0)
+        if area <= 0:
             return 0.0
-        s = self.integral[y1, x1] - self.integral[y0, x1] - self.integral[y1, x0] + self.integral[y0, x0]
-        # the window of mask pixels may stick out of an unaligned tile: normalise by the larger area, so
-        # a tile inside one mask pixel gets that pixel's value and the part past the slide counts as empty
-        return float(min(1.0, s / max(area, (x1 - x0) * (y1 - y0))))
+        s = self._at(fx1, fy1) - self._at(fx0, fy1) - self._at(fx1, fy0) + self._at(fx0, fy0)
+        return float(min(1.0, max(0.0, s / area)))

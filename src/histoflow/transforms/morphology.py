@@ -44,6 +44,8 @@ def otsu_threshold(grey):
     True
     """
     grey = np.ascontiguousarray(grey)
+    if grey.size == 0 or grey.min() == grey.max():
+        return 0.0  # one grey level: no two classes; OpenCV's answer, for every dtype alike
     if grey.dtype in (np.uint8, np.uint16):
         t, _ = cv2.threshold(grey, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
         return float(t)
