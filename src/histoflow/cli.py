@@ -136,11 +136,12 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("phenotype", help="gate markers and assign phenotypes with a rule table")
     s.add_argument("cells", help="an .h5ad (or .h5path with a cell table)")
-    s.add_argument("--rules", required=True, help="rule table YAML, or a preset name (see --list-presets)")
+    s.add_argument("--rules", required=True, help="rule table YAML, or a preset name (mibi_panel, nucleus_subtype)")
     s.add_argument("-o", "--output", required=True, help="output .h5ad")
     s.add_argument("--gate", choices=["otsu", "gmm"], default="otsu", help="automatic thresholds (default otsu)")
     s.add_argument("--thresholds", help="YAML/JSON of manual thresholds {channel: value} or {slide: {channel: v}}")
-    s.add_argument("--png", help="picture of the cells coloured by phenotype (default: OUTPUT with .png)")
+    s.add_argument("--png", help="picture of the cells coloured by phenotype (default: OUTPUT with .png; 'none' for "
+                                 "no picture)")
     s.add_argument("--geojson", help="also write the cells with their phenotypes as QuPath GeoJSON (needs the "
                                      ".h5path that `histoflow quantify` wrote beside the .h5ad)")
     s.set_defaults(func=cmd_phenotype)
@@ -504,14 +505,16 @@ def cmd_phenotype(args):
     print(f"{'phenotype':<{width}}  cells      %")
     for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"{str(k):<{width}}  {v:>5}  {100 * v / total:5.1f}")
-    png = args.png or os.path.splitext(args.output)[0] + ".png"
-    _phenotype_png(cells, png)
+    png = _picture_path(args.png, args.output)
+    if png:
+        _phenotype_png(cells, png)
     if args.geojson:
         from .ml.infer import cells_to_geojson
 
         n = cells_to_geojson(store, args.geojson, adata=cells)
         print(f"{args.geojson}: {n} cells with outlines, phenotypes and measurements (QuPath: File > Import objects)")
-    print(f"{args.output}: {cells.n_obs} cells, {len([c for c in counts if counts[c]])} phenotypes; picture {png}")
+    print(f"{args.output}: {cells.n_obs} cells, {len([c for c in counts if counts[c]])} phenotypes"
+          + (f"; picture {png}" if png else ""))
     return 0
 
 
