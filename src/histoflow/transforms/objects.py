@@ -43,6 +43,8 @@ def keep_owned(labels, core, *, return_ids: bool = False):
         return (out, np.zeros(0, np.int64)) if return_ids else out
     idx = np.arange(1, n + 1)
     ok = np.bincount(labels.ravel(), minlength=n + 1)[1:] > 0
+    if core is not None and tuple(core) == (0, 0, labels.shape[1], labels.shape[0]):
+        core = None  # the whole image: every centroid is in it, no need to compute them
     if core is not None:
         with np.errstate(invalid="ignore", divide="ignore"):  # ids absent from the image give NaN, dropped
             cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones(labels.shape, np.uint8), labels, idx)))
