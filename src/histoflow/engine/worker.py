@@ -98,7 +98,7 @@ def _transform_batch(slide, pipeline, specs, compression, compression_level, on_
             if pipeline is not None:
                 pipeline.apply(tile)
         except TransformError as e:
-            out.failures.append(Failure(index, spec.x, spec.y, e.transform or "?", str(e)))
+            out.failures.append(Failure(index, spec.x, spec.y, e.transform or "?", e.reason or str(e)))
             if on_error == "raise":
                 break
             continue

@@ -39,11 +39,12 @@ PIPELINE_FORMAT = 1
 class TransformError(PipelineError):
     """A transform raised on a tile. Carries the transform's name and the tile's coordinates."""
 
-    def __init__(self, message, *, transform=None, coords=None, slide=None):
+    def __init__(self, message, *, transform=None, coords=None, slide=None, reason=None):
         super().__init__(message)
         self.transform = transform
         self.coords = coords
         self.slide = slide
+        self.reason = reason  # what went wrong, without the transform and tile (which the engine adds)
 
 
 def outputs_from(*params: str) -> property:
@@ -295,7 +296,8 @@ class Pipeline(Transform):
             except Exception as e:
                 raise TransformError(
                     f"{type(step).__name__} failed on tile {tile.name or ''} at {tile.coords}: "
-                    f"{type(e).__name__}: {e}", transform=type(step).__name__, coords=tile.coords) from e
+                    f"{type(e).__name__}: {e}", transform=type(step).__name__, coords=tile.coords,
+                    reason=f"{type(e).__name__}: {e}") from e
 
     def channel_names_out(self, names):
         for step in self.steps:
