@@ -179,6 +179,10 @@ def test_guide_errors():
         ClusterGuide().fit(np.zeros(30))
     with pytest.raises(ValueError, match="NaN"):
         ClusterGuide(n_clusters=2).fit(np.full((4, 2), np.nan))
+    with pytest.raises(ValueError, match="every feature is constant"):
+        ClusterGuide(n_clusters=2).fit(np.ones((6, 3)))
+    with pytest.raises(ValueError, match="and 2"):
+        ClusterGuide(n_clusters=1).fit(np.ones((1, 3)))
     with pytest.raises(ValueError, match="variance"):
         ClusterGuide(variance=1.5)
     # an integer variance is a number of components

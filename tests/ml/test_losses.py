@@ -360,3 +360,18 @@ def test_hovernet_input_errors():
         hovernet_loss(p2, target)
     with pytest.raises(ValueError, match="nucleus_prediction"):
         hovernet_loss({"horizontal_vertical": pred["horizontal_vertical"]}, target)
+
+
+def test_distillation_with_every_label_ignored_is_the_soft_term():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    labels = torch.full((4,), -100)
+    both = distillation_loss(s, t, labels, temperature=2.0, alpha=0.5)
+    soft = distillation_loss(s, t, None, temperature=2.0, alpha=1.0)
+    assert torch.isfinite(both) and torch.allclose(both, 0.5 * soft)
+    both.backward()
+    assert torch.isfinite(s.grad).all()
+    # with labels, the hard term is still the mean over the labelled ones
+    labels[:2] = torch.tensor([0, 2])
+    hard = distillation_loss(s, t, labels, alpha=0.0)
+    assert torch.allclose(hard, torch.nn.functional.cross_entropy(s, labels, ignore_index=-100))

@@ -105,8 +105,10 @@ class ClusterGuide:
         from threadpoolctl import threadpool_limits
 
         x = _features(features)
-        if x.shape[0] < self.n_clusters:
-            raise ValueError(f"need at least n_clusters={self.n_clusters} samples, got {x.shape[0]}")
+        if x.shape[0] < max(2, self.n_clusters):
+            raise ValueError(f"need at least n_clusters={self.n_clusters} (and 2) samples, got {x.shape[0]}")
+        if not np.any(np.ptp(x, axis=0) > 0):
+            raise ValueError("every feature is constant over the samples: nothing to cluster")
         with threadpool_limits(limits=self.threads):
             self.scaler_ = StandardScaler().fit(x)
             z = self.scaler_.transform(x)

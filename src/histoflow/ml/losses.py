@@ -593,7 +593,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         if tuple(labels.shape) != expected:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match student_logits shape "
                              f"{tuple(student_logits.shape)}: expected {expected}")
-        total = total + (1.0 - alpha) * F.cross_entropy(student_logits, labels.long(), ignore_index=ignore_index)
+        labels = labels.long()
+        ce = F.cross_entropy(student_logits, labels, ignore_index=ignore_index, reduction="sum")
+        n = (labels != ignore_index).sum().clamp_min(1)  # a batch of unlabelled pixels only: hard term 0, not NaN
+        total = total + (1.0 - alpha) * ce / n
     return total
 
 
