@@ -342,11 +342,9 @@ def cmd_segment_nuclei(args):
         msg += f"; {len(polys)} outlines in {args.geojson}"
     png = _picture_path(args.png, args.output)
     if png:
-        from . import open_slide
-        from .utils import outline_instances, save_png, to_rgb
+        from .utils import outline_instances, save_png
 
-        with open_slide(args.slide) as r:
-            thumb = to_rgb(r.thumbnail(min(PICTURE_SIZE, max(r.dimensions))))
+        thumb, _ = _picture_of(args.slide)
         save_png(png, outline_instances(thumb, labels))
         msg += f"; picture {png}"
     print(msg + f" ({time.perf_counter() - t0:.1f} s)")
@@ -387,13 +385,9 @@ def cmd_quantify(args):
            f"{', ...' if cells.n_vars > 6 else ''}); tiles and masks in {store}")
     png = _picture_path(args.png, out)
     if png:
-        from . import open_slide
-        from .utils import outline_instances, save_png, to_rgb
+        from .utils import outline_instances, save_png
 
-        with open_slide(args.slide) as r:
-            thumb = to_rgb(r.thumbnail(min(PICTURE_SIZE, max(r.dimensions))),
-                           channel_names=list(r.channel_names or []) or None)
-            level0 = r.dimensions
+        thumb, level0 = _picture_of(args.slide)
         save_png(png, outline_instances(thumb, _labels_at(store, "cells", level0, thumb.shape[:2])))
         msg += f"; picture {png}"
     print(msg + f" ({time.perf_counter() - t0:.1f} s)")
@@ -402,6 +396,17 @@ def cmd_quantify(args):
 
 #: longest side of the pictures the CLI writes
 PICTURE_SIZE = 2048
+
+
+def _picture_of(path):
+    """The slide as an RGB picture of at most PICTURE_SIZE px (fluorescence in false colour), and its level-0
+    (width, height)."""
+    from . import open_slide
+    from .utils import to_rgb
+
+    with open_slide(path) as r:
+        thumb = r.thumbnail(min(PICTURE_SIZE, max(r.dimensions)))
+        return to_rgb(thumb, channel_names=list(r.channel_names or []) or None), r.dimensions
 
 
 def _picture_path(option, output):

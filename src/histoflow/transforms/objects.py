@@ -13,18 +13,27 @@ from ..errors import ChannelError
 __all__ = ["keep_owned", "relabel_sequential", "find_channel"]
 
 
-def relabel_sequential(labels) -> np.ndarray:
-    """Labels renumbered 1..n in order of their old ids (int32), 0 stays background."""
+def relabel_sequential(labels, same_ids=None):
+    """Labels renumbered 1..n in order of their old ids (int32), 0 stays background.
+
+    With ``same_ids`` (a second label image using the same ids, e.g. the nuclei of cells) returns
+    ``(labels, same_ids)``, both renumbered alike; ids of ``same_ids`` absent from ``labels`` become 0.
+    """
     labels = np.asarray(labels)
     n = int(labels.max()) if labels.size else 0
-    if n == 0:
-        return labels.astype(np.int32)
     present = np.zeros(n + 1, bool)
     present[labels.ravel()] = True
     present[0] = False
+    k = int(present.sum())
     lut = np.zeros(n + 1, np.int32)
-    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
-    return lut[labels]
+    lut[present] = np.arange(1, k + 1, dtype=np.int32)
+    out = labels.astype(np.int32, copy=False) if k == n else lut[labels]  # already 1..n: nothing to do
+    if same_ids is None:
+        return out
+    other = np.asarray(same_ids)
+    other = np.where(other <= n, lut[np.minimum(other, n)], 0).astype(np.int32) if other.size else \
+        other.astype(np.int32)
+    return out, other
 
 
 def keep_owned(labels, core, *, return_ids: bool = False):

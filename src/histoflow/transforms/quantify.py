@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Transform
-
+from .objects import relabel_sequential
 
 __all__ = ["QuantifyCells", "quantify_cells", "MORPHOLOGY"]
 
@@ -36,7 +36,10 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
-    labels, nuclei = _sequential(labels, nuclei)
+    if nuclei is None:
+        labels = relabel_sequential(labels)
+    else:
+        labels, nuclei = relabel_sequential(labels, nuclei)
     n = int(labels.max())
     c = image.shape[2]
     out = {}
@@ -83,23 +86,6 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
     if nuclei is not None:
         out["nucleus_area"] = np.bincount(np.asarray(nuclei).ravel(), minlength=n + 1)[1:n + 1].astype(np.float32)
     return out
-
-
-def _sequential(labels, nuclei=None):
-    """Cells renumbered 1..n in order of their ids, and their nuclei (same ids) renumbered alike."""
-    labels = np.asarray(labels)
-    n = int(labels.max()) if labels.size else 0
-    if n == 0:
-        return labels.astype(np.int32), None if nuclei is None else np.zeros(labels.shape, np.int32)
-    present = np.zeros(n + 1, bool)
-    present[labels.ravel()] = True
-    present[0] = False
-    lut = np.zeros(n + 1, np.int32)
-    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
-    if nuclei is not None:
-        nuclei = np.asarray(nuclei)
-        nuclei = np.where(nuclei <= n, lut[np.minimum(nuclei, n)], 0).astype(np.int32)
-    return lut[labels], nuclei
 
 
 def _sorted_within(values, groups):
@@ -207,7 +193,10 @@ class QuantifyCells(Transform):
             raise KeyError(f"QuantifyCells: the tile has no mask {self.mask_name!r} (it has {sorted(tile.masks)})")
         image, _ = self._channels(tile)
         nuclei = tile.masks.get(self.nucleus_mask) if self.nucleus_mask else None
-        labels, nuclei = _sequential(tile.masks[self.mask_name], nuclei)
+        if nuclei is None:
+            labels = relabel_sequential(tile.masks[self.mask_name])
+        else:
+            labels, nuclei = relabel_sequential(tile.masks[self.mask_name], nuclei)
         # the stored masks take the table's numbering: row k is mask id k + 1
         tile.masks[self.mask_name] = labels
         if nuclei is not None:
