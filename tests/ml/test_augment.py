@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 import histoflow
 from histoflow.ml.augment import (AugmentError, Blur, Brightness, Compose, Contrast, GaussianNoise, HSVShift,
-                                  RandomFlip, RandomRotate90, RandomZoom, StainAugment)
+                                  RandomFlip, RandomRotate90, RandomZoom, RandStainNA, StainAugment)
 from histoflow.transforms.nuclei import detect_nuclei
 
 
@@ -224,6 +224,63 @@ def test_stain_augment_background_tile_falls_back(glass_tile):
     assert np.abs(out.astype(int) - white).max() <= 2
     # a tissue tile gets its own matrix, not the reference
     assert not np.allclose(op.matrix(glass_tile), REFERENCE_STAIN_MATRIX, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def he_images():
+    """Four real H&E images from different sources (their colour statistics differ)."""
+    out = []
+    for name in ("tiatoolbox_stain_target.png", "stardist_histo.jpg", "napari_skin_HE.tif"):
+        out.append(np.asarray(Image.open(data_path("he_patches", name)).convert("RGB")))
+    with histoflow.open_slide(SVS) as r:
+        out.append(r.read_region((1024, 1024), 0, (512, 512)))
+    return out
+
+
+def test_randstainna_moves_images_to_the_fitted_templates(he_images, glass_tile):
+    from histoflow.transforms.stain import lab_stats
+
+    stats = [lab_stats(im) for im in he_images]
+    op = RandStainNA.fit(he_images, spread=0.0)
+    np.testing.assert_allclose(op.means, np.mean([m for m, _ in stats], 0))
+    np.testing.assert_allclose(op.means_sd, np.std([m for m, _ in stats], 0))
+    np.testing.assert_allclose(op.stds, np.mean([s for _, s in stats], 0))
+    assert (op.means_sd > 0.5).all()                         # the images do differ in colour
+    # spread 0: every image moves to the mean template (not exactly: pale pixels are blended back to the
+    # input, as glass is, and the tissue pixels counted change with the colours)
+    after = []
+    for im, (m0, _) in zip(he_images, stats):
+        out, masks = op(im, {"n": np.ones(im.shape[:2], np.int32)}, np.random.default_rng(0))
+        assert out.dtype == np.uint8 and out.shape == im.shape and (masks["n"] == 1).all()
+        m, _ = lab_stats(out)
+        assert np.linalg.norm(m - op.means) < 0.6 * np.linalg.norm(m0 - op.means) + 0.5, (m0, m)
+        after.append(m)
+    assert np.linalg.norm(np.std(after, 0)) < 0.4 * np.linalg.norm(op.means_sd)
+    # spread 1: the templates vary as the training images did
+    wide = RandStainNA.fit(he_images, spread=1.0)
+    im = he_images[3]
+    means = np.array([lab_stats(wide(im, None, np.random.default_rng(i))[0])[0] for i in range(30)])
+    assert (means.std(0) > 0.4 * wide.means_sd).all() and (means.std(0) < 2 * wide.means_sd).all()
+    # glass stays glass, and a tile with no tissue is returned as it is
+    glass = (glass_tile >= 235).all(axis=-1)
+    out, _ = wide(glass_tile, None, np.random.default_rng(1))
+    assert (out[glass] >= 230).all(axis=-1).mean() > 0.99
+    white = np.full((64, 64, 3), 243, np.uint8)
+    np.testing.assert_array_equal(wide(white, None, np.random.default_rng(0))[0], white)
+
+
+def test_randstainna_errors(he_images):
+    white = np.full((64, 64, 3), 243, np.uint8)
+    with pytest.raises(AugmentError, match="1 of the images have enough tissue"):
+        RandStainNA.fit([white, he_images[0]])
+    with pytest.raises(AugmentError, match="means must be 3 finite numbers"):
+        RandStainNA([50, 30], [1, 1, 1], [10, 5, 5], [1, 1, 1])
+    with pytest.raises(AugmentError, match="stds must be > 0"):
+        RandStainNA([50, 30, -10], [1, 1, 1], [10, 0, 5], [1, 1, 1])
+    with pytest.raises(AugmentError, match="spread"):
+        RandStainNA.fit(he_images, spread=-1)
+    with pytest.raises(AugmentError, match="uint8 RGB"):
+        RandStainNA.fit(he_images)(he_images[0].astype(np.float32) / 255, None, np.random.default_rng(0))
 
 
 def _pipeline(seed=None):

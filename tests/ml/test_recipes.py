@@ -86,13 +86,20 @@ def test_nucleus_crops_change_every_epoch_in_worker_processes(tmp_path, monkeypa
     seen = []
     monkeypatch.setattr(T.Trainer, "fit", lambda self, train, val=None, resume=False: seen.append((self, train)) or [])
     cfg = {"task": "nucleus_segmentation",
-           "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"], "crop": 64, "crops_per_epoch": 4,
-                    "augment": {"flip": True, "hsv": [0.02, 0.1, 0.1]}},
+           "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX1"], "crop": 64,
+                    "crops_per_epoch": 4, "augment": {"flip": True, "hsv": [0.02, 0.1, 0.1], "randstain": 0.5}},
            "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}},
            "train": {"epochs": 2, "batch_size": 4, "num_workers": 1, "seed": 3}, "output": str(tmp_path / "r")}
     train_from_config(dict(cfg))
     train_from_config(dict(cfg))
     (t1, loader), (t2, _) = seen
+    # randstain: colour templates fitted to the training images
+    from histoflow.ml.augment import RandStainNA
+    from histoflow.transforms.stain import lab_stats
+
+    (rs,) = [op for op in loader.dataset.augment.ops if isinstance(op, RandStainNA)]
+    assert rs.spread == 0.5 and rs.p == 0.5
+    np.testing.assert_allclose(rs.means, np.mean([lab_stats(im)[0] for im in loader.dataset.images], 0))
     for a, b in zip(t1.model.state_dict().values(), t2.model.state_dict().values()):
         assert torch.equal(a, b)
     batches = []

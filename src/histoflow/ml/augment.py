@@ -16,7 +16,8 @@ Every operation is called as ``op(image, masks, rng) -> (image, masks)``:
 Geometric operations (:class:`RandomFlip`, :class:`RandomRotate90`, :class:`RandomZoom`) move the image and
 the masks alike; masks are resampled by nearest neighbour only, so label values are preserved (no new ids
 appear, which matters for instance masks). Photometric operations (:class:`HSVShift`, :class:`Brightness`,
-:class:`Contrast`, :class:`StainAugment`, :class:`Blur`, :class:`GaussianNoise`) change the image only and return
+:class:`Contrast`, :class:`StainAugment`, :class:`RandStainNA`, :class:`Blur`, :class:`GaussianNoise`) change the
+image only and return
 the masks untouched.
 
 .. note::
@@ -50,7 +51,7 @@ from ..core.resample import resize_mask
 from ..errors import HistoflowError
 
 __all__ = ["AugmentError", "Augmentation", "RandomFlip", "RandomRotate90", "RandomZoom", "HSVShift",
-           "Brightness", "Contrast", "StainAugment", "Blur", "GaussianNoise", "Compose"]
+           "Brightness", "Contrast", "StainAugment", "RandStainNA", "Blur", "GaussianNoise", "Compose"]
 
 
 class AugmentError(HistoflowError, ValueError):
@@ -422,6 +423,77 @@ class StainAugment(Augmentation):
         beta = rng.uniform(-self.sigma2, self.sigma2, 2)
         image = np.ascontiguousarray(image)
         return augment_stains(image, alpha, beta, self.matrix(image), self.background_intensity), masks
+
+
+class RandStainNA(Augmentation):
+    """Random stain normalisation (RandStainNA, Shen et al., MICCAI 2022), masks untouched.
+
+    Each call draws a virtual template, the mean and standard deviation of CIELAB ``L*, a*, b*``, from
+    normal distributions fitted to the training images (:meth:`fit`), and moves the image to it by
+    Reinhard's colour transfer (:func:`histoflow.transforms.stain.reinhard_normalize`; glass stays glass).
+    The network sees the training set's range of stainings, centred where the training set is, instead of
+    the perturbations around each image's own staining that :class:`StainAugment` makes. A tile with too
+    little tissue for its statistics (background) is returned unchanged.
+
+    Parameters
+    ----------
+    means, means_sd : (3,) float
+        Mean and standard deviation, over the training images, of each image's mean ``L*, a*, b*``.
+    stds, stds_sd : (3,) float
+        The same for each image's standard deviation of ``L*, a*, b*``.
+    spread : float
+        Multiplies both standard deviations (the paper's ``std_hyper`` is an additive version of it):
+        0 always normalises to the mean template, larger values draw templates further out.
+    p : float
+        Probability of applying it.
+    """
+
+    def __init__(self, means, means_sd, stds, stds_sd, spread=1.0, p=1.0):
+        vals = {}
+        for name, v in (("means", means), ("means_sd", means_sd), ("stds", stds), ("stds_sd", stds_sd)):
+            a = np.asarray(v, np.float64)
+            if a.shape != (3,) or not np.all(np.isfinite(a)):
+                raise AugmentError(f"RandStainNA: {name} must be 3 finite numbers (L*, a*, b*), got {v!r}")
+            vals[name] = a
+        if np.any(vals["stds"] <= 0) or np.any(vals["means_sd"] < 0) or np.any(vals["stds_sd"] < 0):
+            raise AugmentError("RandStainNA: stds must be > 0 and the standard deviations >= 0")
+        self.means, self.means_sd = vals["means"], vals["means_sd"]
+        self.stds, self.stds_sd = vals["stds"], vals["stds_sd"]
+        self.spread = _check_nonneg("RandStainNA", "spread", spread)
+        self.p = _check_prob("RandStainNA", p)
+
+    @classmethod
+    def fit(cls, images, spread=1.0, p=1.0, luminosity_threshold=0.8):
+        """Fit the template distributions to RGB uint8 images (e.g. the training images or tiles of them);
+        images with too little tissue are left out. Raises AugmentError when fewer than 2 images remain."""
+        from ..transforms.stain import StainEstimationError, lab_stats
+
+        ms, ss = [], []
+        for im in images:
+            try:
+                m, s = lab_stats(_rgb_uint8(np.asarray(im), "RandStainNA.fit"),
+                                 luminosity_threshold=luminosity_threshold)
+            except StainEstimationError:
+                continue
+            ms.append(m)
+            ss.append(s)
+        if len(ms) < 2:
+            raise AugmentError(f"RandStainNA.fit: {len(ms)} of the images have enough tissue for their colour "
+                               "statistics; need at least 2")
+        ms, ss = np.array(ms), np.array(ss)
+        return cls(ms.mean(0), ms.std(0), ss.mean(0), ss.std(0), spread=spread, p=p)
+
+    def _apply(self, image, masks, rng):
+        from ..transforms.stain import StainEstimationError, lab_stats, reinhard_normalize
+
+        image = _rgb_uint8(image, "RandStainNA")
+        means = rng.normal(self.means, self.means_sd * self.spread)
+        stds = np.maximum(rng.normal(self.stds, self.stds_sd * self.spread), 0.25 * self.stds)
+        try:
+            sm, ss = lab_stats(image)
+        except StainEstimationError:  # background: nothing to move
+            return image, masks
+        return reinhard_normalize(np.ascontiguousarray(image), means, stds, sm, ss), masks
 
 
 class Blur(Augmentation):

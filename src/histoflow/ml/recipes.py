@@ -63,7 +63,9 @@ def _path(cfg, p):
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(cfg.get("_base", "."), p))
 
 
-def _augmenter(spec: dict | None, seed: int):
+def _augmenter(spec: dict | None, seed: int, images=None):
+    """The training augmentation of a config's ``data.augment``; ``images`` (the training images) are what
+    ``randstain`` fits its colour templates to."""
     from . import augment as A
 
     spec = dict(spec or {})
@@ -76,6 +78,10 @@ def _augmenter(spec: dict | None, seed: int):
         ops.append(A.RandomZoom(tuple(z), p=0.5))
     if (s := spec.pop("stain", None)):
         ops.append(A.StainAugment(*s, p=0.5))
+    if (rs := spec.pop("randstain", None)) is not None:
+        if images is None:
+            raise ConfigError("data.augment.randstain needs the training images (this task has none)")
+        ops.append(A.RandStainNA.fit(images, spread=float(rs), p=0.5))
     if (h := spec.pop("hsv", None)):
         ops.append(A.HSVShift(*h, p=0.5))
     if (b := spec.pop("brightness", None)):
@@ -88,7 +94,7 @@ def _augmenter(spec: dict | None, seed: int):
         ops.append(A.GaussianNoise(n, p=0.3))
     if spec:
         raise ConfigError(f"unknown augmentation(s) {sorted(spec)}; known: flip, rot90, zoom, stain, hsv, "
-                          "brightness, contrast, blur, noise")
+                          "randstain, brightness, contrast, blur, noise")
     return A.Compose(ops, seed=seed)
 
 
@@ -142,9 +148,10 @@ def _nucleus_segmentation(cfg, resume=False):
     train_ids = [i for i in ids if i not in val_ids]
     seed = int((cfg.get("train") or {}).get("seed", 0))
     mpp = d.get("mpp")  # resample the images (e.g. 0.5 for a 20x model); None: as scanned
-    train = NucleusCrops(load_monuseg(root, train_ids, mpp=mpp), crop=int(d.get("crop", 256)),
-                         length=int(d.get("crops_per_epoch", 256)), augment=_augmenter(d.get("augment"), seed),
-                         seed=seed)
+    train_samples = load_monuseg(root, train_ids, mpp=mpp)
+    augment = _augmenter(d.get("augment"), seed, images=[s["image"] for s in train_samples])
+    train = NucleusCrops(train_samples, crop=int(d.get("crop", 256)), length=int(d.get("crops_per_epoch", 256)),
+                         augment=augment, seed=seed)
     t = cfg.get("train") or {}
     # not persistent_workers: workers take a copy of the dataset when an epoch's iterator starts, and only
     # that copy knows the epoch that the trainer sets (set_epoch), i.e. which crops and augmentations to make
