@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from histoflow.cells import CellsError, GatingWarning, gate
+from histoflow.cells import CellsError, GatingWarning, gate, gating_table
 from histoflow.cells.gating import threshold_gmm_log, threshold_otsu_log
 from histoflow.errors import HistoflowError
 
@@ -43,13 +43,14 @@ def test_automatic_thresholds_separate_two_log_normal_modes(method, frac_high):
     acc = (pos[:, 0] == truth).mean()
     assert acc > 0.95, acc
     assert (pos[:, 1] == truth[::-1]).mean() > 0.95
-    t = ad.uns["gating"]["thresholds"]["s1"]["CD3"]
+    t = gating_table(ad).loc["s1", "CD3"]
     # the threshold is in native units, between the two modes, and positivity is exactly value > t
     assert math.exp(3.0) < t < math.exp(5.5)
     np.testing.assert_array_equal(pos[:, 0], ad.X[:, 0] > t)
     g = ad.uns["gating"]
     assert g["method"] == method and g["log"] is True and g["channels"] == ["CD3", "CD8"] and g["ungated"] == []
-    assert g["sources"]["s1"] == {"CD3": method, "CD8": method}
+    assert gating_table(ad, "sources").loc["s1"].to_dict() == {"CD3": method, "CD8": method}
+    assert g["slides"] == ["s1"] and g["thresholds"].shape == (1, 2) and g["thresholds"][0, 0] == t
 
 
 def test_gmm_threshold_is_the_half_posterior_point():
@@ -80,8 +81,8 @@ def test_automatic_thresholds_are_per_slide():
     pos = gate(ad, method="otsu")[:, 0]
     truth = np.concatenate([ta, tb])
     assert (pos == truth).mean() > 0.95
-    th = ad.uns["gating"]["thresholds"]
-    assert th["s2"]["CD3"] > 4 * th["s1"]["CD3"]
+    th = gating_table(ad)
+    assert th.loc["s2", "CD3"] > 4 * th.loc["s1", "CD3"]
 
 
 def test_manual_thresholds_per_channel_and_per_slide():
@@ -90,7 +91,7 @@ def test_manual_thresholds_per_channel_and_per_slide():
     pos = gate(ad, method="manual", thresholds={"CD3": 7, "CD8": 7, "b": {"CD3": 15}})
     np.testing.assert_array_equal(pos[:, 0], [0, 0, 1, 1, 0, 0, 0, 1])      # slide b uses 15
     np.testing.assert_array_equal(pos[:, 1], [0, 1, 1, 1, 0, 1, 1, 1])      # 7 everywhere
-    assert ad.uns["gating"]["thresholds"] == {"a": {"CD3": 7.0, "CD8": 7.0}, "b": {"CD3": 15.0, "CD8": 7.0}}
+    assert gating_table(ad).to_dict(orient="index") == {"a": {"CD3": 7.0, "CD8": 7.0}, "b": {"CD3": 15.0, "CD8": 7.0}}
     # strictly greater: a value equal to the threshold is negative
     np.testing.assert_array_equal(gate(ad, method="manual", thresholds={"CD3": 10, "CD8": 10})[:, 0],
                                   [0, 0, 0, 1, 0, 0, 0, 1])
@@ -110,7 +111,7 @@ def test_manual_threshold_overrides_automatic_for_one_channel():
     ad = table({"CD3": v, "CD45": v}, slides=["s"] * 2000)
     pos = gate(ad, method="otsu", thresholds={"CD45": 1e9})
     assert (pos[:, 0] == truth).mean() > 0.95 and not pos[:, 1].any()
-    assert ad.uns["gating"]["sources"]["s"] == {"CD3": "otsu", "CD45": "manual"}
+    assert gating_table(ad, "sources").loc["s"].to_dict() == {"CD3": "otsu", "CD45": "manual"}
 
 
 def test_constant_channel_gets_no_positives_and_a_warning():
@@ -123,7 +124,7 @@ def test_constant_channel_gets_no_positives_and_a_warning():
         assert sorted(str(w.message).split(" is constant")[0] for w in record) == ["channel 'Empty'", "channel 'Flat'"]
         assert all("slide 's'" in str(w.message) for w in record)
         assert not pos[:, 1].any() and not pos[:, 2].any() and pos[:, 0].any()
-        assert ad.uns["gating"]["thresholds"]["s"]["Empty"] == math.inf
+        assert gating_table(ad).loc["s", "Empty"] == math.inf
 
 
 def test_channels_subset_layer_and_no_slides():
@@ -136,7 +137,7 @@ def test_channels_subset_layer_and_no_slides():
     assert not pos[:, [0, 2]].any() and (pos[:, 1] == truth).mean() > 0.95
     g = ad.uns["gating"]
     assert g["channels"] == ["CD8"] and g["ungated"] == ["CD3", "DAPI"] and g["layer"] == "median"
-    assert list(g["thresholds"]) == ["all"]
+    assert list(gating_table(ad).index) == ["all"] and list(gating_table(ad).columns) == ["CD8"]
 
 
 def test_nan_intensities_are_never_positive():
@@ -179,3 +180,37 @@ def test_negative_values_need_log_false():
     np.testing.assert_array_equal(pos, [0, 0, 0, 0, 1, 1])
     # manual thresholds never need logs
     np.testing.assert_array_equal(gate(ad, method="manual", thresholds={"CD3": -0.5})[:, 0], [0, 1, 1, 1, 1, 1])
+
+
+def test_gating_survives_h5ad_with_slashes_in_channel_names(tmp_path):
+    """Channel names such as "CD45/PTPRC" are common; keyed by name, HDF5 would read the "/" as a group path
+    and the thresholds would come back nested. Rules read the reloaded gating too."""
+    from histoflow.cells import RuleTable
+
+    rng = np.random.default_rng(5)
+    v, truth = bimodal(rng, 2000, 0.4)
+    ad = table({"CD45/PTPRC": v, "Pan-CK": v[::-1].copy()}, slides=["s/1"] * 1000 + ["s2"] * 1000)
+    gate(ad, method="otsu", thresholds={"s2": {"Pan-CK": 5.0}})
+    before = gating_table(ad)
+    path = tmp_path / "cells.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # anndata warns about keys with "/" (and will refuse them)
+        ad.write_h5ad(path)
+    back = anndata.read_h5ad(path)
+    pd.testing.assert_frame_equal(gating_table(back), before)
+    assert list(before.columns) == ["CD45/PTPRC", "Pan-CK"] and list(before.index) == ["s/1", "s2"]
+    src = gating_table(back, "sources")
+    assert src.loc["s2", "Pan-CK"] == "manual" and src.loc["s/1", "Pan-CK"] == "otsu"
+    rules = RuleTable([{"assign": "Immune", "when": "CD45"}], aliases={"CD45": ["CD45/PTPRC"]})
+    counts = rules.apply(back)
+    assert counts["Immune"] == int(back.layers["positive"][:, 0].sum()) > 0
+
+
+def test_gating_table_reads_the_older_layout_and_refuses_ungated_tables():
+    ad = table({"CD3": np.arange(10.0)}, slides=["a"] * 10)
+    with pytest.raises(CellsError, match="has not been gated"):
+        gating_table(ad)
+    ad.uns["gating"] = {"thresholds": {"a": {"CD3": 4.0}}, "sources": {"a": {"CD3": "manual"}}}
+    assert gating_table(ad).loc["a", "CD3"] == 4.0 and gating_table(ad, "sources").loc["a", "CD3"] == "manual"
+    with pytest.raises(CellsError, match="what must be"):
+        gating_table(ad, "values")

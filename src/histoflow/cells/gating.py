@@ -3,7 +3,8 @@
 :func:`gate` turns a cell table (an AnnData with one row per cell and one column per channel) into a
 boolean layer ``adata.layers["positive"]``: cell *i* is positive for channel *c* when its intensity is
 strictly greater than the threshold of *c* on the cell's slide. The thresholds, in the native units of
-the intensities, are kept in ``adata.uns["gating"]`` so that every call is reproducible and can be read.
+the intensities, are kept in ``adata.uns["gating"]`` so that every call is reproducible and can be read;
+:func:`gating_table` gives them as a table (slides x channels).
 
 Example
 -------
@@ -23,7 +24,7 @@ import numpy as np
 
 from histoflow.errors import HistoflowError
 
-__all__ = ["CellsError", "GatingWarning", "gate", "threshold_otsu_log", "threshold_gmm_log",
+__all__ = ["CellsError", "GatingWarning", "gate", "gating_table", "threshold_otsu_log", "threshold_gmm_log",
            "resolve_channel", "normalize_name"]
 
 METHODS = ("otsu", "gmm", "manual")
@@ -255,8 +256,12 @@ def gate(adata, thresholds=None, method: str = "otsu", layer: str | None = None,
     -------
     numpy.ndarray
         The boolean positivity matrix, also stored as ``adata.layers["positive"]``. ``adata.uns["gating"]``
-        becomes ``{"method", "thresholds": {slide: {channel: value}}, "sources": {slide: {channel:
-        "otsu"|"gmm"|"manual"}}, "channels", "ungated", "layer", "by", "log"}``.
+        becomes ``{"method", "slides", "channels", "thresholds", "sources", "ungated", "layer", "by", "log"}``:
+        ``thresholds`` is a float array ``(len(slides), len(channels))`` and ``sources`` a string array of
+        the same shape (``"otsu"``, ``"gmm"`` or ``"manual"``), rows in the order of ``slides``, columns in
+        the order of ``channels`` (the gated ones). Arrays, not dictionaries keyed by channel name: names
+        such as ``"CD45/PTPRC"`` survive ``write_h5ad`` (HDF5 would read the ``/`` as a group path).
+        :func:`gating_table` reads them as a pandas table.
 
     Notes
     -----
@@ -311,12 +316,11 @@ def gate(adata, thresholds=None, method: str = "otsu", layer: str | None = None,
                                  "(pass log=False, or gate background-subtracted data on a non-negative layer)")
 
     positive = np.zeros((adata.n_obs, adata.n_vars), dtype=bool)
-    table: dict[str, dict[str, float]] = {}
-    sources: dict[str, dict[str, str]] = {}
+    table = np.zeros((len(slide_ids), len(gated)), dtype=np.float64)
+    sources = np.empty((len(slide_ids), len(gated)), dtype=f"<U{max(len(m) for m in METHODS)}")
     for g, slide in enumerate(slide_ids):
         rows = np.nonzero(groups == g)[0]
-        table[slide], sources[slide] = {}, {}
-        for ch in gated:
+        for j, ch in enumerate(gated):
             values = X[rows, col[ch]].astype(np.float64, copy=False)
             if ch in per_slide.get(slide, {}):
                 t, src = per_slide[slide][ch], "manual"
@@ -330,14 +334,15 @@ def gate(adata, thresholds=None, method: str = "otsu", layer: str | None = None,
                 if math.isinf(t):
                     warnings.warn(f"channel {ch!r} is constant on slide {slide!r}: threshold set to +inf, "
                                   "no cell is positive", GatingWarning, stacklevel=2)
-            table[slide][ch] = float(t)
-            sources[slide][ch] = src
+            table[g, j] = float(t)
+            sources[g, j] = src
             with np.errstate(invalid="ignore"):
                 positive[rows, col[ch]] = values > t
 
     adata.layers["positive"] = positive
     adata.uns["gating"] = {
         "method": method,
+        "slides": list(slide_ids),
         "thresholds": table,
         "sources": sources,
         "channels": list(gated),
@@ -347,3 +352,30 @@ def gate(adata, thresholds=None, method: str = "otsu", layer: str | None = None,
         "log": bool(log),
     }
     return positive
+
+
+def gating_table(adata, what: str = "thresholds"):
+    """The thresholds (or, with ``what="sources"``, how each was found) of the last :func:`gate` call, as a
+    :class:`pandas.DataFrame` with one row per slide and one column per gated channel.
+
+    Also reads the ``{slide: {channel: value}}`` dictionaries that histoflow wrote before 2026-12.
+    Raises CellsError when ``adata`` was not gated.
+    """
+    import pandas as pd
+
+    if what not in ("thresholds", "sources"):
+        raise CellsError(f"gating_table: what must be 'thresholds' or 'sources', not {what!r}")
+    g = adata.uns.get("gating")
+    if not isinstance(g, Mapping) or what not in g:
+        raise CellsError("this cell table has not been gated (no adata.uns['gating']); run "
+                         "histoflow.cells.gate(adata) first")
+    values = g[what]
+    if isinstance(values, Mapping):  # the older layout: {slide: {channel: value}}
+        return pd.DataFrame.from_dict({str(k): dict(v) for k, v in values.items()}, orient="index")
+    values = np.asarray(values)
+    slides = [str(x) for x in np.asarray(g.get("slides", []), dtype=object).ravel()]
+    channels = [str(x) for x in np.asarray(g.get("channels", []), dtype=object).ravel()]
+    if values.shape != (len(slides), len(channels)):
+        raise CellsError(f"adata.uns['gating'][{what!r}] has shape {values.shape}, expected "
+                         f"{(len(slides), len(channels))} (slides x channels)")
+    return pd.DataFrame(values.astype(str) if what == "sources" else values, index=slides, columns=channels)
