@@ -193,7 +193,7 @@ def test_same_process_executors_merge_from_memory(tmp_path, monkeypatch):
 
 def test_local_cluster_started_here(tmp_path):
     """executor="dask" without an address starts a local cluster whose workers get WORKER_ENV (one OpenCV
-    thread per worker, the fixed mmap threshold) and write the same tiles as in-process."""
+    thread per worker, the fixed mmap and trim thresholds) and write the same tiles as in-process."""
     from histoflow.engine.executors import DaskExecutor
 
     slide = SlideData(SVS)
@@ -201,8 +201,9 @@ def test_local_cluster_started_here(tmp_path):
     ex = DaskExecutor(workers=1)
     try:
         env = ex.client.run(lambda: (__import__("os").environ.get("MALLOC_MMAP_THRESHOLD_"),
+                                     __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"),
                                      __import__("cv2").getNumThreads()))
-        assert list(env.values()) == [(str(4 * 1024 * 1024), 1)]
+        assert list(env.values()) == [(str(4 * 1024 * 1024), str(64 * 1024 * 1024), 1)]
         out = slide.run(pipeline(), tmp_path / "dask.h5path", tile_size=512, executor=ex, progress=False)
     finally:
         ex.close()
