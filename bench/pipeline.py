@@ -14,15 +14,19 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
   ``tiles_per_s_dask2_gzip`` are the same with ``compression="gzip"``
 - ``peak_rss_mb_4x`` / ``peak_rss_mb_16x``: peak RSS of in-process runs on the 4x and 16x mosaics
   (memory must stay flat with slide size)
-- ``pathml_tiles_per_s`` / ``pathml_output_mb``: PathML 3.0.8 on the same slide and pipeline, when
-  PathML is installed (null otherwise; the issue's figures measured on this machine are given under
-  ``pathml_reference``)
+- ``pathml_tiles_per_s`` / ``pathml_output_mb`` / ``pathml_tiles_per_s_dask2``: PathML 3.0.8 on the same
+  slide and pipeline (``HESlide.run(..., distributed=False)`` + ``write``; and ``distributed=True`` on a
+  warmed local cluster of 2 single-thread workers), interleaved with our runs when ``--repeat`` > 1, when
+  PathML can be run: importable here, or in the Python given by ``--pathml-python`` (a side environment,
+  since PathML pins its own torch and numpy < 2: ``bench/pathml_venv.sh`` makes one). Null otherwise; the
+  issue's figures measured on this machine on another day are given under ``pathml_reference`` and used
+  for the ratios then
 - ``demo_tiles_per_s``: the full demo pipeline (tissue pre-pass, stain normalisation, nucleus detection)
   in-process on the 4x mosaic's tissue tiles
 
 Prints one JSON line.
 
-    python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big] [--repeat 5]
+    python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big] [--repeat 5] [--pathml-python PY]
     python bench/pipeline.py --compressions [--modes inprocess-gzip,dask2-htj2k] [--repeat 5]   # chosen runs only
 
 With ``--repeat N`` the in-process and dask runs on the first mosaic are made N times, interleaved, and
@@ -47,7 +51,45 @@ PATHML_REFERENCE = {"tiles_per_s_inprocess": 67, "tiles_per_s_dask2": 39, "outpu
                     "source": "measured on this machine before the pipelines issue (issue text)"}
 
 
+def pathml_child(mode, slide, out):
+    """PathML 3.0.8's run of the same pipeline; imports nothing of histoflow (it may run in PathML's own
+    environment)."""
+    from pathml.core import HESlide
+    from pathml.preprocessing import BoxBlur as PBoxBlur
+    from pathml.preprocessing import Pipeline as PPipeline
+    from pathml.preprocessing import TissueDetectionHE as PTissue
+
+    pipe = PPipeline([PBoxBlur(kernel_size=15), PTissue(mask_name="tissue")])
+    if mode == "pathml":
+        ps = HESlide(slide, backend="openslide")
+        t0 = time.perf_counter()
+        ps.run(pipe, distributed=False, tile_size=256)
+        ps.write(out)
+        dt = time.perf_counter() - t0
+    else:  # pathml-dask2: the cluster started and warmed first, as for our dask runs
+        from dask.distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40) as cluster, \
+                Client(cluster) as client:
+            client.wait_for_workers(2)
+            warm = os.path.join(os.path.dirname(out), "warm")
+            os.makedirs(warm, exist_ok=True)
+            w = HESlide(os.path.join(HERE, "..", "src", "histoflow", "data", "CMU-1-Small-Region.svs"),
+                        backend="openslide")
+            w.run(pipe, distributed=True, client=client, tile_size=256)
+            ps = HESlide(slide, backend="openslide")
+            t0 = time.perf_counter()
+            ps.run(pipe, distributed=True, client=client, tile_size=256)
+            ps.write(out)
+            dt = time.perf_counter() - t0
+    n = len(ps.tiles)
+    print(json.dumps({"tiles": n, "seconds": dt, "tiles_per_s": n / dt, "peak_rss_mb": peak_rss_mb(),
+                      "output_mb": os.path.getsize(out) / 1e6}))
+
+
 def child(mode, slide, out):
+    if mode.startswith("pathml"):
+        return pathml_child(mode, slide, out)
     compression = "htj2k"  # the default of runs
     if "-" in mode:
         mode, compression = mode.split("-", 1)
@@ -92,18 +134,6 @@ def child(mode, slide, out):
         dt = time.perf_counter() - t0
         with histoflow.read_h5path(out) as h5:
             n = len(h5)
-    elif mode == "pathml":
-        from pathml.core import HESlide
-        from pathml.preprocessing import BoxBlur as PBoxBlur
-        from pathml.preprocessing import Pipeline as PPipeline
-        from pathml.preprocessing import TissueDetectionHE as PTissue
-
-        ps = HESlide(slide, backend="openslide")
-        t0 = time.perf_counter()
-        ps.run(PPipeline([PBoxBlur(kernel_size=15), PTissue(mask_name="tissue")]), distributed=False,
-               tile_size=256)
-        ps.write(out)
-        dt = time.perf_counter() - t0
     else:
         raise SystemExit(f"unknown mode {mode}")
     rss = peak_rss_mb()
@@ -111,10 +141,15 @@ def child(mode, slide, out):
                       "output_mb": os.path.getsize(out) / 1e6}))
 
 
+#: the Python that runs PathML's children (``--pathml-python``); ours otherwise
+PATHML_PYTHON = [sys.executable]
+
+
 def measure(mode, slide):
+    python = PATHML_PYTHON[0] if mode.startswith("pathml") else sys.executable
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "out.h5path")
-        r = subprocess.run([sys.executable, __file__, "--child", mode, slide, out], capture_output=True, text=True)
+        r = subprocess.run([python, __file__, "--child", mode, slide, out], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{mode} on {slide} failed:\n{r.stderr[-3000:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -153,6 +188,15 @@ def summarise_ratio(out, key, slow, fast):
         out[f"{key}_runs"] = [round(x, 2) for x in ratios]
 
 
+def pathml_available(python) -> bool:
+    """Whether PathML imports in ``python`` (or in this Python when None)."""
+    r = subprocess.run([python or sys.executable, "-c", "import pathml.core, pathml.preprocessing"],
+                       capture_output=True, text=True)
+    if r.returncode != 0 and python:
+        raise SystemExit(f"--pathml-python {python}: PathML does not import there:\n{r.stderr[-2000:]}")
+    return r.returncode == 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=4)
@@ -166,6 +210,10 @@ def main():
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each in-process / dask measurement on the first mosaic, interleaved; the "
                         "figures are medians, ratios the median of each round's ratio (default: %(default)s)")
+    p.add_argument("--pathml-python", default=os.environ.get("PATHML_PYTHON"),
+                   help="a Python with PathML 3.0.8 installed (e.g. bench/.cache/pathml-venv/bin/python, made by "
+                        "bench/pathml_venv.sh; default: $PATHML_PYTHON, else this Python when it has PathML)")
+    p.add_argument("--no-pathml", action="store_true", help="do not run PathML even when it is available")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -191,7 +239,11 @@ def main():
     out = {"bench": "pipeline", "pipeline": "BoxBlur(15) + TissueDetectionHE", "tile": 256,
            "slide": f"mosaic{args.n}"}
     out["repeat"] = args.repeat
-    runs = measure_rounds(["inprocess", "dask1", "dask2"], slide, args.repeat)
+    pathml = not args.no_pathml and pathml_available(args.pathml_python)
+    if pathml and args.pathml_python:
+        PATHML_PYTHON[0] = args.pathml_python
+    modes = ["inprocess", "dask1", "dask2"] + (["pathml", "pathml-dask2"] if pathml else [])
+    runs = measure_rounds(modes, slide, args.repeat)
     ip = runs["inprocess"][0]
     out["tiles"] = ip["tiles"]
     summarise(out, "inprocess", runs["inprocess"])
@@ -207,25 +259,31 @@ def main():
     for w in (1, 2):
         out[f"tiles_per_s_dask{w}_gzip"] = round(measure(f"dask{w}-gzip", slide)["tiles_per_s"], 1)
     out["dask2_over_dask1_gzip"] = round(out["tiles_per_s_dask2_gzip"] / out["tiles_per_s_dask1_gzip"], 2)
-    try:
-        import pathml  # noqa: F401
-
-        pm = measure("pathml", slide)
-        out["pathml_tiles_per_s"] = round(pm["tiles_per_s"], 1)
-        out["pathml_output_mb"] = round(pm["output_mb"], 1)
-    except ImportError:
-        out["pathml_tiles_per_s"] = None
-        out["pathml_output_mb"] = None
     ref = PATHML_REFERENCE
+    if pathml:
+        summarise(out, "pathml", runs["pathml"])
+        out["pathml_tiles_per_s"] = out.pop("tiles_per_s_pathml")
+        if "tiles_per_s_pathml_runs" in out:
+            out["pathml_tiles_per_s_runs"] = out.pop("tiles_per_s_pathml_runs")
+        summarise(out, "pathml_dask2", runs["pathml-dask2"])
+        out["pathml_tiles_per_s_dask2"] = out.pop("tiles_per_s_pathml_dask2")
+        if "tiles_per_s_pathml_dask2_runs" in out:
+            out["pathml_tiles_per_s_dask2_runs"] = out.pop("tiles_per_s_pathml_dask2_runs")
+        out["pathml_output_mb"] = round(runs["pathml"][0]["output_mb"], 1)
+        out["pathml_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in runs["pathml"]), 1)
+    else:
+        out["pathml_tiles_per_s"] = out["pathml_tiles_per_s_dask2"] = out["pathml_output_mb"] = None
     base_ip = out["pathml_tiles_per_s"] or ref["tiles_per_s_inprocess"]
+    base_d2 = out["pathml_tiles_per_s_dask2"] or ref["tiles_per_s_dask2"]
     base_mb = out["pathml_output_mb"] or ref["output_mb_4x"]
     out["speedup_vs_pathml_inprocess"] = round(out["tiles_per_s_inprocess"] / base_ip, 1)
-    out["speedup_vs_pathml_dask2"] = round(out["tiles_per_s_dask2"] / ref["tiles_per_s_dask2"], 1)
+    out["speedup_vs_pathml_dask2"] = round(out["tiles_per_s_dask2"] / base_d2, 1)
     out["speedup_vs_pathml_inprocess_gzip"] = round(out["tiles_per_s_inprocess_gzip"] / base_ip, 1)
-    out["speedup_vs_pathml_dask2_gzip"] = round(out["tiles_per_s_dask2_gzip"] / ref["tiles_per_s_dask2"], 1)
+    out["speedup_vs_pathml_dask2_gzip"] = round(out["tiles_per_s_dask2_gzip"] / base_d2, 1)
     out["output_fraction_of_pathml"] = round(out["output_mb"] / base_mb, 3)
     out["output_fraction_of_pathml_gzip"] = round(out["output_mb_gzip"] / base_mb, 3)
     out["pathml_reference"] = ref
+    out["pathml_measured"] = pathml
     if args.mid:
         mid = mosaic(args.mid)
         r = measure("inprocess", mid)
