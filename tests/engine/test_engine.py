@@ -173,6 +173,46 @@ def test_inprocess_encodes_itself_what_the_helper_has_not_started(tmp_path):
         assert {k: m.data for k, m in a.masks.items()} == {k: m.data for k, m in b.masks.items()}
 
 
+
+def test_inprocess_reads_the_next_batches_before_journalling_one(tmp_path, monkeypatch):
+    """In-process, a batch is finished (encodings collected, journalled) only after the next batches were
+    read and transformed, so the helper thread encodes those while the calling thread journals and merges;
+    the file is the same as without the helper, and an error in a later batch still stops the run."""
+    from histoflow.engine import partial, worker
+
+    events = []
+    real_write, real_transform = partial.write_batch, worker._transform_batch
+    monkeypatch.setattr(partial, "write_batch", lambda d, r, t: events.append(("journal", r.batch)) or
+                        real_write(d, r, t))
+
+    def transform(slide, pipe, specs, *a):
+        events.append(("read", specs[0][0] // 16))
+        return real_transform(slide, pipe, specs, *a)
+
+    monkeypatch.setattr(worker, "_transform_batch", transform)
+    slide = SlideData(mosaic(2))
+    out = slide.run(pipeline(), tmp_path / "a.h5path", executor="inprocess", batch_size=16, progress=False,
+                    compression="htj2k")
+    assert events.index(("read", 1)) < events.index(("journal", 0))
+    assert sorted(b for kind, b in events if kind == "journal") == list(range(27))
+    assert [b for kind, b in events if kind == "journal"] == list(range(27))  # journalled in grid order
+    monkeypatch.setattr(worker, "_transform_batch", real_transform)
+    from histoflow.engine.executors import InProcessExecutor
+
+    plain = slide.run(pipeline(), tmp_path / "b.h5path", executor=InProcessExecutor(encode_thread=False),
+                      batch_size=16, progress=False, compression="htj2k")
+    assert tile_data(out) == tile_data(plain)
+
+    class FailLate(Transform):
+        def apply(self, tile):
+            if tile.coords[1] >= 1024:
+                raise RuntimeError("late failure")
+
+    with pytest.raises(PipelineError, match="late failure"):
+        slide.run(Pipeline([FailLate()]), tmp_path / "c.h5path", executor="inprocess", batch_size=16,
+                  progress=False, compression="htj2k")
+    assert not os.path.exists(tmp_path / "c.h5path")
+
 def test_same_process_executors_merge_from_memory(tmp_path, monkeypatch):
     """In-process, finished batches are merged from memory (the journal is written for resume, not read
     back); with no room in memory they are read back from the journal: the same file either way."""

@@ -25,6 +25,12 @@ class _Done:
     def result(self):
         if self._error is not None:
             raise self._error
+        if hasattr(self._value, "finish"):  # a deferred batch (process_batch(defer=True)): collect it now
+            try:
+                self._value = self._value.finish()
+            except BaseException as e:
+                self._value, self._error = None, e
+                raise
         return self._value
 
     def done(self):
@@ -36,13 +42,16 @@ class InProcessExecutor:
 
     Reading and transforms run in the calling thread; compressing the finished tiles runs on one helper
     thread (``encoder``, handed to the batch function) so that it overlaps with the next tiles' work
-    (the codecs release the GIL); at the end of a batch the calling thread encodes the tiles the helper has
-    not started instead of waiting for them, so both cores stay busy when encoding is the slower half.
+    (the codecs release the GIL). A batch is finished only when its result is asked for, after the run has
+    submitted the next ones (up to its in-flight limit): the helper encodes those while this thread journals
+    and merges. When finishing, the calling thread encodes the batch's tiles the helper has not started
+    instead of waiting for them, so both cores stay busy when encoding is the slower half.
     ``encode_thread=False`` keeps everything in the calling thread."""
 
     name = "inprocess"
     workers = 1
     same_process = True  # results need no transport: journalled tiles stay in them for the merge
+    defer = True  # batches are finished (encodings collected, journalled) when their result is asked for
 
     def __init__(self, encode_thread: bool = True):
         self.encoder = None

@@ -132,7 +132,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     job.shared = (ex.share(job.slide), ex.share(job.pipeline))
                 fut = ex.submit(process_batch, job.shared[0], job.shared[1], b, job.batches[b], compression,
                                 compression_level, on_error, job.dir, getattr(ex, "encoder", None),
-                                getattr(ex, "same_process", False), job.token,
+                                getattr(ex, "same_process", False), job.token, getattr(ex, "defer", False),
                                 key=f"histoflow-{run_id}-{id(job)}-{b}")
                 pending[fut] = (job, b)
             for fut in sorted(ex.wait_any(list(pending)), key=lambda f: (id(pending[f][0]), pending[f][1])):

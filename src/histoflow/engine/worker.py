@@ -36,7 +36,8 @@ class BatchResult:
 
 
 def process_batch(slide, pipeline, batch: int, specs, compression="gzip", compression_level=4,
-                  on_error="raise", journal_dir=None, encoder=None, keep_tiles=False, token=None) -> BatchResult:
+                  on_error="raise", journal_dir=None, encoder=None, keep_tiles=False, token=None,
+                  defer=False) -> BatchResult | PendingBatch:
     """Read, transform and encode the tiles of one batch. Never raises for a tile's failure: failures
     are returned (the driver decides whether they stop the run).
 
@@ -48,27 +49,50 @@ def process_batch(slide, pipeline, batch: int, specs, compression="gzip", compre
     the background while the next tiles are read and transformed; the result is the same bytes.
     ``keep_tiles`` (executors in the driver's own process) keeps the journalled tiles in the result too,
     so that the driver can merge them without reading the journal back. ``token`` names the journal's
-    batch files (see :mod:`histoflow.engine.partial`)."""
-    out = _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error, encoder)
-    out.n_tiles = len(out.tiles)
-    if journal_dir is not None and token is not None and os.path.isdir(journal_dir) and \
-            not (out.failures and on_error == "raise"):
-        from .partial import write_batch
-
-        write_batch(journal_dir, out, token)
-        if not keep_tiles:
-            out.tiles = []
-        out.journalled = True
-    return out
+    batch files (see :mod:`histoflow.engine.partial`). ``defer=True`` with an ``encoder`` returns a
+    :class:`PendingBatch` as soon as the tiles are transformed: the caller reads and transforms the next
+    batches while this one's encodings finish, and calls ``finish()`` for the result (the in-process
+    executor does, so that the encoder thread is never idle while the driver journals and merges)."""
+    pending = start_batch(slide, pipeline, batch, specs, compression, compression_level, on_error, journal_dir,
+                          encoder, keep_tiles, token)
+    return pending if encoder is not None and defer else pending.finish()
 
 
-def _run_batch(slide, pipeline, batch, specs, compression, compression_level, on_error, encoder=None) -> BatchResult:
+class PendingBatch:
+    """A batch whose tiles are read and transformed, with encodings maybe still running on an encoder thread.
+    :meth:`finish` collects them (in grid order) and journals the batch; it returns the BatchResult."""
+
+    def __init__(self, out, compression, compression_level, on_error, journal_dir, keep_tiles, token):
+        self._out, self._args = out, (compression, compression_level, on_error, journal_dir, keep_tiles, token)
+        self._result = None
+
+    def finish(self) -> BatchResult:
+        if self._result is None:
+            out, (compression, compression_level, on_error, journal_dir, keep_tiles, token) = self._out, self._args
+            out.tiles = _collect(out.tiles, compression, compression_level)
+            out.n_tiles = len(out.tiles)
+            if journal_dir is not None and token is not None and os.path.isdir(journal_dir) and \
+                    not (out.failures and on_error == "raise"):
+                from .partial import write_batch
+
+                write_batch(journal_dir, out, token)
+                if not keep_tiles:
+                    out.tiles = []
+                out.journalled = True
+            self._result = out
+        return self._result
+
+
+def start_batch(slide, pipeline, batch, specs, compression, compression_level, on_error, journal_dir, encoder,
+                keep_tiles, token) -> PendingBatch:
+    """Read and transform the tiles of a batch; their encodings are handed to ``encoder`` (or done here)."""
     out = BatchResult(batch)
     try:
         _transform_batch(slide, pipeline, specs, compression, compression_level, on_error, encoder, out)
-    finally:  # encodings still in the background are collected, in grid order, whatever happened
+    except BaseException:  # encodings still in the background are collected, whatever happened
         out.tiles = _collect(out.tiles, compression, compression_level)
-    return out
+        raise
+    return PendingBatch(out, compression, compression_level, on_error, journal_dir, keep_tiles, token)
 
 
 def _collect(tiles, compression, compression_level):
