@@ -52,6 +52,7 @@ class InProcessExecutor:
     workers = 1
     same_process = True  # results need no transport: journalled tiles stay in them for the merge
     defer = True  # batches are finished (encodings collected, journalled) when their result is asked for
+    max_in_flight = 2  # one batch being finished while the next one's tiles are encoded: memory of 2 batches
 
     def __init__(self, encode_thread: bool = True):
         self.encoder = None
@@ -68,7 +69,7 @@ class InProcessExecutor:
         return _Done(fn, args)
 
     def wait_any(self, pending):
-        return set(pending)
+        return {next(iter(pending))}  # the oldest batch: the younger ones keep the helper busy meanwhile
 
     def cancel(self, futures):
         pass

@@ -124,7 +124,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
             if len(job.done) == len(job.batches) and not job.already_done:
                 _finish(job, tiling, ex, batch_size, run_id, t0)
         queue = deque((j, b) for j in jobs for b in range(len(j.batches)) if b not in j.done)
-        in_flight_max = int(max_in_flight or 2 * ex.workers + 2)
+        in_flight_max = int(max_in_flight or getattr(ex, "max_in_flight", None) or 2 * ex.workers + 2)
         while queue or pending:
             while queue and len(pending) < in_flight_max:
                 job, b = queue.popleft()
