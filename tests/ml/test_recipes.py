@@ -140,6 +140,10 @@ def test_config_errors(tmp_path):
         train_from_config({"task": "nucleus_segmentation", "data": {}})
     with pytest.raises(ConfigError, match="are not in"):
         train_from_config({"task": "nucleus_segmentation", "data": {"root": MONUSEG, "val_ids": ["nope"]}})
+    from histoflow.ml.recipes import _augmenter
+
+    with pytest.raises(ConfigError, match="randstain is the templates' spread, a number"):
+        _augmenter({"randstain": "wide"}, 0, images=[])
     r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(tmp_path / "none.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "none.yaml: no such configuration file" in r.stderr

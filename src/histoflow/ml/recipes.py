@@ -81,6 +81,9 @@ def _augmenter(spec: dict | None, seed: int, images=None):
     if (rs := spec.pop("randstain", None)) is not None:
         if images is None:
             raise ConfigError("data.augment.randstain needs the training images (this task has none)")
+        if isinstance(rs, bool) or not isinstance(rs, (int, float)):
+            raise ConfigError(f"data.augment.randstain is the templates' spread, a number >= 0 (1.0: as the "
+                              f"training images vary), not {rs!r}")
         ops.append(A.RandStainNA.fit(images, spread=float(rs), p=0.5))
     if (h := spec.pop("hsv", None)):
         ops.append(A.HSVShift(*h, p=0.5))
