@@ -216,6 +216,8 @@ def main():
     p.add_argument("--no-pathml", action="store_true", help="do not run PathML even when it is available")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.pathml_python:
+        PATHML_PYTHON[0] = args.pathml_python
     if args.child:
         child(*args.child)
         return
@@ -240,8 +242,6 @@ def main():
            "slide": f"mosaic{args.n}"}
     out["repeat"] = args.repeat
     pathml = not args.no_pathml and pathml_available(args.pathml_python)
-    if pathml and args.pathml_python:
-        PATHML_PYTHON[0] = args.pathml_python
     modes = ["inprocess", "dask1", "dask2"] + (["pathml", "pathml-dask2"] if pathml else [])
     runs = measure_rounds(modes, slide, args.repeat)
     ip = runs["inprocess"][0]

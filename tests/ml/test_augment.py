@@ -256,6 +256,12 @@ def test_randstainna_moves_images_to_the_fitted_templates(he_images, glass_tile)
         assert np.linalg.norm(m - op.means) < 0.6 * np.linalg.norm(m0 - op.means) + 0.5, (m0, m)
         after.append(m)
     assert np.linalg.norm(np.std(after, 0)) < 0.4 * np.linalg.norm(op.means_sd)
+    # fitted on one image twice, with spread 0, the image keeps its colours, whatever pixels count as tissue
+    for lum in (0.8, 0.9):
+        own = RandStainNA.fit([he_images[0], he_images[0]], spread=0.0, luminosity_threshold=lum)
+        assert own.luminosity_threshold == lum
+        out, _ = own(he_images[0], None, np.random.default_rng(0))
+        assert np.abs(out.astype(int) - he_images[0]).mean() < 0.5
     # spread 1: the templates vary as the training images did
     wide = RandStainNA.fit(he_images, spread=1.0)
     im = he_images[3]

@@ -250,7 +250,7 @@ class SlideData:
             Where tiles run: a local dask cluster of ``workers`` processes by default; ``scheduler`` (an
             address such as ``"tcp://10.0.0.5:8786"``) or ``client`` uses an existing cluster.
         batch_size : int
-            Tiles per task; at most ``max_in_flight`` tasks (default 2 x workers + 2) are in flight.
+            Tiles per task; at most ``max_in_flight`` tasks (default 2 x workers + 2; 2 in-process) are in flight.
         on_error : {"raise", "skip"}
             Stop at the first failing tile (the error names the slide, tile and transform), or record
             failed tiles in the file's provenance and go on.

@@ -446,9 +446,11 @@ class RandStainNA(Augmentation):
         0 always normalises to the mean template, larger values draw templates further out.
     p : float
         Probability of applying it.
+    luminosity_threshold : float
+        Tissue pixels, whose statistics are matched: CIELAB ``L / 100`` below this (as in :meth:`fit`).
     """
 
-    def __init__(self, means, means_sd, stds, stds_sd, spread=1.0, p=1.0):
+    def __init__(self, means, means_sd, stds, stds_sd, spread=1.0, p=1.0, luminosity_threshold=0.8):
         vals = {}
         for name, v in (("means", means), ("means_sd", means_sd), ("stds", stds), ("stds_sd", stds_sd)):
             a = np.asarray(v, np.float64)
@@ -461,6 +463,7 @@ class RandStainNA(Augmentation):
         self.stds, self.stds_sd = vals["stds"], vals["stds_sd"]
         self.spread = _check_nonneg("RandStainNA", "spread", spread)
         self.p = _check_prob("RandStainNA", p)
+        self.luminosity_threshold = float(luminosity_threshold)
 
     @classmethod
     def fit(cls, images, spread=1.0, p=1.0, luminosity_threshold=0.8):
@@ -481,7 +484,8 @@ class RandStainNA(Augmentation):
             raise AugmentError(f"RandStainNA.fit: {len(ms)} of the images have enough tissue for their colour "
                                "statistics; need at least 2")
         ms, ss = np.array(ms), np.array(ss)
-        return cls(ms.mean(0), ms.std(0), ss.mean(0), ss.std(0), spread=spread, p=p)
+        return cls(ms.mean(0), ms.std(0), ss.mean(0), ss.std(0), spread=spread, p=p,
+                   luminosity_threshold=luminosity_threshold)
 
     def _apply(self, image, masks, rng):
         from ..transforms.stain import StainEstimationError, lab_stats, reinhard_normalize
@@ -490,10 +494,11 @@ class RandStainNA(Augmentation):
         means = rng.normal(self.means, self.means_sd * self.spread)
         stds = np.maximum(rng.normal(self.stds, self.stds_sd * self.spread), 0.25 * self.stds)
         try:
-            sm, ss = lab_stats(image)
+            sm, ss = lab_stats(image, luminosity_threshold=self.luminosity_threshold)
         except StainEstimationError:  # background: nothing to move
             return image, masks
-        return reinhard_normalize(np.ascontiguousarray(image), means, stds, sm, ss), masks
+        return reinhard_normalize(np.ascontiguousarray(image), means, stds, sm, ss,
+                                  luminosity_threshold=self.luminosity_threshold), masks
 
 
 class Blur(Augmentation):
