@@ -269,6 +269,66 @@ def test_worker_killed_mid_run(tmp_path, cluster):
     assert len({t[2] for t in got}) == 432
 
 
+def test_cluster_results_are_read_from_the_journal_not_gathered(tmp_path, cluster, monkeypatch):
+    """Workers that see the journal folder journal their batches; the driver reads them from there instead
+    of gathering each task's result through the scheduler, and writes the same file."""
+    import distributed
+
+    address, _ = cluster
+    gathered = []
+    real_result = distributed.Future.result
+
+    def result(self, *a, **kw):
+        if str(self.key).startswith("histoflow-"):
+            gathered.append(self.key)
+        return real_result(self, *a, **kw)
+
+    monkeypatch.setattr(distributed.Future, "result", result)
+    slide = SlideData(mosaic(2))
+    out = slide.run(pipeline(), tmp_path / "o.h5path", scheduler=address, batch_size=40, progress=False)
+    ref = slide.run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", progress=False)
+    assert gathered == []
+    assert tile_data(out) == tile_data(ref) and len(tile_data(ref)) == 432
+
+
+def test_journal_batch_files_round_trip_and_refuse_damage(tmp_path):
+    """A batch file holds the encoded tiles (image, masks, cell arrays, labels) and failures as they were;
+    a damaged one is refused with an error naming it, not read as wrong tiles."""
+    from histoflow.core.tile import Tile
+    from histoflow.engine import partial
+    from histoflow.engine.worker import BatchResult, Failure
+    from histoflow.store.h5path import encode_tile
+
+    rng = np.random.default_rng(0)
+    tiles = []
+    for i in range(3):
+        t = Tile(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8), coords=(48 * i, 0))
+        t.masks["dark"] = (t.image[:, :, 0] > 128).astype(np.uint8)
+        t.labels["n"] = i
+        enc = encode_tile(t, "htj2k")
+        enc.cells = {"centroids": rng.random((5, 2)).astype(np.float32)} if i == 1 else None
+        tiles.append((i, enc))
+    res = BatchResult(7, tiles, [Failure(3, 144, 0, "Dark", "ValueError: bad")])
+    d = str(tmp_path)
+    partial.write_batch(d, res, "tok")
+    back = partial.read_batch(d, 7, "tok")
+    assert [i for i, _ in back.tiles] == [0, 1, 2] and back.failures == res.failures
+    for (_, a), (_, b) in zip(res.tiles, back.tiles):
+        assert np.array_equal(b.decode().image, a.decode().image)
+        assert np.array_equal(b.decode().masks["dark"], a.decode().masks["dark"])
+        assert b.coords == a.coords and b.labels == a.labels
+    assert np.array_equal(back.tiles[1][1].cells["centroids"], tiles[1][1].cells["centroids"])
+    assert partial.done_batches(d, "tok") == {7} and partial.done_batches(d, "other") == set()
+
+    path = partial.batch_path(d, 7, "tok")
+    data = open(path, "rb").read()
+    for damaged in (data[:-10], data[:30], b"PK\x03\x04" + data[4:]):
+        with open(path, "wb") as f:
+            f.write(damaged)
+        with pytest.raises(PipelineError, match=r"batch-0000007-tok\.hfb: unreadable batch file"):
+            partial.read_batch(d, 7, "tok")
+
+
 def test_transform_error_names_slide_tile_and_transform(tmp_path):
     slide = SlideData(SVS)
     pipe = Pipeline([Blur(3), FailAt(256, 512)])
@@ -330,7 +390,7 @@ def test_batches_of_another_run_are_never_merged(tmp_path, monkeypatch):
               on_batch=late_write)
     ref = slide.run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", batch_size=10, progress=False)
     assert tile_data(out) == tile_data(ref)
-    assert partial.batch_path("j", 3, "abc") == os.path.join("j", "batch-0000003-abc.npz")
+    assert partial.batch_path("j", 3, "abc") == os.path.join("j", "batch-0000003-abc.hfb")
 
 
 class Interrupt(Exception):
@@ -496,7 +556,7 @@ def test_resume_after_the_process_was_killed(tmp_path):
     assert r.returncode == -signal.SIGKILL
     assert not os.path.exists(out)
     journal = os.listdir(out + ".partial")
-    done_before = {int(f[6:13]) for f in journal if f.startswith("batch-") and f.endswith(".npz")}
+    done_before = {int(f[6:13]) for f in journal if f.startswith("batch-") and f.endswith(".hfb")}
     assert 7 <= len(done_before) < 20  # 7 reported, plus the few already in flight
     # the half-merged file of the killed run is inside the journal, not beside the output
     assert os.listdir(tmp_path) == ["resumed.h5path.partial"]

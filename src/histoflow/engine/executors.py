@@ -201,6 +201,11 @@ class DaskExecutor:
         done, _ = self._distributed.wait(list(pending), return_when="FIRST_COMPLETED")
         return set(done)
 
+    @staticmethod
+    def succeeded(fut) -> bool:
+        """Whether a finished task returned (its result may then be read from the journal, not gathered)."""
+        return fut.status == "finished"
+
     def close(self):
         if self._own_client:
             self.client.close()

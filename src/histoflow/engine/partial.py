@@ -5,7 +5,8 @@ leaves only whole batches behind; ``resume=True`` reads them and runs the rest. 
 journal's token in their name: a task of an earlier, stopped run that finishes late (on a cluster that
 outlives the run) writes a file that no later run of another journal reads. When every batch is
 there, the batches are copied in grid order into the final h5path (chunks are copied as bytes, not
-recompressed) and the folder is removed. Files are ``.npz`` (no pickle) plus JSON.
+recompressed) and the folder is removed. A batch file (``.hfb``) is a JSON header and the tiles' compressed
+bytes after it (no pickle; see :func:`write_batch`); the manifest is JSON.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from ..store.h5path import EncodedTile, _ArrayChunk
 from .worker import BatchResult, Failure
 
 MANIFEST = "manifest.json"
+BATCH_SUFFIX = ".hfb"
+#: first bytes of a batch file, then the header's length (8 bytes, little-endian), the JSON header and the bytes
+BATCH_MAGIC = b"histoflow-batch-1\n"
 
 
 def partial_dir(out_path: str) -> str:
@@ -65,12 +69,12 @@ def _write_json(path, obj):
 
 
 def batch_path(d: str, batch: int, token: str) -> str:
-    return os.path.join(d, f"batch-{batch:07d}-{token}.npz")
+    return os.path.join(d, f"batch-{batch:07d}-{token}{BATCH_SUFFIX}")
 
 
 def done_batches(d: str, token: str) -> set:
     out = set()
-    suffix = f"-{token}.npz"
+    suffix = f"-{token}{BATCH_SUFFIX}"
     for name in os.listdir(d):
         if name.startswith("batch-") and name.endswith(suffix):
             try:
@@ -81,11 +85,16 @@ def done_batches(d: str, token: str) -> set:
 
 
 def write_batch(d: str, result: BatchResult, token: str):
-    """Store one finished batch (its encoded tiles and failures) atomically."""
+    """Store one finished batch (its encoded tiles and failures) atomically.
+
+    The file is ``BATCH_MAGIC``, the length of a JSON header (8 bytes, little-endian), the header (tiles:
+    coordinates, labels, and the offset and length of each chunk; failures), then the chunks' bytes as they
+    go into the h5path: a simple layout that workers write and the driver reads back without parsing an
+    archive (``.npz`` cost ~1 ms a batch on each side)."""
     meta = {"tiles": [], "failures": [f.as_dict() for f in result.failures]}
     blobs, offset = [], 0
 
-    def put(data: bytes):
+    def put(data) -> list:
         nonlocal offset
         blobs.append(data)
         offset += len(data)
@@ -101,10 +110,13 @@ def write_batch(d: str, result: BatchResult, token: str):
             "cells": None if enc.cells is None else {k: [put(a.tobytes()), list(a.shape), a.dtype.str]
                                                      for k, a in enc.cells.items()},
         })
-    blob = np.frombuffer(b"".join(blobs), np.uint8) if blobs else np.zeros(0, np.uint8)
+    header = json.dumps(meta, default=_json_default).encode()
     path = batch_path(d, result.batch, token)
-    tmp = path[:-4] + f".tmp-{os.getpid()}.npz"
-    np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=_json_default).encode(), np.uint8), blob=blob)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(BATCH_MAGIC + len(header).to_bytes(8, "little") + header)
+        for data in blobs:
+            f.write(data)
     os.replace(tmp, path)
 
 
@@ -115,28 +127,43 @@ def _json_default(v):
 
 
 def read_batch(d: str, batch: int, token: str) -> BatchResult:
+    """A batch file back as a :class:`BatchResult`; a file that is not whole or not one of ours raises
+    :class:`PipelineError` naming it."""
     path = batch_path(d, batch, token)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z["meta"].tobytes())
-            blob = z["blob"].tobytes()
-    except (OSError, ValueError, KeyError) as e:
+        with open(path, "rb") as f:
+            data = f.read()
+        start = len(BATCH_MAGIC) + 8
+        if len(data) < start or not data.startswith(BATCH_MAGIC):
+            raise ValueError("not a histoflow batch file")
+        end = start + int.from_bytes(data[len(BATCH_MAGIC):start], "little")
+        if end > len(data):
+            raise ValueError("truncated header")
+        meta = json.loads(data[start:end])
+        size = len(data) - end
+
+        def chunk(ref):
+            o, n = int(ref[0]), int(ref[1])
+            if o < 0 or n < 0 or o + n > size:
+                raise ValueError(f"a chunk ({o}, {n}) lies outside the file's {size} bytes of data")
+            return data[end + o:end + o + n]
+
+        out = BatchResult(batch)
+        for t in meta["tiles"]:
+            ref, shape, dtype = t["image"]
+            image = _ArrayChunk(chunk(ref), tuple(shape), dtype)
+            masks = {k: _ArrayChunk(chunk(r2), tuple(s2), dt2, b2) for k, (r2, s2, dt2, b2) in t["masks"].items()}
+            cells = None
+            if t.get("cells") is not None:
+                cells = {k: np.frombuffer(chunk(r3), np.dtype(dt3)).reshape(s3).copy()
+                         for k, (r3, s3, dt3) in t["cells"].items()}
+            enc = EncodedTile(image, tuple(t["coords"]), t["level"], t["downsample"], masks, t["labels"], t["name"],
+                              t["compression"], t["compression_level"], cells)
+            out.tiles.append((t["index"], enc))
+        out.failures = [Failure(**f) for f in meta["failures"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{path}: unreadable batch file of an unfinished run ({e}); remove "
                             f"{d} to start over") from None
-    out = BatchResult(batch)
-    for t in meta["tiles"]:
-        (o, n), shape, dtype = t["image"]
-        image = _ArrayChunk(blob[o:o + n], tuple(shape), dtype)
-        masks = {k: _ArrayChunk(blob[o2:o2 + n2], tuple(s2), dt2, b2) for k, ((o2, n2), s2, dt2, b2)
-                 in t["masks"].items()}
-        cells = None
-        if t.get("cells") is not None:
-            cells = {k: np.frombuffer(blob[o3:o3 + n3], np.dtype(dt3)).reshape(s3).copy()
-                     for k, ((o3, n3), s3, dt3) in t["cells"].items()}
-        enc = EncodedTile(image, tuple(t["coords"]), t["level"], t["downsample"], masks, t["labels"], t["name"],
-                          t["compression"], t["compression_level"], cells)
-        out.tiles.append((t["index"], enc))
-    out.failures = [Failure(**f) for f in meta["failures"]]
     return out
 
 
