@@ -12,6 +12,9 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 - ``output_mb``: size of the h5path written for the 4x mosaic. All of the above use the runs' default
   compression (HTJ2K); ``output_mb_gzip``, ``tiles_per_s_inprocess_gzip``, ``tiles_per_s_dask1_gzip`` and
   ``tiles_per_s_dask2_gzip`` are the same with ``compression="gzip"``
+- ``tiles_per_s_raw1`` / ``tiles_per_s_raw2`` and ``raw2_over_raw1``: the raw limit: the same reading,
+  transforms and HTJ2K encoding of every tile in plain loops in 1 / 2 forked processes, no engine, no output;
+  ``raw2_over_raw1`` is the most ``dask2_over_dask1`` could be on this machine
 - ``peak_rss_mb_4x`` / ``peak_rss_mb_16x``: peak RSS of in-process runs on the 4x and 16x mosaics
   (memory must stay flat with slide size)
 - ``pathml_tiles_per_s`` / ``pathml_output_mb`` / ``pathml_tiles_per_s_dask2``: PathML 3.0.8 on the same
@@ -27,7 +30,7 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 Prints one JSON line.
 
     python bench/pipeline.py [--n 4] [--mid 8] [--big 16] [--skip-big] [--repeat 5] [--pathml-python PY]
-    python bench/pipeline.py --compressions [--modes inprocess-gzip,dask2-htj2k] [--repeat 5]   # chosen runs only
+    python bench/pipeline.py --compressions [--modes inprocess-gzip,dask2-htj2k,raw1,raw2] [--repeat 5]   # chosen runs only
 
 With ``--repeat N`` the in-process and dask runs on the first mosaic are made N times, interleaved, and
 reported as medians (every run under ``..._runs``): this machine's speed drifts by up to a third between
@@ -125,6 +128,9 @@ def child(mode, slide, out):
             t0 = time.perf_counter()
             s.run(pipe, out, client=client, progress=False, compression=compression)
             dt = time.perf_counter() - t0
+    elif mode.startswith("raw"):  # the raw limit: the same per-tile work in plain loops, no engine, no output
+        dt = raw_loops(slide, compression, int(mode[3:]))
+        open(out, "wb").close()
     elif mode == "demo":
         from histoflow.cli import demo_pipeline
 
@@ -139,6 +145,45 @@ def child(mode, slide, out):
     rss = peak_rss_mb()
     print(json.dumps({"tiles": n, "seconds": dt, "tiles_per_s": n / dt, "peak_rss_mb": rss,
                       "output_mb": os.path.getsize(out) / 1e6}))
+
+
+def raw_loop(path, part, procs, compression, warm=0):
+    """One plain loop over every ``procs``-th tile from ``part``: read, BoxBlur(15) + TissueDetectionHE, encode."""
+    import cv2
+    import histoflow
+    from histoflow.store.h5path import encode_tile
+    from histoflow.transforms import BoxBlur, Pipeline, TissueDetectionHE
+
+    cv2.setNumThreads(1)
+    s, pipe = histoflow.SlideData(path), Pipeline([BoxBlur(15), TissueDetectionHE()])
+    specs = list(s.grid(256))
+    for spec in specs[:warm]:  # first codec and OpenCV calls out of the timing, as the dask runs are warmed
+        t = s.read_tile(spec)
+        pipe.apply(t)
+        encode_tile(t, compression)
+    if warm:
+        return
+    for spec in specs[part::procs]:
+        t = s.read_tile(spec)
+        pipe.apply(t)
+        encode_tile(t, compression)
+
+
+def raw_loops(path, compression, procs):
+    """The per-tile work alone in ``procs`` worker processes (tiles dealt round-robin), each a plain loop with one
+    OpenCV thread, started and warmed before the clock starts: what the machine does without the engine. Its 2 / 1
+    ratio is the ceiling of dask 2 / dask 1 here (the loops share the cores, caches and memory, nothing else).
+    Returns the seconds from the loops' start to the last one's end."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+        for f in [pool.submit(raw_loop, path, i, procs, compression, 20) for i in range(procs)]:
+            f.result()
+        t0 = time.perf_counter()
+        for f in [pool.submit(raw_loop, path, i, procs, compression) for i in range(procs)]:
+            f.result()
+        return time.perf_counter() - t0
 
 
 #: the Python that runs PathML's children (``--pathml-python``); ours otherwise
@@ -232,9 +277,10 @@ def main():
             summarise(out, key, runs[mode])
             out[f"output_mb_{key}"] = round(runs[mode][0]["output_mb"], 1)
         for comp in ("", "-gzip", "-htj2k"):
-            if f"dask1{comp}" in runs and f"dask2{comp}" in runs:
-                summarise_ratio(out, "dask2_over_dask1" + comp.replace("-", "_"), runs[f"dask1{comp}"],
-                                runs[f"dask2{comp}"])
+            for kind in ("dask", "raw"):
+                if f"{kind}1{comp}" in runs and f"{kind}2{comp}" in runs:
+                    summarise_ratio(out, f"{kind}2_over_{kind}1" + comp.replace("-", "_"), runs[f"{kind}1{comp}"],
+                                    runs[f"{kind}2{comp}"])
         print(json.dumps(out))
         return
     slide = mosaic(args.n)
@@ -242,7 +288,7 @@ def main():
            "slide": f"mosaic{args.n}"}
     out["repeat"] = args.repeat
     pathml = not args.no_pathml and pathml_available(args.pathml_python)
-    modes = ["inprocess", "dask1", "dask2"] + (["pathml", "pathml-dask2"] if pathml else [])
+    modes = ["inprocess", "dask1", "dask2", "raw1", "raw2"] + (["pathml", "pathml-dask2"] if pathml else [])
     runs = measure_rounds(modes, slide, args.repeat)
     ip = runs["inprocess"][0]
     out["tiles"] = ip["tiles"]
@@ -253,6 +299,9 @@ def main():
     for w in (1, 2):
         summarise(out, f"dask{w}", runs[f"dask{w}"])
     summarise_ratio(out, "dask2_over_dask1", runs["dask1"], runs["dask2"])
+    for w in (1, 2):
+        summarise(out, f"raw{w}", runs[f"raw{w}"])
+    summarise_ratio(out, "raw2_over_raw1", runs["raw1"], runs["raw2"])
     gz = measure("inprocess-gzip", slide)
     out["output_mb_gzip"] = round(gz["output_mb"], 1)
     out["tiles_per_s_inprocess_gzip"] = round(gz["tiles_per_s"], 1)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import cv2
 import h5py
@@ -63,6 +64,17 @@ class FailAt(Transform):
     def apply(self, tile):
         if tile.coords == (self.x, self.y):
             raise ValueError("synthetic failure")
+
+
+class SlowAt(Transform):
+    """Sleeps on the tile at one coordinate (a straggler)."""
+
+    def __init__(self, x=0, y=0, seconds=1.0):
+        self.x, self.y, self.seconds = x, y, seconds
+
+    def apply(self, tile):
+        if tile.coords == (self.x, self.y):
+            time.sleep(self.seconds)
 
 
 def pipeline(delay=0.0):
@@ -291,6 +303,26 @@ def test_cluster_results_are_read_from_the_journal_not_gathered(tmp_path, cluste
     assert tile_data(out) == tile_data(ref) and len(tile_data(ref)) == 432
 
 
+def test_cluster_batches_are_read_from_the_journal_once(tmp_path, cluster, monkeypatch):
+    """With a straggling first batch, the finished batches queue up for the merge: those past the in-memory
+    limit are left in the journal until their turn, never read twice."""
+    from collections import Counter
+
+    from histoflow.engine import partial
+
+    address, _ = cluster
+    reads = []
+    real_read = partial.read_batch
+    monkeypatch.setattr(partial, "read_batch", lambda d, b, t: reads.append(b) or real_read(d, b, t))
+    slide = SlideData(mosaic(2))
+    slow = Pipeline([Blur(9), Dark(160), SlowAt(0, 0, 2.0)])
+    out = slide.run(slow, tmp_path / "o.h5path", scheduler=address, batch_size=8, max_in_flight=30,
+                    progress=False)
+    assert sorted(Counter(reads).values(), reverse=True)[0] == 1 and len(reads) == 54
+    ref = slide.run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", progress=False)
+    assert tile_data(out) == tile_data(ref)
+
+
 def test_journal_batch_files_round_trip_and_refuse_damage(tmp_path):
     """A batch file holds the encoded tiles (image, masks, cell arrays, labels) and failures as they were;
     a damaged one is refused with an error naming it, not read as wrong tiles."""
@@ -322,11 +354,55 @@ def test_journal_batch_files_round_trip_and_refuse_damage(tmp_path):
 
     path = partial.batch_path(d, 7, "tok")
     data = open(path, "rb").read()
-    for damaged in (data[:-10], data[:30], b"PK\x03\x04" + data[4:]):
+    header_at = data.index(b'{"tiles"')
+    flipped_chunk = bytearray(data)
+    flipped_chunk[-100] ^= 4  # one bit of the last tile's chunks: would decode to wrong pixels
+    moved = data.replace(b'"coords": [96', b'"coords": [97')  # a tile's place changed
+    assert moved != data
+    for damaged, why in ((data[:-10], "checksum"), (data[:30], "truncated|not a histoflow"),
+                         (b"PK\x03\x04" + data[4:], "not a histoflow"), (bytes(flipped_chunk), "checksum"),
+                         (moved, "checksum"), (data[:header_at - 1] + b"\x00" + data[header_at:], "checksum")):
         with open(path, "wb") as f:
             f.write(damaged)
+        with pytest.raises(PipelineError, match=rf"batch-0000007-tok\.hfb: unreadable batch file .*({why})"):
+            partial.read_batch(d, 7, "tok")
+
+    def forged(header: bytes, blob: bytes = b"\0" * 64):  # a well-formed file (right checksum) with this header
+        body = header + blob
+        return (partial.BATCH_MAGIC + len(header).to_bytes(8, "little") + zlib.crc32(body).to_bytes(4, "little")
+                + body)
+
+    tile = {"index": 0, "coords": [0, 0], "level": 0, "downsample": 1.0, "name": None, "labels": {},
+            "compression": "gzip", "compression_level": 4, "image": [[0, 8], [2, 2, 3], "|u1"], "masks": {},
+            "cells": None}
+    for bad in ({**tile, "image": [[0, float("inf")], [2, 2, 3], "|u1"]}, {**tile, "image": [[0, 8], "abc", "|u1"]},
+                {**tile, "image": [[0, 8], [2, 2, 3], "nonsense"]}, {**tile, "image": [["0", 8], [2, 2, 3], "|u1"]},
+                {**tile, "image": [[60, 8], [2, 2, 3], "|u1"]}, {**tile, "coords": [0]}):
+        with open(path, "wb") as f:
+            f.write(forged(json.dumps({"tiles": [bad], "failures": []}).encode()))
         with pytest.raises(PipelineError, match=r"batch-0000007-tok\.hfb: unreadable batch file"):
             partial.read_batch(d, 7, "tok")
+    with open(path, "wb") as f:
+        f.write(forged(b"[" * 100000 + b"]" * 100000))
+    with pytest.raises(PipelineError, match=r"batch-0000007-tok\.hfb: unreadable batch file"):
+        partial.read_batch(d, 7, "tok")
+    with open(path, "wb") as f:
+        f.write(forged(json.dumps({"tiles": [tile], "failures": []}).encode()))
+    assert partial.read_batch(d, 7, "tok").tiles[0][1].coords == (0, 0)  # the forgery itself is well formed
+
+
+def test_a_finished_output_of_an_older_journal_version_is_not_redone(tmp_path):
+    """resume=True keeps a complete output whose run had the same settings; the journal's version (the format
+    of unfinished runs' batch files) is not one of them."""
+    from histoflow.engine import run as engine_run
+
+    slide = SlideData(SVS)
+    out = slide.run(pipeline(), tmp_path / "o.h5path", tile_size=512, executor="inprocess", progress=False)
+    with read_h5path(out) as h:
+        settings = h.provenance[-1]["run_settings"]
+    assert engine_run._finished_before(out, settings)
+    assert engine_run._finished_before(out, {**settings, "journal": settings["journal"] + 1})
+    assert not engine_run._finished_before(out, {**settings, "batch_size": settings["batch_size"] + 1})
 
 
 def test_transform_error_names_slide_tile_and_transform(tmp_path):

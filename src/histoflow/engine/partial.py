@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+import zlib
 
 import numpy as np
 
@@ -23,8 +24,10 @@ from .worker import BatchResult, Failure
 
 MANIFEST = "manifest.json"
 BATCH_SUFFIX = ".hfb"
-#: first bytes of a batch file, then the header's length (8 bytes, little-endian), the JSON header and the bytes
+#: first bytes of a batch file; then the header's length (8 bytes, little-endian), the CRC-32 of everything after
+#: it (4 bytes), the JSON header and the chunks' bytes
 BATCH_MAGIC = b"histoflow-batch-1\n"
+_PREFIX = len(BATCH_MAGIC) + 12
 
 
 def partial_dir(out_path: str) -> str:
@@ -89,8 +92,9 @@ def write_batch(d: str, result: BatchResult, token: str):
 
     The file is ``BATCH_MAGIC``, the length of a JSON header (8 bytes, little-endian), the header (tiles:
     coordinates, labels, and the offset and length of each chunk; failures), then the chunks' bytes as they
-    go into the h5path: a simple layout that workers write and the driver reads back without parsing an
-    archive (``.npz`` cost ~1 ms a batch on each side)."""
+    go into the h5path, with a CRC-32 of header and chunks (the merge copies chunks without decoding them: a
+    damaged file must not pass): a simple layout that workers write and the driver reads back without parsing
+    an archive (``.npz`` cost ~1 ms a batch on each side)."""
     meta = {"tiles": [], "failures": [f.as_dict() for f in result.failures]}
     blobs, offset = [], 0
 
@@ -111,10 +115,13 @@ def write_batch(d: str, result: BatchResult, token: str):
                                                      for k, a in enc.cells.items()},
         })
     header = json.dumps(meta, default=_json_default).encode()
+    crc = zlib.crc32(header)
+    for data in blobs:
+        crc = zlib.crc32(data, crc)
     path = batch_path(d, result.batch, token)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
-        f.write(BATCH_MAGIC + len(header).to_bytes(8, "little") + header)
+        f.write(BATCH_MAGIC + len(header).to_bytes(8, "little") + crc.to_bytes(4, "little") + header)
         for data in blobs:
             f.write(data)
     os.replace(tmp, path)
@@ -127,44 +134,59 @@ def _json_default(v):
 
 
 def read_batch(d: str, batch: int, token: str) -> BatchResult:
-    """A batch file back as a :class:`BatchResult`; a file that is not whole or not one of ours raises
-    :class:`PipelineError` naming it."""
+    """A batch file back as a :class:`BatchResult`. A file that is not whole, not one of ours, damaged (its
+    CRC-32 differs) or malformed raises :class:`PipelineError` naming it."""
     path = batch_path(d, batch, token)
     try:
         with open(path, "rb") as f:
             data = f.read()
-        start = len(BATCH_MAGIC) + 8
-        if len(data) < start or not data.startswith(BATCH_MAGIC):
+        if len(data) < _PREFIX or not data.startswith(BATCH_MAGIC):
             raise ValueError("not a histoflow batch file")
-        end = start + int.from_bytes(data[len(BATCH_MAGIC):start], "little")
+        n_header = int.from_bytes(data[len(BATCH_MAGIC):len(BATCH_MAGIC) + 8], "little")
+        end = _PREFIX + n_header
         if end > len(data):
             raise ValueError("truncated header")
-        meta = json.loads(data[start:end])
+        if zlib.crc32(memoryview(data)[_PREFIX:]) != int.from_bytes(data[_PREFIX - 4:_PREFIX], "little"):
+            raise ValueError("checksum mismatch: the file is damaged")
+        meta = json.loads(data[_PREFIX:end])
         size = len(data) - end
 
         def chunk(ref):
-            o, n = int(ref[0]), int(ref[1])
-            if o < 0 or n < 0 or o + n > size:
+            o, n = _ints(ref, 2, "chunk reference")
+            if o + n > size:
                 raise ValueError(f"a chunk ({o}, {n}) lies outside the file's {size} bytes of data")
             return data[end + o:end + o + n]
 
         out = BatchResult(batch)
         for t in meta["tiles"]:
             ref, shape, dtype = t["image"]
-            image = _ArrayChunk(chunk(ref), tuple(shape), dtype)
-            masks = {k: _ArrayChunk(chunk(r2), tuple(s2), dt2, b2) for k, (r2, s2, dt2, b2) in t["masks"].items()}
+            image = _ArrayChunk(chunk(ref), _ints(shape, 3, "image shape"), np.dtype(dtype).str)
+            masks = {str(k): _ArrayChunk(chunk(r2), _ints(s2, 2, "mask shape"), np.dtype(dt2).str, bool(b2))
+                     for k, (r2, s2, dt2, b2) in t["masks"].items()}
             cells = None
             if t.get("cells") is not None:
-                cells = {k: np.frombuffer(chunk(r3), np.dtype(dt3)).reshape(s3).copy()
+                cells = {str(k): np.frombuffer(chunk(r3), np.dtype(dt3)).reshape(_ints(s3, None, "cells shape")).copy()
                          for k, (r3, s3, dt3) in t["cells"].items()}
-            enc = EncodedTile(image, tuple(t["coords"]), t["level"], t["downsample"], masks, t["labels"], t["name"],
-                              t["compression"], t["compression_level"], cells)
-            out.tiles.append((t["index"], enc))
+            enc = EncodedTile(image, _ints(t["coords"], 2, "coords", None), int(t["level"]), float(t["downsample"]),
+                              masks, t["labels"], t["name"], t["compression"], t["compression_level"], cells)
+            out.tiles.append((int(t["index"]), enc))
         out.failures = [Failure(**f) for f in meta["failures"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise PipelineError(f"{path}: unreadable batch file of an unfinished run ({e}); remove "
-                            f"{d} to start over") from None
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or hostile file, whatever broke: name it
+        raise PipelineError(f"{path}: unreadable batch file of an unfinished run ({type(e).__name__}: {e}); "
+                            f"remove {d} to start over") from None
     return out
+
+
+def _ints(values, n, what, lowest=0) -> tuple:
+    """A list of ``n`` (any number when None) whole numbers >= ``lowest`` from the header, as a tuple."""
+    if not isinstance(values, list) or (n is not None and len(values) != n) or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and (lowest is None or v >= lowest)
+                    for v in values):
+        raise ValueError(f"{what} {values!r} is not {n or 'a list of'} whole numbers"
+                         + ("" if lowest is None else f" >= {lowest}"))
+    return tuple(values)
 
 
 def remove(d: str):

@@ -26,7 +26,7 @@ from ..transforms.base import Pipeline, Transform
 from ..utils import progress_bar
 from . import partial
 from .executors import make_executor
-from .worker import process_batch
+from .worker import BatchResult, process_batch
 
 TISSUE_MASK = "tissue"
 
@@ -49,7 +49,7 @@ class _Job:
         self.next_merge = 0
         self.merged = 0
         self.failures: list = []
-        self.in_memory: dict = {}  # batch -> journalled result still in memory (same-process executors)
+        self.in_memory: dict = {}  # batch -> journalled result kept in memory until its merge
         self.token = None  # names this journal's batch files: batches of another run are never merged
         self.on_error = "raise"
         self.already_done = False  # resume=True found the output complete with the same settings
@@ -138,12 +138,14 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                 pending[fut] = (job, b)
             for fut in sorted(ex.wait_any(list(pending)), key=lambda f: (id(pending[f][0]), pending[f][1])):
                 job, b = pending.pop(fut)
-                try:
-                    result = _from_journal(ex, fut, job, b) or fut.result()
-                except Exception as e:
-                    raise PipelineError(f"{job.slide.path}: batch {b} (tiles at "
-                                        f"{_where(job.batches[b])}) failed on the executor: "
-                                        f"{type(e).__name__}: {e}") from e
+                result = _from_journal(ex, fut, job, b)  # a damaged journal file raises, naming itself
+                if result is None:
+                    try:
+                        result = fut.result()
+                    except Exception as e:
+                        raise PipelineError(f"{job.slide.path}: batch {b} (tiles at "
+                                            f"{_where(job.batches[b])}) failed on the executor: "
+                                            f"{type(e).__name__}: {e}") from e
                 if result.failures and on_error == "raise":
                     f = result.failures[0]
                     raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}): "
@@ -184,6 +186,10 @@ def _from_journal(ex, fut, job, b):
         return None
     if not os.path.exists(partial.batch_path(job.dir, b, job.token)):
         return None
+    if len(job.in_memory) >= IN_MEMORY_BATCHES:
+        # no room to keep it: the merge reads it when its turn comes (a journalled batch holds no failure that
+        # stops the run: such batches are not journalled), so it is not read twice
+        return BatchResult(b, journalled=True)
     result = partial.read_batch(job.dir, b, job.token)
     result.journalled = True
     return result
@@ -274,7 +280,11 @@ def _finished_before(out, manifest) -> bool:
             prov = h.provenance
     except Exception:  # noqa: BLE001 - not readable: run it again
         return False
-    return bool(prov) and prov[-1].get("kind") == "pipeline run" and prov[-1].get("run_settings") == manifest
+    if not prov or prov[-1].get("kind") != "pipeline run" or not isinstance(prov[-1].get("run_settings"), dict):
+        return False
+    # the journal's version names the format of unfinished runs' batch files, not the output's
+    settings = {k: v for k, v in prov[-1]["run_settings"].items() if k != "journal"}
+    return settings == {k: v for k, v in manifest.items() if k != "journal"}
 
 
 def _slide_metadata(job, first_batch) -> dict:
@@ -326,7 +336,6 @@ def _open_writer(job, first_batch):
 def _finish(job, tiling, ex, batch_size, run_id, t0):
     """Complete the slide's h5path (remaining batches, provenance), rename it into place, drop the journal."""
     from .. import __version__
-    from .worker import BatchResult
 
     _merge_ready(job)
     if job.writer is None:  # no tile at all (a blank slide, or every tile failed with on_error="skip")
