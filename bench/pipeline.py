@@ -148,7 +148,8 @@ def child(mode, slide, out):
 
 
 def raw_loop(path, part, procs, compression, warm=0):
-    """One plain loop over every ``procs``-th tile from ``part``: read, BoxBlur(15) + TissueDetectionHE, encode."""
+    """One plain loop over every ``procs``-th tile from ``part``: read, BoxBlur(15) + TissueDetectionHE, encode
+    (at the runs' default compression level, 2). ``warm`` > 0: only the first ``warm`` tiles, untimed."""
     import cv2
     import histoflow
     from histoflow.store.h5path import encode_tile
@@ -160,17 +161,18 @@ def raw_loop(path, part, procs, compression, warm=0):
     for spec in specs[:warm]:  # first codec and OpenCV calls out of the timing, as the dask runs are warmed
         t = s.read_tile(spec)
         pipe.apply(t)
-        encode_tile(t, compression)
+        encode_tile(t, compression, 2)
     if warm:
+        time.sleep(0.5)  # holds this process, so that the other warm-up runs on the other one
         return
     for spec in specs[part::procs]:
         t = s.read_tile(spec)
         pipe.apply(t)
-        encode_tile(t, compression)
+        encode_tile(t, compression, 2)
 
 
 def raw_loops(path, compression, procs):
-    """The per-tile work alone in ``procs`` worker processes (tiles dealt round-robin), each a plain loop with one
+    """The per-tile work alone in ``procs`` spawned processes (tiles dealt round-robin), each a plain loop with one
     OpenCV thread, started and warmed before the clock starts: what the machine does without the engine. Its 2 / 1
     ratio is the ceiling of dask 2 / dask 1 here (the loops share the cores, caches and memory, nothing else).
     Returns the seconds from the loops' start to the last one's end."""

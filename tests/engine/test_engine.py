@@ -509,6 +509,37 @@ def test_skipped_failures_stop_a_resume_with_on_error_raise(tmp_path):
     slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, on_error="skip", progress=False)
     with read_h5path(out) as h5:
         assert len(h5) == 107 and len(h5.provenance[-1]["failed_tiles"]) == 1
+        run_id = h5.provenance[-1]["run_id"]
+    # the finished output skipped a tile: a resume that must not skip runs again and stops at it, as a fresh run
+    # would, and leaves the finished output as it was
+    with pytest.raises(PipelineError, match=r"FailAt failed on tile at \(x=256, y=512\)"):
+        slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) == 107 and h5.provenance[-1]["run_id"] == run_id
+    slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, on_error="skip", progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) == 107 and len(h5.provenance[-1]["failed_tiles"]) == 1
+
+
+def test_names_that_are_not_strings_fail_alike_on_every_executor(tmp_path, cluster):
+    """Mask and label names are checked where tiles are encoded, so a name the writer refuses is refused on a
+    cluster too (batch files would otherwise turn the key 7 into the name "7")."""
+    address, _ = cluster
+
+    class IntMaskName(Transform):
+        def apply(self, tile):
+            tile.masks[7] = np.zeros(tile.image.shape[:2], np.uint8)
+
+    class IntLabelName(Transform):
+        def apply(self, tile):
+            tile.labels[3] = 1.5
+
+    slide = SlideData(SVS)
+    for t, what in ((IntMaskName(), "mask"), (IntLabelName(), "label")):
+        for kw in ({"executor": "inprocess"}, {"scheduler": address}):
+            with pytest.raises(PipelineError, match=rf"invalid {what} name (7|3)"):
+                slide.run(Pipeline([t]), tmp_path / "o.h5path", tile_size=512, progress=False, **kw)
+            assert not os.path.exists(tmp_path / "o.h5path")
 
 
 def test_dataset_resume_keeps_slides_already_finished(tmp_path):

@@ -260,7 +260,8 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         "compression": compression, "compression_level": compression_level,
     }
     job.manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples are lists there)
-    if resume and not os.path.isdir(partial.partial_dir(job.out)) and _finished_before(job.out, job.manifest):
+    if resume and not os.path.isdir(partial.partial_dir(job.out)) and \
+            _finished_before(job.out, job.manifest, failures_ok=job.on_error == "skip"):
         job.already_done, job.finished = True, True  # a slide the interrupted run had completed
         job.done = set(range(len(job.batches)))
         job.resumed = len(job.done)
@@ -269,8 +270,9 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
     job.resumed = len(job.done)
 
 
-def _finished_before(out, manifest) -> bool:
-    """Whether ``out`` is the complete result of a run with these settings (its last provenance says so)."""
+def _finished_before(out, manifest, failures_ok=True) -> bool:
+    """Whether ``out`` is the complete result of a run with these settings (its last provenance says so);
+    with ``failures_ok=False`` (a run with ``on_error="raise"``) not if that run skipped failed tiles."""
     if not os.path.isfile(out):
         return False
     from ..store import read_h5path
@@ -282,6 +284,8 @@ def _finished_before(out, manifest) -> bool:
         return False
     if not prov or prov[-1].get("kind") != "pipeline run" or not isinstance(prov[-1].get("run_settings"), dict):
         return False
+    if not failures_ok and prov[-1].get("failed_tiles"):
+        return False  # run again: the failure stops it, as it would have without resume
     # the journal's version names the format of unfinished runs' batch files, not the output's
     settings = {k: v for k, v in prov[-1]["run_settings"].items() if k != "journal"}
     return settings == {k: v for k, v in manifest.items() if k != "journal"}

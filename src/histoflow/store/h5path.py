@@ -331,7 +331,10 @@ def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level:
         data = _encode_array(image, mask_comp, compression_level)
     img = _ArrayChunk(data, image.shape, image.dtype.str)
     masks = {}
+    for lname in tile.labels or {}:  # checked here as the writer would: names must survive the journal as they are
+        _check_name(f"encode_tile: tile at {tile.coords}", "label", lname)
     for name, m in (tile.masks or {}).items():
+        _check_name(f"encode_tile: tile at {tile.coords}", "mask", name)
         arr, is_bool = _mask_storage("encode_tile", f"tile at {tile.coords}", name, m)
         masks[name] = _ArrayChunk(_encode_array(arr, mask_comp, compression_level), arr.shape, arr.dtype.str,
                                   is_bool)
