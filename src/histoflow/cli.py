@@ -303,10 +303,18 @@ def cmd_segment_nuclei(args):
     from .errors import PipelineError
     from .ml.infer import assemble_instances
     from .ml.transforms import NucleusSegmentation
+    from .utils import atomic_output
 
     transform = NucleusSegmentation(model=args.model, backend=args.backend)
+    png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
+    _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
+                                  "h5path": args.h5path})
     t0 = time.perf_counter()
-    with SlideData(args.slide, mpp=args.mpp, slide_type="HE") as slide, tempfile.TemporaryDirectory() as tmp:
+    with SlideData(args.slide, mpp=args.mpp) as slide, tempfile.TemporaryDirectory() as tmp:
+        if not slide.slide_type.brightfield:  # the models read RGB H&E; a fluorescence channel is no such image
+            raise PipelineError(f"{args.slide}: not RGB H&E but {slide.slide_type.name} ({slide.reader.channels} "
+                                f"channel(s) of {slide.reader.dtype}): segment-nuclei's models read H&E; for "
+                                "fluorescence use `histoflow quantify` (nuclei and cells from a nuclear channel)")
         if slide.mpp is None:
             from .ml.transforms import _runner
 
@@ -325,11 +333,16 @@ def cmd_segment_nuclei(args):
                 raise
             # the journal was in a temporary folder, gone now: no advice about resuming from it
             raise PipelineError(str(e).split(". Finished batches are kept in")[0]) from None
-        labels = assemble_instances(store, "nuclei", shape=(slide.dimensions[1], slide.dimensions[0]))
-    tmp_out = f"{args.output}.tmp-{os.getpid()}.tif"
-    tifffile.imwrite(tmp_out, labels.astype(np.uint32), compression="zlib", tile=(512, 512)
-                     if max(labels.shape) > 4096 else None)
-    os.replace(tmp_out, args.output)
+        from .store import read_h5path
+
+        with read_h5path(store) as h:
+            n_tiles = len(h)
+        shape = (slide.dimensions[1], slide.dimensions[0])
+        # no tile at all (no tissue at --tissue-filter): an empty label image, as for a blank image without it
+        labels = assemble_instances(store, "nuclei", shape=shape) if n_tiles else np.zeros(shape, np.int32)
+    with atomic_output(args.output, ".tif") as tmp_out:
+        tifffile.imwrite(tmp_out, labels.astype(np.uint32), compression="zlib", tile=(512, 512)
+                         if max(labels.shape) > 4096 else None)
     n = int(labels.max())
     msg = f"{args.output}: {n} nuclei in a {labels.shape[1]} x {labels.shape[0]} uint32 label image"
     if args.geojson:
@@ -340,7 +353,6 @@ def cmd_segment_nuclei(args):
             p.classification = "Nucleus"
         write_geojson(polys, args.geojson, object_type="detection")
         msg += f"; {len(polys)} outlines in {args.geojson}"
-    png = _picture_path(args.png, args.output)
     if png:
         from .utils import outline_instances, save_png
 
@@ -365,6 +377,8 @@ def cmd_quantify(args):
         raise HistoflowError(f"{out}: the cell table is an AnnData .h5ad file (the tiles and masks go to "
                              f"{store} beside it); give -o a name ending in .h5ad")
     nuclear = int(args.nuclear_channel) if str(args.nuclear_channel).lstrip("-").isdigit() else args.nuclear_channel
+    png = _picture_path(args.png, out, avoid=(args.slide, out, store))
+    _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png})
     with SlideData(args.slide, mpp=args.mpp) as slide:
         if slide.slide_type.brightfield:
             from .transforms import NucleusDetectionHE
@@ -383,7 +397,6 @@ def cmd_quantify(args):
     os.replace(tmp, out)
     msg = (f"{out}: {cells.n_obs} cells x {cells.n_vars} channels ({', '.join(map(str, cells.var_names[:6]))}"
            f"{', ...' if cells.n_vars > 6 else ''}); tiles and masks in {store}")
-    png = _picture_path(args.png, out)
     if png:
         from .utils import outline_instances, save_png
 
@@ -409,11 +422,39 @@ def _picture_of(path):
         return to_rgb(thumb, channel_names=list(r.channel_names or []) or None), r.dimensions
 
 
-def _picture_path(option, output):
-    """Where a verb's picture goes: ``--png PATH``, none for ``--png none``, else OUTPUT with .png."""
+def _picture_path(option, output, avoid=()):
+    """Where a verb's picture goes: ``--png PATH``, none for ``--png none``, else OUTPUT with .png, or
+    OUTPUT_picture.png when that would be one of the files in ``avoid`` (the input ``x.png`` of ``-o x.tif``)."""
     if option is not None and option.lower() == "none":
         return None
-    return option or os.path.splitext(output)[0] + ".png"
+    if option:
+        return option
+    path = os.path.splitext(output)[0] + ".png"
+    if os.path.realpath(path) in {os.path.realpath(p) for p in avoid if p}:
+        path = os.path.splitext(output)[0] + "_picture.png"
+    return path
+
+
+def _check_outputs(inputs, outputs: dict):
+    """Before any work: refuse an output whose folder is missing, an output that is one of the inputs, and
+    two outputs at one path (the later would replace the earlier). ``outputs`` maps what -> path (None: not
+    written)."""
+    from .errors import OutputError
+
+    ins = {os.path.realpath(p): p for p in inputs if p}
+    seen: dict = {}
+    for what, path in outputs.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise OutputError(f"{path}: cannot write the {what} there: the folder {folder} does not exist")
+        if real in ins:
+            raise OutputError(f"{path}: the {what} would replace the input {ins[real]}; choose another path")
+        if real in seen:
+            raise OutputError(f"{path}: given for both the {seen[real]} and the {what}; give each its own path")
+        seen[real] = what
 
 
 def _labels_at(store, mask, level0, shape):
@@ -479,6 +520,14 @@ def cmd_phenotype(args):
     from .cells import RuleError
     from .errors import HistoflowError
 
+    png = _picture_path(args.png, args.output, avoid=(args.cells, args.rules, args.thresholds, args.output,
+                                                      args.geojson))
+    # the cell table may be updated in place (-o the input .h5ad): it is read whole before anything is written
+    _check_outputs([args.rules, args.thresholds], {"cell table": args.output, "picture": png, "GeoJSON": args.geojson})
+    if png and os.path.realpath(png) == os.path.realpath(args.cells):
+        from .errors import OutputError
+
+        raise OutputError(f"{png}: the picture would replace the input {args.cells}; choose another path")
     cells = _read_cells(args.cells)
     table = load_preset(args.rules) if args.rules in list_presets() else RuleTable.from_yaml(args.rules)
     store = args.cells if args.cells.endswith(".h5path") else os.path.splitext(args.cells)[0] + ".h5path"
@@ -510,7 +559,6 @@ def cmd_phenotype(args):
     print(f"{'phenotype':<{width}}  cells      %")
     for k, v in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"{str(k):<{width}}  {v:>5}  {100 * v / total:5.1f}")
-    png = _picture_path(args.png, args.output)
     if png:
         _phenotype_png(cells, png)
     if args.geojson:

@@ -140,6 +140,26 @@ def test_transform_tiles_give_the_whole_image_result(tmp_path, val_sample):
     assert all(abs(c - whole.max()) <= 0.03 * whole.max() for c in counts.values()), (counts, whole.max())
 
 
+def test_a_nucleus_outlined_by_two_tiles_is_one_object(tmp_path):
+    """The same nucleus kept by two overlapping tiles, outlined 3 px apart: one object, no sliver of the second
+    outline left as an object of its own; a nucleus that only touches another one is kept whole."""
+    from histoflow.store import H5PathWriter
+
+    a = np.zeros((64, 64), np.int32)
+    a[20:40, 50:64] = 1  # cut by tile a's right edge
+    b = np.zeros((64, 64), np.int32)
+    b[20:40, 18:35] = 1  # the same nucleus from tile b (x0 = 32): level-0 x 50..67, 3 px wider
+    b[42:50, 20:28] = 2  # another nucleus below it, touching nothing
+    path = str(tmp_path / "t.h5path")
+    with H5PathWriter(path) as w:
+        for x, lab in ((0, a), (32, b)):
+            w.add_tile(np.full((64, 64, 3), 200, np.uint8), (x, 0), masks={"nuclei": lab})
+    out = assemble_instances(path, "nuclei", shape=(64, 96))
+    assert out.max() == 2
+    assert (out == 1).sum() == 20 * 14 and (out[20:40, 64:67] == 0).all()  # the first outline, nothing beside it
+    assert (out == 2).sum() == 64 and (out[42:50, 52:60] == 2).all()
+
+
 def test_edge_tiles_run_the_model_on_the_slide_part_only(tmp_path, val_sample, monkeypatch):
     """A 500 x 300 image in one 1024 px tile: the model sees 500 x 300 pixels, not 1024 x 1024 (7x the work)."""
     from PIL import Image
@@ -214,8 +234,50 @@ def test_segment_nuclei_cli(tmp_path, val_sample):
     fluo = data_path("fluorescence", "instanseg_Fluorescence_example.tif")
     bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", fluo, "-o", str(tmp_path / "x.tif"),
                           "--mpp", "0.5", "--no-progress"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "expected an RGB (or grey) H&E image, got shape (450, 450, 2)" in bad.stderr
+    assert bad.returncode == 1 and "instanseg_Fluorescence_example.tif: not RGB H&E but IF (2 channel(s) of " \
+        "uint8)" in bad.stderr
     assert "resume" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1  # no journal to resume from
+
+
+def test_segment_nuclei_cli_never_writes_over_its_input_or_itself(tmp_path, val_sample):
+    """The default picture of `-o he.tif` for the input he.png goes beside it, not over it; outputs that are the
+    input, or each other, or in a missing folder are refused before any work; a fluorescence slide is refused
+    by name rather than segmented as H&E."""
+    import hashlib
+
+    from PIL import Image
+
+    png = tmp_path / "he.png"
+    Image.fromarray(val_sample["image"][:200, :300]).save(png)
+    digest = hashlib.sha1(png.read_bytes()).hexdigest()
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", *map(str, a), "--mpp", "0.25",
+                               "--no-progress"], capture_output=True, text=True)
+
+    r = cli(png, "-o", tmp_path / "he.tif")
+    assert r.returncode == 0, r.stderr
+    assert hashlib.sha1(png.read_bytes()).hexdigest() == digest
+    assert f"picture {tmp_path / 'he_picture.png'}" in r.stdout and (tmp_path / "he_picture.png").exists()
+    for args, words in (((png, "-o", png), "the label image would replace the input"),
+                        ((png, "-o", tmp_path / "a.tif", "--geojson", tmp_path / "a.tif"),
+                         "given for both the label image and the GeoJSON"),
+                        ((png, "-o", tmp_path / "a.tif", "--png", png), "the picture would replace the input"),
+                        ((png, "-o", tmp_path / "nodir" / "a.tif"), "cannot write the label image there")):
+        r = cli(*args)
+        assert r.returncode == 1 and words in r.stderr, r.stderr
+    assert hashlib.sha1(png.read_bytes()).hexdigest() == digest and not (tmp_path / "a.tif").exists()
+    vectra = data_path("wsi", "qptiff", "small_vectra.qptiff")
+    r = cli(vectra, "-o", tmp_path / "v.tif")
+    assert r.returncode == 1 and "small_vectra.qptiff: not RGB H&E but Vectra" in r.stderr and not (tmp_path / "v.tif").exists()
+
+
+def test_16_bit_he_is_segmented_as_its_8_bit_values(val_sample):
+    img8 = val_sample["image"][:256, :256]
+    img16 = img8.astype(np.uint16) * 257
+    seg = NucleusSegmentation()
+    assert np.array_equal(seg.F(img16, mpp=0.25), seg.F(img8, mpp=0.25))
+    assert np.array_equal(seg.F(img8.astype(np.float32) / 255, mpp=0.25), seg.F(img8, mpp=0.25))
 
 
 def test_builtin_20x_model_on_a_held_out_image_at_20x():

@@ -19,6 +19,11 @@ __all__ = ["assemble_instances", "infer_slide", "cells_to_geojson"]
 MAX_ASSEMBLY_PIXELS = 2_000_000_000
 
 
+#: fewest pixels of a tile's object left free by the objects of earlier tiles for it to be kept (see
+#: :func:`assemble_instances`; the nucleus models' post-processing drops objects under 10 px too)
+MIN_FREE_PIXELS = 10
+
+
 def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int = MAX_ASSEMBLY_PIXELS):
     """One label image (int32, 0 = background) from the per-tile instance masks of an h5path.
 
@@ -31,7 +36,10 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
         downsample (from the file's slide metadata), else the tiles' extent.
 
     Each tile's objects get ids offset by the objects of the tiles before it, so ids are unique over the
-    slide. Where objects of two tiles overlap (only in tile overlaps), the pixel keeps the first.
+    slide. Where objects of two tiles overlap (only in tile overlaps: the same nucleus outlined a little
+    differently by both), the pixel keeps the first; an object of a later tile with less than half of its
+    pixels, or fewer than ``MIN_FREE_PIXELS``, left free of the objects already placed is dropped as their
+    duplicate, so that no sliver of it stays behind as an object of its own.
     """
     from ..store import read_h5path
 
@@ -72,7 +80,13 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
                 continue
             lab = lab[:hh, :ww]
             win = out[y0:y0 + hh, x0:x0 + ww]
-            put = (lab > 0) & (win == 0)
+            fg = lab > 0
+            put = fg & (win == 0)
+            if (fg & (win != 0)).any():  # some of them meet objects already placed
+                area = np.bincount(lab[fg].astype(np.int64), minlength=m + 1)
+                free = np.bincount(lab[put].astype(np.int64), minlength=m + 1)
+                keep = (2 * free >= area) & (free >= MIN_FREE_PIXELS)
+                put &= keep[lab.astype(np.int64)]
             win[put] = lab[put] + offset
             offset += m
         return _relabel_sequential(out)

@@ -62,14 +62,23 @@ def _resolve(model: str, mpp: float | None = None) -> str:
 
 
 def _rgb_for_he_model(image) -> np.ndarray:
-    """An RGB view of an H&E image for the nucleus models: RGBA loses alpha, one grey channel is repeated."""
+    """An RGB uint8 view of an H&E image for the nucleus models (trained on 8-bit RGB): RGBA loses alpha, one
+    grey channel is repeated, 16-bit values are scaled to 8 bits (x / 257), floats are taken in [0, 1]."""
     a = np.asarray(image)
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
         raise ValueError(f"NucleusSegmentation: expected an RGB (or grey) H&E image, got shape {a.shape}; "
                          "for fluorescence use SegmentNuclei / SegmentCells")
-    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
+    a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.uint16:
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if a.dtype.kind == "f":
+        return (np.clip(np.nan_to_num(a), 0, 1) * 255 + 0.5).astype(np.uint8)
+    raise ValueError(f"NucleusSegmentation: H&E images of dtype {a.dtype} are not supported; use uint8, uint16 "
+                     "or float in [0, 1]")
 
 
 class _Runner:
