@@ -267,6 +267,11 @@ def test_segment_nuclei_cli_never_writes_over_its_input_or_itself(tmp_path, val_
         r = cli(*args)
         assert r.returncode == 1 and words in r.stderr, r.stderr
     assert hashlib.sha1(png.read_bytes()).hexdigest() == digest and not (tmp_path / "a.tif").exists()
+    white = tmp_path / "white.png"
+    Image.fromarray(np.full((120, 150, 3), 245, np.uint8)).save(white)
+    r = cli(white, "-o", tmp_path / "w.tif", "--tissue-filter", "0.5", "--png", "none")
+    assert r.returncode == 0 and "0 nuclei" in r.stdout, r.stderr  # no tissue, no tile: an empty label image
+    assert tifffile.imread(tmp_path / "w.tif").shape == (120, 150) and not tifffile.imread(tmp_path / "w.tif").any()
     vectra = data_path("wsi", "qptiff", "small_vectra.qptiff")
     r = cli(vectra, "-o", tmp_path / "v.tif")
     assert r.returncode == 1 and "small_vectra.qptiff: not RGB H&E but Vectra" in r.stderr and not (tmp_path / "v.tif").exists()
