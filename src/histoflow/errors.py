@@ -54,6 +54,11 @@ class OutputError(HistoflowError, OSError):
     """An output file cannot be written (its folder is missing or not writable, the disk is full)."""
 
 
+class H5PathOutputError(H5PathError, OutputError):
+    """An h5path file cannot be written where asked (its folder is missing or not writable, its temporary
+    file would be on another file system): both an :class:`H5PathError` and an :class:`OutputError`."""
+
+
 class PipelineError(HistoflowError):
     """A pipeline is invalid or failed."""
 

@@ -135,3 +135,51 @@ def test_grid_argument_errors():
                dict(mpp=float("inf"), slide_mpp=0.5), dict(mpp=0.5, slide_mpp=0)):
         with pytest.raises(RegionError):
             TileGrid((1000, 1000), 256, **kw)
+
+
+def test_level_grids_cover_the_level_itself(mosaic2):
+    """A level's size is level 0's over its downsample only roughly (the mosaic's level 1 is 1110 x 1484 at
+    3.9993): grids read from a level as it is take its own size, so no column lies wholly past it and no
+    row that fits is dropped; the tiles' extents are the level's pixels."""
+    from histoflow.core.slide import SlideData
+
+    with SlideData(mosaic2) as s:
+        lv = s.levels[1]
+        assert (lv.width, lv.height) == (1110, 1484) and lv.downsample != 4
+        g = s.grid(222, level=1)
+        assert g.shape == (7, 5)  # 1484 / 222 = 6.7 rows, 1110 / 222 = 5 columns exactly
+        assert s.grid(212, level=1, edge="drop").shape == (7, 5)  # 7 x 212 = 1484 fits
+        assert s.grid(222, mpp=s.mpp[0] * lv.downsample).shape == (7, 5)
+        last = s.read_tile(g[-1])
+        assert last.extent == (222, 1484 - 6 * 222)
+        assert s.read_tile(g[4]).extent is None  # the last column fits exactly: no padding
+        np.testing.assert_array_equal(last.image[:last.extent[1]], s.reader.read_region(
+            (g[-1].x, g[-1].y), 1, (222, 1484 - 6 * 222)))
+
+
+def test_tiling_errors_name_the_slide():
+    from datafiles import data_path
+
+    from histoflow.core.slide import SlideData
+
+    path = data_path("wsi", "tiled_tiff", "CMU-1-Small-Region.jpeg.tiff")
+    with SlideData(path) as s:  # its resolution tag is wrong (0.00499 µm/px): no pixel size
+        assert s.mpp is None
+        for kw in ({"mpp": 0.5}, {"level": 3}, {"overlap": 300}, {"min_coverage": 0.5}):
+            with pytest.raises(RegionError) as e:
+                s.grid(256, **kw)
+            assert str(e.value).startswith(path), str(e.value)
+
+
+def test_resize_of_four_channels_keeps_each_channel():
+    """Pillow takes 4 x uint8 for RGBA and weights the colours by the fourth channel when resampling."""
+    from datafiles import data_path
+
+    from histoflow.core.resample import resize
+
+    a = np.asarray(__import__("tifffile").imread(data_path("wsi", "qptiff", "small_vectra.qptiff"), key=0))
+    img = np.dstack([a[:400, :400]] * 3 + [a[400:800, :400]]) if a.ndim == 2 else None
+    assert img is not None and img.dtype == np.uint8 and img.shape[2] == 4
+    out = resize(img, (200, 200))
+    box = img.reshape(200, 2, 200, 2, 4).mean(axis=(1, 3))
+    assert np.abs(out.astype(float) - box).max() <= 1

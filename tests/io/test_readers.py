@@ -212,3 +212,44 @@ def test_every_pyramid_level_as_openslide_lists_them(n):
         got = s.read_region((0, 0), last, (w, h))
         want = np.asarray(ref.read_region((0, 0), last, (w, h)).convert("RGB"))
         assert np.abs(got.astype(int) - want).max() <= 2
+
+
+def test_planar_separate_rgba_tiff(tmp_path):
+    """A tiled TIFF with one plane per sample and an alpha plane (a valid layout): the colour planes are
+    read, the alpha plane dropped. The samples-per-plane count was 3 // 4 = 0, so regions that were not
+    one whole tile came back as uninitialised memory."""
+    src = tifffile.imread(SVS, key=0)[:700, :900]
+    rgba = np.dstack([src, np.full(src.shape[:2], 255, np.uint8)])
+    p = tmp_path / "planar_rgba.tif"
+    tifffile.imwrite(p, np.moveaxis(rgba, -1, 0), tile=(256, 256), photometric="rgb", planarconfig="separate",
+                     extrasamples=["unassalpha"], compression="zlib")
+    with open_slide(str(p)) as r:
+        assert r.channel_names == ["R", "G", "B"]
+        for x, y, w, h in ((0, 0, 100, 100), (200, 200, 300, 300), (0, 0, 900, 700), (850, 650, 100, 100)):
+            got = r.read_region((x, y), 0, (w, h))
+            want = np.full((h, w, 3), 255, np.uint8)  # white past the image
+            part = src[y:y + h, x:x + w]
+            want[:part.shape[0], :part.shape[1]] = part
+            np.testing.assert_array_equal(got, want)
+
+
+def test_png_16_bit_rgb_and_writable_regions(tmp_path):
+    """48-bit PNGs keep their 16 bits (Pillow reads them as 8); regions of plain images can be changed in
+    place like those of every other backend (they were read-only views of the kept image)."""
+    import cv2
+
+    grey = tifffile.imread(data_path("fluorescence", "pathml_smalltif.tif"), key=0)
+    assert grey.dtype == np.uint16
+    rgb = np.dstack([grey, grey[::-1], 65535 - grey])
+    p = str(tmp_path / "rgb16.png")
+    cv2.imwrite(p, rgb[..., ::-1])  # OpenCV writes BGR
+    with open_slide(p) as r:
+        assert r.dtype == np.uint16 and r.channel_names == ["R", "G", "B"]
+        region = r.read_region((0, 0), 0, (r.dimensions[0], r.dimensions[1]))
+        np.testing.assert_array_equal(region, rgb)
+        region[:5] = 0  # writable, and the next read is unchanged
+        np.testing.assert_array_equal(r.read_region((0, 0), 0, (40, 40)), rgb[:40, :40])
+    with open_slide(data_path("he_patches", "tiatoolbox_stain_target.png")) as r:
+        a = r.read_region((10, 10), 0, (32, 32))
+        a[:] = 0
+        assert r.read_region((10, 10), 0, (32, 32)).max() > 0

@@ -620,3 +620,47 @@ def test_pathml_v1_arrays_have_one_dtype_per_file(tmp_path):
         assert h.images[np.int64(1)].max() == np.float32(100.5)
         with H5PathWriter(tmp_path / "v2.h5path", slide=h.slide) as w:  # the conversion in docs/h5path.md
             w.add_tiles(h)
+
+
+def test_chunks_of_many_tiles_are_refused(tmp_path):
+    """A (hostile or foreign) file whose tiles share one big chunk would inflate all of them to read one:
+    refused when opened, naming the dataset."""
+    path = str(tmp_path / "bomb.h5path")
+    with H5PathWriter(path, slide={"name": "s"}) as w:
+        for i in range(4):
+            w.add_tile(np.full((32, 32, 3), 10 * i, np.uint8), (32 * i, 0), masks={"m": np.ones((32, 32), bool)})
+    with h5py.File(path, "r+") as f:
+        data = f["tiles/images"][()]
+        del f["tiles/images"]
+        f["tiles"].create_dataset("images", data=data, chunks=(4, 32, 32, 3), compression="gzip")
+    with pytest.raises(H5PathError, match=r"/tiles/images is stored in chunks of 4 tiles"):
+        read_h5path(path)
+
+
+def test_writer_output_errors_come_first_and_are_output_errors(tmp_path, monkeypatch):
+    """A missing folder, or a temporary folder on another file system (the finished file is moved into
+    place by a rename), is refused before any tile is written, as an OutputError (an OSError) that is also
+    an H5PathError."""
+    from histoflow.errors import OutputError
+
+    with pytest.raises(OutputError, match="the output folder .*nowhere does not exist") as e:
+        H5PathWriter(str(tmp_path / "nowhere" / "x.h5path"))
+    assert isinstance(e.value, H5PathError) and isinstance(e.value, OSError)
+    other = tmp_path / "other_fs"
+    other.mkdir()
+    real_stat = os.stat
+
+    def stat(p, *a, **k):  # the temporary folder on a device of its own
+        st = real_stat(p, *a, **k)
+        if os.fspath(p) == str(other):
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev + 1) + tuple(st)[3:])
+        return st
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(OutputError, match="is on another file system than the output"):
+        H5PathWriter(str(tmp_path / "x.h5path"), temp_dir=str(other))
+    assert os.listdir(other) == [] and not (tmp_path / "x.h5path").exists()
+    monkeypatch.undo()
+    with H5PathWriter(str(tmp_path / "x.h5path"), temp_dir=str(other)) as w:  # the same device: fine
+        w.add_tile(np.zeros((8, 8, 3), np.uint8), (0, 0))
+    assert len(read_h5path(str(tmp_path / "x.h5path"))) == 1

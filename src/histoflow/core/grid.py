@@ -82,6 +82,9 @@ class TileGrid:
         A slide-level mask (any resolution); keep only tiles it covers by at least ``min_coverage``.
     mask_downsample : float, optional
         Level-0 pixels per mask pixel. Default: inferred from the mask's width.
+    level_dimensions : sequence of (int, int), optional
+        (width, height) of each level. Tiles read from a level without resampling then cover exactly that
+        level's pixels (default: level 0's size over the downsample, which can be a pixel off).
     min_coverage : float
         Fraction (0..1) of the tile's area the mask must cover. With a mask and the default 0, a tile
         is kept when the mask touches it at all.
@@ -89,7 +92,7 @@ class TileGrid:
 
     def __init__(self, dimensions, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None,
                  level_downsamples=None, slide_mpp=None, edge="pad", mask=None, mask_downsample=None,
-                 min_coverage=0.0):
+                 min_coverage=0.0, level_dimensions=None):
         self.dimensions = (int(dimensions[0]), int(dimensions[1]))
         if min(self.dimensions) <= 0:
             raise RegionError(f"slide dimensions must be positive, got {self.dimensions}")
@@ -137,8 +140,12 @@ class TileGrid:
                 raise RegionError(f"level {self.level} does not exist (the slide has {len(self.level_downsamples)})")
             self.downsample = self.level_downsamples[self.level]
         self.level_downsample = self.level_downsamples[self.level]
-        # output-space size of the slide
+        # output-space size of the slide: a level's own size when tiles are read from it as they are (its
+        # downsample is level 0's size over its size, rounded: dividing by it can land a pixel off)
         self.out_size = (self.dimensions[0] / self.downsample, self.dimensions[1] / self.downsample)
+        if level_dimensions is not None and not self.resampled and self.level < len(level_dimensions):
+            lw, lh = level_dimensions[self.level]
+            self.out_size = (float(lw), float(lh))
         self.cols = _count(self.out_size[0], self.tile_size[0], self.stride[0], edge)
         self.rows = _count(self.out_size[1], self.tile_size[1], self.stride[1], edge)
         self.mask_filter = None

@@ -141,9 +141,15 @@ class SlideData:
                 mask_arr, mask_ds = self.masks[mask].array, self.masks[mask].downsample
             else:
                 mask_arr = np.asarray(mask)
-        return TileGrid(self.dimensions, tile_size, stride=stride, overlap=overlap, level=level, mpp=mpp,
-                        level_downsamples=[lv.downsample for lv in self.levels], slide_mpp=self.mpp, edge=edge,
-                        mask=mask_arr, mask_downsample=mask_ds, min_coverage=min_coverage)
+        try:
+            return TileGrid(self.dimensions, tile_size, stride=stride, overlap=overlap, level=level, mpp=mpp,
+                            level_downsamples=[lv.downsample for lv in self.levels], slide_mpp=self.mpp,
+                            edge=edge, mask=mask_arr, mask_downsample=mask_ds, min_coverage=min_coverage,
+                            level_dimensions=[(lv.width, lv.height) for lv in self.levels])
+        except RegionError as e:
+            if str(e).startswith(str(self.path)):
+                raise
+            raise type(e)(f"{self.path}: {e}") from None
 
     def read_tile(self, spec) -> Tile:
         """Read the tile of a :class:`~histoflow.core.grid.TileSpec`, with the slide masks under it."""
@@ -153,9 +159,14 @@ class SlideData:
         masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size) for k, m in self.masks.items()}
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
         # the part inside the slide, when the tile overhangs its right or bottom edge
-        w0, h0 = self.dimensions
-        ew = min(spec.size[0], math.ceil((w0 - spec.x) / spec.downsample - 1e-9))
-        eh = min(spec.size[1], math.ceil((h0 - spec.y) / spec.downsample - 1e-9))
+        lv = self.levels[spec.level]
+        if abs(spec.downsample - lv.downsample) > 1e-9:  # resampled from its level
+            w0, h0 = self.dimensions
+            ew = min(spec.size[0], math.ceil((w0 - spec.x) / spec.downsample - 1e-9))
+            eh = min(spec.size[1], math.ceil((h0 - spec.y) / spec.downsample - 1e-9))
+        else:  # read as it is from its level: the level's own pixels (x = round(lx * downsample))
+            ew = min(spec.size[0], lv.width - round(spec.x / spec.downsample))
+            eh = min(spec.size[1], lv.height - round(spec.y / spec.downsample))
         extent = None if (ew, eh) == tuple(spec.size) else (max(ew, 1), max(eh, 1))
         return Tile(image=image, coords=(spec.x, spec.y), level=spec.level, downsample=spec.downsample,
                     masks=masks, labels={}, slide_type=self.slide_type.name,

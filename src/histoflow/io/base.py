@@ -267,7 +267,10 @@ class SlideReader:
         ----------
         location : (x, y)
             Top-left corner in **level-0** pixel coordinates (may lie outside the slide). It is mapped
-            to the nearest pixel of ``level``; pixels are never interpolated.
+            to the nearest pixel of ``level``; pixels are never interpolated. One exception: the
+            ``openslide`` backend, at levels whose downsample is not a whole number, gets pixels that
+            OpenSlide itself shifted by a fraction of a pixel (bilinear); OpenSlide's API takes level-0
+            coordinates only. The ``tiff`` backend reads the same slides exactly.
         level : int
             Pyramid level to read from.
         size : (w, h)

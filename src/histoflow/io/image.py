@@ -48,6 +48,9 @@ class ImageReader(SlideReader):
         if im.mode not in _MODES:
             raise UnsupportedFormatError(f"{self.path}: unsupported image mode {im.mode!r}")
         self._mode, dtype, names, self.brightfield = _MODES[im.mode]
+        self._png16 = im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_bit_depth(self.path) == 16
+        if self._png16:  # Pillow reads 48/64-bit PNGs as 8 bits: decoded with imagecodecs instead
+            dtype = np.uint16
         self.dtype = np.dtype(dtype)
         self.channel_names = list(names)
         self.format = im.format or "image"
@@ -60,23 +63,43 @@ class ImageReader(SlideReader):
     def _array(self) -> np.ndarray:
         if self._pixels is None:
             try:
-                im = self._im.convert(self._mode) if self._im.mode != self._mode else self._im
-                a = np.asarray(im)
+                if self._png16:
+                    import imagecodecs
+
+                    with open(self.path, "rb") as fh:
+                        a = imagecodecs.png_decode(fh.read())
+                else:
+                    im = self._im.convert(self._mode) if self._im.mode != self._mode else self._im
+                    a = np.asarray(im)
             except Exception as e:
                 raise SlideReadError(f"{self.path}: cannot decode image: {type(e).__name__}: {e}") from None
             if a.ndim == 2:
                 a = a[:, :, None]
             if a.shape[2] == 4:  # composite on white
-                al = a[:, :, 3:4].astype(np.uint16)
-                a = ((a[:, :, :3].astype(np.uint16) * al + 255 * (255 - al) + 127) // 255).astype(np.uint8)
+                top = 65535 if a.dtype == np.uint16 else 255
+                al = a[:, :, 3:4].astype(np.uint32)
+                a = ((a[:, :, :3].astype(np.uint32) * al + top * (top - al) + top // 2) // top).astype(a.dtype)
             self._pixels = np.ascontiguousarray(a.astype(self.dtype, copy=False))
         return self._pixels
 
     def _read(self, level, x, y, w, h):
-        return self._array()[y:y + h, x:x + w]
+        # a copy: the decoded image is kept for the next reads, and tiles may be changed in place
+        return self._array()[y:y + h, x:x + w].copy()
 
     def _close(self):
         im = getattr(self, "_im", None)
         if im is not None:
             im.close()
         self._pixels = None
+
+
+def _png_bit_depth(path) -> int | None:
+    """The bit depth in a PNG's header (IHDR), or None when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(26)
+    except OSError:
+        return None
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]

@@ -1,5 +1,9 @@
 """OpenSlide backend (openslide-python + openslide-bin): NDPI, MRXS, SCN, BIF, Philips TIFF, SVS, generic
-tiled TIFF, and whatever else OpenSlide reads. Regions come back RGB with empty areas white."""
+tiled TIFF, and whatever else OpenSlide reads. Regions come back RGB with empty areas white.
+
+OpenSlide takes level-0 coordinates: at a level whose downsample is not a whole number, it shifts the region
+by the fraction of a pixel that the level-0 corner falls between level pixels (bilinear interpolation).
+Regions of such levels can then differ slightly from the ``tiff`` backend's exact pixels."""
 from __future__ import annotations
 
 import numpy as np

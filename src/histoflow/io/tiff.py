@@ -334,14 +334,16 @@ class TiffReader(SlideReader):
         if out is None:
             out = np.empty((h, w, pl.samples), self.dtype)
             c0 = 0
-        per_sample = pl.samples // pl.separate if pl.separate > 1 else pl.keep
+        # planar-separate pages hold one sample per plane: read the planes of the samples kept (an alpha
+        # plane dropped by ``keep`` is never decoded); contiguous pages hold all samples in one plane
+        per_sample, planes = (1, min(pl.separate, pl.keep)) if pl.separate > 1 else (pl.keep, 1)
         for r in range(row0, row1 + 1):
             ty0 = r * th
             sy0, sy1 = max(y, ty0), min(y + h, ty0 + th, pl.height)
             for c in range(col0, col1 + 1):
                 tx0 = c * tw
                 sx0, sx1 = max(x, tx0), min(x + w, tx0 + tw, pl.width)
-                for s in range(pl.separate):
+                for s in range(planes):
                     tile = self._decode(level, pl, s * per_plane + r * pl.tiles_across + c, c, r)
                     cs = c0 + s * per_sample
                     out[sy0 - y:sy1 - y, sx0 - x:sx1 - x, cs:cs + per_sample] = \

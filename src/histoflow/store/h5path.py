@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - optional speed-up
 
 from .. import __version__
 from ..core.tile import Tile
-from ..errors import H5PathError
+from ..errors import H5PathError, H5PathOutputError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "EncodedTile", "H5Path", "H5PathWriter", "encode_tile", "read_h5path"]
 
@@ -375,8 +375,10 @@ class H5PathWriter:
     Raises
     ------
     H5PathError
-        Bad metadata, an existing target with ``overwrite=False``, or a temporary file that cannot
-        be created.
+        Bad metadata, or an existing target with ``overwrite=False``.
+    H5PathOutputError
+        (an ``H5PathError`` and an ``OutputError``, i.e. ``OSError``) The output folder is missing, the
+        temporary file cannot be created, or ``temp_dir`` is on another file system than ``path``.
 
     Examples
     --------
@@ -408,12 +410,22 @@ class H5PathWriter:
         self._channel_names = meta.get("channel_names")
 
         self._tmp = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise H5PathOutputError(f"{self.path}: the output folder {folder} does not exist")
         if temp_dir is not None:
             self._tmp = os.path.join(os.fspath(temp_dir), os.path.basename(self._tmp))
+            try:
+                same = os.stat(os.fspath(temp_dir)).st_dev == os.stat(folder).st_dev
+            except OSError as e:
+                raise H5PathOutputError(f"{self.path}: cannot use temp_dir {temp_dir}: {e}") from None
+            if not same:  # the finished file is moved into place: a rename, which cannot cross file systems
+                raise H5PathOutputError(f"{self.path}: temp_dir {temp_dir} is on another file system than the "
+                                        "output; give a temp_dir next to it, or none")
         try:
             self._f = h5py.File(self._tmp, "w-")
         except OSError as e:
-            raise H5PathError(f"{self.path}: cannot create the temporary file {self._tmp}: {e}") from e
+            raise H5PathOutputError(f"{self.path}: cannot create the temporary file {self._tmp}: {e}") from e
         self._closed = False
         try:
             f = self._f
@@ -1082,6 +1094,15 @@ def _is_str_dtype(dt) -> bool:
     return h5py.check_string_dtype(dt) is not None
 
 
+def _check_chunks(ds, path):
+    """Refuse a per-tile dataset stored in chunks larger than a tile may be: reading one tile decompresses
+    its whole chunk, so a small hostile file could otherwise inflate gigabytes for one tile."""
+    if ds.chunks is not None and ds.chunks[0] != 1:
+        raise H5PathError(f"{path}: {ds.name} is stored in chunks of {ds.chunks[0]} tiles (shape {ds.chunks}); "
+                          "this format stores one tile a chunk, and reading one tile would decompress them all; "
+                          "refused")
+
+
 class _V2Reader:
     """Reader of format version 2 (internal; use :func:`read_h5path`)."""
 
@@ -1118,6 +1139,7 @@ class _V2Reader:
         if h * w * c * img.dtype.itemsize > MAX_TILE_BYTES:
             raise H5PathError(f"{path}: tiles of shape {img.shape[1:]} are larger than "
                               f"{MAX_TILE_BYTES >> 20} MiB each; refused")
+        _check_chunks(img, path)
         expect = {"coords": ((n, 2), "i"), "level": ((n,), "i"), "downsample": ((n,), "f"),
                   "names": ((n,), "s")}
         for name, (shape, kind) in expect.items():
@@ -1135,6 +1157,7 @@ class _V2Reader:
             if ds.shape != (n, h, w) or not (ds.dtype.kind in "ui" or ds.dtype in (np.float32, np.float64)):
                 raise H5PathError(f"{path}: inconsistent: tile mask {ds.name} has shape {ds.shape} "
                                   f"dtype {ds.dtype}, expected ({n}, {h}, {w})")
+            _check_chunks(ds, path)
             self._tile_masks[name] = (ds, bool(_attr(ds, "bool", path, False)))
         lg = _group(tiles, "labels", path)
         for name in (lg or {}):
