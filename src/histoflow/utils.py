@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from .errors import ParameterError
+
 #: additive colours for fluorescence channels, in order (blue first: the nuclear stain usually comes first)
 CHANNEL_COLOURS = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (255, 0, 255), (0, 255, 255), (255, 255, 0),
                    (255, 128, 0), (128, 0, 255), (255, 255, 255)]
@@ -120,7 +122,7 @@ def outline_instances(rgb: np.ndarray, labels: np.ndarray, colour=(255, 255, 0))
     rgb = np.asarray(rgb)
     labels = np.asarray(labels)
     if labels.ndim != 2 or rgb.ndim != 3:
-        raise ValueError(f"need a 2-D label image and an (h, w, 3) picture, got {labels.shape} and {rgb.shape}")
+        raise ParameterError(f"need a 2-D label image and an (h, w, 3) picture, got {labels.shape} and {rgb.shape}")
     h, w = rgb.shape[:2]
     if labels.shape != (h, w):
         rows = np.minimum(((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.intp), labels.shape[0] - 1)

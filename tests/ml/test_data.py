@@ -251,6 +251,20 @@ def test_wsi_patch_equals_read_region(reader):
     assert float(ds[2]["image"][:, -1, -1].min()) == 1.0
 
 
+def test_wsi_grid_patches_are_the_grid_tiles(mosaic2):
+    """coords=None lists the TileGrid's tiles; at a target µm/px each grid tile reads 256 or 257 level
+    pixels by where it falls, and each patch must read its own (one size per slide made most of them
+    differ from the tiles)."""
+    ds = WSIPatchDataset([mosaic2], patch_size=128, mpp=1.0, tissue_filter=False)
+    with histoflow.SlideData(mosaic2) as s:
+        grid = s.grid(128, mpp=1.0)
+        assert len({t.read_size for t in grid}) > 1
+        assert len(ds) == len(grid)
+        for i in range(0, len(grid), 7):
+            want = s.read_tile(grid[i]).image
+            np.testing.assert_array_equal(_as_uint8(ds[i]["image"]), want)
+
+
 def test_wsi_patch_at_target_mpp_covers_twice_the_area(reader):
     x, y = 700, 1100
     ds = WSIPatchDataset([SVS], coords=np.array([[0, x, y]]), patch_size=128, mpp=1.0)

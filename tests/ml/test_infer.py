@@ -114,3 +114,32 @@ def test_segmentation_pads_to_the_model_divisor(tmp_path):
     onnx = export_onnx(models.load(deep), tmp_path / "deep.onnx", input_shape=(1, 3, 128, 128),
                        dynamic_spatial=True)
     np.testing.assert_allclose(SemanticSegmentation(str(onnx)).F(img), p, atol=1e-4)
+
+
+class _Darkness(torch.nn.Module):
+    """A per-pixel 'segmenter': class 1's logit is 20 x (0.7 - grey), so the true map is known everywhere."""
+
+    def forward(self, x):
+        g = x[:, :3].mean(1, keepdim=True)
+        return torch.cat([torch.zeros_like(g), 20 * (0.7 - g)], 1)
+
+
+@pytest.mark.parametrize("overlap", [0, 64])
+def test_stitched_map_is_right_up_to_the_slide_edges(tmp_path, overlap):
+    """Edge tiles reach past the slide (padded): their maps are cut at the slide's edge, not squeezed into
+    the part inside it (which shifted the last row and column of the stitched map)."""
+    onnx_path = export_onnx(_Darkness(), tmp_path / "dark.onnx", input_shape=(1, 3, 64, 64), dynamic_spatial=True)
+    with SlideData(SVS) as s:
+        out = s.run(SemanticSegmentation(str(onnx_path)), str(tmp_path / "s.h5path"), tile_size=512,
+                    overlap=overlap, executor="inprocess", progress=False)
+        w, h = s.dimensions
+        image = s.reader.read_region((0, 0), 0, (w, h))[..., :3].astype(np.float32) / 255
+        last = s.grid(512, overlap=overlap)[-1]
+    with read_h5path(out) as f:
+        stitched = np.asarray(f.masks["segmentation_prob_1"])
+    truth = 1 / (1 + np.exp(-20 * (0.7 - image.mean(2))))
+    assert stitched.shape == truth.shape
+    diff = np.abs(stitched - truth)
+    assert last.x + 512 > w and last.y + 512 > h  # the last tiles do overhang the slide
+    assert diff[:, last.x:].max() < 0.01 and diff[last.y:, :].max() < 0.01  # last column and row
+    assert diff.max() < 0.01

@@ -310,3 +310,28 @@ def test_grey_input_and_missing_model_files(val_sample, tmp_path):
     assert np.array_equal(a, seg.F(np.repeat(grey[:, :, None], 3, axis=2), mpp=0.25))
     with pytest.raises(ValueError, match=r"expected an RGB \(or grey\) H&E image, got shape \(64, 64, 22\)"):
         seg.F(np.zeros((64, 64, 22), np.uint16))
+
+
+def test_crops_past_the_image_border_show_no_unlabelled_nuclei():
+    """Crops near the border are filled past it with white glass and no nucleus: a mirrored image there
+    (with background labels, since the mask was padded with 0) taught mirrored nuclei as background once a
+    zoom-out pulled that margin into view. The image here is painted from a real MoNuSeg instance mask
+    (nuclei dark, the rest light), so every dark pixel of a crop must be labelled."""
+    from scipy import ndimage as ndi
+
+    inst = load_monuseg(data_path("monuseg_train"), ["TCGA-21-5784-01Z-00-DX1"])[0]["instances"]
+    img = np.where(inst[..., None] > 0, 40, 230).astype(np.uint8).repeat(3, 2)
+    ds = NucleusCrops([{"image": img, "instances": inst}], crop=128, length=300, margin=32,
+                      augment=Compose([RandomZoom((0.7, 0.7))]), seed=0)
+    bad = []
+    for i in range(len(ds)):
+        item = ds[i]
+        grey = item["image"].numpy().mean(0) * 255
+        near = ndi.binary_dilation(item["instances"].numpy() > 0, iterations=2)  # resampling blurs edges
+        bad.append(int(((grey < 60) & ~near).sum()))
+    assert max(bad) == 0, sorted(bad)[-5:]
+    from histoflow.ml.nucleus import _crop_pad
+
+    c = _crop_pad(img, -20, -10, 64, 255)
+    assert (c[:20] == 255).all() and (c[:, :10] == 255).all() and np.array_equal(c[20:, 10:], img[:44, :54])
+    assert (_crop_pad(inst, -20, -10, 64, 0)[:20] == 0).all()

@@ -147,3 +147,72 @@ def test_config_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(tmp_path / "none.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "none.yaml: no such configuration file" in r.stderr
+
+
+def _classification_store(tmp_path, label_of):
+    from histoflow.core.slide import SlideData
+
+    with SlideData(SVS) as s:
+        tiles = []
+        for t in s.generate_tiles(32, level=0, stride=64):
+            t.labels.update(label_of(t))
+            tiles.append(t)
+            if len(tiles) == 48:
+                break
+        return s.write(str(tmp_path / "t.h5path"), tiles=tiles)
+
+
+def test_tile_classification_labels_are_classes(tmp_path):
+    """Class names map to 0..k-1 (recorded in the card); fractional numbers and classes past the model's
+    outputs are ConfigErrors, not a raw AttributeError / IndexError or a silent truncation."""
+    store = _classification_store(tmp_path, lambda t: {"kind": "tissue" if t.image.mean() < 210 else "glass",
+                                                       "score": float(t.image.mean()) / 255,
+                                                       "grade": int(t.image.mean() < 210) * 2})
+
+    def cfg(label, classes=2, out="cls"):
+        return {"task": "tile_classification", "data": {"train": store, "val": store, "label": label},
+                "model": {"name": "rccnet", "params": {"num_classes": classes}},
+                "train": {"epochs": 1, "batch_size": 16, "progress": False}, "output": str(tmp_path / out)}
+
+    c = cfg("kind")
+    trainer, hist = train_from_config(c)
+    assert len(hist) == 1
+    from histoflow.ml import models
+
+    assert models.read_card(str(tmp_path / "cls" / "best.pt"))["classes"] == ["glass", "tissue"]
+    with pytest.raises(ConfigError, match="label 'score' holds numbers with fractions"):
+        train_from_config(cfg("score", out="s"))
+    with pytest.raises(ConfigError, match="label 'grade' has class 2, but the model gives 2 outputs"):
+        train_from_config(cfg("grade", out="g"))
+
+
+@pytest.mark.parametrize("section, bad, message", [
+    ("train", {"schedule": "cosine"}, "train: schedule must be"),
+    ("train", {"epochs": 0}, "train: epochs must be a whole number"),
+    ("train", {"lr": "fast"}, "train: lr must be a number"),
+    ("train", {"device": "gpu"}, "train: device 'gpu' is not a torch device"),
+    ("model", {"bogus": 1}, "model 'rccnet' cannot be made with model.params"),
+    ("augment", {"stain": 0.1}, "data.augment: a value does not fit its augmentation"),
+])
+def test_config_mistakes_are_one_line_errors(tmp_path, section, bad, message):
+    """Ordinary mistakes in a configuration end `histoflow train` with one line naming the setting, not a
+    traceback."""
+    store = _classification_store(tmp_path, lambda t: {"tissue": int(t.image.mean() < 210)})
+    cfg = {"task": "tile_classification", "data": {"train": store, "label": "tissue"},
+           "model": {"name": "rccnet", "params": {"num_classes": 2}},
+           "train": {"epochs": 1, "batch_size": 16, "progress": False}, "output": str(tmp_path / "cls")}
+    if section == "model":
+        cfg["model"]["params"].update(bad)
+    elif section == "augment":
+        cfg = {"task": "nucleus_segmentation", "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"],
+                                                       "val_ids": [], "augment": bad},
+               "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}},
+               "output": str(tmp_path / "run")}
+    else:
+        cfg["train"].update(bad)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("histoflow: error:") and message in r.stderr and "Traceback" not in r.stderr, r.stderr

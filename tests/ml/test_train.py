@@ -202,3 +202,21 @@ def test_weight_average_is_validated_saved_and_resumed(patches, tmp_path):
         trainer(tmp_path / "c", epochs=2).fit(*_loaders(patches), resume=True)
     with pytest.raises(ValueError, match="ema"):
         Trainer(_model(), torch.nn.CrossEntropyLoss(), ema=1.5)
+
+
+def test_empty_validation_and_bad_settings_are_refused(patches, tmp_path):
+    """An empty validation loader gave a loss of 0 that won every epoch (best.pt stuck at epoch 1, early
+    stopping after `patience`); settings out of range are ParameterErrors naming the setting."""
+    from histoflow.errors import ParameterError
+
+    train, _ = _loaders(patches)
+    x, y = patches
+    empty = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:0], y[:0]), batch_size=8)
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=2, patience=1, out_dir=tmp_path, progress=False)
+    with pytest.raises(TrainingError, match="validation data loader gave no batch"):
+        t.fit(train, empty)
+    assert not (tmp_path / "best.pt").exists()
+    for kw, what in (({"epochs": 0}, "epochs"), ({"lr": "fast"}, "lr"), ({"accumulate": 1.5}, "accumulate"),
+                     ({"ema": 1.5}, "ema"), ({"patience": 0}, "patience"), ({"device": "gpu"}, "device")):
+        with pytest.raises(ParameterError, match=what):
+            Trainer(_model(), torch.nn.CrossEntropyLoss(), progress=False, **kw)

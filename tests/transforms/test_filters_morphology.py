@@ -315,3 +315,30 @@ def test_otsu_on_one_grey_level_is_the_same_for_every_dtype():
         tile = np.full((16, 16, 3), white, dtype)
         masks.add(int(binary_threshold(tile, inverse=True).sum()))
     assert masks == {0}
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.int8, np.float16, np.bool_])
+def test_blurs_take_any_dtype(dtype):
+    """OpenCV's Gaussian and box filters lack some dtypes (an int32 nucleus mask, a bool mask): those are
+    filtered in float64 and brought back to their dtype, instead of failing with cv2.error on every tile."""
+    from histoflow.core.tile import Tile
+    from histoflow.transforms.nuclei import NucleusDetectionHE
+
+    rng = np.random.default_rng(0)
+    a = (rng.random((40, 50)) * (1 if dtype == np.bool_ else 100)).astype(dtype)
+    if dtype == np.bool_:
+        a = rng.random((40, 50)) > 0.5
+    for fn in (lambda x: gaussian_blur(x, 5, 1.5), lambda x: box_blur(x, 5), lambda x: median_blur(x, 5)):
+        out = fn(a)
+        assert out.dtype == a.dtype and out.shape == a.shape
+        ref = fn(a.astype(np.float64))
+        if dtype == np.bool_:
+            assert np.array_equal(out, ref >= 0.5)
+        elif np.dtype(dtype).kind in "iu":
+            assert np.abs(out.astype(np.float64) - np.rint(ref)).max() == 0
+        else:
+            assert np.abs(out.astype(np.float64) - ref).max() < 0.1
+    img = np.asarray(Image.open(data_path("he_patches", "stardist_histo.jpg")).convert("RGB"))[:128, :128]
+    tile = Tile(img.copy(), (0, 0), slide_type="HE")
+    Pipeline([NucleusDetectionHE(), GaussianBlur(3, sigma=1, mask_name="nuclei")]).apply(tile)
+    assert tile.masks["nuclei"].dtype == np.int32

@@ -138,3 +138,104 @@ def test_listing_marks_required_parameters():
     items = {t["name"]: t for t in list_transforms()}
     assert items["ForegroundDetection"]["required"] == ["mask_name"]
     assert items["BoxBlur"]["required"] == []
+
+
+def test_steps_are_fitted_to_the_slide_as_earlier_steps_leave_it(tmp_path):
+    """A slide-level fit after a step that changes the pixels sees the changed pixels: a linear rescale
+    before SegmentNuclei once left its threshold fitted on the raw slide (9.3 instead of 3.5 for 0..100),
+    and the nuclei found dropped from ~1,730 to 440."""
+    from datafiles import data_path
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    from histoflow.core.slide import SlideData
+    from histoflow.store import read_h5path
+    from histoflow.transforms import RescaleIntensity, SegmentNuclei
+    from histoflow.transforms.intensity import rescale_intensity
+
+    path = data_path("wsi", "qptiff", "small_vectra.qptiff")
+    plain = Pipeline([SegmentNuclei(nuclear_channel="DAPI")])
+    scaled = Pipeline([RescaleIntensity(in_range="dtype", out_range=(0, 100)), SegmentNuclei(nuclear_channel="DAPI")])
+    counts = []
+    for i, p in enumerate((plain, scaled)):
+        with SlideData(path) as s:
+            out = s.run(p, str(tmp_path / f"{i}.h5path"), tile_size=512, overlap=32, executor="inprocess",
+                        progress=False)
+            thumb = np.asarray(s.thumbnail(2048, channels=[0]))[..., 0]
+            sigma = 0.8 / (s.mpp[0] * s.dimensions[0] / thumb.shape[1])
+        with read_h5path(out) as h:
+            counts.append(sum(int(h.tile(k).labels["nucleus_count"]) for k in range(len(h))))
+    seen = rescale_intensity(thumb, "dtype", (0, 100)).astype(np.float32)
+    with SlideData(path) as s:
+        scaled.fit_slide(s)
+    assert scaled.steps[1].threshold_ == pytest.approx(threshold_otsu(ndi.gaussian_filter(seen, sigma)), rel=0.02)
+    assert abs(counts[1] - counts[0]) < 0.03 * counts[0], counts
+
+
+def test_pipeline_file_errors_and_slide_type_changes(tmp_path):
+    """A slide given where the pipeline file goes gets a PipelineError (not a UnicodeDecodeError); a step
+    that renders H&E (VirtualHE) lets H&E steps follow it; the engine's check names the slide."""
+    from datafiles import data_path
+
+    from histoflow.core.slide import SlideData
+    from histoflow.transforms import NucleusDetectionHE, VirtualHE
+
+    with pytest.raises(PipelineError, match="not a pipeline YAML file"):
+        Pipeline.load(SVS)
+    qptiff = data_path("wsi", "qptiff", "small_vectra.qptiff")
+    ok = Pipeline([VirtualHE(nuclear_channel="DAPI"), NucleusDetectionHE()])
+    ok.check("Vectra")
+    with pytest.raises(PipelineError, match="step 0 NucleusDetectionHE accepts HE slides, not Vectra"):
+        Pipeline([NucleusDetectionHE()]).check("Vectra")
+    with SlideData(qptiff) as s:
+        with pytest.raises(PipelineError, match=r"small_vectra.qptiff: step 0 NucleusDetectionHE accepts HE"):
+            s.run(Pipeline([NucleusDetectionHE()]), str(tmp_path / "x.h5path"), executor="inprocess", progress=False)
+        out = s.run(ok, str(tmp_path / "ok.h5path"), tile_size=512, executor="inprocess", progress=False)
+    from histoflow.store import read_h5path
+
+    with read_h5path(out) as h:
+        assert "nuclei" in h.tile_mask_names and h.tile(0).image.shape[2] == 3
+
+
+def test_unregistered_steps_are_not_saved_and_pipeline_subclasses_round_trip():
+    class Helper(Transform, register=False):
+        def apply(self, tile):
+            pass
+
+    with pytest.raises(PipelineError, match="Helper is not a registered transform"):
+        Pipeline([BoxBlur(3), Helper()]).to_yaml()
+    Pipeline([BoxBlur(3), Helper()]).to_document()  # provenance of a run still records it
+
+    class Stage(Pipeline):
+        pass
+
+    back = Pipeline.from_yaml(Pipeline([Stage([BoxBlur(3)])]).to_yaml())
+    assert type(back.steps[0]) is Stage and back.steps[0].steps[0] == BoxBlur(3)
+
+
+def _makers():
+    import histoflow.transforms as T
+
+    return [
+        (lambda: T.StainNormalizationHE(max_c_percentile=150), "max_c_percentile"),
+        (lambda: T.StainNormalizationHE(regularizer=-1, stain_estimation_method="vahadane"), "regularizer"),
+        (lambda: T.StainNormalizationHE(luminosity_threshold="0.8", stain_estimation_method="reinhard"),
+         "luminosity_threshold"),
+        (lambda: T.StainAugmentation(seed="abc"), "seed"),
+        (lambda: T.NucleusDetectionHE(min_distance="4"), "min_distance"),
+        (lambda: T.NucleusDetectionHE(mask_name=None), "mask_name"),
+        (lambda: T.SegmentNuclei(nuclear_channel=0, sigma_um="1"), "sigma_um"),
+        (lambda: T.VirtualHE(nuclear_channel=0, percentile=250), "percentile"),
+        (lambda: T.CollapseRunsVectra(n_channels=-1), "n_channels"),
+        (lambda: T.CollapseRunsCODEX(n_cycles=0), "n_cycles"),
+    ]
+
+
+@pytest.mark.parametrize("make, what", _makers(), ids=[w for _, w in _makers()])
+def test_bad_parameters_are_refused_when_made(make, what):
+    """Bad values are refused by the constructor with a ParameterError naming the parameter, not per tile
+    (or never: a mask named None, channels dropped by a negative count)."""
+    from histoflow.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=what):
+        make()

@@ -364,3 +364,45 @@ def test_a_stain_missing_from_the_dark_pixels_is_not_blown_up(method):
     out = StainNormalizationHE(stain_estimation_method=method).F(tile)
     pink = out[:, 128:].reshape(-1, 3).mean(axis=0)
     assert pink.min() > 100 and pink[0] > pink[1], pink  # still light and reddish
+
+
+def test_two_stain_matrix_gives_least_squares_concentrations(cmu):
+    """A (2, 3) matrix gets a third row orthogonal to both stains, so their concentrations are the least
+    squares fit of each pixel's OD (the absolute value of the cross product, used before, is not
+    orthogonal to Ruifrok's H&E and leaked 0.35 OD of residual into H)."""
+    he = np.asarray(S._skimage_matrices()[:2])
+    c = color_deconvolution(cmu, he)
+    od = -np.log(np.maximum(cmu.reshape(-1, 3).astype(np.float64) / 255, 1e-6))
+    lsq = np.maximum(od @ np.linalg.pinv(he), 0)
+    np.testing.assert_allclose(c.reshape(-1, 3)[:, :2], lsq, atol=1e-3)
+    third = S._complete_matrix(he)[2]
+    assert abs(third @ he[0]) < 1e-9 and abs(third @ he[1]) < 1e-9
+
+
+def test_fitted_reference_is_a_parameter(tmp_path, slide, cmu):
+    """fit_to_reference sets `reference`, a parameter: it is saved with the pipeline, and a run with
+    another reference is not taken for a finished one on resume."""
+    from histoflow.store import read_h5path
+
+    ref_a = np.asarray(Image.open(data_path("he_patches", "tiatoolbox_stain_target.png")).convert("RGB"))
+    ref_b = np.asarray(Image.open(data_path("he_patches", "napari_skin_HE.tif")).convert("RGB"))
+    for method in ("macenko", "reinhard"):
+        n = StainNormalizationHE(stain_estimation_method=method).fit_to_reference(ref_a)
+        assert n.get_params()["reference"] is not None
+        back = Pipeline.from_yaml(Pipeline([n]).to_yaml()).steps[0]
+        np.testing.assert_array_equal(back.F(cmu), n.F(cmu))
+    with pytest.raises(ValueError, match="reference for macenko is a mapping"):
+        StainNormalizationHE(reference={"lab_means": [1, 2, 3], "lab_stds": [1, 1, 1]})
+    out = str(tmp_path / "n.h5path")
+    means = []
+    for ref, resume in ((ref_a, False), (ref_b, True)):
+        p = Pipeline([StainNormalizationHE().fit_to_reference(ref)])
+        SlideData(SVS).run(p, out, tile_size=512, executor="inprocess", progress=False, resume=resume)
+        with read_h5path(out) as h:
+            means.append(np.mean([h.tile(i).image.mean() for i in range(len(h))]))
+    fresh = str(tmp_path / "fresh.h5path")
+    SlideData(SVS).run(Pipeline([StainNormalizationHE().fit_to_reference(ref_b)]), fresh, tile_size=512,
+                       executor="inprocess", progress=False)
+    with read_h5path(fresh) as h:
+        want = np.mean([h.tile(i).image.mean() for i in range(len(h))])
+    assert means[1] == pytest.approx(want) and abs(means[0] - means[1]) > 0.1

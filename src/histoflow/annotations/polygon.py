@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import HistoflowError
+from ..errors import HistoflowError, ParameterError
 
 __all__ = ["AnnotationError", "Polygon", "rasterize"]
 
@@ -134,7 +134,7 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
 
     labels = np.asarray(labels)
     if labels.ndim != 2:
-        raise ValueError(f"polygonize needs a 2-D label image, got shape {labels.shape}")
+        raise ParameterError(f"polygonize needs a 2-D label image, got shape {labels.shape}")
     out = []
     ox, oy = origin
     for value, sl in enumerate(ndi.find_objects(labels.astype(np.int64, copy=False)), start=1):
@@ -186,7 +186,7 @@ def rasterize_slide(polygons, slide, level: int | None = None, mpp: float | None
     reader = open_slide(slide) if own else getattr(slide, "reader", slide)
     try:
         if level is not None and mpp is not None:
-            raise ValueError("give either level or mpp, not both")
+            raise ParameterError("give either level or mpp, not both")
         w0, h0 = reader.dimensions
         if mpp is not None:
             if reader.mpp is None:

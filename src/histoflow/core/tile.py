@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import ParameterError
+
 
 @dataclass
 class Tile:
@@ -64,7 +66,7 @@ class Tile:
         if self.image.ndim == 2:
             self.image = self.image[:, :, None]
         if self.image.ndim != 3:
-            raise ValueError(f"tile image must be (h, w, c), got shape {self.image.shape}")
+            raise ParameterError(f"tile image must be (h, w, c), got shape {self.image.shape}")
 
     @property
     def shape(self):

@@ -236,7 +236,10 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
             raise PipelineError(f"{slide.path}: the pipeline needs slide mask(s) {missing} as inputs, which the "
                                 "slide does not have: add them with slide.add_mask(...), or pass "
                                 "tissue_filter=... to make 'tissue'")
-        pipeline.check(slide.slide_type, available_masks=set(slide.masks))
+        try:
+            pipeline.check(slide.slide_type, available_masks=set(slide.masks))
+        except PipelineError as e:
+            raise PipelineError(f"{slide.path}: {e}") from None
         job.pipeline = copy.deepcopy(pipeline)  # fitted per slide
         job.pipeline.fit_slide(slide)
     grid = slide.grid(tiling["tile_size"], stride=tiling["stride"], overlap=tiling["overlap"],

@@ -31,19 +31,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ParameterError
+
 __all__ = ["ClusterGuide", "ClusterModule"]
 
 
 def _features(x, name: str = "features") -> np.ndarray:
     a = np.asarray(x)
     if a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array (n_samples, n_features), got shape {a.shape}")
+        raise ParameterError(f"{name} must be a 2-D array (n_samples, n_features), got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
-        raise ValueError(f"{name} must be real numbers, got dtype {a.dtype}")
+        raise ParameterError(f"{name} must be real numbers, got dtype {a.dtype}")
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float64)
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} contain NaN or infinite values")
+        raise ParameterError(f"{name} contain NaN or infinite values")
     return a
 
 
@@ -77,17 +79,17 @@ class ClusterGuide:
     def __init__(self, n_clusters: int = 10, variance: Union[float, int] = 0.95,
                  random_state: Optional[int] = 0, n_init: int = 10, threads: Optional[int] = None) -> None:
         if int(n_clusters) < 1:
-            raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+            raise ParameterError(f"n_clusters must be >= 1, got {n_clusters}")
         if isinstance(variance, float) and not 0.0 < variance < 1.0:
-            raise ValueError(f"variance must be a fraction in (0, 1) or a number of components, got {variance}")
+            raise ParameterError(f"variance must be a fraction in (0, 1) or a number of components, got {variance}")
         if isinstance(variance, (int, np.integer)) and not isinstance(variance, bool) and variance < 1:
-            raise ValueError(f"variance as a number of components must be >= 1, got {variance}")
+            raise ParameterError(f"variance as a number of components must be >= 1, got {variance}")
         self.n_clusters = int(n_clusters)
         self.variance = variance
         self.random_state = random_state
         self.n_init = int(n_init)
         if threads is not None and int(threads) < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+            raise ParameterError(f"threads must be >= 1 or None, got {threads}")
         self.threads = None if threads is None else int(threads)
         self.scaler_ = self.pca_ = self.kmeans_ = None
 
@@ -106,9 +108,9 @@ class ClusterGuide:
 
         x = _features(features)
         if x.shape[0] < max(2, self.n_clusters):
-            raise ValueError(f"need at least n_clusters={self.n_clusters} (and 2) samples, got {x.shape[0]}")
+            raise ParameterError(f"need at least n_clusters={self.n_clusters} (and 2) samples, got {x.shape[0]}")
         if not np.any(np.ptp(x, axis=0) > 0):
-            raise ValueError("every feature is constant over the samples: nothing to cluster")
+            raise ParameterError("every feature is constant over the samples: nothing to cluster")
         with threadpool_limits(limits=self.threads):
             self.scaler_ = StandardScaler().fit(x)
             z = self.scaler_.transform(x)
@@ -145,8 +147,8 @@ class ClusterGuide:
         self._check_fitted()
         x = _features(features)
         if x.shape[1] != self.scaler_.n_features_in_:
-            raise ValueError(f"features have {x.shape[1]} columns (shape {x.shape}) but the guide was fitted "
-                             f"on {self.scaler_.n_features_in_}")
+            raise ParameterError(f"features have {x.shape[1]} columns (shape {x.shape}) but the guide was fitted "
+                                 f"on {self.scaler_.n_features_in_}")
         return self.pca_.transform(self.scaler_.transform(x))
 
     def predict(self, features) -> np.ndarray:
@@ -183,8 +185,8 @@ class ClusterModule(nn.Module):
                  dtype: torch.dtype = torch.float64) -> None:
         super().__init__()
         if min(n_features, n_components, n_clusters) < 1:
-            raise ValueError(f"sizes must be >= 1, got n_features={n_features}, n_components={n_components}, "
-                             f"n_clusters={n_clusters}")
+            raise ParameterError(f"sizes must be >= 1, got n_features={n_features}, n_components={n_components}, "
+                                 f"n_clusters={n_clusters}")
         self.register_buffer("scaler_mean", torch.zeros(n_features, dtype=dtype))
         self.register_buffer("scaler_scale", torch.ones(n_features, dtype=dtype))
         self.register_buffer("pca_mean", torch.zeros(n_features, dtype=dtype))
@@ -198,12 +200,12 @@ class ClusterModule(nn.Module):
         comps = np.asarray(pca_components)
         cent = np.asarray(centers)
         if comps.ndim != 2 or cent.ndim != 2 or cent.shape[1] != comps.shape[0]:
-            raise ValueError(f"pca_components {comps.shape} and centers {cent.shape} do not fit: expected "
-                             f"(p, d) and (k, p)")
+            raise ParameterError(f"pca_components {comps.shape} and centers {cent.shape} do not fit: expected "
+                                 f"(p, d) and (k, p)")
         d = comps.shape[1]
         for name, v in (("scaler_mean", scaler_mean), ("scaler_scale", scaler_scale), ("pca_mean", pca_mean)):
             if np.shape(v) != (d,):
-                raise ValueError(f"{name} shape {np.shape(v)} does not match pca_components shape {comps.shape}")
+                raise ParameterError(f"{name} shape {np.shape(v)} does not match pca_components shape {comps.shape}")
         m = cls(d, comps.shape[0], cent.shape[0], dtype=dtype)
         with torch.no_grad():
             for name, v in (("scaler_mean", scaler_mean), ("scaler_scale", scaler_scale), ("pca_mean", pca_mean),
@@ -230,7 +232,7 @@ class ClusterModule(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Features in the PCA space ``(N, p)``."""
         if features.ndim != 2 or features.shape[1] != self.n_features:
-            raise ValueError(f"features must be (N, {self.n_features}), got {tuple(features.shape)}")
+            raise ParameterError(f"features must be (N, {self.n_features}), got {tuple(features.shape)}")
         x = features.to(self.centers.dtype)
         z = (x - self.scaler_mean) / self.scaler_scale
         return (z - self.pca_mean) @ self.pca_components.T

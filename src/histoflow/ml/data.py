@@ -495,7 +495,7 @@ class WSIPatchDataset(Dataset):
         self.transform = transform
         self.max_open_slides = int(max_open_slides)
         self._geometry = []   # per slide: (level, read_size, size)
-        tables = []
+        tables, read_sizes = [], []
         for s, path in enumerate(self.slides):
             slide = SlideData(path)
             try:
@@ -503,12 +503,17 @@ class WSIPatchDataset(Dataset):
                 spec = grid.spec(0, 0)
                 self._geometry.append((spec.level, tuple(spec.read_size), tuple(spec.size)))
                 if coords is None:
-                    xy = np.array([(t.x, t.y) for t in grid], np.int64).reshape(-1, 2)
+                    specs = list(grid)
+                    xy = np.array([(t.x, t.y) for t in specs], np.int64).reshape(-1, 2)
                     tables.append(np.column_stack([np.full(len(xy), s, np.int64), xy]))
+                    # resampled grids read 256 or 257 level pixels by where a tile falls: each its own
+                    read_sizes.append(np.array([t.read_size for t in specs], np.int32).reshape(-1, 2))
             finally:
                 slide.close()
+        self._read_sizes = None  # per patch (grid tiles), else the slide's one read size
         if coords is None:
             self.coords = np.concatenate(tables) if tables else np.zeros((0, 3), np.int64)
+            self._read_sizes = np.concatenate(read_sizes) if read_sizes else np.zeros((0, 2), np.int32)
             per_slide = self.coords[:, 0]
             self.labels = {k: _label_array(k, v, len(self.slides), "slide")[per_slide]
                            for k, v in (labels or {}).items()}
@@ -589,6 +594,8 @@ class WSIPatchDataset(Dataset):
         i = int(i) % n
         s, x, y = (int(v) for v in self.coords[i])
         level, read_size, size = self._geometry[s]
+        if self._read_sizes is not None:
+            read_size = (int(self._read_sizes[i, 0]), int(self._read_sizes[i, 1]))
         image = self._reader(s).read_region((x, y), level, read_size)
         if read_size != size:
             image = resize(image, size)

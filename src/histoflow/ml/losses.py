@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ParameterError
+
 __all__ = [
     "DiceLoss", "dice_loss", "DiceCELoss", "dice_ce_loss",
     "HoVerNetLoss", "hovernet_loss", "hv_targets", "sobel_kernel_5x5",
@@ -55,9 +57,9 @@ def _as_weight(weight: Weights, n_classes: int, like: torch.Tensor) -> Optional[
         return None
     w = torch.as_tensor(weight, dtype=like.dtype, device=like.device).reshape(-1)
     if w.numel() != n_classes:
-        raise ValueError(f"class weights have {w.numel()} entries but the logits have {n_classes} classes")
+        raise ParameterError(f"class weights have {w.numel()} entries but the logits have {n_classes} classes")
     if bool((w < 0).any()):
-        raise ValueError("class weights must be non-negative")
+        raise ParameterError("class weights must be non-negative")
     return w
 
 
@@ -65,9 +67,9 @@ def _check_logits(logits: torch.Tensor, name: str = "logits", min_dim: int = 2) 
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.ndim < min_dim:
-        raise ValueError(f"{name} must have shape (N, C, ...), got {tuple(logits.shape)}")
+        raise ParameterError(f"{name} must have shape (N, C, ...), got {tuple(logits.shape)}")
     if not logits.is_floating_point():
-        raise ValueError(f"{name} must be floating point (logits), got {logits.dtype}")
+        raise ParameterError(f"{name} must be floating point (logits), got {logits.dtype}")
 
 
 def _onehot_target(logits: torch.Tensor, target: torch.Tensor, ignore_index: Optional[int] = None):
@@ -79,15 +81,15 @@ def _onehot_target(logits: torch.Tensor, target: torch.Tensor, ignore_index: Opt
     n_classes = logits.shape[1]
     if target.shape == logits.shape and target.is_floating_point():
         if ignore_index is not None:
-            raise ValueError("ignore_index needs integer class targets, not one-hot/soft targets")
+            raise ParameterError("ignore_index needs integer class targets, not one-hot/soft targets")
         return target.to(logits.dtype), None
     expected = (logits.shape[0],) + tuple(logits.shape[2:])
     if tuple(target.shape) != expected:
-        raise ValueError(
+        raise ParameterError(
             f"target shape {tuple(target.shape)} does not match logits shape {tuple(logits.shape)}: "
             f"expected integer classes {expected} or a float target {tuple(logits.shape)}")
     if target.is_floating_point():
-        raise ValueError(f"class-index target must be an integer tensor, got {target.dtype}")
+        raise ParameterError(f"class-index target must be an integer tensor, got {target.dtype}")
     target = target.long()
     valid = None
     if ignore_index is not None:
@@ -95,11 +97,11 @@ def _onehot_target(logits: torch.Tensor, target: torch.Tensor, ignore_index: Opt
         target = torch.where(valid, target, torch.zeros_like(target))
     if n_classes == 1:
         if bool(((target < 0) | (target > 1)).any()):
-            raise ValueError("a binary (single-channel) target must contain only 0 and 1")
+            raise ParameterError("a binary (single-channel) target must contain only 0 and 1")
         onehot = target.unsqueeze(1).to(logits.dtype)
     else:
         if bool(((target < 0) | (target >= n_classes)).any()):
-            raise ValueError(f"target classes must lie in [0, {n_classes - 1}]")
+            raise ParameterError(f"target classes must lie in [0, {n_classes - 1}]")
         onehot = F.one_hot(target, n_classes).movedim(-1, 1).to(logits.dtype)
     if valid is not None:
         valid = valid.unsqueeze(1).to(logits.dtype)
@@ -111,13 +113,13 @@ def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
         activation = "sigmoid" if logits.shape[1] == 1 else "softmax"
     if activation == "softmax":
         if logits.shape[1] == 1:
-            raise ValueError("softmax over a single channel is constant; use activation='sigmoid'")
+            raise ParameterError("softmax over a single channel is constant; use activation='sigmoid'")
         return torch.softmax(logits, dim=1)
     if activation == "sigmoid":
         return torch.sigmoid(logits)
     if activation == "none":
         return logits
-    raise ValueError(f"activation must be 'auto', 'softmax', 'sigmoid' or 'none', got {activation!r}")
+    raise ParameterError(f"activation must be 'auto', 'softmax', 'sigmoid' or 'none', got {activation!r}")
 
 
 def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -127,7 +129,7 @@ def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
         return x.sum()
     if reduction == "none":
         return x
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    raise ParameterError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +242,7 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[
     if logits.shape[1] == 1:
         onehot, valid = _onehot_target(logits, target, ignore_index)
         if weight is not None:
-            raise ValueError("class weights need C >= 2 channels; a binary logit has one")
+            raise ParameterError("class weights need C >= 2 channels; a binary logit has one")
         per_pixel = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
         if valid is None:
             return per_pixel.mean()
@@ -285,7 +287,7 @@ class DiceCELoss(nn.Module):
                  batch: bool = False, ignore_index: Optional[int] = None) -> None:
         super().__init__()
         if lambda_dice < 0 or lambda_ce < 0:
-            raise ValueError(f"lambda_dice and lambda_ce must be >= 0, got {lambda_dice}, {lambda_ce}")
+            raise ParameterError(f"lambda_dice and lambda_ce must be >= 0, got {lambda_dice}, {lambda_ce}")
         _activate(torch.zeros(1, 2), activation)
         self.lambda_dice = float(lambda_dice)
         self.lambda_ce = float(lambda_ce)
@@ -337,16 +339,16 @@ def hv_targets(instance_mask: np.ndarray) -> np.ndarray:
     """
     mask = np.asarray(instance_mask)
     if mask.ndim != 2:
-        raise ValueError(f"instance_mask must be a 2-D label image (H, W), got shape {mask.shape}")
+        raise ParameterError(f"instance_mask must be a 2-D label image (H, W), got shape {mask.shape}")
     if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        raise ValueError(f"instance_mask must hold integer labels, got dtype {mask.dtype}")
+        raise ParameterError(f"instance_mask must hold integer labels, got dtype {mask.dtype}")
     out = np.zeros((2,) + mask.shape, dtype=np.float32)
     fg = np.flatnonzero(mask)
     if fg.size == 0:
         return out
     labels = mask.ravel()[fg]
     if labels.min() < 0:
-        raise ValueError("instance_mask labels must be >= 0 (0 is background)")
+        raise ParameterError("instance_mask labels must be >= 0 (0 is background)")
     # one sort groups the pixels by nucleus: compact ids for bincount, segments for min/max
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
@@ -408,8 +410,8 @@ def _np_target(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.ndim == 4 and t.shape[1] == 1:
         return t[:, 0].long()
     if t.ndim != 3:
-        raise ValueError(f"target[{name!r}] must be (N, H, W) integer classes or (N, C, H, W) one-hot, "
-                         f"got shape {tuple(t.shape)}")
+        raise ParameterError(f"target[{name!r}] must be (N, H, W) integer classes or (N, C, H, W) one-hot, "
+                             f"got shape {tuple(t.shape)}")
     return t.long()
 
 
@@ -420,25 +422,25 @@ def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, t
     """The HoVer-Net loss (Graham et al., Medical Image Analysis 2019); see :class:`HoVerNetLoss`."""
     for key in (NP, HV):
         if key not in prediction:
-            raise ValueError(f"prediction lacks the {key!r} branch; it has {sorted(prediction)}")
+            raise ParameterError(f"prediction lacks the {key!r} branch; it has {sorted(prediction)}")
         if key not in target:
-            raise ValueError(f"target lacks the {key!r} branch; it has {sorted(target)}")
+            raise ParameterError(f"target lacks the {key!r} branch; it has {sorted(target)}")
     np_logits, hv_pred = prediction[NP], prediction[HV]
     _check_logits(np_logits, NP, 4)
     if np_logits.ndim != 4 or np_logits.shape[1] != 2:
-        raise ValueError(f"prediction[{NP!r}] must be (N, 2, H, W) logits, got {tuple(np_logits.shape)}")
+        raise ParameterError(f"prediction[{NP!r}] must be (N, 2, H, W) logits, got {tuple(np_logits.shape)}")
     n, _, h, w = np_logits.shape
     if tuple(hv_pred.shape) != (n, 2, h, w):
-        raise ValueError(f"prediction[{HV!r}] shape {tuple(hv_pred.shape)} does not match "
-                         f"prediction[{NP!r}] shape {tuple(np_logits.shape)}: expected {(n, 2, h, w)}")
+        raise ParameterError(f"prediction[{HV!r}] shape {tuple(hv_pred.shape)} does not match "
+                             f"prediction[{NP!r}] shape {tuple(np_logits.shape)}: expected {(n, 2, h, w)}")
     hv_true = target[HV]
     if tuple(hv_true.shape) != (n, 2, h, w):
-        raise ValueError(f"target[{HV!r}] shape {tuple(hv_true.shape)} does not match "
-                         f"prediction[{HV!r}] shape {tuple(hv_pred.shape)}")
+        raise ParameterError(f"target[{HV!r}] shape {tuple(hv_true.shape)} does not match "
+                             f"prediction[{HV!r}] shape {tuple(hv_pred.shape)}")
     np_true = _np_target(target[NP], NP)
     if tuple(np_true.shape) != (n, h, w):
-        raise ValueError(f"target[{NP!r}] shape {tuple(target[NP].shape)} does not match "
-                         f"prediction[{NP!r}] shape {tuple(np_logits.shape)}")
+        raise ParameterError(f"target[{NP!r}] shape {tuple(target[NP].shape)} does not match "
+                             f"prediction[{NP!r}] shape {tuple(np_logits.shape)}")
     np_true = (np_true > 0).long()  # an instance map or a {0,1} mask both work
     hv_true = hv_true.to(hv_pred.dtype)
 
@@ -453,18 +455,18 @@ def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, t
 
     has_tp_pred, has_tp_true = TP in prediction, TP in target
     if has_tp_pred != has_tp_true:
-        raise ValueError(f"{TP!r} must be in both prediction and target or in neither "
-                         f"(prediction: {has_tp_pred}, target: {has_tp_true})")
+        raise ParameterError(f"{TP!r} must be in both prediction and target or in neither "
+                             f"(prediction: {has_tp_pred}, target: {has_tp_true})")
     if has_tp_pred:
         tp_logits = prediction[TP]
         _check_logits(tp_logits, TP, 4)
         if tp_logits.ndim != 4 or tuple(tp_logits.shape[2:]) != (h, w) or tp_logits.shape[0] != n:
-            raise ValueError(f"prediction[{TP!r}] shape {tuple(tp_logits.shape)} does not match "
-                             f"prediction[{NP!r}] shape {tuple(np_logits.shape)}")
+            raise ParameterError(f"prediction[{TP!r}] shape {tuple(tp_logits.shape)} does not match "
+                                 f"prediction[{NP!r}] shape {tuple(np_logits.shape)}")
         tp_true = _np_target(target[TP], TP)
         if tuple(tp_true.shape) != (n, h, w):
-            raise ValueError(f"target[{TP!r}] shape {tuple(target[TP].shape)} does not match "
-                             f"prediction[{TP!r}] shape {tuple(tp_logits.shape)}")
+            raise ParameterError(f"target[{TP!r}] shape {tuple(target[TP].shape)} does not match "
+                                 f"prediction[{TP!r}] shape {tuple(tp_logits.shape)}")
         terms["tp_ce"] = F.cross_entropy(tp_logits, tp_true)
         terms["tp_dice"] = dice_loss(tp_logits, tp_true, activation="softmax", smooth=smooth, batch=True,
                                      reduction="sum")
@@ -531,7 +533,7 @@ class HoVerNetLoss(nn.Module):
                             lambda_tp_ce=float(lambda_tp_ce), lambda_tp_dice=float(lambda_tp_dice))
         bad = {k: v for k, v in self.weights.items() if v < 0 or math.isnan(v)}
         if bad:
-            raise ValueError(f"loss weights must be >= 0, got {bad}")
+            raise ParameterError(f"loss weights must be >= 0, got {bad}")
         self.smooth = float(smooth)
 
     def forward(self, prediction: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
@@ -573,12 +575,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """
     _check_logits(student_logits, "student_logits")
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match "
-                         f"student_logits shape {tuple(student_logits.shape)}")
+        raise ParameterError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match "
+                             f"student_logits shape {tuple(student_logits.shape)}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ParameterError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+        raise ParameterError(f"alpha must lie in [0, 1], got {alpha}")
     total = student_logits.new_zeros(())
     if alpha > 0:
         t = float(temperature)
@@ -588,11 +590,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         total = total + alpha * t * t * kl
     if alpha < 1:
         if labels is None:
-            raise ValueError("labels are needed when alpha < 1 (the hard cross-entropy term)")
+            raise ParameterError("labels are needed when alpha < 1 (the hard cross-entropy term)")
         expected = (student_logits.shape[0],) + tuple(student_logits.shape[2:])
         if tuple(labels.shape) != expected:
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match student_logits shape "
-                             f"{tuple(student_logits.shape)}: expected {expected}")
+            raise ParameterError(f"labels shape {tuple(labels.shape)} does not match student_logits shape "
+                                 f"{tuple(student_logits.shape)}: expected {expected}")
         labels = labels.long()
         ce = F.cross_entropy(student_logits, labels, ignore_index=ignore_index, reduction="sum")
         n = (labels != ignore_index).sum().clamp_min(1)  # a batch of unlabelled pixels only: hard term 0, not NaN
@@ -615,9 +617,9 @@ class DistillationLoss(nn.Module):
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, ignore_index: int = -100) -> None:
         super().__init__()
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise ParameterError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+            raise ParameterError(f"alpha must lie in [0, 1], got {alpha}")
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.ignore_index = ignore_index
@@ -665,21 +667,21 @@ def cwce_loss(logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor
     """
     _check_logits(logits)
     if logits.ndim != 2:
-        raise ValueError(f"logits must be (N, C), got {tuple(logits.shape)}")
+        raise ParameterError(f"logits must be (N, C), got {tuple(logits.shape)}")
     n, c = logits.shape
     if tuple(labels.shape) != (n,):
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}: "
-                         f"expected {(n,)}")
+        raise ParameterError(f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}: "
+                             f"expected {(n,)}")
     if tuple(clusters.shape) != (n,):
-        raise ValueError(f"clusters shape {tuple(clusters.shape)} does not match logits shape "
-                         f"{tuple(logits.shape)}: expected {(n,)}")
+        raise ParameterError(f"clusters shape {tuple(clusters.shape)} does not match logits shape "
+                             f"{tuple(logits.shape)}: expected {(n,)}")
     if labels.is_floating_point() or clusters.is_floating_point():
-        raise ValueError("labels and clusters must be integer tensors")
+        raise ParameterError("labels and clusters must be integer tensors")
     if n == 0:
-        raise ValueError("cwce_loss of an empty batch is undefined")
+        raise ParameterError("cwce_loss of an empty batch is undefined")
     labels = labels.long()
     if bool(((labels < 0) | (labels >= c)).any()):
-        raise ValueError(f"labels must lie in [0, {c - 1}]")
+        raise ParameterError(f"labels must lie in [0, {c - 1}]")
     w = _as_weight(class_weights, c, logits)
     ce = F.cross_entropy(logits, labels, reduction="none")
     sample_w = torch.ones_like(ce) if w is None else w[labels]

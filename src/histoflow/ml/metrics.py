@@ -20,6 +20,8 @@ from typing import Dict, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import ParameterError
+
 __all__ = [
     "dice", "iou", "precision", "recall", "summarize", "segmentation_summary",
     "confusion_matrix", "class_metrics",
@@ -35,7 +37,7 @@ def _binary_pair(pred, true) -> Tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(pred)
     true = np.asarray(true)
     if pred.shape != true.shape:
-        raise ValueError(f"pred shape {pred.shape} does not match true shape {true.shape}")
+        raise ParameterError(f"pred shape {pred.shape} does not match true shape {true.shape}")
     return pred.astype(bool, copy=False), true.astype(bool, copy=False)
 
 
@@ -124,15 +126,15 @@ def segmentation_summary(preds: Sequence, trues: Sequence,
     """
     preds, trues = list(preds), list(trues)
     if len(preds) != len(trues):
-        raise ValueError(f"{len(preds)} predictions but {len(trues)} ground-truth masks")
+        raise ParameterError(f"{len(preds)} predictions but {len(trues)} ground-truth masks")
     unknown = [m for m in metrics if m not in _BINARY]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {sorted(_BINARY)}")
+        raise ParameterError(f"unknown metrics {unknown}; choose from {sorted(_BINARY)}")
     per_image = {m: [] for m in metrics}
     for i, (p, t) in enumerate(zip(preds, trues)):
         p, t = np.asarray(p), np.asarray(t)
         if p.shape != t.shape:
-            raise ValueError(f"image {i}: pred shape {p.shape} does not match true shape {t.shape}")
+            raise ParameterError(f"image {i}: pred shape {p.shape} does not match true shape {t.shape}")
         for m in metrics:
             per_image[m].append(_BINARY[m](p, t, zero_division=zero_division))
     return {m: summarize(v, ddof=ddof) for m, v in per_image.items()}
@@ -154,17 +156,17 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
     t = np.asarray(y_true)
     p = np.asarray(y_pred)
     if t.shape != p.shape:
-        raise ValueError(f"y_true shape {t.shape} does not match y_pred shape {p.shape}")
+        raise ParameterError(f"y_true shape {t.shape} does not match y_pred shape {p.shape}")
     n_classes = int(n_classes)
     if n_classes < 1:
-        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        raise ParameterError(f"n_classes must be >= 1, got {n_classes}")
     for name, a in (("y_true", t), ("y_pred", p)):
         if a.size and not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
             if not np.all(np.equal(np.mod(a, 1), 0)):
-                raise ValueError(f"{name} must hold integer class labels, got dtype {a.dtype}")
+                raise ParameterError(f"{name} must hold integer class labels, got dtype {a.dtype}")
         if a.size and (a.min() < 0 or a.max() >= n_classes):
-            raise ValueError(f"{name} labels must lie in [0, {n_classes - 1}], got range "
-                             f"[{a.min()}, {a.max()}]")
+            raise ParameterError(f"{name} labels must lie in [0, {n_classes - 1}], got range "
+                                 f"[{a.min()}, {a.max()}]")
     t = t.astype(np.int64, copy=False).ravel()
     p = p.astype(np.int64, copy=False).ravel()
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
@@ -191,9 +193,9 @@ def class_metrics(cm, zero_division: float = np.nan) -> Dict[str, np.ndarray]:
     """
     cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"confusion matrix must be square (K, K), got shape {cm.shape}")
+        raise ParameterError(f"confusion matrix must be square (K, K), got shape {cm.shape}")
     if np.any(cm < 0):
-        raise ValueError("confusion matrix counts must be >= 0")
+        raise ParameterError("confusion matrix counts must be >= 0")
     cm = cm.astype(np.float64)
     n = cm.sum()
     tp = np.diag(cm)
@@ -249,7 +251,7 @@ class InstanceOverlaps(NamedTuple):
 def _compact(labels: np.ndarray, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids 0..n with 0 = background, original labels of 1..n, areas of 1..n) for a flat label array."""
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise ValueError(f"{name} must be an integer label image, got dtype {labels.dtype}")
+        raise ParameterError(f"{name} must be an integer label image, got dtype {labels.dtype}")
     if labels.dtype == bool:
         labels = labels.astype(np.uint8)
     if labels.size == 0:
@@ -257,7 +259,7 @@ def _compact(labels: np.ndarray, name: str) -> Tuple[np.ndarray, np.ndarray, np.
         return labels.astype(np.int64), e, e
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0:
-        raise ValueError(f"{name} labels must be >= 0 (0 is background), got minimum {lo}")
+        raise ParameterError(f"{name} labels must be >= 0 (0 is background), got minimum {lo}")
     if hi <= 4 * labels.size + 65536:
         counts = np.bincount(labels.ravel(), minlength=hi + 1)
         present = np.flatnonzero(counts[1:]) + 1
@@ -282,7 +284,7 @@ def instance_overlaps(true, pred) -> InstanceOverlaps:
     t = np.asarray(true)
     p = np.asarray(pred)
     if t.shape != p.shape:
-        raise ValueError(f"true shape {t.shape} does not match pred shape {p.shape}")
+        raise ParameterError(f"true shape {t.shape} does not match pred shape {p.shape}")
     t = t.ravel()
     p = p.ravel()
     tid, tlab, tarea = _compact(t, "true")
@@ -387,7 +389,7 @@ def panoptic_quality(true, pred, match_iou: float = 0.5, zero_division: float = 
     PanopticQuality(dq=0.666..., sq=0.666..., pq=0.444...)
     """
     if not 0.0 < match_iou < 1.0:
-        raise ValueError(f"match_iou must lie in (0, 1), got {match_iou}")
+        raise ParameterError(f"match_iou must lie in (0, 1), got {match_iou}")
     ov = instance_overlaps(true, pred)
     nt, npr = ov.true_labels.size, ov.pred_labels.size
     if nt == 0 and npr == 0:

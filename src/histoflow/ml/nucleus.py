@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import ParameterError
 from .losses import hv_targets
 from .models.hovernet import hovernet_postprocess
 
@@ -66,14 +67,14 @@ class NucleusCrops(torch.utils.data.Dataset):
 
     def __init__(self, samples, crop: int = 256, length: int = 256, augment=None, margin: int = 32, seed: int = 0):
         if not samples:
-            raise ValueError("NucleusCrops: no samples")
+            raise ParameterError("NucleusCrops: no samples")
         self.images = [np.ascontiguousarray(s["image"]) for s in samples]
         self.instances = [np.ascontiguousarray(s["instances"]).astype(np.int32) for s in samples]
         self.crop, self.length, self.augment, self.margin, self.seed = int(crop), int(length), augment, int(margin), seed
         self.epoch = 0
         for img in self.images:
             if min(img.shape[:2]) < self.crop:
-                raise ValueError(f"NucleusCrops: an image of {img.shape[:2]} is smaller than the crop {self.crop}")
+                raise ParameterError(f"NucleusCrops: an image of {img.shape[:2]} is smaller than the crop {self.crop}")
 
     def set_epoch(self, epoch: int):
         self.epoch = int(epoch)
@@ -89,8 +90,10 @@ class NucleusCrops(torch.utils.data.Dataset):
         big = self.crop + 2 * self.margin
         y = int(rng.integers(0, h - self.crop + 1)) - self.margin
         x = int(rng.integers(0, w - self.crop + 1)) - self.margin
-        img = _crop_reflect(image, y, x, big)
-        lab = _crop_reflect(inst, y, x, big, reflect=False)
+        # past the image's border: white glass and no nucleus (a mirrored image would show nuclei that the
+        # instance mask, which cannot be mirrored without doubling its nuclei, calls background)
+        img = _crop_pad(image, y, x, big, 255 if image.dtype == np.uint8 else 1.0)
+        lab = _crop_pad(inst, y, x, big, 0)
         if self.augment is not None:
             img, masks = self.augment.apply(img, {"instances": lab}, rng)
             lab = masks["instances"]
@@ -126,13 +129,14 @@ class NucleusImages(torch.utils.data.Dataset):
         return out
 
 
-def _crop_reflect(a, y, x, size, reflect=True):
+def _crop_pad(a, y, x, size, fill):
+    """The ``size`` x ``size`` crop at (y, x), filled with ``fill`` where it reaches past ``a``."""
     h, w = a.shape[:2]
     y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + size, h), min(x + size, w)
     out = a[y0:y1, x0:x1]
     pad = ((y0 - y, y + size - y1), (x0 - x, x + size - x1)) + ((0, 0),) * (a.ndim - 2)
     if any(p for pair in pad for p in pair):
-        out = np.pad(out, pad, mode="reflect" if reflect else "constant")
+        out = np.pad(out, pad, mode="constant", constant_values=fill)
     return out
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoflow.errors import HistoflowError
+from histoflow.errors import HistoflowError, ParameterError
 
 __all__ = ["OnnxError", "export_onnx", "OnnxModel", "get_session", "clear_sessions", "default_providers"]
 
@@ -98,7 +98,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] =
     path = Path(path)
     shape = tuple(int(s) for s in input_shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"export_onnx: input_shape must be positive ints, got {input_shape}")
+        raise ParameterError(f"export_onnx: input_shape must be positive ints, got {input_shape}")
     # torch.export specialises a dimension of size 1, so a dynamic batch is traced with batch 2
     trace_shape = (max(2, shape[0]), *shape[1:]) if dynamic_batch else shape
     param = next(iter(model.parameters()), None)
@@ -197,8 +197,8 @@ class OnnxModel:
             x = x.detach().cpu().numpy()
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != len(self.input_shape):
-            raise ValueError(f"{self.path}: expected a {len(self.input_shape)}-D input "
-                             f"{self.input_shape}, got shape {x.shape}")
+            raise ParameterError(f"{self.path}: expected a {len(self.input_shape)}-D input "
+                                 f"{self.input_shape}, got shape {x.shape}")
         try:
             outs = self.session.run(self.output_names, {self.input_name: x})
         except Exception as e:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..errors import HistoflowError
+from ..errors import HistoflowError, ParameterError
 from .train import Trainer
 
 __all__ = ["ConfigError", "load_config", "train_from_config", "TASKS"]
@@ -66,9 +66,21 @@ def _path(cfg, p):
 def _augmenter(spec: dict | None, seed: int, images=None):
     """The training augmentation of a config's ``data.augment``; ``images`` (the training images) are what
     ``randstain`` fits its colour templates to."""
+    if spec is not None and not isinstance(spec, dict):
+        raise ConfigError(f"data.augment is a mapping of augmentations (flip: true, zoom: [0.8, 1.25], ...), "
+                          f"not {spec!r}")
+    try:
+        return _make_augmenter(dict(spec or {}), seed, images)
+    except HistoflowError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.augment: a value does not fit its augmentation ({e}); ranges are pairs "
+                          "(zoom: [0.8, 1.25]), stain: [sigma1, sigma2], hsv: [h, s, v]; see docs/ml.md") from None
+
+
+def _make_augmenter(spec: dict, seed: int, images):
     from . import augment as A
 
-    spec = dict(spec or {})
     ops = []
     if spec.pop("flip", True):
         ops.append(A.RandomFlip())
@@ -105,7 +117,16 @@ def _model(cfg):
     from . import models
 
     m = _need(cfg, "model")
-    model = models.create(_need(cfg, "model", "name"), **(m.get("params") or {}))
+    name, params = _need(cfg, "model", "name"), m.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{cfg.get('_path')}: model.params is a mapping of the model's parameters, not {params!r}")
+    try:
+        model = models.create(name, **params)
+    except HistoflowError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cfg.get('_path')}: model {name!r} cannot be made with model.params {params} "
+                          f"({e})") from None
     if m.get("init"):  # fine-tuning: start from the weights of an earlier run (same architecture)
         path = _path(cfg, m["init"])
         try:
@@ -125,8 +146,11 @@ def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
         raise ConfigError(f"{cfg.get('_path')}: unknown train setting(s) {sorted(unknown)}; known: {sorted(known)}")
     card = dict(cfg.get("card") or {})
     card.setdefault("config", os.path.basename(cfg.get("_path", "")))
-    return Trainer(model, loss_fn, out_dir=_path(cfg, _need(cfg, "output")), card=card,
-                   **{k: v for k, v in t.items() if k in known}, **kw)
+    try:
+        return Trainer(model, loss_fn, out_dir=_path(cfg, _need(cfg, "output")), card=card,
+                       **{k: v for k, v in t.items() if k in known}, **kw)
+    except ParameterError as e:
+        raise ConfigError(f"{cfg.get('_path')}: train: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------- tasks
@@ -206,22 +230,65 @@ def _tile_classification(cfg, resume=False):
     label = _need(cfg, "data", "label")
     t = cfg.get("train") or {}
 
-    def dataset(paths):
-        sets = [TileDataset(_path(cfg, p), labels=(label,)) for p in ([paths] if isinstance(paths, str) else paths)]
-        return torch.utils.data.ConcatDataset(sets)
+    def datasets(paths):
+        return [TileDataset(_path(cfg, p), labels=(label,)) for p in ([paths] if isinstance(paths, str) else paths)]
+
+    train_sets = datasets(_need(cfg, "data", "train"))
+    val_sets = datasets(d["val"]) if d.get("val") else []
+    classes = _label_classes(cfg, label, train_sets + val_sets)  # str labels: names in sorted order; else None
+    index = {c: i for i, c in enumerate(classes or [])}
 
     def batch_loss(model, batch, loss_fn):
-        return loss_fn(model(batch["image"]), batch["labels"][label].long())
+        logits = model(batch["image"])
+        y = batch["labels"][label]
+        if classes is not None:  # class names: their index in the sorted names
+            y = torch.tensor([index[v] for v in y], device=logits.device)
+        y = y.long()
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+            bad = int(y.max()) if int(y.min()) >= 0 else int(y.min())
+            raise ConfigError(f"{cfg.get('_path')}: label {label!r} has class {bad}, but the model gives "
+                              f"{logits.shape[1]} outputs (classes 0..{logits.shape[1] - 1}): set the model's "
+                              "number of classes")
+        return loss_fn(logits, y)
 
     bs, nw = int(t.get("batch_size", 16)), int(t.get("num_workers", 0))
-    train = torch.utils.data.DataLoader(dataset(_need(cfg, "data", "train")), batch_size=bs, shuffle=True,
+    train = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(train_sets), batch_size=bs, shuffle=True,
                                         num_workers=nw)
     val = None
-    if d.get("val"):
-        val = torch.utils.data.DataLoader(dataset(d["val"]), batch_size=bs, num_workers=nw)
+    if val_sets:
+        val = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(val_sets), batch_size=bs, num_workers=nw)
+    if classes is not None:
+        cfg.setdefault("card", {}).setdefault("classes", classes)
     torch.manual_seed(int(t.get("seed", 0)))
     trainer = _trainer(cfg, _model(cfg), torch.nn.CrossEntropyLoss(), batch_loss=batch_loss)
     return trainer, trainer.fit(train, val, resume=resume)
+
+
+def _label_classes(cfg, label, sets):
+    """The class names of a string label (sorted), None for a whole-number or boolean label; a float label,
+    a label some tiles lack or a missing label is a ConfigError."""
+    kinds = set()
+    for ds in sets:
+        kind = ds._kinds.get(label)
+        if kind in (None, "float"):  # a PathML (version 1) file, or floats that may all be whole: the values say
+            col = ds.label_column(label)
+            kind = "str" if any(isinstance(v, str) for v in col) else \
+                "float" if any(isinstance(v, float) and not float(v).is_integer() for v in col) else "int"
+        kinds.add(kind)
+    if "float" in kinds:
+        raise ConfigError(f"{cfg.get('_path')}: label {label!r} holds numbers with fractions (a score?); "
+                          "tile_classification needs classes: whole numbers 0..k-1 or names")
+    if "str" not in kinds:
+        return None
+    if kinds != {"str"}:
+        raise ConfigError(f"{cfg.get('_path')}: label {label!r} holds names in some files and numbers in others")
+    names = set()
+    for ds in sets:
+        col = ds.label_column(label)
+        if any(v is None for v in col):
+            raise ConfigError(f"{ds.path}: some tiles have no {label!r} label; give every tile a class")
+        names.update(col)
+    return sorted(names)
 
 
 TASKS = {"nucleus_segmentation": _nucleus_segmentation, "tile_classification": _tile_classification}

@@ -28,9 +28,10 @@ import pickle
 import time
 from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 
-from ..errors import HistoflowError
+from ..errors import HistoflowError, ParameterError
 from ..utils import progress_bar
 
 __all__ = ["Trainer", "TrainingError", "default_batch_loss", "pick_device"]
@@ -43,7 +44,11 @@ class TrainingError(HistoflowError, RuntimeError):
 def pick_device(device=None) -> torch.device:
     """``device`` if given, else CUDA when present, else CPU."""
     if device is not None and device != "auto":
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ParameterError(f"device {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', 'mps' or "
+                                 f"'auto'): {e}") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -119,9 +124,16 @@ class Trainer:
                  batch_loss: Callable | None = None, validate: Callable | None = None, monitor: str = "val_loss",
                  card: Mapping | None = None, progress: bool = True, ema: float | None = None):
         if schedule not in (None, "onecycle", "plateau"):
-            raise ValueError(f"schedule must be None, 'onecycle' or 'plateau', got {schedule!r}")
-        if int(accumulate) < 1 or int(epochs) < 1:
-            raise ValueError("accumulate and epochs must be >= 1")
+            raise ParameterError(f"schedule must be None, 'onecycle' or 'plateau', got {schedule!r}")
+        for name, v, low in (("epochs", epochs, 1), ("accumulate", accumulate, 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ParameterError(f"{name} must be a whole number >= {low}, got {v!r}")
+        for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v) or v < 0:
+                raise ParameterError(f"{name} must be a number >= 0, got {v!r}")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, (int, np.integer))
+                                     or patience < 1):
+            raise ParameterError(f"patience must be a whole number >= 1 or None, got {patience!r}")
         self.device = pick_device(device)
         self.model = model.to(self.device)
         self.loss_fn = loss_fn
@@ -140,8 +152,9 @@ class Trainer:
         self.card = dict(card or {})
         self.progress = progress
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if ema is not None and not 0.0 < float(ema) < 1.0:
-            raise ValueError(f"ema must be a decay between 0 and 1 (e.g. 0.99), got {ema!r}")
+        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float, np.number))
+                                or not 0.0 < float(ema) < 1.0):
+            raise ParameterError(f"ema must be a decay between 0 and 1 (e.g. 0.99), got {ema!r}")
         self.ema = None if ema is None else float(ema)
         self.ema_model = None
         if self.ema is not None:
@@ -289,7 +302,9 @@ class Trainer:
             with self._autocast():
                 total += self.batch_loss(model, batch, self.loss_fn).float().item()
             n += 1
-        return total / max(n, 1)
+        if n == 0:  # a loss of 0 would be the best forever: best.pt and early stopping would go wrong
+            raise TrainingError("the validation data loader gave no batch (an empty validation split?)")
+        return total / n
 
     def fit(self, train_loader, val_loader=None, resume: bool = False) -> list[dict]:
         """Train until ``epochs`` or early stopping; returns the history (one dict per epoch).

@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from ..errors import HistoflowError
+from ..errors import HistoflowError, ParameterError
 from ..transforms.base import Transform, outputs_from
 from ..transforms.objects import keep_owned
 
@@ -68,8 +68,8 @@ def _rgb_for_he_model(image) -> np.ndarray:
     if a.ndim == 2:
         a = a[:, :, None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
-        raise ValueError(f"NucleusSegmentation: expected an RGB (or grey) H&E image, got shape {a.shape}; "
-                         "for fluorescence use SegmentNuclei / SegmentCells")
+        raise ParameterError(f"NucleusSegmentation: expected an RGB (or grey) H&E image, got shape {a.shape}; "
+                             "for fluorescence use SegmentNuclei / SegmentCells")
     a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
     if a.dtype == np.uint8:
         return a
@@ -77,8 +77,8 @@ def _rgb_for_he_model(image) -> np.ndarray:
         return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
     if a.dtype.kind == "f":
         return (np.clip(np.nan_to_num(a), 0, 1) * 255 + 0.5).astype(np.uint8)
-    raise ValueError(f"NucleusSegmentation: H&E images of dtype {a.dtype} are not supported; use uint8, uint16 "
-                     "or float in [0, 1]")
+    raise ParameterError(f"NucleusSegmentation: H&E images of dtype {a.dtype} are not supported; use uint8, uint16 "
+                         "or float in [0, 1]")
 
 
 class _Runner:
@@ -201,7 +201,7 @@ class NucleusSegmentation(Transform):
     def __init__(self, model="builtin", backend="torch", mask_name="nuclei", label_name="nucleus_count",
                  fg_threshold=None, marker_threshold=None, min_size=None, threads=None, tta=False):
         if backend not in ("torch", "onnx"):
-            raise ValueError(f"NucleusSegmentation: backend must be 'torch' or 'onnx', got {backend!r}")
+            raise ParameterError(f"NucleusSegmentation: backend must be 'torch' or 'onnx', got {backend!r}")
         self.model = model
         self.backend = backend
         self.mask_name = mask_name
@@ -347,34 +347,49 @@ class _Heatmap:
         self.weight = np.zeros((h, w), np.float32)
 
     def add(self, x, y, w0, h0, values, weights=None):
-        """Paint ``values`` ((C,) constants or (C, h, w) maps) over the level-0 box (x, y, w0, h0)."""
+        """Paint ``values`` ((C,) constants or (C, h, w) maps) over the level-0 box (x, y, w0, h0).
+
+        A map covers the whole box, also where the box reaches past the slide (a padded edge tile): it is
+        resized to the box's own size here and then cut at the heatmap's edge, never squeezed into the part
+        inside the slide."""
         import cv2
 
         ds = self.ds
         H, W = self.weight.shape
         x0, y0 = int(round(x / ds)), int(round(y / ds))
         # the box's own size at this downsample (rounding each side, not the width: neighbours then meet)
-        # a box reaching the slide's edge covers the last, partial heatmap pixel too
-        full_w = max(1, (W if x + w0 >= self.dimensions[0] else int(round((x + w0) / ds))) - x0)
-        full_h = max(1, (H if y + h0 >= self.dimensions[1] else int(round((y + h0) / ds))) - y0)
-        x1, y1 = min(W, x0 + full_w), min(H, y0 + full_h)
-        if x1 <= x0 or y1 <= y0:
+        bw = max(1, int(round((x + w0) / ds)) - x0)
+        bh = max(1, int(round((y + h0) / ds)) - y0)
+        # the part painted: up to the heatmap's edge; a box reaching the slide's edge covers the last, partial
+        # heatmap pixel too
+        pw = W - x0 if x + w0 >= self.dimensions[0] else min(bw, W - x0)
+        ph = H - y0 if y + h0 >= self.dimensions[1] else min(bh, H - y0)
+        if pw <= 0 or ph <= 0:
             return
         if values.ndim == 1:
-            v = np.broadcast_to(values[:, None, None], (len(values), full_h, full_w))
+            v = np.broadcast_to(values[:, None, None], (len(values), ph, pw))
+            wt = np.ones((ph, pw), np.float32) if weights is None else cv2.resize(
+                weights, (pw, ph), interpolation=cv2.INTER_AREA)
         else:
-            v = np.stack([cv2.resize(c, (full_w, full_h), interpolation=cv2.INTER_AREA) for c in values])
-        wt = np.ones((full_h, full_w), np.float32) if weights is None else cv2.resize(
-            weights, (full_w, full_h), interpolation=cv2.INTER_AREA)
-        v, wt = v[:, :y1 - y0, :x1 - x0], wt[:y1 - y0, :x1 - x0]
-        self.sum[:, y0:y1, x0:x1] += v * wt
-        self.weight[y0:y1, x0:x1] += wt
+            v = _fit(np.stack([cv2.resize(c, (bw, bh), interpolation=cv2.INTER_AREA) for c in values]), ph, pw)
+            wt = _fit((np.ones((bh, bw), np.float32) if weights is None else
+                       cv2.resize(weights, (bw, bh), interpolation=cv2.INTER_AREA))[None], ph, pw)[0]
+        self.sum[:, y0:y0 + ph, x0:x0 + pw] += v * wt
+        self.weight[y0:y0 + ph, x0:x0 + pw] += wt
 
     def result(self):
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.sum / self.weight
         out[:, self.weight == 0] = np.nan
         return out
+
+
+def _fit(a, h, w):
+    """``a`` ((C, bh, bw)) cut to (C, h, w), or extended by repeating its last row / column."""
+    a = a[:, :h, :w]
+    if a.shape[1] < h or a.shape[2] < w:
+        a = np.pad(a, ((0, 0), (0, h - a.shape[1]), (0, w - a.shape[2])), mode="edge")
+    return a
 
 
 def _blend_weights(h, w, sigma_scale=0.125):
@@ -565,7 +580,7 @@ class SegmentCellsModel(Transform):
                  output=0, inner_channel=0, foreground_channel=1, maxima_threshold=0.1, interior_threshold=0.3,
                  radius_um=2.0, min_area_um2=8.0, clip_percentile=99.9, mask_name="cells", label_name="cell_count"):
         if layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"SegmentCellsModel: layout must be 'NCHW' or 'NHWC', got {layout!r}")
+            raise ParameterError(f"SegmentCellsModel: layout must be 'NCHW' or 'NHWC', got {layout!r}")
         self.model = model
         self.nuclear_channel = nuclear_channel
         self.membrane_channels = membrane_channels
@@ -677,15 +692,17 @@ class StyleTransferHE(Transform):
     """
 
     slide_types = None
+    slide_type_out = "HE"
     changes_image = True
 
     def __init__(self, model, channels, percentile=99.0, input_range="unit", output_range="tanh",
                  model_mpp=None, size_divisor=16):
         for name, value in (("input_range", input_range), ("output_range", output_range)):
             if value not in ("unit", "tanh"):
-                raise ValueError(f"StyleTransferHE: {name} must be 'unit' ([0, 1]) or 'tanh' ([-1, 1]), got {value!r}")
+                raise ParameterError(f"StyleTransferHE: {name} must be 'unit' ([0, 1]) or 'tanh' ([-1, 1]), "
+                                     f"got {value!r}")
         if not channels:
-            raise ValueError("StyleTransferHE: give the model's input channels (names or indices)")
+            raise ParameterError("StyleTransferHE: give the model's input channels (names or indices)")
         self.model = os.fspath(model)  # a str: parameters are saved as YAML/JSON
         self.channels = list(channels)
         self.percentile = percentile

@@ -75,6 +75,9 @@ class Transform:
         names of the tile labels read / written.
     ``slide_types``
         names of the slide types accepted (``None``: any).
+    ``slide_type_out``
+        the slide type of the tiles it leaves (e.g. ``"HE"`` for a virtual H&E rendering; ``None``: the
+        type is unchanged). The steps after it are checked against that type.
     ``changes_image``
         whether ``apply`` replaces ``tile.image``.
     """
@@ -84,6 +87,7 @@ class Transform:
     labels_in: tuple = ()
     labels_out: tuple = ()
     slide_types: tuple | None = None
+    slide_type_out: str | None = None
     changes_image: bool = False
 
     def __init_subclass__(cls, register: bool = True, **kwargs):
@@ -197,7 +201,7 @@ class Transform:
         unknown = set(params) - set(cls._param_names())
         if unknown:
             raise PipelineError(f"{name} has no parameter(s) {sorted(unknown)}; it takes {cls._param_names()}")
-        if cls is Pipeline:
+        if issubclass(cls, Pipeline):
             params = dict(params)
             params["steps"] = [Transform.from_dict(s) for s in params.get("steps", [])]
         return cls(**params)
@@ -261,6 +265,13 @@ class Pipeline(Transform):
     def changes_image(self):
         return any(s.changes_image for s in self.steps)
 
+    @property
+    def slide_type_out(self):
+        out = None
+        for s in self.steps:
+            out = s.slide_type_out or out
+        return out
+
     def check(self, slide_type=None, available_masks=(), available_labels=()):
         """Raise PipelineError if a step reads a mask or label nothing before it makes, or does not accept
         the slide type. ``available_*`` add what the slide brings (its masks cropped to the tiles)."""
@@ -274,6 +285,8 @@ class Pipeline(Transform):
                     raise PipelineError(f"step {i} {name} accepts {', '.join(step.slide_types)} slides, not {st}")
             if isinstance(step, Pipeline):
                 step.check(slide_type, masks, labels)
+            if step.slide_type_out is not None:  # e.g. a virtual H&E: the next steps see H&E tiles
+                slide_type = step.slide_type_out
             for m in step.masks_in:
                 if m not in masks:
                     made = sorted(masks) or "none"
@@ -305,11 +318,16 @@ class Pipeline(Transform):
         return names
 
     def fit_slide(self, slide):
+        """Fit each step to the slide in turn. A step after steps that change the pixels (a rescale, a stain
+        normalisation, a virtual H&E) is fitted to the slide as those steps leave it: its thumbnails go
+        through them first (see :class:`_SlideAfterSteps`)."""
         names = self.input_channel_names(slide)
-        for step in self.steps:
+        for i, step in enumerate(self.steps):
             step.__dict__["_channel_names_in"] = names
+            changing = [k for k in range(i) if self.steps[k].changes_image]
+            seen = slide if not changing else _SlideAfterSteps(slide, self.steps[:changing[-1] + 1], names)
             try:
-                step.fit_slide(slide)
+                step.fit_slide(seen)
             except Exception as e:
                 path = str(getattr(slide, "path", ""))
                 if isinstance(e, HistoflowError) and path and path in str(e):
@@ -364,7 +382,22 @@ class Pipeline(Transform):
         return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_document(), sort_keys=False)
+        """The pipeline as YAML text that :meth:`from_yaml` loads back; a step whose class is not registered
+        (``register=False``) cannot be loaded by name, so it is refused here with a PipelineError."""
+        doc = self.to_document()
+        for step in self._all_steps():
+            cls = type(step)
+            if REGISTRY.get(cls.__name__) is not cls:
+                raise PipelineError(f"{cls.__qualname__} is not a registered transform (defined with register=False, "
+                                    "or under a name another class took): a saved pipeline could not load it; "
+                                    "register it, or leave it out of pipelines you save")
+        return yaml.safe_dump(doc, sort_keys=False)
+
+    def _all_steps(self):
+        for step in self.steps:
+            yield step
+            if isinstance(step, Pipeline):
+                yield from step._all_steps()
 
     def save(self, path) -> str:
         """Write the pipeline as YAML (atomically)."""
@@ -402,10 +435,13 @@ class Pipeline(Transform):
     def load(cls, path) -> Pipeline:
         path = os.fspath(path)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 text = f.read(1_000_001)
         except OSError as e:
             raise PipelineError(f"{path}: cannot read pipeline file: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise PipelineError(f"{path}: not a pipeline YAML file (not UTF-8 text: a slide or image? "
+                                "the pipeline file comes first: histoflow run PIPELINE.yaml SLIDE...)") from None
         return cls.from_yaml(text, source=path)
 
 
@@ -453,3 +489,65 @@ def list_transforms() -> list[dict]:
         out.append({"name": name, "params": params, "required": required, "doc": doc,
                     "slide_types": list(cls.slide_types) if isinstance(cls.slide_types, tuple) else None})
     return out
+
+
+class _SlideAfterSteps:
+    """A slide as the first steps of a pipeline leave it, for fitting the next step: its thumbnails are the
+    slide's, run through those (already fitted) steps as one tile; everything else is the slide's. The
+    steps see the thumbnail at its own pixel size, so pixel-wise steps (rescaling, stain normalisation,
+    virtual H&E) give what the tiles will hold, and spatial filters a close approximation."""
+
+    def __init__(self, slide, steps, channel_names):
+        self._slide, self._steps = slide, list(steps)
+        self._names = list(channel_names) if channel_names is not None else None
+        self._cache = {}
+        self.reader = _ReaderAfterSteps(self)
+
+    def __getattr__(self, name):
+        return getattr(self._slide, name)
+
+    def _thumbnail_all(self, max_size):
+        if max_size not in self._cache:
+            from ..core.tile import Tile
+
+            slide = self._slide
+            thumb = np.ascontiguousarray(slide.thumbnail(max_size))
+            w0, h0 = slide.dimensions
+            ds = w0 / thumb.shape[1]
+            size = (thumb.shape[1], thumb.shape[0])
+            masks = {k: m.crop(0, 0, w0, h0, size) for k, m in getattr(slide, "masks", {}).items()}
+            mpp = None if slide.mpp is None else (slide.mpp[0] * ds, slide.mpp[1] * ds)
+            tile = Tile(image=thumb, coords=(0, 0), level=0, downsample=ds, masks=masks, labels={},
+                        slide_type=slide.slide_type.name, name=f"{slide.name}_thumbnail", mpp=mpp)
+            for step in self._steps:
+                step.apply(tile)
+            self._cache[max_size] = np.asarray(tile.image)
+        return self._cache[max_size]
+
+    def thumbnail(self, max_size=512, channels=None):
+        image = self._thumbnail_all(max_size)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        return image if channels is None else np.ascontiguousarray(image[:, :, list(channels)])
+
+
+class _ReaderAfterSteps:
+    """The reader of a :class:`_SlideAfterSteps`: the channel names and dtype the steps leave."""
+
+    def __init__(self, view):
+        self._view = view
+
+    def __getattr__(self, name):
+        return getattr(self._view._slide.reader, name)
+
+    @property
+    def channel_names(self):
+        names = self._view._names
+        return names if names is not None else self._view._slide.reader.channel_names
+
+    @property
+    def dtype(self):
+        return self._view._thumbnail_all(512).dtype
+
+    def thumbnail(self, max_size=512, channels=None):
+        return self._view.thumbnail(max_size, channels=channels)

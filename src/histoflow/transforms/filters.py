@@ -18,6 +18,7 @@ import numbers
 import cv2
 import numpy as np
 
+from ..errors import ParameterError
 from .base import Transform
 
 __all__ = ["MedianBlur", "GaussianBlur", "BoxBlur", "median_blur", "gaussian_blur", "box_blur"]
@@ -26,29 +27,29 @@ __all__ = ["MedianBlur", "GaussianBlur", "BoxBlur", "median_blur", "gaussian_blu
 # --------------------------------------------------------------------------- helpers (shared in the package)
 def _check_odd_kernel(name, kernel_size, minimum=1):
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
-        raise ValueError(f"{name}: kernel_size must be an odd integer, got {kernel_size!r}")
+        raise ParameterError(f"{name}: kernel_size must be an odd integer, got {kernel_size!r}")
     if kernel_size < minimum or kernel_size % 2 == 0:
-        raise ValueError(f"{name}: kernel_size must be an odd integer >= {minimum}, got {kernel_size}")
+        raise ParameterError(f"{name}: kernel_size must be an odd integer >= {minimum}, got {kernel_size}")
     return int(kernel_size)
 
 
 def _check_positive_int(name, param, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: {param} must be an integer >= {minimum}, got {value!r}")
+        raise ParameterError(f"{name}: {param} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def _check_number(name, param, value, minimum=None, strict=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise ValueError(f"{name}: {param} must be a finite number, got {value!r}")
+        raise ParameterError(f"{name}: {param} must be a finite number, got {value!r}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name}: {param} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+        raise ParameterError(f"{name}: {param} must be {'>' if strict else '>='} {minimum}, got {value!r}")
     return value
 
 
 def _check_bool(name, param, value):
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: {param} must be True or False, got {value!r}")
+        raise ParameterError(f"{name}: {param} must be True or False, got {value!r}")
     return bool(value)
 
 
@@ -56,7 +57,7 @@ def _check_name(name, param, value, optional=False):
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{name}: {param} must be a non-empty string, got {value!r}")
+        raise ParameterError(f"{name}: {param} must be a non-empty string, got {value!r}")
     return value
 
 
@@ -65,7 +66,7 @@ def _as_hwc(image):
     if image.ndim == 2:
         return image[:, :, None], True
     if image.ndim != 3:
-        raise ValueError(f"expected an (h, w, c) or (h, w) image, got shape {image.shape}")
+        raise ParameterError(f"expected an (h, w, c) or (h, w) image, got shape {image.shape}")
     return image, False
 
 
@@ -95,6 +96,28 @@ def _per_channel_groups(image, fn, allowed=(1, 2, 3, 4)):
 
 def _restore(out, was_2d):
     return out[:, :, 0] if was_2d else out
+
+
+#: dtypes OpenCV's Gaussian and box filters take as they are
+_CV2_FILTER_DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
+
+
+def _filter_any_dtype(image, fn):
+    """``fn`` (an OpenCV filter, through :func:`_per_channel_groups`) on any dtype: others than OpenCV's
+    are filtered in float64 and brought back to their dtype (integers rounded and clipped to their range,
+    booleans at 0.5)."""
+    dt = image.dtype
+    if dt in _CV2_FILTER_DTYPES:
+        return _per_channel_groups(image, fn)
+    if dt.kind not in "biuf":
+        raise ParameterError(f"cannot filter an image of dtype {dt}")
+    out = _per_channel_groups(image.astype(np.float64), fn)
+    if dt == np.bool_:
+        return out >= 0.5
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return np.clip(np.rint(out), info.min, info.max).astype(dt)
+    return out.astype(dt)
 
 
 # --------------------------------------------------------------------------- functions on arrays
@@ -127,7 +150,8 @@ def median_blur(image, kernel_size=5):
     else:
         from scipy import ndimage
 
-        out = ndimage.median_filter(image, size=(k, k, 1), mode="nearest")
+        src = image.astype(np.float32) if dt == np.float16 else image  # (scipy has no float16 median)
+        out = ndimage.median_filter(src, size=(k, k, 1), mode="nearest").astype(dt, copy=False)
     return _restore(out, was_2d)
 
 
@@ -137,7 +161,8 @@ def gaussian_blur(image, kernel_size=5, sigma=5):
     Parameters
     ----------
     image : ndarray
-        ``(h, w, c)`` or ``(h, w)``; uint8, uint16, int16, float32 or float64. Same shape and dtype out.
+        ``(h, w, c)`` or ``(h, w)``, any dtype (uint8, uint16, int16, float32 and float64 directly; others
+        in float64, rounded back). Same shape and dtype out.
     kernel_size : int
         Odd side of the kernel.
     sigma : float
@@ -153,8 +178,8 @@ def gaussian_blur(image, kernel_size=5, sigma=5):
     k = _check_odd_kernel("gaussian_blur", kernel_size)
     s = float(_check_number("gaussian_blur", "sigma", sigma, 0, strict=True))
     image, was_2d = _as_hwc(image)
-    out = _per_channel_groups(image, lambda a: cv2.GaussianBlur(a, (k, k), s, sigmaY=s,
-                                                                borderType=cv2.BORDER_REFLECT_101))
+    out = _filter_any_dtype(image, lambda a: cv2.GaussianBlur(a, (k, k), s, sigmaY=s,
+                                                              borderType=cv2.BORDER_REFLECT_101))
     return _restore(out, was_2d)
 
 
@@ -164,7 +189,8 @@ def box_blur(image, kernel_size=5):
     Parameters
     ----------
     image : ndarray
-        ``(h, w, c)`` or ``(h, w)``; uint8, uint16, int16, float32 or float64. Same shape and dtype out.
+        ``(h, w, c)`` or ``(h, w)``, any dtype (uint8, uint16, int16, float32 and float64 directly; others
+        in float64, rounded back). Same shape and dtype out.
     kernel_size : int
         Odd side of the window.
 
@@ -177,7 +203,7 @@ def box_blur(image, kernel_size=5):
     """
     k = _check_odd_kernel("box_blur", kernel_size)
     image, was_2d = _as_hwc(image)
-    out = _per_channel_groups(image, lambda a: cv2.blur(a, (k, k), borderType=cv2.BORDER_REFLECT_101))
+    out = _filter_any_dtype(image, lambda a: cv2.blur(a, (k, k), borderType=cv2.BORDER_REFLECT_101))
     return _restore(out, was_2d)
 
 

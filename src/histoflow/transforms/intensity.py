@@ -11,6 +11,7 @@ import numbers
 import cv2
 import numpy as np
 
+from ..errors import ParameterError
 from .base import Transform
 from .filters import _as_hwc, _check_bool, _check_number, _check_positive_int, _restore
 
@@ -41,7 +42,7 @@ def to_grey(image, channel=None):
     c = image.shape[2]
     if channel is not None:
         if not -c <= channel < c:
-            raise ValueError(f"channel {channel} out of range for an image of {c} channels")
+            raise ParameterError(f"channel {channel} out of range for an image of {c} channels")
         return image[:, :, channel]
     if c == 1:
         return image[:, :, 0]
@@ -55,7 +56,7 @@ def to_grey(image, channel=None):
             info = np.iinfo(image.dtype)
             grey = np.clip(np.round(grey), info.min, info.max)
         return grey.astype(image.dtype)
-    raise ValueError(f"cannot make a grey image from {c} channels without knowing which: pass channel=")
+    raise ParameterError(f"cannot make a grey image from {c} channels without knowing which: pass channel=")
 
 
 def rgb_to_saturation(image):
@@ -71,7 +72,7 @@ def rgb_to_saturation(image):
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"saturation needs an RGB image (h, w, 3), got shape {image.shape}")
+        raise ParameterError(f"saturation needs an RGB image (h, w, 3), got shape {image.shape}")
     rgb = np.ascontiguousarray(image[:, :, :3])
     if rgb.dtype == np.uint8:
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1]
@@ -110,14 +111,14 @@ def _check_range(name, param, value):
     if isinstance(value, str):
         if value in ("image", "dtype") or value in DTYPE_RANGE:
             return value
-        raise ValueError(f"{name}: {param} must be 'image', 'dtype', a dtype name or (min, max), got {value!r}")
+        raise ParameterError(f"{name}: {param} must be 'image', 'dtype', a dtype name or (min, max), got {value!r}")
     if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2 and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
         lo, hi = (v.item() if isinstance(v, np.generic) else v for v in value)
         if not lo < hi:
-            raise ValueError(f"{name}: {param} (min, max) needs min < max, got {value!r}")
+            raise ParameterError(f"{name}: {param} (min, max) needs min < max, got {value!r}")
         return (lo, hi)
-    raise ValueError(f"{name}: {param} must be 'image', 'dtype', a dtype name or (min, max), got {value!r}")
+    raise ParameterError(f"{name}: {param} must be 'image', 'dtype', a dtype name or (min, max), got {value!r}")
 
 
 # --------------------------------------------------------------------------- functions on arrays
@@ -306,12 +307,12 @@ class AdaptiveHistogramEqualization(Transform):
         name = "AdaptiveHistogramEqualization"
         self.clip_limit = _check_number(name, "clip_limit", clip_limit, 0)
         if self.clip_limit > 1:
-            raise ValueError(f"{name}: clip_limit must be in [0, 1], got {clip_limit!r}")
+            raise ParameterError(f"{name}: clip_limit must be in [0, 1], got {clip_limit!r}")
         self.nbins = _check_positive_int(name, "nbins", nbins, 2)
         if kernel_size is not None:
             if isinstance(kernel_size, (list, tuple)):
                 if len(kernel_size) != 2:
-                    raise ValueError(f"{name}: kernel_size must be an int or (height, width), got {kernel_size!r}")
+                    raise ParameterError(f"{name}: kernel_size must be an int or (height, width), got {kernel_size!r}")
                 kernel_size = tuple(_check_positive_int(name, "kernel_size", k) for k in kernel_size)
             else:
                 kernel_size = _check_positive_int(name, "kernel_size", kernel_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..errors import ParameterError
 from .base import Transform, outputs_from
 from .filters import _check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int
 from .intensity import to_grey
@@ -24,7 +25,7 @@ def _as_mask(mask):
     if mask.ndim == 3 and mask.shape[2] == 1:
         mask = mask[:, :, 0]
     if mask.ndim != 2:
-        raise ValueError(f"a mask must be (h, w), got shape {mask.shape}")
+        raise ParameterError(f"a mask must be (h, w), got shape {mask.shape}")
     if mask.dtype != np.uint8:
         mask = (mask != 0).astype(np.uint8)
     return np.ascontiguousarray(mask)

@@ -15,9 +15,10 @@ import warnings
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..errors import ChannelError
+from ..errors import ChannelError, ParameterError
 from ..utils import NUCLEAR_MARKERS
 from .base import Transform, outputs_from
+from .filters import _check_name, _check_number, _check_positive_int
 from .objects import find_channel, keep_owned, relabel_sequential
 
 __all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentCells", "VirtualHE",
@@ -140,6 +141,18 @@ class SegmentNuclei(Transform):
 
     def __init__(self, nuclear_channel="auto", threshold=None, sigma_um=0.8, min_area_um2=8.0, max_area_um2=None,
                  min_distance_um=2.5, mpp=None, mask_name="nuclei", label_name="nucleus_count"):
+        who = type(self).__name__
+        if threshold is not None:
+            _check_number(who, "threshold", threshold)
+        _check_number(who, "sigma_um", sigma_um, 0)
+        _check_number(who, "min_area_um2", min_area_um2, 0)
+        if max_area_um2 is not None:
+            _check_number(who, "max_area_um2", max_area_um2, 0)
+        _check_number(who, "min_distance_um", min_distance_um, 0)
+        if mpp is not None:
+            _check_number(who, "mpp", mpp, 0, strict=True)
+        _check_name(who, "mask_name", mask_name)
+        _check_name(who, "label_name", label_name)
         self.nuclear_channel = nuclear_channel
         self.threshold = threshold
         self.sigma_um = sigma_um
@@ -253,6 +266,10 @@ class SegmentCells(SegmentNuclei):
         super().__init__(nuclear_channel=nuclear_channel, threshold=threshold, sigma_um=sigma_um,
                          min_area_um2=min_area_um2, max_area_um2=max_area_um2, min_distance_um=min_distance_um,
                          mpp=mpp, mask_name=nucleus_mask, label_name=label_name)
+        _check_number("SegmentCells", "expand_um", expand_um, 0)
+        _check_name("SegmentCells", "cell_mask", cell_mask)
+        if cell_mask == nucleus_mask:
+            raise ParameterError(f"SegmentCells: cell_mask and nucleus_mask must differ, both are {cell_mask!r}")
         self.membrane_channels = membrane_channels
         self.expand_um = expand_um
         self.cell_mask = cell_mask
@@ -319,8 +336,8 @@ class _CollapseRuns(Transform, register=False):
         c = image.shape[-1]
         expected = n_cycles * channels_per_cycle * n_z
         if c != expected:
-            raise ValueError(f"{type(self).__name__}: the tile has {c} planes, expected {n_cycles} cycles x "
-                             f"{channels_per_cycle} channels x {n_z} z = {expected}")
+            raise ParameterError(f"{type(self).__name__}: the tile has {c} planes, expected {n_cycles} cycles x "
+                                 f"{channels_per_cycle} channels x {n_z} z = {expected}")
         a = image.reshape(*image.shape[:-1], n_z, n_cycles, channels_per_cycle)
         if n_z > 1:
             if z is None:  # the sharpest plane: highest variance of the Laplacian over all channels
@@ -339,6 +356,12 @@ class CollapseRunsCODEX(_CollapseRuns):
     slide_types = ("CODEX",)
 
     def __init__(self, n_cycles, channels_per_cycle=4, n_z=1, z=None):
+        who = type(self).__name__
+        _check_positive_int(who, "n_cycles", n_cycles)
+        _check_positive_int(who, "channels_per_cycle", channels_per_cycle)
+        _check_positive_int(who, "n_z", n_z)
+        if z is not None and (_check_positive_int(who, "z", z, 0) >= n_z):
+            raise ParameterError(f"{who}: z must be below n_z={n_z}, got {z}")
         self.n_cycles = n_cycles
         self.channels_per_cycle = channels_per_cycle
         self.n_z = n_z
@@ -366,6 +389,8 @@ class CollapseRunsVectra(_CollapseRuns):
     slide_types = ("Vectra", "IF")
 
     def __init__(self, n_channels=None):
+        if n_channels is not None:
+            _check_positive_int("CollapseRunsVectra", "n_channels", n_channels)
         self.n_channels = n_channels
 
     def F(self, image):
@@ -373,8 +398,8 @@ class CollapseRunsVectra(_CollapseRuns):
         if self.n_channels is None:
             return image
         if image.shape[-1] < self.n_channels:
-            raise ValueError(f"CollapseRunsVectra: the tile has {image.shape[-1]} channels, fewer than "
-                             f"n_channels={self.n_channels}")
+            raise ParameterError(f"CollapseRunsVectra: the tile has {image.shape[-1]} channels, fewer than "
+                                 f"n_channels={self.n_channels}")
         return image[..., : self.n_channels]
 
     def channel_names_out(self, names):  # noqa: D102 - the first n
@@ -413,10 +438,21 @@ class VirtualHE(Transform):
     """
 
     slide_types = None
+    slide_type_out = "HE"
     changes_image = True
 
     def __init__(self, nuclear_channel="auto", eosin_channels=None, k_h=1.6, k_e=1.1, percentile=99.0,
                  beta_h=(0.86, 1.0, 0.30), beta_e=(0.05, 1.0, 0.544)):
+        _check_number("VirtualHE", "k_h", k_h, 0)
+        _check_number("VirtualHE", "k_e", k_e, 0)
+        _check_number("VirtualHE", "percentile", percentile, 0, strict=True)
+        if percentile > 100:
+            raise ParameterError(f"VirtualHE: percentile must be in (0, 100], got {percentile!r}")
+        for name, beta in (("beta_h", beta_h), ("beta_e", beta_e)):
+            b = np.asarray(beta, dtype=object)
+            if b.shape != (3,) or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                                          and np.isfinite(v) and v >= 0 for v in b):
+                raise ParameterError(f"VirtualHE: {name} is an OD colour of 3 numbers >= 0, got {beta!r}")
         self.nuclear_channel = nuclear_channel
         self.eosin_channels = eosin_channels
         self.k_h = k_h

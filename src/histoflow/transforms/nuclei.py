@@ -22,7 +22,9 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..errors import ParameterError
 from .base import Transform, outputs_from
+from .filters import _check_name, _check_number, _check_positive_int
 from .morphology import _fill_holes, _peaks_per_label
 from .objects import keep_owned
 from .stain import REFERENCE_STAIN_MATRIX, _METHODS, _check_rgb, _od_lut, _StainFitMixin
@@ -43,7 +45,7 @@ def hematoxylin_concentration(image, stain_matrix=REFERENCE_STAIN_MATRIX, backgr
     image = _check_rgb(image, "hematoxylin_concentration")
     m = np.asarray(stain_matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape[1] != 3 or m.shape[0] < 1:
-        raise ValueError(f"stain_matrix must be (n_stains, 3) with hematoxylin in row 0, got {m.shape}")
+        raise ParameterError(f"stain_matrix must be (n_stains, 3) with hematoxylin in row 0, got {m.shape}")
     h_row = np.linalg.pinv(m)[:, 0].astype(np.float32)
     od = _od_lut(background_intensity)[image]
     return od @ h_row
@@ -181,10 +183,18 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
     def __init__(self, mask_name="nuclei", stain_estimation_method="macenko", threshold=None, min_area=30,
                  max_area=None, min_distance=4, label_name="nucleus_count"):
         if stain_estimation_method not in _METHODS[:2]:
-            raise ValueError(f"NucleusDetectionHE: stain_estimation_method must be 'macenko' or 'vahadane', "
-                             f"got {stain_estimation_method!r}")
+            raise ParameterError(f"NucleusDetectionHE: stain_estimation_method must be 'macenko' or 'vahadane', "
+                                 f"got {stain_estimation_method!r}")
+        _check_name("NucleusDetectionHE", "mask_name", mask_name)
+        _check_name("NucleusDetectionHE", "label_name", label_name)
+        if threshold is not None:
+            _check_number("NucleusDetectionHE", "threshold", threshold, 0)
+        _check_number("NucleusDetectionHE", "min_area", min_area, 0)
+        if max_area is not None:
+            _check_number("NucleusDetectionHE", "max_area", max_area, 0)
+        _check_positive_int("NucleusDetectionHE", "min_distance", min_distance, 1)
         if max_area is not None and max_area < min_area:
-            raise ValueError(f"NucleusDetectionHE: max_area {max_area} < min_area {min_area}")
+            raise ParameterError(f"NucleusDetectionHE: max_area {max_area} < min_area {min_area}")
         self.mask_name = mask_name
         self.stain_estimation_method = stain_estimation_method
         self.threshold = threshold

@@ -4,6 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..errors import ParameterError
 from .base import Transform
 from .filters import _check_name, _check_number, _check_positive_int
 from .intensity import to_grey
@@ -64,7 +65,7 @@ class BlurQC(Transform):
         self.label_name = _check_name("BlurQC", "label_name", label_name)
         self.score_name = _check_name("BlurQC", "score_name", score_name)
         if self.score_name == self.label_name:
-            raise ValueError(f"BlurQC: label_name and score_name must differ, both are {label_name!r}")
+            raise ParameterError(f"BlurQC: label_name and score_name must differ, both are {label_name!r}")
         self.threshold = _check_number("BlurQC", "threshold", threshold, 0)
         if channel is not None:
             channel = _check_positive_int("BlurQC", "channel", channel, 0)

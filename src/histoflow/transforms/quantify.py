@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ParameterError
 from .base import Transform
 from .objects import relabel_sequential
 
@@ -130,7 +131,7 @@ class QuantifyCells(Transform):
     def __init__(self, mask_name="cells", nucleus_mask=None, stats=("mean", "median", "max"), brightfield="auto"):
         unknown = set(stats) - set(STATS)
         if unknown or "mean" not in stats:
-            raise ValueError(f"QuantifyCells: stats must include 'mean' and be among {STATS}, got {list(stats)}")
+            raise ParameterError(f"QuantifyCells: stats must include 'mean' and be among {STATS}, got {list(stats)}")
         self.mask_name = mask_name
         self.nucleus_mask = nucleus_mask
         self.stats = list(stats)

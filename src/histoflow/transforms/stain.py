@@ -52,8 +52,9 @@ import warnings
 import cv2
 import numpy as np
 
-from ..errors import HistoflowError
+from ..errors import HistoflowError, ParameterError
 from .base import Transform
+from .filters import _check_number
 
 __all__ = [
     "REFERENCE_STAIN_MATRIX", "REFERENCE_MAX_CONCENTRATIONS", "REFERENCE_LAB_MEANS", "REFERENCE_LAB_STDS",
@@ -120,9 +121,9 @@ def _od_lut(background_intensity: float) -> np.ndarray:
 def _check_rgb(image, who="stain"):
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{who}: expected an (h, w, 3) RGB image, got shape {image.shape}")
+        raise ParameterError(f"{who}: expected an (h, w, 3) RGB image, got shape {image.shape}")
     if image.dtype != np.uint8:
-        raise ValueError(f"{who}: expected uint8 RGB, got {image.dtype}")
+        raise ParameterError(f"{who}: expected uint8 RGB, got {image.dtype}")
     return image
 
 
@@ -130,7 +131,7 @@ def rgb_to_od(image, background_intensity=245) -> np.ndarray:
     """Optical density ``-ln((I + 1) / Io)`` of an 8-bit image, float32, same shape (a table look-up)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise ValueError(f"rgb_to_od: expected uint8, got {image.dtype}")
+        raise ParameterError(f"rgb_to_od: expected uint8, got {image.dtype}")
     return _od_lut(background_intensity)[image]
 
 
@@ -197,13 +198,18 @@ def _validate_matrix(m, who):
     return _order_he(m)
 
 
+def _check_seed(name, seed):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ParameterError(f"{name}: seed must be a whole number >= 0 or None, got {seed!r}")
+
+
 def _as_matrix(stain_matrix, n=None, who="stain matrix"):
     m = np.asarray(stain_matrix, dtype=np.float64)
     if m.ndim != 2 or m.shape[1] != 3 or (n is not None and m.shape[0] != n):
         want = f"({n}, 3)" if n else "(n_stains, 3)"
-        raise ValueError(f"{who} must be {want} (one row per stain: its R, G, B OD), got shape {m.shape}")
+        raise ParameterError(f"{who} must be {want} (one row per stain: its R, G, B OD), got shape {m.shape}")
     if not np.all(np.isfinite(m)):
-        raise ValueError(f"{who} has non-finite values")
+        raise ParameterError(f"{who} has non-finite values")
     return m
 
 
@@ -213,7 +219,7 @@ def _pixels(image, mask):
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask shape {mask.shape} does not match image {image.shape[:2]}")
+            raise ParameterError(f"mask shape {mask.shape} does not match image {image.shape[:2]}")
         flat = flat[mask.reshape(-1) > 0]
     return flat
 
@@ -340,7 +346,7 @@ def estimate_stain_matrix(image, method="macenko", background_intensity=245, bet
     if method == "vahadane":
         return estimate_stain_matrix_vahadane(image, background_intensity, luminosity_threshold, regularizer,
                                               mask=mask, seed=seed)
-    raise ValueError(f"unknown stain estimation method {method!r}; choose 'macenko' or 'vahadane'")
+    raise ParameterError(f"unknown stain estimation method {method!r}; choose 'macenko' or 'vahadane'")
 
 
 # ---------------------------------------------------------------------------------------- concentrations
@@ -374,7 +380,7 @@ def _concentrations(od, m, method):
     if method == "nnls":
         np.maximum(c, 0, out=c)
     elif method != "lstsq":
-        raise ValueError(f"unknown concentration method {method!r}; choose 'lstsq' or 'nnls'")
+        raise ParameterError(f"unknown concentration method {method!r}; choose 'lstsq' or 'nnls'")
     return c
 
 
@@ -436,7 +442,7 @@ def fit_stains(image, method="macenko", background_intensity=245, beta=0.15, alp
     if max_c_pixels == "stained":
         od = od_all[np.all(od_all >= beta, axis=1)]
     elif max_c_pixels != "all":
-        raise ValueError(f"max_c_pixels must be 'stained' or 'all', got {max_c_pixels!r}")
+        raise ParameterError(f"max_c_pixels must be 'stained' or 'all', got {max_c_pixels!r}")
     else:
         od = od_all
     if len(od) < MIN_ESTIMATION_PIXELS:
@@ -505,7 +511,7 @@ def normalize_stains(image, stain_matrix=None, max_concentrations=None,
     """
     image = _check_rgb(image, "normalize_stains")
     if target not in _NAMED_TARGETS:
-        raise ValueError(f"normalize_stains: target must be one of {_NAMED_TARGETS}, got {target!r}")
+        raise ParameterError(f"normalize_stains: target must be one of {_NAMED_TARGETS}, got {target!r}")
     if stain_matrix is None:
         stain_matrix, mc = fit_stains(image, method, background_intensity, beta, alpha, luminosity_threshold,
                                       regularizer, max_c_percentile, seed=seed, max_c_pixels=max_c_pixels)
@@ -629,17 +635,19 @@ _SK_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float64) / 255.0, 1e-6))).
 
 
 def _complete_matrix(m):
-    """A (3, 3) stain matrix: a third row orthogonal to two given stains (as scikit-image's docs do)."""
+    """A (3, 3) stain matrix: a third row orthogonal to two given stains (as scikit-image's docs do), so that
+    the two stains' concentrations are their least-squares fit (a third row that is not orthogonal, e.g. the
+    cross product's absolute value, would leak part of each pixel's residual into them)."""
     m = np.asarray(m, dtype=np.float64)
     if m.shape == (2, 3):
         third = np.cross(m[0], m[1])
         n = np.linalg.norm(third)
         third = third / n if n > 1e-12 else np.array([0.0, 0.0, 1.0])
-        m = np.vstack([m, np.abs(third)])
+        m = np.vstack([m, third])
     if m.shape != (3, 3):
-        raise ValueError(f"stain matrix must be (3, 3) or (2, 3) (rows = stain OD vectors), got {m.shape}")
+        raise ParameterError(f"stain matrix must be (3, 3) or (2, 3) (rows = stain OD vectors), got {m.shape}")
     if not np.all(np.isfinite(m)) or np.linalg.cond(m) > 1e8:
-        raise ValueError("stain matrix is singular or not finite: its stain vectors must be independent")
+        raise ParameterError("stain matrix is singular or not finite: its stain vectors must be independent")
     return m
 
 
@@ -771,14 +779,19 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         Percentile of the concentrations taken as their maxima.
     seed : int, optional
         Seed of Vahadane's pixel subsample and dictionary learning (None: 0).
+    reference : dict, optional
+        The target, as :meth:`fit_to_reference` sets it: ``{"stain_matrix": 2 x 3, "max_concentrations":
+        2}`` (Macenko, Vahadane) or ``{"lab_means": 3, "lab_stds": 3}`` (Reinhard). A parameter like the
+        others, so a fitted target is saved with the pipeline (YAML, provenance) and a run with another
+        target is not taken for a finished one on ``resume``.
 
     The reference is Macenko's (:data:`REFERENCE_STAIN_MATRIX`, :data:`REFERENCE_MAX_CONCENTRATIONS`;
     Reinhard: :data:`REFERENCE_LAB_MEANS` / ``_STDS``) until :meth:`fit_to_reference` fits it to an image.
     :meth:`fit_slide` estimates the source stains once per slide from its thumbnail (inside the slide's
     ``"tissue"`` mask when it has one); every tile then uses them. Without ``fit_slide`` a tile with
     enough tissue (5 % of its pixels stained) is estimated on its own, any other tile is treated as already
-    in the reference stains; glass always passes unchanged. Fitted state (``slide_stains_``,
-    ``target_stains_``) is not part of :meth:`to_dict`: fit again after loading a pipeline.
+    in the reference stains; glass always passes unchanged. The slide's fitted stains (``slide_stains_``)
+    are not part of :meth:`to_dict`: they are estimated again for each slide.
 
     Examples
     --------
@@ -791,21 +804,32 @@ class StainNormalizationHE(_StainFitMixin, Transform):
 
     def __init__(self, target="normalize", stain_estimation_method="macenko", background_intensity=245,
                  luminosity_threshold=0.8, angular_percentile=99, regularizer=0.1, max_c_percentile=99,
-                 seed=None):
+                 seed=None, reference=None):
         if target not in _NAMED_TARGETS:
-            raise ValueError(f"StainNormalizationHE: target must be one of {_NAMED_TARGETS}, got {target!r}")
+            raise ParameterError(f"StainNormalizationHE: target must be one of {_NAMED_TARGETS}, got {target!r}")
         if stain_estimation_method not in _METHODS:
-            raise ValueError(f"StainNormalizationHE: stain_estimation_method must be one of {_METHODS}, "
-                             f"got {stain_estimation_method!r}")
+            raise ParameterError(f"StainNormalizationHE: stain_estimation_method must be one of {_METHODS}, "
+                                 f"got {stain_estimation_method!r}")
         if stain_estimation_method == "reinhard" and target != "normalize":
-            raise ValueError("StainNormalizationHE: Reinhard matches colour statistics and has no stain "
-                             f"matrix; target {target!r} needs stain_estimation_method 'macenko' or 'vahadane'")
+            raise ParameterError("StainNormalizationHE: Reinhard matches colour statistics and has no stain "
+                                 f"matrix; target {target!r} needs stain_estimation_method 'macenko' or 'vahadane'")
         if not 0 < float(background_intensity) <= 256:
-            raise ValueError(f"StainNormalizationHE: background_intensity must be in (0, 256], got "
-                             f"{background_intensity!r}")
+            raise ParameterError(f"StainNormalizationHE: background_intensity must be in (0, 256], got "
+                                 f"{background_intensity!r}")
+        _check_number("StainNormalizationHE", "angular_percentile", angular_percentile)
         if not 50 < float(angular_percentile) <= 100:
-            raise ValueError(f"StainNormalizationHE: angular_percentile must be in (50, 100], got "
-                             f"{angular_percentile!r}")
+            raise ParameterError(f"StainNormalizationHE: angular_percentile must be in (50, 100], got "
+                                 f"{angular_percentile!r}")
+        _check_number("StainNormalizationHE", "luminosity_threshold", luminosity_threshold, 0, strict=True)
+        if luminosity_threshold > 1:
+            raise ParameterError(f"StainNormalizationHE: luminosity_threshold is a fraction of CIELAB L (0..1], "
+                                 f"got {luminosity_threshold!r}")
+        _check_number("StainNormalizationHE", "regularizer", regularizer, 0, strict=True)
+        _check_number("StainNormalizationHE", "max_c_percentile", max_c_percentile, 0, strict=True)
+        if max_c_percentile > 100:
+            raise ParameterError(f"StainNormalizationHE: max_c_percentile is a percentile in (0, 100], got "
+                                 f"{max_c_percentile!r}")
+        _check_seed("StainNormalizationHE", seed)
         self.target = target
         self.stain_estimation_method = stain_estimation_method
         self.background_intensity = background_intensity
@@ -816,6 +840,28 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         self.seed = seed
         self.slide_stains_ = None       # (matrix (2, 3), max concentrations (2,)) or LAB (means, stds)
         self.target_stains_ = None
+        self.reference = None
+        if reference is not None:
+            self._set_reference(reference)
+
+    def _set_reference(self, reference):
+        """Take a target given as ``reference`` (see the class parameters), checked."""
+        keys = ("lab_means", "lab_stds") if self._reinhard else ("stain_matrix", "max_concentrations")
+        shapes = ((3,), (3,)) if self._reinhard else ((2, 3), (2,))
+        if not isinstance(reference, dict) or set(reference) != set(keys):
+            raise ParameterError(f"StainNormalizationHE: reference for {self.stain_estimation_method} is a mapping "
+                                 f"with {' and '.join(keys)}, got {reference!r}")
+        try:
+            arrays = tuple(np.asarray(reference[k], np.float64) for k in keys)
+        except (TypeError, ValueError):
+            arrays = None
+        if arrays is None or any(a.shape != sh or not np.all(np.isfinite(a)) for a, sh in zip(arrays, shapes)):
+            raise ParameterError(f"StainNormalizationHE: reference {keys} must be finite numbers of shapes {shapes}, "
+                                 f"got {reference!r}")
+        if not self._reinhard:
+            arrays = (_as_matrix(arrays[0], 2, "reference stain_matrix"), arrays[1])
+        self.target_stains_ = arrays
+        self.reference = {k: a.tolist() for k, a in zip(keys, arrays)}
 
     # ------------------------------------------------------------------ fitting
     @property
@@ -836,9 +882,11 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         """
         image = _check_rgb(np.asarray(image), "StainNormalizationHE.fit_to_reference")
         if self._reinhard:
-            self.target_stains_ = lab_stats(image, mask, self.luminosity_threshold)
+            means, stds = lab_stats(image, mask, self.luminosity_threshold)
+            self._set_reference({"lab_means": means, "lab_stds": stds})
         else:
-            self.target_stains_ = self._fit_image(image, self.stain_estimation_method, mask)
+            matrix, maxc = self._fit_image(image, self.stain_estimation_method, mask)
+            self._set_reference({"stain_matrix": matrix, "max_concentrations": maxc})
         return self
 
     def fit_slide(self, slide):
@@ -903,12 +951,12 @@ class StainSeparation(Transform):
     def __init__(self, stain="hematoxylin", stain_matrix=None, output="image"):
         if isinstance(stain, str):
             if stain.lower() not in _STAIN_INDEX:
-                raise ValueError(f"StainSeparation: stain must be one of {list(_STAIN_INDEX)} or a row index, "
-                                 f"got {stain!r}")
+                raise ParameterError(f"StainSeparation: stain must be one of {list(_STAIN_INDEX)} or a row index, "
+                                     f"got {stain!r}")
         elif not isinstance(stain, (int, np.integer)) or not 0 <= int(stain) <= 2:
-            raise ValueError(f"StainSeparation: stain index must be 0, 1 or 2, got {stain!r}")
+            raise ParameterError(f"StainSeparation: stain index must be 0, 1 or 2, got {stain!r}")
         if output not in ("image", "concentration"):
-            raise ValueError(f"StainSeparation: output must be 'image' or 'concentration', got {output!r}")
+            raise ParameterError(f"StainSeparation: output must be 'image' or 'concentration', got {output!r}")
         if stain_matrix is not None:
             _complete_matrix(_as_matrix(stain_matrix, None, "StainSeparation stain_matrix"))
         self.stain = stain
@@ -926,8 +974,8 @@ class StainSeparation(Transform):
         m = self._matrix()
         k = self._index
         c = color_deconvolution(image, m)[..., k]
-        if self.output == "image":
-            return _render_stain(c, m[k])
+        if self.output == "image":  # (the residual row of a two-stain matrix may point to negative OD)
+            return _render_stain(c, np.abs(m[k]))
         out = np.clip(c * np.float32(CONCENTRATION_SCALE) + np.float32(0.5), 0, 255)
         return out.astype(np.uint8)[..., None]
 
@@ -958,8 +1006,9 @@ class StainAugmentation(_StainFitMixin, Transform):
     background_intensity = 245
 
     def __init__(self, sigma1=0.1, sigma2=0.1, seed=0, stain_matrix=None):
-        if sigma1 < 0 or sigma2 < 0:
-            raise ValueError(f"StainAugmentation: sigma1 and sigma2 must be >= 0, got {sigma1}, {sigma2}")
+        _check_number("StainAugmentation", "sigma1", sigma1, 0)
+        _check_number("StainAugmentation", "sigma2", sigma2, 0)
+        _check_seed("StainAugmentation", seed)
         if stain_matrix is not None:
             _as_matrix(stain_matrix, 2, "StainAugmentation stain_matrix")
         self.sigma1 = sigma1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..errors import ParameterError
 from .base import Transform, outputs_from
 from .filters import (_check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int,
                       median_blur)
@@ -46,7 +47,7 @@ def _to_uint8(a):
 def _rgb(image, who):
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"{who} needs an RGB image (h, w, 3), got shape {image.shape}")
+        raise ParameterError(f"{who} needs an RGB image (h, w, 3), got shape {image.shape}")
     return image[:, :, :3]
 
 
@@ -328,7 +329,8 @@ class TissueDetectionCascade(Transform):
         self.mask_name = _check_name(name, "mask_name", mask_name)
         self.saturation_threshold = _check_number(name, "saturation_threshold", saturation_threshold, 0)
         if not isinstance(close_kernel_sizes, (list, tuple)):
-            raise ValueError(f"{name}: close_kernel_sizes must be a list of odd integers, got {close_kernel_sizes!r}")
+            raise ParameterError(f"{name}: close_kernel_sizes must be a list of odd integers, "
+                                 f"got {close_kernel_sizes!r}")
         self.close_kernel_sizes = tuple(_check_odd_kernel(name, k) for k in close_kernel_sizes)
 
     masks_out = outputs_from("mask_name")
@@ -367,7 +369,7 @@ class LabelWhiteSpaceHE(Transform):
         self.label_name = _check_name(name, "label_name", label_name)
         self.proportion_threshold = _check_number(name, "proportion_threshold", proportion_threshold, 0)
         if self.proportion_threshold > 1:
-            raise ValueError(f"{name}: proportion_threshold must be in [0, 1], got {proportion_threshold!r}")
+            raise ParameterError(f"{name}: proportion_threshold must be in [0, 1], got {proportion_threshold!r}")
         self.greyscale_threshold = _check_number(name, "greyscale_threshold", greyscale_threshold, 0)
 
     labels_out = outputs_from("label_name")
@@ -413,7 +415,7 @@ class LabelArtifactTileHE(Transform):
         self.min_ink_fraction = _check_number(name, "min_ink_fraction", min_ink_fraction, 0)
         for p in ("proportion_threshold", "min_ink_fraction"):
             if getattr(self, p) > 1:
-                raise ValueError(f"{name}: {p} must be in [0, 1], got {getattr(self, p)!r}")
+                raise ParameterError(f"{name}: {p} must be in [0, 1], got {getattr(self, p)!r}")
 
     labels_out = outputs_from("label_name")
 

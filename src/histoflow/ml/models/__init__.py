@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from histoflow.errors import HistoflowError
+from histoflow.errors import HistoflowError, ParameterError
 
 __all__ = [
     "ModelError", "UnknownModelError", "register", "create", "list_models", "save", "load",
@@ -76,7 +76,7 @@ def register(name: str, factory: Callable[..., nn.Module] | None = None):
     ... class Tiny(nn.Module): ...
     """
     if not isinstance(name, str) or not name:
-        raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+        raise ParameterError(f"register: name must be a non-empty string, got {name!r}")
 
     def _add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if not callable(f):
@@ -195,9 +195,9 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
 
     path = Path(path)
     if path.suffix == ".json":
-        raise ValueError(f"save: {path} would be overwritten by the model card; use a .pt file name")
+        raise ParameterError(f"save: {path} would be overwritten by the model card; use a .pt file name")
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"save: dtype must be 'float32' or 'float16', got {dtype!r}")
+        raise ParameterError(f"save: dtype must be 'float32' or 'float16', got {dtype!r}")
     name = _name_of(model)
     full: dict[str, Any] = {"architecture": name, "parameters": _parameters_of(model, name),
                             "histoflow_version": __version__, "torch_version": torch.__version__,
@@ -208,12 +208,12 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
         if k == "weights_dtype":
             continue
         if k in ("architecture", "parameters") and _jsonable(v) != full[k]:
-            raise ValueError(f"save: card[{k!r}]={v!r} disagrees with the model ({full[k]!r})")
+            raise ParameterError(f"save: card[{k!r}]={v!r} disagrees with the model ({full[k]!r})")
         full[k] = v
     try:
         text = json.dumps(_jsonable(full), indent=2, sort_keys=False)
     except TypeError as e:
-        raise ValueError(f"save: the card is not JSON-serialisable: {e}") from e
+        raise ParameterError(f"save: the card is not JSON-serialisable: {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if dtype == "float16":

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import ParameterError
+
 __all__ = ["Ensemble"]
 
 
@@ -40,20 +42,20 @@ class Ensemble(nn.Module):
         from . import create
 
         if not members:
-            raise ValueError("Ensemble: give at least one member")
+            raise ParameterError("Ensemble: give at least one member")
         specs = []
         for i, m in enumerate(members):
             if not isinstance(m, Mapping) or not isinstance(m.get("architecture"), str):
-                raise ValueError(f"Ensemble: member {i} must be a mapping with an 'architecture' name, got {m!r}")
+                raise ParameterError(f"Ensemble: member {i} must be a mapping with an 'architecture' name, got {m!r}")
             if m["architecture"] == "ensemble":
-                raise ValueError("Ensemble: members cannot be ensembles themselves")
+                raise ParameterError("Ensemble: members cannot be ensembles themselves")
             specs.append({"architecture": m["architecture"], "parameters": dict(m.get("parameters") or {})})
         if weights is None:
             weights = [1.0] * len(specs)
         weights = [float(w) for w in weights]
         if len(weights) != len(specs) or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"Ensemble: weights must be {len(specs)} non-negative numbers with a positive sum, "
-                             f"got {weights}")
+            raise ParameterError(f"Ensemble: weights must be {len(specs)} non-negative numbers with a positive sum, "
+                                 f"got {weights}")
         self.members = specs
         self.weights = [w / sum(weights) for w in weights]
         self.nets = nn.ModuleList(create(s["architecture"], **s["parameters"]) for s in specs)

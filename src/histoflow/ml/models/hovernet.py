@@ -25,6 +25,8 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 from torch import nn
 
+from ...errors import ParameterError
+
 __all__ = ["HoVerNet", "hovernet_postprocess", "HOVERNET_KEYS"]
 
 #: The keys of the dict returned by :meth:`HoVerNet.forward`: NP, HV and TP branches.
@@ -59,7 +61,7 @@ class HoVerNet(nn.Module):
 
         mode = str(mode).lower()
         if mode not in ("fast", "original"):
-            raise ValueError(f"HoVerNet: mode must be 'fast' or 'original', got {mode!r}")
+            raise ParameterError(f"HoVerNet: mode must be 'fast' or 'original', got {mode!r}")
         self.mode = mode
         self.in_channels = int(in_channels)
         self.out_classes = int(out_classes)
@@ -137,15 +139,15 @@ def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float =
     hv = _to_numpy(hv_map, np.float32)
     if np_prob.ndim == 3:
         if np_prob.shape[0] != 2:
-            raise ValueError(f"hovernet_postprocess: np_prob must be (H, W) or (2, H, W), got {np_prob.shape}")
+            raise ParameterError(f"hovernet_postprocess: np_prob must be (H, W) or (2, H, W), got {np_prob.shape}")
         np_prob = np_prob[1]
     if np_prob.ndim != 2:
-        raise ValueError(f"hovernet_postprocess: np_prob must be (H, W) or (2, H, W), got {np_prob.shape}")
+        raise ParameterError(f"hovernet_postprocess: np_prob must be (H, W) or (2, H, W), got {np_prob.shape}")
     if hv.ndim != 3 or hv.shape[0] != 2 or hv.shape[1:] != np_prob.shape:
-        raise ValueError(f"hovernet_postprocess: hv_map must be (2, H, W) with (H, W) = {np_prob.shape}, "
-                         f"got {hv.shape}")
+        raise ParameterError(f"hovernet_postprocess: hv_map must be (2, H, W) with (H, W) = {np_prob.shape}, "
+                             f"got {hv.shape}")
     if sobel_ksize % 2 == 0 or not 1 <= sobel_ksize <= 31:
-        raise ValueError(f"hovernet_postprocess: sobel_ksize must be odd and <= 31, got {sobel_ksize}")
+        raise ParameterError(f"hovernet_postprocess: sobel_ksize must be odd and <= 31, got {sobel_ksize}")
 
     fg = np_prob >= fg_threshold
     fg_lab, _ = ndi.label(fg)
@@ -175,8 +177,8 @@ def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float =
         if tp.ndim == 3:
             tp = tp.argmax(axis=0)
         if tp.shape != labels.shape:
-            raise ValueError(f"hovernet_postprocess: tp_prob must be (C, H, W) or (H, W) with (H, W) = "
-                             f"{labels.shape}, got {np.shape(tp_prob)}")
+            raise ParameterError(f"hovernet_postprocess: tp_prob must be (C, H, W) or (H, W) with (H, W) = "
+                                 f"{labels.shape}, got {np.shape(tp_prob)}")
         types = _majority_types(labels, tp.astype(np.int64))
     return labels, types
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import ParameterError
+
 __all__ = ["MobileNetV2", "INVERTED_RESIDUAL_SETTING"]
 
 #: (expansion t, output channels c, repeats n, stride of the first repeat s)
@@ -52,7 +54,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
         if stride not in (1, 2):
-            raise ValueError(f"InvertedResidual: stride must be 1 or 2, got {stride}")
+            raise ParameterError(f"InvertedResidual: stride must be 1 or 2, got {stride}")
         hidden = int(round(in_ch * expand_ratio))
         self.use_residual = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
@@ -95,9 +97,9 @@ class MobileNetV2(nn.Module):
                  head: str = "standard", dropout: float | None = None, hidden: int = 100) -> None:
         super().__init__()
         if head not in ("standard", "paper"):
-            raise ValueError(f"MobileNetV2: head must be 'standard' or 'paper', got {head!r}")
+            raise ParameterError(f"MobileNetV2: head must be 'standard' or 'paper', got {head!r}")
         if width_mult <= 0 or num_classes < 1 or in_channels < 1 or hidden < 1:
-            raise ValueError("MobileNetV2: width_mult, num_classes, in_channels and hidden must be positive")
+            raise ParameterError("MobileNetV2: width_mult, num_classes, in_channels and hidden must be positive")
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.width_mult = float(width_mult)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import ParameterError
+
 __all__ = ["RCCNet"]
 
 
@@ -60,9 +62,9 @@ class RCCNet(nn.Module):
         super().__init__()
         side = _spatial_after(int(input_size))
         if side < 1:
-            raise ValueError(f"RCCNet: input_size must be at least 10, got {input_size}")
+            raise ParameterError(f"RCCNet: input_size must be at least 10, got {input_size}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"RCCNet: dropout must be in [0, 1), got {dropout}")
+            raise ParameterError(f"RCCNet: dropout must be in [0, 1), got {dropout}")
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.input_size = int(input_size)
@@ -89,6 +91,6 @@ class RCCNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` for patches ``(N, in_channels, input_size, input_size)``."""
         if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"RCCNet expects {self.input_size}x{self.input_size} patches, "
-                             f"got {tuple(x.shape[-2:])}")
+            raise ParameterError(f"RCCNet expects {self.input_size}x{self.input_size} patches, "
+                                 f"got {tuple(x.shape[-2:])}")
         return self.classifier(self.features(x))

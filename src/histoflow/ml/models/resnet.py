@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ...errors import ParameterError
+
 __all__ = ["ResNet", "BasicBlock", "resnet18", "resnet34", "replace_batchnorm_with_instancenorm"]
 
 _LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
@@ -27,7 +29,7 @@ def _norm_factory(norm: str) -> Callable[[int], nn.Module]:
         return nn.BatchNorm2d
     if norm == "instance":
         return lambda c: nn.InstanceNorm2d(c, affine=True)
-    raise ValueError(f"ResNet: norm must be 'batch' or 'instance', got {norm!r}")
+    raise ParameterError(f"ResNet: norm must be 'batch' or 'instance', got {norm!r}")
 
 
 class BasicBlock(nn.Module):
@@ -72,9 +74,9 @@ class ResNet(nn.Module):
                  norm: str = "batch") -> None:
         super().__init__()
         if depth not in _LAYERS:
-            raise ValueError(f"ResNet: depth must be one of {sorted(_LAYERS)}, got {depth}")
+            raise ParameterError(f"ResNet: depth must be one of {sorted(_LAYERS)}, got {depth}")
         if num_classes < 1 or in_channels < 1:
-            raise ValueError("ResNet: num_classes and in_channels must be >= 1")
+            raise ParameterError("ResNet: num_classes and in_channels must be >= 1")
         make_norm = _norm_factory(norm)
         self.depth = int(depth)
         self.num_classes = int(num_classes)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ...errors import ParameterError
+
 __all__ = ["UNet"]
 
 _NORMS = ("batch", "instance", None)
@@ -103,15 +105,15 @@ class UNet(nn.Module):
         super().__init__()
         filters = tuple(int(f) for f in filters)
         if len(filters) < 1 or any(f <= 0 for f in filters):
-            raise ValueError(f"UNet: filters must be a non-empty sequence of positive ints, got {filters}")
+            raise ParameterError(f"UNet: filters must be a non-empty sequence of positive ints, got {filters}")
         if upsample not in _UPSAMPLES:
-            raise ValueError(f"UNet: upsample must be one of {_UPSAMPLES}, got {upsample!r}")
+            raise ParameterError(f"UNet: upsample must be one of {_UPSAMPLES}, got {upsample!r}")
         if norm not in _NORMS:
-            raise ValueError(f"UNet: norm must be one of {_NORMS}, got {norm!r}")
+            raise ParameterError(f"UNet: norm must be one of {_NORMS}, got {norm!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}")
+            raise ParameterError(f"UNet: dropout must be in [0, 1), got {dropout}")
         if in_channels < 1 or out_channels < 1:
-            raise ValueError("UNet: in_channels and out_channels must be >= 1")
+            raise ParameterError("UNet: in_channels and out_channels must be >= 1")
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.filters = filters
@@ -139,11 +141,11 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(N, out_channels, H, W)`` for an input ``(N, in_channels, H, W)``."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"UNet: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ParameterError(f"UNet: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         d = self.size_divisor
         if not torch.jit.is_tracing() and (h % d or w % d):
-            raise ValueError(
+            raise ParameterError(
                 f"UNet with {len(self.filters)} levels needs height and width divisible by {d}, "
                 f"got {h}x{w}; pad or crop the input (e.g. to {-(-h // d) * d}x{-(-w // d) * d})")
         skips = []
