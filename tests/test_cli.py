@@ -102,6 +102,9 @@ def test_run_command_and_transforms_listing(tmp_path):
     assert r.returncode == 0
     for name in ("BoxBlur(kernel_size=5", "StainNormalizationHE(", "TissueDetectionHE(", "NucleusDetectionHE("):
         assert name in r.stdout
+    # each description is a whole first sentence, wrapped (not the docstring's first line cut mid-sentence)
+    assert "RGB on its HSV value, other channel counts channel by channel." in " ".join(r.stdout.split())
+    assert all(len(line) <= 120 for line in r.stdout.splitlines() if line.startswith("    "))
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps:\n  - NoSuchTransform: {}\n")
     r = run("run", str(bad), SVS, "-o", str(tmp_path / "o2"))

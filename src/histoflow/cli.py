@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import textwrap
 import time
 
 
@@ -126,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--membrane", nargs="*", default=None, metavar="NAME", help="membrane/cytoplasm channels")
     s.add_argument("--expand", type=float, default=3.0, help="cell reach beyond the nucleus, µm (default 3)")
     s.add_argument("--tile", type=int, default=512)
-    s.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels; larger than a cell")
+    s.add_argument("--overlap", type=int, default=None,
+                   help="tile overlap in pixels (default: 2 x (a large nucleus, 15 µm, + 2 x --expand), from the "
+                        "slide's µm/px: each tile then sees every neighbour of the cells it keeps whole)")
     s.add_argument("--workers", type=int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--mpp", type=float, help="the slide's µm/px when the file does not say")
     s.add_argument("--png", help="picture of the cell outlines over the slide, at most 2048 px "
@@ -206,6 +210,7 @@ def cmd_thumbnail(args):
     from . import open_slide
     from .utils import save_png, to_rgb
 
+    _check_outputs([args.slide], {"thumbnail": args.output})
     with open_slide(args.slide, backend=args.backend) as s:
         rgb = to_rgb(s.thumbnail(args.size), brightfield=s.brightfield, channel_names=s.channel_names)
     save_png(args.output, rgb)
@@ -216,6 +221,7 @@ def cmd_thumbnail(args):
 def cmd_tile(args):
     from .core.slide import SlideData
 
+    _check_outputs([args.slide], {"h5path": args.output})
     t0 = time.perf_counter()
     with SlideData(args.slide, backend=args.backend, mpp=args.slide_mpp) as slide:
         grid = slide.grid(args.size, overlap=args.overlap, level=args.level, mpp=args.mpp, edge=args.edge)
@@ -267,7 +273,9 @@ def cmd_transforms(args):
     for t in items:
         params = ", ".join(k if k in t["required"] else f"{k}={v!r}" for k, v in t["params"].items())
         kinds = f"  [{', '.join(t['slide_types'])}]" if t["slide_types"] else ""
-        print(f"{t['name']}({params}){kinds}\n    {t['doc']}")
+        doc = textwrap.fill(t["doc"], width=max(60, shutil.get_terminal_size((100, 24)).columns - 1),
+                            initial_indent="    ", subsequent_indent="    ")
+        print(f"{t['name']}({params}){kinds}\n{doc}")
     return 0
 
 
@@ -387,7 +395,8 @@ def cmd_quantify(args):
         else:
             steps = [SegmentCells(nuclear_channel=nuclear, membrane_channels=args.membrane,
                                   expand_um=args.expand), QuantifyCells(nucleus_mask="nuclei")]
-        slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=args.overlap,
+        overlap = args.overlap if args.overlap is not None else _cell_overlap(slide, args.expand, args.tile)
+        slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=overlap,
                   executor="dask" if args.workers else "inprocess", workers=args.workers,
                   progress=not args.no_progress)
     with read_h5path(store) as h:
@@ -435,6 +444,24 @@ def _picture_path(option, output, avoid=()):
     return path
 
 
+#: the diameter of a large nucleus, µm: with the cells' reach, the context a tile needs past its core
+LARGE_NUCLEUS_UM = 15.0
+
+
+def _cell_overlap(slide, expand_um, tile) -> int:
+    """Tile overlap (pixels) for cell segmentation: each side of a tile's core must hold, whole, every
+    nucleus that competes for the territory of the cells the tile keeps: 2 x (a large nucleus + 2 x the
+    cells' reach). With less, a neighbour cut by the tile's edge is dropped as too small and a kept cell
+    grows into its place, so cells would depend on the tiling. At most half the tile."""
+    import math
+
+    from .transforms.multiplex import DEFAULT_MPP
+
+    mpp = float(slide.mpp[0]) if slide.mpp else DEFAULT_MPP
+    px = math.ceil(2 * (LARGE_NUCLEUS_UM + 2 * max(0.0, float(expand_um))) / mpp)
+    return int(min(px + px % 2, tile // 2))
+
+
 def _check_outputs(inputs, outputs: dict):
     """Before any work: refuse an output whose folder is missing, an output that is one of the inputs, and
     two outputs at one path (the later would replace the earlier). ``outputs`` maps what -> path (None: not
@@ -450,6 +477,8 @@ def _check_outputs(inputs, outputs: dict):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise OutputError(f"{path}: cannot write the {what} there: the folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise OutputError(f"{path}: is a folder; give a file name for the {what}")
         if real in ins:
             raise OutputError(f"{path}: the {what} would replace the input {ins[real]}; choose another path")
         if real in seen:
@@ -522,15 +551,19 @@ def cmd_phenotype(args):
 
     png = _picture_path(args.png, args.output, avoid=(args.cells, args.rules, args.thresholds, args.output,
                                                       args.geojson))
-    # the cell table may be updated in place (-o the input .h5ad): it is read whole before anything is written
-    _check_outputs([args.rules, args.thresholds], {"cell table": args.output, "picture": png, "GeoJSON": args.geojson})
-    if png and os.path.realpath(png) == os.path.realpath(args.cells):
-        from .errors import OutputError
+    from .errors import OutputError
 
+    store = args.cells if args.cells.endswith(".h5path") else os.path.splitext(args.cells)[0] + ".h5path"
+    if not args.output.lower().endswith(".h5ad"):
+        raise OutputError(f"{args.output}: the cell table is written as AnnData: give -o a .h5ad path")
+    # the cell table may be updated in place (-o the input .h5ad): it is read whole before anything is written;
+    # the h5path store of tiles and masks (the input, or the one quantify wrote beside it) is never replaced
+    _check_outputs([args.rules, args.thresholds, store if os.path.exists(store) else None],
+                   {"cell table": args.output, "picture": png, "GeoJSON": args.geojson})
+    if png and os.path.realpath(png) == os.path.realpath(args.cells):
         raise OutputError(f"{png}: the picture would replace the input {args.cells}; choose another path")
     cells = _read_cells(args.cells)
     table = load_preset(args.rules) if args.rules in list_presets() else RuleTable.from_yaml(args.rules)
-    store = args.cells if args.cells.endswith(".h5path") else os.path.splitext(args.cells)[0] + ".h5path"
     if args.geojson and not os.path.exists(store):  # before anything is written
         raise HistoflowError(f"{store}: not found; --geojson needs the tiles and masks that `histoflow quantify` "
                              "writes beside the .h5ad")
@@ -546,7 +579,12 @@ def cmd_phenotype(args):
             raise HistoflowError(f"{args.thresholds}: expected {{channel: value}} or {{slide: {{channel: value}}}}, "
                                  f"got a {type(manual).__name__}")
     by = "slide" if "slide" in cells.obs else None
-    gate(cells, thresholds=manual, method=args.gate, by=by)
+    try:
+        gate(cells, thresholds=manual, method=args.gate, by=by)
+    except HistoflowError as e:
+        if manual is None or str(e).startswith(str(args.thresholds)):
+            raise
+        raise type(e)(f"{args.thresholds}: {e}") from None
     try:
         counts = table.apply(cells)
     except RuleError as e:
@@ -625,6 +663,7 @@ def _phenotype_png(cells, png):
 def cmd_annotations_convert(args):
     from .annotations import convert
 
+    _check_outputs([args.input], {"converted annotations": args.output})
     n = convert(args.input, args.output)
     print(f"{args.output}: {n} polygons from {args.input}")
     return 0

@@ -254,3 +254,91 @@ def test_unwritable_output_names_the_output(tmp_path):
     with pytest.raises(OutputError, match=r"missing/x.png: cannot write it \(No such file or directory\)"):
         save_png(tmp_path / "missing" / "x.png", np.zeros((4, 4, 3), np.uint8))
     assert os.listdir(tmp_path) == []
+
+
+def _square(x0, y0, x1, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
+
+
+def test_holes_leave_other_polygons_alone():
+    """A polygon's hole is cut from that polygon only: an island inside a lumen, drawn before the ring
+    around it, keeps its pixels, and a label image with an object inside another's hole round-trips."""
+    island = Polygon(_square(40, 40, 60, 60), name="island")
+    donut = Polygon(_square(0, 0, 100, 100), [_square(30, 30, 70, 70)], name="donut")
+    m = rasterize([island, donut], (100, 100))
+    assert (m == 1).sum() == 400 and (m == 0).sum() == 40 * 40 - 400 and (m == 2).sum() == 100 * 100 - 1600
+    lab = np.zeros((7, 7), np.int32)
+    lab[1:6, 1:6] = 2
+    lab[3, 3] = 1
+    p = polygonize(lab)
+    assert np.array_equal(rasterize(p, lab.shape, values=[int(q.name) for q in p]), lab)
+
+
+def test_aperio_negative_regions_go_to_the_polygon_holding_them_whole(tmp_path):
+    from histoflow.annotations import write_aperio_xml
+
+    a = Polygon(_square(0, 0, 100, 100), [_square(30, 30, 70, 70)], name="A")
+    b = Polygon(_square(40, 40, 60, 60), name="B")  # an island in A's lumen: holds the lumen's centre
+    back = read_aperio_xml(write_aperio_xml([a, b], tmp_path / "x.xml"))
+    by = {p.name: p for p in back}
+    assert len(by["A"].holes) == 1 and not by["B"].holes
+    m = rasterize(back, (100, 100))
+    assert (m == 2).sum() == 400 and (m == 0).sum() == 1200
+
+
+def test_monuseg_negative_regions_are_nuclei():
+    """TCGA-XS-A8TJ flags 20 of its 1,309 regions NegativeROA, none inside another: nuclei (darker than
+    the rest), not exclusions; the loader keeps all 1,309."""
+    s = load_monuseg(data_path("monuseg_train"), ["TCGA-XS-A8TJ-01Z-00-DX1"])[0]
+    regions = read_aperio_xml(data_path("monuseg_train", "TCGA-XS-A8TJ-01Z-00-DX1.xml"))
+    neg = [p for p in regions if p.measurements.get("negative")]
+    assert len(regions) == 1309 and len(neg) == 20
+    assert s["instances"].max() == 1309
+    negmask = rasterize(neg, s["image"].shape[:2]) > 0
+    assert (s["instances"][negmask] > 0).all()
+
+
+def test_imagej_composite_of_separate_areas_and_geojson_round_trip(tmp_path):
+    """An ImageJ OR of two separate areas is two polygons (not an outline and a hole); a QuPath GeoJSON
+    keeps its MultiPolygons, object types and class colours through read + write; malformed features are
+    AnnotationErrors."""
+    import roifile
+
+    from histoflow.annotations import read_imagej_rois, write_geojson
+
+    # a shape ROI as ImageJ writes Edit > Selection > Combine of two squares: moveto (0), lineto (1), close (4)
+    path = [0, 10, 10, 1, 30, 10, 1, 30, 30, 1, 10, 30, 4, 0, 50, 50, 1, 70, 50, 1, 70, 70, 1, 50, 70, 4]
+    roi = roifile.ImagejRoi()
+    roi.roitype, roi.version, roi.name = roifile.ROI_TYPE.RECT, 228, "two"
+    roi.multi_coordinates = np.asarray(path, np.float32)
+    roi.shape_roi_size = len(path)
+    roi.left, roi.top, roi.right, roi.bottom = 10, 10, 70, 70
+    roi.tofile(str(tmp_path / "two.roi"))
+    ps = read_imagej_rois(tmp_path / "two.roi")
+    assert len(ps) == 2 and not any(p.holes for p in ps) and (rasterize(ps, (80, 80)) > 0).sum() == 800
+    from histoflow.annotations.imagej import _rings_to_polygons
+
+    polys = _rings_to_polygons([_square(0, 0, 20, 20), _square(40, 0, 60, 20), _square(5, 5, 15, 15),
+                                _square(8, 8, 12, 12)], "r")
+    assert len(polys) == 3 and [len(p.holes) for p in polys] == [1, 0, 0]  # the innermost ring: an island
+    area = rasterize(polys, (30, 70)) > 0
+    assert area.sum() == 400 + 400 - 100 + 16
+    src = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": "u1", "geometry": {"type": "Polygon", "coordinates": [_square(0, 0, 10, 10).tolist()]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor", "color": [200, 0, 0]}}},
+        {"type": "Feature", "id": "u2", "geometry": {"type": "MultiPolygon", "coordinates": [
+            [_square(20, 0, 30, 10).tolist()], [_square(40, 0, 50, 10).tolist()]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Stroma", "color": [0, 200, 0]}}}]}
+    (tmp_path / "in.geojson").write_text(json.dumps(src))
+    back = read_geojson(tmp_path / "in.geojson")
+    assert len(back) == 3 and back[1].group == back[2].group is not None
+    write_geojson(back, tmp_path / "out.geojson")
+    feats = json.loads((tmp_path / "out.geojson").read_text())["features"]
+    assert [f["geometry"]["type"] for f in feats] == ["Polygon", "MultiPolygon"]
+    assert [f["properties"]["objectType"] for f in feats] == ["annotation", "annotation"]
+    assert [f["properties"]["classification"]["color"] for f in feats] == [[200, 0, 0], [0, 200, 0]]
+    for bad in ({"type": "Feature", "geometry": "nope", "properties": {}},
+                {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": []}, "properties": [1]}):
+        (tmp_path / "bad.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [bad]}))
+        with pytest.raises(AnnotationError, match="feature 0: its geometry and properties must be objects"):
+            read_geojson(tmp_path / "bad.geojson")

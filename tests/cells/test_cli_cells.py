@@ -115,3 +115,60 @@ def test_quantify_and_phenotype_bad_inputs_write_nothing(tmp_path):
     assert r.returncode == 1 and "t.yaml: not a YAML/JSON file of thresholds" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == sorted(before + ["rules.yaml", "t.yaml"])  # nothing half-written
+
+
+def test_quantify_cells_do_not_depend_on_the_tiling_at_the_default_overlap(tmp_path):
+    """The default overlap comes from µm (2 x (15 µm + 2 x expand)): a tile then holds whole every
+    neighbour of the cells it keeps. At a fixed 64 px, a neighbour cut by the tile's edge was dropped as too
+    small and a kept cell grew into its place (229.5 -> 268.2 µm² for one MIBI cell at 384 px tiles)."""
+    from scipy.spatial import cKDTree
+
+    tables = []
+    for tile in (1024, 384):
+        out = tmp_path / f"c{tile}.h5ad"
+        r = _cli("quantify", MIBI, "-o", out, "--membrane", "Membrane", "--tile", tile, "--png", "none",
+                 "--no-progress")
+        assert r.returncode == 0, r.stderr
+        tables.append(anndata.read_h5ad(out))
+    whole, tiled = tables
+    assert whole.n_obs == tiled.n_obs == 339
+    d, i = cKDTree(whole.obsm["spatial"]).query(tiled.obsm["spatial"])
+    assert d.max() < 1.0
+    area = np.abs(tiled.obs["area"].to_numpy() - whole.obs["area"].to_numpy()[i])
+    assert area.max() <= 2.0, area.max()  # µm²: watershed ties at tile seams only
+
+
+def test_phenotype_never_replaces_the_store(tmp_path):
+    cells = tmp_path / "cells.h5ad"
+    assert _cli("quantify", MIBI, "-o", cells, "--png", "none", "--no-progress").returncode == 0
+    store = tmp_path / "cells.h5path"
+    size = os.path.getsize(store)
+    for args, msg in ((("-o", store), "give -o a .h5ad path"),
+                      (("-o", tmp_path / "t.h5ad", "--geojson", store), "would replace the input"),
+                      (("-o", tmp_path / "t.h5ad", "--png", store), "would replace the input")):
+        r = _cli("phenotype", cells, "--rules", "mibi_panel", *args)
+        assert r.returncode == 1 and msg in r.stderr, r.stderr
+    assert os.path.getsize(store) == size and not (tmp_path / "t.h5ad").exists()
+    (tmp_path / "thr.yaml").write_text("CD45 (169): abc\n")
+    r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", tmp_path / "t.h5ad", "--thresholds",
+             tmp_path / "thr.yaml")
+    assert r.returncode == 1 and "thr.yaml: " in r.stderr and "not a number" in r.stderr, r.stderr
+
+
+def test_commands_never_write_over_their_input(tmp_path):
+    """thumbnail, tile and annotations convert refuse an output that is their input (a JPEG became a PNG,
+    a MoNuSeg XML lost its measurements), and outputs that are folders, before any work."""
+    import shutil
+
+    img = tmp_path / "in.jpg"
+    shutil.copy(data_path("he_patches", "stardist_histo.jpg"), img)
+    xml = tmp_path / "in.xml"
+    shutil.copy(data_path("monuseg_train", "TCGA-21-5784-01Z-00-DX1.xml"), xml)
+    before = {p: open(p, "rb").read() for p in (img, xml)}
+    for args in (("thumbnail", img, "-o", img), ("tile", img, "-o", img), ("annotations", "convert", xml, xml)):
+        r = _cli(*args)
+        assert r.returncode == 1 and "would replace the input" in r.stderr, (args, r.stderr)
+    (tmp_path / "folder").mkdir()
+    r = _cli("thumbnail", img, "-o", tmp_path / "folder")
+    assert r.returncode == 1 and "is a folder" in r.stderr
+    assert {p: open(p, "rb").read() for p in (img, xml)} == before

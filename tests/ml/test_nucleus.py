@@ -335,3 +335,24 @@ def test_crops_past_the_image_border_show_no_unlabelled_nuclei():
     c = _crop_pad(img, -20, -10, 64, 255)
     assert (c[:20] == 255).all() and (c[:, :10] == 255).all() and np.array_equal(c[20:, 10:], img[:44, :54])
     assert (_crop_pad(inst, -20, -10, 64, 0)[:20] == 0).all()
+
+
+def test_tiled_nuclei_are_each_one_piece(tmp_path):
+    """A nucleus of a later tile that meets nuclei already placed keeps its largest free piece only: its
+    free pixels could fall apart around them (one nucleus, four pieces of 227, 3, 1 and 1 px, written as
+    four GeoJSON outlines), with small tiles."""
+    from PIL import Image
+    from scipy import ndimage as ndi
+
+    crop = tmp_path / "crop.png"
+    Image.open(data_path("monuseg_train", "TCGA-F9-A8NY-01Z-00-DX1.png")).convert("RGB").crop((0, 0, 1000, 700)).save(crop)
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(crop), "-o", str(tmp_path / "n.tif"),
+                        "--geojson", str(tmp_path / "n.geojson"), "--tile", "192", "--overlap", "40", "--mpp", "0.25",
+                        "--png", "none", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lab = tifffile.imread(tmp_path / "n.tif")
+    outlines = read_geojson(tmp_path / "n.geojson")
+    assert lab.max() > 1000 and len(outlines) == lab.max()
+    objects = ndi.find_objects(lab)
+    pieces = [ndi.label(lab[sl] == k + 1, np.ones((3, 3)))[1] for k, sl in enumerate(objects) if sl is not None]
+    assert max(pieces) == 1

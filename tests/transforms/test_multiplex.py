@@ -216,3 +216,18 @@ def test_quantify_gapped_ids_and_downsampled_tiles(tmp_path, mibi):
     assert np.array_equal(np.unique(t.masks["cells"]), [0, 1, 2])  # stored ids are the table's rows
     # tile pixel i covers level-0 [100 + 2i, 100 + 2i + 2): the 4 x 4 cell at 2..5 spans 104..111, centre 107.5
     np.testing.assert_allclose(t.cells["centroid"][0], [100 + 7.5, 40 + 7.5])
+
+
+def test_quantify_cells_checks_shapes_and_keeps_float16_medians():
+    """Labels of another size than the image gave silently wrong numbers (flat indices into the wrong
+    grid); float16 medians summed the middle two in float16 and overflowed to inf."""
+    from histoflow.errors import ParameterError
+
+    image = np.full((10, 10, 1), 40000, np.float16)
+    labels = np.zeros((10, 10), np.int32)
+    labels[2:6, 2:6] = 1
+    t = quantify_cells(image, labels)
+    assert t["median"][0, 0] == 40000 and np.isfinite(t["median"]).all()
+    with pytest.raises(ParameterError, match=r"labels \(5, 5\) must have the image's height and width \(10, 10\)"):
+        quantify_cells(image, labels[:5, :5])
+    assert SegmentCells(membrane_channels="Membrane").membrane_channels == ["Membrane"]

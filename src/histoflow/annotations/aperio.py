@@ -87,7 +87,8 @@ def read_aperio_xml(path, min_vertices: int = 3) -> list[Polygon]:
 
 def _negatives_as_holes(polys):
     """Regions flagged NegativeROA become holes of the positive region of the same layer that holds them
-    (the smallest, for nested ones); a negative region inside none stays a polygon flagged negative."""
+    whole (every vertex inside; the smallest, for nested ones: not an island inside the hole, which holds
+    the hole's centre but not its outline); a negative region inside none stays a polygon flagged negative."""
     import cv2
 
     pos = [p for p in polys if not p.measurements.get("negative")]
@@ -99,9 +100,10 @@ def _negatives_as_holes(polys):
         if not p.measurements.get("negative"):
             kept.append(p)
             continue
-        x, y = (float(v) for v in p.exterior.mean(axis=0))
+        ring = [(float(x), float(y)) for x, y in p.exterior]
         holders = [i for i, q in enumerate(pos)
-                   if cv2.pointPolygonTest(q.exterior.astype(np.float32).reshape(-1, 1, 2), (x, y), False) > 0]
+                   if all(cv2.pointPolygonTest(q.exterior.astype(np.float32).reshape(-1, 1, 2), pt, False) >= 0
+                          for pt in ring)]
         if not holders:
             kept.append(p)
             continue

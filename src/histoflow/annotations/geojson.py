@@ -30,27 +30,45 @@ def _closed(ring: np.ndarray) -> list:
     return pts
 
 
-def write_geojson(polygons, path, object_type: str = "detection", colors: dict | None = None) -> str:
+def write_geojson(polygons, path, object_type: str | None = None, colors: dict | None = None) -> str:
     """Write polygons as a QuPath-readable GeoJSON ``FeatureCollection``; returns the path.
 
     ``object_type`` is QuPath's kind of object ("detection" for nuclei, "cell", "annotation" for
-    regions). Classes get a colour from ``colors`` (name -> (r, g, b)) or a fixed palette. The file is
-    written to a temporary name and renamed, so a failure never leaves half a file.
+    regions); None keeps each polygon's own (read from a file), else "detection". Classes get a colour
+    from ``colors`` (name -> (r, g, b)), else the one read with the polygon, else a fixed palette. The
+    parts of one multi-part object (polygons sharing a ``group``) are written as one MultiPolygon. The file
+    is written to a temporary name and renamed, so a failure never leaves half a file.
     """
     path = os.fspath(path)
     colors = dict(colors or {})
-    feats = []
+    used = set(colors.values())
+    feats, by_group = [], {}
     for p in polygons:
-        props = {"objectType": object_type}
+        rings = [_closed(p.exterior)] + [_closed(h) for h in p.holes]
+        if p.group is not None and p.group in by_group:  # another part of the same object
+            geom = by_group[p.group]["geometry"]
+            if geom["type"] == "Polygon":
+                geom["type"], geom["coordinates"] = "MultiPolygon", [geom["coordinates"]]
+            geom["coordinates"].append(rings)
+            continue
+        props = {"objectType": object_type or p.object_type or "detection"}
         if p.name:
             props["name"] = str(p.name)
         if p.classification is not None:
-            c = colors.setdefault(p.classification, _PALETTE[len(colors) % len(_PALETTE)])
+            c = colors.get(p.classification)
+            if c is None:
+                c = p.color if p.color is not None else next(
+                    (q for q in _PALETTE if q not in used), _PALETTE[len(colors) % len(_PALETTE)])
+                colors[p.classification] = c
+                used.add(tuple(c))
             props["classification"] = {"name": str(p.classification), "color": [int(v) for v in c]}
         if p.measurements:
             props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
-        geom = {"type": "Polygon", "coordinates": [_closed(p.exterior)] + [_closed(h) for h in p.holes]}
-        feats.append({"type": "Feature", "id": str(uuid.uuid4()), "geometry": geom, "properties": props})
+        feat = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": {"type": "Polygon", "coordinates": rings},
+                "properties": props}
+        feats.append(feat)
+        if p.group is not None:
+            by_group[p.group] = feat
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         json.dump({"type": "FeatureCollection", "features": feats}, f)
     return path
@@ -69,7 +87,9 @@ def read_geojson(path) -> list[Polygon]:
     """Read the polygons of a GeoJSON file (QuPath export or any FeatureCollection).
 
     Each ``Polygon`` geometry gives one :class:`Polygon`; a ``MultiPolygon`` gives one per part, all with
-    the feature's name, class and measurements. Other geometry types (points, lines) are skipped.
+    the feature's name, class, measurements and a shared ``group`` (so that writing them back makes one
+    object again). Each keeps the feature's ``objectType`` and class colour. Other geometry types (points,
+    lines) are skipped.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -93,8 +113,15 @@ def read_geojson(path) -> list[Polygon]:
             raise AnnotationError(f"{path}: feature {i} is not an object")
         geom = feat.get("geometry") or {}
         props = feat.get("properties") or {}
-        cls = props.get("classification")
-        cls = cls.get("name") if isinstance(cls, dict) else cls
+        if not isinstance(geom, dict) or not isinstance(props, dict):
+            raise AnnotationError(f"{path}: feature {i}: its geometry and properties must be objects, got "
+                                  f"{type(geom).__name__} and {type(props).__name__}")
+        cls_obj = props.get("classification")
+        cls = cls_obj.get("name") if isinstance(cls_obj, dict) else cls_obj
+        color = cls_obj.get("color") if isinstance(cls_obj, dict) else None
+        color = tuple(int(v) for v in color) if isinstance(color, (list, tuple)) and len(color) == 3 and \
+            all(isinstance(v, (int, float)) for v in color) else None
+        kind_obj = props.get("objectType")
         name = str(props.get("name") or feat.get("id") or i + 1)
         meas = _measurements(props.get("measurements"))
         kind = geom.get("type")
@@ -104,6 +131,9 @@ def read_geojson(path) -> list[Polygon]:
             parts = geom.get("coordinates") or []
         else:
             continue
+        if not isinstance(parts, list):
+            raise AnnotationError(f"{path}: feature {i} has malformed coordinates")
+        group = f"{feat.get('id') or 'feature'}#{i}" if len(parts) > 1 else None
         for rings in parts:
             try:
                 rings = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings]
@@ -112,5 +142,7 @@ def read_geojson(path) -> list[Polygon]:
             rings = [r[:-1] if len(r) > 1 and np.array_equal(r[0], r[-1]) else r for r in rings]
             if not rings or len(rings[0]) < 3:
                 continue
-            out.append(Polygon(rings[0], rings[1:], name=name, classification=cls, measurements=dict(meas)))
+            out.append(Polygon(rings[0], rings[1:], name=name, classification=cls, measurements=dict(meas),
+                               object_type=str(kind_obj) if isinstance(kind_obj, str) else None, color=color,
+                               group=group))
     return out

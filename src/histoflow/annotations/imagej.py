@@ -47,8 +47,34 @@ def read_imagej_rois(path) -> list[Polygon]:
         if not rings or roi.roitype in (rf.ROI_TYPE.LINE, rf.ROI_TYPE.POINT, rf.ROI_TYPE.NOROI):
             continue
         name = roi.name or str(i + 1)
-        out.append(Polygon(rings[0], rings[1:], name=name))
+        out.extend(_rings_to_polygons(rings, name))
     return out
+
+
+def _rings_to_polygons(rings, name):
+    """A composite ROI's rings as polygons, by nesting (even-odd, as ImageJ fills them): a ring inside no
+    other is an outline, a ring inside one outline is its hole, a ring inside a hole is an outline again
+    (an island); an OR of two separate areas is two polygons, not an outline and a hole."""
+    import cv2
+
+    if len(rings) == 1:
+        return [Polygon(rings[0], [], name=name)]
+    cv = [r.astype(np.float32).reshape(-1, 1, 2) for r in rings]
+    area = [abs(cv2.contourArea(c)) for c in cv]
+
+    def inside(a, b):  # ring a within ring b (composite rings do not cross: one vertex tells)
+        x, y = (float(v) for v in rings[a][0])
+        return a != b and area[b] > area[a] and cv2.pointPolygonTest(cv[b], (x, y), False) >= 0
+
+    holders = [[b for b in range(len(rings)) if inside(a, b)] for a in range(len(rings))]
+    depth = [len(h) for h in holders]
+    outlines = [a for a in range(len(rings)) if depth[a] % 2 == 0]
+    holes = {a: [] for a in outlines}
+    for a in range(len(rings)):
+        if depth[a] % 2:  # the smallest outline holding it
+            holes[min((b for b in holders[a] if depth[b] == depth[a] - 1), key=lambda b: area[b])].append(rings[a])
+    return [Polygon(rings[a], holes[a], name=name if k == 0 else f"{name} ({k + 1})")
+            for k, a in enumerate(outlines)]
 
 
 def write_imagej_rois(polygons, path) -> str:

@@ -30,6 +30,13 @@ class Polygon:
         Class name (QuPath classification, Aperio annotation name ...).
     measurements : dict
         Numbers attached to the object.
+    object_type : str or None
+        QuPath's kind of object ("annotation", "detection", "cell" ...) when the file said.
+    color : (r, g, b) or None
+        The class colour the file gave.
+    group : str or None
+        Shared by the parts of one multi-part object (a GeoJSON MultiPolygon), which are written back as
+        one object.
     """
 
     exterior: np.ndarray
@@ -37,6 +44,9 @@ class Polygon:
     name: str = ""
     classification: str | None = None
     measurements: dict = field(default_factory=dict)
+    object_type: str | None = None
+    color: tuple | None = None
+    group: str | None = None
 
     def __post_init__(self):
         self.exterior = np.asarray(self.exterior, dtype=np.float64).reshape(-1, 2)
@@ -84,7 +94,8 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
         Level-0 position of the output's top-left corner.
     values : sequence of int, optional
         Value painted for each polygon; default 1, 2, 3 ... (an instance mask). Give class ids for a
-        class mask. Later polygons overwrite earlier ones where they overlap; holes are painted 0.
+        class mask. Later polygons overwrite earlier ones where they overlap; a polygon's holes are left out
+        of it (and keep whatever another polygon painted there, e.g. an island inside a lumen).
     dtype : numpy dtype
         Of the output (int32 by default).
 
@@ -98,16 +109,28 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
     if values is None:
         values = range(1, len(polygons) + 1)
     ox, oy = origin
+    def pixels(ring):
+        # pixel (c, r) covers level-0 [c*d, (c+1)*d); its centre is at (c + 0.5) * d
+        cols = (ring[:, 0] - ox) / downsample - 0.5
+        rows = (ring[:, 1] - oy) / downsample - 0.5
+        return draw_polygon(rows, cols, shape=(h, w))
+
     for poly, value in zip(polygons, values):
-        rings = [(poly.exterior, value)] + [(hole, 0) for hole in poly.holes]
-        for ring, v in rings:
-            if len(ring) < 3:
-                continue
-            # pixel (c, r) covers level-0 [c*d, (c+1)*d); its centre is at (c + 0.5) * d
-            cols = (ring[:, 0] - ox) / downsample - 0.5
-            rows = (ring[:, 1] - oy) / downsample - 0.5
-            rr, cc = draw_polygon(rows, cols, shape=(h, w))
-            out[rr, cc] = v
+        if len(poly.exterior) < 3:
+            continue
+        rr, cc = pixels(poly.exterior)
+        holes = [hole for hole in poly.holes if len(hole) >= 3]
+        if holes and len(rr):  # the polygon's own pixels minus its holes
+            y0, x0 = rr.min(), cc.min()
+            own = np.zeros((rr.max() - y0 + 1, cc.max() - x0 + 1), bool)
+            own[rr - y0, cc - x0] = True
+            for hole in holes:
+                hr, hc = pixels(hole)
+                keep = (hr >= y0) & (hr < y0 + own.shape[0]) & (hc >= x0) & (hc < x0 + own.shape[1])
+                own[hr[keep] - y0, hc[keep] - x0] = False
+            r, c = np.nonzero(own)
+            rr, cc = r + y0, c + x0
+        out[rr, cc] = value
     return out
 
 

@@ -536,7 +536,8 @@ class RuleTable:
         adata.uns[key + "_rules"] = {
             "name": self.name or "",
             "source": self.source or "",
-            "markers": dict(mapping),
+            # two parallel lists, not a mapping: a marker named with a "/" would become an HDF5 group path
+            "markers": [str(k) for k in mapping], "channels": [str(v) for v in mapping.values()],
             "steps": [s.describe() for s in self.steps],
             "default": self.default,
             "excluded": self.excluded,

@@ -87,7 +87,9 @@ def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
         xml = next(os.path.join(root, n) for n in sorted(os.listdir(root))
                    if os.path.splitext(n)[0] == ident and n.lower().endswith(".xml"))
         try:
-            polys = [p for p in read_aperio_xml(xml) if not p.measurements.get("negative")]
+            # MoNuSeg has no exclusion regions: a region flagged negative that is no hole of another is a
+            # nucleus like the rest (TCGA-XS-A8TJ has 20)
+            polys = read_aperio_xml(xml)
             own_mpp = aperio_mpp(xml) or MONUSEG_MPP
         except AnnotationError as e:
             raise DatasetError(f"{e}; {_where(root)}") from None

@@ -39,7 +39,8 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
     slide. Where objects of two tiles overlap (only in tile overlaps: the same nucleus outlined a little
     differently by both), the pixel keeps the first; an object of a later tile with less than half of its
     pixels, or fewer than ``MIN_FREE_PIXELS``, left free of the objects already placed is dropped as their
-    duplicate, so that no sliver of it stays behind as an object of its own.
+    duplicate, so that no sliver of it stays behind as an object of its own; an object kept in part keeps
+    the largest connected piece of its free pixels (one object, one outline).
     """
     from ..store import read_h5path
 
@@ -87,12 +88,30 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
                 free = np.bincount(lab[put].astype(np.int64), minlength=m + 1)
                 keep = (2 * free >= area) & (free >= MIN_FREE_PIXELS)
                 put &= keep[lab.astype(np.int64)]
+                for obj in np.flatnonzero(keep & (free < area)):  # placed in part: its free pixels in one piece
+                    _largest_piece(put, lab == obj)
             win[put] = lab[put] + offset
             offset += m
         return _relabel_sequential(out)
     finally:
         if own:
             h.close()
+
+
+def _largest_piece(put, obj):
+    """Clear from ``put`` all but the largest 8-connected piece of ``put & obj`` (an object whose free pixels
+    fell apart around the objects placed before it: the small pieces would be slivers, outlined as objects
+    of their own)."""
+    from scipy import ndimage as ndi
+
+    rows, cols = np.nonzero(obj)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    part = put[box] & obj[box]
+    pieces, n = ndi.label(part, structure=np.ones((3, 3), bool))
+    if n > 1:
+        sizes = np.bincount(pieces.ravel())
+        sizes[0] = 0
+        put[box] &= ~(part & (pieces != int(sizes.argmax())))
 
 
 def _relabel_sequential(labels):

@@ -445,6 +445,16 @@ class Pipeline(Transform):
         return cls.from_yaml(text, source=path)
 
 
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line (the whole paragraph when it has
+    no full stop)."""
+    para = " ".join(doc.split("\n\n")[0].split())
+    for i, ch in enumerate(para):
+        if ch == "." and (i + 1 == len(para) or para[i + 1] == " ") and not para[max(0, i - 3):i + 1].endswith(("e.g.", "i.e.")):
+            return para[:i + 1]
+    return para
+
+
 def _plain(value):
     """Parameters as plain YAML types (numpy scalars and arrays become numbers and lists)."""
     if isinstance(value, dict):
@@ -475,7 +485,7 @@ def load_model_transforms() -> bool:
 
 def list_transforms() -> list[dict]:
     """Every registered transform: name, parameters with defaults (None for the ``required`` ones, which have
-    none), first docstring line."""
+    none), first sentence of its docstring."""
     load_model_transforms()
     out = []
     for name in sorted(REGISTRY):
@@ -485,7 +495,7 @@ def list_transforms() -> list[dict]:
                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
         params = {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in named}
         required = [p.name for p in named if p.default is inspect.Parameter.empty]
-        doc = (inspect.getdoc(cls) or "").split("\n")[0]
+        doc = _first_sentence(inspect.getdoc(cls) or "")
         out.append({"name": name, "params": params, "required": required, "doc": doc,
                     "slide_types": list(cls.slide_types) if isinstance(cls.slide_types, tuple) else None})
     return out
@@ -520,7 +530,8 @@ class _SlideAfterSteps:
             tile = Tile(image=thumb, coords=(0, 0), level=0, downsample=ds, masks=masks, labels={},
                         slide_type=slide.slide_type.name, name=f"{slide.name}_thumbnail", mpp=mpp)
             for step in self._steps:
-                step.apply(tile)
+                if not step.reduces:  # (a reducing step's apply would paint its slide-level state)
+                    step.apply(tile)
             self._cache[max_size] = np.asarray(tile.image)
         return self._cache[max_size]
 

@@ -270,6 +270,8 @@ class SegmentCells(SegmentNuclei):
         _check_name("SegmentCells", "cell_mask", cell_mask)
         if cell_mask == nucleus_mask:
             raise ParameterError(f"SegmentCells: cell_mask and nucleus_mask must differ, both are {cell_mask!r}")
+        if isinstance(membrane_channels, (str, int)):  # one channel, by name or index
+            membrane_channels = [membrane_channels]
         self.membrane_channels = membrane_channels
         self.expand_um = expand_um
         self.cell_mask = cell_mask
@@ -414,8 +416,8 @@ class VirtualHE(Transform):
 
     Each channel is scaled to [0, 1] by a slide-wide percentile (:meth:`fit_slide`; else per tile), then
     acts as the concentration of a stain: the nuclear channel as hematoxylin, the chosen cytoplasm /
-    stroma channels (summed) as eosin. The RGB transmitted through both is
-    ``255 * exp(-(k_h * H * beta_h + k_e * E * beta_e))`` per colour, with the absorption colours
+    stroma channels (averaged, so that many channels do not saturate it) as eosin. The RGB transmitted
+    through both is ``255 * exp(-(k_h * H * beta_h + k_e * E * beta_e))`` per colour, with the absorption colours
     ``beta_h`` / ``beta_e`` (optical density per unit stain of R, G, B) below.
 
     Parameters

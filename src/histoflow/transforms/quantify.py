@@ -37,6 +37,11 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
+    labels = np.asarray(labels)
+    if labels.shape != image.shape[:2] or (nuclei is not None and np.shape(nuclei) != image.shape[:2]):
+        shapes = f"{labels.shape}" + ("" if nuclei is None else f" and nuclei {np.shape(nuclei)}")
+        raise ParameterError(f"quantify_cells: labels {shapes} must have the image's height and width "
+                             f"{image.shape[:2]}")
     if nuclei is None:
         labels = relabel_sequential(labels)
     else:
@@ -75,8 +80,10 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
         if "median" in stats:
             srt = _sorted_within(vs, lab_sorted)
             a, b = srt[lo], srt[hi]
-            if srt.dtype.kind == "f":  # what np.median gives: the mean of the middle two, in the input's dtype
+            if srt.dtype.kind == "f" and srt.dtype.itemsize >= 4:  # np.median: the middle two's mean, in its dtype
                 med = (a + b) / srt.dtype.type(2)
+            elif srt.dtype.kind == "f":  # float16: the sum of the middle two may overflow (np.median uses float32)
+                med = (a.astype(np.float32) + b) / np.float32(2)
             else:
                 med = (a.astype(np.float64) + b) / 2.0
             out["median"][:, ch] = med
