@@ -560,8 +560,9 @@ def cmd_phenotype(args):
     # the h5path store of tiles and masks (the input, or the one quantify wrote beside it) is never replaced
     _check_outputs([args.rules, args.thresholds, store if os.path.exists(store) else None],
                    {"cell table": args.output, "picture": png, "GeoJSON": args.geojson})
-    if png and os.path.realpath(png) == os.path.realpath(args.cells):
-        raise OutputError(f"{png}: the picture would replace the input {args.cells}; choose another path")
+    for what, path in (("picture", png), ("GeoJSON", args.geojson)):
+        if path and os.path.realpath(path) == os.path.realpath(args.cells):
+            raise OutputError(f"{path}: the {what} would replace the input {args.cells}; choose another path")
     cells = _read_cells(args.cells)
     table = load_preset(args.rules) if args.rules in list_presets() else RuleTable.from_yaml(args.rules)
     if args.geojson and not os.path.exists(store):  # before anything is written

@@ -337,6 +337,16 @@ def test_imagej_composite_of_separate_areas_and_geojson_round_trip(tmp_path):
     assert [f["geometry"]["type"] for f in feats] == ["Polygon", "MultiPolygon"]
     assert [f["properties"]["objectType"] for f in feats] == ["annotation", "annotation"]
     assert [f["properties"]["classification"]["color"] for f in feats] == [[200, 0, 0], [0, 200, 0]]
+    # two files read together: their MultiPolygons stay two objects (ids are not reused across files)
+    nameless = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": src["features"][1]["geometry"],
+                                                           "properties": {}}]}
+    for k in (1, 2):
+        (tmp_path / f"n{k}.geojson").write_text(json.dumps(nameless))
+    both = read_geojson(tmp_path / "n1.geojson") + read_geojson(tmp_path / "n2.geojson")
+    write_geojson(both, tmp_path / "both.geojson", colors={"Stroma": [1, 2, 3]})  # a list colour is fine
+    assert len(json.loads((tmp_path / "both.geojson").read_text())["features"]) == 2
+    with pytest.raises(AnnotationError, match="a colour is three numbers 0..255"):
+        write_geojson(back, tmp_path / "x.geojson", colors={"Tumor": [float("nan"), 0, 0]})
     for bad in ({"type": "Feature", "geometry": "nope", "properties": {}},
                 {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": []}, "properties": [1]}):
         (tmp_path / "bad.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [bad]}))

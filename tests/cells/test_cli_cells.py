@@ -145,10 +145,12 @@ def test_phenotype_never_replaces_the_store(tmp_path):
     size = os.path.getsize(store)
     for args, msg in ((("-o", store), "give -o a .h5ad path"),
                       (("-o", tmp_path / "t.h5ad", "--geojson", store), "would replace the input"),
-                      (("-o", tmp_path / "t.h5ad", "--png", store), "would replace the input")):
+                      (("-o", tmp_path / "t.h5ad", "--png", store), "would replace the input"),
+                      (("-o", tmp_path / "t.h5ad", "--geojson", cells), "would replace the input")):
         r = _cli("phenotype", cells, "--rules", "mibi_panel", *args)
         assert r.returncode == 1 and msg in r.stderr, r.stderr
     assert os.path.getsize(store) == size and not (tmp_path / "t.h5ad").exists()
+    assert anndata.read_h5ad(cells).n_obs == 339
     (tmp_path / "thr.yaml").write_text("CD45 (169): abc\n")
     r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", tmp_path / "t.h5ad", "--thresholds",
              tmp_path / "thr.yaml")

@@ -356,3 +356,23 @@ def test_tiled_nuclei_are_each_one_piece(tmp_path):
     objects = ndi.find_objects(lab)
     pieces = [ndi.label(lab[sl] == k + 1, np.ones((3, 3)))[1] for k, sl in enumerate(objects) if sl is not None]
     assert max(pieces) == 1
+
+
+def test_a_nucleus_left_in_small_pieces_is_dropped(tmp_path):
+    """An object of a later tile whose free pixels are more than half of it, but fall apart into pieces
+    none of which is, is a duplicate: dropped, not placed as its largest piece (30% of it)."""
+    from histoflow.ml.infer import assemble_instances
+    from histoflow.store import H5PathWriter
+
+    path = str(tmp_path / "pieces.h5path")
+    img = np.full((64, 64, 3), 255, np.uint8)
+    a = np.zeros((64, 64), np.int32)  # tile 1: two thin bars
+    a[10:50, 37:40] = 1
+    a[10:50, 48:51] = 2
+    b = np.zeros((64, 64), np.int32)  # tile 2, 16 px to the right: one object the bars cut in three
+    b[20:40, 12:42] = 1
+    with H5PathWriter(path, slide={"name": "s", "width": 80, "height": 64}) as w:
+        w.add_tile(img, (0, 0), masks={"nuclei": a})
+        w.add_tile(img, (16, 0), masks={"nuclei": b})
+    out = assemble_instances(path, "nuclei")
+    assert out.max() == 2 and (out > 0).sum() == (a > 0).sum()

@@ -192,6 +192,7 @@ def test_tile_classification_labels_are_classes(tmp_path):
     ("train", {"lr": "fast"}, "train: lr must be a number"),
     ("train", {"device": "gpu"}, "train: device 'gpu' is not a torch device"),
     ("model", {"bogus": 1}, "model 'rccnet' cannot be made with model.params"),
+    ("model", {"num_classes": -2}, "model 'rccnet' cannot be made with model.params"),
     ("augment", {"stain": 0.1}, "data.augment: a value does not fit its augmentation"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, section, bad, message):

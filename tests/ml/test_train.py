@@ -216,6 +216,7 @@ def test_empty_validation_and_bad_settings_are_refused(patches, tmp_path):
     with pytest.raises(TrainingError, match="validation data loader gave no batch"):
         t.fit(train, empty)
     assert not (tmp_path / "best.pt").exists()
+    assert Trainer(_model(), torch.nn.CrossEntropyLoss(), lr="1e-3", progress=False).lr == 0.001  # YAML's 1e-3
     for kw, what in (({"epochs": 0}, "epochs"), ({"lr": "fast"}, "lr"), ({"accumulate": 1.5}, "accumulate"),
                      ({"ema": 1.5}, "ema"), ({"patience": 0}, "patience"), ({"device": "gpu"}, "device")):
         with pytest.raises(ParameterError, match=what):

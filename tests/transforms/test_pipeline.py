@@ -239,3 +239,53 @@ def test_bad_parameters_are_refused_when_made(make, what):
 
     with pytest.raises(ParameterError, match=what):
         make()
+
+
+def test_fitting_view_runs_only_the_steps_that_change_pixels():
+    """The view a step is fitted to runs the pixel-changing steps before it, nested ones too, but no random
+    augmentation (the slide's stains would depend on the seed), and no step that only adds masks (a model
+    on the whole thumbnail; a reducing step); it has the slide type the steps leave."""
+    from datafiles import data_path
+
+    from histoflow.core.slide import SlideData
+    from histoflow.transforms import (NucleusDetectionHE, QuantifyCells, RescaleIntensity, SegmentCells,
+                                      SegmentNuclei, StainAugmentation, VirtualHE)
+
+    qptiff = data_path("wsi", "qptiff", "small_vectra.qptiff")
+    thresholds = []
+    for nested in (False, True):
+        inner = [RescaleIntensity(in_range="dtype", out_range=(0, 100)), SegmentNuclei(nuclear_channel="DAPI"),
+                 QuantifyCells(mask_name="nuclei")]
+        last = SegmentCells(nuclear_channel="DAPI", cell_mask="cells2", nucleus_mask="nuc2")
+        p = Pipeline([Pipeline(inner), last]) if nested else Pipeline(inner + [last])
+        with SlideData(qptiff) as s:
+            p.fit_slide(s)
+        thresholds.append(p.steps[-1].threshold_)
+    assert thresholds[0] == thresholds[1] and thresholds[0] < 5  # Otsu of the rescaled DAPI, not of the raw one
+    matrices = []
+    for seed in (0, 1):
+        p = Pipeline([StainAugmentation(sigma1=0.5, sigma2=0.5, seed=seed), NucleusDetectionHE()])
+        with SlideData(SVS) as s:
+            p.fit_slide(s)
+        matrices.append(p.steps[1].stain_matrix_)
+    np.testing.assert_array_equal(matrices[0], matrices[1])
+    p = Pipeline([VirtualHE(nuclear_channel="DAPI"), QuantifyCells(mask_name="nuclei")], inputs=["nuclei"])
+    with SlideData(qptiff) as s:
+        s.add_mask("nuclei", np.zeros((10, 10), np.uint8))
+        p.fit_slide(s)
+    assert p.steps[1].od_  # measured as H&E optical densities, as the tiles VirtualHE leaves will be
+
+
+def test_pipelines_recorded_before_reference_existed_read_the_same():
+    """`reference` is left out of the parameters when unset, so runs recorded by earlier versions resume."""
+    d = StainNormalizationHE().to_dict()["StainNormalizationHE"]
+    assert "reference" not in d
+    assert Transform.from_dict({"StainNormalizationHE": d}) == StainNormalizationHE()
+
+
+def test_transform_listing_sentences():
+    from histoflow.transforms.base import _first_sentence
+
+    assert _first_sentence("Perturbation (Tellez et al. 2018), per tile. More.\n\nRest") == \
+        "Perturbation (Tellez et al. 2018), per tile."
+    assert _first_sentence("Keep planes (e.g. the composite\nones) in order.") == "Keep planes (e.g. the composite ones) in order."

@@ -40,7 +40,7 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
     is written to a temporary name and renamed, so a failure never leaves half a file.
     """
     path = os.fspath(path)
-    colors = dict(colors or {})
+    colors = {k: _color(v, f"{path}: colour of {k!r}") for k, v in dict(colors or {}).items()}
     used = set(colors.values())
     feats, by_group = [], {}
     for p in polygons:
@@ -57,10 +57,10 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
         if p.classification is not None:
             c = colors.get(p.classification)
             if c is None:
-                c = p.color if p.color is not None else next(
+                c = _color(p.color, f"{path}: colour of {p.classification!r}") if p.color is not None else next(
                     (q for q in _PALETTE if q not in used), _PALETTE[len(colors) % len(_PALETTE)])
                 colors[p.classification] = c
-                used.add(tuple(c))
+                used.add(c)
             props["classification"] = {"name": str(p.classification), "color": [int(v) for v in c]}
         if p.measurements:
             props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
@@ -72,6 +72,17 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         json.dump({"type": "FeatureCollection", "features": feats}, f)
     return path
+
+
+def _color(c, where) -> tuple:
+    """An (r, g, b) colour of whole numbers 0..255, or an AnnotationError naming ``where``."""
+    try:
+        rgb = tuple(float(v) for v in c)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) != 3 or not all(np.isfinite(v) and 0 <= v <= 255 for v in rgb):
+        raise AnnotationError(f"{where}: a colour is three numbers 0..255, got {c!r}")
+    return tuple(int(round(v)) for v in rgb)
 
 
 def _measurements(m) -> dict:
@@ -119,8 +130,10 @@ def read_geojson(path) -> list[Polygon]:
         cls_obj = props.get("classification")
         cls = cls_obj.get("name") if isinstance(cls_obj, dict) else cls_obj
         color = cls_obj.get("color") if isinstance(cls_obj, dict) else None
-        color = tuple(int(v) for v in color) if isinstance(color, (list, tuple)) and len(color) == 3 and \
-            all(isinstance(v, (int, float)) for v in color) else None
+        try:
+            color = _color(color, path) if color is not None else None
+        except AnnotationError:  # an unusable colour is dropped (the writer picks one), not fatal to reading
+            color = None
         kind_obj = props.get("objectType")
         name = str(props.get("name") or feat.get("id") or i + 1)
         meas = _measurements(props.get("measurements"))
@@ -133,7 +146,7 @@ def read_geojson(path) -> list[Polygon]:
             continue
         if not isinstance(parts, list):
             raise AnnotationError(f"{path}: feature {i} has malformed coordinates")
-        group = f"{feat.get('id') or 'feature'}#{i}" if len(parts) > 1 else None
+        group = uuid.uuid4().hex if len(parts) > 1 else None  # unique: files read together never merge
         for rings in parts:
             try:
                 rings = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings]

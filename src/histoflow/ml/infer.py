@@ -89,7 +89,10 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
                 keep = (2 * free >= area) & (free >= MIN_FREE_PIXELS)
                 put &= keep[lab.astype(np.int64)]
                 for obj in np.flatnonzero(keep & (free < area)):  # placed in part: its free pixels in one piece
-                    _largest_piece(put, lab == obj)
+                    mine = lab == obj
+                    piece = _largest_piece(put, mine)
+                    if 2 * piece < area[obj] or piece < MIN_FREE_PIXELS:  # the piece itself too small: a duplicate
+                        put &= ~mine
             win[put] = lab[put] + offset
             offset += m
         return _relabel_sequential(out)
@@ -101,17 +104,19 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
 def _largest_piece(put, obj):
     """Clear from ``put`` all but the largest 8-connected piece of ``put & obj`` (an object whose free pixels
     fell apart around the objects placed before it: the small pieces would be slivers, outlined as objects
-    of their own)."""
+    of their own); returns that piece's size."""
     from scipy import ndimage as ndi
 
     rows, cols = np.nonzero(obj)
     box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
     part = put[box] & obj[box]
     pieces, n = ndi.label(part, structure=np.ones((3, 3), bool))
-    if n > 1:
-        sizes = np.bincount(pieces.ravel())
-        sizes[0] = 0
-        put[box] &= ~(part & (pieces != int(sizes.argmax())))
+    if n <= 1:
+        return int(part.sum())
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    put[box] &= ~(part & (pieces != int(sizes.argmax())))
+    return int(sizes.max())
 
 
 def _relabel_sequential(labels):

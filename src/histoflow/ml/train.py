@@ -52,6 +52,17 @@ def pick_device(device=None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _number(v):
+    """``v``, or the number a numeric string spells (``"1e-3"``: YAML 1.1 reads exponents without a dot as
+    strings)."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
 def _to(batch, device):
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
@@ -128,6 +139,8 @@ class Trainer:
         for name, v, low in (("epochs", epochs, 1), ("accumulate", accumulate, 1)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
                 raise ParameterError(f"{name} must be a whole number >= {low}, got {v!r}")
+        lr, weight_decay = _number(lr), _number(weight_decay)  # YAML reads 1e-3 (no dot) as a string
+        ema = None if ema is None else _number(ema)
         for name, v in (("lr", lr), ("weight_decay", weight_decay)):
             if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v) or v < 0:
                 raise ParameterError(f"{name} must be a number >= 0, got {v!r}")

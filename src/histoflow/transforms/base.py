@@ -80,6 +80,9 @@ class Transform:
         type is unchanged). The steps after it are checked against that type.
     ``changes_image``
         whether ``apply`` replaces ``tile.image``.
+    ``random``
+        whether ``apply`` draws random numbers (an augmentation): such a step is left out when later steps
+        are fitted to the slide as the steps before them leave it.
     """
 
     masks_in: tuple = ()
@@ -89,6 +92,7 @@ class Transform:
     slide_types: tuple | None = None
     slide_type_out: str | None = None
     changes_image: bool = False
+    random: bool = False
 
     def __init_subclass__(cls, register: bool = True, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -324,8 +328,9 @@ class Pipeline(Transform):
         names = self.input_channel_names(slide)
         for i, step in enumerate(self.steps):
             step.__dict__["_channel_names_in"] = names
-            changing = [k for k in range(i) if self.steps[k].changes_image]
-            seen = slide if not changing else _SlideAfterSteps(slide, self.steps[:changing[-1] + 1], names)
+            pixel_steps = _pixel_steps(self.steps[:i])
+            type_out = next((s.slide_type_out for s in reversed(self.steps[:i]) if s.slide_type_out), None)
+            seen = slide if not pixel_steps else _SlideAfterSteps(slide, pixel_steps, names, type_out)
             try:
                 step.fit_slide(seen)
             except Exception as e:
@@ -449,9 +454,10 @@ def _first_sentence(doc: str) -> str:
     """The first sentence of a docstring's first paragraph, on one line (the whole paragraph when it has
     no full stop)."""
     para = " ".join(doc.split("\n\n")[0].split())
-    for i, ch in enumerate(para):
-        if ch == "." and (i + 1 == len(para) or para[i + 1] == " ") and not para[max(0, i - 3):i + 1].endswith(("e.g.", "i.e.")):
-            return para[:i + 1]
+    for i, ch in enumerate(para):  # a full stop that ends the paragraph or comes before a capital letter
+        if ch == "." and (i + 1 == len(para) or (para[i + 1:i + 2] == " " and para[i + 2:i + 3].isupper())):
+            if not para[:i + 1].endswith(("e.g.", "i.e.", "et al.")):
+                return para[:i + 1]
     return para
 
 
@@ -501,26 +507,51 @@ def list_transforms() -> list[dict]:
     return out
 
 
-class _SlideAfterSteps:
-    """A slide as the first steps of a pipeline leave it, for fitting the next step: its thumbnails are the
-    slide's, run through those (already fitted) steps as one tile; everything else is the slide's. The
-    steps see the thumbnail at its own pixel size, so pixel-wise steps (rescaling, stain normalisation,
-    virtual H&E) give what the tiles will hold, and spatial filters a close approximation."""
+def _pixel_steps(steps) -> list:
+    """The steps (nested pipelines flattened) that change the pixels the same way every time: what a slide
+    looks like to the step after them. Random augmentations are left out, and so are steps that only add
+    masks or labels (which may be costly, e.g. a model)."""
+    out = []
+    for s in steps:
+        if isinstance(s, Pipeline):
+            out += _pixel_steps(s.steps)
+        elif s.changes_image and not s.random:
+            out.append(s)
+    return out
 
-    def __init__(self, slide, steps, channel_names):
+
+class _SlideAfterSteps:
+    """A slide as the pixel-changing steps before a step leave it, for fitting that step: its thumbnails are
+    the slide's, run through those (already fitted) steps as one tile; its slide type is the one they leave;
+    everything else is the slide's. The steps see the thumbnail at its own pixel size, so pixel-wise steps
+    (rescaling, stain normalisation, virtual H&E) give what the tiles will hold, and spatial filters a close
+    approximation. Images of more than four channels are sampled at 1024 px at most (every channel is
+    needed to run the steps). A step that cannot run on the thumbnail (it needs a mask no pixel-changing
+    step makes) leaves the fit to the slide's own pixels, with a warning."""
+
+    def __init__(self, slide, steps, channel_names, slide_type_out=None):
         self._slide, self._steps = slide, list(steps)
         self._names = list(channel_names) if channel_names is not None else None
         self._cache = {}
         self.reader = _ReaderAfterSteps(self)
+        self.slide_type = slide.slide_type
+        if slide_type_out is not None:
+            from ..core.types import SlideType
+
+            self.slide_type = SlideType.get(slide_type_out)
 
     def __getattr__(self, name):
         return getattr(self._slide, name)
 
     def _thumbnail_all(self, max_size):
+        slide = self._slide
+        if len(slide.reader.channel_names or ()) > 4:
+            max_size = min(max_size, 1024)
         if max_size not in self._cache:
+            import warnings
+
             from ..core.tile import Tile
 
-            slide = self._slide
             thumb = np.ascontiguousarray(slide.thumbnail(max_size))
             w0, h0 = slide.dimensions
             ds = w0 / thumb.shape[1]
@@ -529,10 +560,16 @@ class _SlideAfterSteps:
             mpp = None if slide.mpp is None else (slide.mpp[0] * ds, slide.mpp[1] * ds)
             tile = Tile(image=thumb, coords=(0, 0), level=0, downsample=ds, masks=masks, labels={},
                         slide_type=slide.slide_type.name, name=f"{slide.name}_thumbnail", mpp=mpp)
-            for step in self._steps:
-                if not step.reduces:  # (a reducing step's apply would paint its slide-level state)
+            try:
+                for step in self._steps:
                     step.apply(tile)
-            self._cache[max_size] = np.asarray(tile.image)
+                image = np.asarray(tile.image)
+            except Exception as e:  # noqa: BLE001 - fit to the slide's own pixels, as without the steps
+                warnings.warn(f"{slide.path}: {type(step).__name__} could not run on the slide's thumbnail "
+                              f"({type(e).__name__}: {e}); the next step is fitted to the slide's own pixels",
+                              stacklevel=4)
+                image = thumb
+            self._cache[max_size] = image
         return self._cache[max_size]
 
     def thumbnail(self, max_size=512, channels=None):
@@ -557,8 +594,9 @@ class _ReaderAfterSteps:
         return names if names is not None else self._view._slide.reader.channel_names
 
     @property
-    def dtype(self):
-        return self._view._thumbnail_all(512).dtype
+    def dtype(self):  # from the thumbnail already made, else from a small one
+        cache = self._view._cache
+        return (cache[max(cache)] if cache else self._view._thumbnail_all(64)).dtype
 
     def thumbnail(self, max_size=512, channels=None):
         return self._view.thumbnail(max_size, channels=channels)

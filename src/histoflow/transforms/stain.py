@@ -844,6 +844,14 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         if reference is not None:
             self._set_reference(reference)
 
+    def get_params(self) -> dict:
+        """The parameters; ``reference`` only when set, so that pipelines recorded before it existed (runs
+        to resume, provenance) read the same."""
+        params = super().get_params()
+        if params.get("reference") is None:
+            params.pop("reference", None)
+        return params
+
     def _set_reference(self, reference):
         """Take a target given as ``reference`` (see the class parameters), checked."""
         keys = ("lab_means", "lab_stds") if self._reinhard else ("stain_matrix", "max_concentrations")
@@ -1003,6 +1011,7 @@ class StainAugmentation(_StainFitMixin, Transform):
 
     slide_types = ("HE",)
     changes_image = True
+    random = True
     background_intensity = 245
 
     def __init__(self, sigma1=0.1, sigma2=0.1, seed=0, stain_matrix=None):

@@ -22,6 +22,7 @@ import datetime
 import importlib
 import inspect
 import json
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,15 @@ def create(name: str, **kwargs: Any) -> nn.Module:
     UnknownModelError
         (a ``ValueError``) when no architecture has that name; the message lists the known ones.
     """
-    model = _factory(name)(**kwargs)
+    factory = _factory(name)
+    for k in ("num_classes", "in_channels", "out_channels"):  # sizes every architecture here takes as counts
+        v = kwargs.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise ParameterError(f"{name}: {k} must be a whole number >= 1, got {v!r}")
+    try:
+        model = factory(**kwargs)
+    except RuntimeError as e:  # torch refusing a layer of these sizes
+        raise ParameterError(f"{name}: cannot be made with {kwargs}: {e}") from None
     model.registry_name = name
     model._histoflow_params = dict(kwargs)
     return model
