@@ -193,3 +193,18 @@ def test_guide_errors():
     assert np.array_equal(g.labels_, g_default.labels_)
     with pytest.raises(ValueError, match="threads"):
         ClusterGuide(threads=0)
+
+
+def test_guide_predicts_any_dtype_and_checks_its_components():
+    """Fitted on float32 features (torch's), it predicts float64 and integer rows too (scikit-learn's k-means
+    refused them); a number of components the data cannot give is a ParameterError naming `variance`."""
+    from histoflow.errors import ParameterError
+    from histoflow.ml.cluster import ClusterGuide
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 30)).astype(np.float32)
+    g = ClusterGuide(n_clusters=4).fit(x)
+    np.testing.assert_array_equal(g.predict(x.astype(np.float64)), g.predict(x))
+    assert g.predict(np.rint(x * 10).astype(np.int64)).shape == (200,)
+    with pytest.raises(ParameterError, match="variance=50 components, more than the 30"):
+        ClusterGuide(n_clusters=4, variance=50).fit(x)

@@ -221,3 +221,10 @@ def test_empty_validation_and_bad_settings_are_refused(patches, tmp_path):
                      ({"ema": 1.5}, "ema"), ({"patience": 0}, "patience"), ({"device": "gpu"}, "device")):
         with pytest.raises(ParameterError, match=what):
             Trainer(_model(), torch.nn.CrossEntropyLoss(), progress=False, **kw)
+
+
+def test_batch_norm_with_one_value_per_channel_is_a_training_error(patches):
+    x, y = patches
+    one = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:1], y[:1]), batch_size=1)
+    with pytest.raises(TrainingError, match="batch norm needs at least 2 in training"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False).fit(one)

@@ -111,6 +111,10 @@ class ClusterGuide:
             raise ParameterError(f"need at least n_clusters={self.n_clusters} (and 2) samples, got {x.shape[0]}")
         if not np.any(np.ptp(x, axis=0) > 0):
             raise ParameterError("every feature is constant over the samples: nothing to cluster")
+        if not isinstance(self.variance, float) and self.variance > min(x.shape):
+            raise ParameterError(f"variance={self.variance} components, more than the {min(x.shape)} that "
+                                 f"{x.shape[0]} samples of {x.shape[1]} features allow; give fewer, or a fraction "
+                                 "of the variance (e.g. 0.95)")
         with threadpool_limits(limits=self.threads):
             self.scaler_ = StandardScaler().fit(x)
             z = self.scaler_.transform(x)
@@ -149,6 +153,8 @@ class ClusterGuide:
         if x.shape[1] != self.scaler_.n_features_in_:
             raise ParameterError(f"features have {x.shape[1]} columns (shape {x.shape}) but the guide was fitted "
                                  f"on {self.scaler_.n_features_in_}")
+        # in the dtype the guide was fitted in: scikit-learn's k-means refuses float64 rows for float32 centres
+        x = x.astype(self.kmeans_.cluster_centers_.dtype, copy=False)
         return self.pca_.transform(self.scaler_.transform(x))
 
     def predict(self, features) -> np.ndarray:

@@ -282,7 +282,14 @@ class Trainer:
         for i, batch in enumerate(loader):
             batch = _to(batch, self.device)
             with self._autocast():
-                loss = self.batch_loss(self.model, batch, self.loss_fn)
+                try:
+                    loss = self.batch_loss(self.model, batch, self.loss_fn)
+                except ValueError as e:
+                    if "Expected more than 1 value per channel when training" not in str(e):
+                        raise
+                    raise TrainingError(f"a batch norm layer got one value per channel ({e}): batch norm needs "
+                                        "at least 2 in training; use batches of 2 or more, larger tiles (a U-Net's "
+                                        "bottleneck must be larger than 1 x 1 at batch 1), or norm='instance'") from None
             loss = loss.float()
             if not torch.isfinite(loss):
                 raise TrainingError(f"the training loss became {loss.item()} at epoch {self.epoch + 1}, "
