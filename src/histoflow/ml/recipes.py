@@ -122,12 +122,9 @@ def _model(cfg):
         raise ConfigError(f"{cfg.get('_path')}: model.params is a mapping of the model's parameters, not {params!r}")
     try:
         model = models.create(name, **params)
-    except (ParameterError, TypeError) as e:  # a parameter the model does not take, or a bad value
-        raise ConfigError(f"{cfg.get('_path')}: model {name!r} cannot be made with model.params {params} "
-                          f"({e})") from None
-    except HistoflowError:
-        raise
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # a parameter the model does not take, or a bad value
+        if isinstance(e, HistoflowError) and not isinstance(e, ParameterError):
+            raise  # e.g. an unknown model name, whose message lists the known ones
         raise ConfigError(f"{cfg.get('_path')}: model {name!r} cannot be made with model.params {params} "
                           f"({e})") from None
     if m.get("init"):  # fine-tuning: start from the weights of an earlier run (same architecture)
