@@ -483,16 +483,36 @@ def test_htj2k_compression_is_lossless_and_smaller(tmp_path):
     with h5py.File(paths["htj2k"], "r") as a, h5py.File(enc_path, "r") as b:
         assert b["tiles/images"].compression is not None
         np.testing.assert_array_equal(a["tiles/images"][:], b["tiles/images"][:])  # plain h5py + hdf5plugin
-        for i in range(len(tiles)):
-            ca = a["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1]
-            cb = b["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1]
-            assert abs(len(ca) - len(cb)) < 0.02 * len(ca)
+        size_a = sum(len(a["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1]) for i in range(len(tiles)))
+        size_b = sum(len(b["tiles/images"].id.read_direct_chunk((i, 0, 0, 0))[1]) for i in range(len(tiles)))
+        assert abs(size_a - size_b) < 0.03 * size_a  # this slide: about the same with or without the colour transform
     assert not htj2k_applies((256, 256, 22), np.uint16) and htj2k_applies((256, 256, 1), np.uint16)
     mibi = np.moveaxis(tifffile.imread(MIBI), 0, -1)[:128, :128]
     with H5PathWriter(tmp_path / "mibi.h5path", slide={"name": "m"}, compression="htj2k") as w:
         w.add_tile(encode_tile(Tile(image=mibi, coords=(0, 0)), "htj2k", 4))
     with read_h5path(tmp_path / "mibi.h5path") as h5:
         np.testing.assert_array_equal(h5.tile(0).image, mibi)
+
+
+def test_htj2k_tiles_use_the_reversible_colour_transform(tmp_path):
+    """Tiles encoded outside HDF5 use JPEG 2000's reversible colour transform on RGB: on H&E like this patch
+    a fifth smaller than the HDF5 filter's own encoding (no colour transform), and still read by plain h5py
+    with hdf5plugin to the same pixels."""
+    import imagecodecs
+
+    from histoflow.store import encode_tile
+
+    image = np.ascontiguousarray(imagecodecs.imread(DATA / "he_patches" / "stardist_histo.jpg")[:256, :256, :3])
+    for path, tile in ((tmp_path / "filter.h5path", Tile(image=image, coords=(0, 0))),
+                       (tmp_path / "direct.h5path", encode_tile(Tile(image=image, coords=(0, 0)), "htj2k", 2))):
+        with H5PathWriter(path, slide={"name": "s"}, compression="htj2k") as w:
+            w.add_tile(tile)
+    sizes = {}
+    for name in ("filter", "direct"):
+        with h5py.File(tmp_path / f"{name}.h5path", "r") as f:
+            np.testing.assert_array_equal(f["tiles/images"][0], image)
+            sizes[name] = len(f["tiles/images"].id.read_direct_chunk((0, 0, 0, 0))[1])
+    assert sizes["direct"] < 0.85 * sizes["filter"]
 
 
 def test_htj2k_encoding_is_thread_safe():
