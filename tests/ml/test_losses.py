@@ -375,3 +375,20 @@ def test_distillation_with_every_label_ignored_is_the_soft_term():
     labels[:2] = torch.tensor([0, 2])
     hard = distillation_loss(s, t, labels, alpha=0.0)
     assert torch.allclose(hard, torch.nn.functional.cross_entropy(s, labels, ignore_index=-100))
+
+
+def test_hovernet_float_mask_target_with_a_channel_axis():
+    """A float (N, 1, H, W) nucleus mask is a binary mask: the same terms as the integer (N, H, W) one (it
+    was argmax-ed over its one channel into all background, the gradient term 0 with no nucleus in focus)."""
+    pred, target = _perfect(_instances())
+    g = torch.Generator().manual_seed(3)
+    pred = {k: v + torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in pred.items()}
+    del pred["type_prediction"], target["type_prediction"]
+    fg = (target["nucleus_prediction"] > 0)
+    as_long = dict(target, nucleus_prediction=fg.long())
+    as_float = dict(target, nucleus_prediction=fg[:, None].double())
+    _, t_long = hovernet_loss(pred, as_long, return_terms=True)
+    _, t_float = hovernet_loss(pred, as_float, return_terms=True)
+    assert float(t_long["hv_msge"]) > 0
+    for k in t_long:
+        assert float(t_float[k]) == pytest.approx(float(t_long[k]), rel=1e-12), k

@@ -12,6 +12,7 @@ import torch
 from datafiles import data_path
 
 from histoflow.annotations import read_geojson
+from histoflow.errors import ParameterError
 from histoflow.core.slide import SlideData
 from histoflow.datasets import load_monuseg
 from histoflow.ml import metrics, models
@@ -376,3 +377,59 @@ def test_a_nucleus_left_in_small_pieces_is_dropped(tmp_path):
         w.add_tile(img, (16, 0), masks={"nuclei": b})
     out = assemble_instances(path, "nuclei")
     assert out.max() == 2 and (out > 0).sum() == (a > 0).sum()
+
+
+def _cut_nucleus_h_minima(ds, n):
+    """For the nuclei of ``n`` crops that the crop's left edge cuts (visible at column 0, at most 10 px
+    wide, of discs ~16 px across after scaling), the smallest horizontal map value: -1 when the map was
+    made from the piece that is left, above -1 when it belongs to the whole nucleus."""
+    out = []
+    for i in range(n):
+        item = ds[i]
+        inst, h = item["instances"].numpy(), item["target"][HV][0].numpy()
+        for lab in np.unique(inst[:, 0]):
+            if lab == 0:
+                continue
+            cols = np.nonzero((inst == lab).any(0))[0]
+            if cols.max() <= 9:
+                out.append(float(h[inst == lab].min()))
+    return np.array(out)
+
+
+def test_crop_zoom_scales_the_window_read_and_keeps_whole_nucleus_maps():
+    """``NucleusCrops(zoom=...)`` reads a window scaled to the crop: a zoom-out shows more tissue (no glass
+    inside the image) at the drawn scale, and nuclei cut by the crop's edge keep the HV maps of the whole
+    nucleus. A ``RandomZoom`` in ``augment`` (the recipe's way before) shrank the margin and padded with
+    glass, whose edge cut nuclei: their maps were made from the piece."""
+    yy, xx = np.mgrid[:1000, :1000]
+    coded = np.stack([xx // 4, yy // 4, np.full_like(xx, 128)], -1).astype(np.uint8)  # position-coded pixels
+    ds = NucleusCrops([{"image": coded, "instances": np.zeros((1000, 1000), np.int32)}], crop=64, length=40,
+                      margin=16, zoom=(0.5, 0.5), zoom_p=1.0, seed=1)
+    interior = 0
+    for i in range(len(ds)):
+        img = np.rint(ds[i]["image"].numpy() * 255)
+        span = (img[0].max() - img[0].min() + 1) * 4  # source columns shown by 64 crop columns
+        assert 120 <= span <= 136, span  # 64 / 0.5 = 128
+        if 10 < img[0].min() and img[0].max() < 240 and 10 < img[1].min() and img[1].max() < 240:
+            interior += 1
+            assert (img[2] == 128).all()  # tissue, not glass
+    assert interior > 20
+
+    # discs of radius 10 every 30 px, dark on light tissue
+    cy, cx = np.mgrid[15:1000:30, 15:1000:30]
+    inst = np.zeros((1000, 1000), np.int32)
+    for k, (y, x) in enumerate(zip(cy.ravel(), cx.ravel()), 1):
+        inst[(yy - y) ** 2 + (xx - x) ** 2 <= 100] = k
+    img = np.where(inst[..., None] > 0, 60, 230).astype(np.uint8).repeat(3, 2)
+    sample = [{"image": img, "instances": inst}]
+    new = _cut_nucleus_h_minima(NucleusCrops(sample, crop=128, length=40, margin=32, zoom=(0.8, 0.8), zoom_p=1.0,
+                                             seed=2), 40)
+    old = _cut_nucleus_h_minima(NucleusCrops(sample, crop=128, length=40, margin=32,
+                                             augment=Compose([RandomZoom((0.8, 0.8), p=1.0)]), seed=2), 40)
+    assert len(new) > 40 and len(old) > 40
+    assert new.min() > -0.99, np.sort(new)[:5]  # every cut nucleus keeps its whole map
+    assert (old <= -0.99).sum() >= 3  # the glass edge made piece-only maps
+    with pytest.raises(ParameterError, match="zoom must satisfy"):
+        NucleusCrops(sample, zoom=(1.2, 0.8))
+    with pytest.raises(ParameterError, match="zoom is a pair"):
+        NucleusCrops(sample, zoom=0.8)

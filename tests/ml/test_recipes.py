@@ -140,6 +140,11 @@ def test_config_errors(tmp_path):
         train_from_config({"task": "nucleus_segmentation", "data": {}})
     with pytest.raises(ConfigError, match="are not in"):
         train_from_config({"task": "nucleus_segmentation", "data": {"root": MONUSEG, "val_ids": ["nope"]}})
+    one = {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"]}
+    with pytest.raises(ConfigError, match=r"data.augment.zoom is a pair \[smallest, largest\]"):
+        train_from_config({"task": "nucleus_segmentation", "data": dict(one, augment={"zoom": 0.8})})
+    with pytest.raises(ConfigError, match="data: NucleusCrops: zoom must satisfy 0 < smallest <= largest"):
+        train_from_config({"task": "nucleus_segmentation", "data": dict(one, augment={"zoom": [1.25, 0.8]})})
     from histoflow.ml.recipes import _augmenter
 
     with pytest.raises(ConfigError, match="randstain is the templates' spread, a number"):

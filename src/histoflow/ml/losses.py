@@ -404,11 +404,12 @@ def _msge(pred_hv: torch.Tensor, true_hv: torch.Tensor, focus: torch.Tensor) -> 
 
 
 def _np_target(t: torch.Tensor, name: str) -> torch.Tensor:
-    """Integer (N, H, W) class map from an integer map or a one-hot (N, C, H, W) float map."""
+    """Integer (N, H, W) class map from an integer map, a one-hot (N, C, H, W) float map, or an (N, 1, H, W)
+    map (a float one is a binary mask: > 0.5 is class 1)."""
+    if t.ndim == 4 and t.shape[1] == 1:
+        return (t[:, 0] > 0.5).long() if t.is_floating_point() else t[:, 0].long()
     if t.ndim == 4 and t.is_floating_point():
         return t.argmax(dim=1)
-    if t.ndim == 4 and t.shape[1] == 1:
-        return t[:, 0].long()
     if t.ndim != 3:
         raise ParameterError(f"target[{name!r}] must be (N, H, W) integer classes or (N, C, H, W) one-hot, "
                              f"got shape {tuple(t.shape)}")

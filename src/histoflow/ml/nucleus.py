@@ -58,16 +58,35 @@ class NucleusCrops(torch.utils.data.Dataset):
     augment : callable, optional
         ``augment.apply(image, {"instances": inst}, rng)`` (a :class:`histoflow.ml.augment.Compose`);
         it runs on a crop ``margin`` pixels larger on each side, so that nuclei cut by the final crop
-        keep their whole-nucleus HV maps.
+        keep their whole-nucleus HV maps. Put zooming in ``zoom`` rather than a ``RandomZoom`` here: a
+        zoom-out in ``augment`` shrinks the margin and pads with glass, whose edge then cuts nuclei.
     margin : int
+    zoom : (float, float), optional
+        Smallest and largest scale factor (> 1 enlarges), drawn log-uniformly for a crop with probability
+        ``zoom_p``. The window read from the image is scaled to the crop, so a zoom-out shows more tissue
+        (glass only past the image's border) and the margin stays ``margin`` pixels.
+    zoom_p : float
     seed : int
         Crops of epoch ``e``, item ``i`` come from ``default_rng((seed, e, i))``: reproducible, and the
         same in any DataLoader worker.
     """
 
-    def __init__(self, samples, crop: int = 256, length: int = 256, augment=None, margin: int = 32, seed: int = 0):
+    def __init__(self, samples, crop: int = 256, length: int = 256, augment=None, margin: int = 32, seed: int = 0,
+                 zoom=None, zoom_p: float = 0.5):
         if not samples:
             raise ParameterError("NucleusCrops: no samples")
+        if zoom is not None:
+            try:
+                lo, hi = (float(v) for v in zoom)
+            except (TypeError, ValueError):
+                raise ParameterError(f"NucleusCrops: zoom is a pair (smallest, largest) of scale factors, "
+                                     f"e.g. (0.8, 1.25), not {zoom!r}") from None
+            if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+                raise ParameterError(f"NucleusCrops: zoom must satisfy 0 < smallest <= largest, got {zoom!r}")
+            zoom = (lo, hi)
+        if not 0 <= float(zoom_p) <= 1:
+            raise ParameterError(f"NucleusCrops: zoom_p is a probability in [0, 1], got {zoom_p!r}")
+        self.zoom, self.zoom_p = zoom, float(zoom_p)
         self.images = [np.ascontiguousarray(s["image"]) for s in samples]
         self.instances = [np.ascontiguousarray(s["instances"]).astype(np.int32) for s in samples]
         self.crop, self.length, self.augment, self.margin, self.seed = int(crop), int(length), augment, int(margin), seed
@@ -88,12 +107,23 @@ class NucleusCrops(torch.utils.data.Dataset):
         image, inst = self.images[k], self.instances[k]
         h, w = inst.shape
         big = self.crop + 2 * self.margin
-        y = int(rng.integers(0, h - self.crop + 1)) - self.margin
-        x = int(rng.integers(0, w - self.crop + 1)) - self.margin
+        scale = 1.0
+        if self.zoom is not None and rng.random() < self.zoom_p:
+            lo, hi = self.zoom
+            scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        # the window read: big / scale pixels of the image, its central crop / scale inside the image if it fits
+        src, core = max(1, int(round(big / scale))), max(1, int(round(self.crop / scale)))
+        y = int(rng.integers(0, max(h - core, 0) + 1)) - (src - core) // 2
+        x = int(rng.integers(0, max(w - core, 0) + 1)) - (src - core) // 2
         # past the image's border: white glass and no nucleus (a mirrored image would show nuclei that the
         # instance mask, which cannot be mirrored without doubling its nuclei, calls background)
-        img = _crop_pad(image, y, x, big, 255 if image.dtype == np.uint8 else 1.0)
-        lab = _crop_pad(inst, y, x, big, 0)
+        img = _crop_pad(image, y, x, src, 255 if image.dtype == np.uint8 else 1.0)
+        lab = _crop_pad(inst, y, x, src, 0)
+        if src != big:
+            from ..core.resample import resize_mask
+            from .augment import _resize_image
+
+            img, lab = _resize_image(img, big, big), resize_mask(lab, (big, big))
         if self.augment is not None:
             img, masks = self.augment.apply(img, {"instances": lab}, rng)
             lab = masks["instances"]

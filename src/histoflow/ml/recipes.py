@@ -176,9 +176,22 @@ def _nucleus_segmentation(cfg, resume=False):
     seed = int((cfg.get("train") or {}).get("seed", 0))
     mpp = d.get("mpp")  # resample the images (e.g. 0.5 for a 20x model); None: as scanned
     train_samples = load_monuseg(root, train_ids, mpp=mpp)
-    augment = _augmenter(d.get("augment"), seed, images=[s["image"] for s in train_samples])
-    train = NucleusCrops(train_samples, crop=int(d.get("crop", 256)), length=int(d.get("crops_per_epoch", 256)),
-                         augment=augment, seed=seed)
+    spec = d.get("augment")
+    zoom = None
+    if isinstance(spec, dict) and spec.get("zoom"):
+        # zoom is done by the crops, scaling the window they read, so that a zoom-out keeps its margin of
+        # tissue around the crop (whole-nucleus HV maps at the crop's edges) instead of padding with glass
+        spec = dict(spec)
+        zoom = spec.pop("zoom")
+        if not isinstance(zoom, (list, tuple)) or len(zoom) != 2:
+            raise ConfigError(f"data.augment.zoom is a pair [smallest, largest] of scale factors, e.g. "
+                              f"[0.8, 1.25], not {zoom!r}")
+    augment = _augmenter(spec, seed, images=[s["image"] for s in train_samples])
+    try:
+        train = NucleusCrops(train_samples, crop=int(d.get("crop", 256)),
+                             length=int(d.get("crops_per_epoch", 256)), augment=augment, seed=seed, zoom=zoom)
+    except ParameterError as e:
+        raise ConfigError(f"{cfg.get('_path')}: data: {e}") from None
     t = cfg.get("train") or {}
     # not persistent_workers: workers take a copy of the dataset when an epoch's iterator starts, and only
     # that copy knows the epoch that the trainer sets (set_epoch), i.e. which crops and augmentations to make
