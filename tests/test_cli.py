@@ -89,9 +89,14 @@ def test_run_command_and_transforms_listing(tmp_path):
 
     pipe = tmp_path / "p.yaml"
     Pipeline([BoxBlur(15), TissueDetectionHE()]).save(pipe)
-    r = run("run", str(pipe), SVS, "-o", str(tmp_path / "out"), "--executor", "threads", "--no-progress")
+    r = run("run", str(pipe), SVS, "-o", str(tmp_path / "out"), "--executor", "threads", "--workers", "2",
+            "--slide-mpp", "0.5", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "CMU-1-Small-Region.h5path: 108 tiles" in r.stdout and "'tissue'" in r.stdout
+    with read_h5path(tmp_path / "out" / "CMU-1-Small-Region.h5path") as h5:
+        assert h5.slide["mpp"] == pytest.approx((0.5, 0.5))  # --slide-mpp overrides the file's 0.499
+    r = run("run", str(pipe), SVS, "-o", str(tmp_path / "o3"), "--executor", "threads", "--scheduler", "tcp://x:1")
+    assert r.returncode == 1 and "--scheduler runs on dask: leave out --executor threads" in r.stderr
     import h5py
     import hdf5plugin
 

@@ -76,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tissue-filter", type=float, metavar="FRACTION",
                    help="detect tissue at low resolution first; keep tiles with at least this fraction")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, help="local dask cluster with N worker processes")
+    g.add_argument("--workers", type=int, help="worker processes of a local dask cluster, or threads with "
+                                               "--executor threads (default: one per core)")
     g.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
-    g.add_argument("--executor", choices=["inprocess", "threads", "dask"], help="default: dask")
+    s.add_argument("--executor", choices=["inprocess", "threads", "dask"], help="default: dask")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     s.add_argument("--compression", choices=["htj2k", "gzip", "none"], default="htj2k",
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                         "need hdf5plugin) or gzip (any HDF5 reader)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
     s.add_argument("--slide-type", help="HE, IHC, IF, CODEX, Vectra, MIBI (default: from the file)")
+    s.add_argument("--slide-mpp", type=float, help="override the slides' own µm/px")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
 
@@ -239,9 +241,15 @@ def cmd_run(args):
     from .core.slide import SlideData, SlideDataset
     from .transforms import Pipeline
 
+    from .errors import ParameterError
+
+    if args.scheduler is not None and args.executor not in (None, "dask"):
+        raise ParameterError(f"--scheduler runs on dask: leave out --executor {args.executor} (or use dask)")
+    if args.workers is not None and args.executor == "inprocess":
+        raise ParameterError("--executor inprocess runs in this process alone: leave out --workers")
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
-    slides = SlideDataset([SlideData(p, slide_type=args.slide_type) for p in args.slides])
+    slides = SlideDataset([SlideData(p, slide_type=args.slide_type, mpp=args.slide_mpp) for p in args.slides])
     executor = args.executor or ("dask" if args.scheduler is None else None)
     outs = slides.run(pipeline, args.output, tile_size=args.size, overlap=args.overlap, level=args.level,
                       mpp=args.mpp, tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,

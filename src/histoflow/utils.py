@@ -14,14 +14,15 @@ CHANNEL_COLOURS = [(0, 0, 255), (0, 255, 0), (255, 0, 0), (255, 0, 255), (0, 255
                    (255, 128, 0), (128, 0, 255), (255, 255, 255)]
 
 
-def progress_bar(iterable, *, total=None, desc=None, unit="it", disable=False):
+def progress_bar(iterable, *, total=None, desc=None, unit="it", disable=False, initial=0):
     """A tqdm progress bar (tiles done, rate, ETA) on stderr; silent when disabled or not a terminal
-    unless HISTOFLOW_PROGRESS=1."""
+    unless HISTOFLOW_PROGRESS=1. ``initial``: work done before (a resumed run), shown but not counted in
+    the rate."""
     from tqdm.auto import tqdm
 
     if not disable and not sys.stderr.isatty() and os.environ.get("HISTOFLOW_PROGRESS") != "1":
         disable = True
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, initial=initial)
 
 
 NUCLEAR_MARKERS = ("dapi", "hoechst", "hh3", "histone", "dna", "nuclear", "h3")

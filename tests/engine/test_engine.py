@@ -785,3 +785,128 @@ def test_a_transform_defined_in_the_script_runs_on_a_local_cluster(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     n, mean = r.stdout.split()
     assert int(n) == 108 and 100 < float(mean) < 255
+
+
+def test_threads_share_a_plain_image_reader(tmp_path):
+    """The threads executor shares one reader: a PNG's lazy decode ran in several threads at once and broke
+    the Pillow image ("unrecognized data stream contents"). Now decoded once, under a lock."""
+    from datafiles import data_path
+
+    png = data_path("he_patches", "tiatoolbox_stain_target.png")
+    a = SlideData(png).run(pipeline(), tmp_path / "a.h5path", tile_size=128, executor="inprocess", progress=False)
+    for k in range(3):
+        b = SlideData(png).run(pipeline(), tmp_path / f"b{k}.h5path", tile_size=128, executor="threads", workers=4,
+                               batch_size=2, progress=False)
+        assert tile_data(b) == tile_data(a)
+
+
+def test_resume_refuses_other_slide_inputs(tmp_path):
+    """The slide's masks and pixel size are inputs of a run: a resume with other ones is refused (it went on,
+    and one file held tiles made with two different masks, or two grids)."""
+    out = tmp_path / "o.h5path"
+    slide = SlideData(SVS)
+    small = (slide.dimensions[1] // 16, slide.dimensions[0] // 16)
+    slide.add_mask("ann", np.zeros(small, np.uint8), downsample=16)
+    with pytest.raises(Interrupt):
+        slide.run(pipeline(), out, executor="inprocess", batch_size=10, progress=False, on_batch=_interrupt_at(3))
+    other = SlideData(SVS)
+    other.add_mask("ann", np.ones(small, np.uint8), downsample=16)
+    with pytest.raises(PipelineError, match=r"used other settings \(inputs\)"):
+        other.run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False)
+    same = SlideData(SVS)
+    same.add_mask("ann", np.zeros(small, np.uint8), downsample=16)
+    same.run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False)
+
+    out2 = tmp_path / "m.h5path"
+    with pytest.raises(Interrupt):
+        SlideData(SVS).run(None, out2, tile_size=256, mpp=1.0, executor="inprocess", batch_size=4,
+                           progress=False, on_batch=_interrupt_at(2))
+    with pytest.raises(PipelineError, match=r"used other settings \(inputs\)"):
+        SlideData(SVS, mpp=0.5).run(None, out2, tile_size=256, mpp=1.0, executor="inprocess", batch_size=4,
+                                    resume=True, progress=False)
+
+
+def test_resumed_progress_counts_only_new_tiles_in_its_rate(tmp_path, monkeypatch):
+    """Tiles already done are the bar's starting point (tqdm's ``initial``), not work done in the first
+    instant: that made the rate and the ETA of a resumed run wrong."""
+    import histoflow.engine.run as engine_run
+
+    bars = []
+
+    def fake_bar(iterable, **kw):
+        import io
+
+        from tqdm import tqdm
+
+        bar = tqdm(iterable, total=kw["total"], file=io.StringIO(), initial=kw.get("initial", 0))
+        bars.append((kw.get("initial", 0), bar))
+        return bar
+
+    monkeypatch.setattr(engine_run, "progress_bar", fake_bar)
+    out = tmp_path / "o.h5path"
+    with pytest.raises(Interrupt):
+        SlideData(SVS).run(pipeline(), out, executor="inprocess", batch_size=10, on_batch=_interrupt_at(3))
+    SlideData(SVS).run(pipeline(), out, executor="inprocess", batch_size=10, resume=True)
+    initial, bar = bars[-1]
+    assert initial >= 30 and bar.n == bar.total == 108 and bar.format_dict["initial"] == initial
+
+
+class BadOutputAt(Transform):
+    def __init__(self, x=256, y=512, what="dtype"):
+        self.x, self.y, self.what = x, y, what
+
+    def apply(self, tile):
+        if tuple(tile.coords) == (self.x, self.y):
+            if self.what == "dtype":
+                tile.image = tile.image.astype(np.float32)
+            elif self.what == "mask":
+                tile.masks["m"] = np.zeros((*tile.image.shape[:2], 2), bool)
+            else:
+                tile.image = None
+
+
+@pytest.mark.parametrize("executor", ["inprocess", "threads"])
+def test_tiles_that_cannot_be_stored_are_failures_like_any_other(tmp_path, executor):
+    """A tile the pipeline left unstorable (another dtype than the file's tiles, a 3-D mask, no image) is a
+    failed tile: skipped and recorded with on_error="skip" (it stopped the run), and with "raise" an error
+    naming the slide, the tile and the step whose output it was."""
+    slide = SlideData(SVS)
+    for what in ("dtype", "mask", "none"):
+        out = slide.run(Pipeline([Blur(3), BadOutputAt(what=what)]), tmp_path / f"{what}.h5path", executor=executor,
+                        on_error="skip", progress=False)
+        with read_h5path(out) as h:
+            assert len(h) == 107
+            failed = h.provenance[-1]["failed_tiles"]
+        assert [(f["x"], f["y"], f["transform"]) for f in failed] == [(256, 512, "BadOutputAt output")]
+        assert failed[0]["error"].startswith("cannot be stored")
+        with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: .*BadOutputAt output.*"
+                                                r"\(x=256, y=512\)|CMU-1-Small-Region.svs: .*\(x=256, y=512\).*"):
+            slide.run(Pipeline([Blur(3), BadOutputAt(what=what)]), tmp_path / f"{what}-r.h5path", executor=executor,
+                      progress=False)
+
+
+def test_ctrl_c_stops_an_inprocess_run_at_once(tmp_path):
+    """A KeyboardInterrupt inside a batch is not kept as the batch's result while the next batch runs."""
+    seen = []
+
+    class CtrlC(Transform):
+        def apply(self, tile):
+            seen.append(tuple(tile.coords))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SlideData(SVS).run(Pipeline([CtrlC()]), tmp_path / "o.h5path", executor="inprocess", progress=False)
+    assert len(seen) == 1
+
+
+def test_output_folders_that_cannot_be_used(tmp_path):
+    from histoflow.errors import OutputError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(OutputError, match="afile: cannot use it as the output folder: it is a file"):
+        SlideDataset([SVS]).run(None, afile, executor="inprocess", progress=False)
+    with pytest.raises(OutputError, match="cannot write there"):
+        SlideData(SVS).run(None, "/proc/no-such-folder/x.h5path", executor="inprocess", progress=False)
+    with pytest.raises(PipelineError, match="tissue_filter is the fraction"):
+        SlideData(SVS).run(None, tmp_path / "t.h5path", tissue_filter=True, executor="inprocess", progress=False)

@@ -329,7 +329,13 @@ class SlideDataset:
         :meth:`SlideData.run`."""
         from ..engine import run_slides
 
-        os.makedirs(outdir, exist_ok=True)
+        try:
+            os.makedirs(outdir, exist_ok=True)
+        except OSError as e:
+            from ..errors import OutputError
+
+            why = "it is a file" if os.path.isfile(outdir) else (e.strerror or str(e))
+            raise OutputError(f"{outdir}: cannot use it as the output folder: {why}") from None
         outs = [os.path.join(outdir, f"{s.name}.h5path") for s in self.slides]
         return run_slides(self.slides, outs, pipeline, **kwargs)
 

@@ -19,7 +19,7 @@ class _Done:
     def __init__(self, fn, args):
         try:
             self._value, self._error = fn(*args), None
-        except BaseException as e:  # re-raised by result(), as a real future would
+        except Exception as e:  # re-raised by result(), as a real future would (Ctrl-C stops the run at once)
             self._value, self._error = None, e
 
     def result(self):

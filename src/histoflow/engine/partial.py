@@ -18,7 +18,7 @@ import zlib
 
 import numpy as np
 
-from ..errors import PipelineError
+from ..errors import OutputError, PipelineError
 from ..store.h5path import EncodedTile, _ArrayChunk
 from .worker import BatchResult, Failure
 
@@ -52,7 +52,8 @@ def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
         os.makedirs(d)
         _write_json(os.path.join(d, MANIFEST), {**manifest, "token": token})
     except OSError as e:
-        raise PipelineError(f"{out_path}: cannot make the run's journal folder {d}: {e}") from None
+        raise OutputError(f"{out_path}: cannot write there: cannot make the run's journal folder {d}: "
+                          f"{e.strerror or e}") from None
     return d, set(), token
 
 

@@ -18,15 +18,18 @@ import platform
 import time
 import uuid
 import warnings
+import zlib
 from collections import deque
 
-from ..errors import PipelineError
+import numpy as np
+
+from ..errors import H5PathError, OutputError, PipelineError
 from ..store import H5PathWriter
 from ..transforms.base import Pipeline, Transform
 from ..utils import progress_bar
 from . import partial
 from .executors import make_executor
-from .worker import BatchResult, process_batch
+from .worker import BatchResult, Failure, _store_label, process_batch
 
 TISSUE_MASK = "tissue"
 
@@ -103,7 +106,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     batch_size = max(1, int(batch_size))
     if max_in_flight is not None and not (isinstance(max_in_flight, int) and max_in_flight >= 1):
         raise PipelineError(f"max_in_flight must be a whole number of batches >= 1, got {max_in_flight!r}")
-    if tissue_filter is not None and not (isinstance(tissue_filter, (int, float)) and 0 <= tissue_filter <= 1):
+    if tissue_filter is not None and (isinstance(tissue_filter, bool) or
+                                      not (isinstance(tissue_filter, (int, float)) and 0 <= tissue_filter <= 1)):
         raise PipelineError(f"tissue_filter is the fraction of a tile that must be tissue, 0..1; got {tissue_filter!r}")
     jobs = [_Job(s, o) for s, o in zip(slides, outputs)]
     tiling = {"tile_size": tile_size, "overlap": overlap, "stride": stride, "level": level, "mpp": mpp, "edge": edge,
@@ -118,8 +122,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     t0 = time.perf_counter()
     total = sum(j.n_tiles for j in jobs)
     initial = sum(len(j.batches[b]) for j in jobs for b in j.done)
-    bar = progress_bar(None, total=total, desc="tiles", unit="tile", disable=not progress)
-    bar.update(initial)
+    bar = progress_bar(None, total=total, desc="tiles", unit="tile", disable=not progress, initial=initial)
     try:
         for job in jobs:  # slides resumed with every batch done (or without tiles) only need their merge
             if len(job.done) == len(job.batches) and not job.already_done:
@@ -261,6 +264,7 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         "pipeline": pipeline.to_document() if pipeline is not None else None,
         "tiling": tiling, "batch_size": batch_size, "tiles": len(specs),
         "compression": compression, "compression_level": compression_level,
+        "inputs": _slide_inputs(slide),
     }
     job.manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples are lists there)
     if resume and not os.path.isdir(partial.partial_dir(job.out)) and \
@@ -271,6 +275,18 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         return
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)
     job.resumed = len(job.done)
+
+
+def _slide_inputs(slide) -> dict:
+    """What the run reads of the slide besides its pixels (its pixel size, type, backend, masks), so that a
+    resume with other inputs is refused rather than mixed with the tiles made from the first ones."""
+    mpp = slide.mpp
+    return {"mpp": None if mpp is None else [float(v) for v in np.ravel(mpp)],
+            "slide_type": getattr(slide.slide_type, "name", str(slide.slide_type)),
+            "backend": getattr(slide.reader, "backend", None),
+            "masks": {name: {"shape": list(m.array.shape), "downsample": float(m.downsample),
+                             "crc32": zlib.crc32(np.ascontiguousarray(m.array).view(np.uint8))}
+                      for name, m in sorted(slide.masks.items())}}
 
 
 def _finished_before(out, manifest, failures_ok=True) -> bool:
@@ -323,8 +339,20 @@ def _merge_ready(job):
         if job.writer is None and result.tiles:  # made by the first tiles: they say the stored channels
             _open_writer(job, result)
         reduces = job.pipeline is not None and job.pipeline.reduces
-        for _, enc in sorted(result.tiles, key=lambda t: t[0]):
-            job.writer.add_tile(enc)
+        for index, enc in sorted(result.tiles, key=lambda t: t[0]):
+            try:
+                job.writer.add_tile(enc)
+            except H5PathError as e:  # unlike the tiles before it (dtype, channels, masks): not storable here
+                if isinstance(e, OutputError):  # the file cannot be written (disk full, ...): no tile's fault
+                    raise
+                label = _store_label(job.pipeline)
+                if job.on_error != "skip":
+                    raise PipelineError(f"{job.slide.path}: the {label} of the tile at (x={enc.coords[0]}, "
+                                        f"y={enc.coords[1]}) cannot be stored: {e}; pass on_error='skip' to "
+                                        "leave such tiles out") from e
+                job.failures.append(Failure(index, enc.coords[0], enc.coords[1], label,
+                                            f"cannot be stored: {e}").as_dict())
+                continue
             if reduces:
                 job.pipeline.collect(enc.decode(image=False))  # reducers read masks, labels, cells
             job.merged += 1

@@ -62,14 +62,16 @@ class PendingBatch:
     """A batch whose tiles are read and transformed, with encodings maybe still running on an encoder thread.
     :meth:`finish` collects them (in grid order) and journals the batch; it returns the BatchResult."""
 
-    def __init__(self, out, compression, compression_level, on_error, journal_dir, keep_tiles, token):
+    def __init__(self, out, compression, compression_level, on_error, journal_dir, keep_tiles, token,
+                 label="store"):
         self._out, self._args = out, (compression, compression_level, on_error, journal_dir, keep_tiles, token)
+        self._label = label
         self._result = None
 
     def finish(self) -> BatchResult:
         if self._result is None:
             out, (compression, compression_level, on_error, journal_dir, keep_tiles, token) = self._out, self._args
-            out.tiles = _collect(out.tiles, compression, compression_level)
+            out.tiles = _collect(out.tiles, compression, compression_level, out.failures, self._label)
             out.n_tiles = len(out.tiles)
             if journal_dir is not None and token is not None and os.path.isdir(journal_dir) and \
                     not (out.failures and on_error == "raise"):
@@ -92,21 +94,44 @@ def start_batch(slide, pipeline, batch, specs, compression, compression_level, o
     except BaseException:  # encodings still in the background are collected, whatever happened
         out.tiles = _collect(out.tiles, compression, compression_level)
         raise
-    return PendingBatch(out, compression, compression_level, on_error, journal_dir, keep_tiles, token)
+    return PendingBatch(out, compression, compression_level, on_error, journal_dir, keep_tiles, token,
+                        _store_label(pipeline))
 
 
-def _collect(tiles, compression, compression_level):
+def _store_label(pipeline) -> str:
+    """How a tile that cannot be stored is recorded: after the pipeline's last step."""
+    steps = getattr(pipeline, "steps", None) or ([pipeline] if pipeline is not None else [])
+    return f"{type(steps[-1]).__name__} output" if steps else "store"
+
+
+def _store_failure(index, tile, label, e) -> Failure:
+    x, y = (int(v) for v in tile.coords) if getattr(tile, "coords", None) is not None else (-1, -1)
+    return Failure(index, x, y, label, f"cannot be stored: {type(e).__name__}: {e}")
+
+
+def _collect(tiles, compression, compression_level, failures=None, label="store"):
     """Results of the background encodings, in grid order. The calling thread does not wait idle for the
     encoder to work through its queue: it takes the tiles the encoder has not started, from the end of the
-    batch backwards, and encodes them itself (the same function, so the same bytes)."""
+    batch backwards, and encodes them itself (the same function, so the same bytes). A tile that cannot be
+    encoded (the pipeline left something no h5path stores) is left out and added to ``failures``."""
     done = [None] * len(tiles)
+    failed = []
     for k in range(len(tiles) - 1, -1, -1):
         index, e = tiles[k]
         if isinstance(e, tuple):  # (future, tile) from the encoder
             fut, tile = e
-            e = encode_tile(tile, compression, compression_level) if fut.cancel() else fut.result()
+            try:
+                e = encode_tile(tile, compression, compression_level) if fut.cancel() else fut.result()
+            except Exception as err:  # noqa: BLE001 - recorded for the driver, which decides
+                if failures is None:
+                    raise
+                failed.append(_store_failure(index, tile, label, err))
+                e = None
         done[k] = (index, e)
-    return done
+    if failures is not None:
+        failures.extend(reversed(failed))
+        failures.sort(key=lambda f: f.index)
+    return [t for t in done if t[1] is not None]
 
 
 def _transform_batch(slide, pipeline, specs, compression, compression_level, on_error, encoder, out):
@@ -132,6 +157,11 @@ def _transform_batch(slide, pipeline, specs, compression, compression_level, on_
                 break
             continue
         if encoder is None:
-            out.tiles.append((index, encode_tile(tile, compression, compression_level)))
+            try:
+                out.tiles.append((index, encode_tile(tile, compression, compression_level)))
+            except Exception as e:  # noqa: BLE001 - the pipeline left something no h5path stores
+                out.failures.append(_store_failure(index, tile, _store_label(pipeline), e))
+                if on_error == "raise":
+                    break
         else:
             out.tiles.append((index, (encoder.submit(encode_tile, tile, compression, compression_level), tile)))

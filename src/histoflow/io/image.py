@@ -2,6 +2,8 @@
 once, on first read, and kept; Pillow's decompression-bomb limit bounds its size."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from PIL import Image
 
@@ -59,28 +61,35 @@ class ImageReader(SlideReader):
         if dpi and dpi[0] and dpi[1]:
             self._native_mpp = (25400 / float(dpi[0]), 25400 / float(dpi[1]))
         self._pixels = None
+        self._decode_lock = threading.Lock()  # the threads executor shares one reader: decode once
 
     def _array(self) -> np.ndarray:
-        if self._pixels is None:
-            try:
-                if self._png16:
-                    import imagecodecs
-
-                    with open(self.path, "rb") as fh:
-                        a = imagecodecs.png_decode(fh.read())
-                else:
-                    im = self._im.convert(self._mode) if self._im.mode != self._mode else self._im
-                    a = np.asarray(im)
-            except Exception as e:
-                raise SlideReadError(f"{self.path}: cannot decode image: {type(e).__name__}: {e}") from None
-            if a.ndim == 2:
-                a = a[:, :, None]
-            if a.shape[2] == 4:  # composite on white
-                top = 65535 if a.dtype == np.uint16 else 255
-                al = a[:, :, 3:4].astype(np.uint32)
-                a = ((a[:, :, :3].astype(np.uint32) * al + top * (top - al) + top // 2) // top).astype(a.dtype)
-            self._pixels = np.ascontiguousarray(a.astype(self.dtype, copy=False))
+        if self._pixels is not None:
+            return self._pixels
+        with self._decode_lock:
+            if self._pixels is None:
+                self._pixels = self._decode()
         return self._pixels
+
+    def _decode(self) -> np.ndarray:
+        try:
+            if self._png16:
+                import imagecodecs
+
+                with open(self.path, "rb") as fh:
+                    a = imagecodecs.png_decode(fh.read())
+            else:
+                im = self._im.convert(self._mode) if self._im.mode != self._mode else self._im
+                a = np.asarray(im)
+        except Exception as e:
+            raise SlideReadError(f"{self.path}: cannot decode image: {type(e).__name__}: {e}") from None
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.shape[2] == 4:  # composite on white
+            top = 65535 if a.dtype == np.uint16 else 255
+            al = a[:, :, 3:4].astype(np.uint32)
+            a = ((a[:, :, :3].astype(np.uint32) * al + top * (top - al) + top // 2) // top).astype(a.dtype)
+        return np.ascontiguousarray(a.astype(self.dtype, copy=False))
 
     def _read(self, level, x, y, w, h):
         # a copy: the decoded image is kept for the next reads, and tiles may be changed in place
