@@ -88,8 +88,9 @@ def test_segmentation_stitching_blends_overlaps(tmp_path, segmenter):
 
 
 def test_heatmap_boxes_at_any_downsample():
-    """Tiles painted at a downsample that does not divide the tile size: each box gets its rounded extent,
-    neighbours meet without gaps or overlaps."""
+    """Tile values painted at a downsample that does not divide the tile size: a heatmap pixel is the mean of
+    the boxes covering it, weighted by the area each covers (boxes used to snap to rounded pixels: at an
+    overlap, a tile could land wholly in the next pixel, one pixel averaging three tiles, its neighbour one)."""
     from histoflow.ml.transforms import _Heatmap
 
     for ds in (3, 7, 120):
@@ -97,10 +98,21 @@ def test_heatmap_boxes_at_any_downsample():
         for y in (0, 256):
             for x in (0, 256, 512, 768):
                 hm.add(x, y, 256, 256, np.array([x / 1024 + y / 512], np.float32))
-        assert (hm.weight == 1).all(), ds  # every heatmap pixel painted exactly once
+        full = hm.weight[: 512 // ds, : 1024 // ds]  # pixels wholly inside the slide
+        np.testing.assert_allclose(full, 1, atol=1e-6, err_msg=str(ds))  # covered once, in parts or whole
         out = hm.result()[0]
-        col = int(round(600 / ds)), int(round(300 / ds))
-        assert out[col[1], col[0]] == pytest.approx(512 / 1024 + 256 / 512), ds
+        assert out[384 // ds, 640 // ds] == pytest.approx(512 / 1024 + 256 / 512), ds  # wholly in one tile
+        if 256 % ds:  # the pixel across x = 256 on the first row: 256 % ds of it from the first tile
+            a = (256 % ds) / ds
+            assert out[0, 256 // ds] == pytest.approx(a * 0 + (1 - a) * 0.25, abs=1e-6), ds
+    # overlapping tiles (256 px, stride 128) painting their cores: at a downsample of 64 each pixel has one tile
+    hm = _Heatmap((1024, 256), 64, 1)
+    for k, x in enumerate(range(0, 1024 - 128, 128)):
+        c0 = 0 if x == 0 else 64
+        c1 = 256 if x + 256 >= 1024 else 192
+        hm.add(x + c0, 0, c1 - c0, 256, np.array([k], np.float32))
+    np.testing.assert_allclose(hm.weight, 1, atol=1e-6)
+    assert hm.result()[0, 0].tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6]
 
 
 def test_segmentation_pads_to_the_model_divisor(tmp_path):
@@ -143,3 +155,109 @@ def test_stitched_map_is_right_up_to_the_slide_edges(tmp_path, overlap):
     assert last.x + 512 > w and last.y + 512 > h  # the last tiles do overhang the slide
     assert diff[:, last.x:].max() < 0.01 and diff[last.y:, :].max() < 0.01  # last column and row
     assert diff.max() < 0.01
+
+
+class _MeanDarkness(torch.nn.Module):
+    """A 'patch classifier' whose class-1 logit is 20 x (0.7 - mean grey): the probability is known."""
+
+    def forward(self, x):
+        g = x[:, :3].mean((1, 2, 3))[:, None]
+        return torch.cat([torch.zeros_like(g), 20 * (0.7 - g)], 1)
+
+
+class _OneLogit(torch.nn.Module):
+    """A binary model with a single (sigmoid) output: darkness, as a patch logit or a pixel map."""
+
+    def __init__(self, per_pixel):
+        super().__init__()
+        self.per_pixel = per_pixel
+
+    def forward(self, x):
+        g = x[:, :3].mean(1, keepdim=True)
+        return 20 * (0.7 - g) if self.per_pixel else 20 * (0.7 - g.mean((2, 3)))
+
+
+def test_patch_heatmap_of_overlapping_tiles_gives_each_pixel_its_owner(tmp_path):
+    """Overlapping tiles paint the part of the slide they own (their core, carried through the journal): at a
+    heatmap downsample dividing the stride and half the overlap, the pixel under each tile's centre is that
+    tile's probability (with snapping to rounded cells, 334 of 391 tiles were not)."""
+    model = export_onnx(_MeanDarkness(), tmp_path / "c.onnx", input_shape=(1, 3, 256, 256))
+    with SlideData(SVS) as s:
+        out = s.run(PatchClassification(str(model), classes=["light", "dark"], heatmap_downsample=64),
+                    str(tmp_path / "o.h5path"), tile_size=256, overlap=128, executor="inprocess", progress=False)
+    with read_h5path(out) as h:
+        heat = np.asarray(h.masks["heatmap_dark"])
+        assert h.mask_downsample("heatmap_dark") == 64
+        assert len(h) > 300
+        for i in range(len(h)):
+            t = h.tile(i)
+            x, y = t.coords
+            assert heat[(y + 128) // 64, (x + 128) // 64] == pytest.approx(t.labels["prob_dark"], abs=1e-6)
+
+
+def test_two_classifiers_need_two_heatmap_names(tmp_path):
+    """Two PatchClassification steps wrote the same heatmap_<class> masks, the second silently replacing the
+    first: refused before any tile, and kept apart with heatmap_prefix."""
+    from histoflow import PipelineError
+    from histoflow.transforms import Pipeline
+
+    model = str(export_onnx(_MeanDarkness(), tmp_path / "c.onnx", input_shape=(1, 3, 512, 512)))
+    a = PatchClassification(model, classes=["light", "dark"], label_prefix="a_")
+    with SlideData(SVS) as s:
+        with pytest.raises(PipelineError, match="would both write the slide masks heatmap_<class>"):
+            s.run(Pipeline([a, PatchClassification(model, classes=["dark", "light"], label_prefix="b_")]),
+                  str(tmp_path / "x.h5path"), tile_size=512, executor="inprocess", progress=False)
+        assert not (tmp_path / "x.h5path").exists()
+        b = PatchClassification(model, classes=["dark", "light"], label_prefix="b_", heatmap_prefix="heatmap_b_")
+        out = s.run(Pipeline([a, b]), str(tmp_path / "o.h5path"), tile_size=512, executor="inprocess",
+                    progress=False)
+    with read_h5path(out) as h:
+        t = h.tile(3)
+        ha, hb = h.masks["heatmap_dark"], h.masks["heatmap_b_light"]
+        cell = t.coords[1] // 512, t.coords[0] // 512
+        assert ha[cell] == pytest.approx(t.labels["a_dark"], abs=1e-6)
+        assert hb[cell] == pytest.approx(t.labels["b_light"], abs=1e-6)
+
+
+def test_single_output_models_are_sigmoids(tmp_path):
+    """A model with one output channel gave probability 1 everywhere (a softmax over one channel)."""
+    cls = export_onnx(_OneLogit(False), tmp_path / "c1.onnx", input_shape=(1, 3, 64, 64), dynamic_spatial=True)
+    seg = export_onnx(_OneLogit(True), tmp_path / "s1.onnx", input_shape=(1, 3, 64, 64), dynamic_spatial=True)
+    white, dark = np.full((64, 64, 3), 250, np.uint8), np.full((64, 64, 3), 60, np.uint8)
+    for img in (white, dark):
+        expect = 1 / (1 + np.exp(-20 * (0.7 - img[0, 0, 0] / 255)))
+        np.testing.assert_allclose(PatchClassification(str(cls)).F(img), [1 - expect, expect], atol=1e-5)
+        p = SemanticSegmentation(str(seg)).F(img)
+        assert p.shape == (2, 64, 64)
+        np.testing.assert_allclose(p[1], expect, atol=1e-5)
+        np.testing.assert_allclose(p.sum(0), 1, atol=1e-6)
+
+
+def test_stitched_argmax_marks_where_no_tile_ran(tmp_path):
+    """Pixels no tile covered (tissue filter) are 255 in the argmax mask, not class 0."""
+    from histoflow.ml.transforms import NOT_PREDICTED
+
+    model = export_onnx(_Darkness(), tmp_path / "dark.onnx", input_shape=(1, 3, 64, 64), dynamic_spatial=True)
+    with SlideData(SVS) as s:
+        out = s.run(SemanticSegmentation(str(model), classes=["light", "dark"], heatmap_downsample=8),
+                    str(tmp_path / "s.h5path"), tile_size=256, tissue_filter=0.9, executor="inprocess",
+                    progress=False)
+    with read_h5path(out) as h:
+        arg, prob = np.asarray(h.masks["segmentation"]), np.asarray(h.masks["segmentation_prob_dark"])
+    none = np.isnan(prob)
+    assert 0 < none.mean() < 1
+    assert (arg[none] == NOT_PREDICTED).all() and (arg[~none] <= 1).all()
+
+
+def test_slide_maps_too_large_are_refused(tmp_path):
+    from histoflow.errors import RegionTooLargeError
+    from histoflow.ml import transforms as mt
+    from histoflow.core.tile import Tile
+
+    seg = SemanticSegmentation("unused.onnx")
+    seg._dims, seg._slide_path, seg._maps = (150_000, 100_000), "big.svs", None
+    tile = Tile(image=np.zeros((4, 4, 3), np.uint8), coords=(0, 0))
+    with pytest.raises(RegionTooLargeError, match=r"big.svs: SemanticSegmentation's slide-level maps would be "
+                                                  r"150000 x 100000 pixels x 2 classes .*heatmap_downsample"):
+        seg._paint(tile, np.zeros((2, 4, 4), np.float32))
+    assert mt.MAX_HEATMAP_PIXELS < 150_000 * 100_000

@@ -114,6 +114,7 @@ def write_batch(d: str, result: BatchResult, token: str):
             "masks": {k: [put(m.data), list(m.shape), m.dtype, m.is_bool] for k, m in enc.masks.items()},
             "cells": None if enc.cells is None else {k: [put(a.tobytes()), list(a.shape), a.dtype.str]
                                                      for k, a in enc.cells.items()},
+            "core": None if enc.core is None else list(enc.core),
         })
     header = json.dumps(meta, default=_json_default).encode()
     crc = zlib.crc32(header)
@@ -169,7 +170,8 @@ def read_batch(d: str, batch: int, token: str) -> BatchResult:
                 cells = {str(k): np.frombuffer(chunk(r3), np.dtype(dt3)).reshape(_ints(s3, None, "cells shape")).copy()
                          for k, (r3, s3, dt3) in t["cells"].items()}
             enc = EncodedTile(image, _ints(t["coords"], 2, "coords", None), int(t["level"]), float(t["downsample"]),
-                              masks, t["labels"], t["name"], t["compression"], t["compression_level"], cells)
+                              masks, t["labels"], t["name"], t["compression"], t["compression_level"], cells,
+                              None if t.get("core") is None else _ints(t["core"], 4, "core"))
             out.tiles.append((int(t["index"]), enc))
         out.failures = [Failure(**f) for f in meta["failures"]]
     except PipelineError:

@@ -86,7 +86,9 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
             if (fg & (win != 0)).any():  # some of them meet objects already placed
                 area = np.bincount(lab[fg].astype(np.int64), minlength=m + 1)
                 free = np.bincount(lab[put].astype(np.int64), minlength=m + 1)
-                keep = (2 * free >= area) & (free >= MIN_FREE_PIXELS)
+                meets = np.bincount(lab[fg & (win != 0)].astype(np.int64), minlength=m + 1) > 0
+                # objects that meet none keep every pixel, whatever their size; the others need most of theirs free
+                keep = ~meets | ((2 * free >= area) & (free >= MIN_FREE_PIXELS))
                 put &= keep[lab.astype(np.int64)]
                 for obj in np.flatnonzero(keep & (free < area)):  # placed in part: its free pixels in one piece
                     mine = lab == obj

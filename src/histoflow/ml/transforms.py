@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from ..errors import HistoflowError, ParameterError
+from ..errors import HistoflowError, ParameterError, RegionTooLargeError
 from ..transforms.base import Transform, outputs_from
 from ..transforms.objects import keep_owned
 
@@ -103,7 +103,7 @@ class _Runner:
                     export_onnx(net, tmp, input_shape=(1, 3, 256, 256), dynamic_spatial=True)
                     os.replace(tmp, onnx_path)
             self.session = get_session(onnx_path)
-            self.model = _OnnxModule(self.session)
+            self.model = _OnnxModule(self.session, _card_size_divisor(self.card))
         else:
             import torch
 
@@ -128,13 +128,24 @@ def _writable_onnx(path):
     return os.path.join(cache, os.path.basename(os.path.splitext(path)[0]) + ".onnx")
 
 
+def _card_size_divisor(card) -> int:
+    """The input size divisor of the network a card describes (built without weights: a 6-level U-Net is 32,
+    an ensemble the least common multiple of its members'); 16 when it cannot be built."""
+    from . import models
+
+    try:
+        net = models.create(card["architecture"], **(card.get("parameters") or {}))
+    except Exception:  # noqa: BLE001 - an unknown architecture: the shipped models' divisor
+        return 16
+    return int(getattr(net, "size_divisor", 16))
+
+
 class _OnnxModule:
     """Looks enough like a torch module for :func:`histoflow.ml.nucleus.predict_maps`."""
 
-    size_divisor = 16
-
-    def __init__(self, session):
+    def __init__(self, session, size_divisor: int = 16):
         self.session = session
+        self.size_divisor = int(size_divisor)
 
     def eval(self):
         return self
@@ -336,6 +347,21 @@ def _softmax(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def _class_probabilities(logits):
+    """Probabilities over the classes (axis 0) of a model's logits: softmax, or for a single output (a binary
+    model trained with a sigmoid) the two classes (1 - p, p) (a softmax over one channel is 1 everywhere)."""
+    if logits.shape[0] == 1:
+        p = 1 / (1 + np.exp(-np.clip(logits[0], -80, 80)))
+        return np.stack([1 - p, p])
+    return _softmax(logits, 0)
+
+
+#: the value of a stitched argmax mask where no tile ran
+NOT_PREDICTED = 255
+#: the largest slide-level map (pixels per class) made without an explicit, coarser heatmap_downsample
+MAX_HEATMAP_PIXELS = 2 ** 28
+
+
 class _Heatmap:
     """Weighted sums of tile values painted at a fixed downsample of level 0."""
 
@@ -356,6 +382,8 @@ class _Heatmap:
 
         ds = self.ds
         H, W = self.weight.shape
+        if values.ndim == 1 and weights is None:  # a constant: each heatmap pixel weighted by the area it gets
+            return self._add_constant(x, y, w0, h0, values)
         x0, y0 = int(round(x / ds)), int(round(y / ds))
         # the box's own size at this downsample (rounding each side, not the width: neighbours then meet)
         bw = max(1, int(round((x + w0) / ds)) - x0)
@@ -377,11 +405,35 @@ class _Heatmap:
         self.sum[:, y0:y0 + ph, x0:x0 + pw] += v * wt
         self.weight[y0:y0 + ph, x0:x0 + pw] += wt
 
+    def _add_constant(self, x, y, w0, h0, values):
+        H, W = self.weight.shape
+        wy, sy = _cover(y, min(y + h0, self.dimensions[1]), self.ds, H)
+        wx, sx = _cover(x, min(x + w0, self.dimensions[0]), self.ds, W)
+        if wy.size == 0 or wx.size == 0:
+            return
+        wt = np.outer(wy, wx).astype(np.float32)
+        self.sum[:, sy:sy + len(wy), sx:sx + len(wx)] += values[:, None, None] * wt
+        self.weight[sy:sy + len(wy), sx:sx + len(wx)] += wt
+
     def result(self):
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.sum / self.weight
         out[:, self.weight == 0] = np.nan
         return out
+
+
+def _cover(a, b, ds, n):
+    """Fractions of the heatmap pixels ``[i * ds, (i + 1) * ds)`` that the level-0 interval [a, b) covers:
+    (weights, first pixel)."""
+    if b <= a:
+        return np.zeros(0), 0
+    i0, i1 = int(np.floor(a / ds)), min(n, int(np.ceil(b / ds)))
+    i0 = min(max(i0, 0), n)
+    if i1 <= i0:
+        return np.zeros(0), 0
+    edges = np.arange(i0, i1 + 1) * ds
+    lo, hi = np.maximum(edges[:-1], a), np.minimum(edges[1:], b)
+    return np.clip(hi - lo, 0, None) / ds, i0
 
 
 def _fit(a, h, w):
@@ -405,6 +457,7 @@ class _ReducingModelTransform(Transform, register=False):
 
     def fit_slide(self, slide):
         self._dims = tuple(slide.dimensions)
+        self._slide_path = str(slide.path)
         self._maps = None
 
     def _classes(self, n):
@@ -421,9 +474,22 @@ class _ReducingModelTransform(Transform, register=False):
                                  "SlideData.run (fit_slide sets the slide's size)")
         if self._maps is None:
             ds = self.heatmap_downsample or tile.downsample * (tile.size[0] if values.ndim == 1 else 1)
+            w, h = (int(np.ceil(d / float(ds))) for d in self._dims)
+            if w * h > MAX_HEATMAP_PIXELS:
+                raise RegionTooLargeError(
+                    f"{getattr(self, '_slide_path', 'the slide')}: {type(self).__name__}'s slide-level maps would be "
+                    f"{w} x {h} pixels x {len(values)} classes ({w * h * (len(values) + 1) * 4 / 2**30:.1f} GiB) at "
+                    f"a downsample of {float(ds):g}; pass a larger heatmap_downsample (e.g. "
+                    f"{float(ds) * np.ceil(np.sqrt(w * h / MAX_HEATMAP_PIXELS)):g})")
             self._maps = _Heatmap(self._dims, ds, len(values))
         w0 = int(round(tile.size[0] * tile.downsample))
         h0 = int(round(tile.size[1] * tile.downsample))
+        if values.ndim == 1 and tile.core is not None:  # a constant covers the part of the slide the tile owns
+            cx0, cy0, cx1, cy1 = tile.core
+            d = tile.downsample
+            self._maps.add(tile.coords[0] + cx0 * d, tile.coords[1] + cy0 * d, (cx1 - cx0) * d, (cy1 - cy0) * d,
+                           values)
+            return
         self._maps.add(tile.coords[0], tile.coords[1], w0, h0, values, weights)
 
 
@@ -441,16 +507,28 @@ class PatchClassification(_ReducingModelTransform):
         Tile labels written: ``<prefix><class>`` = probability, and ``<prefix>class`` = the top class.
     heatmap_downsample : float, optional
         Level-0 pixels per heatmap pixel (default: one heatmap pixel per tile width).
+    heatmap_prefix : str
+        Slide masks written: ``<heatmap_prefix><class>``; two classifiers in one pipeline need two prefixes.
 
     When run through :meth:`SlideData.run`, the slide's h5path gets one slide mask per class,
-    ``heatmap_<class>`` (float32 probabilities, NaN where no tile was run).
+    ``heatmap_<class>`` (float32 probabilities, NaN where no tile was run). Each tile's probability covers
+    the part of the slide it owns (its core: with overlapping tiles, the middle of the overlaps), and a
+    heatmap pixel is the area-weighted mean of the tiles covering it: without overlap, one tile per pixel;
+    with overlap, a ``heatmap_downsample`` dividing both the stride and half the overlap (64 for 256 px tiles
+    overlapping by 128 at level 0) gives each pixel one tile again.
     """
 
-    def __init__(self, model, classes=None, label_prefix="prob_", heatmap_downsample=None):
+    def __init__(self, model, classes=None, label_prefix="prob_", heatmap_downsample=None,
+                 heatmap_prefix="heatmap_"):
         self.model = model
         self.classes = classes
         self.label_prefix = label_prefix
         self.heatmap_downsample = heatmap_downsample
+        self.heatmap_prefix = heatmap_prefix
+
+    @property
+    def slide_mask_prefixes(self):
+        return (self.heatmap_prefix,)
 
     @property
     def labels_out(self):
@@ -459,7 +537,7 @@ class PatchClassification(_ReducingModelTransform):
     def F(self, image):
         """Class probabilities ``(C,)`` of one image."""
         logits = _model_runner(self.model)(_as_input(image, True))[0]
-        return _softmax(logits.astype(np.float64), 0).astype(np.float32)
+        return _class_probabilities(logits.astype(np.float64)).astype(np.float32)
 
     def apply(self, tile):
         p = self.F(tile.image)
@@ -479,7 +557,7 @@ class PatchClassification(_ReducingModelTransform):
         if getattr(self, "_maps", None) is None:
             return {}
         maps = self._maps.result()
-        return {f"heatmap_{n}": (maps[i], self._maps.ds) for i, n in enumerate(self._names)}
+        return {f"{self.heatmap_prefix}{n}": (maps[i], self._maps.ds) for i, n in enumerate(self._names)}
 
 
 class SemanticSegmentation(_ReducingModelTransform):
@@ -498,8 +576,9 @@ class SemanticSegmentation(_ReducingModelTransform):
 
     Each tile gets the argmax mask and one uint8 probability mask per class, ``<mask_name>_<class>``
     (probability x 255). Overlapping tiles are blended with a Gaussian window (centre pixels count most),
-    so seams vanish. The slide's h5path gets ``<mask_name>_prob_<class>`` (float32) and ``<mask_name>``
-    (uint8 argmax) slide masks.
+    so seams vanish. The slide's h5path gets ``<mask_name>_prob_<class>`` (float32, NaN where no tile ran)
+    and ``<mask_name>`` (uint8 argmax; 255 where no tile ran) slide masks. A model with one output channel
+    is read as a sigmoid: classes (not it, it).
     """
 
     def __init__(self, model, classes=None, mask_name="segmentation", heatmap_downsample=None):
@@ -518,7 +597,7 @@ class SemanticSegmentation(_ReducingModelTransform):
         div = runner.size_divisor
         x = np.pad(x, ((0, 0), (0, 0), (0, -h % div), (0, -w % div)), mode="reflect" if min(h, w) > 1 else "edge")
         logits = runner(x)[0][:, :h, :w]
-        return _softmax(logits, 0).astype(np.float32)
+        return _class_probabilities(logits).astype(np.float32)
 
     def apply(self, tile):
         p = self.F(tile.image)
@@ -542,6 +621,7 @@ class SemanticSegmentation(_ReducingModelTransform):
         maps = self._maps.result()
         out = {f"{self.mask_name}_prob_{n}": (maps[i], self._maps.ds) for i, n in enumerate(self._names)}
         arg = np.nan_to_num(maps, nan=-1).argmax(0).astype(np.uint8)
+        arg[np.isnan(maps).all(0)] = NOT_PREDICTED  # no tile ran there: not class 0
         out[self.mask_name] = (arg, self._maps.ds)
         return out
 

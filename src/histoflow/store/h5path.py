@@ -276,18 +276,19 @@ class EncodedTile:
     """
 
     __slots__ = ("image", "coords", "level", "downsample", "masks", "labels", "name", "compression",
-                 "compression_level", "cells")
+                 "compression_level", "cells", "core")
 
     def __init__(self, image, coords, level, downsample, masks, labels, name, compression, compression_level,
-                 cells=None):
+                 cells=None, core=None):
         self.image, self.coords, self.level, self.downsample = image, coords, level, downsample
         self.masks, self.labels, self.name = masks, labels, name
         self.compression, self.compression_level = compression, compression_level
         self.cells = cells  # the tile's cell table (dict of column arrays), uncompressed; not a chunk
+        self.core = None if core is None else tuple(int(v) for v in core)  # the part it owns (Tile.core); not stored
 
     def __reduce__(self):
         return (EncodedTile, (self.image, self.coords, self.level, self.downsample, self.masks, self.labels,
-                              self.name, self.compression, self.compression_level, self.cells))
+                              self.name, self.compression, self.compression_level, self.cells, self.core))
 
     @property
     def nbytes(self) -> int:
@@ -309,7 +310,7 @@ class EncodedTile:
             pixels = np.empty((*self.image.shape[:2], 0), np.dtype(self.image.dtype))
         return Tile(image=pixels, coords=self.coords, level=self.level,
                     downsample=self.downsample, masks=masks, labels=dict(self.labels), name=self.name,
-                    cells=self.cells)
+                    cells=self.cells, core=self.core)
 
 
 def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level: int = GZIP_LEVEL) -> EncodedTile:
@@ -342,7 +343,7 @@ def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level:
                                   is_bool)
     return EncodedTile(img, (int(tile.coords[0]), int(tile.coords[1])), int(tile.level), float(tile.downsample),
                        masks, dict(tile.labels or {}), tile.name, compression, compression_level,
-                       _check_cells(tile))
+                       _check_cells(tile), tile.core)
 
 
 # ----------------------------------------------------------------------------------------- writer

@@ -141,6 +141,10 @@ class Transform:
     #: every finished tile, in grid order, in the driver)
     reduces: bool = False
 
+    #: the start of the names of the slide masks :meth:`slide_masks` makes (two steps of a pipeline may not
+    #: share one: the later one's masks would replace the earlier one's)
+    slide_mask_prefixes: tuple = ()
+
     def collect(self, tile) -> None:
         """See one finished tile in the driver (after the whole pipeline ran on it), e.g. to paint a
         slide-level heatmap. Only called when :attr:`reduces` is true. The engine passes the tile's masks,
@@ -221,6 +225,14 @@ class Transform:
         return hash(repr(self))
 
 
+def _flat_steps(pipeline):
+    for step in pipeline.steps:
+        if isinstance(step, Pipeline):
+            yield from _flat_steps(step)
+        else:
+            yield step
+
+
 class Pipeline(Transform):
     """An ordered list of transforms, itself a transform.
 
@@ -281,6 +293,14 @@ class Pipeline(Transform):
         the slide type. ``available_*`` add what the slide brings (its masks cropped to the tiles)."""
         masks = set(self.inputs) | set(available_masks)
         labels = set(available_labels)
+        makers: dict = {}
+        for step in _flat_steps(self):
+            for prefix in step.slide_mask_prefixes:
+                if prefix in makers:
+                    raise PipelineError(f"{makers[prefix]} and {type(step).__name__} would both write the slide "
+                                        f"masks {prefix}<class>, the second replacing the first: give one of "
+                                        "them another name (heatmap_prefix= / mask_name=)")
+                makers[prefix] = type(step).__name__
         for i, step in enumerate(self.steps):
             name = type(step).__name__
             if slide_type is not None and step.slide_types is not None:
