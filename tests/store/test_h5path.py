@@ -495,24 +495,27 @@ def test_htj2k_compression_is_lossless_and_smaller(tmp_path):
 
 
 def test_htj2k_tiles_use_the_reversible_colour_transform(tmp_path):
-    """Tiles encoded outside HDF5 use JPEG 2000's reversible colour transform on RGB: on H&E like this patch
-    a fifth smaller than the HDF5 filter's own encoding (no colour transform), and still read by plain h5py
-    with hdf5plugin to the same pixels."""
+    """HTJ2K tiles, written by the writer or encoded by the engine's workers, use JPEG 2000's reversible colour
+    transform on RGB: on H&E like this patch a fifth smaller than the HDF5 filter's own encoding (no colour
+    transform), the same bytes both ways, and read by plain h5py with hdf5plugin to the same pixels."""
     import imagecodecs
 
     from histoflow.store import encode_tile
+    from histoflow.store.h5path import _FilterCodec
 
     image = np.ascontiguousarray(imagecodecs.imread(DATA / "he_patches" / "stardist_histo.jpg")[:256, :256, :3])
-    for path, tile in ((tmp_path / "filter.h5path", Tile(image=image, coords=(0, 0))),
+    for path, tile in ((tmp_path / "plain.h5path", Tile(image=image, coords=(0, 0))),
                        (tmp_path / "direct.h5path", encode_tile(Tile(image=image, coords=(0, 0)), "htj2k", 2))):
         with H5PathWriter(path, slide={"name": "s"}, compression="htj2k") as w:
             w.add_tile(tile)
-    sizes = {}
-    for name in ("filter", "direct"):
+    chunks = {}
+    for name in ("plain", "direct"):
         with h5py.File(tmp_path / f"{name}.h5path", "r") as f:
             np.testing.assert_array_equal(f["tiles/images"][0], image)
-            sizes[name] = len(f["tiles/images"].id.read_direct_chunk((0, 0, 0, 0))[1])
-    assert sizes["direct"] < 0.85 * sizes["filter"]
+            chunks[name] = f["tiles/images"].id.read_direct_chunk((0, 0, 0, 0))[1]
+    assert chunks["plain"] == chunks["direct"]
+    by_filter = _FilterCodec.get(image.shape, image.dtype, "htj2k").encode(image)
+    assert len(chunks["direct"]) < 0.85 * len(by_filter)
 
 
 def test_htj2k_encoding_is_thread_safe():

@@ -9,9 +9,10 @@ the intensities, are kept in ``adata.uns["gating"]`` so that every call is repro
 Example
 -------
 >>> gate(adata, method="otsu")                                   # doctest: +SKIP
->>> gate(adata, method="manual", thresholds={"CD3": 12.0})       # doctest: +SKIP
->>> gate(adata, method="manual",
+>>> gate(adata, method="manual", thresholds={"CD3": 12.0}, channels=["CD3"])       # doctest: +SKIP
+>>> gate(adata, method="manual", channels=["CD3"],
 ...      thresholds={"slide1": {"CD3": 12.0}, "slide2": {"CD3": 9.5}})  # doctest: +SKIP
+>>> gate(adata, thresholds={"CD3": 12.0})   # Otsu for every channel but CD3    # doctest: +SKIP
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ to read there, so a reader can fetch it and a mask can be looked up at any resol
 
 >>> g = TileGrid((2220, 2967), tile_size=256, overlap=32)
 >>> g.shape, len(g)
-((13, 10), 130)
+((14, 10), 140)
 >>> t = g[0]; (t.x, t.y, t.read_size)
 (0, 0, (256, 256))
 """

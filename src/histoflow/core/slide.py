@@ -64,7 +64,8 @@ class SlideData:
 
     Examples
     --------
-    >>> slide = SlideData(histoflow.data.sample_slide_path())             # doctest: +SKIP
+    >>> from histoflow.data import sample_slide_path
+    >>> slide = SlideData(sample_slide_path())                             # doctest: +SKIP
     >>> for tile in slide.generate_tiles(256, mpp=1.0):                   # doctest: +SKIP
     ...     ...
     >>> slide.write("out.h5path", tiles=slide.generate_tiles(256))        # doctest: +SKIP

@@ -365,7 +365,7 @@ class H5PathWriter:
         means unknown). ``mpp`` is ``(x, y)`` µm/px or one number; ``levels`` a list of dicts with
         ``width, height, downsample``; ``labels`` a dict of slide labels; ``slide_type`` a name or a
         :class:`~histoflow.core.types.SlideTypePreset`.
-    compression : {"gzip", "lzf", None}
+    compression : {"gzip", "htj2k", "lzf", None}
         Lossless compression of tile images and masks.
     compression_level : int
         gzip level (0-9).
@@ -570,7 +570,11 @@ class H5PathWriter:
             self._create_tile_datasets(image.shape, image.dtype)
         if i == self._cap:
             self._grow()
-        self._images[i] = image
+        if self.compression == "htj2k" and htj2k_applies(image.shape, image.dtype):
+            # the same encoding as the engine's workers (with the colour transform): same bytes either way
+            self._images.id.write_direct_chunk((i, 0, 0, 0), _htj2k_encode(np.ascontiguousarray(image)))
+        else:
+            self._images[i] = image
         for mname, arr, is_bool in mask_items:
             ds = self._mask_ds.get(mname)
             if ds is None:

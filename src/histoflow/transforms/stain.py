@@ -41,7 +41,7 @@ Functional forms: :func:`estimate_stain_matrix_macenko`, :func:`estimate_stain_m
 Examples
 --------
 >>> norm = StainNormalizationHE()                          # doctest: +SKIP
->>> norm.fit_slide(slide)          # one stain matrix for the whole slide, from its thumbnail
+>>> norm.fit_slide(slide)          # one stain matrix for the whole slide, from its thumbnail  # doctest: +SKIP
 >>> for tile in slide.generate_tiles(256):                 # doctest: +SKIP
 ...     norm.apply(tile)
 """
