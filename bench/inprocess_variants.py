@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=6)
     args = ap.parse_args()
 
-    def wait_for_helper(tiles, compression, level):  # every background encoding awaited
+    def wait_for_helper(tiles, compression, level, failures=None, label="store"):  # every encoding awaited
         return [(i, e[0].result() if isinstance(e, tuple) else e) for i, e in tiles]
 
     modes = {"wait_disk": (wait_for_helper, 0), "shared_disk": (worker._collect, 0),

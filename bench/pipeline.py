@@ -5,6 +5,12 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 
 - ``tiles_per_s_inprocess``: ``SlideData.run(..., executor="inprocess")`` on the 4x mosaic, and
   ``tiles_per_s_inprocess_8x`` / ``tiles_per_s_dask2_8x`` on the 8x mosaic
+- ``tiles_per_s_inprocess1``: in-process in one thread (``InProcessExecutor(encode_thread=False)``; the default
+  in-process run compresses on a helper thread, ~1.9 cores busy, where PathML's ``distributed=False`` uses one);
+  ``tiles_per_s_inprocesspm`` / ``tiles_per_s_inprocess1pm``: the same two with ``TissueDetectionHE`` at PathML's
+  settings (HSV saturation at full resolution; ours default to grey at 1/3 resolution, much cheaper);
+  ``cpu_ms_per_tile_inprocess`` / ``pathml_cpu_ms_per_tile``: CPU time (all threads) per tile of the in-process
+  runs, and ``cpu_per_tile_pathml_over_inprocess`` their ratio
 - ``tiles_per_s_threads2``: the same with the threads executor, 2 threads in one process
 - ``tiles_per_s_dask1`` / ``tiles_per_s_dask2``: the same on a local dask cluster of 1 / 2 worker
   processes, warmed by a run on the small sample slide with the same settings (cluster start-up, the
@@ -19,7 +25,8 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
   (memory must stay flat with slide size)
 - ``pathml_tiles_per_s`` / ``pathml_output_mb`` / ``pathml_tiles_per_s_dask2``: PathML 3.0.8 on the same
   slide and pipeline (``HESlide.run(..., distributed=False)`` + ``write``; and ``distributed=True`` on a
-  warmed local cluster of 2 single-thread workers), interleaved with our runs when ``--repeat`` > 1, when
+  warmed local cluster of 2 single-thread workers; ``tile_pad=True``, so that PathML runs the same 1645 tiles,
+  ``pathml_tiles``), interleaved with our runs when ``--repeat`` > 1, when
   PathML can be run: importable here, or in the Python given by ``--pathml-python`` (a side environment,
   since PathML pins its own torch and numpy < 2: ``bench/pathml_venv.sh`` makes one). Null otherwise; the
   issue's figures measured on this machine on another day are given under ``pathml_reference`` and used
@@ -63,12 +70,15 @@ def pathml_child(mode, slide, out):
     from pathml.preprocessing import TissueDetectionHE as PTissue
 
     pipe = PPipeline([PBoxBlur(kernel_size=15), PTissue(mask_name="tissue")])
+    cpu = None
+    # tile_pad=True: PathML pads the edge tiles as histoflow does (its default drops them: 1564 tiles of the 4x
+    # mosaic instead of 1645); the slide has no slide-level masks, which PathML's padding cannot take
     if mode == "pathml":
         ps = HESlide(slide, backend="openslide")
-        t0 = time.perf_counter()
-        ps.run(pipe, distributed=False, tile_size=256)
+        t0, c0 = time.perf_counter(), time.process_time()
+        ps.run(pipe, distributed=False, tile_size=256, tile_pad=True)
         ps.write(out)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     else:  # pathml-dask2: the cluster started and warmed first, as for our dask runs
         from dask.distributed import Client, LocalCluster
 
@@ -79,15 +89,15 @@ def pathml_child(mode, slide, out):
             os.makedirs(warm, exist_ok=True)
             w = HESlide(os.path.join(HERE, "..", "src", "histoflow", "data", "CMU-1-Small-Region.svs"),
                         backend="openslide")
-            w.run(pipe, distributed=True, client=client, tile_size=256)
+            w.run(pipe, distributed=True, client=client, tile_size=256, tile_pad=True)
             ps = HESlide(slide, backend="openslide")
             t0 = time.perf_counter()
-            ps.run(pipe, distributed=True, client=client, tile_size=256)
+            ps.run(pipe, distributed=True, client=client, tile_size=256, tile_pad=True)
             ps.write(out)
             dt = time.perf_counter() - t0
     n = len(ps.tiles)
     print(json.dumps({"tiles": n, "seconds": dt, "tiles_per_s": n / dt, "peak_rss_mb": peak_rss_mb(),
-                      "output_mb": os.path.getsize(out) / 1e6}))
+                      "output_mb": os.path.getsize(out) / 1e6, "cpu_s": cpu}))
 
 
 def child(mode, slide, out):
@@ -99,13 +109,22 @@ def child(mode, slide, out):
     import histoflow
     from histoflow.transforms import BoxBlur, Pipeline, TissueDetectionHE
 
-    pipe = Pipeline([BoxBlur(15), TissueDetectionHE()])
+    # "...pm": TissueDetectionHE at PathML's defaults (HSV saturation at full resolution) instead of ours (grey
+    # at 1/3 resolution: 0.23 instead of ~1.3 ms a tile, and a mask that agrees with PathML's on ~80% of pixels)
+    pm = mode.endswith("pm")
+    mode = mode[:-2] if pm else mode
+    tissue = TissueDetectionHE(use_saturation=True, working_downsample=1) if pm else TissueDetectionHE()
+    pipe = Pipeline([BoxBlur(15), tissue])
     s = histoflow.SlideData(slide)
     n = len(s.grid(256))
-    if mode == "inprocess":
-        t0 = time.perf_counter()
-        s.run(pipe, out, executor="inprocess", progress=False, compression=compression)
-        dt = time.perf_counter() - t0
+    cpu = None
+    if mode in ("inprocess", "inprocess1"):  # inprocess1: one thread (no helper thread compressing), as PathML's
+        from histoflow.engine.executors import InProcessExecutor
+
+        ex = InProcessExecutor(encode_thread=mode == "inprocess")
+        t0, c0 = time.perf_counter(), time.process_time()
+        s.run(pipe, out, executor=ex, progress=False, compression=compression)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     elif mode == "threads2":
         t0 = time.perf_counter()
         s.run(pipe, out, executor="threads", workers=2, progress=False, compression=compression)
@@ -144,7 +163,7 @@ def child(mode, slide, out):
         raise SystemExit(f"unknown mode {mode}")
     rss = peak_rss_mb()
     print(json.dumps({"tiles": n, "seconds": dt, "tiles_per_s": n / dt, "peak_rss_mb": rss,
-                      "output_mb": os.path.getsize(out) / 1e6}))
+                      "output_mb": os.path.getsize(out) / 1e6, "cpu_s": cpu}))
 
 
 def raw_loop(path, part, procs, compression, warm=0):
@@ -290,13 +309,17 @@ def main():
            "slide": f"mosaic{args.n}"}
     out["repeat"] = args.repeat
     pathml = not args.no_pathml and pathml_available(args.pathml_python)
-    modes = ["inprocess", "dask1", "dask2", "raw1", "raw2"] + (["pathml", "pathml-dask2"] if pathml else [])
+    modes = ["inprocess", "inprocess1", "inprocesspm", "inprocess1pm", "dask1", "dask2", "raw1", "raw2"] + \
+        (["pathml", "pathml-dask2"] if pathml else [])
     runs = measure_rounds(modes, slide, args.repeat)
     ip = runs["inprocess"][0]
     out["tiles"] = ip["tiles"]
     summarise(out, "inprocess", runs["inprocess"])
     out["output_mb"] = round(ip["output_mb"], 1)
     out["peak_rss_mb_4x" if args.n == 4 else f"peak_rss_mb_{args.n}x"] = round(max(r["peak_rss_mb"] for r in runs["inprocess"]), 1)
+    for m in ("inprocess1", "inprocesspm", "inprocess1pm"):
+        summarise(out, m, runs[m])
+    out["cpu_ms_per_tile_inprocess"] = round(1000 * _median([r["cpu_s"] / r["tiles"] for r in runs["inprocess"]]), 3)
     out["tiles_per_s_threads2"] = round(measure("threads2", slide)["tiles_per_s"], 1)
     for w in (1, 2):
         summarise(out, f"dask{w}", runs[f"dask{w}"])
@@ -321,6 +344,10 @@ def main():
         if "tiles_per_s_pathml_dask2_runs" in out:
             out["pathml_tiles_per_s_dask2_runs"] = out.pop("tiles_per_s_pathml_dask2_runs")
         out["pathml_output_mb"] = round(runs["pathml"][0]["output_mb"], 1)
+        out["pathml_tiles"] = runs["pathml"][0]["tiles"]
+        out["pathml_cpu_ms_per_tile"] = round(1000 * _median([r["cpu_s"] / r["tiles"] for r in runs["pathml"]]), 3)
+        out["cpu_per_tile_pathml_over_inprocess"] = round(out["pathml_cpu_ms_per_tile"] /
+                                                          out["cpu_ms_per_tile_inprocess"], 1)
         out["pathml_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in runs["pathml"]), 1)
     else:
         out["pathml_tiles_per_s"] = out["pathml_tiles_per_s_dask2"] = out["pathml_output_mb"] = None
@@ -328,6 +355,8 @@ def main():
     base_d2 = out["pathml_tiles_per_s_dask2"] or ref["tiles_per_s_dask2"]
     base_mb = out["pathml_output_mb"] or ref["output_mb_4x"]
     out["speedup_vs_pathml_inprocess"] = round(out["tiles_per_s_inprocess"] / base_ip, 1)
+    for m in ("inprocess1", "inprocesspm", "inprocess1pm"):
+        out[f"speedup_vs_pathml_{m}"] = round(out[f"tiles_per_s_{m}"] / base_ip, 1)
     out["speedup_vs_pathml_dask2"] = round(out["tiles_per_s_dask2"] / base_d2, 1)
     out["speedup_vs_pathml_inprocess_gzip"] = round(out["tiles_per_s_inprocess_gzip"] / base_ip, 1)
     out["speedup_vs_pathml_dask2_gzip"] = round(out["tiles_per_s_dask2_gzip"] / base_d2, 1)
