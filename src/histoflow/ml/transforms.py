@@ -578,7 +578,7 @@ class SemanticSegmentation(_ReducingModelTransform):
     (probability x 255). Overlapping tiles are blended with a Gaussian window (centre pixels count most),
     so seams vanish. The slide's h5path gets ``<mask_name>_prob_<class>`` (float32, NaN where no tile ran)
     and ``<mask_name>`` (uint8 argmax; 255 where no tile ran) slide masks. A model with one output channel
-    is read as a sigmoid: classes (not it, it).
+    is read as a sigmoid: two classes, probabilities (1 - p, p).
     """
 
     def __init__(self, model, classes=None, mask_name="segmentation", heatmap_downsample=None):

@@ -225,14 +225,6 @@ class Transform:
         return hash(repr(self))
 
 
-def _flat_steps(pipeline):
-    for step in pipeline.steps:
-        if isinstance(step, Pipeline):
-            yield from _flat_steps(step)
-        else:
-            yield step
-
-
 class Pipeline(Transform):
     """An ordered list of transforms, itself a transform.
 
@@ -294,7 +286,7 @@ class Pipeline(Transform):
         masks = set(self.inputs) | set(available_masks)
         labels = set(available_labels)
         makers: dict = {}
-        for step in _flat_steps(self):
+        for step in self._all_steps():  # nested pipelines make no slide masks of their own
             for prefix in step.slide_mask_prefixes:
                 if prefix in makers:
                     raise PipelineError(f"{makers[prefix]} and {type(step).__name__} would both write the slide "
