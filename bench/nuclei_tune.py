@@ -5,7 +5,10 @@ Runs the network once per image, then the HoVer-Net post-processing over a small
 threshold, marker threshold and Sobel kernel size, and prints one JSON line with the mean AJI / Dice of
 each setting and the best one. The shipped card records the chosen values.
 
-    python bench/nuclei_tune.py [--model PATH] [--n 4]
+    python bench/nuclei_tune.py [--model PATH] [--n 4] [--ids ID ...]
+
+``--ids`` names the images instead (e.g. those a blind run carved out of its training images to choose the
+epoch: ``configs/nucleus_monuseg_blind.yaml``); never the images a figure will be reported on.
 
 The images are resampled to the model's µm/px (its card's ``mpp``; 0.5 for the 20x model).
 """
@@ -33,11 +36,12 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--ids", nargs="*", help="these images instead of --n of the model's training ones")
     args = ap.parse_args()
     path = args.model or builtin_model_path()
     model = models.load(path)
     card = models.read_card(path)
-    ids = card["split"]["train"][:: max(1, len(card["split"]["train"]) // args.n)][: args.n]
+    ids = args.ids or card["split"]["train"][:: max(1, len(card["split"]["train"]) // args.n)][: args.n]
     samples = load_monuseg(MONUSEG, ids, mpp=card.get("mpp"))
     maps = [predict_maps(model, s["image"], tta=args.tta) for s in samples]
     grid = list(itertools.product((0.4, 0.5, 0.6, 0.7, 0.8), (0.3, 0.4, 0.5, 0.6), (11, 21)))

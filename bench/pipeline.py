@@ -8,7 +8,8 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
 - ``tiles_per_s_inprocess1``: in-process in one thread (``InProcessExecutor(encode_thread=False)``; the default
   in-process run compresses on a helper thread, ~1.9 cores busy, where PathML's ``distributed=False`` uses one);
   ``tiles_per_s_inprocesspm`` / ``tiles_per_s_inprocess1pm``: the same two with ``TissueDetectionHE`` at PathML's
-  settings (HSV saturation at full resolution; ours default to grey at 1/3 resolution, much cheaper);
+  recipe (HSV saturation at full resolution, each tile's own Otsu threshold; ours default to grey at 1/3
+  resolution with the slide's Otsu threshold, much cheaper and nearer the truth: ``bench/tissue_agreement.py``);
   ``cpu_ms_per_tile_inprocess`` / ``pathml_cpu_ms_per_tile``: CPU time (all threads) per tile of the in-process
   runs, and ``cpu_per_tile_pathml_over_inprocess`` their ratio
 - ``tiles_per_s_threads2``: the same with the threads executor, 2 threads in one process
@@ -109,11 +110,13 @@ def child(mode, slide, out):
     import histoflow
     from histoflow.transforms import BoxBlur, Pipeline, TissueDetectionHE
 
-    # "...pm": TissueDetectionHE at PathML's defaults (HSV saturation at full resolution) instead of ours (grey
-    # at 1/3 resolution: 0.23 instead of ~1.3 ms a tile, and a mask that agrees with PathML's on ~80% of pixels)
+    # "...pm": TissueDetectionHE at PathML's recipe (HSV saturation at full resolution, each tile's own Otsu
+    # threshold) instead of our defaults (grey at 1/3 resolution, the slide's Otsu threshold: ~0.25 instead of
+    # ~1.3-1.7 ms a tile, and closer to the truth, see bench/tissue_agreement.py)
     pm = mode.endswith("pm")
     mode = mode[:-2] if pm else mode
-    tissue = TissueDetectionHE(use_saturation=True, working_downsample=1) if pm else TissueDetectionHE()
+    tissue = (TissueDetectionHE(use_saturation=True, working_downsample=1, otsu="tile") if pm
+              else TissueDetectionHE())
     pipe = Pipeline([BoxBlur(15), tissue])
     s = histoflow.SlideData(slide)
     n = len(s.grid(256))

@@ -146,6 +146,26 @@ def test_same_output_on_every_executor(tmp_path, cluster):
     assert not os.path.exists(str(dsk) + ".partial")
 
 
+def test_slide_fitted_transform_reaches_the_dask_workers(tmp_path, cluster):
+    """TissueDetectionHE's threshold is fitted to the slide in the driver (fit_slide); the workers use it."""
+    from histoflow.transforms import TissueDetectionHE
+
+    address, _ = cluster
+    slide = SlideData(SVS)
+    runs = {}
+    for name, tissue, kw in (("ref", TissueDetectionHE(), dict(executor="inprocess")),
+                             ("dask", TissueDetectionHE(), dict(scheduler=address, batch_size=8)),
+                             ("tile", TissueDetectionHE(otsu="tile"), dict(executor="inprocess"))):
+        out = slide.run(Pipeline([tissue]), tmp_path / f"{name}.h5path", progress=False, **kw)
+        with read_h5path(out) as h5:
+            runs[name] = {t.coords: t.masks["tissue"] for t in h5}
+    assert len(runs["ref"]) == 108 and runs["dask"].keys() == runs["ref"].keys()
+    for xy, m in runs["ref"].items():
+        np.testing.assert_array_equal(runs["dask"][xy], m)
+    # and the slide's threshold is not each tile's own: they differ on some tiles of CMU-1
+    assert sum(not np.array_equal(runs["tile"][xy], m) for xy, m in runs["ref"].items()) >= 10
+
+
 def test_inprocess_compresses_on_a_helper_thread_with_the_same_result(tmp_path):
     from histoflow.engine.executors import InProcessExecutor
 

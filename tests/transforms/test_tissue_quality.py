@@ -107,6 +107,93 @@ def test_tissue_detection_transform_and_guard(white, glass, tissue):
     assert TissueDetectionHE(threshold=220, min_region_size=100).F(tissue).mean() > 0.9
 
 
+@pytest.fixture(scope="module")
+def fields_on_glass(tmp_path_factory, glass):
+    """A slide whose truth is known: two real MoNuSeg fields of view (all tissue, 1000 px) laid on real
+    blank glass of CMU-1 (mirror-tiled), off the 256 px tile grid. Returns its path and the truth mask."""
+    import tifffile
+
+    h, w = 1536, 2304  # the bottom row of tiles is glass only
+    canvas = np.pad(glass, ((0, h - 256), (0, w - 256), (0, 0)), mode="symmetric")
+    truth = np.zeros((h, w), bool)
+    for name, (x, y) in (("TCGA-MH-A561-01Z-00-DX1", (140, 140)), ("TCGA-UZ-A9PJ-01Z-00-DX1", (1164, 140))):
+        canvas[y:y + 1000, x:x + 1000] = np.asarray(Image.open(data_path("monuseg_train", name + ".png")).convert("RGB"))
+        truth[y:y + 1000, x:x + 1000] = True
+    path = tmp_path_factory.mktemp("fields") / "fields_on_glass.tif"
+    tifffile.imwrite(path, canvas, tile=(256, 256), photometric="rgb")
+    return path, truth
+
+
+def _tile_masks(slide, transform):
+    w, h = slide.dimensions
+    out = np.zeros((h // 256 * 256, w // 256 * 256), np.uint8)
+    for y in range(0, out.shape[0], 256):
+        for x in range(0, out.shape[1], 256):
+            out[y:y + 256, x:x + 256] = transform.F(slide.read_region((x, y), 0, (256, 256)))
+    return out
+
+
+def test_slide_wide_otsu_keeps_whole_tissue_tiles(fields_on_glass, tmp_path):
+    """Each tile's own Otsu threshold splits a tile that is all tissue into darker and paler parts (PathML's
+    way); the slide's threshold, from its thumbnail of glass and tissue, keeps such tiles whole."""
+    path, truth = fields_on_glass
+    slide = histoflow.SlideData(path)
+    tile_otsu, slide_otsu = TissueDetectionHE(otsu="tile"), TissueDetectionHE()
+    slide_otsu.fit_slide(slide)
+    assert 150 < slide_otsu.slide_threshold_ < 235  # between the tissue and the glass
+    per_tile, per_slide = _tile_masks(slide, tile_otsu), _tile_masks(slide, slide_otsu)
+
+    def iou(m):
+        return np.logical_and(m, truth).sum() / np.logical_or(m, truth).sum()
+
+    assert iou(per_slide) > 0.9 and iou(per_slide) > iou(per_tile) + 0.2
+    inside = [(y, x) for y in range(0, 1536, 256) for x in range(0, 2304, 256) if truth[y:y + 256, x:x + 256].all()]
+    assert len(inside) == 18
+    assert min(per_slide[y:y + 256, x:x + 256].mean() for y, x in inside) > 0.9  # measured 0.955
+    assert np.mean([per_tile[y:y + 256, x:x + 256].mean() for y, x in inside]) < 0.5  # measured 0.24
+    outside = [(y, x) for y in range(0, 1536, 256) for x in range(0, 2304, 256) if not truth[y:y + 256, x:x + 256].any()]
+    assert len(outside) == 9
+    for y, x in outside:  # blank glass: nothing, either way
+        assert not per_slide[y:y + 256, x:x + 256].any() and not per_tile[y:y + 256, x:x + 256].any()
+    assert per_slide[~truth].mean() < 0.01  # the fields' outlines, a few pixels out
+    # saturation too, and a slide run fits the transform before the first tile, on every executor
+    sat = TissueDetectionHE(use_saturation=True)
+    sat.fit_slide(slide)
+    assert iou(_tile_masks(slide, sat)) > 0.9
+    out = slide.run(Pipeline([TissueDetectionHE()]), tmp_path / "f.h5path", executor="threads", workers=2,
+                    progress=False)
+    with histoflow.read_h5path(out) as h5:
+        for t in h5:
+            x, y = t.coords
+            np.testing.assert_array_equal(t.masks["tissue"][:min(256, 1536 - y), :min(256, 2304 - x)],
+                                          per_slide[y:y + 256, x:x + 256])
+
+
+def test_slide_wide_otsu_falls_back_to_the_tiles_own(slide):
+    """A view with no glass beside the tissue (a field of view) or no tissue: each tile's own threshold."""
+    class View:
+        def __init__(self, image):
+            self.image, self.dimensions = image, (image.shape[1], image.shape[0])
+
+        def thumbnail(self, size):
+            return self.image
+
+    field = np.asarray(Image.open(data_path("monuseg_train", "TCGA-MH-A561-01Z-00-DX1.png")).convert("RGB"))
+    for image in (field, np.full((512, 512, 3), 240, np.uint8)):
+        for kw in ({}, {"use_saturation": True}):
+            t = TissueDetectionHE(**kw)
+            t.fit_slide(View(image))
+            assert t.slide_threshold_ is None
+            np.testing.assert_array_equal(t.F(field[:256, :256]), TissueDetectionHE(otsu="tile", **kw).F(field[:256, :256]))
+    t = TissueDetectionHE(threshold=200)
+    t.fit_slide(slide)  # a fixed threshold stays
+    assert t.slide_threshold_ is None and t._threshold() == 200
+    t = TissueDetectionHE()
+    t.fit_slide(slide)
+    assert 170 < t.slide_threshold_ < 200  # CMU-1: tissue under ~170 grey, glass ~244
+    assert Transform.from_dict(t.to_dict()) == t and "otsu" in t.to_dict()["TissueDetectionHE"]
+
+
 def test_tissue_detection_uint16_same_as_uint8(tissue):
     np.testing.assert_array_equal(detect_tissue(tissue.astype(np.uint16) * 257), detect_tissue(tissue))
 
@@ -252,6 +339,7 @@ def test_pipeline(tissue):
 
 def test_parameters_validated():
     for make in (lambda: TissueDetectionHE(blur_ksize=4), lambda: TissueDetectionHE(mask_name=None),
+                 lambda: TissueDetectionHE(otsu="image"),
                  lambda: TissueDetectionCascade(close_kernel_sizes=5),
                  lambda: LabelWhiteSpaceHE(proportion_threshold=2),
                  lambda: LabelArtifactTileHE(min_ink_fraction=-0.1), lambda: BlurQC(threshold="high")):

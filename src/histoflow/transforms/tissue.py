@@ -1,7 +1,8 @@
 """Tissue detection and tile labels for brightfield (H&E, IHC) slides.
 
 - :class:`TissueDetectionHE` / :func:`detect_tissue`: the PathML recipe (grey or saturation, median blur,
-  threshold, opening, closing, region and hole clean-up), guarded against blank glass.
+  threshold, opening, closing, region and hole clean-up), guarded against blank glass; the transform takes
+  its Otsu threshold from the slide's thumbnail, not from each tile.
 - :class:`TissueDetectionCascade` / :func:`detect_tissue_cascade`: the low-magnification (about 1.25x)
   recipe of the cascaded tumour-segmentation method: HSV saturation above 20, closed with 5x5 then 3x3.
 - :class:`LabelWhiteSpaceHE`: is the tile mostly glass?
@@ -28,6 +29,12 @@ __all__ = [
 MIN_DYNAMIC_RANGE = 10
 MAX_GREY_OTSU = 235
 MIN_SATURATION_OTSU = 15
+#: a slide-wide Otsu threshold (:meth:`TissueDetectionHE.fit_slide`) is kept only when the thumbnail shows
+#: glass: the bright class's median grey at least this, or the pale class's median saturation at most
+#: ``GLASS_SATURATION`` (blank glass of real slides: grey 226-244, saturation 3-9; the MoNuSeg fields of
+#: view, all tissue: at most grey 206, at least saturation 31)
+GLASS_GREY = 215
+GLASS_SATURATION = 20
 
 
 def _grey_uint8(image):
@@ -220,8 +227,9 @@ def ink_fraction(image):
 
 # --------------------------------------------------------------------------- transforms
 class TissueDetectionHE(Transform):
-    """Tissue mask of an H&E or IHC tile (PathML recipe, see :func:`detect_tissue`), guarded so that a
-    tile of blank glass gives an all-zero mask.
+    """Tissue mask of an H&E or IHC tile (PathML recipe, see :func:`detect_tissue`), with one Otsu threshold
+    for the whole slide, from its thumbnail, by default (``otsu``), and guarded so that a tile of blank
+    glass gives an all-zero mask.
 
     Parameters
     ----------
@@ -246,6 +254,22 @@ class TissueDetectionHE(Transform):
         grey image is reduced by an exact factor, OpenCV's fast path) and agrees with it on about 98 % of
         the pixels of CMU-1 tiles (boundaries move by a few pixels); use 1 for PathML's exact
         full-resolution behaviour.
+    otsu : {"slide", "tile"}
+        Where Otsu's threshold comes from when ``threshold`` is None. ``"slide"`` (default): once per slide,
+        from its thumbnail (:meth:`fit_slide`, which slide runs call before the first tile), the same for
+        every tile. ``"tile"``: each tile's own, PathML's way. Otsu always splits an image in two, so a
+        tile's own threshold splits a tile that is all tissue into its darker and paler parts (PathML then
+        calls ~20-70 % of such tiles background, and drops them from "more than 25 % tissue"), and a tile of
+        blank glass into noise (guarded here, not in PathML); the thumbnail holds glass and tissue, where
+        Otsu finds the line between them. A transform never fitted to a slide (used on a lone tile or
+        array) uses each tile's own, as does a slide whose thumbnail shows no glass next to tissue (all
+        glass; or all tissue, as a cropped field of view: see ``GLASS_GREY`` / ``GLASS_SATURATION``).
+
+    Attributes
+    ----------
+    slide_threshold_ : float or None
+        The threshold :meth:`fit_slide` found (0-255 scale of the grey or saturation channel), or None
+        (each tile's own).
 
     Examples
     --------
@@ -259,9 +283,14 @@ class TissueDetectionHE(Transform):
 
     def __init__(self, mask_name="tissue", use_saturation=False, blur_ksize=17, threshold=None, morph_n_iter=3,
                  morph_k_size=7, min_region_size=5000, max_hole_size=1500, outer_contours_only=False,
-                 working_downsample=3):
+                 working_downsample=3, otsu="slide"):
         name = "TissueDetectionHE"
         self.working_downsample = _check_positive_int(name, "working_downsample", working_downsample, 1)
+        if otsu not in ("slide", "tile"):
+            raise ParameterError(f"{name}: otsu must be 'slide' (one threshold per slide, from its thumbnail) or "
+                                 f"'tile' (each tile's own), got {otsu!r}")
+        self.otsu = otsu
+        self.slide_threshold_ = None
         self.mask_name = _check_name(name, "mask_name", mask_name)
         self.use_saturation = _check_bool(name, "use_saturation", use_saturation)
         self.blur_ksize = _check_odd_kernel(name, blur_ksize)
@@ -276,11 +305,53 @@ class TissueDetectionHE(Transform):
 
     masks_out = outputs_from("mask_name")
 
+    #: longer side of the thumbnail :meth:`fit_slide` reads (the tissue pre-pass's, so it is read once)
+    THUMBNAIL_SIZE = 2048
+
+    def fit_slide(self, slide):
+        """With ``otsu="slide"`` and no fixed ``threshold``: Otsu's threshold of the slide's thumbnail (the
+        grey or saturation channel, median-blurred with the kernel scaled to the thumbnail), kept in
+        ``slide_threshold_`` for every tile. None (each tile's own) when the thumbnail shows no glass next
+        to tissue."""
+        self.slide_threshold_ = None
+        if self.threshold is not None or self.otsu != "slide":
+            return
+        thumb = np.asarray(slide.thumbnail(self.THUMBNAIL_SIZE))
+        if thumb.ndim != 3 or thumb.shape[2] not in (3, 4):
+            return  # not RGB: the tiles' own thresholds (their error, if any, names the problem)
+        thumb = thumb[:, :, :3]
+        if self.use_saturation:
+            channel = rgb_to_saturation(thumb)
+        else:
+            channel = _grey_uint8(thumb)
+        # the blur kernel is meant for the tiles' pixels; the thumbnail's are d times larger
+        d = max(float(slide.dimensions[0]) / channel.shape[1], 1.0)
+        k = _odd(self.blur_ksize / d)
+        blurred = median_blur(channel, k) if k > 1 else channel
+        lo, hi = cv2.minMaxLoc(blurred)[:2]
+        if hi - lo < MIN_DYNAMIC_RANGE:
+            return
+        t = float(otsu_threshold(blurred))
+        if self.use_saturation:
+            pale = blurred[blurred <= t]
+            glass = t >= MIN_SATURATION_OTSU and pale.size and np.median(pale) <= GLASS_SATURATION
+        else:
+            bright = blurred[blurred > t]
+            glass = t <= MAX_GREY_OTSU and bright.size and np.median(bright) >= GLASS_GREY
+        if glass:  # else all glass, or all tissue (Otsu then splits the tissue): each tile's own
+            self.slide_threshold_ = t
+
+    def _threshold(self):
+        if self.threshold is not None:
+            return self.threshold
+        return self.slide_threshold_ if self.otsu == "slide" else None
+
     def F(self, image):
         f = self.working_downsample
         h, w = image.shape[:2]
+        threshold = self._threshold()
         if f == 1 or min(h, w) < 4 * f:
-            return detect_tissue(image, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
+            return detect_tissue(image, self.use_saturation, self.blur_ksize, threshold, self.morph_n_iter,
                                  self.morph_k_size, self.min_region_size, self.max_hole_size,
                                  self.outer_contours_only)
         # an exact multiple of f keeps OpenCV's area resampling on its fast integer-factor path
@@ -289,7 +360,7 @@ class TissueDetectionHE(Transform):
         if not self.use_saturation and (crop.ndim == 2 or crop.shape[2] in (1, 3)):
             crop = _grey_uint8(crop)  # grey first: one channel to resample (grey is linear in RGB)
         small = cv2.resize(crop, (ww // f, hh // f), interpolation=cv2.INTER_AREA)
-        mask_small = detect_tissue(small, self.use_saturation, self.blur_ksize, self.threshold, self.morph_n_iter,
+        mask_small = detect_tissue(small, self.use_saturation, self.blur_ksize, threshold, self.morph_n_iter,
                                    self.morph_k_size, self.min_region_size, self.max_hole_size,
                                    self.outer_contours_only, scale=1 / f)
         mask = np.empty((h, w), np.uint8)
