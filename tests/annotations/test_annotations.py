@@ -37,7 +37,7 @@ def test_aperio_xml_skips_degenerate_regions():
     counts = []
     for ident in monuseg_ids(MONUSEG):
         path = f"{MONUSEG}/{ident}.xml"
-        counts.append((len(read_aperio_xml(path)), _regions_with_3_vertices(path),
+        counts.append((len(read_aperio_xml(path, negatives="keep")), _regions_with_3_vertices(path),
                        len(re.findall(r"<Region ", open(path).read()))))
     assert all(a == b for a, b, _ in counts)
     assert any(b < c for _, b, c in counts)  # the data really has such regions
@@ -290,9 +290,11 @@ def test_monuseg_negative_regions_are_nuclei():
     """TCGA-XS-A8TJ flags 20 of its 1,309 regions NegativeROA, none inside another: nuclei (darker than
     the rest), not exclusions; the loader keeps all 1,309."""
     s = load_monuseg(data_path("monuseg_train"), ["TCGA-XS-A8TJ-01Z-00-DX1"])[0]
-    regions = read_aperio_xml(data_path("monuseg_train", "TCGA-XS-A8TJ-01Z-00-DX1.xml"))
+    regions = read_aperio_xml(data_path("monuseg_train", "TCGA-XS-A8TJ-01Z-00-DX1.xml"), negatives="keep")
     neg = [p for p in regions if p.measurements.get("negative")]
     assert len(regions) == 1309 and len(neg) == 20
+    # read as ImageScope means them (exclusions), they cut nothing out of the other nuclei and go
+    assert len(read_aperio_xml(data_path("monuseg_train", "TCGA-XS-A8TJ-01Z-00-DX1.xml"))) == 1289
     assert s["instances"].max() == 1309
     negmask = rasterize(neg, s["image"].shape[:2]) > 0
     assert (s["instances"][negmask] > 0).all()

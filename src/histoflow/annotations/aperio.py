@@ -2,10 +2,16 @@
 
 The file holds ``Annotations/Annotation/Regions/Region/Vertices/Vertex`` with X, Y in level-0 pixels.
 Each Region becomes one :class:`~histoflow.annotations.Polygon`; its ``classification`` is the
-enclosing Annotation's Name (or its Id when the name is empty), ``measurements`` holds the region's
-Length and Area attributes. Regions with fewer than three vertices are skipped (they enclose nothing).
-Regions flagged ``NegativeROA="1"`` are exclusions: they become holes of no one and are returned with
-``measurements["negative"] = 1``.
+enclosing Annotation's Name (None when the name is empty), ``measurements`` holds the region's Length and
+Area attributes. Rectangles, polygons and freehand regions are read as their vertices; an ellipse
+(``Type="2"``, two corners of its bounding box) as a 64-vertex outline. Other regions with fewer than three
+vertices (lines, arrows, rulers) are skipped: they enclose nothing.
+
+Regions flagged ``NegativeROA="1"`` are exclusions, as in ImageScope: each is cut out of the positive
+regions of its own Annotation layer that it overlaps (a hole, or a bite out of an edge; a positive region
+lying wholly inside the exclusion, an island in a lumen, is kept). ``negatives="keep"`` returns every region
+as it is, exclusions flagged ``measurements["negative"] = 1`` (for files that misuse the flag, as MoNuSeg's
+TCGA-XS-A8TJ does on 20 nuclei).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from ..utils import atomic_output
+from ..errors import ParameterError
 from .polygon import AnnotationError, Polygon
 
 __all__ = ["read_aperio_xml", "write_aperio_xml", "aperio_mpp"]
@@ -28,6 +35,8 @@ def _parse(path):
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         raise AnnotationError(f"{path}: not a readable XML file ({e})") from None
+    except OSError as e:
+        raise AnnotationError(f"{path}: cannot read the annotation file ({e.strerror or e})") from None
     if root.tag != "Annotations":
         raise AnnotationError(f"{path}: not an Aperio XML annotation file (root element <{root.tag}>, "
                               "expected <Annotations>)")
@@ -44,15 +53,20 @@ def aperio_mpp(path) -> float | None:
     return v if np.isfinite(v) and v > 0 else None
 
 
-def read_aperio_xml(path, min_vertices: int = 3) -> list[Polygon]:
+def read_aperio_xml(path, min_vertices: int = 3, negatives: str = "subtract") -> list[Polygon]:
     """Read every region of an Aperio XML file as a :class:`Polygon` (level-0 pixels).
 
     Parameters
     ----------
     path : str or PathLike
     min_vertices : int
-        Regions with fewer vertices are skipped (default 3).
+        Regions with fewer vertices are skipped (default 3; ellipses count as their outline).
+    negatives : {"subtract", "keep"}
+        Exclusion regions (``NegativeROA="1"``): cut out of the positive regions of their layer
+        (ImageScope's meaning; the default), or returned as polygons flagged ``measurements["negative"]``.
     """
+    if negatives not in ("subtract", "keep"):
+        raise ParameterError(f"negatives must be 'subtract' or 'keep', not {negatives!r}")
     path, root = _parse(path)
     out = []
     for ann in root.iter("Annotation"):
@@ -68,6 +82,10 @@ def read_aperio_xml(path, min_vertices: int = 3) -> list[Polygon]:
             except (TypeError, ValueError):
                 raise AnnotationError(f"{path}: region {region.get('Id')} has a vertex without numeric "
                                       "X/Y") from None
+            if region.get("Type") == "2" and len(xy) == 2:  # an ellipse: two corners of its bounding box
+                xy = _ellipse(xy)
+            if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
+                xy = xy[:-1]  # a closed ring: the first vertex repeated at the end encloses nothing more
             if len(xy) < min_vertices:
                 continue
             meas = {}
@@ -81,42 +99,63 @@ def read_aperio_xml(path, min_vertices: int = 3) -> list[Polygon]:
             text = region.get("Text") or ""
             out.append(Polygon(xy, name=text or str(region.get("Id", len(out) + 1)), classification=cls,
                                measurements=meas))
-        out[first:] = _negatives_as_holes(out[first:])
+        if negatives == "subtract":
+            out[first:] = _subtract_negatives(out[first:])
     return out
 
 
-def _negatives_as_holes(polys):
-    """Regions flagged NegativeROA become holes of the positive region of the same layer that holds them
-    whole (every vertex inside; the smallest, for nested ones: not an island inside the hole, which holds
-    the hole's centre but not its outline); a negative region inside none stays a polygon flagged negative."""
-    import cv2
+def _ellipse(corners, n=64):
+    (x0, y0), (x1, y1) = corners
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.column_stack([(x0 + x1) / 2 + abs(x1 - x0) / 2 * np.cos(t), (y0 + y1) / 2 + abs(y1 - y0) / 2 * np.sin(t)])
 
-    pos = [p for p in polys if not p.measurements.get("negative")]
-    if len(pos) == len(polys):
+
+def _subtract_negatives(polys):
+    """Cut each region flagged NegativeROA out of the positive regions of the same layer that it overlaps
+    (not out of one lying wholly inside it: an island in a lumen); the exclusions themselves go."""
+    neg = [p for p in polys if p.measurements.get("negative")]
+    if not neg:
         return polys
-    areas = [abs(cv2.contourArea(p.exterior.astype(np.float32))) for p in pos]
-    kept = []
+    import shapely
+    from shapely.strtree import STRtree
+
+    cuts = [_shape(p) for p in neg]
+    tree = STRtree(cuts)
+    out = []
     for p in polys:
-        if not p.measurements.get("negative"):
-            kept.append(p)
+        if p.measurements.get("negative"):
             continue
-        ring = [(float(x), float(y)) for x, y in p.exterior]
-        holders = [i for i, q in enumerate(pos)
-                   if all(cv2.pointPolygonTest(q.exterior.astype(np.float32).reshape(-1, 1, 2), pt, False) >= 0
-                          for pt in ring)]
-        if not holders:
-            kept.append(p)
+        g = _shape(p)
+        hit = [cuts[i] for i in tree.query(g) if cuts[i].intersects(g) and not g.within(cuts[i])]
+        if not hit:
+            out.append(p)
             continue
-        q = pos[min(holders, key=lambda i: areas[i])]
-        q.holes = list(q.holes) + [p.exterior]
-    return kept
+        rest = g.difference(shapely.union_all(hit))
+        parts = [r for r in getattr(rest, "geoms", [rest]) if r.geom_type == "Polygon" and not r.is_empty]
+        meas = {k: v for k, v in p.measurements.items() if k not in ("area", "length")}  # no longer the region's
+        for r in parts:
+            out.append(Polygon(np.asarray(r.exterior.coords)[:-1], [np.asarray(h.coords)[:-1] for h in r.interiors],
+                               name=p.name, classification=p.classification, measurements=dict(meas),
+                               object_type=p.object_type, color=p.color, uid=p.uid,
+                               group=(p.group or p.name) if len(parts) > 1 else p.group))
+    return out
+
+
+def _shape(p):
+    """A valid shapely polygon of ``p`` (hand-drawn outlines may cross themselves)."""
+    import shapely
+    from shapely.geometry import Polygon as ShapelyPolygon
+
+    g = ShapelyPolygon(p.exterior, [h for h in p.holes if len(h) >= 3])
+    return g if g.is_valid else shapely.make_valid(g)
 
 
 def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     """Write polygons as an Aperio ImageScope XML file (one Annotation per class, one Region per polygon).
 
     Holes are not representable as holes in this format; they are written as regions flagged
-    ``NegativeROA="1"``, which ImageScope subtracts.
+    ``NegativeROA="1"``, which ImageScope (and :func:`read_aperio_xml`) subtracts; so are polygons flagged
+    ``measurements["negative"]`` (exclusions read with ``negatives="keep"``).
     """
     path = os.fspath(path)
     root = ET.Element("Annotations", {"MicronsPerPixel": f"{mpp:.6f}" if mpp else "0"})
@@ -129,7 +168,8 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
                                                  "Visible": "1"})
         regions = ET.SubElement(ann, "Regions")
         for p in polys:
-            for ring, negative in [(p.exterior, "0")] + [(h, "1") for h in p.holes]:
+            own = "1" if p.measurements.get("negative") else "0"  # an exclusion read with negatives="keep"
+            for ring, negative in [(p.exterior, own)] + [(h, "1") for h in p.holes]:
                 reg = ET.SubElement(regions, "Region", {"Id": str(rid), "Type": "0", "NegativeROA": negative,
                                                         "Text": p.name or ""})
                 rid += 1

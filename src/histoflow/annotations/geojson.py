@@ -1,10 +1,13 @@
 """QuPath-compatible GeoJSON: read and write polygons with classes and measurements.
 
-QuPath (0.3+) imports and exports a ``FeatureCollection`` (or a bare list) of ``Feature`` objects whose
+QuPath imports and exports a ``FeatureCollection`` (or a bare list) of ``Feature`` objects whose
 ``geometry`` is a ``Polygon`` or ``MultiPolygon`` in level-0 pixels, and whose ``properties`` hold
 ``objectType`` (``"annotation"``, ``"detection"``, ``"cell"``, ...), ``classification``
-(``{"name": ..., "color": [r, g, b]}``) and ``measurements`` (a mapping, or a list of
-``{"name", "value"}`` in older exports; both are read).
+(``{"name": ..., "color": [r, g, b]}``, or ``{"names": [...], ...}`` for a derived class such as
+"Tumor: Positive") and ``measurements`` (a mapping, or a list of ``{"name", "value"}`` in older exports).
+Older exports are read too: QuPath 0.3's ``object_type``, and 0.2's type in the feature's ``id``
+(``"PathAnnotationObject"`` ...). A feature's ``id`` (QuPath's UUID) is kept as :attr:`Polygon.uid` and
+written back; colours may carry an alpha (``[r, g, b, a]``), which is dropped.
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
             props["classification"] = {"name": str(p.classification), "color": [int(v) for v in c]}
         if p.measurements:
             props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
-        feat = {"type": "Feature", "id": str(uuid.uuid4()), "geometry": {"type": "Polygon", "coordinates": rings},
+        feat = {"type": "Feature", "id": p.uid or str(uuid.uuid4()),
+                "geometry": {"type": "Polygon", "coordinates": rings},
                 "properties": props}
         feats.append(feat)
         if p.group is not None:
@@ -75,14 +79,31 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
 
 
 def _color(c, where) -> tuple:
-    """An (r, g, b) colour of whole numbers 0..255, or an AnnotationError naming ``where``."""
+    """An (r, g, b) colour of whole numbers 0..255 (an alpha, as QuPath may write, is dropped), or an
+    AnnotationError naming ``where``."""
     try:
         rgb = tuple(float(v) for v in c)
     except (TypeError, ValueError):
         rgb = ()
-    if len(rgb) != 3 or not all(np.isfinite(v) and 0 <= v <= 255 for v in rgb):
-        raise AnnotationError(f"{where}: a colour is three numbers 0..255, got {c!r}")
-    return tuple(int(round(v)) for v in rgb)
+    if len(rgb) not in (3, 4) or not all(np.isfinite(v) and 0 <= v <= 255 for v in rgb):
+        raise AnnotationError(f"{where}: a colour is three numbers 0..255 (and an optional alpha), got {c!r}")
+    return tuple(int(round(v)) for v in rgb[:3])
+
+
+#: QuPath 0.2 wrote an object's type as the feature's id
+_LEGACY_TYPES = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection",
+                 "PathCellObject": "cell", "PathTileObject": "tile", "TMACoreObject": "tma_core",
+                 "PathRootObject": "root"}
+
+
+def _class_name(cls_obj):
+    if isinstance(cls_obj, dict):
+        name = cls_obj.get("name")
+        names = cls_obj.get("names")
+        if not name and isinstance(names, list) and names:
+            name = ": ".join(str(n) for n in names)  # a derived class, as QuPath names it
+        return str(name) if name else None
+    return str(cls_obj) if cls_obj else None
 
 
 def _measurements(m) -> dict:
@@ -106,10 +127,12 @@ def read_geojson(path) -> list[Polygon]:
     if not os.path.exists(path):
         raise AnnotationError(f"{path}: no such annotation file")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # utf-8, with or without a byte-order mark
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AnnotationError(f"{path}: not a JSON file ({e})") from None
+    except OSError as e:
+        raise AnnotationError(f"{path}: cannot read the annotation file ({e.strerror or e})") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         feats = data.get("features") or []
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -128,14 +151,21 @@ def read_geojson(path) -> list[Polygon]:
             raise AnnotationError(f"{path}: feature {i}: its geometry and properties must be objects, got "
                                   f"{type(geom).__name__} and {type(props).__name__}")
         cls_obj = props.get("classification")
-        cls = cls_obj.get("name") if isinstance(cls_obj, dict) else cls_obj
+        cls = _class_name(cls_obj)
         color = cls_obj.get("color") if isinstance(cls_obj, dict) else None
+        packed = cls_obj.get("colorRGB") if isinstance(cls_obj, dict) else None
+        if color is None and isinstance(packed, int) and not isinstance(packed, bool):  # QuPath 0.2: packed ARGB
+            color = ((packed >> 16) & 255, (packed >> 8) & 255, packed & 255)
         try:
             color = _color(color, path) if color is not None else None
         except AnnotationError:  # an unusable colour is dropped (the writer picks one), not fatal to reading
             color = None
-        kind_obj = props.get("objectType")
-        name = str(props.get("name") or feat.get("id") or i + 1)
+        fid = feat.get("id")
+        fid = str(fid) if fid is not None else None
+        kind_obj = props.get("objectType") or props.get("object_type")
+        if fid in _LEGACY_TYPES:  # QuPath 0.2: the type, not an id
+            kind_obj, fid = kind_obj or _LEGACY_TYPES[fid], None
+        name = str(props.get("name") or i + 1)
         meas = _measurements(props.get("measurements"))
         kind = geom.get("type")
         if kind == "Polygon":
@@ -157,5 +187,5 @@ def read_geojson(path) -> list[Polygon]:
                 continue
             out.append(Polygon(rings[0], rings[1:], name=name, classification=cls, measurements=dict(meas),
                                object_type=str(kind_obj) if isinstance(kind_obj, str) else None, color=color,
-                               group=group))
+                               group=group, uid=fid))
     return out

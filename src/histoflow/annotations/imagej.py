@@ -1,8 +1,9 @@
 """ImageJ / Fiji ROIs (``.roi`` files and ``RoiSet.zip`` sets), read and written with ``roifile``.
 
 Polygon, freehand, traced, rectangle and oval ROIs become :class:`Polygon` objects (ovals as their
-outline polygon); lines and points, which enclose nothing, are skipped. Composite ROIs keep their first
-ring as the outline and the others as holes.
+outline polygon); lines (straight, segmented, freehand), angles and points, which enclose nothing, are
+skipped. The rings of a composite ROI are nested as ImageJ fills them (outlines, holes, islands). A
+composite ROI with curved segments, which roifile cannot flatten, is an error naming it.
 """
 from __future__ import annotations
 
@@ -36,17 +37,21 @@ def read_imagej_rois(path) -> list[Polygon]:
         raise AnnotationError(f"{path}: not an ImageJ ROI file or set ({type(e).__name__}: {e})") from None
     if not isinstance(rois, list):
         rois = [rois]
+    areas = {rf.ROI_TYPE.POLYGON, rf.ROI_TYPE.RECT, rf.ROI_TYPE.OVAL, rf.ROI_TYPE.FREEHAND, rf.ROI_TYPE.TRACED}
     out = []
     for i, roi in enumerate(rois):
+        name = roi.name or str(i + 1)
+        if roi.roitype not in areas and not roi.composite:
+            continue  # a line, polyline, freehand line, angle or point: encloses nothing
         try:
             coords = roi.coordinates(multi=True) if roi.composite else [roi.coordinates()]
-        except Exception:  # noqa: BLE001 - ROI types without coordinates
-            continue
+        except NotImplementedError as e:  # curves (quadto / cubicto) in a composite ROI
+            raise AnnotationError(f"{path}: ROI {name!r} has segments roifile cannot read ({e}); flatten it in "
+                                  "ImageJ (Edit > Selection > Interpolate) and save again") from None
         rings = [np.asarray(c, np.float64) for c in coords]
         rings = [r for r in rings if r.ndim == 2 and len(r) >= 3]
-        if not rings or roi.roitype in (rf.ROI_TYPE.LINE, rf.ROI_TYPE.POINT, rf.ROI_TYPE.NOROI):
+        if not rings:
             continue
-        name = roi.name or str(i + 1)
         out.extend(_rings_to_polygons(rings, name))
     return out
 

@@ -37,6 +37,8 @@ class Polygon:
     group : str or None
         Shared by the parts of one multi-part object (a GeoJSON MultiPolygon), which are written back as
         one object.
+    uid : str or None
+        The object's id in its file (a QuPath GeoJSON feature's UUID), written back when the format has one.
     """
 
     exterior: np.ndarray
@@ -47,10 +49,11 @@ class Polygon:
     object_type: str | None = None
     color: tuple | None = None
     group: str | None = None
+    uid: str | None = None
 
     def __post_init__(self):
-        self.exterior = np.asarray(self.exterior, dtype=np.float64).reshape(-1, 2)
-        self.holes = [np.asarray(h, dtype=np.float64).reshape(-1, 2) for h in self.holes]
+        self.exterior = _open_ring(np.asarray(self.exterior, dtype=np.float64).reshape(-1, 2))
+        self.holes = [_open_ring(np.asarray(h, dtype=np.float64).reshape(-1, 2)) for h in self.holes]
 
     @property
     def area(self) -> float:
@@ -75,9 +78,24 @@ class Polygon:
         return float(((x + x1) * cross).sum() / (6 * a)), float(((y + y1) * cross).sum() / (6 * a))
 
 
+def _open_ring(ring):
+    """The ring without its closing vertex (the first repeated at the end), as every polygon keeps it."""
+    return ring[:-1] if len(ring) > 3 and np.array_equal(ring[0], ring[-1]) else ring
+
+
 def _ring_area(ring) -> float:
     x, y = ring[:, 0], ring[:, 1]
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2)
+
+
+def _downsample_pair(downsample):
+    try:
+        d = np.broadcast_to(np.asarray(downsample, dtype=np.float64), (2,))
+    except (TypeError, ValueError):
+        d = None
+    if d is None or not np.all(np.isfinite(d)) or np.any(d <= 0):
+        raise ParameterError(f"downsample must be a positive number (or an (x, y) pair), got {downsample!r}")
+    return float(d[0]), float(d[1])
 
 
 def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=None, dtype=np.int32):
@@ -88,16 +106,17 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
     polygons : sequence of Polygon
     shape : (height, width)
         Of the output, in pixels of the target resolution.
-    downsample : float
-        Level-0 pixels per output pixel (e.g. 4 for a mask at level-0 / 4).
+    downsample : float or (float, float)
+        Level-0 pixels per output pixel (e.g. 4 for a mask at level-0 / 4); a pair is (x, y).
     origin : (x, y)
         Level-0 position of the output's top-left corner.
     values : sequence of int, optional
-        Value painted for each polygon; default 1, 2, 3 ... (an instance mask). Give class ids for a
-        class mask. Later polygons overwrite earlier ones where they overlap; a polygon's holes are left out
-        of it (and keep whatever another polygon painted there, e.g. an island inside a lumen).
-    dtype : numpy dtype
-        Of the output (int32 by default).
+        Value painted for each polygon (one per polygon); default 1, 2, 3 ... (an instance mask). Give
+        class ids for a class mask. Later polygons overwrite earlier ones where they overlap; a polygon's
+        holes are left out of it (and keep whatever another polygon painted there, e.g. an island inside a
+        lumen).
+    dtype : numpy integer dtype
+        Of the output (int32 by default); every value must fit it.
 
     A pixel belongs to a polygon when its centre lies inside it (the convention of
     ``skimage.draw.polygon``).
@@ -105,14 +124,31 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
     from skimage.draw import polygon as draw_polygon
 
     h, w = int(shape[0]), int(shape[1])
-    out = np.zeros((h, w), dtype=dtype)
+    dx, dy = _downsample_pair(downsample)
+    polygons = list(polygons)
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise ParameterError(f"rasterize paints integer labels: dtype must be an integer type, not {dtype}")
     if values is None:
-        values = range(1, len(polygons) + 1)
+        values = np.arange(1, len(polygons) + 1)
+    values = np.asarray(values)
+    if values.ndim != 1 or len(values) != len(polygons):
+        raise ParameterError(f"rasterize: {len(polygons)} polygons but {values.size} values: give one value per "
+                             "polygon")
+    if len(values):
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ParameterError(f"rasterize: values must be whole numbers, got {values.dtype}")
+        info = np.iinfo(dtype)
+        if values.min() < info.min or values.max() > info.max:
+            raise ParameterError(f"rasterize: values {values.min()}..{values.max()} do not fit {dtype} "
+                                 f"({info.min}..{info.max}); use a wider dtype (e.g. int32)")
+    out = np.zeros((h, w), dtype=dtype)
     ox, oy = origin
+
     def pixels(ring):
         # pixel (c, r) covers level-0 [c*d, (c+1)*d); its centre is at (c + 0.5) * d
-        cols = (ring[:, 0] - ox) / downsample - 0.5
-        rows = (ring[:, 1] - oy) / downsample - 0.5
+        cols = (ring[:, 0] - ox) / dx - 0.5
+        rows = (ring[:, 1] - oy) / dy - 0.5
         return draw_polygon(rows, cols, shape=(h, w))
 
     for poly, value in zip(polygons, values):
@@ -146,11 +182,12 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
     classes : mapping of int to str, optional
         ``classification`` of the polygon of each label value.
     min_area : float
-        Objects with a smaller polygon area (level-0 pixels²) are left out.
+        Objects with a smaller polygon area (level-0 pixels², all pieces together) are left out.
 
     The outline follows the pixel edges of the object (``cv2.findContours`` on a 2x upsampled mask and
     halved), so rasterising the polygon again gives back the same pixels; holes are kept. An object in
-    several pieces gives one polygon per piece, all with the object's id as ``name``.
+    several pieces gives one polygon per piece, all with the object's id as ``name`` and ``group`` (written
+    to GeoJSON as one MultiPolygon: one object, as in the label image).
     """
     import cv2
     from scipy import ndimage as ndi
@@ -158,9 +195,16 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ParameterError(f"polygonize needs a 2-D label image, got shape {labels.shape}")
+    dx, dy = _downsample_pair(downsample)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ParameterError(f"polygonize needs an integer label image, got {labels.dtype}")
+    if labels.dtype.itemsize > 4 or labels.dtype == np.uint32:
+        # find_objects takes up to 32-bit ints; a wider image is copied only when its values need it
+        labels = labels.astype(np.int64, copy=False) if labels.size and labels.max() > np.iinfo(np.int32).max \
+            else labels.astype(np.int32, copy=False)
     out = []
     ox, oy = origin
-    for value, sl in enumerate(ndi.find_objects(labels.astype(np.int64, copy=False)), start=1):
+    for value, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
         y0, x0 = sl[0].start, sl[1].start
@@ -177,8 +221,9 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
             # contour pixels of the 2x block image -> pixel-corner coordinates of the original
             pts = (pts - 1 + 0.5) / 2.0
             pts = np.round(pts * 2) / 2
-            return np.column_stack([(pts[:, 0] + x0) * downsample + ox, (pts[:, 1] + y0) * downsample + oy])
+            return np.column_stack([(pts[:, 0] + x0) * dx + ox, (pts[:, 1] + y0) * dy + oy])
 
+        pieces = []
         for i, c in enumerate(contours):
             if hierarchy[i][3] != -1 or len(c) < 3:
                 continue
@@ -188,10 +233,13 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
                 if len(contours[child]) >= 3:
                     holes.append(ring(contours[child]))
                 child = hierarchy[child][0]
-            poly = Polygon(ring(c), holes, name=str(value),
-                           classification=None if classes is None else classes.get(value))
-            if poly.area >= min_area:
-                out.append(poly)
+            pieces.append(Polygon(ring(c), holes, name=str(value),
+                                  classification=None if classes is None else classes.get(value)))
+        if min_area > 0 and sum(p.area for p in pieces) < min_area:
+            continue
+        for p in pieces:  # the pieces of one object share a group: one (multi-part) object when written
+            p.group = str(value) if len(pieces) > 1 else None
+        out += pieces
     return out
 
 
@@ -214,8 +262,17 @@ def rasterize_slide(polygons, slide, level: int | None = None, mpp: float | None
         if mpp is not None:
             if reader.mpp is None:
                 raise AnnotationError(f"{reader.path}: the slide's pixel size is unknown; rasterise by level")
+            try:
+                ok = float(mpp) > 0 and np.isfinite(float(mpp))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ParameterError(f"{reader.path}: mpp must be a positive pixel size in µm, got {mpp!r}")
             ds = float(mpp) / float(reader.mpp[0])
         else:
+            n = len(reader.levels)
+            if not isinstance(level or 0, (int, np.integer)) or not 0 <= (level or 0) < n:
+                raise ParameterError(f"{reader.path}: level {level!r} does not exist: the slide has levels 0..{n - 1}")
             ds = float(reader.levels[level or 0].downsample)
         shape = (max(1, int(round(h0 / ds))), max(1, int(round(w0 / ds))))
         return rasterize(polygons, shape, downsample=ds, values=values, dtype=dtype), ds

@@ -58,7 +58,9 @@ def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
     where outlines overlap the later one wins.
 
     ``mpp`` resamples each image to that pixel size (e.g. 0.5 for 20x; area averaging when shrinking)
-    and paints the outlines directly at it (no resampling of the label image).
+    and paints the outlines directly at it (no resampling of the label image); the ``"mpp"`` returned is
+    the resampled image's true pixel size (its whole number of pixels makes it differ from ``mpp`` by up to
+    half a pixel over the image's width: 0.07 % for 1000 px at 0.5 µm/px).
     """
     from PIL import Image
 
@@ -87,9 +89,9 @@ def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
         xml = next(os.path.join(root, n) for n in sorted(os.listdir(root))
                    if os.path.splitext(n)[0] == ident and n.lower().endswith(".xml"))
         try:
-            # MoNuSeg has no exclusion regions: a region flagged negative that is no hole of another is a
-            # nucleus like the rest (TCGA-XS-A8TJ has 20)
-            polys = read_aperio_xml(xml)
+            # MoNuSeg has no exclusion regions: a region flagged negative is a nucleus like the rest
+            # (TCGA-XS-A8TJ flags 20, none inside another)
+            polys = read_aperio_xml(xml, negatives="keep")
             own_mpp = aperio_mpp(xml) or MONUSEG_MPP
         except AnnotationError as e:
             raise DatasetError(f"{e}; {_where(root)}") from None
@@ -100,8 +102,12 @@ def load_monuseg(root, ids=None, mpp: float | None = None) -> list[dict]:
         import cv2
 
         ds = float(mpp) / own_mpp
-        h, w = max(1, round(image.shape[0] / ds)), max(1, round(image.shape[1] / ds))
+        h0, w0 = image.shape[:2]
+        h, w = max(1, round(h0 / ds)), max(1, round(w0 / ds))
         image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if ds > 1 else cv2.INTER_LINEAR)
-        inst = rasterize(polys, (h, w), downsample=ds)
-        out.append({"id": ident, "image": np.ascontiguousarray(image), "instances": inst, "mpp": float(mpp)})
+        # the whole pixels of the resized image set its true scale (w0 / w, not ds): the outlines go on that
+        # grid, and the pixel size reported is the true one (within 0.1 % of mpp for 1000 px images)
+        inst = rasterize(polys, (h, w), downsample=(w0 / w, h0 / h))
+        out.append({"id": ident, "image": np.ascontiguousarray(image), "instances": inst,
+                    "mpp": own_mpp * w0 / w})
     return out

@@ -1,0 +1,175 @@
+"""Annotation formats as their own software writes and means them: ImageScope exclusions and ellipses,
+QuPath's GeoJSON across versions, ImageJ lines and curves; argument and file errors; the MoNuSeg loader's
+grid at another pixel size."""
+import json
+
+import numpy as np
+import pytest
+import roifile
+from datafiles import data_path
+
+from histoflow.annotations import (AnnotationError, Polygon, polygonize, rasterize, rasterize_slide,
+                                   read_annotations, read_aperio_xml, read_geojson, read_imagej_rois,
+                                   write_aperio_xml, write_geojson)
+from histoflow.datasets import load_monuseg
+from histoflow.errors import ParameterError
+
+SQUARE = [[0, 0], [10, 0], [10, 10], [0, 10]]
+
+
+def _aperio(path, regions):
+    """An ImageScope file of one layer; regions: (type, negative, vertices)."""
+    body = "".join(
+        f'<Region Id="{i}" Type="{t}" NegativeROA="{int(neg)}"><Vertices>'
+        + "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in v) + "</Vertices></Region>"
+        for i, (t, neg, v) in enumerate(regions, start=1))
+    path.write_text(f'<?xml version="1.0"?><Annotations MicronsPerPixel="0.25"><Annotation Id="1" Name="tumour">'
+                    f"<Regions>{body}</Regions></Annotation></Annotations>")
+    return path
+
+
+def test_aperio_exclusions_are_cut_out_of_their_layer(tmp_path):
+    # an exclusion across the right edge of a square, one wholly inside a second square (a hole) holding an
+    # island, and one over nothing
+    path = _aperio(tmp_path / "a.xml", [
+        ("0", False, SQUARE), ("0", True, [[6, -2], [14, -2], [14, 12], [6, 12]]),
+        ("0", False, [[20, 0], [40, 0], [40, 20], [20, 20]]), ("0", True, [[25, 5], [35, 5], [35, 15], [25, 15]]),
+        ("0", False, [[28, 8], [32, 8], [32, 12], [28, 12]]), ("0", True, [[50, 50], [60, 50], [60, 60]])])
+    polys = read_aperio_xml(path)
+    assert len(polys) == 3 and not any(p.measurements.get("negative") for p in polys)
+    m = rasterize(polys, (20, 45)) > 0
+    expect = np.zeros((20, 45), bool)
+    expect[0:10, 0:6] = True  # the bite out of the first square
+    expect[0:20, 20:40] = True
+    expect[5:15, 25:35] = False  # the hole
+    expect[8:12, 28:32] = True  # the island inside it
+    np.testing.assert_array_equal(m, expect)
+    # written and read again: the same mask (holes travel as exclusions)
+    write_aperio_xml(polys, tmp_path / "b.xml")
+    np.testing.assert_array_equal(rasterize(read_aperio_xml(tmp_path / "b.xml"), (20, 45)) > 0, expect)
+    # kept as they are: flagged, and written back flagged
+    kept = read_aperio_xml(path, negatives="keep")
+    assert [bool(p.measurements.get("negative")) for p in kept] == [False, True, False, True, False, True]
+    write_aperio_xml(kept, tmp_path / "c.xml")
+    assert (tmp_path / "c.xml").read_text().count('NegativeROA="1"') == 3
+    with pytest.raises(ParameterError, match="negatives"):
+        read_aperio_xml(path, negatives="drop")
+
+
+def test_aperio_ellipse_and_closed_rings(tmp_path):
+    path = _aperio(tmp_path / "e.xml", [("2", False, [[20, 20], [30, 26]]),
+                                        ("0", False, SQUARE + [[0, 0]])])  # closed: first vertex repeated
+    ellipse, square = read_aperio_xml(path)
+    assert len(ellipse.exterior) == 64 and ellipse.area == pytest.approx(np.pi * 5 * 3, rel=0.01)
+    assert ellipse.bounds == pytest.approx((20, 20, 30, 26))
+    assert len(square.exterior) == 4
+
+
+def test_qupath_geojson_of_every_version(tmp_path):
+    ring = SQUARE + [[0, 0]]
+    feats = [
+        {"type": "Feature", "id": "5b1c7d2e-2f39-4c8e-9d2a-0c8b7f0e1a11", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "detection", "classification": {"names": ["Tumor", "Positive"], "color": [200, 0, 0]}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},  # QuPath 0.3
+         "properties": {"object_type": "annotation", "classification": {"name": "Stroma", "color": [0, 200, 0]}}},
+        {"type": "Feature", "id": "PathAnnotationObject", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"classification": {"name": "Tumor", "colorRGB": -3670016}}},  # QuPath 0.2
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Immune", "color": [0, 0, 255, 128]}}}]
+    path = tmp_path / "qp.geojson"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"type": "FeatureCollection", "features": feats}).encode())  # a BOM
+    polys = read_geojson(path)
+    assert [(p.object_type, p.classification, p.color) for p in polys] == [
+        ("detection", "Tumor: Positive", (200, 0, 0)), ("annotation", "Stroma", (0, 200, 0)),
+        ("annotation", "Tumor", (200, 0, 0)), ("annotation", "Immune", (0, 0, 255))]
+    assert polys[0].uid == "5b1c7d2e-2f39-4c8e-9d2a-0c8b7f0e1a11" and polys[2].uid is None
+    assert "PathAnnotationObject" not in [p.name for p in polys]
+    write_geojson(polys, tmp_path / "out.geojson")
+    out = json.loads((tmp_path / "out.geojson").read_text())["features"]
+    assert out[0]["id"] == "5b1c7d2e-2f39-4c8e-9d2a-0c8b7f0e1a11"
+    assert [f["properties"]["objectType"] for f in out] == ["detection", "annotation", "annotation", "annotation"]
+    assert out[0]["properties"]["classification"] == {"name": "Tumor: Positive", "color": [200, 0, 0]}
+
+
+def test_imagej_lines_are_skipped_and_curves_named(tmp_path):
+    pts = np.array([[10, 10], [50, 12], [30, 40], [5, 30]], np.float32)
+    rois = []
+    for kind in (roifile.ROI_TYPE.POLYLINE, roifile.ROI_TYPE.FREELINE, roifile.ROI_TYPE.ANGLE, roifile.ROI_TYPE.POLYGON):
+        r = roifile.ImagejRoi.frompoints(pts[:3] if kind == roifile.ROI_TYPE.ANGLE else pts)
+        r.roitype, r.name = kind, kind.name
+        rois.append(r)
+    rect = roifile.ImagejRoi()
+    rect.roitype, rect.version, rect.name = roifile.ROI_TYPE.RECT, 228, "rect"
+    rect.left, rect.top, rect.right, rect.bottom = 0, 0, 4, 3
+    rois.append(rect)
+    roifile.roiwrite(tmp_path / "set.zip", rois, mode="w")
+    polys = read_imagej_rois(tmp_path / "set.zip")
+    assert [p.name for p in polys] == ["POLYGON", "rect"]
+    assert len(polys[1].exterior) == 4 and polys[1].area == 12  # no closing vertex
+    curvy = roifile.ImagejRoi()
+    curvy.roitype, curvy.version, curvy.name = roifile.ROI_TYPE.RECT, 228, "curvy"
+    path = [0, 0, 0, 1, 10, 0, 3, 12, 2, 12, 8, 10, 10, 1, 0, 10, 4]  # moveto, lineto, cubicto, lineto, close
+    curvy.multi_coordinates, curvy.shape_roi_size = np.asarray(path, np.float32), len(path)
+    curvy.left, curvy.top, curvy.right, curvy.bottom = 0, 0, 12, 10
+    roifile.roiwrite(tmp_path / "curvy.zip", [curvy, rois[3]], mode="w")
+    with pytest.raises(AnnotationError, match="curvy"):
+        read_imagej_rois(tmp_path / "curvy.zip")
+
+
+def test_polygonize_keeps_an_object_in_pieces_one_object(tmp_path):
+    lab = np.zeros((10, 10), np.uint32)
+    lab[1:3, 1:3] = 1
+    lab[6:8, 6:8] = 1
+    lab[4:6, 0:2] = 2
+    polys = polygonize(lab)
+    assert [(p.name, p.group) for p in polys] == [("1", "1"), ("1", "1"), ("2", None)]
+    write_geojson(polys, tmp_path / "n.geojson")
+    feats = json.loads((tmp_path / "n.geojson").read_text())["features"]
+    assert [f["geometry"]["type"] for f in feats] == ["MultiPolygon", "Polygon"]
+    np.testing.assert_array_equal(rasterize(read_geojson(tmp_path / "n.geojson"), (10, 10), values=[1, 1, 2]), lab)
+    assert len(polygonize(lab, min_area=5)) == 2  # object 1 is 8 px in its two pieces together
+
+
+def test_rasterize_and_slide_arguments_are_checked():
+    sq = [Polygon(np.add(SQUARE, k)) for k in (0, 3, 6)]
+    with pytest.raises(ParameterError, match="3 polygons but 2 values"):
+        rasterize(sq, (20, 20), values=[5, 7])
+    with pytest.raises(ParameterError, match="do not fit uint8"):
+        rasterize(sq, (20, 20), values=[1, 2, 300], dtype=np.uint8)
+    with pytest.raises(ParameterError, match="do not fit uint8"):
+        rasterize([Polygon(SQUARE)] * 300, (20, 20), dtype=np.uint8)
+    for bad in (0, -2, float("nan"), (1, 0)):
+        with pytest.raises(ParameterError, match="downsample"):
+            rasterize(sq, (20, 20), downsample=bad)
+    svs = data_path("wsi", "aperio_svs", "CMU-1-Small-Region.svs")
+    with pytest.raises(ParameterError, match="CMU-1-Small-Region.svs: mpp"):
+        rasterize_slide(sq, svs, mpp=0)
+    with pytest.raises(ParameterError, match="level 3 does not exist"):
+        rasterize_slide(sq, svs, level=3)
+
+
+def test_unreadable_annotation_paths_are_annotation_errors(tmp_path):
+    for name in ("d.xml", "d.geojson"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(AnnotationError, match=name):
+            read_annotations(tmp_path / name)
+
+
+def test_monuseg_outlines_on_the_resampled_grid():
+    """At 0.5 µm/px the 1000 px image becomes w whole pixels, so its true scale is 1000 / w: the outlines
+    are painted on that grid (centroids of the painted nuclei match the polygons' at that scale, also at
+    the far edge), and the pixel size reported is the true one."""
+    ident = "TCGA-21-5784-01Z-00-DX1"
+    s = load_monuseg(data_path("monuseg_train"), [ident], mpp=0.5)[0]
+    h, w = s["instances"].shape
+    own = load_monuseg(data_path("monuseg_train"), [ident])[0]["mpp"]
+    assert s["mpp"] == pytest.approx(own * 1000 / w, rel=1e-9) and s["mpp"] != 0.5
+    from scipy import ndimage as ndi
+
+    polys = read_aperio_xml(data_path("monuseg_train", ident + ".xml"))
+    far = [i for i, p in enumerate(polys, start=1) if p.centroid[0] > 900 and p.area > 100]
+    labels = s["instances"]
+    got = ndi.center_of_mass(np.ones_like(labels), labels, far)
+    ds = 1000 / w
+    err = [abs(gx - ((polys[i - 1].centroid[0]) / ds - 0.5)) for i, (gy, gx) in zip(far, got)]
+    assert len(far) > 10 and np.median(err) < 0.2
