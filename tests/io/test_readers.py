@@ -87,7 +87,7 @@ def test_mibi_uint16_channels_equal_pages():
 def test_qptiff_channels_and_associated_pages():
     with open_slide(QPTIFF) as s:
         assert s.channel_names == ["DAPI", "FITC", "Cy3"] and not s.brightfield
-        assert sorted(s.associated_images) == ["label", "overview", "thumbnail"]
+        assert sorted(s.associated_images) == ["label", "macro", "thumbnail"]  # overview: "macro" as elsewhere
         assert s.associated_images["label"].shape == (120, 199, 3)
         assert len(s.levels) == 1  # thumbnail, overview, label are not levels
         np.testing.assert_array_equal(s.read_region((0, 0), 0, (1920, 1440))[:, :, 1],

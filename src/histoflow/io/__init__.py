@@ -56,6 +56,18 @@ def open_slide(path, backend: str = "auto", *, mpp=None, max_region_bytes: int |
     SlideNotFoundError, UnsupportedFormatError, SlideReadError
     """
     path = os.fspath(path)
+    if backend != "auto":
+        if backend not in BACKENDS:
+            from ..errors import ParameterError
+
+            raise ParameterError(f"{path}: unknown backend {backend!r}; choose one of {sorted(BACKENDS)} or 'auto'")
+        if not os.path.exists(path):
+            from ..errors import SlideNotFoundError
+
+            raise SlideNotFoundError(f"{path}: no such file or folder")
+        if os.path.isdir(path) and backend != "dicom":
+            raise UnsupportedFormatError(f"{path}: is a folder; the {backend!r} backend reads files (a folder of "
+                                         "DICOM instances takes backend='dicom' or 'auto')")
     cls = get_backend(detect_format(path).backend if backend == "auto" else backend)
     return cls(path, mpp=mpp, max_region_bytes=max_region_bytes, brightfield=brightfield)
 

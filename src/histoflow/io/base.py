@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import RegionError, RegionTooLargeError, SlideReadError
+from ..errors import HistoflowError, RegionError, RegionTooLargeError, SlideReadError, TileDecodeError
 
 #: Default bound on the memory one ``read_region`` may allocate (bytes). Override per reader with
 #: ``open_slide(path, max_region_bytes=...)``.
@@ -60,11 +60,22 @@ class AssociatedImages(Mapping):
     Images are decoded on access, not when the slide is opened.
     """
 
-    def __init__(self, loaders: dict):
+    def __init__(self, loaders: dict, reader=None):
         self._loaders = dict(loaders)
+        self._reader = reader
 
     def __getitem__(self, name):
-        return self._loaders[name]()
+        load = self._loaders[name]
+        r = self._reader
+        if r is None:
+            return load()
+        r._check_open()
+        try:
+            return np.array(load())  # a writable array of its own
+        except HistoflowError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a codec's own error on a damaged image
+            raise TileDecodeError(f"{r.path}: the {name} image cannot be decoded ({type(e).__name__}: {e})") from None
 
     def __iter__(self):
         return iter(self._loaders)
@@ -203,10 +214,11 @@ class SlideReader:
     @property
     def associated_images(self) -> AssociatedImages:
         """Label, macro, thumbnail ... where the format has them, decoded on access."""
-        return AssociatedImages(self._associated)
+        return AssociatedImages(self._associated, self)
 
     def level_mpp(self, level: int):
         """(x, y) µm/px at a level, or None when the slide's mpp is unknown."""
+        level = self._check_level(level)
         if self.mpp is None:
             return None
         ds = self.levels[level].downsample
@@ -244,11 +256,11 @@ class SlideReader:
     def _check_level(self, level) -> int:
         if isinstance(level, (bool, np.bool_)) or not isinstance(level, (int, np.integer)):
             raise RegionError(f"{self.path}: level must be an integer, got {level!r}")
-        level = int(level)
-        if level < 0:
-            level += len(self.levels)
+        given = int(level)
+        level = given + len(self.levels) if given < 0 else given
         if not 0 <= level < len(self.levels):
-            raise RegionError(f"{self.path}: level {level} does not exist (the slide has {len(self.levels)})")
+            raise RegionError(f"{self.path}: level {given} does not exist (the slide has {len(self.levels)}: "
+                              f"0..{len(self.levels) - 1}, or -1..-{len(self.levels)} from the last)")
         return level
 
     def check_region_bytes(self, w: int, h: int, what: str = "region"):
@@ -300,7 +312,9 @@ class SlideReader:
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + w, lv.width), min(ly + h, lv.height)
         if x0 == lx and y0 == ly and x1 == lx + w and y1 == ly + h:
-            return self._read(level, x0, y0, w, h)
+            a = self._read(level, x0, y0, w, h)
+            # the caller's own array, whatever the backend (a view of a decoder's buffer may be read-only)
+            return a if a.flags.writeable else a.copy()
         out = np.full((h, w, self.channels), self.fill_value, dtype=self.dtype)
         if x1 > x0 and y1 > y0:
             out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = self._read(level, x0, y0, x1 - x0, y1 - y0)
@@ -390,13 +404,17 @@ def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: in
     # the output in the native dtype, filled strip by strip (a float64 image of many channels would take
     # 4-8x the memory of the result)
     out = np.empty((th, tw, c if channels is None else len(channels)), dtype=reader.dtype)
-    # rows of the output covered by each strip: keep a strip under ~16 MiB (its float64 sums take 4-8x that)
+    # rows of the output covered by each strip: keep a strip under ~4 MiB (its float64 row sums take up to
+    # 8x that, divided by the column downsample)
     row_bytes = lv.width * c * reader.dtype.itemsize
-    rows_per_strip = max(1, int((16 * 1024**2) // max(row_bytes * max(fy, 1), 1)))
+    rows_per_strip = max(1, int((4 * 1024**2) // max(row_bytes * max(fy, 1), 1)))
     ds = lv.downsample
     for oy0 in range(0, th, rows_per_strip):
         oy1 = min(th, oy0 + rows_per_strip)
-        sy0, sy1 = int(math.floor(oy0 * fy)), min(lv.height, int(math.ceil(oy1 * fy)))
+        # output row i averages source rows [floor(i * fy), floor((i + 1) * fy)): a strip ends where its last
+        # row's box ends, not a row into the next strip's first box
+        sy0 = int(math.floor(oy0 * fy))
+        sy1 = lv.height if oy1 == th else min(lv.height, int(math.floor(oy1 * fy)))
         sy1 = max(sy1, sy0 + 1)
         strip = reader.read_region((0, int(round(sy0 * ds))), level, (lv.width, sy1 - sy0))
         if channels is not None:
@@ -404,7 +422,7 @@ def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: in
         if strip.shape[0] == oy1 - oy0 and strip.shape[1] == tw:  # same size: no resampling
             out[oy0:oy1] = strip
             continue
-        part = _area_resize(strip.astype(np.float32), tw, oy1 - oy0, fx, fy, sy0, oy0)
+        part = _area_resize(strip, tw, oy1 - oy0, fx, fy, sy0, oy0)
         if reader.dtype.kind in "ui":
             info = np.iinfo(reader.dtype)
             part = np.clip(np.rint(part), info.min, info.max)
@@ -423,7 +441,7 @@ def _resize_axis(a, n, f, starts_f, axis):
     starts = np.clip(np.floor(starts_f).astype(np.int64), 0, length - 1)
     if f < 1:  # enlarging: nearest neighbour
         return np.take(a, starts, axis=axis).astype(np.float64)
-    sums = np.add.reduceat(a.astype(np.float64), starts, axis=axis)
+    sums = np.add.reduceat(a, starts, axis=axis, dtype=np.float64)  # summed in float64, no float copy of a
     counts = np.maximum(np.diff(np.append(starts, length)), 1).astype(np.float64)
     shape = [1] * a.ndim
     shape[axis] = n

@@ -313,6 +313,17 @@ class _FrameFile:
         for keyword in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated"):
             if keyword not in ds:
                 raise SlideReadError(f"{self.path}: no {keyword} tag: not an image")
+        for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "TotalPixelMatrixColumns",
+                        "TotalPixelMatrixRows", "NumberOfFrames"):
+            if keyword not in ds:
+                continue
+            v = ds.get(keyword)
+            try:
+                ok = v is not None and not isinstance(v, (list, tuple, bytes, str)) and int(v) > 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok and not (keyword == "NumberOfFrames" and v in (None, "")):
+                raise SlideReadError(f"{self.path}: damaged header: {keyword} is {v!r}, not one positive number")
         self.samples = int(ds.SamplesPerPixel)
         self.photometric = str(ds.PhotometricInterpretation).strip()
         bits = int(ds.BitsAllocated)

@@ -44,8 +44,10 @@ class ImageReader(SlideReader):
         except Image.DecompressionBombError as e:
             raise SlideReadError(f"{self.path}: image too large for the image backend ({e}); "
                                  "convert it to a tiled TIFF") from None
-        except Exception as e:
+        except Image.UnidentifiedImageError as e:
             raise UnsupportedFormatError(f"{self.path}: Pillow cannot read it ({type(e).__name__}: {e})") from None
+        except Exception as e:  # a format Pillow knows, but the file is damaged or cut short
+            raise SlideReadError(f"{self.path}: damaged or truncated image ({type(e).__name__}: {e})") from None
         im = self._im
         if im.mode not in _MODES:
             raise UnsupportedFormatError(f"{self.path}: unsupported image mode {im.mode!r}")

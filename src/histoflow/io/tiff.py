@@ -46,6 +46,7 @@ class _Plane:
     jpegheader: bytes | None
     tiled: bool
     keep: int  # samples to keep per decoded pixel (drops alpha)
+    alpha: int = 0  # contiguous RGB + alpha: 1 associated (premultiplied), 2 unassociated; composited on white
 
     @classmethod
     def from_page(cls, page, keep_samples: int | None = None) -> _Plane:
@@ -59,13 +60,26 @@ class _Plane:
             tw, th = int(key.tilewidth), int(key.tilelength)
         else:
             tw, th = width, int(min(key.rowsperstrip or height, height))
+        if width <= 0 or height <= 0 or tw <= 0 or th <= 0:
+            raise SlideReadError(f"page {page.index}: damaged: image {width} x {height} px in tiles or strips of "
+                                 f"{tw} x {th} px")
         samples = separate * contig
         keep = samples if keep_samples is None else min(keep_samples, samples)
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        across, down = math.ceil(width / tw), math.ceil(height / th)
+        need = separate * across * down
+        if len(offsets) != need or len(counts) != need:
+            raise SlideReadError(f"page {page.index}: truncated or damaged: {len(offsets)} tile/strip offsets and "
+                                 f"{len(counts)} byte counts where the image needs {need}")
+        alpha = 0
+        extra = tuple(getattr(key, "extrasamples", ()) or ())
+        if keep_samples == 3 and separate == 1 and samples > 3 and extra and int(extra[0]) in (1, 2):
+            alpha = int(extra[0])
         return cls(page=page, index=int(page.index), width=width, height=height, samples=keep,
-                   separate=separate, tile_w=tw, tile_h=th, tiles_across=math.ceil(width / tw),
-                   tiles_down=math.ceil(height / th), offsets=np.asarray(page.dataoffsets, np.int64),
-                   counts=np.asarray(page.databytecounts, np.int64), jpegtables=key.jpegtables,
-                   jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep)
+                   separate=separate, tile_w=tw, tile_h=th, tiles_across=across,
+                   tiles_down=down, offsets=offsets, counts=counts, jpegtables=key.jpegtables,
+                   jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep, alpha=alpha)
 
     def data_end(self) -> int:
         return int((self.offsets + self.counts).max()) if len(self.offsets) else 0
@@ -91,6 +105,13 @@ class TiffReader(SlideReader):
         except Exception as e:
             raise SlideReadError(f"{path}: not a readable TIFF ({type(e).__name__}: {e})") from None
         self.warnings.extend(f"tifffile: {m}" for m in log.messages[:5])
+        lost = next((m for m in log.messages if "invalid page offset" in m), None)
+        if lost is not None:  # the chain of image directories leaves the file: pages (channels, levels) lost
+            n = len(self._tf.pages)
+            self._tf.close()
+            raise SlideReadError(f"{path}: file is truncated or damaged: only {n} image director{'y' if n == 1 else 'ies'} "
+                                 f"can be read before the chain of directories points outside the file "
+                                 f"({lost.split('>')[-1].strip()}); the rest of its images would be missing")
         if not series:
             raise UnsupportedFormatError(f"{path}: TIFF holds no image series")
         self._fd = os.open(path, os.O_RDONLY)
@@ -119,8 +140,8 @@ class TiffReader(SlideReader):
         for i, lvl in enumerate(self._pyramid(series)):
             try:
                 planes = self._planes_of(lvl)
-            except UnsupportedFormatError as e:
-                raise UnsupportedFormatError(f"{path}: {e}") from None
+            except (UnsupportedFormatError, SlideReadError) as e:
+                raise type(e)(f"{path}: {e}") from None
             w, h = planes[0].width, planes[0].height
             if any(p.width != w or p.height != h for p in planes):
                 raise SlideReadError(f"{path}: level {i} has planes of different sizes")
@@ -248,6 +269,9 @@ class TiffReader(SlideReader):
                 v = float(m.group(1))
                 return (v, v)
         if tf.is_ome:
+            mag = re.search(r"NominalMagnification=\"([0-9.]+)\"", desc)
+            if mag:
+                self.objective_power = float(mag.group(1))
             m = re.search(r"<(?:\w+:)?Pixels [^>]*>", desc)
             if m:
                 tag = m.group(0)
@@ -255,9 +279,6 @@ class TiffReader(SlideReader):
                 my = _ome_size(tag, "Y")
                 if mx and my:
                     return (mx, my)
-            mag = re.search(r"NominalMagnification=\"([0-9.]+)\"", desc)
-            if mag:
-                self.objective_power = float(mag.group(1))
         if tf.is_qpi:
             m = re.search(r"<PixelSizeMicrons>([0-9.eE+-]+)</PixelSizeMicrons>", desc)
             mag = re.search(r"<Magnification>([0-9.]+)</Magnification>", desc)
@@ -284,7 +305,9 @@ class TiffReader(SlideReader):
                 continue
             name = (s.name or "").strip().lower()
             for key in ("thumbnail", "label", "macro", "overview"):
-                if key in name and key not in out:
+                # "overview" (QPTIFF, OME) is the whole-slide photograph OpenSlide and DICOM call "macro"
+                key = "macro" if key == "overview" else key
+                if (key in name or (key == "macro" and "overview" in name)) and key not in out:
                     out[key] = self._series_loader(s)
         if tf.is_qpi:  # Overview and Label pages are not in tifffile's series
             for page in tf.pages:
@@ -293,7 +316,8 @@ class TiffReader(SlideReader):
                 m = re.search(r"<ImageType>([^<]*)</ImageType>", self._full_page(page).description[:_MAX_DESCRIPTION])
                 if m:
                     key = m.group(1).strip().lower()
-                    if key in ("thumbnail", "overview", "label", "macro") and key not in out:
+                    key = "macro" if key == "overview" else key
+                    if key in ("thumbnail", "label", "macro") and key not in out:
                         out[key] = self._page_loader(page.index)
         return out
 
@@ -369,7 +393,7 @@ class TiffReader(SlideReader):
         if seg is None or seg.ndim != 4:
             raise TileDecodeError(f"{self.path}: {kind} (col {col}, row {row}) of level {level} decoded to "
                                   f"an unexpected shape {getattr(seg, 'shape', None)}")
-        return seg[0]
+        return _on_white(seg[0], pl.alpha) if pl.alpha and seg.shape[-1] > 3 else seg[0]
 
     def _close(self):
         fd = getattr(self, "_fd", None)
@@ -379,6 +403,21 @@ class TiffReader(SlideReader):
         tf = getattr(self, "_tf", None)
         if tf is not None:
             tf.close()
+
+
+def _on_white(a: np.ndarray, alpha: int) -> np.ndarray:
+    """RGB + alpha composited on white (as the image backend does PNGs): ``alpha`` 2 unassociated, 1
+    associated (colour already multiplied by alpha)."""
+    if a.dtype.kind != "u":
+        return a[..., :3]
+    top = np.iinfo(a.dtype).max
+    al = a[..., 3:4].astype(np.uint64)
+    c = a[..., :3].astype(np.uint64)
+    if alpha == 2:
+        out = (c * al + top * (top - al) + top // 2) // top
+    else:
+        out = np.minimum(c + (top - al), top)
+    return out.astype(a.dtype)
 
 
 def html_unescape(s: str) -> str:

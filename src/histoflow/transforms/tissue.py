@@ -305,8 +305,10 @@ class TissueDetectionHE(Transform):
 
     masks_out = outputs_from("mask_name")
 
-    #: longer side of the thumbnail :meth:`fit_slide` reads (the tissue pre-pass's, so it is read once)
-    THUMBNAIL_SIZE = 2048
+    #: longer side of the thumbnail :meth:`fit_slide` reads: a threshold needs the histogram, not detail (the
+    #: thresholds from 512 and 2048 px thumbnails of the bench's slides differ by 0-4 grey levels; 512 px comes
+    #: from a small pyramid level, ~15 ms against ~250-700 ms)
+    THUMBNAIL_SIZE = 512
 
     def fit_slide(self, slide):
         """With ``otsu="slide"`` and no fixed ``threshold``: Otsu's threshold of the slide's thumbnail (the
