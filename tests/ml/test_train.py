@@ -124,8 +124,73 @@ def test_monitor_a_metric(patches, tmp_path):
     accs = [h["accuracy"] for h in hist]
     assert t.best_epoch == int(np.argmax(accs))   # the first of the highest
     assert json.load(open(tmp_path / "metrics.json"))["best_value"] == pytest.approx(max(accs))
-    with pytest.raises(TrainingError, match="monitor 'dice' is not among"):
+    # refused before any training: no validate function to give it
+    with pytest.raises(TrainingError, match="monitor 'dice' is a validation metric"):
         Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False, monitor="dice").fit(train, val)
+    with pytest.raises(TrainingError, match="monitor 'dice' is not among"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False, monitor="dice",
+                validate=lambda m, vl, dev: {"accuracy": 1.0}).fit(train, val)
+
+
+def test_a_monitored_loss_is_minimised(patches, tmp_path):
+    """Any value named like a loss is better lower (it used to be maximised unless named val_loss)."""
+    train, _ = _loaders(patches)
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=4, lr=5e-3, out_dir=tmp_path, progress=False,
+                monitor="train_loss")
+    hist = t.fit(train)
+    losses = [h["train_loss"] for h in hist]
+    assert t.mode == "min" and t.best_epoch == int(np.argmin(losses)) and losses[-1] < losses[0]
+    assert json.load(open(tmp_path / "metrics.json"))["best_value"] == pytest.approx(min(losses))
+    with pytest.raises(ValueError, match="mode must be"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), mode="lower")
+
+
+def _numbers(n=20):
+    """Arithmetic of the optimiser, not of pathology: numbers that give each sample its own loss."""
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def _mlp():
+    torch.manual_seed(123)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def test_accumulation_equals_one_bigger_batch_with_a_short_last_group():
+    """20 samples in batches of 4 with accumulate=2 (groups of 2, 2, 1 batches) step like batches of 8 (8, 8,
+    4): the short last group is averaged over its own batch, not halved."""
+    def run(batch, accumulate):
+        model = _mlp()
+        Trainer(model, torch.nn.CrossEntropyLoss(), epochs=3, accumulate=accumulate, progress=False).fit(
+            torch.utils.data.DataLoader(_numbers(), batch_size=batch))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert (run(4, 2) - run(8, 1)).abs().max() < 1e-6  # 1.9e-3 when the last group was halved
+
+
+def test_validation_loss_weighs_batches_by_their_samples():
+    t = Trainer(_mlp(), torch.nn.CrossEntropyLoss(), progress=False)
+    ds = _numbers(10)
+    whole = t.evaluate(torch.utils.data.DataLoader(ds, batch_size=10))
+    assert t.evaluate(torch.utils.data.DataLoader(ds, batch_size=4)) == pytest.approx(whole, rel=1e-6)
+
+
+def test_a_nan_metric_warns_and_is_never_the_best(patches, tmp_path):
+    train, val = _loaders(patches)
+    values = iter([0.5, float("nan"), 0.6])
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=3, out_dir=tmp_path, progress=False, monitor="aji",
+                validate=lambda m, vl, dev: {"aji": next(values)})
+    with pytest.warns(RuntimeWarning, match="monitored aji is nan"):
+        t.fit(train, val)
+    assert t.best_epoch == 2
+
+
+def test_an_unsaveable_model_is_refused_before_training(patches, tmp_path):
+    train, _ = _loaders(patches)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    with pytest.raises(TrainingError, match="best.pt could not be saved: cannot save a Sequential"):
+        Trainer(model, torch.nn.CrossEntropyLoss(), epochs=1, out_dir=tmp_path, progress=False).fit(train)
+    assert not os.path.exists(tmp_path / "last.ckpt")
 
 
 def test_early_stopping_and_plateau(patches, tmp_path):

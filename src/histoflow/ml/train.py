@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -73,6 +74,20 @@ def _to(batch, device):
     return batch
 
 
+def _batch_size(batch) -> int:
+    """Samples in a batch: the first dimension of its first tensor (1 when it holds none)."""
+    def first(b):
+        if torch.is_tensor(b):
+            return int(b.shape[0]) if b.ndim else 1
+        items = b.values() if isinstance(b, Mapping) else b if isinstance(b, (list, tuple)) else ()
+        for v in items:
+            n = first(v)
+            if n:
+                return n
+        return 0
+    return first(batch) or 1
+
+
 def default_batch_loss(model, batch, loss_fn):
     """Loss of one batch: ``(x, y)`` pairs or dicts with ``"image"`` and ``"target"``."""
     if isinstance(batch, Mapping):
@@ -116,9 +131,12 @@ class Trainer:
         ``validate(model, val_loader, device) -> dict`` of extra metrics (e.g. Dice, AJI), run after the
         validation loss each epoch; values are logged, the validation loss still picks the best epoch.
     monitor : str
-        What picks the best epoch and drives early stopping and the plateau schedule: ``"val_loss"``
-        (lower is better; the training loss without validation data) or the name of a metric returned by
-        ``validate`` (higher is better, e.g. ``"aji"``).
+        What picks the best epoch and drives early stopping and the plateau schedule: ``"val_loss"`` (the
+        training loss without validation data), ``"train_loss"``, or the name of a metric returned by
+        ``validate`` (e.g. ``"aji"``).
+    mode : {"min", "max"} or None
+        Whether lower or higher ``monitor`` is better. Default: ``"min"`` for names containing "loss",
+        else ``"max"`` (Dice, AJI, accuracy ...).
     ema : float or None
         Keep an exponential moving average of the weights (and batch-norm statistics) with this decay per
         optimiser step (e.g. 0.99): validation, ``best.pt`` and the returned model use the average, which
@@ -133,7 +151,8 @@ class Trainer:
                  accumulate: int = 1, schedule: str | None = None, patience: int | None = None,
                  seed: int = 0, device=None, amp: bool = False, out_dir=None,
                  batch_loss: Callable | None = None, validate: Callable | None = None, monitor: str = "val_loss",
-                 card: Mapping | None = None, progress: bool = True, ema: float | None = None):
+                 card: Mapping | None = None, progress: bool = True, ema: float | None = None,
+                 mode: str | None = None):
         if schedule not in (None, "onecycle", "plateau"):
             raise ParameterError(f"schedule must be None, 'onecycle' or 'plateau', got {schedule!r}")
         for name, v, low in (("epochs", epochs, 1), ("accumulate", accumulate, 1)):
@@ -161,7 +180,14 @@ class Trainer:
         self.out_dir = os.fspath(out_dir) if out_dir is not None else None
         self.batch_loss = batch_loss or default_batch_loss
         self.validate = validate
+        if not isinstance(monitor, str) or not monitor:
+            raise ParameterError(f"monitor must be the name of a value, e.g. 'val_loss' or 'aji', got {monitor!r}")
+        if mode is None:
+            mode = "min" if "loss" in monitor else "max"
+        if mode not in ("min", "max"):
+            raise ParameterError(f"mode must be 'min' (lower {monitor} is better) or 'max', got {mode!r}")
         self.monitor = monitor
+        self.mode = mode
         self.card = dict(card or {})
         self.progress = progress
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -267,9 +293,9 @@ class Trainer:
         os.replace(tmp, os.path.join(self.out_dir, "metrics.csv"))
         with open(os.path.join(self.out_dir, "metrics.json"), "w") as f:
             best = None if math.isinf(self.best_loss) else (
-                self.best_loss if self.monitor == "val_loss" else -self.best_loss)
+                self.best_loss if self.mode == "min" else -self.best_loss)
             json.dump({"history": self.history, "best_epoch": self.best_epoch + 1, "monitor": self.monitor,
-                       "best_value": best}, f, indent=1)
+                       "mode": self.mode, "best_value": best}, f, indent=1)
 
     # ------------------------------------------------------------------ loops
     def _train_epoch(self, loader) -> float:
@@ -294,7 +320,10 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingError(f"the training loss became {loss.item()} at epoch {self.epoch + 1}, "
                                     f"batch {i}; lower the learning rate or check the targets")
-            (loss / self.accumulate).backward()
+            # the mean over the optimiser step's batches: a last group shorter than ``accumulate`` is divided by
+            # its own size (as one bigger batch would be), not scaled down
+            group = min(self.accumulate, steps - (i // self.accumulate) * self.accumulate)
+            (loss / group).backward()
             if (i + 1) % self.accumulate == 0 or i + 1 == steps:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -319,9 +348,10 @@ class Trainer:
         total, n = 0.0, 0
         for batch in loader:
             batch = _to(batch, self.device)
+            size = _batch_size(batch)  # each batch weighs by its samples: a short last batch is not overweighted
             with self._autocast():
-                total += self.batch_loss(model, batch, self.loss_fn).float().item()
-            n += 1
+                total += self.batch_loss(model, batch, self.loss_fn).float().item() * size
+            n += size
         if n == 0:  # a loss of 0 would be the best forever: best.pt and early stopping would go wrong
             raise TrainingError("the validation data loader gave no batch (an empty validation split?)")
         return total / n
@@ -340,6 +370,17 @@ class Trainer:
                 raise TrainingError("resume=True needs an out_dir holding last.ckpt")
             if os.path.exists(self._ckpt_path()):
                 self.load_checkpoint(self._ckpt_path())
+        if self.monitor not in ("val_loss", "train_loss"):  # checked now, not after the first epoch
+            if val_loader is None or self.validate is None:
+                raise TrainingError(f"monitor {self.monitor!r} is a validation metric: give validation data and a "
+                                    "validate function that returns it, or monitor 'val_loss'")
+        if self.out_dir is not None:
+            from . import models
+
+            try:
+                models._name_of(self.eval_model)
+            except HistoflowError as e:
+                raise TrainingError(f"best.pt could not be saved: {e}") from None
         dataset = getattr(train_loader, "dataset", None)
         if hasattr(dataset, "set_epoch") and getattr(train_loader, "persistent_workers", False):
             raise TrainingError(f"{type(dataset).__name__} changes with the epoch (set_epoch), but the DataLoader "
@@ -368,11 +409,16 @@ class Trainer:
             row["lr"] = self.optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if self.monitor == "val_loss":
-                monitored = row.get("val_loss", train_loss)
+                value = row.get("val_loss", train_loss)
             elif self.monitor in row:
-                monitored = -row[self.monitor]  # metrics: higher is better
+                value = row[self.monitor]
             else:
                 raise TrainingError(f"monitor {self.monitor!r} is not among the epoch's values {sorted(row)}")
+            if not math.isfinite(value):
+                warnings.warn(f"epoch {self.epoch + 1}: the monitored {self.monitor} is {value}; the epoch cannot "
+                              "be the best one", RuntimeWarning, stacklevel=2)
+                value = math.inf if self.mode == "min" else -math.inf
+            monitored = value if self.mode == "min" else -value
             if self.schedule == "plateau":
                 self.scheduler.step(monitored)
             self.epoch += 1
