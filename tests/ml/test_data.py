@@ -364,3 +364,20 @@ def test_to_tensors_dtypes():
     assert s["masks"]["hv"].dtype == torch.float32
     assert s["labels"]["flag"].dtype == torch.int64 and s["labels"]["p"].dtype == torch.float32
     assert s["coords"].dtype == torch.int64
+
+
+def test_slide_options_travel_to_the_workers():
+    """A SlideData opened with mpp=... (an image without a pixel size) keeps it in the datasets and in their
+    DataLoader workers; it used to be reopened by path alone ("pixel size unknown, open it with mpp=...")."""
+    from histoflow.core.slide import SlideData
+    from histoflow.ml.patches import NucleusPatchDataset
+
+    path = data_path("he_patches", "stardist_histo.jpg")
+    ds = NucleusPatchDataset(SlideData(path, mpp=0.25), [[100, 100], [300, 200]], size=41, mpp=0.5)
+    assert ds.slide_mpp == 0.25 and ds[0]["image"].shape == (3, 41, 41)
+    w = WSIPatchDataset([SlideData(path, mpp=0.25)], patch_size=32, mpp=0.5, tissue_filter=False)
+    assert len(w) == 8 * 5  # 250 x 150 px at 0.5 µm/px, edges padded
+    batches = [torch.cat([b["image"] for b in DataLoader(w, batch_size=8, num_workers=n)]) for n in (0, 2)]
+    assert torch.equal(batches[0], batches[1])
+    with pytest.raises(DatasetError, match="pixel size is unknown"):
+        NucleusPatchDataset(path, [[100, 100]], mpp=0.5)

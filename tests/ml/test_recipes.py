@@ -191,6 +191,50 @@ def test_tile_classification_labels_are_classes(tmp_path):
         train_from_config(cfg("grade", out="g"))
 
 
+def test_tiles_without_their_class_are_refused(tmp_path):
+    """A tile without the label reads as the fill ("" for names, -100 for numbers): never trained as a class."""
+    n = {"i": 0}
+
+    def label_of(t):
+        n["i"] += 1
+        if n["i"] == 3:  # one tile without a class
+            return {}
+        return {"kind": "tissue" if t.image.mean() < 210 else "glass", "grade": int(t.image.mean() < 210)}
+
+    store = _classification_store(tmp_path, label_of)
+    for label in ("kind", "grade"):
+        cfg = {"task": "tile_classification", "data": {"train": store, "label": label},
+               "model": {"name": "rccnet", "params": {"num_classes": 3}},
+               "train": {"epochs": 1, "batch_size": 16, "progress": False}, "output": str(tmp_path / label)}
+        with pytest.raises(ConfigError, match=f"some tiles have no '{label}' label"):
+            train_from_config(cfg)
+        assert not os.path.exists(tmp_path / label / "best.pt")
+
+
+def test_tile_classification_is_augmented(tmp_path, monkeypatch):
+    """data.augment applies to the training tiles (it was ignored), seeded, and not to validation tiles."""
+    from histoflow.ml import data as data_mod
+
+    store = _classification_store(tmp_path, lambda t: {"tissue": int(t.image.mean() < 210)})
+    made = []
+    original = data_mod.TileDataset.__init__
+
+    def spy(self, *a, **k):
+        original(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(data_mod.TileDataset, "__init__", spy)
+    cfg = {"task": "tile_classification", "data": {"train": store, "val": store, "label": "tissue",
+                                                   "augment": {"flip": True, "rot90": True, "hsv": [0.04, 0.2, 0.15]}},
+           "model": {"name": "rccnet", "params": {"num_classes": 2}},
+           "train": {"epochs": 1, "batch_size": 16, "progress": False}, "output": str(tmp_path / "aug")}
+    train_from_config(cfg)
+    train_set, val_set = made
+    assert val_set.transform is None and train_set.transform is not None
+    seen = {train_set[5]["image"].numpy().tobytes() for _ in range(8)}
+    assert len(seen) > 1  # augmented afresh on every read
+
+
 @pytest.mark.parametrize("section, bad, message", [
     ("train", {"schedule": "cosine"}, "train: schedule must be"),
     ("train", {"epochs": 0}, "train: epochs must be a whole number"),
@@ -199,6 +243,13 @@ def test_tile_classification_labels_are_classes(tmp_path):
     ("model", {"bogus": 1}, "model 'rccnet' cannot be made with model.params"),
     ("model", {"num_classes": -2}, "model 'rccnet' cannot be made with model.params"),
     ("augment", {"stain": 0.1}, "data.augment: a value does not fit its augmentation"),
+    ("train", {"batch_size": "x"}, "train.batch_size must be a whole number >= 1, not 'x'"),
+    ("train", {"batch_size": 0}, "train.batch_size must be a whole number >= 1"),
+    ("train", {"num_workers": -1}, "train.num_workers must be a whole number >= 0"),
+    ("train", {"seed": "abc"}, "train.seed must be a whole number >= 0"),
+    ("train", {"device": "cuda"}, "train: device 'cuda': this torch has no usable CUDA GPU here"),
+    ("data", {"augment": {"not_an_op": 3}}, "unknown augmentation(s) ['not_an_op']"),
+    ("data", {"agument": {"flip": True}}, "unknown data setting(s) ['agument']"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, section, bad, message):
     """Ordinary mistakes in a configuration end `histoflow train` with one line naming the setting, not a
@@ -209,6 +260,8 @@ def test_config_mistakes_are_one_line_errors(tmp_path, section, bad, message):
            "train": {"epochs": 1, "batch_size": 16, "progress": False}, "output": str(tmp_path / "cls")}
     if section == "model":
         cfg["model"]["params"].update(bad)
+    elif section == "data":
+        cfg["data"].update(bad)
     elif section == "augment":
         cfg = {"task": "nucleus_segmentation", "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"],
                                                        "val_ids": [], "augment": bad},

@@ -139,3 +139,18 @@ def test_errors():
         HierarchicalSampler([("a",)], 0)
     with pytest.raises(SamplerError, match="hashable"):
         HierarchicalSampler([("a", [1])], 5)
+
+
+def test_tensor_and_nan_labels_are_grouped_by_value():
+    """A tensor of labels (a dataset's targets) and NaN keys group by value: 0-d tensors hash by identity and
+    NaN != NaN, which made every item a class of its own (no balancing)."""
+    import torch
+
+    s = ClassBalancedSampler(torch.tensor([0] * 99 + [1]), num_samples=10_000, seed=0)
+    assert 0.45 < (s.indices() == 99).mean() < 0.55
+    s = ClassBalancedSampler(np.array([np.nan, np.nan, 1.0, 2.0]), num_samples=9_000, seed=0)
+    share = np.bincount(s.indices(), minlength=4) / 9_000
+    assert abs(share[:2].sum() - 1 / 3) < 0.03 and abs(share[2] - 1 / 3) < 0.03
+    h = HierarchicalSampler(torch.tensor([[0, 1], [0, 2], [1, 1]]), num_samples=9_000, seed=0)
+    share = np.bincount(h.indices(), minlength=3) / 9_000
+    assert abs(share[2] - 0.5) < 0.03

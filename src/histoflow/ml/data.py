@@ -410,13 +410,40 @@ def _label_array(name, values, n, what):
     raise DatasetError(f"label {name!r} must hold numbers or strings (not a mix), got {arr.dtype}")
 
 
+def _slide_source(slide):
+    """``(path, backend, reader options, slide type)`` of a path, a reader or a :class:`SlideData`: what a worker
+    process needs to open the slide again as the caller had it (a pixel size given with ``mpp=`` included)."""
+    reader = getattr(slide, "reader", slide)
+    if hasattr(reader, "_kwargs") and hasattr(reader, "backend"):
+        kind = getattr(getattr(slide, "slide_type", None), "name", None)
+        return reader.path, reader.backend, dict(reader._kwargs), kind
+    return os.fspath(slide), "auto", {}, None
+
+
+def _open_source(source):
+    from ..io import open_slide
+
+    path, backend, kwargs, _ = source
+    return open_slide(path, backend=backend, **kwargs)
+
+
+def _slide_of_source(source):
+    from ..core.slide import SlideData
+
+    path, backend, kwargs, kind = source
+    return SlideData(path, backend=backend, mpp=kwargs.get("mpp"), slide_type=kind,
+                     max_region_bytes=kwargs.get("max_region_bytes"))
+
+
 class WSIPatchDataset(Dataset):
     """Patches read straight from slides, at a pyramid level or a target µm/px (no pre-extraction).
 
     Parameters
     ----------
-    slides : sequence of str or os.PathLike
-        Slide files (anything :func:`histoflow.open_slide` reads); a single path is one slide.
+    slides : sequence of str, os.PathLike, SlideData or reader
+        Slide files (anything :func:`histoflow.open_slide` reads); a single one is one slide. A ``SlideData``
+        or reader keeps its options in every worker (e.g. ``SlideData(path, mpp=0.25)`` for an image
+        without a pixel size).
     coords : table, optional
         The patches, as level-0 **top-left** corners:
 
@@ -475,11 +502,11 @@ class WSIPatchDataset(Dataset):
 
     def __init__(self, slides, coords=None, patch_size=256, level=None, mpp=None, labels=None,
                  tissue_filter=None, transform=None, *, stride=None, max_open_slides=16):
-        from ..core.slide import SlideData
-
-        if isinstance(slides, (str, os.PathLike)):
+        if isinstance(slides, (str, os.PathLike)) or hasattr(slides, "read_region"):
             slides = [slides]
-        self.slides = [os.fspath(s) for s in slides]
+        # paths, readers or SlideData objects (whose options, e.g. mpp=..., the workers' readers keep)
+        self._sources = [_slide_source(s) for s in slides]
+        self.slides = [src[0] for src in self._sources]
         if not self.slides:
             raise DatasetError("WSIPatchDataset: no slides given")
         if transform is not None and not callable(transform):
@@ -497,7 +524,7 @@ class WSIPatchDataset(Dataset):
         self._geometry = []   # per slide: (level, read_size, size)
         tables, read_sizes = [], []
         for s, path in enumerate(self.slides):
-            slide = SlideData(path)
+            slide = _slide_of_source(self._sources[s])
             try:
                 grid = self._grid(slide, tissue_filter if coords is None else False, stride)
                 spec = grid.spec(0, 0)
@@ -549,15 +576,13 @@ class WSIPatchDataset(Dataset):
 
     # ------------------------------------------------------------------ readers, one set per process
     def _reader(self, s: int):
-        from ..io import open_slide
-
         pid = os.getpid()
         if self._pid != pid:
             self._readers = OrderedDict()   # inherited through fork: dropped, never used
             self._pid = pid
         r = self._readers.get(s)
         if r is None:
-            r = open_slide(self.slides[s])
+            r = _open_source(self._sources[s])
             self._readers[s] = r
             while len(self._readers) > self.max_open_slides:
                 _, old = self._readers.popitem(last=False)

@@ -43,9 +43,10 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, slide, centroids, labels=None, size: int = 41, mpp: float | None = None, channels=None,
                  transform=None):
-        from ..core.slide import SlideData
+        from .data import _slide_of_source, _slide_source
 
-        self.path = slide.path if isinstance(slide, SlideData) else os.fspath(slide)
+        self._source = _slide_source(slide)  # a SlideData's options (mpp=...) travel with it
+        self.path = self._source[0]
         if not os.path.exists(self.path):
             raise DatasetError(f"{self.path}: no such slide or image")
         self.centroids = np.asarray(centroids, np.float64).reshape(-1, 2)
@@ -67,7 +68,7 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
             self.labels = None
         self.channels = channels
         self.transform = transform
-        with SlideData(self.path) as s:
+        with _slide_of_source(self._source) as s:
             self.slide_mpp = float(s.mpp[0]) if s.mpp else None
             self.brightfield = bool(s.slide_type.brightfield)
             self.dtype = np.dtype(s.reader.dtype)
@@ -84,9 +85,9 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
 
     def _open(self):
         if self._reader is None or self._pid != os.getpid():
-            from .. import open_slide
+            from .data import _open_source
 
-            self._reader = open_slide(self.path)
+            self._reader = _open_source(self._source)
             self._pid = os.getpid()
         return self._reader
 

@@ -17,6 +17,7 @@ Tasks
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -137,6 +138,19 @@ def _model(cfg):
     return model
 
 
+def _loader_settings(cfg, batch_size=8):
+    """``train.batch_size``, ``train.num_workers`` and ``train.seed``, checked (whole numbers: batch >= 1,
+    workers and seed >= 0)."""
+    t = cfg.get("train") or {}
+    out = {}
+    for key, default, low in (("batch_size", batch_size, 1), ("num_workers", 0, 0), ("seed", 0, 0)):
+        v = t.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ConfigError(f"{cfg.get('_path')}: train.{key} must be a whole number >= {low}, not {v!r}")
+        out[key] = int(v)
+    return out
+
+
 def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
     t = dict(cfg.get("train") or {})
     known = {"epochs", "lr", "weight_decay", "accumulate", "schedule", "patience", "seed", "device", "amp",
@@ -173,7 +187,8 @@ def _nucleus_segmentation(cfg, resume=False):
     if unknown:
         raise ConfigError(f"data.val_ids {unknown} are not in {root}")
     train_ids = [i for i in ids if i not in val_ids]
-    seed = int((cfg.get("train") or {}).get("seed", 0))
+    settings = _loader_settings(cfg)
+    seed = settings["seed"]
     mpp = d.get("mpp")  # resample the images (e.g. 0.5 for a 20x model); None: as scanned
     train_samples = load_monuseg(root, train_ids, mpp=mpp)
     spec = d.get("augment")
@@ -195,8 +210,8 @@ def _nucleus_segmentation(cfg, resume=False):
     t = cfg.get("train") or {}
     # not persistent_workers: workers take a copy of the dataset when an epoch's iterator starts, and only
     # that copy knows the epoch that the trainer sets (set_epoch), i.e. which crops and augmentations to make
-    loader = torch.utils.data.DataLoader(train, batch_size=int(t.get("batch_size", 8)), shuffle=False,
-                                         num_workers=int(t.get("num_workers", 0)))
+    loader = torch.utils.data.DataLoader(train, batch_size=settings["batch_size"], shuffle=False,
+                                         num_workers=settings["num_workers"])
     val_loader = validate = None
     if val_ids:
         val_loader = torch.utils.data.DataLoader(NucleusImages(load_monuseg(root, val_ids, mpp=mpp)), batch_size=1)
@@ -217,7 +232,11 @@ def _nucleus_segmentation(cfg, resume=False):
                 dices.append(metrics.dice(pred > 0, true > 0))
                 ajis.append(metrics.aji(true, pred))
                 pqs.append(metrics.panoptic_quality(true, pred).pq)
-            return {"dice": float(np.mean(dices)), "aji": float(np.mean(ajis)), "pq": float(np.mean(pqs))}
+            # an image with no nucleus, true or found, scores NaN: left out, not poisoning the epoch's mean
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: the trainer warns about that
+                return {"dice": float(np.nanmean(dices)), "aji": float(np.nanmean(ajis)),
+                        "pq": float(np.nanmean(pqs))}
 
         validate = _validate
 
@@ -241,12 +260,18 @@ def _tile_classification(cfg, resume=False):
 
     d = _need(cfg, "data")
     label = _need(cfg, "data", "label")
-    t = cfg.get("train") or {}
+    unknown = set(d) - {"train", "val", "label", "augment"}
+    if unknown:
+        raise ConfigError(f"{cfg.get('_path')}: unknown data setting(s) {sorted(unknown)}; known: augment, label, "
+                          "train, val")
+    settings = _loader_settings(cfg, batch_size=16)
+    augment = _augmenter(d.get("augment"), settings["seed"]) if d.get("augment") else None
 
-    def datasets(paths):
-        return [TileDataset(_path(cfg, p), labels=(label,)) for p in ([paths] if isinstance(paths, str) else paths)]
+    def datasets(paths, transform=None):
+        return [TileDataset(_path(cfg, p), labels=(label,), transform=transform)
+                for p in ([paths] if isinstance(paths, str) else paths)]
 
-    train_sets = datasets(_need(cfg, "data", "train"))
+    train_sets = datasets(_need(cfg, "data", "train"), augment)  # augmented; validation tiles as they are
     val_sets = datasets(d["val"]) if d.get("val") else []
     classes = _label_classes(cfg, label, train_sets + val_sets)  # str labels: names in sorted order; else None
     index = {c: i for i, c in enumerate(classes or [])}
@@ -264,7 +289,7 @@ def _tile_classification(cfg, resume=False):
                               "number of classes")
         return loss_fn(logits, y)
 
-    bs, nw = int(t.get("batch_size", 16)), int(t.get("num_workers", 0))
+    bs, nw = settings["batch_size"], settings["num_workers"]
     train = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(train_sets), batch_size=bs, shuffle=True,
                                         num_workers=nw)
     val = None
@@ -272,7 +297,7 @@ def _tile_classification(cfg, resume=False):
         val = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(val_sets), batch_size=bs, num_workers=nw)
     if classes is not None:
         cfg.setdefault("card", {}).setdefault("classes", classes)
-    torch.manual_seed(int(t.get("seed", 0)))
+    torch.manual_seed(settings["seed"])
     trainer = _trainer(cfg, _model(cfg), torch.nn.CrossEntropyLoss(), batch_loss=batch_loss)
     return trainer, trainer.fit(train, val, resume=resume)
 
@@ -280,6 +305,11 @@ def _tile_classification(cfg, resume=False):
 def _label_classes(cfg, label, sets):
     """The class names of a string label (sorted), None for a whole-number or boolean label; a float label,
     a label some tiles lack or a missing label is a ConfigError."""
+    for ds in sets:  # every tile needs its class: a missing one reads as the fill ("" or -100), not a class
+        fill = ds._missing.get(label)
+        col = ds.label_column(label)
+        if any(v is None or (fill is not None and fill == fill and type(v) is not bool and v == fill) for v in col):
+            raise ConfigError(f"{ds.path}: some tiles have no {label!r} label; give every tile a class")
     kinds = set()
     for ds in sets:
         kind = ds._kinds.get(label)
@@ -297,10 +327,7 @@ def _label_classes(cfg, label, sets):
         raise ConfigError(f"{cfg.get('_path')}: label {label!r} holds names in some files and numbers in others")
     names = set()
     for ds in sets:
-        col = ds.label_column(label)
-        if any(v is None for v in col):
-            raise ConfigError(f"{ds.path}: some tiles have no {label!r} label; give every tile a class")
-        names.update(col)
+        names.update(ds.label_column(label))
     return sorted(names)
 
 

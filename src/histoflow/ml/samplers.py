@@ -22,9 +22,11 @@ Examples
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
 from ..errors import HistoflowError
@@ -34,6 +36,20 @@ __all__ = ["SamplerError", "HierarchicalSampler", "ClassBalancedSampler"]
 
 class SamplerError(HistoflowError, ValueError):
     """A sampler got invalid keys, labels or sizes."""
+
+
+def _key(key):
+    """A key by value: numpy and torch scalars as Python ones, every NaN as one key (NaN != NaN, so each NaN
+    would otherwise be a group of its own)."""
+    if isinstance(key, np.generic) or (torch.is_tensor(key) and key.ndim == 0):
+        key = key.item()
+    if isinstance(key, float) and math.isnan(key):
+        return _NAN
+    return key
+
+
+#: the one key of every NaN
+_NAN = float("nan")
 
 
 class _Node:
@@ -90,6 +106,8 @@ class HierarchicalSampler(Sampler):
         depth = None
         root = _Node()
         for i, k in enumerate(keys):
+            if torch.is_tensor(k):
+                k = k.tolist()
             if not isinstance(k, tuple):
                 k = tuple(k) if isinstance(k, (list, np.ndarray)) else (k,)
             if depth is None:
@@ -101,8 +119,7 @@ class HierarchicalSampler(Sampler):
                                    f"keys, item {i} has {len(k)}: {k!r}")
             node = root
             for key in k:
-                if isinstance(key, np.generic):
-                    key = key.item()
+                key = _key(key)
                 if not isinstance(key, Hashable):
                     raise SamplerError(f"{who}: item {i}: key {key!r} is not hashable")
                 child = node.children.get(key)
@@ -199,5 +216,7 @@ class ClassBalancedSampler(HierarchicalSampler):
     """
 
     def __init__(self, labels: Sequence, num_samples: int, seed: int = 0, replacement: bool = True):
-        labels = list(np.asarray(labels).tolist()) if isinstance(labels, np.ndarray) else list(labels)
+        if torch.is_tensor(labels) or isinstance(labels, np.ndarray):
+            labels = labels.tolist()  # plain values: a tensor's items would each hash as their own object
+        labels = list(labels)
         super().__init__([(lab,) for lab in labels], num_samples, seed=seed, replacement=replacement)

@@ -46,10 +46,17 @@ def pick_device(device=None) -> torch.device:
     """``device`` if given, else CUDA when present, else CPU."""
     if device is not None and device != "auto":
         try:
-            return torch.device(device)
+            dev = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ParameterError(f"device {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', 'mps' or "
                                  f"'auto'): {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ParameterError(f"device {device!r}: this torch has no usable CUDA GPU here; use 'cpu' or 'auto'")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ParameterError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ParameterError(f"device {device!r}: Apple's MPS is not available here; use 'cpu' or 'auto'")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
