@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output .h5ad")
     s.add_argument("--gate", choices=["otsu", "gmm"], default="otsu", help="automatic thresholds (default otsu)")
     s.add_argument("--thresholds", help="YAML/JSON of manual thresholds {channel: value} or {slide: {channel: v}}")
+    s.add_argument("--no-log", action="store_true", help="find automatic thresholds on the intensities as they are "
+                                                         "(default: on log1p intensities, which needs values >= 0)")
     s.add_argument("--png", help="picture of the cells coloured by phenotype (default: OUTPUT with .png; 'none' for "
                                  "no picture)")
     s.add_argument("--geojson", help="also write the cells with their phenotypes as QuPath GeoJSON (needs the "
@@ -452,18 +454,15 @@ def _picture_path(option, output, avoid=()):
     return path
 
 
-#: the diameter of a large nucleus, µm: with the cells' reach, the context a tile needs past its core
-LARGE_NUCLEUS_UM = 15.0
-
 
 def _cell_overlap(slide, expand_um, tile) -> int:
     """Tile overlap (pixels) for cell segmentation: each side of a tile's core must hold, whole, every
     nucleus that competes for the territory of the cells the tile keeps: 2 x (a large nucleus + 2 x the
-    cells' reach). With less, a neighbour cut by the tile's edge is dropped as too small and a kept cell
-    grows into its place, so cells would depend on the tiling. At most half the tile."""
+    cells' reach), twice :meth:`SegmentCells.min_overlap` (a whole cell). With less, a neighbour cut by the
+    tile's edge is dropped as too small and a kept cell may grow into its place. At most half the tile."""
     import math
 
-    from .transforms.multiplex import DEFAULT_MPP
+    from .transforms.multiplex import DEFAULT_MPP, LARGE_NUCLEUS_UM
 
     mpp = float(slide.mpp[0]) if slide.mpp else DEFAULT_MPP
     px = math.ceil(2 * (LARGE_NUCLEUS_UM + 2 * max(0.0, float(expand_um))) / mpp)
@@ -588,12 +587,22 @@ def cmd_phenotype(args):
             raise HistoflowError(f"{args.thresholds}: expected {{channel: value}} or {{slide: {{channel: value}}}}, "
                                  f"got a {type(manual).__name__}")
     by = "slide" if "slide" in cells.obs else None
+    try:  # the channels the rules use, and any given a manual threshold: not every channel of the panel
+        used = set(table.validate(list(cells.var_names)).values())
+    except RuleError as e:
+        raise RuleError(f"{args.rules}: {e}") from None
+    named = set()
+    for k, v in (manual or {}).items():
+        named.update(map(str, v) if isinstance(v, dict) else [str(k)])
+    channels = [c for c in map(str, cells.var_names) if c in used or c in named]
     try:
-        gate(cells, thresholds=manual, method=args.gate, by=by)
+        gate(cells, thresholds=manual, method=args.gate, by=by, channels=channels, log=not args.no_log)
     except HistoflowError as e:
-        if manual is None or str(e).startswith(str(args.thresholds)):
+        blame = args.thresholds if manual is not None and "threshold" in str(e) else args.cells
+        if str(e).startswith(str(blame)):
             raise
-        raise type(e)(f"{args.thresholds}: {e}") from None
+        msg = str(e).replace("(pass log=False,", "(pass --no-log,")
+        raise type(e)(f"{blame}: {msg}") from None
     try:
         counts = table.apply(cells)
     except RuleError as e:

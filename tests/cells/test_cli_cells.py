@@ -174,3 +174,29 @@ def test_commands_never_write_over_their_input(tmp_path):
     r = _cli("thumbnail", img, "-o", tmp_path / "folder")
     assert r.returncode == 1 and "is a folder" in r.stderr
     assert {p: open(p, "rb").read() for p in (img, xml)} == before
+
+
+def test_phenotype_gates_the_channels_the_rules_use(tmp_path):
+    """A background-subtracted table (negative values) in a channel no rule uses does not stop phenotyping;
+    in a channel the rules use, the error names the cells file and the option to pass (--no-log)."""
+    cells = tmp_path / "cells.h5ad"
+    r = _cli("quantify", MIBI, "-o", cells, "--membrane", "Membrane", "--no-progress", "--png", "none")
+    assert r.returncode == 0, r.stderr
+    a = anndata.read_h5ad(cells)
+    bg = list(a.var_names).index("Background (128)")
+    a.X = np.asarray(a.X, np.float32).copy()
+    a.X[:, bg] -= 0.5
+    a.write_h5ad(tmp_path / "neg.h5ad")
+    r = _cli("phenotype", tmp_path / "neg.h5ad", "--rules", "mibi_panel", "-o", tmp_path / "p.h5ad", "--png", "none")
+    assert r.returncode == 0, r.stderr
+    b = anndata.read_h5ad(tmp_path / "p.h5ad")
+    assert "Background (128)" in b.uns["gating"]["ungated"]
+    a.X = a.X - 0.5  # every channel
+    a.write_h5ad(tmp_path / "neg2.h5ad")
+    r = _cli("phenotype", tmp_path / "neg2.h5ad", "--rules", "mibi_panel", "-o", tmp_path / "q.h5ad", "--png", "none")
+    assert r.returncode == 1 and "neg2.h5ad: channel" in r.stderr and "--no-log" in r.stderr, r.stderr
+    assert not (tmp_path / "q.h5ad").exists()
+    r = _cli("phenotype", tmp_path / "neg2.h5ad", "--rules", "mibi_panel", "-o", tmp_path / "q.h5ad", "--png", "none",
+             "--no-log")
+    assert r.returncode == 0, r.stderr
+

@@ -180,6 +180,12 @@ def test_negative_values_need_log_false():
     np.testing.assert_array_equal(pos, [0, 0, 0, 0, 1, 1])
     # manual thresholds never need logs
     np.testing.assert_array_equal(gate(ad, method="manual", thresholds={"CD3": -0.5})[:, 0], [0, 1, 1, 1, 1, 1])
+    # nor does a channel with a manual threshold among automatic ones (it used to be refused)
+    ad = table({"zscored": np.array([-1.0, 0, 1, 2, 3, 4]), "CD8": np.array([1.0, 1.2, 1.1, 40, 50, 60])},
+               slides=["s"] * 6)
+    pos = gate(ad, thresholds={"zscored": 0.0})
+    np.testing.assert_array_equal(pos[:, 0], [0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(pos[:, 1], [0, 0, 0, 1, 1, 1])
 
 
 def test_gating_survives_h5ad_with_slashes_in_channel_names(tmp_path):

@@ -310,7 +310,9 @@ def gate(adata, thresholds=None, method: str = "otsu", layer: str | None = None,
 
     col = {c: i for i, c in enumerate(all_channels)}
     if log and method != "manual":
-        for ch in gated:
+        # only channels that get an automatic threshold on some slide are taken to log1p
+        auto = [ch for ch in gated if ch not in common and any(ch not in per_slide.get(g, {}) for g in slide_ids)]
+        for ch in auto:
             v = X[:, col[ch]]
             if np.issubdtype(v.dtype, np.number) and np.nanmin(v, initial=0) < 0:
                 raise CellsError(f"channel {ch!r} has negative intensities; log1p gating needs values >= 0 "

@@ -228,6 +228,24 @@ def _is_hdf5(path) -> bool:
         return False
 
 
+def _warn_small_overlap(slide, pipeline, grid):
+    """Warn when the tiles overlap less than a step that finds objects needs (:meth:`Transform.min_overlap`):
+    objects cut by a tile's edge would be kept in pieces, each by its own tile."""
+    from ..transforms.base import Pipeline
+
+    mpp = float(slide.mpp[0]) * grid.downsample if slide.mpp else None
+    steps = pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline])
+    need, step = steps.overlap_needed_by(mpp)
+    have = min(grid.overlap)
+    if step is not None and have < need and grid.cols * grid.rows > 1:  # one tile cuts nothing
+        tile = min(grid.tile_size)
+        hint = f"overlap={need}" if need <= tile // 2 else f"tiles of {2 * need} px or more with overlap={need}"
+        warnings.warn(f"{slide.path}: {type(step).__name__} finds objects that need {need} px of tile overlap "
+                      f"at {'%.3g µm/px' % mpp if mpp else 'these tiles'}; with {have} px, an object cut by a tile's "
+                      f"edge is found in pieces, each kept by its own tile (counted twice). Run with {hint}",
+                      stacklevel=5)
+
+
 def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume):
     slide = job.slide
     _check_output(job)
@@ -249,6 +267,8 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
                       level=tiling["level"], mpp=tiling["mpp"], edge=tiling["edge"],
                       mask=TISSUE_MASK if tiling["tissue_filter"] is not None else None,
                       min_coverage=tiling["tissue_filter"] or 0.0)
+    if pipeline is not None:
+        _warn_small_overlap(slide, job.pipeline, grid)
     specs = list(enumerate(grid))
     if not specs:  # a blank slide: its h5path has the slide's record and masks, and no tiles
         warnings.warn(f"{slide.path}: no tiles to process (grid {grid}); its h5path will hold no tiles",

@@ -115,6 +115,13 @@ class Transform:
         """Slide-level preparation before any tile runs (e.g. a stain matrix from a low-resolution
         tissue sample). Runs once, in the driver; the fitted transform is then sent to the workers."""
 
+    def min_overlap(self, mpp) -> int:
+        """The tile overlap (pixels, at the tiles' pixel size ``mpp`` in µm; None when unknown) this transform
+        needs so that every object it keeps lies whole in one tile: transforms that find objects keep those
+        centred in a tile's core, and with less overlap an object cut by a tile's edge is found in pieces,
+        each kept by its own tile. Slide runs warn when their overlap is smaller. 0: no need."""
+        return 0
+
     def channel_names_out(self, names):
         """The channel names of tiles after this transform, given those before (``None``: not known).
         The default keeps them; transforms that change the channels (collapsing planes, rendering RGB) say
@@ -415,6 +422,19 @@ class Pipeline(Transform):
             yield step
             if isinstance(step, Pipeline):
                 yield from step._all_steps()
+
+    def min_overlap(self, mpp) -> int:
+        return max((s.min_overlap(mpp) for s in self.steps), default=0)
+
+    def overlap_needed_by(self, mpp):
+        """``(pixels, step)``: the largest :meth:`min_overlap` of the steps and the step that needs it."""
+        best = (0, None)
+        for step in self._all_steps():
+            if not isinstance(step, Pipeline):
+                need = int(step.min_overlap(mpp))
+                if need > best[0]:
+                    best = (need, step)
+        return best
 
     def save(self, path) -> str:
         """Write the pipeline as YAML (atomically)."""

@@ -26,6 +26,8 @@ __all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentC
 
 #: pixel size assumed when neither the tile nor the transform knows it (µm/px)
 DEFAULT_MPP = 0.5
+#: µm across a large nucleus: what a tile's overlap must hold whole (see ``min_overlap``)
+LARGE_NUCLEUS_UM = 15.0
 
 
 def nuclear_channel_index(names, channel="auto") -> int:
@@ -33,12 +35,25 @@ def nuclear_channel_index(names, channel="auto") -> int:
     nuclear stain (DAPI, Hoechst, HH3, histone, DNA, ...)."""
     if channel != "auto":
         return find_channel(names, channel)
+    import re
+
+    def forms(n):  # the name before a "(...)" tag and the tag itself, letters and digits only
+        n = str(n).lower()
+        parts = [n.split("(")[0]] + re.findall(r"\(([^)]*)\)", n)
+        return [re.sub(r"[^0-9a-z]", "", p) for p in parts]
+
+    def looks_like(form, marker):  # "dna", "dna1", "dsdna", "hoechst33342", "dapi_2" ...
+        for m in (marker, "ds" + marker):
+            if form == m or (form.startswith(m) and form[len(m):].isdigit()):
+                return True
+        return False
+
     low = [str(n).lower() for n in names]
     for marker in NUCLEAR_MARKERS:
         for i, n in enumerate(low):
             base = n.split("(")[0].strip()
             if base == marker or base.startswith(marker + " ") or base.startswith(marker + "_") or \
-                    base.startswith(marker + "-"):
+                    base.startswith(marker + "-") or any(looks_like(f, marker) for f in forms(n)):
                 return i
     raise ChannelError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
 
@@ -96,8 +111,9 @@ def grow_cells(nuclei, distance, membrane=None, foreground=None) -> np.ndarray:
 
     Without ``membrane``: each nucleus grows by ``distance`` px, stopping where neighbours meet
     (``skimage.segmentation.expand_labels``). With a ``membrane`` signal (a 2-D image): a watershed of it
-    from the nuclei decides the borders between neighbours, within the same reach. ``foreground``
-    (bool) limits cells to stained pixels.
+    from the nuclei decides the borders between neighbours, and each cell keeps only the pixels within
+    ``distance`` of its own nucleus (the watershed alone would let a cell flood the reach of its
+    neighbours). ``foreground`` (bool) limits cells to stained pixels.
     """
     from skimage.segmentation import expand_labels, watershed
 
@@ -106,12 +122,29 @@ def grow_cells(nuclei, distance, membrane=None, foreground=None) -> np.ndarray:
     if membrane is None:
         cells = reach
     else:
-        mask = reach > 0
-        cells = watershed(np.asarray(membrane, np.float32), nuclei, mask=mask)
+        cells = watershed(np.asarray(membrane, np.float32), nuclei, mask=reach > 0)
+        _within_own_reach(cells, nuclei, distance)
     if foreground is not None:
         keep = np.asarray(foreground, bool) | (nuclei > 0)
         cells = np.where(keep, cells, 0).astype(np.int32)
     return cells.astype(np.int32)
+
+
+def _within_own_reach(cells, nuclei, distance):
+    """Clear, in place, the pixels of each cell farther than ``distance`` from its own nucleus."""
+    h, w = cells.shape
+    pad = int(np.ceil(distance)) + 1
+    for value, sl in enumerate(ndi.find_objects(cells), start=1):
+        if sl is None:
+            continue
+        y0, y1 = max(sl[0].start - pad, 0), min(sl[0].stop + pad, h)
+        x0, x1 = max(sl[1].start - pad, 0), min(sl[1].stop + pad, w)
+        box = cells[y0:y1, x0:x1]
+        own = nuclei[y0:y1, x0:x1] == value
+        if not own.any():
+            continue
+        far = (box == value) & (ndi.distance_transform_edt(~own) > distance)
+        box[far] = 0
 
 
 class SegmentNuclei(Transform):
@@ -212,6 +245,10 @@ class SegmentNuclei(Transform):
     def F(self, image, mpp=None, core=None):
         """The owned nuclei of one image (all of them when ``core`` is None)."""
         return keep_owned(self.nuclei(image, mpp or self.mpp or DEFAULT_MPP), core)
+
+    def min_overlap(self, mpp) -> int:
+        """A large nucleus, whole."""
+        return int(np.ceil(LARGE_NUCLEUS_UM / float(mpp or self.mpp or DEFAULT_MPP)))
 
     def apply(self, tile):
         lab = _on_extent(tile, lambda image: (self.F(image, self._mpp(tile), tile.core),))[0]
@@ -314,6 +351,12 @@ class SegmentCells(SegmentNuclei):
                 sig += m / scale
             membrane = sig
         return grow_cells(nuc, self.expand_um / mpp, membrane=membrane), nuc
+
+    def min_overlap(self, mpp) -> int:
+        """A whole large cell: a large nucleus and the cells' reach on both sides. (``histoflow quantify``
+        uses twice that, so that every nucleus competing for a kept cell's territory is seen whole too.)"""
+        return int(np.ceil((LARGE_NUCLEUS_UM + 2 * max(0.0, float(self.expand_um))) /
+                           float(mpp or self.mpp or DEFAULT_MPP)))
 
     def F(self, image, mpp=None, core=None):
         """(cells, nuclei) of one image, those owned by ``core`` only, numbered alike 1..n."""

@@ -78,8 +78,15 @@ def find_channel(names, channel) -> int:
     for i, n in enumerate(names):
         if n == channel:
             return i
-    for key in (lambda n: n.strip().lower(), lambda n: n.split("(")[0].strip().lower()):
-        hits = [i for i, n in enumerate(names) if key(n) == want]
+    from ..cells.gating import normalize_name
+
+    loose = normalize_name(str(channel))
+    for key, w in ((lambda n: n.strip().lower(), want), (lambda n: n.split("(")[0].strip().lower(), want),
+                   (normalize_name, loose)):  # last: as rule tables match ("NaKATPase" finds "NaK ATPase")
+        hits = [i for i, n in enumerate(names) if key(n) == w]
         if len(hits) == 1:
             return hits[0]
+        if len(hits) > 1:
+            raise ChannelError(f"channel {channel!r} matches several channels: {[names[i] for i in hits]}; "
+                               "give the full name")
     raise ChannelError(f"no channel {channel!r}; the channels are {names}")

@@ -136,9 +136,13 @@ class QuantifyCells(Transform):
     reduces = True
 
     def __init__(self, mask_name="cells", nucleus_mask=None, stats=("mean", "median", "max"), brightfield="auto"):
+        if isinstance(stats, str) or not all(isinstance(v, str) for v in stats):
+            raise ParameterError(f"QuantifyCells: stats is a list of names among {STATS} (with 'mean'), got {stats!r}")
         unknown = set(stats) - set(STATS)
         if unknown or "mean" not in stats:
             raise ParameterError(f"QuantifyCells: stats must include 'mean' and be among {STATS}, got {list(stats)}")
+        if not (brightfield == "auto" or isinstance(brightfield, (bool, np.bool_))):
+            raise ParameterError(f"QuantifyCells: brightfield must be 'auto', True or False, got {brightfield!r}")
         self.mask_name = mask_name
         self.nucleus_mask = nucleus_mask
         self.stats = list(stats)
@@ -272,13 +276,18 @@ class QuantifyCells(Transform):
 
 
 def _unique(names):
-    seen, out = {}, []
+    """The names, repeats given the first free suffix ``-1``, ``-2`` ... (never a name already taken)."""
+    names = [str(n) for n in names]
+    taken, out = set(names), []
+    used = set()
     for n in names:
-        n = str(n)
-        if n in seen:
-            seen[n] += 1
-            out.append(f"{n}-{seen[n]}")
-        else:
-            seen[n] = 0
+        if n not in used:
+            used.add(n)
             out.append(n)
+            continue
+        k = 1
+        while f"{n}-{k}" in taken or f"{n}-{k}" in used:
+            k += 1
+        used.add(f"{n}-{k}")
+        out.append(f"{n}-{k}")
     return out
