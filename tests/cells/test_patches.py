@@ -84,3 +84,11 @@ def test_patch_centre_is_the_centroid_pixel():
             p = ds.patch(i)
             assert p.shape[:2] == (size, size)
             np.testing.assert_array_equal(p, img[cy - size // 2:cy - size // 2 + size, cx - size // 2:cx - size // 2 + size])
+
+
+def test_patient_folds_refuse_missing_ids_and_one_fold():
+    with pytest.raises(CellsError, match="1 cells have no patient id"):
+        patient_folds([0, 1, 0, 1], ["a", "b", None, "c"], n_splits=2)
+    with pytest.raises(CellsError, match="n_splits must be a whole number >= 2"):
+        patient_folds([0, 1, 0, 1], ["a", "b", "c", "d"], n_splits=1)
+

@@ -246,6 +246,31 @@ def test_vectra_qptiff_cells(tmp_path):
         assert h.tile(0).image.shape[2] == 2
 
 
+def test_codex_focal_plane_is_chosen_once_per_slide(tmp_path):
+    """With z=None every tile of a slide gets the same plane (the sharpest over the slide), recorded per tile;
+    each tile used to pick its own, mixing focal planes in one cell table."""
+    import tifffile
+    from scipy import ndimage as ndi
+
+    with SlideData(MIBI) as s:
+        real = s.reader.read_region((0, 0), 0, (1024, 1024))[..., :4].astype(np.float32)
+    soft = ndi.gaussian_filter(real, (3, 3, 0))
+    z0, z1 = soft.copy(), real.copy()  # z1 in focus ...
+    z0[:256, :256], z1[:256, :256] = real[:256, :256], soft[:256, :256]  # ... except in one corner
+    stack = np.concatenate([z0, z1], -1).astype(np.uint16)  # z outermost: 2 z x 1 cycle x 4 channels
+    path = tmp_path / "codex.tif"
+    tifffile.imwrite(path, np.moveaxis(stack, -1, 0), photometric="minisblack", metadata={"axes": "CYX"})
+    t = CollapseRunsCODEX(n_cycles=1, channels_per_cycle=4, n_z=2)
+    assert np.array_equal(t.F(stack[:256, :256]), stack[:256, :256, :4])  # unfitted: the tile's own sharpest
+    with SlideData(path, slide_type="CODEX") as slide:
+        out = slide.run(Pipeline([t]), tmp_path / "c.h5path", tile_size=256, executor="inprocess", progress=False)
+    with read_h5path(out) as h:
+        tiles = list(h)
+    assert len(tiles) == 16 and {tile.labels["z_plane"] for tile in tiles} == {1}
+    corner = next(tile for tile in tiles if tuple(tile.coords) == (0, 0))
+    np.testing.assert_array_equal(corner.image, stack[:256, :256, 4:])
+
+
 def test_collapsed_codex_planes_keep_their_names():
     names = [f"z{z}_c{c}_{m}" for z in range(2) for c in range(3) for m in ("DAPI", "CD3", "CD8", "CD20")]
     t = CollapseRunsCODEX(n_cycles=3, channels_per_cycle=4, n_z=2, z=1)

@@ -24,10 +24,18 @@ def patient_folds(labels, patients, n_splits: int = 5, seed: int = 0) -> list[tu
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
+    if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
+        raise CellsError(f"patient_folds: n_splits must be a whole number >= 2 (a test fold and the rest), "
+                         f"got {n_splits!r}")
     labels = np.asarray(labels)
     patients = np.asarray(patients)
     if labels.shape != patients.shape:
         raise CellsError(f"patient_folds: {len(labels)} labels but {len(patients)} patient ids")
+    missing = [i for i, p in enumerate(patients.tolist()) if p is None or (isinstance(p, float) and p != p)]
+    if missing:
+        raise CellsError(f"patient_folds: {len(missing)} cells have no patient id (the first: item {missing[0]}); "
+                         "every cell needs one")
+    patients = patients.astype(str) if patients.dtype == object else patients
     n_patients = len(np.unique(patients))
     if n_patients < n_splits:
         raise CellsError(f"patient_folds: {n_splits} folds need at least {n_splits} patients, got {n_patients}")

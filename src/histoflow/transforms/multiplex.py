@@ -396,9 +396,17 @@ class _CollapseRuns(Transform, register=False):
 
 class CollapseRunsCODEX(_CollapseRuns):
     """Fold a CODEX acquisition's planes (z x cycle x channel, z outermost) into cycle x channel channels
-    at one z plane (``z``; None picks the sharpest). The result's channels run cycle by cycle."""
+    at one z plane (``z``; None picks the sharpest). The result's channels run cycle by cycle.
+
+    With ``z=None`` the sharpest plane (highest variance of the Laplacian, all channels summed) is chosen
+    once per slide by :meth:`fit_slide`, on a few full-resolution regions spread over the slide, so that every
+    tile of a slide has the same plane; each tile records it in its ``"z_plane"`` label. A transform never
+    fitted to a slide (a lone tile or array) picks each image's sharpest plane."""
 
     slide_types = ("CODEX",)
+    labels_out = ("z_plane",)
+    #: side and number of the level-0 regions :meth:`fit_slide` compares the planes on
+    FIT_REGION, FIT_REGIONS = 512, 5
 
     def __init__(self, n_cycles, channels_per_cycle=4, n_z=1, z=None):
         who = type(self).__name__
@@ -411,20 +419,51 @@ class CollapseRunsCODEX(_CollapseRuns):
         self.channels_per_cycle = channels_per_cycle
         self.n_z = n_z
         self.z = z
+        self.z_ = None
+
+    def _plane(self):
+        return self.z if self.z is not None else self.z_
+
+    def fit_slide(self, slide):
+        """Choose the sharpest z plane of the slide (when ``z`` is None and there are several)."""
+        self.z_ = None
+        if self.z is not None or self.n_z == 1:
+            return
+        w, h = slide.dimensions
+        side = min(self.FIT_REGION, w, h)
+        spots = [(0.5, 0.5), (0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)][:self.FIT_REGIONS]
+        score = np.zeros(self.n_z)
+        for fx, fy in spots:
+            x, y = int(fx * w - side / 2), int(fy * h - side / 2)
+            region = np.asarray(slide.read_region((max(x, 0), max(y, 0)), 0, (side, side)))
+            score += self._sharpness(region)
+        self.z_ = int(np.argmax(score))
+
+    def _sharpness(self, image):
+        a = np.asarray(image)
+        expected = self.n_cycles * self.channels_per_cycle * self.n_z
+        if a.shape[-1] != expected:
+            return np.zeros(self.n_z)  # the tile check names the problem
+        a = a.reshape(*a.shape[:-1], self.n_z, self.n_cycles * self.channels_per_cycle)
+        return np.array([ndi.laplace(a[..., k, :].astype(np.float32).sum(-1)).var() for k in range(self.n_z)])
 
     def F(self, image):
-        return self._fold(image, self.n_cycles, self.channels_per_cycle, self.z, self.n_z)
+        return self._fold(image, self.n_cycles, self.channels_per_cycle, self._plane(), self.n_z)
 
     def channel_names_out(self, names):
         """The names of one z plane's channels (that of ``z``, else the first: they name the same markers)."""
         n = self.n_cycles * self.channels_per_cycle
         if names is None or len(names) != n * self.n_z:
             return None
-        k = int(self.z or 0)
+        k = int(self._plane() or 0)
         return list(names[k * n:(k + 1) * n])
 
     def apply(self, tile):
-        tile.image = self.F(tile.image)
+        z = self._plane()
+        if z is None and self.n_z > 1:
+            z = int(np.argmax(self._sharpness(tile.image)))
+        tile.image = self._fold(tile.image, self.n_cycles, self.channels_per_cycle, z, self.n_z)
+        tile.labels["z_plane"] = int(z or 0)
 
 
 class CollapseRunsVectra(_CollapseRuns):
