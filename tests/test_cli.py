@@ -132,3 +132,20 @@ def test_display_channels_put_the_nuclear_stain_first():
     assert order[0] == 13 and 0 not in order  # HH3 (89) first, "Background (128)" left out
     assert display_channels(["DAPI", "FITC", "Cy3"]) == [0, 1, 2]
     assert display_channels(["CD3", "CD8", "Hoechst 33342"])[0] == 2
+
+
+def test_a_terminated_command_leaves_no_temporary_file(tmp_path):
+    """A TERM (a cluster scheduler ending a job) unwinds like Ctrl-C: the half-written store is removed."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "tile", SVS, "-o", str(tmp_path / "out.h5path"),
+                          "--size", "16", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(".tmp-" in n for n in os.listdir(tmp_path)):
+        time.sleep(0.05)
+    assert any(".tmp-" in n for n in os.listdir(tmp_path)), "the store was never being written"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err, (p.returncode, err)
+    assert os.listdir(tmp_path) == []

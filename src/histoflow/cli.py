@@ -172,6 +172,16 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .errors import HistoflowError
 
+    if argv is None:  # as a command: a TERM (a scheduler's job kill) unwinds like Ctrl-C, so that files being
+        import signal  # written are dropped, not left behind as temporary files
+
+        def _terminated(signum, frame):
+            raise KeyboardInterrupt
+
+        try:
+            signal.signal(signal.SIGTERM, _terminated)
+        except ValueError:  # not the main thread
+            pass
     try:
         return args.func(args) or 0
     except (HistoflowError, OSError) as e:

@@ -54,6 +54,15 @@ class OutputError(HistoflowError, OSError):
     """An output file cannot be written (its folder is missing or not writable, the disk is full)."""
 
 
+class H5PathNotFoundError(H5PathError, FileNotFoundError):
+    """The h5path file does not exist: both an :class:`H5PathError` and a ``FileNotFoundError``."""
+
+
+class H5PathParameterError(H5PathError, ParameterError):
+    """A writer argument histoflow cannot use (a compression, a level, a coordinate): both an
+    :class:`H5PathError` and a :class:`ParameterError` (a ``ValueError``)."""
+
+
 class H5PathOutputError(H5PathError, OutputError):
     """An h5path file cannot be written where asked (its folder is missing or not writable, its temporary
     file would be on another file system): both an :class:`H5PathError` and an :class:`OutputError`."""

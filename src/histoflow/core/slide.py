@@ -226,15 +226,28 @@ class SlideData:
         from ..store import H5PathWriter, encode_tile
         from ..utils import progress_bar
 
+        import itertools
+
         tiles = self.tiles if tiles is None else tiles
         if total is None and hasattr(tiles, "__len__"):
             total = len(tiles)
         encode = compression in ("gzip", "htj2k", None)
-        with H5PathWriter(path, slide=self.metadata(), compression=compression,
+        meta = self.metadata()
+        # tiles that a transform gave other channels (grey, a virtual H&E, collapsed runs) are stored with
+        # them: the slide's channel names stay only when the first tile still has as many channels
+        it = iter(tiles)
+        first = next(it, None)
+        if first is not None:
+            it = itertools.chain([first], it)
+            names = meta.get("channel_names")
+            c = 1 if np.ndim(first.image) == 2 else np.shape(first.image)[-1]
+            if names is not None and len(names) != c:
+                meta["channel_names"] = ["R", "G", "B"] if c == 3 else None  # as a slide run does
+        with H5PathWriter(path, slide=meta, compression=compression,
                           compression_level=compression_level) as w:
             for name, m in self.masks.items():
                 w.add_slide_mask(name, m.array, m.downsample)
-            for t in progress_bar(tiles, total=total, desc=f"tiles {self.name}", unit="tile", disable=not progress):
+            for t in progress_bar(it, total=total, desc=f"tiles {self.name}", unit="tile", disable=not progress):
                 w.add_tile(encode_tile(t, compression, compression_level) if encode else t)
             if provenance:
                 w.add_provenance(provenance)

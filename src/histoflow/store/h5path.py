@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - optional speed-up
 
 from .. import __version__
 from ..core.tile import Tile
-from ..errors import H5PathError, H5PathOutputError
+from ..errors import H5PathError, H5PathNotFoundError, H5PathOutputError, H5PathParameterError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "EncodedTile", "H5Path", "H5PathWriter", "encode_tile", "read_h5path"]
 
@@ -45,6 +45,10 @@ _STR_KEYS = ("name", "source_path", "backend", "format", "dtype", "slide_type")
 
 #: longest attribute string the reader parses (characters)
 MAX_ATTR_CHARS = 1 << 20
+#: longest provenance record read (a run's record lists its failed tiles: ~100 characters each)
+MAX_PROVENANCE_CHARS = 1 << 26
+#: failed tiles listed by name in a run's provenance record; past this, a count and the first ones
+MAX_FAILED_LISTED = 100_000
 #: largest attribute the reader loads (bytes of storage)
 MAX_ATTR_BYTES = 16 << 20
 #: largest single tile image the reader loads (bytes)
@@ -395,11 +399,12 @@ class H5PathWriter:
         self._closed = True
         self._f = None
         if compression not in COMPRESSIONS:
-            raise H5PathError(f"{self.path}: compression must be 'gzip', 'lzf', 'htj2k' or None, not {compression!r}")
+            raise H5PathParameterError(f"{self.path}: compression must be 'gzip', 'lzf', 'htj2k' or None, not "
+                                       f"{compression!r}")
         if compression == "htj2k":
             _hdf5plugin()
         if compression in ("gzip", "htj2k") and not (isinstance(compression_level, int) and 0 <= compression_level <= 9):
-            raise H5PathError(f"{self.path}: gzip compression_level must be an int 0..9, "
+            raise H5PathParameterError(f"{self.path}: gzip compression_level must be an int 0..9, "
                               f"not {compression_level!r}")
         if os.path.isdir(self.path):
             raise H5PathError(f"{self.path}: is a directory")
@@ -412,7 +417,9 @@ class H5PathWriter:
         self._slide_mpp = meta.get("mpp")
         self._channel_names = meta.get("channel_names")
 
-        self._tmp = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        # beside the target (one file system: an atomic rename); a short name, so that a long file name still fits
+        self._tmp = os.path.join(os.path.dirname(os.path.abspath(self.path)),
+                                 f".{os.path.basename(self.path)[:64]}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise H5PathOutputError(f"{self.path}: the output folder {folder} does not exist")
@@ -589,8 +596,12 @@ class H5PathWriter:
             raise H5PathError(f"{self.path}: tile {i} ({name!r}): coords must be (x, y), got {coords!r}")
         try:
             x, y = int(coords[0]), int(coords[1])
+            whole = x == coords[0] and y == coords[1]  # 10.7 would become 10 silently
         except (TypeError, ValueError, OverflowError):
-            raise H5PathError(f"{self.path}: tile {i} ({name!r}): coords must be integers, got {coords!r}") from None
+            whole = False
+        if not whole:
+            raise H5PathParameterError(f"{self.path}: tile {i} ({name!r}): coords must be whole numbers, got "
+                                       f"{coords!r}")
         if name is not None and not isinstance(name, str):
             raise H5PathError(f"{self.path}: tile {i}: name must be a str, not {type(name).__name__}")
         if name:
@@ -599,9 +610,12 @@ class H5PathWriter:
         if not (-_INT64 <= x < _INT64 and -_INT64 <= y < _INT64):
             raise H5PathError(f"{self.path}: {where}: coords out of the 64-bit range")
         try:
+            if int(level) != level:
+                raise ValueError("level is not a whole number")
             level, downsample = int(level), float(downsample)
         except (TypeError, ValueError, OverflowError):
-            raise H5PathError(f"{self.path}: {where}: level and downsample must be numbers, got {level!r}, "
+            raise H5PathParameterError(f"{self.path}: {where}: level must be a whole number and downsample a "
+                                       f"number, got {level!r}, "
                               f"{downsample!r}") from None
         if not -32768 <= level <= 32767:
             raise H5PathError(f"{self.path}: {where}: level {level} out of range")
@@ -840,9 +854,17 @@ class H5PathWriter:
 
         if not isinstance(adata, anndata.AnnData):
             raise H5PathError(f"{self.path}: cells must be an AnnData, not {type(adata).__name__}")
+        tmp = f"cells.tmp-{secrets.token_hex(4)}"  # written whole aside, then put in place: never half a table
+        try:
+            _write_elem()(self._f, tmp, adata)
+        except Exception as e:  # noqa: BLE001 - anndata's own errors (a column of mixed types ...)
+            if tmp in self._f:
+                del self._f[tmp]
+            raise H5PathError(f"{self.path}: the cell table cannot be stored ({type(e).__name__}: {e}); the file "
+                              "keeps its previous one") from None
         if "cells" in self._f:
             del self._f["cells"]
-        _write_elem()(self._f, "cells", adata)
+        self._f.move(tmp, "cells")
 
     def add_provenance(self, record: Mapping):
         """Append one run record to ``/provenance``.
@@ -859,10 +881,17 @@ class H5PathWriter:
         rec = dict(record)
         rec.setdefault("date", _now())
         rec.setdefault("histoflow", __version__)
+        failed = rec.get("failed_tiles")
+        if isinstance(failed, (list, tuple)) and len(failed) > MAX_FAILED_LISTED:
+            rec["failed_tiles_total"] = len(failed)
+            rec["failed_tiles"] = list(failed[:MAX_FAILED_LISTED])
         try:
-            text = json.dumps(rec, default=_json_default)
+            text = json.dumps(_json_safe(rec), default=_json_default, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise H5PathError(f"{self.path}: provenance record is not JSON serialisable: {e}") from e
+        if len(text) > MAX_PROVENANCE_CHARS:
+            raise H5PathError(f"{self.path}: provenance record of {len(text):,} characters, more than histoflow "
+                              f"reads back ({MAX_PROVENANCE_CHARS:,}); keep large data out of provenance")
         if "provenance" not in self._f:
             self._f.create_dataset("provenance", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(),
                                    chunks=(64,))
@@ -883,9 +912,16 @@ class H5PathWriter:
                     ds.resize(self._n, axis=0)
             self._f.attrs["complete"] = True
             self._f.close()
+            _fsync(self._tmp)  # the data on disk before the name: a crash never leaves a partial file there
             if not self.overwrite and os.path.exists(self.path):
                 raise H5PathError(f"{self.path}: file appeared while writing and overwrite=False")
             os.replace(self._tmp, self.path)
+            _fsync(os.path.dirname(os.path.abspath(self.path)), directory=True)
+        except OSError as e:  # a full disk, a file-size limit: the OS's own words, the file named
+            self.abort()
+            if isinstance(e, H5PathError):
+                raise
+            raise H5PathOutputError(f"{self.path}: cannot finish writing ({e}); nothing was written there") from e
         except BaseException:
             self.abort()
             raise
@@ -897,9 +933,29 @@ class H5PathWriter:
         try:
             if self._f is not None and self._f.id.valid:
                 self._f.close()
+        except Exception:  # noqa: BLE001 - closing a file whose write failed fails again: the first error counts
+            pass
         finally:
             if os.path.exists(self._tmp):
                 os.remove(self._tmp)
+
+
+def _fsync(path, directory=False):
+    """Flush a file (or a folder's entries) to disk; where the system cannot (some file systems refuse it on
+    folders), carry on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _tile_label(value):
@@ -940,7 +996,7 @@ def _check_slide(path, slide: Mapping) -> dict:
         raise H5PathError(f"{path}: slide metadata must be a dict, not {type(slide).__name__}")
     unknown = sorted(set(slide) - set(SLIDE_KEYS))
     if unknown:
-        raise H5PathError(f"{path}: unknown slide metadata keys {unknown}; known: {list(SLIDE_KEYS)}")
+        raise H5PathParameterError(f"{path}: unknown slide metadata keys {unknown}; known: {list(SLIDE_KEYS)}")
     meta = {k: v for k, v in slide.items() if v is not None}
     try:
         for k in _STR_KEYS:
@@ -1006,12 +1062,19 @@ def _write_slide(g: h5py.Group, meta: dict, path):
         elif isinstance(v, (float, np.floating)):
             labels.attrs[k] = np.float64(v)
         elif isinstance(v, str):
+            if len(v) > MAX_ATTR_CHARS:
+                raise H5PathError(f"{path}: slide label {k!r} takes {len(v):,} characters, more than a label may "
+                                  f"({MAX_ATTR_CHARS:,})")
             labels.attrs[k] = v
         else:
             try:
-                labels.attrs[k] = json.dumps(v, default=_json_default)
+                text = json.dumps(_json_safe(v), default=_json_default, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise H5PathError(f"{path}: slide label {k!r} is not JSON serialisable: {e}") from e
+            if len(text) > MAX_ATTR_CHARS:
+                raise H5PathError(f"{path}: slide label {k!r} takes {len(text):,} characters, more than a label "
+                                  f"may ({MAX_ATTR_CHARS:,}); store large data as a slide mask or a cell table")
+            labels.attrs[k] = text
             as_json.append(k)
     if as_json:
         g.attrs["json_labels"] = np.array(as_json, dtype=h5py.string_dtype())
@@ -1033,6 +1096,22 @@ def _attr(obj, name: str, path, default=None):
     except Exception as e:  # h5py raises OSError, TypeError, ValueError on odd attributes
         raise H5PathError(f"{path}: attribute {name!r} of {obj.name} cannot be read: {e}") from e
     return _bounded(value, f"attribute {name!r} of {obj.name}", path)
+
+
+def _json_safe(v):
+    """``v`` with NaN and infinities as None: strict JSON has no such numbers (``json.dumps`` would write
+    ``NaN``, which other readers refuse)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, np.floating) and not np.isfinite(v):
+        return None
+    if isinstance(v, Mapping):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+        return [_json_safe(float(x)) for x in v.ravel()] if v.ndim else _json_safe(float(v))
+    return v
 
 
 def _bounded(value, what, path):
@@ -1185,6 +1264,14 @@ class _V2Reader:
             self._slide = _read_slide(self._slide_group, self.path)
         return self._slide
 
+    def _tile_slide(self) -> dict:
+        """The slide's metadata without its labels (pixel size and type for the tiles)."""
+        if self._slide is not None:
+            return self._slide
+        if getattr(self, "_slide_nolabels", None) is None:
+            self._slide_nolabels = _read_slide(self._slide_group, self.path, labels=False)
+        return self._slide_nolabels
+
     # tiles
 
     def _cols(self):
@@ -1238,7 +1325,7 @@ class _V2Reader:
                     labels[name] = bool(v) if kind == "bool" else int(v) if kind == "int" else float(v)
                 except (OverflowError, ValueError) as e:
                     raise H5PathError(f"{self.path}: tile {i}: label {name!r} = {v!r} is not a {kind}") from e
-        slide = self.slide()
+        slide = self._tile_slide()
         ds = float(down[i])
         mpp = None if slide["mpp"] is None else (slide["mpp"][0] * ds, slide["mpp"][1] * ds)
         return Tile(image=image, coords=(int(coords[i, 0]), int(coords[i, 1])), level=int(level[i]),
@@ -1299,10 +1386,18 @@ class _V2Reader:
         if g is None:
             return None
         _check_tree(g, self.path)
+        kind = _attr(g, "encoding-type", self.path)
+        if kind != "anndata":
+            raise H5PathError(f"{self.path}: /cells is not an AnnData table (encoding-type {kind!r}); damaged?")
         try:
-            return _read_elem()(g)
+            out = _read_elem()(g)
         except Exception as e:
             raise H5PathError(f"{self.path}: /cells cannot be read as AnnData: {e}") from e
+        import anndata
+
+        if not isinstance(out, anndata.AnnData):
+            raise H5PathError(f"{self.path}: /cells is not an AnnData table; damaged?")
+        return out
 
     def provenance(self) -> list:
         if "provenance" not in self.f:
@@ -1315,7 +1410,9 @@ class _V2Reader:
                               f"({MAX_PROVENANCE}); refused")
         out = []
         for k, text in enumerate(ds.asstr()[()]):
-            text = _bounded(text, f"provenance record {k}", self.path)
+            if len(text) > MAX_PROVENANCE_CHARS:
+                raise H5PathError(f"{self.path}: provenance record {k} is longer than {MAX_PROVENANCE_CHARS} "
+                                  "characters")
             try:
                 rec = json.loads(text)
             except (ValueError, RecursionError) as e:
@@ -1326,7 +1423,9 @@ class _V2Reader:
         return out
 
 
-def _read_slide(g: h5py.Group, path) -> dict:
+def _read_slide(g: h5py.Group, path, labels: bool = True) -> dict:
+    """The /slide group as a dict; ``labels=False`` leaves the slide labels out (what a tile needs is
+    read without them, so a damaged or oversized label never makes the tiles unreadable)."""
     out = dict.fromkeys(SLIDE_KEYS)
     for k in _STR_KEYS:
         v = _attr(g, k, path)
@@ -1356,6 +1455,9 @@ def _read_slide(g: h5py.Group, path) -> dict:
         out["levels"] = levels
     except (TypeError, ValueError, OverflowError) as e:
         raise H5PathError(f"{path}: invalid /slide metadata: {e}") from e
+    if not labels:
+        out["labels"] = {}
+        return out
     json_names = set(_plain(_attr(g, "json_labels", path, np.zeros(0, object))))
     labels = {}
     lg = _group(g, "labels", path)
@@ -1429,7 +1531,7 @@ class H5Path:
         self.path = os.fspath(path)
         self._src = None
         if not os.path.exists(self.path):
-            raise H5PathError(f"{self.path}: no such file")
+            raise H5PathNotFoundError(f"{self.path}: no such file")
         if not os.path.isfile(self.path):
             raise H5PathError(f"{self.path}: not a regular file")
         try:
@@ -1546,6 +1648,8 @@ class H5Path:
             return src.read_tile(i)
         if isinstance(key, (tuple, list, np.ndarray)) and len(key) == 2:
             x, y = int(key[0]), int(key[1])
+            if x != key[0] or y != key[1]:  # (8.9, 0) is no tile's corner
+                raise KeyError(f"{self.path}: no tile at {tuple(key)}: tile coords are whole numbers")
             hits = np.flatnonzero((src.coords() == (x, y)).all(axis=1))
             if not hits.size:
                 raise KeyError(f"{self.path}: no tile at (x={x}, y={y})")

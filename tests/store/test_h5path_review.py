@@ -1,0 +1,109 @@
+"""What a review of the store found: large provenance, partial cell tables, failing closes, strict JSON,
+coordinates, error classes, long names, tiles with other channels."""
+import json
+import math
+import os
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+from datafiles import SVS
+
+from histoflow.core.slide import SlideData
+from histoflow.errors import H5PathError, H5PathOutputError, UnsupportedFormatError
+from histoflow.store import H5PathWriter, read_h5path
+
+
+def _writer(path, **kw):
+    w = H5PathWriter(path, **kw)
+    w.add_tile(np.zeros((4, 4, 3), np.uint8), (0, 0))
+    return w
+
+
+def test_a_run_with_many_failed_tiles_reads_back(tmp_path):
+    """20,000 failed tiles (~2 MB of provenance) used to make a file its own reader refused."""
+    failed = [{"tile": i, "coords": [i, i], "step": "StainNormalizationHE", "error": "no tissue pixels " * 3}
+              for i in range(20_000)]
+    with _writer(tmp_path / "a.h5path") as w:
+        w.add_provenance({"kind": "pipeline run", "failed_tiles": failed, "score": math.nan})
+    with read_h5path(tmp_path / "a.h5path") as h:
+        rec = h.provenance[-1]
+        assert len(rec["failed_tiles"]) == 20_000 and rec["score"] is None  # NaN is not JSON: null
+        raw = h5_text(tmp_path / "a.h5path")
+    assert "NaN" not in raw
+
+
+def h5_text(path):
+    import h5py
+
+    with h5py.File(path) as f:
+        return f["provenance"].asstr()[-1]
+
+
+def test_oversized_slide_labels_are_refused_when_written(tmp_path):
+    with pytest.raises(H5PathError, match="slide label 'ids' takes .* more than a label may"):
+        with _writer(tmp_path / "b.h5path", slide={"labels": {"ids": list(range(200_000))}}):
+            pass
+    assert not os.path.exists(tmp_path / "b.h5path")
+
+
+def test_a_failed_cell_table_keeps_the_previous_one(tmp_path):
+    w = _writer(tmp_path / "c.h5path")
+    w.set_cells(anndata.AnnData(X=np.ones((2, 2)), obs=pd.DataFrame(index=["a", "b"])))
+    bad = anndata.AnnData(X=np.ones((3, 2)), obs=pd.DataFrame({"m": [1, "a", None]}, index=list("abc")))
+    with pytest.raises(H5PathError, match=r"c.h5path: the cell table cannot be stored .*keeps its previous one"):
+        w.set_cells(bad)
+    w.close()
+    with read_h5path(tmp_path / "c.h5path") as h:
+        assert isinstance(h.cells, anndata.AnnData) and h.cells.n_obs == 2
+
+
+def test_a_failing_close_names_the_file_and_the_cause(tmp_path, monkeypatch):
+    w = _writer(tmp_path / "d.h5path")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(H5PathOutputError, match=r"d.h5path: cannot finish writing .*No space left on device"):
+        w.close()
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []  # the temporary file is gone, nothing under the name
+
+
+def test_coordinates_and_errors_are_strict(tmp_path):
+    w = _writer(tmp_path / "e.h5path")
+    with pytest.raises(ValueError, match=r"coords must be whole numbers, got \(10.7, 3.2\)"):
+        w.add_tile(np.zeros((4, 4, 3), np.uint8), (10.7, 3.2))
+    with pytest.raises(ValueError, match="level"):
+        w.add_tile(np.zeros((4, 4, 3), np.uint8), (8, 0), level=1.9)
+    w.add_tile(np.zeros((4, 4, 3), np.uint8), (8.0, 0))  # a whole float is fine
+    w.close()
+    with read_h5path(tmp_path / "e.h5path") as h:
+        assert h.tile((8, 0)).coords == (8, 0)
+        with pytest.raises(KeyError, match="whole numbers"):
+            h.tile((8.9, 0))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_h5path(tmp_path / "missing.h5path")
+    with pytest.raises(ValueError, match="compression must be"):
+        H5PathWriter(tmp_path / "f.h5path", compression="zstd")
+
+
+def test_long_names_and_tiles_with_other_channels(tmp_path):
+    name = "x" * 240 + ".h5path"  # the file name fits; the temporary one must too
+    with _writer(tmp_path / name):
+        pass
+    assert os.listdir(tmp_path) == [name]
+    import cv2
+
+    with SlideData(SVS) as s:
+        grey = []
+        for t in s.generate_tiles(1024):
+            t.image = cv2.cvtColor(t.image, cv2.COLOR_RGB2GRAY)[:, :, None]
+            grey.append(t)
+        out = s.write(tmp_path / "grey.h5path", tiles=iter(grey))
+    with read_h5path(out) as h:
+        assert len(h) == 9 and h.tile(0).image.shape == (1024, 1024, 1) and h.slide["channel_names"] is None
+    with pytest.raises(UnsupportedFormatError, match=r"an HDF5 file \(an h5path store\?\), not a slide"):
+        SlideData(out)
