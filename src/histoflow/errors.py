@@ -50,6 +50,13 @@ class ChannelError(HistoflowError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class MaskError(HistoflowError, KeyError):
+    """A tile has no mask of the name a transform reads."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class OutputError(HistoflowError, OSError):
     """An output file cannot be written (its folder is missing or not writable, the disk is full)."""
 

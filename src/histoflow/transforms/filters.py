@@ -18,7 +18,7 @@ import numbers
 import cv2
 import numpy as np
 
-from ..errors import ParameterError
+from ..errors import MaskError, ParameterError
 from .base import Transform
 
 __all__ = ["MedianBlur", "GaussianBlur", "BoxBlur", "median_blur", "gaussian_blur", "box_blur"]
@@ -228,7 +228,7 @@ class _ImageFilter(Transform, register=False):
     def apply(self, tile):
         if self.mask_name:
             if self.mask_name not in tile.masks:
-                raise KeyError(f"{type(self).__name__}: tile has no mask {self.mask_name!r} "
+                raise MaskError(f"{type(self).__name__}: tile has no mask {self.mask_name!r} "
                                f"(masks: {sorted(tile.masks) or 'none'})")
             tile.masks[self.mask_name] = self.F(tile.masks[self.mask_name])
         else:

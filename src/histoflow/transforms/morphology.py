@@ -8,7 +8,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..errors import ParameterError
+from ..errors import MaskError, ParameterError
 from .base import Transform, outputs_from
 from .filters import _check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int
 from .intensity import to_grey
@@ -227,7 +227,7 @@ class _MaskTransform(Transform, register=False):
 
     def apply(self, tile):
         if self.mask_name not in tile.masks:
-            raise KeyError(f"{type(self).__name__}: tile has no mask {self.mask_name!r} "
+            raise MaskError(f"{type(self).__name__}: tile has no mask {self.mask_name!r} "
                            f"(masks: {sorted(tile.masks) or 'none'})")
         tile.masks[self.mask_name] = self.F(tile.masks[self.mask_name])
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ParameterError
+from ..errors import MaskError, ParameterError
 from .base import Transform
 from .objects import relabel_sequential
 
@@ -202,7 +202,7 @@ class QuantifyCells(Transform):
 
     def apply(self, tile):
         if self.mask_name not in tile.masks:
-            raise KeyError(f"QuantifyCells: the tile has no mask {self.mask_name!r} (it has {sorted(tile.masks)})")
+            raise MaskError(f"QuantifyCells: the tile has no mask {self.mask_name!r} (it has {sorted(tile.masks)})")
         image, _ = self._channels(tile)
         nuclei = tile.masks.get(self.nucleus_mask) if self.nucleus_mask else None
         if nuclei is None:

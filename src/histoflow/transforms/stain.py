@@ -204,7 +204,11 @@ def _check_seed(name, seed):
 
 
 def _as_matrix(stain_matrix, n=None, who="stain matrix"):
-    m = np.asarray(stain_matrix, dtype=np.float64)
+    try:
+        m = np.asarray(stain_matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ParameterError(f"{who} must be rows of numbers (one row per stain: its R, G, B OD), got "
+                             f"{stain_matrix!r}") from None
     if m.ndim != 2 or m.shape[1] != 3 or (n is not None and m.shape[0] != n):
         want = f"({n}, 3)" if n else "(n_stains, 3)"
         raise ParameterError(f"{who} must be {want} (one row per stain: its R, G, B OD), got shape {m.shape}")
@@ -319,7 +323,11 @@ def estimate_stain_matrix_vahadane(image, background_intensity=245, luminosity_t
     image = _check_rgb(image, "estimate_stain_matrix_vahadane")
     tissue = _luminosity_mask(image, luminosity_threshold)
     if mask is not None:
-        tissue &= np.asarray(mask) > 0
+        mask = np.asarray(mask)
+        if mask.shape != image.shape[:2]:
+            raise ParameterError(f"estimate_stain_matrix_vahadane: mask shape {mask.shape} differs from the "
+                                 f"image's {image.shape[:2]}")
+        tissue &= mask > 0
     od = _od_lut(background_intensity)[image[tissue]]
     od = od[od.max(axis=1) > 0]                 # pixels darker than the background only
     if len(od) < MIN_ESTIMATION_PIXELS:
@@ -333,7 +341,9 @@ def estimate_stain_matrix_vahadane(image, background_intensity=245, luminosity_t
         warnings.simplefilter("ignore")         # convergence warnings of the inner lasso
         _, dictionary, _ = dict_learning(
             od, n_components=2, alpha=regularizer, max_iter=30, tol=1e-4, method="cd",
-            dict_init=REFERENCE_STAIN_MATRIX.copy(), positive_dict=True, positive_code=True,
+            # both inits: scikit-learn ignores dict_init without code_init (and starts from an SVD)
+            dict_init=REFERENCE_STAIN_MATRIX.copy(), code_init=_nnls_2(od, REFERENCE_STAIN_MATRIX),
+            positive_dict=True, positive_code=True,
             random_state=int(rng.integers(2**31 - 1)))
     return _validate_matrix(dictionary, "estimate_stain_matrix_vahadane")
 
@@ -447,6 +457,20 @@ def fit_stains(image, method="macenko", background_intensity=245, beta=0.15, alp
         od = od_all
     if len(od) < MIN_ESTIMATION_PIXELS:
         raise StainEstimationError(f"only {len(od)} stained pixels for the maximum concentrations")
+    return m, _maxima(od, od_all, m, method, beta, max_c_percentile, max_c_pixels)
+
+
+def stain_maxima(image, stain_matrix, method="macenko", background_intensity=245, beta=0.15, max_c_percentile=99,
+                 mask=None, max_c_pixels="stained"):
+    """The maximum concentrations (:func:`fit_stains`'s) of ``image`` for a given stain matrix."""
+    od_all = _od_lut(background_intensity)[_pixels(image, mask)]
+    od = od_all[np.all(od_all >= beta, axis=1)] if max_c_pixels == "stained" else od_all
+    if len(od) < MIN_ESTIMATION_PIXELS:
+        raise StainEstimationError(f"only {len(od)} stained pixels for the maximum concentrations")
+    return _maxima(od, od_all, np.asarray(stain_matrix, np.float64), method, beta, max_c_percentile, max_c_pixels)
+
+
+def _maxima(od, od_all, m, method, beta, max_c_percentile, max_c_pixels):
     solver = "nnls" if method == "vahadane" else "lstsq"
     mc = _max_concentrations(_concentrations(od, m, solver), max_c_percentile)
     if max_c_pixels == "stained" and (mc < FAINT_STAIN).any():
@@ -456,7 +480,7 @@ def fit_stains(image, method="macenko", background_intensity=245, beta=0.15, alp
         if len(some) >= MIN_ESTIMATION_PIXELS:
             mc = np.where(mc < FAINT_STAIN, _max_concentrations(_concentrations(some, m, solver),
                                                                 max_c_percentile), mc)
-    return m, mc
+    return mc
 
 
 
@@ -555,7 +579,10 @@ def lab_stats(image, mask=None, luminosity_threshold=0.8):
     lab = _rgb_to_lab(image).reshape(-1, 3)
     keep = lab[:, 0] < luminosity_threshold * 100.0
     if mask is not None:
-        keep &= np.asarray(mask).reshape(-1) > 0
+        mask = np.asarray(mask)
+        if mask.shape != image.shape[:2]:
+            raise ParameterError(f"lab_stats: mask shape {mask.shape} differs from the image's {image.shape[:2]}")
+        keep &= mask.reshape(-1) > 0
     if np.count_nonzero(keep) < MIN_ESTIMATION_PIXELS:
         raise StainEstimationError(f"lab_stats: only {np.count_nonzero(keep)} tissue pixels "
                                    f"(L < {luminosity_threshold} * 100); need {MIN_ESTIMATION_PIXELS}")
@@ -586,7 +613,9 @@ def reinhard_normalize(image, target_means=REFERENCE_LAB_MEANS, target_stds=REFE
         source_means = sm if source_means is None else source_means
         source_stds = ss if source_stds is None else source_stds
     sm = np.asarray(source_means, np.float32)
-    gain = (np.asarray(target_stds, np.float64) / np.maximum(np.asarray(source_stds, np.float64), 1e-6))
+    ts = np.asarray(target_stds, np.float64)
+    # at most MAX_STAIN_GAIN: a uniform source (ink, padding) would otherwise have its noise blown up to tissue
+    gain = ts / np.maximum(np.asarray(source_stds, np.float64), ts / MAX_STAIN_GAIN)
     offset = np.asarray(target_means, np.float64) - sm * gain
     lab = _rgb_to_lab(image)
     lab *= gain.astype(np.float32)
@@ -702,11 +731,68 @@ def slide_tissue_sample(slide, max_size=2048):
     return thumb, mask
 
 
+#: full-resolution regions (count, side in pixels) that slide fits take stain maxima and colour statistics from
+FIT_REGIONS, FIT_REGION_SIZE = 16, 256
+
+
+def slide_full_resolution_sample(slide, thumb, mask=None, background_intensity=245, beta=0.15,
+                                 n=FIT_REGIONS, size=FIT_REGION_SIZE):
+    """Level-0 regions at tissue of the slide, side by side in one RGB image (``size`` x ``n * size``), or None.
+
+    A thumbnail's pixels are averages of many: their concentration maxima and colour spread are far below
+    the tiles' (a 40x slide's thumbnail averages ~50 x 50 pixels), so statistics that the tiles are scaled
+    by are taken from full-resolution pixels. Regions are centred on tissue pixels of the thumbnail
+    (``mask``, else stained pixels), evenly spread over them."""
+    if hasattr(slide, "_steps") or not hasattr(slide, "read_region"):
+        return None  # a view through earlier pixel-changing steps shows only thumbnails
+    if mask is not None:
+        sel = np.asarray(mask, bool)
+    else:
+        od = _od_lut(background_intensity)[thumb]
+        sel = np.all(od >= beta, axis=-1)
+    idx = np.flatnonzero(sel)
+    if idx.size == 0:
+        return None
+    w0, h0 = slide.dimensions
+    th, tw = sel.shape
+    if w0 / tw < 2 and h0 / th < 2:
+        return None  # the thumbnail is (nearly) full resolution already
+    picks = idx[np.linspace(0, idx.size - 1, min(n, idx.size)).round().astype(int)]
+    side = int(min(size, w0, h0))
+    parts = []
+    for k in picks:
+        ty, tx = divmod(int(k), tw)
+        cx, cy = (tx + 0.5) * w0 / tw, (ty + 0.5) * h0 / th
+        x = int(min(max(cx - side / 2, 0), w0 - side))
+        y = int(min(max(cy - side / 2, 0), h0 - side))
+        region = np.asarray(slide.read_region((x, y), 0, (side, side)))
+        if region.ndim == 3 and region.shape[2] >= 3:
+            parts.append(region[:, :, :3])
+    return np.ascontiguousarray(np.concatenate(parts, axis=1)) if parts else None
+
+
 def _tile_mask(tile):
     m = tile.masks.get("tissue") if getattr(tile, "masks", None) else None
     if m is not None and np.asarray(m).shape == tile.image.shape[:2] and np.any(m):
         return m
     return None
+
+
+#: a tile's own stain estimate is H&E-like when every OD component of both vectors is at least this (real H&E
+#: tiles: >= 0.078 on CMU-1, MoNuSeg and the he_patches; black ink: a blue OD of 0) ...
+MIN_STAIN_COMPONENT = 0.03
+#: ... and the two vectors' cosine at most this (real tiles <= 0.966; ink 0.993)
+MAX_TILE_STAIN_COSINE = 0.98
+
+
+#: a tile's own CIELAB spread (Reinhard) below this in any channel is one flat colour, not H&E (real tiles:
+#: >= 3.3 on CMU-1, MoNuSeg and the he_patches; black ink 0.7)
+MIN_TILE_LAB_STD = 2.5
+
+
+def _he_like(m) -> bool:
+    m = np.asarray(m, np.float64)
+    return bool(m.min() >= MIN_STAIN_COMPONENT and float(m[0] @ m[1]) <= MAX_TILE_STAIN_COSINE)
 
 
 def _enough_tissue(image, background_intensity, beta):
@@ -736,12 +822,22 @@ class _StainFitMixin:
                            seed=getattr(self, "seed", None))
 
     def _fit_slide_stains(self, slide, method):
-        """Estimate the slide's stain matrix once from its thumbnail; None when it has too little tissue."""
+        """The slide's stains, once: the matrix from its thumbnail, the maximum concentrations from
+        full-resolution tissue regions (:func:`slide_full_resolution_sample`; the thumbnail's when there are
+        none); None when it has too little tissue."""
         thumb, mask = slide_tissue_sample(slide)
         try:
-            return self._fit_image(thumb, method, mask)
+            m, mc = self._fit_image(thumb, method, mask)
         except StainEstimationError:
             return None
+        k = self._est_kwargs()
+        sample = slide_full_resolution_sample(slide, thumb, mask, k["background_intensity"], k["beta"])
+        if sample is not None:
+            try:
+                mc = stain_maxima(sample, m, method, k["background_intensity"], k["beta"], k["max_c_percentile"])
+            except StainEstimationError:
+                pass
+        return m, mc
 
     def _tile_stains(self, image, method, tile=None):
         """The source (matrix, max concentrations) for one tile: the slide's, else the tile's, else None."""
@@ -750,9 +846,11 @@ class _StainFitMixin:
             return fitted
         if _enough_tissue(image, getattr(self, "background_intensity", 245), self.beta):
             try:
-                return self._fit_image(image, method, _tile_mask(tile) if tile is not None else None)
+                m, mc = self._fit_image(image, method, _tile_mask(tile) if tile is not None else None)
             except StainEstimationError:
-                pass
+                return None
+            if _he_like(m):
+                return m, mc
         return None
 
 
@@ -813,6 +911,7 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         if stain_estimation_method == "reinhard" and target != "normalize":
             raise ParameterError("StainNormalizationHE: Reinhard matches colour statistics and has no stain "
                                  f"matrix; target {target!r} needs stain_estimation_method 'macenko' or 'vahadane'")
+        _check_number("StainNormalizationHE", "background_intensity", background_intensity)
         if not 0 < float(background_intensity) <= 256:
             raise ParameterError(f"StainNormalizationHE: background_intensity must be in (0, 256], got "
                                  f"{background_intensity!r}")
@@ -866,8 +965,18 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         if arrays is None or any(a.shape != sh or not np.all(np.isfinite(a)) for a, sh in zip(arrays, shapes)):
             raise ParameterError(f"StainNormalizationHE: reference {keys} must be finite numbers of shapes {shapes}, "
                                  f"got {reference!r}")
+        if np.any(arrays[1] <= 0):
+            raise ParameterError(f"StainNormalizationHE: reference {keys[1]} must be positive, got {arrays[1].tolist()}")
         if not self._reinhard:
-            arrays = (_as_matrix(arrays[0], 2, "reference stain_matrix"), arrays[1])
+            m = _as_matrix(arrays[0], 2, "reference stain_matrix")
+            if np.any(m < 0):
+                raise ParameterError(f"StainNormalizationHE: reference stain_matrix holds negative optical densities: "
+                                     f"{m.tolist()}")
+            try:
+                m = _validate_matrix(m, "reference stain_matrix")  # unit rows, hematoxylin first
+            except StainEstimationError as e:
+                raise ParameterError(f"StainNormalizationHE: {e}") from None
+            arrays = (m, arrays[1])
         self.target_stains_ = arrays
         self.reference = {k: a.tolist() for k, a in zip(keys, arrays)}
 
@@ -898,13 +1007,20 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         return self
 
     def fit_slide(self, slide):
-        """Estimate the slide's source stains once, from its thumbnail (and ``"tissue"`` mask)."""
+        """Estimate the slide's source stains once: the stain matrix from its thumbnail (and ``"tissue"`` mask),
+        the maximum concentrations (Reinhard: the colour statistics) from full-resolution tissue regions."""
         if self._reinhard:
             thumb, mask = slide_tissue_sample(slide)
-            try:
-                self.slide_stains_ = lab_stats(thumb, mask, self.luminosity_threshold)
-            except StainEstimationError:
-                self.slide_stains_ = None
+            sample = slide_full_resolution_sample(slide, thumb, mask, self.background_intensity, self.beta)
+            self.slide_stains_ = None
+            for image, m in ((sample, None), (thumb, mask)):  # full-resolution colour spread, else the thumbnail's
+                if image is None:
+                    continue
+                try:
+                    self.slide_stains_ = lab_stats(image, m, self.luminosity_threshold)
+                    break
+                except StainEstimationError:
+                    continue
         else:
             self.slide_stains_ = self._fit_slide_stains(slide, self.stain_estimation_method)
 
@@ -916,17 +1032,21 @@ class StainNormalizationHE(_StainFitMixin, Transform):
             tm, ts = self._target()
             src = self.slide_stains_
             if src is None:
+                if not _enough_tissue(image, self.background_intensity, self.beta):
+                    return image.copy()  # too little tissue to take statistics from: left as it is
                 try:
                     src = lab_stats(image, _tile_mask(tile) if tile is not None else None,
                                     self.luminosity_threshold)
                 except StainEstimationError:
-                    src = (tm, ts)          # too little tissue: leave it as it is
+                    return image.copy()
+                if float(np.min(src[1])) < MIN_TILE_LAB_STD:  # one flat colour (ink, padding): not H&E
+                    return image.copy()
             return reinhard_normalize(image, tm, ts, src[0], src[1], self.luminosity_threshold,
                                       self.background_intensity)
         dst, dst_max = self._target()
         src = self._tile_stains(image, self.stain_estimation_method, tile)
-        if src is None:
-            src = (dst, dst_max)            # too little tissue: already "in the reference stains"
+        if src is None:  # too little tissue, or not H&E-like (ink, padding): left as it is
+            return image.copy()
         return normalize_stains(image, src[0], src[1], dst, dst_max, target=self.target,
                                 method=self.stain_estimation_method,
                                 background_intensity=self.background_intensity, beta=self.beta)
@@ -966,7 +1086,12 @@ class StainSeparation(Transform):
         if output not in ("image", "concentration"):
             raise ParameterError(f"StainSeparation: output must be 'image' or 'concentration', got {output!r}")
         if stain_matrix is not None:
-            _complete_matrix(_as_matrix(stain_matrix, None, "StainSeparation stain_matrix"))
+            m = _as_matrix(stain_matrix, None, "StainSeparation stain_matrix")
+            _complete_matrix(m)
+            k = _STAIN_INDEX[stain.lower()] if isinstance(stain, str) else int(stain)
+            if k >= len(m):  # the third row of a two-stain matrix is a made-up residual, not a stain
+                raise ParameterError(f"StainSeparation: stain {stain!r} is row {k} but the matrix has {len(m)} "
+                                     "stain rows; give a 3-row matrix (e.g. hematoxylin, eosin, DAB)")
         self.stain = stain
         self.stain_matrix = stain_matrix
         self.output = output
@@ -1032,7 +1157,8 @@ class StainAugmentation(_StainFitMixin, Transform):
 
     def _rng(self, coords):
         x, y = (int(v) for v in coords)
-        return np.random.default_rng([int(self.seed or 0) & 0xFFFFFFFF, x & 0xFFFFFFFFFFFF, y & 0xFFFFFFFFFFFF])
+        # every bit of the seed and coordinates (signs as a word of their own): no two tiles or seeds alike
+        return np.random.default_rng([int(self.seed or 0), abs(x), abs(y), (x < 0) * 2 + (y < 0)])
 
     def F(self, image, coords=(0, 0), tile=None):
         """Augment one image with the random draw of ``coords``."""
