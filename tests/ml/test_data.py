@@ -381,3 +381,24 @@ def test_slide_options_travel_to_the_workers():
     assert torch.equal(batches[0], batches[1])
     with pytest.raises(DatasetError, match="pixel size is unknown"):
         NucleusPatchDataset(path, [[100, 100]], mpp=0.5)
+
+
+def test_augmentation_draws_do_not_depend_on_the_workers():
+    """A seeded Compose draws each item's augmentation from (seed, epoch, item): the same batches with 0 or 2
+    DataLoader workers (they used to follow each worker's own generator), new ones each epoch, and the
+    trainer sets the epoch of datasets inside a ConcatDataset."""
+    from histoflow.ml.augment import HSVShift, RandomRotate90
+    from histoflow.ml.train import _datasets
+
+    aug = Compose([RandomFlip(), RandomRotate90(), HSVShift(0.05, 0.2, 0.1)], seed=1)
+    coords = [(x, 1000) for x in range(0, 1600, 100)]
+    ds = WSIPatchDataset([SVS], coords=[(0, x, y) for x, y in coords], patch_size=64, transform=aug)
+
+    def batches(workers, epoch):
+        ds.set_epoch(epoch)
+        return torch.cat([b["image"] for b in DataLoader(ds, batch_size=4, num_workers=workers)])
+
+    first = batches(0, 0)
+    assert torch.equal(first, batches(2, 0)) and not torch.equal(first, batches(0, 1))
+    both = torch.utils.data.ConcatDataset([ds, ds])
+    assert [d for d in _datasets(both) if d is ds] and ds.epoch_dependent

@@ -126,7 +126,35 @@ def _names(requested, available, what, path):
 
 
 # --------------------------------------------------------------------------------------- TileDataset
-class TileDataset(Dataset):
+class _Epochs:
+    """``set_epoch`` for datasets with a transform: a seeded :class:`~histoflow.ml.augment.Compose` then draws
+    each item's augmentation from (its seed, the epoch, the item), the same whichever DataLoader worker (and
+    however many) reads the item; other transforms are called as they are."""
+
+    _epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self._epoch = int(epoch)
+
+    @property
+    def epoch_dependent(self) -> bool:
+        return _seeded(self.transform)
+
+
+def _seeded(transform) -> bool:
+    from .augment import Compose
+
+    return isinstance(transform, Compose) and transform.seed is not None
+
+
+def _transform(ds, sample, i):
+    t = ds.transform
+    if _seeded(t):
+        return t(sample, rng=np.random.default_rng([int(t.seed), ds._epoch, int(i) % max(len(ds), 1)]))
+    return t(sample)
+
+
+class TileDataset(_Epochs, Dataset):
     """The tiles of an h5path file as a PyTorch dataset (random access, one tile read per item).
 
     Parameters
@@ -299,7 +327,7 @@ class TileDataset(Dataset):
     def __getitem__(self, i) -> dict:
         sample = self.read(i)
         if self.transform is not None:
-            sample = self.transform(sample)
+            sample = _transform(self, sample, i)
         return to_tensors(sample)
 
     def label_column(self, name) -> list:
@@ -435,7 +463,7 @@ def _slide_of_source(source):
                      max_region_bytes=kwargs.get("max_region_bytes"))
 
 
-class WSIPatchDataset(Dataset):
+class WSIPatchDataset(_Epochs, Dataset):
     """Patches read straight from slides, at a pyramid level or a target µm/px (no pre-extraction).
 
     Parameters
@@ -631,7 +659,7 @@ class WSIPatchDataset(Dataset):
     def __getitem__(self, i) -> dict:
         sample = self.read(i)
         if self.transform is not None:
-            sample = self.transform(sample)
+            sample = _transform(self, sample, i)
         return to_tensors(sample)
 
     def __repr__(self):

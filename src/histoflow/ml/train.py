@@ -81,6 +81,18 @@ def _to(batch, device):
     return batch
 
 
+def _datasets(dataset):
+    """``dataset`` and the datasets inside it (``ConcatDataset``, ``Subset``), outermost first."""
+    out, todo = [], [dataset]
+    while todo:
+        d = todo.pop(0)
+        if d is None:
+            continue
+        out.append(d)
+        todo += list(getattr(d, "datasets", []) or []) + ([d.dataset] if hasattr(d, "dataset") else [])
+    return out
+
+
 def _batch_size(batch) -> int:
     """Samples in a batch: the first dimension of its first tensor (1 when it holds none)."""
     def first(b):
@@ -388,9 +400,10 @@ class Trainer:
                 models._name_of(self.eval_model)
             except HistoflowError as e:
                 raise TrainingError(f"best.pt could not be saved: {e}") from None
-        dataset = getattr(train_loader, "dataset", None)
-        if hasattr(dataset, "set_epoch") and getattr(train_loader, "persistent_workers", False):
-            raise TrainingError(f"{type(dataset).__name__} changes with the epoch (set_epoch), but the DataLoader "
+        epochal = [d for d in _datasets(getattr(train_loader, "dataset", None))
+                   if hasattr(d, "set_epoch") and getattr(d, "epoch_dependent", True)]
+        if epochal and getattr(train_loader, "persistent_workers", False):
+            raise TrainingError(f"{type(epochal[0]).__name__} changes with the epoch (set_epoch), but the DataLoader "
                                 "keeps persistent_workers, whose copies of the dataset never see the new epoch: "
                                 "every epoch would repeat the first; make the DataLoader with "
                                 "persistent_workers=False")
@@ -402,9 +415,9 @@ class Trainer:
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
-            dataset = getattr(train_loader, "dataset", None)
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(self.epoch)
+            for d in _datasets(getattr(train_loader, "dataset", None)):  # inside Concat/Subset wrappers too
+                if hasattr(d, "set_epoch"):
+                    d.set_epoch(self.epoch)
             t0 = time.perf_counter()
             train_loss = self._train_epoch(train_loader)
             row = {"epoch": self.epoch + 1, "train_loss": train_loss}
