@@ -231,8 +231,11 @@ def test_tile_classification_is_augmented(tmp_path, monkeypatch):
     train_from_config(cfg)
     train_set, val_set = made
     assert val_set.transform is None and train_set.transform is not None
-    seen = {train_set[5]["image"].numpy().tobytes() for _ in range(8)}
-    assert len(seen) > 1  # augmented afresh on every read
+    seen = set()
+    for epoch in range(8):  # augmented afresh every epoch (and alike within one, whichever worker reads it)
+        train_set.set_epoch(epoch)
+        seen.add(train_set[5]["image"].numpy().tobytes())
+    assert len(seen) > 1 and train_set[5]["image"].numpy().tobytes() in seen
 
 
 @pytest.mark.parametrize("section, bad, message", [
