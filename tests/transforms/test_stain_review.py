@@ -85,3 +85,15 @@ def test_stain_arguments_are_checked(cmu):
         estimate_stain_matrix_vahadane(tile, mask=np.ones((256, 1)))
     a, b = (StainAugmentation(seed=s).F(tile, coords=(0, 0)) for s in (0, 2 ** 32))
     assert not np.array_equal(a, b)  # the seed's high bits count
+
+
+def test_empty_images_give_empty_results():
+    from histoflow.transforms.filters import box_blur, gaussian_blur, median_blur
+    from histoflow.transforms.nuclei import NucleusDetectionHE
+
+    for shape in ((0, 0, 3), (0, 5, 3), (5, 0, 3)):
+        empty = np.zeros(shape, np.uint8)
+        for f in (median_blur, box_blur, gaussian_blur):
+            assert f(empty, 5).shape == shape
+        assert StainNormalizationHE(stain_estimation_method="reinhard").F(empty).shape == shape
+        assert NucleusDetectionHE().F(empty).shape == shape[:2]

@@ -140,7 +140,7 @@ def median_blur(image, kernel_size=5):
     """
     k = _check_odd_kernel("median_blur", kernel_size)
     image, was_2d = _as_hwc(image)
-    if k == 1:
+    if k == 1 or image.size == 0:  # (an empty image has nothing to filter; OpenCV would raise)
         return _restore(image.copy(), was_2d)
     dt = image.dtype
     cv2_ok = dt == np.uint8 or (k <= 5 and dt in (np.uint16, np.float32))
@@ -178,6 +178,8 @@ def gaussian_blur(image, kernel_size=5, sigma=5):
     k = _check_odd_kernel("gaussian_blur", kernel_size)
     s = float(_check_number("gaussian_blur", "sigma", sigma, 0, strict=True))
     image, was_2d = _as_hwc(image)
+    if image.size == 0:
+        return _restore(image.copy(), was_2d)
     out = _filter_any_dtype(image, lambda a: cv2.GaussianBlur(a, (k, k), s, sigmaY=s,
                                                               borderType=cv2.BORDER_REFLECT_101))
     return _restore(out, was_2d)
@@ -203,6 +205,8 @@ def box_blur(image, kernel_size=5):
     """
     k = _check_odd_kernel("box_blur", kernel_size)
     image, was_2d = _as_hwc(image)
+    if image.size == 0:
+        return _restore(image.copy(), was_2d)
     out = _filter_any_dtype(image, lambda a: cv2.blur(a, (k, k), borderType=cv2.BORDER_REFLECT_101))
     return _restore(out, was_2d)
 

@@ -113,6 +113,8 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
     from skimage.segmentation import watershed
 
     image = _check_rgb(image, "detect_nuclei")
+    if image.size == 0:  # no pixels, no nuclei
+        return np.zeros(image.shape[:2], np.int32)
     h = hematoxylin_concentration(image, REFERENCE_STAIN_MATRIX if stain_matrix is None else stain_matrix,
                                   background_intensity)
     if sigma and sigma > 0:
