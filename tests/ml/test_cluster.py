@@ -208,3 +208,17 @@ def test_guide_predicts_any_dtype_and_checks_its_components():
     assert g.predict(np.rint(x * 10).astype(np.int64)).shape == (200,)
     with pytest.raises(ParameterError, match="variance=50 components, more than the 30"):
         ClusterGuide(n_clusters=4, variance=50).fit(x)
+
+
+def test_numpy_scalar_settings_mean_what_python_numbers_do(he_features):
+    """A variance given as np.float32 (read from an array) is a fraction, np.int64 a count of components; they
+    used to slip past the checks to scikit-learn's own error."""
+    import numpy as np
+
+    x = he_features[0]
+    a = ClusterGuide(n_clusters=3, variance=np.float32(0.9)).fit(x)
+    b = ClusterGuide(n_clusters=3, variance=0.9).fit(x)
+    assert a.pca_.n_components_ == b.pca_.n_components_
+    assert ClusterGuide(n_clusters=3, variance=np.int64(2)).fit(x).pca_.n_components_ == 2
+    with pytest.raises(ValueError, match="variance"):
+        ClusterGuide(variance=np.float32(1.5))

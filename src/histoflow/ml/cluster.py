@@ -80,6 +80,10 @@ class ClusterGuide:
                  random_state: Optional[int] = 0, n_init: int = 10, threads: Optional[int] = None) -> None:
         if int(n_clusters) < 1:
             raise ParameterError(f"n_clusters must be >= 1, got {n_clusters}")
+        if isinstance(variance, (bool, np.bool_)) or not isinstance(variance, (int, float, np.integer, np.floating)):
+            raise ParameterError(f"variance must be a fraction in (0, 1) or a number of components, got {variance!r}")
+        # numpy scalars as Python numbers: a fraction stays a fraction (np.float32 is no float), a count a count
+        variance = float(variance) if isinstance(variance, (float, np.floating)) else int(variance)
         if isinstance(variance, float) and not 0.0 < variance < 1.0:
             raise ParameterError(f"variance must be a fraction in (0, 1) or a number of components, got {variance}")
         if isinstance(variance, (int, np.integer)) and not isinstance(variance, bool) and variance < 1:
