@@ -45,8 +45,10 @@ def superpixel_interpolation(image, region_size=10, n_iter=30, return_labels=Fal
     h, w, c = image.shape
     n_segments = max(1, int(round(h * w / region_size ** 2)))
     if c == 3:
+        # compactness 30 in CIELAB: with scikit-image's default 10, textured H&E made superpixels of about
+        # twice the asked area (185 of 400 on a 200 px CMU-1 crop at region_size 10; 378 with 30)
         labels = slic(image, n_segments=n_segments, max_num_iter=n_iter, start_label=0,
-                      channel_axis=-1, convert2lab=True)
+                      channel_axis=-1, convert2lab=True, compactness=30)
     else:
         f = image.astype(np.float32)
         if np.issubdtype(image.dtype, np.integer):
