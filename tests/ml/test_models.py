@@ -426,3 +426,60 @@ def test_ensemble_errors(tmp_path):
         models.create("ensemble", members=[{"architecture": "ensemble", "parameters": {}}])
     with pytest.raises(ValueError, match="dtype"):
         models.save(models.ensemble(paths), tmp_path / "e.pt", dtype="int8")
+
+
+def test_cards_travel_through_save_and_ensembles(tmp_path):
+    """A loaded model re-saved (e.g. to float16) keeps its card (pixel size, post-processing); an ensemble
+    keeps every entry its members agree on; members with other output shapes or dict outputs average right."""
+    card = {"mpp": 0.5, "task": "nucleus_segmentation", "postprocess": {"min_size": 5}}
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        p = tmp_path / f"u{seed}.pt"
+        models.save(models.create("unet", filters=[4, 8], out_channels=4), p, card=card)
+        paths.append(p)
+    half = tmp_path / "half.pt"
+    models.save(models.load(paths[0]), half, dtype="float16")
+    assert models.read_card(half)["mpp"] == 0.5 and models.read_card(half)["postprocess"] == {"min_size": 5}
+    ens = models.ensemble(paths)
+    assert ens.card["mpp"] == 0.5 and ens.card["postprocess"] == {"min_size": 5}
+    models.save(ens, tmp_path / "ens.pt", dtype="float16")
+    assert models.read_card(tmp_path / "ens.pt")["mpp"] == 0.5
+    torch.manual_seed(2)
+    odd = tmp_path / "odd.pt"
+    models.save(models.create("unet", filters=[4, 8], out_channels=1), odd, card=card)
+    with pytest.raises(ValueError, match="different shapes"):
+        models.ensemble([paths[0], odd])(torch.rand(1, 3, 16, 16))
+    hv = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        p = tmp_path / f"h{seed}.pt"
+        models.save(models.create("hovernet", out_classes=3), p)
+        hv.append(p)
+    ens = models.ensemble(hv)
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        a, b, both = models.load(hv[0])(x), models.load(hv[1])(x), ens(x)
+    assert set(both) == set(a) and all(torch.allclose(both[k], (a[k] + b[k]) / 2, atol=1e-5) for k in a)
+
+
+def test_instance_norm_swap_keeps_vector_batch_norms_and_reloads(tmp_path):
+    u = replace_batchnorm_with_instancenorm(models.create("unet", filters=[4, 8]))
+    assert u.norm == "instance"
+    models.save(u, tmp_path / "u.pt")
+    assert models.load(tmp_path / "u.pt").norm == "instance"
+    m = replace_batchnorm_with_instancenorm(models.create("rccnet"))
+    assert any(isinstance(x, nn.BatchNorm1d) for x in m.modules())  # its (N, C) classifier norm stays
+    m.eval()
+    with torch.no_grad():
+        assert m(torch.rand(2, 3, 32, 32)).shape[0] == 2
+
+
+def test_onnx_export_keeps_each_submodule_mode(tmp_path):
+    from histoflow.ml.onnx import export_onnx
+
+    m = models.create("rccnet").train()
+    frozen = [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)][0]
+    frozen.eval()
+    export_onnx(m, tmp_path / "r.onnx", input_shape=(1, 3, 32, 32))
+    assert m.training and not frozen.training

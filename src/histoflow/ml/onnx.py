@@ -103,7 +103,7 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] =
     trace_shape = (max(2, shape[0]), *shape[1:]) if dynamic_batch else shape
     param = next(iter(model.parameters()), None)
     example = torch.randn(trace_shape, device=param.device if param is not None else "cpu")
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each submodule's own (a frozen batch norm stays eval)
     model.eval()
     try:
         with torch.no_grad():
@@ -134,7 +134,8 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] =
         raise OnnxError(f"export_onnx: could not export {type(model).__name__} to {path}: "
                         f"{type(e).__name__}: {e}") from e
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     onnx.checker.check_model(str(path))
     return path
 

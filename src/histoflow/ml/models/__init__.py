@@ -212,6 +212,11 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
                             "histoflow_version": __version__, "torch_version": torch.__version__,
                             "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     full.update(_CARD_DEFAULTS)
+    # what the model's own card says (a loaded model, an ensemble: its pixel size, task, post-processing,
+    # classes, training data ...) travels with it, under what ``card=`` adds or changes
+    own = {k: v for k, v in dict(getattr(model, "card", None) or {}).items()
+           if k not in ("architecture", "parameters", "weights_dtype", "saved", "histoflow_version", "torch_version")}
+    full.update(own)
     full["weights_dtype"] = dtype
     for k, v in dict(card or {}).items():
         if k == "weights_dtype":
@@ -335,7 +340,14 @@ def ensemble(paths: Sequence[str | Path], weights: Sequence[float] | None = None
     for net, member in zip(ens.nets, nets):
         net.load_state_dict(member.state_dict())
     ens.to(map_location)
-    ens.card = {k: nets[0].card[k] for k in ("mpp", "task", "input", "outputs") if k in nets[0].card}
+    # every card entry the members agree on (pixel size, task, post-processing, classes ...), not the
+    # per-member ones (architecture, weights, training records)
+    skip = {"architecture", "parameters", "weights_dtype", "saved", "histoflow_version", "torch_version",
+            "metrics", "training", "split", "members", "path"}
+    keys = set(nets[0].card) - skip
+    ens.card = {k: nets[0].card[k] for k in sorted(keys)
+                if all(json.dumps(n.card.get(k), sort_keys=True, default=str) ==
+                       json.dumps(nets[0].card[k], sort_keys=True, default=str) for n in nets)}
     ens.card["members"] = [dict(n.card, path=str(p)) for n, p in zip(nets, paths)]
     return ens.eval()
 

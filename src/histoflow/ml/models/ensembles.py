@@ -65,15 +65,36 @@ class Ensemble(nn.Module):
         """Input sizes must be multiples of this (the least common multiple of the members')."""
         return math.lcm(*(int(getattr(n, "size_divisor", 1)) for n in self.nets))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """The weighted mean of the members' outputs: one tensor, or a dict of tensors (HoVer-Net's maps)
+        averaged key by key. Members must give the same shapes (no silent broadcasting)."""
         out = None
         for w, net in zip(self.weights, self.nets):
             y = net(x)
+            if isinstance(y, Mapping):
+                if out is None:
+                    out = {k: v * w for k, v in y.items()}
+                    continue
+                if set(y) != set(out):
+                    raise ParameterError(f"Ensemble: members give different outputs {sorted(out)} and {sorted(y)}")
+                for k, v in y.items():
+                    _same_shape(out[k], v, k)
+                    out[k] = out[k] + v * w
+                continue
             if not isinstance(y, torch.Tensor):
-                raise TypeError(f"Ensemble: members must return one tensor, {type(net).__name__} returned "
-                                f"{type(y).__name__}")
+                raise ParameterError(f"Ensemble: members must return a tensor or a dict of tensors, "
+                                     f"{type(net).__name__} returned {type(y).__name__}")
+            if out is not None:
+                _same_shape(out, y, "output")
             out = y * w if out is None else out + y * w
         return out
 
     def extra_repr(self) -> str:
         return f"{len(self.nets)} members, weights {[round(w, 3) for w in self.weights]}"
+
+
+def _same_shape(a, b, what):
+    if isinstance(a, dict) or tuple(a.shape) != tuple(b.shape):
+        raise ParameterError(f"Ensemble: members give {what}s of different shapes "
+                             f"{tuple(getattr(a, 'shape', ()))} and {tuple(b.shape)}; average like models only")
+

@@ -148,16 +148,17 @@ def replace_batchnorm_with_instancenorm(module: nn.Module) -> nn.Module:
     sample by its own statistics). The module is changed in place and returned (when ``module``
     is itself a batch norm, the new layer is returned).
 
-    Note that ``BatchNorm1d`` on ``(N, C)`` inputs (after a flatten) has no instance counterpart
-    that works on vectors: replace those only where the input is ``(N, C, L)``.
+    ``BatchNorm1d`` layers inside ``module`` are left as they are: on ``(N, C)`` inputs (after a flatten, as in classifier
+    heads) an instance norm would normalise the batch as if it were channels. A model that records its
+    normalisation (``norm``) is marked ``"instance"``, so that it saves and loads back as such.
     """
-    if type(module) in _BN_TO_IN:
+    if type(module) in _BN_TO_IN:  # asked for one layer: that layer (a BatchNorm1d on (N, C, L) inputs)
         return _instance_norm_like(module)
     for name, child in module.named_children():
-        if type(child) in _BN_TO_IN:
+        if type(child) in _BN_TO_IN and not isinstance(child, nn.BatchNorm1d):
             setattr(module, name, _instance_norm_like(child))
         else:
             replace_batchnorm_with_instancenorm(child)
-    if isinstance(module, ResNet):
+    if isinstance(getattr(module, "norm", None), str):
         module.norm = "instance"
     return module
