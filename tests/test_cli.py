@@ -149,3 +149,55 @@ def test_a_terminated_command_leaves_no_temporary_file(tmp_path):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err, (p.returncode, err)
     assert os.listdir(tmp_path) == []
+
+
+def test_command_mistakes_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """Outputs that cannot be written, outputs of the wrong kind, a finished training run about to be
+    replaced, a config that is not text, 0 workers: one-line errors before any work."""
+    import yaml
+
+    real_access = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(ro)) else real_access(p, mode))
+    assert main(["segment-nuclei", data_path("he_patches", "stardist_histo.jpg"), "-o", str(ro / "n.tif"),
+                 "--mpp", "0.25"]) == 1
+    assert "no permission to write in" in capsys.readouterr().err and os.listdir(ro) == []
+    monkeypatch.undo()
+    assert main(["thumbnail", SVS, "-o", str(tmp_path / "t.jpg")]) == 1
+    assert "give -o a .png path" in capsys.readouterr().err
+    assert main(["thumbnail", SVS, "-o", str(tmp_path / "t.png"), "--size", "100000"]) == 0
+    out = capsys.readouterr()
+    assert "larger than the slide" in out.err and "2220 x 2967 px" in out.out
+    assert main(["tile", SVS, "-o", str(tmp_path / "precious.png")]) == 1
+    assert "give -o a .h5path path" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "last.ckpt").write_bytes(b"a finished run")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"task": "tile_classification", "data": {}, "output": str(run_dir)}))
+    assert main(["train", str(cfg)]) == 1
+    assert "holds a run already (last.ckpt); continue it with --resume" in capsys.readouterr().err
+    assert (run_dir / "last.ckpt").read_bytes() == b"a finished run"
+    assert main(["train", data_path("he_patches", "skimage_ihc.png")]) == 1
+    assert "not a text file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["segment-nuclei", SVS, "-o", str(tmp_path / "x.tif"), "--workers", "0"])
+    assert "must be 1 or more" in capsys.readouterr().err
+
+
+def test_zip_entries_are_unique_and_outlines_have_no_repeated_vertices(tmp_path):
+    import zipfile
+
+    from histoflow.annotations import Polygon, polygonize, read_imagej_rois, write_imagej_rois
+
+    sq = [[0, 0], [10, 0], [10, 10], [0, 10]]
+    write_imagej_rois([Polygon(sq, name="Tumor region"), Polygon(np.add(sq, 20), name="Tumor region")],
+                      tmp_path / "r.zip")
+    names = zipfile.ZipFile(tmp_path / "r.zip").namelist()
+    assert len(set(names)) == 2 and len(read_imagej_rois(tmp_path / "r.zip")) == 2
+    lab = np.zeros((40, 40), np.int32)
+    lab[5:20, 5:12] = 1
+    lab[25:35, 10:30] = 2
+    for p in polygonize(lab):
+        assert not np.any(np.all(p.exterior == np.roll(p.exterior, 1, axis=0), axis=1))

@@ -25,6 +25,17 @@ import textwrap
 import time
 
 
+def _positive_int(text):
+    """An argparse type: a whole number >= 1 (0 workers or batches would silently mean something else)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {v}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -76,11 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tissue-filter", type=float, metavar="FRACTION",
                    help="detect tissue at low resolution first; keep tiles with at least this fraction")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--workers", type=int, help="worker processes of a local dask cluster, or threads with "
+    g.add_argument("--workers", type=_positive_int, help="worker processes of a local dask cluster, or threads with "
                                                "--executor threads (default: one per core)")
     g.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
     s.add_argument("--executor", choices=["inprocess", "threads", "dask"], help="default: dask")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=_positive_int, default=32)
     s.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     s.add_argument("--compression", choices=["htj2k", "gzip", "none"], default="htj2k",
                    help="lossless tile compression: htj2k (default; RGB about 2.6x smaller than gzip, readers "
@@ -98,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model from a YAML configuration (see configs/)")
     s.add_argument("config")
     s.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.ckpt")
+    s.add_argument("--overwrite", action="store_true", help="start afresh over a finished or interrupted run in "
+                                                             "OUTPUT (refused without it)")
     s.add_argument("--epochs", type=int, help="override train.epochs")
     s.add_argument("--seed", type=int, help="override train.seed (e.g. members of an ensemble)")
     s.add_argument("--output", help="override the output folder")
@@ -118,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int, default=1024, help="tile size in level-0 pixels (default 1024)")
     s.add_argument("--overlap", type=int, default=128, help="tile overlap; larger than a nucleus (default 128)")
     s.add_argument("--tissue-filter", type=float, metavar="FRACTION", help="only tiles with this much tissue")
-    s.add_argument("--workers", type=int, help="local dask cluster with N workers (default: in-process)")
+    s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--h5path", help="keep the per-tile results in this h5path file")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_segment_nuclei)
@@ -133,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=int, default=None,
                    help="tile overlap in pixels (default: 2 x (a large nucleus, 15 µm, + 2 x --expand), from the "
                         "slide's µm/px: each tile then sees every neighbour of the cells it keeps whole)")
-    s.add_argument("--workers", type=int, help="local dask cluster with N workers (default: in-process)")
+    s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--mpp", type=float, help="the slide's µm/px when the file does not say")
     s.add_argument("--png", help="picture of the cell outlines over the slide, at most 2048 px "
                                  "(default: OUTPUT with .png; 'none' for no picture)")
@@ -224,9 +237,18 @@ def cmd_thumbnail(args):
     from . import open_slide
     from .utils import save_png, to_rgb
 
+    from .errors import OutputError
+
     _check_outputs([args.slide], {"thumbnail": args.output})
+    if not args.output.lower().endswith(".png"):
+        raise OutputError(f"{args.output}: the thumbnail is written as PNG: give -o a .png path")
     with open_slide(args.slide, backend=args.backend) as s:
-        rgb = to_rgb(s.thumbnail(args.size), brightfield=s.brightfield, channel_names=s.channel_names)
+        size = args.size
+        if size > max(s.dimensions):  # a thumbnail never enlarges the slide
+            print(f"note: --size {size} is larger than the slide ({s.dimensions[0]} x {s.dimensions[1]} px); "
+                  f"using {max(s.dimensions)}", file=sys.stderr)
+            size = max(s.dimensions)
+        rgb = to_rgb(s.thumbnail(size), brightfield=s.brightfield, channel_names=s.channel_names)
     save_png(args.output, rgb)
     print(f"{args.output}: {rgb.shape[1]} x {rgb.shape[0]} px")
     return 0
@@ -235,7 +257,11 @@ def cmd_thumbnail(args):
 def cmd_tile(args):
     from .core.slide import SlideData
 
+    from .errors import OutputError
+
     _check_outputs([args.slide], {"h5path": args.output})
+    if not args.output.lower().endswith(".h5path"):
+        raise OutputError(f"{args.output}: tiles are written as an h5path store: give -o a .h5path path")
     t0 = time.perf_counter()
     with SlideData(args.slide, backend=args.backend, mpp=args.slide_mpp) as slide:
         grid = slide.grid(args.size, overlap=args.overlap, level=args.level, mpp=args.mpp, edge=args.edge)
@@ -300,7 +326,8 @@ def cmd_transforms(args):
 
 
 def cmd_train(args):
-    from .ml.recipes import load_config, train_from_config
+    from .errors import OutputError
+    from .ml.recipes import _path, load_config, train_from_config
 
     cfg = load_config(args.config)
     if args.epochs is not None:
@@ -311,6 +338,14 @@ def cmd_train(args):
         cfg["output"] = os.path.abspath(args.output)
     if args.no_progress:
         cfg.setdefault("train", {})["progress"] = False
+    if cfg.get("output"):
+        out_dir = _path(cfg, cfg["output"])
+        done = [n for n in ("last.ckpt", "best.pt") if os.path.exists(os.path.join(out_dir, n))]
+        if done and not args.resume and not args.overwrite:
+            raise OutputError(f"{out_dir}: holds a run already ({', '.join(done)}); continue it with --resume, "
+                              "start again over it with --overwrite, or give another --output")
+        if args.resume and not os.path.exists(os.path.join(out_dir, "last.ckpt")):
+            print(f"note: {out_dir} has no last.ckpt to resume from; starting the run", file=sys.stderr)
     t0 = time.perf_counter()
     trainer, _ = train_from_config(cfg, resume=args.resume)
     out = trainer.out_dir
@@ -496,6 +531,9 @@ def _check_outputs(inputs, outputs: dict):
             raise OutputError(f"{path}: cannot write the {what} there: the folder {folder} does not exist")
         if os.path.isdir(path):
             raise OutputError(f"{path}: is a folder; give a file name for the {what}")
+        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise OutputError(f"{path}: cannot write the {what} there: no permission to write "
+                              f"{'the file' if os.path.exists(path) else f'in {folder}'}")
         if real in ins:
             raise OutputError(f"{path}: the {what} would replace the input {ins[real]}; choose another path")
         if real in seen:
@@ -566,8 +604,9 @@ def cmd_phenotype(args):
     from .cells import RuleError
     from .errors import HistoflowError
 
+    # (quantify's own picture of the cell outlines, <cells>.png, is kept too)
     png = _picture_path(args.png, args.output, avoid=(args.cells, args.rules, args.thresholds, args.output,
-                                                      args.geojson))
+                                                      args.geojson, os.path.splitext(args.cells)[0] + ".png"))
     from .errors import OutputError
 
     store = args.cells if args.cells.endswith(".h5path") else os.path.splitext(args.cells)[0] + ".h5path"
@@ -581,6 +620,9 @@ def cmd_phenotype(args):
         if path and os.path.realpath(path) == os.path.realpath(args.cells):
             raise OutputError(f"{path}: the {what} would replace the input {args.cells}; choose another path")
     cells = _read_cells(args.cells)
+    if png and "spatial" not in cells.obsm:  # no positions: no picture (said, before anything is written)
+        print(f"note: {args.cells} has no cell positions (obsm['spatial']): no picture", file=sys.stderr)
+        png = None
     table = load_preset(args.rules) if args.rules in list_presets() else RuleTable.from_yaml(args.rules)
     if args.geojson and not os.path.exists(store):  # before anything is written
         raise HistoflowError(f"{store}: not found; --geojson needs the tiles and masks that `histoflow quantify` "

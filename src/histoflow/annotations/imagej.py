@@ -89,12 +89,17 @@ def write_imagej_rois(polygons, path) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(".zip"):
         raise AnnotationError(f"{path}: ImageJ ROI sets are written as .zip files")
-    rois = []
+    rois, used = [], set()
     for i, p in enumerate(polygons):
         roi = _composite(rf, p) if p.holes else rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
         if not p.holes:
             roi.roitype = rf.ROI_TYPE.POLYGON
-        roi.name = (p.name or str(i + 1))[:60]
+        name, k = (p.name or str(i + 1))[:60], 1
+        while name in used:  # entries of a zip are found by name: parts of one object, or repeated names
+            k += 1
+            name = f"{(p.name or str(i + 1))[:55]}-{k}"
+        used.add(name)
+        roi.name = name
         rois.append(roi)
     with atomic_output(path, ".zip") as tmp:
         rf.roiwrite(tmp, rois, mode="w")

@@ -221,6 +221,13 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
             # contour pixels of the 2x block image -> pixel-corner coordinates of the original
             pts = (pts - 1 + 0.5) / 2.0
             pts = np.round(pts * 2) / 2
+            # rounding makes neighbours of the 2x trace coincide: consecutive repeats (~30 % of the
+            # vertices) say nothing and bloat every file written
+            keep = np.ones(len(pts), bool)
+            keep[1:] = np.any(pts[1:] != pts[:-1], axis=1)
+            if len(pts) > 1 and np.array_equal(pts[0], pts[-1]):
+                keep[-1] = False
+            pts = pts[keep]
             return np.column_stack([(pts[:, 0] + x0) * dx + ox, (pts[:, 1] + y0) * dy + oy])
 
         pieces = []

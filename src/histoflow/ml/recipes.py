@@ -38,11 +38,15 @@ def load_config(path) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"{path}: no such configuration file")
-    with open(path) as f:
-        try:
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder; give the configuration's YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a training configuration is YAML (see configs/)") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: a training configuration is a mapping with task, data, model, train")
     cfg["_base"] = os.path.dirname(os.path.abspath(path))
