@@ -234,8 +234,11 @@ def _warn_small_overlap(slide, pipeline, grid):
     from ..transforms.base import Pipeline
 
     mpp = float(slide.mpp[0]) * grid.downsample if slide.mpp else None
-    steps = pipeline if isinstance(pipeline, Pipeline) else Pipeline([pipeline])
-    need, step = steps.overlap_needed_by(mpp)
+    if isinstance(pipeline, Pipeline):
+        need, step = pipeline.overlap_needed_by(mpp)
+    else:  # one transform run alone
+        need = int(pipeline.min_overlap(mpp))
+        step = pipeline if need else None
     have = min(grid.overlap)
     if step is not None and have < need and grid.cols * grid.rows > 1:  # one tile cuts nothing
         tile = min(grid.tile_size)
