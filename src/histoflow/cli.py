@@ -733,9 +733,14 @@ def _phenotype_png(cells, png):
 def cmd_annotations_convert(args):
     from .annotations import convert
 
+    from .annotations import skipped_features
+
     _check_outputs([args.input], {"converted annotations": args.output})
     n = convert(args.input, args.output)
-    print(f"{args.output}: {n} polygons from {args.input}")
+    skipped = skipped_features(args.input)
+    print(f"{args.output}: {n} polygons from {args.input}"
+          + (f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())} feature(s), which enclose no area"
+             if skipped else ""))
     return 0
 
 

@@ -173,3 +173,31 @@ def test_monuseg_outlines_on_the_resampled_grid():
     ds = 1000 / w
     err = [abs(gx - ((polys[i - 1].centroid[0]) / ds - 0.5)) for i, (gy, gx) in zip(far, got)]
     assert len(far) > 10 and np.median(err) < 0.2
+
+
+def test_convert_keeps_the_pixel_size_and_says_what_it_skips(tmp_path):
+    from histoflow.annotations import convert, skipped_features
+    from histoflow.annotations.aperio import aperio_mpp
+    from histoflow.cli import main
+
+    src = data_path("monuseg_train", "TCGA-21-5784-01Z-00-DX1.xml")
+    assert convert(src, tmp_path / "back.xml") == 398
+    assert aperio_mpp(tmp_path / "back.xml") == pytest.approx(aperio_mpp(src))  # it was written as 0
+    feats = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [SQUARE + [[0, 0]]]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 4]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [5, 5]]}, "properties": {}}]}
+    (tmp_path / "mixed.geojson").write_text(json.dumps(feats))
+    assert skipped_features(tmp_path / "mixed.geojson") == {"Point": 1, "LineString": 1}
+    assert main(["annotations", "convert", str(tmp_path / "mixed.geojson"), str(tmp_path / "m.xml")]) == 0
+
+
+def test_convert_reports_skipped_features_on_the_command_line(tmp_path, capsys):
+    from histoflow.cli import main
+
+    feats = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [3, 4]}, "properties": {}}]}
+    (tmp_path / "pts.geojson").write_text(json.dumps(feats))
+    assert main(["annotations", "convert", str(tmp_path / "pts.geojson"), str(tmp_path / "o.xml")]) == 0
+    out = capsys.readouterr().out
+    assert "0 polygons from" in out and "skipped 1 Point feature(s), which enclose no area" in out

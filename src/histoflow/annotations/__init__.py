@@ -16,7 +16,7 @@ from .polygon import AnnotationError, Polygon, polygonize, rasterize, rasterize_
 
 __all__ = ["AnnotationError", "Polygon", "polygonize", "rasterize", "rasterize_slide", "read_aperio_xml", "write_aperio_xml",
            "read_geojson", "write_geojson", "read_imagej_rois", "write_imagej_rois", "read_annotations",
-           "write_annotations", "convert"]
+           "write_annotations", "convert", "skipped_features"]
 
 _READERS = {".xml": read_aperio_xml, ".geojson": read_geojson, ".json": read_geojson, ".roi": read_imagej_rois,
             ".zip": read_imagej_rois}
@@ -43,8 +43,36 @@ def write_annotations(polygons, path) -> str:
 
 
 def convert(src, dst) -> int:
-    """Convert an annotation file to another format; returns the number of polygons written."""
+    """Convert an annotation file to another format; returns the number of polygons written. Aperio XML to
+    Aperio XML keeps the file's pixel size (MicronsPerPixel)."""
     writer = _kind(dst, _WRITERS, "write")
     polys = read_annotations(src)
-    writer(polys, dst)
+    kw = {}
+    if writer is write_aperio_xml and _kind(src, _READERS, "read") is read_aperio_xml:
+        from .aperio import aperio_mpp
+
+        kw["mpp"] = aperio_mpp(src)
+    writer(polys, dst, **kw)
     return len(polys)
+
+
+def skipped_features(path) -> dict:
+    """Features of a GeoJSON file that hold no area (points, lines ...), by geometry type: what
+    :func:`read_geojson` leaves out. Empty for other formats."""
+    import json
+
+    if _kind(path, _READERS, "read") is not read_geojson:
+        return {}
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    feats = data.get("features", []) if isinstance(data, dict) and data.get("type") == "FeatureCollection" else \
+        [data] if isinstance(data, dict) else data if isinstance(data, list) else []
+    out: dict = {}
+    for feat in feats:
+        kind = ((feat or {}).get("geometry") or {}).get("type") if isinstance(feat, dict) else None
+        if kind not in ("Polygon", "MultiPolygon"):
+            out[str(kind)] = out.get(str(kind), 0) + 1
+    return out
