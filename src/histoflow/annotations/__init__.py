@@ -59,17 +59,11 @@ def convert(src, dst) -> int:
 def skipped_features(path) -> dict:
     """Features of a GeoJSON file that hold no area (points, lines ...), by geometry type: what
     :func:`read_geojson` leaves out. Empty for other formats."""
-    import json
+    from .geojson import read_features
 
     if _kind(path, _READERS, "read") is not read_geojson:
         return {}
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    feats = data.get("features", []) if isinstance(data, dict) and data.get("type") == "FeatureCollection" else \
-        [data] if isinstance(data, dict) else data if isinstance(data, list) else []
+    feats = read_features(path)
     out: dict = {}
     for feat in feats:
         kind = ((feat or {}).get("geometry") or {}).get("type") if isinstance(feat, dict) else None

@@ -115,14 +115,8 @@ def _measurements(m) -> dict:
     return {}
 
 
-def read_geojson(path) -> list[Polygon]:
-    """Read the polygons of a GeoJSON file (QuPath export or any FeatureCollection).
-
-    Each ``Polygon`` geometry gives one :class:`Polygon`; a ``MultiPolygon`` gives one per part, all with
-    the feature's name, class, measurements and a shared ``group`` (so that writing them back makes one
-    object again). Each keeps the feature's ``objectType`` and class colour. Other geometry types (points,
-    lines) are skipped.
-    """
+def read_features(path) -> list:
+    """The features of a GeoJSON file (a FeatureCollection, one Feature or a list), as JSON objects."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AnnotationError(f"{path}: no such annotation file")
@@ -134,13 +128,24 @@ def read_geojson(path) -> list[Polygon]:
     except OSError as e:
         raise AnnotationError(f"{path}: cannot read the annotation file ({e.strerror or e})") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        feats = data.get("features") or []
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        feats = [data]
-    elif isinstance(data, list):
-        feats = data
-    else:
-        raise AnnotationError(f"{path}: not GeoJSON features (expected a FeatureCollection, a Feature or a list)")
+        return list(data.get("features") or [])
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, list):
+        return data
+    raise AnnotationError(f"{path}: not GeoJSON features (expected a FeatureCollection, a Feature or a list)")
+
+
+def read_geojson(path) -> list[Polygon]:
+    """Read the polygons of a GeoJSON file (QuPath export or any FeatureCollection).
+
+    Each ``Polygon`` geometry gives one :class:`Polygon`; a ``MultiPolygon`` gives one per part, all with
+    the feature's name, class, measurements and a shared ``group`` (so that writing them back makes one
+    object again). Each keeps the feature's ``objectType`` and class colour. Other geometry types (points,
+    lines) are skipped.
+    """
+    path = os.fspath(path)
+    feats = read_features(path)
     out = []
     for i, feat in enumerate(feats):
         if not isinstance(feat, dict):
