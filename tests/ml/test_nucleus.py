@@ -481,3 +481,28 @@ def test_onnx_backend_pads_to_the_model_divisor(tmp_path):
     a = NucleusSegmentation(str(tmp_path / "nuc32.pt"), threads=1).F(img, 0.5)
     b = NucleusSegmentation(str(tmp_path / "nuc32.pt"), backend="onnx").F(img, 0.5)
     assert a.shape == b.shape == (400, 400)
+
+
+def test_onnx_exports_of_read_only_weights_do_not_collide(tmp_path, monkeypatch):
+    """Weights in a folder the user cannot write go to ~/.cache/histoflow; two runs' ``best.pt`` shared one
+    export there, so the second model ran the first one's ONNX."""
+    from histoflow.ml import transforms as mt
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mt.os, "access", lambda p, mode: False)
+    torch.manual_seed(0)
+    paths = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        net = models.create("unet", in_channels=3, out_channels=4, filters=(4, 8)).eval()
+        models.save(net, tmp_path / run / "best.pt", card={"mpp": 0.5})
+        paths.append(str(tmp_path / run / "best.pt"))
+    a, b = (mt._writable_onnx(p) for p in paths)
+    assert a != b and all(os.path.dirname(p) == str(tmp_path / "home" / ".cache" / "histoflow") for p in (a, b))
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    for p in paths:
+        runner = mt._Runner(p, "onnx", None)
+        ref = models.load(p)(torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32) / 255)).detach()
+        out = runner.model(torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32) / 255))
+        np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-4)
+    assert not os.path.exists(os.path.splitext(paths[0])[0] + ".onnx")

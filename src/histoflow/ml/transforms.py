@@ -94,13 +94,12 @@ class _Runner:
             from .onnx import export_onnx, get_session
 
             onnx_path = os.path.splitext(path)[0] + ".onnx"
-            if not os.path.exists(onnx_path) or os.path.getmtime(onnx_path) < os.path.getmtime(path):
-                net = models.load(path)
+            if not _fresh(onnx_path, path):
                 onnx_path = _writable_onnx(path)
-                if not os.path.exists(onnx_path) or os.path.getmtime(onnx_path) < os.path.getmtime(path):
+                if not _fresh(onnx_path, path):
                     # several worker processes may export at once: each writes its own file, renamed into place
                     tmp = f"{onnx_path}.tmp-{os.getpid()}.onnx"
-                    export_onnx(net, tmp, input_shape=(1, 3, 256, 256), dynamic_spatial=True)
+                    export_onnx(models.load(path), tmp, input_shape=(1, 3, 256, 256), dynamic_spatial=True)
                     os.replace(tmp, onnx_path)
             self.session = get_session(onnx_path)
             self.model = _OnnxModule(self.session, _card_size_divisor(self.card))
@@ -118,14 +117,23 @@ class _Runner:
         return segment_nuclei(self.model, image, scale=scale, **kw)
 
 
+def _fresh(onnx_path, weights):
+    """Whether an ONNX export exists and is newer than the weights it was made from."""
+    return os.path.exists(onnx_path) and os.path.getmtime(onnx_path) >= os.path.getmtime(weights)
+
+
 def _writable_onnx(path):
-    """An ONNX file next to the weights when that folder is writable, else in the user cache."""
+    """An ONNX file next to the weights when that folder is writable, else in the user cache, named after the
+    weights' full path (two read-only ``best.pt`` of different runs must not share one export)."""
+    import hashlib
+
     folder = os.path.dirname(os.path.abspath(path))
     if os.access(folder, os.W_OK):
         return os.path.splitext(path)[0] + ".onnx"
     cache = os.path.join(os.path.expanduser("~"), ".cache", "histoflow")
     os.makedirs(cache, exist_ok=True)
-    return os.path.join(cache, os.path.basename(os.path.splitext(path)[0]) + ".onnx")
+    key = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    return os.path.join(cache, f"{os.path.basename(os.path.splitext(path)[0])}-{key}.onnx")
 
 
 def _card_size_divisor(card) -> int:
