@@ -430,7 +430,8 @@ def test_transform_error_names_slide_tile_and_transform(tmp_path):
     pipe = Pipeline([Blur(3), FailAt(256, 512)])
     for executor in ("inprocess", "threads"):
         with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: FailAt failed on tile at \(x=256, y=512\)"
-                                                r".*synthetic failure"):
+                                                r".*synthetic failure.*resume=True \(`histoflow run --resume`\), "
+                                                r"or pass on_error='skip' \(`--on-error skip`\)"):
             slide.run(pipe, tmp_path / f"{executor}.h5path", executor=executor, progress=False)
         assert not os.path.exists(tmp_path / f"{executor}.h5path")
         assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # no half-written file left behind
@@ -523,7 +524,8 @@ def test_skipped_failures_stop_a_resume_with_on_error_raise(tmp_path):
     with pytest.raises(Interrupt):
         slide.run(pipe, out, executor="inprocess", batch_size=10, on_error="skip", progress=False,
                   on_batch=_interrupt_at(3))
-    with pytest.raises(PipelineError, match=r"FailAt failed on tile at \(x=256, y=512\) in the run being resumed"):
+    with pytest.raises(PipelineError, match=r"FailAt failed on tile at \(x=256, y=512\) in the run being resumed"
+                                             r".*on_error='skip' \(`--on-error skip`\)"):
         slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, progress=False)
     assert not os.path.exists(out)
     slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, on_error="skip", progress=False)
