@@ -7,7 +7,7 @@ import torch
 from scipy import ndimage as ndi
 from torch import nn
 
-from histoflow.errors import HistoflowError
+from histoflow.errors import HistoflowError, ParameterError
 from histoflow.ml import models
 from histoflow.ml.models import ModelError, UnknownModelError
 from histoflow.ml.losses import hv_targets as hv_maps_from_instances
@@ -483,3 +483,25 @@ def test_onnx_export_keeps_each_submodule_mode(tmp_path):
     frozen.eval()
     export_onnx(m, tmp_path / "r.onnx", input_shape=(1, 3, 32, 32))
     assert m.training and not frozen.training
+
+
+def test_instance_norm_resnet_refuses_inputs_that_leave_one_pixel(tmp_path):
+    """At 32 px a ResNet's last stage is 1 x 1, where instance norm returns its bias whatever the image: torch
+    raised a bare ValueError in training and in eval mode every patch got the same prediction."""
+    torch.manual_seed(0)
+    m = models.create("resnet18", norm="instance", num_classes=3)
+    for mode in (m.train, m.eval):
+        mode()
+        with pytest.raises(ParameterError, match=r"a 32 x 32 px input leaves 1 x 1 px at the last stage"):
+            m(torch.rand(2, 3, 32, 32))
+    m.eval()
+    with torch.no_grad():
+        a, b = m(torch.rand(2, 3, 40, 40))   # 2 x 2 at the last stage: the prediction depends on the image
+    assert not torch.allclose(a, b)
+    bn = models.create("resnet18", num_classes=3).eval()
+    assert bn(torch.rand(2, 3, 32, 32)).shape == (2, 3)   # batch norm's running statistics are fine at 1 x 1
+    from histoflow.ml.onnx import export_onnx, get_session
+
+    x = torch.rand(1, 3, 96, 64)
+    sess = get_session(export_onnx(m, tmp_path / "in.onnx", input_shape=(1, 3, 64, 64), dynamic_spatial=True))
+    np.testing.assert_allclose(np.asarray(sess(x.numpy())), m(x).detach().numpy(), atol=1e-4)

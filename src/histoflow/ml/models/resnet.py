@@ -106,6 +106,13 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Globally pooled features ``(N, 512)``."""
+        if self.norm == "instance" and not torch.compiler.is_compiling():
+            h, w = x.shape[-2:]
+            if -(-h // 32) * -(-w // 32) < 2:  # the last stage's size: each of the 5 strides halves, rounding up
+                raise ParameterError(
+                    f"ResNet(norm='instance'): a {w} x {h} px input leaves 1 x 1 px at the last stage, where "
+                    "instance norm sets every feature to its bias (the prediction no longer depends on the image); "
+                    "use patches larger than 32 px (e.g. 64) or norm='batch'")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
