@@ -72,7 +72,9 @@ def test_tile_command_bad_slide_one_line(tmp_path):
 def test_demo(tmp_path):
     r = run("demo", "-o", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "tiles of 256x256 with >= 25% tissue (of 108 in the full grid)" in r.stdout
+    # tiles overlap by a large nucleus (15 µm = 31 px at 0.499 µm/px) so each nucleus is whole in one tile
+    assert "tiles of 256x256 (overlap 31) with >= 25% tissue (of 140 in the full grid)" in r.stdout
+    assert "overlap" not in r.stderr   # no warning that the overlap is too small for nucleus detection
     with read_h5path(tmp_path / "CMU-1-Small-Region.h5path") as h5:
         assert 30 <= len(h5) <= 70
         assert set(h5.tile_mask_names) >= {"tissue", "nuclei"}

@@ -767,8 +767,11 @@ def cmd_demo(args):
     pipe = demo_pipeline()
     print(pipe)
     out = os.path.join(args.output, f"{slide.name}.h5path")
-    full_grid = len(slide.grid(256))
-    slide.run(pipe, out, tile_size=256, tissue_filter=0.25, executor="dask", workers=2, progress=True)
+    # tiles overlap by a large nucleus (NucleusDetectionHE.min_overlap): each nucleus is kept whole by one tile
+    overlap = pipe.overlap_needed_by(float(slide.mpp[0]) if slide.mpp else None)[0]
+    full_grid = len(slide.grid(256, overlap=overlap))
+    slide.run(pipe, out, tile_size=256, overlap=overlap, tissue_filter=0.25, executor="dask", workers=2,
+              progress=True)
 
     # the picture: thumbnail, tissue outline (pre-pass), tile grid, nuclei centroids
     thumb = slide.thumbnail(1024)
@@ -782,7 +785,8 @@ def cmd_demo(args):
         for tile in h5:
             x0, y0 = tile.coords
             ds = tile.downsample
-            draw.rectangle([x0 * scale, y0 * scale, (x0 + 256 * ds) * scale - 1, (y0 + 256 * ds) * scale - 1],
+            a, b = overlap / 2 * ds, (256 - overlap / 2) * ds  # the tile's own part (its core), not the overlap
+            draw.rectangle([(x0 + a) * scale, (y0 + a) * scale, (x0 + b) * scale - 1, (y0 + b) * scale - 1],
                            outline=(90, 90, 90))
             inst = tile.masks["nuclei"]
             ids = np.unique(inst[inst > 0])
@@ -808,7 +812,7 @@ def cmd_demo(args):
     print(f"\nsample slide   {sample_slide_path()}")
     print(f"tissue         {100 * float(tissue.mean()):.0f}% of the slide (pre-pass at "
           f"{tissue.shape[1]}x{tissue.shape[0]} px)")
-    print(f"tiles          {n_tiles} tiles of 256x256 with >= 25% tissue (of {full_grid} in the full grid), "
+    print(f"tiles          {n_tiles} tiles of 256x256 (overlap {overlap}) with >= 25% tissue (of {full_grid} in the full grid), "
           f"on {prov['executor']['workers']} dask workers")
     print(f"nuclei         {nuclei} detected")
     print(f"h5path         {out} ({os.path.getsize(out) / 1e6:.1f} MB)")

@@ -261,3 +261,30 @@ def test_slide_maps_too_large_are_refused(tmp_path):
                                                   r"150000 x 100000 pixels x 2 classes .*heatmap_downsample"):
         seg._paint(tile, np.zeros((2, 4, 4), np.float32))
     assert mt.MAX_HEATMAP_PIXELS < 150_000 * 100_000
+
+
+def test_a_model_of_the_wrong_kind_is_named(classifier, segmenter):
+    """A classifier given to SemanticSegmentation (or a segmenter to PatchClassification) failed with numpy's
+    IndexError / TypeError, naming neither the model nor the mix-up."""
+    from histoflow.errors import HistoflowError
+
+    with SlideData(SVS) as s:
+        image = s.read_tile(s.grid(128)[5]).image
+    with pytest.raises(HistoflowError, match=r"cls.pt: SemanticSegmentation needs a segmentation model, whose output "
+                                             r"is \(N, classes, H, W\); this model gives \(1, 2\)"):
+        SemanticSegmentation(classifier).F(image)
+    with pytest.raises(HistoflowError, match=r"seg.pt: PatchClassification needs a classifier, whose output is "
+                                             r"\(N, classes\); this model gives \(1, 3, 128, 128\)"):
+        PatchClassification(segmenter).F(image)
+
+
+def test_nucleus_model_threads_reach_the_onnx_session(tmp_path):
+    from histoflow.ml.transforms import _runner
+
+    torch.manual_seed(0)
+    net = models.create("unet", in_channels=3, out_channels=4, filters=(4, 8)).eval()
+    models.save(net, tmp_path / "nuc.pt", card={"mpp": 0.5})
+    one, two = (_runner(str(tmp_path / "nuc.pt"), "onnx", n) for n in (1, 2))
+    assert one is not two   # the thread count is part of the cache key: the first value no longer wins
+    opts = [r.session.session.get_session_options().intra_op_num_threads for r in (one, two)]
+    assert opts == [1, 2]

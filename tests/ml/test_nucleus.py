@@ -196,6 +196,12 @@ def test_onnx_backend_matches_torch(val_sample):
     a = NucleusSegmentation(backend="torch").F(crop)
     b = NucleusSegmentation(backend="onnx").F(crop)
     assert metrics.aji(a, b) > 0.95
+    # the maps themselves: torch ran in bfloat16 by default on CPUs with bf16 (0.03 apart); now float32
+    from histoflow.ml.nucleus import predict_maps
+    from histoflow.ml.transforms import _runner
+
+    (pt, ht), (po, ho) = (predict_maps(_runner("builtin", be, None, 0.25).model, crop) for be in ("torch", "onnx"))
+    assert np.abs(pt - po).max() < 1e-4 and np.abs(ht - ho).max() < 1e-4
 
 
 def test_segment_nuclei_cli(tmp_path, val_sample):
@@ -506,3 +512,31 @@ def test_onnx_exports_of_read_only_weights_do_not_collide(tmp_path, monkeypatch)
         out = runner.model(torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32) / 255))
         np.testing.assert_allclose(np.asarray(out), ref.numpy(), atol=1e-4)
     assert not os.path.exists(os.path.splitext(paths[0])[0] + ".onnx")
+
+
+def test_slide_runs_warn_when_tiles_overlap_less_than_a_nucleus(tmp_path, val_sample):
+    """NucleusSegmentation declared no ``min_overlap``: a run without overlap kept nuclei cut by a tile's
+    edge in pieces, one per tile, without a word."""
+    import warnings
+
+    from histoflow.ml.infer import infer_slide
+    from histoflow.transforms import NucleusDetectionHE
+    from PIL import Image
+
+    png = tmp_path / "he.png"
+    Image.fromarray(val_sample["image"][:512, :512]).save(png)
+    seg = NucleusSegmentation(threads=1)
+    assert seg.min_overlap(0.25) == 60 and seg.min_overlap(None) == 60 and seg.min_overlap(0.5) == 30
+    assert NucleusDetectionHE().min_overlap(0.5) == 30
+    whole = len(np.unique(seg.F(val_sample["image"][:512, :512], 0.25))) - 1
+    counts = {}
+    for overlap in (0, 64):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            out = infer_slide(SlideData(str(png), mpp=0.25), seg, tmp_path / f"o{overlap}.h5path", tile_size=256,
+                              overlap=overlap, progress=False)
+        small = [str(w.message) for w in rec if "tile overlap" in str(w.message)]
+        assert bool(small) == (overlap == 0), small
+        assert overlap or "NucleusSegmentation finds objects that need 60 px of tile overlap" in small[0]
+        counts[overlap] = int(assemble_instances(out).max())
+    assert counts[0] > counts[64] and abs(counts[64] - whole) <= 0.02 * whole, (counts, whole)

@@ -192,7 +192,7 @@ def test_quantify_cells_every_cell_equals_numpy(mibi, dtype):
 def test_brightfield_quantification_uses_stain_densities(tmp_path):
     pipe = Pipeline([NucleusDetectionHE(), QuantifyCells(mask_name="nuclei")])
     with SlideData(SVS) as s:
-        out = s.run(pipe, str(tmp_path / "he.h5path"), tile_size=512, level=0, executor="inprocess",
+        out = s.run(pipe, str(tmp_path / "he.h5path"), tile_size=512, overlap=32, level=0, executor="inprocess",
                     progress=False)
     with read_h5path(out) as h:
         cells = h.cells

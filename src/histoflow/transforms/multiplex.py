@@ -19,15 +19,13 @@ from ..errors import ChannelError, ParameterError
 from ..utils import NUCLEAR_MARKERS
 from .base import Transform, outputs_from
 from .filters import _check_name, _check_number, _check_positive_int
-from .objects import find_channel, keep_owned, relabel_sequential
+from .objects import LARGE_NUCLEUS_UM, find_channel, keep_owned, relabel_sequential
 
 __all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentCells", "VirtualHE",
            "segment_nuclei_fluorescence", "grow_cells", "nuclear_channel_index"]
 
 #: pixel size assumed when neither the tile nor the transform knows it (µm/px)
 DEFAULT_MPP = 0.5
-#: µm across a large nucleus: what a tile's overlap must hold whole (see ``min_overlap``)
-LARGE_NUCLEUS_UM = 15.0
 
 
 def nuclear_channel_index(names, channel="auto") -> int:

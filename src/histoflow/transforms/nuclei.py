@@ -26,7 +26,7 @@ from ..errors import ParameterError
 from .base import Transform, outputs_from
 from .filters import _check_name, _check_number, _check_positive_int
 from .morphology import _fill_holes, _peaks_per_label
-from .objects import keep_owned
+from .objects import LARGE_NUCLEUS_UM, keep_owned
 from .stain import REFERENCE_STAIN_MATRIX, _METHODS, _check_rgb, _od_lut, _StainFitMixin
 
 __all__ = ["MIN_HEMATOXYLIN", "hematoxylin_concentration", "detect_nuclei", "NucleusDetectionHE"]
@@ -217,6 +217,10 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
     @property
     def stain_matrix_(self):
         return REFERENCE_STAIN_MATRIX if self.slide_stains_ is None else self.slide_stains_[0]
+
+    def min_overlap(self, mpp) -> int:
+        """A large nucleus, whole (at 0.5 µm/px, 20x, when the pixel size is unknown)."""
+        return int(np.ceil(LARGE_NUCLEUS_UM / float(mpp or 0.5)))
 
     def F(self, image, core=None):
         """The instance mask of one RGB image: the nuclei whose centroid lies in ``core`` = (x0, y0, x1, y1)

@@ -12,6 +12,9 @@ from ..errors import ChannelError
 
 __all__ = ["keep_owned", "relabel_sequential", "find_channel"]
 
+#: µm across a large nucleus: what a tile's overlap must hold whole (see ``Transform.min_overlap``)
+LARGE_NUCLEUS_UM = 15.0
+
 
 def relabel_sequential(labels, same_ids=None):
     """Labels renumbered 1..n in order of their old ids (int32), 0 stays background.
