@@ -203,3 +203,61 @@ def test_zip_entries_are_unique_and_outlines_have_no_repeated_vertices(tmp_path)
     lab[25:35, 10:30] = 2
     for p in polygonize(lab):
         assert not np.any(np.all(p.exterior == np.roll(p.exterior, 1, axis=0), axis=1))
+
+
+CUSTOM = '''
+import numpy as np
+from histoflow.transforms import Transform
+
+
+class DarkFraction(Transform):
+    """Fraction of dark pixels, as a tile label."""
+
+    labels_out = ("dark_fraction",)
+
+    def __init__(self, threshold=120):
+        self.threshold = threshold
+
+    def apply(self, tile):
+        tile.labels["dark_fraction"] = float((tile.image[..., :3].mean(-1) < self.threshold).mean())
+'''
+
+
+def test_run_imports_the_module_of_a_custom_transform(tmp_path):
+    """`histoflow run` had no way to import a user's module: a pipeline with a custom transform could not be
+    loaded from the shell, and the error's advice (import the module) could not be followed there."""
+    (tmp_path / "my_transforms.py").write_text(CUSTOM)
+    (tmp_path / "own.yaml").write_text("steps:\n  - DarkFraction: {threshold: 150}\n")
+    exe = os.path.join(os.path.dirname(sys.executable), "histoflow")
+
+    def cli(*args):
+        return subprocess.run([exe, *args], capture_output=True, text=True, cwd=tmp_path)
+
+    r = cli("run", "own.yaml", SVS, "-o", "out", "--executor", "threads", "--no-progress")
+    assert r.returncode == 1 and "unknown transform 'DarkFraction'" in r.stderr and "--import MODULE" in r.stderr
+    r = cli("transforms", "--import", "my_transforms")
+    assert r.returncode == 0 and "DarkFraction(threshold=120)" in r.stdout
+    for executor in ("threads", "dask"):   # dask: the local cluster's worker process imports it too
+        r = cli("run", "own.yaml", SVS, "-o", executor, "--executor", executor, "--workers", "1", "--no-progress",
+                "--import", "my_transforms")
+        assert r.returncode == 0, r.stderr
+        with read_h5path(tmp_path / executor / "CMU-1-Small-Region.h5path") as h5:
+            fractions = [t.labels["dark_fraction"] for t in h5]
+        assert len(fractions) == 108 and 0 < max(fractions) <= 1
+    r = cli("run", "own.yaml", SVS, "-o", "x", "--import", "no_such_module_here")
+    assert r.returncode == 1 and "--import no_such_module_here: cannot import it" in r.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_error():
+    exe = os.path.join(os.path.dirname(sys.executable), "histoflow")
+    r = subprocess.run(f"'{exe}' transforms | head -1", shell=True, capture_output=True, text=True)
+    assert r.stdout.count("\n") == 1 and r.stderr == ""
+
+
+def test_pixel_size_advice_names_the_command_line_option(tmp_path):
+    r = run("tile", data_path("wsi", "tiled_tiff", "CMU-1-Small-Region.webp.tiff"), "-o", str(tmp_path / "t.h5path"),
+            "--mpp", "0.5")
+    assert r.returncode == 1 and "(`--slide-mpp` on the command line)" in r.stderr
+    r = run("tile", data_path("wsi", "tiled_tiff", "CMU-1-Small-Region.webp.tiff"), "-o", str(tmp_path / "t.h5path"),
+            "--mpp", "0.5", "--slide-mpp", "0.499", "--no-progress")
+    assert r.returncode == 0, r.stderr

@@ -36,6 +36,9 @@ def _positive_int(text):
     return v
 
 
+BACKEND_HELP = ("reader: auto (default, chosen by the file's content), openslide, tiff, dicom or image")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -48,14 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="describe a slide (format, levels, mpp, channels)")
     s.add_argument("slide")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--backend", default="auto")
+    s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("thumbnail", help="write a PNG thumbnail of a slide")
     s.add_argument("slide")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--size", type=int, default=1024, help="longer side in pixels (default 1024)")
-    s.add_argument("--backend", default="auto")
+    s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_thumbnail)
 
     s = sub.add_parser("tile", help="cut a slide into tiles and write an h5path file")
@@ -65,13 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--level", type=int, help="pyramid level to tile (default 0)")
     g.add_argument("--mpp", type=float, help="target µm/px (resampled when no level matches)")
-    s.add_argument("--overlap", type=int, default=0)
-    s.add_argument("--edge", choices=["pad", "drop"], default="pad")
-    s.add_argument("--slide-mpp", type=float, help="override the slide's own µm/px")
+    s.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
+    s.add_argument("--edge", choices=["pad", "drop"], default="pad",
+                   help="tiles overhanging the slide's right/bottom edge: pad with background (default) or drop")
+    s.add_argument("--slide-mpp", type=float, help="the slide's own µm/px, when the file does not say (or is wrong)")
     s.add_argument("--compression", choices=["gzip", "lzf", "htj2k", "none"], default="gzip",
                    help="lossless: gzip (any HDF5 reader), htj2k (RGB: about 20%% smaller than gzip for raw tiles, "
                         "2.5x for smoothed ones; readers need hdf5plugin), lzf, none")
-    s.add_argument("--backend", default="auto")
+    s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_tile)
 
@@ -81,9 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("--size", type=int, default=256, help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--level", type=int)
-    g.add_argument("--mpp", type=float)
-    s.add_argument("--overlap", type=int, default=0)
+    g.add_argument("--level", type=int, help="pyramid level to tile (default 0)")
+    g.add_argument("--mpp", type=float, help="target µm/px of the tiles (resampled when no level matches)")
+    s.add_argument("--overlap", type=int, default=0,
+                   help="pixels shared by neighbouring tiles (default 0; steps that find nuclei or cells warn when "
+                        "it is less than they need)")
     s.add_argument("--tissue-filter", type=float, metavar="FRACTION",
                    help="detect tissue at low resolution first; keep tiles with at least this fraction")
     g = s.add_mutually_exclusive_group()
@@ -91,19 +97,26 @@ def _parser() -> argparse.ArgumentParser:
                                                "--executor threads (default: one per core)")
     g.add_argument("--scheduler", help="address of an existing dask scheduler (tcp://host:port)")
     s.add_argument("--executor", choices=["inprocess", "threads", "dask"], help="default: dask")
-    s.add_argument("--batch-size", type=_positive_int, default=32)
-    s.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    s.add_argument("--batch-size", type=_positive_int, default=32, help="tiles per unit of work (default 32)")
+    s.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="a transform failing on a tile stops the run (raise, default) or the tile is left out and "
+                        "listed in the provenance (skip)")
+    s.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module first (repeatable): custom transforms defined in your own code, e.g. "
+                        "--import my_transforms for my_transforms.py in the current folder")
     s.add_argument("--compression", choices=["htj2k", "gzip", "none"], default="htj2k",
                    help="lossless tile compression: htj2k (default; RGB about 2.6x smaller than gzip, readers "
                         "need hdf5plugin) or gzip (any HDF5 reader)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
     s.add_argument("--slide-type", help="HE, IHC, IF, CODEX, Vectra, MIBI (default: from the file)")
-    s.add_argument("--slide-mpp", type=float, help="override the slides' own µm/px")
+    s.add_argument("--slide-mpp", type=float, help="the slides' own µm/px, when the files do not say (or are wrong)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("transforms", help="list every transform with its parameters")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import this module first (repeatable), to list the custom transforms it defines")
     s.set_defaults(func=cmd_transforms)
 
     s = sub.add_parser("train", help="train a model from a YAML configuration (see configs/)")
@@ -126,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="builtin",
                    help="nucleus model .pt, or nucleus_unet (40x) / nucleus_unet_20x (default: the shipped model "
                         "trained nearest the input's µm/px)")
-    s.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="run the model in torch (default) or onnxruntime (exported once; about 2x faster on CPU)")
     s.add_argument("--mpp", type=float, help="the input's µm/px when the file does not say (default: the model's)")
     s.add_argument("--tile", type=int, default=1024, help="tile size in level-0 pixels (default 1024)")
     s.add_argument("--overlap", type=int, default=128, help="tile overlap; larger than a nucleus (default 128)")
@@ -142,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nuclear-channel", default="auto", help="name or index (default: the DAPI/Hoechst/HH3 channel)")
     s.add_argument("--membrane", nargs="*", default=None, metavar="NAME", help="membrane/cytoplasm channels")
     s.add_argument("--expand", type=float, default=3.0, help="cell reach beyond the nucleus, µm (default 3)")
-    s.add_argument("--tile", type=int, default=512)
+    s.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
     s.add_argument("--overlap", type=int, default=None,
                    help="tile overlap in pixels (default: 2 x (a large nucleus, 15 µm, + 2 x --expand), from the "
                         "slide's µm/px: each tile then sees every neighbour of the cells it keeps whole)")
@@ -175,8 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("output")
     c.set_defaults(func=cmd_annotations_convert)
 
-    s = sub.add_parser("demo", help="tile the built-in sample slide and show what came out")
-    s.add_argument("-o", "--output", default="demo_out")
+    s = sub.add_parser("demo", help="run the demo pipeline on the built-in sample slide (tissue detection, stain "
+                                    "normalisation, nucleus detection, on 2 dask workers) and draw what came out")
+    s.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
     s.set_defaults(func=cmd_demo)
     return p
 
@@ -197,6 +212,10 @@ def main(argv=None) -> int:
             pass
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # the output piped into a reader that stopped early (`histoflow transforms | head`)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit does not fail again
+        return 1
     except (HistoflowError, OSError) as e:
         if args.debug:
             raise
@@ -208,6 +227,23 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------- verbs
+def _import_modules(names):
+    """Import the user's modules (``--import``), from the current folder too, so that the custom transforms they
+    define are known before a pipeline is loaded; dask's worker processes inherit the search path."""
+    import importlib
+
+    from .errors import ParameterError
+
+    if names and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        module = name[:-3] if name.endswith(".py") and os.path.isfile(name) else name
+        try:
+            importlib.import_module(module.replace(os.sep, "."))
+        except ImportError as e:
+            raise ParameterError(f"--import {name}: cannot import it: {e}") from e
+
+
 def cmd_info(args):
     from . import open_slide
 
@@ -285,6 +321,7 @@ def cmd_run(args):
         raise ParameterError(f"--scheduler runs on dask: leave out --executor {args.executor} (or use dask)")
     if args.workers is not None and args.executor == "inprocess":
         raise ParameterError("--executor inprocess runs in this process alone: leave out --workers")
+    _import_modules(args.imports)
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
     slides = SlideDataset([SlideData(p, slide_type=args.slide_type, mpp=args.slide_mpp) for p in args.slides])
@@ -312,6 +349,7 @@ def cmd_run(args):
 def cmd_transforms(args):
     from .transforms.base import list_transforms
 
+    _import_modules(args.imports)
     items = list_transforms()
     if args.json:
         print(json.dumps(items, default=repr))

@@ -220,7 +220,7 @@ def _aji_slow(true, pred):
             if inter == 0:
                 continue
             uni = int(np.sum(g | s))
-            key = (inter / uni, inter, -j)
+            key = (inter / uni, -j)   # ties: the lowest label (HoVer-Net's get_fast_aji, the MoNuSeg code)
             if best is None or key > best[0]:
                 best = (key, j, inter, uni)
         if best is None:
@@ -301,3 +301,21 @@ def test_instance_metrics_are_fast_on_a_crowded_1000px_image():
     elapsed = time.perf_counter() - t0
     assert 0.3 < a < 1 and 0.3 < q.pq < 1
     assert elapsed < 1.0, f"AJI + PQ took {elapsed:.2f} s on a 1000 x 1000 image"
+
+
+def test_aji_ties_go_to_the_lowest_label_and_any_integer_type_works():
+    """Equal IoUs went to the larger intersection (AJI 0.2857 here); HoVer-Net's get_fast_aji and the MoNuSeg
+    MATLAB code take the first, lowest-label prediction (0.125). And uint64 labels reach np.bincount as intp
+    (numpy < 2.2.4 refuses uint64 there)."""
+    true = np.zeros((2, 6), np.int32)
+    true[0, :] = 1
+    pred = np.zeros((2, 6), np.int32)
+    pred[0, :2] = 1                      # IoU 2/6
+    pred[0, 2:], pred[1, :] = 2, 2       # IoU 4/12: the same
+    assert aji(true, pred) == pytest.approx(2 / 16)   # C = 2, U = 6 + the unused prediction 2's 10
+    assert aji(true, pred) == pytest.approx(_aji_slow(true, pred))
+    t = np.array([[1, 1, 0, 2, 2], [1, 1, 0, 2, 2], [0, 0, 0, 0, 3]])
+    p = np.array([[5, 5, 5, 0, 0], [5, 5, 0, 9, 9], [0, 0, 0, 9, 0]])
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64, np.int64):
+        assert aji(t.astype(dt), p.astype(dt)) == pytest.approx(6 / 11)
+        assert panoptic_quality(t.astype(dt), p.astype(dt)).pq == pytest.approx(0.32)

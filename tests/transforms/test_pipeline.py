@@ -190,7 +190,7 @@ def test_pipeline_file_errors_and_slide_type_changes(tmp_path):
     with SlideData(qptiff) as s:
         with pytest.raises(PipelineError, match=r"small_vectra.qptiff: step 0 NucleusDetectionHE accepts HE"):
             s.run(Pipeline([NucleusDetectionHE()]), str(tmp_path / "x.h5path"), executor="inprocess", progress=False)
-        out = s.run(ok, str(tmp_path / "ok.h5path"), tile_size=512, executor="inprocess", progress=False)
+        out = s.run(ok, str(tmp_path / "ok.h5path"), tile_size=512, overlap=30, executor="inprocess", progress=False)
     from histoflow.store import read_h5path
 
     with read_h5path(out) as h:

@@ -207,7 +207,7 @@ class SlideReader:
         if not (math.isfinite(mx) and math.isfinite(my)) or not (lo <= mx <= hi and lo <= my <= hi):
             self.warnings.append(
                 f"implausible pixel size {mx:.6g} x {my:.6g} µm/px in {source} (expected {lo}-{hi}); "
-                "ignored, mpp is unknown: pass mpp=... to set it")
+                "ignored, mpp is unknown: pass mpp=... to set it (`--slide-mpp` on the command line)")
             return None
         return (mx, my)
 
