@@ -83,6 +83,15 @@ def _augmenter(spec: dict | None, seed: int, images=None):
                           "(zoom: [0.8, 1.25]), stain: [sigma1, sigma2], hsv: [h, s, v]; see docs/ml.md") from None
 
 
+def _numbers(key, value, form):
+    """The numbers of a range-like augmentation value, or a ConfigError saying the form it takes."""
+    n = form[:form.index("]")].count(",") + 1
+    if (not isinstance(value, (list, tuple)) or len(value) != n
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"data.augment.{key} is {form}, not {value!r}")
+    return tuple(float(v) for v in value)
+
+
 def _make_augmenter(spec: dict, seed: int, images):
     from . import augment as A
 
@@ -92,9 +101,9 @@ def _make_augmenter(spec: dict, seed: int, images):
     if spec.pop("rot90", True):
         ops.append(A.RandomRotate90())
     if (z := spec.pop("zoom", None)):
-        ops.append(A.RandomZoom(tuple(z), p=0.5))
+        ops.append(A.RandomZoom(_numbers("zoom", z, "[smallest, largest], e.g. [0.8, 1.25]"), p=0.5))
     if (s := spec.pop("stain", None)):
-        ops.append(A.StainAugment(*s, p=0.5))
+        ops.append(A.StainAugment(*_numbers("stain", s, "[sigma1, sigma2], e.g. [0.2, 0.2]"), p=0.5))
     if (rs := spec.pop("randstain", None)) is not None:
         if images is None:
             raise ConfigError("data.augment.randstain needs the training images (this task has none)")
@@ -103,7 +112,7 @@ def _make_augmenter(spec: dict, seed: int, images):
                               f"training images vary), not {rs!r}")
         ops.append(A.RandStainNA.fit(images, spread=float(rs), p=0.5))
     if (h := spec.pop("hsv", None)):
-        ops.append(A.HSVShift(*h, p=0.5))
+        ops.append(A.HSVShift(*_numbers("hsv", h, "[h, s, v], e.g. [0.04, 0.2, 0.15]"), p=0.5))
     if (b := spec.pop("brightness", None)):
         ops.append(A.Brightness(b, p=0.5))
     if (c := spec.pop("contrast", None)):
