@@ -439,26 +439,15 @@ def cmd_segment_nuclei(args):
         with read_h5path(store) as h:
             n_tiles = len(h)
         shape = (slide.dimensions[1], slide.dimensions[0])
-        # no tile at all (no tissue at --tissue-filter): an empty label image, as for a blank image without it
-        labels = assemble_instances(store, "nuclei", shape=shape) if n_tiles else np.zeros(shape, np.int32)
-    with atomic_output(args.output, ".tif") as tmp_out:
-        tifffile.imwrite(tmp_out, labels.astype(np.uint32), compression="zlib", tile=(512, 512)
-                         if max(labels.shape) > 4096 else None)
-    n = int(labels.max())
-    msg = f"{args.output}: {n} nuclei in a {labels.shape[1]} x {labels.shape[0]} uint32 label image"
+        thumb = _picture_of(args.slide)[0] if png else None
+        n, polys = _write_labels(store if n_tiles else None, shape, args.output, bool(args.geojson), thumb, png)
+    msg = f"{args.output}: {n} nuclei in a {shape[1]} x {shape[0]} uint32 label image"
     if args.geojson:
-        from .annotations import polygonize, write_geojson
+        from .annotations import write_geojson
 
-        polys = polygonize(labels)
-        for p in polys:
-            p.classification = "Nucleus"
         write_geojson(polys, args.geojson, object_type="detection")
         msg += f"; {len(polys)} outlines in {args.geojson}"
     if png:
-        from .utils import outline_instances, save_png
-
-        thumb, _ = _picture_of(args.slide)
-        save_png(png, outline_instances(thumb, labels))
         msg += f"; picture {png}"
     print(msg + f" ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -577,6 +566,80 @@ def _check_outputs(inputs, outputs: dict):
         if real in seen:
             raise OutputError(f"{path}: given for both the {seen[real]} and the {what}; give each its own path")
         seen[real] = what
+
+
+#: label images up to this many pixels are written as strips, larger ones as 512 x 512 tiles
+TILED_LABELS_PX = 4096 * 4096
+
+
+def _write_labels(store, shape, output, outlines, thumb, png):
+    """Write the nuclei of an h5path's tiles as one uint32 label TIFF of ``shape`` (level 0), streamed a row of
+    tiles at a time (:class:`histoflow.ml.infer.InstanceRows`: memory stays flat on slides of any size);
+    ``store`` None: no tile, an empty image. With ``outlines`` the nuclei are outlined as they are placed
+    (QuPath GeoJSON polygons, "Nucleus"); with ``png`` their outlines are drawn over ``thumb``. Returns the
+    number of nuclei and the polygons."""
+    import contextlib
+
+    import numpy as np
+    import tifffile
+
+    from .annotations import polygonize
+    from .ml.infer import InstanceRows
+    from .utils import atomic_output, outline_instances, save_png
+
+    H, W = shape
+    polys = []
+
+    def outline(labels, x, y):
+        polys.extend(polygonize(labels, origin=(x, y)))
+
+    rows = InstanceRows(store, "nuclei", shape, on_objects=outline if outlines else None) if store else None
+    blocks = iter(rows) if rows is not None else iter([(0, np.zeros((H, W), np.int32))])
+    small = pick_r = pick_c = None
+    if png:  # the picture's pixels sample the label image by nearest neighbour, as outline_instances does
+        ph, pw = thumb.shape[:2]
+        pick_r = np.minimum(((np.arange(ph) + 0.5) * H / ph).astype(np.intp), H - 1)
+        pick_c = np.minimum(((np.arange(pw) + 0.5) * W / pw).astype(np.intp), W - 1)
+        small = np.zeros((ph, pw), np.int32)
+
+    def sampled(stream):
+        for r0, block in stream:
+            if small is not None:
+                sel = np.flatnonzero((pick_r >= r0) & (pick_r < r0 + len(block)))
+                if len(sel):
+                    small[sel] = block[pick_r[sel] - r0][:, pick_c]
+            yield r0, block
+
+    def tiles(stream, t=512):  # 512 x 512 tiles in row-major order, from blocks of rows of any height
+        pending = np.zeros((0, W), np.int32)
+        for _, block in stream:
+            pending = np.vstack([pending, block]) if len(pending) else block
+            while len(pending) >= t:
+                strip, pending = pending[:t], pending[t:]
+                for c in range(0, W, t):
+                    yield strip[:, c:c + t].astype(np.uint32)
+        if len(pending):
+            for c in range(0, W, t):
+                yield pending[:, c:c + t].astype(np.uint32)
+
+    with contextlib.ExitStack() as stack:
+        if rows is not None:
+            stack.enter_context(rows)
+        tmp_out = stack.enter_context(atomic_output(output, ".tif"))
+        if H * W <= TILED_LABELS_PX:
+            labels = np.zeros((H, W), np.uint32)
+            for r0, block in sampled(blocks):
+                labels[r0:r0 + len(block)] = block
+            tifffile.imwrite(tmp_out, labels, compression="zlib")
+        else:
+            tifffile.imwrite(tmp_out, tiles(sampled(blocks)), shape=(H, W), dtype=np.uint32, tile=(512, 512),
+                             compression="zlib")
+    if png:
+        save_png(png, outline_instances(thumb, small))
+    for p in polys:
+        p.classification = "Nucleus"
+    polys.sort(key=lambda p: int(p.name))  # by nucleus id (the pieces of one nucleus stay in their order)
+    return (rows.count if rows is not None else 0), polys
 
 
 def _labels_at(store, mask, level0, shape):

@@ -540,3 +540,52 @@ def test_slide_runs_warn_when_tiles_overlap_less_than_a_nucleus(tmp_path, val_sa
         assert overlap or "NucleusSegmentation finds objects that need 60 px of tile overlap" in small[0]
         counts[overlap] = int(assemble_instances(out).max())
     assert counts[0] > counts[64] and abs(counts[64] - whole) <= 0.02 * whole, (counts, whole)
+
+
+def test_label_image_streams_a_row_of_tiles_at_a_time(tmp_path, monkeypatch):
+    """segment-nuclei built the whole slide's labels in memory (int32, then a uint32 copy, then polygonized
+    whole: ~2.3x the image; a 100k x 80k slide refused after the run). InstanceRows gives the same labels a
+    band of rows at a time, and the CLI's writer streams them into a tiled TIFF, its GeoJSON and picture."""
+    from skimage.draw import disk
+
+    from histoflow import cli
+    from histoflow.annotations import read_geojson
+    from histoflow.ml.infer import InstanceRows
+    from histoflow.store import H5PathWriter
+    from histoflow.utils import outline_instances
+
+    rng = np.random.default_rng(0)
+    H, W, t, step = 150, 200, 64, 48
+    truth = np.zeros((H, W), np.int32)
+    for k in range(1, 80):
+        rr, cc = disk((rng.integers(0, H), rng.integers(0, W)), rng.integers(3, 7), shape=truth.shape)
+        truth[rr, cc] = k
+    spots = [(x, y) for y in range(0, H, step) for x in range(0, W, step)]
+    path = str(tmp_path / "s.h5path")
+    with H5PathWriter(path, slide={"name": "s", "width": W, "height": H}) as w:
+        for j in rng.permutation(len(spots)):  # stored out of row order: the assembly sorts them
+            x, y = spots[j]
+            lab = np.zeros((t, t), np.int32)
+            part = truth[y:y + t, x:x + t]
+            lab[:part.shape[0], :part.shape[1]] = part
+            w.add_tile(np.full((t, t, 3), 255, np.uint8), (x, y), masks={"nuclei": lab})
+    whole = assemble_instances(path, "nuclei")
+    assert 60 < whole.max() and len(np.unique(whole)) == whole.max() + 1
+    starts, blocks = [], []
+    with InstanceRows(path, "nuclei") as rows:
+        for r0, block in rows:
+            starts.append(r0)
+            blocks.append(block.copy())
+        assert rows.count == whole.max()
+    assert starts == [0, 48, 96, 144] and max(len(b) for b in blocks) <= t   # one row of tiles at a time
+    np.testing.assert_array_equal(np.vstack(blocks), whole)
+    monkeypatch.setattr(cli, "TILED_LABELS_PX", 0)   # the slide-sized path: 512 px tiles, streamed
+    thumb = np.full((75, 100, 3), 200, np.uint8)
+    n, polys = cli._write_labels(path, (H, W), str(tmp_path / "l.tif"), True, thumb, str(tmp_path / "l.png"))
+    with tifffile.TiffFile(tmp_path / "l.tif") as tf:
+        assert tf.pages[0].is_tiled and tf.pages[0].dtype == np.uint32
+        np.testing.assert_array_equal(tf.asarray(), whole)
+    assert n == whole.max() and sorted({int(p.name) for p in polys}) == list(range(1, n + 1))
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "l.png")), outline_instances(thumb, whole))

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import H5PathError, RegionTooLargeError
 
-__all__ = ["assemble_instances", "infer_slide", "cells_to_geojson"]
+__all__ = ["assemble_instances", "InstanceRows", "infer_slide", "cells_to_geojson"]
 
 #: largest label image assemble_instances builds in memory (uint32/int32 pixels)
 MAX_ASSEMBLY_PIXELS = 2_000_000_000
@@ -34,73 +34,152 @@ def assemble_instances(store, mask: str = "nuclei", shape=None, max_pixels: int 
     shape : (height, width), optional
         Output shape at the tiles' resolution; default: the slide's level-0 size divided by the tiles'
         downsample (from the file's slide metadata), else the tiles' extent.
+    max_pixels : int
+        Largest image built in memory; for larger slides use :class:`InstanceRows`, which streams the same
+        labels a band of rows at a time (``histoflow segment-nuclei`` writes its TIFF that way).
 
-    Each tile's objects get ids offset by the objects of the tiles before it, so ids are unique over the
-    slide. Where objects of two tiles overlap (only in tile overlaps: the same nucleus outlined a little
-    differently by both), the pixel keeps the first; an object of a later tile with less than half of its
-    pixels, or fewer than ``MIN_FREE_PIXELS``, left free of the objects already placed is dropped as their
-    duplicate, so that no sliver of it stays behind as an object of its own; an object kept in part keeps
-    the largest connected piece of its free pixels (one object, one outline).
+    Tiles are placed in row-major order of their positions. Each tile's objects get ids after those of the
+    tiles before it (1..n over the slide, in that order). Where objects of two tiles overlap (only in tile
+    overlaps: the same nucleus outlined a little differently by both), the pixel keeps the first; an object of
+    a later tile with less than half of its pixels, or fewer than ``MIN_FREE_PIXELS``, left free of the objects
+    already placed is dropped as their duplicate, so that no sliver of it stays behind as an object of its
+    own; an object kept in part keeps the largest connected piece of its free pixels (one object, one outline).
     """
-    from ..store import read_h5path
-
-    own = isinstance(store, str) or hasattr(store, "__fspath__")
-    h = read_h5path(store) if own else store
-    try:
-        if mask not in h.tile_mask_names:
-            raise H5PathError(f"{getattr(h, 'path', store)}: tiles have no mask {mask!r} "
-                              f"(they have {sorted(h.tile_mask_names)})")
-        n = len(h)
-        if n == 0:
-            raise H5PathError(f"{getattr(h, 'path', store)}: no tiles")
-        first = h.tile(0)
-        ds = float(first.downsample)
-        if shape is None:
-            meta = h.slide or {}
-            if meta.get("width") and meta.get("height"):
-                shape = (int(np.ceil(meta["height"] / ds)), int(np.ceil(meta["width"] / ds)))
-            else:
-                coords = np.asarray(h.coords)
-                th, tw = first.image.shape[:2]
-                shape = (int(coords[:, 1].max() / ds) + th, int(coords[:, 0].max() / ds) + tw)
-        H, W = int(shape[0]), int(shape[1])
+    rows = InstanceRows(store, mask, shape)
+    with rows:
+        H, W = rows.shape
         if H * W > max_pixels:
-            raise RegionTooLargeError(f"{getattr(h, 'path', store)}: a {W} x {H} label image would take "
-                                      f"{H * W * 4 / 2**30:.1f} GiB; raise max_pixels or keep the per-tile masks")
+            raise RegionTooLargeError(f"{rows.path}: a {W} x {H} label image would take {H * W * 4 / 2**30:.1f} "
+                                      "GiB; raise max_pixels, or stream it with histoflow.ml.infer.InstanceRows")
         out = np.zeros((H, W), np.int32)
-        offset = 0
-        for i in range(n):
-            t = h.tile(i)
-            lab = np.asarray(t.masks[mask])
+        for r0, block in rows:
+            out[r0:r0 + len(block)] = block
+    return out
+
+
+class InstanceRows:
+    """The slide-wide label image of :func:`assemble_instances`, streamed: iterating gives ``(row, block)``
+    pairs, ``block`` the int32 labels of rows ``row .. row + len(block) - 1`` (full width), in order from row 0
+    to the last, each row once. Memory holds about one row of tiles (``width x tile height`` labels), whatever
+    the slide's size.
+
+    ``on_objects(labels, x, y)``, when given, is called once per tile that places objects, with the tile's
+    window of final labels holding only the objects it placed (0 elsewhere) and the window's position (x, y)
+    in output pixels: the objects are whole then (a later tile never adds to them), e.g. to outline them.
+    After the iteration, ``count`` is the number of objects.
+    """
+
+    def __init__(self, store, mask: str = "nuclei", shape=None, on_objects=None):
+        from ..store import read_h5path
+
+        self._own = isinstance(store, str) or hasattr(store, "__fspath__")
+        self._h = read_h5path(store) if self._own else store
+        h = self._h
+        self.path = getattr(h, "path", store)
+        self.mask = mask
+        self.on_objects = on_objects
+        self.count = 0
+        try:
+            if mask not in h.tile_mask_names:
+                raise H5PathError(f"{self.path}: tiles have no mask {mask!r} (they have {sorted(h.tile_mask_names)})")
+            if len(h) == 0:
+                raise H5PathError(f"{self.path}: no tiles")
+            first = h.tile(0)
+            self.downsample = ds = float(first.downsample)
+            if shape is None:
+                meta = h.slide or {}
+                if meta.get("width") and meta.get("height"):
+                    shape = (int(np.ceil(meta["height"] / ds)), int(np.ceil(meta["width"] / ds)))
+                else:
+                    coords = np.asarray(h.coords)
+                    th, tw = first.image.shape[:2]
+                    shape = (int(coords[:, 1].max() / ds) + th, int(coords[:, 0].max() / ds) + tw)
+            self.shape = (int(shape[0]), int(shape[1]))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self._own:
+            self._h.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __iter__(self):
+        h, mask, ds = self._h, self.mask, self.downsample
+        H, W = self.shape
+        xy = np.rint(np.asarray(h.coords, dtype=np.float64).reshape(-1, 2) / ds).astype(np.int64)
+        order = np.lexsort((xy[:, 0], xy[:, 1]))  # by row, then column
+        buf = np.zeros((0, W), np.int32)  # output rows done .. done + len(buf) - 1, not final yet
+        done = 0
+        next_id = 1
+        for i in order:
+            x0, y0 = int(xy[i, 0]), int(xy[i, 1])
+            if y0 > done:  # the rows above this tile are final: no later tile (sorted by row) reaches them
+                upto = min(y0, H)
+                if upto > done:
+                    block, buf = _take_rows(buf, upto - done, W)
+                    yield done, block
+                    done = upto
+            if y0 >= H or x0 >= W:
+                continue
+            lab = np.asarray(h.tile(int(i)).masks[mask])
             m = int(lab.max()) if lab.size else 0
             if m == 0:
                 continue
-            x0, y0 = int(round(t.coords[0] / ds)), int(round(t.coords[1] / ds))
             hh, ww = min(lab.shape[0], H - y0), min(lab.shape[1], W - x0)
-            if hh <= 0 or ww <= 0:
-                continue
             lab = lab[:hh, :ww]
-            win = out[y0:y0 + hh, x0:x0 + ww]
-            fg = lab > 0
-            put = fg & (win == 0)
-            if (fg & (win != 0)).any():  # some of them meet objects already placed
-                area = np.bincount(lab[fg].astype(np.int64), minlength=m + 1)
-                free = np.bincount(lab[put].astype(np.int64), minlength=m + 1)
-                meets = np.bincount(lab[fg & (win != 0)].astype(np.int64), minlength=m + 1) > 0
-                # objects that meet none keep every pixel, whatever their size; the others need most of theirs free
-                keep = ~meets | ((2 * free >= area) & (free >= MIN_FREE_PIXELS))
-                put &= keep[lab.astype(np.int64)]
-                for obj in np.flatnonzero(keep & (free < area)):  # placed in part: its free pixels in one piece
-                    mine = lab == obj
-                    piece = _largest_piece(put, mine)
-                    if 2 * piece < area[obj] or piece < MIN_FREE_PIXELS:  # the piece itself too small: a duplicate
-                        put &= ~mine
-            win[put] = lab[put] + offset
-            offset += m
-        return _relabel_sequential(out)
-    finally:
-        if own:
-            h.close()
+            if len(buf) < y0 + hh - done:
+                buf = np.vstack([buf, np.zeros((y0 + hh - done - len(buf), W), np.int32)])
+            win = buf[y0 - done:y0 - done + hh, x0:x0 + ww]
+            put = _free_pixels(lab, win, m)
+            ids = np.unique(lab[put])
+            ids = ids[ids > 0]
+            if not len(ids):
+                continue
+            lut = np.zeros(m + 1, np.int32)
+            lut[ids] = np.arange(next_id, next_id + len(ids), dtype=np.int32)
+            new = np.where(put, lut[lab.astype(np.int64)], 0).astype(np.int32)
+            win[put] = new[put]
+            next_id += len(ids)
+            if self.on_objects is not None:
+                self.on_objects(new, x0, y0)
+        while done < H:
+            block, buf = _take_rows(buf, H - done, W)
+            yield done, block
+            done = H
+        self.count = next_id - 1
+
+
+def _take_rows(buf, k, width):
+    """The first ``k`` rows of ``buf`` (zeros below its end) and what is left of it."""
+    if len(buf) >= k:
+        return buf[:k], buf[k:]
+    return np.vstack([buf, np.zeros((k - len(buf), width), np.int32)]), buf[len(buf):]
+
+
+def _free_pixels(lab, win, m):
+    """Where a tile's objects ``lab`` (ids 1..m) are placed in ``win`` (the output under the tile, objects of
+    earlier tiles there): see :func:`assemble_instances`."""
+    fg = lab > 0
+    put = fg & (win == 0)
+    if (fg & (win != 0)).any():  # some of them meet objects already placed
+        area = np.bincount(lab[fg].astype(np.int64), minlength=m + 1)
+        free = np.bincount(lab[put].astype(np.int64), minlength=m + 1)
+        meets = np.bincount(lab[fg & (win != 0)].astype(np.int64), minlength=m + 1) > 0
+        # objects that meet none keep every pixel, whatever their size; the others need most of theirs free
+        keep = ~meets | ((2 * free >= area) & (free >= MIN_FREE_PIXELS))
+        put &= keep[lab.astype(np.int64)]
+        for obj in np.flatnonzero(keep & (free < area)):  # placed in part: its free pixels in one piece
+            mine = lab == obj
+            piece = _largest_piece(put, mine)
+            if 2 * piece < area[obj] or piece < MIN_FREE_PIXELS:  # the piece itself too small: a duplicate
+                put &= ~mine
+    return put
 
 
 def _largest_piece(put, obj):
@@ -119,16 +198,6 @@ def _largest_piece(put, obj):
     sizes[0] = 0
     put[box] &= ~(part & (pieces != int(sizes.argmax())))
     return int(sizes.max())
-
-
-def _relabel_sequential(labels):
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    if len(ids) == 0 or ids[-1] == len(ids):
-        return labels
-    lut = np.zeros(int(ids[-1]) + 1, np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    return lut[labels]
 
 
 def infer_slide(slide, transform, out, *, tile_size=512, overlap=64, level=None, mpp=None, tissue_filter=None,
