@@ -240,6 +240,12 @@ def maps_to_instances(prob, hv, *, fg_threshold: float = 0.5, marker_threshold: 
     return labels
 
 
+#: images whose pixel size is within this fraction of the model's run without resampling (the models were
+#: trained with zoom augmentation of 0.8-1.25: 3 % is well inside what they saw; on the held-out MoNuSeg
+#: images at 0.2527 µm/px, Dice 0.810 / AJI 0.619 as they are, 0.808 / 0.618 resampled to 0.25)
+SCALE_TOLERANCE = 0.03
+
+
 def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.ndarray:
     """Instance labels of an RGB image with a nucleus model.
 
@@ -248,13 +254,15 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.
     post-processed at the image's size (smooth outlines); for a coarser one (``scale > 1``) they are
     post-processed at the model's scale, whose pixel sizes the post-processing's kernels are set for (at
     10x, nuclei 6 px wide lost their markers to the 5 x 5 opening), and the labels resized to the image
-    (nearest neighbour). Other keywords go to :func:`predict_maps` / :func:`maps_to_instances`.
+    (nearest neighbour). Within ``SCALE_TOLERANCE`` of 1 the image runs as it is (a 0.499 or 0.2527 µm/px scan
+    on a 0.5 or 0.25 model: resampling by 0.2-1 % only blurs, and moves tile results by a pixel).
+    Other keywords go to :func:`predict_maps` / :func:`maps_to_instances`.
     """
     import cv2
 
     post = {k: kw.pop(k) for k in ("fg_threshold", "marker_threshold", "sobel_ksize", "min_size") if k in kw}
     h, w = image.shape[:2]
-    if abs(scale - 1.0) <= 1e-3:
+    if abs(scale - 1.0) <= SCALE_TOLERANCE:
         return maps_to_instances(*predict_maps(model, image, **kw), **post)
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = cv2.resize(image[..., :3], (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
