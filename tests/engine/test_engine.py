@@ -932,3 +932,15 @@ def test_output_folders_that_cannot_be_used(tmp_path):
         SlideData(SVS).run(None, "/proc/no-such-folder/x.h5path", executor="inprocess", progress=False)
     with pytest.raises(PipelineError, match="tissue_filter is the fraction"):
         SlideData(SVS).run(None, tmp_path / "t.h5path", tissue_filter=True, executor="inprocess", progress=False)
+
+
+def test_provenance_records_the_batch_size_used(tmp_path, monkeypatch):
+    """Batches hold at most BATCH_BYTES of raw pixels (many-channel slides get fewer tiles a batch); the
+    provenance's batch_size said the 32 asked for while 5 were used."""
+    from histoflow.engine import run as engine_run
+
+    monkeypatch.setattr(engine_run, "BATCH_BYTES", 5 * 256 * 256 * 3)
+    out = SlideData(SVS).run(pipeline(), tmp_path / "b.h5path", executor="inprocess", batch_size=32, progress=False)
+    with read_h5path(out) as h5:
+        prov = h5.provenance[-1]
+    assert prov["batch_size"] == 5 == prov["run_settings"]["batch_size"] and prov["batch_size_requested"] == 32

@@ -407,7 +407,9 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     job.writer.add_provenance({
         "kind": "pipeline run", "run_id": run_id,
         "pipeline": job.manifest["pipeline"],
-        "tiling": tiling, "batch_size": batch_size, "tiles_written": job.merged, "tiles_in_grid": job.n_tiles,
+        # the batch size used (the one asked for, or fewer tiles when that many would hold over BATCH_BYTES)
+        "tiling": tiling, "batch_size": job.manifest["batch_size"], "batch_size_requested": batch_size,
+        "tiles_written": job.merged, "tiles_in_grid": job.n_tiles,
         "failed_tiles": job.failures, "resumed_batches": job.resumed, "run_settings": job.manifest,
         "executor": {"kind": ex.name, "workers": ex.workers},
         "elapsed_s": round(time.perf_counter() - t0, 3),
