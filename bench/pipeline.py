@@ -33,7 +33,7 @@ Measures, each in a fresh child process so that peak RSS is that run's own:
   issue's figures measured on this machine on another day are given under ``pathml_reference`` and used
   for the ratios then
 - ``demo_tiles_per_s``: the full demo pipeline (tissue pre-pass, stain normalisation, nucleus detection)
-  in-process on the 4x mosaic's tissue tiles
+  in-process on the 4x mosaic's tissue tiles, overlapping by a large nucleus as in `histoflow demo`
 
 Prints one JSON line.
 
@@ -157,8 +157,9 @@ def child(mode, slide, out):
         from histoflow.cli import demo_pipeline
 
         pipe = demo_pipeline()
+        overlap = pipe.overlap_needed_by(float(s.mpp[0]) if s.mpp else None)[0]   # as `histoflow demo` tiles
         t0 = time.perf_counter()
-        s.run(pipe, out, executor="inprocess", tissue_filter=0.25, progress=False)
+        s.run(pipe, out, executor="inprocess", overlap=overlap, tissue_filter=0.25, progress=False)
         dt = time.perf_counter() - t0
         with histoflow.read_h5path(out) as h5:
             n = len(h5)
