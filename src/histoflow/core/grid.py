@@ -123,6 +123,9 @@ class TileGrid:
             smpp = float(slide_mpp[0] if not np.isscalar(slide_mpp) else slide_mpp)
             if not (math.isfinite(smpp) and smpp > 0):
                 raise RegionError(f"the slide's pixel size must be a positive number, got {slide_mpp!r}")
+            if not np.isscalar(slide_mpp) and abs(float(slide_mpp[1]) / smpp - 1) > 0.01:
+                raise RegionError(f"the slide's pixels are not square ({smpp:g} x {float(slide_mpp[1]):g} µm): tiles "
+                                  "at a target mpp would be square in neither; tile by level")
             try:
                 self.target_mpp = float(mpp)
             except (TypeError, ValueError):
@@ -135,6 +138,8 @@ class TileGrid:
             lds = self.level_downsamples[self.level]
             self.downsample = lds if abs(lds - want) <= MPP_TOLERANCE * want else want
         else:
+            if level is not None and not _whole(level):
+                raise RegionError(f"level must be a whole number, got {level!r}")
             self.level = int(level or 0)
             if not 0 <= self.level < len(self.level_downsamples):
                 raise RegionError(f"level {self.level} does not exist (the slide has {len(self.level_downsamples)})")
@@ -151,7 +156,10 @@ class TileGrid:
         self.mask_filter = None
         if mask is not None:
             self.mask_filter = _MaskCoverage(np.asarray(mask), mask_downsample, self.dimensions)
-        self.min_coverage = float(min_coverage)
+        try:
+            self.min_coverage = float(min_coverage)
+        except (TypeError, ValueError):
+            self.min_coverage = float("nan")
         if not 0 <= self.min_coverage <= 1:
             raise RegionError(f"min_coverage is a fraction of the tile, 0..1; got {min_coverage!r}")
         if self.min_coverage > 0 and mask is None:
@@ -179,8 +187,8 @@ class TileGrid:
         w0, h0 = max(1, x1 - x), max(1, y1 - y)
         if self.resampled:
             lds = self.level_downsample
-            read = (max(1, int(round(x1 / lds)) - int(round(x / lds))),
-                    max(1, int(round(y1 / lds)) - int(round(y / lds))))
+            # rounded as read_region rounds its start (half up): round() sends x.5 to even, a pixel apart
+            read = (max(1, _half_up(x1 / lds) - _half_up(x / lds)), max(1, _half_up(y1 / lds) - _half_up(y / lds)))
         else:
             read = self.tile_size
         return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds, self.core(row, col))
@@ -245,11 +253,27 @@ class TileGrid:
 
 
 def _pair(v, name):
-    if np.isscalar(v):
-        return (int(v), int(v))
-    if len(v) != 2:
-        raise RegionError(f"{name} must be an int or a pair, got {v!r}")
-    return (int(v[0]), int(v[1]))
+    vals = (v, v) if np.isscalar(v) else v
+    try:
+        if len(vals) != 2:
+            raise TypeError
+        out = tuple(int(x) for x in vals)
+        if any(isinstance(x, bool) or float(x) != int(x) for x in vals):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise RegionError(f"{name} must be a whole number of pixels or a pair of them, got {v!r}") from None
+    return out
+
+
+def _whole(v) -> bool:
+    try:
+        return not isinstance(v, bool) and float(v).is_integer()
+    except (TypeError, ValueError):
+        return False
+
+
+def _half_up(v: float) -> int:
+    return math.floor(v + 0.5)
 
 
 def _count(extent: float, tile: int, stride: int, edge: str) -> int:
@@ -265,13 +289,18 @@ class _MaskCoverage:
     """Fraction of a level-0 rectangle covered by a mask at another resolution (integral image)."""
 
     def __init__(self, mask: np.ndarray, downsample, dimensions):
-        if mask.ndim != 2:
-            raise RegionError(f"a tile filter mask must be 2-D, got shape {mask.shape}")
+        if mask.ndim != 2 or mask.size == 0:
+            raise RegionError(f"a tile filter mask must be a non-empty 2-D array, got shape {mask.shape}")
         self.ds = float(downsample) if downsample else dimensions[0] / mask.shape[1]
-        m = (mask > 0).astype(np.int64)
-        self.h, self.w = m.shape
-        self.integral = np.zeros((self.h + 1, self.w + 1), np.int64)
-        self.integral[1:, 1:] = m.cumsum(0).cumsum(1)
+        self.h, self.w = mask.shape
+        # the integral image in the narrowest integer type that holds the mask's area (int32 up to 2 G
+        # pixels: a level-0 mask took 32x its own size in int64 copies), summed in place row by row
+        dt = np.int32 if mask.size < 2**31 else np.int64
+        self.integral = np.zeros((self.h + 1, self.w + 1), dt)
+        np.greater(mask, 0, out=self.integral[1:, 1:], casting="unsafe")
+        np.cumsum(self.integral[1:, 1:], axis=1, out=self.integral[1:, 1:])
+        for r in range(2, self.h + 1):  # rows one at a time: no second full-size temporary
+            self.integral[r, 1:] += self.integral[r - 1, 1:]
 
     def _at(self, fx, fy) -> float:
         """The mask's area in [0, fx) x [0, fy) (mask pixels), for fractional corners: the integral image

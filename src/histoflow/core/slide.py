@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import RegionError
 from ..io import open_slide
 from .grid import TileGrid
-from .resample import resize
+from .resample import resize, shrink
 from .tile import Tile
 from .types import SlideType, SlideTypePreset
 
@@ -152,11 +152,33 @@ class SlideData:
                 raise
             raise type(e)(f"{self.path}: {e}") from None
 
+    def _read_spec(self, spec) -> np.ndarray:
+        """The tile's pixels: its level's region, resampled to the tile's size when the grid asks for it. A
+        shrunk tile overhanging the slide reads only the part inside (and a pixel of fill): at a coarse mpp
+        one tile's region can be many times the slide (CMU-1 at 60 µm/px: 30782 px square, 2.9 GB)."""
+        rw, rh = spec.read_size
+        ow, oh = spec.size
+        if not spec.needs_resample:
+            return self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
+        if rw <= ow or rh <= oh:  # enlarged: the region is no larger than the tile
+            return resize(self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size), spec.size)
+        lv = self.levels[spec.level]
+        lx, ly = math.floor(spec.x / lv.downsample + 0.5), math.floor(spec.y / lv.downsample + 0.5)
+        iw, ih = min(rw, lv.width - lx), min(rh, lv.height - ly)  # level pixels inside the slide
+        sx, sy = rw / ow, rh / oh
+        jw, jh = min(ow, math.ceil(max(iw, 0) / sx)), min(oh, math.ceil(max(ih, 0) / sy))  # tile pixels touching them
+        nw, nh = min(rw, math.ceil(jw * sx) + 1), min(rh, math.ceil(jh * sy) + 1)
+        if nw * nh >= rw * rh:  # (almost) all inside: read it whole
+            return resize(self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size), spec.size)
+        out = np.full((oh, ow, self.reader.channels), self.reader.fill_value, dtype=self.reader.dtype)
+        if jw > 0 and jh > 0:
+            part = self.reader.read_region((spec.x, spec.y), spec.level, (nw, nh))
+            out[:jh, :jw] = shrink(part, ow / rw, oh / rh, (jw, jh))
+        return out
+
     def read_tile(self, spec) -> Tile:
         """Read the tile of a :class:`~histoflow.core.grid.TileSpec`, with the slide masks under it."""
-        image = self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
-        if spec.needs_resample:
-            image = resize(image, spec.size)
+        image = self._read_spec(spec)
         masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size) for k, m in self.masks.items()}
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
         # the part inside the slide, when the tile overhangs its right or bottom edge
