@@ -1,7 +1,7 @@
 """TileGrid: where the tiles of a slide are. Geometry only; no pixels are read here.
 
 A grid is laid out in *output* pixels: those of a pyramid level, or of a target pixel size (µm/px) that no
-level may have exactly, in which case each tile is read from the finest level that is not coarser than
+level may have exactly, in which case each tile is read from the coarsest level that is not coarser than
 the target and resampled. Every tile knows its level-0 rectangle, the level it is read from and the size
 to read there, so a reader can fetch it and a mask can be looked up at any resolution.
 
@@ -70,7 +70,7 @@ class TileGrid:
         Read tiles from this level, at its resolution. Default 0 unless ``mpp`` is given.
     mpp : float, optional
         Target pixel size in µm/px. The grid is laid out at that resolution; tiles are read from the
-        finest level not coarser than it and resampled when no level matches (within 1 %).
+        coarsest level not coarser than it and resampled when no level matches (within 1 %).
     level_downsamples : sequence of float
         Downsample of each level (level 0 first). Default ``[1.0]``.
     slide_mpp : float or (float, float), optional

@@ -487,7 +487,7 @@ class WSIPatchDataset(_Epochs, Dataset):
     level : int, optional
         Read at this pyramid level (default 0 unless ``mpp`` is given).
     mpp : float, optional
-        Target pixel size in µm/px: patches are read from the finest level not coarser than it and
+        Target pixel size in µm/px: patches are read from the coarsest level not coarser than it and
         resampled (area average when shrinking), exactly as :class:`~histoflow.core.grid.TileGrid` tiles
         are; a patch then covers ``patch_size * mpp / slide mpp`` level-0 pixels.
     labels : dict of str -> sequence, optional
