@@ -43,7 +43,7 @@ def main():
     args = ap.parse_args()
     path = args.model or builtin_model_path()
     card = models.read_card(path)
-    ids = args.ids or card["split"]["validation"]
+    ids = args.ids or card["split"].get("test") or card["split"]["validation"]   # never trained on
     samples = load_monuseg(args.root, ids, mpp=args.mpp)
     seg = NucleusSegmentation(model=path, backend=args.backend, tta=args.tta)
     classical = NucleusDetectionHE()

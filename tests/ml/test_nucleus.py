@@ -31,7 +31,7 @@ from histoflow.ml.transforms import (
 
 MONUSEG = data_path("monuseg_train")
 CARD = json.load(open(os.path.splitext(builtin_model_path())[0] + ".json"))
-VAL = CARD["split"]["validation"]
+VAL = CARD["split"].get("test") or CARD["split"]["validation"]   # images the model never saw
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +84,17 @@ def test_shipped_model_card():
     assert CARD["architecture"] == "unet" and CARD["mpp"] == pytest.approx(0.25)
     assert "CC BY-NC-SA" in CARD["licence"]
     assert not set(VAL) & set(CARD["split"]["train"])
+    # the 40x model's test images chose nothing in its making: not its epoch, not its thresholds
+    assert not set(CARD["split"]["test"]) & (set(CARD["split"]["train"]) | set(CARD["split"]["validation"]))
+    assert CARD["evaluation"]["images"] == CARD["split"]["test"]
     # every shipped weight file together stays within the 20 MB
     assert sum(os.path.getsize(builtin_model_path(n)) for n in BUILTIN_NUCLEUS_MODELS) <= 20 * 2**20
     for key in ("dice", "aji", "pq"):
         assert key in CARD["metrics"]
     card20 = models.read_card(builtin_model_path("nucleus_unet_20x"))
-    assert card20["mpp"] == pytest.approx(0.5) and card20["split"] == CARD["split"]
+    # the 20x model held out the same 4 images (as its validation split)
+    assert card20["mpp"] == pytest.approx(0.5) and card20["split"]["validation"] == CARD["split"]["test"]
+    assert not set(card20["split"]["train"]) & set(CARD["split"]["test"])
     assert "CC BY-NC-SA" in card20["licence"] and card20["weights_dtype"] == "float16"
 
 
@@ -114,7 +119,7 @@ def test_load_monuseg_at_20x(val_sample):
 
 
 def test_shipped_model_on_a_held_out_image(model, val_sample):
-    pred = segment_nuclei(model, val_sample["image"])
+    pred = segment_nuclei(model, val_sample["image"], **CARD["postprocess"])   # its thresholds are part of it
     true = val_sample["instances"]
     assert pred.shape == true.shape and pred.dtype == np.int32
     # the card's figures are means over the 4 held-out images; one image is checked here
@@ -540,7 +545,7 @@ def test_slide_runs_warn_when_tiles_overlap_less_than_a_nucleus(tmp_path, val_sa
         assert bool(small) == (overlap == 0), small
         assert overlap or "NucleusSegmentation finds objects that need 60 px of tile overlap" in small[0]
         counts[overlap] = int(assemble_instances(out).max())
-    assert counts[0] > counts[64] and abs(counts[64] - whole) <= 0.02 * whole, (counts, whole)
+    assert counts[0] > counts[64] and abs(counts[64] - whole) <= 0.05 * whole, (counts, whole)
 
 
 def test_label_image_streams_a_row_of_tiles_at_a_time(tmp_path, monkeypatch):
