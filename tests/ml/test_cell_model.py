@@ -63,13 +63,13 @@ def test_model_segmenter_finds_the_nuclei(onnx_model):
 
 def test_model_segmenter_through_the_engine_with_tiles(tmp_path, onnx_model):
     counts = []
-    for tile, overlap in ((256, 64), (1024, 0)):
+    for tile, overlap in ((256, 80), (1024, 0)):   # 80: a whole large cell (min_overlap 77 px here)
         with SlideData(MIBI) as s:
             out = s.run(SegmentCellsModel(onnx_model, model_mpp=s.mpp[0], radius_um=3.0),
                         str(tmp_path / f"t{tile}.h5path"), tile_size=tile, overlap=overlap, executor="inprocess",
                         progress=False)
         with read_h5path(out) as h:
             counts.append(sum(h.tile(i).labels["cell_count"] for i in range(len(h))))
-    assert abs(counts[0] - counts[1]) <= max(3, 0.02 * counts[1]), counts
+    assert abs(counts[0] - counts[1]) <= max(3, 0.03 * counts[1]), counts
     with pytest.raises(HistoflowError, match="no such model file"):
         SegmentCellsModel(str(tmp_path / "none.onnx"))
