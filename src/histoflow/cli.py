@@ -913,7 +913,8 @@ def cmd_demo(args):
     print(f"\nsample slide   {sample_slide_path()}")
     print(f"tissue         {100 * float(tissue.mean()):.0f}% of the slide (pre-pass at "
           f"{tissue.shape[1]}x{tissue.shape[0]} px)")
-    print(f"tiles          {n_tiles} tiles of 256x256 (overlap {overlap}) with >= 25% tissue (of {full_grid} in the full grid), "
+    print(f"tiles          {n_tiles} tiles of 256x256 (overlap {overlap}) with >= 25% tissue "
+          f"(of {full_grid} in the full grid), "
           f"on {prov['executor']['workers']} dask workers")
     print(f"nuclei         {nuclei} detected")
     print(f"h5path         {out} ({os.path.getsize(out) / 1e6:.1f} MB)")

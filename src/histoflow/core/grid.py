@@ -118,8 +118,8 @@ class TileGrid:
         self.target_mpp = None
         if mpp is not None:
             if slide_mpp is None:
-                raise RegionError("a target mpp needs the slide's pixel size, which is unknown: "
-                                  "pass mpp=... when opening the slide (`--slide-mpp` on the command line), or tile by level")
+                raise RegionError("a target mpp needs the slide's pixel size, which is unknown: pass mpp=... when "
+                                  "opening the slide (`--slide-mpp` on the command line), or tile by level")
             smpp = float(slide_mpp[0] if not np.isscalar(slide_mpp) else slide_mpp)
             if not (math.isfinite(smpp) and smpp > 0):
                 raise RegionError(f"the slide's pixel size must be a positive number, got {slide_mpp!r}")

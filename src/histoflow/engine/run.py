@@ -153,7 +153,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     f = result.failures[0]
                     raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}): "
                                         f"{f.error}. Finished batches are kept in {job.dir}; fix the cause "
-                                        "and run again with resume=True (`histoflow run --resume`), or pass on_error='skip' (`--on-error skip`)")
+                                        "and run again with resume=True (`histoflow run --resume`), or pass "
+                                        "on_error='skip' (`--on-error skip`)")
                 if not result.journalled:  # a worker that cannot see the journal folder sent its tiles
                     partial.write_batch(job.dir, result, job.token)
                 if result.tiles and len(job.in_memory) < IN_MEMORY_BATCHES:
@@ -357,8 +358,8 @@ def _merge_ready(job):
         if result.failures and job.on_error == "raise":  # journalled by an earlier run with on_error="skip"
             f = result.failures[0]
             raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}) in the run "
-                                f"being resumed: {f.error}. Resume with on_error='skip' (`--on-error skip`) to keep going without "
-                                "those tiles, or run without resume to start over")
+                                f"being resumed: {f.error}. Resume with on_error='skip' (`--on-error skip`) to keep "
+                                "going without those tiles, or run without resume to start over")
         if job.writer is None and result.tiles:  # made by the first tiles: they say the stored channels
             _open_writer(job, result)
         reduces = job.pipeline is not None and job.pipeline.reduces
@@ -371,8 +372,8 @@ def _merge_ready(job):
                 label = _store_label(job.pipeline)
                 if job.on_error != "skip":
                     raise PipelineError(f"{job.slide.path}: the {label} of the tile at (x={enc.coords[0]}, "
-                                        f"y={enc.coords[1]}) cannot be stored: {e}; pass on_error='skip' (`--on-error skip`) to "
-                                        "leave such tiles out") from e
+                                        f"y={enc.coords[1]}) cannot be stored: {e}; pass on_error='skip' "
+                                        "(`--on-error skip`) to leave such tiles out") from e
                 job.failures.append(Failure(index, enc.coords[0], enc.coords[1], label,
                                             f"cannot be stored: {e}").as_dict())
                 continue
