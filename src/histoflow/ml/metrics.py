@@ -261,7 +261,8 @@ def _compact(labels: np.ndarray, name: str) -> Tuple[np.ndarray, np.ndarray, np.
     if lo < 0:
         raise ParameterError(f"{name} labels must be >= 0 (0 is background), got minimum {lo}")
     if hi <= 4 * labels.size + 65536:
-        counts = np.bincount(labels.ravel().astype(np.intp, copy=False), minlength=hi + 1)  # numpy < 2.2.4 refuses uint64
+        # as intp: numpy < 2.2.4 refuses uint64 in bincount
+        counts = np.bincount(labels.ravel().astype(np.intp, copy=False), minlength=hi + 1)
         present = np.flatnonzero(counts[1:]) + 1
         lut = np.zeros(hi + 1, dtype=np.int64)
         lut[present] = np.arange(1, present.size + 1)
@@ -307,8 +308,8 @@ def aji(true, pred, zero_division: float = np.nan) -> float:
     """Aggregated Jaccard index (Kumar et al., IEEE TMI 2017) of two instance label images.
 
     Every ground-truth instance ``G_i`` is paired with the predicted instance ``S_j`` of largest IoU
-    (ties: the lowest label, as HoVer-Net's ``get_fast_aji`` and the MoNuSeg code); ``C`` sums ``|G_i & S_j|`` and ``U`` sums
-    ``|G_i | S_j|`` over these pairs (a prediction may serve several ground-truth instances, as in
+    (ties: the lowest label, as HoVer-Net's ``get_fast_aji`` and the MoNuSeg code); ``C`` sums
+    ``|G_i & S_j|`` and ``U`` sums ``|G_i | S_j|`` over these pairs (a prediction may serve several ground-truth instances, as in
     the original definition). A ground-truth instance that overlaps no prediction adds ``|G_i|`` to
     ``U``; every prediction never chosen adds its area to ``U``. ``AJI = C / U``.
 
@@ -363,7 +364,8 @@ def panoptic_quality(true, pred, match_iou: float = 0.5, zero_division: float = 
     A ground-truth and a predicted instance match when their IoU exceeds ``match_iou``; at 0.5 or
     above the matching is unique by construction. Below 0.5 the pairs are chosen among those above
     ``match_iou`` by maximum total IoU (Hungarian assignment; HoVer-Net's evaluation assigns over all pairs
-    first and drops those below the threshold afterwards, which can keep fewer or other matches). With ``TP`` matches of IoUs ``iou_k``:
+    first and drops those below the threshold afterwards, which can keep fewer or other matches). With ``TP``
+    matches of IoUs ``iou_k``:
 
     ``DQ = TP / (TP + FP/2 + FN/2)``, ``SQ = mean(iou_k)`` (0 without matches), ``PQ = DQ * SQ``.
 

@@ -242,8 +242,8 @@ def maps_to_instances(prob, hv, *, fg_threshold: float = 0.5, marker_threshold: 
 
 #: images whose pixel size is within this fraction of the model's run without resampling (the models were
 #: trained with zoom augmentation of 0.8-1.25: 3 % is well inside what they saw; on the held-out MoNuSeg
-#: images at 0.2527 µm/px the model shipped until 2026-12-06 gave Dice 0.810 / AJI 0.619 as they are, 0.808 / 0.618
-#: resampled to 0.25)
+#: images at 0.2527 µm/px the model shipped until 2026-12-06 gave Dice 0.810 / AJI 0.619 as they are,
+#: 0.808 / 0.618 resampled to 0.25)
 SCALE_TOLERANCE = 0.03
 
 
