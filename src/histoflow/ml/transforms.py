@@ -555,8 +555,9 @@ class PatchClassification(_ReducingModelTransform):
         """Class probabilities ``(C,)`` of one image."""
         out = _model_runner(self.model)(_as_input(image, True))
         if out.ndim != 2:
-            raise HistoflowError(f"{self.model}: {type(self).__name__} needs a classifier, whose output is (N, classes); "
-                                 f"this model gives {tuple(out.shape)} (a segmentation model? use SemanticSegmentation)")
+            raise HistoflowError(f"{self.model}: {type(self).__name__} needs a classifier, whose output is "
+                                 f"(N, classes); this model gives {tuple(out.shape)} (a segmentation model? use "
+                                 "SemanticSegmentation)")
         return _class_probabilities(out[0].astype(np.float64)).astype(np.float32)
 
     def apply(self, tile):

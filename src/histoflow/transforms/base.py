@@ -208,8 +208,8 @@ class Transform:
             load_model_transforms()
         if name not in REGISTRY:
             raise PipelineError(f"unknown transform {name!r}; known: {', '.join(sorted(REGISTRY))} "
-                                "(import the module that defines a custom transform before loading; `histoflow run --import MODULE` "
-                                "on the command line)")
+                                "(import the module that defines a custom transform before loading; "
+                                "`histoflow run --import MODULE` on the command line)")
         params = params or {}
         if not isinstance(params, dict):
             raise PipelineError(f"parameters of {name} must be a mapping, got {params!r}")
