@@ -217,7 +217,8 @@ def test_overlapping_tiles_count_each_nucleus_once(tmp_path):
     counts = {}
     for overlap in (0, 128):
         # without overlap the run warns that nuclei cut by tile edges are kept in pieces
-        expect = pytest.warns(UserWarning, match="need 31 px of tile overlap") if overlap == 0 else contextlib.nullcontext()
+        expect = (pytest.warns(UserWarning, match="need 31 px of tile overlap") if overlap == 0
+                  else contextlib.nullcontext())
         with expect:
             out = slide.run(NucleusDetectionHE(), tmp_path / f"o{overlap}.h5path", tile_size=512, overlap=overlap,
                             executor="inprocess", progress=False)
