@@ -347,6 +347,12 @@ def test_closed_file(small_file):
     assert h.closed
     with pytest.raises(H5PathError, match="closed"):
         h.tile(0)
+    h = read_h5path(small_file)   # closed while a loop goes over its tiles: said so, not "damaged file?"
+    tiles = iter(h)
+    next(tiles)
+    h.close()
+    with pytest.raises(H5PathError, match=r"small.*: the file is closed"):
+        next(tiles)
 
 
 # ---------------------------------------------------------------------------------- PathML v1

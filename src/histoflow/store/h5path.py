@@ -1661,6 +1661,8 @@ class H5Path:
     def __iter__(self) -> Iterator[Tile]:
         src = self._s()
         for i in range(src.n):
+            if self._src is None:  # closed while iterating: say so (HDF5 would call the file damaged)
+                self._s()
             yield src.read_tile(i)
 
     # slide masks
