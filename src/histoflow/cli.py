@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="run the model in torch (default) or onnxruntime (exported once; about 2x faster on CPU)")
     s.add_argument("--mpp", type=float, help="the input's µm/px when the file does not say (default: the model's)")
+    s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
+                                                       "(about 4x slower; on the test images AJI 0.625 -> 0.629)")
     s.add_argument("--tile", type=int, default=1024, help="tile size in level-0 pixels (default 1024)")
     s.add_argument("--overlap", type=int, default=128, help="tile overlap; larger than a nucleus (default 128)")
     s.add_argument("--tissue-filter", type=float, metavar="FRACTION", help="only tiles with this much tissue")
@@ -406,7 +408,7 @@ def cmd_segment_nuclei(args):
     from .ml.transforms import NucleusSegmentation
     from .utils import atomic_output
 
-    transform = NucleusSegmentation(model=args.model, backend=args.backend)
+    transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
                                   "h5path": args.h5path})

@@ -608,3 +608,18 @@ def test_pixel_sizes_near_the_models_run_without_resampling(val_sample):
     np.testing.assert_array_equal(seg.F(crop, 0.499), exact)
     np.testing.assert_array_equal(seg.F(crop, 0.5 * (1 + 0.9 * SCALE_TOLERANCE)), exact)
     assert not np.array_equal(seg.F(crop, 0.5 * (1 + 2 * SCALE_TOLERANCE)), exact)   # beyond it: resampled
+
+
+def test_segment_nuclei_cli_tta(tmp_path, val_sample):
+    from PIL import Image
+
+    crop = val_sample["image"][:256, :320]
+    png = tmp_path / "he.png"
+    Image.fromarray(crop).save(png)
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(png), "-o", str(tmp_path / "t.tif"),
+                        "--mpp", "0.25", "--tta", "--png", "none", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = tifffile.imread(tmp_path / "t.tif")
+    want = NucleusSegmentation(tta=True).F(crop, 0.25)
+    plain = NucleusSegmentation().F(crop, 0.25)
+    assert metrics.aji(want, got) == pytest.approx(1.0) and not np.array_equal(want, plain)
