@@ -599,9 +599,10 @@ def _write_labels(store, shape, output, outlines, thumb, png):
     blocks = iter(rows) if rows is not None else iter([(0, np.zeros((H, W), np.int32))])
     small = pick_r = pick_c = None
     if png:  # the picture's pixels sample the label image by nearest neighbour, as outline_instances does
+        from .core.resample import nearest_index
+
         ph, pw = thumb.shape[:2]
-        pick_r = np.minimum(((np.arange(ph) + 0.5) * H / ph).astype(np.intp), H - 1)
-        pick_c = np.minimum(((np.arange(pw) + 0.5) * W / pw).astype(np.intp), W - 1)
+        pick_r, pick_c = nearest_index(ph, H), nearest_index(pw, W)
         small = np.zeros((ph, pw), np.int32)
 
     def sampled(stream):

@@ -126,9 +126,9 @@ def outline_instances(rgb: np.ndarray, labels: np.ndarray, colour=(255, 255, 0))
         raise ParameterError(f"need a 2-D label image and an (h, w, 3) picture, got {labels.shape} and {rgb.shape}")
     h, w = rgb.shape[:2]
     if labels.shape != (h, w):
-        rows = np.minimum(((np.arange(h) + 0.5) * labels.shape[0] / h).astype(np.intp), labels.shape[0] - 1)
-        cols = np.minimum(((np.arange(w) + 0.5) * labels.shape[1] / w).astype(np.intp), labels.shape[1] - 1)
-        labels = labels[rows[:, None], cols[None, :]]
+        from .core.resample import resize_mask
+
+        labels = resize_mask(labels, (w, h))
     edge = np.zeros((h, w), bool)
     dy = labels[1:, :] != labels[:-1, :]
     dx = labels[:, 1:] != labels[:, :-1]

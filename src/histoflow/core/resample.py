@@ -61,11 +61,14 @@ def shrink(image: np.ndarray, fx: float, fy: float, size: tuple[int, int]) -> np
     return out
 
 
+def nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    """For each of ``n_out`` output pixels along an axis, the source pixel (of ``n_in``) under its centre."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.intp), n_in - 1)
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a 2-D mask or label image to ``size = (w, h)`` (labels stay labels)."""
     w, h = int(size[0]), int(size[1])
     if mask.shape[1] == w and mask.shape[0] == h:
         return mask
-    ys = np.minimum(((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1)
-    return mask[ys[:, None], xs[None, :]]
+    return mask[nearest_index(h, mask.shape[0])[:, None], nearest_index(w, mask.shape[1])[None, :]]
