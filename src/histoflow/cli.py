@@ -149,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tissue-filter", type=float, metavar="FRACTION", help="only tiles with this much tissue")
     s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--h5path", help="keep the per-tile results in this h5path file")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from what it wrote to --h5path")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_segment_nuclei)
 
@@ -166,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mpp", type=float, help="the slide's µm/px when the file does not say")
     s.add_argument("--png", help="picture of the cell outlines over the slide, at most 2048 px "
                                  "(default: OUTPUT with .png; 'none' for no picture)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from the tiles it wrote")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_quantify)
 
@@ -224,7 +226,9 @@ def main(argv=None) -> int:
         print(f"histoflow: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("histoflow: interrupted", file=sys.stderr)
+        resumable = getattr(args, "resume", None) is not None and getattr(args, "h5path", True)
+        print("histoflow: interrupted" + ("; the same command with --resume continues from what was written"
+                                          if resumable else ""), file=sys.stderr)
         return 130
 
 
@@ -408,6 +412,11 @@ def cmd_segment_nuclei(args):
     from .ml.transforms import NucleusSegmentation
     from .utils import atomic_output
 
+    if args.resume and not args.h5path:
+        from .errors import ParameterError
+
+        raise ParameterError("segment-nuclei --resume continues from the per-tile results of an interrupted run, "
+                             "which are kept only with --h5path: run with --h5path FILE (and --resume to continue)")
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
@@ -430,7 +439,7 @@ def cmd_segment_nuclei(args):
         try:
             slide.run(transform, store, tile_size=args.tile, overlap=args.overlap, level=0,
                       tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
-                      progress=not args.no_progress, batch_size=4)
+                      progress=not args.no_progress, batch_size=4, resume=args.resume)
         except PipelineError as e:
             if args.h5path:
                 raise
@@ -482,7 +491,7 @@ def cmd_quantify(args):
         overlap = args.overlap if args.overlap is not None else _cell_overlap(slide, args.expand, args.tile)
         slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=overlap,
                   executor="dask" if args.workers else "inprocess", workers=args.workers,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, resume=args.resume)
     with read_h5path(store) as h:
         cells = h.cells
     tmp = f"{out}.tmp-{os.getpid()}.h5ad"

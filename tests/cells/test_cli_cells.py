@@ -200,3 +200,42 @@ def test_phenotype_gates_the_channels_the_rules_use(tmp_path):
              "--no-log")
     assert r.returncode == 0, r.stderr
 
+
+
+def test_quantify_interrupted_then_resumed(tmp_path):
+    """A quantify run stopped mid-way (TERM, as a cluster scheduler ends a job) keeps its finished batches;
+    the same command with --resume continues from them and writes the table an uninterrupted run writes."""
+    import signal
+    import time
+
+    args = ("--membrane", "Membrane", "--tile", "128", "--png", "none", "--no-progress")
+    r = _cli("quantify", MIBI, "-o", tmp_path / "whole.h5ad", *args)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "cut.h5ad"
+    journal = tmp_path / "cut.h5path.partial"
+    p = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "quantify", str(MIBI), "-o", str(out), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len([n for n in (os.listdir(journal) if journal.is_dir() else [])
+                                          if n.startswith("batch-")]) < 1:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "--resume continues from what was written" in err, (p.returncode, err)
+    assert not out.exists() and journal.is_dir()
+    r = _cli("quantify", MIBI, "-o", out, *args, "--resume")
+    assert r.returncode == 0, r.stderr
+    from histoflow.store import read_h5path
+
+    with read_h5path(tmp_path / "cut.h5path") as h:
+        assert h.provenance[-1]["resumed_batches"] >= 1  # the batches written before the TERM were kept
+    whole, resumed = anndata.read_h5ad(tmp_path / "whole.h5ad"), anndata.read_h5ad(out)
+    assert list(resumed.obs_names) == list(whole.obs_names) and np.array_equal(resumed.X, whole.X)
+    assert not journal.exists()
+
+
+def test_segment_nuclei_resume_needs_the_h5path(tmp_path):
+    """Without --h5path the per-tile results live in a temporary folder: nothing to resume from, said at once."""
+    r = _cli("segment-nuclei", data_path("wsi", "aperio_svs", "CMU-1-Small-Region.svs"), "-o", tmp_path / "n.tif",
+             "--resume")
+    assert r.returncode == 1 and "--resume" in r.stderr and "--h5path" in r.stderr and not os.listdir(tmp_path)

@@ -430,8 +430,8 @@ def test_transform_error_names_slide_tile_and_transform(tmp_path):
     pipe = Pipeline([Blur(3), FailAt(256, 512)])
     for executor in ("inprocess", "threads"):
         with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: FailAt failed on tile at \(x=256, y=512\)"
-                                                r".*synthetic failure.*resume=True \(`histoflow run --resume`\), "
-                                                r"or pass on_error='skip' \(`--on-error skip`\)"):
+                                                r".*synthetic failure.*resume=True \(`--resume` on the command line\), "
+                                                r"or pass on_error='skip' \(`histoflow run --on-error skip`\)"):
             slide.run(pipe, tmp_path / f"{executor}.h5path", executor=executor, progress=False)
         assert not os.path.exists(tmp_path / f"{executor}.h5path")
         assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # no half-written file left behind

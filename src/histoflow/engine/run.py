@@ -153,8 +153,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     f = result.failures[0]
                     raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}): "
                                         f"{f.error}. Finished batches are kept in {job.dir}; fix the cause "
-                                        "and run again with resume=True (`histoflow run --resume`), or pass "
-                                        "on_error='skip' (`--on-error skip`)")
+                                        "and run again with resume=True (`--resume` on the command line), or "
+                                        "pass on_error='skip' (`histoflow run --on-error skip`)")
                 if not result.journalled:  # a worker that cannot see the journal folder sent its tiles
                     partial.write_batch(job.dir, result, job.token)
                 if result.tiles and len(job.in_memory) < IN_MEMORY_BATCHES:
