@@ -332,3 +332,33 @@ def test_slide_runs_warn_when_tiles_overlap_less_than_cells_need(tmp_path):
         with read_h5path(out) as h:
             whole = h.cells.n_obs
     assert pieces > whole
+
+
+def test_tiles_written_by_hand_keep_their_cells_only_through_set_cells(tmp_path):
+    """add_tile stores a tile's pixels, masks and labels, not its cell table (the slide's table needs every
+    tile, de-duplicated: QuantifyCells makes it). A writer given tiles with cells and no table warns at
+    close; collect + slide_cells + set_cells stores them, as SlideData.run does."""
+    import warnings
+
+    from histoflow.store import H5PathWriter
+
+    with SlideData(MIBI) as slide:
+        pipe = Pipeline([SegmentCells(membrane_channels=["Membrane"]), QuantifyCells()])
+        pipe.fit_slide(slide)
+        quant = pipe.steps[-1]
+        tiles = [slide.read_tile(spec) for spec in list(slide.grid(512))[:2]]
+        for t in tiles:
+            pipe.apply(t)
+            assert len(t.cells["centroid"]) > 20
+    with pytest.warns(UserWarning, match=r"lost\.h5path: 2 tile\(s\) carried a cell table .*set_cells"):
+        with H5PathWriter(tmp_path / "lost.h5path") as w:
+            w.add_tiles(tiles)
+    for t in tiles:
+        quant.collect(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with H5PathWriter(tmp_path / "kept.h5path") as w:
+            w.add_tiles(tiles)
+            w.set_cells(quant.slide_cells())
+    with read_h5path(tmp_path / "kept.h5path") as h:
+        assert h.cells.n_obs == sum(len(t.cells["centroid"]) for t in tiles) and len(h) == 2

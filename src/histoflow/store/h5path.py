@@ -13,6 +13,7 @@ import math
 import os
 import secrets
 import threading
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -437,6 +438,8 @@ class H5PathWriter:
         except OSError as e:
             raise H5PathOutputError(f"{self.path}: cannot create the temporary file {self._tmp}: {e}") from e
         self._closed = False
+        self._cell_tiles = 0  # tiles added with a cell table (Tile.cells), which add_tile does not store
+        self._cells_set = False
         try:
             f = self._f
             f.attrs["format"] = FORMAT
@@ -555,6 +558,9 @@ class H5PathWriter:
             t = image
             image, coords, level, downsample = t.image, t.coords, t.level, t.downsample
             masks, labels, name = t.masks, t.labels, t.name
+            cell_table = t.cells
+        else:
+            cell_table = None
         i = self._n
         x, y, level, downsample, where = self._check_row(coords, level, downsample, name)
         image = np.asarray(image)
@@ -588,6 +594,7 @@ class H5PathWriter:
                 ds = self._create_tile_mask(mname, arr.dtype, is_bool)
             ds[i] = arr
         self._append_row(x, y, level, downsample, name, label_items)
+        self._cell_tiles += cell_table is not None
 
     def _check_row(self, coords, level, downsample, name):
         """The per-tile row (coords, level, downsample, name) checked: ``(x, y, level, downsample, where)``."""
@@ -666,6 +673,7 @@ class H5PathWriter:
                 ds = self._create_tile_mask(mname, np.dtype(m.dtype), m.is_bool)
             ds.id.write_direct_chunk((i, 0, 0), m.data)
         self._append_row(x, y, level, downsample, enc.name, label_items)
+        self._cell_tiles += enc.cells is not None
 
     def _append_row(self, x, y, level, downsample, name, label_items):
         for lname, (kind, _) in label_items.items():
@@ -865,6 +873,7 @@ class H5PathWriter:
         if "cells" in self._f:
             del self._f["cells"]
         self._f.move(tmp, "cells")
+        self._cells_set = True
 
     def add_provenance(self, record: Mapping):
         """Append one run record to ``/provenance``.
@@ -905,6 +914,10 @@ class H5PathWriter:
         """Finish the file: write buffered rows, trim, mark complete, rename onto ``path``."""
         if self._closed:
             return
+        if self._cell_tiles and not self._cells_set:
+            warnings.warn(f"{self.path}: {self._cell_tiles} tile(s) carried a cell table (Tile.cells), which add_tile "
+                          "does not store: the slide's table is made by QuantifyCells (collect(tile) for each tile, "
+                          "then slide_cells()) and stored with set_cells(); SlideData.run does both", stacklevel=2)
         try:
             self._flush()
             if self._images is not None:
