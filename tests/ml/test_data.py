@@ -402,3 +402,26 @@ def test_augmentation_draws_do_not_depend_on_the_workers():
     assert torch.equal(first, batches(2, 0)) and not torch.equal(first, batches(0, 1))
     both = torch.utils.data.ConcatDataset([ds, ds])
     assert [d for d in _datasets(both) if d is ds] and ds.epoch_dependent
+
+
+def test_items_drawn_again_in_an_epoch_are_augmented_anew():
+    """A balancing sampler draws a rare item many times an epoch: each copy gets its own augmentation (they
+    were pixel for pixel the same: the generator was keyed on the item alone), still the same with 0 or 2
+    workers; a dataset that is not histoflow's sees plain indices."""
+    from histoflow.ml.augment import HSVShift, RandomRotate90
+    from histoflow.ml.samplers import ClassBalancedSampler, Draw
+
+    aug = Compose([RandomFlip(), RandomRotate90(), HSVShift(0.05, 0.2, 0.1)], seed=0)
+    coords = [(0, x, 1000) for x in range(0, 1200, 100)]  # 12 patches of CMU-1; the last one is the rare class
+    ds = WSIPatchDataset([SVS], coords=coords, patch_size=32, transform=aug)
+    sampler = ClassBalancedSampler([0] * 11 + [1], num_samples=48, seed=0)
+    drawn = list(sampler)
+    rare = [k for k, i in enumerate(drawn) if i == 11]
+    assert len(rare) > 10 and [getattr(drawn[k], "repeat", 0) for k in rare] == list(range(len(rare)))
+    assert isinstance(drawn[rare[1]], Draw) and drawn[rare[1]] == 11 and [0, 1, 2][Draw(1, 3)] == 1
+    images = [torch.cat([b["image"] for b in DataLoader(ds, batch_size=8, sampler=sampler, num_workers=n)])
+              for n in (0, 2)]
+    assert torch.equal(images[0], images[1])
+    copies = {images[0][k].numpy().tobytes() for k in rare}
+    assert len(copies) >= len(rare) // 2  # 8 flips x rotations and an HSV shift: nearly every copy differs
+    assert torch.equal(images[0][rare[0]], ds[11]["image"])  # the first draw is the item as indexed alone

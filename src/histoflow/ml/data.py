@@ -128,8 +128,9 @@ def _names(requested, available, what, path):
 # --------------------------------------------------------------------------------------- TileDataset
 class _Epochs:
     """``set_epoch`` for datasets with a transform: a seeded :class:`~histoflow.ml.augment.Compose` then draws
-    each item's augmentation from (its seed, the epoch, the item), the same whichever DataLoader worker (and
-    however many) reads the item; other transforms are called as they are."""
+    each item's augmentation from (its seed, the epoch, the item, and which copy of it this is when a histoflow
+    sampler draws it again in the epoch: :class:`~histoflow.ml.samplers.Draw`), the same whichever
+    DataLoader worker (and however many) reads the item; other transforms are called as they are."""
 
     _epoch = 0
 
@@ -150,7 +151,9 @@ def _seeded(transform) -> bool:
 def _transform(ds, sample, i):
     t = ds.transform
     if _seeded(t):
-        return t(sample, rng=np.random.default_rng([int(t.seed), ds._epoch, int(i) % max(len(ds), 1)]))
+        key = [int(t.seed), ds._epoch, int(i) % max(len(ds), 1)]
+        repeat = getattr(i, "repeat", 0)  # a samplers.Draw: the same item drawn again this epoch
+        return t(sample, rng=np.random.default_rng(key + [int(repeat)] if repeat else key))
     return t(sample)
 
 

@@ -31,7 +31,7 @@ from torch.utils.data import Sampler
 
 from ..errors import HistoflowError
 
-__all__ = ["SamplerError", "HierarchicalSampler", "ClassBalancedSampler"]
+__all__ = ["SamplerError", "HierarchicalSampler", "ClassBalancedSampler", "Draw"]
 
 
 class SamplerError(HistoflowError, ValueError):
@@ -50,6 +50,39 @@ def _key(key):
 
 #: the one key of every NaN
 _NAN = float("nan")
+
+
+class Draw(int):
+    """A dataset index drawn again in the same epoch: an ``int`` (the index) that also says how many times the
+    sampler drew it before in this epoch (``repeat``, 1 for the second draw, ...).
+
+    Balancing samplers draw rare items many times an epoch; histoflow's datasets seed a seeded augmentation
+    with ``(seed, epoch, index, repeat)``, so each copy of a rare item is augmented differently (with the
+    index alone every copy came out pixel for pixel the same). Any other dataset sees a plain index.
+    """
+
+    def __new__(cls, index, repeat):
+        obj = super().__new__(cls, index)
+        obj.repeat = int(repeat)
+        return obj
+
+    def __reduce__(self):  # across DataLoader worker queues with its repeat
+        return (Draw, (int(self), self.repeat))
+
+    def __repr__(self):
+        return f"Draw({int(self)}, repeat={self.repeat})"
+
+
+def draws(indices) -> list:
+    """The indices as a list of ints, the second and later occurrences of an index as :class:`Draw`."""
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_idx)) + 1]
+    rank = np.arange(idx.size) - np.repeat(starts, np.diff(np.r_[starts, idx.size]))
+    repeat = np.empty_like(rank)
+    repeat[order] = rank
+    return [int(i) if k == 0 else Draw(int(i), int(k)) for i, k in zip(idx.tolist(), repeat.tolist())]
 
 
 class _Node:
@@ -187,7 +220,8 @@ class HierarchicalSampler(Sampler):
         return out
 
     def __iter__(self):
-        return iter(self.indices().tolist())
+        # an index drawn again in the epoch comes as a Draw (an int): seeded augmentations differ per copy
+        return iter(draws(self.indices()))
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.n_items} items, depth {self.depth}, "
