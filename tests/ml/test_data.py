@@ -425,3 +425,31 @@ def test_items_drawn_again_in_an_epoch_are_augmented_anew():
     copies = {images[0][k].numpy().tobytes() for k in rare}
     assert len(copies) >= len(rare) // 2  # 8 flips x rotations and an HSV shift: nearly every copy differs
     assert torch.equal(images[0][rare[0]], ds[11]["image"])  # the first draw is the item as indexed alone
+
+
+def test_patch_tables_of_the_wrong_form_are_refused():
+    """Coordinates in the wrong form gave patches of the wrong places without a word: WSIPatchDataset rows
+    outside the slide (another level's coordinates, x and y swapped) read as blank white patches, and
+    NucleusPatchDataset reshaped an (n, 3) table or (2, n) columns into scrambled (x, y) pairs. Whole-number
+    float labels (a pandas column) were sorted as text: 10 between 1 and 2."""
+    from histoflow.ml.patches import NucleusPatchDataset
+
+    for row in ((0, 10 ** 6, 10 ** 6), (0, -5000, -5000), (0, 100, 2967)):
+        with pytest.raises(DatasetError, match=rf"CMU-1-Small-Region.svs: patch 1 at level-0 \(x={row[1]}, "
+                                               r"y=.*outside the slide \(2220 x 2967 px"):
+            WSIPatchDataset([SVS], coords=[(0, 0, 0), row], patch_size=64)
+    edge = WSIPatchDataset([SVS], coords=[(0, -10, -10), (0, 2200, 2950)], patch_size=64)  # over an edge: padded
+    assert edge[1]["image"].shape == (3, 64, 64)
+    for bad in ([[100, 200, 0], [300, 400, 0]], [[100, 300, 500], [200, 400, 600]]):
+        with pytest.raises(DatasetError, match=r"centroids must be an \(n, 2\) array"):
+            NucleusPatchDataset(SVS, bad)
+    with pytest.raises(DatasetError, match="NaN"):
+        NucleusPatchDataset(SVS, [[100, float("nan")]])
+    ds = NucleusPatchDataset(SVS, [[100, 100]] * 4, labels=[0.0, 2.0, 10.0, 1.0])
+    assert ds.classes is None and ds.labels.tolist() == [0, 2, 10, 1]
+    ds = NucleusPatchDataset(SVS, [[100, 100]] * 3, labels=np.array([2, 10, 1], object))
+    assert ds.labels.tolist() == [2, 10, 1]
+    ds = NucleusPatchDataset(SVS, [[100, 100]] * 3, labels=["b", "a", "b"])
+    assert ds.classes == ["a", "b"] and ds.labels.tolist() == [1, 0, 1]
+    with pytest.raises(DatasetError, match="fractional"):
+        NucleusPatchDataset(SVS, [[100, 100]] * 2, labels=[0.5, 1.0])

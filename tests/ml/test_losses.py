@@ -392,3 +392,35 @@ def test_hovernet_float_mask_target_with_a_channel_axis():
     assert float(t_long["hv_msge"]) > 0
     for k in t_long:
         assert float(t_float[k]) == pytest.approx(float(t_long[k]), rel=1e-12), k
+
+
+def test_cwce_leaves_out_unlabelled_samples_and_distillation_checks_labels():
+    """TileDataset gives tiles without a label -100 (torch's ignore_index): CWCE leaves them out (it refused
+    the whole batch), a cluster left without labelled samples is not present, and their logits get no
+    gradient. Distillation's hard labels must be integer class ids (0.5 was truncated to class 0; 3 of 3
+    classes was torch's IndexError)."""
+    from histoflow.errors import ParameterError
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, -100, 1, 0])
+    clusters = torch.tensor([0, 0, 1, 1, 2, 3])
+    loss, (ids, per) = cwce_loss(logits, labels, clusters, return_per_cluster=True)
+    keep = labels != -100
+    assert torch.allclose(loss, cwce_loss(logits[keep], labels[keep], clusters[keep]))
+    ce = F.cross_entropy(logits.detach(), labels.clamp_min(0), reduction="none")
+    assert ids.tolist() == [0, 1, 2, 3] and torch.allclose(per[1], ce[2])  # cluster 1: its labelled sample only
+    loss.backward()
+    assert torch.all(logits.grad[3] == 0) and torch.all(logits.grad[2] != 0)
+    assert cwce_loss(logits, labels.where(clusters != 1, -100), clusters, return_per_cluster=True)[1][0].tolist() \
+        == [0, 2, 3]
+    assert cwce_loss(logits, torch.full((6,), -100), clusters).item() == 0.0
+    assert torch.allclose(CWCELoss(ignore_index=-1)(logits, labels.clamp_min(-1), clusters), loss)
+    with pytest.raises(ParameterError, match=r"labels must lie in \[0, 2\]"):
+        cwce_loss(logits, torch.tensor([0, 1, 2, 3, 1, 0]), clusters)
+    teacher = torch.randn(6, 3)
+    with pytest.raises(ParameterError, match="integer tensor of class ids"):
+        distillation_loss(logits, teacher, torch.tensor([0.5, 1, 1, 0, 1, 0]), alpha=0.5)
+    with pytest.raises(ParameterError, match=r"labels must lie in \[0, 2\].*got \[3\]"):
+        distillation_loss(logits, teacher, torch.tensor([0, 3, 1, 0, 1, 0]), alpha=0.5)
+    assert torch.isfinite(distillation_loss(logits, teacher, labels, alpha=0.5))  # -100 is ignored there too

@@ -553,13 +553,15 @@ class WSIPatchDataset(_Epochs, Dataset):
         self.transform = transform
         self.max_open_slides = int(max_open_slides)
         self._geometry = []   # per slide: (level, read_size, size)
-        tables, read_sizes = [], []
+        tables, read_sizes, extents = [], [], []
         for s, path in enumerate(self.slides):
             slide = _slide_of_source(self._sources[s])
             try:
                 grid = self._grid(slide, tissue_filter if coords is None else False, stride)
                 spec = grid.spec(0, 0)
                 self._geometry.append((spec.level, tuple(spec.read_size), tuple(spec.size)))
+                ds = float(slide.levels[spec.level].downsample)
+                extents.append((slide.dimensions, (spec.read_size[0] * ds, spec.read_size[1] * ds)))
                 if coords is None:
                     specs = list(grid)
                     xy = np.array([(t.x, t.y) for t in specs], np.int64).reshape(-1, 2)
@@ -577,6 +579,7 @@ class WSIPatchDataset(_Epochs, Dataset):
                            for k, v in (labels or {}).items()}
         else:
             self.coords, patch_labels = _parse_coords(coords, len(self.slides))
+            self._check_inside(extents)
             self.labels = {k: _label_array(k, v, len(self.coords), "patch") for k, v in patch_labels.items()}
             for k, v in (labels or {}).items():
                 if k in self.labels:
@@ -584,6 +587,20 @@ class WSIPatchDataset(_Epochs, Dataset):
                 self.labels[k] = _label_array(k, v, len(self.coords), "patch")
         self._readers = OrderedDict()
         self._pid = None
+
+    def _check_inside(self, extents):
+        """Refuse patches that miss their slide altogether (coordinates of another level or with x and y
+        swapped would otherwise give blank patches); patches over an edge are read padded, as tiles are."""
+        for s, ((w, h), (fw, fh)) in enumerate(extents):
+            rows = np.flatnonzero(self.coords[:, 0] == s)
+            x, y = self.coords[rows, 1], self.coords[rows, 2]
+            out = rows[(x >= w) | (y >= h) | (x + fw <= 0) | (y + fh <= 0)]
+            if out.size:
+                i = int(out[0])
+                raise DatasetError(f"{self.slides[s]}: patch {i} at level-0 (x={self.coords[i, 1]}, "
+                                   f"y={self.coords[i, 2]}) lies outside the slide ({w} x {h} px at level 0); "
+                                   f"{out.size} such patch(es). coords are level-0 pixels of the patch's top-left "
+                                   "corner")
 
     def _grid(self, slide, tissue_filter, stride):
         """The TileGrid of a slide (tissue-filtered when asked), with the slide's path in any error."""

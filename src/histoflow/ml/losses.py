@@ -596,7 +596,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         if tuple(labels.shape) != expected:
             raise ParameterError(f"labels shape {tuple(labels.shape)} does not match student_logits shape "
                                  f"{tuple(student_logits.shape)}: expected {expected}")
+        if labels.is_floating_point() or labels.is_complex():  # .long() would truncate 0.5 to class 0
+            raise ParameterError(f"labels must be an integer tensor of class ids, got {labels.dtype}")
         labels = labels.long()
+        c = student_logits.shape[1]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= c))
+        if bool(bad.any()):
+            raise ParameterError(f"labels must lie in [0, {c - 1}] (or be ignore_index={ignore_index}), got "
+                                 f"{labels[bad][:5].tolist()}")
         ce = F.cross_entropy(student_logits, labels, ignore_index=ignore_index, reduction="sum")
         n = (labels != ignore_index).sum().clamp_min(1)  # a batch of unlabelled pixels only: hard term 0, not NaN
         total = total + (1.0 - alpha) * ce / n
@@ -638,7 +645,7 @@ class DistillationLoss(nn.Module):
 # cluster-weighted categorical cross entropy
 # --------------------------------------------------------------------------------------------------
 def cwce_loss(logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor, *,
-              class_weights: Weights = None, return_per_cluster: bool = False):
+              class_weights: Weights = None, return_per_cluster: bool = False, ignore_index: int = -100):
     """Cluster-weighted categorical cross entropy (CWCE).
 
     ``CWCE = (1 / K') sum_{k present} [ sum_{i in k} w_{y_i} CE_i / sum_{i in k} w_{y_i} ]``
@@ -658,13 +665,16 @@ def cwce_loss(logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor
     logits : torch.Tensor
         ``(N, C)`` raw scores.
     labels : torch.Tensor
-        ``(N,)`` integer classes in ``[0, C)``.
+        ``(N,)`` integer classes in ``[0, C)``, or ``ignore_index`` for unlabelled samples (left out, as
+        torch's cross entropy leaves them; a cluster left with none is not present).
     clusters : torch.Tensor
         ``(N,)`` integer cluster ids (any values; only equality matters).
     class_weights : sequence of float, optional
         ``(C,)`` non-negative weights per class.
     return_per_cluster : bool
         Also return ``(cluster_ids, per_cluster_loss)`` (detached).
+    ignore_index : int
+        The label of unlabelled samples (``TileDataset``'s missing integer label, -100).
     """
     _check_logits(logits)
     if logits.ndim != 2:
@@ -681,11 +691,13 @@ def cwce_loss(logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor
     if n == 0:
         raise ParameterError("cwce_loss of an empty batch is undefined")
     labels = labels.long()
-    if bool(((labels < 0) | (labels >= c)).any()):
-        raise ParameterError(f"labels must lie in [0, {c - 1}]")
+    keep = labels != ignore_index
+    if bool((keep & ((labels < 0) | (labels >= c))).any()):
+        raise ParameterError(f"labels must lie in [0, {c - 1}] (or be ignore_index={ignore_index})")
     w = _as_weight(class_weights, c, logits)
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    sample_w = torch.ones_like(ce) if w is None else w[labels]
+    safe = torch.where(keep, labels, torch.zeros_like(labels))
+    ce = F.cross_entropy(logits, safe, reduction="none")
+    sample_w = (torch.ones_like(ce) if w is None else w[safe]) * keep.to(ce.dtype)
     ids, inv = torch.unique(clusters, return_inverse=True)
     k = ids.numel()
     num = ce.new_zeros(k).index_add(0, inv, sample_w * ce)
@@ -713,10 +725,11 @@ class CWCELoss(nn.Module):
     >>> loss(logits, torch.tensor([0, 1, 1, 0, 1, 0]), torch.tensor([0, 0, 0, 0, 0, 3])).backward()
     """
 
-    def __init__(self, class_weights: Weights = None) -> None:
+    def __init__(self, class_weights: Weights = None, ignore_index: int = -100) -> None:
         super().__init__()
         self.register_buffer("class_weights", None if class_weights is None
                              else torch.as_tensor(class_weights, dtype=torch.float32))
+        self.ignore_index = int(ignore_index)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
-        return cwce_loss(logits, labels, clusters, class_weights=self.class_weights)
+        return cwce_loss(logits, labels, clusters, class_weights=self.class_weights, ignore_index=self.ignore_index)

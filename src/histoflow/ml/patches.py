@@ -18,6 +18,13 @@ from ..errors import DatasetError
 __all__ = ["NucleusPatchDataset"]
 
 
+def _whole_numbers(values) -> bool:
+    """Whether every value is a whole number (not a bool-like string): such labels are class ids as given."""
+    vals = np.asarray(values, dtype=object).ravel()
+    return all(isinstance(v, (int, np.integer, float, np.floating)) and not isinstance(v, (bool, np.bool_))
+               and np.isfinite(float(v)) and float(v) == round(float(v)) for v in vals)
+
+
 class NucleusPatchDataset(torch.utils.data.Dataset):
     """Patches centred on cells.
 
@@ -28,7 +35,8 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
     centroids : array (n, 2)
         Cell centres (x, y) in level-0 pixels.
     labels : sequence, optional
-        One label per cell: integers, or class names (mapped to 0..k-1 in sorted order, ``classes``).
+        One label per cell: integers (also as whole floats, e.g. a pandas column), or class names (mapped
+        to 0..k-1 in sorted order, ``classes``).
     size : int
         Patch side in pixels at ``mpp``.
     mpp : float, optional
@@ -49,7 +57,17 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
         self.path = self._source[0]
         if not os.path.exists(self.path):
             raise DatasetError(f"{self.path}: no such slide or image")
-        self.centroids = np.asarray(centroids, np.float64).reshape(-1, 2)
+        try:
+            c = np.asarray(centroids, np.float64)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{self.path}: centroids must be numbers (x, y), one row per cell") from None
+        if c.ndim == 1 and c.size == 2:
+            c = c.reshape(1, 2)
+        if c.ndim != 2 or c.shape[1] != 2:  # an (n, 3) table or (2, n) columns would be read as wrong pairs
+            raise DatasetError(f"{self.path}: centroids must be an (n, 2) array of (x, y), got shape {c.shape}")
+        if not np.all(np.isfinite(c)):
+            raise DatasetError(f"{self.path}: centroids hold NaN or infinite values")
+        self.centroids = c
         self.size = int(size)
         if self.size < 1:
             raise DatasetError(f"patch size must be positive, got {size}")
@@ -60,7 +78,12 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
                 raise DatasetError(f"{self.path}: {len(labels)} labels for {len(self.centroids)} centroids")
             if labels.dtype.kind in "iub":
                 self.labels = labels.astype(np.int64)
+            elif _whole_numbers(labels):  # floats or objects holding whole numbers (a pandas column): the ids
+                self.labels = np.array([int(v) for v in labels.ravel()], np.int64)
             else:
+                if any(isinstance(v, (float, np.floating)) for v in labels.ravel()):
+                    raise DatasetError(f"{self.path}: labels are integers or class names, got fractional "
+                                       f"numbers ({labels.ravel()[:5].tolist()} ...)")
                 self.classes = sorted({str(v) for v in labels})
                 index = {c: i for i, c in enumerate(self.classes)}
                 self.labels = np.array([index[str(v)] for v in labels], np.int64)
