@@ -453,3 +453,17 @@ def test_patch_tables_of_the_wrong_form_are_refused():
     assert ds.classes == ["a", "b"] and ds.labels.tolist() == [1, 0, 1]
     with pytest.raises(DatasetError, match="fractional"):
         NucleusPatchDataset(SVS, [[100, 100]] * 2, labels=[0.5, 1.0])
+
+
+def test_patches_at_grid_corners_are_the_grid_tiles_at_any_mpp():
+    """Resampled patches from a table of coordinates read the level pixels a grid tile there reads (256 or
+    257 by where it falls); they all read the first tile's count, so 78 of 108 patches of CMU-1 at 1 µm/px
+    differed from the grid's tiles at the same corners. An off-grid corner reads about its share."""
+    for mpp, size in ((1.0, 128), (0.7, 100)):
+        grid = WSIPatchDataset(SVS, mpp=mpp, patch_size=size, tissue_filter=False)
+        table = WSIPatchDataset(SVS, coords=grid.coords, mpp=mpp, patch_size=size)
+        assert len({tuple(r) for r in grid._read_sizes.tolist()}) > 1  # the grid's tiles do differ
+        for i in range(len(grid)):
+            assert np.array_equal(grid.read(i)["image"], table.read(i)["image"]), (mpp, i)
+    off = WSIPatchDataset(SVS, coords=[(0, 301, 555)], mpp=1.0, patch_size=128)
+    assert off._read_sizes[0].tolist() in ([256, 256], [256, 257], [257, 256], [257, 257])

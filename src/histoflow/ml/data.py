@@ -369,6 +369,25 @@ class TileDataset(_Epochs, Dataset):
 
 
 # --------------------------------------------------------------------------------------- WSIPatchDataset
+def _read_sizes(coords, scales) -> np.ndarray:
+    """Per patch, the level pixels a resampled patch at level-0 ``(x, y)`` reads: 256 or 257 by where it falls,
+    as :meth:`TileGrid.spec <histoflow.core.grid.TileGrid.spec>` counts them for a tile there (so that a patch
+    at a grid tile's corner is that tile, pixel for pixel)."""
+    from ..core.grid import _half_up
+
+    out = np.zeros((len(coords), 2), np.int32)
+    for i, (s, x, y) in enumerate(coords.tolist()):
+        if scales[s] is None:
+            continue
+        ds, lds, (tw, th) = scales[s]
+        # the output-pixel start: a whole number where (x, y) is where a grid would put a tile (TileGrid rounds
+        # both ends from it), else the exact quotient
+        ox, oy = (round(v / ds) if int(round(round(v / ds) * ds)) == v else v / ds for v in (x, y))
+        x1, y1 = int(round((ox + tw) * ds)), int(round((oy + th) * ds))
+        out[i] = (max(1, _half_up(x1 / lds) - _half_up(x / lds)), max(1, _half_up(y1 / lds) - _half_up(y / lds)))
+    return out
+
+
 def _parse_coords(coords, n_slides):
     """(N, 3) int64 table of (slide, x, y) and the per-patch labels found in it."""
     labels: dict = {}
@@ -553,7 +572,7 @@ class WSIPatchDataset(_Epochs, Dataset):
         self.transform = transform
         self.max_open_slides = int(max_open_slides)
         self._geometry = []   # per slide: (level, read_size, size)
-        tables, read_sizes, extents = [], [], []
+        tables, read_sizes, extents, scales = [], [], [], []
         for s, path in enumerate(self.slides):
             slide = _slide_of_source(self._sources[s])
             try:
@@ -562,6 +581,7 @@ class WSIPatchDataset(_Epochs, Dataset):
                 self._geometry.append((spec.level, tuple(spec.read_size), tuple(spec.size)))
                 ds = float(slide.levels[spec.level].downsample)
                 extents.append((slide.dimensions, (spec.read_size[0] * ds, spec.read_size[1] * ds)))
+                scales.append((grid.downsample, grid.level_downsample, grid.tile_size) if grid.resampled else None)
                 if coords is None:
                     specs = list(grid)
                     xy = np.array([(t.x, t.y) for t in specs], np.int64).reshape(-1, 2)
@@ -580,6 +600,8 @@ class WSIPatchDataset(_Epochs, Dataset):
         else:
             self.coords, patch_labels = _parse_coords(coords, len(self.slides))
             self._check_inside(extents)
+            if any(scales):
+                self._read_sizes = _read_sizes(self.coords, scales)
             self.labels = {k: _label_array(k, v, len(self.coords), "patch") for k, v in patch_labels.items()}
             for k, v in (labels or {}).items():
                 if k in self.labels:
@@ -667,7 +689,7 @@ class WSIPatchDataset(_Epochs, Dataset):
         i = int(i) % n
         s, x, y = (int(v) for v in self.coords[i])
         level, read_size, size = self._geometry[s]
-        if self._read_sizes is not None:
+        if self._read_sizes is not None and self._read_sizes[i, 0] > 0:  # 0: the slide's one read size
             read_size = (int(self._read_sizes[i, 0]), int(self._read_sizes[i, 1]))
         image = self._reader(s).read_region((x, y), level, read_size)
         if read_size != size:
