@@ -374,6 +374,7 @@ def cmd_train(args):
     from .ml.recipes import _path, load_config, train_from_config
 
     cfg = load_config(args.config)
+    cfg["train"] = dict(cfg.get("train") or {})  # an empty `train:` is None in YAML
     if args.epochs is not None:
         cfg.setdefault("train", {})["epochs"] = args.epochs
     if args.seed is not None:

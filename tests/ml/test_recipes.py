@@ -279,3 +279,53 @@ def test_config_mistakes_are_one_line_errors(tmp_path, section, bad, message):
                        capture_output=True, text=True)
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("histoflow: error:") and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trian": {"epochs": 1}}, "unknown section(s) ['trian']"),
+    ({"task": ["nucleus_segmentation"]}, "task names the recipe"),
+    ({"train": [1, 2]}, "train is a mapping of settings"),
+    ({"card": "my model"}, "card is a mapping of settings"),
+    ({"model": {"name": "unet", "parmas": {"out_channels": 4}}}, "unknown model setting(s) ['parmas']"),
+    ({"data.val_id": ["TCGA-21-5784-01Z-00-DX1"]}, "unknown data setting(s) ['val_id']"),
+    ({"data.val_ids": "TCGA-21-5784-01Z-00-DX1"}, "data.val_ids is a list of image names"),
+    ({"data.crop": "big"}, "data.crop must be a whole number >= 1, not 'big'"),
+    ({"data.postprocess": {"bogus": 1}}, "data.postprocess takes fg_threshold, marker_threshold"),
+    ({"loss": {"bogus": 1}}, "loss: "),
+    ({"train.amp": "false"}, "train: amp must be true or false, got 'false'"),
+])
+def test_config_shape_mistakes_are_refused_before_any_work(tmp_path, change, message):
+    """Misspelt or misshapen settings: a misspelt section, data key or model key left the run on its
+    defaults without a word (`trian:` trained 10 default epochs, `val_id:` chose the epoch on the training
+    loss, `model.parmas` made another network); others ended in tracebacks, one (`postprocess`) after a
+    whole epoch. Each is now a ConfigError naming the file, before the output folder is made."""
+    cfg = {"task": "nucleus_segmentation",
+           "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX1"],
+                    "val_ids": ["TCGA-A7-A13E-01Z-00-DX1"], "crop": 64, "crops_per_epoch": 4},
+           "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}},
+           "train": {"epochs": 1, "progress": False}, "output": "run"}
+    for key, value in change.items():
+        if "." in key:
+            section, k = key.split(".")
+            cfg[section][k] = value
+        else:
+            cfg[key] = value
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as e:
+        train_from_config(load_config(path))
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_train_section_takes_command_line_overrides(tmp_path):
+    """`train:` with nothing under it is None in YAML: --epochs / --no-progress set it (was a TypeError)."""
+    from histoflow.cli import main
+
+    cfg = {"task": "nucleus_segmentation",
+           "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"], "crop": 64, "crops_per_epoch": 4},
+           "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}}, "output": "run"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg) + "train:\n")
+    assert main(["train", str(path), "--epochs", "1", "--no-progress"]) == 0
+    assert len(json.load(open(tmp_path / "run" / "metrics.json"))["history"]) == 1

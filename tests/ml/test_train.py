@@ -263,7 +263,8 @@ def test_weight_average_is_validated_saved_and_resumed(patches, tmp_path):
     # a checkpoint without an average cannot resume a run with one
     plain = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, lr=1e-3, out_dir=tmp_path / "c", progress=False)
     plain.fit(*_loaders(patches))
-    with pytest.raises(TrainingError, match="no weight average"):
+    with pytest.raises(TrainingError, match=r"started with other settings \(schedule None -> 'onecycle'; lr 0.001 "
+                                            r"-> 0.002; ema None -> 0.9\)"):
         trainer(tmp_path / "c", epochs=2).fit(*_loaders(patches), resume=True)
     with pytest.raises(ValueError, match="ema"):
         Trainer(_model(), torch.nn.CrossEntropyLoss(), ema=1.5)
@@ -293,3 +294,70 @@ def test_batch_norm_with_one_value_per_channel_is_a_training_error(patches):
     one = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:1], y[:1]), batch_size=1)
     with pytest.raises(TrainingError, match="batch norm needs at least 2 in training"):
         Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False).fit(one)
+
+
+def test_a_kill_while_files_are_written_keeps_the_last_good_ones(patches, tmp_path, monkeypatch):
+    """best.pt was written in place (a kill mid-write left a file that cannot load), a killed checkpoint
+    write left its temporary file, and the metrics came after the checkpoint (a kill between them in the
+    last epoch left them an epoch short for good, as the resumed run had nothing left to do)."""
+    train, val = _loaders(patches)
+
+    def trainer(epochs=2):
+        return Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=epochs, lr=2e-3, out_dir=tmp_path,
+                       progress=False)
+
+    trainer().fit(train, val)
+    good = _weights(models.load(tmp_path / "best.pt"))
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    t = trainer(epochs=3)
+    t.best_loss = -1.0  # so that epoch 3 is not the best: only the checkpoint is written, and dies
+    with pytest.raises(KeyboardInterrupt):
+        t.fit(train, val, resume=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(tmp_path)) == ["best.json", "best.pt", "last.ckpt", "metrics.csv", "metrics.json"]
+    assert torch.equal(_weights(models.load(tmp_path / "best.pt")), good)
+    # the metrics of epoch 3 are written; the checkpoint is still epoch 2's, from which a resume redoes epoch 3
+    assert len(json.load(open(tmp_path / "metrics.json"))["history"]) == 3
+    resumed = trainer(epochs=3)
+    resumed.fit(train, val, resume=True)
+    assert len(resumed.history) == 3 and len(open(tmp_path / "metrics.csv").read().strip().splitlines()) == 4
+    with pytest.raises(ValueError, match="amp must be true or false"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), amp="false")
+
+
+def test_plateau_follows_the_monitored_metric_and_patience_survives_a_resume(patches, tmp_path):
+    """The plateau schedule got the negated metric for higher-is-better monitors, which turned its relative
+    threshold round (AJI 0.6 then 0.59995 three times counted no bad epoch); the epochs since the best were
+    not kept in the checkpoint (never a finite value: the count restarted on resume)."""
+    train, val = _loaders(patches)
+    values = [0.6, 0.59995, 0.59995, 0.59995, 0.59995]
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=5, lr=1e-3, schedule="plateau", patience=2,
+                monitor="aji", progress=False, validate=lambda m, vl, dev: {"aji": values[len(t.history)]})
+    hist = t.fit(train, val)
+    # patience 2: the rate halves after more than max(1, 2 // 2) = 1 epoch without improvement, and `lr` is the
+    # rate each epoch ran with; then early stopping after 2 such epochs
+    assert [h["lr"] for h in hist] == [1e-3, 1e-3, 1e-3]
+    assert t.optimizer.param_groups[0]["lr"] == 5e-4
+    nan = {"aji": float("nan")}
+
+    def run(out, stop=None):
+        t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=6, patience=2, monitor="aji", out_dir=out,
+                    progress=False, validate=lambda m, vl, dev: nan)
+        if stop:
+            _stop_after(t, stop)
+        with pytest.warns(RuntimeWarning, match="monitored aji is nan"):
+            return t.fit(*_loaders(patches), resume=stop is None)
+
+    assert len(run(tmp_path / "a")) == 2
+    run(tmp_path / "b", stop=1)
+    assert len(run(tmp_path / "b")) == 2  # was 3: the resumed run counted its patience from 0
+    onecycle = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=2, lr=1e-2, schedule="onecycle",
+                       progress=False)
+    assert onecycle.fit(train)[0]["lr"] == pytest.approx(1e-2 / 25)  # the cycle's first rate, not past its end

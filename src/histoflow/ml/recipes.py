@@ -51,6 +51,59 @@ def load_config(path) -> dict:
         raise ConfigError(f"{path}: a training configuration is a mapping with task, data, model, train")
     cfg["_base"] = os.path.dirname(os.path.abspath(path))
     cfg["_path"] = path
+    check_config(cfg)
+    return cfg
+
+
+#: the sections of a configuration, and the keys of those that are fixed here (train: Trainer's settings)
+SECTIONS = ("task", "data", "model", "train", "loss", "output", "card")
+MODEL_KEYS = ("name", "params", "init")
+NUCLEUS_DATA_KEYS = ("root", "ids", "val_ids", "mpp", "augment", "crop", "crops_per_epoch", "postprocess")
+
+
+def check_config(cfg: dict) -> dict:
+    """The form of a configuration, before any work: known sections of the right kinds, known keys in
+    ``model`` (and in ``data`` for the nucleus task), whole numbers where counts go. A misspelt key
+    (``trian:``, ``val_id:``, ``model.parmas``) would otherwise leave the run on its defaults without a word.
+    Raises :class:`ConfigError` naming the file."""
+    where = cfg.get("_path", "configuration")
+    unknown = sorted(k for k in cfg if k not in SECTIONS and not str(k).startswith("_"))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; a configuration has {', '.join(SECTIONS)}")
+    if not isinstance(cfg.get("task"), str):
+        raise ConfigError(f"{where}: task names the recipe ({', '.join(sorted(TASKS))}), not {cfg.get('task')!r}")
+    for key in ("data", "model", "train", "loss", "card"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise ConfigError(f"{where}: {key} is a mapping of settings (key: value lines under it), not "
+                              f"{cfg[key]!r}")
+    if cfg.get("output") is not None and not isinstance(cfg["output"], str):
+        raise ConfigError(f"{where}: output is a folder name, not {cfg['output']!r}")
+    bad = sorted(set(cfg.get("model") or {}) - set(MODEL_KEYS))
+    if bad:
+        raise ConfigError(f"{where}: unknown model setting(s) {bad}; known: {', '.join(MODEL_KEYS)}")
+    if cfg["task"] == "nucleus_segmentation":
+        d = cfg.get("data") or {}
+        bad = sorted(set(d) - set(NUCLEUS_DATA_KEYS))
+        if bad:
+            raise ConfigError(f"{where}: unknown data setting(s) {bad}; known: {', '.join(NUCLEUS_DATA_KEYS)}")
+        for key in ("ids", "val_ids"):
+            v = d.get(key)
+            if v is not None and not (isinstance(v, list) and all(isinstance(i, str) for i in v)):
+                raise ConfigError(f"{where}: data.{key} is a list of image names (one '- NAME' line each), not "
+                                  f"{v!r}")
+        for key in ("crop", "crops_per_epoch"):
+            v = d.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{where}: data.{key} must be a whole number >= 1, not {v!r}")
+        post = d.get("postprocess")
+        if post is not None:
+            import inspect
+
+            from .nucleus import maps_to_instances
+
+            known = [p for p in inspect.signature(maps_to_instances).parameters if p not in ("prob", "hv")]
+            if not isinstance(post, dict) or set(post) - set(known):
+                raise ConfigError(f"{where}: data.postprocess takes {', '.join(known)}, not {post!r}")
     return cfg
 
 
@@ -167,7 +220,7 @@ def _loader_settings(cfg, batch_size=8):
 def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
     t = dict(cfg.get("train") or {})
     known = {"epochs", "lr", "weight_decay", "accumulate", "schedule", "patience", "seed", "device", "amp",
-             "progress", "monitor", "ema"}
+             "progress", "monitor", "mode", "ema"}
     unknown = set(t) - known - {"batch_size", "num_workers"}
     if unknown:
         raise ConfigError(f"{cfg.get('_path')}: unknown train setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -216,8 +269,8 @@ def _nucleus_segmentation(cfg, resume=False):
                               f"[0.8, 1.25], not {zoom!r}")
     augment = _augmenter(spec, seed, images=[s["image"] for s in train_samples])
     try:
-        train = NucleusCrops(train_samples, crop=int(d.get("crop", 256)),
-                             length=int(d.get("crops_per_epoch", 256)), augment=augment, seed=seed, zoom=zoom)
+        train = NucleusCrops(train_samples, crop=d.get("crop") or 256,
+                             length=d.get("crops_per_epoch") or 256, augment=augment, seed=seed, zoom=zoom)
     except ParameterError as e:
         raise ConfigError(f"{cfg.get('_path')}: data: {e}") from None
     t = cfg.get("train") or {}
@@ -263,8 +316,11 @@ def _nucleus_segmentation(cfg, resume=False):
         card["mpp"] = float(mpp)
     card.setdefault("outputs", ["background logit", "nucleus logit", "horizontal map", "vertical map"])
     card.setdefault("split", {"train": train_ids, "validation": val_ids})
-    trainer = _trainer(cfg, model, HoVerNetLoss(**(cfg.get("loss") or {})), batch_loss=nucleus_batch_loss,
-                       validate=validate)
+    try:
+        loss = HoVerNetLoss(**(cfg.get("loss") or {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cfg.get('_path')}: loss: {e}") from None
+    trainer = _trainer(cfg, model, loss, batch_loss=nucleus_batch_loss, validate=validate)
     return trainer, trainer.fit(loader, val_loader, resume=resume)
 
 
@@ -277,6 +333,9 @@ def _tile_classification(cfg, resume=False):
     if unknown:
         raise ConfigError(f"{cfg.get('_path')}: unknown data setting(s) {sorted(unknown)}; known: augment, label, "
                           "train, val")
+    if cfg.get("loss"):
+        raise ConfigError(f"{cfg.get('_path')}: tile_classification trains with cross entropy and takes no loss "
+                          "settings; remove the loss section")
     settings = _loader_settings(cfg, batch_size=16)
     augment = _augmenter(d.get("augment"), settings["seed"]) if d.get("augment") else None
 
@@ -352,8 +411,14 @@ def train_from_config(config, resume: bool = False):
 
     ``config`` is a path to a YAML file or an already loaded dict.
     """
-    cfg = load_config(config) if not isinstance(config, dict) else dict(config)
+    cfg = load_config(config) if not isinstance(config, dict) else check_config(dict(config))
+    where = cfg.get("_path", "configuration")
     task = _need(cfg, "task")
     if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[task](cfg, resume=resume)
+        raise ConfigError(f"{where}: unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
+    try:
+        return TASKS[task](cfg, resume=resume)
+    except ConfigError as e:  # every message names the file
+        if str(e).startswith(str(where)):
+            raise
+        raise ConfigError(f"{where}: {e}") from None

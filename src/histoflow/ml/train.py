@@ -131,10 +131,10 @@ class Trainer:
     accumulate : int
         Batches whose gradients are summed before each optimiser step.
     schedule : {None, "onecycle", "plateau"}
-        One-cycle (per step, cosine) or reduce-on-plateau (per epoch, factor 0.5 after ``patience // 2``
-        epochs without improvement of the validation loss).
+        One-cycle (per step, cosine) or reduce-on-plateau (per epoch: the rate is halved when ``monitor``
+        has not improved for more than ``max(1, patience // 2)`` epochs in a row; patience 4 when None).
     patience : int or None
-        Stop after this many epochs without a lower validation loss (None: never).
+        Stop after this many epochs without an improvement of ``monitor`` (None: never).
     seed : int
         Seeds torch at the start of every epoch with ``seed + epoch``.
     device : str or None
@@ -148,7 +148,7 @@ class Trainer:
         :func:`default_batch_loss` expects.
     validate : callable, optional
         ``validate(model, val_loader, device) -> dict`` of extra metrics (e.g. Dice, AJI), run after the
-        validation loss each epoch; values are logged, the validation loss still picks the best epoch.
+        validation loss each epoch; values are logged, and ``monitor`` may name one of them.
     monitor : str
         What picks the best epoch and drives early stopping and the plateau schedule: ``"val_loss"`` (the
         training loss without validation data), ``"train_loss"``, or the name of a metric returned by
@@ -195,6 +195,9 @@ class Trainer:
         self.schedule = schedule
         self.patience = patience
         self.seed = int(seed)
+        for name, v in (("amp", amp), ("progress", progress)):
+            if not isinstance(v, (bool, np.bool_)):  # "false" from a config would be true
+                raise ParameterError(f"{name} must be true or false, got {v!r}")
         self.amp = bool(amp)
         self.out_dir = os.fspath(out_dir) if out_dir is not None else None
         self.batch_loss = batch_loss or default_batch_loss
@@ -208,7 +211,7 @@ class Trainer:
         self.monitor = monitor
         self.mode = mode
         self.card = dict(card or {})
-        self.progress = progress
+        self.progress = bool(progress)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float, np.number))
                                 or not 0.0 < float(ema) < 1.0):
@@ -223,6 +226,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best_loss = math.inf
         self.best_epoch = -1
+        self.since_best = 0  # epochs since the best one (early stopping)
         self.epoch = 0  # epochs completed
 
     @property
@@ -236,7 +240,7 @@ class Trainer:
             total = max(1, self.epochs * math.ceil(steps_per_epoch / self.accumulate))
             return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.lr, total_steps=total)
         if self.schedule == "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=0.5,
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode=self.mode, factor=0.5,
                                                               patience=max(1, (self.patience or 4) // 2))
         return None
 
@@ -247,18 +251,26 @@ class Trainer:
     def _ckpt_path(self):
         return os.path.join(self.out_dir, "last.ckpt")
 
+    #: the settings a resumed run must share with the run it continues (``epochs`` may change, except one-cycle)
+    RESUME_SETTINGS = ("schedule", "accumulate", "lr", "weight_decay", "monitor", "mode", "ema", "seed")
+
+    def _settings(self) -> dict:
+        return {k: getattr(self, k) for k in self.RESUME_SETTINGS}
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "epoch": self.epoch, "history": self.history, "best_loss": self.best_loss,
-                "best_epoch": self.best_epoch, "seed": self.seed,
+                "best_epoch": self.best_epoch, "since_best": self.since_best, "seed": self.seed,
+                "settings": self._settings(),
                 "ema": self.ema_model.state_dict() if self.ema_model is not None else None}
 
     def save_checkpoint(self, path=None):
+        from ..utils import atomic_output
+
         path = path or self._ckpt_path()
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:  # a kill mid-write leaves the last good checkpoint (and no temp file)
+            torch.save(self.state_dict(), tmp)
 
     def load_checkpoint(self, path):
         """Restore a run from ``last.ckpt`` (model, optimiser, schedule, epoch, history)."""
@@ -267,27 +279,48 @@ class Trainer:
             raise TrainingError(f"{path}: no checkpoint to resume from")
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
+            raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
+        old = state.get("settings") if isinstance(state, dict) else None
+        if isinstance(old, dict):  # checkpoints written before the settings were kept are taken as they are
+            diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self._settings().items() if old.get(k) != v]
+            if diff:
+                raise TrainingError(f"{path}: cannot resume: the run was started with other settings "
+                                    f"({'; '.join(diff)}). Resume with the settings it was started with, or "
+                                    "start a new run from its weights (model.init)")
+        try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema_model is not None:
                 if state.get("ema") is None:
                     raise KeyError("the checkpoint has no weight average (it was trained without ema)")
                 self.ema_model.load_state_dict(state["ema"])
+            if (self.scheduler is None) != (state.get("scheduler") is None):
+                raise KeyError(f"the checkpoint was written {'without' if self.scheduler is not None else 'with'} "
+                               "a learning-rate schedule")
+            if self.scheduler is not None:
+                sched = state["scheduler"]
+                mine = getattr(self.scheduler, "total_steps", None)
+                if mine is not None and sched.get("total_steps") not in (None, mine):
+                    raise TrainingError(
+                        f"{path}: the checkpoint's one-cycle schedule spans {sched['total_steps']} steps, this "
+                        f"run's {mine} ({self.epochs} epochs): a one-cycle run cannot be lengthened or shortened. "
+                        "Resume with the epochs it was started with, or start a new run from its weights "
+                        "(model.init)")
+                if "mode" in sched and sched["mode"] != self.mode:
+                    raise KeyError(f"the checkpoint's plateau schedule was written by an earlier histoflow (mode "
+                                   f"{sched['mode']!r}); start a new run from its weights")
+                self.scheduler.load_state_dict(sched)
+            self.epoch = int(state["epoch"])
+            self.history = list(state["history"])
+            self.best_loss = float(state["best_loss"])
+            self.best_epoch = int(state["best_epoch"])
+        except TrainingError:
+            raise
         except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
             raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            sched = state["scheduler"]
-            mine = getattr(self.scheduler, "total_steps", None)
-            if mine is not None and sched.get("total_steps") not in (None, mine):
-                raise TrainingError(
-                    f"{path}: the checkpoint's one-cycle schedule spans {sched['total_steps']} steps, this run's "
-                    f"{mine} ({self.epochs} epochs): a one-cycle run cannot be lengthened or shortened. Resume "
-                    "with the epochs it was started with, or start a new run from its weights (model.init)")
-            self.scheduler.load_state_dict(sched)
-        self.epoch = int(state["epoch"])
-        self.history = list(state["history"])
-        self.best_loss = float(state["best_loss"])
-        self.best_epoch = int(state["best_epoch"])
+        self.since_best = int(state.get("since_best", self.epoch - 1 - self.best_epoch if self.best_epoch >= 0
+                                        else self.epoch))
 
     def _save_best(self, metrics: dict):
         from . import models
@@ -301,20 +334,21 @@ class Trainer:
         models.save(self.eval_model, os.path.join(self.out_dir, "best.pt"), card=card)
 
     def _write_metrics(self):
+        from ..utils import atomic_output
+
         keys = []
         for row in self.history:
             keys += [k for k in row if k not in keys]
-        tmp = os.path.join(self.out_dir, f".metrics.csv.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.history)
-        os.replace(tmp, os.path.join(self.out_dir, "metrics.csv"))
-        with open(os.path.join(self.out_dir, "metrics.json"), "w") as f:
-            best = None if math.isinf(self.best_loss) else (
-                self.best_loss if self.mode == "min" else -self.best_loss)
-            json.dump({"history": self.history, "best_epoch": self.best_epoch + 1, "monitor": self.monitor,
-                       "mode": self.mode, "best_value": best}, f, indent=1)
+        with atomic_output(os.path.join(self.out_dir, "metrics.csv")) as tmp:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(self.history)
+        best = None if math.isinf(self.best_loss) else (self.best_loss if self.mode == "min" else -self.best_loss)
+        with atomic_output(os.path.join(self.out_dir, "metrics.json")) as tmp:
+            with open(tmp, "w") as f:
+                json.dump({"history": self.history, "best_epoch": self.best_epoch + 1, "monitor": self.monitor,
+                           "mode": self.mode, "best_value": best}, f, indent=1)
 
     # ------------------------------------------------------------------ loops
     def _train_epoch(self, loader) -> float:
@@ -407,9 +441,8 @@ class Trainer:
                                 "keeps persistent_workers, whose copies of the dataset never see the new epoch: "
                                 "every epoch would repeat the first; make the DataLoader with "
                                 "persistent_workers=False")
-        since_best = self.epoch - 1 - self.best_epoch if self.best_epoch >= 0 else 0
         while self.epoch < self.epochs:
-            if self.patience is not None and since_best >= self.patience:
+            if self.patience is not None and self.since_best >= self.patience:
                 break
             torch.manual_seed(self.seed + self.epoch)
             sampler = getattr(train_loader, "sampler", None)
@@ -419,6 +452,7 @@ class Trainer:
                 if hasattr(d, "set_epoch"):
                     d.set_epoch(self.epoch)
             t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (one-cycle: its first step's)
             train_loss = self._train_epoch(train_loader)
             row = {"epoch": self.epoch + 1, "train_loss": train_loss}
             if val_loader is not None:
@@ -426,7 +460,7 @@ class Trainer:
                 if self.validate is not None:
                     row.update({k: float(v) for k, v in self.validate(self.eval_model, val_loader,
                                                                       self.device).items()})
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row["lr"] = lr
             row["seconds"] = round(time.perf_counter() - t0, 2)
             if self.monitor == "val_loss":
                 value = row.get("val_loss", train_loss)
@@ -440,17 +474,17 @@ class Trainer:
                 value = math.inf if self.mode == "min" else -math.inf
             monitored = value if self.mode == "min" else -value
             if self.schedule == "plateau":
-                self.scheduler.step(monitored)
+                self.scheduler.step(value)  # in the schedule's own mode: a negated value turns its threshold round
             self.epoch += 1
             self.history.append(row)
             improved = monitored < self.best_loss
             if improved:
-                self.best_loss, self.best_epoch, since_best = monitored, self.epoch - 1, 0
+                self.best_loss, self.best_epoch, self.since_best = monitored, self.epoch - 1, 0
             else:
-                since_best += 1
+                self.since_best += 1
             if self.out_dir is not None:
                 if improved:
                     self._save_best(row)
+                self._write_metrics()  # before the checkpoint: a resume from it redoes no epoch to write them
                 self.save_checkpoint()
-                self._write_metrics()
         return self.history

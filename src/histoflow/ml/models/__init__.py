@@ -232,9 +232,13 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
     state = model.state_dict()
     if dtype == "float16":
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
-    torch.save(state, path)
+    from ...utils import atomic_output
+
     cpath = card_path(path)
-    cpath.write_text(text + "\n", encoding="utf-8")
+    with atomic_output(path, path.suffix) as tmp:  # whole or not at all: a kill mid-write keeps the old file
+        torch.save(state, tmp)
+    with atomic_output(cpath, ".json") as tmp:
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
     return cpath
 
 
