@@ -296,8 +296,8 @@ class Trainer:
                     raise KeyError("the checkpoint has no weight average (it was trained without ema)")
                 self.ema_model.load_state_dict(state["ema"])
             if (self.scheduler is None) != (state.get("scheduler") is None):
-                raise KeyError(f"the checkpoint was written {'without' if self.scheduler is not None else 'with'} "
-                               "a learning-rate schedule")
+                raise TrainingError(f"{path}: cannot resume: the checkpoint was written "
+                                    f"{'without' if self.scheduler is not None else 'with'} a learning-rate schedule")
             if self.scheduler is not None:
                 sched = state["scheduler"]
                 mine = getattr(self.scheduler, "total_steps", None)
@@ -308,8 +308,8 @@ class Trainer:
                         "Resume with the epochs it was started with, or start a new run from its weights "
                         "(model.init)")
                 if "mode" in sched and sched["mode"] != self.mode:
-                    raise KeyError(f"the checkpoint's plateau schedule was written by an earlier histoflow (mode "
-                                   f"{sched['mode']!r}); start a new run from its weights")
+                    raise TrainingError(f"{path}: cannot resume: its plateau schedule was written by an earlier "
+                                        f"histoflow (mode {sched['mode']!r}); start a new run from its weights")
                 self.scheduler.load_state_dict(sched)
             self.epoch = int(state["epoch"])
             self.history = list(state["history"])
