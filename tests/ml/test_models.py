@@ -223,7 +223,8 @@ def test_hovernet_postprocess_separates_touching_nuclei():
 
 
 @pytest.mark.parametrize("mode, size, out_size, pad, classes", [
-    ("fast", 256, 256, True, 3), ("fast", 256, 164, False, 0), ("original", 270, 80, False, 5)])
+    ("fast", 256, 256, True, 3), ("fast", 256, 164, False, 0), ("original", 270, 80, False, 5),
+    ("original", 270, 264, True, 0)])  # output_size said 80 here
 def test_hovernet_forward_returns_branch_dict(mode, size, out_size, pad, classes):
     # shapes on the meta device: a real CPU forward of HoVer-Net takes ~10 s
     with torch.device("meta"):

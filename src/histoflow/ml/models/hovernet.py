@@ -82,7 +82,7 @@ class HoVerNet(nn.Module):
         """Side of the square output maps."""
         if self.mode == "fast":
             return 256 if self.decoder_padding else 164
-        return 80
+        return 264 if self.decoder_padding else 80
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dict of branch logits (see the module docstring)."""
