@@ -201,3 +201,33 @@ def test_convert_reports_skipped_features_on_the_command_line(tmp_path, capsys):
     assert main(["annotations", "convert", str(tmp_path / "pts.geojson"), str(tmp_path / "o.xml")]) == 0
     out = capsys.readouterr().out
     assert "0 polygons from" in out and "skipped 1 Point feature(s), which enclose no area" in out
+
+
+def test_split_regions_of_different_layers_stay_different_objects(tmp_path):
+    """A region cut in two by an exclusion keeps its pieces together as one object, under a group of its own:
+    the group was the region's Id, which restarts in each layer, so a Tumor and a Stroma region both Id 1 and
+    both cut became one Tumor MultiPolygon of four parts (Stroma gone). Parts of one group with different
+    classes are refused by the writer instead of being merged."""
+    rect = '<Vertex X="{0}" Y="{1}"/><Vertex X="{2}" Y="{1}"/><Vertex X="{2}" Y="{3}"/><Vertex X="{0}" Y="{3}"/>'
+    layer = ('<Annotation Id="{i}" Name="{name}"><Regions>'
+             '<Region Id="1" Type="0" NegativeROA="0"><Vertices>' + rect.format(0, "{y0}", 100, "{y1}") +
+             '</Vertices></Region><Region Id="2" Type="0" NegativeROA="1"><Vertices>' +
+             rect.format(45, "{n0}", 55, "{n1}") + '</Vertices></Region></Regions></Annotation>')
+    xml = ('<?xml version="1.0"?><Annotations MicronsPerPixel="0.25">'
+           + layer.format(i=1, name="Tumor", y0=0, y1=20, n0=-5, n1=25)
+           + layer.format(i=2, name="Stroma", y0=100, y1=120, n0=95, n1=125) + "</Annotations>")
+    (tmp_path / "split.xml").write_text(xml)
+    polys = read_aperio_xml(tmp_path / "split.xml")
+    assert len(polys) == 4 and len({p.group for p in polys}) == 2
+    assert all(len({p.classification for p in polys if p.group == g}) == 1 for g in {p.group for p in polys})
+    from histoflow.annotations import convert
+
+    convert(tmp_path / "split.xml", tmp_path / "split.geojson")
+    feats = json.load(open(tmp_path / "split.geojson"))["features"]
+    assert sorted((f["properties"]["classification"]["name"], f["geometry"]["type"], len(f["geometry"]["coordinates"]))
+                  for f in feats) == [("Stroma", "MultiPolygon", 2), ("Tumor", "MultiPolygon", 2)]
+    a, b = Polygon([(0, 0), (5, 0), (5, 5)], classification="A", group="g"), \
+        Polygon([(9, 9), (12, 9), (12, 12)], classification="B", group="g")
+    with pytest.raises(AnnotationError, match="group 'g' are parts of one object but have different"):
+        write_geojson([a, b], tmp_path / "bad.geojson")
+    assert not (tmp_path / "bad.geojson").exists()

@@ -16,6 +16,7 @@ TCGA-XS-A8TJ does on 20 nuclei).
 from __future__ import annotations
 
 import os
+import uuid
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -133,11 +134,13 @@ def _subtract_negatives(polys):
         rest = g.difference(shapely.union_all(hit))
         parts = [r for r in getattr(rest, "geoms", [rest]) if r.geom_type == "Polygon" and not r.is_empty]
         meas = {k: v for k, v in p.measurements.items() if k not in ("area", "length")}  # no longer the region's
+        # the pieces of this region, and of no other (region ids restart in each layer, texts repeat)
+        group = p.group or (uuid.uuid4().hex if len(parts) > 1 else None)
         for r in parts:
             out.append(Polygon(np.asarray(r.exterior.coords)[:-1], [np.asarray(h.coords)[:-1] for h in r.interiors],
                                name=p.name, classification=p.classification, measurements=dict(meas),
                                object_type=p.object_type, color=p.color, uid=p.uid,
-                               group=(p.group or p.name) if len(parts) > 1 else p.group))
+                               group=group))
     return out
 
 

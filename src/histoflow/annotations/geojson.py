@@ -48,8 +48,15 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
     feats, by_group = [], {}
     for p in polygons:
         rings = [_closed(p.exterior)] + [_closed(h) for h in p.holes]
-        if p.group is not None and p.group in by_group:  # another part of the same object
-            geom = by_group[p.group]["geometry"]
+        first = by_group.get(p.group) if p.group is not None else None
+        if first is not None and (first["properties"].get("name", "") != str(p.name or "")
+                                  or (first["properties"].get("classification") or {}).get("name")
+                                  != p.classification):
+            raise AnnotationError(f"{path}: polygons of group {p.group!r} are parts of one object but have different "
+                                  f"names or classes ({first['properties'].get('name')!r} and {p.name!r}); give each "
+                                  "object its own group")
+        if first is not None:  # another part of the same object
+            geom = first["geometry"]
             if geom["type"] == "Polygon":
                 geom["type"], geom["coordinates"] = "MultiPolygon", [geom["coordinates"]]
             geom["coordinates"].append(rings)

@@ -260,6 +260,8 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
             for p in polygonize(lab, downsample=float(t.downsample), origin=t.coords):
                 k = row + int(p.name) - 1
                 p.name = str(table.obs_names[k])
+                if p.group is not None:  # pieces of one cell: grouped by the cell, not by the tile's own label
+                    p.group = p.name
                 if classes is not None:
                     p.classification = classes[k]
                 p.measurements = {c: float(table.obs[c].iloc[k]) for c in numeric}
