@@ -1,5 +1,6 @@
 """The trainer on a small real problem: tissue vs glass patches of the CMU-1 slide."""
 import json
+import math
 import os
 
 import numpy as np
@@ -315,14 +316,23 @@ def test_a_kill_while_files_are_written_keeps_the_last_good_ones(patches, tmp_pa
             fh.write(b"PK\x03\x04 half a file")
         raise KeyboardInterrupt
 
+    def resumed_with_best(best):
+        t = trainer(epochs=3)
+        load = t.load_checkpoint
+
+        def then_set_best(path):  # epoch 3 then is the best (best.pt written first) or not (only the checkpoint)
+            load(path)
+            t.best_loss = best
+        t.load_checkpoint = then_set_best
+        return t
+
     monkeypatch.setattr(torch, "save", dies_half_way)
-    t = trainer(epochs=3)
-    t.best_loss = -1.0  # so that epoch 3 is not the best: only the checkpoint is written, and dies
-    with pytest.raises(KeyboardInterrupt):
-        t.fit(train, val, resume=True)
+    for best in (math.inf, -math.inf):  # a kill while best.pt is written; then while last.ckpt is
+        with pytest.raises(KeyboardInterrupt):
+            resumed_with_best(best).fit(train, val, resume=True)
+        assert sorted(os.listdir(tmp_path)) == ["best.json", "best.pt", "last.ckpt", "metrics.csv", "metrics.json"]
+        assert torch.equal(_weights(models.load(tmp_path / "best.pt")), good)
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(os.listdir(tmp_path)) == ["best.json", "best.pt", "last.ckpt", "metrics.csv", "metrics.json"]
-    assert torch.equal(_weights(models.load(tmp_path / "best.pt")), good)
     # the metrics of epoch 3 are written; the checkpoint is still epoch 2's, from which a resume redoes epoch 3
     assert len(json.load(open(tmp_path / "metrics.json"))["history"]) == 3
     resumed = trainer(epochs=3)
