@@ -231,3 +231,22 @@ def test_split_regions_of_different_layers_stay_different_objects(tmp_path):
     with pytest.raises(AnnotationError, match="group 'g' are parts of one object but have different"):
         write_geojson([a, b], tmp_path / "bad.geojson")
     assert not (tmp_path / "bad.geojson").exists()
+
+
+def test_aperio_writes_holes_that_cut_only_their_polygon_and_names_it_can_read(tmp_path):
+    """Holes go to Aperio XML as exclusion regions, which cut every region of their layer: a polygon of the
+    same class lying over another's hole lost that part (300 -> 200 px²). Holed polygons now get a layer of
+    their own. Names with control characters made XML that could not be read back; NaN coordinates in
+    GeoJSON are refused when read."""
+    holed = Polygon([(0, 0), (100, 0), (100, 100), (0, 100)], [[(40, 40), (60, 40), (60, 60), (40, 60)]],
+                    name="a", classification="Tumor")
+    over = Polygon([(45, 45), (75, 45), (75, 55), (45, 55)], name="b\x0bc", classification="Tumor")
+    write_aperio_xml([holed, over], tmp_path / "h.xml")
+    back = {p.name: p for p in read_aperio_xml(tmp_path / "h.xml")}
+    assert set(back) == {"a", "bc"} and {p.classification for p in back.values()} == {"Tumor"}
+    assert back["bc"].area == pytest.approx(300.0) and back["a"].area == pytest.approx(10000 - 400)
+    (tmp_path / "nan.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [10, 0], [float("nan"), 10], [0, 0]]]}}]}))
+    with pytest.raises(AnnotationError, match=r"nan.geojson: feature 0 has coordinates that are not finite"):
+        read_geojson(tmp_path / "nan.geojson")

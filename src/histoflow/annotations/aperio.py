@@ -16,6 +16,7 @@ TCGA-XS-A8TJ does on 20 nuclei).
 from __future__ import annotations
 
 import os
+import re
 import uuid
 import xml.etree.ElementTree as ET
 
@@ -153,20 +154,39 @@ def _shape(p):
     return g if g.is_valid else shapely.make_valid(g)
 
 
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text) -> str:
+    """``text`` without the characters XML 1.0 cannot hold (a file with them could not be read back)."""
+    return _XML_INVALID.sub("", str(text))
+
+
 def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     """Write polygons as an Aperio ImageScope XML file (one Annotation per class, one Region per polygon).
 
     Holes are not representable as holes in this format; they are written as regions flagged
-    ``NegativeROA="1"``, which ImageScope (and :func:`read_aperio_xml`) subtracts; so are polygons flagged
-    ``measurements["negative"]`` (exclusions read with ``negatives="keep"``).
+    ``NegativeROA="1"``, which ImageScope (and :func:`read_aperio_xml`) subtracts from every region of their
+    Annotation layer: so a polygon with holes gets a layer of its own (same class name), where its holes cut
+    nothing else. Polygons flagged ``measurements["negative"]`` (exclusions read with ``negatives="keep"``)
+    stay in their class's layer, which they cut. Characters XML cannot hold (control characters) are left out
+    of names.
     """
     path = os.fspath(path)
     root = ET.Element("Annotations", {"MicronsPerPixel": f"{mpp:.6f}" if mpp else "0"})
+    layers: list = []
     by_class: dict = {}
     for p in polygons:
-        by_class.setdefault(p.classification or "", []).append(p)
+        cls = _xml_text(p.classification or "")
+        if any(len(h) >= 3 for h in p.holes) and not p.measurements.get("negative"):
+            layers.append((cls, [p]))
+            continue
+        if cls not in by_class:
+            by_class[cls] = []
+            layers.append((cls, by_class[cls]))
+        by_class[cls].append(p)
     rid = 1
-    for aid, (cls, polys) in enumerate(by_class.items(), start=1):
+    for aid, (cls, polys) in enumerate(layers, start=1):
         ann = ET.SubElement(root, "Annotation", {"Id": str(aid), "Name": cls, "LineColor": "65280", "Type": "4",
                                                  "Visible": "1"})
         regions = ET.SubElement(ann, "Regions")
@@ -174,7 +194,7 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
             own = "1" if p.measurements.get("negative") else "0"  # an exclusion read with negatives="keep"
             for ring, negative in [(p.exterior, own)] + [(h, "1") for h in p.holes]:
                 reg = ET.SubElement(regions, "Region", {"Id": str(rid), "Type": "0", "NegativeROA": negative,
-                                                        "Text": p.name or ""})
+                                                        "Text": _xml_text(p.name or "")})
                 rid += 1
                 verts = ET.SubElement(reg, "Vertices")
                 for x, y in ring:

@@ -194,6 +194,9 @@ def read_geojson(path) -> list[Polygon]:
                 rings = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings]
             except (ValueError, IndexError, TypeError):
                 raise AnnotationError(f"{path}: feature {i} has malformed coordinates") from None
+            if not all(np.all(np.isfinite(r)) for r in rings):
+                raise AnnotationError(f"{path}: feature {i} has coordinates that are not finite numbers (NaN or "
+                                      "infinite)")
             rings = [r[:-1] if len(r) > 1 and np.array_equal(r[0], r[-1]) else r for r in rings]
             if not rings or len(rings[0]) < 3:
                 continue
