@@ -250,3 +250,17 @@ def test_aperio_writes_holes_that_cut_only_their_polygon_and_names_it_can_read(t
             [[0, 0], [10, 0], [float("nan"), 10], [0, 0]]]}}]}))
     with pytest.raises(AnnotationError, match=r"nan.geojson: feature 0 has coordinates that are not finite"):
         read_geojson(tmp_path / "nan.geojson")
+
+
+def test_rasterize_gives_the_parts_of_one_object_one_id():
+    """A MultiPolygon (or an object polygonize found in pieces) is one instance: its parts got ids of
+    their own (1 object -> 2 instances)."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[2:8, 2:8] = labels[20:30, 20:30] = 5  # one object in two pieces
+    labels[2:8, 30:38] = 7
+    polys = polygonize(labels)
+    assert len(polys) == 3
+    back = rasterize(polys, labels.shape)
+    assert np.unique(back).tolist() == [0, 1, 2]
+    assert back[4, 4] == back[25, 25] != back[4, 33]
+    assert np.array_equal(back > 0, labels > 0)

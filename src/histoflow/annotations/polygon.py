@@ -111,7 +111,8 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
     origin : (x, y)
         Level-0 position of the output's top-left corner.
     values : sequence of int, optional
-        Value painted for each polygon (one per polygon); default 1, 2, 3 ... (an instance mask). Give
+        Value painted for each polygon (one per polygon); default 1, 2, 3 ... per object (an instance mask:
+        the parts of a multi-part object, polygons sharing a ``group``, get one value). Give
         class ids for a class mask. Later polygons overwrite earlier ones where they overlap; a polygon's
         holes are left out of it (and keep whatever another polygon painted there, e.g. an island inside a
         lumen).
@@ -129,8 +130,10 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
     dtype = np.dtype(dtype)
     if not np.issubdtype(dtype, np.integer):
         raise ParameterError(f"rasterize paints integer labels: dtype must be an integer type, not {dtype}")
-    if values is None:
-        values = np.arange(1, len(polygons) + 1)
+    if values is None:  # one id per object: the parts of a group share the id of its first part
+        ids: dict = {}
+        values = np.array([ids.setdefault(p.group if p.group is not None else ("polygon", i), len(ids) + 1)
+                           for i, p in enumerate(polygons)], np.int64)
     values = np.asarray(values)
     if values.ndim != 1 or len(values) != len(polygons):
         raise ParameterError(f"rasterize: {len(polygons)} polygons but {values.size} values: give one value per "
