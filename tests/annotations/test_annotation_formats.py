@@ -264,3 +264,24 @@ def test_rasterize_gives_the_parts_of_one_object_one_id():
     assert np.unique(back).tolist() == [0, 1, 2]
     assert back[4, 4] == back[25, 25] != back[4, 33]
     assert np.array_equal(back > 0, labels > 0)
+
+
+def test_imagej_subpixel_rectangles_text_overlays_and_composite_objects(tmp_path):
+    """A subpixel rectangle was read at its integer bounds (area 66 for 56.4), an overlay's text label as a
+    rectangle region; the separate areas of one composite ROI are parts of one object (one id, one
+    MultiPolygon), not unrelated polygons."""
+    r = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, left=10, top=20, right=16, bottom=31, name="r")
+    r.options |= roifile.ROI_OPTIONS.SUB_PIXEL_RESOLUTION
+    r.xd, r.yd, r.widthd, r.heightd = 10.25, 20.5, 5.5, 10.25
+    text = roifile.ImagejRoi(roitype=roifile.ROI_TYPE.RECT, left=0, top=0, right=40, bottom=30, name="label")
+    text.subtype = roifile.ROI_SUBTYPE.TEXT
+    roifile.roiwrite(tmp_path / "s.zip", [r, text], mode="w")
+    polys = read_imagej_rois(tmp_path / "s.zip")
+    assert [p.name for p in polys] == ["r"] and polys[0].area == pytest.approx(5.5 * 10.25)
+    assert polys[0].bounds == (10.25, 20.5, 15.75, 30.75)
+    from histoflow.annotations.imagej import _rings_to_polygons
+
+    parts = _rings_to_polygons([np.array([(0, 0), (10, 0), (10, 10), (0, 10)], float),
+                                np.array([(30, 30), (40, 30), (40, 40), (30, 40)], float)], "cell")
+    assert len(parts) == 2 and parts[0].group is not None and parts[0].group == parts[1].group
+    assert np.unique(rasterize(parts, (50, 50))).tolist() == [0, 1]

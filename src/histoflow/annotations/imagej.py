@@ -8,6 +8,7 @@ composite ROI with curved segments, which roifile cannot flatten, is an error na
 from __future__ import annotations
 
 import os
+import uuid
 
 import numpy as np
 
@@ -43,6 +44,13 @@ def read_imagej_rois(path) -> list[Polygon]:
         name = roi.name or str(i + 1)
         if roi.roitype not in areas and not roi.composite:
             continue  # a line, polyline, freehand line, angle or point: encloses nothing
+        if roi.subtype in (rf.ROI_SUBTYPE.TEXT, rf.ROI_SUBTYPE.IMAGE):
+            continue  # an overlay's text label or image, drawn in a rectangle: not a region
+        if roi.roitype == rf.ROI_TYPE.RECT and not roi.composite and roi.subpixelrect:
+            # ImageJ keeps a subpixel rectangle's bounds as floats beside the integer ones roifile reads
+            x0, y0, x1, y1 = roi.xd, roi.yd, roi.xd + roi.widthd, roi.yd + roi.heightd
+            out.extend(_rings_to_polygons([np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], np.float64)], name))
+            continue
         try:
             coords = roi.coordinates(multi=True) if roi.composite else [roi.coordinates()]
         except NotImplementedError as e:  # curves (quadto / cubicto) in a composite ROI
@@ -78,7 +86,8 @@ def _rings_to_polygons(rings, name):
     for a in range(len(rings)):
         if depth[a] % 2:  # the smallest outline holding it
             holes[min((b for b in holders[a] if depth[b] == depth[a] - 1), key=lambda b: area[b])].append(rings[a])
-    return [Polygon(rings[a], holes[a], name=name if k == 0 else f"{name} ({k + 1})")
+    group = uuid.uuid4().hex if len(outlines) > 1 else None  # separate areas of one ROI: one object
+    return [Polygon(rings[a], holes[a], name=name if k == 0 else f"{name} ({k + 1})", group=group)
             for k, a in enumerate(outlines)]
 
 
