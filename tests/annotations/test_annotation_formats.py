@@ -285,3 +285,14 @@ def test_imagej_subpixel_rectangles_text_overlays_and_composite_objects(tmp_path
                                 np.array([(30, 30), (40, 30), (40, 40), (30, 40)], float)], "cell")
     assert len(parts) == 2 and parts[0].group is not None and parts[0].group == parts[1].group
     assert np.unique(rasterize(parts, (50, 50))).tolist() == [0, 1]
+
+
+def test_unnamed_geojson_objects_stay_unnamed(tmp_path):
+    """Objects without a name were given "1", "2" ... when read, and written back with them."""
+    (tmp_path / "a.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"objectType": "annotation"},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [10, 0], [10, 10], [0, 0]]]}}]}))
+    polys = read_geojson(tmp_path / "a.geojson")
+    assert polys[0].name == ""
+    write_geojson(polys, tmp_path / "b.geojson")
+    assert "name" not in json.load(open(tmp_path / "b.geojson"))["features"][0]["properties"]

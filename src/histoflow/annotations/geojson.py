@@ -177,7 +177,7 @@ def read_geojson(path) -> list[Polygon]:
         kind_obj = props.get("objectType") or props.get("object_type")
         if fid in _LEGACY_TYPES:  # QuPath 0.2: the type, not an id
             kind_obj, fid = kind_obj or _LEGACY_TYPES[fid], None
-        name = str(props.get("name") or i + 1)
+        name = str(props.get("name") or "")  # an unnamed object stays unnamed when written back
         meas = _measurements(props.get("measurements"))
         kind = geom.get("type")
         if kind == "Polygon":
