@@ -296,3 +296,21 @@ def test_unnamed_geojson_objects_stay_unnamed(tmp_path):
     assert polys[0].name == ""
     write_geojson(polys, tmp_path / "b.geojson")
     assert "name" not in json.load(open(tmp_path / "b.geojson"))["features"][0]["properties"]
+
+
+def test_geometry_collections_and_boolean_measurements(tmp_path):
+    """A GeometryCollection's polygons were dropped (and reported as enclosing no area); a boolean
+    measurement was stored as 1.0."""
+    from histoflow.annotations import skipped_features
+
+    square = [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]
+    feats = [{"type": "Feature", "properties": {"measurements": {"area": 100, "edited": True}},
+              "geometry": {"type": "GeometryCollection", "geometries": [
+                  {"type": "Point", "coordinates": [5, 5]}, {"type": "Polygon", "coordinates": square}]}},
+             {"type": "Feature", "properties": {}, "geometry": {"type": "GeometryCollection", "geometries": [
+                 {"type": "Point", "coordinates": [5, 5]}]}},
+             {"type": "Feature", "properties": {}, "geometry": None}]
+    (tmp_path / "g.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    polys = read_geojson(tmp_path / "g.geojson")
+    assert len(polys) == 1 and polys[0].area == pytest.approx(100) and polys[0].measurements == {"area": 100}
+    assert skipped_features(tmp_path / "g.geojson") == {"GeometryCollection": 1, "no geometry": 1}

@@ -66,7 +66,13 @@ def skipped_features(path) -> dict:
     feats = read_features(path)
     out: dict = {}
     for feat in feats:
-        kind = ((feat or {}).get("geometry") or {}).get("type") if isinstance(feat, dict) else None
+        geom = ((feat or {}).get("geometry") or {}) if isinstance(feat, dict) else {}
+        kind = geom.get("type") if isinstance(geom, dict) else None
+        if kind == "GeometryCollection":  # read when it holds a polygon
+            members = geom.get("geometries") if isinstance(geom.get("geometries"), list) else []
+            if any(isinstance(g, dict) and g.get("type") in ("Polygon", "MultiPolygon") for g in members):
+                continue
         if kind not in ("Polygon", "MultiPolygon"):
-            out[str(kind)] = out.get(str(kind), 0) + 1
+            kind = "no geometry" if kind is None else kind
+            out[kind] = out.get(kind, 0) + 1
     return out

@@ -114,11 +114,14 @@ def _class_name(cls_obj):
 
 
 def _measurements(m) -> dict:
+    def number(v):  # a bool is not a measurement (it was stored as 1.0)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
     if isinstance(m, dict):
-        return {str(k): v for k, v in m.items() if isinstance(v, (int, float))}
+        return {str(k): v for k, v in m.items() if number(v)}
     if isinstance(m, list):
         return {str(d["name"]): d["value"] for d in m if isinstance(d, dict) and "name" in d
-                and isinstance(d.get("value"), (int, float))}
+                and number(d.get("value"))}
     return {}
 
 
@@ -184,6 +187,16 @@ def read_geojson(path) -> list[Polygon]:
             parts = [geom.get("coordinates") or []]
         elif kind == "MultiPolygon":
             parts = geom.get("coordinates") or []
+        elif kind == "GeometryCollection":  # its polygons (points and lines in it enclose nothing)
+            members = geom.get("geometries") if isinstance(geom.get("geometries"), list) else []
+            parts = []
+            for g in members:
+                if isinstance(g, dict) and g.get("type") == "Polygon":
+                    parts.append(g.get("coordinates") or [])
+                elif isinstance(g, dict) and g.get("type") == "MultiPolygon":
+                    parts.extend(g.get("coordinates") or [])
+            if not parts:
+                continue
         else:
             continue
         if not isinstance(parts, list):
