@@ -2,6 +2,7 @@
 QuPath's GeoJSON across versions, ImageJ lines and curves; argument and file errors; the MoNuSeg loader's
 grid at another pixel size."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -314,3 +315,18 @@ def test_geometry_collections_and_boolean_measurements(tmp_path):
     polys = read_geojson(tmp_path / "g.geojson")
     assert len(polys) == 1 and polys[0].area == pytest.approx(100) and polys[0].measurements == {"area": 100}
     assert skipped_features(tmp_path / "g.geojson") == {"GeometryCollection": 1, "no geometry": 1}
+
+
+def test_imagej_zip_entries_are_plain_file_names():
+    """ROI names became zip entry names as they were: "../evil" and "CD8/CD3 T" made entries outside or in
+    folders, "a" and "A" collided on case-insensitive file systems."""
+    import tempfile
+    import zipfile
+
+    sq = [(0, 0), (10, 0), (10, 10)]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "n.zip")
+        write_imagej_rois([Polygon(sq, name=n) for n in ("../evil", "CD8/CD3 T", "a", "A", "")], path)
+        entries = zipfile.ZipFile(path).namelist()
+        assert entries == ["_evil.roi", "CD8_CD3 T.roi", "a.roi", "A-2.roi", "5.roi"]
+        assert len(read_imagej_rois(path)) == 5

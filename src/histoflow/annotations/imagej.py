@@ -8,6 +8,7 @@ composite ROI with curved segments, which roifile cannot flatten, is an error na
 from __future__ import annotations
 
 import os
+import re
 import uuid
 
 import numpy as np
@@ -103,11 +104,13 @@ def write_imagej_rois(polygons, path) -> str:
         roi = _composite(rf, p) if p.holes else rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
         if not p.holes:
             roi.roitype = rf.ROI_TYPE.POLYGON
-        name, k = (p.name or str(i + 1))[:60], 1
-        while name in used:  # entries of a zip are found by name: parts of one object, or repeated names
+        # the name is the zip entry's: no folders ("../x", "CD8/CD3"), nothing a file system refuses
+        base = re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", str(p.name or "")).lstrip(".") or str(i + 1)
+        name, k = base[:60], 1
+        while name.lower() in used:  # entries are found by name (case-insensitively on some systems)
             k += 1
-            name = f"{(p.name or str(i + 1))[:55]}-{k}"
-        used.add(name)
+            name = f"{base[:55]}-{k}"
+        used.add(name.lower())
         roi.name = name
         rois.append(roi)
     with atomic_output(path, ".zip") as tmp:
