@@ -323,6 +323,8 @@ def test_imagej_zip_entries_are_plain_file_names():
     import tempfile
     import zipfile
 
+    from histoflow.annotations.imagej import write_imagej_rois
+
     sq = [(0, 0), (10, 0), (10, 10)]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "n.zip")
