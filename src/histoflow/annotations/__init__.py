@@ -59,7 +59,7 @@ def convert(src, dst) -> int:
 def skipped_features(path) -> dict:
     """Features of a GeoJSON file that hold no area (points, lines ...), by geometry type: what
     :func:`read_geojson` leaves out. Empty for other formats."""
-    from .geojson import read_features
+    from .geojson import polygon_parts, read_features
 
     if _kind(path, _READERS, "read") is not read_geojson:
         return {}
@@ -67,12 +67,8 @@ def skipped_features(path) -> dict:
     out: dict = {}
     for feat in feats:
         geom = ((feat or {}).get("geometry") or {}) if isinstance(feat, dict) else {}
-        kind = geom.get("type") if isinstance(geom, dict) else None
-        if kind == "GeometryCollection":  # read when it holds a polygon
-            members = geom.get("geometries") if isinstance(geom.get("geometries"), list) else []
-            if any(isinstance(g, dict) and g.get("type") in ("Polygon", "MultiPolygon") for g in members):
-                continue
-        if kind not in ("Polygon", "MultiPolygon"):
-            kind = "no geometry" if kind is None else kind
+        if not polygon_parts(geom):  # what read_geojson reads is what polygon_parts finds
+            kind = geom.get("type") if isinstance(geom, dict) else None
+            kind = "no geometry" if kind is None else str(kind)
             out[kind] = out.get(kind, 0) + 1
     return out

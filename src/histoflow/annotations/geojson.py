@@ -125,6 +125,25 @@ def _measurements(m) -> dict:
     return {}
 
 
+def polygon_parts(geom) -> list:
+    """The polygons (each a list of rings) of a GeoJSON geometry: a Polygon's one, a MultiPolygon's, the
+    polygons inside a GeometryCollection; none for points, lines and anything else (they enclose nothing)."""
+    if not isinstance(geom, dict):
+        return []
+    kind = geom.get("type")
+    if kind == "Polygon":
+        return [geom.get("coordinates") or []]
+    if kind == "MultiPolygon":
+        return geom.get("coordinates") or []  # not a list: malformed, refused by the reader
+    if kind == "GeometryCollection" and isinstance(geom.get("geometries"), list):
+        parts = []
+        for g in geom["geometries"]:
+            found = polygon_parts(g) if g is not geom else []
+            parts.extend(found if isinstance(found, list) else [])  # a malformed member is left out
+        return parts
+    return []
+
+
 def read_features(path) -> list:
     """The features of a GeoJSON file (a FeatureCollection, one Feature or a list), as JSON objects."""
     path = os.fspath(path)
@@ -182,22 +201,8 @@ def read_geojson(path) -> list[Polygon]:
             kind_obj, fid = kind_obj or _LEGACY_TYPES[fid], None
         name = str(props.get("name") or "")  # an unnamed object stays unnamed when written back
         meas = _measurements(props.get("measurements"))
-        kind = geom.get("type")
-        if kind == "Polygon":
-            parts = [geom.get("coordinates") or []]
-        elif kind == "MultiPolygon":
-            parts = geom.get("coordinates") or []
-        elif kind == "GeometryCollection":  # its polygons (points and lines in it enclose nothing)
-            members = geom.get("geometries") if isinstance(geom.get("geometries"), list) else []
-            parts = []
-            for g in members:
-                if isinstance(g, dict) and g.get("type") == "Polygon":
-                    parts.append(g.get("coordinates") or [])
-                elif isinstance(g, dict) and g.get("type") == "MultiPolygon":
-                    parts.extend(g.get("coordinates") or [])
-            if not parts:
-                continue
-        else:
+        parts = polygon_parts(geom)
+        if not parts:
             continue
         if not isinstance(parts, list):
             raise AnnotationError(f"{path}: feature {i} has malformed coordinates")

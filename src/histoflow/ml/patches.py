@@ -19,7 +19,7 @@ __all__ = ["NucleusPatchDataset"]
 
 
 def _whole_numbers(values) -> bool:
-    """Whether every value is a whole number (not a bool-like string): such labels are class ids as given."""
+    """Whether every value is a whole (finite, non-boolean) number: such labels are class ids as given."""
     vals = np.asarray(values, dtype=object).ravel()
     return all(isinstance(v, (int, np.integer, float, np.floating)) and not isinstance(v, (bool, np.bool_))
                and np.isfinite(float(v)) and float(v) == round(float(v)) for v in vals)
