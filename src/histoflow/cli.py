@@ -845,16 +845,15 @@ def _phenotype_png(cells, png):
 
 
 def cmd_annotations_convert(args):
-    from .annotations import convert
-
-    from .annotations import skipped_features
+    from .annotations import _convert, describe_losses
 
     _check_outputs([args.input], {"converted annotations": args.output})
-    n = convert(args.input, args.output)
-    skipped = skipped_features(args.input)
+    n, skipped, lost = _convert(args.input, args.output)
     print(f"{args.output}: {n} polygons from {args.input}"
-          + (f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())} feature(s), which enclose no area"
+          + (f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())}, which enclose no area"
              if skipped else ""))
+    if lost:
+        print(f"note: {describe_losses(args.output, lost)}")
     return 0
 
 

@@ -58,6 +58,18 @@ def test_quantify_then_phenotype(tmp_path):
         x, y = b.obsm["spatial"][b.obs_names.get_loc(name)]
         m = rasterize([p], (3, 3), origin=(round(x) - 1, round(y) - 1))
         assert m.any()
+    # each cell carries its nucleus (QuPath's nucleusGeometry), inside its outline and smaller
+    from shapely.geometry import Polygon as Shape
+
+    with_nucleus = [p for p in polys if p.nucleus is not None]
+    assert len(with_nucleus) >= 0.95 * a.n_obs
+    for p in with_nucleus[::10]:
+        cell, nucleus = Shape(p.exterior, p.holes).buffer(0), Shape(p.nucleus).buffer(0)
+        assert nucleus.area < cell.area and cell.buffer(1).contains(nucleus)
+    import json
+
+    raw = json.loads(gj.read_text())["features"]
+    assert sum("nucleusGeometry" in f for f in raw) == len(with_nucleus)
     png = np.asarray(Image.open(tmp_path / "pheno.png"))
     assert png.shape[2] == 3 and png.std() > 5
     # scanpy reads the table and runs its basics on it

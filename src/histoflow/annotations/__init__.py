@@ -8,6 +8,7 @@ ROI sets; :func:`read_annotations` / :func:`write_annotations` / :func:`convert`
 a label image.
 """
 import os
+import warnings
 
 from .aperio import read_aperio_xml, write_aperio_xml  # noqa: F401
 from .geojson import read_geojson, write_geojson  # noqa: F401
@@ -16,7 +17,7 @@ from .polygon import AnnotationError, Polygon, polygonize, rasterize, rasterize_
 
 __all__ = ["AnnotationError", "Polygon", "polygonize", "rasterize", "rasterize_slide", "read_aperio_xml", "write_aperio_xml",
            "read_geojson", "write_geojson", "read_imagej_rois", "write_imagej_rois", "read_annotations",
-           "write_annotations", "convert", "skipped_features"]
+           "write_annotations", "convert", "conversion_losses", "skipped_features"]
 
 _READERS = {".xml": read_aperio_xml, ".geojson": read_geojson, ".json": read_geojson, ".roi": read_imagej_rois,
             ".zip": read_imagej_rois}
@@ -42,33 +43,68 @@ def write_annotations(polygons, path) -> str:
     return _kind(path, _WRITERS, "write")(polygons, path)
 
 
-def convert(src, dst) -> int:
-    """Convert an annotation file to another format; returns the number of polygons written. Aperio XML to
-    Aperio XML keeps the file's pixel size (MicronsPerPixel)."""
+def _read_skipped(path):
+    """(polygons, what the reader left out by kind) of an annotation file, from one reading."""
+    from . import aperio, geojson, imagej
+
+    reader = _kind(path, _READERS, "read")
+    return {read_aperio_xml: aperio._read, read_geojson: geojson.read_geojson_skipped,
+            read_imagej_rois: imagej._read}[reader](path)
+
+
+#: what each written format cannot hold, as (label, test of a polygon); everything else is kept
+_NOT_KEPT = {
+    write_aperio_xml: [("nucleus outlines", lambda p: p.nucleus is not None)],
+    write_imagej_rois: [("nucleus outlines", lambda p: p.nucleus is not None)],
+    write_geojson: [],
+}
+
+
+def conversion_losses(polygons, path) -> dict:
+    """What writing ``polygons`` in the format of ``path`` (by its extension) would not keep: a description
+    -> the number of polygons it concerns. Empty when the format keeps everything (GeoJSON does)."""
+    writer = _kind(path, _WRITERS, "write")
+    out = {}
+    for label, test in _NOT_KEPT[writer]:
+        n = sum(1 for p in polygons if test(p))
+        if n:
+            out[label] = n
+    return out
+
+
+def _convert(src, dst):
     writer = _kind(dst, _WRITERS, "write")
-    polys = read_annotations(src)
+    polys, skipped = _read_skipped(src)
+    lost = conversion_losses(polys, dst)
     kw = {}
     if writer is write_aperio_xml and _kind(src, _READERS, "read") is read_aperio_xml:
         from .aperio import aperio_mpp
 
         kw["mpp"] = aperio_mpp(src)
     writer(polys, dst, **kw)
-    return len(polys)
+    noun = {read_aperio_xml: "region", read_geojson: "feature", read_imagej_rois: "ROI"}[_kind(src, _READERS, "read")]
+    return len(polys), {f"{k} {noun}(s)": v for k, v in skipped.items()}, lost
+
+
+def describe_losses(dst, lost) -> str:
+    return (f"{os.path.splitext(os.fspath(dst))[1]} files cannot hold "
+            + ", ".join(f"{k} ({v} polygon{'s' if v != 1 else ''})" for k, v in lost.items())
+            + ": not written")
+
+
+def convert(src, dst) -> int:
+    """Convert an annotation file to another format; returns the number of polygons written. Aperio XML to
+    Aperio XML keeps the file's pixel size (MicronsPerPixel). Whatever the target format cannot hold
+    (:func:`conversion_losses`) is named in a warning; what the source's reader leaves out (points, lines)
+    is counted by :func:`skipped_features`."""
+    n, _, lost = _convert(src, dst)
+    if lost:
+        warnings.warn(f"{dst}: {describe_losses(dst, lost)}", stacklevel=2)
+    return n
 
 
 def skipped_features(path) -> dict:
-    """Features of a GeoJSON file that hold no area (points, lines ...), by geometry type: what
-    :func:`read_geojson` leaves out. Empty for other formats."""
-    from .geojson import polygon_parts, read_features
-
-    if _kind(path, _READERS, "read") is not read_geojson:
-        return {}
-    feats = read_features(path)
-    out: dict = {}
-    for feat in feats:
-        geom = ((feat or {}).get("geometry") or {}) if isinstance(feat, dict) else {}
-        if not polygon_parts(geom):  # what read_geojson reads is what polygon_parts finds
-            kind = geom.get("type") if isinstance(geom, dict) else None
-            kind = "no geometry" if kind is None else str(kind)
-            out[kind] = out.get(kind, 0) + 1
-    return out
+    """What the reader of an annotation file leaves out because it encloses no area, by kind: GeoJSON
+    features by geometry type (points, lines ...), Aperio regions (arrows, rulers, lines), ImageJ ROIs (lines,
+    points, angles, text overlays)."""
+    return _read_skipped(path)[1]

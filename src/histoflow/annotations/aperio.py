@@ -2,8 +2,9 @@
 
 The file holds ``Annotations/Annotation/Regions/Region/Vertices/Vertex`` with X, Y in level-0 pixels.
 Each Region becomes one :class:`~histoflow.annotations.Polygon`; its ``classification`` is the
-enclosing Annotation's Name (None when the name is empty), ``measurements`` holds the region's Length and
-Area attributes. Rectangles, polygons and freehand regions are read as their vertices; an ellipse
+enclosing Annotation's Name (None when the name is empty), its ``color`` the Annotation's LineColor,
+``measurements`` holds the region's Length and Area attributes and the numeric values of its
+``Attributes`` (where this writer keeps measurements). Rectangles, polygons and freehand regions are read as their vertices; an ellipse
 (``Type="2"``, two corners of its bounding box) as a 64-vertex outline. Other regions with fewer than three
 vertices (lines, arrows, rulers) are skipped: they enclose nothing.
 
@@ -24,9 +25,27 @@ import numpy as np
 
 from ..utils import atomic_output
 from ..errors import ParameterError
-from .polygon import AnnotationError, Polygon
+from .polygon import AnnotationError, Polygon, class_colors
 
 __all__ = ["read_aperio_xml", "write_aperio_xml", "aperio_mpp"]
+
+
+#: Polygon fields with no place in the format, kept as text attributes of the region
+_FIELDS = {"objectType": "object_type", "uid": "uid", "group": "group"}
+
+
+def _line_color(value):
+    """ImageScope's LineColor (a Windows COLORREF, 0x00BBGGRR: 255 is red, 65280 green) as (r, g, b)."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        return None
+    return (v & 255, (v >> 8) & 255, (v >> 16) & 255) if 0 <= v <= 0xFFFFFF else None
+
+
+def _colorref(rgb) -> str:
+    r, g, b = (int(v) for v in rgb)
+    return str(r | (g << 8) | (b << 16))
 
 
 def _parse(path):
@@ -69,10 +88,17 @@ def read_aperio_xml(path, min_vertices: int = 3, negatives: str = "subtract") ->
     """
     if negatives not in ("subtract", "keep"):
         raise ParameterError(f"negatives must be 'subtract' or 'keep', not {negatives!r}")
+    return _read(path, min_vertices, negatives)[0]
+
+
+def _read(path, min_vertices=3, negatives="subtract"):
+    """The polygons of :func:`read_aperio_xml` and the regions left out for having too few vertices, by
+    type (ImageScope's region types: 0 freehand / polygon, 1 rectangle, 2 ellipse, 3 arrow, 4 ruler)."""
     path, root = _parse(path)
-    out = []
+    out, skipped = [], {}
     for ann in root.iter("Annotation"):
         cls = ann.get("Name") or None  # an unnamed annotation layer has no class (its Id is a number)
+        color = _line_color(ann.get("LineColor"))
         first = len(out)
         for region in ann.iter("Region"):
             verts = region.find("Vertices")
@@ -89,8 +115,21 @@ def read_aperio_xml(path, min_vertices: int = 3, negatives: str = "subtract") ->
             if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
                 xy = xy[:-1]  # a closed ring: the first vertex repeated at the end encloses nothing more
             if len(xy) < min_vertices:
+                kind = {"3": "arrow", "4": "ruler"}.get(region.get("Type"), "line or point")
+                skipped[kind] = skipped.get(kind, 0) + 1
                 continue
-            meas = {}
+            meas, fields = {}, {}
+            for att in region.findall("Attributes/Attribute"):  # as write_aperio_xml keeps them
+                key, value = att.get("Name"), att.get("Value")
+                if key in _FIELDS:
+                    fields[_FIELDS[key]] = value or None
+                    continue
+                try:
+                    v = float(value)
+                except (TypeError, ValueError):
+                    continue  # a text attribute (a description), not a measurement
+                if key:
+                    meas[key] = v
             for key in ("Length", "Area"):
                 try:
                     meas[key.lower()] = float(region.get(key))
@@ -100,10 +139,10 @@ def read_aperio_xml(path, min_vertices: int = 3, negatives: str = "subtract") ->
                 meas["negative"] = 1
             text = region.get("Text") or ""
             out.append(Polygon(xy, name=text or str(region.get("Id", len(out) + 1)), classification=cls,
-                               measurements=meas))
+                               measurements=meas, color=color, **fields))
         if negatives == "subtract":
             out[first:] = _subtract_negatives(out[first:])
-    return out
+    return out, skipped
 
 
 def _ellipse(corners, n=64):
@@ -165,7 +204,11 @@ def _xml_text(text) -> str:
 def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     """Write polygons as an Aperio ImageScope XML file (one Annotation per class, one Region per polygon).
 
-    Holes are not representable as holes in this format; they are written as regions flagged
+    Each layer's LineColor is its class colour (the polygons' own, else one of a fixed palette, as in
+    :func:`~histoflow.annotations.write_geojson`); each region's measurements are its ``Attributes``
+    (``Length`` and ``Area`` also as the region's own attributes, which ImageScope shows), and so are a
+    polygon's QuPath object type, id and group (the parts of one object), as text. Holes are not
+    representable as holes in this format; they are written as regions flagged
     ``NegativeROA="1"``, which ImageScope (and :func:`read_aperio_xml`) subtracts from every region of their
     Annotation layer: so a polygon with holes gets a layer of its own (same class name), where its holes cut
     nothing else. Polygons flagged ``measurements["negative"]`` (exclusions read with ``negatives="keep"``)
@@ -173,6 +216,8 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     of names.
     """
     path = os.fspath(path)
+    polygons = list(polygons)
+    colors = class_colors(polygons, where=path)
     root = ET.Element("Annotations", {"MicronsPerPixel": f"{mpp:.6f}" if mpp else "0"})
     layers: list = []
     by_class: dict = {}
@@ -187,15 +232,29 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
         by_class[cls].append(p)
     rid = 1
     for aid, (cls, polys) in enumerate(layers, start=1):
-        ann = ET.SubElement(root, "Annotation", {"Id": str(aid), "Name": cls, "LineColor": "65280", "Type": "4",
+        rgb = colors.get(polys[0].classification) if polys[0].classification is not None else None
+        ann = ET.SubElement(root, "Annotation", {"Id": str(aid), "Name": cls,
+                                                 "LineColor": _colorref(rgb) if rgb else "65280", "Type": "4",
                                                  "Visible": "1"})
         regions = ET.SubElement(ann, "Regions")
         for p in polys:
             own = "1" if p.measurements.get("negative") else "0"  # an exclusion read with negatives="keep"
-            for ring, negative in [(p.exterior, own)] + [(h, "1") for h in p.holes]:
-                reg = ET.SubElement(regions, "Region", {"Id": str(rid), "Type": "0", "NegativeROA": negative,
-                                                        "Text": _xml_text(p.name or "")})
+            for k, (ring, negative) in enumerate([(p.exterior, own)] + [(h, "1") for h in p.holes]):
+                attrs = {"Id": str(rid), "Type": "0", "NegativeROA": negative, "Text": _xml_text(p.name or "")}
+                meas = {m: v for m, v in p.measurements.items() if m != "negative"} if k == 0 else {}
+                for key in ("length", "area"):  # ImageScope's own region attributes
+                    if key in meas:
+                        attrs[key.capitalize()] = f"{float(meas[key]):.6g}"
+                reg = ET.SubElement(regions, "Region", attrs)
                 rid += 1
+                extra = {m: repr(float(v)) for m, v in meas.items() if m not in ("length", "area")}
+                if k == 0:
+                    extra.update({key: _xml_text(getattr(p, f)) for key, f in _FIELDS.items()
+                                  if getattr(p, f) is not None})
+                if extra:
+                    atts = ET.SubElement(reg, "Attributes")
+                    for m, v in extra.items():
+                        ET.SubElement(atts, "Attribute", {"Name": _xml_text(m), "Id": "0", "Value": v})
                 verts = ET.SubElement(reg, "Vertices")
                 for x, y in ring:
                     ET.SubElement(verts, "Vertex", {"X": f"{x:.3f}", "Y": f"{y:.3f}"})

@@ -18,13 +18,9 @@ import uuid
 import numpy as np
 
 from ..utils import atomic_output
-from .polygon import AnnotationError, Polygon
+from .polygon import AnnotationError, Polygon, class_colors, color_triple
 
 __all__ = ["read_geojson", "write_geojson"]
-
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
-
 
 def _closed(ring: np.ndarray) -> list:
     pts = [[round(float(x), 3), round(float(y), 3)] for x, y in ring]
@@ -43,8 +39,8 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
     is written to a temporary name and renamed, so a failure never leaves half a file.
     """
     path = os.fspath(path)
-    colors = {k: _color(v, f"{path}: colour of {k!r}") for k, v in dict(colors or {}).items()}
-    used = set(colors.values())
+    polygons = list(polygons)
+    colors = class_colors(polygons, colors, path)
     feats, by_group = [], {}
     for p in polygons:
         rings = [_closed(p.exterior)] + [_closed(h) for h in p.holes]
@@ -65,36 +61,21 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
         if p.name:
             props["name"] = str(p.name)
         if p.classification is not None:
-            c = colors.get(p.classification)
-            if c is None:
-                c = _color(p.color, f"{path}: colour of {p.classification!r}") if p.color is not None else next(
-                    (q for q in _PALETTE if q not in used), _PALETTE[len(colors) % len(_PALETTE)])
-                colors[p.classification] = c
-                used.add(c)
-            props["classification"] = {"name": str(p.classification), "color": [int(v) for v in c]}
+            props["classification"] = {"name": str(p.classification),
+                                       "color": [int(v) for v in colors[p.classification]]}
         if p.measurements:
             props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
         feat = {"type": "Feature", "id": p.uid or str(uuid.uuid4()),
-                "geometry": {"type": "Polygon", "coordinates": rings},
-                "properties": props}
+                "geometry": {"type": "Polygon", "coordinates": rings}}
+        if p.nucleus is not None and len(p.nucleus) >= 3:  # a QuPath cell's nucleus rides beside its outline
+            feat["nucleusGeometry"] = {"type": "Polygon", "coordinates": [_closed(p.nucleus)]}
+        feat["properties"] = props
         feats.append(feat)
         if p.group is not None:
             by_group[p.group] = feat
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         json.dump({"type": "FeatureCollection", "features": feats}, f)
     return path
-
-
-def _color(c, where) -> tuple:
-    """An (r, g, b) colour of whole numbers 0..255 (an alpha, as QuPath may write, is dropped), or an
-    AnnotationError naming ``where``."""
-    try:
-        rgb = tuple(float(v) for v in c)
-    except (TypeError, ValueError):
-        rgb = ()
-    if len(rgb) not in (3, 4) or not all(np.isfinite(v) and 0 <= v <= 255 for v in rgb):
-        raise AnnotationError(f"{where}: a colour is three numbers 0..255 (and an optional alpha), got {c!r}")
-    return tuple(int(round(v)) for v in rgb[:3])
 
 
 #: QuPath 0.2 wrote an object's type as the feature's id
@@ -113,16 +94,34 @@ def _class_name(cls_obj):
     return str(cls_obj) if cls_obj else None
 
 
-def _measurements(m) -> dict:
-    def number(v):  # a bool is not a measurement (it was stored as 1.0)
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _number(v):
+    """A measurement's value as a float, or None: numbers, and strings that spell one ("12.5", "NaN", as some
+    tools write them); a bool is not a measurement (it was stored as 1.0)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            return None
+    return None
 
+
+def _measurements(m) -> dict:
     if isinstance(m, dict):
-        return {str(k): v for k, v in m.items() if number(v)}
-    if isinstance(m, list):
-        return {str(d["name"]): d["value"] for d in m if isinstance(d, dict) and "name" in d
-                and number(d.get("value"))}
-    return {}
+        pairs = m.items()
+    elif isinstance(m, list):
+        pairs = [(d["name"], d.get("value")) for d in m if isinstance(d, dict) and "name" in d]
+    else:
+        return {}
+    out = {}
+    for k, v in pairs:
+        v = _number(v)
+        if v is not None:
+            out[str(k)] = v
+    return out
 
 
 def polygon_parts(geom) -> list:
@@ -170,13 +169,22 @@ def read_geojson(path) -> list[Polygon]:
 
     Each ``Polygon`` geometry gives one :class:`Polygon`; a ``MultiPolygon`` gives one per part, all with
     the feature's name, class, measurements and a shared ``group`` (so that writing them back makes one
-    object again). Each keeps the feature's ``objectType`` and class colour. Other geometry types (points,
-    lines) are skipped.
+    object again). Each keeps the feature's ``objectType`` and class colour, and a cell's nucleus outline
+    (QuPath's ``nucleusGeometry``) as :attr:`Polygon.nucleus`. Other geometry types (points, lines) are
+    skipped: :func:`histoflow.annotations.skipped_features` counts them.
     """
+    return read_geojson_skipped(path)[0]
+
+
+def read_geojson_skipped(path) -> tuple[list[Polygon], dict]:
+    """:func:`read_geojson`'s polygons and the features it left out by geometry type, from one parse. Each
+    feature is let go once read, so that a large file's JSON objects do not all stay in memory beside the
+    polygons."""
     path = os.fspath(path)
     feats = read_features(path)
-    out = []
-    for i, feat in enumerate(feats):
+    out, skipped = [], {}
+    for i in range(len(feats)):
+        feat, feats[i] = feats[i], None
         if not isinstance(feat, dict):
             raise AnnotationError(f"{path}: feature {i} is not an object")
         geom = feat.get("geometry") or {}
@@ -184,6 +192,14 @@ def read_geojson(path) -> list[Polygon]:
         if not isinstance(geom, dict) or not isinstance(props, dict):
             raise AnnotationError(f"{path}: feature {i}: its geometry and properties must be objects, got "
                                   f"{type(geom).__name__} and {type(props).__name__}")
+        parts = polygon_parts(geom)
+        if not parts:
+            kind = geom.get("type")
+            kind = "no geometry" if kind is None else str(kind)
+            skipped[kind] = skipped.get(kind, 0) + 1
+            continue
+        if not isinstance(parts, list):
+            raise AnnotationError(f"{path}: feature {i} has malformed coordinates")
         cls_obj = props.get("classification")
         cls = _class_name(cls_obj)
         color = cls_obj.get("color") if isinstance(cls_obj, dict) else None
@@ -191,7 +207,7 @@ def read_geojson(path) -> list[Polygon]:
         if color is None and isinstance(packed, int) and not isinstance(packed, bool):  # QuPath 0.2: packed ARGB
             color = ((packed >> 16) & 255, (packed >> 8) & 255, packed & 255)
         try:
-            color = _color(color, path) if color is not None else None
+            color = color_triple(color, path) if color is not None else None
         except AnnotationError:  # an unusable colour is dropped (the writer picks one), not fatal to reading
             color = None
         fid = feat.get("id")
@@ -201,24 +217,31 @@ def read_geojson(path) -> list[Polygon]:
             kind_obj, fid = kind_obj or _LEGACY_TYPES[fid], None
         name = str(props.get("name") or "")  # an unnamed object stays unnamed when written back
         meas = _measurements(props.get("measurements"))
-        parts = polygon_parts(geom)
-        if not parts:
-            continue
-        if not isinstance(parts, list):
-            raise AnnotationError(f"{path}: feature {i} has malformed coordinates")
+        nucleus = None
+        nuc_parts = polygon_parts(feat.get("nucleusGeometry"))
+        if nuc_parts:  # a cell's nucleus: the outline of its (first) polygon
+            nuc = _rings(path, i, nuc_parts[0] if isinstance(nuc_parts, list) else None, "nucleusGeometry")
+            nucleus = nuc[0] if nuc and len(nuc[0]) >= 3 else None
         group = uuid.uuid4().hex if len(parts) > 1 else None  # unique: files read together never merge
         for rings in parts:
-            try:
-                rings = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings]
-            except (ValueError, IndexError, TypeError):
-                raise AnnotationError(f"{path}: feature {i} has malformed coordinates") from None
-            if not all(np.all(np.isfinite(r)) for r in rings):
-                raise AnnotationError(f"{path}: feature {i} has coordinates that are not finite numbers (NaN or "
-                                      "infinite)")
-            rings = [r[:-1] if len(r) > 1 and np.array_equal(r[0], r[-1]) else r for r in rings]
+            rings = _rings(path, i, rings, "geometry")
             if not rings or len(rings[0]) < 3:
                 continue
             out.append(Polygon(rings[0], rings[1:], name=name, classification=cls, measurements=dict(meas),
                                object_type=str(kind_obj) if isinstance(kind_obj, str) else None, color=color,
-                               group=group, uid=fid))
-    return out
+                               group=group, uid=fid, nucleus=nucleus))
+            nucleus = None  # the cell's nucleus goes with its first part only
+    return out, skipped
+
+
+def _rings(path, i, rings, what):
+    """The rings of one GeoJSON polygon as (n, 2) float arrays, not closed; an AnnotationError for
+    malformed or non-finite coordinates."""
+    try:
+        rings = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings]
+    except (ValueError, IndexError, TypeError):
+        raise AnnotationError(f"{path}: feature {i} has malformed coordinates in its {what}") from None
+    if not all(np.all(np.isfinite(r)) for r in rings):
+        raise AnnotationError(f"{path}: feature {i} has coordinates that are not finite numbers (NaN or "
+                              f"infinite) in its {what}")
+    return [r[:-1] if len(r) > 1 and np.array_equal(r[0], r[-1]) else r for r in rings]

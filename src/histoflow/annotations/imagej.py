@@ -2,19 +2,28 @@
 
 Polygon, freehand, traced, rectangle and oval ROIs become :class:`Polygon` objects (ovals as their
 outline polygon); lines (straight, segmented, freehand), angles and points, which enclose nothing, are
-skipped. The rings of a composite ROI are nested as ImageJ fills them (outlines, holes, islands). A
-composite ROI with curved segments, which roifile cannot flatten, is an error naming it.
+skipped. The rings of a composite ROI are nested as ImageJ fills them (outlines, holes, islands); its
+separate areas are one object (one ``group``). A composite ROI with curved segments, which roifile cannot
+flatten, is an error naming it. An unnamed ROI is named after its zip entry (or ``.roi`` file), as ImageJ's
+ROI Manager names it.
+
+What ImageJ ROIs have no field for is kept in each ROI's properties (ImageJ's ``Roi.setProperty``, shown by
+*Edit > Selection > Properties... > List properties*): ``class``, ``objectType``, ``uid`` and
+``measurements`` (a JSON object); the class colour is the ROI's stroke colour. A multi-part object is written
+as one composite ROI.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
+import zipfile
 
 import numpy as np
 
 from ..utils import atomic_output
-from .polygon import AnnotationError, Polygon
+from .polygon import AnnotationError, Polygon, class_colors
 
 __all__ = ["read_imagej_rois", "write_imagej_rois"]
 
@@ -29,40 +38,96 @@ def _roifile():
 
 def read_imagej_rois(path) -> list[Polygon]:
     """Read a ``.roi`` file or a ``.zip`` ROI set."""
+    return _read(path)[0]
+
+
+def _entries(rf, path):
+    """(entry name without .roi, ImagejRoi) for a .roi file or each .roi entry of a zip, in file order."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                return [(os.path.splitext(os.path.basename(info.filename))[0], rf.ImagejRoi.frombytes(z.read(info)))
+                        for info in z.infolist() if info.filename.lower().endswith(".roi")]
+        return [(os.path.splitext(os.path.basename(path))[0], rf.ImagejRoi.fromfile(path))]
+    except Exception as e:  # noqa: BLE001 - roifile / zipfile raise several kinds on bad input
+        raise AnnotationError(f"{path}: not an ImageJ ROI file or set ({type(e).__name__}: {e})") from None
+
+
+def _props(roi) -> dict:
+    """An ROI's properties (``key: value`` lines), values as the text they are."""
+    out = {}
+    for line in (roi.props or "").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _read(path):
+    """The polygons of :func:`read_imagej_rois`, and the ROIs left out (they enclose nothing) by kind."""
     rf = _roifile()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AnnotationError(f"{path}: no such annotation file")
-    try:
-        rois = rf.roiread(path)
-    except Exception as e:  # noqa: BLE001 - roifile raises several kinds on bad input
-        raise AnnotationError(f"{path}: not an ImageJ ROI file or set ({type(e).__name__}: {e})") from None
-    if not isinstance(rois, list):
-        rois = [rois]
     areas = {rf.ROI_TYPE.POLYGON, rf.ROI_TYPE.RECT, rf.ROI_TYPE.OVAL, rf.ROI_TYPE.FREEHAND, rf.ROI_TYPE.TRACED}
-    out = []
-    for i, roi in enumerate(rois):
-        name = roi.name or str(i + 1)
+    out, skipped = [], {}
+
+    def skip(kind):
+        skipped[kind] = skipped.get(kind, 0) + 1
+
+    for entry, roi in _entries(rf, path):
+        name = roi.name or entry
         if roi.roitype not in areas and not roi.composite:
-            continue  # a line, polyline, freehand line, angle or point: encloses nothing
+            skip(roi.roitype.name.lower())  # a line, polyline, freehand line, angle or point: encloses nothing
+            continue
         if roi.subtype in (rf.ROI_SUBTYPE.TEXT, rf.ROI_SUBTYPE.IMAGE):
-            continue  # an overlay's text label or image, drawn in a rectangle: not a region
+            skip(roi.subtype.name.lower())  # an overlay's text label or image, drawn in a rectangle: not a region
+            continue
         if roi.roitype == rf.ROI_TYPE.RECT and not roi.composite and roi.subpixelrect:
             # ImageJ keeps a subpixel rectangle's bounds as floats beside the integer ones roifile reads
             x0, y0, x1, y1 = roi.xd, roi.yd, roi.xd + roi.widthd, roi.yd + roi.heightd
-            out.extend(_rings_to_polygons([np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], np.float64)], name))
-            continue
-        try:
-            coords = roi.coordinates(multi=True) if roi.composite else [roi.coordinates()]
-        except NotImplementedError as e:  # curves (quadto / cubicto) in a composite ROI
-            raise AnnotationError(f"{path}: ROI {name!r} has segments roifile cannot read ({e}); flatten it in "
-                                  "ImageJ (Edit > Selection > Interpolate) and save again") from None
-        rings = [np.asarray(c, np.float64) for c in coords]
-        rings = [r for r in rings if r.ndim == 2 and len(r) >= 3]
+            rings = [np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], np.float64)]
+        else:
+            try:
+                coords = roi.coordinates(multi=True) if roi.composite else [roi.coordinates()]
+            except NotImplementedError as e:  # curves (quadto / cubicto) in a composite ROI
+                raise AnnotationError(f"{path}: ROI {name!r} has segments roifile cannot read ({e}); flatten it "
+                                      "in ImageJ (Edit > Selection > Interpolate) and save again") from None
+            rings = [np.asarray(c, np.float64) for c in coords]
+            rings = [r for r in rings if r.ndim == 2 and len(r) >= 3]
         if not rings:
+            skip("empty")
             continue
-        out.extend(_rings_to_polygons(rings, name))
-    return out
+        polys = _rings_to_polygons(rings, name)
+        _apply_props(polys, _props(roi), _stroke(roi), path, name)
+        out.extend(polys)
+    return out, skipped
+
+
+def _stroke(roi):
+    """The ROI's stroke colour as (r, g, b), or None when it has none (ARGB bytes, alpha 0)."""
+    c = bytes(roi.stroke_color or b"")
+    return (c[1], c[2], c[3]) if len(c) == 4 and c[0] else None
+
+
+def _apply_props(polys, props, color, path, name):
+    """Class, object type, id, measurements and colour kept by :func:`write_imagej_rois`, onto ``polys``."""
+    meas = {}
+    if props.get("measurements"):
+        try:
+            data = json.loads(props["measurements"])
+        except ValueError:
+            raise AnnotationError(f"{path}: ROI {name!r}: its 'measurements' property is not a JSON "
+                                  "object") from None
+        from .geojson import _measurements
+
+        meas = _measurements(data)
+    for p in polys:
+        p.classification = props.get("class") or None
+        p.object_type = props.get("objectType") or None
+        p.uid = props.get("uid") or None
+        p.measurements = dict(meas)
+        p.color = color
 
 
 def _rings_to_polygons(rings, name):
@@ -88,40 +153,60 @@ def _rings_to_polygons(rings, name):
         if depth[a] % 2:  # the smallest outline holding it
             holes[min((b for b in holders[a] if depth[b] == depth[a] - 1), key=lambda b: area[b])].append(rings[a])
     group = uuid.uuid4().hex if len(outlines) > 1 else None  # separate areas of one ROI: one object
-    return [Polygon(rings[a], holes[a], name=name if k == 0 else f"{name} ({k + 1})", group=group)
-            for k, a in enumerate(outlines)]
+    return [Polygon(rings[a], holes[a], name=name, group=group) for a in outlines]
 
 
 def write_imagej_rois(polygons, path) -> str:
-    """Write polygons as an ImageJ ROI set (``.zip``; one ROI each, named after the polygon): a polygon ROI,
-    or a composite (shape) ROI of the outline and its holes for polygons with holes."""
+    """Write polygons as an ImageJ ROI set (``.zip``; one ROI per object, named after it): a polygon ROI, or
+    a composite (shape) ROI of the outlines and holes of a polygon with holes or of a multi-part object
+    (polygons sharing a ``group``). Class, object type, id and measurements go into the ROI's properties,
+    the class colour into its stroke colour."""
     rf = _roifile()
     path = os.fspath(path)
     if not path.lower().endswith(".zip"):
         raise AnnotationError(f"{path}: ImageJ ROI sets are written as .zip files")
+    polygons = list(polygons)
+    colors = class_colors(polygons, where=path)
+    objects, by_group = [], {}
+    for p in polygons:  # the parts of a multi-part object become one ROI
+        if p.group is None:
+            objects.append([p])
+        elif p.group in by_group:
+            by_group[p.group].append(p)
+        else:
+            by_group[p.group] = [p]
+            objects.append(by_group[p.group])
     rois, used = [], set()
-    for i, p in enumerate(polygons):
-        roi = _composite(rf, p) if p.holes else rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
-        if not p.holes:
+    for i, parts in enumerate(objects):
+        p = parts[0]
+        if len(parts) == 1 and not p.holes:
+            roi = rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
             roi.roitype = rf.ROI_TYPE.POLYGON
+        else:
+            roi = _composite(rf, [r for q in parts for r in [q.exterior, *q.holes]])
         # the name is the zip entry's: no folders ("../x", "CD8/CD3"), nothing a file system refuses
         base = re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", str(p.name or "")).lstrip(".") or str(i + 1)
-        name, k = base[:60], 1
+        name, k = base[:200], 1
         while name.lower() in used:  # entries are found by name (case-insensitively on some systems)
             k += 1
-            name = f"{base[:55]}-{k}"
+            name = f"{base[:190]}-{k}"
         used.add(name.lower())
         roi.name = name
+        props = {"class": p.classification, "objectType": p.object_type, "uid": p.uid,
+                 "measurements": json.dumps({str(k): float(v) for k, v in p.measurements.items()})
+                 if p.measurements else None}
+        roi.props = "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in props.items() if v)
+        if p.classification is not None:
+            roi.stroke_color = bytes((255, *colors[p.classification]))
         rois.append(roi)
     with atomic_output(path, ".zip") as tmp:
         rf.roiwrite(tmp, rois, mode="w")
     return path
 
 
-def _composite(rf, polygon):
+def _composite(rf, rings):
     """A composite ROI (ImageJ's ShapeRoi): path data of closed rings, MOVETO (0) / LINETO (1) / CLOSE (4),
-    in image coordinates, the outline first and then each hole."""
-    rings = [polygon.exterior] + list(polygon.holes)
+    in image coordinates (outlines and holes: ImageJ fills them even-odd)."""
     path = []
     for ring in rings:
         ring = np.asarray(ring, np.float64)

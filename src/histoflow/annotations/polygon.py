@@ -39,6 +39,8 @@ class Polygon:
         one object.
     uid : str or None
         The object's id in its file (a QuPath GeoJSON feature's UUID), written back when the format has one.
+    nucleus : ndarray, float64 (m, 2), or None
+        The outline of a cell's nucleus (QuPath's ``nucleusGeometry`` of a cell object), when it has one.
     """
 
     exterior: np.ndarray
@@ -50,10 +52,13 @@ class Polygon:
     color: tuple | None = None
     group: str | None = None
     uid: str | None = None
+    nucleus: np.ndarray | None = None
 
     def __post_init__(self):
         self.exterior = _open_ring(np.asarray(self.exterior, dtype=np.float64).reshape(-1, 2))
         self.holes = [_open_ring(np.asarray(h, dtype=np.float64).reshape(-1, 2)) for h in self.holes]
+        if self.nucleus is not None:
+            self.nucleus = _open_ring(np.asarray(self.nucleus, dtype=np.float64).reshape(-1, 2))
 
     @property
     def area(self) -> float:
@@ -76,6 +81,39 @@ class Polygon:
         if abs(a) < 1e-12:
             return float(x.mean()), float(y.mean())
         return float(((x + x1) * cross).sum() / (6 * a)), float(((y + y1) * cross).sum() / (6 * a))
+
+
+#: colours given to classes that have none, in this order (distinct, readable on H&E and fluorescence)
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
+
+
+def class_colors(polygons, colors: dict | None = None, where: str = "") -> dict:
+    """A colour (r, g, b) for each class of ``polygons``: from ``colors`` (name -> colour), else the first
+    colour read with a polygon of that class, else the next unused colour of :data:`PALETTE`."""
+    out = {k: color_triple(v, f"{where}: colour of {k!r}") for k, v in dict(colors or {}).items()}
+    used = set(out.values())
+    for p in polygons:
+        c = p.classification
+        if c is None or c in out:
+            continue
+        rgb = color_triple(p.color, f"{where}: colour of {c!r}") if p.color is not None else next(
+            (q for q in PALETTE if q not in used), PALETTE[len(out) % len(PALETTE)])
+        out[c] = rgb
+        used.add(rgb)
+    return out
+
+
+def color_triple(c, where) -> tuple:
+    """An (r, g, b) colour of whole numbers 0..255 (an alpha, as QuPath may write, is dropped), or an
+    AnnotationError naming ``where``."""
+    try:
+        rgb = tuple(float(v) for v in c)
+    except (TypeError, ValueError):
+        rgb = ()
+    if len(rgb) not in (3, 4) or not all(np.isfinite(v) and 0 <= v <= 255 for v in rgb):
+        raise AnnotationError(f"{where}: a colour is three numbers 0..255 (and an optional alpha), got {c!r}")
+    return tuple(int(round(v)) for v in rgb[:3])
 
 
 def _open_ring(ring):

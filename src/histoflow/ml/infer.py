@@ -216,7 +216,7 @@ def infer_slide(slide, transform, out, *, tile_size=512, overlap=64, level=None,
 
 
 def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: str = "phenotype",
-                     object_type: str = "cell") -> int:
+                     object_type: str = "cell", nucleus_mask: str | None = "nuclei") -> int:
     """Write the cells of an h5path as QuPath GeoJSON: outlines from the per-tile instance masks, classes
     and measurements from the cell table.
 
@@ -230,7 +230,9 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
         ``obs[classes_key]`` becomes each cell's classification when present.
 
     Each cell carries its numeric ``obs`` columns (morphology ...) and its mean intensity per channel
-    (``"<channel>: mean"``) as QuPath measurements.
+    (``"<channel>: mean"``) as QuPath measurements, and its nucleus outline (QuPath's ``nucleusGeometry``)
+    from the tiles' ``nucleus_mask`` when they have it (``SegmentCells`` writes cells and nuclei with the same
+    ids; None leaves nuclei out).
 
     Returns the number of cells written.
     """
@@ -243,6 +245,7 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
             raise H5PathError(f"{store}: no cell table; run QuantifyCells, or pass adata")
         if mask not in h.tile_mask_names:
             raise H5PathError(f"{store}: tiles have no mask {mask!r} (they have {sorted(h.tile_mask_names)})")
+        with_nuclei = nucleus_mask is not None and nucleus_mask in h.tile_mask_names
         numeric = [c for c in table.obs.columns if table.obs[c].dtype.kind in "fiu"]
         classes = table.obs[classes_key].astype(str).to_numpy() if classes_key in table.obs else None
         X = np.asarray(table.X)
@@ -257,7 +260,16 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
             if row + n > table.n_obs:
                 raise H5PathError(f"{store}: the cell table has {table.n_obs} rows but the tiles hold more cells; "
                                   "is it the table of this file?")
+            nuclei = {}
+            if with_nuclei:  # each cell's nucleus: the largest piece of the same id in the nucleus mask
+                for q in polygonize(np.asarray(t.masks[nucleus_mask]), downsample=float(t.downsample),
+                                    origin=t.coords):
+                    if q.name not in nuclei or q.area > nuclei[q.name].area:
+                        nuclei[q.name] = q
             for p in polygonize(lab, downsample=float(t.downsample), origin=t.coords):
+                nucleus = nuclei.pop(p.name, None)  # on the cell's first piece
+                if nucleus is not None:
+                    p.nucleus = nucleus.exterior
                 k = row + int(p.name) - 1
                 p.name = str(table.obs_names[k])
                 if p.group is not None:  # pieces of one cell: grouped by the cell, not by the tile's own label
