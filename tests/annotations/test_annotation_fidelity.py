@@ -163,3 +163,28 @@ def test_monuseg_regions_keep_their_measurements_through_xml(tmp_path):
     assert len(back) == len(polys) == 398
     assert [p.measurements for p in back] == [p.measurements for p in polys]
     assert polys[0].measurements.keys() >= {"area", "length"}
+
+
+def test_geojson_read_feature_by_feature_and_whole_agree(tmp_path):
+    """Large files are read feature by feature (ijson); files only Python's parser takes (QuPath writes NaN
+    measurements as a bare NaN, some files start with a byte-order mark) are read whole, with the same result."""
+    from histoflow.annotations import geojson
+
+    feats = [{"type": "Feature", "id": f"f{i}", "properties": {"name": f"n{i}", "measurements": {"a": i + 0.5}},
+              "geometry": {"type": "Polygon", "coordinates": [(SQ + 11 * i).tolist() + [[11 * i, 11 * i]]]}}
+             for i in range(5)]
+    text = json.dumps({"type": "FeatureCollection", "features": feats})
+    (tmp_path / "plain.geojson").write_text(text)
+    (tmp_path / "bom.geojson").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "nan.geojson").write_text(text.replace('"a": 2.5', '"a": NaN'))
+    (tmp_path / "list.geojson").write_text(json.dumps(feats))
+    streamed = list(geojson._stream_features(tmp_path / "plain.geojson"))
+    assert streamed == feats and list(geojson._stream_features(tmp_path / "list.geojson")) == feats
+    with pytest.raises(geojson._NotStreamable):
+        list(geojson._stream_features(tmp_path / "nan.geojson"))
+    ref = [(p.name, p.measurements, p.exterior.tolist()) for p in read_geojson(tmp_path / "plain.geojson")]
+    assert len(ref) == 5
+    for name in ("bom", "list"):
+        assert [(p.name, p.measurements, p.exterior.tolist()) for p in read_geojson(tmp_path / f"{name}.geojson")] == ref
+    nan = read_geojson(tmp_path / "nan.geojson")
+    assert np.isnan(nan[2].measurements["a"]) and [p.name for p in nan] == [r[0] for r in ref]

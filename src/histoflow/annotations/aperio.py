@@ -20,6 +20,7 @@ import os
 import re
 import uuid
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -48,27 +49,33 @@ def _colorref(rgb) -> str:
     return str(r | (g << 8) | (b << 16))
 
 
-def _parse(path):
+def _events(path):
+    """``ET.iterparse`` start / end events of the file, element by element (a large file is never in memory
+    as a whole tree: 200,000 regions took 3 GB so); the root must be <Annotations>. Errors name the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise AnnotationError(f"{path}: no such annotation file")
     try:
-        root = ET.parse(path).getroot()
+        first = True
+        for event, el in ET.iterparse(path, events=("start", "end")):
+            if first and el.tag != "Annotations":
+                raise AnnotationError(f"{path}: not an Aperio XML annotation file (root element <{el.tag}>, "
+                                      "expected <Annotations>)")
+            first = False
+            yield event, el
     except ET.ParseError as e:
         raise AnnotationError(f"{path}: not a readable XML file ({e})") from None
     except OSError as e:
         raise AnnotationError(f"{path}: cannot read the annotation file ({e.strerror or e})") from None
-    if root.tag != "Annotations":
-        raise AnnotationError(f"{path}: not an Aperio XML annotation file (root element <{root.tag}>, "
-                              "expected <Annotations>)")
-    return path, root
 
 
 def aperio_mpp(path) -> float | None:
     """The MicronsPerPixel attribute of the file, or None when absent or zero."""
-    _, root = _parse(path)
+    events = _events(path)
+    _, root = next(events, (None, None))
+    events.close()
     try:
-        v = float(root.get("MicronsPerPixel", "nan"))
+        v = float(root.get("MicronsPerPixel", "nan")) if root is not None else float("nan")
     except ValueError:
         return None
     return v if np.isfinite(v) and v > 0 else None
@@ -94,55 +101,69 @@ def read_aperio_xml(path, min_vertices: int = 3, negatives: str = "subtract") ->
 def _read(path, min_vertices=3, negatives="subtract"):
     """The polygons of :func:`read_aperio_xml` and the regions left out for having too few vertices, by
     type (ImageScope's region types: 0 freehand / polygon, 1 rectangle, 2 ellipse, 3 arrow, 4 ruler)."""
-    path, root = _parse(path)
+    path = os.fspath(path)
     out, skipped = [], {}
-    for ann in root.iter("Annotation"):
-        cls = ann.get("Name") or None  # an unnamed annotation layer has no class (its Id is a number)
-        color = _line_color(ann.get("LineColor"))
-        first = len(out)
-        for region in ann.iter("Region"):
-            verts = region.find("Vertices")
-            if verts is None:
-                continue
-            try:
-                xy = np.array([[float(v.get("X")), float(v.get("Y"))] for v in verts.iter("Vertex")],
-                              dtype=np.float64).reshape(-1, 2)
-            except (TypeError, ValueError):
-                raise AnnotationError(f"{path}: region {region.get('Id')} has a vertex without numeric "
-                                      "X/Y") from None
-            if region.get("Type") == "2" and len(xy) == 2:  # an ellipse: two corners of its bounding box
-                xy = _ellipse(xy)
-            if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
-                xy = xy[:-1]  # a closed ring: the first vertex repeated at the end encloses nothing more
-            if len(xy) < min_vertices:
-                kind = {"3": "arrow", "4": "ruler"}.get(region.get("Type"), "line or point")
-                skipped[kind] = skipped.get(kind, 0) + 1
-                continue
-            meas, fields = {}, {}
-            for att in region.findall("Attributes/Attribute"):  # as write_aperio_xml keeps them
-                key, value = att.get("Name"), att.get("Value")
-                if key in _FIELDS:
-                    fields[_FIELDS[key]] = value or None
-                    continue
-                try:
-                    v = float(value)
-                except (TypeError, ValueError):
-                    continue  # a text attribute (a description), not a measurement
-                if key:
-                    meas[key] = v
-            for key in ("Length", "Area"):
-                try:
-                    meas[key.lower()] = float(region.get(key))
-                except (TypeError, ValueError):
-                    pass
-            if region.get("NegativeROA") == "1":
-                meas["negative"] = 1
-            text = region.get("Text") or ""
-            out.append(Polygon(xy, name=text or str(region.get("Id", len(out) + 1)), classification=cls,
-                               measurements=meas, color=color, **fields))
-        if negatives == "subtract":
-            out[first:] = _subtract_negatives(out[first:])
+    root, layer = None, None
+    for event, el in _events(path):
+        if root is None:
+            root = el
+        elif event == "start" and el.tag == "Annotation":
+            # an unnamed annotation layer has no class (its Id is a number)
+            layer = (el.get("Name") or None, _line_color(el.get("LineColor")), len(out))
+        elif event == "end" and el.tag == "Region":
+            if layer is not None:  # regions outside a layer are not annotations
+                _region(path, el, layer, min_vertices, out, skipped)
+            el.clear()
+        elif event == "end" and el.tag == "Annotation":
+            if negatives == "subtract":
+                out[layer[2]:] = _subtract_negatives(out[layer[2]:])
+            layer = None
+            root.clear()
     return out, skipped
+
+
+def _region(path, region, layer, min_vertices, out, skipped):
+    """One Region element as a Polygon appended to ``out``, or counted in ``skipped``."""
+    cls, color, _ = layer
+    verts = region.find("Vertices")
+    if verts is None:
+        return
+    try:
+        xy = np.array([[float(v.get("X")), float(v.get("Y"))] for v in verts.iter("Vertex")],
+                      dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError):
+        raise AnnotationError(f"{path}: region {region.get('Id')} has a vertex without numeric "
+                              "X/Y") from None
+    if region.get("Type") == "2" and len(xy) == 2:  # an ellipse: two corners of its bounding box
+        xy = _ellipse(xy)
+    if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):
+        xy = xy[:-1]  # a closed ring: the first vertex repeated at the end encloses nothing more
+    if len(xy) < min_vertices:
+        kind = {"3": "arrow", "4": "ruler"}.get(region.get("Type"), "line or point")
+        skipped[kind] = skipped.get(kind, 0) + 1
+        return
+    meas, fields = {}, {}
+    for att in region.findall("Attributes/Attribute"):  # as write_aperio_xml keeps them
+        key, value = att.get("Name"), att.get("Value")
+        if key in _FIELDS:
+            fields[_FIELDS[key]] = value or None
+            continue
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            continue  # a text attribute (a description), not a measurement
+        if key:
+            meas[key] = v
+    for key in ("Length", "Area"):
+        try:
+            meas[key.lower()] = float(region.get(key))
+        except (TypeError, ValueError):
+            pass
+    if region.get("NegativeROA") == "1":
+        meas["negative"] = 1
+    text = region.get("Text") or ""
+    out.append(Polygon(xy, name=text or str(region.get("Id", len(out) + 1)), classification=cls,
+                       measurements=meas, color=color, **fields))
 
 
 def _ellipse(corners, n=64):
@@ -218,7 +239,6 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     path = os.fspath(path)
     polygons = list(polygons)
     colors = class_colors(polygons, where=path)
-    root = ET.Element("Annotations", {"MicronsPerPixel": f"{mpp:.6f}" if mpp else "0"})
     layers: list = []
     by_class: dict = {}
     for p in polygons:
@@ -231,33 +251,40 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
             layers.append((cls, by_class[cls]))
         by_class[cls].append(p)
     rid = 1
-    for aid, (cls, polys) in enumerate(layers, start=1):
-        rgb = colors.get(polys[0].classification) if polys[0].classification is not None else None
-        ann = ET.SubElement(root, "Annotation", {"Id": str(aid), "Name": cls,
-                                                 "LineColor": _colorref(rgb) if rgb else "65280", "Type": "4",
-                                                 "Visible": "1"})
-        regions = ET.SubElement(ann, "Regions")
-        for p in polys:
-            own = "1" if p.measurements.get("negative") else "0"  # an exclusion read with negatives="keep"
-            for k, (ring, negative) in enumerate([(p.exterior, own)] + [(h, "1") for h in p.holes]):
-                attrs = {"Id": str(rid), "Type": "0", "NegativeROA": negative, "Text": _xml_text(p.name or "")}
-                meas = {m: v for m, v in p.measurements.items() if m != "negative"} if k == 0 else {}
-                for key in ("length", "area"):  # ImageScope's own region attributes
-                    if key in meas:
-                        attrs[key.capitalize()] = f"{float(meas[key]):.6g}"
-                reg = ET.SubElement(regions, "Region", attrs)
-                rid += 1
-                extra = {m: repr(float(v)) for m, v in meas.items() if m not in ("length", "area")}
-                if k == 0:
-                    extra.update({key: _xml_text(getattr(p, f)) for key, f in _FIELDS.items()
-                                  if getattr(p, f) is not None})
-                if extra:
-                    atts = ET.SubElement(reg, "Attributes")
-                    for m, v in extra.items():
-                        ET.SubElement(atts, "Attribute", {"Name": _xml_text(m), "Id": "0", "Value": v})
-                verts = ET.SubElement(reg, "Vertices")
-                for x, y in ring:
-                    ET.SubElement(verts, "Vertex", {"X": f"{x:.3f}", "Y": f"{y:.3f}"})
-    with atomic_output(path) as tmp:
-        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # region by region
+        f.write("<?xml version='1.0' encoding='utf-8'?>\n")
+        f.write(f"<Annotations MicronsPerPixel={quoteattr(f'{mpp:.6f}' if mpp else '0')}>\n")
+        for aid, (cls, polys) in enumerate(layers, start=1):
+            rgb = colors.get(polys[0].classification) if polys[0].classification is not None else None
+            f.write(f'<Annotation Id="{aid}" Name={quoteattr(cls)} LineColor="{_colorref(rgb) if rgb else 65280}" '
+                    'Type="4" Visible="1"><Regions>\n')
+            for p in polys:
+                for reg in _regions(p, rid):
+                    f.write(ET.tostring(reg, encoding="unicode") + "\n")
+                    rid += 1
+            f.write("</Regions></Annotation>\n")
+        f.write("</Annotations>\n")
     return path
+
+
+def _regions(p, rid):
+    """The Region elements of one polygon (its outline, then each hole as an exclusion), ids from ``rid``."""
+    own = "1" if p.measurements.get("negative") else "0"  # an exclusion read with negatives="keep"
+    for k, (ring, negative) in enumerate([(p.exterior, own)] + [(h, "1") for h in p.holes]):
+        attrs = {"Id": str(rid + k), "Type": "0", "NegativeROA": negative, "Text": _xml_text(p.name or "")}
+        meas = {m: v for m, v in p.measurements.items() if m != "negative"} if k == 0 else {}
+        for key in ("length", "area"):  # ImageScope's own region attributes
+            if key in meas:
+                attrs[key.capitalize()] = f"{float(meas[key]):.6g}"
+        reg = ET.Element("Region", attrs)
+        extra = {m: repr(float(v)) for m, v in meas.items() if m not in ("length", "area")}
+        if k == 0:
+            extra.update({key: _xml_text(getattr(p, f)) for key, f in _FIELDS.items() if getattr(p, f) is not None})
+        if extra:
+            atts = ET.SubElement(reg, "Attributes")
+            for m, v in extra.items():
+                ET.SubElement(atts, "Attribute", {"Name": _xml_text(m), "Id": "0", "Value": v})
+        verts = ET.SubElement(reg, "Vertices")
+        for x, y in ring:
+            ET.SubElement(verts, "Vertex", {"X": f"{x:.3f}", "Y": f"{y:.3f}"})
+        yield reg

@@ -18,7 +18,7 @@ import uuid
 import numpy as np
 
 from ..utils import atomic_output
-from .polygon import AnnotationError, Polygon, class_colors, color_triple
+from .polygon import AnnotationError, Polygon, class_colors, color_triple, objects_of
 
 __all__ = ["read_geojson", "write_geojson"]
 
@@ -41,41 +41,37 @@ def write_geojson(polygons, path, object_type: str | None = None, colors: dict |
     path = os.fspath(path)
     polygons = list(polygons)
     colors = class_colors(polygons, colors, path)
-    feats, by_group = [], {}
-    for p in polygons:
-        rings = [_closed(p.exterior)] + [_closed(h) for h in p.holes]
-        first = by_group.get(p.group) if p.group is not None else None
-        if first is not None and (first["properties"].get("name", "") != str(p.name or "")
-                                  or (first["properties"].get("classification") or {}).get("name")
-                                  != p.classification):
-            raise AnnotationError(f"{path}: polygons of group {p.group!r} are parts of one object but have different "
-                                  f"names or classes ({first['properties'].get('name')!r} and {p.name!r}); give each "
-                                  "object its own group")
-        if first is not None:  # another part of the same object
-            geom = first["geometry"]
-            if geom["type"] == "Polygon":
-                geom["type"], geom["coordinates"] = "MultiPolygon", [geom["coordinates"]]
-            geom["coordinates"].append(rings)
-            continue
-        props = {"objectType": object_type or p.object_type or "detection"}
-        if p.name:
-            props["name"] = str(p.name)
-        if p.classification is not None:
-            props["classification"] = {"name": str(p.classification),
-                                       "color": [int(v) for v in colors[p.classification]]}
-        if p.measurements:
-            props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
-        feat = {"type": "Feature", "id": p.uid or str(uuid.uuid4()),
-                "geometry": {"type": "Polygon", "coordinates": rings}}
-        if p.nucleus is not None and len(p.nucleus) >= 3:  # a QuPath cell's nucleus rides beside its outline
-            feat["nucleusGeometry"] = {"type": "Polygon", "coordinates": [_closed(p.nucleus)]}
-        feat["properties"] = props
-        feats.append(feat)
-        if p.group is not None:
-            by_group[p.group] = feat
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        json.dump({"type": "FeatureCollection", "features": feats}, f)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:  # feature by feature: no second copy in memory
+        f.write('{"type": "FeatureCollection", "features": [')
+        for k, parts in enumerate(objects_of(polygons)):
+            f.write(("," if k else "") + "\n" + json.dumps(_feature(parts, object_type, colors, path)))
+        f.write("\n]}\n")
     return path
+
+
+def _feature(parts, object_type, colors, path) -> dict:
+    p = parts[0]
+    for q in parts[1:]:
+        if str(q.name or "") != str(p.name or "") or q.classification != p.classification:
+            raise AnnotationError(f"{path}: polygons of group {p.group!r} are parts of one object but have different "
+                                  f"names or classes ({p.name!r} and {q.name!r}); give each object its own group")
+    rings = [[_closed(q.exterior)] + [_closed(h) for h in q.holes] for q in parts]
+    props = {"objectType": object_type or p.object_type or "detection"}
+    if p.name:
+        props["name"] = str(p.name)
+    if p.classification is not None:
+        props["classification"] = {"name": str(p.classification),
+                                   "color": [int(v) for v in colors[p.classification]]}
+    if p.measurements:
+        props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
+    geom = {"type": "Polygon", "coordinates": rings[0]} if len(rings) == 1 else \
+        {"type": "MultiPolygon", "coordinates": rings}
+    feat = {"type": "Feature", "id": p.uid or str(uuid.uuid4()), "geometry": geom}
+    nucleus = next((q.nucleus for q in parts if q.nucleus is not None and len(q.nucleus) >= 3), None)
+    if nucleus is not None:  # a QuPath cell's nucleus rides beside its outline
+        feat["nucleusGeometry"] = {"type": "Polygon", "coordinates": [_closed(nucleus)]}
+    feat["properties"] = props
+    return feat
 
 
 #: QuPath 0.2 wrote an object's type as the feature's id
@@ -164,6 +160,41 @@ def read_features(path) -> list:
     raise AnnotationError(f"{path}: not GeoJSON features (expected a FeatureCollection, a Feature or a list)")
 
 
+class _NotStreamable(Exception):
+    """The file cannot be read feature by feature (no FeatureCollection or list, or JSON that only Python's
+    parser takes, such as NaN): read it whole."""
+
+
+def _stream_features(path):
+    """The features of a FeatureCollection or list one at a time (ijson), so that a large QuPath export is
+    never in memory as JSON objects all at once (a whole 150 MB file took 1.3 GB); _NotStreamable when
+    that cannot be done."""
+    try:
+        import ijson
+    except ImportError:  # pragma: no cover - a core dependency
+        raise _NotStreamable from None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+            f.seek(3 if head == b"\xef\xbb\xbf" else 0)  # a byte-order mark
+            first = b""
+            while first in (b"", b" ", b"\t", b"\r", b"\n"):
+                first = f.read(1)
+                if not first:
+                    raise _NotStreamable
+            if first not in (b"{", b"["):
+                raise _NotStreamable
+            f.seek(f.tell() - 1)
+            n = 0
+            for feat in ijson.items(f, "features.item" if first == b"{" else "item", use_float=True):
+                n += 1
+                yield feat
+            if first == b"{" and not n:  # one Feature, or not GeoJSON: the whole-file reader decides
+                raise _NotStreamable
+    except (ijson.JSONError, UnicodeDecodeError, ValueError, OSError):
+        raise _NotStreamable from None
+
+
 def read_geojson(path) -> list[Polygon]:
     """Read the polygons of a GeoJSON file (QuPath export or any FeatureCollection).
 
@@ -177,14 +208,29 @@ def read_geojson(path) -> list[Polygon]:
 
 
 def read_geojson_skipped(path) -> tuple[list[Polygon], dict]:
-    """:func:`read_geojson`'s polygons and the features it left out by geometry type, from one parse. Each
-    feature is let go once read, so that a large file's JSON objects do not all stay in memory beside the
-    polygons."""
+    """:func:`read_geojson`'s polygons and the features it left out by geometry type, from one parse:
+    feature by feature where the file allows it (a FeatureCollection or a list of standard JSON), else the
+    whole file at once."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AnnotationError(f"{path}: no such annotation file")
+    try:
+        return _polygons(path, _stream_features(path))
+    except _NotStreamable:
+        pass
     feats = read_features(path)
+
+    def let_go():  # each feature is dropped once read
+        for i in range(len(feats)):
+            feat, feats[i] = feats[i], None
+            yield feat
+
+    return _polygons(path, let_go())
+
+
+def _polygons(path, feats):
     out, skipped = [], {}
-    for i in range(len(feats)):
-        feat, feats[i] = feats[i], None
+    for i, feat in enumerate(feats):
         if not isinstance(feat, dict):
             raise AnnotationError(f"{path}: feature {i} is not an object")
         geom = feat.get("geometry") or {}

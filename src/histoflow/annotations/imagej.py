@@ -23,7 +23,7 @@ import zipfile
 import numpy as np
 
 from ..utils import atomic_output
-from .polygon import AnnotationError, Polygon, class_colors
+from .polygon import AnnotationError, Polygon, class_colors, objects_of
 
 __all__ = ["read_imagej_rois", "write_imagej_rois"]
 
@@ -167,41 +167,37 @@ def write_imagej_rois(polygons, path) -> str:
         raise AnnotationError(f"{path}: ImageJ ROI sets are written as .zip files")
     polygons = list(polygons)
     colors = class_colors(polygons, where=path)
-    objects, by_group = [], {}
-    for p in polygons:  # the parts of a multi-part object become one ROI
-        if p.group is None:
-            objects.append([p])
-        elif p.group in by_group:
-            by_group[p.group].append(p)
-        else:
-            by_group[p.group] = [p]
-            objects.append(by_group[p.group])
-    rois, used = [], set()
-    for i, parts in enumerate(objects):
-        p = parts[0]
-        if len(parts) == 1 and not p.holes:
-            roi = rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
-            roi.roitype = rf.ROI_TYPE.POLYGON
-        else:
-            roi = _composite(rf, [r for q in parts for r in [q.exterior, *q.holes]])
-        # the name is the zip entry's: no folders ("../x", "CD8/CD3"), nothing a file system refuses
-        base = re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", str(p.name or "")).lstrip(".") or str(i + 1)
-        name, k = base[:200], 1
-        while name.lower() in used:  # entries are found by name (case-insensitively on some systems)
-            k += 1
-            name = f"{base[:190]}-{k}"
-        used.add(name.lower())
-        roi.name = name
-        props = {"class": p.classification, "objectType": p.object_type, "uid": p.uid,
-                 "measurements": json.dumps({str(k): float(v) for k, v in p.measurements.items()})
-                 if p.measurements else None}
-        roi.props = "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in props.items() if v)
-        if p.classification is not None:
-            roi.stroke_color = bytes((255, *colors[p.classification]))
-        rois.append(roi)
-    with atomic_output(path, ".zip") as tmp:
-        rf.roiwrite(tmp, rois, mode="w")
+    with atomic_output(path, ".zip") as tmp, zipfile.ZipFile(tmp, "w") as z:  # ROI by ROI, as roifile writes them
+        used: set = set()
+        for i, parts in enumerate(objects_of(polygons)):  # the parts of a multi-part object become one ROI
+            name, roi = _roi(rf, parts, i, used, colors)
+            z.writestr(name + ".roi", roi.tobytes())
     return path
+
+
+def _roi(rf, parts, i, used, colors):
+    """One object (its parts) as an ImageJ ROI and its unique entry name (``used`` holds the names taken)."""
+    p = parts[0]
+    if len(parts) == 1 and not p.holes:
+        roi = rf.ImagejRoi.frompoints(p.exterior.astype(np.float32))
+        roi.roitype = rf.ROI_TYPE.POLYGON
+    else:
+        roi = _composite(rf, [r for q in parts for r in [q.exterior, *q.holes]])
+    # the name is the zip entry's: no folders ("../x", "CD8/CD3"), nothing a file system refuses
+    base = re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", str(p.name or "")).lstrip(".") or str(i + 1)
+    name, k = base[:200], 1
+    while name.lower() in used:  # entries are found by name (case-insensitively on some systems)
+        k += 1
+        name = f"{base[:190]}-{k}"
+    used.add(name.lower())
+    roi.name = name
+    props = {"class": p.classification, "objectType": p.object_type, "uid": p.uid,
+             "measurements": json.dumps({str(k): float(v) for k, v in p.measurements.items()})
+             if p.measurements else None}
+    roi.props = "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in props.items() if v)
+    if p.classification is not None:
+        roi.stroke_color = bytes((255, *colors[p.classification]))
+    return name, roi
 
 
 def _composite(rf, rings):

@@ -104,6 +104,21 @@ def class_colors(polygons, colors: dict | None = None, where: str = "") -> dict:
     return out
 
 
+def objects_of(polygons) -> list:
+    """The polygons as objects: lists of the parts of one object (polygons sharing a ``group``, in their
+    order), each object where its first part is."""
+    out, by_group = [], {}
+    for p in polygons:
+        if p.group is None:
+            out.append([p])
+        elif p.group in by_group:
+            by_group[p.group].append(p)
+        else:
+            by_group[p.group] = [p]
+            out.append(by_group[p.group])
+    return out
+
+
 def color_triple(c, where) -> tuple:
     """An (r, g, b) colour of whole numbers 0..255 (an alpha, as QuPath may write, is dropped), or an
     AnnotationError naming ``where``."""
