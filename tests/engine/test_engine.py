@@ -564,6 +564,45 @@ def test_names_that_are_not_strings_fail_alike_on_every_executor(tmp_path, clust
             assert not os.path.exists(tmp_path / "o.h5path")
 
 
+def test_tiles_no_store_holds_are_skipped_alike_on_every_executor(tmp_path, cluster):
+    """A 4-D image, a mask of another shape or a label that is an array were recorded as failed tiles in
+    process (the writer refused them) but passed the worker's encoding, so a cluster run or a resume, which
+    read the journal back, stopped altogether ("unreadable batch file", "ndarray is not JSON serialisable")."""
+    address, _ = cluster
+
+    class Spoil(Transform):
+        def __init__(self, how):
+            self.how = how
+
+        def apply(self, tile):
+            if tile.coords != (512, 0):
+                return
+            if self.how == "image":
+                tile.image = tile.image[:, :, None, :]
+            elif self.how == "mask":
+                tile.masks["m"] = np.zeros(tile.image.shape, np.uint8)
+            else:
+                tile.labels["v"] = np.array([1.0, 2.0])
+
+    slide = SlideData(SVS)
+    for how, why in (("image", "image must be"), ("mask", "mask 'm' has shape"), ("label", "tile labels must be")):
+        for kw in ({"executor": "inprocess"}, {"scheduler": address}):
+            out = slide.run(Pipeline([Spoil(how)]), tmp_path / f"{how}.h5path", tile_size=512, on_error="skip",
+                            progress=False, **kw)
+            with read_h5path(out) as h5:
+                assert len(h5) == 29 and (512, 0) not in {tuple(c) for c in h5.coords.tolist()}
+                (failed,) = h5.provenance[-1]["failed_tiles"]
+                assert (failed["x"], failed["y"]) == (512, 0) and why in failed["error"], failed
+    # a resume reads the interrupted run's journal: the spoilt tile is not in it
+    with pytest.raises(Interrupt):
+        slide.run(Pipeline([Spoil("image")]), tmp_path / "r.h5path", tile_size=512, batch_size=4, on_error="skip",
+                  executor="inprocess", progress=False, on_batch=_interrupt_at(3))
+    out = slide.run(Pipeline([Spoil("image")]), tmp_path / "r.h5path", tile_size=512, batch_size=4, on_error="skip",
+                    executor="inprocess", resume=True, progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) == 29 and len(h5.provenance[-1]["failed_tiles"]) == 1
+
+
 def test_dataset_resume_keeps_slides_already_finished(tmp_path):
     outdir = tmp_path / "out"
     ds = SlideDataset([SVS, mosaic(2)])

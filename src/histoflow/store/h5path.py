@@ -327,9 +327,17 @@ def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level:
     if compression not in ("gzip", "htj2k", None):
         raise H5PathError(f"encode_tile: compression {compression!r} cannot be encoded outside HDF5 "
                           "(use 'gzip', 'htj2k' or None)")
+    where = f"encode_tile: tile at {tile.coords}"
     image = np.asarray(tile.image)
     if image.ndim == 2:
         image = image[:, :, None]
+    # checked here as the writer would, so that an executor that journals tiles refuses the same tiles as
+    # one that writes them from memory (a 4-D image or a wrong mask stopped a dask run or a resume)
+    if image.ndim != 3 or 0 in image.shape:
+        raise H5PathError(f"{where}: image must be (h, w, c) or (h, w), got shape {image.shape}")
+    if not (image.dtype.kind in "ui" or image.dtype in (np.float32, np.float64)):
+        raise H5PathError(f"{where}: tile dtype {image.dtype} is not stored; use an integer dtype, or "
+                          "float32/float64 for float data")
     if not image.dtype.isnative:
         image = image.astype(image.dtype.newbyteorder("="))
     mask_comp = "gzip" if compression == "htj2k" else compression
@@ -339,11 +347,14 @@ def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level:
         data = _encode_array(image, mask_comp, compression_level)
     img = _ArrayChunk(data, image.shape, image.dtype.str)
     masks = {}
-    for lname in tile.labels or {}:  # checked here as the writer would: names must survive the journal as they are
-        _check_name(f"encode_tile: tile at {tile.coords}", "label", lname)
+    for lname, value in (tile.labels or {}).items():  # names and values must survive the journal as they are
+        _check_name(where, "label", lname)
+        _label_value(where, lname, value)
     for name, m in (tile.masks or {}).items():
-        _check_name(f"encode_tile: tile at {tile.coords}", "mask", name)
+        _check_name(where, "mask", name)
         arr, is_bool = _mask_storage("encode_tile", f"tile at {tile.coords}", name, m)
+        if arr.shape != image.shape[:2]:
+            raise H5PathError(f"{where}: mask {name!r} has shape {arr.shape}, expected the tile's {image.shape[:2]}")
         masks[name] = _ArrayChunk(_encode_array(arr, mask_comp, compression_level), arr.shape, arr.dtype.str,
                                   is_bool)
     return EncodedTile(img, (int(tile.coords[0]), int(tile.coords[1])), int(tile.level), float(tile.downsample),
@@ -729,18 +740,10 @@ class H5PathWriter:
         out = {}
         for lname, value in labels.items():
             _check_name(self.path, "label", lname)
-            kv = _tile_label(value)
-            if kv is False:
-                raise H5PathError(f"{self.path}: {where}: label {lname!r} = {value!r}: tile labels must be "
-                                  "numbers or strings")
+            kv = _label_value(f"{self.path}: {where}", lname, value)
             if kv is None:
                 continue  # missing
             kind, v = kv
-            if kind == "str":
-                _check_text(self.path, f"{where}: label {lname!r} value", v)
-            if kind == "int" and abs(v) > MAX_EXACT_INT:
-                raise H5PathError(f"{self.path}: {where}: label {lname!r} = {v} is beyond ±2**53, which "
-                                  "the float64 label column cannot hold exactly")
             old = self._label_kinds.get(lname)
             if old is not None and (old == "str") != (kind == "str"):
                 raise H5PathError(f"{self.path}: {where}: label {lname!r} is a {kind} here but a {old} "
@@ -985,6 +988,23 @@ def _tile_label(value):
     if isinstance(value, str):
         return ("str", value) if value else None
     return False
+
+
+def _label_value(where: str, lname, value):
+    """A tile label checked for storage: ``(kind, value)``, None when missing; an H5PathError naming ``where``
+    when no h5path can hold it."""
+    kv = _tile_label(value)
+    if kv is False:
+        raise H5PathError(f"{where}: label {lname!r} = {value!r}: tile labels must be numbers or strings")
+    if kv is None:
+        return None
+    kind, v = kv
+    if kind == "str":
+        _check_text(where, f"label {lname!r} value", v)
+    if kind == "int" and abs(v) > MAX_EXACT_INT:
+        raise H5PathError(f"{where}: label {lname!r} = {v} is beyond ±2**53, which the float64 label column "
+                          "cannot hold exactly")
+    return kv
 
 
 def _write_elem():
