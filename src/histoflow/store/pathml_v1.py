@@ -92,6 +92,16 @@ def _whole_bytes(a: np.ndarray) -> bool:
                 and np.array_equal(a32, np.floor(a32)))
 
 
+#: the members of an AnnData written by anndata, as PathML copies them into /counts
+_ANNDATA_PARTS = ("X", "obs", "var", "obsm", "varm", "obsp", "varp", "layers", "uns")
+
+
+def _planes(a: np.ndarray) -> np.ndarray:
+    """A tile as (h, w[, c]): PathML's multiparametric tiles come as (i, j, z, c, t) from its BioFormats
+    backend, written so when the pipeline has no CollapseRuns step; one z-plane and one time point: squeezed."""
+    return a[:, :, 0, :, 0] if a.ndim == 5 else a
+
+
 def _to_native(a: np.ndarray, as_uint8: bool) -> np.ndarray:
     """Floats -> uint8 when the file's arrays of this kind all hold whole numbers 0..255, else float32 or wider
     (decided once per file and per image / mask name, so every tile of a file has the same dtype)."""
@@ -260,16 +270,19 @@ class PathMLV1Reader:
         if "array" not in g:
             raise H5PathError(f"{self.path}: {where} has no 'array' dataset")
         ds = _dataset(g, "array", self.path)
-        if ds.ndim not in (2, 3) or ds.size * ds.dtype.itemsize > MAX_TILE_BYTES \
+        if ds.ndim not in (2, 3, 5) or ds.size * ds.dtype.itemsize > MAX_TILE_BYTES \
                 or ds.dtype.kind not in "uif":
             raise H5PathError(f"{self.path}: {where}: array has shape {ds.shape} dtype {ds.dtype}")
+        if ds.ndim == 5 and (ds.shape[2] != 1 or ds.shape[4] != 1):
+            raise H5PathError(f"{self.path}: {where}: array of shape {ds.shape} (i, j, z, c, t) holds "
+                              f"{ds.shape[2]} z-planes and {ds.shape[4]} time points; histoflow reads one of each")
         coords_attr = _attr(g, "coords", self.path)
         if coords_attr is not None and \
                 parse_coords(coords_attr, self.path, f"{where}: coords attribute") != self._ij[i]:
             raise H5PathError(f"{self.path}: {where}: coords attribute {coords_attr!r} disagrees with the "
                               "group name")
         try:
-            image = _to_native(ds[()], self._uint8(None))
+            image = _to_native(_planes(ds[()]), self._uint8(None))
             masks = {}
             mg = _group(g, "masks", self.path)
             for m in (mg or ()):
@@ -316,11 +329,21 @@ class PathMLV1Reader:
         g = _group(self.f, "counts", self.path)
         if g is None or (not len(g) and "encoding-type" not in g.attrs):
             return None
-        if "encoding-type" not in g.attrs:
-            raise H5PathError(f"{self.path}: /counts is not an anndata-encoded group")
         _check_tree(g, self.path)
         try:
-            return _read_elem()(g)
+            if "encoding-type" in g.attrs:
+                return _read_elem()(g)
+            # PathML (utils.writecounts) copies the children of an .h5ad into /counts, not the root's own
+            # encoding attributes: read the children, as PathML's readcounts does
+            import anndata
+
+            parts = {k: _read_elem()(g[k]) for k in _ANNDATA_PARTS if k in g}
+            if "X" not in parts and "obs" not in parts:
+                raise H5PathError(f"{self.path}: /counts holds neither an anndata-encoded group nor the parts of "
+                                  f"one (it has {sorted(g)})")
+            return anndata.AnnData(**parts)
+        except H5PathError:
+            raise
         except Exception as e:
             raise H5PathError(f"{self.path}: /counts cannot be read as AnnData: {e}") from e
 
