@@ -66,6 +66,19 @@ class FailAt(Transform):
             raise ValueError("synthetic failure")
 
 
+class KillOnce(Transform):
+    """Ends its worker process the first time it meets a tile (a one-off crash, e.g. killed for memory);
+    ``marker`` records that it happened."""
+
+    def __init__(self, x, y, marker):
+        self.x, self.y, self.marker = x, y, str(marker)
+
+    def apply(self, tile):
+        if tile.coords == (self.x, self.y) and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+
+
 class SlowAt(Transform):
     """Sleeps on the tile at one coordinate (a straggler)."""
 
@@ -110,8 +123,9 @@ def _start_cluster(tmp_path, n_workers=2):
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
     from distributed import Client
 
-    with Client(address, timeout="30s") as c:
-        c.wait_for_workers(n_workers, timeout=60)
+    if n_workers:
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(n_workers, timeout=60)
     return address, procs
 
 
@@ -299,6 +313,38 @@ def test_worker_killed_mid_run(tmp_path, cluster):
     got = tile_data(out)
     assert got == tile_data(ref)  # nothing lost, nothing duplicated, same order
     assert len({t[2] for t in got}) == 432
+
+
+def test_a_cluster_without_workers_is_waited_for_and_a_lost_worker_replaced(tmp_path):
+    """A cluster whose workers have not started yet (Slurm jobs in the queue) made the run fail after 30 s
+    ("No valid workers found"); the slide and pipeline were scattered, so when the one worker died (and its
+    nanny restarted it) every batch was cancelled (FuturesCancelledError)."""
+    import threading
+
+    address, procs = _start_cluster(tmp_path, n_workers=0)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+
+    def start_worker():  # with a nanny, which starts the worker again when it dies
+        time.sleep(1.0)
+        procs.append(subprocess.Popen([os.path.join(BIN, "dask"), "worker", address, "--nthreads", "1",
+                                       "--no-dashboard", "--name", "late"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+
+    marker = tmp_path / "killed"
+    pipe = Pipeline([Blur(9), Dark(160), KillOnce(512, 512, marker)])
+    slide = SlideData(SVS)
+    try:
+        threading.Thread(target=start_worker, daemon=True).start()
+        with pytest.warns(UserWarning, match="has no workers yet: the run waits for them"):
+            out = slide.run(pipe, tmp_path / "o.h5path", scheduler=address, tile_size=512, batch_size=2,
+                            progress=False)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert marker.exists()  # the worker did die on that tile
+    ref = slide.run(pipe, tmp_path / "ref.h5path", executor="inprocess", tile_size=512, progress=False)
+    assert tile_data(out) == tile_data(ref) and len(tile_data(ref)) == 30
 
 
 def test_cluster_results_are_read_from_the_journal_not_gathered(tmp_path, cluster, monkeypatch):
@@ -983,3 +1029,21 @@ def test_provenance_records_the_batch_size_used(tmp_path, monkeypatch):
     with read_h5path(out) as h5:
         prov = h5.provenance[-1]
     assert prov["batch_size"] == 5 == prov["run_settings"]["batch_size"] and prov["batch_size_requested"] == 32
+
+
+def test_a_transform_that_cannot_be_copied_is_named(tmp_path):
+    """Each slide gets its own copy of the pipeline; a transform holding a lock made a bare TypeError."""
+    import threading
+
+    class Locked(Transform):
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def apply(self, tile):
+            pass
+
+    with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: Locked cannot be copied for the slide "
+                                             r"\(TypeError: .*lock"):
+        SlideData(SVS).run(Pipeline([Blur(3), Locked()]), tmp_path / "o.h5path", executor="inprocess",
+                           progress=False)
+    assert not os.path.exists(tmp_path / "o.h5path")

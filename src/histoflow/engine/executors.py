@@ -146,6 +146,7 @@ class DaskExecutor:
         self._distributed = distributed
         self._own_cluster = None
         self._own_client = False
+        self._warned_empty = False
         if client is not None:
             self.client = client
         elif address is not None:
@@ -178,7 +179,31 @@ class DaskExecutor:
         return max(1, sum(w.get("nthreads", 1) for w in info["workers"].values()))
 
     def share(self, obj):
-        return self.client.scatter(obj, broadcast=True, hash=False)
+        """``obj`` (a slide or a pipeline) for the tasks, made by a task rather than scattered: the scheduler
+        keeps the task and makes it again on another worker if the worker holding it dies (scattered data
+        cannot be made again: a worker killed mid-run cancelled every batch of a one-worker run). A cluster
+        without workers yet (Slurm jobs still queued) is waited for, with a warning."""
+        if not self._warned_empty and not self._n_workers():
+            import warnings
+
+            self._warned_empty = True
+            warnings.warn(f"the dask cluster {self._where()} has no workers yet: the run waits for them "
+                          "(start some, e.g. cluster.scale(...), or stop the run)", stacklevel=4)
+        return self.client.submit(_shared, obj, pure=False)
+
+    def _n_workers(self) -> int:
+        try:
+            info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) else \
+                self.client.scheduler_info()
+            return len(info.get("workers", {}))
+        except Exception:  # noqa: BLE001 - unknown: do not warn
+            return 1
+
+    def _where(self) -> str:
+        try:
+            return f"at {self.client.scheduler.address}"
+        except Exception:  # noqa: BLE001
+            return "of this client"
 
     def release(self, shared):
         """Let the workers drop scattered objects (a finished slide's reader and pipeline)."""
@@ -198,7 +223,12 @@ class DaskExecutor:
         return self.client.submit(fn, *args, key=key, pure=False, retries=2)
 
     def wait_any(self, pending):
-        done, _ = self._distributed.wait(list(pending), return_when="FIRST_COMPLETED")
+        try:
+            done, _ = self._distributed.wait(list(pending), return_when="FIRST_COMPLETED")
+        except Exception as e:  # noqa: BLE001 - tasks cancelled under us (the scheduler restarted, lost them)
+            raise PipelineError(f"the dask cluster {self._where()} dropped this run's tasks "
+                                f"({type(e).__name__}: {e}); finished batches are kept: run again with "
+                                "resume=True (`--resume`)") from e
         return set(done)
 
     @staticmethod
@@ -211,6 +241,11 @@ class DaskExecutor:
             self.client.close()
         if self._own_cluster is not None:
             self._own_cluster.close()
+
+
+def _shared(obj):
+    """The task that hands a shared object to the batches (see :meth:`DaskExecutor.share`)."""
+    return obj
 
 
 def _takes_n_workers(client) -> bool:

@@ -265,7 +265,13 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
             pipeline.check(slide.slide_type, available_masks=set(slide.masks))
         except PipelineError as e:
             raise PipelineError(f"{slide.path}: {e}") from None
-        job.pipeline = copy.deepcopy(pipeline)  # fitted per slide
+        try:
+            job.pipeline = copy.deepcopy(pipeline)  # fitted per slide
+        except Exception as e:  # noqa: BLE001 - copy raises whatever the object's state raises
+            bad = next((type(t).__name__ for t in pipeline.steps if not _copies(t)), type(pipeline).__name__)
+            raise PipelineError(f"{slide.path}: {bad} cannot be copied for the slide ({type(e).__name__}: {e}); "
+                                "a transform's attributes must be plain data (numbers, arrays, strings), not "
+                                "locks, open files or lambdas") from e
         job.pipeline.fit_slide(slide)
     grid = slide.grid(tiling["tile_size"], stride=tiling["stride"], overlap=tiling["overlap"],
                       level=tiling["level"], mpp=tiling["mpp"], edge=tiling["edge"],
@@ -443,3 +449,11 @@ def _package_versions():
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def _copies(obj) -> bool:
+    try:
+        copy.deepcopy(obj)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
