@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import HistoflowError, RegionError, RegionTooLargeError, SlideReadError, TileDecodeError
+from ..errors import HistoflowError, ParameterError, RegionError, RegionTooLargeError, SlideReadError, TileDecodeError
 
 #: Default bound on the memory one ``read_region`` may allocate (bytes). Override per reader with
 #: ``open_slide(path, max_region_bytes=...)``.
@@ -126,6 +126,8 @@ class SlideReader:
         self._mpp_override = None
         self._closed = False
         self._last_thumbnail = None  # (key, array): pipelines ask for the same view twice (pre-pass, stain fit)
+        if mpp is not None:
+            mpp = self._mpp_pair(mpp)  # checked before the file is opened, so a bad value leaves nothing open
         try:
             self._open()
         except BaseException:
@@ -188,13 +190,28 @@ class SlideReader:
             self._mpp_override = None
             self._kwargs["mpp"] = None
             return
-        if np.isscalar(value):
-            value = (float(value), float(value))
-        value = (float(value[0]), float(value[1]))
-        if not all(math.isfinite(v) and v > 0 for v in value):
-            raise RegionError(f"{self.path}: mpp override must be positive, got {value}")
+        value = self._mpp_pair(value)
         self._mpp_override = value
         self._kwargs["mpp"] = value
+
+    def _mpp_pair(self, value) -> tuple[float, float]:
+        """An mpp override as ``(x, y)`` µm/px: one positive number, or a pair of them; ParameterError else."""
+        pair = None
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+            pair = (value, value)
+        elif isinstance(value, (tuple, list, np.ndarray)) and len(value) == 2 and np.ndim(value) == 1:
+            pair = tuple(value)
+        try:  # elements: numbers (not text, None or booleans)
+            if pair is not None and not any(isinstance(v, (str, bytes, bool, np.bool_)) or v is None for v in pair):
+                pair = (float(pair[0]), float(pair[1]))
+                if all(math.isfinite(v) and v > 0 for v in pair):
+                    return pair
+        except (TypeError, ValueError):
+            pass
+        raise ParameterError(f"{self.path}: mpp must be one positive number of µm per pixel or a pair (x, y) of "
+                             f"them, got {value!r}")
 
     def _check_mpp(self, mpp, source: str):
         if mpp is None:

@@ -17,7 +17,7 @@ _MODES = {  # Pillow mode -> (mode to convert to, dtype, channel names, brightfi
     "CMYK": ("RGB", np.uint8, ["R", "G", "B"], True),
     "YCbCr": ("RGB", np.uint8, ["R", "G", "B"], True),
     "L": ("L", np.uint8, ["intensity"], False),
-    "LA": ("L", np.uint8, ["intensity"], False),
+    "LA": ("LA", np.uint8, ["intensity"], False),  # alpha kept for compositing on white, as RGBA
     "1": ("L", np.uint8, ["intensity"], False),
     "I;16": ("I;16", np.uint16, ["intensity"], False),
     "I;16B": ("I;16B", np.uint16, ["intensity"], False),
@@ -52,9 +52,12 @@ class ImageReader(SlideReader):
         if im.mode not in _MODES:
             raise UnsupportedFormatError(f"{self.path}: unsupported image mode {im.mode!r}")
         self._mode, dtype, names, self.brightfield = _MODES[im.mode]
-        self._png16 = im.format == "PNG" and im.mode in ("RGB", "RGBA") and _png_bit_depth(self.path) == 16
+        depth, colour = _png_header(self.path) if im.format == "PNG" else (None, None)
+        self._png16 = im.format == "PNG" and im.mode in ("RGB", "RGBA") and depth == 16
         if self._png16:  # Pillow reads 48/64-bit PNGs as 8 bits: decoded with imagecodecs instead
             dtype = np.uint16
+            if colour in (0, 4):  # 16-bit grey + alpha, which Pillow calls RGBA: one grey channel, as "LA"
+                names, self.brightfield = ["intensity"], False
         self.dtype = np.dtype(dtype)
         self.channel_names = list(names)
         self.format = im.format or "image"
@@ -87,10 +90,10 @@ class ImageReader(SlideReader):
             raise SlideReadError(f"{self.path}: cannot decode image: {type(e).__name__}: {e}") from None
         if a.ndim == 2:
             a = a[:, :, None]
-        if a.shape[2] == 4:  # composite on white
+        if a.shape[2] in (2, 4):  # grey or RGB + alpha: composite on white
             top = 65535 if a.dtype == np.uint16 else 255
-            al = a[:, :, 3:4].astype(np.uint32)
-            a = ((a[:, :, :3].astype(np.uint32) * al + top * (top - al) + top // 2) // top).astype(a.dtype)
+            al = a[:, :, -1:].astype(np.uint32)
+            a = ((a[:, :, :-1].astype(np.uint32) * al + top * (top - al) + top // 2) // top).astype(a.dtype)
         return np.ascontiguousarray(a.astype(self.dtype, copy=False))
 
     def _read(self, level, x, y, w, h):
@@ -104,13 +107,14 @@ class ImageReader(SlideReader):
         self._pixels = None
 
 
-def _png_bit_depth(path) -> int | None:
-    """The bit depth in a PNG's header (IHDR), or None when it cannot be read."""
+def _png_header(path) -> tuple[int | None, int | None]:
+    """The bit depth and colour type (0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA) in a PNG's header
+    (IHDR), or (None, None) when it cannot be read."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(26)
     except OSError:
-        return None
+        return None, None
     if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
-    return head[24]
+        return None, None
+    return head[24], head[25]

@@ -149,6 +149,16 @@ class _ListHandler(logging.Handler):
         self.sink.append(record.getMessage())
 
 
+def _tag_head(value, n: int) -> bytes:
+    """The first ``n`` bytes of a tag's value. XMP (tag 700) is BYTE-typed by the standard, but some writers
+    store it as ASCII, which tifffile returns as ``str``; other types give no bytes to look at."""
+    if isinstance(value, str):
+        return value[:n].encode("utf-8", "replace")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value[:n])
+    return b""
+
+
 def _detect_tiff(path: str) -> FormatInfo:
     import tifffile
 
@@ -166,7 +176,7 @@ def _detect_tiff(path: str) -> FormatInfo:
             if tf.is_philips:
                 return FormatInfo("Philips TIFF", "openslide")
             xmp = page.tags.get(700)
-            if xmp is not None and b"iScan" in bytes(xmp.value)[:4096]:
+            if xmp is not None and b"iScan" in _tag_head(xmp.value, 4096):
                 return FormatInfo("Ventana BIF", "openslide")
             if tf.is_svs:
                 if int(page.compression) in _OPENSLIDE_ONLY_COMPRESSION:

@@ -24,6 +24,8 @@ from .sniff import check_tiff_intact, quiet_tifffile
 
 _MAX_DESCRIPTION = 4 * 1024**2  # bytes of ImageDescription we are willing to parse
 _RGB_PHOTOMETRIC = {2, 6}  # RGB, YCbCr
+_PALETTE = 3  # PhotometricInterpretation of palette (colormap) images
+_CHANNEL_AXES = "CIQ"  # tifffile axes that hold channels (I: a plain multi-page stack); S is a page's samples
 
 
 @dataclass
@@ -46,10 +48,11 @@ class _Plane:
     jpegheader: bytes | None
     tiled: bool
     keep: int  # samples to keep per decoded pixel (drops alpha)
-    alpha: int = 0  # contiguous RGB + alpha: 1 associated (premultiplied), 2 unassociated; composited on white
+    alpha: int = 0  # RGB + alpha: 1 associated (premultiplied), 2 unassociated; composited on white
+    colormap: np.ndarray | None = None  # palette pages: (entries, 3) uint8 RGB, applied to each decoded tile
 
     @classmethod
-    def from_page(cls, page, keep_samples: int | None = None) -> _Plane:
+    def from_page(cls, page, keep_samples: int | None = None, colormap: np.ndarray | None = None) -> _Plane:
         key = page.keyframe if hasattr(page, "keyframe") and page.keyframe is not None else page
         shaped = key.shaped  # (separate samples, depth, length, width, contig samples)
         separate, depth = int(shaped[0]), int(shaped[1])
@@ -65,8 +68,14 @@ class _Plane:
                                  f"{tw} x {th} px")
         samples = separate * contig
         keep = samples if keep_samples is None else min(keep_samples, samples)
-        offsets = np.asarray(page.dataoffsets, np.int64)
-        counts = np.asarray(page.databytecounts, np.int64)
+        if colormap is not None:  # one palette index per pixel becomes three colour samples
+            samples = keep = 3
+        try:
+            offsets = np.asarray(page.dataoffsets, np.int64)
+            counts = np.asarray(page.databytecounts, np.int64)
+        except OverflowError:  # a BigTIFF offset or count of 2**63 or more: no file is that large
+            raise SlideReadError(f"page {page.index}: damaged: tile/strip offsets or byte counts out of range "
+                                 f"(2**63 bytes or more)") from None
         across, down = math.ceil(width / tw), math.ceil(height / th)
         need = separate * across * down
         if len(offsets) != need or len(counts) != need:
@@ -74,15 +83,17 @@ class _Plane:
                                  f"{len(counts)} byte counts where the image needs {need}")
         alpha = 0
         extra = tuple(getattr(key, "extrasamples", ()) or ())
-        if keep_samples == 3 and separate == 1 and samples > 3 and extra and int(extra[0]) in (1, 2):
-            alpha = int(extra[0])
+        if keep_samples == 3 and samples > 3 and extra and int(extra[0]) in (1, 2) and colormap is None:
+            alpha = int(extra[0])  # contiguous or planar-separate: both are composited (see _read_plane)
         return cls(page=page, index=int(page.index), width=width, height=height, samples=keep,
                    separate=separate, tile_w=tw, tile_h=th, tiles_across=across,
                    tiles_down=down, offsets=offsets, counts=counts, jpegtables=key.jpegtables,
-                   jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep, alpha=alpha)
+                   jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep, alpha=alpha,
+                   colormap=colormap)
 
     def data_end(self) -> int:
-        return int((self.offsets + self.counts).max()) if len(self.offsets) else 0
+        # in uint64: offset + count of a damaged entry near 2**63 would wrap around in int64 and pass as small
+        return int((self.offsets.astype(np.uint64) + self.counts.astype(np.uint64)).max()) if len(self.offsets) else 0
 
 
 class TiffReader(SlideReader):
@@ -158,9 +169,11 @@ class TiffReader(SlideReader):
 
         planes0 = self._levels_planes[0]
         kp = planes0[0].page.keyframe if getattr(planes0[0].page, "keyframe", None) is not None else planes0[0].page
-        self.dtype = np.dtype(kp.dtype)
+        palette = planes0[0].colormap is not None
+        self.dtype = np.dtype(np.uint8 if palette else kp.dtype)  # palette indices become 8-bit RGB
         photometric = int(kp.photometric)
-        self.brightfield = (len(planes0) == 1 and photometric in _RGB_PHOTOMETRIC and planes0[0].samples == 3)
+        self.brightfield = (len(planes0) == 1 and (photometric in _RGB_PHOTOMETRIC or palette)
+                            and planes0[0].samples == 3)
         self.channel_names = self._channel_names(planes0, desc)
         self._native_mpp = self._find_mpp(desc, kp)
         self._associated = self._find_associated()
@@ -196,9 +209,10 @@ class TiffReader(SlideReader):
             raise UnsupportedFormatError("a pyramid level without pages")
         axes = lvl.axes
         extra = [(a, n) for a, n in zip(axes, lvl.shape) if a not in "YXS"]
-        if len(pages) > 1 and len(extra) > 1:
-            # keep only the channel axis; take the first index of the others (Z, T, ...)
-            chan_axis = next((a for a, _ in extra if a in "CIQ"), extra[-1][0])
+        if len(pages) > 1 and (len(extra) > 1 or any(a not in _CHANNEL_AXES for a, _ in extra)):
+            # keep only the channel axis; take the first index of the others (Z, T, ...), even when one of
+            # them is the only extra axis (a single-channel Z-stack or time series is one channel, not many)
+            chan_axis = next((a for a, _ in extra if a in _CHANNEL_AXES), None)
             shape = [n for _, n in extra]
             idx = [range(n) if a == chan_axis else [0] for a, n in extra]
             keep = set(int(np.ravel_multi_index(t, shape)) for t in np.array(np.meshgrid(*idx, indexing="ij")).reshape(len(shape), -1).T)
@@ -207,7 +221,24 @@ class TiffReader(SlideReader):
         keep_samples = None
         if int(key.photometric) in _RGB_PHOTOMETRIC and key.samplesperpixel > 3:
             keep_samples = 3  # RGBA and RGB + extra samples: keep the colour
-        return [_Plane.from_page(p, keep_samples) for p in pages]
+        colormap = self._colormap(key)
+        return [_Plane.from_page(p, keep_samples, colormap) for p in pages]
+
+    def _colormap(self, key) -> np.ndarray | None:
+        """The 8-bit ``(entries, 3)`` RGB palette of a palette page, or None to keep its raw values.
+
+        A palette TIFF is a colour image (Pillow and OpenSlide read it as RGB, as the same image saved as PNG
+        reads here). ImageJ writes its display LUT as a palette on fluorescence pages: those keep their raw
+        intensities."""
+        if int(key.photometric) != _PALETTE or key.samplesperpixel != 1 or self._tf.is_imagej:
+            return None
+        cmap = key.colormap
+        if cmap is None or np.ndim(cmap) != 2 or cmap.shape[0] != 3 or not cmap.size:
+            raise SlideReadError(f"page {key.index}: palette image without a usable ColorMap tag")
+        cmap = np.asarray(cmap, np.uint16).T
+        # TIFF colormaps are 16-bit (value * 257); like libtiff, take one whose values all fit in 8 bits as
+        # an 8-bit map written by a non-conforming writer
+        return np.ascontiguousarray(cmap >> 8 if cmap.max() > 255 else cmap).astype(np.uint8)
 
     def _check_truncation(self):
         for i, planes in enumerate(self._levels_planes):
@@ -239,8 +270,9 @@ class TiffReader(SlideReader):
                 d = self._full_page(p.page).description[:_MAX_DESCRIPTION]
                 m = re.search(r"<Biomarker>([^<]*)</Biomarker>", d) or re.search(r"<Name>([^<]*)</Name>", d)
                 names.append(m.group(1).strip() if m else "")
-        elif tf.is_ome:
-            names = [html_unescape(m) for m in re.findall(r"<(?:\w+:)?Channel [^>]*?Name=\"([^\"]*)\"", desc)]
+        elif tf.is_ome:  # the channels of the first <Image> (series 0, the one read), not of every image
+            names = [html_unescape(m) for m in re.findall(r"<(?:\w+:)?Channel [^>]*?Name=\"([^\"]*)\"",
+                                                         _first_ome_image(desc))]
         elif tf.is_imagej and tf.imagej_metadata:
             labels = tf.imagej_metadata.get("Labels")
             if isinstance(labels, (list, tuple)):
@@ -308,7 +340,7 @@ class TiffReader(SlideReader):
                 # "overview" (QPTIFF, OME) is the whole-slide photograph OpenSlide and DICOM call "macro"
                 key = "macro" if key == "overview" else key
                 if (key in name or (key == "macro" and "overview" in name)) and key not in out:
-                    out[key] = self._series_loader(s)
+                    out[key] = self._series_loader(s, key)
         if tf.is_qpi:  # Overview and Label pages are not in tifffile's series
             for page in tf.pages:
                 if page.index in used:
@@ -318,20 +350,35 @@ class TiffReader(SlideReader):
                     key = m.group(1).strip().lower()
                     key = "macro" if key == "overview" else key
                     if key in ("thumbnail", "label", "macro") and key not in out:
-                        out[key] = self._page_loader(page.index)
+                        out[key] = self._page_loader(page.index, key)
         return out
 
-    def _series_loader(self, s):
+    def _series_loader(self, s, name):
         def load():
-            with self._tf.filehandle.lock:
-                return _as_hwc(s.asarray())
+            with self._tf.filehandle.lock, quiet_tifffile() as log:
+                return self._checked_associated(_as_hwc(s.asarray()), s.keyframe, name, log.messages)
         return load
 
-    def _page_loader(self, index):
+    def _page_loader(self, index, name):
         def load():
-            with self._tf.filehandle.lock:
-                return _as_hwc(self._tf.pages[index].asarray())
+            with self._tf.filehandle.lock, quiet_tifffile() as log:
+                page = self._tf.pages[index]
+                return self._checked_associated(_as_hwc(page.asarray()), page, name, log.messages)
         return load
+
+    def _checked_associated(self, a, page, name, messages) -> np.ndarray:
+        """``a`` if it has the size and samples the page's tags give; tifffile hands back damaged pages (a
+        zero width, an odd BitsPerSample) as empty or oddly shaped arrays, and only logs why."""
+        want = (int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel))
+        if 0 in want:
+            problem = f"its tags give an empty image ({want[1]} x {want[0]} px, {want[2]} samples)"
+        elif a.shape != want:
+            problem = f"it decoded to shape {a.shape} where its tags give {want}"
+        else:
+            return a
+        why = f" ({messages[0][:200]})" if messages else ""
+        raise TileDecodeError(f"{self.path}: the {name} image (page {page.index}) cannot be decoded: {problem}: "
+                              f"damaged{why}")
 
     # ------------------------------------------------------------------ pixels
     def _read(self, level, x, y, w, h):
@@ -358,15 +405,22 @@ class TiffReader(SlideReader):
         if out is None:
             out = np.empty((h, w, pl.samples), self.dtype)
             c0 = 0
-        # planar-separate pages hold one sample per plane: read the planes of the samples kept (an alpha
-        # plane dropped by ``keep`` is never decoded); contiguous pages hold all samples in one plane
+        # planar-separate pages hold one sample per plane: read the planes of the samples kept (an extra
+        # plane dropped by ``keep`` is never decoded, except an alpha plane, which the colour is composited
+        # with as in the contiguous layout); contiguous pages hold all samples in one plane
         per_sample, planes = (1, min(pl.separate, pl.keep)) if pl.separate > 1 else (pl.keep, 1)
+        separate_alpha = pl.separate > 1 and pl.alpha
         for r in range(row0, row1 + 1):
             ty0 = r * th
             sy0, sy1 = max(y, ty0), min(y + h, ty0 + th, pl.height)
             for c in range(col0, col1 + 1):
                 tx0 = c * tw
                 sx0, sx1 = max(x, tx0), min(x + w, tx0 + tw, pl.width)
+                if separate_alpha:  # R, G, B and alpha planes of this tile, composited on white
+                    rgba = np.concatenate([self._decode(level, pl, s * per_plane + r * pl.tiles_across + c, c, r)
+                                           [sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0, :1] for s in range(4)], axis=-1)
+                    out[sy0 - y:sy1 - y, sx0 - x:sx1 - x, c0:c0 + 3] = _on_white(rgba, pl.alpha)
+                    continue
                 for s in range(planes):
                     tile = self._decode(level, pl, s * per_plane + r * pl.tiles_across + c, c, r)
                     cs = c0 + s * per_sample
@@ -393,6 +447,8 @@ class TiffReader(SlideReader):
         if seg is None or seg.ndim != 4:
             raise TileDecodeError(f"{self.path}: {kind} (col {col}, row {row}) of level {level} decoded to "
                                   f"an unexpected shape {getattr(seg, 'shape', None)}")
+        if pl.colormap is not None:
+            return np.take(pl.colormap, seg[0][..., 0], axis=0, mode="clip")  # clip: a damaged index
         return _on_white(seg[0], pl.alpha) if pl.alpha and seg.shape[-1] > 3 else seg[0]
 
     def _close(self):
@@ -436,6 +492,15 @@ def _as_hwc(a: np.ndarray) -> np.ndarray:
 
 
 _OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+_IMAGEJ_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
+                 "m": 1e6, "inch": 25400.0, "in": 25400.0}  # lower case
+
+
+def _first_ome_image(xml: str) -> str:
+    """The first ``<Image>`` element of an OME-XML text, or the whole text when it has none. An OME-TIFF may
+    describe several images (series); their channel names must not be mixed."""
+    m = re.search(r"<(?:\w+:)?Image\b.*?</(?:\w+:)?Image>", xml, re.S)
+    return m.group(0) if m else xml
 
 
 def _ome_size(tag: str, axis: str):
@@ -445,6 +510,14 @@ def _ome_size(tag: str, axis: str):
     u = re.search(rf'PhysicalSize{axis}Unit="([^"]*)"', tag)
     unit = html_unescape(u.group(1)) if u else "µm"
     return float(m.group(1)) * _OME_UNITS.get(unit, 1.0)
+
+
+def _imagej_unit_um(unit) -> float | None:
+    """µm in one ImageJ length unit ("micron", "nm", "mm", ...), or None for "pixel" and unknown units.
+
+    ImageJ writes µ as the escaped text ``\\u00B5`` in its ImageDescription (tifffile leaves it so)."""
+    u = str(unit).strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ").replace("\u03bc", "µ").lower()
+    return _IMAGEJ_UNITS.get(u)
 
 
 def _resolution_mpp(page, tf):
@@ -464,9 +537,9 @@ def _resolution_mpp(page, tf):
     if rx <= 0 or ry <= 0:
         return None
     if tf.is_imagej and tf.imagej_metadata:
-        u = str(tf.imagej_metadata.get("unit", "")).lower()
-        if u in ("micron", "um", "µm", "\\u00B5m"):
-            return (1 / rx, 1 / ry)
+        um = _imagej_unit_um(tf.imagej_metadata.get("unit", ""))
+        if um is not None:  # ImageJ's resolution is pixels per its own unit
+            return (um / rx, um / ry)
     if unit == 3:  # centimetre
         return (1e4 / rx, 1e4 / ry)
     if unit == 2:  # inch (the TIFF default)

@@ -1,0 +1,234 @@
+"""Reader defects found in a review (overflowing offsets, Z-stacks read as channels, OME names of other
+images, ImageJ units, palettes, grey + alpha PNGs, ASCII XMP, damaged associated images, bad mpp overrides,
+planar RGBA): each ends in the right pixels and metadata, or in a project error that names the file."""
+import shutil
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+from datafiles import SVS, data_path
+from PIL import Image
+
+import histoflow
+from histoflow.errors import ParameterError, SlideReadError, TileDecodeError
+from histoflow.io import detect_format
+
+
+def _patch(path, offset, raw: bytes):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(raw)
+
+
+# ---------------------------------------------------------------- 1. BigTIFF offsets of 2**63 and more
+def test_a_bigtiff_tile_offset_past_2_63_is_refused_naming_the_file(tmp_path):
+    src = data_path("wsi", "tiled_tiff", "CMU-1-Small-Region.jp2.tiff")
+    with tifffile.TiffFile(src) as tf:
+        assert tf.is_bigtiff
+        where = tf.pages[0].tags[324].valueoffset  # TileOffsets, LONG8
+    huge = tmp_path / "huge.tiff"
+    shutil.copy(src, huge)
+    _patch(huge, where, b"\xff" * 8)  # 2**64 - 1: numpy's int64 overflows
+    with pytest.raises(SlideReadError, match=r"huge.tiff: page 0: damaged: tile/strip offsets or byte counts out of "
+                                             r"range"):
+        histoflow.open_slide(huge)
+    # 2**63 - 1 fits in int64, but offset + byte count wrapped around and passed the truncation check
+    wrap = tmp_path / "wrap.tiff"
+    shutil.copy(src, wrap)
+    _patch(wrap, where, (2**63 - 1).to_bytes(8, "little"))
+    with pytest.raises(SlideReadError, match=r"wrap.tiff: file is truncated: level 0 \(page 0\) needs data up to"):
+        histoflow.open_slide(wrap)
+
+
+# ---------------------------------------------------------------- 2. Z-stacks and time series are not channels
+@pytest.mark.parametrize("kind", ["ome_z", "ome_t", "imagej_z", "imagej_t"])
+def test_a_single_channel_z_stack_or_time_series_reads_as_one_channel_its_first_plane(tmp_path, kind):
+    z = np.random.default_rng(0).integers(0, 1000, (4, 64, 80), dtype=np.uint16)
+    axes = "ZYX" if kind.endswith("_z") else "TYX"
+    if kind.startswith("ome"):
+        path = tmp_path / f"{kind}.ome.tif"
+        tifffile.imwrite(path, z, metadata={"axes": axes, "Channel": {"Name": ["DAPI"]}})
+        names = ["DAPI"]
+    else:
+        path = tmp_path / f"{kind}.tif"
+        tifffile.imwrite(path, z, imagej=True, metadata={"axes": axes})
+        names = ["intensity"]
+    with tifffile.TiffFile(path) as tf:
+        assert tf.series[0].axes == axes  # the axis tifffile reports for ImageJ hyperstacks too
+    s = histoflow.open_slide(path)
+    assert s.channels == 1 and s.channel_names == names
+    np.testing.assert_array_equal(s.read_level(0), z[0][:, :, None])
+
+
+def test_a_multichannel_z_stack_keeps_its_channels_of_the_first_plane(tmp_path):
+    d = np.random.default_rng(1).integers(0, 255, (3, 2, 40, 50), dtype=np.uint8)  # Z C Y X
+    path = tmp_path / "zc.ome.tif"
+    tifffile.imwrite(path, d, metadata={"axes": "ZCYX", "Channel": {"Name": ["DAPI", "CD3"]}})
+    s = histoflow.open_slide(path)
+    assert s.channel_names == ["DAPI", "CD3"]
+    np.testing.assert_array_equal(s.read_level(0), np.moveaxis(d[0], 0, -1))
+    # a plain multi-page stack (axis I) stays one channel per page
+    mibi = histoflow.open_slide(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff"))
+    assert mibi.channels == 22
+
+
+# ---------------------------------------------------------------- 3. OME names of the first image only
+def test_ome_channel_names_come_from_the_first_image_only(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "two.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(rng.integers(0, 255, (3, 64, 64), dtype=np.uint8),
+                 metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD3", "CD8"]}})
+        tw.write(rng.integers(0, 255, (2, 32, 32), dtype=np.uint8),
+                 metadata={"axes": "CYX", "Channel": {"Name": ["maskA", "maskB"]}})
+    assert histoflow.open_slide(path).channel_names == ["DAPI", "CD3", "CD8"]
+    # the first image's channels are unnamed: the second image's names are not borrowed
+    path = tmp_path / "unnamed.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(rng.integers(0, 255, (2, 64, 64), dtype=np.uint8), metadata={"axes": "CYX"})
+        tw.write(rng.integers(0, 255, (2, 32, 32), dtype=np.uint8),
+                 metadata={"axes": "CYX", "Channel": {"Name": ["maskA", "maskB"]}})
+    assert histoflow.open_slide(path).channel_names == ["channel 0", "channel 1"]
+
+
+# ---------------------------------------------------------------- 4. ImageJ units
+@pytest.mark.parametrize("unit, per_unit", [("\\u00B5m", 2.0), ("micron", 2.0), ("um", 2.0), ("nm", 1 / 500),
+                                            ("mm", 2000.0)])
+def test_imagej_units_give_the_pixel_size(tmp_path, unit, per_unit):
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, np.zeros((2, 64, 64), np.uint8), imagej=True, resolution=(per_unit, per_unit),
+                     metadata={"axes": "CYX", "unit": unit})
+    assert histoflow.open_slide(path).mpp == pytest.approx((0.5, 0.5))
+
+
+# ---------------------------------------------------------------- 5. palette TIFFs
+@pytest.mark.parametrize("tile", [None, (16, 16)])
+def test_a_palette_tiff_reads_as_rgb_brightfield(tmp_path, tile):
+    rng = np.random.default_rng(2)
+    index = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    lut = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    path = tmp_path / "palette.tif"
+    tifffile.imwrite(path, index, photometric="palette", colormap=lut.T.astype(np.uint16) * 257, tile=tile)
+    s = histoflow.open_slide(path)
+    assert (s.channels, s.channel_names, s.dtype, s.brightfield) == (3, ["R", "G", "B"], np.uint8, True)
+    np.testing.assert_array_equal(s.read_level(0), lut[index])
+    a = s.read_region((30, 20), 0, (30, 30))  # partly outside: padded white
+    np.testing.assert_array_equal(a[:20, :20], lut[index[20:, 30:]])
+    assert (a[20:] == 255).all() and (a[:, 20:] == 255).all()
+    # as Pillow reads the same image saved as PNG
+    im = Image.fromarray(index, "P")
+    im.putpalette(lut.ravel().tolist())
+    im.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(histoflow.open_slide(tmp_path / "palette.png").read_level(0), s.read_level(0))
+
+
+def test_imagej_lut_pages_keep_their_raw_values():
+    path = data_path("fluorescence", "instanseg_Fluorescence_example.tif")
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_imagej and int(tf.pages[0].photometric) == 3  # a palette (ImageJ's LUT)
+        raw = np.moveaxis(tf.series[0].asarray(), 0, -1)
+    s = histoflow.open_slide(path)
+    assert s.channels == 2 and not s.brightfield
+    np.testing.assert_array_equal(s.read_level(0), raw)
+
+
+# ---------------------------------------------------------------- 6. grey + alpha PNGs
+def test_a_16bit_grey_alpha_png_is_one_grey_channel_composited_on_white(tmp_path):
+    grey = np.full((50, 60), 1000, np.uint16)
+    alpha = np.full((50, 60), 65535, np.uint16)
+    alpha[:, :20] = 0
+    alpha[:, 20:40] = 32768
+    path = tmp_path / "la16.png"
+    path.write_bytes(imagecodecs.png_encode(np.dstack([grey, alpha])))
+    s = histoflow.open_slide(path)
+    assert (s.channels, s.channel_names, s.dtype, s.brightfield) == (1, ["intensity"], np.uint16, False)
+    a = s.read_level(0)
+    assert a.shape == (50, 60, 1)
+    assert (a[:, :20] == 65535).all() and (a[:, 40:] == 1000).all()
+    assert (a[:, 20:40] == (1000 * 32768 + 65535 * 32767 + 32767) // 65535).all()
+    assert s.read_region((45, 35), 0, (30, 30)).shape == (30, 30, 1)  # partly outside
+    assert s.thumbnail(16).shape[-1] == 1
+
+
+def test_an_8bit_grey_alpha_png_is_composited_on_white_too(tmp_path):
+    la = np.zeros((20, 30, 2), np.uint8)
+    la[..., 0] = 40
+    la[:, 10:, 1] = 255
+    la[:, 20:, 1] = 128
+    path = tmp_path / "la8.png"
+    Image.fromarray(la, "LA").save(path)
+    s = histoflow.open_slide(path)
+    assert (s.channels, s.channel_names) == (1, ["intensity"])
+    a = s.read_level(0)[..., 0]
+    assert (a[:, :10] == 255).all() and (a[:, 10:20] == 40).all()
+    assert (a[:, 20:] == (40 * 128 + 255 * 127 + 127) // 255).all()
+
+
+# ---------------------------------------------------------------- 7. ASCII-typed XMP
+def test_a_tiff_with_ascii_xmp_opens(tmp_path):
+    path = tmp_path / "xmp.tif"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), photometric="rgb",
+                     extratags=[(700, "s", 0, '<x:xmpmeta xmlns:x="adobe:ns:meta/"/>', True)])
+    with tifffile.TiffFile(path) as tf:
+        assert isinstance(tf.pages[0].tags[700].value, str)
+    assert detect_format(path).backend == "tiff"
+    assert histoflow.open_slide(path).dimensions == (64, 64)
+
+
+# ---------------------------------------------------------------- 8. damaged associated images
+@pytest.mark.parametrize("code, value, why", [(256, 0, "its tags give an empty image"),
+                                              (258, 7, r"it decoded to shape \(0, 463, 387, 3\)")])
+def test_a_damaged_associated_image_raises_tile_decode_error(tmp_path, code, value, why):
+    path = tmp_path / f"label_{code}.svs"
+    shutil.copy(SVS, path)
+    with tifffile.TiffFile(SVS) as tf:
+        tag = next(s for s in tf.series if s.name == "Label").pages[0].tags[code]  # ImageWidth, BitsPerSample
+        _patch(path, tag.valueoffset, value.to_bytes(2, "little"))
+    s = histoflow.open_slide(path)
+    with pytest.raises(TileDecodeError,
+                       match=rf"label_{code}.svs: the label image \(page 2\) cannot be decoded: {why}"):
+        s.associated_images["label"]
+    assert s.associated_images["macro"].shape == (431, 1280, 3)  # the rest of the file is fine
+    assert s.read_region((0, 0), 0, (4, 4)).shape == (4, 4, 3)
+
+
+# ---------------------------------------------------------------- 9. mpp overrides
+@pytest.mark.parametrize("mpp", ["abc", "0.5", (0.5,), [0.5, None], {"x": 1}, [0.5, 0.5, 0.5], 0, -0.5,
+                                 float("nan"), True, np.array([[0.5, 0.5]])])
+def test_a_bad_mpp_override_is_a_parameter_error_naming_the_file(mpp):
+    with pytest.raises(ParameterError, match=r"CMU-1-Small-Region.svs: mpp must be one positive number of µm per "
+                                             r"pixel or a pair \(x, y\)"):
+        histoflow.open_slide(SVS, mpp=mpp)
+    s = histoflow.open_slide(SVS)
+    with pytest.raises(ParameterError, match=r"CMU-1-Small-Region.svs: mpp must be"):
+        s.mpp = mpp
+    assert s.mpp == pytest.approx((0.499, 0.499))
+
+
+@pytest.mark.parametrize("mpp, want", [(0.25, (0.25, 0.25)), ((0.5, 0.25), (0.5, 0.25)), ([1, 2], (1.0, 2.0)),
+                                       (np.array([0.5, 0.5]), (0.5, 0.5)), (np.float32(0.5), (0.5, 0.5))])
+def test_good_mpp_overrides_are_taken(mpp, want):
+    assert histoflow.open_slide(SVS, mpp=mpp).mpp == pytest.approx(want)
+
+
+# ---------------------------------------------------------------- 10. planar-separate RGBA
+@pytest.mark.parametrize("extrasample", [1, 2])  # associated (premultiplied), unassociated alpha
+def test_planar_separate_rgba_is_composited_on_white_like_contiguous(tmp_path, extrasample):
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (100, 90, 4), dtype=np.uint8)
+    rgba[:40, :, 3] = 0  # fully transparent: white
+    rgba[40:60, :, 3] = 255  # opaque: the colour
+    if extrasample == 1:  # premultiplied colour never exceeds alpha
+        rgba[..., :3] = np.minimum(rgba[..., :3], rgba[..., 3:])
+    contig, sep = tmp_path / "contig.tif", tmp_path / "sep.tif"
+    tifffile.imwrite(contig, rgba, photometric="rgb", extrasamples=[extrasample], tile=(32, 32))
+    tifffile.imwrite(sep, np.moveaxis(rgba, -1, 0), photometric="rgb", planarconfig="separate",
+                     extrasamples=[extrasample], tile=(32, 32))
+    s = histoflow.open_slide(sep)
+    a = s.read_level(0)
+    assert a.shape == (100, 90, 3) and s.channel_names == ["R", "G", "B"]
+    assert (a[:40] == 255).all()
+    np.testing.assert_array_equal(a[40:60], rgba[40:60, :, :3])
+    np.testing.assert_array_equal(a, histoflow.open_slide(contig).read_level(0))
+    np.testing.assert_array_equal(s.read_region((70, 10), 0, (40, 40))[:30, :20], a[10:40, 70:90])
