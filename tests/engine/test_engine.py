@@ -1047,3 +1047,24 @@ def test_a_transform_that_cannot_be_copied_is_named(tmp_path):
         SlideData(SVS).run(Pipeline([Blur(3), Locked()]), tmp_path / "o.h5path", executor="inprocess",
                            progress=False)
     assert not os.path.exists(tmp_path / "o.h5path")
+
+
+def test_provenance_records_what_the_steps_fitted_to_the_slide(tmp_path):
+    """The provenance held the pipeline's parameters only: the stain matrix and the tissue threshold fitted to
+    the slide, which decide every tile, could not be read back."""
+    from histoflow.transforms import StainNormalizationHE, TissueDetectionHE
+
+    pipe = Pipeline([TissueDetectionHE(), StainNormalizationHE()])
+    slide = SlideData(SVS)
+    out = slide.run(pipe, tmp_path / "o.h5path", executor="inprocess", tile_size=512, progress=False)
+    with read_h5path(out) as h5:
+        fitted = h5.provenance[-1]["fitted"]
+    ref = Pipeline([TissueDetectionHE(), StainNormalizationHE()])
+    ref.fit_slide(slide)
+    assert set(fitted) == {"0:TissueDetectionHE", "1:StainNormalizationHE"}
+    assert fitted["0:TissueDetectionHE"]["slide_threshold_"] == pytest.approx(float(ref.steps[0].slide_threshold_))
+    matrix, maxc = ref.steps[1].slide_stains_
+    got = fitted["1:StainNormalizationHE"]["slide_stains_"]
+    np.testing.assert_allclose(got[0], matrix)
+    np.testing.assert_allclose(got[1], maxc)
+    assert np.asarray(got[0]).shape == (2, 3)

@@ -414,6 +414,8 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     job.writer.add_provenance({
         "kind": "pipeline run", "run_id": run_id,
         "pipeline": job.manifest["pipeline"],
+        # what the steps fitted to this slide (stain matrices, thresholds ...), which the YAML cannot say
+        "fitted": _fitted(job.pipeline),
         # the batch size used (the one asked for, or fewer tiles when that many would hold over BATCH_BYTES)
         "tiling": tiling, "batch_size": job.manifest["batch_size"], "batch_size_requested": batch_size,
         "tiles_written": job.merged, "tiles_in_grid": job.n_tiles,
@@ -429,6 +431,41 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     if job.shared is not None:  # the slide and pipeline scattered to the workers can go
         ex.release(job.shared)
         job.shared = None
+
+
+def _fitted(pipeline) -> dict:
+    """``{"<index>:<Step>": {attribute: value}}`` of the slide-level values the steps of ``pipeline`` fitted
+    (their public attributes ending in ``_``, scikit-learn's convention), as JSON: numbers, text and arrays
+    (as lists) up to 10,000 numbers each; None and larger values are left out."""
+    out = {}
+    for i, step in enumerate(getattr(pipeline, "steps", None) or []):
+        vals = {}
+        for k, v in vars(step).items():
+            if k.startswith("_") or not k.endswith("_") or v is None:
+                continue
+            j = _jsonable(v)
+            if j is not None:
+                vals[k] = j
+        if vals:
+            out[f"{i}:{type(step).__name__}"] = vals
+    return out
+
+
+def _jsonable(v, budget=10_000):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if np.isfinite(v) else str(float(v))
+    if isinstance(v, str):
+        return v
+    if isinstance(v, np.ndarray):
+        return v.tolist() if v.size <= budget and v.dtype.kind in "biuf" else None
+    if isinstance(v, (list, tuple)):
+        items = [_jsonable(x, budget) for x in v]
+        return None if any(x is None for x in items) else items
+    return None
 
 
 def _versions():
