@@ -478,7 +478,6 @@ def cmd_quantify(args):
     if os.path.abspath(store) == os.path.abspath(out):
         raise HistoflowError(f"{out}: the cell table is an AnnData .h5ad file (the tiles and masks go to "
                              f"{store} beside it); give -o a name ending in .h5ad")
-    nuclear = int(args.nuclear_channel) if str(args.nuclear_channel).lstrip("-").isdigit() else args.nuclear_channel
     png = _picture_path(args.png, out, avoid=(args.slide, out, store))
     _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png})
     with SlideData(args.slide, mpp=args.mpp) as slide:
@@ -487,12 +486,29 @@ def cmd_quantify(args):
 
             steps = [NucleusDetectionHE(mask_name="cells"), QuantifyCells(mask_name="cells")]
         else:
+            nuclear = _channel_option(args.nuclear_channel, slide.reader.channel_names)
             steps = [SegmentCells(nuclear_channel=nuclear, membrane_channels=args.membrane,
                                   expand_um=args.expand), QuantifyCells(nucleus_mask="nuclei")]
-        overlap = args.overlap if args.overlap is not None else _cell_overlap(slide, args.expand, args.tile)
-        slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=overlap,
-                  executor="dask" if args.workers else "inprocess", workers=args.workers,
-                  progress=not args.no_progress, resume=args.resume)
+        overlap = args.overlap
+        if overlap is None:
+            needed = _cell_overlap(slide, args.expand)
+            # a tile's core must stay: the overlap is at most half the tile. Below the overlap cells need, cells
+            # near tile edges may differ from those of larger tiles (one MIBI cell: 404.5 µm² at --tile 128,
+            # 415.5 at --tile 1024): said, with the tile size that avoids it
+            overlap = min(needed, args.tile // 2)
+            if overlap < needed and args.tile < max(slide.dimensions):
+                print(f"histoflow: warning: --tile {args.tile} leaves room for a tile overlap of {overlap} px, less "
+                      f"than the {needed} px cells need on this slide (2 x (a large nucleus, 15 µm, + 2 x --expand)): "
+                      f"cells near tile edges may differ from those of larger tiles; use --tile {2 * needed} or more",
+                      file=sys.stderr)
+        try:
+            slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=overlap,
+                      executor="dask" if args.workers else "inprocess", workers=args.workers,
+                      progress=not args.no_progress, resume=args.resume)
+        except HistoflowError as e:  # the library names its parameter; the user typed an option
+            if "nuclear_channel=" not in str(e):
+                raise
+            raise type(e)(str(e).replace("nuclear_channel=", "--nuclear-channel")) from None
     with read_h5path(store) as h:
         cells = h.cells
     tmp = f"{out}.tmp-{os.getpid()}.h5ad"
@@ -539,18 +555,36 @@ def _picture_path(option, output, avoid=()):
 
 
 
-def _cell_overlap(slide, expand_um, tile) -> int:
-    """Tile overlap (pixels) for cell segmentation: each side of a tile's core must hold, whole, every
+def _cell_overlap(slide, expand_um) -> int:
+    """Tile overlap (pixels, even) for cell segmentation: each side of a tile's core must hold, whole, every
     nucleus that competes for the territory of the cells the tile keeps: 2 x (a large nucleus + 2 x the
     cells' reach), twice :meth:`SegmentCells.min_overlap` (a whole cell). With less, a neighbour cut by the
-    tile's edge is dropped as too small and a kept cell may grow into its place. At most half the tile."""
+    tile's edge is dropped as too small and a kept cell may grow into its place."""
     import math
 
     from .transforms.multiplex import DEFAULT_MPP, LARGE_NUCLEUS_UM
 
     mpp = float(slide.mpp[0]) if slide.mpp else DEFAULT_MPP
     px = math.ceil(2 * (LARGE_NUCLEUS_UM + 2 * max(0.0, float(expand_um))) / mpp)
-    return int(min(px + px % 2, tile // 2))
+    return int(px + px % 2)
+
+
+def _channel_option(value, names):
+    """A channel option as the library takes it: a name, or an index for digits that name no channel. A name
+    is tried first: channels named by wavelength ('405', '488') are common, and '405' is not index 405."""
+    from .errors import ChannelError
+    from .transforms.objects import find_channel
+
+    text = str(value)
+    if not text.lstrip("-").isdigit():
+        return value
+    try:
+        find_channel(list(names or []), text)
+    except ChannelError as e:
+        if "several" in str(e):  # a name of several channels: the run says which
+            return text
+        return int(text)
+    return text
 
 
 def _check_outputs(inputs, outputs: dict):
@@ -757,10 +791,18 @@ def cmd_phenotype(args):
         used = set(table.validate(list(cells.var_names)).values())
     except RuleError as e:
         raise RuleError(f"{args.rules}: {e}") from None
+    from .cells.gating import CellsError, resolve_channel
+
+    var_names = list(map(str, cells.var_names))
     named = set()
     for k, v in (manual or {}).items():
-        named.update(map(str, v) if isinstance(v, dict) else [str(k)])
-    channels = [c for c in map(str, cells.var_names) if c in used or c in named]
+        for name in (map(str, v) if isinstance(v, dict) else [str(k)]):
+            try:  # as gate reads the thresholds: "Ki67" is the channel "Ki67 (151)"
+                ch = resolve_channel(name, var_names)
+            except CellsError as e:
+                raise CellsError(f"{args.thresholds}: {e}") from None
+            named.add(ch if ch is not None else name)  # unknown: gate names it
+    channels = [c for c in var_names if c in used or c in named]
     try:
         gate(cells, thresholds=manual, method=args.gate, by=by, channels=channels, log=not args.no_log)
     except HistoflowError as e:

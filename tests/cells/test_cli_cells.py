@@ -147,7 +147,7 @@ def test_quantify_cells_do_not_depend_on_the_tiling_at_the_default_overlap(tmp_p
     d, i = cKDTree(whole.obsm["spatial"]).query(tiled.obsm["spatial"])
     assert d.max() < 1.0
     area = np.abs(tiled.obs["area"].to_numpy() - whole.obs["area"].to_numpy()[i])
-    assert area.max() <= 2.0, area.max()  # µm²: watershed ties at tile seams only
+    assert area.max() == 0, area.max()  # µm²: the membrane watershed's ties no longer depend on the seams
 
 
 def test_phenotype_never_replaces_the_store(tmp_path):

@@ -8,21 +8,54 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ChannelError
+from ..errors import ChannelError, ParameterError
 
-__all__ = ["keep_owned", "relabel_sequential", "find_channel"]
+__all__ = ["keep_owned", "relabel_sequential", "find_channel", "check_labels"]
 
 #: µm across a large nucleus: what a tile's overlap must hold whole (see ``Transform.min_overlap``)
 LARGE_NUCLEUS_UM = 15.0
 
 
-def relabel_sequential(labels, same_ids=None):
+def check_labels(labels, what="labels"):
+    """``labels`` as a label image of integers (0 = background, 1.. = objects), or a :class:`ParameterError`
+    naming ``what`` and the problem.
+
+    Unsigned and signed integers (none negative) pass as they are; floats holding whole numbers >= 0 (a label
+    image saved as float; ids up to 2**31 - 1) become int64. A bool mask is refused: it has no object ids
+    (label its objects first, e.g. with ``skimage.measure.label``), and reading it as one object would
+    quietly measure the whole mask as one cell.
+    """
+    labels = np.asarray(labels)
+    kind = labels.dtype.kind
+    if kind == "u":
+        return labels
+    if kind == "i":
+        low = labels.min() if labels.size else 0
+        if low >= 0:
+            return labels
+        problem = f"it has negative values (down to {low})"
+    elif kind == "f":
+        ok = not labels.size or (np.isfinite(labels).all() and labels.min() >= 0 and
+                                 labels.max() <= np.iinfo(np.int32).max and bool(np.all(labels == np.floor(labels))))
+        if ok:
+            return labels.astype(np.int64)
+        problem = "it holds values that are not whole numbers from 0 to 2**31 - 1"
+    elif kind == "b":
+        problem = "a bool mask has no object ids: label its objects first (e.g. skimage.measure.label)"
+    else:
+        problem = "it is not numeric"
+    raise ParameterError(f"{what}: a label image must hold non-negative integers (0 = background, 1.. = "
+                         f"objects); got dtype {labels.dtype}: {problem}")
+
+
+def relabel_sequential(labels, same_ids=None, what="labels"):
     """Labels renumbered 1..n in order of their old ids (int32), 0 stays background.
 
     With ``same_ids`` (a second label image using the same ids, e.g. the nuclei of cells) returns
     ``(labels, same_ids)``, both renumbered alike; ids of ``same_ids`` absent from ``labels`` become 0.
+    ``what`` names ``labels`` in the error a label image of the wrong kind raises (see :func:`check_labels`).
     """
-    labels = np.asarray(labels)
+    labels = check_labels(labels, what)
     n = int(labels.max()) if labels.size else 0
     present = np.zeros(n + 1, bool)
     present[labels.ravel()] = True
@@ -33,7 +66,7 @@ def relabel_sequential(labels, same_ids=None):
     out = labels.astype(np.int32, copy=False) if k == n else lut[labels]  # already 1..n: nothing to do
     if same_ids is None:
         return out
-    other = np.asarray(same_ids)
+    other = check_labels(same_ids, f"{what}: same_ids")
     other = np.where(other <= n, lut[np.minimum(other, n)], 0).astype(np.int32) if other.size else \
         other.astype(np.int32)
     return out, other
@@ -48,7 +81,7 @@ def keep_owned(labels, core, *, return_ids: bool = False):
     """
     from scipy import ndimage as ndi
 
-    labels = np.asarray(labels)
+    labels = check_labels(labels, "keep_owned: labels")
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         out = labels.astype(np.int32)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import MaskError, ParameterError
 from .base import Transform
-from .objects import relabel_sequential
+from .objects import check_labels, relabel_sequential
 
 __all__ = ["QuantifyCells", "quantify_cells", "MORPHOLOGY"]
 
@@ -37,7 +37,9 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[:, :, None]
-    labels = np.asarray(labels)
+    labels = check_labels(labels, "quantify_cells: labels")
+    if nuclei is not None:
+        nuclei = check_labels(nuclei, "quantify_cells: nuclei")
     if labels.shape != image.shape[:2] or (nuclei is not None and np.shape(nuclei) != image.shape[:2]):
         shapes = f"{labels.shape}" + ("" if nuclei is None else f" and nuclei {np.shape(nuclei)}")
         raise ParameterError(f"quantify_cells: labels {shapes} must have the image's height and width "
@@ -86,6 +88,8 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
                 med = (a.astype(np.float32) + b) / np.float32(2)
             else:
                 med = (a.astype(np.float64) + b) / 2.0
+            if srt.dtype.kind == "f":  # NaN sorts last, so the middle was taken among the rest: np.median gives NaN
+                med[np.logical_or.reduceat(np.isnan(vs), starts)] = np.nan
             out["median"][:, ch] = med
     props = regionprops_table(labels, properties=("label", "centroid") + MORPHOLOGY)
     for k in MORPHOLOGY:
@@ -205,10 +209,12 @@ class QuantifyCells(Transform):
             raise MaskError(f"QuantifyCells: the tile has no mask {self.mask_name!r} (it has {sorted(tile.masks)})")
         image, _ = self._channels(tile)
         nuclei = tile.masks.get(self.nucleus_mask) if self.nucleus_mask else None
+        what = f"QuantifyCells: mask {self.mask_name!r}"
         if nuclei is None:
-            labels = relabel_sequential(tile.masks[self.mask_name])
+            labels = relabel_sequential(tile.masks[self.mask_name], what=what)
         else:
-            labels, nuclei = relabel_sequential(tile.masks[self.mask_name], nuclei)
+            nuclei = check_labels(nuclei, f"QuantifyCells: mask {self.nucleus_mask!r}")
+            labels, nuclei = relabel_sequential(tile.masks[self.mask_name], nuclei, what=what)
         # the stored masks take the table's numbering: row k is mask id k + 1
         tile.masks[self.mask_name] = labels
         if nuclei is not None:
