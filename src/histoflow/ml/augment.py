@@ -388,13 +388,13 @@ class StainAugment(Augmentation):
     """
 
     def __init__(self, sigma1=0.1, sigma2=0.1, stain_matrix=None, background_intensity=245, p=1.0):
-        from ..transforms.stain import _as_matrix
+        from ..transforms.stain import _checked_he_matrix
 
         self.sigma1 = _check_nonneg("StainAugment", "sigma1", sigma1)
         self.sigma2 = _check_nonneg("StainAugment", "sigma2", sigma2)
-        if stain_matrix is not None:
+        if stain_matrix is not None:  # unit rows, hematoxylin first; zero, negative or equal rows refused
             try:
-                stain_matrix = _as_matrix(stain_matrix, 2, "StainAugment stain_matrix")
+                stain_matrix = _checked_he_matrix(stain_matrix, "StainAugment: stain_matrix")[0]
             except ValueError as e:
                 raise AugmentError(str(e)) from None
         self.stain_matrix = stain_matrix

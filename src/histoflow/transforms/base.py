@@ -229,8 +229,8 @@ class Transform:
     def __eq__(self, other):
         return type(self) is type(other) and self.to_dict() == other.to_dict()
 
-    def __hash__(self):
-        return hash(repr(self))
+    def __hash__(self):  # from what __eq__ compares: equal transforms hash alike (np.float32(1.5) and 1.5)
+        return hash(_frozen(self.to_dict()))
 
 
 class Pipeline(Transform):
@@ -439,11 +439,12 @@ class Pipeline(Transform):
 
     def save(self, path) -> str:
         """Write the pipeline as YAML (atomically)."""
+        from ..utils import atomic_output
+
         path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.to_yaml())
-        os.replace(tmp, path)
+        text = self.to_yaml()  # first: a step YAML cannot hold leaves no file behind
+        with atomic_output(path) as tmp, open(tmp, "w") as f:
+            f.write(text)
         return path
 
     @classmethod
@@ -633,3 +634,16 @@ class _ReaderAfterSteps:
 
     def thumbnail(self, max_size=512, channels=None):
         return self._view.thumbnail(max_size, channels=channels)
+
+
+def _frozen(v):
+    """A hashable form of a plain (YAML) value, equal where the values are equal."""
+    if isinstance(v, dict):
+        return tuple(sorted((str(k), _frozen(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    try:
+        hash(v)
+    except TypeError:
+        return repr(v)
+    return v

@@ -115,6 +115,8 @@ def _check_range(name, param, value):
     if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2 and all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
         lo, hi = (v.item() if isinstance(v, np.generic) else v for v in value)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ParameterError(f"{name}: {param} (min, max) must be finite, got {value!r}")
         if not lo < hi:
             raise ParameterError(f"{name}: {param} (min, max) needs min < max, got {value!r}")
         return (lo, hi)
@@ -208,6 +210,10 @@ def equalize_adaptive(image, clip_limit=0.03, nbins=256, kernel_size=None):
     from skimage import exposure
 
     image, was_2d = _as_hwc(image)
+    if image.dtype.kind == "f" and image.size and not (np.nanmin(image) >= -1 and np.nanmax(image) <= 1):
+        raise ParameterError(f"AdaptiveHistogramEqualization: float images must hold values in [-1, 1] "
+                             f"(scikit-image's float range), got {float(np.nanmin(image))}..{float(np.nanmax(image))}; "
+                             "scale them first (RescaleIntensity) or give integers")
     ks = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
     c = image.shape[2]
     if c == 3:

@@ -233,4 +233,4 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
         # tiles that overlap: each nucleus is kept by the one tile whose core holds its centroid
         labels = self.F(tile.image, tile.core)
         tile.masks[self.mask_name] = labels
-        tile.labels[self.label_name] = int(labels.max())
+        tile.labels[self.label_name] = int(labels.max()) if labels.size else 0

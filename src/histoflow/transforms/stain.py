@@ -198,6 +198,31 @@ def _validate_matrix(m, who):
     return _order_he(m)
 
 
+def _check_choices(who, method, max_c_pixels):
+    """A misspelt method was taken as Macenko, a misspelt max_c_pixels as "all": refused instead."""
+    if method not in ("macenko", "vahadane"):
+        raise ParameterError(f"{who}: method must be 'macenko' or 'vahadane', got {method!r}")
+    if max_c_pixels not in ("stained", "all"):
+        raise ParameterError(f"{who}: max_c_pixels must be 'stained' or 'all', got {max_c_pixels!r}")
+
+
+def _checked_he_matrix(matrix, who):
+    """A user's H&E matrix as :func:`_validate_matrix` makes it (unit rows, hematoxylin first), with the row
+    order taken from the matrix given and the given rows' lengths; ParameterError naming ``who`` when it
+    cannot be a stain matrix (negative, zero or coinciding rows)."""
+    m = _as_matrix(matrix, 2, who)
+    if np.any(m < 0):
+        raise ParameterError(f"{who} holds negative optical densities: {m.tolist()}")
+    try:
+        valid = _validate_matrix(m, who)  # unit rows, hematoxylin first
+    except StainEstimationError as e:
+        raise ParameterError(str(e)) from None
+    norms = np.linalg.norm(m, axis=1)
+    unit = m / norms[:, None]
+    order = [0, 1] if np.allclose(valid[0], unit[0]) else [1, 0]
+    return valid, order, norms
+
+
 def _check_seed(name, seed):
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ParameterError(f"{name}: seed must be a whole number >= 0 or None, got {seed!r}")
@@ -463,6 +488,7 @@ def fit_stains(image, method="macenko", background_intensity=245, beta=0.15, alp
 def stain_maxima(image, stain_matrix, method="macenko", background_intensity=245, beta=0.15, max_c_percentile=99,
                  mask=None, max_c_pixels="stained"):
     """The maximum concentrations (:func:`fit_stains`'s) of ``image`` for a given stain matrix."""
+    _check_choices("stain_maxima", method, max_c_pixels)
     od_all = _od_lut(background_intensity)[_pixels(image, mask)]
     od = od_all[np.all(od_all >= beta, axis=1)] if max_c_pixels == "stained" else od_all
     if len(od) < MIN_ESTIMATION_PIXELS:
@@ -534,6 +560,7 @@ def normalize_stains(image, stain_matrix=None, max_concentrations=None,
     >>> out = normalize_stains(img, background_intensity=240)   # torchstain's Macenko   # doctest: +SKIP
     """
     image = _check_rgb(image, "normalize_stains")
+    _check_choices("normalize_stains", method, max_c_pixels)
     if target not in _NAMED_TARGETS:
         raise ParameterError(f"normalize_stains: target must be one of {_NAMED_TARGETS}, got {target!r}")
     if stain_matrix is None:
@@ -968,15 +995,10 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         if np.any(arrays[1] <= 0):
             raise ParameterError(f"StainNormalizationHE: reference {keys[1]} must be positive, got {arrays[1].tolist()}")
         if not self._reinhard:
-            m = _as_matrix(arrays[0], 2, "reference stain_matrix")
-            if np.any(m < 0):
-                raise ParameterError(f"StainNormalizationHE: reference stain_matrix holds negative optical densities: "
-                                     f"{m.tolist()}")
-            try:
-                m = _validate_matrix(m, "reference stain_matrix")  # unit rows, hematoxylin first
-            except StainEstimationError as e:
-                raise ParameterError(f"StainNormalizationHE: {e}") from None
-            arrays = (m, arrays[1])
+            m, order, norms = _checked_he_matrix(arrays[0], "StainNormalizationHE: reference stain_matrix")
+            # the maxima go with their rows: reordered as the rows are, and in units of the unit rows (an
+            # optical density c * v is (c * |v|) * v / |v|); eosin given first made 40 grey levels of error
+            arrays = (m, (arrays[1] * norms)[order])
         self.target_stains_ = arrays
         self.reference = {k: a.tolist() for k, a in zip(keys, arrays)}
 
@@ -1045,8 +1067,10 @@ class StainNormalizationHE(_StainFitMixin, Transform):
                                       self.background_intensity)
         dst, dst_max = self._target()
         src = self._tile_stains(image, self.stain_estimation_method, tile)
-        if src is None:  # too little tissue, or not H&E-like (ink, padding): left as it is
-            return image.copy()
+        if src is None:  # too little tissue, or not H&E-like (ink, padding): taken as in the reference stains,
+            if self.target == "normalize":  # so left as it is, or one stain of it rendered
+                return image.copy()
+            src = (dst, dst_max)
         return normalize_stains(image, src[0], src[1], dst, dst_max, target=self.target,
                                 method=self.stain_estimation_method,
                                 background_intensity=self.background_intensity, beta=self.beta)
@@ -1081,7 +1105,7 @@ class StainSeparation(Transform):
             if stain.lower() not in _STAIN_INDEX:
                 raise ParameterError(f"StainSeparation: stain must be one of {list(_STAIN_INDEX)} or a row index, "
                                      f"got {stain!r}")
-        elif not isinstance(stain, (int, np.integer)) or not 0 <= int(stain) <= 2:
+        elif isinstance(stain, (bool, np.bool_)) or not isinstance(stain, (int, np.integer)) or not 0 <= int(stain) <= 2:
             raise ParameterError(f"StainSeparation: stain index must be 0, 1 or 2, got {stain!r}")
         if output not in ("image", "concentration"):
             raise ParameterError(f"StainSeparation: output must be 'image' or 'concentration', got {output!r}")
@@ -1143,8 +1167,9 @@ class StainAugmentation(_StainFitMixin, Transform):
         _check_number("StainAugmentation", "sigma1", sigma1, 0)
         _check_number("StainAugmentation", "sigma2", sigma2, 0)
         _check_seed("StainAugmentation", seed)
-        if stain_matrix is not None:
-            _as_matrix(stain_matrix, 2, "StainAugmentation stain_matrix")
+        # checked as a reference matrix is; used with unit rows, hematoxylin first (kept as given for YAML)
+        self._matrix = None if stain_matrix is None else \
+            _checked_he_matrix(stain_matrix, "StainAugmentation: stain_matrix")[0]
         self.sigma1 = sigma1
         self.sigma2 = sigma2
         self.seed = seed
@@ -1166,8 +1191,8 @@ class StainAugmentation(_StainFitMixin, Transform):
         rng = self._rng(coords)
         alpha = rng.uniform(1 - self.sigma1, 1 + self.sigma1, 2)
         beta = rng.uniform(-self.sigma2, self.sigma2, 2)
-        if self.stain_matrix is not None:
-            m = _as_matrix(self.stain_matrix, 2)
+        if self._matrix is not None:
+            m = self._matrix
         else:
             src = self._tile_stains(image, "macenko", tile)
             m = REFERENCE_STAIN_MATRIX if src is None else src[0]
