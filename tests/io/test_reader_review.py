@@ -1,6 +1,7 @@
 """Reader defects found in a review (overflowing offsets, Z-stacks read as channels, OME names of other
 images, ImageJ units, palettes, grey + alpha PNGs, ASCII XMP, damaged associated images, bad mpp overrides,
 planar RGBA): each ends in the right pixels and metadata, or in a project error that names the file."""
+import os
 import shutil
 
 import imagecodecs
@@ -232,3 +233,18 @@ def test_planar_separate_rgba_is_composited_on_white_like_contiguous(tmp_path, e
     np.testing.assert_array_equal(a[40:60], rgba[40:60, :, :3])
     np.testing.assert_array_equal(a, histoflow.open_slide(contig).read_level(0))
     np.testing.assert_array_equal(s.read_region((70, 10), 0, (40, 40))[:30, :20], a[10:40, 70:90])
+
+
+def test_a_reader_opened_by_a_relative_path_reopens_from_another_folder(tmp_path, monkeypatch):
+    """Readers pickled the path as given: a dask worker whose working directory differs (a remote cluster)
+    could not open a slide named relatively."""
+    import pickle
+
+    from datafiles import SVS
+
+    monkeypatch.chdir(os.path.dirname(SVS))
+    r = histoflow.open_slide(os.path.basename(SVS))
+    data = pickle.dumps(r)
+    monkeypatch.chdir(tmp_path)
+    again = pickle.loads(data)
+    np.testing.assert_array_equal(again.read_region((100, 100), 0, (64, 64)), r.read_region((100, 100), 0, (64, 64)))

@@ -403,7 +403,9 @@ class SlideReader:
 
     # pickling: send the path and options, reopen on the other side
     def __getstate__(self):
-        return {"path": self.path, "kwargs": dict(self._kwargs)}
+        # absolute: a worker of a remote cluster (or one started in another folder) reopens the file from
+        # its own working directory, where a relative path names nothing or another file
+        return {"path": os.path.abspath(self.path), "kwargs": dict(self._kwargs)}
 
     def __setstate__(self, state):
         self.__init__(state["path"], **state["kwargs"])
