@@ -511,9 +511,7 @@ def cmd_quantify(args):
             raise type(e)(str(e).replace("nuclear_channel=", "--nuclear-channel")) from None
     with read_h5path(store) as h:
         cells = h.cells
-    tmp = f"{out}.tmp-{os.getpid()}.h5ad"
-    cells.write_h5ad(tmp)
-    os.replace(tmp, out)
+    _write_h5ad(cells, out)
     msg = (f"{out}: {cells.n_obs} cells x {cells.n_vars} channels ({', '.join(map(str, cells.var_names[:6]))}"
            f"{', ...' if cells.n_vars > 6 else ''}); tiles and masks in {store}")
     if png:
@@ -585,6 +583,14 @@ def _channel_option(value, names):
             return text
         return int(text)
     return text
+
+
+def _write_h5ad(table, path):
+    """An AnnData written whole or not at all (a failure leaves neither half a file nor a temporary one)."""
+    from .utils import atomic_output
+
+    with atomic_output(path, ".h5ad") as tmp:
+        table.write_h5ad(tmp)
 
 
 def _check_outputs(inputs, outputs: dict):
@@ -815,9 +821,7 @@ def cmd_phenotype(args):
         counts = table.apply(cells)
     except RuleError as e:
         raise RuleError(f"{args.rules}: {e}") from None
-    tmp = f"{args.output}.tmp-{os.getpid()}.h5ad"
-    cells.write_h5ad(tmp)
-    os.replace(tmp, args.output)
+    _write_h5ad(cells, args.output)
     width = max(len(str(k)) for k in counts) if counts else 5
     total = sum(counts.values()) or 1
     print(f"{'phenotype':<{width}}  cells      %")

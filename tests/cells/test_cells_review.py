@@ -220,3 +220,24 @@ def test_membrane_cell_borders_do_not_depend_on_the_tiling():
                 differing.append((x0, y0, int(j), n))
     assert (296, 592) in tiles and kept == int(whole_nuc.max()) == 339
     assert differing == []
+
+
+def test_a_failed_table_write_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """phenotype wrote <out>.tmp-PID.h5ad and renamed it: a failed write left the temporary file behind and
+    raised the bare error."""
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"slide": pd.Categorical(["s1"] * 50)}, index=[f"c{i}" for i in range(50)])
+    anndata.AnnData(X=rng.gamma(2.0, 2.0, (50, 2)).astype(np.float32), obs=obs,
+                    var=pd.DataFrame(index=["CD3", "CD8"])).write_h5ad(tmp_path / "cells.h5ad")
+    (tmp_path / "rules.yaml").write_text("steps:\n  - {assign: T, when: CD3}\n")
+    real = anndata.AnnData.write_h5ad
+
+    def full_disk(self, path, *a, **kw):
+        real(self, path, *a, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(anndata.AnnData, "write_h5ad", full_disk)
+    assert main(["phenotype", str(tmp_path / "cells.h5ad"), "--rules", str(tmp_path / "rules.yaml"),
+                 "-o", str(tmp_path / "out.h5ad"), "--png", "none"]) == 1
+    assert "out.h5ad: cannot write it (No space left on device)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "rules.yaml"]
