@@ -20,7 +20,7 @@ from .losses import hv_targets
 from .models.hovernet import hovernet_postprocess
 
 __all__ = ["NP", "HV", "split_outputs", "NucleusCrops", "NucleusImages", "predict_maps", "maps_to_instances",
-           "segment_nuclei", "nucleus_batch_loss"]
+           "segment_nuclei", "nucleus_batch_loss", "rgb_uint8"]
 
 NP = "nucleus_prediction"
 HV = "horizontal_vertical"
@@ -180,8 +180,10 @@ def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float 
     ``tta=True`` averages the maps over the four flips of the image (horizontal and vertical maps change
     sign with their flips): about 4x the time, smoother borders. ``amp=True`` runs the network in bfloat16
     autocast (about 1.9x faster on CPUs with native bf16; the maps move by up to ~0.03, so results then
-    depend on the machine); the default float32 gives the same maps everywhere.
+    depend on the machine); the default float32 gives the same maps everywhere. Other image types are taken as
+    :func:`rgb_uint8` makes them (floats in [0, 1], 16-bit, grey, RGBA).
     """
+    image = rgb_uint8(image, "predict_maps")
     if tta:
         probs, hvs = [], []
         for fy, fx in ((False, False), (False, True), (True, False), (True, True)):
@@ -232,6 +234,28 @@ def _cpu_bf16() -> bool:
         return False
 
 
+def rgb_uint8(image, who: str = "NucleusSegmentation") -> np.ndarray:
+    """An RGB uint8 view of an H&E image for the nucleus models (trained on 8-bit RGB): RGBA loses alpha, one
+    grey channel is repeated, 16-bit values are scaled to 8 bits (x / 257), floats are taken in [0, 1]. Other
+    shapes and types are a ParameterError naming ``who`` (a float image in [0, 1] was divided by 255 again and
+    lost 90% of its nuclei; a grey one failed in numpy)."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ParameterError(f"{who}: expected an RGB (or grey) H&E image, got shape {a.shape}; "
+                             "for fluorescence use SegmentNuclei / SegmentCells")
+    a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.uint16:
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if a.dtype.kind == "f":
+        return (np.clip(np.nan_to_num(a), 0, 1) * 255 + 0.5).astype(np.uint8)
+    raise ParameterError(f"{who}: H&E images of dtype {a.dtype} are not supported; use uint8, uint16 or float in "
+                         "[0, 1]")
+
+
 def maps_to_instances(prob, hv, *, fg_threshold: float = 0.5, marker_threshold: float = 0.4,
                       sobel_ksize: int = 21, min_size: int = 10) -> np.ndarray:
     """Instance labels (int32, 0 = background) from the nucleus probability and HV maps."""
@@ -262,9 +286,12 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.
     import cv2
 
     post = {k: kw.pop(k) for k in ("fg_threshold", "marker_threshold", "sobel_ksize", "min_size") if k in kw}
+    image = rgb_uint8(image, "segment_nuclei")
     h, w = image.shape[:2]
     if abs(scale - 1.0) <= SCALE_TOLERANCE:
         return maps_to_instances(*predict_maps(model, image, **kw), **post)
+    if scale > 1:  # post-processed at the model's scale, where an image pixel is scale**2 pixels: min_size is
+        post["min_size"] = post.get("min_size", 10) * scale ** 2  # in the image's pixels
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = cv2.resize(image[..., :3], (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     prob, hv = predict_maps(model, resized, **kw)

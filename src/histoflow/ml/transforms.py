@@ -62,23 +62,10 @@ def _resolve(model: str, mpp: float | None = None) -> str:
 
 
 def _rgb_for_he_model(image) -> np.ndarray:
-    """An RGB uint8 view of an H&E image for the nucleus models (trained on 8-bit RGB): RGBA loses alpha, one
-    grey channel is repeated, 16-bit values are scaled to 8 bits (x / 257), floats are taken in [0, 1]."""
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
-        raise ParameterError(f"NucleusSegmentation: expected an RGB (or grey) H&E image, got shape {a.shape}; "
-                             "for fluorescence use SegmentNuclei / SegmentCells")
-    a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.uint16:
-        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if a.dtype.kind == "f":
-        return (np.clip(np.nan_to_num(a), 0, 1) * 255 + 0.5).astype(np.uint8)
-    raise ParameterError(f"NucleusSegmentation: H&E images of dtype {a.dtype} are not supported; use uint8, uint16 "
-                         "or float in [0, 1]")
+    """An RGB uint8 view of an H&E image for the nucleus models (:func:`histoflow.ml.nucleus.rgb_uint8`)."""
+    from .nucleus import rgb_uint8
+
+    return rgb_uint8(image, "NucleusSegmentation")
 
 
 class _Runner:
@@ -106,15 +93,25 @@ class _Runner:
         else:
             import torch
 
-            if threads:
-                torch.set_num_threads(int(threads))
             self.model = models.load(path).to("cuda" if torch.cuda.is_available() else "cpu")
+        self.threads = int(threads) if threads else None
 
     def segment(self, image, mpp, **kw):
         from .nucleus import segment_nuclei
 
         scale = 1.0 if mpp is None else float(mpp) / self.mpp
-        return segment_nuclei(self.model, image, scale=scale, **kw)
+        if self.backend == "onnx" or not self.threads:
+            return segment_nuclei(self.model, image, scale=scale, **kw)
+        import torch
+
+        # torch's thread count is the process's: set for this call only (it stayed set, for every model and
+        # every later caller, from the first transform that asked)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return segment_nuclei(self.model, image, scale=scale, **kw)
+        finally:
+            torch.set_num_threads(before)
 
 
 def _fresh(onnx_path, weights):
@@ -172,9 +169,22 @@ class _OnnxModule:
         return torch.from_numpy(np.asarray(out))
 
 
+def _stamp(*paths) -> tuple:
+    """(mtime, size) of each file that exists: a model saved again during a session is loaded again."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def _runner(model, backend, threads, mpp=None) -> _Runner:
     path = _resolve(model, mpp)
-    key = (os.path.abspath(path), backend, threads, os.getpid())
+    card = os.path.splitext(path)[0] + ".json"
+    key = (os.path.abspath(path), backend, threads, os.getpid(), _stamp(path, card))
     with _LOCK:
         r = _CACHE.get(key)
         if r is None:
@@ -203,7 +213,8 @@ class NucleusSegmentation(Transform):
         Post-processing thresholds (nucleus probability; HV boundary energy for markers). Default: the
         values in the model card's ``postprocess`` (chosen on training images), else 0.5 and 0.4.
     min_size : int, optional
-        Smallest nucleus kept, in pixels of the tile (default: the card's, else 10).
+        Smallest nucleus kept, in pixels of the tile (default: the card's, which is in the model's pixels,
+        so the same area in µm² at any tile scale; else 10).
     threads : int, optional
         torch threads per process (default: torch's own choice).
     tta : bool
@@ -249,6 +260,11 @@ class NucleusSegmentation(Transform):
         """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's)."""
         r = _runner(self.model, self.backend, self.threads, mpp)
         post = dict(r.card.get("postprocess") or {})
+        from .nucleus import SCALE_TOLERANCE
+
+        scale = 1.0 if mpp is None else float(mpp) / r.mpp
+        if "min_size" in post and abs(scale - 1.0) > SCALE_TOLERANCE:
+            post["min_size"] = post["min_size"] / scale ** 2  # the card's is in the model's pixels, ours the tile's
         for k in ("fg_threshold", "marker_threshold", "min_size"):
             if getattr(self, k) is not None:
                 post[k] = getattr(self, k)
@@ -322,11 +338,19 @@ class _ModelRunner:
 def _card_near(path):
     import json
 
+    from .models import ModelError
+
     p = os.path.splitext(path)[0] + ".json"
-    if os.path.exists(p):
-        with open(p) as f:
-            return json.load(f)
-    return {}
+    if not os.path.exists(p):
+        return {}
+    try:
+        with open(p, encoding="utf-8") as f:
+            card = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{p}: not a readable JSON model card ({e})") from None
+    if not isinstance(card, dict):
+        raise ModelError(f"{p}: a model card is a JSON object, got {type(card).__name__}")
+    return card
 
 
 def _existing_model(path) -> str:
@@ -339,7 +363,7 @@ def _existing_model(path) -> str:
 
 def _model_runner(path, device=None) -> _ModelRunner:
     path = os.path.abspath(os.fspath(path))
-    key = ("any", path, os.getpid())
+    key = ("any", path, os.getpid(), _stamp(path, os.path.splitext(path)[0] + ".json"))
     with _LOCK:
         r = _CACHE.get(key)
         if r is None:  # the file is checked once, not per tile

@@ -1,0 +1,106 @@
+"""Defects found by a review of slide-level inference (session 17): torch threads, stale model caches, input
+types, unreadable cards, min_size on coarse tiles, heatmaps at downsamples that do not divide the tiles."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from datafiles import data_path
+from PIL import Image
+
+from histoflow.errors import ParameterError
+from histoflow.ml import models
+from histoflow.ml.nucleus import predict_maps, segment_nuclei
+from histoflow.ml.transforms import NucleusSegmentation
+
+
+def _crop(size=192):
+    img = np.asarray(Image.open(data_path("he_patches", "stardist_histo.jpg")).convert("RGB"))
+    return np.ascontiguousarray(img[:size, :size])
+
+
+def test_threads_are_set_for_the_call_only(monkeypatch):
+    """threads=1 set torch's thread count for the whole process, for good: later transforms (and the caller)
+    ran on one thread, and a transform asking for 2 after one asking for 1 got 1."""
+    before = torch.get_num_threads()
+    seen = []
+    real = torch.nn.Module.__call__
+
+    def spy(self, *a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(self, *a, **kw)
+
+    img = _crop(128)
+    monkeypatch.setattr(torch.nn.Module, "__call__", spy)
+    NucleusSegmentation(threads=1).F(img, 0.499)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    seen.clear()
+    NucleusSegmentation().F(img, 0.499)
+    assert set(seen) == {before}
+
+
+def test_a_model_saved_again_is_loaded_again(tmp_path):
+    """Loaded models were cached by path alone: weights saved again under the same name in a session were
+    not used (45 nuclei before and after zeroing every weight)."""
+    from histoflow.ml.transforms import builtin_model_path
+
+    src = builtin_model_path("nucleus_unet_20x")
+    net = models.load(src)
+    card = models.read_card(src)
+    path = tmp_path / "m.pt"
+    models.save(net, path, card={k: v for k, v in card.items() if k in ("mpp", "postprocess", "name")})
+    img = _crop()
+    a = NucleusSegmentation(model=str(path)).F(img, 0.5)
+    assert a.max() > 5
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    time.sleep(0.01)
+    models.save(net, path, card={"mpp": 0.5})
+    b = NucleusSegmentation(model=str(path)).F(img, 0.5)
+    assert b.max() == 0
+
+
+def test_float_sixteen_bit_and_grey_images_are_taken_as_uint8():
+    """predict_maps / segment_nuclei divided any input by 255: a float image in [0, 1] or a 16-bit one lost
+    most nuclei (4 of 45), a grey one failed inside numpy."""
+    from histoflow.ml.transforms import builtin_model_path
+
+    net = models.load(builtin_model_path("nucleus_unet_20x"))
+    img = _crop()
+    ref = segment_nuclei(net, img)
+    assert ref.max() > 5
+    np.testing.assert_array_equal(segment_nuclei(net, img.astype(np.float32) / 255), ref)
+    np.testing.assert_array_equal(segment_nuclei(net, img.astype(np.uint16) * 257), ref)
+    p, hv = predict_maps(net, img.mean(axis=2).astype(np.uint8))
+    assert p.shape == img.shape[:2] and hv.shape == (2, *img.shape[:2])
+    with pytest.raises(ParameterError, match="segment_nuclei: expected an RGB"):
+        segment_nuclei(net, np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_an_unreadable_card_is_named(tmp_path):
+    from histoflow.ml.models import ModelError
+    from histoflow.ml.transforms import _card_near
+
+    (tmp_path / "cls.onnx").write_bytes(b"")
+    (tmp_path / "cls.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"cls.json: not a readable JSON model card"):
+        _card_near(str(tmp_path / "cls.onnx"))
+    (tmp_path / "cls.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ModelError, match=r"cls.json: a model card is a JSON object"):
+        _card_near(str(tmp_path / "cls.onnx"))
+
+
+def test_min_size_is_in_tile_pixels_on_tiles_coarser_than_the_model():
+    """On tiles coarser than the model, post-processing runs at the model's scale and min_size counted its
+    pixels: nuclei of 8 tile pixels were kept with min_size=20."""
+    import cv2
+
+    img = np.asarray(Image.open(data_path("he_patches", "stardist_histo.jpg")).convert("RGB"))
+    small = cv2.resize(img, (img.shape[1] // 2, img.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    lab = NucleusSegmentation(model="nucleus_unet_20x", min_size=20).F(small, 1.0)
+    sizes = np.bincount(lab.ravel())[1:]
+    sizes = sizes[sizes > 0]
+    assert len(sizes) > 20 and sizes.min() >= 20 * 0.7  # resizing the labels rounds areas a little
