@@ -416,35 +416,35 @@ class _Heatmap:
     def add(self, x, y, w0, h0, values, weights=None):
         """Paint ``values`` ((C,) constants or (C, h, w) maps) over the level-0 box (x, y, w0, h0).
 
-        A map covers the whole box, also where the box reaches past the slide (a padded edge tile): it is
-        resized to the box's own size here and then cut at the heatmap's edge, never squeezed into the part
-        inside the slide."""
-        import cv2
-
-        ds = self.ds
-        H, W = self.weight.shape
+        A map's pixels each cover ``w0 / w`` x ``h0 / h`` level-0 pixels of the box; each heatmap pixel gets
+        the mean of the map pixels it overlaps, weighted by the area of the overlap, over the part of the box
+        inside the slide only (with ``weights``, the blending window, the tiles meeting there count by their
+        mean window weight): a padded edge tile's fill outside
+        the slide counts for nothing, and a downsample that does not divide the tile positions places every
+        map pixel where it lies (rounding the box to whole heatmap pixels shifted a tile by up to half a
+        heatmap pixel, and squeezed it)."""
         if values.ndim == 1 and weights is None:  # a constant: each heatmap pixel weighted by the area it gets
             return self._add_constant(x, y, w0, h0, values)
-        x0, y0 = int(round(x / ds)), int(round(y / ds))
-        # the box's own size at this downsample (rounding each side, not the width: neighbours then meet)
-        bw = max(1, int(round((x + w0) / ds)) - x0)
-        bh = max(1, int(round((y + h0) / ds)) - y0)
-        # the part painted: up to the heatmap's edge; a box reaching the slide's edge covers the last, partial
-        # heatmap pixel too
-        pw = W - x0 if x + w0 >= self.dimensions[0] else min(bw, W - x0)
-        ph = H - y0 if y + h0 >= self.dimensions[1] else min(bh, H - y0)
-        if pw <= 0 or ph <= 0:
+        th, tw = (values.shape[1:] if values.ndim == 3 else weights.shape)
+        H, W = self.weight.shape
+        wy, sy = _area_matrix(y, th, h0 / th, self.ds, self.dimensions[1], H)
+        wx, sx = _area_matrix(x, tw, w0 / tw, self.ds, self.dimensions[0], W)
+        if wy is None or wx is None:
             return
+        wt = np.ones((th, tw), np.float32) if weights is None else np.asarray(weights, np.float32)
         if values.ndim == 1:
-            v = np.broadcast_to(values[:, None, None], (len(values), ph, pw))
-            wt = np.ones((ph, pw), np.float32) if weights is None else cv2.resize(
-                weights, (pw, ph), interpolation=cv2.INTER_AREA)
-        else:
-            v = _fit(np.stack([cv2.resize(c, (bw, bh), interpolation=cv2.INTER_AREA) for c in values]), ph, pw)
-            wt = _fit((np.ones((bh, bw), np.float32) if weights is None else
-                       cv2.resize(weights, (bw, bh), interpolation=cv2.INTER_AREA))[None], ph, pw)[0]
-        self.sum[:, y0:y0 + ph, x0:x0 + pw] += v * wt
-        self.weight[y0:y0 + ph, x0:x0 + pw] += wt
+            values = np.broadcast_to(np.asarray(values, np.float32)[:, None, None], (len(values), th, tw))
+        ky, kx = wy.shape[0], wx.shape[0]
+        # per heatmap pixel: the tile's mean value over the area it covers there, weighted by the area times the
+        # tile's mean blending weight there (so that, where no tiles overlap, the result is the plain area mean
+        # of the map, and where they do, each tile counts as much as its window says)
+        area = _resample(np.ones((th, tw), np.float32), wy, wx)
+        wsum = _resample(wt, wy, wx)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale = np.where(area > 0, wsum / area, 0).astype(np.float32)
+        for c in range(len(values)):
+            self.sum[c, sy:sy + ky, sx:sx + kx] += _resample(np.asarray(values[c], np.float32), wy, wx) * scale
+        self.weight[sy:sy + ky, sx:sx + kx] += wsum
 
     def _add_constant(self, x, y, w0, h0, values):
         H, W = self.weight.shape
@@ -477,12 +477,30 @@ def _cover(a, b, ds, n):
     return np.clip(hi - lo, 0, None) / ds, i0
 
 
-def _fit(a, h, w):
-    """``a`` ((C, bh, bw)) cut to (C, h, w), or extended by repeating its last row / column."""
-    a = a[:, :h, :w]
-    if a.shape[1] < h or a.shape[2] < w:
-        a = np.pad(a, ((0, 0), (0, h - a.shape[1]), (0, w - a.shape[2])), mode="edge")
+def _resample(a, wy, wx):
+    """``wy @ a @ wx.T``, where a weight matrix that maps each map pixel onto one heatmap pixel of its own (the
+    heatmap at the tiles' scale, aligned: the default) is applied as a product with its diagonal instead."""
+    for axis, w in ((0, wy), (1, wx)):
+        k = w.shape[0]
+        if k <= w.shape[1] and np.count_nonzero(w) == np.count_nonzero(np.diagonal(w)):  # diagonal
+            a = a[:k] * np.diagonal(w)[:, None] if axis == 0 else a[:, :k] * np.diagonal(w)[None, :]
+        else:
+            a = w @ a if axis == 0 else a @ w.T
     return a
+
+
+def _area_matrix(a, n, d, ds, limit, n_heat):
+    """``(weights (k, n), first heatmap pixel)``: the overlap, in heatmap pixels, of each of ``n`` map pixels
+    ``[a + j d, a + (j + 1) d)``, cut to the slide's ``[0, limit)``, with each of the ``k`` heatmap pixels
+    ``[i ds, (i + 1) ds)`` they touch; (None, 0) when they touch none."""
+    e = np.clip(a + np.arange(n + 1, dtype=np.float64) * d, 0, limit)
+    i0 = max(0, int(np.floor(e[0] / ds)))
+    i1 = min(n_heat, int(np.ceil(e[-1] / ds)))
+    if i1 <= i0:
+        return None, 0
+    edges = np.arange(i0, i1 + 1, dtype=np.float64) * ds
+    overlap = np.minimum(edges[1:, None], e[None, 1:]) - np.maximum(edges[:-1, None], e[None, :-1])
+    return (np.clip(overlap, 0, None) / ds).astype(np.float32), i0
 
 
 def _blend_weights(h, w, sigma_scale=0.125):
