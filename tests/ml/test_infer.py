@@ -254,7 +254,8 @@ def test_slide_maps_too_large_are_refused(tmp_path):
     from histoflow.ml import transforms as mt
     from histoflow.core.tile import Tile
 
-    seg = SemanticSegmentation("unused.onnx")
+    (tmp_path / "unused.onnx").write_bytes(b"")
+    seg = SemanticSegmentation(str(tmp_path / "unused.onnx"))
     seg._dims, seg._slide_path, seg._maps = (150_000, 100_000), "big.svs", None
     tile = Tile(image=np.zeros((4, 4, 3), np.uint8), coords=(0, 0))
     with pytest.raises(RegionTooLargeError, match=r"big.svs: SemanticSegmentation's slide-level maps would be "

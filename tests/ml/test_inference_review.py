@@ -159,3 +159,16 @@ def test_stitched_maps_are_area_means_of_the_pixels_inside_the_slide(tmp_path, d
 def _split(a, b, step):
     cuts = [a] + [c for c in range((a // step + 1) * step, b, step)] + [b]
     return list(zip(cuts[:-1], cuts[1:]))
+
+
+def test_model_transforms_refuse_at_construction(tmp_path):
+    """A missing model file was found on the first tile (after the run's journal was made); amp=True was
+    ignored by the onnx backend."""
+    from histoflow.errors import HistoflowError
+    from histoflow.ml.transforms import PatchClassification, SemanticSegmentation
+
+    for cls in (PatchClassification, SemanticSegmentation):
+        with pytest.raises(HistoflowError, match=r"nothere.onnx: no such model file"):
+            cls(str(tmp_path / "nothere.onnx"))
+    with pytest.raises(ParameterError, match="amp=True runs the torch network"):
+        NucleusSegmentation(backend="onnx", amp=True)

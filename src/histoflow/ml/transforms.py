@@ -246,6 +246,9 @@ class NucleusSegmentation(Transform):
         self.threads = threads
         self.tta = tta
         self.amp = bool(amp)
+        if self.amp and backend == "onnx":
+            raise ParameterError("NucleusSegmentation: amp=True runs the torch network in bfloat16; onnxruntime "
+                                 "(backend='onnx') runs float32: use one or the other")
         _resolve(model)  # fail at construction when the model file is missing
 
     def min_overlap(self, mpp) -> int:
@@ -584,6 +587,7 @@ class PatchClassification(_ReducingModelTransform):
         self.label_prefix = label_prefix
         self.heatmap_downsample = heatmap_downsample
         self.heatmap_prefix = heatmap_prefix
+        _existing_model(model)  # at construction, not on the first tile of a run
 
     @property
     def slide_mask_prefixes(self):
@@ -649,6 +653,7 @@ class SemanticSegmentation(_ReducingModelTransform):
         self.classes = classes
         self.mask_name = mask_name
         self.heatmap_downsample = heatmap_downsample
+        _existing_model(model)  # at construction, not on the first tile of a run
 
     masks_out = outputs_from("mask_name")
 
