@@ -60,7 +60,7 @@ def test_a_model_saved_again_is_loaded_again(tmp_path):
     time.sleep(0.01)
     models.save(net, path, card={"mpp": 0.5})
     b = NucleusSegmentation(model=str(path)).F(img, 0.5)
-    assert b.max() == 0
+    assert b.max() <= 1  # a network of zeros: flat maps, no nuclei told apart (45 with the cached weights)
 
 
 def test_float_sixteen_bit_and_grey_images_are_taken_as_uint8():
@@ -172,3 +172,44 @@ def test_model_transforms_refuse_at_construction(tmp_path):
             cls(str(tmp_path / "nothere.onnx"))
     with pytest.raises(ParameterError, match="amp=True runs the torch network"):
         NucleusSegmentation(backend="onnx", amp=True)
+
+
+def test_nuclei_do_not_depend_on_where_the_image_is_cut():
+    """The HV maps were normalised by each image's own extremes, so the same maps cropped lost or split
+    nuclei (a tile of a slide against the whole image): with the shipped cards' fixed ranges, every nucleus
+    lying wholly inside the crop's centre is the same pixels either way."""
+    from histoflow.ml.models.hovernet import hovernet_postprocess
+    from histoflow.ml.transforms import builtin_model_path
+
+    path = builtin_model_path("nucleus_unet")
+    card = models.read_card(path)
+    post = card["postprocess"]
+    assert "ranges" in post
+    img = np.asarray(Image.open(data_path("he_patches", "stardist_histo.jpg")).convert("RGB"))
+    p, hv = predict_maps(models.load(path), img)
+    n, m = 160, 48  # crops cutting through nuclei on every side; nuclei compared in the centre (48 px margin)
+
+    def nuclei(lab, dy, dx, y0, x0):  # pixel sets of the nuclei wholly inside a crop's centre, image coordinates
+        out = set()
+        for i in np.unique(lab)[1:]:
+            ys, xs = np.nonzero(lab == i)
+            ys, xs = ys + dy, xs + dx
+            if ys.min() >= y0 + m and xs.min() >= x0 + m and ys.max() < y0 + n - m and xs.max() < x0 + n - m:
+                out.add(frozenset(zip(ys.tolist(), xs.tolist())))
+        return out
+
+    kw = {k: post[k] for k in ("fg_threshold", "marker_threshold", "sobel_ksize", "min_size")}
+    fixed_whole = hovernet_postprocess(p, hv, ranges=post["ranges"], **kw)[0]
+    own_whole = hovernet_postprocess(p, hv, **kw)[0]
+    compared, own_differs = 0, 0
+    for y0 in (0, 100, 140):
+        for x0 in (0, 200, 240):
+            crop = (slice(y0, y0 + n), slice(x0, x0 + n))
+            cut = hovernet_postprocess(p[crop], hv[(slice(None), *crop)], ranges=post["ranges"], **kw)[0]
+            a, b = nuclei(fixed_whole, 0, 0, y0, x0), nuclei(cut, y0, x0, y0, x0)
+            assert a == b, (y0, x0)
+            compared += len(a)
+            cut = hovernet_postprocess(p[crop], hv[(slice(None), *crop)], **kw)[0]
+            own_differs += nuclei(own_whole, 0, 0, y0, x0) != nuclei(cut, y0, x0, y0, x0)
+    assert compared > 15
+    assert own_differs >= 3  # with each crop's own extremes, as before

@@ -257,10 +257,11 @@ def rgb_uint8(image, who: str = "NucleusSegmentation") -> np.ndarray:
 
 
 def maps_to_instances(prob, hv, *, fg_threshold: float = 0.5, marker_threshold: float = 0.4,
-                      sobel_ksize: int = 21, min_size: int = 10) -> np.ndarray:
-    """Instance labels (int32, 0 = background) from the nucleus probability and HV maps."""
+                      sobel_ksize: int = 21, min_size: int = 10, ranges: dict | None = None) -> np.ndarray:
+    """Instance labels (int32, 0 = background) from the nucleus probability and HV maps (``ranges``: fixed
+    normalisation, see :func:`~histoflow.ml.models.hovernet.hovernet_postprocess`; the shipped cards have it)."""
     labels, _ = hovernet_postprocess(prob, hv, fg_threshold=fg_threshold, marker_threshold=marker_threshold,
-                                     sobel_ksize=sobel_ksize, min_size=min_size)
+                                     sobel_ksize=sobel_ksize, min_size=min_size, ranges=ranges)
     return labels
 
 
@@ -285,7 +286,8 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.
     """
     import cv2
 
-    post = {k: kw.pop(k) for k in ("fg_threshold", "marker_threshold", "sobel_ksize", "min_size") if k in kw}
+    post = {k: kw.pop(k) for k in ("fg_threshold", "marker_threshold", "sobel_ksize", "min_size", "ranges")
+            if k in kw}
     image = rgb_uint8(image, "segment_nuclei")
     h, w = image.shape[:2]
     if abs(scale - 1.0) <= SCALE_TOLERANCE:

@@ -100,9 +100,23 @@ def _to_numpy(a, dtype=None) -> np.ndarray:
     return np.asarray(a, dtype=dtype)
 
 
+def sobel_step(ksize: int) -> float:
+    """The largest response of OpenCV's Sobel derivative of size ``ksize`` to a step from 0 to 1: the unit in
+    which fixed Sobel ranges (``hovernet_postprocess(ranges=...)``) are given, whatever the kernel size."""
+    n = 4 * ksize + 1
+    step = np.zeros((n, n), np.float64)
+    step[:, n // 2:] = 1.0
+    return float(cv2.Sobel(step, cv2.CV_64F, 1, 0, ksize=ksize).max())
+
+
+def _scaled(a, lo_hi):
+    lo, hi = (float(v) for v in lo_hi)
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(a)
+
+
 def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float = 0.5,
                          marker_threshold: float = 0.4, sobel_ksize: int = 21,
-                         min_size: int = 10) -> tuple[np.ndarray, dict[int, int]]:
+                         min_size: int = 10, ranges: dict | None = None) -> tuple[np.ndarray, dict[int, int]]:
     """Instances (and their types) from HoVer-Net's branch maps of one image.
 
     The published post-processing: threshold NP into a foreground; min-max normalise the HV maps
@@ -127,6 +141,12 @@ def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float =
         Sobel kernel size (21 in the published code, for 0.25-0.5 um/px images).
     min_size : int
         Foreground components and markers smaller than this (pixels) are dropped.
+    ranges : dict, optional
+        Fixed normalisation instead of each image's own minimum and maximum: ``{"hv": [[lo, hi], [lo, hi]],
+        "sobel": [[lo, hi], [lo, hi]]}`` for the horizontal and vertical maps and their Sobel responses (these
+        in units of :func:`sobel_step`), values outside clipped. With the image's own extremes (the published
+        code) the same nucleus can be split or lost in one crop and not another (a tile of a slide and the
+        whole image); fixed ranges, taken once from a model's training images, make the result local.
 
     Returns
     -------
@@ -154,10 +174,18 @@ def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float =
     fg = _remove_small(fg_lab, min_size) > 0
     labels = np.zeros(fg.shape, np.int32)
     if fg.any():
-        h_dir = _minmax(hv[0].astype(np.float64))
-        v_dir = _minmax(hv[1].astype(np.float64))
-        sobel_h = 1.0 - _minmax(cv2.Sobel(h_dir, cv2.CV_64F, 1, 0, ksize=sobel_ksize))
-        sobel_v = 1.0 - _minmax(cv2.Sobel(v_dir, cv2.CV_64F, 0, 1, ksize=sobel_ksize))
+        if ranges is None:
+            h_dir = _minmax(hv[0].astype(np.float64))
+            v_dir = _minmax(hv[1].astype(np.float64))
+            sobel_h = 1.0 - _minmax(cv2.Sobel(h_dir, cv2.CV_64F, 1, 0, ksize=sobel_ksize))
+            sobel_v = 1.0 - _minmax(cv2.Sobel(v_dir, cv2.CV_64F, 0, 1, ksize=sobel_ksize))
+        else:
+            (hr, vr), (shr, svr) = _check_ranges(ranges)
+            unit = sobel_step(sobel_ksize)
+            h_dir = _scaled(hv[0].astype(np.float64), hr)
+            v_dir = _scaled(hv[1].astype(np.float64), vr)
+            sobel_h = 1.0 - _scaled(cv2.Sobel(h_dir, cv2.CV_64F, 1, 0, ksize=sobel_ksize) / unit, shr)
+            sobel_v = 1.0 - _scaled(cv2.Sobel(v_dir, cv2.CV_64F, 0, 1, ksize=sobel_ksize) / unit, svr)
         energy = np.maximum(sobel_h, sobel_v)
         energy = np.clip(energy - (~fg).astype(np.float64), 0, None)
         dist = (1.0 - energy) * fg
@@ -181,6 +209,37 @@ def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float =
                                  f"{labels.shape}, got {np.shape(tp_prob)}")
         types = _majority_types(labels, tp.astype(np.int64))
     return labels, types
+
+
+def _check_ranges(ranges):
+    try:
+        hv = [(float(a), float(b)) for a, b in ranges["hv"]]
+        sob = [(float(a), float(b)) for a, b in ranges["sobel"]]
+    except (TypeError, ValueError, KeyError):
+        hv = sob = []
+    if len(hv) != 2 or len(sob) != 2 or not all(np.isfinite(v).all() and v[0] < v[1] for v in map(np.array, hv + sob)):
+        raise ParameterError(f"hovernet_postprocess: ranges must be {{'hv': [[lo, hi], [lo, hi]], 'sobel': [[lo, hi], "
+                             f"[lo, hi]]}} with lo < hi, got {ranges!r}")
+    return hv, sob
+
+
+def hv_ranges(maps, sobel_ksize: int = 21) -> dict:
+    """The fixed ranges for :func:`hovernet_postprocess` from ``(prob, hv)`` maps of a model's training images:
+    the median over the images of each one's minimum and maximum (HV maps, and the Sobel responses of the
+    HV maps so normalised, in units of :func:`sobel_step`)."""
+    unit = sobel_step(sobel_ksize)
+    per = []
+    for _, hv in maps:
+        hv = np.asarray(hv, np.float64)
+        row = []
+        for c, (dx, dy) in ((0, (1, 0)), (1, (0, 1))):
+            d = _minmax(hv[c])
+            s = cv2.Sobel(d, cv2.CV_64F, dx, dy, ksize=sobel_ksize) / unit
+            row.append((hv[c].min(), hv[c].max(), s.min(), s.max()))
+        per.append(row)
+    med = np.median(np.array(per), axis=0)
+    return {"hv": [[round(float(m[0]), 4), round(float(m[1]), 4)] for m in med],
+            "sobel": [[round(float(m[2]), 4), round(float(m[3]), 4)] for m in med]}
 
 
 def _remove_small(lab: np.ndarray, min_size: int) -> np.ndarray:
