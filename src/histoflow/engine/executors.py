@@ -131,8 +131,8 @@ class DaskExecutor:
     scheduler address (``"tcp://host:8786"``) of any cluster — Slurm through dask-jobqueue, Kubernetes
     through dask-kubernetes, or ``dask scheduler`` / ``dask worker`` started by hand.
 
-    Workers open the slide themselves (the slide object is scattered once and its reader reopens the
-    file on each worker), so every worker must see the slide at the same path.
+    Workers open the slide themselves (the slide object is handed to them once, by a task, and its reader
+    reopens the file on each worker), so every worker must see the slide at the same path.
     """
 
     name = "dask"
@@ -172,11 +172,13 @@ class DaskExecutor:
             self.client = distributed.Client(self._own_cluster)
             self._own_client = True
 
+    def _info(self) -> dict:
+        return self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) else \
+            self.client.scheduler_info()
+
     @property
     def workers(self) -> int:
-        info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) else \
-            self.client.scheduler_info()
-        return max(1, sum(w.get("nthreads", 1) for w in info["workers"].values()))
+        return max(1, sum(w.get("nthreads", 1) for w in self._info()["workers"].values()))
 
     def share(self, obj):
         """``obj`` (a slide or a pipeline) for the tasks, made by a task rather than scattered: the scheduler
@@ -193,9 +195,7 @@ class DaskExecutor:
 
     def _n_workers(self) -> int:
         try:
-            info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) else \
-                self.client.scheduler_info()
-            return len(info.get("workers", {}))
+            return len(self._info().get("workers", {}))
         except Exception:  # noqa: BLE001 - unknown: do not warn
             return 1
 
@@ -206,7 +206,7 @@ class DaskExecutor:
             return "of this client"
 
     def release(self, shared):
-        """Let the workers drop scattered objects (a finished slide's reader and pipeline)."""
+        """Let the workers drop shared objects (a finished slide's reader and pipeline)."""
         futures = [f for f in (shared if isinstance(shared, (tuple, list)) else [shared])
                    if isinstance(f, self._distributed.Future)]
         for f in futures:

@@ -428,7 +428,7 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     job.writer = None
     partial.remove(job.dir)
     job.finished = True
-    if job.shared is not None:  # the slide and pipeline scattered to the workers can go
+    if job.shared is not None:  # the slide and pipeline shared with the workers can go
         ex.release(job.shared)
         job.shared = None
 

@@ -1,7 +1,7 @@
 """What runs on a worker: read a batch of tiles, apply the pipeline, compress the results.
 
 Everything CPU-heavy happens here (decoding, transforms, compression), so the driver only moves
-bytes. The slide object arrives once per worker process (scattered) and keeps its reader open.
+bytes. The slide object arrives once per worker process (shared by the executor) and keeps its reader open.
 """
 from __future__ import annotations
 
