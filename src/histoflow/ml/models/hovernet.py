@@ -18,6 +18,8 @@ targets from an instance label image.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -100,6 +102,7 @@ def _to_numpy(a, dtype=None) -> np.ndarray:
     return np.asarray(a, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def sobel_step(ksize: int) -> float:
     """The largest response of OpenCV's Sobel derivative of size ``ksize`` to a step from 0 to 1: the unit in
     which fixed Sobel ranges (``hovernet_postprocess(ranges=...)``) are given, whatever the kernel size."""
