@@ -22,6 +22,12 @@ class SlideMask:
 
     array: np.ndarray
     downsample: float
+    #: given as bool: stored as uint8 here (coverage sums), handed out and written as bool again
+    is_bool: bool = False
+
+    def stored(self) -> np.ndarray:
+        """The mask as it was given (bool stays bool), for writing."""
+        return self.array.astype(bool) if self.is_bool else self.array
 
     def crop(self, x: int, y: int, w0: int, h0: int, size) -> np.ndarray:
         """The part of the mask under a level-0 rectangle, sampled (nearest) at ``size = (w, h)``: output pixel
@@ -38,7 +44,7 @@ class SlideMask:
             out = out.copy()
             out[~rin, :] = 0
             out[:, ~cin] = 0
-        return out
+        return out.astype(bool) if self.is_bool else out
 
 
 class SlideData:
@@ -124,10 +130,11 @@ class SlideData:
         array = np.asarray(array)
         if array.ndim != 2:
             raise RegionError(f"{self.path}: slide mask {name!r} must be 2-D, got shape {array.shape}")
-        if array.dtype == bool:
+        is_bool = array.dtype == bool
+        if is_bool:
             array = array.astype(np.uint8)
         ds = float(downsample) if downsample else self.dimensions[0] / array.shape[1]
-        self.masks[name] = SlideMask(array, ds)
+        self.masks[name] = SlideMask(array, ds, is_bool)
 
     # ------------------------------------------------------------------ tiling
     def grid(self, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None, edge="pad",
@@ -268,7 +275,7 @@ class SlideData:
         with H5PathWriter(path, slide=meta, compression=compression,
                           compression_level=compression_level) as w:
             for name, m in self.masks.items():
-                w.add_slide_mask(name, m.array, m.downsample)
+                w.add_slide_mask(name, m.stored(), m.downsample)
             for t in progress_bar(it, total=total, desc=f"tiles {self.name}", unit="tile", disable=not progress):
                 w.add_tile(encode_tile(t, compression, compression_level) if encode else t)
             if provenance:

@@ -395,7 +395,7 @@ def _open_writer(job, first_batch):
                               compression=job.manifest["compression"],
                               compression_level=job.manifest["compression_level"], temp_dir=job.dir)
     for name, m in job.slide.masks.items():
-        job.writer.add_slide_mask(name, m.array, m.downsample)
+        job.writer.add_slide_mask(name, m.stored(), m.downsample)
 
 
 def _finish(job, tiling, ex, batch_size, run_id, t0):

@@ -1117,9 +1117,9 @@ def _write_slide(g: h5py.Group, meta: dict, path):
 
 def _attr(obj, name: str, path, default=None):
     """Read one attribute with bounded size; bytes become str (UTF-8)."""
-    if name not in obj.attrs:
-        return default
     try:
+        if name not in obj.attrs:
+            return default
         aid = obj.attrs.get_id(name)
         if aid.get_storage_size() > MAX_ATTR_BYTES or aid.shape and int(np.prod(aid.shape)) > MAX_ATTR_ITEMS:
             raise H5PathError(f"{path}: attribute {name!r} of {obj.name} is too large")
@@ -1173,10 +1173,13 @@ def _plain(value):
 
 def _dataset(group, name: str, path) -> h5py.Dataset:
     """``group[name]``, checked to be a plain dataset (hard link, internal storage, not virtual)."""
-    link = group.get(name, getlink=True)
-    if not isinstance(link, h5py.HardLink):
-        raise H5PathError(f"{path}: {group.name}/{name} is a {type(link).__name__}, not a plain dataset")
-    ds = group[name]
+    try:
+        link = group.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise H5PathError(f"{path}: {group.name}/{name} is a {type(link).__name__}, not a plain dataset")
+        ds = group[name]
+    except (KeyError, OSError, ValueError) as e:  # h5py's errors for damaged object headers
+        raise H5PathError(f"{path}: {group.name.rstrip('/')}/{name} cannot be opened (damaged file?): {e}") from e
     if not isinstance(ds, h5py.Dataset):
         raise H5PathError(f"{path}: {ds.name} is not a dataset")
     if ds.external or ds.is_virtual:
@@ -1185,11 +1188,14 @@ def _dataset(group, name: str, path) -> h5py.Dataset:
 
 
 def _group(parent, name: str, path) -> h5py.Group | None:
-    if name not in parent:
-        return None
-    if not isinstance(parent.get(name, getlink=True), h5py.HardLink) or not isinstance(parent[name], h5py.Group):
-        raise H5PathError(f"{path}: {parent.name.rstrip('/')}/{name} is not a group")
-    return parent[name]
+    try:
+        if name not in parent:
+            return None
+        if not isinstance(parent.get(name, getlink=True), h5py.HardLink) or not isinstance(parent[name], h5py.Group):
+            raise H5PathError(f"{path}: {parent.name.rstrip('/')}/{name} is not a group")
+        return parent[name]
+    except (KeyError, OSError, ValueError) as e:  # h5py's errors for damaged object headers
+        raise H5PathError(f"{path}: {parent.name.rstrip('/')}/{name} cannot be opened (damaged file?): {e}") from e
 
 
 def _check_tree(group, path):
@@ -1313,10 +1319,12 @@ class _V2Reader:
             if self.n:
                 try:
                     names = t["names"].asstr()[()]
+                    self._columns = (t["coords"][()].astype(np.int64), t["level"][()], t["downsample"][()],
+                                     names)
                 except UnicodeDecodeError as e:
                     raise H5PathError(f"{self.path}: /tiles/names holds a name that is not UTF-8 ({e.reason})") from e
-                self._columns = (t["coords"][()].astype(np.int64), t["level"][()], t["downsample"][()],
-                                 names)
+                except (KeyError, OSError) as e:
+                    raise H5PathError(f"{self.path}: the tile table (/tiles) cannot be read (damaged file?): {e}") from e
             else:
                 self._columns = (np.zeros((0, 2), np.int64), np.zeros(0, np.int16),
                                  np.zeros(0, np.float64), np.zeros(0, object))
@@ -1331,6 +1339,8 @@ class _V2Reader:
                 except UnicodeDecodeError as e:
                     raise H5PathError(f"{self.path}: tile label {name!r} holds text that is not UTF-8 "
                                       f"({e.reason})") from e
+                except OSError as e:
+                    raise H5PathError(f"{self.path}: tile label {name!r} cannot be read (damaged file?): {e}") from e
             self._labels_cache = cols
         return self._labels_cache
 
@@ -1442,7 +1452,11 @@ class _V2Reader:
             raise H5PathError(f"{self.path}: /provenance claims {ds.shape[0]} records, more than histoflow reads "
                               f"({MAX_PROVENANCE}); refused")
         out = []
-        for k, text in enumerate(ds.asstr()[()]):
+        try:
+            texts = ds.asstr()[()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise H5PathError(f"{self.path}: /provenance cannot be read (damaged file?): {e}") from e
+        for k, text in enumerate(texts):
             if len(text) > MAX_PROVENANCE_CHARS:
                 raise H5PathError(f"{self.path}: provenance record {k} is longer than {MAX_PROVENANCE_CHARS} "
                                   "characters")

@@ -1,0 +1,68 @@
+"""Defects found by a review of the core and the store (session 17): damaged files gave raw h5py errors,
+boolean slide masks came back as uint8, a grid one tile wide at a target µm/px had no tiles."""
+import random
+
+import numpy as np
+from datafiles import SVS
+
+from histoflow.core.grid import TileGrid
+from histoflow.core.slide import SlideData
+from histoflow.errors import HistoflowError
+from histoflow.store import H5PathWriter, read_h5path
+
+
+def test_damaged_files_raise_the_stores_own_error(tmp_path):
+    """Bytes overwritten or cut off anywhere in a file: reading it either works or raises an H5PathError naming
+    it (damaged object headers raised KeyError / OSError from h5py, without the file's name)."""
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.h5path"
+    with H5PathWriter(good, slide={"name": "s", "mpp": 0.5, "labels": {"g": 2}}) as w:
+        for i in range(30):
+            w.add_tile(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), (i * 32, 0),
+                       masks={"m": rng.random((32, 32)) > 0.5}, labels={"k": i, "s": f"n{i}"}, name=f"t{i}")
+        w.add_slide_mask("tissue", rng.random((100, 100)) > 0.5, 4)
+        w.add_provenance({"run": 1})
+    data = good.read_bytes()
+    bad = tmp_path / "bad.h5path"
+    random.seed(1)
+    raw = []
+    for trial in range(150):
+        d = bytearray(data)
+        if trial % 3 == 0:
+            d = d[:random.randrange(len(d))]
+        else:
+            off, n = random.randrange(len(d)), random.randint(1, 64)
+            for k in range(off, min(len(d), off + n)):
+                d[k] = random.randrange(256)
+        bad.write_bytes(bytes(d))
+        try:
+            with read_h5path(bad) as h:
+                h.coords, h.slide, h.labels
+                for _ in h:
+                    pass
+                dict(h.masks), h.provenance, h.cells
+        except HistoflowError as e:
+            assert "bad.h5path" in str(e), e
+        except Exception as e:  # noqa: BLE001 - what the test is about
+            raw.append((trial, type(e).__name__, str(e)[:120]))
+    assert raw == []
+
+
+def test_a_boolean_slide_mask_stays_boolean(tmp_path):
+    mask = np.zeros((30, 22), bool)
+    mask[5:20, 3:15] = True
+    s = SlideData(SVS, masks={"tissue": mask})
+    tiles = list(s.generate_tiles(512, mpp=2.0))[:2]
+    assert tiles[0].masks["tissue"].dtype == bool and tiles[0].masks["tissue"].any()
+    s.write(tmp_path / "a.h5path", tiles=tiles)
+    with read_h5path(tmp_path / "a.h5path") as h:
+        assert h.masks["tissue"].dtype == bool and np.array_equal(h.masks["tissue"], mask)
+        assert h.tile(0).masks["tissue"].dtype == bool
+
+
+def test_a_slide_one_tile_wide_at_a_target_pixel_size_keeps_its_tile():
+    """2220 px at 0.499 µm is 740 px at 1.497 µm, computed as 739.9999999999999: edge='drop' dropped it."""
+    s = SlideData(SVS)
+    assert s.grid(740, mpp=1.497, edge="drop").shape[0] == 1
+    assert len(TileGrid((450, 450), 300, mpp=0.7485, slide_mpp=0.499, edge="drop")) == 1
+    assert len(TileGrid((450, 450), 301, mpp=0.7485, slide_mpp=0.499, edge="drop")) == 0
