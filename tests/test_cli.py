@@ -261,3 +261,42 @@ def test_pixel_size_advice_names_the_command_line_option(tmp_path):
     r = run("tile", data_path("wsi", "tiled_tiff", "CMU-1-Small-Region.webp.tiff"), "-o", str(tmp_path / "t.h5path"),
             "--mpp", "0.5", "--slide-mpp", "0.499", "--no-progress")
     assert r.returncode == 0, r.stderr
+
+
+def test_option_values_are_refused_under_the_options_name(tmp_path, capsys):
+    """--size 0, --overlap -1, --tissue-filter 1.5, --epochs 0 and --tile 0 were refused deep in the library,
+    under its parameter names and blamed on the slide or the config file (quantify --tile 0 also warned about
+    the overlap first)."""
+    he = data_path("he_patches", "stardist_histo.jpg")
+    (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {ksize: 3}\n")
+    cases = [(["tile", SVS, "-o", str(tmp_path / "t.h5path"), "--size", "0"], "argument --size: must be 1 or more"),
+             (["tile", SVS, "-o", str(tmp_path / "t.h5path"), "--overlap", "-1"], "argument --overlap: must be 0 or more"),
+             (["thumbnail", SVS, "-o", str(tmp_path / "t.png"), "--size", "0"], "argument --size: must be 1 or more"),
+             (["run", str(tmp_path / "p.yaml"), SVS, "-o", str(tmp_path / "r"), "--tissue-filter", "1.5"],
+              "argument --tissue-filter: is a fraction of the tile, 0 to 1; got 1.5"),
+             (["segment-nuclei", he, "-o", str(tmp_path / "n.tif"), "--tile", "0"], "argument --tile: must be 1 or more"),
+             (["quantify", he, "-o", str(tmp_path / "q.h5ad"), "--tile", "0"], "argument --tile: must be 1 or more"),
+             (["train", str(tmp_path / "p.yaml"), "--epochs", "0"], "argument --epochs: must be 1 or more")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "warning" not in err, (argv, err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_quantify_wants_an_h5ad_and_phenotype_names_a_missing_thresholds_file(tmp_path, capsys):
+    he = data_path("he_patches", "stardist_histo.jpg")
+    assert main(["quantify", he, "-o", str(tmp_path / "x.csv")]) == 1
+    assert "x.csv: the cell table is an AnnData .h5ad file" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    import anndata
+    import pandas as pd
+
+    anndata.AnnData(X=np.ones((4, 1), np.float32), obs=pd.DataFrame(index=list("abcd")),
+                    var=pd.DataFrame(index=["CD3"])).write_h5ad(tmp_path / "c.h5ad")
+    (tmp_path / "r.yaml").write_text("steps:\n  - {assign: T, when: CD3}\n")
+    assert main(["phenotype", str(tmp_path / "c.h5ad"), "--rules", str(tmp_path / "r.yaml"), "-o",
+                 str(tmp_path / "p.h5ad"), "--thresholds", str(tmp_path / "missing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "missing.yaml: cannot read the thresholds (--thresholds): No such file or directory" in err, err

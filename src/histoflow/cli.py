@@ -36,6 +36,28 @@ def _positive_int(text):
     return v
 
 
+def _nonneg_int(text):
+    """An argparse type: a whole number >= 0 (an overlap, a level), refused under its option's name."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def _fraction(text):
+    """An argparse type: a number from 0 to 1 (a tissue fraction)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"is a fraction of the tile, 0 to 1; got {v}")
+    return v
+
+
 BACKEND_HELP = ("reader: auto (default, chosen by the file's content), openslide, tiff, dicom or image")
 
 
@@ -57,18 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("thumbnail", help="write a PNG thumbnail of a slide")
     s.add_argument("slide")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("--size", type=int, default=1024, help="longer side in pixels (default 1024)")
+    s.add_argument("--size", type=_positive_int, default=1024, help="longer side in pixels (default 1024)")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_thumbnail)
 
     s = sub.add_parser("tile", help="cut a slide into tiles and write an h5path file")
     s.add_argument("slide")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("--size", type=int, default=256, help="tile size in pixels (default 256)")
+    s.add_argument("--size", type=_positive_int, default=256, help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--level", type=int, help="pyramid level to tile (default 0)")
+    g.add_argument("--level", type=_nonneg_int, help="pyramid level to tile (default 0)")
     g.add_argument("--mpp", type=float, help="target µm/px (resampled when no level matches)")
-    s.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
+    s.add_argument("--overlap", type=_nonneg_int, default=0, help="pixels shared by neighbouring tiles (default 0)")
     s.add_argument("--edge", choices=["pad", "drop"], default="pad",
                    help="tiles overhanging the slide's right/bottom edge: pad with background (default) or drop")
     s.add_argument("--slide-mpp", type=float, help="the slide's own µm/px, when the file does not say (or is wrong)")
@@ -83,14 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline", help="pipeline YAML file (see `histoflow transforms`)")
     s.add_argument("slides", nargs="+")
     s.add_argument("-o", "--output", required=True, help="output folder")
-    s.add_argument("--size", type=int, default=256, help="tile size in pixels (default 256)")
+    s.add_argument("--size", type=_positive_int, default=256, help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--level", type=int, help="pyramid level to tile (default 0)")
+    g.add_argument("--level", type=_nonneg_int, help="pyramid level to tile (default 0)")
     g.add_argument("--mpp", type=float, help="target µm/px of the tiles (resampled when no level matches)")
-    s.add_argument("--overlap", type=int, default=0,
+    s.add_argument("--overlap", type=_nonneg_int, default=0,
                    help="pixels shared by neighbouring tiles (default 0; steps that find nuclei or cells warn when "
                         "it is less than they need)")
-    s.add_argument("--tissue-filter", type=float, metavar="FRACTION",
+    s.add_argument("--tissue-filter", type=_fraction, metavar="FRACTION",
                    help="detect tissue at low resolution first; keep tiles with at least this fraction")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--workers", type=_positive_int, help="worker processes of a local dask cluster, or threads with "
@@ -124,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.ckpt")
     s.add_argument("--overwrite", action="store_true", help="start afresh over a finished or interrupted run in "
                                                              "OUTPUT (refused without it)")
-    s.add_argument("--epochs", type=int, help="override train.epochs")
+    s.add_argument("--epochs", type=_positive_int, help="override train.epochs")
     s.add_argument("--seed", type=int, help="override train.seed (e.g. members of an ensemble)")
     s.add_argument("--output", help="override the output folder")
     s.add_argument("--no-progress", action="store_true")
@@ -144,9 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mpp", type=float, help="the input's µm/px when the file does not say (default: the model's)")
     s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
                                                        "(about 4x slower; on the test images AJI 0.625 -> 0.629)")
-    s.add_argument("--tile", type=int, default=1024, help="tile size in level-0 pixels (default 1024)")
-    s.add_argument("--overlap", type=int, default=128, help="tile overlap; larger than a nucleus (default 128)")
-    s.add_argument("--tissue-filter", type=float, metavar="FRACTION", help="only tiles with this much tissue")
+    s.add_argument("--tile", type=_positive_int, default=1024, help="tile size in level-0 pixels (default 1024)")
+    s.add_argument("--overlap", type=_nonneg_int, default=128, help="tile overlap; larger than a nucleus (default 128)")
+    s.add_argument("--tissue-filter", type=_fraction, metavar="FRACTION", help="only tiles with this much tissue")
     s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--h5path", help="keep the per-tile results in this h5path file")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from what it wrote to --h5path")
@@ -159,8 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nuclear-channel", default="auto", help="name or index (default: the DAPI/Hoechst/HH3 channel)")
     s.add_argument("--membrane", nargs="*", default=None, metavar="NAME", help="membrane/cytoplasm channels")
     s.add_argument("--expand", type=float, default=3.0, help="cell reach beyond the nucleus, µm (default 3)")
-    s.add_argument("--tile", type=int, default=512, help="tile size in pixels (default 512)")
-    s.add_argument("--overlap", type=int, default=None,
+    s.add_argument("--tile", type=_positive_int, default=512, help="tile size in pixels (default 512)")
+    s.add_argument("--overlap", type=_nonneg_int, default=None,
                    help="tile overlap in pixels (default: 2 x (a large nucleus, 15 µm, + 2 x --expand), from the "
                         "slide's µm/px: each tile then sees every neighbour of the cells it keeps whole)")
     s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
@@ -475,7 +497,7 @@ def cmd_quantify(args):
     t0 = time.perf_counter()
     out = args.output
     store = os.path.splitext(out)[0] + ".h5path"
-    if os.path.abspath(store) == os.path.abspath(out):
+    if not out.lower().endswith(".h5ad"):
         raise HistoflowError(f"{out}: the cell table is an AnnData .h5ad file (the tiles and masks go to "
                              f"{store} beside it); give -o a name ending in .h5ad")
     png = _picture_path(args.png, out, avoid=(args.slide, out, store))
@@ -789,6 +811,9 @@ def cmd_phenotype(args):
         except (UnicodeDecodeError, yaml.YAMLError) as e:
             raise HistoflowError(f"{args.thresholds}: not a YAML/JSON file of thresholds "
                                  f"({' '.join(str(e).split())})") from None
+        except OSError as e:
+            raise HistoflowError(f"{args.thresholds}: cannot read the thresholds (--thresholds): "
+                                 f"{e.strerror or e}") from None
         if manual is not None and not isinstance(manual, dict):
             raise HistoflowError(f"{args.thresholds}: expected {{channel: value}} or {{slide: {{channel: value}}}}, "
                                  f"got a {type(manual).__name__}")
