@@ -105,13 +105,24 @@ def tile_data(path):
 
 # ---------------------------------------------------------------------- a real cluster
 def _start_cluster(tmp_path, n_workers=2):
+    procs = []
+    try:
+        return _start_cluster_procs(tmp_path, n_workers, procs)
+    except BaseException:  # nothing left running when the cluster could not be started
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
+
+
+def _start_cluster_procs(tmp_path, n_workers, procs):
     sched_file = tmp_path / "scheduler.json"
     # the workers import this module to unpickle its transforms, as they would a user's own module
     path = os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path)
-    procs = [subprocess.Popen([os.path.join(BIN, "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                               "--no-dashboard", "--scheduler-file", str(sched_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    procs.append(subprocess.Popen([os.path.join(BIN, "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                   "--no-dashboard", "--scheduler-file", str(sched_file)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
     for _ in range(200):
         if sched_file.exists() and sched_file.stat().st_size:
             break
