@@ -25,26 +25,26 @@ import textwrap
 import time
 
 
-def _positive_int(text):
-    """An argparse type: a whole number >= 1 (0 workers or batches would silently mean something else)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {v}")
-    return v
+def _int_at_least(lo: int, why: str):
+    """An argparse type: a whole number >= ``lo``, refused under its option's name (``why``: what a smaller
+    value would have done)."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {lo} or more, got {v}")
+        return v
+
+    parse.__doc__ = why
+    return parse
 
 
-def _nonneg_int(text):
-    """An argparse type: a whole number >= 0 (an overlap, a level), refused under its option's name."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
+#: 0 workers or batches would silently mean something else; a size or tile of 0 fails deep in the library
+_positive_int = _int_at_least(1, "a whole number >= 1")
+#: an overlap, a level
+_nonneg_int = _int_at_least(0, "a whole number >= 0")
 
 
 def _fraction(text):
