@@ -426,14 +426,9 @@ def cmd_train(args):
 def cmd_segment_nuclei(args):
     import tempfile
 
-    import numpy as np
-    import tifffile
-
     from .core.slide import SlideData
     from .errors import PipelineError
-    from .ml.infer import assemble_instances
     from .ml.transforms import NucleusSegmentation
-    from .utils import atomic_output
 
     if args.resume and not args.h5path:
         from .errors import ParameterError
