@@ -153,6 +153,26 @@ def test_a_terminated_command_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_an_interrupt_inside_code_made_from_a_string_still_exits_130(signame, tmp_path):
+    """The signal lands while an import makes a dataclass (code run from a string): Python then took the
+    KeyboardInterrupt for unhandled and, run as ``python -m``, killed the command by SIGINT after it had printed
+    its message (CI saw returncode -2 once). Here the signal is sent from inside such code, so the race is
+    certain."""
+    (tmp_path / "interrupted_command.py").write_text(
+        "import os, signal, sys\n"
+        "import histoflow.cli as cli\n"
+        "def work(args):\n"
+        f"    eval('os.kill(os.getpid(), signal.{signame}) or sum(range(10**7))')\n"
+        "    return 0\n"
+        "cli.cmd_info = work  # the parser binds the verb when main() builds it\n"
+        "sys.argv = ['histoflow', 'info', 'x.svs']\n"
+        "sys.exit(cli.main())\n")
+    p = subprocess.run([sys.executable, "-m", "interrupted_command"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert p.returncode == 130 and p.stderr.strip() == "histoflow: interrupted", (p.returncode, p.stderr)
+
+
 def test_command_mistakes_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     """Outputs that cannot be written, outputs of the wrong kind, a finished training run about to be
     replaced, a config that is not text, 0 workers: one-line errors before any work."""

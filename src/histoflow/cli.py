@@ -222,6 +222,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C or TERM in the command. Not KeyboardInterrupt itself: Python marks a KeyboardInterrupt that leaves
+    code run from a string (a dataclass or namedtuple being made by an import) as unhandled, and then ends the
+    process by SIGINT even after ``main`` caught it and returned 130."""
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .errors import HistoflowError
@@ -229,11 +235,13 @@ def main(argv=None) -> int:
     if argv is None:  # as a command: a TERM (a scheduler's job kill) unwinds like Ctrl-C, so that files being
         import signal  # written are dropped, not left behind as temporary files
 
-        def _terminated(signum, frame):
-            raise KeyboardInterrupt
+        def _interrupted(signum, frame):
+            raise _Interrupted
 
         try:
-            signal.signal(signal.SIGTERM, _terminated)
+            signal.signal(signal.SIGTERM, _interrupted)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
+                signal.signal(signal.SIGINT, _interrupted)
         except ValueError:  # not the main thread
             pass
     try:
