@@ -50,7 +50,7 @@ def main():
     out = {"bench": "nuclei_quality", "images": ids, "model": os.path.basename(path), "tta": args.tta,
            "mpp": samples[0]["mpp"] if samples else args.mpp}
     for name, fn in (("model", lambda s: seg.F(s["image"], mpp=s["mpp"])),
-                     ("classical", lambda s: classical.F(s["image"]))):
+                     ("classical", lambda s: classical.F(s["image"], mpp=s["mpp"]))):
         rows = []
         t = time.perf_counter()
         for s in samples:
