@@ -97,3 +97,23 @@ def test_missing_or_bad_file(tmp_path):
     with pytest.raises(OnnxError, match="bad.onnx.*cannot open"):
         OnnxModel(bad)
     assert issubclass(OnnxError, HistoflowError)
+
+
+@pytest.mark.parametrize("filters, side", [((4, 8, 16), 4), ((2, 2, 2, 2, 2, 2, 2, 2, 4), 256)])
+def test_dynamic_spatial_export_at_one_size_divisor(tmp_path, filters, side):
+    """A height and width of exactly one size_divisor (a 9-level U-Net at 256 px, as the nucleus transforms export
+    it) failed: torch.export specialised the dims traced as 1 x the divisor. The file now takes other sizes
+    too, and agrees with torch at the given size and at others."""
+    torch.manual_seed(0)
+    m = _randomise(models.create("unet", in_channels=4, filters=filters))
+    assert m.size_divisor == side
+    path = export_onnx(m, tmp_path / "u.onnx", input_shape=(1, 4, side, side), dynamic_spatial=True)
+    session = OnnxModel(path, intra_op_threads=1)
+    rng = np.random.default_rng(0)
+    for shape in ((1, 4, side, side), (2, 4, 2 * side, 3 * side)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        with torch.no_grad():
+            ref = m(torch.from_numpy(x)).numpy()
+        got = session(x)
+        assert got.shape == ref.shape == (shape[0], 2, *shape[2:])
+        assert np.abs(got - ref).max() < 1e-4

@@ -99,8 +99,16 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] =
     shape = tuple(int(s) for s in input_shape)
     if len(shape) < 1 or any(s < 1 for s in shape):
         raise ParameterError(f"export_onnx: input_shape must be positive ints, got {input_shape}")
-    # torch.export specialises a dimension of size 1, so a dynamic batch is traced with batch 2
-    trace_shape = (max(2, shape[0]), *shape[1:]) if dynamic_batch else shape
+    # torch.export specialises a dimension of size 1, so a dynamic batch is traced with batch 2, and a dynamic
+    # height or width of one size_divisor (1 x the divisor: that size would be all the file accepts) with two
+    div = max(1, int(getattr(model, "size_divisor", 1))) if dynamic_spatial else 1
+    trace_shape = list(shape)
+    if dynamic_batch:
+        trace_shape[0] = max(2, shape[0])
+    if dynamic_spatial:
+        for axis in range(2, min(4, len(shape))):
+            if shape[axis] == div:
+                trace_shape[axis] = 2 * div
     param = next(iter(model.parameters()), None)
     example = torch.randn(trace_shape, device=param.device if param is not None else "cpu")
     modes = {m: m.training for m in model.modules()}  # each submodule's own (a frozen batch norm stays eval)
@@ -114,7 +122,6 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] =
         if dynamic_batch:
             dims[0] = torch.export.Dim("batch", min=1)
         if dynamic_spatial:
-            div = int(getattr(model, "size_divisor", 1))
             for axis, name in ((2, "height"), (3, "width")):
                 dims[axis] = torch.export.Dim(name, min=1) * div if div > 1 else torch.export.Dim(name, min=2)
         dynamic_shapes = (dims,) if dims else None
