@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from skimage.draw import disk
 
+from histoflow.errors import ParameterError
 from histoflow.ml.losses import (CWCELoss, DiceCELoss, DiceLoss, DistillationLoss, HoVerNetLoss, cwce_loss,
                                  dice_ce_loss, dice_loss, distillation_loss, hovernet_loss, hv_targets,
                                  sobel_kernel_5x5)
@@ -424,3 +425,133 @@ def test_cwce_leaves_out_unlabelled_samples_and_distillation_checks_labels():
     with pytest.raises(ParameterError, match=r"labels must lie in \[0, 2\].*got \[3\]"):
         distillation_loss(logits, teacher, torch.tensor([0, 3, 1, 0, 1, 0]), alpha=0.5)
     assert torch.isfinite(distillation_loss(logits, teacher, labels, alpha=0.5))  # -100 is ignored there too
+
+
+# ------------------------------------------------------------------------------- review fixes (losses)
+_NC_CASES = [
+    ({}, {}),
+    ({"include_background": False}, {"include_background": False}),
+    ({"batch": True}, {"batch": True}),
+    # ours is the weighted mean over classes, MONAI's the plain mean of w * loss: equal when sum(w) = C'
+    ({"class_weights": [0.5, 1.0, 1.5]}, {"weight": [0.5, 1.0, 1.5]}),
+    ({"class_weights": [9.0, 0.5, 1.5], "include_background": False},
+     {"weight": [0.5, 1.5], "include_background": False}),
+]
+
+
+@pytest.mark.parametrize("kw, monai_kw", [(dict(k, reduction=r), dict(m, reduction=r))
+                                          for k, m in _NC_CASES for r in ("mean", "none")]
+                         + [({"reduction": "sum"}, {"reduction": "sum"})])
+def test_dice_without_spatial_dims_matches_monai(kw, monai_kw):
+    """(N, C) logits: one Dice per sample and class, as MONAI on (N, C, 1) (it summed over every axis,
+    giving one global Dice: a 0-d 'none', weights ignored, IndexError without the background)."""
+    from monai.losses import DiceLoss as MonaiDice
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 1, 1])
+    ours = dice_loss(logits, target, **kw)
+    ref = MonaiDice(softmax=True, to_onehot_y=True, **monai_kw)(logits[..., None], target[:, None, None])
+    if kw["reduction"] == "none":
+        c = 2 if kw.get("include_background") is False else 3
+        assert ours.shape == ((c,) if kw.get("batch") else (5, c))
+        ref = ref.reshape(ours.shape)
+    assert torch.allclose(ours, ref.to(ours.dtype), rtol=1e-10, atol=0)
+
+
+def test_dice_without_spatial_dims_value_and_dice_ce():
+    from monai.losses import DiceCELoss as MonaiDiceCE
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    y = torch.tensor([0, 1, 2, 1])
+    assert float(DiceLoss()(x, y)) == pytest.approx(0.8548, abs=5e-5)
+    p, oh = torch.softmax(x, 1), F.one_hot(y, 3).float()  # by hand: one Dice per (sample, class)
+    assert torch.allclose(dice_loss(x, y, reduction="none"), 1 - (2 * p * oh + 1e-5) / (p + oh + 1e-5))
+    ref = MonaiDiceCE(softmax=True, to_onehot_y=True)(x[..., None], y[:, None, None])
+    assert float(DiceCELoss()(x, y)) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_dice_class_weights_all_zero_is_an_error():
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    with pytest.raises(ParameterError, match="all zero after dropping the background"):
+        dice_loss(logits, target, class_weights=[1.0, 0.0, 0.0], include_background=False)
+    with pytest.raises(ParameterError, match="all zero"):
+        DiceLoss(class_weights=[0.0, 0.0, 0.0])(logits, target)
+    # one positive weight left is fine: the Dice of that class alone
+    one = dice_loss(logits, target, class_weights=[0.0, 0.0, 2.0], include_background=False)
+    assert float(one) == pytest.approx(float(dice_loss(logits, target, reduction="none")[:, 2].mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("ce_weight", [None, [0.2, 1.0, 3.0]])
+def test_dice_ce_cross_entropy_term_is_torch_s_and_finite_when_no_pixel_counts(ce_weight):
+    """The CE term is torch's weighted mean on ordinary batches, and 0 (not 0 / 0 = NaN) when every pixel is
+    ignored or has a class of weight 0."""
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 3, 6, 7, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (2, 6, 7), generator=g)
+    target[0, :2] = 255
+    w = None if ce_weight is None else torch.tensor(ce_weight)
+    for ii in (None, 255):
+        t = target if ii is not None else torch.where(target == 255, 1, target)
+        ce = dice_ce_loss(logits, t, lambda_dice=0.0, ce_weight=ce_weight, ignore_index=ii)
+        ref = F.cross_entropy(logits, t, weight=w, ignore_index=-100 if ii is None else ii)
+        assert ce.item() == pytest.approx(ref.item(), abs=1e-6)
+    empty = [torch.full((2, 6, 7), 255)]
+    if ce_weight is not None:  # weight 0 on the only class present
+        empty.append(torch.zeros(2, 6, 7, dtype=torch.long))
+        ce_weight = [0.0, 1.0, 3.0]
+    for t in empty:
+        assert torch.isnan(F.cross_entropy(logits, t, weight=None if ce_weight is None else torch.tensor(ce_weight),
+                                           ignore_index=255))  # torch's mean: the old value
+        logits.grad = None
+        ce = dice_ce_loss(logits, t, lambda_dice=0.0, ce_weight=ce_weight, ignore_index=255)
+        assert ce.item() == 0.0
+        total = DiceCELoss(ce_weight=ce_weight, ignore_index=255)(logits, t)
+        assert torch.isfinite(total)
+        total.backward()
+        assert torch.isfinite(logits.grad).all()
+
+
+def test_hovernet_type_target_as_float_with_a_channel_axis():
+    """A float (N, 1, H, W) type map holds class ids, not a binary mask (it was thresholded at 0.5, so every
+    type became 1); non-integer values are refused."""
+    pred, target = _perfect(_instances())
+    g = torch.Generator().manual_seed(13)
+    pred = {k: v + 40 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in pred.items()}
+    types = target["type_prediction"]
+    assert int(types.max()) == 2
+    _, ref = hovernet_loss(pred, target, return_terms=True)
+    for as_map in (types[:, None].double(), types[:, None], types.double()):
+        _, terms = hovernet_loss(pred, dict(target, type_prediction=as_map), return_terms=True)
+        for k in ref:
+            assert float(terms[k]) == pytest.approx(float(ref[k]), rel=1e-12), k
+    with pytest.raises(ParameterError, match="whole-number"):
+        hovernet_loss(pred, dict(target, type_prediction=types[:, None].double() * 0.4))
+    with pytest.raises(ParameterError, match="whole-number"):
+        hovernet_loss(pred, dict(target, type_prediction=types.double() + 0.5))
+    # a float (N, H, W) nucleus map was truncated by .long() (0.7 became background): whole numbers only too
+    _, ref_np = hovernet_loss(pred, dict(target, nucleus_prediction=target["nucleus_prediction"].double()),
+                              return_terms=True)
+    for k in ref:
+        assert float(ref_np[k]) == pytest.approx(float(ref[k]), rel=1e-12), k
+    with pytest.raises(ParameterError, match="nucleus_prediction.*whole-number"):
+        hovernet_loss(pred, dict(target, nucleus_prediction=(target["nucleus_prediction"] > 0).double() * 0.7))
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (2, 5, 3, 3)])
+def test_distillation_teacher_with_masked_classes(shape):
+    """-inf teacher logits (masked classes) have probability 0 and add nothing: KL as F.kl_div, not NaN."""
+    g = torch.Generator().manual_seed(14)
+    s = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    t[:, 0] = -float("inf")
+    t[1, 3] = -float("inf")
+    temp = 4.0
+    got = distillation_loss(s, t, alpha=1.0, temperature=temp)
+    n = s.numel() // s.shape[1]
+    log_ps, pt = F.log_softmax(s.detach() / temp, 1), F.softmax(t / temp, 1)
+    ref = F.kl_div(log_ps, pt, reduction="sum").item() / n * temp * temp
+    if len(shape) == 2:  # batchmean is the mean over samples
+        assert ref == pytest.approx(F.kl_div(log_ps, pt, reduction="batchmean").item() * temp * temp, rel=1e-12)
+    assert torch.isfinite(got) and got.item() == pytest.approx(ref, rel=1e-10)
+    got.backward()
+    assert torch.isfinite(s.grad).all()

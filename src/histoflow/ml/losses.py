@@ -20,6 +20,11 @@ classification); class targets are integer tensors ``(N, H, W)`` (or ``(N,)``). 
 also accept float targets shaped like the logits (one-hot or soft labels). Shape mismatches raise a
 ``ValueError`` that names both shapes.
 
+Integer and one-hot targets give the same loss except with class weights on the cross entropy
+(``ce_weight``): as in :func:`torch.nn.functional.cross_entropy` (and MONAI), with integer targets the
+weighted sum is divided by the summed weights of the pixels' classes (a weighted mean), with float
+targets by the number of pixels, so the two differ unless every weight is 1.
+
 The losses are implemented directly in torch (importing MONAI is slow and its losses want one-hot
 targets); the tests check :class:`DiceLoss`, :class:`DiceCELoss`, :func:`hv_targets` and the
 non-gradient terms of :class:`HoVerNetLoss` against ``monai.losses``, ``monai.transforms.ComputeHoVerMaps``
@@ -163,7 +168,8 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, *, activation: str = "
     ignore_index : int, optional
         Pixels with this target value are left out of both the prediction and the target sums.
     class_weights : sequence of float, optional
-        Weights per channel for the average over classes (after dropping the background).
+        Weights per channel for the average over classes (one per channel of ``logits``; the background's
+        is dropped with it). At least one of the weights used must be positive.
     reduction : {"mean", "sum", "none"}
         Over the per-(sample,) class losses. ``"none"`` returns ``(N, C')`` (or ``(C',)`` with
         ``batch=True``).
@@ -185,7 +191,9 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, *, activation: str = "
     if valid is not None:
         probs = probs * valid
         onehot = onehot * valid
-    dims = tuple(range(2, logits.ndim))
+    if logits.ndim == 2:  # (N, C): one pixel per sample (sum(dim=()) would sum over everything)
+        probs, onehot = probs.unsqueeze(-1), onehot.unsqueeze(-1)
+    dims = tuple(range(2, probs.ndim))
     if batch:
         dims = (0,) + dims
     inter = (probs * onehot).sum(dim=dims)
@@ -196,10 +204,13 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, *, activation: str = "
         loss = loss[..., 1:]
         w = None if w is None else w[1:]
     if w is not None:
+        if not bool((w > 0).any()):
+            left = " after dropping the background (include_background=False)" if not include_background else ""
+            raise ParameterError(f"class_weights are all zero{left}: the weighted mean over classes is undefined")
         if reduction == "none":
             return loss * w
         # weighted mean over classes, then the mean/sum over samples
-        per_sample = (loss * w).sum(dim=-1) / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+        per_sample = (loss * w).sum(dim=-1) / w.sum()
         return _reduce(per_sample, reduction)
     return _reduce(loss, reduction)
 
@@ -250,8 +261,17 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: Optional[
     if target.shape == logits.shape and target.is_floating_point():
         return F.cross_entropy(logits, target.to(logits.dtype), weight=weight)
     _onehot_target(logits, target, ignore_index)  # shape and range checks
-    return F.cross_entropy(logits, target.long(), weight=weight,
-                           ignore_index=-100 if ignore_index is None else ignore_index)
+    target = target.long()
+    ignore = -100 if ignore_index is None else ignore_index
+    total = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore, reduction="sum")
+    # torch's mean is this sum over the summed weights of the valid pixels, which is 0 / 0 = NaN when no
+    # pixel counts (all ignored, or weight 0 on every class present): then the term is 0, not NaN
+    valid = target != ignore
+    if weight is None:
+        count = valid.sum().to(total.dtype)
+    else:
+        count = (weight[torch.where(valid, target, torch.zeros_like(target))] * valid).sum().to(total.dtype)
+    return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_dice: float = 1.0,
@@ -262,7 +282,8 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_dice: flo
 
     The cross entropy is the mean over pixels (weighted mean with ``ce_weight``, as
     :func:`torch.nn.functional.cross_entropy`); with a single-channel logit it is the logistic (binary)
-    cross entropy. The Dice parameters are those of :func:`dice_loss`.
+    cross entropy. When no pixel counts (every one is ``ignore_index``, or has a class of weight 0) the
+    cross-entropy term is 0 rather than torch's NaN. The Dice parameters are those of :func:`dice_loss`.
     """
     _check_logits(logits)
     w = _as_weight(ce_weight, logits.shape[1], logits)
@@ -403,17 +424,30 @@ def _msge(pred_hv: torch.Tensor, true_hv: torch.Tensor, focus: torch.Tensor) -> 
     return (focus * diff * diff).sum() / (focus.sum() + 1e-8)
 
 
-def _np_target(t: torch.Tensor, name: str) -> torch.Tensor:
+def _whole(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` as int64, refusing float values that are not whole numbers (``.long()`` would truncate them)."""
+    if t.is_floating_point() and not bool((t == t.round()).all()):  # NaN and fractions fail, inf is caught below
+        raise ParameterError(f"target[{name!r}] must hold whole-number classes, got non-integer float values "
+                             f"(e.g. {t[t != t.round()][:3].tolist()}); threshold or round a probability map first")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ParameterError(f"target[{name!r}] holds infinite values")
+    return t.long()
+
+
+def _np_target(t: torch.Tensor, name: str, binary: bool = True) -> torch.Tensor:
     """Integer (N, H, W) class map from an integer map, a one-hot (N, C, H, W) float map, or an (N, 1, H, W)
-    map (a float one is a binary mask: > 0.5 is class 1)."""
+    map. With ``binary`` (the NP branch) a float (N, 1, H, W) map is a mask: > 0.5 is class 1; otherwise
+    (the TP branch) a float map must hold whole-number classes."""
     if t.ndim == 4 and t.shape[1] == 1:
-        return (t[:, 0] > 0.5).long() if t.is_floating_point() else t[:, 0].long()
+        if t.is_floating_point() and binary:
+            return (t[:, 0] > 0.5).long()
+        return _whole(t[:, 0], name)
     if t.ndim == 4 and t.is_floating_point():
         return t.argmax(dim=1)
     if t.ndim != 3:
         raise ParameterError(f"target[{name!r}] must be (N, H, W) integer classes or (N, C, H, W) one-hot, "
                              f"got shape {tuple(t.shape)}")
-    return t.long()
+    return _whole(t, name)
 
 
 def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *,
@@ -464,7 +498,7 @@ def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, t
         if tp_logits.ndim != 4 or tuple(tp_logits.shape[2:]) != (h, w) or tp_logits.shape[0] != n:
             raise ParameterError(f"prediction[{TP!r}] shape {tuple(tp_logits.shape)} does not match "
                                  f"prediction[{NP!r}] shape {tuple(np_logits.shape)}")
-        tp_true = _np_target(target[TP], TP)
+        tp_true = _np_target(target[TP], TP, binary=False)
         if tuple(tp_true.shape) != (n, h, w):
             raise ParameterError(f"target[{TP!r}] shape {tuple(target[TP].shape)} does not match "
                                  f"prediction[{TP!r}] shape {tuple(tp_logits.shape)}")
@@ -504,9 +538,11 @@ class HoVerNetLoss(nn.Module):
       ``prediction["horizontal_vertical"]``: ``(N, 2, H, W)`` (channel 0 horizontal, 1 vertical);
       optionally ``prediction["type_prediction"]``: ``(N, T, H, W)`` logits.
     * ``target["nucleus_prediction"]``: ``(N, H, W)`` foreground mask or instance map (anything > 0 is
-      nucleus), or a ``(N, 2, H, W)`` one-hot; ``target["horizontal_vertical"]``: ``(N, 2, H, W)`` maps
+      nucleus; a float one must hold whole numbers), a float ``(N, 1, H, W)`` mask (> 0.5 is nucleus),
+      or a ``(N, 2, H, W)`` one-hot; ``target["horizontal_vertical"]``: ``(N, 2, H, W)`` maps
       from :func:`hv_targets`; ``target["type_prediction"]``: ``(N, H, W)`` type indices (0 =
-      background) or one-hot, required exactly when the prediction has the type branch.
+      background), a ``(N, 1, H, W)`` map of them (a float one must hold whole numbers) or a one-hot,
+      required exactly when the prediction has the type branch.
 
     The Dice terms are softmax Dice over the whole batch (one per class, background included),
     summed over classes, as in the reference implementation. The gradients of the MSGE term are taken
@@ -564,7 +600,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     Parameters
     ----------
     student_logits, teacher_logits : torch.Tensor
-        ``(N, C)`` or ``(N, C, H, W)`` logits of the same shape. The teacher is detached.
+        ``(N, C)`` or ``(N, C, H, W)`` logits of the same shape. The teacher is detached; its logits may
+        be ``-inf`` for masked classes (probability 0, which adds nothing to the KL term).
     labels : torch.Tensor, optional
         Hard labels ``(N,)`` or ``(N, H, W)``; needed unless ``alpha == 1``.
     temperature : float
@@ -586,8 +623,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if alpha > 0:
         t = float(temperature)
         log_ps = F.log_softmax(student_logits / t, dim=1)
-        log_pt = F.log_softmax(teacher_logits.detach().to(student_logits.dtype) / t, dim=1)
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean()
+        pt = F.softmax(teacher_logits.detach().to(student_logits.dtype) / t, dim=1)
+        # kl_div takes 0 log 0 = 0 (xlogy): a class the teacher masks with a -inf logit adds nothing, not NaN
+        kl = F.kl_div(log_ps, pt, reduction="none").sum(dim=1).mean()
         total = total + alpha * t * t * kl
     if alpha < 1:
         if labels is None:
