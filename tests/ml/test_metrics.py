@@ -319,3 +319,25 @@ def test_aji_ties_go_to_the_lowest_label_and_any_integer_type_works():
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64, np.int64):
         assert aji(t.astype(dt), p.astype(dt)) == pytest.approx(6 / 11)
         assert panoptic_quality(t.astype(dt), p.astype(dt)).pq == pytest.approx(0.32)
+
+
+def test_binary_metrics_refuse_probability_maps():
+    """A probability map counted every p > 0 as foreground (dice = 0.5 below); floats must be 0/1 masks."""
+    from histoflow.errors import ParameterError
+    prob, true = np.array([0.2, 0.9, 0.1, 0.0]), np.array([0, 1, 0, 0])
+    for f in (dice, iou, precision, recall):
+        with pytest.raises(ParameterError, match="threshold"):
+            f(prob, true)
+        with pytest.raises(ParameterError, match="true must be a binary mask"):
+            f(true, prob)
+    with pytest.raises(ParameterError, match="threshold"):
+        dice(np.array([np.nan, 1.0, 0.0, 0.0]), true)
+    with pytest.raises(ParameterError, match="threshold"):
+        segmentation_summary([prob], [true])
+    # thresholded first it is fine; bool, integer (non-zero = foreground) and 0/1 float masks all agree
+    assert dice(prob > 0.5, true) == 1.0
+    ref = dice(np.array([True, True, False, False]), true.astype(bool))
+    assert ref == pytest.approx(2 / 3)
+    for p in (np.array([1, 1, 0, 0]), np.array([7, 3, 0, 0], np.uint8), np.array([1.0, 1.0, 0.0, 0.0], np.float32)):
+        assert dice(p, true.astype(np.float64)) == ref
+    assert iou(np.ones(3), np.ones(3)) == 1.0 and np.isnan(dice(np.zeros(0), np.zeros(0)))

@@ -38,11 +38,18 @@ def _binary_pair(pred, true) -> Tuple[np.ndarray, np.ndarray]:
     true = np.asarray(true)
     if pred.shape != true.shape:
         raise ParameterError(f"pred shape {pred.shape} does not match true shape {true.shape}")
+    for name, a in (("pred", pred), ("true", true)):
+        # a probability map would count every p > 0 as foreground: refuse floats other than 0 and 1
+        if a.size and not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+            if not np.all((a == 0) | (a == 1)):
+                raise ParameterError(f"{name} must be a binary mask (bool, integer, or float 0/1), got {a.dtype} "
+                                     "values other than 0 and 1; threshold a probability map first "
+                                     "(e.g. prob > 0.5)")
     return pred.astype(bool, copy=False), true.astype(bool, copy=False)
 
 
 def _counts(pred, true) -> Tuple[int, int, int]:
-    """(TP, FP, FN) pixel counts of two binary masks (non-zero = foreground)."""
+    """(TP, FP, FN) pixel counts of two binary masks (non-zero = foreground; floats must be 0 or 1)."""
     p, t = _binary_pair(pred, true)
     tp = int(np.count_nonzero(p & t))
     return tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(t)) - tp
@@ -51,6 +58,8 @@ def _counts(pred, true) -> Tuple[int, int, int]:
 def dice(pred, true, zero_division: float = np.nan) -> float:
     """Dice coefficient ``2 |P & T| / (|P| + |T|)`` of two binary masks (non-zero = foreground).
 
+    Masks are bool, integer (non-zero = foreground) or float holding only 0 and 1; a probability map
+    is refused (threshold it first), as are those of :func:`iou`, :func:`precision` and :func:`recall`.
     Returns ``zero_division`` when both masks are empty.
 
     Examples
