@@ -222,3 +222,30 @@ def test_numpy_scalar_settings_mean_what_python_numbers_do(he_features):
     assert ClusterGuide(n_clusters=3, variance=np.int64(2)).fit(x).pca_.n_components_ == 2
     with pytest.raises(ValueError, match="variance"):
         ClusterGuide(variance=np.float32(1.5))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_module_refuses_non_finite_features_as_the_guide_does(blobs, blob_guide):
+    """A NaN row has NaN distances to every centre and argmin still gave it a cluster; ClusterGuide.predict
+    refuses it, and so does the module now. Traced and exported graphs (which cannot raise) still work."""
+    from histoflow.errors import ParameterError
+    _, test = blobs
+    module = blob_guide.to_torch()
+    x = torch.from_numpy(test[:6].copy())
+    expected = torch.from_numpy(blob_guide.predict(test[:6]))
+    assert torch.equal(module(x), expected)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        xb = x.clone()
+        xb[2, 7] = bad
+        with pytest.raises(ValueError, match="NaN"):
+            blob_guide.predict(xb.numpy())
+        with pytest.raises(ParameterError, match=r"NaN or infinite.*rows \[2\] of 6"):
+            module(xb)
+    # finite in float64 but overflowing the float32 module's arithmetic: no cluster can be told either
+    with pytest.raises(ParameterError, match="too large"):
+        module.to(torch.float32)(x * 1e30)
+    traced = torch.jit.trace(module, x, check_trace=False)
+    exported = torch.export.export(module, (x,)).module()
+    other = torch.from_numpy(test[6:12])  # the exported graph is specialised to 6 rows
+    for graph in (traced, exported):
+        assert torch.equal(graph(other), module(other))

@@ -187,7 +187,9 @@ class ClusterModule(nn.Module):
     mode (``train()`` is a no-op) and its forward runs without autograd.
 
     ``forward(features)`` takes ``(N, d)`` features (cast to the buffers' dtype) and returns the
-    ``(N,)`` int64 cluster ids. Build it with :meth:`ClusterGuide.to_torch`, or empty with
+    ``(N,)`` int64 cluster ids; a row with NaN or infinite values (or one that overflows the dtype)
+    raises a :class:`~histoflow.errors.ParameterError`, as :meth:`ClusterGuide.predict` does (except
+    inside a traced or compiled graph, which cannot raise). Build it with :meth:`ClusterGuide.to_torch`, or empty with
     ``ClusterModule(d, p, k)`` followed by ``load_state_dict``.
     """
 
@@ -255,4 +257,14 @@ class ClusterModule(nn.Module):
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.distances(features.detach()).argmin(dim=1).to(torch.int64)
+        d = self.distances(features.detach())
+        # a NaN/inf row has NaN distances, and argmin would still give it a cluster: refuse it, as
+        # ClusterGuide.predict does. The check needs the values, so it is left out while tracing or
+        # compiling (torch.jit.trace, ONNX export, torch.compile/export), where the graph cannot raise.
+        if not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()):
+            bad = ~torch.isfinite(d).all(dim=1)
+            if bool(bad.any()):
+                raise ParameterError(f"features contain NaN or infinite values (rows "
+                                     f"{bad.nonzero().flatten()[:5].tolist()} of {d.shape[0]}; values too large "
+                                     f"for {d.dtype} count too): no cluster can be assigned")
+        return d.argmin(dim=1).to(torch.int64)
