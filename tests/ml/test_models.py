@@ -506,3 +506,94 @@ def test_instance_norm_resnet_refuses_inputs_that_leave_one_pixel(tmp_path):
     x = torch.rand(1, 3, 96, 64)
     sess = get_session(export_onnx(m, tmp_path / "in.onnx", input_shape=(1, 3, 64, 64), dynamic_spatial=True))
     np.testing.assert_allclose(np.asarray(sess(x.numpy())), m(x).detach().numpy(), atol=1e-4)
+
+
+_SWITCHABLE = {  # every built-in architecture, small
+    "unet": ({"filters": [4, 8]}, (2, 3, 16, 16)),
+    "mobilenet_v2": ({"head": "paper", "num_classes": 2, "width_mult": 0.35}, (2, 3, 64, 64)),
+    "resnet18": ({"num_classes": 3}, (2, 3, 64, 64)),
+    "resnet34": ({"num_classes": 3}, (2, 3, 64, 64)),
+    "rccnet": ({"num_classes": 3}, (2, 3, 32, 32)),
+    "hovernet": ({"mode": "fast", "out_classes": 0}, None),  # a CPU forward takes ~10 s: its weights are compared
+    "ensemble": ({"members": [{"architecture": "unet", "parameters": {"filters": [4, 8]}},
+                              {"architecture": "rccnet", "parameters": {"num_classes": 3}}]}, None),
+}
+
+
+def _norm_layers(m: nn.Module) -> list[tuple[str, str]]:
+    return [(n, type(x).__name__) for n, x in m.named_modules() if "Norm" in type(x).__name__]
+
+
+@pytest.mark.parametrize("name", sorted(_SWITCHABLE))
+def test_instance_norm_switch_round_trips_for_every_architecture(tmp_path, name):
+    """After replace_batchnorm_with_instancenorm, save wrote a file load could not read for the models without a
+    string ``norm`` (mobilenet_v2, rccnet, hovernet: the state dict lacked the batch norms' running statistics).
+    The card now records the switch and load makes it again."""
+    assert set(_SWITCHABLE) >= set(models._BUILTINS)
+    kwargs, shape = _SWITCHABLE[name]
+    m = replace_batchnorm_with_instancenorm(models.create(name, **kwargs))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for x in m.modules():
+            if isinstance(x, nn.InstanceNorm2d):
+                x.weight.uniform_(0.5, 1.5, generator=g)
+                x.bias.uniform_(-0.2, 0.2, generator=g)
+    card = json.loads(models.save(m, tmp_path / "m.pt").read_text())
+    assert card["batchnorm_to_instancenorm"] == [""]
+    loaded = models.load(tmp_path / "m.pt")
+    assert _norm_layers(loaded) == _norm_layers(m)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in loaded.modules())
+    a, b = m.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if shape is not None:
+        m.eval()
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            assert torch.equal(m(x), loaded(x))
+    models.save(loaded, tmp_path / "again.pt")  # a loaded model keeps the switch through another save
+    assert json.loads((tmp_path / "again.json").read_text())["batchnorm_to_instancenorm"] == [""]
+    assert _norm_layers(models.load(tmp_path / "again.pt")) == _norm_layers(m)
+
+
+def test_instance_norm_switch_of_a_part_or_a_member_round_trips(tmp_path):
+    m = models.create("rccnet", num_classes=3)
+    first = [n for n, x in m.named_modules() if isinstance(x, nn.BatchNorm2d)][0]
+    parent, _, attr = first.rpartition(".")
+    setattr(m.get_submodule(parent), attr, replace_batchnorm_with_instancenorm(m.get_submodule(first)))
+    models.save(m, tmp_path / "part.pt")
+    assert json.loads((tmp_path / "part.json").read_text())["batchnorm_to_instancenorm"] == [first]
+    assert _norm_layers(models.load(tmp_path / "part.pt")) == _norm_layers(m)
+    # an ensemble of a switched and a plain member, saved and loaded
+    models.save(replace_batchnorm_with_instancenorm(models.create("unet", filters=[4, 8])), tmp_path / "a.pt")
+    models.save(models.create("unet", filters=[4, 8]), tmp_path / "b.pt")
+    ens = models.ensemble([tmp_path / "a.pt", tmp_path / "b.pt"])
+    models.save(ens, tmp_path / "e.pt")
+    loaded = models.load(tmp_path / "e.pt")
+    assert _norm_layers(loaded) == _norm_layers(ens)
+    assert {t for n, t in _norm_layers(loaded)} == {"InstanceNorm2d", "BatchNorm2d"}
+    bad = json.loads((tmp_path / "part.json").read_text())
+    bad["batchnorm_to_instancenorm"] = ["no.such.layer"]
+    (tmp_path / "part.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match=r"part\.json.*'batchnorm_to_instancenorm' names 'no.such.layer'"):
+        models.load(tmp_path / "part.pt")
+
+
+def test_infinite_sizes_damaged_weights_and_deep_cards_are_model_errors(tmp_path):
+    """Raw OverflowError / AttributeError / RecursionError before: an infinite size in create or a card, a state
+    dict with a non-string key, a card nested too deep for the JSON reader."""
+    for name, kwargs in (("mobilenet_v2", {"width_mult": float("inf")}), ("rccnet", {"input_size": float("inf")})):
+        with pytest.raises(ParameterError, match=f"{name}: cannot be made with"):
+            models.create(name, **kwargs)
+    m = models.create("rccnet", num_classes=2)
+    path = tmp_path / "r.pt"
+    card = json.loads(models.save(m, path).read_text())
+    (tmp_path / "r.json").write_text(json.dumps({**card, "parameters": {"input_size": float("inf")}}))
+    with pytest.raises(ModelError, match=r"r\.json.*cannot create 'rccnet'"):
+        models.load(path)
+    (tmp_path / "r.json").write_text(json.dumps(card))
+    torch.save({**m.state_dict(), 5: torch.zeros(1)}, path)
+    with pytest.raises(ModelError, match=r"r\.pt: not a state_dict: .*\[5\]"):
+        models.load(path)
+    (tmp_path / "r.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelError, match=r"r\.json: not a readable JSON model card \(RecursionError"):
+        models.load(path)

@@ -63,6 +63,13 @@ _REGISTRY: dict[str, Callable[..., nn.Module] | str] = dict(_BUILTINS)
 # Card keys always present (extra keys from the user's card are kept as well).
 _CARD_DEFAULTS: dict[str, Any] = {"training_data": None, "metrics": {}, "licence": None}
 
+# Card key listing the submodules (by qualified name, "" = the whole model) whose batch norms
+# :func:`replace_batchnorm_with_instancenorm` replaced; :func:`load` replaces them again before the weights go in.
+_INSTANCE_NORM_KEY = "batchnorm_to_instancenorm"
+# Card keys that describe the saved model itself: filled in by :func:`save`, never carried over or overridden.
+_OWN_KEYS = ("architecture", "parameters", "weights_dtype", "saved", "histoflow_version", "torch_version",
+             _INSTANCE_NORM_KEY)
+
 
 def register(name: str, factory: Callable[..., nn.Module] | None = None):
     """Register an architecture under ``name``; usable as a decorator or a plain call.
@@ -121,7 +128,7 @@ def create(name: str, **kwargs: Any) -> nn.Module:
             raise ParameterError(f"{name}: {k} must be a whole number >= 1, got {v!r}")
     try:
         model = factory(**kwargs)
-    except RuntimeError as e:  # torch refusing a layer of these sizes
+    except (RuntimeError, OverflowError) as e:  # torch refusing a layer of these sizes; an infinite size
         raise ParameterError(f"{name}: cannot be made with {kwargs}: {e}") from None
     model.registry_name = name
     model._histoflow_params = dict(kwargs)
@@ -172,6 +179,32 @@ def _parameters_of(model: nn.Module, name: str) -> dict[str, Any]:
     return params
 
 
+def _instance_norm_switches(model: nn.Module) -> list[str]:
+    """The names of the submodules (``""``: the model) that :func:`replace_batchnorm_with_instancenorm` was
+    applied to, outermost first."""
+    from .resnet import _SWITCHED
+
+    return [n for n, m in model.named_modules() if getattr(m, _SWITCHED, False)]
+
+
+def _switch_norms(model: nn.Module, names: Any, cpath: Path) -> None:
+    """Apply :func:`replace_batchnorm_with_instancenorm` again to the submodules a card lists."""
+    from .resnet import replace_batchnorm_with_instancenorm
+
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelError(f"{cpath}: the card's {_INSTANCE_NORM_KEY!r} must be a list of module names, got {names!r}")
+    for n in names:
+        try:
+            sub = model.get_submodule(n)
+        except AttributeError:
+            raise ModelError(f"{cpath}: the card's {_INSTANCE_NORM_KEY!r} names {n!r}, which the model has no "
+                             "module of") from None
+        new = replace_batchnorm_with_instancenorm(sub)
+        if new is not sub:  # a single batch norm layer: put its replacement in its place
+            parent, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+
+
 def card_path(path: str | Path) -> Path:
     """The model card beside the weights file ``path`` (same name, suffix ``.json``)."""
     return Path(path).with_suffix(".json")
@@ -214,12 +247,14 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
     full.update(_CARD_DEFAULTS)
     # what the model's own card says (a loaded model, an ensemble: its pixel size, task, post-processing,
     # classes, training data ...) travels with it, under what ``card=`` adds or changes
-    own = {k: v for k, v in dict(getattr(model, "card", None) or {}).items()
-           if k not in ("architecture", "parameters", "weights_dtype", "saved", "histoflow_version", "torch_version")}
+    own = {k: v for k, v in dict(getattr(model, "card", None) or {}).items() if k not in _OWN_KEYS}
     full.update(own)
     full["weights_dtype"] = dtype
+    switched = _instance_norm_switches(model)
+    if switched:
+        full[_INSTANCE_NORM_KEY] = switched
     for k, v in dict(card or {}).items():
-        if k == "weights_dtype":
+        if k in ("weights_dtype", _INSTANCE_NORM_KEY):
             continue
         if k in ("architecture", "parameters") and _jsonable(v) != full[k]:
             raise ParameterError(f"save: card[{k!r}]={v!r} disagrees with the model ({full[k]!r})")
@@ -249,8 +284,8 @@ def read_card(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{cpath}: model card not found (expected beside the weights {Path(path).name})")
     try:
         card = json.loads(cpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{cpath}: not a readable JSON model card ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: too deep
+        raise ModelError(f"{cpath}: not a readable JSON model card ({type(e).__name__}: {e})") from None
     if not isinstance(card, dict):
         raise ModelError(f"{cpath}: a model card must be a JSON object, got {type(card).__name__}")
     if not isinstance(card.get("architecture"), str):
@@ -294,6 +329,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
         raise ModelError(f"{cpath}: {e}") from e
     except (TypeError, ValueError) as e:
         raise ModelError(f"{cpath}: cannot create {name!r} with parameters {params}: {e}") from e
+    if _INSTANCE_NORM_KEY in card:  # saved after replace_batchnorm_with_instancenorm: the same layers again
+        _switch_norms(model, card[_INSTANCE_NORM_KEY], cpath)
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found (card {cpath.name} is there)")
     try:
@@ -302,6 +339,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
         raise ModelError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from e
     if not isinstance(state, Mapping):
         raise ModelError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    odd = [k for k in state if not isinstance(k, str)]
+    if odd:
+        raise ModelError(f"{path}: not a state_dict: its keys must be parameter names, it has {odd[:3]!r}")
     try:
         # float16 weights (save(dtype="float16")) are copied into the float32 parameters
         model.load_state_dict(state, strict=True)
@@ -341,13 +381,13 @@ def ensemble(paths: Sequence[str | Path], weights: Sequence[float] | None = None
         ens = create("ensemble", members=specs, weights=weights)
     except (TypeError, ValueError) as e:
         raise ModelError(f"ensemble of {', '.join(map(str, paths))}: {e}") from e
-    for net, member in zip(ens.nets, nets):
+    for net, member, p in zip(ens.nets, nets, paths):
+        _switch_norms(net, _instance_norm_switches(member), card_path(p))  # a member with instance norms: so here
         net.load_state_dict(member.state_dict())
     ens.to(map_location)
     # every card entry the members agree on (pixel size, task, post-processing, classes ...), not the
     # per-member ones (architecture, weights, training records)
-    skip = {"architecture", "parameters", "weights_dtype", "saved", "histoflow_version", "torch_version",
-            "metrics", "training", "split", "members", "path"}
+    skip = {*_OWN_KEYS, "metrics", "training", "split", "members", "path"}
     keys = set(nets[0].card) - skip
     ens.card = {k: nets[0].card[k] for k in sorted(keys)
                 if all(json.dumps(n.card.get(k), sort_keys=True, default=str) ==

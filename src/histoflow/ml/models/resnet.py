@@ -148,6 +148,11 @@ def _instance_norm_like(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     return new.to(device=bn.weight.device if bn.affine else None)
 
 
+#: the attribute marking a module that :func:`replace_batchnorm_with_instancenorm` was applied to (``save`` records
+#: these modules in the card, ``load`` applies the function to them again)
+_SWITCHED = "_histoflow_instance_norm"
+
+
 def replace_batchnorm_with_instancenorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm{1,2,3}d in ``module`` by an affine InstanceNorm of the same size.
 
@@ -157,15 +162,23 @@ def replace_batchnorm_with_instancenorm(module: nn.Module) -> nn.Module:
 
     ``BatchNorm1d`` layers inside ``module`` are left as they are: on ``(N, C)`` inputs (after a flatten, as in classifier
     heads) an instance norm would normalise the batch as if it were channels. A model that records its
-    normalisation (``norm``) is marked ``"instance"``, so that it saves and loads back as such.
+    normalisation (``norm``) is marked ``"instance"``; and :func:`~histoflow.ml.models.save` records in the card
+    which modules were switched, so that :func:`~histoflow.ml.models.load` switches them again (any architecture).
     """
     if type(module) in _BN_TO_IN:  # asked for one layer: that layer (a BatchNorm1d on (N, C, L) inputs)
-        return _instance_norm_like(module)
+        new = _instance_norm_like(module)
+    else:
+        new = _replace_batchnorm(module)
+    setattr(new, _SWITCHED, True)
+    return new
+
+
+def _replace_batchnorm(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         if type(child) in _BN_TO_IN and not isinstance(child, nn.BatchNorm1d):
             setattr(module, name, _instance_norm_like(child))
         else:
-            replace_batchnorm_with_instancenorm(child)
+            _replace_batchnorm(child)
     if isinstance(getattr(module, "norm", None), str):
         module.norm = "instance"
     return module
