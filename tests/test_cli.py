@@ -173,6 +173,32 @@ def test_an_interrupt_inside_code_made_from_a_string_still_exits_130(signame, tm
     assert p.returncode == 130 and p.stderr.strip() == "histoflow: interrupted", (p.returncode, p.stderr)
 
 
+def test_an_interrupt_where_python_can_only_print_it_still_stops_the_command(tmp_path):
+    """The signal handler runs inside a __del__ (or a weakref callback, an import lock's callback), where Python
+    prints what it raises and goes on: the command used to run to its end as if never interrupted (3 % of TERMs
+    during `tile`). The interrupt is delivered again where it can unwind."""
+    (tmp_path / "interrupted_in_del.py").write_text(
+        "import os, signal, sys\n"
+        "import histoflow.cli as cli\n"
+        "class Dropped:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        for _ in range(1000):\n"
+        "            pass\n"
+        "def work(args):\n"
+        "    Dropped()\n"
+        "    for _ in range(10**8):\n"
+        "        pass\n"
+        "    print('finished')\n"
+        "    return 0\n"
+        "cli.cmd_info = work\n"
+        "sys.argv = ['histoflow', 'info', 'x.svs']\n"
+        "sys.exit(cli.main())\n")
+    p = subprocess.run([sys.executable, "-m", "interrupted_in_del"], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert (p.returncode, p.stdout, p.stderr.strip()) == (130, "", "histoflow: interrupted"), (p.returncode, p.stderr)
+
+
 def test_command_mistakes_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     """Outputs that cannot be written, outputs of the wrong kind, a finished training run about to be
     replaced, a config that is not text, 0 workers: one-line errors before any work."""
