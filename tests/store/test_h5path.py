@@ -252,6 +252,25 @@ def test_atomic_write_on_exception(tmp_path, he):
     assert os.listdir(tmp_path) == ["a.h5path"]
 
 
+def test_an_interrupt_as_the_temporary_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C or TERM (the command turns TERM into KeyboardInterrupt) landing just after HDF5 created the
+    temporary file, before the writer held it: the file used to stay behind (1 TERM in 30 in `histoflow tile`)."""
+    real = h5py.File
+
+    def created_then_interrupted(name, mode="r", *args, **kwargs):
+        f = real(name, mode, *args, **kwargs)
+        if mode == "w-":
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr(h5py, "File", created_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        H5PathWriter(tmp_path / "a.h5path")
+    import gc
+    gc.collect()
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_tiles_are_refused(tmp_path, he):
     path = tmp_path / "bad.h5path"
     with H5PathWriter(path) as w:

@@ -444,14 +444,17 @@ class H5PathWriter:
             if not same:  # the finished file is moved into place: a rename, which cannot cross file systems
                 raise H5PathOutputError(f"{self.path}: temp_dir {temp_dir} is on another file system than the "
                                         "output; give a temp_dir next to it, or none")
-        try:
-            self._f = h5py.File(self._tmp, "w-")
-        except OSError as e:
-            raise H5PathOutputError(f"{self.path}: cannot create the temporary file {self._tmp}: {e}") from e
+        # set before the file exists: an interrupt (Ctrl-C, TERM) at any point from here leaves abort() and
+        # __del__ what they need to remove it
+        self._f = None
         self._closed = False
         self._cell_tiles = 0  # tiles added with a cell table (Tile.cells), which add_tile does not store
         self._cells_set = False
         try:
+            try:
+                self._f = h5py.File(self._tmp, "w-")
+            except OSError as e:
+                raise H5PathOutputError(f"{self.path}: cannot create the temporary file {self._tmp}: {e}") from e
             f = self._f
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = np.int64(FORMAT_VERSION)
