@@ -11,6 +11,12 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: TIFF compressions our tifffile path decodes exactly as OpenSlide does. Aperio's JPEG 2000 with
 #: YCbCr (33003) needs a colour conversion that OpenSlide does and the raw codec does not.
 _OPENSLIDE_ONLY_COMPRESSION = {33003}
+#: OpenSlide vendors of TIFF-based formats that our tifffile path reads as OpenSlide does; a TIFF of any
+#: other vendor OpenSlide recognises (Trestle's overlapping tiles, ...) goes to the openslide backend
+_TIFF_BACKEND_VENDORS = {"generic-tiff", "aperio"}
+#: OpenSlide vendor -> format name
+_VENDOR_FORMATS = {"trestle": "Trestle TIFF", "hamamatsu": "Hamamatsu NDPI", "leica": "Leica SCN",
+                   "philips": "Philips TIFF", "ventana": "Ventana BIF"}
 #: how many entries of a folder to look at when searching for DICOM files
 _MAX_FOLDER_ENTRIES = 10000
 
@@ -178,6 +184,9 @@ def _detect_tiff(path: str) -> FormatInfo:
             xmp = page.tags.get(700)
             if xmp is not None and b"iScan" in _tag_head(xmp.value, 4096):
                 return FormatInfo("Ventana BIF", "openslide")
+            vendor = _openslide_vendor(path)
+            if vendor and vendor not in _TIFF_BACKEND_VENDORS:
+                return FormatInfo(_VENDOR_FORMATS.get(vendor, f"OpenSlide {vendor}"), "openslide")
             if tf.is_svs:
                 if int(page.compression) in _OPENSLIDE_ONLY_COMPRESSION:
                     return FormatInfo("Aperio SVS", "openslide")

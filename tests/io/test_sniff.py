@@ -1,0 +1,75 @@
+"""Format sniffing: TIFFs OpenSlide knows by vendor go to the openslide backend unless the tiff backend reads
+them as OpenSlide does (generic tiled TIFF, Aperio); every real TIFF keeps its backend."""
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from datafiles import SVS, data_path
+
+from histoflow import open_slide
+from histoflow.io import detect_format
+from histoflow.io.sniff import FormatInfo
+
+TRESTLE_DESCRIPTION = ("Background Color=FFFFFF;White Balance=FFFFFF;Objective Power=20;JPEG Quality=75;"
+                       "OverlapsXY=  16 16 16 16")
+
+
+def _overlapping_tiles(img, n, overlap, tile=256):
+    """Trestle's tiles: each 256 px tile starts 256 - overlap px after the previous one."""
+    for r in range(n):
+        for c in range(n):
+            out = np.full((tile, tile, 3), 255, np.uint8)
+            part = img[r * (tile - overlap):r * (tile - overlap) + tile, c * (tile - overlap):c * (tile - overlap) + tile]
+            out[:part.shape[0], :part.shape[1]] = part
+            yield out
+
+
+@pytest.fixture(scope="module")
+def trestle(tmp_path_factory):
+    """A two-level Trestle-like TIFF (Software MedScan, OverlapsXY) of real CMU-1 pixels, zlib tiles that
+    overlap by 16 px: OpenSlide reads it 976 x 976 with the overlaps removed."""
+    with openslide.OpenSlide(SVS) as svs:
+        region = np.asarray(svs.read_region((800, 1000), 0, (1952, 1952)))[..., :3]
+    path = tmp_path_factory.mktemp("trestle") / "trestle.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for level, (img, n) in enumerate(((region[:976, :976], 4), (region[::2, ::2][:496, :496], 2))):
+            tw.write(_overlapping_tiles(img, n, 16), shape=(256 * n, 256 * n, 3), dtype=np.uint8, tile=(256, 256),
+                     compression="zlib", photometric="rgb", software="MedScan", description=TRESTLE_DESCRIPTION,
+                     metadata=None)
+    return str(path), region[:976, :976]
+
+
+def test_trestle_tiff_goes_to_openslide(trestle):
+    """It went to the tiff backend, which read the stored 1024 x 1024 tiles with their overlaps."""
+    path, truth = trestle
+    assert openslide.OpenSlide.detect_format(path) == "trestle"
+    assert detect_format(path) == FormatInfo("Trestle TIFF", "openslide")
+    with open_slide(path) as slide, openslide.OpenSlide(path) as reference:
+        assert slide.backend == "openslide"
+        assert slide.dimensions == reference.dimensions == (976, 976)
+        assert slide.level_count == reference.level_count == 2
+        for level in range(2):
+            w, h = reference.level_dimensions[level]
+            expected = np.asarray(reference.read_region((0, 0), level, (w, h)))[..., :3]
+            np.testing.assert_array_equal(slide.read_region((0, 0), level, (w, h)), expected)
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (976, 976)), truth)
+
+
+# every real TIFF in ../shared/data: (format, backend) as routed before OpenSlide was asked about TIFFs
+REAL_TIFFS = {
+    "wsi/aperio_svs/CMU-1-Small-Region.svs": ("Aperio SVS", "tiff"),
+    "wsi/tiled_tiff/CMU-1-Small-Region.jpeg.tiff": ("generic tiled TIFF", "tiff"),
+    "wsi/tiled_tiff/CMU-1-Small-Region.jp2.tiff": ("generic tiled TIFF", "tiff"),
+    "wsi/tiled_tiff/CMU-1-Small-Region.webp.tiff": ("generic tiled TIFF", "tiff"),
+    "wsi/ome_tiff/instanseg_HE_example.ome.tif": ("OME-TIFF", "tiff"),
+    "wsi/qptiff/small_vectra.qptiff": ("QPTIFF", "tiff"),
+    "multiplex/ark_fov8_mibitiff_22ch.tiff": ("MIBItiff", "tiff"),
+    "fluorescence/instanseg_Fluorescence_example.tif": ("ImageJ TIFF", "tiff"),
+    "fluorescence/pathml_smalltif.tif": ("TIFF", "tiff"),
+    "he_patches/napari_skin_HE.tif": ("TIFF", "tiff"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TIFFS))
+def test_real_tiffs_keep_their_backend(name):
+    assert detect_format(data_path(name)) == FormatInfo(*REAL_TIFFS[name])
