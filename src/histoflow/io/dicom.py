@@ -19,6 +19,7 @@ Two wsidicom facts this module relies on:
 """
 from __future__ import annotations
 
+import inspect
 import os
 import struct
 import warnings
@@ -145,8 +146,15 @@ class DicomReader(SlideReader):
         if int(image_data.samples_per_pixel) == 3:
             self.channel_names = ["R", "G", "B"]
         else:
-            self._optical_paths = [str(p) for p in base.optical_paths]
-            names = _optical_path_names(ds)
+            # wsidicom's Level.optical_paths is built from a set: its order changes from process to process.
+            # Instance order (InstanceNumber, then file), then each instance's OpticalPathSequence order, is
+            # stable; the names come from the OpticalPathSequence of every instance of the level.
+            instances = _ordered_instances(base)
+            self._optical_paths = list(dict.fromkeys(str(p) for inst, _ in instances for p in inst.optical_paths))
+            names = {}
+            for _, inst_ds in instances:
+                for identifier, name in _optical_path_names(inst_ds).items():
+                    names.setdefault(identifier, name)
             self.channel_names = [names.get(p, f"optical path {p}") for p in self._optical_paths]
         try:
             spacing = base.pixel_spacing  # mm, width = column spacing (x)
@@ -287,9 +295,15 @@ class _FrameFile:
             self.notes.append("no PixelSpacing in the pixel measures: mpp is unknown")
         if "ImageType" not in ds:
             self.notes.append("ImageType is missing")
-        names = _optical_path_names(ds)
-        self.channel_names = ["R", "G", "B"] if self.samples == 3 else list(names.values())[:1]
+        self._plane_path = None  # optical path of the frames read, when the frames name it (TILED_SPARSE)
         self._tile_frames = self._tile_to_frame(ds)
+        names = _optical_path_names(ds)
+        if self.samples == 3:
+            self.channel_names = ["R", "G", "B"]
+        elif self._plane_path is not None:
+            self.channel_names = [names.get(self._plane_path, self._plane_path)]
+        else:
+            self.channel_names = list(names.values())[:1]
         self._file_size = os.path.getsize(path)
         self._fd = os.open(path, os.O_RDONLY) if hasattr(os, "pread") else None
         try:
@@ -363,14 +377,14 @@ class _FrameFile:
         if per_frame is None or len(per_frame) != self.n_frames:
             raise UnsupportedFormatError(f"{self.path}: TILED_SPARSE without a plane position for every frame")
         out = {}
-        first = None
+        planes = {}  # (z, optical path) -> number of frames, in the order of their first frames
         for index, item in enumerate(per_frame):
             position = item.PlanePositionSlideSequence[0]
             paths = item.get("OpticalPathIdentificationSequence")
             plane = (position.get("ZOffsetInSlideCoordinateSystem"),
-                     paths[0].get("OpticalPathIdentifier") if paths else None)
-            first = plane if first is None else first
-            if plane != first:
+                     str(paths[0].get("OpticalPathIdentifier")) if paths else None)
+            planes[plane] = planes.get(plane, 0) + 1
+            if plane != next(iter(planes)):
                 continue
             column = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
             row = int(position.RowPositionInTotalImagePixelMatrix) - 1
@@ -379,6 +393,19 @@ class _FrameFile:
                                              f"row {row + 1} is not on the {self.tile_width} x "
                                              f"{self.tile_height} tile grid")
             out.setdefault((column // self.tile_width, row // self.tile_height), index)
+        if not planes:
+            return out
+        first_z, self._plane_path = next(iter(planes))
+        if len(planes) > 1:
+            paths = list(dict.fromkeys(path for _, path in planes))
+            zs = list(dict.fromkeys(z for z, _ in planes))
+            name = _optical_path_names(self.dataset).get(self._plane_path, self._plane_path)
+            read = [f"optical path {self._plane_path} '{name}'" if self._plane_path is not None else None,
+                    f"z {first_z}" if len(zs) > 1 else None]
+            kinds = [f"{len(paths)} optical paths" if len(paths) > 1 else None,
+                     f"{len(zs)} focal planes" if len(zs) > 1 else None]
+            self.notes.append(f"frames of {len(planes)} planes ({', '.join(k for k in kinds if k)}); reading the "
+                              f"first frame's ({', '.join(r for r in read if r)}), the others are dropped")
         return out
 
     # .................................................................. frame index
@@ -574,15 +601,47 @@ class _FrameFile:
 
 # ---------------------------------------------------------------------- helpers
 def _open_wsidicom(source):
-    """``(WsiDicom, None)``, or ``(None, reason)`` when wsidicom is missing or refuses ``source``."""
+    """``(WsiDicom, None)``, or ``(None, reason)`` when wsidicom is missing or refuses ``source``.
+
+    Levels are kept whatever their tile size (wsidicom's default ``strict_tile_size_check`` drops, silently,
+    every level whose tile size differs from the base level's).
+    """
     try:
         from wsidicom import WsiDicom
     except ImportError:
         return None, "wsidicom is not installed"
+    options = {}
     try:
-        return WsiDicom.open(source), None
+        if "settings" in inspect.signature(WsiDicom.open).parameters:
+            from wsidicom.config import Settings
+
+            options["settings"] = Settings(strict_tile_size_check=False)
+    except (ImportError, TypeError, ValueError):  # an older wsidicom: no per-object settings
+        pass
+    try:
+        return WsiDicom.open(source, **options), None
     except Exception as exc:  # wsidicom raises many kinds of errors on files it does not accept
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def _ordered_instances(level) -> list:
+    """(instance, pydicom dataset) of each instance of a wsidicom level, in a stable order: InstanceNumber,
+    then file path."""
+    def key(pair):
+        inst, ds = pair
+        try:
+            number = int(ds.get("InstanceNumber"))
+        except (TypeError, ValueError):
+            number = float("inf")
+        files = [path for path, _ in _instance_files(inst)]
+        return number, min(files) if files else ""
+    return sorted(((inst, inst.dataset.as_dataset()) for inst in level.instances.values()), key=key)
+
+
+def _instance_files(instance) -> list:
+    """(real path, WsiDataset) of each file of a wsidicom instance (none for an instance not read from files)."""
+    files = getattr(instance.image_data, "files", None) or []
+    return [(os.path.realpath(str(path)), dataset) for path, dataset in zip(files, instance.datasets)]
 
 
 def _read_header(source):

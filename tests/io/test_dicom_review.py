@@ -1,0 +1,245 @@
+"""DICOM defects found in a review: channel order and names of multi-channel slides, levels of another tile
+size, files wsidicom leaves out, truncated instances, the tolerant reader's TILED_SPARSE channel.
+
+Slides are written at test time with pydicom, from the header of the real wsic CMU-1 volume instance, with
+uncompressed frames, so the truth is the array written.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pydicom
+import pytest
+from datafiles import data_path
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from histoflow import open_slide
+
+WSIC = data_path("wsi", "dicom_wsic", "CMU-1-Small-Region")
+VOLUME = os.path.join(WSIC, "1.2.826.0.1.3680043.8.498.35220404935377466417110411569853018212.dcm")
+CHANNELS = [("1", "DAPI"), ("2", "CD3"), ("3", "CD8"), ("4", "PanCK")]
+
+
+def _header():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return pydicom.dcmread(VOLUME, stop_before_pixels=True)
+
+
+def _uids():
+    return {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
+
+
+def _tiles(img, tile):
+    """Frames of ``img`` (h, w, c) in row-major tile order, zero padded at the edges; (frames, across)."""
+    (tw, th), (h, w) = tile, img.shape[:2]
+    across, down = -(-w // tw), -(-h // th)
+    frames = []
+    for r in range(down):
+        for c in range(across):
+            t = np.zeros((th, tw, img.shape[2]), img.dtype)
+            part = img[r * th:(r + 1) * th, c * tw:(c + 1) * tw]
+            t[:part.shape[0], :part.shape[1]] = part
+            frames.append(t)
+    return frames, across
+
+
+def _write(path, img, tile, uids, *, number=1, spacing=0.0005, optical_paths=(("0", None),), frames=None,
+           positions=None, frame_paths=None, drop=()):
+    """One uncompressed VL WSI VOLUME instance of ``img`` ((h, w) or (h, w, c)) in ``tile`` = (w, h) frames.
+
+    ``spacing`` is the pixel spacing in mm; ``positions`` (tile column, row per frame) makes it TILED_SPARSE; ``frame_paths`` gives each frame's
+    optical path identifier; ``drop`` lists keywords to delete (``ImageType``: wsidicom refuses the file).
+    """
+    img = np.asarray(img)
+    img = img[:, :, None] if img.ndim == 2 else img
+    (h, w, c), (tw, th) = img.shape, tile
+    ds = copy.deepcopy(_header())
+    ds.ImageType = ["ORIGINAL" if number == 1 else "DERIVED", "PRIMARY", "VOLUME", "NONE"]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["series"], uids["frame"]
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber = number
+    ds.Rows, ds.Columns = th, tw
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+    ds.SamplesPerPixel = c
+    ds.PhotometricInterpretation = "RGB" if c == 3 else "MONOCHROME2"
+    if c == 1:
+        del ds.PlanarConfiguration
+    else:
+        ds.PlanarConfiguration = 0
+    bits = img.dtype.itemsize * 8
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [spacing, spacing]
+    items = []
+    for identifier, description in optical_paths:
+        item = copy.deepcopy(_header().OpticalPathSequence[0])
+        item.OpticalPathIdentifier = identifier
+        if description:
+            item.OpticalPathDescription = description
+        items.append(item)
+    ds.OpticalPathSequence = Sequence(items)
+    ds.NumberOfOpticalPaths = len(items)
+    ds.DimensionOrganizationType = "TILED_FULL"
+    if frames is None:
+        frames, _ = _tiles(img, tile)
+    if positions is not None:
+        per_frame = []
+        for i, (column, row) in enumerate(positions):
+            position = Dataset()
+            position.ColumnPositionInTotalImagePixelMatrix = column * tw + 1
+            position.RowPositionInTotalImagePixelMatrix = row * th + 1
+            position.XOffsetInSlideCoordinateSystem = position.YOffsetInSlideCoordinateSystem = 0.0
+            position.ZOffsetInSlideCoordinateSystem = 0.0
+            item = Dataset()
+            item.PlanePositionSlideSequence = Sequence([position])
+            if frame_paths is not None:
+                identification = Dataset()
+                identification.OpticalPathIdentifier = frame_paths[i]
+                item.OpticalPathIdentificationSequence = Sequence([identification])
+            per_frame.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+        ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.NumberOfFrames = len(frames)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PixelData = b"".join(np.ascontiguousarray(f).tobytes() for f in frames)
+    ds["PixelData"].VR = "OW" if bits == 16 else "OB"
+    for keyword in ("LossyImageCompression", "LossyImageCompressionMethod", "LossyImageCompressionRatio", *drop):
+        if keyword in ds:
+            delattr(ds, keyword)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return str(path)
+
+
+def _fluorescence(h=300, w=260):
+    """Four uint16 channels with means 12, 22, 32, 42 (and some noise)."""
+    rng = np.random.default_rng(0)
+    return np.stack([np.full((h, w), 10 * (i + 1), np.uint16) + rng.integers(0, 5, (h, w), dtype=np.uint16)
+                     for i in range(4)], axis=-1)
+
+
+def _one_channel_per_instance(folder, truth):
+    """A folder of four instances, one channel each (their only OpticalPathSequence item)."""
+    os.makedirs(folder, exist_ok=True)
+    uids = _uids()
+    for i, channel in enumerate(CHANNELS):
+        _write(os.path.join(folder, f"ch{i}.dcm"), truth[:, :, i], (128, 128), uids, optical_paths=[channel])
+    return str(folder)
+
+
+def _sparse_channels(path, truth, order=(0, 1, 2, 3), drop=()):
+    """One TILED_SPARSE instance holding the four channels, frames stored in ``order`` of channels."""
+    frames, positions, paths = [], [], []
+    for c in order:
+        tiles, across = _tiles(truth[:, :, c:c + 1], (128, 128))
+        frames += tiles
+        positions += [(i % across, i // across) for i in range(len(tiles))]
+        paths += [CHANNELS[c][0]] * len(tiles)
+    return _write(path, truth[:, :, 0], (128, 128), _uids(), optical_paths=CHANNELS, frames=frames,
+                  positions=positions, frame_paths=paths, drop=drop)
+
+
+# ---------------------------------------------------------------------- 1, 2: channel order and names
+_CHANNELS_SCRIPT = """
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from histoflow import open_slide
+out = {}
+for path in sys.argv[1:]:
+    with open_slide(path) as slide:
+        region = slide.read_region((0, 0), 0, slide.dimensions)
+        out[path] = [slide.channel_names, [round(float(region[..., i].mean()), 3) for i in range(region.shape[-1])]]
+print(json.dumps(out))
+"""
+
+
+def test_channel_order_is_the_same_in_every_process(tmp_path):
+    """wsidicom's Level.optical_paths is a list made from a set: with it, the channel order changed with
+    PYTHONHASHSEED, so a reader pickled to a worker read its channels in another order."""
+    truth = _fluorescence()
+    folder = _one_channel_per_instance(tmp_path / "sep", truth)
+    single = _sparse_channels(tmp_path / "one.dcm", truth[:256, :256])
+    expected_means = [round(float(truth[..., i].mean()), 3) for i in range(4)]
+    results = []
+    for seed in ("0", "1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        run = subprocess.run([sys.executable, "-c", _CHANNELS_SCRIPT, folder, single], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    for result in results:
+        assert result == results[0]
+    names, means = results[0][folder]
+    assert names == ["DAPI", "CD3", "CD8", "PanCK"]
+    assert means == pytest.approx(expected_means, abs=1e-3)
+    names, means = results[0][single]
+    assert names == ["DAPI", "CD3", "CD8", "PanCK"]
+    assert means == pytest.approx([truth[:256, :256, i].mean() for i in range(4)], abs=1e-3)
+
+
+def test_channel_names_come_from_every_instance(tmp_path):
+    """One channel per instance: each instance's OpticalPathSequence names its channel (not only the
+    default instance's; the others were 'optical path N')."""
+    truth = _fluorescence()
+    folder = _one_channel_per_instance(tmp_path / "sep", truth)
+    with open_slide(folder) as slide:
+        assert slide.properties["dicom.reader"] == "wsidicom"
+        assert slide.channel_names == ["DAPI", "CD3", "CD8", "PanCK"]
+        assert slide.dtype == np.uint16 and not slide.brightfield
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, slide.dimensions), truth)
+        for i, name in enumerate(slide.channel_names):
+            np.testing.assert_array_equal(slide.read_region((100, 50), 0, (80, 90))[..., i],
+                                          truth[50:140, 100:180, i], err_msg=name)
+
+
+# ---------------------------------------------------------------------- 4: levels of other tile sizes
+def _mean_downsample(img, f):
+    h, w = img.shape[0] // f, img.shape[1] // f
+    return img[:h * f, :w * f].reshape(h, f, w, f, -1).mean((1, 3)).round().astype(img.dtype)
+
+
+@pytest.fixture(scope="module")
+def cmu_crop():
+    """A 700 x 600 crop of the real CMU-1 pixels (wsic DICOM)."""
+    with open_slide(WSIC) as slide:
+        return slide.read_region((800, 900), 0, (600, 700))
+
+
+def test_levels_with_another_tile_size_are_kept(tmp_path, cmu_crop):
+    """wsidicom's default strict_tile_size_check dropped, silently, every level whose tile size differs
+    from the base level's."""
+    folder = tmp_path / "pyramid"
+    folder.mkdir()
+    uids = _uids()
+    truths = {}
+    for number, (factor, tile) in enumerate(((1, (256, 256)), (2, (128, 64)), (4, (96, 80))), start=1):
+        truths[factor] = cmu_crop if factor == 1 else _mean_downsample(cmu_crop, factor)
+        _write(folder / f"level{factor}.dcm", truths[factor], tile, uids, number=number, spacing=0.0005 * factor)
+    with open_slide(folder) as slide:
+        assert slide.warnings == []
+        assert slide.level_count == 3
+        assert [round(level.downsample) for level in slide.levels] == [1, 2, 4]
+        for level, factor in enumerate((1, 2, 4)):
+            np.testing.assert_array_equal(slide.read_level(level), truths[factor], err_msg=f"level {level}")
+        # a region across tiles of the last level, addressed in level-0 coordinates
+        np.testing.assert_array_equal(slide.read_region((4 * 90, 4 * 70), 2, (50, 60)), truths[4][70:130, 90:140])
+
+
+# ---------------------------------------------------------------------- 6: tolerant reader, TILED_SPARSE channels
+def test_tolerant_sparse_multichannel_names_the_plane_it_reads(tmp_path):
+    """The first frame is of CD8 (third in the OpticalPathSequence): the channel read is CD8, named CD8, and
+    a note says the other optical paths are dropped."""
+    truth = _fluorescence(256, 256)
+    path = _sparse_channels(tmp_path / "tolerant.dcm", truth, order=(2, 0, 1, 3), drop=("ImageType",))
+    with open_slide(path) as slide:
+        assert slide.properties["dicom.reader"] == "tolerant"
+        assert slide.channel_names == ["CD8"]
+        np.testing.assert_array_equal(slide.read_region((0, 0), 0, (256, 256))[..., 0], truth[..., 2])
+        assert any("4 optical paths" in w and "optical path 3 'CD8'" in w and "dropped" in w
+                   for w in slide.warnings), slide.warnings
