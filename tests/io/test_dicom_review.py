@@ -7,6 +7,7 @@ uncompressed frames, so the truth is the array written.
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -19,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from histoflow import open_slide
+from histoflow import SlideReadError, open_slide
 
 WSIC = data_path("wsi", "dicom_wsic", "CMU-1-Small-Region")
 VOLUME = os.path.join(WSIC, "1.2.826.0.1.3680043.8.498.35220404935377466417110411569853018212.dcm")
@@ -54,8 +55,9 @@ def _write(path, img, tile, uids, *, number=1, spacing=0.0005, optical_paths=(("
            positions=None, frame_paths=None, drop=()):
     """One uncompressed VL WSI VOLUME instance of ``img`` ((h, w) or (h, w, c)) in ``tile`` = (w, h) frames.
 
-    ``spacing`` is the pixel spacing in mm; ``positions`` (tile column, row per frame) makes it TILED_SPARSE; ``frame_paths`` gives each frame's
-    optical path identifier; ``drop`` lists keywords to delete (``ImageType``: wsidicom refuses the file).
+    ``spacing`` is the pixel spacing in mm; ``positions`` (tile column, row per frame) makes it TILED_SPARSE;
+    ``frame_paths`` gives each frame's optical path identifier; ``drop`` lists keywords to delete
+    (``ImageType``: wsidicom refuses the file).
     """
     img = np.asarray(img)
     img = img[:, :, None] if img.ndim == 2 else img
@@ -229,6 +231,72 @@ def test_levels_with_another_tile_size_are_kept(tmp_path, cmu_crop):
             np.testing.assert_array_equal(slide.read_level(level), truths[factor], err_msg=f"level {level}")
         # a region across tiles of the last level, addressed in level-0 coordinates
         np.testing.assert_array_equal(slide.read_region((4 * 90, 4 * 70), 2, (50, 60)), truths[4][70:130, 90:140])
+
+
+# ---------------------------------------------------------------------- 5: files wsidicom leaves out
+def test_files_left_out_of_the_slide_are_named_with_the_reason(tmp_path, cmu_crop):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    uids = _uids()
+    _write(folder / "level1.dcm", cmu_crop, (256, 256), uids)
+    _write(folder / "aa_other_slide.dcm", cmu_crop[:200, :300], (256, 256), _uids())
+    cut = _write(folder / "level2.dcm", _mean_downsample(cmu_crop, 2), (256, 256), uids, number=2)
+    with open(cut, "r+b") as f:
+        f.truncate(600)  # inside its header: a level of the slide wsidicom cannot parse
+    with open_slide(folder) as slide:
+        assert slide.level_count == 1 and slide.dimensions == (600, 700)
+        np.testing.assert_array_equal(slide.read_level(0), cmu_crop)
+        notes = [w for w in slide.warnings if "not used" in w]
+        assert len(notes) == 1, slide.warnings
+        assert "2 of the 3 DICOM files in the folder are not used" in notes[0]
+        assert "aa_other_slide.dcm (another study: StudyInstanceUID" in notes[0]
+        assert "level2.dcm (file is truncated or damaged: it ends at byte 600, inside its DICOM header" in notes[0]
+        assert "level1.dcm" not in notes[0]
+
+
+def test_real_folders_use_every_file():
+    for name in ("CMU-1-Small-Region", "CMU-1-Small-Region-J2K"):
+        with open_slide(data_path("wsi", "dicom_wsic", name)) as slide:
+            assert slide.warnings == []
+
+
+# ---------------------------------------------------------------------- 7: truncated instances
+def _half_of_wsic(tmp_path):
+    folder = tmp_path / "half"
+    shutil.copytree(WSIC, folder)
+    volume = folder / os.path.basename(VOLUME)
+    os.chmod(volume, 0o644)
+    data = volume.read_bytes()
+    volume.write_bytes(data[:len(data) // 2])
+    return folder, volume
+
+
+def test_truncated_instance_read_by_wsidicom_is_named(tmp_path):
+    """wsidicom opens an instance cut in half; reads then failed with an EOFError naming the folder only."""
+    folder, volume = _half_of_wsic(tmp_path)
+    for path in (folder, volume):
+        with open_slide(path) as slide:
+            assert slide.properties["dicom.reader"] == "wsidicom"
+            assert any(w.startswith(f"{volume}: file is truncated") for w in slide.warnings), slide.warnings
+            with pytest.raises(SlideReadError, match=rf"{path}: .*{volume}: file is truncated"):
+                slide.read_level(0)
+
+
+@pytest.mark.parametrize("size", [200, 1000, 2000])
+def test_header_cut_short_is_reported_as_truncated(tmp_path, size):
+    """A header cut short said 'no Rows tag: not an image' (or 'transfer syntax (missing)')."""
+    single = tmp_path / "cut.dcm"
+    single.write_bytes(open(VOLUME, "rb").read()[:size])
+    truncated = rf"cut.dcm: file is truncated or damaged: it ends at byte {size:,}, inside its DICOM header"
+    with pytest.raises(SlideReadError, match=truncated):
+        open_slide(single)
+    folder = tmp_path / "folder"
+    shutil.copytree(WSIC, folder)
+    volume = folder / os.path.basename(VOLUME)
+    os.chmod(volume, 0o644)
+    volume.write_bytes(volume.read_bytes()[:size])
+    with pytest.raises(SlideReadError, match=rf"{volume}: file is truncated or damaged: it ends at byte {size:,}"):
+        open_slide(folder)
 
 
 # ---------------------------------------------------------------------- 6: tolerant reader, TILED_SPARSE channels

@@ -16,10 +16,17 @@ Two wsidicom facts this module relies on:
   level indices to ``Level.level``.
 * Pixel spacing is in mm and its width is the column spacing (x), the second value of DICOM
   ``PixelSpacing``; µm/px is that times 1000.
+* ``Level.optical_paths`` is a list made from a set, in an order that changes from process to process; the
+  channel order is taken from the instances (InstanceNumber, file) and their OpticalPathSequence instead.
+* wsidicom leaves files out with no more than a log message (another study, a header it cannot parse, and,
+  by default, a level whose tile size is not the base level's: the reader turns that check off), and opens
+  files whose pixel data is cut short. The reader compares the files used with the folder's and warns
+  about the others, and about truncated files it uses.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import struct
 import warnings
@@ -74,6 +81,10 @@ _ITEM = (0xFFFE, 0xE000)
 _SEQUENCE_DELIMITER = (0xFFFE, 0xE0DD)
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+#: the sequence delimiter item that ends encapsulated pixel data, as stored (little endian)
+_SEQUENCE_END = struct.pack("<HHI", *_SEQUENCE_DELIMITER, 0)
+_WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+_ANNOTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.91.1"
 
 
 class DicomReader(SlideReader):
@@ -92,6 +103,8 @@ class DicomReader(SlideReader):
         self._scale_levels: list[int] = []
         self._tile_sizes: list[tuple[int, int]] = []
         self._optical_paths: list[str] = []
+        self._level_files: list[list[str]] = []
+        self._damaged: dict[str, str] = {}
         self._frames: _FrameFile | None = None
         self.format = "DICOM WSI"
         try:
@@ -111,11 +124,12 @@ class DicomReader(SlideReader):
         else:
             files = [self.path]
 
-        wsi, refusal = _open_wsidicom(files if len(files) > 1 else files[0])
+        wsi, refusal, log = _open_wsidicom(files if len(files) > 1 else files[0])
         if wsi is not None:
             self._wsi = wsi
             with _quiet_pydicom():
                 self._setup_wsidicom()
+                self._check_files(files, log)
             return
         try:
             with _quiet_pydicom():
@@ -171,17 +185,74 @@ class DicomReader(SlideReader):
         if wsi.overviews is not None and len(wsi.overviews):
             self._associated["macro"] = partial(self._read_wsidicom_associated, "macro")
 
+    def _check_files(self, files: list[str], log: list):
+        """Warn about the DICOM files wsidicom left out (and why) and about truncated files it uses.
+
+        wsidicom drops files silently (another slide, a header it cannot parse, ...) and opens a file whose
+        pixel data is cut short; reads then fail with an end-of-file error that names no file.
+        """
+        wsi = self._wsi
+        given = {os.path.realpath(path): path for path in files}
+        self._level_files = [[path for inst in lv.instances.values() for path, _ in _instance_files(inst)]
+                             for lv in wsi.pyramid.levels]
+        used, other_pyramids = {}, {}
+        for index, pyramid in enumerate(wsi.pyramids):
+            instances = [inst for lv in pyramid.levels for inst in lv.instances.values()]
+            if pyramid.thumbnails is not None:
+                instances += list(pyramid.thumbnails.instances)
+            for inst in instances:
+                for path, dataset in _instance_files(inst):
+                    if index == wsi.selected_pyramid:
+                        used[path] = (dataset, inst)
+                    else:
+                        other_pyramids.setdefault(path, index)
+        for series in (wsi.labels, wsi.overviews):
+            for inst in (series.instances if series is not None else []):
+                for path, dataset in _instance_files(inst):
+                    used[path] = (dataset, inst)
+        for path, (dataset, inst) in used.items():
+            reason = _truncation(path, dataset, inst)
+            if reason:
+                self._damaged[path] = reason = f"{given.get(path, path)}: {reason}"
+                self.warnings.append(reason)
+        if len(files) < 2:
+            return
+        base = wsi.pyramid.base_level.default_instance.dataset.as_dataset()
+        left_out = []
+        for path in files:
+            key = os.path.realpath(path)
+            if key in used:
+                continue
+            if key in other_pyramids:
+                left_out.append(f"{os.path.basename(path)} (in pyramid {other_pyramids[key] + 1}, not read)")
+                continue
+            reason = _why_not_used(path, base, log)
+            if reason is not None:
+                left_out.append(f"{os.path.basename(path)} ({reason})")
+        if left_out:
+            self.warnings.append(f"{len(left_out)} of the {len(files)} DICOM files in the folder are not used: "
+                                 + "; ".join(left_out))
+
     def _setup_tolerant(self, files: list[str]):
         """Open the largest volume image among ``files`` with :class:`_FrameFile`."""
         if len(files) == 1:
             headers, volume = [], files[0]
         else:
-            headers = [(path, _read_header(path)) for path in files]
+            headers, unreadable = [], []
+            for path in files:
+                try:
+                    headers.append((path, _read_header(path)))
+                except SlideReadError as exc:  # a damaged or truncated file: left out, and said so
+                    unreadable.append(str(exc))
             volumes = [(_matrix_area(ds), os.path.getsize(path), path)
                        for path, ds in headers if _flavour(ds) not in _ASSOCIATED_FLAVOURS]
             if not volumes:
+                if unreadable:
+                    raise SlideReadError(f"{self.path}: no readable volume (pyramid level) image among the DICOM "
+                                         f"files: {'; '.join(unreadable)}")
                 raise UnsupportedFormatError(f"{self.path}: no volume (pyramid level) image among the DICOM files")
             volume = max(volumes)[2]
+            self.warnings.extend(f"not used: {message}" for message in unreadable)
         self._frames = frames = _FrameFile(volume)
         self.levels = [Level(frames.width, frames.height, 1.0)]
         self.dtype = frames.dtype
@@ -212,10 +283,15 @@ class DicomReader(SlideReader):
             tile_w, tile_h = self._tile_sizes[level]
             where = (f"level {level} region x={x} y={y} {w}x{h} (tile columns {x // tile_w}-{(x + w - 1) // tile_w}, "
                      f"rows {y // tile_h}-{(y + h - 1) // tile_h})")
+            damage = "".join(f"; {self._damaged[path]}" for path in self._level_files[level]
+                             if path in self._damaged) if level < len(self._level_files) else ""
             if type(exc).__module__.split(".")[0] in _CODEC_MODULES:
                 raise TileDecodeError(f"{self.path}: cannot decode a frame of {where}: "
-                                      f"{type(exc).__name__}: {exc}") from None
-            raise SlideReadError(f"{self.path}: wsidicom failed to read {where}: {type(exc).__name__}: {exc}") from None
+                                      f"{type(exc).__name__}: {exc}{damage}") from None
+            if isinstance(exc, EOFError) and not damage:
+                damage = " (a file of the level ends early: truncated?)"
+            raise SlideReadError(f"{self.path}: wsidicom failed to read {where}: {type(exc).__name__}: "
+                                 f"{exc}{damage}") from None
         if out.ndim == 2:
             out = out[:, :, None]
         return np.ascontiguousarray(out, dtype=self.dtype)
@@ -228,12 +304,23 @@ class DicomReader(SlideReader):
             group = (self._wsi.labels if name == "label" else self._wsi.overviews)[0]
             declared = (int(group.size.height), int(group.size.width))
         except Exception as exc:  # wsidicom and its decoders raise many kinds of errors on damaged data
-            raise SlideReadError(f"{self.path}: cannot read the {name} image: {type(exc).__name__}: {exc}") from None
+            raise SlideReadError(f"{self.path}: cannot read the {name} image: {type(exc).__name__}: "
+                                 f"{exc}{self._damage_of(name)}") from None
         image = np.asarray(image)
         if image.shape[:2] != declared:  # a short compressed stream decodes to fewer rows, silently
             raise TileDecodeError(f"{self.path}: the {name} image decodes to {image.shape[1]} x {image.shape[0]} "
-                                  f"pixels, but the file declares {declared[1]} x {declared[0]} (truncated data?)")
+                                  f"pixels, but the file declares {declared[1]} x {declared[0]} (truncated data?)"
+                                  f"{self._damage_of(name)}")
         return _as_rgb(image)
+
+    def _damage_of(self, name: str) -> str:
+        """'; <file>: file is truncated ...' for each damaged file of the first label or overview, or ''."""
+        try:
+            series = self._wsi.labels if name == "label" else self._wsi.overviews
+            files = [path for inst in series[0].instances.values() for path, _ in _instance_files(inst)]
+        except Exception:  # only adds to a message about an error already raised
+            return ""
+        return "".join(f"; {self._damaged[path]}" for path in files if path in self._damaged)
 
     def _close(self):
         if getattr(self, "_wsi", None) is not None:
@@ -601,15 +688,16 @@ class _FrameFile:
 
 # ---------------------------------------------------------------------- helpers
 def _open_wsidicom(source):
-    """``(WsiDicom, None)``, or ``(None, reason)`` when wsidicom is missing or refuses ``source``.
+    """``(WsiDicom, None, log)``, or ``(None, reason, log)`` when wsidicom is missing or refuses ``source``.
 
-    Levels are kept whatever their tile size (wsidicom's default ``strict_tile_size_check`` drops, silently,
-    every level whose tile size differs from the base level's).
+    ``log`` holds the log records wsidicom wrote while opening (kept off the root logger: it logs, rather
+    than raises, on the files it leaves out). Levels are kept whatever their tile size (wsidicom's default
+    ``strict_tile_size_check`` drops, silently, every level whose tile size differs from the base level's).
     """
     try:
         from wsidicom import WsiDicom
     except ImportError:
-        return None, "wsidicom is not installed"
+        return None, "wsidicom is not installed", []
     options = {}
     try:
         if "settings" in inspect.signature(WsiDicom.open).parameters:
@@ -618,10 +706,33 @@ def _open_wsidicom(source):
             options["settings"] = Settings(strict_tile_size_check=False)
     except (ImportError, TypeError, ValueError):  # an older wsidicom: no per-object settings
         pass
+    with _wsidicom_file_log() as log:
+        try:
+            return WsiDicom.open(source, **options), None, log
+        except Exception as exc:  # wsidicom raises many kinds of errors on files it does not accept
+            return None, f"{type(exc).__name__}: {exc}", log
+
+
+@contextmanager
+def _wsidicom_file_log():
+    """Collect, in a list, what wsidicom's file source logs (warnings and errors, with tracebacks, about the
+    files it leaves out) and keep it from the root logger: the reader's ``warnings`` say it instead.
+
+    A filter of its own on the logger, added and removed, so that other threads opening slides at the same
+    time leave the logger as it was.
+    """
+    logger = logging.getLogger("wsidicom.file.wsidicom_file_source")
+    records: list[logging.LogRecord] = []
+
+    def keep(record):
+        records.append(record)
+        return False
+
+    logger.addFilter(keep)
     try:
-        return WsiDicom.open(source, **options), None
-    except Exception as exc:  # wsidicom raises many kinds of errors on files it does not accept
-        return None, f"{type(exc).__name__}: {exc}"
+        yield records
+    finally:
+        logger.removeFilter(keep)
 
 
 def _ordered_instances(level) -> list:
@@ -644,19 +755,91 @@ def _instance_files(instance) -> list:
     return [(os.path.realpath(str(path)), dataset) for path, dataset in zip(files, instance.datasets)]
 
 
+def _truncation(path: str, dataset, instance) -> str | None:
+    """Why an instance file wsidicom opened is truncated, None when it looks whole.
+
+    Cheap checks that need no frame index: encapsulated pixel data ends with a sequence delimiter item, the
+    last 8 bytes of the file; native pixel data needs at least rows x columns x samples x bytes x frames.
+    """
+    try:
+        size = os.path.getsize(path)
+        if instance.image_data.transfer_syntax.is_encapsulated:
+            with open(path, "rb") as f:
+                f.seek(max(0, size - 8))
+                tail = f.read(8)
+            if tail != _SEQUENCE_END:
+                return (f"file is truncated ({size:,} bytes): its encapsulated pixel data has no end (no sequence "
+                        "delimiter at the end of the file); frames past the cut cannot be read")
+        else:
+            tile = dataset.tile_size
+            needed = tile.width * tile.height * dataset.samples_per_pixel * (dataset.bits // 8) * dataset.frame_count
+            if size < needed:
+                return (f"file is truncated ({size:,} bytes): its {dataset.frame_count} uncompressed frames need "
+                        f"{needed:,} bytes; frames past the cut cannot be read")
+    except Exception:  # a check, not a reader: a file it cannot look at is left to the reads to report
+        return None
+    return None
+
+
+def _why_not_used(path: str, base, log) -> str | None:
+    """Why wsidicom left a file out of the slide, or None for a file it is right to leave out quietly
+    (annotations, which are no pixels)."""
+    try:
+        ds = _read_header(path)
+    except SlideReadError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
+    if sop_class == _ANNOTATION_SOP_CLASS:
+        return None
+    if sop_class != _WSI_SOP_CLASS:
+        return f"not a VL Whole Slide Microscopy image: SOP class {sop_class or '(missing)'}"
+    study = ds.get("StudyInstanceUID")
+    if study and base.get("StudyInstanceUID") and str(study) != str(base.get("StudyInstanceUID")):
+        return f"another study: StudyInstanceUID {study}"  # what wsidicom matches instances on
+    for record in log:
+        message = record.getMessage()
+        if path in message or os.path.realpath(path) in message:
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                return f"wsidicom cannot read it: {type(exc).__name__}: {exc}"
+            return f"wsidicom: {message}"
+    flavour = _flavour(ds)
+    if flavour not in ("VOLUME", *_ASSOCIATED_FLAVOURS):
+        image_type = "\\".join(map(str, ds.get("ImageType") or [])) or "(missing)"
+        return f"ImageType {image_type} is not one wsidicom reads"
+    return "wsidicom left it out and gave no reason"
+
+
 def _read_header(source):
     """pydicom metadata of a file (path or open binary file), without the pixel data.
 
-    A file object is left positioned at the PixelData element.
+    A file object is left positioned at the PixelData element. pydicom reads a header cut short without
+    complaint (a partial dataset, or values shorter than their length): a WSI image whose header runs to
+    the end of the file, with no pixel data after it, is reported as truncated.
     """
     import pydicom
 
+    if isinstance(source, str):
+        try:
+            with open(source, "rb") as fp:
+                return _read_header(fp)
+        except OSError as exc:
+            raise SlideReadError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    name = getattr(source, "name", "?")
     try:
         with _quiet_pydicom():
-            return pydicom.dcmread(source, stop_before_pixels=True)
+            ds = pydicom.dcmread(source, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many kinds of errors on damaged headers
-        name = source if isinstance(source, str) else getattr(source, "name", "?")
         raise SlideReadError(f"{name}: damaged DICOM header: {type(exc).__name__}: {exc}") from None
+    try:
+        end, size = source.tell(), os.fstat(source.fileno()).st_size
+    except (OSError, AttributeError, ValueError):  # not a plain file: no size to compare with
+        return ds
+    sop_class = str(ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID") or "")
+    if end >= size and sop_class in ("", _WSI_SOP_CLASS):
+        raise SlideReadError(f"{name}: file is truncated or damaged: it ends at byte {size:,}, inside its DICOM "
+                             "header, before the pixel data")
+    return ds
 
 
 @contextmanager
