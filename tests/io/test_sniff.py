@@ -19,7 +19,8 @@ def _overlapping_tiles(img, n, overlap, tile=256):
     for r in range(n):
         for c in range(n):
             out = np.full((tile, tile, 3), 255, np.uint8)
-            part = img[r * (tile - overlap):r * (tile - overlap) + tile, c * (tile - overlap):c * (tile - overlap) + tile]
+            y, x = r * (tile - overlap), c * (tile - overlap)
+            part = img[y:y + tile, x:x + tile]
             out[:part.shape[0], :part.shape[1]] = part
             yield out
 
