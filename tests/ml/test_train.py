@@ -371,3 +371,66 @@ def test_plateau_follows_the_monitored_metric_and_patience_survives_a_resume(pat
     onecycle = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=2, lr=1e-2, schedule="onecycle",
                        progress=False)
     assert onecycle.fit(train)[0]["lr"] == pytest.approx(1e-2 / 25)  # the cycle's first rate, not past its end
+
+
+def _float64_run(ds, batch, accumulate, epochs=3, lr=0.05, **loader_kw):
+    torch.manual_seed(123)
+    model = torch.nn.Linear(5, 3).double()
+    t = Trainer(model, torch.nn.CrossEntropyLoss(), epochs=epochs, accumulate=accumulate, lr=lr, progress=False)
+    hist = t.fit(torch.utils.data.DataLoader(ds, batch_size=batch, **loader_kw))
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), [h["train_loss"] for h in hist]
+
+
+def _float64_numbers(n=23):
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randn(n, 5, generator=g, dtype=torch.float64),
+                                          torch.randint(0, 3, (n,), generator=g))
+
+
+def test_accumulation_weighs_a_short_last_batch_by_its_samples():
+    """23 samples: batches of 4 with accumulate=2 (4+4, 4+4, 4+3) step like batches of 8 (8, 8, 7); the batch of 3
+    counted as much as a batch of 4 (6.5e-3 apart after 3 epochs). Also with a shuffling sampler. The reported
+    training loss is the mean per sample, not per batch."""
+    ds = _float64_numbers()
+    (a, la), (b, lb) = _float64_run(ds, 4, 2), _float64_run(ds, 8, 1)
+    assert (a - b).abs().max() < 1e-10
+    assert la == pytest.approx(lb, rel=1e-6)  # the loss is logged in float32
+    sampler = torch.utils.data.RandomSampler(ds)  # reshuffled each epoch from the trainer's seed
+    (c, _), (d, _) = _float64_run(ds, 4, 2, sampler=sampler), _float64_run(ds, 8, 1, sampler=sampler)
+    assert (c - d).abs().max() < 1e-10 and (c - a).abs().max() > 1e-6
+    torch.manual_seed(123)  # at a rate of 0 the epoch's loss is that of the initial weights, over all samples
+    with torch.no_grad():
+        first = torch.nn.functional.cross_entropy(torch.nn.Linear(5, 3).double()(ds.tensors[0]), ds.tensors[1])
+    assert _float64_run(ds, 4, 1, epochs=1, lr=0.0)[1][0] == pytest.approx(first.item(), rel=1e-6)
+
+
+def test_accumulation_with_drop_last():
+    """Batches of 4 with accumulate=2 and drop_last (20 of 23 samples: 8, 8, 4) step like batches of 8 of those 20."""
+    ds = _float64_numbers()
+    (a, _), (b, _) = _float64_run(ds, 4, 2, drop_last=True), _float64_run(torch.utils.data.Subset(ds, range(20)), 8, 1)
+    assert (a - b).abs().max() < 1e-10
+
+
+def test_damaged_checkpoints_are_training_errors(tmp_path):
+    """A checkpoint holding a bare tensor (IndexError) or no optimiser state (AttributeError) raised raw errors."""
+    loader = torch.utils.data.DataLoader(_numbers(), batch_size=8)
+    t = Trainer(_mlp(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False)
+    t.fit(loader)
+    good = t.state_dict()
+    ckpt = tmp_path / "last.ckpt"
+    for damaged, message in ((torch.zeros(3), "not a training checkpoint .*Tensor"),
+                             ({**good, "optimizer": None}, "AttributeError")):
+        torch.save(damaged, ckpt)
+        t = Trainer(_mlp(), torch.nn.CrossEntropyLoss(), epochs=2, out_dir=tmp_path, progress=False)
+        with pytest.raises(TrainingError, match=f"{ckpt}: cannot resume.*{message}"):
+            t.fit(loader, resume=True)
+
+
+def test_a_card_that_is_not_json_is_refused_before_training():
+    import datetime
+
+    for card, key in (({"trained": datetime.date(2024, 5, 1)}, "card.trained"),
+                      ({"metrics": {"dice": float("nan")}}, "card.metrics.dice"),
+                      ({"split": {"train": ["a", {1, 2}]}}, r"card.split.train\[1\]")):
+        with pytest.raises(ValueError, match=f"{key} is .* which JSON cannot hold"):
+            Trainer(_mlp(), torch.nn.CrossEntropyLoss(), card=card, progress=False)

@@ -71,6 +71,27 @@ def _number(v):
     return v
 
 
+def json_problem(value, key: str) -> str | None:
+    """Where ``value`` (a card, a setting) is not plain JSON: ``"<key>.<sub key> is <what>"`` for the first value that
+    is not a string, a finite number, true / false / null, a list or a mapping; None when all are."""
+    todo = [(key, value)]
+    while todo:
+        k, v = todo.pop()
+        if v is None or isinstance(v, (str, bool)):
+            continue
+        if isinstance(v, (int, float)):
+            if not math.isfinite(v):
+                return f"{k} is {v!r}, which JSON cannot hold"
+        elif isinstance(v, (list, tuple)):
+            todo += [(f"{k}[{i}]", x) for i, x in reversed(list(enumerate(v)))]
+        elif isinstance(v, Mapping):
+            todo += [(f"{k}.{sub}", x) for sub, x in reversed(list(v.items()))]
+        else:
+            return (f"{k} is {v!r} (a {type(v).__name__}), which JSON cannot hold; write it as a string "
+                    f"(quoted in YAML: '{v}') or a number")
+    return None
+
+
 def _to(batch, device):
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
@@ -210,6 +231,11 @@ class Trainer:
             raise ParameterError(f"mode must be 'min' (lower {monitor} is better) or 'max', got {mode!r}")
         self.monitor = monitor
         self.mode = mode
+        if card is not None and not isinstance(card, Mapping):
+            raise ParameterError(f"card must be a mapping of model-card fields, got {card!r}")
+        problem = json_problem(dict(card or {}), "card")
+        if problem:  # found now, not when best.pt is first saved after an epoch
+            raise ParameterError(problem)
         self.card = dict(card or {})
         self.progress = bool(progress)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -281,7 +307,10 @@ class Trainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
             raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
-        old = state.get("settings") if isinstance(state, dict) else None
+        if not isinstance(state, dict):
+            raise TrainingError(f"{path}: cannot resume: not a training checkpoint (it holds a "
+                                f"{type(state).__name__}, not the mapping Trainer.save_checkpoint writes)")
+        old = state.get("settings")
         if isinstance(old, dict):  # checkpoints written before the settings were kept are taken as they are
             diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self._settings().items() if old.get(k) != v]
             if diff:
@@ -317,8 +346,9 @@ class Trainer:
             self.best_epoch = int(state["best_epoch"])
         except TrainingError:
             raise
-        except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
-            raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
+        except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError,
+                pickle.UnpicklingError) as e:  # a damaged checkpoint: parts missing or of the wrong kind
+            raise TrainingError(f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
         self.since_best = int(state.get("since_best", self.epoch - 1 - self.best_epoch if self.best_epoch >= 0
                                         else self.epoch))
 
@@ -352,8 +382,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ loops
     def _train_epoch(self, loader) -> float:
+        """One epoch; the mean training loss per sample."""
         self.model.train()
         total, n = 0.0, 0
+        group_n = 0  # samples in the optimiser step's batches so far
         self.optimizer.zero_grad(set_to_none=True)
         steps = len(loader)
         bar = progress_bar(None, total=steps, desc=f"epoch {self.epoch + 1}/{self.epochs}", unit="batch",
@@ -373,19 +405,30 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingError(f"the training loss became {loss.item()} at epoch {self.epoch + 1}, "
                                     f"batch {i}; lower the learning rate or check the targets")
-            # the mean over the optimiser step's batches: a last group shorter than ``accumulate`` is divided by
-            # its own size (as one bigger batch would be), not scaled down
-            group = min(self.accumulate, steps - (i // self.accumulate) * self.accumulate)
-            (loss / group).backward()
+            size = _batch_size(batch)
+            if self.accumulate == 1:
+                loss.backward()
+            else:
+                # the mean over the optimiser step's samples, as one bigger batch would give: each batch's loss weighs
+                # by its samples (a short last batch less), and the summed gradients are divided by the group's
+                # samples before the step (a last group of fewer batches is not scaled down)
+                (loss * size).backward()
+            group_n += size
             if (i + 1) % self.accumulate == 0 or i + 1 == steps:
+                if self.accumulate > 1:
+                    for group in self.optimizer.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                p.grad.div_(group_n)
+                group_n = 0
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema_model is not None:
                     self.ema_model.update_parameters(self.model)
                 if self.schedule == "onecycle":
                     self.scheduler.step()
-            total += loss.item()
-            n += 1
+            total += loss.item() * size  # the epoch's loss per sample: a short last batch is not overweighted
+            n += size
             bar.update(1)
             bar.set_postfix(loss=f"{total / n:.4f}")
         bar.close()
