@@ -1,4 +1,5 @@
 """`histoflow train CONFIG.yaml`: the configurations the repo ships, and small real runs of each task."""
+import datetime
 import json
 import os
 import subprocess
@@ -293,6 +294,21 @@ def test_config_mistakes_are_one_line_errors(tmp_path, section, bad, message):
     ({"data.postprocess": {"bogus": 1}}, "data.postprocess takes fg_threshold, marker_threshold"),
     ({"loss": {"bogus": 1}}, "loss: "),
     ({"train.amp": "false"}, "train: amp must be true or false, got 'false'"),
+    # a card value that is not JSON failed when best.pt was first saved, after an epoch, naming no file or key
+    ({"card": {"trained": datetime.date(2024, 5, 1)}}, "card.trained is datetime.date(2024, 5, 1) (a date), which "
+                                                      "JSON cannot hold; write it as a string (quoted in YAML: "),
+    ({"card": {"metrics": {"dice": float("inf")}}}, "card.metrics.dice is inf, which JSON cannot hold"),
+    ({"card": {"mpp": "fine"}}, "card.mpp must be a number > 0 (µm per pixel), not 'fine'"),
+    # post-processing values were first used after an epoch (a raw numpy or OpenCV error)
+    ({"data.postprocess": {"fg_threshold": 5}}, "data.postprocess.fg_threshold must be a number from 0 to 1, not 5"),
+    ({"data.postprocess": {"marker_threshold": "high"}}, "data.postprocess.marker_threshold must be a number from 0"),
+    ({"data.postprocess": {"sobel_ksize": 20}}, "data.postprocess.sobel_ksize must be an odd whole number from 1"),
+    ({"data.postprocess": {"min_size": [10]}}, "data.postprocess.min_size must be a number of pixels >= 0"),
+    ({"data.postprocess": {"ranges": {"hv": 1}}}, "data.postprocess.ranges: hovernet_postprocess: ranges must be"),
+    # a metric the run does not compute: a TrainingError telling CLI users to "give a validate function"
+    ({"train.monitor": "accuracy"}, "train.monitor is one of val_loss, train_loss, dice, aji, pq, not 'accuracy'"),
+    ({"data.val_ids": [], "train.monitor": "aji"}, "train.monitor is one of val_loss, train_loss (dice, aji and pq "
+                                                   "need validation images: data.val_ids), not 'aji'"),
 ])
 def test_config_shape_mistakes_are_refused_before_any_work(tmp_path, change, message):
     """Misspelt or misshapen settings: a misspelt section, data key or model key left the run on its
@@ -329,3 +345,32 @@ def test_an_empty_train_section_takes_command_line_overrides(tmp_path):
     path.write_text(yaml.safe_dump(cfg) + "train:\n")
     assert main(["train", str(path), "--epochs", "1", "--no-progress"]) == 0
     assert len(json.load(open(tmp_path / "run" / "metrics.json"))["history"]) == 1
+
+
+def test_numeric_strings_in_postprocess_are_numbers(tmp_path):
+    """PyYAML reads `fg_threshold: 5e-1` as a string: it reached numpy after the first epoch (a raw TypeError).
+    It is read as the number it spells, as train.lr is."""
+    cfg = {"task": "nucleus_segmentation",
+           "data": {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX1"],
+                    "val_ids": ["TCGA-A7-A13E-01Z-00-DX1"], "crop": 64, "crops_per_epoch": 2},
+           "model": {"name": "unet", "params": {"out_channels": 4, "filters": [4, 8]}},
+           "train": {"epochs": 1, "batch_size": 2, "progress": False, "monitor": "aji"}, "output": "run",
+           "card": {"mpp": "2.5e-1"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg) .replace("data:\n", "data:\n  postprocess: {fg_threshold: 5e-1, min_size: 1e1}\n"))
+    loaded = load_config(path)
+    assert loaded["data"]["postprocess"] == {"fg_threshold": "5e-1", "min_size": "1e1"}  # as PyYAML reads them
+    trainer, hist = train_from_config(loaded)
+    assert len(hist) == 1 and np.isfinite(hist[0]["aji"])
+    assert json.load(open(tmp_path / "run" / "best.json"))["mpp"] == 0.25
+
+
+def test_tile_classification_without_training_files_is_a_config_error(tmp_path):
+    """`data.train: []` ended in an AssertionError from torch's ConcatDataset."""
+    for train in ([], None, [""], {"a": 1}):
+        cfg = {"task": "tile_classification", "data": {"train": train, "label": "tissue"},
+               "model": {"name": "rccnet", "params": {"num_classes": 2}}, "output": str(tmp_path / "cls"),
+               "_path": str(tmp_path / "c.yaml")}
+        with pytest.raises(ConfigError, match=r"c\.yaml: data\.train is an h5path file or a list of them"):
+            train_from_config(cfg)
+    assert not (tmp_path / "cls").exists()

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from ..errors import HistoflowError, ParameterError
-from .train import Trainer
+from .train import Trainer, _number, json_problem
 
 __all__ = ["ConfigError", "load_config", "train_from_config", "TASKS"]
 
@@ -95,16 +95,83 @@ def check_config(cfg: dict) -> dict:
             v = d.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{where}: data.{key} must be a whole number >= 1, not {v!r}")
-        post = d.get("postprocess")
-        if post is not None:
-            import inspect
-
-            from .nucleus import maps_to_instances
-
-            known = [p for p in inspect.signature(maps_to_instances).parameters if p not in ("prob", "hv")]
-            if not isinstance(post, dict) or set(post) - set(known):
-                raise ConfigError(f"{where}: data.postprocess takes {', '.join(known)}, not {post!r}")
+        _postprocess(cfg)
+    if cfg["task"] == "tile_classification":
+        d = cfg.get("data") or {}
+        for key in ("train", "val"):
+            v = d.get(key)
+            if key not in d or key == "val" and v in (None, []):  # no data.train: "missing key data.train" later
+                continue
+            if not (isinstance(v, str) and v or isinstance(v, list) and v and all(isinstance(p, str) and p for p in v)):
+                raise ConfigError(f"{where}: data.{key} is an h5path file or a list of them (one '- FILE' line each), "
+                                  f"not {v!r}")
+    monitor = (cfg.get("train") or {}).get("monitor")
+    if monitor is not None:
+        allowed, why = ["val_loss", "train_loss"], ""
+        if cfg["task"] == "nucleus_segmentation":
+            if (cfg.get("data") or {}).get("val_ids"):
+                allowed += ["dice", "aji", "pq"]  # the validation metrics, with validation images
+            else:
+                why = " (dice, aji and pq need validation images: data.val_ids)"
+        if monitor not in allowed:
+            raise ConfigError(f"{where}: train.monitor is one of {', '.join(allowed)}{why}, not {monitor!r}")
+    card = cfg.get("card") or {}
+    problem = json_problem(card, "card")
+    if problem:  # found now, not when best.pt is first saved after an epoch
+        raise ConfigError(f"{where}: {problem}")
+    if card.get("mpp") is not None:
+        _positive(cfg, "card.mpp", card["mpp"])
     return cfg
+
+
+def _positive(cfg, key, value) -> float:
+    """``value`` as a number > 0 (numeric strings read as numbers, as train.lr is), or a ConfigError naming ``key``."""
+    v = _number(value)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+        raise ConfigError(f"{cfg.get('_path', 'configuration')}: {key} must be a number > 0 (µm per pixel), "
+                          f"not {value!r}")
+    return float(v)
+
+
+def _postprocess(cfg) -> dict:
+    """``data.postprocess`` checked: the keywords of :func:`~histoflow.ml.nucleus.maps_to_instances` with values it
+    can use (numeric strings read as numbers, as ``train.lr`` is); a ConfigError names the file and the key."""
+    import inspect
+
+    from .nucleus import maps_to_instances
+
+    where = cfg.get("_path", "configuration")
+    post = (cfg.get("data") or {}).get("postprocess")
+    if post is None:
+        return {}
+    known = [p for p in inspect.signature(maps_to_instances).parameters if p not in ("prob", "hv")]
+    if not isinstance(post, dict) or set(post) - set(known):
+        raise ConfigError(f"{where}: data.postprocess takes {', '.join(known)}, not {post!r}")
+    out = {}
+    for key, value in post.items():
+        v = _number(value)
+        number = not isinstance(v, bool) and isinstance(v, (int, float)) and bool(np.isfinite(v))
+        if key in ("fg_threshold", "marker_threshold"):
+            if not (number and 0 <= v <= 1):
+                raise ConfigError(f"{where}: data.postprocess.{key} must be a number from 0 to 1, not {value!r}")
+            v = float(v)
+        elif key == "sobel_ksize":
+            if not (number and float(v).is_integer() and v % 2 == 1 and 1 <= v <= 31):
+                raise ConfigError(f"{where}: data.postprocess.sobel_ksize must be an odd whole number from 1 to 31, "
+                                  f"not {value!r}")
+            v = int(v)
+        elif key == "min_size":
+            if not (number and v >= 0):
+                raise ConfigError(f"{where}: data.postprocess.min_size must be a number of pixels >= 0, not {value!r}")
+        elif key == "ranges" and v is not None:
+            from .models.hovernet import _check_ranges
+
+            try:
+                _check_ranges(v)
+            except ParameterError as e:
+                raise ConfigError(f"{where}: data.postprocess.ranges: {e}") from None
+        out[key] = v
+    return out
 
 
 def _need(cfg, *keys):
@@ -281,7 +348,7 @@ def _nucleus_segmentation(cfg, resume=False):
     val_loader = validate = None
     if val_ids:
         val_loader = torch.utils.data.DataLoader(NucleusImages(load_monuseg(root, val_ids, mpp=mpp)), batch_size=1)
-        post = dict(d.get("postprocess") or {})
+        post = _postprocess(cfg)
 
         @torch.no_grad()
         def _validate(model, vl, device):
@@ -310,8 +377,10 @@ def _nucleus_segmentation(cfg, resume=False):
     model = _model(cfg)
     card = cfg.setdefault("card", {})
     card.setdefault("task", "nucleus_segmentation")
+    if card.get("mpp") is not None:
+        card["mpp"] = _positive(cfg, "card.mpp", card["mpp"])
     if mpp is not None:
-        if card.get("mpp") is not None and abs(float(card["mpp"]) - float(mpp)) > 1e-6:
+        if card.get("mpp") is not None and abs(card["mpp"] - float(mpp)) > 1e-6:
             raise ConfigError(f"card.mpp {card['mpp']} disagrees with data.mpp {mpp}: the model runs at the data's")
         card["mpp"] = float(mpp)
     card.setdefault("outputs", ["background logit", "nucleus logit", "horizontal map", "vertical map"])
