@@ -150,7 +150,9 @@ class Trainer:
     lr, weight_decay : float
         Adam's learning rate (the peak rate for one-cycle) and weight decay.
     accumulate : int
-        Batches whose gradients are summed before each optimiser step.
+        Batches whose gradients are summed before each optimiser step, each weighted by its samples: the step is
+        that of one batch of all of them (a short last batch counts for its samples). ``train_loss`` is the
+        epoch's mean loss per sample.
     schedule : {None, "onecycle", "plateau"}
         One-cycle (per step, cosine) or reduce-on-plateau (per epoch: the rate is halved when ``monitor``
         has not improved for more than ``max(1, patience // 2)`` epochs in a row; patience 4 when None).
