@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+import warnings
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import quoteattr
 
@@ -103,7 +104,7 @@ def _read(path, min_vertices=3, negatives="subtract"):
     type (ImageScope's region types: 0 freehand / polygon, 1 rectangle, 2 ellipse, 3 arrow, 4 ruler)."""
     path = os.fspath(path)
     out, skipped = [], {}
-    root, layer = None, None
+    root, layer, idle = None, None, 0
     for event, el in _events(path):
         if root is None:
             root = el
@@ -116,9 +117,14 @@ def _read(path, min_vertices=3, negatives="subtract"):
             el.clear()
         elif event == "end" and el.tag == "Annotation":
             if negatives == "subtract":
-                out[layer[2]:] = _subtract_negatives(out[layer[2]:])
+                out[layer[2]:], unused = _subtract_negatives(out[layer[2]:])
+                idle += unused
             layer = None
             root.clear()
+    if idle:
+        warnings.warn(f"{path}: {idle} region(s) flagged as exclusions (NegativeROA=\"1\") overlap no region of their "
+                      "layer, so they cut nothing and were dropped; if they are objects flagged by mistake, read "
+                      "the file with negatives=\"keep\"", stacklevel=3)
     return out, skipped
 
 
@@ -174,21 +180,24 @@ def _ellipse(corners, n=64):
 
 def _subtract_negatives(polys):
     """Cut each region flagged NegativeROA out of the positive regions of the same layer that it overlaps
-    (not out of one lying wholly inside it: an island in a lumen); the exclusions themselves go."""
+    (not out of one lying wholly inside it: an island in a lumen); the exclusions themselves go. Returns the
+    regions and the number of exclusions that overlap none."""
     neg = [p for p in polys if p.measurements.get("negative")]
     if not neg:
-        return polys
+        return polys, 0
     import shapely
     from shapely.strtree import STRtree
 
     cuts = [_shape(p) for p in neg]
     tree = STRtree(cuts)
-    out = []
+    out, used = [], set()
     for p in polys:
         if p.measurements.get("negative"):
             continue
         g = _shape(p)
-        hit = [cuts[i] for i in tree.query(g) if cuts[i].intersects(g) and not g.within(cuts[i])]
+        near = [i for i in tree.query(g) if cuts[i].intersects(g)]
+        used.update(int(i) for i in near)
+        hit = [cuts[i] for i in near if not g.within(cuts[i])]
         if not hit:
             out.append(p)
             continue
@@ -202,7 +211,7 @@ def _subtract_negatives(polys):
                                name=p.name, classification=p.classification, measurements=dict(meas),
                                object_type=p.object_type, color=p.color, uid=p.uid,
                                group=group))
-    return out
+    return out, len(neg) - len(used)
 
 
 def _shape(p):
