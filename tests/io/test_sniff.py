@@ -74,3 +74,21 @@ REAL_TIFFS = {
 @pytest.mark.parametrize("name", sorted(REAL_TIFFS))
 def test_real_tiffs_keep_their_backend(name):
     assert detect_format(data_path(name)) == FormatInfo(*REAL_TIFFS[name])
+
+
+def test_a_folder_of_images_is_named_as_such():
+    """A folder is read as one DICOM slide; a folder of PNGs given by mistake says what it holds and what to give."""
+    from histoflow.errors import UnsupportedFormatError
+
+    folder = data_path("monuseg_train")
+    with pytest.raises(UnsupportedFormatError, match=r"holds 20 image or slide file\(s\) \(\.png\).*give the files "
+                                                      r"themselves \(e\.g\. .*monuseg_train/\*\.png\)"):
+        detect_format(folder)
+
+
+def test_an_empty_folder_gets_no_hint(tmp_path):
+    from histoflow.errors import UnsupportedFormatError
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UnsupportedFormatError, match=r"no DICOM files \(nothing with a DICM preamble\)$"):
+        detect_format(tmp_path)

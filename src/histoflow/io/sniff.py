@@ -48,6 +48,29 @@ def dicom_files_in(folder: str) -> list[str]:
     return sorted(out)
 
 
+def _folder_hint(folder) -> str:
+    """What a folder that is not a DICOM slide holds, when it is other slides or images: a folder is read as
+    one DICOM whole-slide image, so the user most likely meant its files."""
+    kinds = {}
+    with os.scandir(folder) as it:
+        for i, entry in enumerate(it):
+            if i >= _MAX_FOLDER_ENTRIES:
+                break
+            ext = os.path.splitext(entry.name)[1].lower()
+            if entry.is_file() and ext in _SLIDE_EXTENSIONS:
+                kinds[ext] = kinds.get(ext, 0) + 1
+    if not kinds:
+        return ""
+    ext, n = max(kinds.items(), key=lambda kv: kv[1])
+    return (f"; it holds {sum(kinds.values())} image or slide file(s) ({', '.join(sorted(kinds))}): a folder is "
+            f"read as one DICOM whole-slide image, so give the files themselves (e.g. {os.path.join(folder, '*' + ext)})")
+
+
+#: extensions of the images and slides a folder given by mistake usually holds
+_SLIDE_EXTENSIONS = frozenset([".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif",
+                               ".qptiff", ".vsi", ".bmp"])
+
+
 def detect_format(path) -> FormatInfo:
     """Decide format and backend from the file's content.
 
@@ -62,7 +85,8 @@ def detect_format(path) -> FormatInfo:
             return FormatInfo("DICOM WSI", "dicom")
         if os.path.exists(os.path.join(path, "Slidedat.ini")):
             raise UnsupportedFormatError(f"{path}: this is the data folder of a MIRAX slide; open the .mrxs file next to it")
-        raise UnsupportedFormatError(f"{path}: folder contains no DICOM files (nothing with a DICM preamble)")
+        raise UnsupportedFormatError(f"{path}: folder contains no DICOM files (nothing with a DICM preamble)"
+                                     + _folder_hint(path))
     try:
         with open(path, "rb") as f:
             head = f.read(512)
