@@ -66,3 +66,33 @@ def test_a_slide_one_tile_wide_at_a_target_pixel_size_keeps_its_tile():
     assert s.grid(740, mpp=1.497, edge="drop").shape[0] == 1
     assert len(TileGrid((450, 450), 300, mpp=0.7485, slide_mpp=0.499, edge="drop")) == 1
     assert len(TileGrid((450, 450), 301, mpp=0.7485, slide_mpp=0.499, edge="drop")) == 0
+
+
+def test_info_describes_what_a_file_holds_without_reading_tiles(tmp_path):
+    """``H5Path.info()``: the slide, the tiles, masks, cells and the runs that wrote the file, as plain values;
+    for a histoflow run file and for PathML's own file."""
+    import json
+
+    from datafiles import SVS, data_path
+
+    from histoflow import SlideData, read_h5path
+    from histoflow.transforms import NucleusDetectionHE, Pipeline, QuantifyCells
+
+    with SlideData(SVS) as s:
+        out = s.run(Pipeline([NucleusDetectionHE(mask_name="cells"), QuantifyCells(mask_name="cells")]),
+                    str(tmp_path / "c.h5path"), executor="inprocess", progress=False, tissue_filter=0.5, overlap=32)
+    with read_h5path(out) as h:
+        info = h.info()
+        json.dumps(info)  # plain values
+        assert info["tiles"] == len(h) > 0 and info["tile_shape"] == (256, 256, 3) and info["dtype"] == "uint8"
+        assert info["compression"] == "htj2k" and info["tile_masks"] == ["cells", "tissue"]
+        assert info["masks"] == {"tissue": {"shape": h.masks["tissue"].shape,
+                                            "downsample": h.mask_downsample("tissue")}}
+        assert info["cells"] == {"cells": h.cells.n_obs, "features": h.cells.n_vars} and info["cells"]["cells"] > 1000
+        (run,) = info["runs"]
+        assert run["steps"] == ["NucleusDetectionHE", "QuantifyCells"] and run["tiles_written"] == len(h)
+        assert run["failed_tiles"] == 0 and run["executor"] == "inprocess" and info["slide"]["mpp"] == (0.499, 0.499)
+    with read_h5path(data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path")) as h:
+        info = h.info()
+        assert (info["format_version"], info["tiles"], info["tile_shape"], info["runs"]) == (1, 12, (128, 128, 3), [])
+        assert info["tile_labels"] == ["grade", "site"] and info["cells"] is None

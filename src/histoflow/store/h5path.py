@@ -1738,6 +1738,68 @@ class H5Path:
         """Run records (dicts), oldest first."""
         return self._s().provenance()
 
+    def info(self) -> dict:
+        """What the file holds, in plain values: ``path``, ``format_version``, ``slide`` (its metadata),
+        ``tiles`` (count), ``tile_shape`` and ``dtype`` (None without tiles), ``compression``, ``tile_masks``,
+        ``tile_labels``, ``masks`` (slide masks: name -> ``{"shape", "downsample"}``), ``cells`` (``{"cells",
+        "features"}`` or None) and ``runs``: per run that wrote it, oldest first, its ``kind``, ``date``,
+        ``steps`` (transform names), ``tiles_written``, ``failed_tiles`` (a count), ``executor`` and
+        ``elapsed_s`` (None where the record does not say). Reads no tile and no cell table."""
+        src = self._s()
+        n = src.n
+        imgs = src.images
+        shape = dtype = None
+        if imgs is not None and n and getattr(imgs, "shape", None) is not None:
+            shape, dtype = tuple(int(v) for v in imgs.shape[1:]), str(np.dtype(imgs.dtype))
+        masks = {}
+        for name in self.masks:
+            m = self._f.get(f"masks/{name}") if self.format_version == FORMAT_VERSION else None
+            masks[name] = {"shape": None if m is None else tuple(int(v) for v in m.shape),
+                           "downsample": float(self.mask_downsample(name))}
+        runs = []
+        for rec in self.provenance:
+            pipe = rec.get("pipeline")
+            steps = pipe.get("steps") if isinstance(pipe, dict) else None
+            executor = rec.get("executor")
+            runs.append({"kind": rec.get("kind"), "date": rec.get("date"),
+                         "steps": [next(iter(st)) for st in steps if isinstance(st, dict) and st]
+                         if isinstance(steps, list) else None,
+                         "tiles_written": rec.get("tiles_written"),
+                         "failed_tiles": len(rec["failed_tiles"]) if isinstance(rec.get("failed_tiles"), list) else None,
+                         "executor": executor.get("kind") if isinstance(executor, dict) else executor,
+                         "elapsed_s": rec.get("elapsed_s")})
+        return {"path": self.path, "format_version": self.format_version, "slide": self.slide, "tiles": n,
+                "tile_shape": shape, "dtype": dtype, "compression": self._compression(),
+                "tile_masks": self.tile_mask_names, "tile_labels": self.tile_label_names, "masks": masks,
+                "cells": self._cell_counts(), "runs": runs}
+
+    def _compression(self):
+        tiles = self._f.get("tiles")
+        value = None if tiles is None else tiles.attrs.get("compression")
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if value is None and self.images is not None and hasattr(self.images, "compression"):
+            value = self.images.compression  # PathML's files: the dataset's own filter
+        return value
+
+    def _cell_counts(self):
+        """``{"cells", "features"}`` of the cell table from its index sizes (nothing loaded), or None."""
+        group = self._f.get("cells") if self.format_version == FORMAT_VERSION else None
+        if group is None:
+            if self.format_version == FORMAT_VERSION:
+                return None
+            table = self.cells  # PathML's /counts: small enough to read
+            return None if table is None else {"cells": int(table.n_obs), "features": int(table.n_vars)}
+        try:
+            sizes = []
+            for part in ("obs", "var"):
+                g = group[part]
+                index = g.attrs.get("_index", "_index")
+                sizes.append(int(g[index].shape[0]))
+            return {"cells": sizes[0], "features": sizes[1]}
+        except (KeyError, OSError, TypeError):
+            raise H5PathError(f"{self.path}: the cell table /cells is damaged (no obs/var index)") from None
+
 
 def _open_source(f: h5py.File, path: str):
     from . import pathml_v1  # imports this module's helpers
