@@ -290,7 +290,8 @@ def test_same_process_executors_merge_from_memory(tmp_path, monkeypatch):
 
 def test_local_cluster_started_here(tmp_path):
     """executor="dask" without an address starts a local cluster whose workers get WORKER_ENV (one OpenCV
-    thread per worker, the fixed mmap and trim thresholds) and write the same tiles as in-process."""
+    thread per worker, the fixed mmap and trim thresholds), ignore SIGINT and SIGTERM, and write the same tiles
+    as in-process."""
     from histoflow.engine.executors import DaskExecutor
 
     slide = SlideData(SVS)
@@ -301,6 +302,10 @@ def test_local_cluster_started_here(tmp_path):
                                      __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"),
                                      __import__("cv2").getNumThreads()))
         assert list(env.values()) == [(str(4 * 1024 * 1024), str(64 * 1024 * 1024), 1)]
+        # the terminal's Ctrl-C (and TERM) to the process group is the driver's to handle (test_interrupt.py)
+        ignored = ex.client.run(lambda: [__import__("signal").getsignal(s) == __import__("signal").SIG_IGN
+                                         for s in (signal.SIGINT, signal.SIGTERM)])
+        assert list(ignored.values()) == [[True, True]]
         out = slide.run(pipeline(), tmp_path / "dask.h5path", tile_size=512, executor=ex, progress=False)
     finally:
         ex.close()

@@ -124,6 +124,60 @@ class ThreadExecutor:
 WORKER_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 4 * 1024 * 1024,
               "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 64 * 1024 * 1024,
               "distributed.nanny.pre-spawn-environ.OPENCV_FOR_THREADS_NUM": 1}
+#: Preloaded by the workers of clusters started here (:func:`dask_setup`).
+WORKER_PRELOAD = "histoflow.engine.executors"
+
+
+#: Signals that the workers of clusters started here ignore (see :func:`dask_setup`).
+_INTERRUPTS = ("SIGINT", "SIGTERM")
+
+
+def dask_setup(worker):
+    """The workers of a local cluster started here ignore SIGINT and SIGTERM (dask's worker preload hook).
+
+    A terminal's Ctrl-C, and GNU ``timeout``, signal the whole process group: the local cluster's worker
+    processes, children of the driver, got the signal too and each printed its own traceback
+    (CancelledError, KeyboardInterrupt) above the driver's one-line message. The driver stops them itself
+    when it closes the cluster (its nanny asks them to close, then kills them); a worker also exits at once
+    when the driver's process ends, and SIGKILL still ends it. The workers are born with these signals
+    blocked (:func:`_interrupts_blocked`), so one that arrives while they start is dropped here too."""
+    import signal
+
+    sigs = [getattr(signal, name) for name in _INTERRUPTS if hasattr(signal, name)]
+    try:
+        for sig in sigs:
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # pragma: no cover - not the worker process's main thread: leave its handlers
+        return
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)  # pending ones are discarded: they are ignored now
+
+
+class _interrupts_blocked:
+    """SIGINT and SIGTERM blocked in this thread while a local cluster starts: the threads it starts, and
+    through them its worker processes, inherit the mask, so a Ctrl-C while workers import (before
+    :func:`dask_setup` runs in them) does not make each print a traceback. The driver's own Ctrl-C waits
+    until the cluster is up (a few seconds) and is raised on leaving."""
+
+    def __enter__(self):
+        import signal
+
+        self._old = None
+        if hasattr(signal, "pthread_sigmask"):
+            try:  # started first, as spawning it unblocks these signals in the thread that does (the cluster's)
+                from multiprocessing import resource_tracker
+
+                resource_tracker.ensure_running()
+            except Exception:  # noqa: BLE001 - then workers may still print a traceback if Ctrl-C'd as they start
+                pass
+            self._old = signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, n) for n in _INTERRUPTS])
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._old)  # a pending Ctrl-C is raised here
 
 
 class DaskExecutor:
@@ -159,17 +213,26 @@ class DaskExecutor:
             import dask
 
             n = int(workers or os.cpu_count() or 1)
+            preload = [*(dask.config.get("distributed.worker.preload", None) or []), WORKER_PRELOAD]
             try:
-                with dask.config.set(WORKER_ENV):
+                with _interrupts_blocked(), dask.config.set(WORKER_ENV):
                     self._own_cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=threads_per_worker,
                                                                  processes=True, dashboard_address=":0",
-                                                                 silence_logs=40)
+                                                                 silence_logs=40, preload=preload)
+            except KeyboardInterrupt:  # Ctrl-C while it started: stop it again, quietly
+                if self._own_cluster is not None:
+                    self._own_cluster.close()
+                raise
             except Exception as e:
                 raise PipelineError(
                     f"could not start a local dask cluster of {n} worker process(es) ({type(e).__name__}: {e}). "
                     "Worker processes re-import the main script: in a script, put the run under "
                     "`if __name__ == \"__main__\":`; or use executor=\"threads\"") from e
-            self.client = distributed.Client(self._own_cluster)
+            try:
+                self.client = distributed.Client(self._own_cluster)
+            except BaseException:
+                self._own_cluster.close()
+                raise
             self._own_client = True
 
     def _info(self) -> dict:
