@@ -1084,3 +1084,23 @@ def test_provenance_records_what_the_steps_fitted_to_the_slide(tmp_path):
     np.testing.assert_allclose(got[0], matrix)
     np.testing.assert_allclose(got[1], maxc)
     assert np.asarray(got[0]).shape == (2, 3)
+
+
+def test_starting_over_warns_of_the_batches_it_discards(tmp_path):
+    """A run without resume removes an unfinished run's journal (deliberately) and said nothing about the
+    finished batches it threw away."""
+    import warnings
+
+    slide = SlideData(SVS)
+    out = tmp_path / "o.h5path"
+    with pytest.raises(Interrupt):
+        slide.run(pipeline(), out, executor="inprocess", batch_size=10, progress=False, on_batch=_interrupt_at(3))
+    n = len([f for f in os.listdir(f"{out}.partial") if f.startswith("batch-")])
+    assert n >= 3
+    with pytest.warns(UserWarning, match=rf"o.h5path: an unfinished run's journal .*o.h5path.partial held {n} "
+                                         r"finished batch\(es\); they are discarded and the run starts over "
+                                         r"\(resume=True, `--resume` on the command line, would have continued"):
+        slide.run(pipeline(), out, executor="inprocess", batch_size=10, progress=False)
+    with warnings.catch_warnings():  # nothing to discard: no warning
+        warnings.simplefilter("error")
+        slide.run(pipeline(), out, executor="inprocess", batch_size=10, progress=False)

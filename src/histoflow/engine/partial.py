@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 import zlib
 
 import numpy as np
@@ -35,7 +36,10 @@ def partial_dir(out_path: str) -> str:
 
 
 def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
-    """Prepare the journal folder; return it, the batches already done (when resuming) and its token."""
+    """Prepare the journal folder; return it, the batches already done (when resuming) and its token.
+
+    Without ``resume`` the journal of an unfinished run is removed and the run starts over, with a warning
+    that says how many finished batches that discards."""
     d = partial_dir(out_path)
     if os.path.isdir(d):
         old = _read_manifest(d)
@@ -46,7 +50,13 @@ def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
                 raise PipelineError(f"{out_path}: cannot resume: the unfinished run used other settings "
                                     f"({', '.join(diff) or 'journal'}); run without resume to start over")
             return d, done_batches(d, token), token
+        n = len(done_batches(d, token)) if token is not None else \
+            sum(name.startswith("batch-") and name.endswith(BATCH_SUFFIX) for name in os.listdir(d))
         shutil.rmtree(d)
+        if n:  # deliberate (a run without resume starts over), but not silently: the work is lost
+            warnings.warn(f"{out_path}: an unfinished run's journal {d} held {n} finished batch(es); they are "
+                          "discarded and the run starts over (resume=True, `--resume` on the command line, would "
+                          "have continued from them)", stacklevel=5)
     token = uuid.uuid4().hex[:12]
     try:
         os.makedirs(d)
