@@ -75,6 +75,10 @@ def test_demo(tmp_path):
     # tiles overlap by a large nucleus (15 µm = 31 px at 0.499 µm/px) so each nucleus is whole in one tile
     assert "tiles of 256x256 (overlap 31) with >= 25% tissue (of 140 in the full grid)" in r.stdout
     assert "overlap" not in r.stderr   # no warning that the overlap is too small for nucleus detection
+    # what a user wants to know, not Python's reprs (SlideData(...), Pipeline([...]))
+    assert "SlideData(" not in r.stdout and "Pipeline(" not in r.stdout
+    assert "slide          CMU-1-Small-Region (Aperio SVS, 2220 x 2967 px, 0.499 µm/px)" in r.stdout
+    assert "then on each tile: StainNormalizationHE, NucleusDetectionHE" in r.stdout
     with read_h5path(tmp_path / "CMU-1-Small-Region.h5path") as h5:
         assert 30 <= len(h5) <= 70
         assert set(h5.tile_mask_names) >= {"tissue", "nuclei"}

@@ -17,6 +17,7 @@ Errors print one line (``histoflow: error: ...``) and exit with status 1; ``--de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -47,6 +48,19 @@ _positive_int = _int_at_least(1, "a whole number >= 1")
 _nonneg_int = _int_at_least(0, "a whole number >= 0")
 
 
+def _mpp(text):
+    """An argparse type: a pixel size, µm per pixel (a positive number)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"is µm per pixel, a positive number; got {text}")
+    return v
+
+
 def _fraction(text):
     """An argparse type: a number from 0 to 1 (a tissue fraction)."""
     try:
@@ -60,6 +74,18 @@ def _fraction(text):
 
 BACKEND_HELP = ("reader: auto (default, chosen by the file's content), openslide, tiff, dicom or image")
 
+#: segment-nuclei's default tile overlap (level-0 pixels): larger than a nucleus at 40x
+NUCLEI_OVERLAP = 128
+
+
+def _slide_mpp_option(parser, help):
+    """``--slide-mpp``: the input's own pixel size, as ``tile`` and ``run`` name it; ``--mpp``, its name in
+    segment-nuclei and quantify before, still works there (not shown: in ``tile``/``run`` ``--mpp`` is the
+    target resolution)."""
+    parser.add_argument("--slide-mpp", dest="slide_mpp", type=_mpp, metavar="MPP",
+                        help=f"{help} (formerly --mpp, which still works here)")
+    parser.add_argument("--mpp", dest="slide_mpp", type=_mpp, help=argparse.SUPPRESS)
+
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -71,32 +97,33 @@ def _parser() -> argparse.ArgumentParser:
     sub.required = True
 
     s = sub.add_parser("info", help="describe a slide (format, levels, mpp, channels)")
-    s.add_argument("slide")
+    s.add_argument("slide", help="a slide or image (SVS, TIFF, OME-TIFF, DICOM folder, PNG, ...)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("thumbnail", help="write a PNG thumbnail of a slide")
-    s.add_argument("slide")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("slide", help="a slide or image (fluorescence is shown in false colour)")
+    s.add_argument("-o", "--output", required=True, help="the thumbnail: a .png file")
     s.add_argument("--size", type=_positive_int, default=1024, help="longer side in pixels (default 1024)")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_thumbnail)
 
     s = sub.add_parser("tile", help="cut a slide into tiles and write an h5path file")
-    s.add_argument("slide")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("slide", help="a slide or image")
+    s.add_argument("-o", "--output", required=True, help="the tiles: an .h5path file")
     s.add_argument("--size", type=_positive_int, default=256, help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--level", type=_nonneg_int, help="pyramid level to tile (default 0)")
-    g.add_argument("--mpp", type=float, help="target µm/px (resampled when no level matches)")
+    g.add_argument("--mpp", type=_mpp, help="target µm/px of the tiles (resampled when no level matches)")
     s.add_argument("--overlap", type=_nonneg_int, default=0, help="pixels shared by neighbouring tiles (default 0)")
     s.add_argument("--edge", choices=["pad", "drop"], default="pad",
                    help="tiles overhanging the slide's right/bottom edge: pad with background (default) or drop")
-    s.add_argument("--slide-mpp", type=float, help="the slide's own µm/px, when the file does not say (or is wrong)")
+    s.add_argument("--slide-mpp", type=_mpp, help="the slide's own µm/px, when the file does not say (or is wrong)")
     s.add_argument("--compression", choices=["gzip", "lzf", "htj2k", "none"], default="gzip",
-                   help="lossless: gzip (any HDF5 reader), htj2k (RGB: about 20%% smaller than gzip for raw tiles, "
-                        "2.5x for smoothed ones; readers need hdf5plugin), lzf, none")
+                   help="lossless: gzip (default; any HDF5 reader), htj2k (RGB: about 20%% smaller than gzip for raw "
+                        "tiles, 2.5x for smoothed ones; reading it outside histoflow needs `import hdf5plugin` "
+                        "before h5py opens the file), lzf, none")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_tile)
@@ -108,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_positive_int, default=256, help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--level", type=_nonneg_int, help="pyramid level to tile (default 0)")
-    g.add_argument("--mpp", type=float, help="target µm/px of the tiles (resampled when no level matches)")
+    g.add_argument("--mpp", type=_mpp, help="target µm/px of the tiles (resampled when no level matches)")
     s.add_argument("--overlap", type=_nonneg_int, default=0,
                    help="pixels shared by neighbouring tiles (default 0; steps that find nuclei or cells warn when "
                         "it is less than they need)")
@@ -127,11 +154,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="import this module first (repeatable): custom transforms defined in your own code, e.g. "
                         "--import my_transforms for my_transforms.py in the current folder")
     s.add_argument("--compression", choices=["htj2k", "gzip", "none"], default="htj2k",
-                   help="lossless tile compression: htj2k (default; RGB about 2.6x smaller than gzip, readers "
-                        "need hdf5plugin) or gzip (any HDF5 reader)")
+                   help="lossless tile compression: htj2k (default; RGB about 2.6x smaller than gzip; reading the "
+                        "files outside histoflow needs `import hdf5plugin` before h5py opens them) or gzip (any "
+                        "HDF5 reader; the default of `histoflow tile`)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
     s.add_argument("--slide-type", help="HE, IHC, IF, CODEX, Vectra, MIBI (default: from the file)")
-    s.add_argument("--slide-mpp", type=float, help="the slides' own µm/px, when the files do not say (or are wrong)")
+    s.add_argument("--slide-mpp", type=_mpp, help="the slides' own µm/px, when the files do not say (or are wrong)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_run)
 
@@ -154,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment-nuclei", help="nucleus instances of an H&E image or slide (uint32 label TIFF)")
     s.add_argument("slide", help="an H&E slide or image (PNG, JPEG, TIFF, SVS, ...)")
-    s.add_argument("-o", "--output", required=True, help="label image: uint32 TIFF, same size as level 0")
+    s.add_argument("-o", "--output", required=True, help="label image: a uint32 .tif, same size as level 0")
     s.add_argument("--geojson", help="also write the nuclei as QuPath GeoJSON (detections)")
     s.add_argument("--png", help="picture of the nucleus outlines over the image, at most 2048 px "
                                  "(default: OUTPUT with .png; 'none' for no picture)")
@@ -163,11 +191,13 @@ def _parser() -> argparse.ArgumentParser:
                         "trained nearest the input's µm/px)")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="run the model in torch (default) or onnxruntime (exported once; about 2x faster on CPU)")
-    s.add_argument("--mpp", type=float, help="the input's µm/px when the file does not say (default: the model's)")
+    _slide_mpp_option(s, "the input's own µm/px, when the file does not say (default: the model's) or is wrong")
     s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
                                                        "(about 4x slower; on the test images AJI 0.625 -> 0.629)")
     s.add_argument("--tile", type=_positive_int, default=1024, help="tile size in level-0 pixels (default 1024)")
-    s.add_argument("--overlap", type=_nonneg_int, default=128, help="tile overlap; larger than a nucleus (default 128)")
+    s.add_argument("--overlap", type=_nonneg_int, default=None,
+                   help=f"tile overlap in level-0 pixels, larger than a nucleus and less than --tile (default "
+                        f"{NUCLEI_OVERLAP})")
     s.add_argument("--tissue-filter", type=_fraction, metavar="FRACTION", help="only tiles with this much tissue")
     s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--h5path", help="keep the per-tile results in this h5path file")
@@ -186,7 +216,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tile overlap in pixels (default: 2 x (a large nucleus, 15 µm, + 2 x --expand), from the "
                         "slide's µm/px: each tile then sees every neighbour of the cells it keeps whole)")
     s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
-    s.add_argument("--mpp", type=float, help="the slide's µm/px when the file does not say")
+    _slide_mpp_option(s, "the slide's own µm/px, when the file does not say (default: assume "
+                         "0.5 µm/px, with a warning) or is wrong")
     s.add_argument("--png", help="picture of the cell outlines over the slide, at most 2048 px "
                                  "(default: OUTPUT with .png; 'none' for no picture)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from the tiles it wrote")
@@ -195,7 +226,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("phenotype", help="gate markers and assign phenotypes with a rule table")
     s.add_argument("cells", help="an .h5ad (or .h5path with a cell table)")
-    s.add_argument("--rules", required=True, help="rule table YAML, or a preset name (mibi_panel, nucleus_subtype)")
+    s.add_argument("--rules", required=True, help="rule table YAML, or the name of a built-in preset "
+                                                   "(mibi_panel, nucleus_subtype, ...)")
     s.add_argument("-o", "--output", required=True, help="output .h5ad")
     s.add_argument("--gate", choices=["otsu", "gmm"], default="otsu", help="automatic thresholds (default otsu)")
     s.add_argument("--thresholds", help="YAML/JSON of manual thresholds {channel: value} or {slide: {channel: v}}")
@@ -211,8 +243,9 @@ def _parser() -> argparse.ArgumentParser:
     a = s.add_subparsers(dest="action", metavar="ACTION")
     a.required = True
     c = a.add_parser("convert", help="Aperio XML, QuPath GeoJSON, ImageJ .roi/.zip -> .xml, .geojson, .zip")
-    c.add_argument("input")
-    c.add_argument("output")
+    c.add_argument("input", help="annotations to read: Aperio .xml, QuPath .geojson/.json, ImageJ .roi or .zip")
+    c.add_argument("output", help="file to write; its extension picks the format: Aperio .xml, QuPath .geojson/.json, "
+                                    "ImageJ .zip")
     c.set_defaults(func=cmd_annotations_convert)
 
     s = sub.add_parser("demo", help="run the demo pipeline on the built-in sample slide (tissue detection, stain "
@@ -266,28 +299,136 @@ def _install_interrupt_handlers():
         sys.unraisablehook = _unraisable(sys.unraisablehook)
 
 
+class _Reader:
+    """A text stream (stdout, stderr) of the command that, once its reader has gone (``histoflow transforms |
+    head``: a closed pipe), discards what follows instead of raising ``BrokenPipeError`` out of the verb: the
+    command finishes its work (the files after the first printed line) and exits as it would have."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.gone = False
+
+    def _drop(self):
+        self.gone = True
+        try:  # so that Python's own flush of what is left, at exit, goes nowhere rather than failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text):
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _as_a_command():
+    """For the command's duration (``main()`` run as ``histoflow``): output to a reader that went away is
+    discarded (:class:`_Reader`), and warnings print as one line, ``histoflow: warning: MESSAGE``, not as
+    Python's ``FILE:LINE: UserWarning: MESSAGE`` and a line of source."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        kind = "" if issubclass(category, UserWarning) and category.__module__.startswith(("histoflow", "builtins")) \
+            else f"{category.__name__}: "
+        print(f"histoflow: warning: {kind}{' '.join(str(message).split())}", file=file or sys.stderr)
+
+    streams = sys.stdout, sys.stderr
+    shown = warnings.showwarning
+    sys.stdout, sys.stderr = _Reader(sys.stdout), _Reader(sys.stderr)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, _Reader):
+                stream.flush()
+        sys.stdout, sys.stderr = streams
+
+
+def _journal_has_batch(store) -> bool:
+    """Whether the run writing the h5path ``store`` kept a finished batch in its journal (``STORE.partial/``)."""
+    folder = os.fspath(store) + ".partial"
+    try:
+        return any(n.startswith("batch-") and n.endswith(".hfb") for n in os.listdir(folder))
+    except OSError:
+        return False
+
+
+def _anything_saved(args):
+    """After an interrupt: whether the command left something its ``--resume`` continues from (a finished batch
+    in a run's journal, a finished h5path, train's last.ckpt); None where it cannot tell."""
+    try:
+        if args.command == "train":
+            ckpt = getattr(args, "checkpoint", None)
+            return None if ckpt is None else os.path.exists(ckpt)
+        if args.command == "run":
+            if not os.path.isdir(args.output):
+                return False
+            stores = [os.path.join(args.output, n) for n in os.listdir(args.output) if n.endswith(".h5path")]
+            if stores:  # a slide finished: --resume skips it
+                return True
+            stores = [os.path.join(args.output, n[:-len(".partial")]) for n in os.listdir(args.output)
+                      if n.endswith(".h5path.partial")]
+        elif args.command == "segment-nuclei":
+            stores = [args.h5path]
+        elif args.command == "quantify":
+            stores = [os.path.splitext(args.output)[0] + ".h5path"]
+        else:
+            return None
+        return any(os.path.exists(s) or _journal_has_batch(s) for s in stores)
+    except (OSError, TypeError, AttributeError):
+        return None
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from .errors import HistoflowError
 
     if argv is None:
         _install_interrupt_handlers()
-    try:
-        return args.func(args) or 0
-    except BrokenPipeError:  # the output piped into a reader that stopped early (`histoflow transforms | head`)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit does not fail again
-        return 1
-    except (HistoflowError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"histoflow: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        resumable = getattr(args, "resume", None) is not None and getattr(args, "h5path", True)
-        print("histoflow: interrupted" + ("; the same command with --resume continues from what was written"
-                                          if resumable else ""), file=sys.stderr)
-        return 130
+    with _as_a_command() if argv is None else contextlib.nullcontext():
+        try:
+            return args.func(args) or 0
+        except BrokenPipeError:  # output piped into a reader that stopped early, from main([...]) in Python
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit does not fail again
+            return 1
+        except (HistoflowError, OSError) as e:
+            if args.debug:
+                raise
+            print(f"histoflow: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            resumable = getattr(args, "resume", None) is not None and getattr(args, "h5path", True)
+            saved = _anything_saved(args) if resumable else None
+            print("histoflow: interrupted" + ("" if not resumable else
+                                              "; nothing was saved yet" if saved is False else
+                                              "; the same command with --resume continues from what was written"),
+                  file=sys.stderr)
+            return 130
 
 
 # ---------------------------------------------------------------------- verbs
@@ -306,6 +447,34 @@ def _import_modules(names):
             importlib.import_module(module.replace(os.sep, "."))
         except ImportError as e:
             raise ParameterError(f"--import {name}: cannot import it: {e}") from e
+
+
+def _slide_data(path, slide_mpp, **kwargs):
+    """``SlideData(path)`` with the pixel size ``--slide-mpp`` gives, and a note when that replaces one the file
+    states (sizes in µm, and the scale the models see, then follow the option, not the file)."""
+    from .core.slide import SlideData
+
+    slide = SlideData(path, **kwargs)
+    if slide_mpp is None:
+        return slide
+    stated = slide.mpp
+    try:
+        slide.reader.mpp = slide_mpp
+    except BaseException:
+        slide.close()
+        raise
+    if stated is not None and abs(float(stated[0]) - slide_mpp) > 1e-3 * slide_mpp:
+        print(f"note: {path} states {float(stated[0]):.4g} µm/px; --slide-mpp {slide_mpp:g} replaces it",
+              file=sys.stderr)
+    return slide
+
+
+def _assume_mpp(slide, path, mpp, why):
+    """A slide whose file does not say its pixel size: warn, naming the file and the option that sets it, and
+    take ``mpp`` (then recorded as the pixel size used)."""
+    print(f"histoflow: warning: {path} does not say its µm/px; taking {mpp:g} µm/px ({why}): pass --slide-mpp to "
+          "set it", file=sys.stderr)
+    slide.reader.mpp = (mpp, mpp)
 
 
 def cmd_info(args):
@@ -355,15 +524,13 @@ def cmd_thumbnail(args):
 
 
 def cmd_tile(args):
-    from .core.slide import SlideData
-
     from .errors import OutputError
 
     _check_outputs([args.slide], {"h5path": args.output})
     if not args.output.lower().endswith(".h5path"):
         raise OutputError(f"{args.output}: tiles are written as an h5path store: give -o a .h5path path")
     t0 = time.perf_counter()
-    with SlideData(args.slide, backend=args.backend, mpp=args.slide_mpp) as slide:
+    with _slide_data(args.slide, args.slide_mpp, backend=args.backend) as slide:
         grid = slide.grid(args.size, overlap=args.overlap, level=args.level, mpp=args.mpp, edge=args.edge)
         tiles = (slide.read_tile(spec) for spec in grid)
         slide.write(args.output, tiles=tiles, total=len(grid), progress=not args.no_progress,
@@ -376,7 +543,7 @@ def cmd_tile(args):
 
 
 def cmd_run(args):
-    from .core.slide import SlideData, SlideDataset
+    from .core.slide import SlideDataset
     from .transforms import Pipeline
 
     from .errors import ParameterError
@@ -388,7 +555,7 @@ def cmd_run(args):
     _import_modules(args.imports)
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
-    slides = SlideDataset([SlideData(p, slide_type=args.slide_type, mpp=args.slide_mpp) for p in args.slides])
+    slides = SlideDataset([_slide_data(p, args.slide_mpp, slide_type=args.slide_type) for p in args.slides])
     executor = args.executor or ("dask" if args.scheduler is None else None)
     outs = slides.run(pipeline, args.output, tile_size=args.size, overlap=args.overlap, level=args.level,
                       mpp=args.mpp, tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
@@ -443,6 +610,9 @@ def cmd_train(args):
         cfg.setdefault("train", {})["progress"] = False
     if cfg.get("output"):
         out_dir = _path(cfg, cfg["output"])
+        _check_output_folder(out_dir, "training run", "--output" if args.output is not None else
+                             f"`output:` in {args.config}")
+        args.checkpoint = os.path.join(out_dir, "last.ckpt")  # what an interrupted run resumes from
         done = [n for n in ("last.ckpt", "best.pt") if os.path.exists(os.path.join(out_dir, n))]
         if done and not args.resume and not args.overwrite:
             raise OutputError(f"{out_dir}: holds a run already ({', '.join(done)}); continue it with --resume, "
@@ -462,36 +632,42 @@ def cmd_train(args):
 def cmd_segment_nuclei(args):
     import tempfile
 
-    from .core.slide import SlideData
-    from .errors import PipelineError
+    from .errors import OutputError, ParameterError, PipelineError
     from .ml.transforms import NucleusSegmentation
 
     if args.resume and not args.h5path:
-        from .errors import ParameterError
-
         raise ParameterError("segment-nuclei --resume continues from the per-tile results of an interrupted run, "
                              "which are kept only with --h5path: run with --h5path FILE (and --resume to continue)")
+    overlap = NUCLEI_OVERLAP if args.overlap is None else args.overlap
+    if overlap >= args.tile:  # said under the options' names, not as the library's "overlap must be in [0, ...)"
+        if args.overlap is None:
+            raise ParameterError(f"--tile {args.tile}: the default --overlap ({NUCLEI_OVERLAP} px) is too large for "
+                                 f"it (a tile must be larger than its overlap): pass --overlap {args.tile // 2} or "
+                                 f"less (nuclei larger than the overlap may be cut at tile edges), or --tile "
+                                 f"{2 * NUCLEI_OVERLAP} or more")
+        raise ParameterError(f"--overlap {overlap} must be less than --tile {args.tile} (pixels shared by "
+                             "neighbouring tiles)")
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
                                   "h5path": args.h5path})
+    if not args.output.lower().endswith((".tif", ".tiff")):
+        raise OutputError(f"{args.output}: the label image is written as TIFF: give -o a .tif path")
     t0 = time.perf_counter()
-    with SlideData(args.slide, mpp=args.mpp) as slide, tempfile.TemporaryDirectory() as tmp:
+    with _slide_data(args.slide, args.slide_mpp) as slide, tempfile.TemporaryDirectory() as tmp:
         if not slide.slide_type.brightfield:  # the models read RGB H&E; a fluorescence channel is no such image
             raise PipelineError(f"{args.slide}: not RGB H&E but {slide.slide_type.name} ({slide.reader.channels} "
                                 f"channel(s) of {slide.reader.dtype}): segment-nuclei's models read H&E; for "
                                 "fluorescence use `histoflow quantify` (nuclei and cells from a nuclear channel)")
+        known_mpp = slide.mpp  # the label image carries it (a guessed one is not written into it)
         if slide.mpp is None:
             from .ml.transforms import _runner
 
-            model_mpp = _runner(args.model, args.backend, None).mpp
-            print(f"histoflow: {args.slide} does not say its µm/px; taking the model's {model_mpp} "
-                  "(pass --mpp to set it)", file=sys.stderr)
-            slide.reader.mpp = (model_mpp, model_mpp)
+            _assume_mpp(slide, args.slide, float(_runner(args.model, args.backend, None).mpp), "the model's")
         store = args.h5path or os.path.join(tmp, "nuclei.h5path")
         executor = "dask" if args.workers else "inprocess"
         try:
-            slide.run(transform, store, tile_size=args.tile, overlap=args.overlap, level=0,
+            slide.run(transform, store, tile_size=args.tile, overlap=overlap, level=0,
                       tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
                       progress=not args.no_progress, batch_size=4, resume=args.resume)
         except PipelineError as e:
@@ -505,7 +681,8 @@ def cmd_segment_nuclei(args):
             n_tiles = len(h)
         shape = (slide.dimensions[1], slide.dimensions[0])
         thumb = _picture_of(args.slide)[0] if png else None
-        n, polys = _write_labels(store if n_tiles else None, shape, args.output, bool(args.geojson), thumb, png)
+        n, polys = _write_labels(store if n_tiles else None, shape, args.output, bool(args.geojson), thumb, png,
+                                 mpp=known_mpp)
     msg = f"{args.output}: {n} nuclei in a {shape[1]} x {shape[0]} uint32 label image"
     if args.geojson:
         from .annotations import write_geojson
@@ -519,7 +696,6 @@ def cmd_segment_nuclei(args):
 
 
 def cmd_quantify(args):
-    from .core.slide import SlideData
     from .store import read_h5path
     from .transforms import Pipeline, QuantifyCells, SegmentCells
 
@@ -533,7 +709,11 @@ def cmd_quantify(args):
                              f"{store} beside it); give -o a name ending in .h5ad")
     png = _picture_path(args.png, out, avoid=(args.slide, out, store))
     _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png})
-    with SlideData(args.slide, mpp=args.mpp) as slide:
+    with _slide_data(args.slide, args.slide_mpp) as slide:
+        if slide.mpp is None:  # the segmentation assumes one: said, and recorded in the cell table as used
+            from .transforms.multiplex import DEFAULT_MPP
+
+            _assume_mpp(slide, args.slide, DEFAULT_MPP, "sizes in µm: nuclei, --expand, the tile overlap, cell areas")
         if slide.slide_type.brightfield:
             from .transforms import NucleusDetectionHE
 
@@ -673,17 +853,33 @@ def _check_outputs(inputs, outputs: dict):
         seen[real] = what
 
 
+def _check_output_folder(path, what, option):
+    """Before any work: refuse an output folder (made when missing) that cannot be written: where it is a file,
+    or where the folder it would be made in (the nearest one that exists) or it itself is not writable."""
+    from .errors import OutputError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"{path}: is a file; give {option} a folder for the {what}")
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):  # the folder the missing ones are made in
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise OutputError(f"{path}: cannot make the folder for the {what}: {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write the {what} there: no permission to write in {folder}")
+
+
 #: label images up to this many pixels are written as strips, larger ones as 512 x 512 tiles
 TILED_LABELS_PX = 4096 * 4096
 
 
-def _write_labels(store, shape, output, outlines, thumb, png):
+def _write_labels(store, shape, output, outlines, thumb, png, *, mpp=None):
     """Write the nuclei of an h5path's tiles as one uint32 label TIFF of ``shape`` (level 0), streamed a row of
     tiles at a time (:class:`histoflow.ml.infer.InstanceRows`: memory stays flat on slides of any size);
     ``store`` None: no tile, an empty image. With ``outlines`` the nuclei are outlined as they are placed
     (QuPath GeoJSON polygons, "Nucleus"); with ``png`` their outlines are drawn over ``thumb``. Returns the
-    number of nuclei and the polygons."""
-    import contextlib
+    number of nuclei and the polygons. ``mpp`` (x, y): the pixel size the TIFF records (pixels per cm, as
+    Fiji, QuPath and histoflow read it); None: none recorded."""
 
     import numpy as np
     import tifffile
@@ -694,6 +890,8 @@ def _write_labels(store, shape, output, outlines, thumb, png):
 
     H, W = shape
     polys = []
+    scale = {} if mpp is None else {"resolution": (1e4 / float(mpp[0]), 1e4 / float(mpp[1])),
+                                    "resolutionunit": "CENTIMETER"}
 
     def outline(labels, x, y):
         polys.extend(polygonize(labels, origin=(x, y)))
@@ -736,10 +934,10 @@ def _write_labels(store, shape, output, outlines, thumb, png):
             labels = np.zeros((H, W), np.uint32)
             for r0, block in sampled(blocks):
                 labels[r0:r0 + len(block)] = block
-            tifffile.imwrite(tmp_out, labels, compression="zlib")
+            tifffile.imwrite(tmp_out, labels, compression="zlib", **scale)
         else:
             tifffile.imwrite(tmp_out, tiles(sampled(blocks)), shape=(H, W), dtype=np.uint32, tile=(512, 512),
-                             compression="zlib")
+                             compression="zlib", **scale)
     if png:
         save_png(png, outline_instances(thumb, small))
     for p in polys:
@@ -826,11 +1024,15 @@ def cmd_phenotype(args):
     for what, path in (("picture", png), ("GeoJSON", args.geojson)):
         if path and os.path.realpath(path) == os.path.realpath(args.cells):
             raise OutputError(f"{path}: the {what} would replace the input {args.cells}; choose another path")
+    presets = list_presets()
+    if args.rules not in presets and not os.path.exists(args.rules):
+        raise RuleError(f"{args.rules}: no such rule table file, nor a built-in preset of that name; presets: "
+                        f"{', '.join(presets)}")
     cells = _read_cells(args.cells)
     if png and "spatial" not in cells.obsm:  # no positions: no picture (said, before anything is written)
         print(f"note: {args.cells} has no cell positions (obsm['spatial']): no picture", file=sys.stderr)
         png = None
-    table = load_preset(args.rules) if args.rules in list_presets() else RuleTable.from_yaml(args.rules)
+    table = load_preset(args.rules) if args.rules in presets else RuleTable.from_yaml(args.rules)
     if args.geojson and not os.path.exists(store):  # before anything is written
         raise HistoflowError(f"{store}: not found; --geojson needs the tiles and masks that `histoflow quantify` "
                              "writes beside the .h5ad")
@@ -975,12 +1177,15 @@ def cmd_demo(args):
     from .store import read_h5path
     from .utils import save_png
 
+    _check_output_folder(args.output, "demo's results", "-o")
     os.makedirs(args.output, exist_ok=True)
     t0 = time.perf_counter()
     slide = SlideData(sample_slide_path())
-    print(slide)
     pipe = demo_pipeline()
-    print(pipe)
+    mpp = f", {float(slide.mpp[0]):.4g} µm/px" if slide.mpp else ""
+    print(f"slide          {slide.name} ({slide.reader.format}, {slide.dimensions[0]} x {slide.dimensions[1]} px{mpp})")
+    print("pipeline       tissue detection (pre-pass), then on each tile: "
+          + ", ".join(type(step).__name__ for step in pipe.steps))
     out = os.path.join(args.output, f"{slide.name}.h5path")
     # tiles overlap by a large nucleus (NucleusDetectionHE.min_overlap): each nucleus is kept whole by one tile
     overlap = pipe.overlap_needed_by(float(slide.mpp[0]) if slide.mpp else None)[0]

@@ -1,0 +1,231 @@
+"""The histoflow command as a user meets it: pixel sizes said and named alike, outputs of the right kind, a
+reader that stops early, one-line warnings, unwritable folders, option names in messages, help texts, the
+scale of the label image, what an interrupt leaves to resume."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from datafiles import SVS, data_path
+
+from histoflow.cli import main
+
+EXE = os.path.join(os.path.dirname(sys.executable), "histoflow")
+HE = data_path("he_patches", "stardist_histo.jpg")           # 500 x 300 px, no pixel size
+FLUO = data_path("fluorescence", "instanseg_Fluorescence_example.tif")  # 450 x 450 px, 2 channels, no pixel size
+OME = data_path("wsi", "ome_tiff", "instanseg_HE_example.ome.tif")  # states 0.5001 µm/px
+
+
+def cells_file(path, n=60):
+    """A small cell table with positions and one marker, as `histoflow quantify` writes one."""
+    import anndata
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(1, 0.1, n // 2), rng.normal(20, 1, n - n // 2)].clip(0).astype(np.float32)[:, None]
+    a = anndata.AnnData(X=x, obs=pd.DataFrame(index=[str(i) for i in range(n)]), var=pd.DataFrame(index=["CD3"]))
+    a.obsm["spatial"] = rng.uniform(0, 200, (n, 2))
+    a.write_h5ad(path)
+    return str(path)
+
+
+def test_quantify_says_it_assumes_a_pixel_size_and_records_it(tmp_path, capsys):
+    import anndata
+
+    out = tmp_path / "q.h5ad"
+    assert main(["quantify", FLUO, "-o", str(out), "--nuclear-channel", "0", "--png", "none", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"{FLUO} does not say its µm/px; taking 0.5 µm/px" in err and "pass --slide-mpp to set it" in err, err
+    assert anndata.read_h5ad(out).uns["histoflow"]["mpp"] == pytest.approx(0.5)  # not 0.0: the size used
+
+
+def test_slide_mpp_names_the_inputs_pixel_size_everywhere(tmp_path, monkeypatch, capsys):
+    """segment-nuclei and quantify called the input's pixel size --mpp, which is the target resolution in
+    tile/run (where the input's is --slide-mpp, as the advice of `info` says); --mpp still works there. A
+    --slide-mpp that replaces the pixel size the file states is said (0.25 on a 0.5001 µm/px file halved the
+    nuclei found, silently)."""
+    from histoflow.core.slide import SlideData
+
+    seen = []
+
+    def stop(self, *a, **k):  # the run itself is not what is tested
+        seen.append(self.mpp)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SlideData, "run", stop)
+    for verb, out in (("segment-nuclei", "n.tif"), ("quantify", "q.h5ad")):
+        for option in ("--slide-mpp", "--mpp"):
+            assert main([verb, OME, "-o", str(tmp_path / out), option, "0.25", "--no-progress"]) == 130
+            err = capsys.readouterr().err
+            assert f"note: {OME} states 0.5001 µm/px; --slide-mpp 0.25 replaces it" in err, (verb, option, err)
+            assert seen.pop() == (0.25, 0.25)
+        assert main([verb, OME, "-o", str(tmp_path / out), "--no-progress"]) == 130
+        assert "note" not in capsys.readouterr().err and seen.pop() == pytest.approx((0.5001, 0.5001), rel=1e-3)
+    with pytest.raises(SystemExit):
+        main(["segment-nuclei", "--help"])
+    assert "--slide-mpp MPP" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["quantify", HE, "-o", str(tmp_path / "q.h5ad"), "--slide-mpp", "-1"])
+    assert "argument --slide-mpp: is µm per pixel, a positive number; got -1" in capsys.readouterr().err
+
+
+def test_segment_nuclei_writes_tiff_alone(tmp_path, capsys):
+    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "x.png"), "--mpp", "0.25", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"histoflow: error: {tmp_path / 'x.png'}: the label image is written as TIFF: give -o a " \
+                          ".tif path", err
+    assert os.listdir(tmp_path) == []
+
+
+def _reader_gone(*args):
+    """Run the command with its stdout a pipe whose reader has already gone (`| head` once it has its lines)."""
+    p = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    err = p.stderr.read()
+    return p.wait(timeout=120), err
+
+
+def test_a_reader_that_goes_away_leaves_the_work_done_and_exit_status_0(tmp_path):
+    rc, err = _reader_gone("transforms")
+    assert (rc, err) == (0, "")
+    rc, err = _reader_gone("info", SVS)
+    assert (rc, err) == (0, "")
+    cells = cells_file(tmp_path / "c.h5ad")
+    (tmp_path / "r.yaml").write_text("steps:\n  - {assign: T, when: CD3}\n")
+    rc, err = _reader_gone("phenotype", cells, "--rules", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "p.h5ad"))
+    assert (rc, err) == (0, "")
+    assert (tmp_path / "p.h5ad").exists() and (tmp_path / "p.png").exists()  # the picture after the table
+    r = subprocess.run(["bash", "-c", f"'{EXE}' transforms | head -2; exit ${{PIPESTATUS[0]}}"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.count("\n") == 2 and r.stderr == ""
+
+
+def test_warnings_print_as_one_line_of_the_command(tmp_path):
+    (tmp_path / "p.yaml").write_text("steps:\n  - NucleusDetectionHE: {}\n")
+    r = subprocess.run([EXE, "run", str(tmp_path / "p.yaml"), HE, "-o", str(tmp_path / "o"), "--executor",
+                        "inprocess", "--slide-mpp", "0.5", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("histoflow: warning: ") for line in lines), r.stderr
+    assert any("NucleusDetectionHE finds objects that need 30 px of tile overlap" in line for line in lines)
+    assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
+
+
+def test_unwritable_output_folders_are_refused_before_anything_is_made(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    real_access = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(ro)) else real_access(p, mode))
+    assert main(["demo", "-o", str(ro / "demo")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"histoflow: error: {ro / 'demo'}: cannot write the demo's results there: no permission " \
+                          f"to write in {ro}", err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"task": "tile_classification", "data": {}, "output": str(tmp_path / "run")}))
+    assert main(["train", str(cfg), "--output", str(ro / "x" / "y")]) == 1
+    err = capsys.readouterr().err
+    assert f"{ro / 'x' / 'y'}: cannot write the training run there: no permission to write in {ro}" in err, err
+    assert os.listdir(ro) == []
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "-o", str(tmp_path / "file")]) == 1
+    assert "file: is a file; give -o a folder for the demo's results" in capsys.readouterr().err
+
+
+def test_a_default_overlap_too_large_for_the_tile_is_said_as_such(tmp_path, capsys):
+    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "n.tif"), "--tile", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "--tile 64: the default --overlap (128 px) is too large for it" in err and "--overlap 32" in err, err
+    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "n.tif"), "--tile", "64", "--overlap", "64"]) == 1
+    assert "--overlap 64 must be less than --tile 64" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def _help(*argv, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_texts_say_defaults_units_and_what_each_argument_is(capsys):
+    tile = _help("tile", capsys=capsys)
+    assert "gzip (default; any HDF5 reader)" in tile and "the tiles: an .h5path file" in tile
+    run = _help("run", capsys=capsys)
+    assert "htj2k (default;" in run and "`import hdf5plugin`" in run and "the default of `histoflow tile`" in run
+    assert "a slide or image" in _help("info", capsys=capsys)
+    thumb = _help("thumbnail", capsys=capsys)
+    assert "the thumbnail: a .png file" in thumb and "false colour" in thumb
+    convert = _help("annotations", "convert", capsys=capsys)
+    assert "input annotations to read" in convert and "output file to write; its extension picks the format" in convert
+    seg = _help("segment-nuclei", capsys=capsys)
+    assert "tile overlap in level-0 pixels" in seg and "a uint32 .tif" in seg
+
+
+def test_an_unknown_rule_table_lists_the_presets(tmp_path, capsys):
+    cells = cells_file(tmp_path / "c.h5ad")
+    assert main(["phenotype", cells, "--rules", "nosuch_preset", "-o", str(tmp_path / "p.h5ad")]) == 1
+    err = capsys.readouterr().err
+    assert "nosuch_preset: no such rule table file, nor a built-in preset of that name; presets: " in err
+    assert "mibi_panel" in err and "nucleus_subtype" in err
+    assert sorted(os.listdir(tmp_path)) == ["c.h5ad"]
+
+
+def test_the_label_image_keeps_the_pixel_size(tmp_path):
+    """Fiji and QuPath read the scale from XResolution/ResolutionUnit: the label image carried (1, 1) and no
+    unit."""
+    import tifffile
+
+    from histoflow import open_slide
+
+    out = tmp_path / "n.tif"
+    r = subprocess.run([EXE, "segment-nuclei", HE, "-o", str(out), "--slide-mpp", "0.25", "--png", "none",
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with tifffile.TiffFile(out) as tf:
+        tags = tf.pages[0].tags
+        assert tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+        x, y = tags["XResolution"].value, tags["YResolution"].value
+        assert x[0] / x[1] == pytest.approx(40000) and y[0] / y[1] == pytest.approx(40000)  # px per cm
+    with open_slide(out) as s:
+        assert s.mpp == pytest.approx((0.25, 0.25))
+
+
+def test_an_interrupt_says_whether_anything_was_saved_to_resume_from(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from histoflow.core.slide import SlideData
+
+    store = tmp_path / "n.h5path"
+
+    def interrupted(batches):
+        def run(self, pipeline, out, **k):
+            if batches:  # the journal of a run that finished a batch
+                os.makedirs(f"{out}.partial")
+                open(f"{out}.partial/batch-0000000-abc.hfb", "wb").close()
+            raise KeyboardInterrupt
+        return run
+
+    argv = ["segment-nuclei", HE, "-o", str(tmp_path / "n.tif"), "--h5path", str(store), "--slide-mpp", "0.25"]
+    monkeypatch.setattr(SlideData, "run", interrupted(False))
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith("histoflow: interrupted; nothing was saved yet")
+    monkeypatch.setattr(SlideData, "run", interrupted(True))
+    assert main(argv) == 130
+    assert "histoflow: interrupted; the same command with --resume continues" in capsys.readouterr().err
+
+    import histoflow.ml.recipes as recipes
+
+    def train(cfg, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "train_from_config", train)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"task": "tile_classification", "data": {}, "output": str(tmp_path / "run")}))
+    assert main(["train", str(cfg)]) == 130
+    assert capsys.readouterr().err.strip() == "histoflow: interrupted; nothing was saved yet"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.ckpt").write_bytes(b"epoch 1")
+    assert main(["train", str(cfg), "--resume"]) == 130
+    assert "histoflow: interrupted; the same command with --resume continues" in capsys.readouterr().err
