@@ -156,3 +156,21 @@ def test_slide_mask_crop_lines_up_with_the_tile_pixels():
             inside = (cy[:, None] >= 0) & (cy[:, None] < 300) & (cx[None, :] >= 0) & (cx[None, :] < 400)
             want = np.where(inside, ids[np.clip(cy, 0, 299)[:, None], np.clip(cx, 0, 399)[None, :]], 0)
             assert np.array_equal(got, want), (ds, x, y, w0, size)
+
+
+def test_a_grid_finer_than_level_0_warns_that_it_interpolates():
+    """--mpp 0.1 on a 0.499 µm/px slide made 2552 tiles enlarged 5x from level 0, without a word."""
+    import warnings
+
+    with SlideData(SVS) as s:
+        with pytest.warns(UserWarning, match=r"CMU-1-Small-Region.svs: tiles at 0.1 µm/px are finer than the slide's "
+                                             r"finest level \(0.499 µm/px\): level 0 is enlarged 4.99x and its pixels "
+                                             r"interpolated, not scanned"):
+            g = s.grid(256, mpp=0.1)
+        assert g.upsampled and len(g) == 2552
+        with pytest.warns(UserWarning, match="finer than the slide's finest level"):
+            next(s.generate_tiles(256, mpp=0.49))  # 1.8 % finer: past the 1 % that matches a level
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for kwargs in ({}, {"level": 0}, {"mpp": 0.499}, {"mpp": 0.495}, {"mpp": 0.504}, {"mpp": 2.0}):
+                assert not s.grid(256, **kwargs).upsampled

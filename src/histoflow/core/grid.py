@@ -70,7 +70,8 @@ class TileGrid:
         Read tiles from this level, at its resolution. Default 0 unless ``mpp`` is given.
     mpp : float, optional
         Target pixel size in µm/px. The grid is laid out at that resolution; tiles are read from the
-        coarsest level not coarser than it and resampled when no level matches (within 1 %).
+        coarsest level not coarser than it and resampled when no level matches (within 1 %). A target
+        finer than level 0 enlarges level 0's pixels (``upsampled``).
     level_downsamples : sequence of float
         Downsample of each level (level 0 first). Default ``[1.0]``.
     slide_mpp : float or (float, float), optional
@@ -175,6 +176,12 @@ class TileGrid:
     @property
     def resampled(self) -> bool:
         return abs(self.downsample - self.level_downsample) > 1e-9
+
+    @property
+    def upsampled(self) -> bool:
+        """Whether the target pixel size is finer than level 0's by more than ``MPP_TOLERANCE``: the tiles are
+        enlarged from level 0, their pixels interpolated (:meth:`SlideData.grid` warns)."""
+        return self.resampled and self.downsample < 1
 
     def spec(self, row: int, col: int) -> TileSpec:
         ds = self.downsample

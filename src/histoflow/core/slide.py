@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -150,7 +151,7 @@ class SlideData:
             else:
                 mask_arr = np.asarray(mask)
         try:
-            return TileGrid(self.dimensions, tile_size, stride=stride, overlap=overlap, level=level, mpp=mpp,
+            grid = TileGrid(self.dimensions, tile_size, stride=stride, overlap=overlap, level=level, mpp=mpp,
                             level_downsamples=[lv.downsample for lv in self.levels], slide_mpp=self.mpp,
                             edge=edge, mask=mask_arr, mask_downsample=mask_ds, min_coverage=min_coverage,
                             level_dimensions=[(lv.width, lv.height) for lv in self.levels])
@@ -158,6 +159,12 @@ class SlideData:
             if str(e).startswith(str(self.path)):
                 raise
             raise type(e)(f"{self.path}: {e}") from None
+        if grid.upsampled:  # finer than the scanner's pixels: no detail is gained, and the tiles multiply
+            warnings.warn(f"{self.path}: tiles at {grid.target_mpp:g} µm/px are finer than the slide's finest level "
+                          f"({float(self.mpp[0]):.4g} µm/px): level 0 is enlarged {1 / grid.downsample:.3g}x and its "
+                          f"pixels interpolated, not scanned; ask for mpp >= {float(self.mpp[0]):.4g} to tile the "
+                          "slide's own pixels", stacklevel=2)
+        return grid
 
     def _read_spec(self, spec) -> np.ndarray:
         """The tile's pixels: its level's region, resampled to the tile's size when the grid asks for it. A
