@@ -108,7 +108,8 @@ def test_warnings_print_as_one_line_of_the_command(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines and all(line.startswith("histoflow: warning: ") for line in lines), r.stderr
-    assert any("NucleusDetectionHE finds objects that need 30 px of tile overlap" in line for line in lines)
+    assert any("NucleusDetectionHE finds objects that need 30 px of tile overlap" in line and
+               line.endswith("Run with --overlap 30") for line in lines), r.stderr  # the option, not overlap=30
     assert "UserWarning" not in r.stderr and ".py:" not in r.stderr
 
 
@@ -128,6 +129,10 @@ def test_unwritable_output_folders_are_refused_before_anything_is_made(tmp_path,
     assert main(["train", str(cfg), "--output", str(ro / "x" / "y")]) == 1
     err = capsys.readouterr().err
     assert f"{ro / 'x' / 'y'}: cannot write the training run there: no permission to write in {ro}" in err, err
+    (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {kernel_size: 3}\n")
+    assert main(["run", str(tmp_path / "p.yaml"), HE, "-o", str(ro / "out"), "--executor", "inprocess"]) == 1
+    assert f"{ro / 'out'}: cannot write the h5path files there: no permission to write in {ro}" in \
+        capsys.readouterr().err
     assert os.listdir(ro) == []
     (tmp_path / "file").write_text("")
     assert main(["demo", "-o", str(tmp_path / "file")]) == 1

@@ -347,12 +347,15 @@ def _as_a_command():
     """For the command's duration (``main()`` run as ``histoflow``): output to a reader that went away is
     discarded (:class:`_Reader`), and warnings print as one line, ``histoflow: warning: MESSAGE``, not as
     Python's ``FILE:LINE: UserWarning: MESSAGE`` and a line of source."""
+    import re
     import warnings
 
     def show(message, category, filename, lineno, file=None, line=None):
         kind = "" if issubclass(category, UserWarning) and category.__module__.startswith(("histoflow", "builtins")) \
             else f"{category.__name__}: "
-        print(f"histoflow: warning: {kind}{' '.join(str(message).split())}", file=file or sys.stderr)
+        text = " ".join(str(message).split())
+        text = re.sub(r"\b(run|Run) with overlap=(\d+)", r"\1 with --overlap \2", text)  # the library's parameter
+        print(f"histoflow: warning: {kind}{text}", file=file or sys.stderr)
 
     streams = sys.stdout, sys.stderr
     shown = warnings.showwarning
@@ -552,6 +555,7 @@ def cmd_run(args):
         raise ParameterError(f"--scheduler runs on dask: leave out --executor {args.executor} (or use dask)")
     if args.workers is not None and args.executor == "inprocess":
         raise ParameterError("--executor inprocess runs in this process alone: leave out --workers")
+    _check_output_folder(args.output, "h5path files", "-o")
     _import_modules(args.imports)
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
