@@ -234,3 +234,36 @@ def test_an_interrupt_says_whether_anything_was_saved_to_resume_from(tmp_path, m
     (tmp_path / "run" / "last.ckpt").write_bytes(b"epoch 1")
     assert main(["train", str(cfg), "--resume"]) == 130
     assert "histoflow: interrupted; the same command with --resume continues" in capsys.readouterr().err
+
+
+def test_info_describes_an_h5path_file(tmp_path, capsys):
+    """`info` on the files histoflow writes (and PathML's) describes them instead of refusing them as slides."""
+    import json
+
+    out = tmp_path / "t.h5path"
+    assert main(["tile", SVS, "-o", str(out), "--size", "512", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "h5path     version 2" in text and "tiles      30 of 512x512x3 uint8, gzip" in text
+    assert "CMU-1-Small-Region (Aperio SVS), 2220 x 2967 px, 0.499 µm/px" in text
+    pathml = data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path")
+    assert main(["info", pathml, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format_version"], info["tiles"], info["tile_labels"]) == (1, 12, ["grade", "site"])
+
+
+def test_annotations_convert_keeps_negatives_on_request(tmp_path, capsys):
+    """MoNuSeg's TCGA-XS-A8TJ flags 20 nuclei as exclusions: convert says so, and --keep-negatives keeps them."""
+    import json
+
+    xml = data_path("monuseg_train", "TCGA-XS-A8TJ-01Z-00-DX1.xml")
+    with pytest.warns(UserWarning, match="20 region"):
+        assert main(["annotations", "convert", xml, str(tmp_path / "a.geojson")]) == 0
+    assert len(json.load(open(tmp_path / "a.geojson"))["features"]) == 1289
+    assert main(["annotations", "convert", xml, str(tmp_path / "b.geojson"), "--keep-negatives"]) == 0
+    assert len(json.load(open(tmp_path / "b.geojson"))["features"]) == 1309
+    capsys.readouterr()
+    assert main(["annotations", "convert", str(tmp_path / "b.geojson"), str(tmp_path / "c.xml"),
+                 "--keep-negatives"]) == 1
+    assert "applies to Aperio XML files" in capsys.readouterr().err and not (tmp_path / "c.xml").exists()

@@ -96,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("info", help="describe a slide (format, levels, mpp, channels)")
-    s.add_argument("slide", help="a slide or image (SVS, TIFF, OME-TIFF, DICOM folder, PNG, ...)")
+    s = sub.add_parser("info", help="describe a slide (format, levels, mpp, channels) or an h5path file (tiles, "
+                                    "masks, cells, the runs that wrote it)")
+    s.add_argument("slide", help="a slide or image (SVS, TIFF, OME-TIFF, DICOM folder, PNG, ...), or an h5path file")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_info)
@@ -246,6 +247,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("input", help="annotations to read: Aperio .xml, QuPath .geojson/.json, ImageJ .roi or .zip")
     c.add_argument("output", help="file to write; its extension picks the format: Aperio .xml, QuPath .geojson/.json, "
                                     "ImageJ .zip")
+    c.add_argument("--keep-negatives", action="store_true",
+                   help="Aperio XML input: keep regions flagged as exclusions (NegativeROA) as polygons of their own "
+                        "(flagged 'negative') instead of cutting them out of the regions they overlap, as ImageScope "
+                        "does; for files that flag objects by mistake")
     c.set_defaults(func=cmd_annotations_convert)
 
     s = sub.add_parser("demo", help="run the demo pipeline on the built-in sample slide (tissue detection, stain "
@@ -355,6 +360,7 @@ def _as_a_command():
             else f"{category.__name__}: "
         text = " ".join(str(message).split())
         text = re.sub(r"\b(run|Run) with overlap=(\d+)", r"\1 with --overlap \2", text)  # the library's parameter
+        text = text.replace('read the file with negatives="keep"', "use --keep-negatives")
         print(f"histoflow: warning: {kind}{text}", file=file or sys.stderr)
 
     streams = sys.stdout, sys.stderr
@@ -480,9 +486,61 @@ def _assume_mpp(slide, path, mpp, why):
     slide.reader.mpp = (mpp, mpp)
 
 
+def _is_hdf5(path) -> bool:
+    if not os.path.isfile(path):
+        return False
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(path))
+    except OSError:
+        return False
+
+
+def _print_h5path_info(path, as_json):
+    from .store import read_h5path
+
+    with read_h5path(path) as h5:
+        info = h5.info()
+    if as_json:
+        print(json.dumps(info))
+        return 0
+    s = info["slide"]
+    print(info["path"])
+    print(f"  h5path     version {info['format_version']}" + (" (PathML)" if info["format_version"] == 1 else ""))
+    size = f", {s['width']} x {s['height']} px" if s.get("width") and s.get("height") else ""
+    mpp = s.get("mpp")
+    print(f"  slide      {s.get('name') or '?'}" + (f" ({s['format']})" if s.get("format") else "") + size
+          + (f", {mpp[0]:.4g} µm/px" if mpp else ", µm/px unknown") + (f", {s['slide_type']}" if s.get("slide_type") else ""))
+    if s.get("source_path"):
+        print(f"  source     {s['source_path']}")
+    shape = "x".join(str(v) for v in info["tile_shape"]) if info["tile_shape"] else "-"
+    print(f"  tiles      {info['tiles']}" + (f" of {shape} {info['dtype']}" if info["tile_shape"] else "")
+          + (f", {info['compression']}" if info["compression"] else ""))
+    if info["tile_masks"]:
+        print(f"  tile masks {', '.join(info['tile_masks'])}")
+    if info["tile_labels"]:
+        print(f"  labels     {', '.join(info['tile_labels'])}")
+    for name, m in info["masks"].items():
+        shp = f"{m['shape'][1]} x {m['shape'][0]} px " if m["shape"] and len(m["shape"]) >= 2 else ""
+        print(f"  slide mask {name}: {shp}(/{m['downsample']:.4g})")
+    if info["cells"]:
+        print(f"  cells      {info['cells']['cells']} cells x {info['cells']['features']} features")
+    for r in info["runs"]:
+        what = ", ".join(r["steps"]) if r["steps"] else "no steps"
+        parts = [f"{r['tiles_written']} tiles" if r["tiles_written"] is not None else None,
+                 f"{r['failed_tiles']} failed" if r["failed_tiles"] else None, r["executor"],
+                 f"{r['elapsed_s']:.1f} s" if isinstance(r["elapsed_s"], (int, float)) else None]
+        print(f"  run        {(r['date'] or '')[:19].replace('T', ' ')} {r['kind'] or 'run'}: {what}; "
+              + ", ".join(p for p in parts if p))
+    return 0
+
+
 def cmd_info(args):
     from . import open_slide
 
+    if _is_hdf5(args.slide):
+        return _print_h5path_info(args.slide, args.json)
     with open_slide(args.slide, backend=args.backend) as s:
         info = s.info()
     if args.json:
@@ -1156,7 +1214,7 @@ def cmd_annotations_convert(args):
     from .annotations import _convert, describe_losses
 
     _check_outputs([args.input], {"converted annotations": args.output})
-    n, skipped, lost = _convert(args.input, args.output)
+    n, skipped, lost = _convert(args.input, args.output, negatives="keep" if args.keep_negatives else "subtract")
     print(f"{args.output}: {n} polygons from {args.input}"
           + (f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())}, which enclose no area"
              if skipped else ""))

@@ -43,13 +43,21 @@ def write_annotations(polygons, path) -> str:
     return _kind(path, _WRITERS, "write")(polygons, path)
 
 
-def _read_skipped(path):
-    """(polygons, what the reader left out by kind) of an annotation file, from one reading."""
+def _read_skipped(path, negatives=None):
+    """(polygons, what the reader left out by kind) of an annotation file, from one reading. ``negatives``:
+    how Aperio XML exclusions are read (:func:`read_aperio_xml`; None: its default); other formats have none."""
+    from ..errors import ParameterError
     from . import aperio, geojson, imagej
 
     reader = _kind(path, _READERS, "read")
-    return {read_aperio_xml: aperio._read, read_geojson: geojson.read_geojson_skipped,
-            read_imagej_rois: imagej._read}[reader](path)
+    if reader is read_aperio_xml:
+        if negatives not in (None, "subtract", "keep"):
+            raise ParameterError(f"negatives must be 'subtract' or 'keep', not {negatives!r}")
+        return aperio._read(path, negatives=negatives or "subtract")
+    if negatives == "keep":
+        raise ParameterError(f"{path}: keeping exclusion regions (--keep-negatives, negatives='keep') applies to "
+                             "Aperio XML files; this format has none")
+    return {read_geojson: geojson.read_geojson_skipped, read_imagej_rois: imagej._read}[reader](path)
 
 
 #: what each written format cannot hold, as (label, test of a polygon); everything else is kept
@@ -72,9 +80,9 @@ def conversion_losses(polygons, path) -> dict:
     return out
 
 
-def _convert(src, dst):
+def _convert(src, dst, negatives=None):
     writer = _kind(dst, _WRITERS, "write")
-    polys, skipped = _read_skipped(src)
+    polys, skipped = _read_skipped(src, negatives)
     lost = conversion_losses(polys, dst)
     kw = {}
     if writer is write_aperio_xml and _kind(src, _READERS, "read") is read_aperio_xml:
