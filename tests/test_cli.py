@@ -157,23 +157,28 @@ def test_a_terminated_command_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _run_info_verb_replaced_by(tmp_path, module, work):
+    """``python -m module``: the command line with ``info``'s verb replaced by ``work`` (source lines defining
+    ``work(args)``), as the histoflow command runs (signal handlers installed); the finished process."""
+    (tmp_path / f"{module}.py").write_text(
+        "import os, signal, sys\n"
+        "import histoflow.cli as cli\n" + work +
+        "cli.cmd_info = work  # the parser binds the verb when main() builds it\n"
+        "sys.argv = ['histoflow', 'info', 'x.svs']\n"
+        "sys.exit(cli.main())\n")
+    return subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_an_interrupt_inside_code_made_from_a_string_still_exits_130(signame, tmp_path):
     """The signal lands while an import makes a dataclass (code run from a string): Python then took the
     KeyboardInterrupt for unhandled and, run as ``python -m``, killed the command by SIGINT after it had printed
     its message (CI saw returncode -2 once). Here the signal is sent from inside such code, so the race is
     certain."""
-    (tmp_path / "interrupted_command.py").write_text(
-        "import os, signal, sys\n"
-        "import histoflow.cli as cli\n"
+    p = _run_info_verb_replaced_by(tmp_path, "interrupted_command", (
         "def work(args):\n"
         f"    eval('os.kill(os.getpid(), signal.{signame}) or sum(range(10**7))')\n"
-        "    return 0\n"
-        "cli.cmd_info = work  # the parser binds the verb when main() builds it\n"
-        "sys.argv = ['histoflow', 'info', 'x.svs']\n"
-        "sys.exit(cli.main())\n")
-    p = subprocess.run([sys.executable, "-m", "interrupted_command"], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path)
+        "    return 0\n"))
     assert p.returncode == 130 and p.stderr.strip() == "histoflow: interrupted", (p.returncode, p.stderr)
 
 
@@ -181,9 +186,7 @@ def test_an_interrupt_where_python_can_only_print_it_still_stops_the_command(tmp
     """The signal handler runs inside a __del__ (or a weakref callback, an import lock's callback), where Python
     prints what it raises and goes on: the command used to run to its end as if never interrupted (3 % of TERMs
     during `tile`). The interrupt is delivered again where it can unwind."""
-    (tmp_path / "interrupted_in_del.py").write_text(
-        "import os, signal, sys\n"
-        "import histoflow.cli as cli\n"
+    p = _run_info_verb_replaced_by(tmp_path, "interrupted_in_del", (
         "class Dropped:\n"
         "    def __del__(self):\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -194,12 +197,7 @@ def test_an_interrupt_where_python_can_only_print_it_still_stops_the_command(tmp
         "    for _ in range(10**8):\n"
         "        pass\n"
         "    print('finished')\n"
-        "    return 0\n"
-        "cli.cmd_info = work\n"
-        "sys.argv = ['histoflow', 'info', 'x.svs']\n"
-        "sys.exit(cli.main())\n")
-    p = subprocess.run([sys.executable, "-m", "interrupted_in_del"], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path)
+        "    return 0\n"))
     assert (p.returncode, p.stdout, p.stderr.strip()) == (130, "", "histoflow: interrupted"), (p.returncode, p.stderr)
 
 
