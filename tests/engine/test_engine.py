@@ -494,9 +494,15 @@ def test_transform_error_names_slide_tile_and_transform(tmp_path):
         with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: FailAt failed on tile at \(x=256, y=512\)"
                                                 r".*synthetic failure.*resume=True \(`--resume` on the command line\), "
                                                 r"or pass on_error='skip' \(`histoflow run --on-error skip`\)"):
-            slide.run(pipe, tmp_path / f"{executor}.h5path", executor=executor, progress=False)
+            slide.run(pipe, tmp_path / f"{executor}.h5path", executor=executor, batch_size=4, progress=False)
         assert not os.path.exists(tmp_path / f"{executor}.h5path")
         assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # no half-written file left behind
+        assert os.path.isdir(tmp_path / f"{executor}.h5path.partial")  # batches 0-3 for the resume
+    # nothing finished before the failure (the tile is in the first batch): no journal is left to resume from
+    with pytest.raises(PipelineError, match=r"\(x=256, y=512\): ValueError: synthetic failure. Fix the cause "
+                                            r"and run again, or pass on_error='skip'"):
+        slide.run(pipe, tmp_path / "new" / "first.h5path", executor="inprocess", progress=False)
+    assert not os.path.exists(tmp_path / "new")  # nor the folder the journal was made in
 
 
 def test_transform_error_on_a_dask_cluster(tmp_path, cluster):
@@ -1104,3 +1110,31 @@ def test_starting_over_warns_of_the_batches_it_discards(tmp_path):
     with warnings.catch_warnings():  # nothing to discard: no warning
         warnings.simplefilter("error")
         slide.run(pipeline(), out, executor="inprocess", batch_size=10, progress=False)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tmp_path):
+    """A run refused for a slide's type, or for a level it lacks, left its (new) output folder behind, empty
+    (and the journal of the slides prepared before the refusal in it)."""
+    from histoflow import RegionError
+    from histoflow.transforms import TissueDetectionHE
+
+    ok, refused = SlideData(SVS, name="a"), SlideData(SVS, name="b", slide_type="IF")
+    with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: .*TissueDetectionHE.*IF"):
+        SlideDataset([ok, refused]).run(Pipeline([TissueDetectionHE()]), tmp_path / "new" / "deeper",
+                                        executor="inprocess", progress=False)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(RegionError, match=r"CMU-1-Small-Region.svs: level 3 does not exist"):
+        SlideData(SVS).run(pipeline(), tmp_path / "x" / "y" / "o.h5path", level=3, executor="inprocess",
+                           progress=False)
+    with pytest.raises(RegionError, match="level 3 does not exist"):
+        SlideDataset([SVS]).run(pipeline(), tmp_path / "out", level=3, executor="inprocess", progress=False)
+    assert os.listdir(tmp_path) == []
+    # folders that were there before stay, empty or not; so does a journal with batches to resume from
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RegionError):
+        SlideDataset([SVS]).run(pipeline(), tmp_path / "kept", level=3, executor="inprocess", progress=False)
+    with pytest.raises(Interrupt):
+        SlideDataset([SVS]).run(pipeline(), tmp_path / "stopped", executor="inprocess", batch_size=10,
+                                progress=False, on_batch=_interrupt_at(2))
+    assert sorted(os.listdir(tmp_path)) == ["kept", "stopped"] and os.listdir(tmp_path / "kept") == []
+    assert os.listdir(tmp_path / "stopped") == ["CMU-1-Small-Region.h5path.partial"]

@@ -379,6 +379,10 @@ class SlideDataset:
         :meth:`SlideData.run`."""
         from ..engine import run_slides
 
+        made, d = [], os.path.abspath(outdir)  # the folders made here, the deepest first
+        while not os.path.exists(d) and os.path.dirname(d) != d:
+            made.append(d)
+            d = os.path.dirname(d)
         try:
             os.makedirs(outdir, exist_ok=True)
         except OSError as e:
@@ -387,7 +391,15 @@ class SlideDataset:
             why = "it is a file" if os.path.isfile(outdir) else (e.strerror or str(e))
             raise OutputError(f"{outdir}: cannot use it as the output folder: {why}") from None
         outs = [os.path.join(outdir, f"{s.name}.h5path") for s in self.slides]
-        return run_slides(self.slides, outs, pipeline, **kwargs)
+        try:
+            return run_slides(self.slides, outs, pipeline, **kwargs)
+        except BaseException:  # a run that failed before writing anything leaves no empty folder of its making
+            for d in made:
+                try:
+                    os.rmdir(d)  # only when empty
+                except OSError:
+                    break
+            raise
 
     def close(self):
         for s in self.slides:

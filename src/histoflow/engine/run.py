@@ -56,6 +56,8 @@ class _Job:
         self.token = None  # names this journal's batch files: batches of another run are never merged
         self.on_error = "raise"
         self.already_done = False  # resume=True found the output complete with the same settings
+        self.made_journal = False  # this run made the journal (not one it resumes)
+        self.made_folders: list = []  # folders above the output that did not exist before the journal
 
     @property
     def n_tiles(self):
@@ -113,11 +115,14 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     tiling = {"tile_size": tile_size, "overlap": overlap, "stride": stride, "level": level, "mpp": mpp, "edge": edge,
               "tissue_filter": tissue_filter}
     run_id = uuid.uuid4().hex[:12]
-    for job in jobs:
-        job.on_error = on_error
-        _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume)
-
-    ex, owned = make_executor(executor, workers=workers, scheduler=scheduler, client=client)
+    try:
+        for job in jobs:
+            job.on_error = on_error
+            _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume)
+        ex, owned = make_executor(executor, workers=workers, scheduler=scheduler, client=client)
+    except BaseException:
+        _drop_unused_journals(jobs)
+        raise
     pending: dict = {}
     t0 = time.perf_counter()
     total = sum(j.n_tiles for j in jobs)
@@ -151,10 +156,12 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                                             f"{type(e).__name__}: {e}") from e
                 if result.failures and on_error == "raise":
                     f = result.failures[0]
+                    again = (f"Finished batches are kept in {job.dir}; fix the cause and run again with "
+                             "resume=True (`--resume` on the command line)" if job.done or not job.made_journal
+                             else "Fix the cause and run again")  # nothing done: the journal is dropped
                     raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}): "
-                                        f"{f.error}. Finished batches are kept in {job.dir}; fix the cause "
-                                        "and run again with resume=True (`--resume` on the command line), or "
-                                        "pass on_error='skip' (`histoflow run --on-error skip`)")
+                                        f"{f.error}. {again}, or pass on_error='skip' (`histoflow run --on-error "
+                                        "skip`)")
                 if not result.journalled:  # a worker that cannot see the journal folder sent its tiles
                     partial.write_batch(job.dir, result, job.token)
                 if result.tiles and len(job.in_memory) < IN_MEMORY_BATCHES:
@@ -176,7 +183,42 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
         bar.close()
         if owned:
             ex.close()
+        _drop_unused_journals(jobs)  # a run stopped before its first batch leaves nothing behind
     return [j.out for j in jobs]
+
+
+def _drop_unused_journals(jobs):
+    """Remove the journals that this run made and that hold no finished batch (the run failed or was stopped
+    before any), and then the folders it made for them if they are empty: a failed run does not leave empty
+    folders behind. Journals with batches stay for ``resume=True``; finished slides have none left."""
+    made = set()
+    for job in jobs:
+        if job.finished or job.dir is None or not job.made_journal:
+            continue
+        try:
+            if partial.done_batches(job.dir, job.token):
+                continue
+        except OSError:
+            continue
+        partial.remove(job.dir)
+        made.update(job.made_folders)
+    for d in sorted(made, key=len, reverse=True):  # the deepest first; rmdir removes only empty folders
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def _missing_folders(path) -> list:
+    """``path`` and those of its parent folders that do not exist (what ``os.makedirs(path)`` would make)."""
+    out, path = [], os.path.abspath(path)
+    while path and not os.path.exists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
 
 
 def _from_journal(ex, fut, job, b):
@@ -303,6 +345,9 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         job.done = set(range(len(job.batches)))
         job.resumed = len(job.done)
         return
+    journal = partial.partial_dir(job.out)
+    job.made_journal = not (resume and os.path.isdir(journal))  # a journal resumed is not this run's to drop
+    job.made_folders = _missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)
     job.resumed = len(job.done)
 
