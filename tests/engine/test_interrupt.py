@@ -38,7 +38,7 @@ steps:
 """
 
 
-def _histoflow(tmp_path, *args, **kwargs):
+def _histoflow(*args):
     return [os.path.join(BIN, "histoflow"), "run", "p.yaml", SVS, "--import", "nap", "--size", "512",
             "--batch-size", "2", "--no-progress", *args]
 
@@ -54,7 +54,7 @@ def test_ctrl_c_on_a_local_cluster_prints_one_line_and_resumes(tmp_path):
     (tmp_path / "nap.py").write_text(NAP)
     (tmp_path / "p.yaml").write_text(PIPELINE)
     journal = tmp_path / "out" / "CMU-1-Small-Region.h5path.partial"
-    p = subprocess.Popen(_histoflow(tmp_path, "-o", "out", "--workers", "2"), cwd=tmp_path,
+    p = subprocess.Popen(_histoflow("-o", "out", "--workers", "2"), cwd=tmp_path,
                          start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.monotonic()
@@ -76,10 +76,10 @@ def test_ctrl_c_on_a_local_cluster_prints_one_line_and_resumes(tmp_path):
     assert not alive  # no worker left running
     assert not (tmp_path / "out" / "CMU-1-Small-Region.h5path").exists() and journal.is_dir()
 
-    r = subprocess.run(_histoflow(tmp_path, "-o", "out", "--resume", "--executor", "inprocess"), cwd=tmp_path,
+    r = subprocess.run(_histoflow("-o", "out", "--resume", "--executor", "inprocess"), cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    ref = subprocess.run(_histoflow(tmp_path, "-o", "ref", "--executor", "inprocess"), cwd=tmp_path,
+    ref = subprocess.run(_histoflow("-o", "ref", "--executor", "inprocess"), cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert ref.returncode == 0, ref.stderr
     out = str(tmp_path / "out" / "CMU-1-Small-Region.h5path")
