@@ -61,7 +61,7 @@ def _folder_hint(folder) -> str:
                 kinds[ext] = kinds.get(ext, 0) + 1
     if not kinds:
         return ""
-    ext, n = max(kinds.items(), key=lambda kv: kv[1])
+    ext = max(kinds, key=kinds.get)
     return (f"; it holds {sum(kinds.values())} image or slide file(s) ({', '.join(sorted(kinds))}): a folder is "
             f"read as one DICOM whole-slide image, so give the files themselves (e.g. {os.path.join(folder, '*' + ext)})")
 
