@@ -267,3 +267,12 @@ def test_annotations_convert_keeps_negatives_on_request(tmp_path, capsys):
     assert main(["annotations", "convert", str(tmp_path / "b.geojson"), str(tmp_path / "c.xml"),
                  "--keep-negatives"]) == 1
     assert "applies to Aperio XML files" in capsys.readouterr().err and not (tmp_path / "c.xml").exists()
+
+
+def test_size_names_the_tile_size_in_every_verb(capsys):
+    """`tile` and `run` call the tile size --size; segment-nuclei and quantify accept it too (their --tile)."""
+    assert main(["segment-nuclei", SVS, "-o", "/nonexistent/x.tif", "--size", "64"]) == 1
+    assert "--tile 64: the default --overlap" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantify", SVS, "-o", "x.h5ad", "--size", "0"])
+    assert "argument --tile/--size: must be 1 or more, got 0" in capsys.readouterr().err

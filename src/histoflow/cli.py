@@ -195,7 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     _slide_mpp_option(s, "the input's own µm/px, when the file does not say (default: the model's) or is wrong")
     s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
                                                        "(about 4x slower; on the test images AJI 0.625 -> 0.629)")
-    s.add_argument("--tile", type=_positive_int, default=1024, help="tile size in level-0 pixels (default 1024)")
+    s.add_argument("--tile", "--size", dest="tile", type=_positive_int, default=1024,
+                   help="tile size in level-0 pixels (default 1024; --size, as in tile and run, is the same)")
     s.add_argument("--overlap", type=_nonneg_int, default=None,
                    help=f"tile overlap in level-0 pixels, larger than a nucleus and less than --tile (default "
                         f"{NUCLEI_OVERLAP})")
@@ -212,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nuclear-channel", default="auto", help="name or index (default: the DAPI/Hoechst/HH3 channel)")
     s.add_argument("--membrane", nargs="*", default=None, metavar="NAME", help="membrane/cytoplasm channels")
     s.add_argument("--expand", type=float, default=3.0, help="cell reach beyond the nucleus, µm (default 3)")
-    s.add_argument("--tile", type=_positive_int, default=512, help="tile size in pixels (default 512)")
+    s.add_argument("--tile", "--size", dest="tile", type=_positive_int, default=512,
+                   help="tile size in pixels (default 512; --size, as in tile and run, is the same)")
     s.add_argument("--overlap", type=_nonneg_int, default=None,
                    help="tile overlap in pixels (default: 2 x (a large nucleus, 15 µm, + 2 x --expand), from the "
                         "slide's µm/px: each tile then sees every neighbour of the cells it keeps whole)")
