@@ -322,8 +322,10 @@ def test_option_values_are_refused_under_the_options_name(tmp_path, capsys):
              (["thumbnail", SVS, "-o", str(tmp_path / "t.png"), "--size", "0"], "argument --size: must be 1 or more"),
              (["run", str(tmp_path / "p.yaml"), SVS, "-o", str(tmp_path / "r"), "--tissue-filter", "1.5"],
               "argument --tissue-filter: is a fraction of the tile, 0 to 1; got 1.5"),
-             (["segment-nuclei", he, "-o", str(tmp_path / "n.tif"), "--tile", "0"], "argument --tile/--size: must be 1 or more"),
-             (["quantify", he, "-o", str(tmp_path / "q.h5ad"), "--tile", "0"], "argument --tile/--size: must be 1 or more"),
+             (["segment-nuclei", he, "-o", str(tmp_path / "n.tif"), "--tile", "0"],
+              "argument --tile/--size: must be 1 or more"),
+             (["quantify", he, "-o", str(tmp_path / "q.h5ad"), "--tile", "0"],
+              "argument --tile/--size: must be 1 or more"),
              (["train", str(tmp_path / "p.yaml"), "--epochs", "0"], "argument --epochs: must be 1 or more")]
     for argv, msg in cases:
         with pytest.raises(SystemExit) as e:

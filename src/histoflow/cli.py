@@ -513,7 +513,8 @@ def _print_h5path_info(path, as_json):
     size = f", {s['width']} x {s['height']} px" if s.get("width") and s.get("height") else ""
     mpp = s.get("mpp")
     print(f"  slide      {s.get('name') or '?'}" + (f" ({s['format']})" if s.get("format") else "") + size
-          + (f", {mpp[0]:.4g} µm/px" if mpp else ", µm/px unknown") + (f", {s['slide_type']}" if s.get("slide_type") else ""))
+          + (f", {mpp[0]:.4g} µm/px" if mpp else ", µm/px unknown")
+          + (f", {s['slide_type']}" if s.get("slide_type") else ""))
     if s.get("source_path"):
         print(f"  source     {s['source_path']}")
     shape = "x".join(str(v) for v in info["tile_shape"]) if info["tile_shape"] else "-"

@@ -62,8 +62,9 @@ def _folder_hint(folder) -> str:
     if not kinds:
         return ""
     ext = max(kinds, key=kinds.get)
+    example = os.path.join(folder, "*" + ext)
     return (f"; it holds {sum(kinds.values())} image or slide file(s) ({', '.join(sorted(kinds))}): a folder is "
-            f"read as one DICOM whole-slide image, so give the files themselves (e.g. {os.path.join(folder, '*' + ext)})")
+            f"read as one DICOM whole-slide image, so give the files themselves (e.g. {example})")
 
 
 #: extensions of the images and slides a folder given by mistake usually holds
