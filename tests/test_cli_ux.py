@@ -276,3 +276,25 @@ def test_size_names_the_tile_size_in_every_verb(capsys):
     with pytest.raises(SystemExit):
         main(["quantify", SVS, "-o", "x.h5ad", "--size", "0"])
     assert "argument --tile/--size: must be 1 or more, got 0" in capsys.readouterr().err
+
+
+def test_segment_nuclei_keeps_each_finished_tile_for_resume(tmp_path, monkeypatch, capsys):
+    """The model takes seconds a tile on a CPU: every finished tile is journalled (batches of one), so an
+    interrupted run resumes from the last tile, not from the last four (a minute of work lost on the sample)."""
+    from histoflow.ml.transforms import NucleusSegmentation
+
+    real, calls = NucleusSegmentation.apply, []
+
+    def interrupted_on_the_third_tile(self, tile):
+        calls.append(tile.coords)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, tile)
+
+    monkeypatch.setattr(NucleusSegmentation, "apply", interrupted_on_the_third_tile)
+    store = tmp_path / "n.h5path"
+    args = ["segment-nuclei", SVS, "-o", str(tmp_path / "n.tif"), "--h5path", str(store), "--no-progress"]
+    assert main(args) == 130
+    assert "--resume continues from what was written" in capsys.readouterr().err
+    journal = [n for n in os.listdir(str(store) + ".partial") if n.endswith(".hfb")]
+    assert len(journal) >= 1, journal  # the first tile at least (the second may still be being stored)

@@ -734,7 +734,7 @@ def cmd_segment_nuclei(args):
         try:
             slide.run(transform, store, tile_size=args.tile, overlap=overlap, level=0,
                       tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
-                      progress=not args.no_progress, batch_size=4, resume=args.resume)
+                      progress=not args.no_progress, batch_size=1, resume=args.resume)
         except PipelineError as e:
             if args.h5path:
                 raise
