@@ -92,3 +92,11 @@ def test_an_empty_folder_gets_no_hint(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UnsupportedFormatError, match=r"no DICOM files \(nothing with a DICM preamble\)$"):
         detect_format(tmp_path)
+
+
+def test_an_h5path_file_given_as_a_slide_says_how_to_open_it():
+    from histoflow.errors import UnsupportedFormatError
+
+    with pytest.raises(UnsupportedFormatError, match=r"not a slide: open stores with histoflow.read_h5path\(path\); "
+                                                      r"`histoflow info` describes them"):
+        detect_format(data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path"))

@@ -115,7 +115,7 @@ def detect_format(path) -> FormatInfo:
         return FormatInfo(f"OpenSlide {vendor}", "openslide")
     if head[:8] == b"\x89HDF\r\n\x1a\n":
         raise UnsupportedFormatError(f"{path}: an HDF5 file (an h5path store?), not a slide: open stores with "
-                                     "histoflow.read_h5path(path)")
+                                     "histoflow.read_h5path(path); `histoflow info` describes them")
     raise UnsupportedFormatError(
         f"{path}: not a recognised slide or image format (first bytes {head[:8].hex(' ')})")
 
