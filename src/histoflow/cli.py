@@ -306,6 +306,19 @@ def _install_interrupt_handlers():
         sys.unraisablehook = _unraisable(sys.unraisablehook)
 
 
+def _to_devnull(stream):
+    """Point ``stream``'s file descriptor at /dev/null, so that Python's own flush of what is left, at exit, goes
+    nowhere rather than failing again on a closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class _Reader:
     """A text stream (stdout, stderr) of the command that, once its reader has gone (``histoflow transforms |
     head``: a closed pipe), discards what follows instead of raising ``BrokenPipeError`` out of the verb: the
@@ -317,14 +330,7 @@ class _Reader:
 
     def _drop(self):
         self.gone = True
-        try:  # so that Python's own flush of what is left, at exit, goes nowhere rather than failing again
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, self._stream.fileno())
-            finally:
-                os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
+        _to_devnull(self._stream)
 
     def write(self, text):
         if not self.gone:
@@ -379,15 +385,6 @@ def _as_a_command():
         sys.stdout, sys.stderr = streams
 
 
-def _journal_has_batch(store) -> bool:
-    """Whether the run writing the h5path ``store`` kept a finished batch in its journal (``STORE.partial/``)."""
-    folder = os.fspath(store) + ".partial"
-    try:
-        return any(n.startswith("batch-") and n.endswith(".hfb") for n in os.listdir(folder))
-    except OSError:
-        return False
-
-
 def _anything_saved(args):
     """After an interrupt: whether the command left something its ``--resume`` continues from (a finished batch
     in a run's journal, a finished h5path, train's last.ckpt); None where it cannot tell."""
@@ -409,7 +406,9 @@ def _anything_saved(args):
             stores = [os.path.splitext(args.output)[0] + ".h5path"]
         else:
             return None
-        return any(os.path.exists(s) or _journal_has_batch(s) for s in stores)
+        from .engine import partial
+
+        return any(os.path.exists(s) or partial.batch_count(partial.partial_dir(s)) > 0 for s in stores)
     except (OSError, TypeError, AttributeError):
         return None
 
@@ -424,8 +423,7 @@ def main(argv=None) -> int:
         try:
             return args.func(args) or 0
         except BrokenPipeError:  # output piped into a reader that stopped early, from main([...]) in Python
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # so that Python's own flush at exit does not fail again
+            _to_devnull(sys.stdout)
             return 1
         except (HistoflowError, OSError) as e:
             if args.debug:
@@ -925,9 +923,10 @@ def _check_output_folder(path, what, option):
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"{path}: is a file; give {option} a folder for the {what}")
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder):  # the folder the missing ones are made in
-        folder = os.path.dirname(folder)
+    from .utils import missing_folders
+
+    missing = missing_folders(path)  # the folder the missing ones are made in
+    folder = os.path.dirname(missing[-1]) if missing else os.path.abspath(path)
     if not os.path.isdir(folder):
         raise OutputError(f"{path}: cannot make the folder for the {what}: {folder} is a file")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -82,6 +82,19 @@ def _stretch(a: np.ndarray) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0, 1)
 
 
+def missing_folders(path) -> list:
+    """``path`` and those of its parent folders that do not exist, the deepest first (what ``os.makedirs(path)``
+    would make)."""
+    out, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output(path, suffix: str = ""):
     """Write a file under a temporary name beside ``path`` (yielded) and rename it onto ``path`` when the block

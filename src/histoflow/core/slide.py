@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import RegionError
 from ..io import open_slide
+from ..utils import missing_folders
 from .grid import TileGrid
 from .resample import resize, shrink
 from .tile import Tile
@@ -379,10 +380,7 @@ class SlideDataset:
         :meth:`SlideData.run`."""
         from ..engine import run_slides
 
-        made, d = [], os.path.abspath(outdir)  # the folders made here, the deepest first
-        while not os.path.exists(d) and os.path.dirname(d) != d:
-            made.append(d)
-            d = os.path.dirname(d)
+        made = missing_folders(outdir)  # the folders made here, the deepest first
         try:
             os.makedirs(outdir, exist_ok=True)
         except OSError as e:

@@ -50,8 +50,7 @@ def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
                 raise PipelineError(f"{out_path}: cannot resume: the unfinished run used other settings "
                                     f"({', '.join(diff) or 'journal'}); run without resume to start over")
             return d, done_batches(d, token), token
-        n = len(done_batches(d, token)) if token is not None else \
-            sum(name.startswith("batch-") and name.endswith(BATCH_SUFFIX) for name in os.listdir(d))
+        n = len(done_batches(d, token)) if token is not None else batch_count(d)
         shutil.rmtree(d)
         if n:  # deliberate (a run without resume starts over), but not silently: the work is lost
             warnings.warn(f"{out_path}: an unfinished run's journal {d} held {n} finished batch(es); they are "
@@ -84,6 +83,14 @@ def _write_json(path, obj):
 
 def batch_path(d: str, batch: int, token: str) -> str:
     return os.path.join(d, f"batch-{batch:07d}-{token}{BATCH_SUFFIX}")
+
+
+def batch_count(d: str) -> int:
+    """The finished batch files in the journal folder ``d``, of whatever run (0 when there is no such folder)."""
+    try:
+        return sum(name.startswith("batch-") and name.endswith(BATCH_SUFFIX) for name in os.listdir(d))
+    except OSError:
+        return 0
 
 
 def done_batches(d: str, token: str) -> set:

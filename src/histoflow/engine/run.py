@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import H5PathError, OutputError, PipelineError
 from ..store import H5PathWriter
 from ..transforms.base import Pipeline, Transform
-from ..utils import progress_bar
+from ..utils import missing_folders, progress_bar
 from . import partial
 from .executors import make_executor
 from .worker import BatchResult, Failure, _store_label, process_batch
@@ -209,18 +209,6 @@ def _drop_unused_journals(jobs):
             pass
 
 
-def _missing_folders(path) -> list:
-    """``path`` and those of its parent folders that do not exist (what ``os.makedirs(path)`` would make)."""
-    out, path = [], os.path.abspath(path)
-    while path and not os.path.exists(path):
-        out.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return out
-
-
 def _from_journal(ex, fut, job, b):
     """The result of a batch that a worker of another process journalled itself, read from the journal
     instead of gathered from the worker: the gather is a round trip through the scheduler for a result
@@ -347,7 +335,7 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         return
     journal = partial.partial_dir(job.out)
     job.made_journal = not (resume and os.path.isdir(journal))  # a journal resumed is not this run's to drop
-    job.made_folders = _missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
+    job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)
     job.resumed = len(job.done)
 
