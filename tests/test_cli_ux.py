@@ -298,3 +298,68 @@ def test_segment_nuclei_keeps_each_finished_tile_for_resume(tmp_path, monkeypatc
     assert "--resume continues from what was written" in capsys.readouterr().err
     journal = [n for n in os.listdir(str(store) + ".partial") if n.endswith(".hfb")]
     assert len(journal) >= 1, journal  # the first tile at least (the second may still be being stored)
+
+
+def _stamp(path):
+    return open(path, "rb").read(), os.stat(path).st_mtime_ns
+
+
+def test_outputs_that_exist_are_replaced_only_with_overwrite(tmp_path, capsys):
+    """A second command with the same output used to replace the first one's results silently (hours of
+    segment-nuclei on a slide); every verb that writes files now refuses them, naming each, unless --overwrite
+    (or --resume, which continues the run that wrote them). The files refused are left as they were."""
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("steps:\n- BoxBlur: {kernel_size: 5}\n")
+    xml = data_path("monuseg_train", "TCGA-21-5784-01Z-00-DX1.xml")
+    thumb, tiles, conv, outdir = (str(tmp_path / n) for n in ("t.png", "t.h5path", "a.geojson", "runs"))
+    runout = os.path.join(outdir, "CMU-1-Small-Region.h5path")
+    verbs = {"thumbnail": (["thumbnail", SVS, "-o", thumb, "--size", "64"], [thumb]),
+             "tile": (["tile", HE, "-o", tiles, "--size", "128", "--no-progress"], [tiles]),
+             "convert": (["annotations", "convert", xml, conv], [conv]),
+             "run": (["run", str(pipe), SVS, "-o", outdir, "--executor", "inprocess", "--no-progress"], [runout])}
+    for name, (args, outs) in verbs.items():
+        assert main(args) == 0, name
+        before = {p: _stamp(p) for p in outs}
+        capsys.readouterr()
+        assert main(args) == 1, name
+        err = capsys.readouterr().err
+        assert f"{outs[0]}" in err and "already" in err and "--overwrite" in err, (name, err)
+        assert {p: _stamp(p) for p in outs} == before, name   # untouched
+        assert main(args + ["--overwrite"]) == 0, name
+        assert all(_stamp(p)[1] != before[p][1] for p in outs), name  # written again
+    # run: --resume keeps the finished slide as it is (and says it is done)
+    before = _stamp(runout)
+    assert main(verbs["run"][0] + ["--resume"]) == 0 and _stamp(runout) == before
+    assert "--resume keeps finished slides" in _run_refusal(verbs["run"][0], capsys)
+
+
+def _run_refusal(args, capsys):
+    capsys.readouterr()
+    assert main(args) == 1
+    return capsys.readouterr().err
+
+
+def test_segment_nuclei_and_phenotype_refuse_existing_outputs_but_resume_and_update_in_place(tmp_path, capsys):
+    """segment-nuclei refuses each existing output (label image, picture) unless --overwrite or --resume;
+    phenotype may update its own input table in place (-o the input) without --overwrite, not another file."""
+    out, store = str(tmp_path / "n.tif"), str(tmp_path / "n.h5path")
+    args = ["segment-nuclei", HE, "--slide-mpp", "0.25", "-o", out, "--h5path", store, "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{out} (the label image)" in err and "(the picture)" in err and "(the h5path)" in err, err
+    assert "--resume continues an interrupted run" in err
+    labels = _stamp(out)
+    assert main(args + ["--resume"]) == 0 and _stamp(out)[0] == labels[0]  # the same nuclei, from the store
+    assert main(args + ["--overwrite"]) == 0
+    cells = cells_file(tmp_path / "c.h5ad")
+    rules = tmp_path / "r.yaml"
+    rules.write_text("steps:\n  - {assign: T, when: CD3}\n")
+    ph = ["phenotype", cells, "--rules", str(rules), "--png", "none"]
+    assert main(ph + ["-o", cells]) == 0 and main(ph + ["-o", cells]) == 0   # in place, twice
+    other = str(tmp_path / "o.h5ad")
+    assert main(ph + ["-o", other]) == 0
+    capsys.readouterr()
+    assert main(ph + ["-o", other]) == 1 and "already" in capsys.readouterr().err
+    assert main(ph + ["-o", other, "--overwrite"]) == 0

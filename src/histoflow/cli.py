@@ -78,6 +78,12 @@ BACKEND_HELP = ("reader: auto (default, chosen by the file's content), openslide
 NUCLEI_OVERLAP = 128
 
 
+def _overwrite_option(parser, what):
+    """``--overwrite``: outputs that exist already are refused without it (nothing is replaced by mistake)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} when it exists already (refused without it)")
+
+
 def _slide_mpp_option(parser, help):
     """``--slide-mpp``: the input's own pixel size, as ``tile`` and ``run`` name it; ``--mpp``, its name in
     segment-nuclei and quantify before, still works there (not shown: in ``tile``/``run`` ``--mpp`` is the
@@ -107,12 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("slide", help="a slide or image (fluorescence is shown in false colour)")
     s.add_argument("-o", "--output", required=True, help="the thumbnail: a .png file")
     s.add_argument("--size", type=_positive_int, default=1024, help="longer side in pixels (default 1024)")
+    _overwrite_option(s, "the thumbnail")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_thumbnail)
 
     s = sub.add_parser("tile", help="cut a slide into tiles and write an h5path file")
     s.add_argument("slide", help="a slide or image")
     s.add_argument("-o", "--output", required=True, help="the tiles: an .h5path file")
+    _overwrite_option(s, "the h5path file")
     s.add_argument("--size", type=_positive_int, default=256, help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--level", type=_nonneg_int, help="pyramid level to tile (default 0)")
@@ -159,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
                         "files outside histoflow needs `import hdf5plugin` before h5py opens them) or gzip (any "
                         "HDF5 reader; the default of `histoflow tile`)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    s.add_argument("--overwrite", action="store_true",
+                   help="run again over slides whose h5path exists already in the output folder (refused without "
+                        "it; --resume keeps the finished ones and continues interrupted ones)")
     s.add_argument("--slide-type", help="HE, IHC, IF, CODEX, Vectra, MIBI (default: from the file)")
     s.add_argument("--slide-mpp", type=_mpp, help="the slides' own µm/px, when the files do not say (or are wrong)")
     s.add_argument("--no-progress", action="store_true")
@@ -204,6 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
     s.add_argument("--h5path", help="keep the per-tile results in this h5path file")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from what it wrote to --h5path")
+    _overwrite_option(s, "the outputs (label image, GeoJSON, picture, --h5path)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_segment_nuclei)
 
@@ -224,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--png", help="picture of the cell outlines over the slide, at most 2048 px "
                                  "(default: OUTPUT with .png; 'none' for no picture)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from the tiles it wrote")
+    _overwrite_option(s, "the outputs (cell table, its h5path, picture)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_quantify)
 
@@ -232,6 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rules", required=True, help="rule table YAML, or the name of a built-in preset "
                                                    "(mibi_panel, nucleus_subtype, ...)")
     s.add_argument("-o", "--output", required=True, help="output .h5ad")
+    _overwrite_option(s, "the outputs (-o, picture, GeoJSON; -o the input .h5ad updates it in place without it)")
     s.add_argument("--gate", choices=["otsu", "gmm"], default="otsu", help="automatic thresholds (default otsu)")
     s.add_argument("--thresholds", help="YAML/JSON of manual thresholds {channel: value} or {slide: {channel: v}}")
     s.add_argument("--no-log", action="store_true", help="find automatic thresholds on the intensities as they are "
@@ -253,6 +267,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Aperio XML input: keep regions flagged as exclusions (NegativeROA) as polygons of their own "
                         "(flagged 'negative') instead of cutting them out of the regions they overlap, as ImageScope "
                         "does; for files that flag objects by mistake")
+    _overwrite_option(c, "the output file")
     c.set_defaults(func=cmd_annotations_convert)
 
     s = sub.add_parser("demo", help="run the demo pipeline on the built-in sample slide (tissue detection, stain "
@@ -570,7 +585,7 @@ def cmd_thumbnail(args):
 
     from .errors import OutputError
 
-    _check_outputs([args.slide], {"thumbnail": args.output})
+    _check_outputs([args.slide], {"thumbnail": args.output}, overwrite=args.overwrite)
     if not args.output.lower().endswith(".png"):
         raise OutputError(f"{args.output}: the thumbnail is written as PNG: give -o a .png path")
     with open_slide(args.slide, backend=args.backend) as s:
@@ -588,7 +603,7 @@ def cmd_thumbnail(args):
 def cmd_tile(args):
     from .errors import OutputError
 
-    _check_outputs([args.slide], {"h5path": args.output})
+    _check_outputs([args.slide], {"h5path": args.output}, overwrite=args.overwrite)
     if not args.output.lower().endswith(".h5path"):
         raise OutputError(f"{args.output}: tiles are written as an h5path store: give -o a .h5path path")
     t0 = time.perf_counter()
@@ -608,7 +623,7 @@ def cmd_run(args):
     from .core.slide import SlideDataset
     from .transforms import Pipeline
 
-    from .errors import ParameterError
+    from .errors import OutputError, ParameterError
 
     if args.scheduler is not None and args.executor not in (None, "dask"):
         raise ParameterError(f"--scheduler runs on dask: leave out --executor {args.executor} (or use dask)")
@@ -619,6 +634,13 @@ def cmd_run(args):
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
     slides = SlideDataset([_slide_data(p, args.slide_mpp, slide_type=args.slide_type) for p in args.slides])
+    if not args.overwrite and not args.resume:  # finished results are not replaced by mistake
+        done = [p for p in slides.output_paths(args.output) if os.path.isfile(p)]
+        if done:
+            slides.close()
+            raise OutputError(f"{', '.join(done)}: exist{'s' if len(done) == 1 else ''} already; "
+                              "--resume keeps finished slides and continues interrupted ones, --overwrite runs "
+                              "them again, or give another -o")
     executor = args.executor or ("dask" if args.scheduler is None else None)
     outs = slides.run(pipeline, args.output, tile_size=args.size, overlap=args.overlap, level=args.level,
                       mpp=args.mpp, tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
@@ -713,7 +735,7 @@ def cmd_segment_nuclei(args):
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
-                                  "h5path": args.h5path})
+                                  "h5path": args.h5path}, overwrite=args.overwrite, resume=args.resume)
     if not args.output.lower().endswith((".tif", ".tiff")):
         raise OutputError(f"{args.output}: the label image is written as TIFF: give -o a .tif path")
     t0 = time.perf_counter()
@@ -771,7 +793,8 @@ def cmd_quantify(args):
         raise HistoflowError(f"{out}: the cell table is an AnnData .h5ad file (the tiles and masks go to "
                              f"{store} beside it); give -o a name ending in .h5ad")
     png = _picture_path(args.png, out, avoid=(args.slide, out, store))
-    _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png})
+    _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png}, overwrite=args.overwrite,
+                   resume=args.resume)
     with _slide_data(args.slide, args.slide_mpp) as slide:
         if slide.mpp is None:  # the segmentation assumes one: said, and recorded in the cell table as used
             from .transforms.multiplex import DEFAULT_MPP
@@ -889,10 +912,12 @@ def _write_h5ad(table, path):
         table.write_h5ad(tmp)
 
 
-def _check_outputs(inputs, outputs: dict):
+def _check_outputs(inputs, outputs: dict, overwrite=True, resume=None, in_place=None):
     """Before any work: refuse an output whose folder is missing, an output that is one of the inputs, and
     two outputs at one path (the later would replace the earlier). ``outputs`` maps what -> path (None: not
-    written)."""
+    written). With ``overwrite`` False (no ``--overwrite``), outputs that exist already are refused too, unless
+    ``resume`` is True (``--resume`` continues the run that wrote them; ``resume`` None: the command has no
+    ``--resume``) or the output is ``in_place``, a file the command updates on purpose."""
     from .errors import OutputError
 
     ins = {os.path.realpath(p): p for p in inputs if p}
@@ -914,6 +939,15 @@ def _check_outputs(inputs, outputs: dict):
         if real in seen:
             raise OutputError(f"{path}: given for both the {seen[real]} and the {what}; give each its own path")
         seen[real] = what
+    if not overwrite and not resume:
+        keep = os.path.realpath(in_place) if in_place else None
+        there = [(what, path) for what, path in outputs.items()
+                 if path and os.path.isfile(path) and os.path.realpath(path) != keep]
+        if there:
+            names = ", ".join(f"{path} (the {what})" for what, path in there)
+            also = " (--resume continues an interrupted run)" if resume is not None else ""
+            raise OutputError(f"{names}: exist{'s' if len(there) == 1 else ''} already: give --overwrite to "
+                              f"replace {'it' if len(there) == 1 else 'them'}, or another path{also}")
 
 
 def _check_output_folder(path, what, option):
@@ -1083,8 +1117,11 @@ def cmd_phenotype(args):
         raise OutputError(f"{args.output}: the cell table is written as AnnData: give -o a .h5ad path")
     # the cell table may be updated in place (-o the input .h5ad): it is read whole before anything is written;
     # the h5path store of tiles and masks (the input, or the one quantify wrote beside it) is never replaced
-    _check_outputs([args.rules, args.thresholds, store if os.path.exists(store) else None],
-                   {"cell table": args.output, "picture": png, "GeoJSON": args.geojson})
+    in_place = os.path.realpath(args.output) == os.path.realpath(args.cells)
+    _check_outputs([args.rules, args.thresholds, store if os.path.exists(store) else None,
+                    None if in_place else args.cells],
+                   {"cell table": args.output, "picture": png, "GeoJSON": args.geojson}, overwrite=args.overwrite,
+                   in_place=args.cells)
     for what, path in (("picture", png), ("GeoJSON", args.geojson)):
         if path and os.path.realpath(path) == os.path.realpath(args.cells):
             raise OutputError(f"{path}: the {what} would replace the input {args.cells}; choose another path")
@@ -1215,7 +1252,7 @@ def _phenotype_png(cells, png):
 def cmd_annotations_convert(args):
     from .annotations import _convert, describe_losses
 
-    _check_outputs([args.input], {"converted annotations": args.output})
+    _check_outputs([args.input], {"converted annotations": args.output}, overwrite=args.overwrite)
     n, skipped, lost = _convert(args.input, args.output, negatives="keep" if args.keep_negatives else "subtract")
     print(f"{args.output}: {n} polygons from {args.input}"
           + (f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())}, which enclose no area"

@@ -82,7 +82,7 @@ def test_quantify_warns_when_the_tile_is_too_small_for_the_overlap_cells_need(tm
     assert "use --tile 168 or more" in err
     for extra in (["--tile", "168"], ["--tile", "128", "--overlap", "48"]):  # enough room, or the user's choice
         assert main(["quantify", slide, "-o", str(tmp_path / "b.h5ad"), "--nuclear-channel", "CD3", *extra,
-                     "--png", "none", "--no-progress"]) == 0
+                     "--png", "none", "--no-progress", "--overwrite"]) == 0
         assert "warning" not in capsys.readouterr().err
 
 

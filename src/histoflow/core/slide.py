@@ -375,6 +375,10 @@ class SlideDataset:
     def __getitem__(self, i):
         return self.slides[i]
 
+    def output_paths(self, outdir) -> list[str]:
+        """The h5path file :meth:`run` writes for each slide: ``outdir/<slide name>.h5path``."""
+        return [os.path.join(outdir, f"{s.name}.h5path") for s in self.slides]
+
     def run(self, pipeline, outdir, **kwargs) -> list[str]:
         """Run ``pipeline`` on every slide, writing ``outdir/<slide name>.h5path``; parameters as
         :meth:`SlideData.run`."""
@@ -388,7 +392,7 @@ class SlideDataset:
 
             why = "it is a file" if os.path.isfile(outdir) else (e.strerror or str(e))
             raise OutputError(f"{outdir}: cannot use it as the output folder: {why}") from None
-        outs = [os.path.join(outdir, f"{s.name}.h5path") for s in self.slides]
+        outs = self.output_paths(outdir)
         try:
             return run_slides(self.slides, outs, pipeline, **kwargs)
         except BaseException:  # a run that failed before writing anything leaves no empty folder of its making
