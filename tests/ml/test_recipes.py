@@ -75,6 +75,13 @@ def test_nucleus_task_from_the_command_line(tmp_path):
     # data.mpp resamples the images, and the card records it (a card saying otherwise is refused)
     with pytest.raises(ConfigError, match="card.mpp 0.25 disagrees with data.mpp 0.5"):
         train_from_config(dict(cfg, data=dict(cfg["data"], mpp=0.5), card={"mpp": 0.25}))
+    # neither says: the card records the images' own pixel size (inference assumed 0.25 µm/px without it)
+    from histoflow.datasets.monuseg import aperio_mpp
+
+    train_from_config(dict(cfg2, card={}, output=str(tmp_path / "nompp")))
+    own = aperio_mpp(os.path.join(MONUSEG, ids[0] + ".xml"))
+    assert own and abs(own - 0.25) > 1e-3  # this image states its own, not the default
+    assert json.load(open(tmp_path / "nompp" / "best.json"))["mpp"] == round(own, 4)
 
 
 def test_nucleus_crops_change_every_epoch_in_worker_processes(tmp_path, monkeypatch):

@@ -383,6 +383,8 @@ def _nucleus_segmentation(cfg, resume=False):
         if card.get("mpp") is not None and abs(card["mpp"] - float(mpp)) > 1e-6:
             raise ConfigError(f"card.mpp {card['mpp']} disagrees with data.mpp {mpp}: the model runs at the data's")
         card["mpp"] = float(mpp)
+    elif card.get("mpp") is None:  # images as scanned: the model runs at their pixel size (not an assumed 40x)
+        card["mpp"] = round(float(np.median([s["mpp"] for s in train_samples])), 4)
     card.setdefault("outputs", ["background logit", "nucleus logit", "horizontal map", "vertical map"])
     card.setdefault("split", {"train": train_ids, "validation": val_ids})
     try:
