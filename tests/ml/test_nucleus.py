@@ -495,6 +495,23 @@ def test_onnx_backend_pads_to_the_model_divisor(tmp_path):
     assert a.shape == b.shape == (400, 400)
 
 
+def test_a_model_without_a_pixel_size_says_what_it_assumes(tmp_path):
+    """A card without mpp (a model saved by hand) ran at an assumed 0.25 µm/px without a word: the tiles of a
+    20x slide were then upsampled 2x for a model trained at 20x."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = models.create("unet", in_channels=3, out_channels=4, filters=(4, 8)).eval()
+    models.save(net, tmp_path / "bare.pt", card={})
+    models.save(net, tmp_path / "at20x.pt", card={"mpp": 0.5})
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    with pytest.warns(UserWarning, match=r"bare.pt: the model's card does not say the pixel size .* assuming 0.25"):
+        NucleusSegmentation(str(tmp_path / "bare.pt"), threads=1).F(img, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NucleusSegmentation(str(tmp_path / "at20x.pt"), threads=1).F(img, 0.5)
+
+
 def test_onnx_exports_of_read_only_weights_do_not_collide(tmp_path, monkeypatch):
     """Weights in a folder the user cannot write go to ~/.cache/histoflow; two runs' ``best.pt`` shared one
     export there, so the second model ran the first one's ONNX."""

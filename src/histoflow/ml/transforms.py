@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -75,6 +76,10 @@ class _Runner:
         from . import models
 
         self.card = models.read_card(path)
+        if not self.card.get("mpp"):
+            warnings.warn(f"{path}: the model's card does not say the pixel size it was trained at (mpp); "
+                          "assuming 0.25 µm/px (40x): add \"mpp\" to its card if that is wrong", UserWarning,
+                          stacklevel=2)
         self.mpp = float(self.card.get("mpp") or 0.25)
         self.backend = backend
         if backend == "onnx":
