@@ -109,10 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("thumbnail", help="write a PNG thumbnail of a slide")
-    s.add_argument("slide", help="a slide or image (fluorescence is shown in false colour)")
+    s = sub.add_parser("thumbnail", help="write a PNG thumbnail of a slide, or a picture of an h5path file")
+    s.add_argument("slide", help="a slide or image (fluorescence is shown in false colour), or an h5path file: its "
+                                 "slide with the slide masks' outlines (tissue: green), the tiles kept, and the "
+                                 "tiles a run skipped (red)")
     s.add_argument("-o", "--output", required=True, help="the thumbnail: a .png file")
     s.add_argument("--size", type=_positive_int, default=1024, help="longer side in pixels (default 1024)")
+    s.add_argument("--label", help="h5path file: colour the tiles by this tile label (numbers on a scale, classes "
+                                   "in a palette; a legend below)")
+    s.add_argument("--instances", metavar="MASK", help="h5path file: dots at the objects of this per-tile instance "
+                                                       "mask (e.g. nuclei)")
     _overwrite_option(s, "the thumbnail")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_thumbnail)
@@ -167,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
                         "files outside histoflow needs `import hdf5plugin` before h5py opens them) or gzip (any "
                         "HDF5 reader; the default of `histoflow tile`)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    s.add_argument("--png", choices=["none"], help="none: no pictures (default: OUTDIR/<slide>.png for each slide, "
+                                                   "with its slide masks' outlines and the tiles kept, as "
+                                                   "`histoflow thumbnail` draws an h5path file)")
     s.add_argument("--overwrite", action="store_true",
                    help="run again over slides whose h5path exists already in the output folder (refused without "
                         "it; --resume keeps the finished ones and continues interrupted ones)")
@@ -588,6 +597,18 @@ def cmd_thumbnail(args):
     _check_outputs([args.slide], {"thumbnail": args.output}, overwrite=args.overwrite)
     if not args.output.lower().endswith(".png"):
         raise OutputError(f"{args.output}: the thumbnail is written as PNG: give -o a .png path")
+    if _is_hdf5(args.slide):  # a store: its slide, slide masks, tiles, a tile label, nuclei
+        from .store.overview import overview
+
+        pic = overview(args.slide, args.size, label=args.label, instances=args.instances)
+        save_png(args.output, pic)
+        print(f"{args.output}: {pic.shape[1]} x {pic.shape[0]} px")
+        return 0
+    for option, value in (("--label", args.label), ("--instances", args.instances)):
+        if value is not None:
+            from .errors import ParameterError
+
+            raise ParameterError(f"{option} draws over the tiles of an h5path file; {args.slide} is a slide")
     with open_slide(args.slide, backend=args.backend) as s:
         size = args.size
         if size > max(s.dimensions):  # a thumbnail never enlarges the slide
@@ -634,8 +655,10 @@ def cmd_run(args):
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
     slides = SlideDataset([_slide_data(p, args.slide_mpp, slide_type=args.slide_type) for p in args.slides])
+    outs = slides.output_paths(args.output)
+    pngs = [None if args.png == "none" else os.path.splitext(p)[0] + ".png" for p in outs]
     if not args.overwrite and not args.resume:  # finished results are not replaced by mistake
-        done = [p for p in slides.output_paths(args.output) if os.path.isfile(p)]
+        done = [p for p in outs + pngs if p and os.path.isfile(p)]
         if done:
             slides.close()
             raise OutputError(f"{', '.join(done)}: exist{'s' if len(done) == 1 else ''} already; "
@@ -647,17 +670,21 @@ def cmd_run(args):
                       scheduler=args.scheduler, batch_size=args.batch_size, on_error=args.on_error,
                       resume=args.resume, progress=not args.no_progress,
                       compression=None if args.compression == "none" else args.compression)
-    slides.close()
-    dt = time.perf_counter() - t0
     from .store import read_h5path
+    from .store.overview import overview
+    from .utils import save_png
 
-    for out in outs:
+    for slide, out, png in zip(slides.slides, outs, pngs):
         with read_h5path(out) as h5:
             prov = h5.provenance[-1] if h5.provenance else {}
             failed = len(prov.get("failed_tiles", []))
+            if png:
+                save_png(png, overview(h5, 1024, slide=slide))
             print(f"{out}: {len(h5)} tiles" + (f", {failed} failed" if failed else "")
                   + f", masks {h5.tile_mask_names}, labels {h5.tile_label_names}, "
-                  f"{os.path.getsize(out) / 1e6:.1f} MB")
+                  f"{os.path.getsize(out) / 1e6:.1f} MB" + (f"; picture {png}" if png else ""))
+    slides.close()
+    dt = time.perf_counter() - t0
     print(f"{len(outs)} slide(s) in {dt:.1f} s")
     return 0
 
@@ -1271,7 +1298,6 @@ def demo_pipeline():
 
 def cmd_demo(args):
     import numpy as np
-    from PIL import Image, ImageDraw
 
     from .core.slide import SlideData
     from .data import sample_slide_path
@@ -1294,38 +1320,16 @@ def cmd_demo(args):
     slide.run(pipe, out, tile_size=256, overlap=overlap, tissue_filter=0.25, executor="dask", workers=2,
               progress=True)
 
-    # the picture: thumbnail, tissue outline (pre-pass), tile grid, nuclei centroids
+    # the picture: thumbnail, tissue outline (pre-pass), the tiles' own parts, nuclei centroids
+    from .store.overview import overview
+
     thumb = slide.thumbnail(1024)
-    scale = thumb.shape[1] / slide.dimensions[0]
-    im = Image.fromarray(thumb)
-    draw = ImageDraw.Draw(im)
     with read_h5path(out) as h5:
         tissue = h5.masks["tissue"]
         n_tiles = len(h5)
-        nuclei = 0
-        for tile in h5:
-            x0, y0 = tile.coords
-            ds = tile.downsample
-            a, b = overlap / 2 * ds, (256 - overlap / 2) * ds  # the tile's own part (its core), not the overlap
-            draw.rectangle([(x0 + a) * scale, (y0 + a) * scale, (x0 + b) * scale - 1, (y0 + b) * scale - 1],
-                           outline=(90, 90, 90))
-            inst = tile.masks["nuclei"]
-            ids = np.unique(inst[inst > 0])
-            nuclei += len(ids)
-            if len(ids):
-                ys, xs = np.nonzero(inst)
-                lab = inst[ys, xs]
-                order = np.argsort(lab)
-                lab, xs, ys = lab[order], xs[order], ys[order]
-                starts = np.r_[0, np.nonzero(np.diff(lab))[0] + 1]
-                cx = np.add.reduceat(xs, starts) / np.diff(np.r_[starts, len(lab)])
-                cy = np.add.reduceat(ys, starts) / np.diff(np.r_[starts, len(lab)])
-                for px, py in zip((x0 + cx * ds) * scale, (y0 + cy * ds) * scale):
-                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=(0, 200, 255))
+        nuclei = sum(len(np.unique(tile.masks["nuclei"])) - int((tile.masks["nuclei"] == 0).any()) for tile in h5)
         prov = h5.provenance[-1]
-    outline = _mask_outline(tissue, (thumb.shape[1], thumb.shape[0]))
-    pic = np.asarray(im).copy()
-    pic[outline] = (0, 220, 0)
+        pic = overview(h5, 1024, instances="nuclei", slide=slide)
     overlay = save_png(os.path.join(args.output, f"{slide.name}_overlay.png"), pic)
     thumb_path = save_png(os.path.join(args.output, f"{slide.name}_thumbnail.png"), thumb)
     slide.close()
@@ -1341,18 +1345,6 @@ def cmd_demo(args):
     print(f"pictures       {overlay} (tissue outline green, nuclei cyan), {thumb_path}")
     print(f"time           {dt:.1f} s")
     return 0
-
-
-def _mask_outline(mask, size):
-    """Boolean outline (1-2 px) of a 0/1 mask resized to ``size = (w, h)``."""
-    from .core.resample import resize_mask
-
-    m = resize_mask(mask, size) > 0
-    inner = m.copy()
-    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    edge = m & ~inner
-    edge[1:, :] |= edge[:-1, :]
-    return edge
 
 
 if __name__ == "__main__":  # pragma: no cover

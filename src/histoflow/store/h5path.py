@@ -1738,6 +1738,13 @@ class H5Path:
         """Run records (dicts), oldest first."""
         return self._s().provenance()
 
+    def overview(self, size: int = 1024, **kwargs) -> np.ndarray:
+        """A picture (RGB uint8) of the slide with its slide masks, the tiles kept, optionally a tile label as
+        colours (``label=``) and nuclei as dots (``instances=``): :func:`histoflow.store.overview.overview`."""
+        from .overview import overview
+
+        return overview(self, size, **kwargs)
+
     def info(self) -> dict:
         """What the file holds, in plain values: ``path``, ``format_version``, ``slide`` (its metadata),
         ``tiles`` (count), ``tile_shape`` and ``dtype`` (None without tiles), ``compression``, ``tile_masks``,

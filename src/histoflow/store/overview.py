@@ -1,0 +1,310 @@
+"""A picture of what an h5path file holds: the slide, its slide masks, the tiles kept, a tile label, nuclei.
+
+:func:`overview` draws, over a thumbnail of the slide (or, when the slide cannot be opened, over the stored
+tiles put back together):
+
+- the outline of each slide-level mask (``tissue`` from the pre-pass, heatmaps at 0.5), one colour each;
+- each tile's own part (its core, without the overlap it shares with its neighbours), in grey;
+- a tile label, when asked, as a colour over each tile (numbers on a viridis-like scale, classes in a
+  palette) with a legend below the picture;
+- the tiles a run skipped after a failure (``on_error="skip"``) in red;
+- the centroids of the objects of a per-tile instance mask (``instances="nuclei"``), in cyan.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ..errors import H5PathError, ParameterError
+
+#: the colours of slide-mask outlines, in the order of the masks' names
+MASK_COLOURS = [(0, 220, 0), (255, 0, 255), (255, 160, 0), (0, 160, 255), (255, 255, 0)]
+#: class colours of a tile label that is not a number (tab10)
+CLASS_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+# viridis at 0, 0.25, 0.5, 0.75, 1 (interpolated in between)
+_RAMP = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
+TILE_COLOUR = (110, 110, 110)
+FAILED_COLOUR = (230, 0, 0)
+INSTANCE_COLOUR = (0, 200, 255)
+
+
+def ramp(values: np.ndarray) -> np.ndarray:
+    """RGB uint8 colours of values in [0, 1] on a viridis-like scale (NaN: grey)."""
+    v = np.asarray(values, np.float64)
+    pos = np.clip(np.nan_to_num(v, nan=0.0), 0, 1) * (len(_RAMP) - 1)
+    i = np.minimum(pos.astype(int), len(_RAMP) - 2)
+    f = (pos - i)[..., None]
+    out = (_RAMP[i] * (1 - f) + _RAMP[i + 1] * f).round().astype(np.uint8)
+    out[np.isnan(v)] = (128, 128, 128)
+    return out
+
+
+def mask_outline(mask: np.ndarray, size) -> np.ndarray:
+    """Boolean outline (1-2 px wide) of a slide mask resized to ``size = (w, h)``: the mask's pixels > 0, or
+    >= 0.5 for a float mask (a probability heatmap)."""
+    from ..core.resample import resize_mask
+
+    m = np.asarray(mask)
+    m = (m >= 0.5) if m.dtype.kind == "f" else (m > 0)
+    m = resize_mask(m.astype(np.uint8), size) > 0
+    inner = m.copy()
+    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    edge = m & ~inner
+    edge[1:, :] |= edge[:-1, :]
+    return edge
+
+
+def _background(h5, size, background, slide):
+    """(RGB thumbnail, what it is) whose longer side is ``size``."""
+    from ..utils import to_rgb
+
+    meta = h5.slide
+    if background not in ("auto", "slide", "tiles"):
+        raise ParameterError(f"overview: background must be 'auto', 'slide' or 'tiles', not {background!r}")
+    if background in ("auto", "slide"):
+        source = slide if slide is not None else meta.get("source_path")
+        try:
+            from .. import open_slide
+
+            if source is None:
+                raise H5PathError("the file does not name its slide")
+            if isinstance(source, (str, os.PathLike)):
+                with open_slide(source) as r:
+                    return to_rgb(r.thumbnail(size), brightfield=r.brightfield, channel_names=r.channel_names), \
+                        "slide"
+            reader = getattr(source, "reader", source)  # a SlideData or a reader
+            return to_rgb(reader.thumbnail(size), brightfield=reader.brightfield,
+                          channel_names=reader.channel_names), "slide"
+        except Exception as e:  # noqa: BLE001 - any failure to open it: the tiles instead, or say why
+            if background == "slide":
+                raise H5PathError(f"{h5.path}: cannot draw over the slide {source}: {e}") from None
+    return _stitched(h5, size), "tiles"
+
+
+def _geometry(h5):
+    """Level-0 (x, y) and downsample of every tile, and the tiles' (h, w) in their own pixels."""
+    src = h5._s()
+    coords = h5.coords
+    if hasattr(src, "_cols"):
+        down = np.asarray(src._cols()[2], np.float64)
+    else:  # PathML's files: level 0
+        down = np.ones(len(coords))
+    shape = tuple(h5.images.shape[1:3]) if len(coords) else (0, 0)
+    return coords, down, shape
+
+
+def _stitched(h5, size):
+    """The stored tiles put back together at a thumbnail's scale (where the slide cannot be opened)."""
+    import cv2
+
+    from ..utils import progress_bar, to_rgb
+
+    meta = h5.slide
+    W, H = int(meta["width"]), int(meta["height"])
+    scale = size / max(W, H)
+    w, h = max(1, round(W * scale)), max(1, round(H * scale))
+    coords, down, (th, tw) = _geometry(h5)
+    images = h5.images
+    channels = int(images.shape[3]) if len(coords) else 3
+    canvas = np.zeros((h, w, channels), np.float32)
+    seen = np.zeros((h, w), bool)
+    for i in progress_bar(range(len(coords)), total=len(coords), desc="tiles", unit="tile",
+                          disable=len(coords) < 2000):
+        x0, y0 = coords[i] * scale
+        x1, y1 = (coords[i] + (tw * down[i], th * down[i])) * scale
+        a, b, c, d = int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1))
+        a2, b2, c2, d2 = max(a, 0), max(b, 0), min(c, w), min(d, h)
+        if c2 <= a2 or d2 <= b2:
+            continue
+        img = np.asarray(images[i], np.float32)
+        small = cv2.resize(img, (c - a, d - b), interpolation=cv2.INTER_AREA).reshape(d - b, c - a, channels)
+        canvas[b2:d2, a2:c2] = small[b2 - b:d2 - b, a2 - a:c2 - a]
+        seen[b2:d2, a2:c2] = True
+    brightfield = meta.get("slide_type") in (None, "HE", "IHC") and channels == 3
+    if brightfield:
+        canvas[~seen] = 255  # glass where no tile was kept
+    dtype = np.dtype(h5.images.dtype) if len(coords) else np.dtype(np.uint8)
+    if dtype.kind in "ui" and np.dtype(dtype).itemsize == 1:
+        canvas = canvas.round().clip(0, 255).astype(np.uint8)
+    return to_rgb(canvas, brightfield=brightfield, channel_names=meta.get("channel_names"))
+
+
+def _label_values(h5, name):
+    """The label ``name`` of every tile (None where a tile has none)."""
+    if name not in h5.tile_label_names:
+        raise H5PathError(f"{h5.path}: no tile label {name!r}; the tiles have "
+                          f"{h5.tile_label_names or 'no labels'}")
+    src = h5._s()
+    if hasattr(src, "_label_columns"):
+        col, kind = src._label_columns()[name]
+        col = np.asarray(col[()])
+        if kind == "str":
+            return [None if v in ("", b"") else (v.decode() if isinstance(v, bytes) else str(v)) for v in col]
+        out = []
+        for v in col:
+            if isinstance(v, (float, np.floating)) and math.isnan(v):
+                out.append(None)
+            else:
+                out.append(bool(v) if kind == "bool" else float(v))
+        return out
+    return [h5.tile(i).labels.get(name) for i in range(len(h5))]
+
+
+def _instances(h5, name):
+    """Per tile: the (x, y) centroids, in the tile's pixels, of the objects of tile mask ``name``."""
+    if name not in h5.tile_mask_names:
+        raise H5PathError(f"{h5.path}: no tile mask {name!r}; the tiles have {h5.tile_mask_names or 'no masks'}")
+    src = h5._s()
+    ds = src._tile_masks[name][0] if hasattr(src, "_tile_masks") else None
+    for i in range(len(h5)):
+        inst = np.asarray(ds[i]) if ds is not None else h5.tile(i).masks[name]
+        ys, xs = np.nonzero(inst)
+        if not len(xs):
+            yield np.zeros((0, 2))
+            continue
+        lab = inst[ys, xs]
+        order = np.argsort(lab, kind="stable")
+        lab, xs, ys = lab[order], xs[order], ys[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(lab)) + 1]
+        n = np.diff(np.r_[starts, len(lab)])
+        yield np.c_[np.add.reduceat(xs, starts) / n, np.add.reduceat(ys, starts) / n]
+
+
+def _legend(width, name, numeric, lo, hi, classes):
+    """A strip under the picture that says what the tile colours mean."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    strip = Image.new("RGB", (width, 22), (255, 255, 255))
+    d = ImageDraw.Draw(strip)
+    if numeric:
+        left = f"{name}: {lo:.4g}"
+        x = 6 + int(d.textlength(left, font=font)) + 6
+        bar = max(20, min(200, width - x - 60))
+        d.text((6, 5), left, fill=(0, 0, 0), font=font)
+        colours = ramp(np.linspace(0, 1, bar))
+        for j in range(bar):
+            d.line([(x + j, 5), (x + j, 16)], fill=tuple(int(c) for c in colours[j]))
+        d.text((x + bar + 6, 5), f"{hi:.4g}", fill=(0, 0, 0), font=font)
+    else:
+        x = 6
+        d.text((x, 5), f"{name}:", fill=(0, 0, 0), font=font)
+        x += int(d.textlength(f"{name}:", font=font)) + 8
+        for k, c in enumerate(classes):
+            if x > width - 30:
+                d.text((x, 5), "...", fill=(0, 0, 0), font=font)
+                break
+            d.rectangle([x, 6, x + 10, 16], fill=CLASS_COLOURS[k % len(CLASS_COLOURS)])
+            d.text((x + 14, 5), str(c), fill=(0, 0, 0), font=font)
+            x += 14 + int(d.textlength(str(c), font=font)) + 10
+    return np.asarray(strip)
+
+
+def overview(store, size: int = 1024, *, label: str | None = None, instances: str | None = None,
+             background: str = "auto", slide=None) -> np.ndarray:
+    """A picture of an h5path file: its slide, slide masks, tiles, a tile label and nuclei (see the module).
+
+    Parameters
+    ----------
+    store : str or H5Path
+        The h5path file (or an open :class:`H5Path`).
+    size : int
+        Longer side of the picture, in pixels.
+    label : str, optional
+        A tile label to colour the tiles by: numbers on a scale from their minimum (dark blue) to their
+        maximum (yellow), other values (classes, booleans) in a palette; a legend goes below the picture.
+    instances : str, optional
+        A per-tile instance mask (e.g. ``"nuclei"``) whose objects are drawn as dots at their centroids.
+    background : {"auto", "slide", "tiles"}
+        Draw over a thumbnail of the slide (``"slide"``: the file's ``source_path``, or ``slide``), over the
+        stored tiles put back together (``"tiles"``), or the slide when it opens, else the tiles (``"auto"``).
+    slide : str, SlideData or reader, optional
+        The slide to draw over, when it is not (or no longer) at the file's ``source_path``.
+
+    Returns
+    -------
+    numpy.ndarray
+        RGB uint8 ``(h, w, 3)`` (taller by a legend strip with ``label``). Save it with
+        :func:`histoflow.utils.save_png`, or show it (``PIL.Image.fromarray``).
+    """
+    from PIL import Image, ImageDraw
+
+    from . import read_h5path
+
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 16:
+        raise ParameterError(f"overview: size must be a whole number of pixels >= 16, not {size!r}")
+    if not hasattr(store, "coords"):
+        with read_h5path(store) as h5:
+            return overview(h5, size, label=label, instances=instances, background=background, slide=slide)
+    h5 = store
+    meta = h5.slide
+    if not meta.get("width") or not meta.get("height"):
+        raise H5PathError(f"{h5.path}: the file does not say the slide's size; no picture can be drawn")
+    W, H = int(meta["width"]), int(meta["height"])
+    values = _label_values(h5, label) if label is not None else None  # errors before any drawing
+    centroids = _instances(h5, instances) if instances is not None else None
+    if centroids is not None:
+        centroids = list(centroids)
+    thumb, _ = _background(h5, int(size), background, slide)
+    th, tw = thumb.shape[:2]
+    sx, sy = tw / W, th / H
+    pic = thumb[..., :3].copy()
+
+    for k, name in enumerate(h5.masks):  # slide masks: outlines
+        pic[mask_outline(h5.masks[name], (tw, th))] = MASK_COLOURS[k % len(MASK_COLOURS)]
+
+    coords, down, (tile_h, tile_w) = _geometry(h5)
+    overlap = 0
+    for rec in reversed(h5.provenance):
+        tiling = rec.get("tiling") if isinstance(rec, dict) else None
+        if isinstance(tiling, dict) and tiling.get("overlap") is not None:
+            overlap = int(tiling["overlap"])
+            break
+    im = Image.fromarray(pic)
+    fill = Image.new("RGBA", im.size, (0, 0, 0, 0))
+    draw_fill = ImageDraw.Draw(fill)
+    legend = None
+    if values is not None:
+        known = [v for v in values if v is not None]
+        numeric = bool(known) and all(isinstance(v, float) for v in known)
+        if numeric:
+            lo, hi = (float(min(known)), float(max(known)))
+            span = hi - lo
+            colours = ramp(np.array([np.nan if v is None else ((v - lo) / span if span else 0.5) for v in values]))
+            classes = []
+        else:
+            lo = hi = 0.0
+            classes = sorted({str(v) for v in known})
+            index = {c: k for k, c in enumerate(classes)}
+            colours = [None if v is None else CLASS_COLOURS[index[str(v)] % len(CLASS_COLOURS)] for v in values]
+        legend = _legend(tw, label, numeric, lo, hi, classes)
+    rects = []
+    for i, ((x, y), ds) in enumerate(zip(coords, down)):
+        a = overlap / 2 * ds  # the tile's own part: without the half-overlap it shares on each side
+        x0, y0 = (x + a) * sx, (y + a) * sy
+        x1, y1 = (x + tile_w * ds - a) * sx, (y + tile_h * ds - a) * sy
+        rects.append((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)))
+        if values is not None and values[i] is not None:
+            c = tuple(int(v) for v in colours[i])
+            draw_fill.rectangle(rects[-1], fill=c + (110,))
+    im = Image.alpha_composite(im.convert("RGBA"), fill).convert("RGB")
+    draw = ImageDraw.Draw(im)
+    for r in rects:
+        draw.rectangle(r, outline=TILE_COLOUR)
+    ds0 = float(down[0]) if len(down) else 1.0
+    for rec in h5.provenance:  # tiles a run skipped after a failure
+        for f in (rec.get("failed_tiles") or []) if isinstance(rec, dict) else []:
+            if isinstance(f, dict) and "x" in f and "y" in f:
+                ts = (rec.get("tiling") or {}).get("tile_size") or tile_w or 0
+                x, y = float(f["x"]), float(f["y"])
+                draw.rectangle([x * sx, y * sy, (x + ts * ds0) * sx - 1, (y + ts * ds0) * sy - 1],
+                               outline=FAILED_COLOUR, width=2)
+    if centroids is not None:
+        for (x, y), ds, pts in zip(coords, down, centroids):
+            for px, py in zip((x + pts[:, 0] * ds) * sx, (y + pts[:, 1] * ds) * sy):
+                draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=INSTANCE_COLOUR)
+    out = np.asarray(im)
+    return out if legend is None else np.concatenate([out, legend], axis=0)

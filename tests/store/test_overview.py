@@ -1,0 +1,146 @@
+"""The picture of an h5path file (`H5Path.overview`, `histoflow thumbnail STORE.h5path`, the pictures of
+`histoflow run`): the slide, its slide masks' outlines, the tiles kept, a tile label as colours with a legend,
+the tiles a run skipped, nuclei as dots; drawn over the stored tiles when the slide cannot be opened."""
+import os
+
+import numpy as np
+import pytest
+from datafiles import SVS
+
+from histoflow import SlideData, read_h5path
+from histoflow.cli import main
+from histoflow.errors import H5PathError, ParameterError
+from histoflow.store.overview import FAILED_COLOUR, INSTANCE_COLOUR, MASK_COLOURS, TILE_COLOUR, overview, ramp
+from histoflow.transforms import BlurQC, NucleusDetectionHE, Pipeline, Transform
+
+
+class FailOn(Transform):
+    """Raises on the tile at one coordinate."""
+
+    def __init__(self, x=768, y=1024):
+        self.x = x
+        self.y = y
+
+    def apply(self, tile):
+        if tile.coords == (self.x, self.y):
+            raise ValueError("synthetic failure")
+
+
+@pytest.fixture(scope="module")
+def qc_store(tmp_path_factory):
+    """The sample slide after the tissue pre-pass, BlurQC (a number per tile) and one failing tile."""
+    out = str(tmp_path_factory.mktemp("ov") / "qc.h5path")
+    SlideData(SVS).run(Pipeline([BlurQC(), FailOn()]), out, executor="inprocess", tissue_filter=0.2,
+                       on_error="skip", progress=False)
+    return out
+
+
+def _where(pic, colour):
+    return np.all(pic == np.array(colour, np.uint8), axis=-1)
+
+
+def test_the_picture_shows_masks_tiles_a_label_and_failures(qc_store):
+    with read_h5path(qc_store) as h5:
+        W, H = h5.slide["width"], h5.slide["height"]
+        values = np.array([h5.tile(i).labels["laplacian_variance"] for i in range(len(h5))])
+        coords = h5.coords
+        plain = h5.overview(600)
+        pic = h5.overview(600, label="laplacian_variance")
+    h, w = plain.shape[:2]
+    assert max(h, w) == 600 and abs(w / h - W / H) < 0.01
+    assert pic.shape == (h + 22, w, 3)  # a legend strip below
+    s = w / W
+    # the tissue mask's outline, the tiles' outlines and the failed tile, each where it belongs
+    assert _where(plain, MASK_COLOURS[0]).sum() > 500
+    x, y = coords[0]
+    assert _where(plain[int(y * s) + 5:int((y + 256) * s) - 5, int(x * s)], TILE_COLOUR).mean() > 0.9
+    fx, fy = 768, 1024
+    assert (fx, fy) not in {tuple(c) for c in coords.tolist()}
+    assert _where(plain[int(fy * s) + 5:int((fy + 256) * s) - 5, int(fx * s) + 1], FAILED_COLOUR).mean() > 0.9
+    # each tile tinted by its value: the lowest towards the scale's dark blue, the highest towards its yellow
+    lo, hi = coords[values.argmin()], coords[values.argmax()]
+
+    def tint(p, c):
+        cx, cy = int((c[0] + 128) * s), int((c[1] + 128) * s)
+        return p[cy - 8:cy + 8, cx - 8:cx + 8].reshape(-1, 3).astype(float).mean(0) - \
+            plain[cy - 8:cy + 8, cx - 8:cx + 8].reshape(-1, 3).astype(float).mean(0)
+
+    dark, yellow = ramp(np.array([0.0, 1.0])).astype(float)
+    d_lo, d_hi = tint(pic, lo), tint(pic, hi)
+    assert np.dot(d_lo, dark - 128) > 0 and np.dot(d_hi, yellow - 128) > 0
+    assert d_hi[:2].mean() - d_hi[2] > d_lo[:2].mean() - d_lo[2] + 40  # yellow (R, G over B) against blue
+    # outside every tile the picture is the slide's thumbnail, untouched
+    with SlideData(SVS) as slide:
+        thumb = slide.thumbnail(600)
+    assert np.array_equal(plain[:20, :20], thumb[:20, :20, :3])
+
+
+def test_drawn_over_the_stored_tiles_when_the_slide_is_gone(qc_store):
+    with read_h5path(qc_store) as h5:
+        over_slide = h5.overview(500, background="slide")
+        over_tiles = h5.overview(500, background="tiles")
+        x, y = h5.coords[3]
+    s = over_slide.shape[1] / 2220
+    a = over_slide[int(y * s) + 4:int((y + 256) * s) - 4, int(x * s) + 4:int((x + 256) * s) - 4].astype(int)
+    b = over_tiles[int(y * s) + 4:int((y + 256) * s) - 4, int(x * s) + 4:int((x + 256) * s) - 4].astype(int)
+    assert np.abs(a - b).mean() < 6  # the same tissue, from the stored pixels
+    assert (over_tiles[:10, :10] == 255).all()  # glass where no tile was kept
+    with pytest.raises(H5PathError, match="cannot draw over the slide /nowhere/x.svs"):
+        overview(qc_store, 300, background="slide", slide="/nowhere/x.svs")
+    assert overview(qc_store, 300, slide="/nowhere/x.svs").shape[1] > 0  # auto: the tiles instead
+
+
+def test_nuclei_are_dots_at_their_centroids(tmp_path):
+    out = SlideData(SVS).run(Pipeline([NucleusDetectionHE(mask_name="nuclei")]), tmp_path / "n.h5path",
+                             executor="inprocess", tissue_filter=0.5, overlap=32, progress=False)
+    with read_h5path(out) as h5:
+        tile = h5.tile(0)
+        pic = h5.overview(2967, instances="nuclei")  # at level 0 (the slide is 2220 x 2967): a dot on every nucleus
+    inst = tile.masks["nuclei"]
+    x0, y0 = tile.coords
+    dots = _where(pic, INSTANCE_COLOUR)
+    ids = [i for i in np.unique(inst) if i]
+    assert len(ids) > 20
+    hit = 0
+    for i in ids:
+        ys, xs = np.nonzero(inst == i)
+        hit += dots[int(round(y0 + ys.mean())), int(round(x0 + xs.mean()))]
+    assert hit >= 0.95 * len(ids)
+    assert not _where(overview(out, 2967), INSTANCE_COLOUR).any()  # without instances=, no dots
+
+
+def test_what_cannot_be_drawn_is_said(qc_store):
+    with pytest.raises(H5PathError, match=r"qc.h5path: no tile label 'grade'; the tiles have \['blur'"):
+        overview(qc_store, label="grade")
+    with pytest.raises(H5PathError, match=r"qc.h5path: no tile mask 'nuclei'; the tiles have \['tissue'\]"):
+        overview(qc_store, instances="nuclei")
+    with pytest.raises(ParameterError, match="size must be a whole number of pixels >= 16"):
+        overview(qc_store, 4)
+    with pytest.raises(ParameterError, match="background must be"):
+        overview(qc_store, background="glass")
+
+
+def test_class_labels_get_a_palette_and_a_legend(qc_store):
+    pic = overview(qc_store, 400, label="blur")  # booleans: classes
+    legend = pic[-22:]
+    assert (legend != 255).any(axis=-1).sum() > 50  # the class swatches and names
+
+
+def test_thumbnail_and_run_draw_h5path_files(qc_store, tmp_path, capsys):
+    png = str(tmp_path / "qc.png")
+    assert main(["thumbnail", qc_store, "-o", png, "--size", "300", "--label", "laplacian_variance"]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size[1] == 300 + 22
+    assert main(["thumbnail", SVS, "-o", str(tmp_path / "s.png"), "--label", "blur"]) == 1
+    assert "--label draws over the tiles of an h5path file" in capsys.readouterr().err
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("steps:\n- BlurQC: {}\n")
+    args = ["run", str(pipe), SVS, "-o", str(tmp_path / "runs"), "--executor", "inprocess", "--no-progress"]
+    assert main(args) == 0
+    pic = tmp_path / "runs" / "CMU-1-Small-Region.png"
+    assert "picture " + str(pic) in capsys.readouterr().out and max(Image.open(pic).size) == 1024
+    assert main(args + ["--png", "none", "-o", str(tmp_path / "runs2")]) == 0
+    assert os.listdir(tmp_path / "runs2") == ["CMU-1-Small-Region.h5path"]
+    os.remove(tmp_path / "runs" / "CMU-1-Small-Region.h5path")  # the picture alone is refused too
+    assert main(args) == 1 and f"{pic}: exists already" in capsys.readouterr().err
