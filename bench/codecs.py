@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Lossless codecs on the tiles the pipeline bench writes: a blurred (BoxBlur 15) 256 px tile of the 4x mosaic.
 
-For each codec, milliseconds to encode one tile (one thread) and kilobytes per tile; PathML writes ~202 KB a
-tile of this slide (332 MB for 1,645 tiles), so the issue's 1/4 size target allows ~50 KB. HTJ2K (the
-default of runs) and JPEG-LS have HDF5 filters that fit (JPEG-LS only channel-first, see benchmarks.md);
+For each codec, milliseconds to encode one tile (one thread) and kilobytes per tile (``kb``: decimal kB, 1,000
+bytes, as the PathML figure: until session 19 it was KiB, 1,024 bytes); PathML writes ~202 kB a tile of this
+slide (332 MB for 1,645 tiles), so the issue's 1/4 size target allows ~50 kB. HTJ2K (the default of runs)
+and JPEG-LS have HDF5 filters that fit (JPEG-LS only channel-first, see benchmarks.md);
 Blosc2 and zlib are the others with HDF5 filters. Prints one JSON line.
 
     python bench/codecs.py [--tiles 300]
@@ -53,7 +54,7 @@ def main():
         t0 = time.perf_counter()
         size = sum(len(f(t)) for t in tiles)
         out[name] = {"ms": round((time.perf_counter() - t0) / len(tiles) * 1e3, 3),
-                     "kb": round(size / len(tiles) / 1024, 1)}
+                     "kb": round(size / len(tiles) / 1000, 1)}  # decimal kB, as pathml_kb_per_tile
     print(json.dumps(out))
 
 

@@ -11,9 +11,9 @@ each setting and the best one. The shipped card records the chosen values.
 epoch: ``configs/nucleus_monuseg_blind.yaml``); never the images a figure will be reported on.
 
 ``--ranges`` normalises the HV maps with fixed ranges (``hovernet.hv_ranges`` of the model's training images,
-its card's ``split.train``) instead of each image's own extremes, so that nuclei do not depend on where a
-slide is cut into tiles; the best setting then carries its ``ranges``, to put in the card's ``postprocess``
-(the shipped cards have them).
+its card's ``split.train``, predicted with the same ``--tta`` as the images tuned on) instead of each image's
+own extremes, so that nuclei do not depend on where a slide is cut into tiles; the best setting then carries
+its ``ranges``, to put in the card's ``postprocess`` (the shipped cards have them).
 
 The images are resampled to the model's µm/px (its card's ``mpp``; 0.5 for the 20x model).
 """
@@ -54,8 +54,9 @@ def main():
     if args.ranges:
         from histoflow.ml.models.hovernet import hv_ranges
 
-        train = [predict_maps(model, s["image"]) for s in load_monuseg(MONUSEG, card["split"]["train"],
-                                                                       mpp=card.get("mpp"))]
+        # the training images' maps with the same tta flag as the maps the ranges will normalise
+        train = [predict_maps(model, s["image"], tta=args.tta) for s in load_monuseg(MONUSEG, card["split"]["train"],
+                                                                                     mpp=card.get("mpp"))]
         ranges = {k: hv_ranges(train, k) for k in (11, 21)}
     grid = list(itertools.product((0.4, 0.5, 0.6, 0.7, 0.8), (0.3, 0.4, 0.5, 0.6), (11, 21)))
     rows = []

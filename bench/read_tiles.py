@@ -16,7 +16,7 @@ Then, in a child process, reads every tile of a larger mosaic (default 16x: 1.7 
 
 Prints one JSON line.
 
-    python bench/read_tiles.py [--n 8] [--rss-n 16] [--repeat 3]
+    python bench/read_tiles.py [--n 8] [--rss-n 16] [--repeat 5]
 """
 from __future__ import annotations
 
