@@ -144,3 +144,15 @@ def test_thumbnail_and_run_draw_h5path_files(qc_store, tmp_path, capsys):
     assert os.listdir(tmp_path / "runs2") == ["CMU-1-Small-Region.h5path"]
     os.remove(tmp_path / "runs" / "CMU-1-Small-Region.h5path")  # the picture alone is refused too
     assert main(args) == 1 and f"{pic}: exists already" in capsys.readouterr().err
+
+
+def test_a_multiplex_store_drawn_from_its_tiles_looks_like_its_slide(tmp_path):
+    """22 uint16 channels (MIBI): the stitched tiles are shown in false colour as the slide's thumbnail is (they
+    were stretched as floats, which shifted every colour)."""
+    from datafiles import data_path
+
+    out = SlideData(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")).run(
+        Pipeline([]), tmp_path / "m.h5path", executor="inprocess", progress=False)
+    a = overview(out, 256, background="slide").astype(int)
+    b = overview(out, 256, background="tiles").astype(int)
+    assert a.shape == b.shape and np.abs(a - b).mean() < 8, np.abs(a - b).mean()

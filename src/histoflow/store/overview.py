@@ -127,8 +127,9 @@ def _stitched(h5, size):
     if brightfield:
         canvas[~seen] = 255  # glass where no tile was kept
     dtype = np.dtype(h5.images.dtype) if len(coords) else np.dtype(np.uint8)
-    if dtype.kind in "ui" and np.dtype(dtype).itemsize == 1:
-        canvas = canvas.round().clip(0, 255).astype(np.uint8)
+    if dtype.kind in "ui":  # back to the tiles' own type: shown as a thumbnail of the slide would be
+        info = np.iinfo(dtype)
+        canvas = canvas.round().clip(info.min, info.max).astype(dtype)
     return to_rgb(canvas, brightfield=brightfield, channel_names=meta.get("channel_names"))
 
 
