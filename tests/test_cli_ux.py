@@ -363,3 +363,51 @@ def test_segment_nuclei_and_phenotype_refuse_existing_outputs_but_resume_and_upd
     capsys.readouterr()
     assert main(ph + ["-o", other]) == 1 and "already" in capsys.readouterr().err
     assert main(ph + ["-o", other, "--overwrite"]) == 0
+
+
+def test_an_interrupted_runs_journal_and_the_inputs_are_not_replaced_by_mistake(tmp_path, monkeypatch, capsys):
+    """A run started again over an interrupted one threw its finished batches away with a warning; now the
+    command refuses (naming the journal) unless --resume or --overwrite. A run's picture, OUTDIR/<slide>.png,
+    replaced an input image of that name (-o the images' own folder); it goes beside it now. phenotype in
+    place updates its default picture too, every time."""
+    from histoflow.transforms import BlurQC
+
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("steps:\n- BlurQC: {}\n")
+    real, calls = BlurQC.apply, []
+
+    def interrupted(self, tile):
+        calls.append(1)
+        if len(calls) == 70:
+            raise KeyboardInterrupt
+        return real(self, tile)
+
+    monkeypatch.setattr(BlurQC, "apply", interrupted)
+    args = ["run", str(pipe), SVS, "-o", str(tmp_path / "out"), "--executor", "inprocess", "--batch-size", "8",
+            "--no-progress"]
+    assert main(args) == 130
+    journal = tmp_path / "out" / "CMU-1-Small-Region.h5path.partial"
+    kept = sorted(os.listdir(journal))
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{journal}: exists already" in err and "--resume" in err and "--overwrite" in err, err
+    assert sorted(os.listdir(journal)) == kept
+    monkeypatch.setattr(BlurQC, "apply", real)
+    assert main(args + ["--resume"]) == 0 and not journal.exists()
+    # the picture beside an input of its name
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+
+    Image.open(HE).save(imgs / "he.png")
+    before = _stamp(imgs / "he.png")
+    assert main(["run", str(pipe), str(imgs / "he.png"), "-o", str(imgs), "--executor", "inprocess",
+                 "--no-progress", "--slide-mpp", "0.25"]) == 0
+    assert _stamp(imgs / "he.png") == before and (imgs / "he_picture.png").exists()
+    # phenotype in place, twice, with its default picture
+    cells = cells_file(tmp_path / "c.h5ad")
+    rules = tmp_path / "r.yaml"
+    rules.write_text("steps:\n  - {assign: T, when: CD3}\n")
+    ph = ["phenotype", cells, "--rules", str(rules), "-o", cells]
+    assert main(ph) == 0 and main(ph) == 0

@@ -644,7 +644,7 @@ def cmd_run(args):
     from .core.slide import SlideDataset
     from .transforms import Pipeline
 
-    from .errors import OutputError, ParameterError
+    from .errors import HistoflowError, OutputError, ParameterError
 
     if args.scheduler is not None and args.executor not in (None, "dask"):
         raise ParameterError(f"--scheduler runs on dask: leave out --executor {args.executor} (or use dask)")
@@ -656,9 +656,15 @@ def cmd_run(args):
     t0 = time.perf_counter()
     slides = SlideDataset([_slide_data(p, args.slide_mpp, slide_type=args.slide_type) for p in args.slides])
     outs = slides.output_paths(args.output)
-    pngs = [None if args.png == "none" else os.path.splitext(p)[0] + ".png" for p in outs]
+    inputs = {os.path.realpath(p) for p in args.slides}
+    # each slide's picture, OUTDIR/<slide>.png, or <slide>_picture.png where that is one of the inputs
+    pngs = [None if args.png == "none" else _picture_path(None, p, avoid=args.slides) for p in outs]
+    clash = [p for p in outs if os.path.realpath(p) in inputs]
+    if clash:
+        slides.close()
+        raise OutputError(f"{clash[0]}: the output would replace an input; give another -o")
     if not args.overwrite and not args.resume:  # finished results are not replaced by mistake
-        done = [p for p in outs + pngs if p and os.path.isfile(p)]
+        done = [p for p in outs + pngs if p and os.path.isfile(p)] + [p for _, p in _journals(outs)]
         if done:
             slides.close()
             raise OutputError(f"{', '.join(done)}: exist{'s' if len(done) == 1 else ''} already; "
@@ -679,7 +685,11 @@ def cmd_run(args):
             prov = h5.provenance[-1] if h5.provenance else {}
             failed = len(prov.get("failed_tiles", []))
             if png:
-                save_png(png, overview(h5, 1024, slide=slide))
+                try:
+                    save_png(png, overview(h5, 1024, slide=slide))
+                except (HistoflowError, OSError) as e:  # the results stand; only their picture is missing
+                    print(f"histoflow: warning: {out}: no picture: {e}", file=sys.stderr)
+                    png = None
             print(f"{out}: {len(h5)} tiles" + (f", {failed} failed" if failed else "")
                   + f", masks {h5.tile_mask_names}, labels {h5.tile_label_names}, "
                   f"{os.path.getsize(out) / 1e6:.1f} MB" + (f"; picture {png}" if png else ""))
@@ -970,11 +980,24 @@ def _check_outputs(inputs, outputs: dict, overwrite=True, resume=None, in_place=
         keep = os.path.realpath(in_place) if in_place else None
         there = [(what, path) for what, path in outputs.items()
                  if path and os.path.isfile(path) and os.path.realpath(path) != keep]
+        there += _journals([path for path in outputs.values() if path])
         if there:
             names = ", ".join(f"{path} (the {what})" for what, path in there)
             also = " (--resume continues an interrupted run)" if resume is not None else ""
             raise OutputError(f"{names}: exist{'s' if len(there) == 1 else ''} already: give --overwrite to "
                               f"replace {'it' if len(there) == 1 else 'them'}, or another path{also}")
+
+
+def _journals(outputs) -> list:
+    """(what, path) of the journals of interrupted runs (finished batches kept for --resume) of these outputs."""
+    from .engine import partial
+
+    out = []
+    for path in outputs:
+        n = partial.batch_count(partial.partial_dir(path))
+        if n:
+            out.append((f"{n} finished batch(es) of an interrupted run", partial.partial_dir(path)))
+    return out
 
 
 def _check_output_folder(path, what, option):
@@ -1147,8 +1170,9 @@ def cmd_phenotype(args):
     in_place = os.path.realpath(args.output) == os.path.realpath(args.cells)
     _check_outputs([args.rules, args.thresholds, store if os.path.exists(store) else None,
                     None if in_place else args.cells],
-                   {"cell table": args.output, "picture": png, "GeoJSON": args.geojson}, overwrite=args.overwrite,
-                   in_place=args.cells)
+                   # a table updated in place: its default picture is updated with it
+                   {"cell table": args.output, "picture": None if in_place and args.png is None else png,
+                    "GeoJSON": args.geojson}, overwrite=args.overwrite, in_place=args.cells)
     for what, path in (("picture", png), ("GeoJSON", args.geojson)):
         if path and os.path.realpath(path) == os.path.realpath(args.cells):
             raise OutputError(f"{path}: the {what} would replace the input {args.cells}; choose another path")

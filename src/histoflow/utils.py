@@ -55,8 +55,8 @@ def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None, ch
         brightfield = c == 3 and img.dtype == np.uint8
     if brightfield and c >= 3:
         rgb = img[:, :, :3]
-        if rgb.dtype != np.uint8:
-            rgb = _stretch(rgb.astype(np.float32))
+        if rgb.dtype != np.uint8:  # (uint16 or float brightfield: stretched to the 8 bits)
+            rgb = (_stretch(rgb.astype(np.float32)) * 255).round()
         return np.ascontiguousarray(rgb.astype(np.uint8))
     if c == 1:
         g = (_stretch(img[:, :, 0].astype(np.float32)) * 255).astype(np.uint8)

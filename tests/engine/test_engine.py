@@ -684,11 +684,12 @@ def test_dataset_resume_keeps_slides_already_finished(tmp_path):
                   on_batch=lambda s, b, d, t: ran.append(s.name))
     assert set(ran) == {"mosaic2"} and first.stat().st_mtime_ns == stamp
     assert [len(read_h5path(o)) for o in outs] == [108, 432]
-    # other settings: the finished slide is not taken as done
+    # other settings: the finished slide is not taken as done, nor replaced under resume (refused, untouched)
     ran.clear()
-    ds.run(Pipeline([Blur(5), Dark()]), outdir, executor="inprocess", batch_size=32, resume=True, progress=False,
-           on_batch=lambda s, b, d, t: ran.append(s.name))
-    assert set(ran) == {"CMU-1-Small-Region", "mosaic2"}
+    with pytest.raises(PipelineError, match="CMU-1-Small-Region.h5path: exists, the result of a run with other"):
+        ds.run(Pipeline([Blur(5), Dark()]), outdir, executor="inprocess", batch_size=32, resume=True,
+               progress=False, on_batch=lambda s, b, d, t: ran.append(s.name))
+    assert ran == [] and first.stat().st_mtime_ns == stamp
 
 
 def test_outputs_that_would_lose_something_are_refused(tmp_path):
@@ -1138,3 +1139,22 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tmp_path):
                                 progress=False, on_batch=_interrupt_at(2))
     assert sorted(os.listdir(tmp_path)) == ["kept", "stopped"] and os.listdir(tmp_path / "kept") == []
     assert os.listdir(tmp_path / "stopped") == ["CMU-1-Small-Region.h5path.partial"]
+
+
+def test_resume_does_not_replace_a_result_of_other_settings(tmp_path):
+    """resume=True over a finished file of another pipeline or tiling re-ran it and replaced it silently; it is
+    refused now, naming the file (the same settings still skip it; without resume it is replaced)."""
+    from histoflow.transforms import BoxBlur
+
+    slide = SlideData(SVS)
+    out = slide.run(pipeline(), tmp_path / "o.h5path", executor="inprocess", progress=False)
+    before = open(out, "rb").read()
+    slide.run(pipeline(), out, executor="inprocess", progress=False, resume=True)  # the same: kept
+    assert open(out, "rb").read() == before
+    for kw in ({"pipeline": Pipeline([BoxBlur(3)])}, {"tile_size": 128}):
+        with pytest.raises(PipelineError, match=r"o.h5path: exists, the result of a run with other settings"):
+            slide.run(kw.get("pipeline", pipeline()), out, tile_size=kw.get("tile_size", 256), executor="inprocess",
+                      progress=False, resume=True)
+        assert open(out, "rb").read() == before
+    slide.run(Pipeline([BoxBlur(3)]), out, executor="inprocess", progress=False)  # without resume: replaced
+    assert open(out, "rb").read() != before

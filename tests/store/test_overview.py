@@ -156,3 +156,68 @@ def test_a_multiplex_store_drawn_from_its_tiles_looks_like_its_slide(tmp_path):
     a = overview(out, 256, background="slide").astype(int)
     b = overview(out, 256, background="tiles").astype(int)
     assert a.shape == b.shape and np.abs(a - b).mean() < 8, np.abs(a - b).mean()
+
+
+class FailAll(Transform):
+    """Raises on every tile."""
+
+    def apply(self, tile):
+        raise ValueError("synthetic failure")
+
+
+def _column_runs(pic, x, colour):
+    return _where(pic[:, x], colour).mean()
+
+
+def test_tile_cores_come_from_the_tiles_positions(tmp_path):
+    """`slide.write` and `histoflow tile --overlap` record no tiling: the tiles were drawn whole, overlapping,
+    instead of their own parts (a stride of 192 px for 256 px tiles: cores 32 px inside each edge)."""
+    slide = SlideData(SVS)
+    out = str(tmp_path / "o.h5path")
+    slide.write(out, tiles=slide.generate_tiles(256, overlap=64), progress=False)
+    pic = overview(out, 2967)  # level 0
+    assert _column_runs(pic, 192 + 32, TILE_COLOUR) > 0.5  # a core's left edge
+    assert _column_runs(pic, 192, TILE_COLOUR) < 0.05       # a tile's own left edge is not drawn
+
+
+def test_pairs_of_sizes_and_runs_where_every_tile_failed(tmp_path):
+    """tile_size / overlap given as (x, y) pairs crashed the picture (TypeError); a run whose every tile failed
+    drew its failed tiles at level-0 size whatever the run's pixel size."""
+    slide = SlideData(SVS)
+    out = slide.run(Pipeline([FailOn(0, 0)]), tmp_path / "p.h5path", tile_size=(256, 128), overlap=(32, 16),
+                    executor="inprocess", on_error="skip", progress=False)
+    pic = overview(out, 2967)
+    red = _where(pic, FAILED_COLOUR)
+    ys, xs = np.nonzero(red)
+    assert xs.max() in (255, 256) and ys.max() in (127, 128)  # the failed tile at (0, 0): 256 x 128
+    out = slide.run(Pipeline([FailAll()]), tmp_path / "a.h5path", tile_size=256, mpp=1.0, executor="inprocess",
+                    on_error="skip", progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) == 0
+    red = _where(overview(out, 2967), FAILED_COLOUR)
+    # every tile failed: boxes of 256 px at 1 µm/px, 513 px of this 0.499 µm/px slide (not 256)
+    assert red[256, 0:3].any() and not red[256, 250:262].any() and red[256, 508:518].any()
+
+
+def test_float_tiles_are_drawn_in_colour_not_black(tmp_path):
+    """Brightfield tiles stored as floats in [0, 1] came out black (to_rgb cast 0..1 to uint8)."""
+    from histoflow.utils import to_rgb
+
+    with SlideData(SVS) as slide:
+        region = slide.read_region((1000, 1000), 0, (256, 256))[..., :3]
+    rgb = to_rgb(region.astype(np.float32) / 255, brightfield=True)
+    assert rgb.max() == 255 and np.abs(rgb.astype(int).mean() - region.mean()) < 40
+    out = str(tmp_path / "f.h5path")
+    with SlideData(SVS) as slide:
+        tiles = []
+        for t in slide.generate_tiles(256):
+            t.image = t.image[..., :3].astype(np.float32) / 255
+            tiles.append(t)
+            if len(tiles) == 12:
+                break
+        slide.write(out, tiles=iter(tiles), progress=False)
+    pic = overview(out, 600, background="tiles")
+    x, y = tiles[5].coords
+    s = pic.shape[1] / 2220
+    inside = pic[int(y * s) + 4:int((y + 256) * s) - 4, int(x * s) + 4:int((x + 256) * s) - 4]
+    assert inside.mean() > 60 and (pic[-10:, -10:] >= 250).all()  # tissue in colour, glass white

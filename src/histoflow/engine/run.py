@@ -334,6 +334,10 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         job.resumed = len(job.done)
         return
     journal = partial.partial_dir(job.out)
+    if resume and not os.path.isdir(journal) and _other_settings(job.out, job.manifest):
+        raise PipelineError(f"{job.out}: exists, the result of a run with other settings; resume=True continues "
+                            "the same run only: run without resume to replace it (--overwrite on the command "
+                            "line), or write elsewhere")
     job.made_journal = not (resume and os.path.isdir(journal))  # a journal resumed is not this run's to drop
     job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)
@@ -352,25 +356,43 @@ def _slide_inputs(slide) -> dict:
                       for name, m in sorted(slide.masks.items())}}
 
 
-def _finished_before(out, manifest, failures_ok=True) -> bool:
-    """Whether ``out`` is the complete result of a run with these settings (its last provenance says so);
-    with ``failures_ok=False`` (a run with ``on_error="raise"``) not if that run skipped failed tiles."""
+def _last_run(out):
+    """The last provenance record of ``out`` when it is a finished pipeline run's (else None)."""
     if not os.path.isfile(out):
-        return False
+        return None
     from ..store import read_h5path
 
     try:
         with read_h5path(out) as h:
             prov = h.provenance
-    except Exception:  # noqa: BLE001 - not readable: run it again
-        return False
+    except Exception:  # noqa: BLE001 - not readable: nothing to keep, run it again
+        return None
     if not prov or prov[-1].get("kind") != "pipeline run" or not isinstance(prov[-1].get("run_settings"), dict):
-        return False
-    if not failures_ok and prov[-1].get("failed_tiles"):
-        return False  # run again: the failure stops it, as it would have without resume
+        return None
+    return prov[-1]
+
+
+def _same_settings(rec, manifest) -> bool:
     # the journal's version names the format of unfinished runs' batch files, not the output's
-    settings = {k: v for k, v in prov[-1]["run_settings"].items() if k != "journal"}
-    return settings == {k: v for k, v in manifest.items() if k != "journal"}
+    return ({k: v for k, v in rec["run_settings"].items() if k != "journal"}
+            == {k: v for k, v in manifest.items() if k != "journal"})
+
+
+def _other_settings(out, manifest) -> bool:
+    """Whether ``out`` is the finished result of a pipeline run with settings other than these."""
+    rec = _last_run(out)
+    return rec is not None and not _same_settings(rec, manifest)
+
+
+def _finished_before(out, manifest, failures_ok=True) -> bool:
+    """Whether ``out`` is the complete result of a run with these settings (its last provenance says so);
+    with ``failures_ok=False`` (a run with ``on_error="raise"``) not if that run skipped failed tiles."""
+    rec = _last_run(out)
+    if rec is None:
+        return False
+    if not failures_ok and rec.get("failed_tiles"):
+        return False  # run again: the failure stops it, as it would have without resume
+    return _same_settings(rec, manifest)
 
 
 def _slide_metadata(job, first_batch) -> dict:

@@ -124,13 +124,60 @@ def _stitched(h5, size):
         canvas[b2:d2, a2:c2] = small[b2 - b:d2 - b, a2 - a:c2 - a]
         seen[b2:d2, a2:c2] = True
     brightfield = meta.get("slide_type") in (None, "HE", "IHC") and channels == 3
-    if brightfield:
-        canvas[~seen] = 255  # glass where no tile was kept
     dtype = np.dtype(h5.images.dtype) if len(coords) else np.dtype(np.uint8)
+    if brightfield and seen.any():  # glass where no tile was kept: white (float tiles: their brightest value)
+        canvas[~seen] = np.iinfo(dtype).max if dtype.kind in "ui" else canvas[seen].max()
     if dtype.kind in "ui":  # back to the tiles' own type: shown as a thumbnail of the slide would be
         info = np.iinfo(dtype)
         canvas = canvas.round().clip(info.min, info.max).astype(dtype)
     return to_rgb(canvas, brightfield=brightfield, channel_names=meta.get("channel_names"))
+
+
+def _pair(v, default=0.0):
+    """(x, y) of a setting given as one number or a pair (None: the default)."""
+    if v is None:
+        return float(default), float(default)
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return float(v[0]), float(v[1])
+    return float(v), float(v)
+
+
+def _core_inset(coords, down, tile_w, tile_h):
+    """Level-0 (x, y) margin between a tile's edge and its own part: half of what neighbours share, found from
+    the tiles' positions (the smallest step between two columns, two rows) so that it holds for files with no
+    record of their tiling too."""
+    out = []
+    if not len(coords):
+        return 0.0, 0.0
+    ds = float(np.median(down))
+    for axis, size in ((0, tile_w), (1, tile_h)):
+        steps = np.diff(np.unique(coords[:, axis]))
+        steps = steps[steps > 0]
+        out.append(max(0.0, (size * ds - float(steps.min())) / 2) if len(steps) else 0.0)
+    return out[0], out[1]
+
+
+def _failed_size(rec, meta, down, tile_w, tile_h):
+    """Level-0 (w, h) of the tiles a run records as failed: its tile size at its downsample (that of the
+    stored tiles, else the one its tiling asked for)."""
+    tiling = rec.get("tiling") if isinstance(rec.get("tiling"), dict) else {}
+    try:
+        tw, th = _pair(tiling.get("tile_size"), tile_w or 0)
+    except (TypeError, ValueError):
+        tw, th = float(tile_w or 0), float(tile_h or 0)
+    if len(down):
+        ds = float(np.median(down))
+    else:  # no tile was stored: the downsample the run's tiling implies
+        ds = 1.0
+        mpp, level, levels = tiling.get("mpp"), tiling.get("level"), meta.get("levels") or []
+        try:
+            if mpp is not None and meta.get("mpp"):
+                ds = _pair(mpp)[0] / float(meta["mpp"][0])
+            elif level is not None and 0 <= int(level) < len(levels):
+                ds = float(levels[int(level)]["downsample"])
+        except (TypeError, ValueError, KeyError, IndexError):
+            ds = 1.0
+    return tw * ds, th * ds
 
 
 def _label_values(h5, name):
@@ -258,12 +305,7 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
         pic[mask_outline(h5.masks[name], (tw, th))] = MASK_COLOURS[k % len(MASK_COLOURS)]
 
     coords, down, (tile_h, tile_w) = _geometry(h5)
-    overlap = 0
-    for rec in reversed(h5.provenance):
-        tiling = rec.get("tiling") if isinstance(rec, dict) else None
-        if isinstance(tiling, dict) and tiling.get("overlap") is not None:
-            overlap = int(tiling["overlap"])
-            break
+    inset = _core_inset(coords, down, tile_w, tile_h)
     im = Image.fromarray(pic)
     fill = Image.new("RGBA", im.size, (0, 0, 0, 0))
     draw_fill = ImageDraw.Draw(fill)
@@ -272,9 +314,11 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
         known = [v for v in values if v is not None]
         numeric = bool(known) and all(isinstance(v, float) for v in known)
         if numeric:
-            lo, hi = (float(min(known)), float(max(known)))
+            finite = [v for v in known if math.isfinite(v)] or [0.0]  # (an infinite value takes an end's colour)
+            lo, hi = float(min(finite)), float(max(finite))
             span = hi - lo
-            colours = ramp(np.array([np.nan if v is None else ((v - lo) / span if span else 0.5) for v in values]))
+            colours = ramp(np.array([np.nan if v is None or math.isnan(v) else
+                                     (min(max((v - lo) / span, 0.0), 1.0) if span else 0.5) for v in values]))
             classes = []
         else:
             lo = hi = 0.0
@@ -284,9 +328,9 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
         legend = _legend(tw, label, numeric, lo, hi, classes)
     rects = []
     for i, ((x, y), ds) in enumerate(zip(coords, down)):
-        a = overlap / 2 * ds  # the tile's own part: without the half-overlap it shares on each side
-        x0, y0 = (x + a) * sx, (y + a) * sy
-        x1, y1 = (x + tile_w * ds - a) * sx, (y + tile_h * ds - a) * sy
+        ax, ay = inset  # the tile's own part: without the half-overlap it shares with each neighbour
+        x0, y0 = (x + ax) * sx, (y + ay) * sy
+        x1, y1 = (x + tile_w * ds - ax) * sx, (y + tile_h * ds - ay) * sy
         rects.append((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)))
         if values is not None and values[i] is not None:
             c = tuple(int(v) for v in colours[i])
@@ -295,14 +339,18 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
     draw = ImageDraw.Draw(im)
     for r in rects:
         draw.rectangle(r, outline=TILE_COLOUR)
-    ds0 = float(down[0]) if len(down) else 1.0
     for rec in h5.provenance:  # tiles a run skipped after a failure
-        for f in (rec.get("failed_tiles") or []) if isinstance(rec, dict) else []:
-            if isinstance(f, dict) and "x" in f and "y" in f:
-                ts = (rec.get("tiling") or {}).get("tile_size") or tile_w or 0
+        failed = rec.get("failed_tiles") if isinstance(rec, dict) else None
+        if not failed:
+            continue
+        fw, fh = _failed_size(rec, meta, down, tile_w, tile_h)
+        for f in failed:
+            try:
                 x, y = float(f["x"]), float(f["y"])
-                draw.rectangle([x * sx, y * sy, (x + ts * ds0) * sx - 1, (y + ts * ds0) * sy - 1],
-                               outline=FAILED_COLOUR, width=2)
+            except (TypeError, KeyError, ValueError):
+                continue
+            draw.rectangle([x * sx, y * sy, max(x * sx, (x + fw) * sx - 1), max(y * sy, (y + fh) * sy - 1)],
+                           outline=FAILED_COLOUR, width=2)
     if centroids is not None:
         for (x, y), ds, pts in zip(coords, down, centroids):
             for px, py in zip((x + pts[:, 0] * ds) * sx, (y + pts[:, 1] * ds) * sy):
