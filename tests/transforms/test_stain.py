@@ -8,6 +8,7 @@ from PIL import Image
 
 from histoflow.core.slide import SlideData
 from histoflow.core.tile import Tile
+from histoflow.errors import PipelineError
 from histoflow.transforms import stain as S
 from histoflow.transforms.base import Pipeline, Transform
 from histoflow.transforms.stain import (
@@ -395,9 +396,12 @@ def test_fitted_reference_is_a_parameter(tmp_path, slide, cmu):
         StainNormalizationHE(reference={"lab_means": [1, 2, 3], "lab_stds": [1, 1, 1]})
     out = str(tmp_path / "n.h5path")
     means = []
-    for ref, resume in ((ref_a, False), (ref_b, True)):
+    for ref in (ref_a, ref_b):
         p = Pipeline([StainNormalizationHE().fit_to_reference(ref)])
-        SlideData(SVS).run(p, out, tile_size=512, executor="inprocess", progress=False, resume=resume)
+        if ref is ref_b:  # another reference: not taken for the finished run on resume (refused, not replaced)
+            with pytest.raises(PipelineError, match="exists, the result of a run with other settings"):
+                SlideData(SVS).run(p, out, tile_size=512, executor="inprocess", progress=False, resume=True)
+        SlideData(SVS).run(p, out, tile_size=512, executor="inprocess", progress=False)
         with read_h5path(out) as h:
             means.append(np.mean([h.tile(i).image.mean() for i in range(len(h))]))
     fresh = str(tmp_path / "fresh.h5path")
