@@ -221,3 +221,35 @@ def test_float_tiles_are_drawn_in_colour_not_black(tmp_path):
     s = pic.shape[1] / 2220
     inside = pic[int(y * s) + 4:int((y + 256) * s) - 4, int(x * s) + 4:int((x + 256) * s) - 4]
     assert inside.mean() > 60 and (pic[-10:, -10:] >= 250).all()  # tissue in colour, glass white
+
+
+def test_another_slide_at_the_source_path_is_not_drawn_under_the_tiles(qc_store):
+    """A slide of another size given (or now at the file's source_path) was drawn under the tiles, out of
+    register: the stored tiles are drawn instead, or with background="slide" the sizes are said."""
+    from datafiles import data_path
+
+    other = data_path("wsi", "ome_tiff", "instanseg_HE_example.ome.tif")  # 1380 x 1484 px
+    with pytest.raises(H5PathError, match=r"cannot draw over the slide .*instanseg_HE_example.ome.tif: it is "
+                                          r"1380 x 1484 px, the file's slide 2220 x 2967 px"):
+        overview(qc_store, 300, background="slide", slide=other)
+    assert np.array_equal(overview(qc_store, 300, slide=other), overview(qc_store, 300, background="tiles"))
+
+
+def test_a_large_slide_mask_is_read_with_a_stride(tmp_path, monkeypatch):
+    """A level-0 slide mask was read whole for a small picture; now every k-th pixel, with the same outline."""
+    from histoflow.store import overview as ov
+
+    slide = SlideData(SVS)
+    mask = np.zeros((2967, 2220), bool)
+    mask[500:2500, 400:1800] = True
+    slide.add_mask("region", mask, downsample=1.0)
+    out = slide.run(None, tmp_path / "m.h5path", executor="inprocess", progress=False)
+    read = []
+    real = ov._mask_view
+    monkeypatch.setattr(ov, "_mask_view", lambda h5, name, width: read.append(real(h5, name, width)) or read[-1])
+    strided = overview(out, 300)
+    assert read[0].shape[0] < 2967 / 3  # not the whole mask
+    monkeypatch.setattr(ov, "_mask_view", lambda h5, name, width: h5.masks[name])
+    whole = overview(out, 300)
+    a, b = _where(strided, MASK_COLOURS[0]), _where(whole, MASK_COLOURS[0])
+    assert b.sum() > 500 and (a ^ b).sum() <= 0.05 * b.sum()

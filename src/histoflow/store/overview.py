@@ -71,17 +71,39 @@ def _background(h5, size, background, slide):
 
             if source is None:
                 raise H5PathError("the file does not name its slide")
+            want = (int(meta["width"]), int(meta["height"]))
             if isinstance(source, (str, os.PathLike)):
                 with open_slide(source) as r:
+                    _same_size(r, want)
                     return to_rgb(r.thumbnail(size), brightfield=r.brightfield, channel_names=r.channel_names), \
                         "slide"
             reader = getattr(source, "reader", source)  # a SlideData or a reader
+            _same_size(reader, want)
             return to_rgb(reader.thumbnail(size), brightfield=reader.brightfield,
                           channel_names=reader.channel_names), "slide"
         except Exception as e:  # noqa: BLE001 - any failure to open it: the tiles instead, or say why
             if background == "slide":
                 raise H5PathError(f"{h5.path}: cannot draw over the slide {source}: {e}") from None
     return _stitched(h5, size), "tiles"
+
+
+def _same_size(reader, want):
+    """Refuse a slide of another size than the file's (another slide now at its ``source_path``)."""
+    got = tuple(int(v) for v in reader.dimensions)
+    if got != want:
+        raise H5PathError(f"it is {got[0]} x {got[1]} px, the file's slide {want[0]} x {want[1]} px")
+
+
+def _mask_view(h5, name, width):
+    """Slide mask ``name`` read with a stride, no finer than twice the picture's ``width`` (a level-0 mask of
+    a large slide is not read whole for a 1024 px picture)."""
+    src = h5._s()
+    if hasattr(src, "_mask_ds"):
+        ds = src._mask_ds(name)
+        step = max(1, int(ds.shape[1] // (2 * max(1, width))))
+        if step > 1:
+            return ds[::step, ::step]  # (outlines are of values > 0, or >= 0.5 for floats: bool or not alike)
+    return h5.masks[name]
 
 
 def _geometry(h5):
@@ -302,7 +324,7 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
     pic = thumb[..., :3].copy()
 
     for k, name in enumerate(h5.masks):  # slide masks: outlines
-        pic[mask_outline(h5.masks[name], (tw, th))] = MASK_COLOURS[k % len(MASK_COLOURS)]
+        pic[mask_outline(_mask_view(h5, name, tw), (tw, th))] = MASK_COLOURS[k % len(MASK_COLOURS)]
 
     coords, down, (tile_h, tile_w) = _geometry(h5)
     inset = _core_inset(coords, down, tile_w, tile_h)
