@@ -656,13 +656,8 @@ def cmd_run(args):
     t0 = time.perf_counter()
     slides = SlideDataset([_slide_data(p, args.slide_mpp, slide_type=args.slide_type) for p in args.slides])
     outs = slides.output_paths(args.output)
-    inputs = {os.path.realpath(p) for p in args.slides}
     # each slide's picture, OUTDIR/<slide>.png, or <slide>_picture.png where that is one of the inputs
     pngs = [None if args.png == "none" else _picture_path(None, p, avoid=args.slides) for p in outs]
-    clash = [p for p in outs if os.path.realpath(p) in inputs]
-    if clash:
-        slides.close()
-        raise OutputError(f"{clash[0]}: the output would replace an input; give another -o")
     if not args.overwrite and not args.resume:  # finished results are not replaced by mistake
         done = [p for p in outs + pngs if p and os.path.isfile(p)] + [p for _, p in _journals(outs)]
         if done:

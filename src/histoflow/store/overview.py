@@ -120,8 +120,7 @@ def _geometry(h5):
 
 def _stitched(h5, size):
     """The stored tiles put back together at a thumbnail's scale (where the slide cannot be opened)."""
-    import cv2
-
+    from ..core.resample import resize
     from ..utils import progress_bar, to_rgb
 
     meta = h5.slide
@@ -141,8 +140,7 @@ def _stitched(h5, size):
         a2, b2, c2, d2 = max(a, 0), max(b, 0), min(c, w), min(d, h)
         if c2 <= a2 or d2 <= b2:
             continue
-        img = np.asarray(images[i], np.float32)
-        small = cv2.resize(img, (c - a, d - b), interpolation=cv2.INTER_AREA).reshape(d - b, c - a, channels)
+        small = resize(np.asarray(images[i]), (c - a, d - b))  # area average, in the tiles' own dtype
         canvas[b2:d2, a2:c2] = small[b2 - b:d2 - b, a2 - a:c2 - a]
         seen[b2:d2, a2:c2] = True
     brightfield = meta.get("slide_type") in (None, "HE", "IHC") and channels == 3
