@@ -505,6 +505,9 @@ def test_a_model_without_a_pixel_size_says_what_it_assumes(tmp_path):
     models.save(net, tmp_path / "bare.pt", card={})
     models.save(net, tmp_path / "at20x.pt", card={"mpp": 0.5})
     img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    with warnings.catch_warnings():  # an image of unknown pixel size is segmented as it is: nothing assumed
+        warnings.simplefilter("error")
+        NucleusSegmentation(str(tmp_path / "bare.pt"), threads=1).F(img)
     with pytest.warns(UserWarning, match=r"bare.pt: the model's card does not say the pixel size .* assuming 0.25"):
         NucleusSegmentation(str(tmp_path / "bare.pt"), threads=1).F(img, 0.5)
     with warnings.catch_warnings():

@@ -178,6 +178,51 @@ def test_tile_cores_come_from_the_tiles_positions(tmp_path):
     pic = overview(out, 2967)  # level 0
     assert _column_runs(pic, 192 + 32, TILE_COLOUR) > 0.5  # a core's left edge
     assert _column_runs(pic, 192, TILE_COLOUR) < 0.05       # a tile's own left edge is not drawn
+    # the first column owns up to the slide's edge (TileGrid.core): its core starts at 0, not 32 px in
+    assert _column_runs(pic, 0, TILE_COLOUR) > 0.5 and _column_runs(pic, 32, TILE_COLOUR) < 0.05
+
+
+def test_the_last_tiles_own_up_to_the_slide_edge(tmp_path):
+    """Edge tiles' cores were inset on the slide's edge too, leaving a strip there that no tile seemed to own.
+    With edge="drop" the last column (x = 1920 of this 2220 px wide slide: 10 strides of 192) ends at 2176."""
+    out = SlideData(SVS).run(Pipeline([BlurQC()]), tmp_path / "d.h5path", tile_size=256, overlap=64, edge="drop",
+                             executor="inprocess", progress=False)
+    with read_h5path(out) as h5:
+        assert int(h5.coords[:, 0].max()) == 1920 and int(h5.coords[:, 1].max()) == 2688
+    pic = overview(out, 2967)  # level 0
+    assert _column_runs(pic, 1920 + 256 - 1, TILE_COLOUR) > 0.5   # the last column's right edge: the tile's own
+    assert _column_runs(pic, 1920 + 256 - 32 - 1, TILE_COLOUR) < 0.05
+    assert _where(pic[2688 + 256 - 1, :2000], TILE_COLOUR).mean() > 0.5  # the last row's bottom edge
+    assert _column_runs(pic, 1728 + 256 - 32 - 1, TILE_COLOUR) > 0.5  # inside, cores still meet halfway
+
+
+def test_many_classes_each_get_their_own_colour(tmp_path):
+    """More than 10 classes reused tab10's colours: two classes looked the same in the picture and legend."""
+    from histoflow.store.overview import class_colours
+
+    for n in (3, 10, 11, 24, 60):
+        assert len(set(class_colours(n))) == n
+    slide = SlideData(SVS)
+    tiles = []
+    for k, t in enumerate(slide.generate_tiles(256)):
+        t.labels = {"region": f"r{k:02d}"}
+        tiles.append(t)
+        if len(tiles) == 24:
+            break
+    out = str(tmp_path / "c.h5path")
+    slide.write(out, tiles=iter(tiles), progress=False)
+    plain = overview(out, 2967, background="tiles").astype(float)
+    pic = overview(out, 2967, label="region", background="tiles")
+    palette = np.array(class_colours(len(tiles)), float)
+    a = 110 / 255  # the tint's opacity: picture = plain * (1 - a) + colour * a
+    for k, (x, y) in enumerate(t.coords for t in tiles):
+        if x + 128 >= 2220 or y + 128 >= 2967:
+            continue
+        colour = (pic[y + 128, x + 128] - plain[y + 128, x + 128] * (1 - a)) / a
+        assert np.argmin(np.abs(palette - colour).sum(axis=1)) == k  # each tile tinted with its own class
+    legend = pic[-22:].reshape(-1, 3)
+    swatches = {tuple(c) for c in legend.tolist()}
+    assert all(tuple(c) in swatches for c in palette.astype(int).tolist())  # and each class in the legend
 
 
 def test_pairs_of_sizes_and_runs_where_every_tile_failed(tmp_path):
@@ -253,3 +298,31 @@ def test_a_large_slide_mask_is_read_with_a_stride(tmp_path, monkeypatch):
     whole = overview(out, 300)
     a, b = _where(strided, MASK_COLOURS[0]), _where(whole, MASK_COLOURS[0])
     assert b.sum() > 500 and (a ^ b).sum() <= 0.05 * b.sum()
+
+
+def test_pathml_integer_labels_are_numbers_as_in_our_files(tmp_path):
+    """A PathML file's integer tile labels (its `grade`) were coloured as classes, while the same integers in
+    our files go on the number scale: now both are numbers, from dark blue (lowest) to yellow (highest)."""
+    import shutil
+
+    import h5py
+    from datafiles import data_path
+
+    path = tmp_path / "pm.h5path"
+    shutil.copy(data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path"), path)
+    with h5py.File(path, "a") as f:
+        for k, key in enumerate(sorted(f["tiles"])):
+            f["tiles"][key]["labels"].attrs["grade"] = np.int64(k)
+    with read_h5path(path) as h5:
+        grades = [h5.tile(i).labels["grade"] for i in range(len(h5))]
+        coords, (th, tw) = h5.coords, h5.tile(0).image.shape[:2]
+        W = h5.slide["width"]
+    plain = overview(path, 600, background="tiles").astype(float)
+    pic = overview(path, 600, label="grade", background="tiles")
+    s = plain.shape[1] / W
+    a = 110 / 255
+    ends = ramp(np.array([0.0, 1.0]))
+    for want, k in ((ends[0], int(np.argmin(grades))), (ends[1], int(np.argmax(grades)))):
+        x, y = (int((c + d / 2) * s) for c, d in zip(coords[k], (tw, th)))
+        colour = (pic[y, x] - plain[y, x] * (1 - a)) / a
+        assert np.abs(colour - want).max() < 8

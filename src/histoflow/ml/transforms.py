@@ -76,10 +76,8 @@ class _Runner:
         from . import models
 
         self.card = models.read_card(path)
-        if not self.card.get("mpp"):
-            warnings.warn(f"{path}: the model's card does not say the pixel size it was trained at (mpp); "
-                          "assuming 0.25 µm/px (40x): add \"mpp\" to its card if that is wrong", UserWarning,
-                          stacklevel=2)
+        self.path = path
+        self._said_mpp = bool(self.card.get("mpp"))  # a card without mpp is named once, when a scale depends on it
         self.mpp = float(self.card.get("mpp") or 0.25)
         self.backend = backend
         if backend == "onnx":
@@ -104,6 +102,11 @@ class _Runner:
     def segment(self, image, mpp, **kw):
         from .nucleus import segment_nuclei
 
+        if mpp is not None and not self._said_mpp:  # an image of unknown pixel size is not resized: no word
+            self._said_mpp = True
+            warnings.warn(f"{self.path}: the model's card does not say the pixel size it was trained at (mpp); "
+                          "assuming 0.25 µm/px (40x): add \"mpp\" to its card if that is wrong", UserWarning,
+                          stacklevel=3)
         scale = 1.0 if mpp is None else float(mpp) / self.mpp
         if self.backend == "onnx" or not self.threads:
             return segment_nuclei(self.model, image, scale=scale, **kw)

@@ -31,6 +31,20 @@ FAILED_COLOUR = (230, 0, 0)
 INSTANCE_COLOUR = (0, 200, 255)
 
 
+def class_colours(n: int) -> list:
+    """``n`` distinct RGB colours for classes: tab10 up to 10, else ``n`` hues around the colour wheel at two
+    lightnesses in turn (so that no two classes share a colour however many there are, up to 256)."""
+    if n <= len(CLASS_COLOURS):
+        return CLASS_COLOURS[:n]
+    import colorsys
+
+    out = []
+    for k in range(n):
+        r, g, b = colorsys.hsv_to_rgb(k / n, 0.75, 0.95 if k % 2 == 0 else 0.6)
+        out.append((int(round(r * 255)), int(round(g * 255)), int(round(b * 255))))
+    return out
+
+
 def ramp(values: np.ndarray) -> np.ndarray:
     """RGB uint8 colours of values in [0, 1] on a viridis-like scale (NaN: grey)."""
     v = np.asarray(values, np.float64)
@@ -162,18 +176,46 @@ def _pair(v, default=0.0):
     return float(v), float(v)
 
 
-def _core_inset(coords, down, tile_w, tile_h):
+def _core_inset(coords, down, tile_w, tile_h, step):
     """Level-0 (x, y) margin between a tile's edge and its own part: half of what neighbours share, found from
-    the tiles' positions (the smallest step between two columns, two rows) so that it holds for files with no
-    record of their tiling too."""
-    out = []
+    the tiles' positions (``step``: the smallest step between two columns, two rows; :func:`_steps`) so that it
+    holds for files with no record of their tiling too."""
     if not len(coords):
         return 0.0, 0.0
     ds = float(np.median(down))
-    for axis, size in ((0, tile_w), (1, tile_h)):
-        steps = np.diff(np.unique(coords[:, axis]))
+    return tuple(max(0.0, (size * ds - st) / 2) if st else 0.0 for size, st in ((tile_w, step[0]), (tile_h, step[1])))
+
+
+def _edge_mode(h5) -> str:
+    """How the last run's grid ended at the slide's right and bottom edges ("pad" where nothing says)."""
+    for rec in reversed(h5.provenance):
+        tiling = rec.get("tiling") if isinstance(rec, dict) else None
+        if isinstance(tiling, dict) and tiling.get("edge") in ("pad", "drop"):
+            return tiling["edge"]
+    return "pad"
+
+
+def _core_box(x, y, ds, tile_w, tile_h, inset, step, size, edge):
+    """Level-0 (x0, y0, x1, y1) of a tile's own part: inset by half of what it shares with each neighbour,
+    except on a side where it is the grid's first or last tile (it owns up to the slide's edge there, as
+    :meth:`histoflow.core.grid.TileGrid.core` says). Grids start at 0; the last column or row is the one that
+    reaches the edge ("pad") or after which no whole tile fits ("drop")."""
+    box = []
+    for lo, extent, a, st, full in ((x, tile_w * ds, inset[0], step[0], size[0]),
+                                    (y, tile_h * ds, inset[1], step[1], size[1])):
+        last = lo + extent >= full - 1 if edge == "pad" else lo + st + extent > full + 1
+        box.append((lo + (0.0 if lo < 1 else a), lo + extent - (0.0 if last or not st else a)))
+    (x0, x1), (y0, y1) = box
+    return x0, y0, x1, y1
+
+
+def _steps(coords):
+    """The smallest step between two columns and between two rows of tiles (0 where there is one)."""
+    out = []
+    for axis in (0, 1):
+        steps = np.diff(np.unique(coords[:, axis])) if len(coords) else np.zeros(0)
         steps = steps[steps > 0]
-        out.append(max(0.0, (size * ds - float(steps.min())) / 2) if len(steps) else 0.0)
+        out.append(float(steps.min()) if len(steps) else 0.0)
     return out[0], out[1]
 
 
@@ -218,7 +260,17 @@ def _label_values(h5, name):
             else:
                 out.append(bool(v) if kind == "bool" else float(v))
         return out
-    return [h5.tile(i).labels.get(name) for i in range(len(h5))]
+    out = []  # (PathML's files) the same kinds as the columns of ours: numbers as float, booleans as bool
+    for i in range(len(h5)):
+        v = h5.tile(i).labels.get(name)
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = None if isinstance(v, float) and math.isnan(v) else float(v)
+        out.append(v)
+    return out
 
 
 def _instances(h5, name):
@@ -258,6 +310,7 @@ def _legend(width, name, numeric, lo, hi, classes):
             d.line([(x + j, 5), (x + j, 16)], fill=tuple(int(c) for c in colours[j]))
         d.text((x + bar + 6, 5), f"{hi:.4g}", fill=(0, 0, 0), font=font)
     else:
+        palette = class_colours(len(classes))
         x = 6
         d.text((x, 5), f"{name}:", fill=(0, 0, 0), font=font)
         x += int(d.textlength(f"{name}:", font=font)) + 8
@@ -265,7 +318,7 @@ def _legend(width, name, numeric, lo, hi, classes):
             if x > width - 30:
                 d.text((x, 5), "...", fill=(0, 0, 0), font=font)
                 break
-            d.rectangle([x, 6, x + 10, 16], fill=CLASS_COLOURS[k % len(CLASS_COLOURS)])
+            d.rectangle([x, 6, x + 10, 16], fill=palette[k])
             d.text((x + 14, 5), str(c), fill=(0, 0, 0), font=font)
             x += 14 + int(d.textlength(str(c), font=font)) + 10
     return np.asarray(strip)
@@ -325,7 +378,8 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
         pic[mask_outline(_mask_view(h5, name, tw), (tw, th))] = MASK_COLOURS[k % len(MASK_COLOURS)]
 
     coords, down, (tile_h, tile_w) = _geometry(h5)
-    inset = _core_inset(coords, down, tile_w, tile_h)
+    step, edge = _steps(coords), _edge_mode(h5)
+    inset = _core_inset(coords, down, tile_w, tile_h, step)
     im = Image.fromarray(pic)
     fill = Image.new("RGBA", im.size, (0, 0, 0, 0))
     draw_fill = ImageDraw.Draw(fill)
@@ -343,14 +397,15 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
         else:
             lo = hi = 0.0
             classes = sorted({str(v) for v in known})
+            palette = class_colours(len(classes))
             index = {c: k for k, c in enumerate(classes)}
-            colours = [None if v is None else CLASS_COLOURS[index[str(v)] % len(CLASS_COLOURS)] for v in values]
+            colours = [None if v is None else palette[index[str(v)]] for v in values]
         legend = _legend(tw, label, numeric, lo, hi, classes)
     rects = []
     for i, ((x, y), ds) in enumerate(zip(coords, down)):
-        ax, ay = inset  # the tile's own part: without the half-overlap it shares with each neighbour
-        x0, y0 = (x + ax) * sx, (y + ay) * sy
-        x1, y1 = (x + tile_w * ds - ax) * sx, (y + tile_h * ds - ay) * sy
+        # the tile's own part: without the half-overlap it shares with each neighbour
+        x0, y0, x1, y1 = _core_box(x, y, ds, tile_w, tile_h, inset, step, (W, H), edge)
+        x0, y0, x1, y1 = x0 * sx, y0 * sy, x1 * sx, y1 * sy
         rects.append((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)))
         if values is not None and values[i] is not None:
             c = tuple(int(v) for v in colours[i])
