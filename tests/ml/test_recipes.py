@@ -381,3 +381,34 @@ def test_tile_classification_without_training_files_is_a_config_error(tmp_path):
         with pytest.raises(ConfigError, match=r"c\.yaml: data\.train is an h5path file or a list of them"):
             train_from_config(cfg)
     assert not (tmp_path / "cls").exists()
+
+
+def test_nucleus_post_processing_goes_into_the_card_and_deep_networks_validate(tmp_path):
+    """The post-processing that chose the epoch (data.postprocess, or for a fine-tune the starting model's own)
+    was not written to the card, so NucleusSegmentation ran the result with its defaults; and validation images
+    were padded to multiples of 16 whatever the network, so a 6-level U-Net (multiples of 32) crashed after its
+    first epoch."""
+    import torch
+
+    from histoflow.ml import models
+
+    ids = ["TCGA-21-5784-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX1"]
+    base = {"task": "nucleus_segmentation",
+            "data": {"root": MONUSEG, "ids": ids, "val_ids": ids[1:], "crop": 64, "crops_per_epoch": 4},
+            "model": {"name": "unet", "params": {"out_channels": 4, "filters": [4, 4, 4, 4, 4, 4]}},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 0.01, "seed": 1, "progress": False},
+            "card": {"mpp": 0.25}}
+    post = {"fg_threshold": 0.45, "marker_threshold": 0.35, "sobel_ksize": 7}
+    cfg = dict(base, data=dict(base["data"], postprocess=post), output=str(tmp_path / "deep"))
+    _, hist = train_from_config(cfg)  # validated on a 1000 x 1000 image: padded to 1024, not 1008
+    assert len(hist) == 1 and np.isfinite(hist[0]["val_loss"])
+    assert json.load(open(tmp_path / "deep" / "best.json"))["postprocess"] == post
+    assert base["card"] == {"mpp": 0.25} and "split" not in cfg["card"]  # the caller's dict is left as it was
+    # a fine-tune without data.postprocess keeps (and validates with) its starting model's
+    torch.manual_seed(0)
+    start = models.create("unet", out_channels=4, filters=[4, 4, 4, 4, 4, 4]).eval()
+    own = {"fg_threshold": 0.55, "marker_threshold": 0.5, "sobel_ksize": 9, "min_size": 5}
+    models.save(start, tmp_path / "start.pt", card={"mpp": 0.25, "postprocess": own})
+    ft = dict(base, model=dict(base["model"], init=str(tmp_path / "start.pt")), output=str(tmp_path / "ft"))
+    train_from_config(ft)
+    assert json.load(open(tmp_path / "ft" / "best.json"))["postprocess"] == own

@@ -345,10 +345,20 @@ def _nucleus_segmentation(cfg, resume=False):
     # that copy knows the epoch that the trainer sets (set_epoch), i.e. which crops and augmentations to make
     loader = torch.utils.data.DataLoader(train, batch_size=settings["batch_size"], shuffle=False,
                                          num_workers=settings["num_workers"])
+    torch.manual_seed(seed)  # the initial weights too: the same config trains the same model in any process
+    model = _model(cfg)
+    # the post-processing that chooses the epoch is the one the model's card gives NucleusSegmentation:
+    # data.postprocess, else (fine-tuning) the starting model's own
+    post = _postprocess(cfg)
+    if not post and (cfg.get("model") or {}).get("init"):
+        from . import models
+
+        post = dict(models.read_card(_path(cfg, cfg["model"]["init"])).get("postprocess") or {})
     val_loader = validate = None
-    if val_ids:
-        val_loader = torch.utils.data.DataLoader(NucleusImages(load_monuseg(root, val_ids, mpp=mpp)), batch_size=1)
-        post = _postprocess(cfg)
+    if val_ids:  # whole images, padded to what the network needs (a 6-level U-Net: multiples of 32)
+        val_loader = torch.utils.data.DataLoader(
+            NucleusImages(load_monuseg(root, val_ids, mpp=mpp), divisor=int(getattr(model, "size_divisor", 16))),
+            batch_size=1)
 
         @torch.no_grad()
         def _validate(model, vl, device):
@@ -373,10 +383,10 @@ def _nucleus_segmentation(cfg, resume=False):
 
         validate = _validate
 
-    torch.manual_seed(seed)  # the initial weights too: the same config trains the same model in any process
-    model = _model(cfg)
     card = cfg.setdefault("card", {})
     card.setdefault("task", "nucleus_segmentation")
+    if post:
+        card.setdefault("postprocess", post)
     if card.get("mpp") is not None:
         card["mpp"] = _positive(cfg, "card.mpp", card["mpp"])
     if mpp is not None:
@@ -480,9 +490,13 @@ TASKS = {"nucleus_segmentation": _nucleus_segmentation, "tile_classification": _
 def train_from_config(config, resume: bool = False):
     """Run the training a configuration describes; returns ``(trainer, history)``.
 
-    ``config`` is a path to a YAML file or an already loaded dict.
+    ``config`` is a path to a YAML file or an already loaded dict (left as it is: the run fills in a copy).
     """
-    cfg = load_config(config) if not isinstance(config, dict) else check_config(dict(config))
+    import copy
+
+    # a deep copy: the run fills in the card (split, mpp, post-processing), which a second run of the same dict
+    # with other images or settings inherited
+    cfg = load_config(config) if not isinstance(config, dict) else check_config(copy.deepcopy(config))
     where = cfg.get("_path", "configuration")
     task = _need(cfg, "task")
     if task not in TASKS:
