@@ -289,3 +289,32 @@ def test_nucleus_model_threads_reach_the_onnx_session(tmp_path):
     assert one is not two   # the thread count is part of the cache key: the first value no longer wins
     opts = [r.session.session.get_session_options().intra_op_num_threads for r in (one, two)]
     assert opts == [1, 2]
+
+
+def test_two_model_steps_whose_names_share_a_prefix_keep_to_their_own_outputs(tmp_path, classifier, segmenter):
+    """Stitching found a model's outputs by name prefix alone: SemanticSegmentation "tumour" took the masks of a
+    second step "tumour_bed" as classes of its own (its stitched argmax gained classes it does not have), and a
+    PatchClassification with label_prefix "prob_" read the other's "prob_grade_class" (a class name) as a
+    probability and crashed."""
+    from histoflow.transforms import Pipeline
+
+    def run(steps, name):
+        with SlideData(SVS) as s:
+            out = s.run(Pipeline(steps), str(tmp_path / name), tile_size=256, mpp=2.0, executor="inprocess",
+                        progress=False)
+        with read_h5path(out) as h:
+            return {k: np.asarray(h.masks[k]) for k in h.masks}
+
+    alone = run([SemanticSegmentation(segmenter, mask_name="tumour", heatmap_downsample=16)], "a.h5path")
+    both = run([SemanticSegmentation(segmenter, mask_name="tumour", heatmap_downsample=16),
+                SemanticSegmentation(segmenter, mask_name="tumour_bed", heatmap_downsample=16)], "b.h5path")
+    assert {"tumour_prob_0", "tumour_prob_1", "tumour_prob_2"} <= set(both)
+    assert not any(k.startswith("tumour_prob_bed") for k in both)
+    np.testing.assert_array_equal(both["tumour"], alone["tumour"])
+    np.testing.assert_array_equal(both["tumour_bed"], alone["tumour"])  # the same model: the same map
+    alone = run([PatchClassification(classifier)], "c.h5path")
+    both = run([PatchClassification(classifier),
+                PatchClassification(classifier, label_prefix="prob_grade_", heatmap_prefix="grade_")], "d.h5path")
+    assert set(both) == {"heatmap_normal", "heatmap_tumour", "grade_normal", "grade_tumour"}
+    np.testing.assert_array_equal(both["heatmap_tumour"], alone["heatmap_tumour"])
+    np.testing.assert_array_equal(both["grade_tumour"], alone["heatmap_tumour"])

@@ -346,6 +346,18 @@ class _ModelRunner:
             return out.float().cpu().numpy()
 
 
+def _model_card(path) -> dict:
+    """The card of a ``.pt`` model, read (not the weights) once per file version and process."""
+    from . import models
+
+    key = ("card", path, os.getpid(), _stamp(path, os.path.splitext(path)[0] + ".json"))
+    with _LOCK:
+        card = _CACHE.get(key)
+        if card is None:
+            card = _CACHE[key] = models.read_card(path)
+    return card
+
+
 def _card_near(path):
     import json
 
@@ -538,6 +550,24 @@ class _ReducingModelTransform(Transform, register=False):
                                  f"({names})")
         return names
 
+    def _names_in(self, present, prefix):
+        """The class names whose outputs ``<prefix><class>`` are in ``present`` (a tile's masks or labels),
+        exactly: the transform's ``classes``, else the model card's, else 0, 1, ... as far as they go. (Names
+        were found by the prefix alone, which took in the outputs of another transform whose name extends
+        it: "tumour" read "tumour_bed" as a class.) None when the tile has none of them."""
+        names = getattr(self, "_names", None)
+        if names is None:
+            path = os.path.abspath(os.fspath(self.model))
+            card = _card_near(path) if path.endswith(".onnx") else _model_card(path)
+            names = self.classes or card.get("classes")
+        if names:
+            names = [str(n) for n in names]
+            return names if all(prefix + n in present for n in names) else None
+        found = []
+        while f"{prefix}{len(found)}" in present:
+            found.append(str(len(found)))
+        return found or None
+
     def _paint(self, tile, values, weights=None):
         if getattr(self, "_dims", None) is None:
             raise HistoflowError(f"{type(self).__name__} makes a slide-level map: run it through "
@@ -622,8 +652,7 @@ class PatchClassification(_ReducingModelTransform):
         tile.labels[f"{self.label_prefix}class"] = names[int(np.argmax(p))]
 
     def collect(self, tile):
-        names = [k[len(self.label_prefix):] for k in tile.labels
-                 if k.startswith(self.label_prefix) and k != f"{self.label_prefix}class"]
+        names = self._names_in(tile.labels, self.label_prefix)
         if names:
             self._names = names
             self._paint(tile, np.array([tile.labels[f"{self.label_prefix}{n}"] for n in names], np.float32))
@@ -689,7 +718,7 @@ class SemanticSegmentation(_ReducingModelTransform):
 
     def collect(self, tile):
         prefix = f"{self.mask_name}_"
-        names = [k[len(prefix):] for k in tile.masks if k.startswith(prefix)]
+        names = self._names_in(tile.masks, prefix)
         if not names:
             return
         self._names = names
