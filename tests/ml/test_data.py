@@ -467,3 +467,25 @@ def test_patches_at_grid_corners_are_the_grid_tiles_at_any_mpp():
             assert np.array_equal(grid.read(i)["image"], table.read(i)["image"]), (mpp, i)
     off = WSIPatchDataset(SVS, coords=[(0, 301, 555)], mpp=1.0, patch_size=128)
     assert off._read_sizes[0].tolist() in ([256, 256], [256, 257], [257, 256], [257, 257])
+
+
+def test_repeats_and_files_keep_their_own_augmentation_in_a_concat_dataset(tmp_path):
+    """torch's ConcatDataset subtracts the sizes of the datasets before the one an index falls in: a Draw came
+    out as a plain int for every dataset after the first, so each repeat of their rare items was augmented the
+    same. And a seeded augmentation shared by two files gave item i of both the same flips and colours."""
+    from histoflow.ml.augment import HSVShift, RandomRotate90
+    from histoflow.ml.samplers import Draw
+
+    aug = Compose([RandomFlip(), RandomRotate90(), HSVShift(0.05, 0.2, 0.1)], seed=0)
+    coords = [(0, x, 1000) for x in range(0, 400, 100)]
+    a = WSIPatchDataset([SVS], coords=coords, patch_size=32, transform=aug)
+    twin = tmp_path / "same-pixels-other-name.svs"
+    os.symlink(SVS, twin)
+    b = WSIPatchDataset([str(twin)], coords=coords, patch_size=32, transform=aug)
+    both = torch.utils.data.ConcatDataset([a, b])
+    assert Draw(5, 2) - 4 == 1 and (Draw(5, 2) - 4).repeat == 2 and (3 + Draw(1, 1)).repeat == 1
+    copies = {both[Draw(5, r) if r else 5]["image"].numpy().tobytes() for r in range(6)}
+    assert len(copies) >= 4  # b's item 1 drawn six times: (nearly) each copy its own flips and colours
+    assert torch.equal(both[5]["image"], b[1]["image"])  # a first draw is the item as indexed alone
+    same = [torch.equal(a[i]["image"], b[i]["image"]) for i in range(4)]
+    assert not all(same)  # the same pixels under another file name: augmented independently

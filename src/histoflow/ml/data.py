@@ -128,11 +128,13 @@ def _names(requested, available, what, path):
 # --------------------------------------------------------------------------------------- TileDataset
 class _Epochs:
     """``set_epoch`` for datasets with a transform: a seeded :class:`~histoflow.ml.augment.Compose` then draws
-    each item's augmentation from (its seed, the epoch, the item, and which copy of it this is when a histoflow
-    sampler draws it again in the epoch: :class:`~histoflow.ml.samplers.Draw`), the same whichever
-    DataLoader worker (and however many) reads the item; other transforms are called as they are."""
+    each item's augmentation from (its seed, the epoch, the item, the names of the files the dataset reads, and
+    which copy of it this is when a histoflow sampler draws it again in the epoch:
+    :class:`~histoflow.ml.samplers.Draw`), the same whichever DataLoader worker (and however many) reads the
+    item; other transforms are called as they are."""
 
     _epoch = 0
+    _files_key = 0
 
     def set_epoch(self, epoch: int):
         self._epoch = int(epoch)
@@ -148,10 +150,20 @@ def _seeded(transform) -> bool:
     return isinstance(transform, Compose) and transform.seed is not None
 
 
+def _files_key(paths) -> int:
+    """A number for the files a dataset reads (by name), so that a seeded augmentation shared by the datasets
+    of a ConcatDataset does not give item i of every file the same flips and colours each epoch."""
+    import zlib
+
+    names = "|".join(os.path.basename(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else str(p)
+                     for p in paths)
+    return zlib.crc32(names.encode("utf-8", "surrogateescape"))
+
+
 def _transform(ds, sample, i):
     t = ds.transform
     if _seeded(t):
-        key = [int(t.seed), ds._epoch, int(i) % max(len(ds), 1)]
+        key = [int(t.seed), ds._epoch, int(i) % max(len(ds), 1), ds._files_key]
         repeat = getattr(i, "repeat", 0)  # a samplers.Draw: the same item drawn again this epoch
         return t(sample, rng=np.random.default_rng(key + [int(repeat)] if repeat else key))
     return t(sample)
@@ -203,6 +215,7 @@ class TileDataset(_Epochs, Dataset):
         from ..store import read_h5path
 
         self.path = os.fspath(path)
+        self._files_key = _files_key([self.path])
         if transform is not None and not callable(transform):
             raise DatasetError(f"{self.path}: transform must be callable, got {transform!r}")
         with read_h5path(self.path) as h:
@@ -559,6 +572,7 @@ class WSIPatchDataset(_Epochs, Dataset):
         self.slides = [src[0] for src in self._sources]
         if not self.slides:
             raise DatasetError("WSIPatchDataset: no slides given")
+        self._files_key = _files_key(self.slides)
         if transform is not None and not callable(transform):
             raise DatasetError(f"WSIPatchDataset: transform must be callable, got {transform!r}")
         if coords is not None and tissue_filter is not None:

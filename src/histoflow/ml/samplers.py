@@ -69,6 +69,21 @@ class Draw(int):
     def __reduce__(self):  # across DataLoader worker queues with its repeat
         return (Draw, (int(self), self.repeat))
 
+    # an offset index is the same draw: torch's ConcatDataset subtracts the sizes of the datasets before the
+    # one an index falls in (``idx - cumulative_sizes[k - 1]``), which gave a plain int for every dataset
+    # after the first, and so the same augmentation to each repeat of their rare items
+    def __add__(self, other):
+        if isinstance(other, (int, np.integer)) and not isinstance(other, bool):
+            return Draw(int(self) + int(other), self.repeat)
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if isinstance(other, (int, np.integer)) and not isinstance(other, bool):
+            return Draw(int(self) - int(other), self.repeat)
+        return NotImplemented
+
     def __repr__(self):
         return f"Draw({int(self)}, repeat={self.repeat})"
 
