@@ -318,3 +318,16 @@ def test_two_model_steps_whose_names_share_a_prefix_keep_to_their_own_outputs(tm
     assert set(both) == {"heatmap_normal", "heatmap_tumour", "grade_normal", "grade_tumour"}
     np.testing.assert_array_equal(both["heatmap_tumour"], alone["heatmap_tumour"])
     np.testing.assert_array_equal(both["grade_tumour"], alone["heatmap_tumour"])
+
+
+def test_model_inputs_are_scaled_as_training_tiles_are():
+    """Inference scaled uint8 and uint16 tiles to [0, 1] but passed uint32 ones as raw counts, which training
+    (TileDataset, WSIPatchDataset) scales by the dtype's maximum too."""
+    from histoflow.ml.data import _image_tensor
+    from histoflow.ml.transforms import _as_input
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.uint16, np.uint32, np.float32, bool):
+        info = np.iinfo(dtype).max if np.dtype(dtype).kind == "u" else 1
+        img = (rng.random((8, 6, 3)) * info).astype(dtype)
+        np.testing.assert_allclose(_as_input(img, True)[0], _image_tensor(img).numpy(), rtol=1e-6)

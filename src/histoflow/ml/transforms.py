@@ -395,12 +395,12 @@ def _model_runner(path, device=None) -> _ModelRunner:
 
 
 def _as_input(image, scale):
-    """A tile as a float32 ``(1, C, H, W)`` batch: uint8 / 255, uint16 / 65535, float as is."""
+    """A tile as a float32 ``(1, C, H, W)`` batch, scaled as the datasets scale training tiles
+    (``histoflow.ml.data``): unsigned integers over their dtype's maximum (uint8 / 255, uint16 / 65535, ...),
+    booleans as 0 / 1, floats as they are."""
     a = np.asarray(image)
-    if a.dtype == np.uint8:
-        a = a.astype(np.float32) / 255
-    elif a.dtype == np.uint16:
-        a = a.astype(np.float32) / 65535
+    if a.dtype.kind == "u":
+        a = a.astype(np.float32) * np.float32(1.0 / np.iinfo(a.dtype).max)
     else:
         a = a.astype(np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))[None] if scale else a
