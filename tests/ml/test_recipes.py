@@ -136,6 +136,7 @@ def test_tile_classification_task(tmp_path):
 
 
 def test_config_errors(tmp_path):
+    out = str(tmp_path / "run")
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "none.yaml")
     bad = tmp_path / "b.yaml"
@@ -145,14 +146,14 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown task 'segment_everything'"):
         train_from_config({"task": "segment_everything"})
     with pytest.raises(ConfigError, match="missing key data.root"):
-        train_from_config({"task": "nucleus_segmentation", "data": {}})
+        train_from_config({"task": "nucleus_segmentation", "output": out, "data": {}})
     with pytest.raises(ConfigError, match="are not in"):
-        train_from_config({"task": "nucleus_segmentation", "data": {"root": MONUSEG, "val_ids": ["nope"]}})
+        train_from_config({"task": "nucleus_segmentation", "output": out, "data": {"root": MONUSEG, "val_ids": ["nope"]}})
     one = {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"]}
     with pytest.raises(ConfigError, match=r"data.augment.zoom is a pair \[smallest, largest\]"):
-        train_from_config({"task": "nucleus_segmentation", "data": dict(one, augment={"zoom": 0.8})})
+        train_from_config({"task": "nucleus_segmentation", "output": out, "data": dict(one, augment={"zoom": 0.8})})
     with pytest.raises(ConfigError, match="data: NucleusCrops: zoom must satisfy 0 < smallest <= largest"):
-        train_from_config({"task": "nucleus_segmentation", "data": dict(one, augment={"zoom": [1.25, 0.8]})})
+        train_from_config({"task": "nucleus_segmentation", "output": out, "data": dict(one, augment={"zoom": [1.25, 0.8]})})
     from histoflow.ml.recipes import _augmenter
 
     with pytest.raises(ConfigError, match="randstain is the templates' spread, a number"):
@@ -412,3 +413,17 @@ def test_nucleus_post_processing_goes_into_the_card_and_deep_networks_validate(t
     ft = dict(base, model=dict(base["model"], init=str(tmp_path / "start.pt")), output=str(tmp_path / "ft"))
     train_from_config(ft)
     assert json.load(open(tmp_path / "ft" / "best.json"))["postprocess"] == own
+
+
+def test_a_config_without_output_is_refused_before_any_data_is_read(monkeypatch):
+    """A configuration without `output:` failed only after its images were read and its model made."""
+    import histoflow.datasets as datasets
+
+    def no(*a, **k):
+        raise AssertionError("images read before the configuration's output was checked")
+
+    monkeypatch.setattr(datasets, "load_monuseg", no)
+    cfg = {"task": "nucleus_segmentation", "data": {"root": MONUSEG},
+           "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}}}
+    with pytest.raises(ConfigError, match="missing key output .*--output DIR"):
+        train_from_config(cfg)

@@ -501,6 +501,9 @@ def train_from_config(config, resume: bool = False):
     task = _need(cfg, "task")
     if task not in TASKS:
         raise ConfigError(f"{where}: unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
+    if not cfg.get("output"):  # said before the data and the model are loaded, not after
+        raise ConfigError(f"{where}: missing key output (the folder for the run's weights and metrics; "
+                          "`histoflow train --output DIR` gives one too)")
     try:
         return TASKS[task](cfg, resume=resume)
     except ConfigError as e:  # every message names the file
