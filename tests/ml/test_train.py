@@ -434,3 +434,19 @@ def test_a_card_that_is_not_json_is_refused_before_training():
                       ({"split": {"train": ["a", {1, 2}]}}, r"card.split.train\[1\]")):
         with pytest.raises(ValueError, match=f"{key} is .* which JSON cannot hold"):
             Trainer(_mlp(), torch.nn.CrossEntropyLoss(), card=card, progress=False)
+
+
+def test_a_resumed_plateau_schedule_takes_the_new_patience(patches, tmp_path):
+    """Resuming with another patience changed early stopping but not the plateau schedule, whose patience came
+    back from the checkpoint."""
+    def trainer(patience):
+        return Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=4, lr=1e-3, schedule="plateau",
+                       patience=patience, out_dir=tmp_path / "r", progress=False)
+
+    first = trainer(2)
+    _stop_after(first, 1)
+    first.fit(*_loaders(patches))
+    assert first.scheduler.patience == 1
+    again = trainer(8)
+    again.fit(*_loaders(patches), resume=True)
+    assert again.scheduler.patience == 4 and len(again.history) == 4

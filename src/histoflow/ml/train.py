@@ -342,6 +342,10 @@ class Trainer:
                     raise TrainingError(f"{path}: cannot resume: its plateau schedule was written by an earlier "
                                         f"histoflow (mode {sched['mode']!r}); start a new run from its weights")
                 self.scheduler.load_state_dict(sched)
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    # this run's patience (which may differ from the checkpoint's) governs the schedule too,
+                    # as it governs early stopping: the checkpoint's value came back with the state
+                    self.scheduler.patience = max(1, (self.patience or 4) // 2)
             self.epoch = int(state["epoch"])
             self.history = list(state["history"])
             self.best_loss = float(state["best_loss"])
