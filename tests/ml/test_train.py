@@ -450,3 +450,27 @@ def test_a_resumed_plateau_schedule_takes_the_new_patience(patches, tmp_path):
     again = trainer(8)
     again.fit(*_loaders(patches), resume=True)
     assert again.scheduler.patience == 4 and len(again.history) == 4
+
+
+def test_amp_runs_in_float32_where_bfloat16_is_emulated(monkeypatch, recwarn):
+    """amp=True (set in every shipped config) ran bfloat16 autocast on CPUs without AVX-512 BF16 / AMX, where
+    torch emulates it: a training batch took 11x longer, inference up to 40x, without a word."""
+    import warnings
+
+    from histoflow.ml import models, nucleus
+
+    monkeypatch.setattr(nucleus, "_BF16", {"cpu": False})
+    monkeypatch.setattr(nucleus, "_SAID_AMP", set())
+    with pytest.warns(UserWarning, match=r"Trainer: amp=True asks for bfloat16, .* so it runs in float32"):
+        t = Trainer(_model(), torch.nn.CrossEntropyLoss(), amp=True, progress=False)
+    assert t.amp is False
+    net = models.create("unet", in_channels=3, out_channels=4, filters=(4, 8)).eval()
+    img = np.full((64, 64, 3), 200, np.uint8)
+    with pytest.warns(UserWarning, match="nucleus segmentation: amp=True asks for bfloat16"):
+        a = nucleus.predict_maps(net, img, amp=True)
+    b = nucleus.predict_maps(net, img)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # float32, as without amp
+    monkeypatch.setattr(nucleus, "_BF16", {"cpu": True})  # a CPU with native bf16: as asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Trainer(_model(), torch.nn.CrossEntropyLoss(), amp=True, progress=False).amp is True

@@ -305,7 +305,8 @@ def _nucleus_segmentation(cfg, resume=False):
     from ..datasets import load_monuseg, monuseg_ids
     from . import metrics
     from .losses import HoVerNetLoss
-    from .nucleus import NucleusCrops, NucleusImages, maps_to_instances, nucleus_batch_loss, split_outputs
+    from .nucleus import (NucleusCrops, NucleusImages, bf16_is_fast, maps_to_instances, nucleus_batch_loss,
+                          split_outputs)
 
     d = _need(cfg, "data")
     root = _path(cfg, _need(cfg, "data", "root"))
@@ -366,7 +367,8 @@ def _nucleus_segmentation(cfg, resume=False):
             dices, ajis, pqs = [], [], []
             for batch in vl:
                 h, w = (int(v) for v in batch["shape"][0])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(t.get("amp"))):
+                amp = bool(t.get("amp")) and bf16_is_fast(device)  # as the trainer: float32 where bf16 is emulated
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = split_outputs(model(batch["image"].to(device)).float())
                 prob = torch.softmax(out["nucleus_prediction"][0], 0)[1, :h, :w].cpu().numpy()
                 hv = out["horizontal_vertical"][0, :, :h, :w].cpu().numpy()
