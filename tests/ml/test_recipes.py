@@ -427,3 +427,32 @@ def test_a_config_without_output_is_refused_before_any_data_is_read(monkeypatch)
            "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}}}
     with pytest.raises(ConfigError, match="missing key output .*--output DIR"):
         train_from_config(cfg)
+
+
+def test_train_stopped_by_a_group_signal_says_one_line(tmp_path):
+    """`timeout`, batch systems and Ctrl-C signal the whole process group: the DataLoader workers died of the
+    TERM first and torch printed a traceback ("DataLoader worker ... is killed by signal: Terminated", exit 1)
+    instead of the command's one-line interrupt."""
+    import signal
+    import time
+
+    import psutil
+
+    ids = ["TCGA-21-5784-01Z-00-DX1", "TCGA-A7-A13E-01Z-00-DX1"]
+    cfg = {"task": "nucleus_segmentation",
+           "data": {"root": MONUSEG, "ids": ids, "val_ids": ids[1:], "crop": 64, "crops_per_epoch": 64},
+           "model": {"name": "unet", "params": {"out_channels": 4, "filters": [8, 16]}},
+           "train": {"epochs": 200, "batch_size": 4, "num_workers": 1, "seed": 1},
+           "output": str(tmp_path / "run"), "card": {"mpp": 0.25}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    p = subprocess.Popen([sys.executable, "-m", "histoflow.cli", "train", str(path), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not psutil.Process(p.pid).children():
+        time.sleep(0.05)  # until a DataLoader worker runs
+    assert p.poll() is None, p.communicate()[1]
+    time.sleep(0.3)
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and "interrupted" in err, (p.returncode, err[-2000:])

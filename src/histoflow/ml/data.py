@@ -150,6 +150,24 @@ def _seeded(transform) -> bool:
     return isinstance(transform, Compose) and transform.seed is not None
 
 
+def quiet_interrupts(worker_id=None):
+    """A DataLoader ``worker_init_fn``: on SIGINT or SIGTERM the worker leaves at once and quietly (exit 0).
+
+    A terminal's Ctrl-C, GNU ``timeout`` and batch systems signal the whole process group. A worker killed by
+    the TERM made torch raise "DataLoader worker ... is killed by signal: Terminated" in the main process, a
+    traceback instead of the command's one-line interrupt; a worker that ignored it outlived the main process
+    and printed a traceback of its own (its batch's connection reset). The main process gets the signal too
+    and stops as it should."""
+    import signal
+
+    def leave(signum, frame):
+        os._exit(0)
+
+    for name in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), leave)
+
+
 def _files_key(paths) -> int:
     """A number for the files a dataset reads (by name), so that a seeded augmentation shared by the datasets
     of a ConcatDataset does not give item i of every file the same flips and colours each epoch."""

@@ -303,6 +303,7 @@ def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
 # ---------------------------------------------------------------------------------------- tasks
 def _nucleus_segmentation(cfg, resume=False):
     from ..datasets import load_monuseg, monuseg_ids
+    from .data import quiet_interrupts
     from . import metrics
     from .losses import HoVerNetLoss
     from .nucleus import (NucleusCrops, NucleusImages, bf16_is_fast, maps_to_instances, nucleus_batch_loss,
@@ -345,7 +346,7 @@ def _nucleus_segmentation(cfg, resume=False):
     # not persistent_workers: workers take a copy of the dataset when an epoch's iterator starts, and only
     # that copy knows the epoch that the trainer sets (set_epoch), i.e. which crops and augmentations to make
     loader = torch.utils.data.DataLoader(train, batch_size=settings["batch_size"], shuffle=False,
-                                         num_workers=settings["num_workers"])
+                                         num_workers=settings["num_workers"], worker_init_fn=quiet_interrupts)
     torch.manual_seed(seed)  # the initial weights too: the same config trains the same model in any process
     model = _model(cfg)
     # the post-processing that chooses the epoch is the one the model's card gives NucleusSegmentation:
@@ -408,7 +409,7 @@ def _nucleus_segmentation(cfg, resume=False):
 
 
 def _tile_classification(cfg, resume=False):
-    from .data import TileDataset
+    from .data import TileDataset, quiet_interrupts
 
     d = _need(cfg, "data")
     label = _need(cfg, "data", "label")
@@ -446,10 +447,11 @@ def _tile_classification(cfg, resume=False):
 
     bs, nw = settings["batch_size"], settings["num_workers"]
     train = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(train_sets), batch_size=bs, shuffle=True,
-                                        num_workers=nw)
+                                        num_workers=nw, worker_init_fn=quiet_interrupts)
     val = None
     if val_sets:
-        val = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(val_sets), batch_size=bs, num_workers=nw)
+        val = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(val_sets), batch_size=bs, num_workers=nw,
+                                          worker_init_fn=quiet_interrupts)
     if classes is not None:
         cfg.setdefault("card", {}).setdefault("classes", classes)
     torch.manual_seed(settings["seed"])
