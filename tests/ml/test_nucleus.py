@@ -515,6 +515,18 @@ def test_a_model_without_a_pixel_size_says_what_it_assumes(tmp_path):
         NucleusSegmentation(str(tmp_path / "at20x.pt"), threads=1).F(img, 0.5)
 
 
+def test_the_shipped_models_onnx_export_goes_to_the_user_cache(tmp_path, monkeypatch):
+    """backend="onnx" wrote its export of a shipped model into the installed package's folder (when writable)."""
+    from histoflow.ml import transforms as mt
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    out = mt._writable_onnx(mt.builtin_model_path())
+    assert os.path.dirname(out) == str(tmp_path / "home" / ".cache" / "histoflow") and out.endswith(".onnx")
+    own = tmp_path / "mine" / "best.pt"
+    own.parent.mkdir()
+    assert mt._writable_onnx(str(own)) == str(tmp_path / "mine" / "best.onnx")  # a user's model: beside it
+
+
 def test_onnx_exports_of_read_only_weights_do_not_collide(tmp_path, monkeypatch):
     """Weights in a folder the user cannot write go to ~/.cache/histoflow; two runs' ``best.pt`` shared one
     export there, so the second model ran the first one's ONNX."""

@@ -128,12 +128,16 @@ def _fresh(onnx_path, weights):
 
 
 def _writable_onnx(path):
-    """An ONNX file next to the weights when that folder is writable, else in the user cache, named after the
-    weights' full path (two read-only ``best.pt`` of different runs must not share one export)."""
+    """An ONNX file next to the weights when that folder is writable and not inside the installed package,
+    else in the user cache (``~/.cache/histoflow``; the shipped models' exports go there, not into the
+    package), named after the weights' full path (two read-only ``best.pt`` of different runs must not share
+    one export)."""
     import hashlib
 
     folder = os.path.dirname(os.path.abspath(path))
-    if os.access(folder, os.W_OK):
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inside = os.path.commonpath([folder, package]) == package
+    if os.access(folder, os.W_OK) and not inside:
         return os.path.splitext(path)[0] + ".onnx"
     cache = os.path.join(os.path.expanduser("~"), ".cache", "histoflow")
     os.makedirs(cache, exist_ok=True)
