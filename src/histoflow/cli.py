@@ -211,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="nucleus model .pt, or nucleus_unet (40x) / nucleus_unet_20x (default: the shipped model "
                         "trained nearest the input's µm/px)")
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="run the model in torch (default) or onnxruntime (exported once; about 2x faster on CPU)")
+                   help="run the model in torch (default) or onnxruntime (exported once, to ~/.cache/histoflow for "
+                        "the shipped models; about 2x faster on CPU)")
     _slide_mpp_option(s, "the input's own µm/px, when the file does not say (default: the model's) or is wrong")
     s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
                                                        "(about 4x slower; on the test images AJI 0.625 -> 0.629)")
