@@ -97,3 +97,21 @@ def test_empty_images_give_empty_results():
             assert f(empty, 5).shape == shape
         assert StainNormalizationHE(stain_estimation_method="reinhard").F(empty).shape == shape
         assert NucleusDetectionHE().F(empty).shape == shape[:2]
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane", "reinhard"])
+def test_a_step_that_changes_nothing_before_normalisation_changes_nothing(mosaic2, method):
+    """Fitted after any pixel-changing step, StainNormalizationHE took its maximum concentrations (Reinhard: its
+    colour spread) from the thumbnail instead of full-resolution regions: adding a MedianBlur(1), which changes
+    no pixel, moved its output by ~11 grey levels on average."""
+    from histoflow.transforms import MedianBlur, Pipeline
+
+    with SlideData(mosaic2) as s:
+        tile = s.read_tile(s.grid(256)[40])
+        assert np.array_equal(MedianBlur(1).F(tile.image), tile.image)
+        outs = []
+        for steps in ([], [MedianBlur(1)]):
+            pipe = Pipeline(steps + [StainNormalizationHE(stain_estimation_method=method)])
+            pipe.fit_slide(s)
+            outs.append(pipe.steps[-1].F(tile.image))
+    assert np.abs(outs[0].astype(int) - outs[1].astype(int)).max() <= 1

@@ -612,6 +612,26 @@ class _SlideAfterSteps:
             image = image[:, :, None]
         return image if channels is None else np.ascontiguousarray(image[:, :, list(channels)])
 
+    def read_region(self, location, level, size):
+        """A region as the steps leave it: the slide's pixels run through the (fitted) steps as one tile at
+        the level's pixel size, with the slide's masks cut to it. Fits that take statistics from
+        full-resolution regions (stain normalisation) took them from the thumbnail instead, when any
+        pixel-changing step came first: their output then changed with a step that changes nothing."""
+        from ..core.tile import Tile
+
+        slide = self._slide
+        region = np.ascontiguousarray(slide.read_region(location, level, size))
+        levels = getattr(slide, "levels", None) or []
+        ds = float(levels[level].downsample) if 0 <= level < len(levels) else 1.0
+        (x, y), (w, h) = (int(v) for v in location), (int(v) for v in size)
+        masks = {k: m.crop(x, y, w * ds, h * ds, (w, h)) for k, m in getattr(slide, "masks", {}).items()}
+        mpp = None if slide.mpp is None else (slide.mpp[0] * ds, slide.mpp[1] * ds)
+        tile = Tile(image=region, coords=(x, y), level=int(level), downsample=ds, masks=masks, labels={},
+                    slide_type=slide.slide_type.name, name=f"{slide.name}_region", mpp=mpp)
+        for step in self._steps:
+            step.apply(tile)
+        return np.asarray(tile.image)
+
 
 class _ReaderAfterSteps:
     """The reader of a :class:`_SlideAfterSteps`: the channel names and dtype the steps leave."""

@@ -770,8 +770,8 @@ def slide_full_resolution_sample(slide, thumb, mask=None, background_intensity=2
     the tiles' (a 40x slide's thumbnail averages ~50 x 50 pixels), so statistics that the tiles are scaled
     by are taken from full-resolution pixels. Regions are centred on tissue pixels of the thumbnail
     (``mask``, else stained pixels), evenly spread over them."""
-    if hasattr(slide, "_steps") or not hasattr(slide, "read_region"):
-        return None  # a view through earlier pixel-changing steps shows only thumbnails
+    if not hasattr(slide, "read_region"):
+        return None
     if mask is not None:
         sel = np.asarray(mask, bool)
     else:
@@ -792,7 +792,17 @@ def slide_full_resolution_sample(slide, thumb, mask=None, background_intensity=2
         cx, cy = (tx + 0.5) * w0 / tw, (ty + 0.5) * h0 / th
         x = int(min(max(cx - side / 2, 0), w0 - side))
         y = int(min(max(cy - side / 2, 0), h0 - side))
-        region = np.asarray(slide.read_region((x, y), 0, (side, side)))
+        try:  # (through earlier pixel-changing steps when the slide is a view of what they leave)
+            region = np.asarray(slide.read_region((x, y), 0, (side, side)))
+        except Exception as e:  # noqa: BLE001 - a step that cannot run on a region: the thumbnail's statistics
+            if not hasattr(slide, "_steps"):
+                raise
+            import warnings
+
+            warnings.warn(f"{getattr(slide, 'path', 'the slide')}: full-resolution regions could not be run "
+                          f"through the steps before this one ({type(e).__name__}: {e}); statistics from the "
+                          "thumbnail instead", stacklevel=3)
+            return None
         if region.ndim == 3 and region.shape[2] >= 3:
             parts.append(region[:, :, :3])
     return np.ascontiguousarray(np.concatenate(parts, axis=1)) if parts else None
