@@ -57,8 +57,12 @@ def superpixel_interpolation(image, region_size=10, n_iter=30, return_labels=Fal
         else:
             lo, hi = float(f.min()), float(f.max())
             f = (f - lo) * (100.0 / (hi - lo)) if hi > lo else np.zeros_like(f)
+        # slic rescales any image to [0, 1] by its own range before clustering, which undid the 0-100 scale:
+        # compactness 10 then outweighed intensity 100 to 1 and the superpixels were a fixed grid. Scaled
+        # by that range, the compactness is again 10 on the 0-100 scale.
+        span = float(f.max() - f.min())
         labels = slic(f, n_segments=n_segments, max_num_iter=n_iter, start_label=0, channel_axis=-1,
-                      convert2lab=False)
+                      convert2lab=False, compactness=10.0 / span if span > 0 else 10.0)
     labels = labels.astype(np.int32, copy=False)
     flat = labels.ravel()
     n = int(flat.max()) + 1
