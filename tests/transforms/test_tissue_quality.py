@@ -345,3 +345,28 @@ def test_parameters_validated():
                  lambda: LabelArtifactTileHE(min_ink_fraction=-0.1), lambda: BlurQC(threshold="high")):
         with pytest.raises(ValueError):
             make()
+
+
+def test_tile_labels_of_edge_tiles_describe_the_slide_not_the_fill():
+    """A tile overhanging the slide's edge is filled with white past its extent: BlurQC scored the edge between
+    tissue and fill (a blurred tile came out sharp) and LabelWhiteSpaceHE counted
+    the fill (a tile of tissue inside the slide was called white space)."""
+    import cv2
+
+    from histoflow.core.slide import SlideData
+    from histoflow.core.tile import Tile
+    from histoflow.transforms import BlurQC, LabelWhiteSpaceHE
+
+    with SlideData(SVS) as s:
+        tissue = np.ascontiguousarray(s.read_region((1000, 1200), 0, (256, 256))[..., :3])
+    blurred = cv2.GaussianBlur(tissue, (0, 0), 3)
+    image = np.full_like(blurred, 255)
+    image[:, :20] = blurred[:, :20]  # 20 px inside the slide, 92 % fill
+    edge = Tile(image=image, coords=(2200, 1200), level=0, downsample=1.0, extent=(20, 256))
+    whole = Tile(image=blurred.copy(), coords=(1000, 1200), level=0, downsample=1.0)
+    for t in (edge, whole):
+        BlurQC().apply(t)
+        LabelWhiteSpaceHE().apply(t)
+    assert whole.labels["blur"] and edge.labels["blur"]
+    assert edge.labels["laplacian_variance"] < 2 * whole.labels["laplacian_variance"] + 5
+    assert not whole.labels["white_space"] and not edge.labels["white_space"]

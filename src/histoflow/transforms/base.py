@@ -47,6 +47,20 @@ class TransformError(PipelineError):
         self.reason = reason  # what went wrong, without the transform and tile (which the engine adds)
 
 
+def inside_slide(tile) -> np.ndarray:
+    """The part of a tile's image inside the slide (``tile.extent``): a tile overhanging the slide's right or
+    bottom edge is filled (white for brightfield), and a tile label computed over the fill describes the
+    fill (a blurred edge tile scored sharp by its edge with the fill; tissue called white space)."""
+    image = tile.image
+    extent = getattr(tile, "extent", None)
+    if extent is None:
+        return image
+    ew, eh = (int(v) for v in extent)
+    if ew <= 0 or eh <= 0 or (ew, eh) == tuple(image.shape[1::-1]):
+        return image
+    return image[:eh, :ew]
+
+
 def outputs_from(*params: str) -> property:
     """A ``masks_out`` / ``labels_out`` (or ``*_in``) that names what a transform writes from its own
     parameters: ``masks_out = outputs_from("mask_name")`` declares the mask the user chose to write."""

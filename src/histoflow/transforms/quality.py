@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from ..errors import ParameterError
-from .base import Transform
+from .base import Transform, inside_slide
 from .filters import _check_name, _check_number, _check_positive_int
 from .intensity import to_grey
 
@@ -79,6 +79,6 @@ class BlurQC(Transform):
         return laplacian_variance(image, self.channel)
 
     def apply(self, tile):
-        score = self.F(tile.image)
+        score = self.F(inside_slide(tile))  # an edge tile's fill is not scored (its edge made it look sharp)
         tile.labels[self.score_name] = score
         tile.labels[self.label_name] = bool(score < self.threshold)

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from ..errors import ParameterError
-from .base import Transform, outputs_from
+from .base import Transform, inside_slide, outputs_from
 from .filters import (_check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int,
                       median_blur)
 from .intensity import rgb_to_saturation, to_grey
@@ -451,7 +451,7 @@ class LabelWhiteSpaceHE(Transform):
         return bool(white_space_fraction(image, self.greyscale_threshold) > self.proportion_threshold)
 
     def apply(self, tile):
-        tile.labels[self.label_name] = bool(self.F(tile.image))
+        tile.labels[self.label_name] = bool(self.F(inside_slide(tile)))  # not an edge tile's fill
 
 
 class LabelArtifactTileHE(Transform):
@@ -497,4 +497,4 @@ class LabelArtifactTileHE(Transform):
         return bool(of_tile >= self.min_ink_fraction and of_foreground >= self.proportion_threshold)
 
     def apply(self, tile):
-        tile.labels[self.label_name] = bool(self.F(tile.image))
+        tile.labels[self.label_name] = bool(self.F(inside_slide(tile)))  # not an edge tile's fill
