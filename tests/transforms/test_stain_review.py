@@ -115,3 +115,19 @@ def test_a_step_that_changes_nothing_before_normalisation_changes_nothing(mosaic
             pipe.fit_slide(s)
             outs.append(pipe.steps[-1].F(tile.image))
     assert np.abs(outs[0].astype(int) - outs[1].astype(int)).max() <= 1
+
+
+def test_concentrations_are_one_named_channel_for_the_steps_after(tmp_path):
+    """StainSeparation(output="concentration") leaves one channel, but the pipeline still said R, G, B and H&E:
+    a QuantifyCells after it was fitted as on RGB and failed ("expected an (h, w, 3) RGB image")."""
+    from histoflow.store import read_h5path
+    from histoflow.transforms import NucleusDetectionHE, Pipeline, QuantifyCells
+
+    pipe = Pipeline([NucleusDetectionHE(), StainSeparation(output="concentration"), QuantifyCells(mask_name="nuclei")])
+    assert pipe.channel_names_out(["R", "G", "B"]) == ["hematoxylin_concentration"]
+    assert StainSeparation(output="image").channel_names_out(["R", "G", "B"]) == ["R", "G", "B"]
+    with SlideData(SVS) as s:
+        out = s.run(pipe, tmp_path / "c.h5path", executor="inprocess", tile_size=512, overlap=32, progress=False)
+    with read_h5path(out) as h:
+        cells = h.cells
+    assert list(cells.var_names) == ["hematoxylin_concentration"] and cells.n_obs > 1000

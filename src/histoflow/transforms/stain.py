@@ -1134,6 +1134,18 @@ class StainSeparation(Transform):
     def _index(self):
         return _STAIN_INDEX[self.stain.lower()] if isinstance(self.stain, str) else int(self.stain)
 
+    def channel_names_out(self, names):
+        """``output="concentration"`` leaves one channel, named after its stain (later steps and the stored
+        tiles said R, G, B, and a step fitted after it took the tile for RGB); an image stays RGB."""
+        if self.output == "image":
+            return names
+        return [f"{self.stain.lower() if isinstance(self.stain, str) else f'stain_{int(self.stain)}'}_concentration"]
+
+    @property
+    def slide_type_out(self):
+        """Concentrations are one channel of "how much stain", as a fluorescence channel is ("IF"), not RGB."""
+        return "IF" if self.output == "concentration" else None
+
     def _matrix(self):
         return _complete_matrix(_skimage_matrices() if self.stain_matrix is None else self.stain_matrix)
 
