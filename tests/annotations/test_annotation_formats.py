@@ -333,3 +333,41 @@ def test_imagej_zip_entries_are_plain_file_names():
         entries = zipfile.ZipFile(path).namelist()
         assert entries == ["_evil.roi", "CD8_CD3 T.roi", "a.roi", "A-2.roi", "5.roi"]
         assert len(read_imagej_rois(path)) == 5
+
+
+def test_imagej_rings_touching_at_a_corner_ovals_rounded_corners_and_full_measurements(tmp_path):
+    """Found by a review: a composite ROI's rings were nested by one vertex, and a vertex on another ring's edge
+    counted as inside (two holes touching at a corner: one became an island; two squares touching at a corner:
+    the small one became a hole); ovals were 33-sided polygons and rounded rectangles plain ones; the Aperio
+    writer rounded Length and Area to 6 digits."""
+    import json
+
+    import roifile
+
+    from histoflow.annotations import polygonize, rasterize, read_annotations, write_annotations
+
+    lab = np.array([[1, 1, 1, 1, 1, 1],
+                    [1, 0, 0, 1, 1, 1],
+                    [1, 1, 1, 0, 1, 1],
+                    [1, 1, 1, 1, 1, 1]], np.int32)
+    write_annotations(polygonize(lab), tmp_path / "holes.zip")
+    np.testing.assert_array_equal(rasterize(read_annotations(tmp_path / "holes.zip"), lab.shape) > 0, lab > 0)
+    gj = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"objectType": "annotation"},
+          "geometry": {"type": "MultiPolygon", "coordinates": [[[[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]],
+                                                               [[[4, 4], [6, 4], [6, 6], [4, 6], [4, 4]]]]}}]}
+    (tmp_path / "two.geojson").write_text(json.dumps(gj))
+    write_annotations(read_annotations(tmp_path / "two.geojson"), tmp_path / "two.zip")
+    assert int((rasterize(read_annotations(tmp_path / "two.zip"), (8, 8)) > 0).sum()) == 20
+    for kind, arc, area in ((roifile.ROI_TYPE.OVAL, 0, np.pi * 100 * 50), (roifile.ROI_TYPE.RECT, 60, 9227)):
+        roi = roifile.ImagejRoi()
+        roi.roitype, roi.version, roi.name = kind, 228, "r"
+        roi.left, roi.top, roi.right, roi.bottom = 0, 0, 200, 100
+        if arc:
+            roi.right = 100
+            roi.rounded_rect_arc_size = arc
+        roi.tofile(tmp_path / "r.roi")
+        assert read_annotations(tmp_path / "r.roi")[0].area == pytest.approx(area, rel=2e-3)
+    p = read_annotations(tmp_path / "two.geojson")[0]
+    p.measurements = {"area": 6000001.0, "length": 12345.678}
+    write_annotations([p], tmp_path / "m.xml")
+    assert read_annotations(tmp_path / "m.xml")[0].measurements["area"] == 6000001.0

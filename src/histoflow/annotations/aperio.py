@@ -284,7 +284,7 @@ def _regions(p, rid):
         meas = {m: v for m, v in p.measurements.items() if m != "negative"} if k == 0 else {}
         for key in ("length", "area"):  # ImageScope's own region attributes
             if key in meas:
-                attrs[key.capitalize()] = f"{float(meas[key]):.6g}"
+                attrs[key.capitalize()] = repr(float(meas[key]))  # in full: 6 digits turned 6000001 into 6e+06
         reg = ET.Element("Region", attrs)
         extra = {m: repr(float(v)) for m, v in meas.items() if m not in ("length", "area")}
         if k == 0:
