@@ -362,3 +362,22 @@ def test_tiles_written_by_hand_keep_their_cells_only_through_set_cells(tmp_path)
             w.set_cells(quant.slide_cells())
     with read_h5path(tmp_path / "kept.h5path") as h:
         assert h.cells.n_obs == sum(len(t.cells["centroid"]) for t in tiles) and len(h) == 2
+
+
+def test_nuclei_at_their_own_overlap_are_kept_once(tmp_path):
+    """SegmentNuclei's min_overlap was a large nucleus alone: a nucleus whose centroid lay on the line between
+    two tiles' parts reached a tile's edge, where the smoothing differs, and both tiles kept it (340 nuclei for
+    the whole image's 339, two of them sharing 579 pixels). Its overlap now includes the smoothing's reach."""
+    from histoflow.store import read_h5path
+
+    counts = []
+    with SlideData(MIBI) as s:
+        seg = SegmentNuclei("HH3")
+        need = seg.min_overlap(s.mpp[0])
+        for size, overlap in ((max(s.dimensions), 0), (256, need), (200, need)):
+            out = s.run(Pipeline([SegmentNuclei("HH3"), QuantifyCells(mask_name="nuclei")]),
+                        tmp_path / f"n{size}.h5path", tile_size=size, overlap=overlap, executor="inprocess",
+                        progress=False)
+            with read_h5path(out) as h:
+                counts.append(h.cells.n_obs)
+    assert counts[1] == counts[0] == counts[2], counts
