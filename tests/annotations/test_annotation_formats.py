@@ -371,3 +371,20 @@ def test_imagej_rings_touching_at_a_corner_ovals_rounded_corners_and_full_measur
     p.measurements = {"area": 6000001.0, "length": 12345.678}
     write_annotations([p], tmp_path / "m.xml")
     assert read_annotations(tmp_path / "m.xml")[0].measurements["area"] == 6000001.0
+
+
+def test_geojson_with_a_nan_measurement_is_valid_json(tmp_path):
+    """A NaN measurement (a cell with no pixels in a channel) was written as a bare NaN, which is not JSON:
+    strict readers refuse the whole file. It is written as null now (a missing value)."""
+    from histoflow.annotations import Polygon, read_annotations, write_annotations
+
+    p = Polygon(np.array([[0, 0], [4, 0], [4, 4], [0, 4]], float), [], name="c",
+                measurements={"mean_CD3": float("nan"), "area": 16.0})
+    write_annotations([p], tmp_path / "n.geojson")
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    data = json.loads((tmp_path / "n.geojson").read_text(), parse_constant=refuse)
+    assert data["features"][0]["properties"]["measurements"] == {"mean_CD3": None, "area": 16.0}
+    assert read_annotations(tmp_path / "n.geojson")[0].measurements == {"area": 16.0}

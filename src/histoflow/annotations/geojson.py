@@ -12,6 +12,7 @@ written back; colours may carry an alpha (``[r, g, b, a]``), which is dropped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 
@@ -63,7 +64,9 @@ def _feature(parts, object_type, colors, path) -> dict:
         props["classification"] = {"name": str(p.classification),
                                    "color": [int(v) for v in colors[p.classification]]}
     if p.measurements:
-        props["measurements"] = {str(k): float(v) for k, v in p.measurements.items()}
+        # NaN / infinity as null: bare NaN is not JSON, and strict readers (and QuPath's) refuse the file
+        props["measurements"] = {str(k): (float(v) if math.isfinite(float(v)) else None)
+                                 for k, v in p.measurements.items()}
     geom = {"type": "Polygon", "coordinates": rings[0]} if len(rings) == 1 else \
         {"type": "MultiPolygon", "coordinates": rings}
     feat = {"type": "Feature", "id": p.uid or str(uuid.uuid4()), "geometry": geom}
