@@ -370,3 +370,16 @@ def test_tile_labels_of_edge_tiles_describe_the_slide_not_the_fill():
     assert whole.labels["blur"] and edge.labels["blur"]
     assert edge.labels["laplacian_variance"] < 2 * whole.labels["laplacian_variance"] + 5
     assert not whole.labels["white_space"] and not edge.labels["white_space"]
+
+
+def test_saturation_tissue_detection_takes_half_float_tiles():
+    """TissueDetectionHE(use_saturation=True) failed on float16 tiles (OpenCV cannot resample them); they now
+    give the mask of the same tile in float32 (and in uint8)."""
+    from histoflow.core.slide import SlideData
+    from histoflow.transforms import TissueDetectionHE
+
+    with SlideData(SVS) as s:
+        img = np.ascontiguousarray(s.read_region((800, 800), 0, (256, 256))[..., :3])
+    td = TissueDetectionHE(use_saturation=True, otsu="tile")
+    half = td.F((img / 255).astype(np.float16))
+    assert np.array_equal(half, td.F((img / 255).astype(np.float32))) and half.any()

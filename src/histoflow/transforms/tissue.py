@@ -361,6 +361,8 @@ class TissueDetectionHE(Transform):
         crop = np.ascontiguousarray(image[:hh, :ww])
         if not self.use_saturation and (crop.ndim == 2 or crop.shape[2] in (1, 3)):
             crop = _grey_uint8(crop)  # grey first: one channel to resample (grey is linear in RGB)
+        elif crop.dtype == np.float16:  # OpenCV cannot resample half floats
+            crop = crop.astype(np.float32)
         small = cv2.resize(crop, (ww // f, hh // f), interpolation=cv2.INTER_AREA)
         mask_small = detect_tissue(small, self.use_saturation, self.blur_ksize, threshold, self.morph_n_iter,
                                    self.morph_k_size, self.min_region_size, self.max_hole_size,
