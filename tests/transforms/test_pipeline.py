@@ -159,7 +159,7 @@ def test_steps_are_fitted_to_the_slide_as_earlier_steps_leave_it(tmp_path):
     counts = []
     for i, p in enumerate((plain, scaled)):
         with SlideData(path) as s:
-            out = s.run(p, str(tmp_path / f"{i}.h5path"), tile_size=512, overlap=32, executor="inprocess",
+            out = s.run(p, str(tmp_path / f"{i}.h5path"), tile_size=512, overlap=44, executor="inprocess",
                         progress=False)
             thumb = np.asarray(s.thumbnail(2048, channels=[0]))[..., 0]
             sigma = 0.8 / (s.mpp[0] * s.dimensions[0] / thumb.shape[1])
