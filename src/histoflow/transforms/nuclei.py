@@ -92,6 +92,16 @@ def _relabel_by_area(labels, min_area, max_area):
 SIZES_MPP = 0.5
 
 
+def _smoothed_hematoxylin(image, stain_matrix, background_intensity, sigma):
+    """The hematoxylin concentration of an RGB image (Macenko's reference matrix when ``stain_matrix`` is None),
+    smoothed by a Gaussian of ``sigma`` pixels."""
+    h = hematoxylin_concentration(image, REFERENCE_STAIN_MATRIX if stain_matrix is None else stain_matrix,
+                                  background_intensity)
+    if sigma and sigma > 0:
+        h = cv2.GaussianBlur(h, (0, 0), sigmaX=float(sigma), sigmaY=float(sigma), borderType=cv2.BORDER_REFLECT)
+    return h
+
+
 def _auto_threshold(image, h, background_intensity, min_count):
     """Otsu's threshold of the smoothed hematoxylin ``h`` over the stained pixels of ``image``, at least
     :data:`MIN_HEMATOXYLIN`; None with fewer than ``min_count`` stained pixels."""
@@ -139,11 +149,7 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
     image = _check_rgb(image, "detect_nuclei")
     if image.size == 0:  # no pixels, no nuclei
         return np.zeros(image.shape[:2], np.int32)
-    h = hematoxylin_concentration(image, REFERENCE_STAIN_MATRIX if stain_matrix is None else stain_matrix,
-                                  background_intensity)
-    if sigma and sigma > 0:
-        h = cv2.GaussianBlur(h, (0, 0), sigmaX=float(sigma), sigmaY=float(sigma),
-                             borderType=cv2.BORDER_REFLECT)
+    h = _smoothed_hematoxylin(image, stain_matrix, background_intensity, sigma)
     if threshold is None:
         threshold = _auto_threshold(image, h, background_intensity, max(min_area, 1))
         if threshold is None:
@@ -251,30 +257,24 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
         border differ between the tiles holding it (kept by both: 23 pairs of cells sharing pixels in a
         quantify run of an H&E image at 512 px tiles) and the count depend on the tile size (4,376 cells
         whole, 5,074 at 512 px, 5,220 at 256 px)."""
-        self.slide_stains_ = self._fit_slide_stains(slide, self.stain_estimation_method)
-        self.slide_threshold_ = None if self.threshold is not None else self._fit_threshold(slide)
+        samples = self._slide_samples(slide)  # the thumbnail and the full-resolution regions, read once
+        self.slide_stains_ = self._fit_slide_stains(slide, self.stain_estimation_method, samples)
+        self.slide_threshold_ = None if self.threshold is not None else self._fit_threshold(slide, samples)
 
-    def _fit_threshold(self, slide):
+    def _fit_threshold(self, slide, samples):
         """Otsu's threshold over the stained pixels of full-resolution regions of the slide's tissue (of its
         thumbnail when that is nearly full resolution), smoothed as the tiles are; None when there are none."""
-        from .stain import slide_full_resolution_sample, slide_tissue_sample
-
-        thumb, mask = slide_tissue_sample(slide)
-        image = slide_full_resolution_sample(slide, thumb, mask, self.background_intensity, self.beta)
+        thumb, _, image = samples
         ds = 1.0
         if image is None:
-            w0 = slide.dimensions[0]
-            ds = w0 / thumb.shape[1]
+            ds = slide.dimensions[0] / thumb.shape[1]
             if ds >= 2:  # a coarse thumbnail's averaged pixels would set the threshold far too low
                 return None
             image = thumb
         mpp = getattr(slide, "mpp", None)
         mpp = None if mpp is None else float(np.mean(mpp)) * ds
-        sigma = self.sizes(mpp)["sigma"]
-        h = hematoxylin_concentration(_check_rgb(image, "NucleusDetectionHE"), self.stain_matrix_,
-                                      self.background_intensity)
-        if sigma and sigma > 0:
-            h = cv2.GaussianBlur(h, (0, 0), sigmaX=float(sigma), sigmaY=float(sigma), borderType=cv2.BORDER_REFLECT)
+        image = _check_rgb(image, "NucleusDetectionHE")
+        h = _smoothed_hematoxylin(image, self.stain_matrix_, self.background_intensity, self.sizes(mpp)["sigma"])
         t = _auto_threshold(image, h, self.background_intensity, 1000)
         return None if t is None else float(t)
 

@@ -858,17 +858,22 @@ class _StainFitMixin:
                            k["luminosity_threshold"], k["regularizer"], k["max_c_percentile"], mask=mask,
                            seed=getattr(self, "seed", None))
 
-    def _fit_slide_stains(self, slide, method):
+    def _slide_samples(self, slide):
+        """(thumbnail, its tissue mask, full-resolution tissue regions or None) of a slide, read once for a fit."""
+        thumb, mask = slide_tissue_sample(slide)
+        k = self._est_kwargs()
+        return thumb, mask, slide_full_resolution_sample(slide, thumb, mask, k["background_intensity"], k["beta"])
+
+    def _fit_slide_stains(self, slide, method, samples=None):
         """The slide's stains, once: the matrix from its thumbnail, the maximum concentrations from
         full-resolution tissue regions (:func:`slide_full_resolution_sample`; the thumbnail's when there are
-        none); None when it has too little tissue."""
-        thumb, mask = slide_tissue_sample(slide)
+        none); None when it has too little tissue. ``samples``: :meth:`_slide_samples`, when read already."""
+        thumb, mask, sample = samples if samples is not None else self._slide_samples(slide)
         try:
             m, mc = self._fit_image(thumb, method, mask)
         except StainEstimationError:
             return None
         k = self._est_kwargs()
-        sample = slide_full_resolution_sample(slide, thumb, mask, k["background_intensity"], k["beta"])
         if sample is not None:
             try:
                 mc = stain_maxima(sample, m, method, k["background_intensity"], k["beta"], k["max_c_percentile"])
@@ -1042,8 +1047,7 @@ class StainNormalizationHE(_StainFitMixin, Transform):
         """Estimate the slide's source stains once: the stain matrix from its thumbnail (and ``"tissue"`` mask),
         the maximum concentrations (Reinhard: the colour statistics) from full-resolution tissue regions."""
         if self._reinhard:
-            thumb, mask = slide_tissue_sample(slide)
-            sample = slide_full_resolution_sample(slide, thumb, mask, self.background_intensity, self.beta)
+            thumb, mask, sample = self._slide_samples(slide)
             self.slide_stains_ = None
             for image, m in ((sample, None), (thumb, mask)):  # full-resolution colour spread, else the thumbnail's
                 if image is None:
