@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 
 from ..errors import ChannelError, ParameterError
 from ..utils import NUCLEAR_MARKERS
-from .base import Transform, outputs_from
+from .base import Transform, inside_slide, outputs_from
 from .filters import _check_name, _check_number, _check_positive_int
 from .objects import LARGE_NUCLEUS_UM, find_channel, keep_owned, relabel_sequential
 
@@ -283,11 +283,12 @@ def _on_extent(tile, fn):
     """``fn(image)`` -> label images, run on the part of the tile inside the slide (a tile overhanging the
     slide's right or bottom edge is filled, and smoothing would pull the fill into the cells there); the
     labels are padded back to the tile's size with 0."""
-    if tile.extent is None or tuple(tile.extent) == tuple(tile.image.shape[1::-1]):
+    inner = inside_slide(tile)
+    if inner is tile.image:
         return fn(tile.image)
-    ew, eh = tile.extent
+    eh, ew = inner.shape[:2]
     out = []
-    for lab in fn(tile.image[:eh, :ew]):
+    for lab in fn(inner):
         full = np.zeros(tile.image.shape[:2], lab.dtype)
         full[:eh, :ew] = lab
         out.append(full)
