@@ -273,6 +273,8 @@ class NucleusSegmentation(Transform):
 
     def F(self, image, mpp=None, core=None):
         """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's)."""
+        if np.asarray(image).size == 0:  # no pixels, no nuclei (the network cannot run on them)
+            return np.zeros(np.shape(image)[:2], np.int32)
         r = _runner(self.model, self.backend, self.threads, mpp)
         post = dict(r.card.get("postprocess") or {})
         from .nucleus import SCALE_TOLERANCE
@@ -296,7 +298,7 @@ class NucleusSegmentation(Transform):
         else:
             labels = self.F(image, mpp, tile.core)
         tile.masks[self.mask_name] = labels
-        tile.labels[self.label_name] = int(labels.max())
+        tile.labels[self.label_name] = int(labels.max(initial=0))
 
 
 # ------------------------------------------------------------------------------------ any model
@@ -396,6 +398,12 @@ def _model_runner(path, device=None) -> _ModelRunner:
         if r is None:  # the file is checked once, not per tile
             r = _CACHE[key] = _ModelRunner(_existing_model(path), device)
     return r
+
+
+def _need_pixels(image, who):
+    """Refuse an image without pixels: a classifier, a class map or a virtual stain has nothing to give."""
+    if np.asarray(image).size == 0:
+        raise ParameterError(f"{who}: the image has no pixels (shape {np.shape(image)})")
 
 
 def _as_input(image, scale):
@@ -641,6 +649,7 @@ class PatchClassification(_ReducingModelTransform):
 
     def F(self, image):
         """Class probabilities ``(C,)`` of one image."""
+        _need_pixels(image, type(self).__name__)
         out = _model_runner(self.model)(_as_input(image, True))
         if out.ndim != 2:
             raise HistoflowError(f"{self.model}: {type(self).__name__} needs a classifier, whose output is "
@@ -700,6 +709,7 @@ class SemanticSegmentation(_ReducingModelTransform):
 
     def F(self, image):
         """Class probabilities ``(C, H, W)`` of one image (padded to the model's divisor and cropped back)."""
+        _need_pixels(image, type(self).__name__)
         x = _as_input(image, True)
         h, w = x.shape[2:]
         runner = _model_runner(self.model)
@@ -846,6 +856,8 @@ class SegmentCellsModel(Transform):
         image = np.asarray(image)
         if image.ndim == 2:
             image = image[:, :, None]
+        if image.size == 0:  # no pixels, no cells (the network cannot run on them)
+            return np.zeros(image.shape[:2], np.int32)
         mpp = float(mpp or self.model_mpp)
         x = self._inputs(image)
         h, w = x.shape[:2]
@@ -872,7 +884,7 @@ class SegmentCellsModel(Transform):
     def apply(self, tile):
         lab = self.F(tile.image, tile.mpp[0] if tile.mpp else None, tile.core)
         tile.masks[self.mask_name] = lab
-        tile.labels[self.label_name] = int(lab.max())
+        tile.labels[self.label_name] = int(lab.max(initial=0))
 
 
 # ------------------------------------------------------------------------------------ learned virtual H&E
@@ -937,6 +949,7 @@ class StyleTransferHE(Transform):
         image = np.asarray(image)
         if image.ndim == 2:
             image = image[:, :, None]
+        _need_pixels(image, type(self).__name__)
         names = self.channel_names_ or [str(i) for i in range(image.shape[2])]
         x = image[..., self._indices(names)].astype(np.float32)
         scales = self.scales_ or [float(np.percentile(x[..., i], self.percentile)) or 1.0 for i in range(x.shape[2])]

@@ -47,6 +47,8 @@ def to_grey(image, channel=None):
     if c == 1:
         return image[:, :, 0]
     if c in (3, 4):
+        if image.size == 0:  # no pixels: OpenCV would raise
+            return np.zeros(image.shape[:2], image.dtype)
         code = cv2.COLOR_RGB2GRAY if c == 3 else cv2.COLOR_RGBA2GRAY
         if image.dtype in (np.uint8, np.uint16, np.float32):
             return cv2.cvtColor(np.ascontiguousarray(image), code)
@@ -74,6 +76,8 @@ def rgb_to_saturation(image):
     if image.ndim != 3 or image.shape[2] not in (3, 4):
         raise ParameterError(f"saturation needs an RGB image (h, w, 3), got shape {image.shape}")
     rgb = np.ascontiguousarray(image[:, :, :3])
+    if rgb.size == 0:  # no pixels: OpenCV would raise
+        return np.zeros(rgb.shape[:2], np.uint8)
     if rgb.dtype == np.uint8:
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1]
     f = rgb.astype(np.float32)
@@ -148,6 +152,8 @@ def rescale_intensity(image, in_range="image", out_range="dtype", per_channel=Fa
     in_range = _check_range("rescale_intensity", "in_range", in_range)
     out_range = _check_range("rescale_intensity", "out_range", out_range)
     image = np.asarray(image)
+    if image.size == 0:  # no pixels, nothing to stretch (scikit-image would raise)
+        return image.copy()
     if per_channel and image.ndim == 3:
         out = np.empty_like(image)
         for i in range(image.shape[2]):
@@ -172,6 +178,8 @@ def equalize_histogram(image, nbins=256, per_channel=False):
 
     nbins = _check_positive_int("equalize_histogram", "nbins", nbins, 2)
     image = np.asarray(image)
+    if image.size == 0:
+        return image.copy()
     if per_channel and image.ndim == 3:
         out = np.empty_like(image)
         for i in range(image.shape[2]):
@@ -210,7 +218,9 @@ def equalize_adaptive(image, clip_limit=0.03, nbins=256, kernel_size=None):
     from skimage import exposure
 
     image, was_2d = _as_hwc(image)
-    if image.dtype.kind == "f" and image.size and not (np.nanmin(image) >= -1 and np.nanmax(image) <= 1):
+    if image.size == 0:  # no pixels (scikit-image would raise)
+        return _restore(image.copy(), was_2d)
+    if image.dtype.kind == "f" and not (np.nanmin(image) >= -1 and np.nanmax(image) <= 1):
         raise ParameterError(f"AdaptiveHistogramEqualization: float images must hold values in [-1, 1] "
                              f"(scikit-image's float range), got {float(np.nanmin(image))}..{float(np.nanmax(image))}; "
                              "scale them first (RescaleIntensity) or give integers")

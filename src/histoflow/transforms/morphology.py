@@ -110,8 +110,10 @@ def morph_open(mask, kernel_size=5, n_iterations=1):
     """
     k = _check_odd_kernel("morph_open", kernel_size)
     n = _check_positive_int("morph_open", "n_iterations", n_iterations)
-    kernel = np.ones((k, k), np.uint8)
-    return cv2.morphologyEx(_as_mask(mask), cv2.MORPH_OPEN, kernel, iterations=n)
+    mask = _as_mask(mask)
+    if mask.size == 0:  # no pixels (OpenCV would raise)
+        return mask.copy()
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((k, k), np.uint8), iterations=n)
 
 
 def morph_close(mask, kernel_size=5, n_iterations=1):
@@ -127,8 +129,10 @@ def morph_close(mask, kernel_size=5, n_iterations=1):
     """
     k = _check_odd_kernel("morph_close", kernel_size)
     n = _check_positive_int("morph_close", "n_iterations", n_iterations)
-    kernel = np.ones((k, k), np.uint8)
-    return cv2.morphologyEx(_as_mask(mask), cv2.MORPH_CLOSE, kernel, iterations=n)
+    mask = _as_mask(mask)
+    if mask.size == 0:  # no pixels (OpenCV would raise)
+        return mask.copy()
+    return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8), iterations=n)
 
 
 def foreground_detection(mask, min_region_size=5000, max_hole_size=1500, outer_contours_only=False):
@@ -153,6 +157,8 @@ def foreground_detection(mask, min_region_size=5000, max_hole_size=1500, outer_c
     """
     mask = _as_mask(mask)
     binary = (mask != 0).astype(np.uint8)
+    if binary.size == 0:  # no pixels (OpenCV would raise)
+        return binary
     if min_region_size > 1:
         n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
         keep = stats[:, cv2.CC_STAT_AREA] >= min_region_size

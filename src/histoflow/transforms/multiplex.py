@@ -76,7 +76,7 @@ def segment_nuclei_fluorescence(nuclear, threshold, *, sigma=2.0, min_area=30, m
     sm = np.asarray(nuclear, np.float32) if smoothed else _smooth(nuclear, sigma)
     fg = _fill_holes(sm > threshold)
     comp, _ = ndi.label(fg)
-    small = np.bincount(comp.ravel()) < min_area
+    small = np.bincount(comp.ravel(), minlength=1) < min_area
     small[0] = True
     fg = ~small[comp]
     comp[~fg] = 0
@@ -118,6 +118,8 @@ def grow_cells(nuclei, distance, membrane=None, foreground=None) -> np.ndarray:
     from skimage.segmentation import expand_labels, watershed
 
     nuclei = np.asarray(nuclei, np.int32)
+    if nuclei.size == 0:  # no pixels, no cells
+        return nuclei.copy()
     reach = expand_labels(nuclei, distance=distance)
     if membrane is None:
         cells = reach
@@ -252,6 +254,8 @@ class SegmentNuclei(Transform):
         if image.ndim == 2:
             image = image[:, :, None]
         c = self._channel(image, names)
+        if image.size == 0:  # no pixels, no nuclei
+            return np.zeros(image.shape[:2], np.int32)
         sm = _smooth(image[..., c], self.sigma_um / mpp)
         thr = self.threshold if self.threshold is not None else self.threshold_
         if thr is None:
@@ -276,7 +280,7 @@ class SegmentNuclei(Transform):
     def apply(self, tile):
         lab = _on_extent(tile, lambda image: (self.F(image, self._mpp(tile), tile.core),))[0]
         tile.masks[self.mask_name] = lab
-        tile.labels[self.label_name] = int(lab.max())
+        tile.labels[self.label_name] = int(lab.max(initial=0))
 
 
 def _on_extent(tile, fn):
@@ -371,7 +375,7 @@ class SegmentCells(SegmentNuclei):
             sig = np.zeros(image.shape[:2], np.float32)
             for k, ch in enumerate(self.membrane_channels):
                 m = _smooth(image[..., find_channel(names, ch)], self.sigma_um / mpp)
-                scale = self.membrane_scales_[k] if self.membrane_scales_ else (float(np.percentile(m, 99)) or 1.0)
+                scale = self.membrane_scales_[k] if self.membrane_scales_ else ((float(np.percentile(m, 99)) if m.size else 0.0) or 1.0)
                 sig += m / scale
             membrane = sig
         return grow_cells(nuc, self.expand_um / mpp, membrane=membrane), nuc
@@ -386,7 +390,7 @@ class SegmentCells(SegmentNuclei):
         """(cells, nuclei) of one image, those owned by ``core`` only, numbered alike 1..n."""
         cells, nuc = self.cells(image, mpp or self.mpp or DEFAULT_MPP)
         nuc_kept, ids = keep_owned(nuc, core, return_ids=True)
-        lut = np.zeros(int(max(cells.max(), nuc.max())) + 1, np.int32)
+        lut = np.zeros(int(max(cells.max(initial=0), nuc.max(initial=0))) + 1, np.int32)
         lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
         return lut[cells], nuc_kept
 
@@ -394,7 +398,7 @@ class SegmentCells(SegmentNuclei):
         cells, nuc = _on_extent(tile, lambda image: self.F(image, self._mpp(tile), tile.core))
         tile.masks[self.cell_mask] = cells
         tile.masks[self.nucleus_mask] = nuc
-        tile.labels[self.label_name] = int(nuc.max())
+        tile.labels[self.label_name] = int(nuc.max(initial=0))
 
 
 class _CollapseRuns(Transform, register=False):
@@ -595,8 +599,8 @@ class VirtualHE(Transform):
         image = np.asarray(image, np.float32)
         names = self.channel_names_ or [str(i) for i in range(image.shape[2])]
         h, e = self._indices(names)
-        scales = self.scales_ or [float(np.percentile(image[..., i], self.percentile)) or 1.0
-                                  for i in range(image.shape[2])]
+        scales = self.scales_ or [(float(np.percentile(image[..., i], self.percentile)) if image.size else 0.0)
+                                  or 1.0 for i in range(image.shape[2])]
         H = np.clip(image[..., h] / scales[h], 0, 1)
         E = np.clip(sum(image[..., i] / scales[i] for i in e) / max(1, len(e)), 0, 1) if e else np.zeros_like(H)
         od = self.k_h * H[..., None] * np.asarray(self.beta_h, np.float32) + \

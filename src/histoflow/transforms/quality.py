@@ -27,6 +27,8 @@ def laplacian_variance(image, channel=None):
     0.0
     """
     grey = to_grey(image, channel)
+    if grey.size == 0:  # no pixels, no score (OpenCV would raise); such a tile is not labelled blurred
+        return float("nan")
     if grey.dtype == np.uint8:
         g = grey
     elif np.issubdtype(grey.dtype, np.integer):

@@ -48,7 +48,7 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
         labels = relabel_sequential(labels)
     else:
         labels, nuclei = relabel_sequential(labels, nuclei)
-    n = int(labels.max())
+    n = int(labels.max(initial=0))
     c = image.shape[2]
     out = {}
     if n == 0:

@@ -43,6 +43,9 @@ def superpixel_interpolation(image, region_size=10, n_iter=30, return_labels=Fal
     n_iter = _check_positive_int("superpixel_interpolation", "n_iter", n_iter)
     image, was_2d = _as_hwc(image)
     h, w, c = image.shape
+    if image.size == 0:  # no pixels, no superpixels (scikit-image would raise)
+        out = _restore(image.copy(), was_2d)
+        return (out, np.zeros((h, w), np.int32)) if return_labels else out
     n_segments = max(1, int(round(h * w / region_size ** 2)))
     if c == 3:
         # compactness 30 in CIELAB: with scikit-image's default 10, textured H&E made superpixels of about

@@ -121,6 +121,8 @@ def detect_tissue(image, use_saturation=False, blur_ksize=17, threshold=None, mo
     mk = _odd(_check_odd_kernel("detect_tissue", morph_k_size) * scale)
     blurred = median_blur(channel, bk) if bk > 1 else channel
     empty = np.zeros(channel.shape, np.uint8)
+    if channel.size == 0:  # no pixels (cv2.minMaxLoc would kill the process)
+        return empty
     if threshold is None:
         lo, hi = cv2.minMaxLoc(blurred)[:2]
         if hi - lo < MIN_DYNAMIC_RANGE:
@@ -165,7 +167,7 @@ def detect_tissue_cascade(image, saturation_threshold=20, close_kernel_sizes=(5,
 def white_space_fraction(image, greyscale_threshold=230):
     """Fraction of pixels whose grey value (0-255 scale) is above ``greyscale_threshold``."""
     grey = _grey_uint8(image)
-    return float(np.count_nonzero(grey > greyscale_threshold)) / grey.size
+    return float(np.count_nonzero(grey > greyscale_threshold)) / grey.size if grey.size else 0.0
 
 
 #: the ink rule's constants, on OpenCV's HSV scale (H 0-179, i.e. degrees / 2; S and V 0-255)
@@ -181,6 +183,8 @@ GLASS_MAX_SATURATION = 25
 
 def _hsv(image, who):
     rgb = _to_uint8(np.ascontiguousarray(_rgb(image, who)))
+    if rgb.size == 0:  # no pixels: OpenCV would raise
+        return np.zeros(rgb.shape[:2] + (3,), np.uint8)
     return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
 
 
@@ -219,10 +223,12 @@ def ink_fraction(image):
     :func:`ink_mask`, glass is HSV value at least 200 with saturation below 25 (0-255 scale)."""
     hsv = _hsv(image, "ink_fraction")
     n = hsv.shape[0] * hsv.shape[1]
+    if n == 0:  # no pixels, no ink
+        return 0.0, 0.0
     n_ink = cv2.countNonZero(_ink_from_hsv(hsv))
     n_glass = cv2.countNonZero(cv2.inRange(hsv, (0, 0, GLASS_MIN_VALUE), (180, GLASS_MAX_SATURATION - 1, 255)))
     n_fg = n - n_glass
-    return n_ink / n, (n_ink / n_fg if n_fg else 0.0)
+    return (n_ink / n if n else 0.0), (n_ink / n_fg if n_fg else 0.0)
 
 
 # --------------------------------------------------------------------------- transforms
