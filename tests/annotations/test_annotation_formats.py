@@ -388,3 +388,38 @@ def test_geojson_with_a_nan_measurement_is_valid_json(tmp_path):
     data = json.loads((tmp_path / "n.geojson").read_text(), parse_constant=refuse)
     assert data["features"][0]["properties"]["measurements"] == {"mean_CD3": None, "area": 16.0}
     assert read_annotations(tmp_path / "n.geojson")[0].measurements == {"area": 16.0}
+
+
+def _shapely_objects(polys):
+    import shapely
+
+    by = {}
+    for p in polys:
+        by.setdefault(p.name, []).append(shapely.Polygon(p.exterior, p.holes))
+    return {k: shapely.MultiPolygon(v) for k, v in by.items()}
+
+
+def test_polygonize_writes_valid_polygons_where_pixels_meet_at_a_corner(tmp_path):
+    """Pixels of one object meeting only at a corner were traced as one ring touching itself, which OGC
+    (and strict GIS readers: GEOS, PostGIS, QGIS's checker) call invalid; 3 of the 398 annotated nuclei of a
+    MoNuSeg image came out so. Now such an object is written in valid pieces, with the same pixels."""
+    lab = np.zeros((8, 8), np.int32)
+    lab[1:3, 1:3] = 1
+    lab[3:5, 3:5] = 1            # touches the first square at one corner only
+    lab[5:8, 5:8] = 2
+    lab[6, 6] = 0                # a hole ...
+    lab[5, 7] = 0                # ... and a notch meeting at a corner: still one valid polygon
+    polys = polygonize(lab)
+    objs = _shapely_objects(polys)
+    assert all(g.is_valid for g in objs.values())
+    assert [len(g.geoms) for g in objs.values()] == [2, 1] and [p.group for p in polys] == ["1", "1", None]
+    np.testing.assert_array_equal(rasterize(polys, lab.shape, values=[int(p.name) for p in polys]), lab)
+
+    truth = load_monuseg(data_path("monuseg_train"), ["TCGA-21-5784-01Z-00-DX1"])[0]["instances"]
+    polys = polygonize(truth)
+    objs = _shapely_objects(polys)
+    assert len(objs) == len(np.unique(truth)) - 1
+    assert all(g.is_valid for g in objs.values())
+    np.testing.assert_array_equal(rasterize(polys, truth.shape, values=[int(p.name) for p in polys]), truth)
+    write_geojson(polys, tmp_path / "truth.geojson")
+    assert all(g.is_valid for g in _shapely_objects(read_geojson(tmp_path / "truth.geojson")).values())

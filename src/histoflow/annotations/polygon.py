@@ -286,6 +286,9 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
             pts = pts[keep]
             return np.column_stack([(pts[:, 0] + x0) * dx + ox, (pts[:, 1] + y0) * dy + oy])
 
+        # pixels meeting at a corner only (of the object, or of its background): the trace touches itself there
+        a, b, c_, d = m[:-1, :-1], m[1:, 1:], m[:-1, 1:], m[1:, :-1]
+        corners = bool(((a == b) & (c_ == d) & (a != c_)).any())
         pieces = []
         for i, c in enumerate(contours):
             if hierarchy[i][3] != -1 or len(c) < 3:
@@ -296,14 +299,30 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
                 if len(contours[child]) >= 3:
                     holes.append(ring(contours[child]))
                 child = hierarchy[child][0]
-            pieces.append(Polygon(ring(c), holes, name=str(value),
-                                  classification=None if classes is None else classes.get(value)))
+            for ext, hs in (_valid_pieces(ring(c), holes) if corners else [(ring(c), holes)]):
+                pieces.append(Polygon(ext, hs, name=str(value),
+                                      classification=None if classes is None else classes.get(value)))
         if min_area > 0 and sum(p.area for p in pieces) < min_area:
             continue
         for p in pieces:  # the pieces of one object share a group: one (multi-part) object when written
             p.group = str(value) if len(pieces) > 1 else None
         out += pieces
     return out
+
+
+def _valid_pieces(exterior, holes) -> list:
+    """``[(exterior, holes), ...]``: the traced outline, or where pixels meet only at a corner (a ring touching
+    itself, or a hole cutting the object in two at a corner) the same area as valid polygons (OGC: a ring may
+    not touch itself; strict GIS readers refuse such a polygon). Vertices are not moved, so the pixels are the
+    same."""
+    import shapely
+
+    g = shapely.Polygon(exterior, holes)
+    if g.is_valid:  # e.g. a hole touching the outline at one corner
+        return [(exterior, holes)]
+    g = shapely.make_valid(g, method="structure")
+    return [(np.asarray(p.exterior.coords)[:-1], [np.asarray(r.coords)[:-1] for r in p.interiors])
+            for p in getattr(g, "geoms", [g]) if p.geom_type == "Polygon" and not p.is_empty]
 
 
 def rasterize_slide(polygons, slide, level: int | None = None, mpp: float | None = None, values=None,
