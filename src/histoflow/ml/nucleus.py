@@ -313,12 +313,14 @@ SCALE_TOLERANCE = 0.03
 def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.ndarray:
     """Instance labels of an RGB image with a nucleus model.
 
-    ``scale`` = (image µm/px) / (model µm/px): the image is resized by it before the model runs. For an
-    image finer than the model (``scale < 1``) the probability and HV maps are resized back (bilinear) and
-    post-processed at the image's size (smooth outlines); for a coarser one (``scale > 1``) they are
-    post-processed at the model's scale, whose pixel sizes the post-processing's kernels are set for (at
-    10x, nuclei 6 px wide lost their markers to the 5 x 5 opening), and the labels resized to the image
-    (nearest neighbour). Within ``SCALE_TOLERANCE`` of 1 the image runs as it is (a 0.499 or 0.2527 µm/px scan
+    ``scale`` = (image µm/px) / (model µm/px): the image is resized by it before the model runs, and the maps
+    are post-processed at the model's scale, whose pixel sizes the post-processing's kernels and thresholds
+    are set for (at 10x, nuclei 6 px wide lost their markers to the 5 x 5 opening; at 80x, post-processed at
+    the image's size, the Sobel responses of the stretched HV maps halved and neighbours merged: PQ 0.490
+    against 0.515 on 3 MoNuSeg validation images upsampled 2x). The labels are resized to the image (nearest
+    neighbour); for an image finer than the model (``scale < 1``) their outlines are then redrawn at the
+    image's size by the resized (bilinear) probability map: each nucleus keeps its pixels above
+    ``fg_threshold`` and grows into those within one model pixel (smooth outlines, not blocks). Within ``SCALE_TOLERANCE`` of 1 the image runs as it is (a 0.499 or 0.2527 µm/px scan
     on a 0.5 or 0.25 model: resampling by 0.2-1 % only blurs, and moves tile results by a pixel).
     Other keywords go to :func:`predict_maps` / :func:`maps_to_instances`.
     """
@@ -330,15 +332,26 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.
     h, w = image.shape[:2]
     if abs(scale - 1.0) <= SCALE_TOLERANCE:
         return maps_to_instances(*predict_maps(model, image, **kw), **post)
-    if scale > 1:  # post-processed at the model's scale, where an image pixel is scale**2 pixels: min_size is
-        post["min_size"] = post.get("min_size", 10) * scale ** 2  # in the image's pixels
+    from skimage.segmentation import expand_labels
+
+    from ..core.resample import resize_mask
+
+    # post-processed at the model's scale, where an image pixel is scale**2 pixels: min_size is in the image's
+    post["min_size"] = post.get("min_size", 10) * scale ** 2
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
     resized = cv2.resize(image[..., :3], (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     prob, hv = predict_maps(model, resized, **kw)
+    labels = resize_mask(maps_to_instances(prob, hv, **post), (w, h))
     if scale > 1:
-        from ..core.resample import resize_mask
-
-        return resize_mask(maps_to_instances(prob, hv, **post), (w, h))
-    prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
-    hv = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR) for c in hv])
-    return maps_to_instances(prob, hv, **post)
+        return labels
+    fg = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR) >= post.get("fg_threshold", 0.5)
+    labels[~fg] = 0
+    labels = expand_labels(labels, int(np.ceil(1 / scale)))
+    labels[~fg] = 0
+    present = np.bincount(labels.ravel()) > 0
+    if not present[1:].all():  # a nucleus wholly under the threshold at this size: numbered 1..n again
+        present[0] = False
+        lut = np.zeros(len(present), np.int32)
+        lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+        labels = lut[labels]
+    return labels.astype(np.int32, copy=False)
