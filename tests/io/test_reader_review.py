@@ -248,3 +248,91 @@ def test_a_reader_opened_by_a_relative_path_reopens_from_another_folder(tmp_path
     monkeypatch.chdir(tmp_path)
     again = pickle.loads(data)
     np.testing.assert_array_equal(again.read_region((100, 100), 0, (64, 64)), r.read_region((100, 100), 0, (64, 64)))
+
+
+def test_a_slide_opened_relatively_keeps_its_file_after_the_process_changes_folder(tmp_path, monkeypatch):
+    """The absolute path was made when pickling (and when writing the store's source_path), from the working
+    folder of that moment: after a chdir the reader pickled a path to nothing and the store named a file that
+    is not the slide."""
+    import pickle
+
+    from datafiles import SVS
+
+    from histoflow.core.slide import SlideData
+
+    monkeypatch.chdir(os.path.dirname(SVS))
+    sd = SlideData(os.path.basename(SVS))
+    monkeypatch.chdir(tmp_path)
+    assert sd.metadata()["source_path"] == os.path.abspath(SVS)
+    again = pickle.loads(pickle.dumps(sd))
+    np.testing.assert_array_equal(again.reader.read_region((100, 100), 0, (32, 32)),
+                                  sd.reader.read_region((100, 100), 0, (32, 32)))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_a_print_resolution_is_not_a_pixel_size(tmp_path, suffix):
+    """An H&E crop saved at 300 dpi (photo and figure tools' default) was read as 84.7 µm/px, and a grid at
+    0.5 µm/px cut its 500 x 300 px into 65,869 tiles, 169x enlarged. Now such a tag leaves mpp unknown, with a
+    warning that says how to set it."""
+    from datafiles import data_path
+    from PIL import Image
+
+    a = np.asarray(Image.open(data_path("he_patches", "stardist_histo.jpg")).convert("RGB"))
+    for dpi in (300, 600):
+        path = tmp_path / f"he{dpi}{suffix}"
+        Image.fromarray(a).save(path, dpi=(dpi, dpi))
+        s = histoflow.open_slide(path)
+        assert s.mpp is None, (dpi, s.mpp)
+        assert any("implausible pixel size" in w and "pass mpp=" in w for w in s.warnings)
+    path = tmp_path / f"he_scan{suffix}"  # a real low-power resolution is kept: 2 µm/px is 12,700 dpi
+    Image.fromarray(a).save(path, dpi=(12700, 12700))
+    assert histoflow.open_slide(path).mpp == pytest.approx((2.0, 2.0), rel=1e-3)
+
+
+def test_tiff_photometrics_read_as_pillow_and_openslide_read_them(tmp_path):
+    """MinIsWhite pages came back uninverted (the image backend and OpenSlide invert them: the same file read
+    differently by backend); 1-bit pages came back as bool, which the store refused; a grey + alpha page gave
+    its alpha as a second data channel where the same pixels as an LA PNG are one channel on white."""
+    import openslide
+
+    from histoflow.core.slide import SlideData
+
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (64, 1))
+    tifffile.imwrite(tmp_path / "mw.tif", ramp, photometric="miniswhite", tile=(32, 32))
+    s = histoflow.open_slide(tmp_path / "mw.tif")
+    assert s.backend == "tiff"
+    np.testing.assert_array_equal(s.read_region((0, 0), 0, (256, 64))[..., 0], 255 - ramp)
+    np.testing.assert_array_equal(histoflow.open_slide(tmp_path / "mw.tif", backend="image")
+                                  .read_region((0, 0), 0, (256, 64))[..., 0], 255 - ramp)
+    with openslide.OpenSlide(str(tmp_path / "mw.tif")) as o:
+        np.testing.assert_array_equal(np.asarray(o.read_region((0, 0), 0, (256, 64)))[..., 0], 255 - ramp)
+    tifffile.imwrite(tmp_path / "mw16.tif", ramp.astype(np.uint16) * 200, photometric="miniswhite")
+    assert histoflow.open_slide(tmp_path / "mw16.tif").read_region((10, 0), 0, (1, 1)).ravel().tolist() == [63535]
+
+    bits = np.random.default_rng(0).integers(0, 2, (50, 64)).astype(bool)
+    tifffile.imwrite(tmp_path / "bits.tif", bits)
+    s = histoflow.open_slide(tmp_path / "bits.tif")
+    got = s.read_region((0, 0), 0, (64, 50))
+    assert s.dtype == np.uint8 and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[..., 0], np.asarray(Image.open(tmp_path / "bits.tif").convert("L")))
+    sd = SlideData(tmp_path / "bits.tif")
+    sd.write(tmp_path / "bits.h5path", tiles=sd.generate_tiles(32))
+    assert (tmp_path / "bits.h5path").stat().st_size > 0
+
+    grey = np.full((40, 40), 100, np.uint8)
+    alpha = np.zeros_like(grey)
+    alpha[:, 20:] = 255
+    alpha[0, 0] = 128
+    Image.fromarray(np.stack([grey, alpha], -1), "LA").save(tmp_path / "la.png")
+    want = histoflow.open_slide(tmp_path / "la.png").read_region((0, 0), 0, (40, 40))
+    assert want[0, [0, 1, 25], 0].tolist() == [177, 255, 100]
+    for name, kw in (("ga.tif", {}), ("ga_tiled.tif", {"tile": (16, 16)})):
+        tifffile.imwrite(tmp_path / name, np.stack([grey, alpha], -1), photometric="minisblack", extrasamples=[2],
+                         **kw)
+        s = histoflow.open_slide(tmp_path / name)
+        assert s.channel_names == ["intensity"]
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (40, 40)), want)
+    tifffile.imwrite(tmp_path / "ga_planar.tif", np.stack([grey, alpha]), photometric="minisblack", extrasamples=[2],
+                     planarconfig="separate", tile=(16, 16))
+    np.testing.assert_array_equal(histoflow.open_slide(tmp_path / "ga_planar.tif").read_region((0, 0), 0, (40, 40)),
+                                  want)

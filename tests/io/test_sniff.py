@@ -100,3 +100,19 @@ def test_an_h5path_file_given_as_a_slide_says_how_to_open_it():
     with pytest.raises(UnsupportedFormatError, match=r"not a slide: open stores with histoflow.read_h5path\(path\); "
                                                       r"`histoflow info` describes them"):
         detect_format(data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path"))
+
+
+def test_a_mirax_slide_without_its_data_folder_is_refused(tmp_path):
+    """A .mrxs file is a JPEG preview; without the folder of the same name it opened silently as that preview
+    (500 x 300 px of "slide"), and a pipeline ran on it."""
+    import shutil
+
+    from histoflow.errors import UnsupportedFormatError
+
+    mrxs = tmp_path / "slide.mrxs"
+    shutil.copy(data_path("he_patches", "stardist_histo.jpg"), mrxs)
+    with pytest.raises(UnsupportedFormatError, match=r"slide\.mrxs: a MIRAX slide without its data folder: .*"
+                                                      r"slide.Slidedat\.ini is missing"):
+        open_slide(mrxs)
+    shutil.copy(data_path("he_patches", "stardist_histo.jpg"), tmp_path / "photo.jpg")
+    assert open_slide(tmp_path / "photo.jpg").dimensions == (500, 300)  # a JPEG named as one is a JPEG

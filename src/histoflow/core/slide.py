@@ -227,7 +227,7 @@ class SlideData:
         r = self.reader
         return {
             "name": self.name,
-            "source_path": os.path.abspath(self.path),
+            "source_path": self.reader._abspath,  # as opened, whatever the working folder is now
             "backend": r.backend,
             "format": r.format,
             "width": r.dimensions[0],

@@ -320,7 +320,7 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
     batch_size = max(1, min(batch_size, BATCH_BYTES // max(1, tile_bytes)))
     job.batches = [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
     manifest = {
-        "journal": 3, "slide": os.path.abspath(slide.path), "name": slide.name,
+        "journal": 3, "slide": slide.reader._abspath, "name": slide.name,
         "pipeline": pipeline.to_document() if pipeline is not None else None,
         "tiling": tiling, "batch_size": batch_size, "tiles": len(specs),
         "compression": compression, "compression_level": compression_level,

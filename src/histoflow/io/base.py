@@ -30,8 +30,10 @@ from ..errors import HistoflowError, ParameterError, RegionError, RegionTooLarge
 #: ``open_slide(path, max_region_bytes=...)``.
 DEFAULT_MAX_REGION_BYTES = 4 * 1024**3
 
-#: Pixel sizes outside this range (µm/px) are treated as a broken resolution tag.
-PLAUSIBLE_MPP = (0.01, 100.0)
+#: Pixel sizes outside this range (µm/px) are treated as a broken resolution tag. No microscope image is
+#: coarser than ~10 µm/px at full resolution (a 1x scan); print resolutions written by photo and figure tools
+#: are: 300 dpi is 84.7 µm/px, 600 dpi 42.3, 1,200 dpi 21.2 (a crop saved at 300 dpi was tiled 169x enlarged).
+PLAUSIBLE_MPP = (0.01, 20.0)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class SlideReader:
 
     def __init__(self, path, *, mpp=None, max_region_bytes: int | None = None, brightfield: bool | None = None):
         self.path = os.fspath(path)
+        # absolute now: the process may change folder before the reader is pickled for a worker
+        self._abspath = os.path.abspath(self.path)
         self._kwargs = {"mpp": mpp, "max_region_bytes": max_region_bytes, "brightfield": brightfield}
         self.max_region_bytes = int(max_region_bytes or DEFAULT_MAX_REGION_BYTES)
         self.warnings: list[str] = []
@@ -405,7 +409,7 @@ class SlideReader:
     def __getstate__(self):
         # absolute: a worker of a remote cluster (or one started in another folder) reopens the file from
         # its own working directory, where a relative path names nothing or another file
-        return {"path": os.path.abspath(self.path), "kwargs": dict(self._kwargs)}
+        return {"path": self._abspath, "kwargs": dict(self._kwargs)}
 
     def __setstate__(self, state):
         self.__init__(state["path"], **state["kwargs"])

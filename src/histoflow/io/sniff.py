@@ -103,6 +103,10 @@ def detect_format(path) -> FormatInfo:
         stem = os.path.splitext(path)[0]
         if os.path.exists(os.path.join(stem, "Slidedat.ini")):
             return FormatInfo("MIRAX", "openslide")
+        if path.lower().endswith(".mrxs"):  # the slide's preview only: its pixels are in the missing folder
+            raise UnsupportedFormatError(
+                f"{path}: a MIRAX slide without its data folder: {stem}{os.sep}Slidedat.ini is missing (the .mrxs "
+                "file is only a preview; copy the folder of the same name next to it)")
         return FormatInfo("JPEG", "image")
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return FormatInfo("PNG", "image")

@@ -50,6 +50,7 @@ class _Plane:
     keep: int  # samples to keep per decoded pixel (drops alpha)
     alpha: int = 0  # RGB + alpha: 1 associated (premultiplied), 2 unassociated; composited on white
     colormap: np.ndarray | None = None  # palette pages: (entries, 3) uint8 RGB, applied to each decoded tile
+    invert: bool = False  # MinIsWhite: 0 is white; stored inverted so that values mean what they do elsewhere
 
     @classmethod
     def from_page(cls, page, keep_samples: int | None = None, colormap: np.ndarray | None = None) -> _Plane:
@@ -83,13 +84,14 @@ class _Plane:
                                  f"{len(counts)} byte counts where the image needs {need}")
         alpha = 0
         extra = tuple(getattr(key, "extrasamples", ()) or ())
-        if keep_samples == 3 and samples > 3 and extra and int(extra[0]) in (1, 2) and colormap is None:
+        if keep_samples is not None and samples > keep_samples and extra and int(extra[0]) in (1, 2) \
+                and colormap is None:
             alpha = int(extra[0])  # contiguous or planar-separate: both are composited (see _read_plane)
         return cls(page=page, index=int(page.index), width=width, height=height, samples=keep,
                    separate=separate, tile_w=tw, tile_h=th, tiles_across=across,
                    tiles_down=down, offsets=offsets, counts=counts, jpegtables=key.jpegtables,
                    jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep, alpha=alpha,
-                   colormap=colormap)
+                   colormap=colormap, invert=int(key.photometric) == 0 and colormap is None)
 
     def data_end(self) -> int:
         # in uint64: offset + count of a damaged entry near 2**63 would wrap around in int64 and pass as small
@@ -170,7 +172,8 @@ class TiffReader(SlideReader):
         planes0 = self._levels_planes[0]
         kp = planes0[0].page.keyframe if getattr(planes0[0].page, "keyframe", None) is not None else planes0[0].page
         palette = planes0[0].colormap is not None
-        self.dtype = np.dtype(np.uint8 if palette else kp.dtype)  # palette indices become 8-bit RGB
+        # palette indices become 8-bit RGB; 1-bit pages 0 / 255 (uint8)
+        self.dtype = np.dtype(np.uint8 if palette or kp.dtype == bool else kp.dtype)
         photometric = int(kp.photometric)
         self.brightfield = (len(planes0) == 1 and (photometric in _RGB_PHOTOMETRIC or palette)
                             and planes0[0].samples == 3)
@@ -221,6 +224,9 @@ class TiffReader(SlideReader):
         keep_samples = None
         if int(key.photometric) in _RGB_PHOTOMETRIC and key.samplesperpixel > 3:
             keep_samples = 3  # RGBA and RGB + extra samples: keep the colour
+        elif int(key.photometric) in (0, 1) and key.samplesperpixel == 2 and \
+                int((tuple(getattr(key, "extrasamples", ()) or ()) or (0,))[0]) in (1, 2):
+            keep_samples = 1  # grey + alpha: the grey, composited on white (as the image backend does "LA")
         colormap = self._colormap(key)
         return [_Plane.from_page(p, keep_samples, colormap) for p in pages]
 
@@ -418,8 +424,9 @@ class TiffReader(SlideReader):
                 sx0, sx1 = max(x, tx0), min(x + w, tx0 + tw, pl.width)
                 if separate_alpha:  # R, G, B and alpha planes of this tile, composited on white
                     rgba = np.concatenate([self._decode(level, pl, s * per_plane + r * pl.tiles_across + c, c, r)
-                                           [sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0, :1] for s in range(4)], axis=-1)
-                    out[sy0 - y:sy1 - y, sx0 - x:sx1 - x, c0:c0 + 3] = _on_white(rgba, pl.alpha)
+                                           [sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0, :1]
+                                           for s in range(pl.keep + 1)], axis=-1)
+                    out[sy0 - y:sy1 - y, sx0 - x:sx1 - x, c0:c0 + pl.keep] = _on_white(rgba, pl.alpha, pl.keep)
                     continue
                 for s in range(planes):
                     tile = self._decode(level, pl, s * per_plane + r * pl.tiles_across + c, c, r)
@@ -449,7 +456,12 @@ class TiffReader(SlideReader):
                                   f"an unexpected shape {getattr(seg, 'shape', None)}")
         if pl.colormap is not None:
             return np.take(pl.colormap, seg[0][..., 0], axis=0, mode="clip")  # clip: a damaged index
-        return _on_white(seg[0], pl.alpha) if pl.alpha and seg.shape[-1] > 3 else seg[0]
+        seg = seg[0]
+        if seg.dtype == bool:  # 1-bit pages: 0 / 255, as Pillow reads them (and the store keeps)
+            seg = np.where(seg != pl.invert, np.uint8(255), np.uint8(0))
+        elif pl.invert and seg.dtype.kind == "u":
+            seg = np.iinfo(seg.dtype).max - seg
+        return _on_white(seg, pl.alpha, pl.keep) if pl.alpha and seg.shape[-1] > pl.keep else seg
 
     def _close(self):
         fd = getattr(self, "_fd", None)
@@ -461,14 +473,14 @@ class TiffReader(SlideReader):
             tf.close()
 
 
-def _on_white(a: np.ndarray, alpha: int) -> np.ndarray:
-    """RGB + alpha composited on white (as the image backend does PNGs): ``alpha`` 2 unassociated, 1
-    associated (colour already multiplied by alpha)."""
+def _on_white(a: np.ndarray, alpha: int, n: int = 3) -> np.ndarray:
+    """``n`` colour samples (RGB, or 1 for grey) + alpha composited on white (as the image backend does PNGs):
+    ``alpha`` 2 unassociated, 1 associated (colour already multiplied by alpha)."""
     if a.dtype.kind != "u":
-        return a[..., :3]
+        return a[..., :n]
     top = np.iinfo(a.dtype).max
-    al = a[..., 3:4].astype(np.uint64)
-    c = a[..., :3].astype(np.uint64)
+    al = a[..., n:n + 1].astype(np.uint64)
+    c = a[..., :n].astype(np.uint64)
     if alpha == 2:
         out = (c * al + top * (top - al) + top // 2) // top
     else:
