@@ -411,3 +411,47 @@ def test_an_interrupted_runs_journal_and_the_inputs_are_not_replaced_by_mistake(
     rules.write_text("steps:\n  - {assign: T, when: CD3}\n")
     ph = ["phenotype", cells, "--rules", str(rules), "-o", cells]
     assert main(ph) == 0 and main(ph) == 0
+
+
+def test_errors_give_the_commands_options_not_python_parameters(tmp_path, capsys):
+    """segment-nuclei told the user to pass `histoflow run --on-error skip` (it has no such option), and a
+    pipeline that needs the tissue mask said "add it with slide.add_mask(...), or pass tissue_filter=..."."""
+    import tifffile
+    from PIL import Image
+
+    from histoflow.transforms import BoxBlur, NucleusDetectionHE, Pipeline
+
+    rgb = np.asarray(Image.open(data_path("he_patches", "stardist_histo.jpg")).convert("RGB"))[:256, :256]
+    bad = tmp_path / "damaged.tif"
+    with tifffile.TiffWriter(bad) as w:  # level 0, and a level 1 that thumbnails are read from
+        kw = dict(compression="jpeg", photometric="rgb", resolutionunit="CENTIMETER")
+        w.write(np.tile(rgb, (2, 2, 1)), tile=(256, 256), subifds=1, resolution=(4e4, 4e4), **kw)
+        w.write(np.ascontiguousarray(rgb[::2, ::2].repeat(2, 0)[:256].repeat(2, 1)[:, :256]), tile=(128, 128),
+                subfiletype=1, resolution=(2e4, 2e4), **kw)
+    with tifffile.TiffFile(bad) as t:
+        offset = t.pages[0].dataoffsets[0]
+        count = t.pages[0].databytecounts[0]
+    with open(bad, "r+b") as f:  # the first tile's JPEG bytes zeroed: it cannot be decoded
+        f.seek(offset)
+        f.write(b"\0" * count)
+    assert main(["segment-nuclei", str(bad), "-o", str(tmp_path / "n.tif"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be decoded" in err and "on-error" not in err and "on_error" not in err
+    pipe = tmp_path / "p.yaml"
+    Pipeline([BoxBlur(3)]).save(pipe)
+    assert main(["run", str(pipe), str(bad), "-o", str(tmp_path / "o"), "--executor", "inprocess",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "or pass --on-error skip" in err and "on_error=" not in err
+
+    from histoflow.cli import demo_pipeline
+
+    demo_pipeline().save(pipe)  # it reads the slide's tissue mask, which --tissue-filter makes
+    assert main(["run", str(pipe), SVS, "-o", str(tmp_path / "o2"), "--executor", "inprocess", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--tissue-filter FRACTION makes 'tissue'" in err and "tissue_filter=" not in err
+    Pipeline([NucleusDetectionHE()]).save(pipe)
+    assert main(["run", str(pipe), SVS, "-o", str(tmp_path / "o3"), "--executor", "inprocess", "--slide-type", "IF",
+                 "--tissue-filter", "0.5", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "run without --tissue-filter" in err and "instead" not in err

@@ -453,7 +453,7 @@ def main(argv=None) -> int:
         except (HistoflowError, OSError) as e:
             if args.debug:
                 raise
-            print(f"histoflow: error: {e}", file=sys.stderr)
+            print(f"histoflow: error: {_in_cli_words(str(e), args)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             resumable = getattr(args, "resume", None) is not None and getattr(args, "h5path", True)
@@ -463,6 +463,22 @@ def main(argv=None) -> int:
                                               "; the same command with --resume continues from what was written"),
                   file=sys.stderr)
             return 130
+
+
+def _in_cli_words(msg: str, args) -> str:
+    """The library's advice in a command's terms: its options, not Python parameters it has no way to pass."""
+    skip = "or pass on_error='skip' (`histoflow run --on-error skip`)"
+    if skip in msg:
+        msg = msg.replace(skip, "or pass --on-error skip") if hasattr(args, "on_error") else \
+            msg.replace(f", {skip}", "")
+    msg = msg.replace("run again with resume=True (`--resume` on the command line)", "run again with --resume")
+    msg = msg.replace("add them with slide.add_mask(...), or pass tissue_filter=... to make 'tissue'",
+                      "--tissue-filter FRACTION makes 'tissue' (other slide masks can be added from Python, with "
+                      "SlideData.add_mask)")
+    msg = msg.replace("give a slide mask named 'tissue' instead",
+                      "run without --tissue-filter (or give the slide a mask named 'tissue' from Python, with "
+                      "SlideData.add_mask)")
+    return msg
 
 
 # ---------------------------------------------------------------------- verbs
@@ -599,9 +615,15 @@ def cmd_thumbnail(args):
     if not args.output.lower().endswith(".png"):
         raise OutputError(f"{args.output}: the thumbnail is written as PNG: give -o a .png path")
     if _is_hdf5(args.slide):  # a store: its slide, slide masks, tiles, a tile label, nuclei
+        from .store import read_h5path
         from .store.overview import overview
 
-        pic = overview(args.slide, args.size, label=args.label, instances=args.instances)
+        with read_h5path(args.slide) as h5:
+            longest = max(int(h5.slide.get("width") or 0), int(h5.slide.get("height") or 0))
+            if 0 < longest < args.size:  # as for a slide: a picture never enlarges it
+                print(f"note: --size {args.size} is larger than the slide ({h5.slide['width']} x "
+                      f"{h5.slide['height']} px); using {longest}", file=sys.stderr)
+            pic = overview(h5, args.size, label=args.label, instances=args.instances)
         save_png(args.output, pic)
         print(f"{args.output}: {pic.shape[1]} x {pic.shape[0]} px")
         return 0

@@ -1158,3 +1158,31 @@ def test_resume_does_not_replace_a_result_of_other_settings(tmp_path):
         assert open(out, "rb").read() == before
     slide.run(Pipeline([BoxBlur(3)]), out, executor="inprocess", progress=False)  # without resume: replaced
     assert open(out, "rb").read() != before
+
+
+def test_resume_keeps_the_batches_of_a_journal_whose_manifest_is_damaged(tmp_path):
+    """With the journal's manifest.json unreadable, `--resume` deleted the finished batches and started over,
+    with a warning that it would have kept them with resume=True, which it had been given."""
+    out = str(tmp_path / "d.h5path")
+
+    class Stop(Exception):
+        pass
+
+    def stop(slide, batch, done, total):
+        if done >= 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        SlideData(SVS).run(pipeline(), out, executor="inprocess", batch_size=10, progress=False, on_batch=stop)
+    journal = out + ".partial"
+    batches = sorted(f for f in os.listdir(journal) if f.endswith(".hfb"))
+    assert len(batches) >= 3
+    with open(os.path.join(journal, "manifest.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(PipelineError, match=r"cannot resume: the journal's .*manifest\.json is missing or unreadable, "
+                                            rf"so its {len(batches)} finished batch\(es\) .* they are kept"):
+        SlideData(SVS).run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False)
+    assert sorted(f for f in os.listdir(journal) if f.endswith(".hfb")) == batches
+    with pytest.warns(UserWarning, match="discarded and the run starts over"):
+        SlideData(SVS).run(pipeline(), out, executor="inprocess", batch_size=10, progress=False)
+    assert os.listdir(tmp_path) == ["d.h5path"]

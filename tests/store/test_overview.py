@@ -326,3 +326,16 @@ def test_pathml_integer_labels_are_numbers_as_in_our_files(tmp_path):
         x, y = (int((c + d / 2) * s) for c, d in zip(coords[k], (tw, th)))
         colour = (pic[y, x] - plain[y, x] * (1 - a)) / a
         assert np.abs(colour - want).max() < 8
+
+
+def test_a_picture_never_enlarges_the_slide(qc_store, tmp_path, capsys):
+    """`histoflow thumbnail STORE --size 5000` drew a 3741 x 5000 px enlargement of a 2220 x 2967 px slide,
+    where the same option on the slide itself says so and stops at the slide's size."""
+    with read_h5path(qc_store) as h5:
+        w, h = h5.slide["width"], h5.slide["height"]
+    assert overview(qc_store, 5000).shape[:2] == (h, w)
+    out = tmp_path / "big.png"
+    assert main(["thumbnail", str(qc_store), "-o", str(out), "--size", "5000"]) == 0
+    cap = capsys.readouterr()
+    assert f"--size 5000 is larger than the slide ({w} x {h} px); using {max(w, h)}" in cap.err
+    assert f"{w} x {h} px" in cap.out

@@ -96,3 +96,33 @@ def test_info_describes_what_a_file_holds_without_reading_tiles(tmp_path):
         info = h.info()
         assert (info["format_version"], info["tiles"], info["tile_shape"], info["runs"]) == (1, 12, (128, 128, 3), [])
         assert info["tile_labels"] == ["grade", "site"] and info["cells"] is None
+
+
+def test_a_tile_too_large_for_a_store_is_refused_before_it_is_written(tmp_path):
+    """Tiles over MAX_TILE_BYTES (22 uint16 channels of 5000 px) were written, compressed, and the store then
+    refused to open: `histoflow tile --size 5000` on a MIBI file, or a run, did all the work for a file nothing
+    could read. Now the first such tile is refused, whichever way it is stored."""
+    import pytest
+    import tifffile
+
+    from histoflow.core.tile import Tile
+    from histoflow.errors import H5PathError
+    from histoflow.store import encode_tile
+    from histoflow.store.h5path import MAX_TILE_BYTES
+
+    big = np.broadcast_to(np.zeros(1, np.uint16), (5000, 5000, 22))  # 1,049 MiB, not allocated
+    assert big.nbytes > MAX_TILE_BYTES
+    with pytest.raises(H5PathError, match=r"tile at \(0, 0\): a tile of 5000 x 5000 px x 22 channels of uint16 is "
+                                          r"1,049 MiB, more than an h5path store holds per tile \(1024 MiB\)"):
+        encode_tile(Tile(big, (0, 0)), "htj2k")
+    with H5PathWriter(tmp_path / "w.h5path") as w:
+        with pytest.raises(H5PathError, match="1,049 MiB"):
+            w.add_tile(big, (0, 0))
+        w.add_tile(np.zeros((8, 8, 22), np.uint16), (0, 0))  # the writer stays usable
+    assert len(read_h5path(tmp_path / "w.h5path")) == 1
+    # SlideData.write names the store and the slide in what encode_tile refuses
+    tifffile.imwrite(tmp_path / "half.tif", np.zeros((16, 16), np.float16))
+    sd = SlideData(tmp_path / "half.tif")
+    with pytest.raises(H5PathError, match=r"h\.h5path \(slide .*half\.tif\): encode_tile: .* float16"):
+        sd.write(tmp_path / "h.h5path", tiles=sd.generate_tiles(8))
+    assert not (tmp_path / "h.h5path").exists()

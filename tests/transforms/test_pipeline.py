@@ -73,6 +73,8 @@ def test_bad_yaml_files(tmp_path):
     for text, msg in [("steps: [{BoxBlur: {size: 3}}]", r"BoxBlur has no parameter\(s\) \['size'\]"),
                       ("steps: [{NoSuch: {}}]", "unknown transform 'NoSuch'"),
                       ("steps: [BoxBlur]", "a pipeline step must be a mapping"),
+                      # a string was taken one character at a time: "a step must be a mapping, got 'B'"
+                      ("histoflow_pipeline: 1\nsteps: BoxBlur", r"'steps' must be a list of .*got str 'BoxBlur'"),
                       ("histoflow_pipeline: 9\nsteps: []", "pipeline format 9 is not supported"),
                       ("!!python/object:os.system ls", "not valid YAML"),
                       ("[1, 2", "not valid YAML")]:

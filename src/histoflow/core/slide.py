@@ -260,6 +260,7 @@ class SlideData:
         total : int, optional
             Number of tiles, for the progress bar's ETA.
         """
+        from ..errors import H5PathError
         from ..store import H5PathWriter, encode_tile
         from ..utils import progress_bar
 
@@ -285,7 +286,12 @@ class SlideData:
             for name, m in self.masks.items():
                 w.add_slide_mask(name, m.stored(), m.downsample)
             for t in progress_bar(it, total=total, desc=f"tiles {self.name}", unit="tile", disable=not progress):
-                w.add_tile(encode_tile(t, compression, compression_level) if encode else t)
+                if encode:
+                    try:
+                        t = encode_tile(t, compression, compression_level)
+                    except H5PathError as e:  # name the store and the slide, as the writer's own errors do
+                        raise H5PathError(f"{os.fspath(path)} (slide {self.path}): {e}") from None
+                w.add_tile(t)
             if provenance:
                 w.add_provenance(provenance)
         return os.fspath(path)

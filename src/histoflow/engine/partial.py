@@ -51,6 +51,10 @@ def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
                                     f"({', '.join(diff) or 'journal'}); run without resume to start over")
             return d, done_batches(d, token), token
         n = len(done_batches(d, token)) if token is not None else batch_count(d)
+        if resume and n:  # the manifest is gone or damaged: the batches cannot be checked, but are not thrown away
+            raise PipelineError(f"{out_path}: cannot resume: the journal's {os.path.join(d, MANIFEST)} is missing "
+                                f"or unreadable, so its {n} finished batch(es) cannot be matched to this run's "
+                                f"settings; they are kept. Run without resume to start over (that removes {d})")
         shutil.rmtree(d)
         if n:  # deliberate (a run without resume starts over), but not silently: the work is lost
             warnings.warn(f"{out_path}: an unfinished run's journal {d} held {n} finished batch(es); they are "

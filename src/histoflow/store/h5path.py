@@ -318,6 +318,16 @@ class EncodedTile:
                     cells=self.cells, core=self.core)
 
 
+def _check_tile_bytes(image, where):
+    """Refuse a tile larger than readers of h5path stores accept (:data:`MAX_TILE_BYTES`), before it is written:
+    a store of such tiles was written whole and then could not be opened."""
+    if image.nbytes > MAX_TILE_BYTES:
+        h, w, c = image.shape
+        raise H5PathError(f"{where}: a tile of {w} x {h} px x {c} channels of {image.dtype} is "
+                          f"{image.nbytes / 2**20:,.0f} MiB, more than an h5path store holds per tile "
+                          f"({MAX_TILE_BYTES >> 20} MiB); use a smaller tile size")
+
+
 def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level: int = GZIP_LEVEL) -> EncodedTile:
     """Compress a tile's image and masks into h5path chunks (see :class:`EncodedTile`).
 
@@ -338,6 +348,7 @@ def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level:
     if not (image.dtype.kind in "ui" or image.dtype in (np.float32, np.float64)):
         raise H5PathError(f"{where}: tile dtype {image.dtype} is not stored; use an integer dtype, or "
                           "float32/float64 for float data")
+    _check_tile_bytes(image, where)
     if not image.dtype.isnative:
         image = image.astype(image.dtype.newbyteorder("="))
     mask_comp = "gzip" if compression == "htj2k" else compression
@@ -716,6 +727,7 @@ class H5PathWriter:
         if not (dt.kind in "ui" or dt in (np.float32, np.float64)):
             raise H5PathError(f"{self.path}: {where}: tile dtype {dt} is not stored; use the native integer "
                               "dtype, or float32/float64 for float data (float16 is refused)")
+        _check_tile_bytes(image, f"{self.path}: {where}")
         if self._channel_names is not None and len(self._channel_names) != image.shape[2]:
             raise H5PathError(f"{self.path}: {where}: {image.shape[2]} channels but the slide has "
                               f"{len(self._channel_names)} channel_names")

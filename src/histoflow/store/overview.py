@@ -333,7 +333,7 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
     store : str or H5Path
         The h5path file (or an open :class:`H5Path`).
     size : int
-        Longer side of the picture, in pixels.
+        Longer side of the picture, in pixels (at most the slide's: it is not enlarged).
     label : str, optional
         A tile label to colour the tiles by: numbers on a scale from their minimum (dark blue) to their
         maximum (yellow), other values (classes, booleans) in a palette; a legend goes below the picture.
@@ -365,6 +365,7 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
     if not meta.get("width") or not meta.get("height"):
         raise H5PathError(f"{h5.path}: the file does not say the slide's size; no picture can be drawn")
     W, H = int(meta["width"]), int(meta["height"])
+    size = min(int(size), max(W, H))  # a picture never enlarges the slide (as a slide's thumbnail)
     values = _label_values(h5, label) if label is not None else None  # errors before any drawing
     centroids = _instances(h5, instances) if instances is not None else None
     if centroids is not None:

@@ -472,6 +472,9 @@ class Pipeline(Transform):
         if not isinstance(d, dict) or "steps" not in d:
             raise PipelineError(f"{source}: a pipeline file is a mapping with 'steps' (a list of "
                                 "{TransformName: {param: value}})")
+        if not isinstance(d["steps"], (list, type(None))):
+            raise PipelineError(f"{source}: 'steps' must be a list of {{TransformName: {{param: value}}}}, got "
+                                f"{type(d['steps']).__name__} {d['steps']!r:.60}")
         version = d.get("histoflow_pipeline", PIPELINE_FORMAT)
         if version != PIPELINE_FORMAT:
             raise PipelineError(f"{source}: pipeline format {version} is not supported (this histoflow "
