@@ -336,3 +336,59 @@ def test_tiff_photometrics_read_as_pillow_and_openslide_read_them(tmp_path):
                      planarconfig="separate", tile=(16, 16))
     np.testing.assert_array_equal(histoflow.open_slide(tmp_path / "ga_planar.tif").read_region((0, 0), 0, (40, 40)),
                                   want)
+
+
+def test_imagej_planes_without_pages_and_single_strip_planes(tmp_path):
+    """ImageJ writes a stack over 4 GB with one page, the other planes' pixels following the first's: the reader
+    saw one plane and returned channel 0 alone, without a word. ImageJ also writes each plane as one strip,
+    which was decoded whole for every region (a 16 px region of a 30k x 30k uint16 image: 1.8 GB a channel)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 4000, (2, 3, 60, 50), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "trunc.tif", stack, imagej=True, truncate=True, metadata={"axes": "ZCYX"})
+    with tifffile.TiffFile(tmp_path / "trunc.tif") as t:
+        assert len(t.pages) == 1  # truly one page for 6 planes
+    s = histoflow.open_slide(tmp_path / "trunc.tif")
+    assert s.channels == 3  # the channels of the first z plane, as for a stack with its pages
+    np.testing.assert_array_equal(s.read_region((0, 0), 0, (50, 60)), np.moveaxis(stack[0], 0, -1))
+    np.testing.assert_array_equal(s.read_region((7, 9), 0, (20, 30)), np.moveaxis(stack[0, :, 9:39, 7:27], 0, -1))
+    with tifffile.TiffFile(tmp_path / "trunc.tif") as t:
+        start = t.series[0].dataoffset
+    with open(tmp_path / "trunc.tif", "r+b") as f:  # a stack cut short in its third channel is said to be so
+        f.truncate(start + int(2.5 * 60 * 50 * 2))
+    with pytest.raises(SlideReadError, match="file is truncated"):
+        histoflow.open_slide(tmp_path / "trunc.tif")
+
+    big = rng.integers(0, 60000, (2, 2000, 2000), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "big.tif", big, imagej=True, metadata={"axes": "CYX"})
+    with tifffile.TiffFile(tmp_path / "big.tif") as t:
+        assert t.pages[0].rowsperstrip == 2000  # one strip per plane
+    s = histoflow.open_slide(tmp_path / "big.tif")
+    tracemalloc.start()
+    try:
+        got = s.read_region((1000, 1990), 0, (16, 10))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, np.moveaxis(big[:, 1990:2000, 1000:1016], 0, -1))
+    assert peak < 3 * 2**20  # a few rows of each channel, not the 8 MB planes
+    got[:] = 0  # a region is the caller's to change
+    tifffile.imwrite(tmp_path / "be.tif", big[0], byteorder=">", rowsperstrip=700)
+    np.testing.assert_array_equal(histoflow.open_slide(tmp_path / "be.tif").read_region((0, 0), 0, (2000, 2000))[..., 0],
+                                  big[0])
+
+
+def test_ycbcr_without_jpeg_is_converted_to_rgb(tmp_path):
+    """Only the JPEG codec converts YCbCr: zlib or uncompressed YCbCr came back as Y, Cb, Cr named R, G, B
+    (a mean error of 34 grey levels against Pillow and OpenSlide)."""
+    rgb = np.asarray(Image.open(data_path("he_patches", "stardist_histo.jpg")).convert("RGB"))[:128, :128].copy()
+    ycc = np.asarray(Image.fromarray(rgb).convert("YCbCr"))
+    for comp in ("zlib", None):
+        path = tmp_path / f"ycc_{comp}.tif"
+        tifffile.imwrite(path, ycc, photometric="ycbcr", subsampling=(1, 1), compression=comp, tile=(64, 64))
+        s = histoflow.open_slide(path)
+        got = s.read_region((0, 0), 0, (128, 128)).astype(int)
+        assert s.brightfield and s.channel_names == ["R", "G", "B"]
+        assert np.abs(got - np.asarray(Image.open(path).convert("RGB"))).max() <= 1
+        assert np.abs(got - rgb).mean() < 1.5

@@ -25,7 +25,10 @@ from .sniff import check_tiff_intact, quiet_tifffile
 _MAX_DESCRIPTION = 4 * 1024**2  # bytes of ImageDescription we are willing to parse
 _RGB_PHOTOMETRIC = {2, 6}  # RGB, YCbCr
 _PALETTE = 3  # PhotometricInterpretation of palette (colormap) images
-_CHANNEL_AXES = "CIQ"  # tifffile axes that hold channels (I: a plain multi-page stack); S is a page's samples
+_CHANNEL_AXES = "CIQ"
+#: uncompressed strips whose rows lie end to end are read this many bytes at a time (a few rows), not whole:
+#: ImageJ writes a plane as one strip, so a 16 px region of a 30k x 30k uint16 image decoded 1.8 GB a channel
+_RAW_STRIP_BYTES = 1 << 20  # tifffile axes that hold channels (I: a plain multi-page stack); S is a page's samples
 
 
 @dataclass
@@ -51,9 +54,15 @@ class _Plane:
     alpha: int = 0  # RGB + alpha: 1 associated (premultiplied), 2 unassociated; composited on white
     colormap: np.ndarray | None = None  # palette pages: (entries, 3) uint8 RGB, applied to each decoded tile
     invert: bool = False  # MinIsWhite: 0 is white; stored inverted so that values mean what they do elsewhere
+    raw: np.dtype | None = None  # uncompressed rows read straight from the file in this dtype (file byte order)
+    raw_samples: int = 0  # ... with this many samples per pixel in each strip
+    ycbcr: bool = False  # YCbCr stored without JPEG (whose decoder converts): converted to RGB after decoding
 
     @classmethod
-    def from_page(cls, page, keep_samples: int | None = None, colormap: np.ndarray | None = None) -> _Plane:
+    def from_page(cls, page, keep_samples: int | None = None, colormap: np.ndarray | None = None,
+                  data_offset: int | None = None) -> _Plane:
+        """``data_offset``: where this plane's pixels start, for the planes of a truncated ImageJ stack, which
+        follow the first page's, end to end, without pages of their own."""
         key = page.keyframe if hasattr(page, "keyframe") and page.keyframe is not None else page
         shaped = key.shaped  # (separate samples, depth, length, width, contig samples)
         separate, depth = int(shaped[0]), int(shaped[1])
@@ -82,6 +91,34 @@ class _Plane:
         if len(offsets) != need or len(counts) != need:
             raise SlideReadError(f"page {page.index}: truncated or damaged: {len(offsets)} tile/strip offsets and "
                                  f"{len(counts)} byte counts where the image needs {need}")
+        raw = _raw_dtype(key, colormap)
+        if raw is not None:
+            row = width * contig * raw.itemsize
+            starts = offsets.reshape(separate, down)[:, 0]
+            if data_offset is not None:
+                starts = data_offset + np.arange(separate, dtype=np.int64) * row * height
+            ends = offsets.reshape(separate, down) + counts.reshape(separate, down)
+            end_to_end = data_offset is not None or (
+                np.array_equal(offsets.reshape(separate, down)[:, 1:], ends[:, :-1])
+                and np.array_equal(ends[:, -1] - starts, np.full(separate, row * height)))
+            if end_to_end:  # the plane is one block of rows: strips of ~1 MB, wherever its strips end
+                th = int(max(1, min(height, _RAW_STRIP_BYTES // row)))
+                down = math.ceil(height / th)
+                first = np.arange(down, dtype=np.int64) * th
+                offsets = (starts[:, None] + first[None, :] * row).ravel()
+                counts = np.tile(np.minimum(th, height - first) * row, separate)
+            else:
+                raw = None
+        elif data_offset is not None:
+            raise UnsupportedFormatError(f"page {page.index}: an ImageJ stack whose planes have no pages of "
+                                         "their own must be uncompressed")
+        ycbcr = int(key.photometric) == 6 and int(key.compression) not in (6, 7) and colormap is None
+        if ycbcr and (tuple(getattr(key, "subsampling", None) or (1, 1)) != (1, 1) or key.dtype != np.uint8
+                      or separate > 1):
+            raise UnsupportedFormatError(
+                f"page {page.index}: YCbCr without JPEG compression, subsampled {key.subsampling}, "
+                f"{key.dtype}, {'planar' if separate > 1 else 'contiguous'}: only 8-bit contiguous YCbCr without "
+                "subsampling is read here; OpenSlide reads the rest (backend='openslide')")
         alpha = 0
         extra = tuple(getattr(key, "extrasamples", ()) or ())
         if keep_samples is not None and samples > keep_samples and extra and int(extra[0]) in (1, 2) \
@@ -91,7 +128,8 @@ class _Plane:
                    separate=separate, tile_w=tw, tile_h=th, tiles_across=across,
                    tiles_down=down, offsets=offsets, counts=counts, jpegtables=key.jpegtables,
                    jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep, alpha=alpha,
-                   colormap=colormap, invert=int(key.photometric) == 0 and colormap is None)
+                   colormap=colormap, invert=int(key.photometric) == 0 and colormap is None, raw=raw,
+                   raw_samples=contig, ycbcr=ycbcr)
 
     def data_end(self) -> int:
         # in uint64: offset + count of a damaged entry near 2**63 would wrap around in int64 and pass as small
@@ -166,6 +204,12 @@ class TiffReader(SlideReader):
             self.levels.append(Level(w, h, ds))
             self._levels_planes.append(planes)
         self._check_truncation()
+        if tf.is_imagej:  # tifffile falls back to the first plane when the stack's pixels are cut short
+            said = (tf.imagej_metadata or {}).get("images")
+            found = int(np.prod([n for a, n in zip(series[0].axes, series[0].shape) if a not in "YXS"]))
+            if isinstance(said, int) and said > found:
+                raise SlideReadError(f"{path}: file is truncated or damaged: its ImageJ header says {said} "
+                                     f"images (planes), only {found} can be read")
         if self.format == "tiled TIFF":
             self.format = "pyramidal tiled TIFF" if len(self.levels) > 1 else "generic tiled TIFF"
 
@@ -212,6 +256,15 @@ class TiffReader(SlideReader):
             raise UnsupportedFormatError("a pyramid level without pages")
         axes = lvl.axes
         extra = [(a, n) for a, n in zip(axes, lvl.shape) if a not in "YXS"]
+        n_planes = int(np.prod([n for _, n in extra])) if extra else 1
+        starts = [None] * len(pages)
+        if len(pages) == 1 < n_planes and self._tf.is_imagej and getattr(lvl, "dataoffset", None):
+            # a truncated ImageJ stack (as ImageJ writes those over 4 GB): one page, and the other planes' pixels
+            # after its own, end to end (read by their offsets; tifffile reads them so too)
+            sh = pages[0].shaped
+            plane_bytes = int(np.prod(sh)) * np.dtype(pages[0].dtype).itemsize
+            starts = [int(lvl.dataoffset) + i * plane_bytes for i in range(n_planes)]
+            pages = pages * n_planes
         if len(pages) > 1 and (len(extra) > 1 or any(a not in _CHANNEL_AXES for a, _ in extra)):
             # keep only the channel axis; take the first index of the others (Z, T, ...), even when one of
             # them is the only extra axis (a single-channel Z-stack or time series is one channel, not many)
@@ -220,6 +273,7 @@ class TiffReader(SlideReader):
             idx = [range(n) if a == chan_axis else [0] for a, n in extra]
             keep = set(int(np.ravel_multi_index(t, shape)) for t in np.array(np.meshgrid(*idx, indexing="ij")).reshape(len(shape), -1).T)
             pages = [p for i, p in enumerate(pages) if i in keep]
+            starts = [o for i, o in enumerate(starts) if i in keep]
         key = pages[0].keyframe if getattr(pages[0], "keyframe", None) is not None else pages[0]
         keep_samples = None
         if int(key.photometric) in _RGB_PHOTOMETRIC and key.samplesperpixel > 3:
@@ -228,7 +282,7 @@ class TiffReader(SlideReader):
                 int((tuple(getattr(key, "extrasamples", ()) or ()) or (0,))[0]) in (1, 2):
             keep_samples = 1  # grey + alpha: the grey, composited on white (as the image backend does "LA")
         colormap = self._colormap(key)
-        return [_Plane.from_page(p, keep_samples, colormap) for p in pages]
+        return [_Plane.from_page(p, keep_samples, colormap, o) for p, o in zip(pages, starts)]
 
     def _colormap(self, key) -> np.ndarray | None:
         """The 8-bit ``(entries, 3)`` RGB palette of a palette page, or None to keep its raw values.
@@ -445,18 +499,26 @@ class TiffReader(SlideReader):
             raise SlideReadError(
                 f"{self.path}: {kind} (col {col}, row {row}) of level {level} lies past the end of the file "
                 f"(bytes {offset:,}-{offset + count:,}, file has {self._size:,}): truncated?")
-        try:
-            seg = pl.page.decode(data, index, jpegtables=pl.jpegtables, jpegheader=pl.jpegheader)[0]
-        except Exception as e:
-            raise TileDecodeError(
-                f"{self.path}: {kind} (col {col}, row {row}) of level {level} (page {pl.index}, "
-                f"bytes {offset:,}+{count:,}) cannot be decoded: {type(e).__name__}: {e}") from None
-        if seg is None or seg.ndim != 4:
-            raise TileDecodeError(f"{self.path}: {kind} (col {col}, row {row}) of level {level} decoded to "
-                                  f"an unexpected shape {getattr(seg, 'shape', None)}")
+        if pl.raw is not None:  # rows as they are in the file (a copy in native byte order: writable)
+            seg = np.frombuffer(data, pl.raw).reshape(-1, pl.width, pl.raw_samples).astype(pl.raw.newbyteorder("="))
+        else:
+            try:
+                seg = pl.page.decode(data, index, jpegtables=pl.jpegtables, jpegheader=pl.jpegheader)[0]
+            except Exception as e:
+                raise TileDecodeError(
+                    f"{self.path}: {kind} (col {col}, row {row}) of level {level} (page {pl.index}, "
+                    f"bytes {offset:,}+{count:,}) cannot be decoded: {type(e).__name__}: {e}") from None
+            if seg is None or seg.ndim != 4:
+                raise TileDecodeError(f"{self.path}: {kind} (col {col}, row {row}) of level {level} decoded to "
+                                      f"an unexpected shape {getattr(seg, 'shape', None)}")
+            seg = seg[0]
         if pl.colormap is not None:
-            return np.take(pl.colormap, seg[0][..., 0], axis=0, mode="clip")  # clip: a damaged index
-        seg = seg[0]
+            return np.take(pl.colormap, seg[..., 0], axis=0, mode="clip")  # clip: a damaged index
+        if pl.ycbcr:  # ITU-R BT.601, full range (TIFF's default coefficients and reference levels), as Pillow
+            import cv2
+
+            rgb = cv2.cvtColor(np.ascontiguousarray(seg[..., [0, 2, 1]]), cv2.COLOR_YCrCb2RGB)
+            seg = np.concatenate([rgb, seg[..., 3:]], axis=-1) if seg.shape[-1] > 3 else rgb
         if seg.dtype == bool:  # 1-bit pages: 0 / 255, as Pillow reads them (and the store keeps)
             seg = np.where(seg != pl.invert, np.uint8(255), np.uint8(0))
         elif pl.invert and seg.dtype.kind == "u":
@@ -471,6 +533,20 @@ class TiffReader(SlideReader):
         tf = getattr(self, "_tf", None)
         if tf is not None:
             tf.close()
+
+
+def _raw_dtype(key, colormap) -> np.dtype | None:
+    """The dtype (file byte order) of an uncompressed page whose samples are whole bytes, read without tifffile's
+    decoder; None for any other page (compressed, packed bits, a predictor, bit-reversed, a palette)."""
+    try:
+        dt = np.dtype(key.dtype)
+    except TypeError:
+        return None
+    if (key.is_tiled or int(key.compression) != 1 or colormap is not None or dt == bool
+            or int(key.bitspersample) != 8 * dt.itemsize or int(getattr(key, "predictor", 1) or 1) != 1
+            or int(getattr(key, "fillorder", 1) or 1) != 1):
+        return None
+    return dt.newbyteorder(key.parent.byteorder) if dt.itemsize > 1 else dt
 
 
 def _on_white(a: np.ndarray, alpha: int, n: int = 3) -> np.ndarray:
