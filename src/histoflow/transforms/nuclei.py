@@ -114,7 +114,7 @@ def _auto_threshold(image, h, background_intensity, min_count):
 
 
 def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_area=None, min_distance=3,
-                  sigma=0.5, background_intensity=245):
+                  sigma=0.5, background_intensity=245, dist_sigma=1.0):
     """Instance mask of the nuclei of an H&E image.
 
     Parameters
@@ -131,6 +131,8 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
         Least distance between two nucleus centres (seeds of the watershed), in pixels.
     sigma : float
         Gaussian smoothing of the hematoxylin channel, in pixels.
+    dist_sigma : float
+        Gaussian smoothing of the distance transform whose maxima seed the watershed, in pixels.
 
     The defaults are for 0.5 µm/px (20x): at another pixel size scale them (areas by the square), or use
     :class:`NucleusDetectionHE`, which does.
@@ -164,7 +166,8 @@ def detect_nuclei(image, stain_matrix=None, threshold=None, min_area=30, max_are
         return labels
     binary = labels > 0
     dist = ndi.distance_transform_edt(binary).astype(np.float32)
-    dist = cv2.GaussianBlur(dist, (0, 0), 1.0)
+    if dist_sigma > 0:
+        dist = cv2.GaussianBlur(dist, (0, 0), float(dist_sigma))
     peaks = _peaks_per_label(dist, labels, max(int(min_distance), 1))
     markers = np.zeros(labels.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
@@ -208,7 +211,9 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
         The pixel size (µm/px) the sizes above are given at (default 0.5, 20x). On a tile of another known
         pixel size they are scaled to it, areas by the square of the ratio: at 40x (0.25 µm/px) the defaults
         become ``min_area`` 120, ``min_distance`` 6 and ``sigma`` 1. ``None``: they are the tile's pixels,
-        whatever its pixel size.
+        whatever its pixel size. (The distance transform is smoothed by 1 px at every pixel size: scaled with
+        the others, 2 px at 40x, it gave AJI 0.466 against 0.472 on the 16 MoNuSeg images that are not the
+        nucleus model's test images.)
 
     See :func:`detect_nuclei`.
     """
