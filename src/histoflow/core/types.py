@@ -28,8 +28,8 @@ class SlideType:
     HE = SlideTypePreset("HE", True, "haematoxylin and eosin, brightfield RGB", 3, "HE")
     IHC = SlideTypePreset("IHC", True, "immunohistochemistry (DAB + haematoxylin), brightfield RGB", 3, "IHC")
     IF = SlideTypePreset("IF", False, "immunofluorescence, one channel per marker", None, "fluorescence")
-    CODEX = SlideTypePreset("CODEX", False, "CODEX multiplexed fluorescence (cycles x channels x z)", None,
-                            "fluorescence")
+    CODEX = SlideTypePreset("CODEX", False, "CODEX multiplexed fluorescence (planes z x cycle x channel, z "
+                            "outermost)", None, "fluorescence")
     VECTRA = SlideTypePreset("Vectra", False, "Akoya Vectra/Polaris multispectral fluorescence (QPTIFF)",
                              None, "fluorescence")
     MIBI = SlideTypePreset("MIBI", False, "MIBI-TOF mass-spectrometry imaging, one channel per mass", None,
