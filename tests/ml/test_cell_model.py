@@ -62,14 +62,17 @@ def test_model_segmenter_finds_the_nuclei(onnx_model):
 
 
 def test_model_segmenter_through_the_engine_with_tiles(tmp_path, onnx_model):
+    """The count does not depend on the tiling: the inputs are scaled once for the slide (per tile, 256 and
+    1024 px tiles gave 388 and 380 cells), and an edge tile's fill is not given to the model (200 px tiles
+    leave narrow ones at the right and bottom)."""
     counts = []
-    for tile, overlap in ((256, 80), (1024, 0)):   # 80: a whole large cell (min_overlap 77 px here)
+    for tile, overlap in ((256, 80), (1024, 0), (200, 80)):   # 80: a whole large cell (min_overlap 77 px here)
         with SlideData(MIBI) as s:
             out = s.run(SegmentCellsModel(onnx_model, model_mpp=s.mpp[0], radius_um=3.0),
                         str(tmp_path / f"t{tile}.h5path"), tile_size=tile, overlap=overlap, executor="inprocess",
                         progress=False)
         with read_h5path(out) as h:
             counts.append(sum(h.tile(i).labels["cell_count"] for i in range(len(h))))
-    assert abs(counts[0] - counts[1]) <= max(3, 0.03 * counts[1]), counts
+    assert counts[0] == counts[1] == counts[2] and counts[0] > 300, counts
     with pytest.raises(HistoflowError, match="no such model file"):
         SegmentCellsModel(str(tmp_path / "none.onnx"))
