@@ -489,3 +489,57 @@ def test_repeats_and_files_keep_their_own_augmentation_in_a_concat_dataset(tmp_p
     assert torch.equal(both[5]["image"], b[1]["image"])  # a first draw is the item as indexed alone
     same = [torch.equal(a[i]["image"], b[i]["image"]) for i in range(4)]
     assert not all(same)  # the same pixels under another file name: augmented independently
+
+
+def test_seeded_augmentation_tells_files_of_one_name_apart_and_takes_any_seed(tmp_path):
+    """The per-file part of the augmentation key was the file's name alone: slideA/tiles.h5path and
+    slideB/tiles.h5path (one name per slide folder, a common layout) gave item i the same flips in every
+    epoch. A negative Compose seed, which Compose itself takes, crashed every read."""
+    from torch.utils.data import ConcatDataset
+
+    from histoflow.ml.augment import RandomRotate90
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    paths = []
+    for folder in ("slideA", "slideB"):
+        os.makedirs(tmp_path / folder)
+        paths.append(tmp_path / folder / "tiles.h5path")
+        with H5PathWriter(paths[-1]) as w:
+            for k, t in enumerate(tiles):
+                w.add_tile(t, (16 * k, 0))
+    aug = Compose([RandomFlip(), RandomRotate90()], seed=0)
+    cat = ConcatDataset([TileDataset(p, transform=aug) for p in paths])
+    same = [torch.equal(cat[i]["image"], cat[8 + i]["image"]) for i in range(8)]
+    assert not all(same)
+    again = ConcatDataset([TileDataset(p, transform=aug) for p in paths])
+    assert all(torch.equal(cat[i]["image"], again[i]["image"]) for i in range(16))  # still reproducible
+
+    neg = Compose([RandomFlip()], seed=-1)
+    ds = WSIPatchDataset([SVS], coords=[(0, 800, 1000)], patch_size=32, transform=neg)
+    assert ds[0]["image"].shape == (3, 32, 32) and torch.equal(ds[0]["image"], ds[0]["image"])
+
+
+def test_nucleus_patches_take_histoflow_augmentations(tmp_path):
+    """NucleusPatchDataset's transform is documented as an augmentation, but a Compose (which takes a sample)
+    failed on the bare array; a seeded one now draws per item and epoch as the other datasets do."""
+    from histoflow.ml.augment import RandomRotate90
+    from histoflow.ml.patches import NucleusPatchDataset
+
+    cells = [[1000, 1000], [1200, 900]]
+    plain = NucleusPatchDataset(SVS, cells, labels=[1, 0])
+    ds = NucleusPatchDataset(SVS, cells, labels=[1, 0], transform=Compose([RandomFlip(), RandomRotate90()], seed=3))
+    a = ds[0]["image"]
+    assert a.shape == (3, 41, 41) and torch.equal(a, ds[0]["image"])
+    base = plain[0]["image"]
+    views = [torch.rot90(f, k, (1, 2)) for f in (base, base.flip(2)) for k in range(4)]
+    seen = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        x = ds[0]["image"]
+        match = [k for k, v in enumerate(views) if torch.equal(v, x)]
+        assert match  # a flip / rotation of the patch, nothing else
+        seen.add(match[0])
+    assert len(seen) > 1
+    flipped = NucleusPatchDataset(SVS, cells, transform=lambda p: p[:, ::-1])  # a plain function still works
+    assert torch.equal(flipped[0]["image"], base.flip(2))

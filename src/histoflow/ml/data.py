@@ -168,14 +168,21 @@ def quiet_interrupts(worker_id=None):
             signal.signal(getattr(signal, name), leave)
 
 
+def _name(p) -> str:
+    """A file's name and its folder's (``slideA/tiles.h5path``): files of one name in several folders are told
+    apart, and the same files moved elsewhere keep their key (a DICOM folder given with a trailing / too)."""
+    if not isinstance(p, (str, os.PathLike)):
+        return str(p)
+    parts = os.path.normpath(os.fspath(p)).replace("\\", "/").split("/")
+    return "/".join(parts[-2:])
+
+
 def _files_key(paths) -> int:
-    """A number for the files a dataset reads (by name), so that a seeded augmentation shared by the datasets
-    of a ConcatDataset does not give item i of every file the same flips and colours each epoch."""
+    """A number for the files a dataset reads (by name and folder), so that a seeded augmentation shared by the
+    datasets of a ConcatDataset does not give item i of every file the same flips and colours each epoch."""
     import zlib
 
-    names = "|".join(os.path.basename(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else str(p)
-                     for p in paths)
-    return zlib.crc32(names.encode("utf-8", "surrogateescape"))
+    return zlib.crc32("|".join(_name(p) for p in paths).encode("utf-8", "surrogateescape"))
 
 
 def _transform(ds, sample, i):
@@ -183,7 +190,8 @@ def _transform(ds, sample, i):
     if _seeded(t):
         key = [int(t.seed), ds._epoch, int(i) % max(len(ds), 1), ds._files_key]
         repeat = getattr(i, "repeat", 0)  # a samplers.Draw: the same item drawn again this epoch
-        return t(sample, rng=np.random.default_rng(key + [int(repeat)] if repeat else key))
+        key = [k & 0xFFFFFFFFFFFFFFFF for k in (key + [int(repeat)] if repeat else key)]  # a seed may be < 0
+        return t(sample, rng=np.random.default_rng(key))
     return t(sample)
 
 

@@ -25,7 +25,10 @@ def _whole_numbers(values) -> bool:
                and np.isfinite(float(v)) and float(v) == round(float(v)) for v in vals)
 
 
-class NucleusPatchDataset(torch.utils.data.Dataset):
+from .data import _Epochs
+
+
+class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
     """Patches centred on cells.
 
     Parameters
@@ -44,7 +47,9 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
     channels : list of int, optional
         Channels to keep (default: all; RGB for brightfield).
     transform : callable, optional
-        Applied to the ``(size, size, c)`` numpy patch before conversion (e.g. an augmentation).
+        Applied to the ``(size, size, c)`` numpy patch before conversion: a
+        :class:`~histoflow.ml.augment.Compose` (seeded: each item's draw is reproducible, per epoch with
+        ``set_epoch``, as in the other datasets), or any function of the array.
 
     Samples: ``{"image": float32 (c, size, size) in [0, 1], "label": int64, "index": int}``.
     """
@@ -55,6 +60,9 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
 
         self._source = _slide_source(slide)  # a SlideData's options (mpp=...) travel with it
         self.path = self._source[0]
+        from .data import _files_key
+
+        self._files_key = _files_key([self.path])
         if not os.path.exists(self.path):
             raise DatasetError(f"{self.path}: no such slide or image")
         try:
@@ -135,7 +143,14 @@ class NucleusPatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         a = self.patch(i)
         if self.transform is not None:
-            a = self.transform(a)
+            from .augment import Compose
+
+            if isinstance(self.transform, Compose):  # histoflow's augmentations take a sample
+                from .data import _transform
+
+                a = np.asarray(_transform(self, {"image": a, "masks": {}}, i)["image"])
+            else:
+                a = self.transform(a)
         full = float(np.iinfo(a.dtype).max) if a.dtype.kind in "ui" else 1.0
         out = {"image": torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float() / full,
                "index": int(i)}
