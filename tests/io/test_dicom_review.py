@@ -311,3 +311,76 @@ def test_tolerant_sparse_multichannel_names_the_plane_it_reads(tmp_path):
         np.testing.assert_array_equal(slide.read_region((0, 0), 0, (256, 256))[..., 0], truth[..., 2])
         assert any("4 optical paths" in w and "optical path 3 'CD8'" in w and "dropped" in w
                    for w in slide.warnings), slide.warnings
+
+
+def test_damaged_sparse_positions_and_offset_tables_are_refused_in_our_words(tmp_path):
+    """A frame without its plane position, or a file cut inside its basic offset table, raised bare
+    AttributeError / TypeError / ValueError naming no file."""
+    with open_slide(WSIC) as s:
+        img = s.read_region((800, 900), 0, (256, 256))
+    frames, _ = _tiles(img, (128, 128))
+
+    def damaged(name, change):
+        p = _write(str(tmp_path / f"{name}.dcm"), img, (128, 128), _uids(), frames=frames,
+                   positions=[(0, 0), (1, 0), (0, 1), (1, 1)], drop=("ImageType",))
+        ds = pydicom.dcmread(p)
+        change(ds.PerFrameFunctionalGroupsSequence)
+        ds.save_as(p)
+        return p
+
+    def no_position(seq):
+        del seq[2].PlanePositionSlideSequence
+
+    def no_row(seq):
+        seq[1].PlanePositionSlideSequence[0].RowPositionInTotalImagePixelMatrix = None
+
+    for name, change, frame in (("no_position", no_position, 3), ("no_row", no_row, 2)):
+        p = damaged(name, change)
+        with pytest.raises(SlideReadError, match=rf"{name}\.dcm: damaged plane position of TILED_SPARSE frame {frame}"):
+            open_slide(p)
+    small = data_path("wsi", "dicom_pathml", "small_dicom.dcm")
+    data = open(small, "rb").read()
+    with open(small, "rb") as f:
+        pydicom.dcmread(f, stop_before_pixels=True)
+        start = f.tell()  # the PixelData element: 12 bytes, then the table's item header (8) and its entries
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:start + 20 + 3])
+    with pytest.raises(SlideReadError, match=r"cut\.dcm: file is truncated or damaged inside the basic offset table"):
+        open_slide(cut)
+
+
+def test_trailing_padding_is_not_truncation_and_thumbnails_are_kept(tmp_path):
+    """A file with Data Set Trailing Padding (FFFC,FFFC) after its pixel data, which the standard allows, was
+    reported as truncated; a THUMBNAIL instance was dropped when wsidicom read the folder (the tolerant reader
+    kept it)."""
+    folder = tmp_path / "padded"
+    shutil.copytree(WSIC, folder)
+    volume = folder / os.path.basename(VOLUME)
+    os.chmod(volume, 0o644)
+    ds = pydicom.dcmread(volume)
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 16)
+    ds.save_as(volume)
+    with open_slide(folder) as s, open_slide(WSIC) as ref:
+        assert s.properties["dicom.reader"] == "wsidicom" and s.warnings == []
+        np.testing.assert_array_equal(s.read_region((800, 900), 0, (64, 64)), ref.read_region((800, 900), 0, (64, 64)))
+    with open(volume, "r+b") as f:  # cut short, it is still said to be
+        f.truncate(os.path.getsize(volume) // 2)
+    with open_slide(folder) as s:
+        assert any("file is truncated" in w for w in s.warnings)
+
+    with open_slide(WSIC) as s:
+        img = s.read_region((800, 900), 0, (512, 384))
+    thumb = _mean_downsample(img, 4)
+    for drop in ((), ("ImageType",)):  # wsidicom's path, then the tolerant reader's
+        d = tmp_path / f"thumb{len(drop)}"
+        os.makedirs(d)
+        u = _uids()
+        _write(str(d / "vol.dcm"), img, (128, 128), u, drop=drop)
+        p = _write(str(d / "thumb.dcm"), thumb, (128, 96), u, number=2, spacing=0.002)
+        tds = pydicom.dcmread(p)
+        tds.ImageType = ["DERIVED", "PRIMARY", "THUMBNAIL", "RESAMPLED"]
+        tds.save_as(p)
+        with open_slide(d) as s:
+            assert s.properties["dicom.reader"] == ("wsidicom" if not drop else "tolerant")
+            assert list(s.associated_images) == ["thumbnail"]
+            np.testing.assert_array_equal(s.associated_images["thumbnail"], thumb)

@@ -86,3 +86,19 @@ def test_multiparametric_tiles_with_z_and_t_axes(tmp_path):
     _multiparametric(tmp_path / "z.h5path", (128, 128, 2, 3, 1))
     with read_h5path(tmp_path / "z.h5path") as h5, pytest.raises(H5PathError, match=r"holds 2 z-planes and 1 time"):
         h5.tile(0)
+
+
+def test_info_of_a_pathml_file_gives_its_compression_and_mask_shapes(tmp_path):
+    """`info()` (and `histoflow info`) said compression None and slide-mask shape None for PathML's files."""
+    q = tmp_path / "pm.h5path"
+    shutil.copy(PATHML, q)
+    os.chmod(q, 0o644)
+    with h5py.File(q, "a") as f:
+        f["masks"].create_dataset("tissue", data=np.zeros((384, 512), np.uint8))  # as PathML's add_mask writes it
+        first = f["tiles"][next(iter(f["tiles"]))]["array"].compression
+    assert first == "gzip"
+    with read_h5path(q) as h:
+        info = h.info()
+        assert info["format_version"] == 1
+        assert info["compression"] == "gzip"
+        assert info["masks"]["tissue"]["shape"] == (384, 512) == h.masks["tissue"].shape

@@ -184,6 +184,8 @@ class DicomReader(SlideReader):
             self._associated["label"] = partial(self._read_wsidicom_associated, "label")
         if wsi.overviews is not None and len(wsi.overviews):
             self._associated["macro"] = partial(self._read_wsidicom_associated, "macro")
+        if wsi.pyramid.thumbnails is not None and len(wsi.pyramid.thumbnails):  # as the tolerant reader does
+            self._associated["thumbnail"] = partial(self._read_wsidicom_associated, "thumbnail")
 
     def _check_files(self, files: list[str], log: list):
         """Warn about the DICOM files wsidicom left out (and why) and about truncated files it uses.
@@ -297,11 +299,16 @@ class DicomReader(SlideReader):
         return np.ascontiguousarray(out, dtype=self.dtype)
 
     def _read_wsidicom_associated(self, name: str) -> np.ndarray:
-        """Decode the first label or overview ("macro") wsidicom found, as ``(h, w, 3)``."""
+        """Decode the first label, overview ("macro") or thumbnail instance wsidicom found, as ``(h, w, 3)``."""
         self._check_open()
         try:
-            image = self._wsi.read_label(as_array=True) if name == "label" else self._wsi.read_overview(as_array=True)
-            group = (self._wsi.labels if name == "label" else self._wsi.overviews)[0]
+            if name == "thumbnail":
+                group = self._wsi.pyramid.thumbnails[0]
+                image = self._wsi.read_thumbnail((group.size.width, group.size.height), as_array=True)
+            else:
+                image = self._wsi.read_label(as_array=True) if name == "label" else \
+                    self._wsi.read_overview(as_array=True)
+                group = (self._wsi.labels if name == "label" else self._wsi.overviews)[0]
             declared = (int(group.size.height), int(group.size.width))
         except Exception as exc:  # wsidicom and its decoders raise many kinds of errors on damaged data
             raise SlideReadError(f"{self.path}: cannot read the {name} image: {type(exc).__name__}: "
@@ -316,7 +323,8 @@ class DicomReader(SlideReader):
     def _damage_of(self, name: str) -> str:
         """'; <file>: file is truncated ...' for each damaged file of the first label or overview, or ''."""
         try:
-            series = self._wsi.labels if name == "label" else self._wsi.overviews
+            series = {"label": self._wsi.labels, "macro": self._wsi.overviews,
+                      "thumbnail": self._wsi.pyramid.thumbnails}[name]
             files = [path for inst in series[0].instances.values() for path, _ in _instance_files(inst)]
         except Exception:  # only adds to a message about an error already raised
             return ""
@@ -466,15 +474,19 @@ class _FrameFile:
         out = {}
         planes = {}  # (z, optical path) -> number of frames, in the order of their first frames
         for index, item in enumerate(per_frame):
-            position = item.PlanePositionSlideSequence[0]
-            paths = item.get("OpticalPathIdentificationSequence")
-            plane = (position.get("ZOffsetInSlideCoordinateSystem"),
-                     str(paths[0].get("OpticalPathIdentifier")) if paths else None)
+            try:
+                position = item.PlanePositionSlideSequence[0]
+                paths = item.get("OpticalPathIdentificationSequence")
+                plane = (position.get("ZOffsetInSlideCoordinateSystem"),
+                         str(paths[0].get("OpticalPathIdentifier")) if paths else None)
+                column = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
+                row = int(position.RowPositionInTotalImagePixelMatrix) - 1
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+                raise SlideReadError(f"{self.path}: damaged plane position of TILED_SPARSE frame {index + 1} "
+                                     f"({type(e).__name__}: {e})") from None
             planes[plane] = planes.get(plane, 0) + 1
             if plane != next(iter(planes)):
                 continue
-            column = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
-            row = int(position.RowPositionInTotalImagePixelMatrix) - 1
             if column % self.tile_width or row % self.tile_height:
                 raise UnsupportedFormatError(f"{self.path}: TILED_SPARSE frame {index + 1} at column {column + 1}, "
                                              f"row {row + 1} is not on the {self.tile_width} x "
@@ -513,7 +525,11 @@ class _FrameFile:
         tag, length = self._item_header(position)
         if tag != _ITEM:
             raise SlideReadError(f"{self.path}: damaged pixel data: no basic offset table item at byte {position}")
-        table = np.frombuffer(self._pread(position + 8, length), "<u4").astype(np.int64) if length else None
+        raw = self._pread(position + 8, length) if length else b""
+        if len(raw) != length or length % 4:
+            raise SlideReadError(f"{self.path}: file is truncated or damaged inside the basic offset table of its "
+                                 f"pixel data ({length} bytes at byte {position + 8:,}, {len(raw)} there)")
+        table = np.frombuffer(raw, "<u4").astype(np.int64) if length else None
         position += 8 + length
         first_item = position
         fragments = []  # (offset of data, length)
@@ -755,19 +771,26 @@ def _instance_files(instance) -> list:
     return [(os.path.realpath(str(path)), dataset) for path, dataset in zip(files, instance.datasets)]
 
 
+#: how far from the end of a file :func:`_truncation` looks for the end of its pixel data
+_TAIL_BYTES = 1 << 16
+
+
 def _truncation(path: str, dataset, instance) -> str | None:
     """Why an instance file wsidicom opened is truncated, None when it looks whole.
 
     Cheap checks that need no frame index: encapsulated pixel data ends with a sequence delimiter item, the
-    last 8 bytes of the file; native pixel data needs at least rows x columns x samples x bytes x frames.
+    last 8 bytes of the file unless trailing padding or signatures follow it; native pixel data needs at least rows x columns x samples x bytes x frames.
     """
     try:
         size = os.path.getsize(path)
         if instance.image_data.transfer_syntax.is_encapsulated:
             with open(path, "rb") as f:
-                f.seek(max(0, size - 8))
-                tail = f.read(8)
-            if tail != _SEQUENCE_END:
+                f.seek(max(0, size - _TAIL_BYTES))
+                tail = f.read(_TAIL_BYTES)
+            end = tail.rfind(_SEQUENCE_END)
+            # the pixel data's end, then nothing or what the standard lets follow it: digital signatures
+            # (FFFA,FFFA) and data set trailing padding (FFFC,FFFC)
+            if end < 0 or tail[end + 8:] and tail[end + 8:end + 12] not in (b"\xfa\xff\xfa\xff", b"\xfc\xff\xfc\xff"):
                 return (f"file is truncated ({size:,} bytes): its encapsulated pixel data has no end (no sequence "
                         "delimiter at the end of the file); frames past the cut cannot be read")
         else:

@@ -1772,8 +1772,8 @@ class H5Path:
             shape, dtype = tuple(int(v) for v in imgs.shape[1:]), str(np.dtype(imgs.dtype))
         masks = {}
         for name in self.masks:
-            m = self._f.get(f"masks/{name}") if self.format_version == FORMAT_VERSION else None
-            masks[name] = {"shape": None if m is None else tuple(int(v) for v in m.shape),
+            m = self._f.get(f"masks/{name}")  # v2 and PathML's v1 both keep slide masks there
+            masks[name] = {"shape": None if not isinstance(m, h5py.Dataset) else tuple(int(v) for v in m.shape),
                            "downsample": float(self.mask_downsample(name))}
         runs = []
         for rec in self.provenance:

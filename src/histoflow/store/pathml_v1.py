@@ -137,6 +137,16 @@ class _V1Images:
     def shape(self):
         return (self._r.n, *self._r.read_tile(0).image.shape) if self._r.n else (0,)
 
+    @property
+    def compression(self):
+        """The HDF5 filter of the first tile's ``array`` dataset (PathML writes every tile alike), or None."""
+        if not self._r.n:
+            return None
+        try:
+            return self._r.f["tiles"][self._r._keys[0]]["array"].compression
+        except (KeyError, TypeError, AttributeError):
+            return None
+
     def __getitem__(self, key):
         if (isinstance(key, tuple) and key == ()) or key is Ellipsis:
             key = slice(None)
