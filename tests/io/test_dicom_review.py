@@ -384,3 +384,25 @@ def test_trailing_padding_is_not_truncation_and_thumbnails_are_kept(tmp_path):
             assert s.properties["dicom.reader"] == ("wsidicom" if not drop else "tolerant")
             assert list(s.associated_images) == ["thumbnail"]
             np.testing.assert_array_equal(s.associated_images["thumbnail"], thumb)
+
+
+def test_a_sparse_frame_off_the_tile_grid_is_refused_by_both_readers(tmp_path):
+    """wsidicom puts a TILED_SPARSE frame stored at x = 64 on the tile at x = 0, silently; the tolerant reader
+    refused it. Both now refuse it, naming the file and the frame."""
+    with open_slide(WSIC) as s:
+        img = s.read_region((800, 900), 0, (256, 256))
+    frames, _ = _tiles(img, (128, 128))
+    for drop in ((), ("ImageType",)):
+        p = _write(str(tmp_path / f"off{len(drop)}.dcm"), img, (128, 128), _uids(), frames=[frames[0]],
+                   positions=[(0, 0)], drop=drop)
+        ds = pydicom.dcmread(p)
+        ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSlideSequence[0].ColumnPositionInTotalImagePixelMatrix = 65
+        ds.save_as(p)
+        with pytest.raises(SlideReadError, match=rf"off{len(drop)}\.dcm: .*TILED_SPARSE frame 1 at column 65, row 1 "
+                                                 r"is not on the 128 x 128 tile grid"):
+            open_slide(p)
+    p = _write(str(tmp_path / "on.dcm"), img, (128, 128), _uids(), frames=[frames[3], frames[0]],
+               positions=[(1, 1), (0, 0)])  # on the grid, out of order: read as it is
+    with open_slide(p) as s:
+        assert s.properties["dicom.reader"] == "wsidicom"
+        np.testing.assert_array_equal(s.read_region((0, 0), 0, (128, 128)), frames[0])

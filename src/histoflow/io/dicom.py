@@ -213,6 +213,9 @@ class DicomReader(SlideReader):
                 for path, dataset in _instance_files(inst):
                     used[path] = (dataset, inst)
         for path, (dataset, inst) in used.items():
+            off = _off_grid_frame(path, dataset)
+            if off is not None:  # wsidicom would put the frame on the tile left of / above it, silently
+                raise UnsupportedFormatError(f"{given.get(path, path)}: {off}")
             reason = _truncation(path, dataset, inst)
             if reason:
                 self._damaged[path] = reason = f"{given.get(path, path)}: {reason}"
@@ -769,6 +772,27 @@ def _instance_files(instance) -> list:
     """(real path, WsiDataset) of each file of a wsidicom instance (none for an instance not read from files)."""
     files = getattr(instance.image_data, "files", None) or []
     return [(os.path.realpath(str(path)), dataset) for path, dataset in zip(files, instance.datasets)]
+
+
+def _off_grid_frame(path, dataset) -> str | None:
+    """Why a TILED_SPARSE instance cannot be read as tiles (a frame not on the tile grid), or None. wsidicom keeps
+    no frame positions in its dataset, so the file's header is read again (sparse instances only)."""
+    try:
+        ds = dataset.as_dataset() if hasattr(dataset, "as_dataset") else dataset
+        if str(ds.get("DimensionOrganizationType", "")).upper() != "TILED_SPARSE":
+            return None
+        dataset = _read_header(path)
+        tw, th = int(dataset.Columns), int(dataset.Rows)
+        for index, item in enumerate(dataset.get("PerFrameFunctionalGroupsSequence") or []):
+            position = item.PlanePositionSlideSequence[0]
+            column = int(position.ColumnPositionInTotalImagePixelMatrix) - 1
+            row = int(position.RowPositionInTotalImagePixelMatrix) - 1
+            if column % tw or row % th:
+                return (f"TILED_SPARSE frame {index + 1} at column {column + 1}, row {row + 1} is not on the "
+                        f"{tw} x {th} tile grid")
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, SlideReadError):
+        return None  # damaged positions: wsidicom's own reads report them
+    return None
 
 
 #: how far from the end of a file :func:`_truncation` looks for the end of its pixel data
