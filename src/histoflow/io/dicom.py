@@ -803,7 +803,8 @@ def _truncation(path: str, dataset, instance) -> str | None:
     """Why an instance file wsidicom opened is truncated, None when it looks whole.
 
     Cheap checks that need no frame index: encapsulated pixel data ends with a sequence delimiter item, the
-    last 8 bytes of the file unless trailing padding or signatures follow it; native pixel data needs at least rows x columns x samples x bytes x frames.
+    last 8 bytes of the file unless trailing padding or signatures follow it; native pixel data needs at least
+    rows x columns x samples x bytes x frames.
     """
     try:
         size = os.path.getsize(path)

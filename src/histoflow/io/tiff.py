@@ -25,10 +25,10 @@ from .sniff import check_tiff_intact, quiet_tifffile
 _MAX_DESCRIPTION = 4 * 1024**2  # bytes of ImageDescription we are willing to parse
 _RGB_PHOTOMETRIC = {2, 6}  # RGB, YCbCr
 _PALETTE = 3  # PhotometricInterpretation of palette (colormap) images
-_CHANNEL_AXES = "CIQ"
+_CHANNEL_AXES = "CIQ"  # tifffile axes that hold channels (I: a plain multi-page stack); S is a page's samples
 #: uncompressed strips whose rows lie end to end are read this many bytes at a time (a few rows), not whole:
 #: ImageJ writes a plane as one strip, so a 16 px region of a 30k x 30k uint16 image decoded 1.8 GB a channel
-_RAW_STRIP_BYTES = 1 << 20  # tifffile axes that hold channels (I: a plain multi-page stack); S is a page's samples
+_RAW_STRIP_BYTES = 1 << 20
 
 
 @dataclass

@@ -320,8 +320,9 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.
     against 0.515 on 3 MoNuSeg validation images upsampled 2x). The labels are resized to the image (nearest
     neighbour); for an image finer than the model (``scale < 1``) their outlines are then redrawn at the
     image's size by the resized (bilinear) probability map: each nucleus keeps its pixels above
-    ``fg_threshold`` and grows into those within one model pixel (smooth outlines, not blocks). Within ``SCALE_TOLERANCE`` of 1 the image runs as it is (a 0.499 or 0.2527 µm/px scan
-    on a 0.5 or 0.25 model: resampling by 0.2-1 % only blurs, and moves tile results by a pixel).
+    ``fg_threshold`` and grows into those within one model pixel (smooth outlines, not blocks). Within
+    ``SCALE_TOLERANCE`` of 1 the image runs as it is (a 0.499 or 0.2527 µm/px scan on a 0.5 or 0.25 model:
+    resampling by 0.2-1 % only blurs, and moves tile results by a pixel).
     Other keywords go to :func:`predict_maps` / :func:`maps_to_instances`.
     """
     import cv2

@@ -375,7 +375,8 @@ class SegmentCells(SegmentNuclei):
             sig = np.zeros(image.shape[:2], np.float32)
             for k, ch in enumerate(self.membrane_channels):
                 m = _smooth(image[..., find_channel(names, ch)], self.sigma_um / mpp)
-                scale = self.membrane_scales_[k] if self.membrane_scales_ else ((float(np.percentile(m, 99)) if m.size else 0.0) or 1.0)
+                scale = self.membrane_scales_[k] if self.membrane_scales_ else \
+                    ((float(np.percentile(m, 99)) if m.size else 0.0) or 1.0)
                 sig += m / scale
             membrane = sig
         return grow_cells(nuc, self.expand_um / mpp, membrane=membrane), nuc
