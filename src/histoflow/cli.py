@@ -392,7 +392,9 @@ def _as_a_command():
         kind = "" if issubclass(category, UserWarning) and category.__module__.startswith(("histoflow", "builtins")) \
             else f"{category.__name__}: "
         text = " ".join(str(message).split())
-        text = re.sub(r"\b(run|Run) with overlap=(\d+)", r"\1 with --overlap \2", text)  # the library's parameter
+        text = re.sub(r"\b(run|Run) with tiles of (\d+) px or more with overlap=(\d+)",
+                      r"\1 with --tile \2 or more and --overlap \3", text)  # the library's parameters
+        text = re.sub(r"\b(run|Run) with overlap=(\d+)", r"\1 with --overlap \2", text)
         text = text.replace('read the file with negatives="keep"', "use --keep-negatives")
         print(f"histoflow: warning: {kind}{text}", file=file or sys.stderr)
 
@@ -836,10 +838,11 @@ def cmd_segment_nuclei(args):
 
 
 def cmd_quantify(args):
-    from .store import read_h5path
-    from .transforms import Pipeline, QuantifyCells, SegmentCells
+    import warnings
 
     from .errors import HistoflowError
+    from .store import read_h5path
+    from .transforms import Pipeline, QuantifyCells, SegmentCells
 
     t0 = time.perf_counter()
     out = args.output
@@ -864,6 +867,7 @@ def cmd_quantify(args):
             steps = [SegmentCells(nuclear_channel=nuclear, membrane_channels=args.membrane,
                                   expand_um=args.expand), QuantifyCells(nucleus_mask="nuclei")]
         overlap = args.overlap
+        said = False  # whether the overlap has been warned about here (the run would say it again otherwise)
         if overlap is None:
             needed = _cell_overlap(slide, args.expand)
             # a tile's core must stay: the overlap is at most half the tile. Below the overlap cells need, cells
@@ -875,10 +879,14 @@ def cmd_quantify(args):
                       f"than the {needed} px cells need on this slide (2 x (a large nucleus, 15 µm, + 2 x --expand)): "
                       f"cells near tile edges may differ from those of larger tiles; use --tile {2 * needed} or more",
                       file=sys.stderr)
+                said = True
         try:
-            slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=overlap,
-                      executor="dask" if args.workers else "inprocess", workers=args.workers,
-                      progress=not args.no_progress, resume=args.resume)
+            with warnings.catch_warnings():
+                if said:
+                    warnings.filterwarnings("ignore", message=r".*finds objects that need \d+ px of tile overlap")
+                slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=overlap,
+                          executor="dask" if args.workers else "inprocess", workers=args.workers,
+                          progress=not args.no_progress, resume=args.resume)
         except HistoflowError as e:  # the library names its parameter; the user typed an option
             if "nuclear_channel=" not in str(e):
                 raise
@@ -930,8 +938,8 @@ def _picture_path(option, output, avoid=()):
 def _cell_overlap(slide, expand_um) -> int:
     """Tile overlap (pixels, even) for cell segmentation: each side of a tile's core must hold, whole, every
     nucleus that competes for the territory of the cells the tile keeps: 2 x (a large nucleus + 2 x the
-    cells' reach), twice :meth:`SegmentCells.min_overlap` (a whole cell). With less, a neighbour cut by the
-    tile's edge is dropped as too small and a kept cell may grow into its place."""
+    cells' reach), :meth:`SegmentCells.min_overlap` (made even). With less, a neighbour cut by the tile's edge
+    is dropped as too small and a kept cell may grow into its place."""
     import math
 
     from .transforms.multiplex import DEFAULT_MPP, LARGE_NUCLEUS_UM

@@ -1,6 +1,11 @@
 """Review of the single-cell layer: manual thresholds named loosely, the tile overlap `histoflow quantify`
 can give, channels named by wavelength, NaN medians, label images of the wrong kind, and membrane cell
 borders that do not depend on the tiling."""
+import os
+import subprocess
+import sys
+import warnings
+
 import anndata
 import numpy as np
 import pandas as pd
@@ -75,15 +80,27 @@ def test_quantify_warns_when_the_tile_is_too_small_for_the_overlap_cells_need(tm
     a, _ = _nuclei_image()
     slide = _ome(tmp_path / "img.ome.tif", a, ["DAPI", "CD3", "CD45"])
     capsys.readouterr()
-    assert main(["quantify", slide, "-o", str(tmp_path / "a.h5ad"), "--nuclear-channel", "CD3", "--tile", "128",
-                 "--png", "none", "--no-progress"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["quantify", slide, "-o", str(tmp_path / "a.h5ad"), "--nuclear-channel", "CD3", "--tile", "128",
+                     "--png", "none", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "histoflow: warning: --tile 128 leaves room for a tile overlap of 64 px, less than the 84 px" in err
     assert "use --tile 168 or more" in err
-    for extra in (["--tile", "168"], ["--tile", "128", "--overlap", "48"]):  # enough room, or the user's choice
-        assert main(["quantify", slide, "-o", str(tmp_path / "b.h5ad"), "--nuclear-channel", "CD3", *extra,
+    assert not [w for w in caught if "tile overlap" in str(w.message)]  # said once, not again by the run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["quantify", slide, "-o", str(tmp_path / "b.h5ad"), "--nuclear-channel", "CD3", "--tile", "168",
                      "--png", "none", "--no-progress", "--overwrite"]) == 0
-        assert "warning" not in capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err and not caught
+    # the user's own --overlap below what cells need is said too, in the command's words
+    exe = os.path.join(os.path.dirname(sys.executable), "histoflow")  # the console script, as a user runs it
+    r = subprocess.run([exe, "quantify", slide, "-o", str(tmp_path / "c.h5ad"),
+                        "--nuclear-channel", "CD3", "--tile", "128", "--overlap", "48", "--png", "none",
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "histoflow: warning:" in r.stderr and "need 84 px of tile overlap" in r.stderr
+    assert "Run with --tile 168 or more and --overlap 84" in r.stderr and "overlap=" not in r.stderr
 
 
 # ------------------------------------------------------------------ 3. --nuclear-channel by wavelength
@@ -185,7 +202,7 @@ def test_quantify_cells_transform_names_the_mask_of_the_wrong_kind():
 # ------------------------------------------------------------------ 6. membrane borders and the tiling
 def test_membrane_cell_borders_do_not_depend_on_the_tiling():
     """The same nuclei and membrane signal give the same cells in a tile (with the overlap `histoflow quantify`
-    gives: twice SegmentCells.min_overlap) as in the whole image. The watershed broke ties (zero-membrane
+    gives: SegmentCells.min_overlap, twice a whole cell) as in the whole image. The watershed broke ties (zero-membrane
     plateaus) in the order its heap held pixels, which depends on the whole image: 10 px of 2 cells changed owner
     at 256 px tiles (9 px of one cell in the tile at x=296, y=592). Now the flood's order is strict and local."""
     from histoflow.core.slide import SlideData
@@ -196,7 +213,7 @@ def test_membrane_cell_borders_do_not_depend_on_the_tiling():
         seg.fit_slide(s)
         mpp = float(s.mpp[0])
         image = np.asarray(s.reader.read_region((0, 0), 0, s.dimensions))
-        overlap = 2 * seg.min_overlap(mpp)
+        overlap = seg.min_overlap(mpp)  # twice a whole cell, as `histoflow quantify` gives
         grid = list(s.grid(256, overlap=overlap))
     assert overlap == 108
     whole, whole_nuc = seg.cells(image, mpp)
