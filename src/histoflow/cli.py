@@ -703,7 +703,7 @@ def cmd_run(args):
     for slide, out, png in zip(slides.slides, outs, pngs):
         with read_h5path(out) as h5:
             prov = h5.provenance[-1] if h5.provenance else {}
-            failed = len(prov.get("failed_tiles", []))
+            failed = prov.get("failed_tiles_total", len(prov.get("failed_tiles", [])))  # the list is cut short
             if png:
                 try:
                     save_png(png, overview(h5, 1024, slide=slide))

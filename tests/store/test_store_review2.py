@@ -1,5 +1,6 @@
 """Defects found by a review of the core and the store (session 17): damaged files gave raw h5py errors,
 boolean slide masks came back as uint8, a grid one tile wide at a target µm/px had no tiles."""
+import os
 import random
 
 import numpy as np
@@ -126,3 +127,54 @@ def test_a_tile_too_large_for_a_store_is_refused_before_it_is_written(tmp_path):
     with pytest.raises(H5PathError, match=r"h\.h5path \(slide .*half\.tif\): encode_tile: .* float16"):
         sd.write(tmp_path / "h.h5path", tiles=sd.generate_tiles(8))
     assert not (tmp_path / "h.h5path").exists()
+
+
+def test_writer_round_trips_and_refuses_what_readers_would(tmp_path, monkeypatch):
+    """(Review of the writer.) A 2-D float array in slide labels or provenance came back flattened; a slide mask
+    over 1 GiB, or more tiles than readers take, was written whole and refused only when read; a failed-tile
+    count above the 100,000 listed was under-reported by info(); a target name of 4-byte characters made a
+    temporary name too long for the file system; a numpy str_ label, an over-long slide label name and
+    downsample=None raised bare TypeError / OSError naming no file."""
+    import pytest
+
+    import histoflow.store.h5path as hp
+    from histoflow.errors import H5PathError
+
+    sm = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
+    p = tmp_path / "a.h5path"
+    with H5PathWriter(p, slide={"labels": {"stain_matrix": sm, "counts": np.array([[1, 2], [3, 4]]),
+                                           "site": np.str_("colon")}}) as w:
+        w.add_tile(np.zeros((4, 4, 3), np.uint8), (0, 0))
+        w.add_provenance({"stain_matrix": sm, "kind": "pipeline run",
+                          "failed_tiles": [{"tile": i} for i in range(hp.MAX_FAILED_LISTED + 5)]})
+    with read_h5path(p) as h:
+        assert h.labels["stain_matrix"] == sm.tolist() and h.labels["counts"] == [[1, 2], [3, 4]]
+        assert h.labels["site"] == "colon"
+        assert h.provenance[0]["stain_matrix"] == sm.tolist()
+        assert h.info()["runs"][0]["failed_tiles"] == hp.MAX_FAILED_LISTED + 5
+
+    big = np.broadcast_to(np.zeros(1, np.uint8), (33000, 33000))  # 1.01 GiB, not allocated
+    with H5PathWriter(tmp_path / "m.h5path") as w:
+        with pytest.raises(H5PathError, match=r"m\.h5path: slide mask 'tissue' of shape \(33000, 33000\) would take "
+                                              r"1\.0 GiB, more than histoflow loads"):
+            w.add_slide_mask("tissue", big)
+        for bad in (None, "x"):
+            with pytest.raises(H5PathError, match=r"m\.h5path: slide mask 'small': downsample must be a positive"):
+                w.add_slide_mask("small", np.zeros((4, 4), bool), downsample=bad)
+        w.add_slide_mask("small", np.zeros((4, 4), bool), downsample=8)
+    monkeypatch.setattr(hp, "MAX_TILES", 3)
+    with H5PathWriter(tmp_path / "n.h5path") as w:
+        for k in range(3):
+            w.add_tile(np.zeros((4, 4, 3), np.uint8), (4 * k, 0))
+        with pytest.raises(H5PathError, match=r"n\.h5path: more than 3 tiles"):
+            w.add_tile(np.zeros((4, 4, 3), np.uint8), (12, 0))
+    with read_h5path(tmp_path / "n.h5path") as h:
+        assert len(h) == 3
+
+    long_name = tmp_path / ("\U0001F600" * 60 + ".h5path")  # 247 bytes: a legal name
+    with H5PathWriter(long_name) as w:
+        w.add_tile(np.zeros((4, 4, 3), np.uint8), (0, 0))
+    assert long_name.exists()
+    with pytest.raises(H5PathError, match=r"x\.h5path: slide label name of 70,000 characters"):
+        H5PathWriter(tmp_path / "x.h5path", slide={"labels": {"m" * 70000: 1}})
+    assert not any(".tmp-" in f for f in os.listdir(tmp_path))

@@ -60,6 +60,8 @@ MAX_EXACT_INT = 2 ** 53
 MAX_TILES = 1 << 22
 #: largest slide mask the reader loads (bytes)
 MAX_MASK_BYTES = 1 << 30
+#: bytes of a slide label's name (an HDF5 attribute's name, in an object header of at most 64 KiB with its value)
+MAX_SLIDE_LABEL_NAME = 4096
 #: most provenance records the reader loads
 MAX_PROVENANCE = 1 << 16
 #: most elements of an array attribute (e.g. channel names)
@@ -441,8 +443,9 @@ class H5PathWriter:
         self._channel_names = meta.get("channel_names")
 
         # beside the target (one file system: an atomic rename); a short name, so that a long file name still fits
-        self._tmp = os.path.join(os.path.dirname(os.path.abspath(self.path)),
-                                 f".{os.path.basename(self.path)[:64]}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        short = os.path.basename(self.path).encode("utf-8", "surrogateescape")[:64].decode("utf-8", "ignore")
+        self._tmp = os.path.join(os.path.dirname(os.path.abspath(self.path)),  # 64 bytes: 4-byte characters too
+                                 f".{short}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise H5PathOutputError(f"{self.path}: the output folder {folder} does not exist")
@@ -624,6 +627,9 @@ class H5PathWriter:
     def _check_row(self, coords, level, downsample, name):
         """The per-tile row (coords, level, downsample, name) checked: ``(x, y, level, downsample, where)``."""
         i = self._n
+        if i >= MAX_TILES:  # readers refuse a file of more: refused here, not after the run
+            raise H5PathError(f"{self.path}: more than {MAX_TILES:,} tiles, which histoflow reads in one file; "
+                              "use larger tiles (or several files)")
         if coords is None or len(coords) != 2:
             raise H5PathError(f"{self.path}: tile {i} ({name!r}): coords must be (x, y), got {coords!r}")
         try:
@@ -861,7 +867,15 @@ class H5PathWriter:
         arr, is_bool = _mask_storage(self.path, "slide mask", name, array)
         if arr.ndim != 2 or 0 in arr.shape:
             raise H5PathError(f"{self.path}: slide mask {name!r} must be a non-empty 2-D array, got {arr.shape}")
-        downsample = float(downsample)
+        if arr.size * np.dtype(arr.dtype).itemsize > MAX_MASK_BYTES:  # readers refuse it: refused here, not after
+            raise H5PathError(f"{self.path}: slide mask {name!r} of shape {arr.shape} would take "
+                              f"{arr.size * np.dtype(arr.dtype).itemsize / 2**30:.1f} GiB, more than histoflow "
+                              f"loads ({MAX_MASK_BYTES >> 30} GiB); store it at a coarser downsample")
+        try:
+            downsample = float(downsample)
+        except (TypeError, ValueError):
+            raise H5PathError(f"{self.path}: slide mask {name!r}: downsample must be a positive number, "
+                              f"not {downsample!r}") from None
         if not (math.isfinite(downsample) and downsample > 0):
             raise H5PathError(f"{self.path}: slide mask {name!r}: downsample must be positive, not {downsample}")
         group = self._f.require_group("masks")
@@ -1103,6 +1117,9 @@ def _write_slide(g: h5py.Group, meta: dict, path):
     as_json = []
     for k, v in (meta.get("labels") or {}).items():
         _check_name(path, "slide label", k)
+        if len(str(k).encode("utf-8", "surrogateescape")) > MAX_SLIDE_LABEL_NAME:  # an HDF5 attribute's name
+            raise H5PathError(f"{path}: slide label name of {len(str(k)):,} characters, more than a slide label's "
+                              f"name may take ({MAX_SLIDE_LABEL_NAME:,} bytes): {str(k)[:40]!r}...")
         if isinstance(v, (bool, np.bool_)):
             labels.attrs[k] = np.bool_(v)
         elif isinstance(v, (int, np.integer)) and -2 ** 63 <= int(v) < 2 ** 63:
@@ -1113,7 +1130,7 @@ def _write_slide(g: h5py.Group, meta: dict, path):
             if len(v) > MAX_ATTR_CHARS:
                 raise H5PathError(f"{path}: slide label {k!r} takes {len(v):,} characters, more than a label may "
                                   f"({MAX_ATTR_CHARS:,})")
-            labels.attrs[k] = v
+            labels.attrs[k] = str(v)  # a numpy str_ is a str h5py cannot store as it is
         else:
             try:
                 text = json.dumps(_json_safe(v), default=_json_default, allow_nan=False)
@@ -1157,8 +1174,8 @@ def _json_safe(v):
         return {k: _json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_json_safe(x) for x in v]
-    if isinstance(v, np.ndarray) and v.dtype.kind == "f":
-        return [_json_safe(float(x)) for x in v.ravel()] if v.ndim else _json_safe(float(v))
+    if isinstance(v, np.ndarray) and v.dtype.kind == "f":  # nested lists keep the array's shape
+        return _json_safe(v.tolist()) if v.ndim else _json_safe(float(v))
     return v
 
 
@@ -1784,7 +1801,8 @@ class H5Path:
                          "steps": [next(iter(st)) for st in steps if isinstance(st, dict) and st]
                          if isinstance(steps, list) else None,
                          "tiles_written": rec.get("tiles_written"),
-                         "failed_tiles": len(rec["failed_tiles"]) if isinstance(rec.get("failed_tiles"), list) else None,
+                         "failed_tiles": rec.get("failed_tiles_total", len(rec["failed_tiles"]))  # listed: 100,000 at most
+                         if isinstance(rec.get("failed_tiles"), list) else None,
                          "executor": executor.get("kind") if isinstance(executor, dict) else executor,
                          "elapsed_s": rec.get("elapsed_s")})
         return {"path": self.path, "format_version": self.format_version, "slide": self.slide, "tiles": n,
