@@ -178,3 +178,18 @@ def test_writer_round_trips_and_refuses_what_readers_would(tmp_path, monkeypatch
     with pytest.raises(H5PathError, match=r"x\.h5path: slide label name of 70,000 characters"):
         H5PathWriter(tmp_path / "x.h5path", slide={"labels": {"m" * 70000: 1}})
     assert not any(".tmp-" in f for f in os.listdir(tmp_path))
+
+
+def test_the_stored_compression_is_the_images_own(tmp_path):
+    """A 22-channel run asked for HTJ2K (the default) stored its images with gzip, HTJ2K not applying to them,
+    but the file (and `histoflow info`) said htj2k: a reader would think it needs the plugin."""
+    import h5py
+
+    for channels, want in ((3, "htj2k"), (22, "gzip")):
+        p = tmp_path / f"c{channels}.h5path"
+        with H5PathWriter(p, compression="htj2k") as w:
+            w.add_tile(np.zeros((8, 8, channels), np.uint16), (0, 0))
+        with read_h5path(p) as h:
+            assert h.info()["compression"] == want
+        with h5py.File(p) as f:
+            assert ("gzip" == f["tiles/images"].compression) == (want == "gzip")

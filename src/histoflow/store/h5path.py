@@ -781,6 +781,8 @@ class H5PathWriter:
         tiles.attrs["tile_height"] = np.int64(h)
         tiles.attrs["channels"] = np.int64(c)
         tiles.attrs["dtype"] = dtype.name
+        if self.compression == "htj2k" and not htj2k_applies(shape, dtype):
+            tiles.attrs["compression"] = "gzip"  # what the images are stored with (22 channels: not HTJ2K)
         self._images = tiles.create_dataset("images", shape=(0, h, w, c), maxshape=(None, h, w, c),
                                             dtype=dtype, chunks=(1, h, w, c), **self._image_comp(shape, dtype))
         tiles.create_dataset("coords", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
