@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "in a palette; a legend below)")
     s.add_argument("--instances", metavar="MASK", help="h5path file: dots at the objects of this per-tile instance "
                                                        "mask (e.g. nuclei)")
+    s.add_argument("--background", choices=["auto", "slide", "tiles"], default="auto",
+                   help="h5path file: draw over the slide, or over the stored tiles put together (default auto: the "
+                        "slide when it opens and the tiles hold its channels, e.g. not after VirtualHE)")
     _overwrite_option(s, "the thumbnail")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.set_defaults(func=cmd_thumbnail)
@@ -625,11 +628,12 @@ def cmd_thumbnail(args):
             if 0 < longest < args.size:  # as for a slide: a picture never enlarges it
                 print(f"note: --size {args.size} is larger than the slide ({h5.slide['width']} x "
                       f"{h5.slide['height']} px); using {longest}", file=sys.stderr)
-            pic = overview(h5, args.size, label=args.label, instances=args.instances)
+            pic = overview(h5, args.size, label=args.label, instances=args.instances, background=args.background)
         save_png(args.output, pic)
         print(f"{args.output}: {pic.shape[1]} x {pic.shape[0]} px")
         return 0
-    for option, value in (("--label", args.label), ("--instances", args.instances)):
+    for option, value in (("--label", args.label), ("--instances", args.instances),
+                          ("--background", None if args.background == "auto" else args.background)):
         if value is not None:
             from .errors import ParameterError
 

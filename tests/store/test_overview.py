@@ -339,3 +339,30 @@ def test_a_picture_never_enlarges_the_slide(qc_store, tmp_path, capsys):
     cap = capsys.readouterr()
     assert f"--size 5000 is larger than the slide ({w} x {h} px); using {max(w, h)}" in cap.err
     assert f"{w} x {h} px" in cap.out
+
+
+def test_a_virtual_he_run_is_drawn_over_its_tiles(tmp_path, capsys, qc_store):
+    """The picture of a VirtualHE run (22 MIBI channels in, RGB tiles out) showed the source fluorescence in
+    false colour, not the virtual H&E the file holds; the command line could not choose."""
+    from datafiles import data_path
+
+    from histoflow.transforms import VirtualHE
+
+    with SlideData(data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")) as s:
+        out = s.run(Pipeline([VirtualHE(eosin_channels=["PanKeratin", "Vimentin"])]), str(tmp_path / "vhe.h5path"),
+                    tile_size=256, executor="inprocess", progress=False)
+        false_colour = overview(out, 256, background="slide")
+    tiles = overview(out, 256, background="tiles")
+    auto = overview(out, 256)
+    np.testing.assert_array_equal(auto, tiles)
+    assert np.abs(auto.astype(int) - false_colour).mean() > 20
+    assert auto.mean() > 150  # H&E-like: light, not fluorescence on black
+    assert main(["thumbnail", out, "-o", str(tmp_path / "s.png"), "--size", "256", "--background", "slide"]) == 0
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s.png")), false_colour)
+    with pytest.raises(SystemExit):
+        main(["thumbnail", out, "-o", str(tmp_path / "t.png"), "--background", "other"])
+    capsys.readouterr()
+    # a run that keeps the slide's channels is drawn over the slide, as before
+    np.testing.assert_array_equal(overview(qc_store, 300), overview(qc_store, 300, background="slide"))

@@ -89,16 +89,31 @@ def _background(h5, size, background, slide):
             if isinstance(source, (str, os.PathLike)):
                 with open_slide(source) as r:
                     _same_size(r, want)
+                    if background == "auto" and _other_pixels(h5, r):
+                        return _stitched(h5, size), "tiles"
                     return to_rgb(r.thumbnail(size), brightfield=r.brightfield, channel_names=r.channel_names), \
                         "slide"
             reader = getattr(source, "reader", source)  # a SlideData or a reader
             _same_size(reader, want)
+            if background == "auto" and _other_pixels(h5, reader):
+                return _stitched(h5, size), "tiles"
             return to_rgb(reader.thumbnail(size), brightfield=reader.brightfield,
                           channel_names=reader.channel_names), "slide"
         except Exception as e:  # noqa: BLE001 - any failure to open it: the tiles instead, or say why
             if background == "slide":
                 raise H5PathError(f"{h5.path}: cannot draw over the slide {source}: {e}") from None
     return _stitched(h5, size), "tiles"
+
+
+def _other_pixels(h5, reader) -> bool:
+    """Whether the stored tiles hold other channels than the slide's (a run through ``VirtualHE``: 22 channels of
+    fluorescence in, RGB out): the picture is then drawn over the tiles, which are what the file holds."""
+    images = h5.images
+    if images is None or not len(h5):
+        return False
+    names = h5.slide.get("channel_names")
+    return int(images.shape[-1]) != int(reader.channels) or \
+        (names is not None and list(names) != list(reader.channel_names or []))
 
 
 def _same_size(reader, want):
@@ -341,7 +356,8 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
         A per-tile instance mask (e.g. ``"nuclei"``) whose objects are drawn as dots at their centroids.
     background : {"auto", "slide", "tiles"}
         Draw over a thumbnail of the slide (``"slide"``: the file's ``source_path``, or ``slide``), over the
-        stored tiles put back together (``"tiles"``), or the slide when it opens, else the tiles (``"auto"``).
+        stored tiles put back together (``"tiles"``), or the slide when it opens and the tiles hold its channels,
+        else the tiles (``"auto"``: a run through ``VirtualHE`` is drawn over its RGB tiles).
     slide : str, SlideData or reader, optional
         The slide to draw over, when it is not (or no longer) at the file's ``source_path``.
 
