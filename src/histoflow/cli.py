@@ -1313,14 +1313,10 @@ def _phenotype_png(cells, png):
     size = (max(1, int(w * scale)), max(1, int(h * scale)))
     canvas = background.resize(size) if background is not None else Image.new("RGB", size, (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
+    from .cells.rules import phenotype_colours
+
     classes = list(cells.obs["phenotype"].cat.categories)
-    # distinct colours for the real classes (most distinct first), two greys for cells without one
-    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-               (70, 240, 240), (240, 50, 230), (250, 190, 212), (170, 255, 195), (220, 190, 255), (255, 250, 200),
-               (170, 110, 40), (210, 245, 60), (0, 128, 128), (128, 0, 0)]
-    real = [c for c in classes if c not in ("unassigned", "excluded")]
-    colour = {c: palette[i % len(palette)] for i, c in enumerate(real)}
-    colour.update({"excluded": (70, 70, 70), "unassigned": (140, 140, 140)})
+    colour = phenotype_colours(classes)  # as in the GeoJSON: one colour per class of the table, on every slide
     r = max(1.5, 3 * scale)
     for (x, y), c in zip(xy * scale, cells.obs["phenotype"]):
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour[c])

@@ -72,6 +72,19 @@ def test_quantify_then_phenotype(tmp_path):
     assert sum("nucleusGeometry" in f for f in raw) == len(with_nucleus)
     png = np.asarray(Image.open(tmp_path / "pheno.png"))
     assert png.shape[2] == 3 and png.std() > 5
+    # the GeoJSON's class colours are the picture's: one per class of the table, in its order (they followed
+    # which cell came first: epithelial green in the picture, yellow in QuPath, and another colour on the next
+    # slide); the legend's swatches at (12, 12 + 14 i) show them
+    from histoflow.cells.rules import phenotype_colours
+
+    colours = phenotype_colours(b.obs["phenotype"].cat.categories)
+    seen = {f["properties"]["classification"]["name"]: tuple(f["properties"]["classification"]["color"])
+            for f in raw}
+    assert seen == {c: colours[c] for c in seen}
+    assert seen.get("excluded", (70, 70, 70)) == (70, 70, 70)
+    assert seen.get("unassigned", (140, 140, 140)) == (140, 140, 140)
+    for i, c in enumerate(b.obs["phenotype"].cat.categories):
+        assert tuple(png[13 + 14 * i, 13]) == colours[c], c
     # scanpy reads the table and runs its basics on it
     import scanpy as sc
 

@@ -47,7 +47,24 @@ import numpy as np
 from histoflow.cells.gating import CellsError, normalize_name, resolve_channel
 
 __all__ = ["RuleTable", "Step", "RuleError", "ExpressionError", "parse_expression", "expression_names",
-           "load_preset", "list_presets"]
+           "load_preset", "list_presets", "phenotype_colours"]
+
+#: colours of the phenotypes, in the order of their classes (most distinct first); cells without one are grey
+PHENOTYPE_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                     (70, 240, 240), (240, 50, 230), (250, 190, 212), (170, 255, 195), (220, 190, 255),
+                     (255, 250, 200), (170, 110, 40), (210, 245, 60), (0, 128, 128), (128, 0, 0)]
+GREYS = {"excluded": (70, 70, 70), "unassigned": (140, 140, 140)}
+
+
+def phenotype_colours(classes) -> dict:
+    """``{class: (r, g, b)}``: the classes in their order (a rule table's, as the categories of ``histoflow
+    phenotype``'s column) take :data:`PHENOTYPE_PALETTE` in turn, ``excluded`` and ``unassigned`` two greys. The
+    same class has the same colour on every slide phenotyped with one table, in the picture and in QuPath."""
+    classes = [str(c) for c in classes]
+    real = [c for c in classes if c not in GREYS]
+    colour = {c: PHENOTYPE_PALETTE[i % len(PHENOTYPE_PALETTE)] for i, c in enumerate(real)}
+    colour.update({c: GREYS[c] for c in classes if c in GREYS})
+    return colour
 
 MAX_EXPRESSION_CHARS = 4000
 MAX_DEPTH = 64

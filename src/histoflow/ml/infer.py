@@ -247,7 +247,14 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
             raise H5PathError(f"{store}: tiles have no mask {mask!r} (they have {sorted(h.tile_mask_names)})")
         with_nuclei = nucleus_mask is not None and nucleus_mask in h.tile_mask_names
         numeric = [c for c in table.obs.columns if table.obs[c].dtype.kind in "fiu"]
-        classes = table.obs[classes_key].astype(str).to_numpy() if classes_key in table.obs else None
+        classes = colours = None
+        if classes_key in table.obs:
+            column = table.obs[classes_key]
+            classes = column.astype(str).to_numpy()
+            from ..cells.rules import phenotype_colours
+
+            # the colours of the picture, by the classes' order (a rule table's), not by which cell comes first
+            colours = phenotype_colours(column.cat.categories if hasattr(column, "cat") else sorted(set(classes)))
         X = np.asarray(table.X)
         channels = list(table.var_names)
         polys, row = [], 0
@@ -276,6 +283,7 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
                     p.group = p.name
                 if classes is not None:
                     p.classification = classes[k]
+                    p.color = colours.get(classes[k])
                 p.measurements = {c: float(table.obs[c].iloc[k]) for c in numeric}
                 p.measurements.update({f"{ch}: mean": float(X[k, j]) for j, ch in enumerate(channels)})
                 polys.append(p)
