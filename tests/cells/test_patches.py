@@ -92,3 +92,23 @@ def test_patient_folds_refuse_missing_ids_and_one_fold():
     with pytest.raises(CellsError, match="n_splits must be a whole number >= 2"):
         patient_folds([0, 1, 0, 1], ["a", "b", "c", "d"], n_splits=1)
 
+
+
+def test_fluorescence_patches_scaled_by_the_slides_percentile(tmp_path):
+    """Patches are scaled by the dtype's maximum: a MIBI image's uint16 counts (up to ~250 of 65,535) gave
+    patches of at most 0.004, near-blank input for a classifier. percentile= scales each channel by the slide's
+    own percentile instead."""
+    mibi = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
+    cells = [[500, 500], [300, 700], [800, 200]]
+    raw = NucleusPatchDataset(mibi, cells, size=41, mpp=0.5)
+    assert max(float(raw[i]["image"].max()) for i in range(3)) < 0.01
+    ds = NucleusPatchDataset(mibi, cells, size=41, mpp=0.5, percentile=99.9)
+    assert ds.scales.shape == (22,) and (ds.scales > 0).all()
+    for i in range(3):
+        x = ds[i]["image"]
+        assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+        want = np.clip(ds.patch(i).astype(np.float32) / ds.scales, 0, 1).transpose(2, 0, 1)
+        np.testing.assert_allclose(x.numpy(), want, rtol=1e-6)
+    assert max(float(ds[i]["image"].max()) for i in range(3)) > 0.5
+    with pytest.raises(DatasetError, match="percentile must be a number in"):
+        NucleusPatchDataset(mibi, cells, percentile=0)

@@ -51,11 +51,17 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         :class:`~histoflow.ml.augment.Compose` (seeded: each item's draw is reproducible, per epoch with
         ``set_epoch``, as in the other datasets), or any function of the array.
 
+    percentile : float, optional
+        Scale each channel by the slide's own ``percentile`` of it (taken once, from the slide's thumbnail of
+        at most 1024 px, as :class:`~histoflow.transforms.VirtualHE` does) and clip to [0, 1], instead of the
+        dtype's maximum: for fluorescence counts (a MIBI image's uint16 channels reach ~250 of 65,535, so
+        dtype scaling gives patches of ~0.004 at most). Models trained so must be given tiles scaled alike.
+
     Samples: ``{"image": float32 (c, size, size) in [0, 1], "label": int64, "index": int}``.
     """
 
     def __init__(self, slide, centroids, labels=None, size: int = 41, mpp: float | None = None, channels=None,
-                 transform=None):
+                 transform=None, percentile: float | None = None):
         from .data import _slide_of_source, _slide_source
 
         self._source = _slide_source(slide)  # a SlideData's options (mpp=...) travel with it
@@ -99,10 +105,19 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
             self.labels = None
         self.channels = channels
         self.transform = transform
+        if percentile is not None and not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+            raise DatasetError(f"{self.path}: percentile must be a number in (0, 100], got {percentile!r}")
+        self.percentile = percentile
+        self.scales = None
         with _slide_of_source(self._source) as s:
             self.slide_mpp = float(s.mpp[0]) if s.mpp else None
             self.brightfield = bool(s.slide_type.brightfield)
             self.dtype = np.dtype(s.reader.dtype)
+            if percentile is not None:  # per channel, of the channels the patches keep
+                thumb = np.asarray(s.thumbnail(1024)).astype(np.float32)
+                thumb = self._keep(thumb)
+                self.scales = np.array([float(np.percentile(thumb[..., k], percentile)) or
+                                        float(thumb[..., k].max()) or 1.0 for k in range(thumb.shape[2])], np.float32)
         if mpp is not None and self.slide_mpp is None:
             raise DatasetError(f"{self.path}: the slide's pixel size is unknown, so patches at {mpp} µm/px "
                                "cannot be made; open it with mpp=... or leave mpp=None")
@@ -134,10 +149,14 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         a = r.read_region((x0, y0), 0, (span, span))
         if span != self.size:
             a = resize(a, (self.size, self.size))
+        return self._keep(a)
+
+    def _keep(self, a):
+        """The channels the patches keep: ``channels``, else all (RGB for brightfield)."""
         if self.channels is not None:
-            a = a[..., list(self.channels)]
-        elif self.brightfield and a.shape[2] == 4:
-            a = a[..., :3]
+            return a[..., list(self.channels)]
+        if self.brightfield and a.shape[2] == 4:
+            return a[..., :3]
         return a
 
     def __getitem__(self, i):
@@ -151,8 +170,11 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
                 a = np.asarray(_transform(self, {"image": a, "masks": {}}, i)["image"])
             else:
                 a = self.transform(a)
-        full = float(np.iinfo(a.dtype).max) if a.dtype.kind in "ui" else 1.0
-        out = {"image": torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float() / full,
+        if self.scales is not None:
+            x = np.clip(np.asarray(a, np.float32) / self.scales, 0, 1)
+        else:
+            x = np.asarray(a, np.float32) / (float(np.iinfo(a.dtype).max) if a.dtype.kind in "ui" else 1.0)
+        out = {"image": torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
                "index": int(i)}
         if self.labels is not None:
             out["label"] = torch.tensor(self.labels[i])
