@@ -96,3 +96,17 @@ def test_style_transfer_errors(model_path, tmp_path):
     t.fit_slide(slide)
     with pytest.raises(HistoflowError, match=r"must output \(1, 3, H, W\) RGB"):
         t.F(slide.read_region((0, 0), 0, (64, 64)))
+
+
+def test_channels_given_as_negative_indices_fit_the_slide_as_they_read_tiles(model_path):
+    """F took channels=[13, -1] (numpy indexing), but fit_slide passed -1 to the thumbnail, which refused it:
+    a slide run with those channels failed before its first tile."""
+    with SlideData(MIBI) as slide:
+        n = slide.reader.channels
+        t = StyleTransferHE(model_path, channels=[13, -1])
+        t.fit_slide(slide)
+        u = StyleTransferHE(model_path, channels=[13, n - 1])
+        u.fit_slide(slide)
+        assert t.scales_ == u.scales_
+        image = slide.reader.read_region((0, 0), 0, (64, 64))
+    np.testing.assert_array_equal(t.F(image), u.F(image))

@@ -88,7 +88,12 @@ class InstanceRows:
             self.downsample = ds = float(first.downsample)
             if shape is None:
                 meta = h.slide or {}
-                if meta.get("width") and meta.get("height"):
+                from .transforms import level_size
+
+                own = level_size(meta.get("levels"), ds)  # a level's own size (one pixel less than ceil, at times)
+                if own is not None:
+                    shape = (own[1], own[0])
+                elif meta.get("width") and meta.get("height"):
                     shape = (int(np.ceil(meta["height"] / ds)), int(np.ceil(meta["width"] / ds)))
                 else:
                     coords = np.asarray(h.coords)

@@ -438,13 +438,24 @@ NOT_PREDICTED = 255
 MAX_HEATMAP_PIXELS = 2 ** 28
 
 
+def level_size(levels, downsample):
+    """``(width, height)`` of the pyramid level whose downsample is ``downsample`` (``levels``: ``Level`` objects
+    or ``{"width", "height", "downsample"}`` records), or None: a level's own size, not level 0's divided by
+    its mean downsample (2220 / 3.99933 px is 556 px where the level has 555)."""
+    for lv in levels or ():
+        get = lv.get if isinstance(lv, dict) else lambda k, lv=lv: getattr(lv, k)
+        if abs(float(get("downsample")) - float(downsample)) <= 1e-9 * float(downsample):
+            return int(get("width")), int(get("height"))
+    return None
+
+
 class _Heatmap:
     """Weighted sums of tile values painted at a fixed downsample of level 0."""
 
-    def __init__(self, dimensions, downsample, channels):
+    def __init__(self, dimensions, downsample, channels, size=None):
         self.ds = float(downsample)
         self.dimensions = tuple(int(d) for d in dimensions)
-        w, h = (max(1, int(np.ceil(d / self.ds))) for d in dimensions)
+        w, h = size or (max(1, int(np.ceil(d / self.ds))) for d in dimensions)
         self.sum = np.zeros((channels, h, w), np.float32)
         self.weight = np.zeros((h, w), np.float32)
 
@@ -551,6 +562,7 @@ class _ReducingModelTransform(Transform, register=False):
 
     def fit_slide(self, slide):
         self._dims = tuple(slide.dimensions)
+        self._levels = list(getattr(getattr(slide, "reader", slide), "levels", None) or [])
         self._slide_path = str(slide.path)
         self._maps = None
 
@@ -593,7 +605,15 @@ class _ReducingModelTransform(Transform, register=False):
                     f"{w} x {h} pixels x {len(values)} classes ({w * h * (len(values) + 1) * 4 / 2**30:.1f} GiB) at "
                     f"a downsample of {float(ds):g}; pass a larger heatmap_downsample (e.g. "
                     f"{float(ds) * np.ceil(np.sqrt(w * h / MAX_HEATMAP_PIXELS)):g})")
-            self._maps = _Heatmap(self._dims, ds, len(values))
+            self._maps = _Heatmap(self._dims, ds, len(values), level_size(getattr(self, "_levels", None), ds))
+        d = float(tile.downsample)
+        if values.ndim == 3 and abs(self._maps.ds - d) <= 1e-9 * d:
+            # a map at the tiles' own level: placed by their level pixels, one map pixel on one heatmap pixel
+            # (level-0 coordinates rounded to whole pixels and a tile 512 px wide for 128 px at 3.99933 smeared
+            # every pixel over two)
+            lx, ly = round(tile.coords[0] / d), round(tile.coords[1] / d)
+            self._maps.add(lx * d, ly * d, tile.size[0] * d, tile.size[1] * d, values, weights)
+            return
         w0 = int(round(tile.size[0] * tile.downsample))
         h0 = int(round(tile.size[1] * tile.downsample))
         if values.ndim == 1 and tile.core is not None:  # a constant covers the part of the slide the tile owns
@@ -959,7 +979,7 @@ class StyleTransferHE(Transform):
     def _indices(self, names):
         from ..transforms.objects import find_channel
 
-        return [c if isinstance(c, (int, np.integer)) else find_channel(names, c) for c in self.channels]
+        return [find_channel(names, c) for c in self.channels]  # -1 is the last channel here and in fit_slide alike
 
     def channel_names_out(self, names):
         return ["R", "G", "B"]
