@@ -111,3 +111,53 @@ def test_the_training_stain_augmentation_checks_its_matrix_too():
     with pytest.raises(AugmentError, match="StainAugment: stain_matrix.*coincide"):
         StainAugment(stain_matrix=[[1, 1, 1], [1, 1, 1]])
     np.testing.assert_allclose(StainAugment(stain_matrix=[E, H]).stain_matrix, S._unit_rows(np.array([H, E])))
+
+
+def test_vahadane_normalises_real_h_and_e_tiles_and_leaves_ink(tmp_path):
+    """(Review of the stain code, session 21.) Without a slide fit, a tile is normalised only when its own
+    estimate looks like H&E; the cosine limit was set on Macenko's vectors, and Vahadane's lie closer on the
+    same images (0.981 on this one): real H&E came back unchanged. Ink still passes unchanged."""
+    img = _he()
+    m, _ = S.fit_stains(img, "vahadane")
+    assert float(m[0] @ m[1]) > S.MAX_TILE_STAIN_COSINE  # the case: Vahadane's vectors over the limit
+    for method in ("macenko", "vahadane"):
+        out = StainNormalizationHE(stain_estimation_method=method).F(img)
+        assert np.abs(out.astype(int) - img).mean() > 5, method
+    rng = np.random.default_rng(0)
+    ink = np.clip(np.array([25, 25, 30]) + rng.normal(0, 2, (256, 256, 3)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(StainNormalizationHE(stain_estimation_method="vahadane").F(ink), ink)
+
+
+def test_a_pipeline_with_a_reference_reads_back_equal(tmp_path):
+    """Reading a saved reference normalised its unit rows again, which moved their last bits: the pipeline read
+    back from its YAML was not equal to the one that ran, and resume refused it."""
+    ref = {"stain_matrix": [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]], "max_concentrations": [1.9705, 1.0308]}
+    p = Pipeline([StainNormalizationHE(reference=ref)])
+    p.save(tmp_path / "p.yaml")
+    q = Pipeline.load(tmp_path / "p.yaml")
+    assert p == q and Pipeline.from_yaml(q.to_yaml()) == q
+    np.testing.assert_array_equal(p.steps[0].F(_he()), q.steps[0].F(_he()))
+
+
+def test_tissue_detection_takes_8_bit_values_in_wider_integers():
+    """int64 RGB of 0-255 values (astype(int)) was scaled by int64's range: every pixel 0, no tissue, and a
+    white tile not white; with use_saturation, OpenCV's resize failed, and a grey image was refused with the
+    shape of its downsampled copy."""
+    from histoflow.transforms import LabelWhiteSpaceHE, TissueDetectionHE
+
+    from datafiles import SVS
+
+    import histoflow
+
+    with histoflow.open_slide(SVS) as s:
+        img = np.ascontiguousarray(s.read_region((500, 700), 0, (500, 300))[..., :3])  # tissue and glass
+    for t in (TissueDetectionHE(), TissueDetectionHE(use_saturation=True)):
+        want = t.F(img)
+        assert want.any()
+        np.testing.assert_array_equal(t.F(img.astype(np.int64)), want)
+    white = np.full((64, 64, 3), 255, np.uint8)
+    assert LabelWhiteSpaceHE().F(white.astype(np.int64)) == LabelWhiteSpaceHE().F(white)
+    with pytest.raises(ParameterError, match=r"needs an RGB image \(h, w, 3\), got shape \(300, 500\)"):
+        TissueDetectionHE(use_saturation=True).F(img[..., 0])
+    with pytest.raises(ParameterError, match=r"takes uint8, uint16 or floats in \[0, 1\]; got int64 values"):
+        TissueDetectionHE().F(img.astype(np.int64) * 1000)

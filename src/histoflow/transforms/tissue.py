@@ -44,10 +44,19 @@ def _grey_uint8(image):
 
 
 def _to_uint8(a):
+    """The 0-255 scale of uint8, uint16 (/ 257) or floats in [0, 1]. Other integers (int64 from ``astype(int)``,
+    uint32) are taken as 8- or 16-bit by their values: by their dtype's range, 0-255 values became all 0."""
     if a.dtype == np.uint8:
         return a
     if np.issubdtype(a.dtype, np.integer):
-        return np.clip(np.round(a.astype(np.float32) * (255.0 / np.iinfo(a.dtype).max)), 0, 255).astype(np.uint8)
+        top = np.iinfo(a.dtype).max
+        if a.dtype != np.uint16 and a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi > 65535:
+                raise ParameterError(f"tissue detection takes uint8, uint16 or floats in [0, 1]; got {a.dtype} "
+                                     f"values {lo}..{hi}")
+            top = 255 if hi <= 255 else 65535
+        return np.clip(np.round(a.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
     return np.clip(np.round(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)  # floats in [0, 1]
 
 
@@ -356,6 +365,11 @@ class TissueDetectionHE(Transform):
 
     def F(self, image):
         f = self.working_downsample
+        image = np.asarray(image)
+        if self.use_saturation:  # checked on the image given, before it is resampled
+            _rgb(image, "TissueDetectionHE(use_saturation=True)")
+        if image.dtype.kind in "iu" and image.dtype not in (np.uint8, np.uint16):
+            image = _to_uint8(image)  # int64 0-255 (astype(int)): OpenCV resamples no such dtype
         h, w = image.shape[:2]
         threshold = self._threshold()
         if f == 1 or min(h, w) < 4 * f:
