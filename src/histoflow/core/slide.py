@@ -49,6 +49,45 @@ class SlideMask:
         return out.astype(bool) if self.is_bool else out
 
 
+def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
+    """``read_size`` level pixels at level-0 ``(x, y)`` resampled to ``size`` (area average when shrinking), as
+    grid tiles at a target µm/px are read (:class:`SlideData` and :class:`~histoflow.ml.data.WSIPatchDataset`
+    alike). A shrunk region overhanging the slide reads only the part inside (and a pixel of fill): at a coarse
+    mpp one tile's region can be many times the slide (CMU-1 at 60 µm/px: 30782 px square, 2.9 GB). The pixels
+    of the tile that lie partly inside the slide average slide pixels only; those wholly outside are the
+    reader's fill."""
+    rw, rh = read_size
+    ow, oh = size
+    if (rw, rh) == (ow, oh):
+        return reader.read_region((x, y), level, read_size)
+    lv = reader.levels[level]
+    lx, ly = math.floor(x / lv.downsample + 0.5), math.floor(y / lv.downsample + 0.5)
+    iw, ih = min(rw, lv.width - lx), min(rh, lv.height - ly)  # level pixels inside the slide
+    sx, sy = rw / ow, rh / oh
+    jw, jh = min(ow, math.ceil(max(iw, 0) / sx)), min(oh, math.ceil(max(ih, 0) / sy))  # tile pixels touching them
+    if rw <= ow or rh <= oh:  # enlarged: the region is no larger than the tile
+        region = reader.read_region((x, y), level, read_size)
+        return _refilled(reader, resize(_edge_replicated(region, iw, ih), size), jw, jh)
+    nw, nh = min(rw, math.ceil(jw * sx) + 1), min(rh, math.ceil(jh * sy) + 1)
+    if nw * nh >= rw * rh:  # (almost) all inside: read it whole
+        region = reader.read_region((x, y), level, read_size)
+        return _refilled(reader, resize(_edge_replicated(region, iw, ih), size), jw, jh)
+    out = np.full((oh, ow, reader.channels), reader.fill_value, dtype=reader.dtype)
+    if jw > 0 and jh > 0:
+        part = reader.read_region((x, y), level, (nw, nh))
+        out[:jh, :jw] = shrink(_edge_replicated(part, iw, ih), ow / rw, oh / rh, (jw, jh))
+    return out
+
+
+def _refilled(reader, tile, jw, jh):
+    """The reader's fill back beyond the tile pixels that touch the slide (a resampled edge tile)."""
+    if jh < tile.shape[0] or jw < tile.shape[1]:
+        tile = np.array(tile)
+        tile[max(jh, 0):] = reader.fill_value
+        tile[:, max(jw, 0):] = reader.fill_value
+    return tile
+
+
 def _edge_replicated(region, iw, ih):
     """A region overhanging the slide (``iw`` x ``ih`` of its level pixels inside) with its last inside column and
     row repeated over the fill: a resampled tile pixel that lies partly outside the slide then averages slide
@@ -183,38 +222,11 @@ class SlideData:
         return grid
 
     def _read_spec(self, spec) -> np.ndarray:
-        """The tile's pixels: its level's region, resampled to the tile's size when the grid asks for it. A
-        shrunk tile overhanging the slide reads only the part inside (and a pixel of fill): at a coarse mpp
-        one tile's region can be many times the slide (CMU-1 at 60 µm/px: 30782 px square, 2.9 GB)."""
-        rw, rh = spec.read_size
-        ow, oh = spec.size
+        """The tile's pixels: its level's region, resampled to the tile's size when the grid asks for it
+        (:func:`read_resampled`)."""
         if not spec.needs_resample:
             return self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
-        lv = self.levels[spec.level]
-        lx, ly = math.floor(spec.x / lv.downsample + 0.5), math.floor(spec.y / lv.downsample + 0.5)
-        iw, ih = min(rw, lv.width - lx), min(rh, lv.height - ly)  # level pixels inside the slide
-        sx, sy = rw / ow, rh / oh
-        jw, jh = min(ow, math.ceil(max(iw, 0) / sx)), min(oh, math.ceil(max(ih, 0) / sy))  # tile pixels touching them
-        if rw <= ow or rh <= oh:  # enlarged: the region is no larger than the tile
-            region = self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
-            return self._refilled(resize(_edge_replicated(region, iw, ih), spec.size), jw, jh)
-        nw, nh = min(rw, math.ceil(jw * sx) + 1), min(rh, math.ceil(jh * sy) + 1)
-        if nw * nh >= rw * rh:  # (almost) all inside: read it whole
-            region = self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
-            return self._refilled(resize(_edge_replicated(region, iw, ih), spec.size), jw, jh)
-        out = np.full((oh, ow, self.reader.channels), self.reader.fill_value, dtype=self.reader.dtype)
-        if jw > 0 and jh > 0:
-            part = self.reader.read_region((spec.x, spec.y), spec.level, (nw, nh))
-            out[:jh, :jw] = shrink(_edge_replicated(part, iw, ih), ow / rw, oh / rh, (jw, jh))
-        return out
-
-    def _refilled(self, tile, jw, jh):
-        """The reader's fill back beyond the tile pixels that touch the slide (a resampled edge tile)."""
-        if jh < tile.shape[0] or jw < tile.shape[1]:
-            tile = np.array(tile)
-            tile[max(jh, 0):] = self.reader.fill_value
-            tile[:, max(jw, 0):] = self.reader.fill_value
-        return tile
+        return read_resampled(self.reader, spec.x, spec.y, spec.level, spec.read_size, spec.size)
 
     def read_tile(self, spec) -> Tile:
         """Read the tile of a :class:`~histoflow.core.grid.TileSpec`, with the slide masks under it."""

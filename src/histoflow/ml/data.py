@@ -721,7 +721,7 @@ class WSIPatchDataset(_Epochs, Dataset):
 
     def read(self, i: int) -> dict:
         """The numpy sample of item ``i`` (before ``transform`` and tensor conversion)."""
-        from ..core.resample import resize
+        from ..core.slide import read_resampled
 
         n = len(self)
         if not -n <= i < n:
@@ -731,9 +731,7 @@ class WSIPatchDataset(_Epochs, Dataset):
         level, read_size, size = self._geometry[s]
         if self._read_sizes is not None and self._read_sizes[i, 0] > 0:  # 0: the slide's one read size
             read_size = (int(self._read_sizes[i, 0]), int(self._read_sizes[i, 1]))
-        image = self._reader(s).read_region((x, y), level, read_size)
-        if read_size != size:
-            image = resize(image, size)
+        image = read_resampled(self._reader(s), x, y, level, read_size, size)  # as the grid's tiles are read
         labels = {k: (v[i] if v.dtype != object else str(v[i])) for k, v in self.labels.items()}
         return {"image": image, "masks": {}, "labels": labels, "coords": np.array([x, y], np.int64),
                 "index": i, "slide": s}
