@@ -1803,7 +1803,8 @@ class H5Path:
                          "steps": [next(iter(st)) for st in steps if isinstance(st, dict) and st]
                          if isinstance(steps, list) else None,
                          "tiles_written": rec.get("tiles_written"),
-                         "failed_tiles": rec.get("failed_tiles_total", len(rec["failed_tiles"]))  # listed: 100,000 at most
+                         # the list holds 100,000 at most; the total is recorded beside it
+                         "failed_tiles": rec.get("failed_tiles_total", len(rec["failed_tiles"]))
                          if isinstance(rec.get("failed_tiles"), list) else None,
                          "executor": executor.get("kind") if isinstance(executor, dict) else executor,
                          "elapsed_s": rec.get("elapsed_s")})
