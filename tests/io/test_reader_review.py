@@ -263,7 +263,8 @@ def test_a_slide_opened_relatively_keeps_its_file_after_the_process_changes_fold
     monkeypatch.chdir(os.path.dirname(SVS))
     sd = SlideData(os.path.basename(SVS))
     monkeypatch.chdir(tmp_path)
-    assert sd.metadata()["source_path"] == os.path.abspath(SVS)
+    # (real paths: the working folder is one, when the data folder is reached through a link)
+    assert os.path.realpath(sd.metadata()["source_path"]) == os.path.realpath(SVS)
     again = pickle.loads(pickle.dumps(sd))
     np.testing.assert_array_equal(again.reader.read_region((100, 100), 0, (32, 32)),
                                   sd.reader.read_region((100, 100), 0, (32, 32)))
