@@ -105,7 +105,8 @@ def test_cell_borders_do_not_depend_on_the_tiling_with_several_membrane_channels
     tables = []
     for tile in (1024, 256):
         with SlideData(MIBI) as s:
-            out = s.run(pipe, str(tmp_path / f"m{tile}.h5path"), tile_size=tile, overlap=64, executor="inprocess",
+            out = s.run(pipe, str(tmp_path / f"m{tile}.h5path"), tile_size=tile, overlap=pipe.min_overlap(s.mpp[0]),
+                        executor="inprocess",
                         progress=False)
         with read_h5path(out) as h:
             c = h.cells
@@ -126,7 +127,8 @@ def test_cell_count_does_not_depend_on_tile_size(tmp_path, mibi):
     counts = {}
     for tile in (256, 512):
         with SlideData(MIBI) as s:
-            out = s.run(pipe, str(tmp_path / f"t{tile}.h5path"), tile_size=tile, overlap=64, executor="inprocess",
+            out = s.run(pipe, str(tmp_path / f"t{tile}.h5path"), tile_size=tile, overlap=pipe.min_overlap(s.mpp[0]),
+                        executor="inprocess",
                         progress=False)
         with read_h5path(out) as h:
             counts[tile] = h.cells.n_obs
@@ -225,7 +227,8 @@ def test_vectra_qptiff_cells(tmp_path):
     pipe = Pipeline([SegmentCells(), QuantifyCells(nucleus_mask="nuclei")])
     with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff")) as s:
         assert s.slide_type.name == "Vectra"
-        out = s.run(pipe, str(tmp_path / "v.h5path"), tile_size=512, overlap=64, executor="inprocess",
+        out = s.run(pipe, str(tmp_path / "v.h5path"), tile_size=512, overlap=pipe.min_overlap(s.mpp[0]),
+                    executor="inprocess",
                     progress=False)
     with read_h5path(out) as h:
         cells = h.cells
@@ -239,7 +242,8 @@ def test_vectra_qptiff_cells(tmp_path):
     pipe = Pipeline([CollapseRunsVectra(n_channels=2), SegmentCells(nuclear_channel="DAPI"),
                      QuantifyCells(nucleus_mask="nuclei")])
     with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff")) as s:
-        out = s.run(pipe, str(tmp_path / "v2.h5path"), tile_size=1024, overlap=64, executor="inprocess",
+        out = s.run(pipe, str(tmp_path / "v2.h5path"), tile_size=1024, overlap=pipe.min_overlap(s.mpp[0]),
+                    executor="inprocess",
                     progress=False)
     with read_h5path(out) as h:
         assert list(h.cells.var_names) == ["DAPI", "FITC"] and h.slide["channel_names"] == ["DAPI", "FITC"]
