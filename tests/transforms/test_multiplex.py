@@ -106,8 +106,7 @@ def test_cell_borders_do_not_depend_on_the_tiling_with_several_membrane_channels
     for tile in (1024, 256):
         with SlideData(MIBI) as s:
             out = s.run(pipe, str(tmp_path / f"m{tile}.h5path"), tile_size=tile, overlap=pipe.min_overlap(s.mpp[0]),
-                        executor="inprocess",
-                        progress=False)
+                        executor="inprocess", progress=False)
         with read_h5path(out) as h:
             c = h.cells
         tables.append(dict(zip(map(tuple, np.round(c.obsm["spatial"]).astype(int)), np.asarray(c.obs["area"]))))
@@ -128,8 +127,7 @@ def test_cell_count_does_not_depend_on_tile_size(tmp_path, mibi):
     for tile in (256, 512):
         with SlideData(MIBI) as s:
             out = s.run(pipe, str(tmp_path / f"t{tile}.h5path"), tile_size=tile, overlap=pipe.min_overlap(s.mpp[0]),
-                        executor="inprocess",
-                        progress=False)
+                        executor="inprocess", progress=False)
         with read_h5path(out) as h:
             counts[tile] = h.cells.n_obs
             if tile == 256:
@@ -194,8 +192,7 @@ def test_quantify_cells_every_cell_equals_numpy(mibi, dtype):
 def test_brightfield_quantification_uses_stain_densities(tmp_path):
     pipe = Pipeline([NucleusDetectionHE(), QuantifyCells(mask_name="nuclei")])
     with SlideData(SVS) as s:
-        out = s.run(pipe, str(tmp_path / "he.h5path"), tile_size=512, overlap=32, level=0, executor="inprocess",
-                    progress=False)
+        out = s.run(pipe, str(tmp_path / "he.h5path"), tile_size=512, overlap=32, level=0, executor="inprocess", progress=False)
     with read_h5path(out) as h:
         cells = h.cells
     assert list(cells.var_names) == ["hematoxylin_od", "eosin_od"]
@@ -228,8 +225,7 @@ def test_vectra_qptiff_cells(tmp_path):
     with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff")) as s:
         assert s.slide_type.name == "Vectra"
         out = s.run(pipe, str(tmp_path / "v.h5path"), tile_size=512, overlap=pipe.min_overlap(s.mpp[0]),
-                    executor="inprocess",
-                    progress=False)
+                    executor="inprocess", progress=False)
     with read_h5path(out) as h:
         cells = h.cells
     assert list(cells.var_names) == ["DAPI", "FITC", "Cy3"] and cells.n_obs > 500
@@ -243,8 +239,7 @@ def test_vectra_qptiff_cells(tmp_path):
                      QuantifyCells(nucleus_mask="nuclei")])
     with SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff")) as s:
         out = s.run(pipe, str(tmp_path / "v2.h5path"), tile_size=1024, overlap=pipe.min_overlap(s.mpp[0]),
-                    executor="inprocess",
-                    progress=False)
+                    executor="inprocess", progress=False)
     with read_h5path(out) as h:
         assert list(h.cells.var_names) == ["DAPI", "FITC"] and h.slide["channel_names"] == ["DAPI", "FITC"]
         assert h.tile(0).image.shape[2] == 2
@@ -331,8 +326,7 @@ def test_slide_runs_warn_when_tiles_overlap_less_than_cells_need(tmp_path):
             pieces = h.cells.n_obs
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # enough overlap: no warning
-            out = s.run(pipe, str(tmp_path / "b.h5path"), tile_size=256, overlap=need, executor="inprocess",
-                        progress=False)
+            out = s.run(pipe, str(tmp_path / "b.h5path"), tile_size=256, overlap=need, executor="inprocess", progress=False)
         with read_h5path(out) as h:
             whole = h.cells.n_obs
     assert pieces > whole
@@ -380,8 +374,7 @@ def test_nuclei_at_their_own_overlap_are_kept_once(tmp_path):
         need = seg.min_overlap(s.mpp[0])
         for size, overlap in ((max(s.dimensions), 0), (256, need), (200, need)):
             out = s.run(Pipeline([SegmentNuclei("HH3"), QuantifyCells(mask_name="nuclei")]),
-                        tmp_path / f"n{size}.h5path", tile_size=size, overlap=overlap, executor="inprocess",
-                        progress=False)
+                        tmp_path / f"n{size}.h5path", tile_size=size, overlap=overlap, executor="inprocess", progress=False)
             with read_h5path(out) as h:
                 counts.append(h.cells.n_obs)
     assert counts[1] == counts[0] == counts[2], counts
