@@ -192,7 +192,8 @@ def test_quantify_cells_every_cell_equals_numpy(mibi, dtype):
 def test_brightfield_quantification_uses_stain_densities(tmp_path):
     pipe = Pipeline([NucleusDetectionHE(), QuantifyCells(mask_name="nuclei")])
     with SlideData(SVS) as s:
-        out = s.run(pipe, str(tmp_path / "he.h5path"), tile_size=512, overlap=32, level=0, executor="inprocess", progress=False)
+        out = s.run(pipe, str(tmp_path / "he.h5path"), tile_size=512, overlap=32, level=0, executor="inprocess",
+                    progress=False)
     with read_h5path(out) as h:
         cells = h.cells
     assert list(cells.var_names) == ["hematoxylin_od", "eosin_od"]
@@ -326,7 +327,8 @@ def test_slide_runs_warn_when_tiles_overlap_less_than_cells_need(tmp_path):
             pieces = h.cells.n_obs
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # enough overlap: no warning
-            out = s.run(pipe, str(tmp_path / "b.h5path"), tile_size=256, overlap=need, executor="inprocess", progress=False)
+            out = s.run(pipe, str(tmp_path / "b.h5path"), tile_size=256, overlap=need, executor="inprocess",
+                        progress=False)
         with read_h5path(out) as h:
             whole = h.cells.n_obs
     assert pieces > whole
@@ -374,7 +376,8 @@ def test_nuclei_at_their_own_overlap_are_kept_once(tmp_path):
         need = seg.min_overlap(s.mpp[0])
         for size, overlap in ((max(s.dimensions), 0), (256, need), (200, need)):
             out = s.run(Pipeline([SegmentNuclei("HH3"), QuantifyCells(mask_name="nuclei")]),
-                        tmp_path / f"n{size}.h5path", tile_size=size, overlap=overlap, executor="inprocess", progress=False)
+                        tmp_path / f"n{size}.h5path", tile_size=size, overlap=overlap, executor="inprocess",
+                        progress=False)
             with read_h5path(out) as h:
                 counts.append(h.cells.n_obs)
     assert counts[1] == counts[0] == counts[2], counts
