@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import DatasetError
+from .data import _Epochs, _files_key, _open_source, _slide_of_source, _slide_source, _transform
 
 __all__ = ["NucleusPatchDataset"]
 
@@ -23,9 +24,6 @@ def _whole_numbers(values) -> bool:
     vals = np.asarray(values, dtype=object).ravel()
     return all(isinstance(v, (int, np.integer, float, np.floating)) and not isinstance(v, (bool, np.bool_))
                and np.isfinite(float(v)) and float(v) == round(float(v)) for v in vals)
-
-
-from .data import _Epochs
 
 
 class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
@@ -50,7 +48,6 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         Applied to the ``(size, size, c)`` numpy patch before conversion: a
         :class:`~histoflow.ml.augment.Compose` (seeded: each item's draw is reproducible, per epoch with
         ``set_epoch``, as in the other datasets), or any function of the array.
-
     percentile : float, optional
         Scale each channel by the slide's own ``percentile`` of it (taken once, from the slide's thumbnail of
         at most 1024 px, as :class:`~histoflow.transforms.VirtualHE` does) and clip to [0, 1], instead of the
@@ -62,12 +59,8 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
 
     def __init__(self, slide, centroids, labels=None, size: int = 41, mpp: float | None = None, channels=None,
                  transform=None, percentile: float | None = None):
-        from .data import _slide_of_source, _slide_source
-
         self._source = _slide_source(slide)  # a SlideData's options (mpp=...) travel with it
         self.path = self._source[0]
-        from .data import _files_key
-
         self._files_key = _files_key([self.path])
         if not os.path.exists(self.path):
             raise DatasetError(f"{self.path}: no such slide or image")
@@ -131,8 +124,6 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
 
     def _open(self):
         if self._reader is None or self._pid != os.getpid():
-            from .data import _open_source
-
             self._reader = _open_source(self._source)
             self._pid = os.getpid()
         return self._reader
@@ -165,8 +156,6 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
             from .augment import Compose
 
             if isinstance(self.transform, Compose):  # histoflow's augmentations take a sample
-                from .data import _transform
-
                 a = np.asarray(_transform(self, {"image": a, "masks": {}}, i)["image"])
             else:
                 a = self.transform(a)

@@ -927,14 +927,10 @@ class SegmentCellsModel(Transform):
         return keep_owned(lab, core)
 
     def apply(self, tile):
-        from ..transforms.base import inside_slide
+        from ..transforms.multiplex import _on_extent
 
-        inner = inside_slide(tile)  # an edge tile's fill is not given to the model
-        lab = self.F(inner, tile.mpp[0] if tile.mpp else None, tile.core)
-        if inner is not tile.image:
-            full = np.zeros(tile.image.shape[:2], np.int32)
-            full[:lab.shape[0], :lab.shape[1]] = lab
-            lab = full
+        # an edge tile's fill is not given to the model; labels padded back to the tile with 0
+        lab = _on_extent(tile, lambda image: (self.F(image, tile.mpp[0] if tile.mpp else None, tile.core),))[0]
         tile.masks[self.mask_name] = lab
         tile.labels[self.label_name] = int(lab.max(initial=0))
 

@@ -86,19 +86,17 @@ def _background(h5, size, background, slide):
             if source is None:
                 raise H5PathError("the file does not name its slide")
             want = (int(meta["width"]), int(meta["height"]))
+
+            def over(r):
+                _same_size(r, want)
+                if background == "auto" and _other_pixels(h5, r):
+                    return _stitched(h5, size), "tiles"
+                return to_rgb(r.thumbnail(size), brightfield=r.brightfield, channel_names=r.channel_names), "slide"
+
             if isinstance(source, (str, os.PathLike)):
                 with open_slide(source) as r:
-                    _same_size(r, want)
-                    if background == "auto" and _other_pixels(h5, r):
-                        return _stitched(h5, size), "tiles"
-                    return to_rgb(r.thumbnail(size), brightfield=r.brightfield, channel_names=r.channel_names), \
-                        "slide"
-            reader = getattr(source, "reader", source)  # a SlideData or a reader
-            _same_size(reader, want)
-            if background == "auto" and _other_pixels(h5, reader):
-                return _stitched(h5, size), "tiles"
-            return to_rgb(reader.thumbnail(size), brightfield=reader.brightfield,
-                          channel_names=reader.channel_names), "slide"
+                    return over(r)
+            return over(getattr(source, "reader", source))  # a SlideData or a reader
         except Exception as e:  # noqa: BLE001 - any failure to open it: the tiles instead, or say why
             if background == "slide":
                 raise H5PathError(f"{h5.path}: cannot draw over the slide {source}: {e}") from None

@@ -887,8 +887,9 @@ class _StainFitMixin:
         if fitted is not None:
             return fitted
         if _enough_tissue(image, getattr(self, "background_intensity", 245), self.beta):
+            mask = _tile_mask(tile) if tile is not None else None
             try:
-                m, mc = self._fit_image(image, method, _tile_mask(tile) if tile is not None else None)
+                m, mc = self._fit_image(image, method, mask)
             except StainEstimationError:
                 return None
             if _he_like(m):
@@ -897,7 +898,7 @@ class _StainFitMixin:
                 # Vahadane's two vectors lie closer together than Macenko's on the same tiles (cosine up to
                 # 0.983 on real H&E, where the limit was set on Macenko's): the tile is H&E if Macenko says so
                 try:
-                    if _he_like(self._fit_image(image, "macenko", _tile_mask(tile) if tile is not None else None)[0]):
+                    if _he_like(self._fit_image(image, "macenko", mask)[0]):
                         return m, mc
                 except StainEstimationError:
                     pass
