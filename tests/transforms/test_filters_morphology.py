@@ -228,6 +228,22 @@ def test_foreground_detection_regions_and_holes():
     assert out[185, 50] == 0 and out[30, 30] == 1 and out[45, 45] == 0   # no hole filling with 0
 
 
+def test_foreground_detection_uniform_masks():
+    """Masks of one value (glass tiles, tissue interiors) take a shortcut; it must agree with the general rule."""
+    ones, zeros = np.ones((30, 40), np.uint8), np.zeros((30, 40), np.uint8)
+    assert foreground_detection(ones, 1000, 50).sum() == 1200          # one region of 1,200 px: kept
+    assert foreground_detection(ones, 1201, 50).sum() == 0             # smaller than min_region_size: dropped
+    assert foreground_detection(ones * 7, 0, 0).sum() == 1200          # any non-zero value is foreground
+    for args in ((0, 0), (10, 5000), (1201, 5000)):
+        assert foreground_detection(zeros, *args).sum() == 0            # its 0s touch the border: never a hole
+    assert foreground_detection(zeros, 0, 0, outer_contours_only=True).sum() == 0
+    assert foreground_detection(zeros, 0, 0).dtype == np.uint8 == foreground_detection(ones, 1201, 0).dtype
+    ring = ones.copy(); ring[10:20, 10:20] = 0                       # a 100 px hole, and a region of 1,100
+    assert foreground_detection(ring, 1000, 101).sum() == 1200
+    assert foreground_detection(ring, 1101, 101).sum() == 0            # the region is dropped: no hole left
+    assert foreground_detection(ring, 1000, 100).sum() == 1100
+
+
 def test_foreground_detection_on_real_mask(he):
     mask = binary_threshold(he, inverse=True)
     out = foreground_detection(mask, min_region_size=300, max_hole_size=200)

@@ -143,6 +143,8 @@ def detect_tissue(image, use_saturation=False, blur_ksize=17, threshold=None, mo
         t = float(threshold)
     kind = cv2.THRESH_BINARY if use_saturation else cv2.THRESH_BINARY_INV
     _, mask = cv2.threshold(blurred, np.floor(t), 1, kind)
+    if not cv2.countNonZero(mask):  # glass (~40% of a slide's tiles): the morphology would keep it empty
+        return mask
     if morph_n_iter > 0 and mk > 1:
         mask = morph_open(mask, mk, morph_n_iter)
         mask = morph_close(mask, mk, morph_n_iter)
@@ -387,6 +389,8 @@ class TissueDetectionHE(Transform):
         mask_small = detect_tissue(small, self.use_saturation, self.blur_ksize, threshold, self.morph_n_iter,
                                    self.morph_k_size, self.min_region_size, self.max_hole_size,
                                    self.outer_contours_only, scale=1 / f)
+        if not cv2.countNonZero(mask_small):
+            return np.zeros((h, w), np.uint8)
         mask = np.empty((h, w), np.uint8)
         mask[:hh, :ww] = cv2.resize(mask_small, (ww, hh), interpolation=cv2.INTER_NEAREST)
         mask[hh:, :ww] = mask[hh - 1:hh, :ww]  # the rows and columns past the last whole block
