@@ -555,3 +555,73 @@ def test_distillation_teacher_with_masked_classes(shape):
     assert torch.isfinite(got) and got.item() == pytest.approx(ref, rel=1e-10)
     got.backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_distillation_with_classes_masked_in_both():
+    """A class both networks mask with -inf (as the docs invite) adds nothing: finite loss and gradients, equal to
+    the KL over the other classes."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    mask = torch.tensor([0.0, 0.0, -float("inf")], dtype=torch.float64)
+    sm = (s + mask).requires_grad_()
+    got = distillation_loss(sm, t + mask, alpha=1.0, temperature=2.0)
+    ref = distillation_loss(s[:, :2], t[:, :2], alpha=1.0, temperature=2.0)
+    assert torch.isfinite(got) and got.item() == pytest.approx(ref.item(), rel=1e-12)
+    got.backward()
+    assert torch.isfinite(sm.grad).all()
+
+
+def _nuclei_batch(n=4, size=128):
+    rng = np.random.default_rng(5)
+    inst = np.zeros((n, size, size), np.int32)
+    for b in range(n):
+        for k in range(1, 25):
+            rr, cc = disk((rng.integers(8, size - 8), rng.integers(8, size - 8)), rng.integers(4, 8), shape=(size, size))
+            inst[b, rr, cc] = k
+    return inst
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_losses_of_16_bit_logits_are_computed_in_float32(half):
+    """Autocast gives the losses 16-bit logits: in float16 a count of 65,536 pixels is inf (CE term 0, Dice NaN), in
+    bfloat16 sums over a batch are rounded to 1/256. They must equal the float32 losses of the same logits."""
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(4, 2, 128, 128, generator=g).to(half)
+    tg = torch.randint(0, 2, (4, 128, 128), generator=g)
+    for fn in (lambda x: dice_ce_loss(x, tg), lambda x: dice_loss(x, tg, batch=True),
+               lambda x: distillation_loss(x, x.flip(1), tg, alpha=0.5)):
+        got, ref = fn(lg), fn(lg.float())
+        assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-6)
+    inst = _nuclei_batch()
+    target = {"nucleus_prediction": torch.from_numpy(inst),
+              "horizontal_vertical": torch.from_numpy(np.stack([hv_targets(i) for i in inst]))}
+    np_logits = (torch.from_numpy(inst > 0).float() * 4 - 2)[:, None].repeat(1, 2, 1, 1) * torch.tensor([-1.0, 1.0])[:, None, None]
+    hv = target["horizontal_vertical"] * 0.8
+    pred = {"nucleus_prediction": np_logits.to(half), "horizontal_vertical": hv.to(half)}
+    ref_pred = {k: v.float() for k, v in pred.items()}
+    got, terms = hovernet_loss(pred, target, return_terms=True)
+    ref, ref_terms = hovernet_loss(ref_pred, target, return_terms=True)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    for k in ref_terms:
+        assert terms[k].item() == pytest.approx(ref_terms[k].item(), rel=1e-5, abs=1e-7), k
+    x = torch.randn(6, 3, generator=g).to(half)
+    assert cwce_loss(x, torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])).item() == pytest.approx(
+        cwce_loss(x.float(), torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 2])).item(), rel=1e-6)
+
+
+def test_hovernet_targets_out_of_range_and_integer_one_hot():
+    pred, target = _perfect(_instances())
+    with pytest.raises(ParameterError, match=r"type_prediction.*\[0, 2\].*\[3\]"):
+        hovernet_loss(pred, dict(target, type_prediction=target["type_prediction"] * 3 // 2))   # type 3 of 3 channels
+    with pytest.raises(ParameterError, match=r"type_prediction.*-1"):
+        hovernet_loss(pred, dict(target, type_prediction=target["type_prediction"] - 1))
+    with pytest.raises(ParameterError, match="nucleus_prediction.*negative"):
+        hovernet_loss(pred, dict(target, nucleus_prediction=-target["nucleus_prediction"]))
+    ref = hovernet_loss(pred, target)
+    onehot = {k: F.one_hot(target[k].long() if k == "type_prediction" else (target[k] > 0).long(),
+                           3 if k == "type_prediction" else 2).permute(0, 3, 1, 2)
+              for k in ("nucleus_prediction", "type_prediction")}
+    for dtype in (torch.int64, torch.uint8, torch.bool):
+        got = hovernet_loss(pred, dict(target, **{k: v.to(dtype) for k, v in onehot.items()}))
+        assert got.item() == pytest.approx(ref.item(), abs=1e-12)

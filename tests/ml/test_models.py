@@ -161,6 +161,19 @@ def test_replace_batchnorm_with_instancenorm_leaves_no_batchnorm():
     assert isinstance(replace_batchnorm_with_instancenorm(nn.BatchNorm1d(4)), nn.InstanceNorm1d)
 
 
+def test_replace_batchnorm_keeps_the_model_dtype():
+    """A double (or half) model stays one: the instance norms take the replaced layers' dtype, affine or not."""
+    m = models.create("resnet18", num_classes=3).double()
+    replace_batchnorm_with_instancenorm(m)
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    with torch.no_grad():
+        assert m.eval()(torch.randn(2, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
+    seq = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4, affine=False)).to(torch.float64)
+    replace_batchnorm_with_instancenorm(seq)
+    assert {p.dtype for p in seq.parameters()} == {torch.float64}
+    assert seq(torch.randn(1, 2, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_instance_norm_resnet_prediction_does_not_depend_on_the_batch():
     x = torch.randn(3, 3, 48, 48)
     for norm, independent in (("instance", True), ("batch", False)):
@@ -174,7 +187,7 @@ def test_rccnet_patch_sizes():
     with torch.no_grad():
         assert models.create("rccnet").eval()(torch.randn(3, 3, 32, 32)).shape == (3, 4)
         assert models.create("rccnet", input_size=27, num_classes=2).eval()(torch.randn(1, 3, 27, 27)).shape == (1, 2)
-    with pytest.raises(ValueError, match="32x32"):
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\).*\(1, 3, 27, 27\)"):
         models.create("rccnet")(torch.randn(1, 3, 27, 27))
 
 
@@ -243,6 +256,26 @@ def test_hovernet_rejects_unknown_mode():
         models.create("hovernet", mode="slow")
 
 
+def test_models_refuse_bad_arguments_and_inputs_with_parameter_errors():
+    from histoflow.ml.models.hovernet import HoVerNet
+    from histoflow.ml.models.mobilenet import MobileNetV2
+    from histoflow.ml.models.rccnet import RCCNet
+
+    for bad in (dict(num_classes=0), dict(in_channels=0)):
+        with pytest.raises(ParameterError, match="RCCNet"):
+            RCCNet(**bad)
+    for bad in (dict(out_classes=-1), dict(np_out_channels=3), dict(in_channels=0)):
+        with pytest.raises(ParameterError, match="HoVerNet"):
+            HoVerNet(**bad)
+    h = HoVerNet().eval()
+    with torch.no_grad(), pytest.raises(ParameterError, match=r"fast mode.*\(N, 3, 256, 256\).*\(1, 3, 270, 270\)"):
+        h(torch.zeros(1, 3, 270, 270))
+    with torch.no_grad(), pytest.raises(ParameterError, match=r"\(N, 3, 32, 32\).*\(2, 1, 32, 32\)"):
+        RCCNet().eval()(torch.zeros(2, 1, 32, 32))
+    with torch.no_grad(), pytest.raises(ParameterError, match=r"MobileNetV2.*\(N, 3, H, W\).*\(1, 4, 64, 64\)"):
+        MobileNetV2(num_classes=2).eval()(torch.zeros(1, 4, 64, 64))
+
+
 # ---------------------------------------------------------------- registry, save / load
 
 def test_registry_names_and_unknown_model():
@@ -293,6 +326,21 @@ def test_save_a_directly_constructed_model(tmp_path):
     x = torch.randn(1, 2, 8, 8)
     with torch.no_grad():
         assert torch.equal(m(x), loaded(x))
+
+
+def test_unet_one_pixel_bottleneck_is_a_clear_error():
+    """The paper's 9-level U-Net at 256 px has a 1 x 1 bottleneck: instance norm cannot normalise it (in eval too),
+    batch norm cannot in training at batch 1. A ParameterError names the sizes that work, not torch's message."""
+    paper = dict(in_channels=4, filters=(8, 16, 32, 64, 128, 128, 256, 256, 512))
+    m = UNet(norm="instance", **paper).eval()
+    with torch.no_grad(), pytest.raises(ParameterError, match=r"1x1 bottleneck.*at least 512x256"):
+        m(torch.zeros(2, 4, 256, 256))
+    with torch.no_grad():
+        assert m(torch.zeros(1, 4, 512, 256)).shape == (1, 2, 512, 256)
+    b = UNet(norm="batch", **paper).train()
+    with pytest.raises(ParameterError, match="batch of 2 or more"):
+        b(torch.zeros(1, 4, 256, 256))
+    assert b(torch.zeros(2, 4, 256, 256)).shape == (2, 2, 256, 256)
 
 
 def test_register_a_new_architecture(tmp_path):

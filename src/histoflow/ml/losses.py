@@ -68,13 +68,21 @@ def _as_weight(weight: Weights, n_classes: int, like: torch.Tensor) -> Optional[
     return w
 
 
-def _check_logits(logits: torch.Tensor, name: str = "logits", min_dim: int = 2) -> None:
+def _check_logits(logits: torch.Tensor, name: str = "logits", min_dim: int = 2) -> torch.Tensor:
+    """``logits`` checked, and in float32 when they are 16-bit (autocast's bfloat16 or float16): the losses'
+    softmaxes and sums over pixels need float32 (in float16 a count of 65,536 pixels is inf; in bfloat16 a Dice
+    term over a batch moves in steps of ~1/256), as torch's autocast gives its own losses."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.ndim < min_dim:
         raise ParameterError(f"{name} must have shape (N, C, ...), got {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ParameterError(f"{name} must be floating point (logits), got {logits.dtype}")
+    return _float32(logits)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _onehot_target(logits: torch.Tensor, target: torch.Tensor, ignore_index: Optional[int] = None):
@@ -185,7 +193,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, *, activation: str = "
     >>> float(dice_loss(logits, torch.tensor([[[0]]])))  # doctest: +ELLIPSIS
     0.0...
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     onehot, valid = _onehot_target(logits, target, ignore_index)
     probs = _activate(logits, activation)
     if valid is not None:
@@ -285,7 +293,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, lambda_dice: flo
     cross entropy. When no pixel counts (every one is ``ignore_index``, or has a class of weight 0) the
     cross-entropy term is 0 rather than torch's NaN. The Dice parameters are those of :func:`dice_loss`.
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     w = _as_weight(ce_weight, logits.shape[1], logits)
     d = dice_loss(logits, target, activation=activation, include_background=include_background, smooth=smooth,
                   batch=batch, ignore_index=ignore_index)
@@ -435,15 +443,15 @@ def _whole(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _np_target(t: torch.Tensor, name: str, binary: bool = True) -> torch.Tensor:
-    """Integer (N, H, W) class map from an integer map, a one-hot (N, C, H, W) float map, or an (N, 1, H, W)
+    """Integer (N, H, W) class map from an integer map, a one-hot (N, C, H, W) map (any dtype), or an (N, 1, H, W)
     map. With ``binary`` (the NP branch) a float (N, 1, H, W) map is a mask: > 0.5 is class 1; otherwise
     (the TP branch) a float map must hold whole-number classes."""
     if t.ndim == 4 and t.shape[1] == 1:
         if t.is_floating_point() and binary:
             return (t[:, 0] > 0.5).long()
         return _whole(t[:, 0], name)
-    if t.ndim == 4 and t.is_floating_point():
-        return t.argmax(dim=1)
+    if t.ndim == 4 and t.shape[1] > 1:  # a one-hot, float, integer or bool
+        return (t.to(torch.uint8) if t.dtype == torch.bool else t).argmax(dim=1)
     if t.ndim != 3:
         raise ParameterError(f"target[{name!r}] must be (N, H, W) integer classes or (N, C, H, W) one-hot, "
                              f"got shape {tuple(t.shape)}")
@@ -461,7 +469,7 @@ def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, t
         if key not in target:
             raise ParameterError(f"target lacks the {key!r} branch; it has {sorted(target)}")
     np_logits, hv_pred = prediction[NP], prediction[HV]
-    _check_logits(np_logits, NP, 4)
+    np_logits = _check_logits(np_logits, NP, 4)
     if np_logits.ndim != 4 or np_logits.shape[1] != 2:
         raise ParameterError(f"prediction[{NP!r}] must be (N, 2, H, W) logits, got {tuple(np_logits.shape)}")
     n, _, h, w = np_logits.shape
@@ -476,7 +484,11 @@ def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, t
     if tuple(np_true.shape) != (n, h, w):
         raise ParameterError(f"target[{NP!r}] shape {tuple(target[NP].shape)} does not match "
                              f"prediction[{NP!r}] shape {tuple(np_logits.shape)}")
+    if bool((np_true < 0).any()):
+        raise ParameterError(f"target[{NP!r}] holds negative values ({int(np_true.min())}): expected 0 for "
+                             "background and nucleus ids (or 1) > 0")
     np_true = (np_true > 0).long()  # an instance map or a {0,1} mask both work
+    hv_pred = _float32(hv_pred)
     hv_true = hv_true.to(hv_pred.dtype)
 
     terms = {}
@@ -494,7 +506,7 @@ def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, t
                              f"(prediction: {has_tp_pred}, target: {has_tp_true})")
     if has_tp_pred:
         tp_logits = prediction[TP]
-        _check_logits(tp_logits, TP, 4)
+        tp_logits = _check_logits(tp_logits, TP, 4)
         if tp_logits.ndim != 4 or tuple(tp_logits.shape[2:]) != (h, w) or tp_logits.shape[0] != n:
             raise ParameterError(f"prediction[{TP!r}] shape {tuple(tp_logits.shape)} does not match "
                                  f"prediction[{NP!r}] shape {tuple(np_logits.shape)}")
@@ -502,6 +514,11 @@ def hovernet_loss(prediction: Mapping[str, torch.Tensor], target: Mapping[str, t
         if tuple(tp_true.shape) != (n, h, w):
             raise ParameterError(f"target[{TP!r}] shape {tuple(target[TP].shape)} does not match "
                                  f"prediction[{TP!r}] shape {tuple(tp_logits.shape)}")
+        n_types = tp_logits.shape[1]
+        bad = (tp_true < 0) | (tp_true >= n_types)
+        if bool(bad.any()):
+            raise ParameterError(f"target[{TP!r}] must hold type indices in [0, {n_types - 1}] (the type branch has "
+                                 f"{n_types} channels), got {sorted(set(tp_true[bad][:100].tolist()))[:5]}")
         terms["tp_ce"] = F.cross_entropy(tp_logits, tp_true)
         terms["tp_dice"] = dice_loss(tp_logits, tp_true, activation="softmax", smooth=smooth, batch=True,
                                      reduction="sum")
@@ -601,7 +618,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ----------
     student_logits, teacher_logits : torch.Tensor
         ``(N, C)`` or ``(N, C, H, W)`` logits of the same shape. The teacher is detached; its logits may
-        be ``-inf`` for masked classes (probability 0, which adds nothing to the KL term).
+        be ``-inf`` for masked classes (probability 0, which adds nothing to the KL term), the
+        student's too for the same classes.
     labels : torch.Tensor, optional
         Hard labels ``(N,)`` or ``(N, H, W)``; needed unless ``alpha == 1``.
     temperature : float
@@ -611,7 +629,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ignore_index : int
         Label value left out of the hard cross entropy.
     """
-    _check_logits(student_logits, "student_logits")
+    student_logits = _check_logits(student_logits, "student_logits")
     if teacher_logits.shape != student_logits.shape:
         raise ParameterError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match "
                              f"student_logits shape {tuple(student_logits.shape)}")
@@ -624,8 +642,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         t = float(temperature)
         log_ps = F.log_softmax(student_logits / t, dim=1)
         pt = F.softmax(teacher_logits.detach().to(student_logits.dtype) / t, dim=1)
-        # kl_div takes 0 log 0 = 0 (xlogy): a class the teacher masks with a -inf logit adds nothing, not NaN
-        kl = F.kl_div(log_ps, pt, reduction="none").sum(dim=1).mean()
+        # 0 log 0 = 0 (xlogy), and the student's log-probability of a class the teacher gives 0 is left out: a
+        # class masked with a -inf logit adds nothing, not NaN (kl_div's 0 * -inf), whether the teacher masks it
+        # or both do
+        kl = (torch.xlogy(pt, pt) - pt * log_ps.masked_fill(pt == 0, 0.0)).sum(dim=1).mean()
         total = total + alpha * t * t * kl
     if alpha < 1:
         if labels is None:
@@ -714,7 +734,7 @@ def cwce_loss(logits: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor
     ignore_index : int
         The label of unlabelled samples (``TileDataset``'s missing integer label, -100).
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     if logits.ndim != 2:
         raise ParameterError(f"logits must be (N, C), got {tuple(logits.shape)}")
     n, c = logits.shape

@@ -64,6 +64,10 @@ class HoVerNet(nn.Module):
         mode = str(mode).lower()
         if mode not in ("fast", "original"):
             raise ParameterError(f"HoVerNet: mode must be 'fast' or 'original', got {mode!r}")
+        if int(in_channels) < 1 or int(out_classes) < 0 or int(np_out_channels) != 2:
+            raise ParameterError(f"HoVerNet: in_channels must be >= 1, out_classes >= 0 (0: no type branch) and "
+                                 f"np_out_channels 2 (nucleus / background, as its loss and post-processing take), "
+                                 f"got {in_channels}, {out_classes} and {np_out_channels}")
         self.mode = mode
         self.in_channels = int(in_channels)
         self.out_classes = int(out_classes)
@@ -88,6 +92,10 @@ class HoVerNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dict of branch logits (see the module docstring)."""
+        side = self.input_size
+        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (side, side):
+            raise ParameterError(f"HoVerNet ({self.mode} mode) expects input (N, {self.in_channels}, {side}, {side}), "
+                                 f"got {tuple(x.shape)}")
         return self.net(x)
 
 

@@ -143,6 +143,8 @@ class MobileNetV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Globally pooled features ``(N, last_channel)``."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ParameterError(f"MobileNetV2: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         return torch.flatten(self.pool(self.features(x)), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

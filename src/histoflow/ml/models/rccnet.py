@@ -65,6 +65,9 @@ class RCCNet(nn.Module):
             raise ParameterError(f"RCCNet: input_size must be at least 10, got {input_size}")
         if not 0.0 <= dropout < 1.0:
             raise ParameterError(f"RCCNet: dropout must be in [0, 1), got {dropout}")
+        if int(num_classes) < 1 or int(in_channels) < 1:
+            raise ParameterError(f"RCCNet: num_classes and in_channels must be positive, got {num_classes} and "
+                                 f"{in_channels}")
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.input_size = int(input_size)
@@ -90,7 +93,7 @@ class RCCNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, num_classes)`` for patches ``(N, in_channels, input_size, input_size)``."""
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            raise ParameterError(f"RCCNet expects {self.input_size}x{self.input_size} patches, "
-                                 f"got {tuple(x.shape[-2:])}")
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.input_size, self.input_size):
+            raise ParameterError(f"RCCNet expects patches (N, {self.in_channels}, {self.input_size}, "
+                                 f"{self.input_size}), got {tuple(x.shape)}")
         return self.classifier(self.features(x))

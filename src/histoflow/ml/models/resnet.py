@@ -140,12 +140,16 @@ def _instance_norm_like(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     cls = _BN_TO_IN.get(type(bn))
     if cls is None:
         raise TypeError(f"replace_batchnorm_with_instancenorm: no instance norm for {type(bn).__name__}")
-    new = cls(bn.num_features, eps=bn.eps, affine=True)
+    # the same device and dtype as the layer replaced (a half, double or CUDA model stays one), taken from its
+    # weights, else its running statistics (affine=False), else the defaults
+    ref = bn.weight if bn.affine else bn.running_mean
+    kw = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+    new = cls(bn.num_features, eps=bn.eps, affine=True, **kw)
     if bn.affine:
         with torch.no_grad():
             new.weight.copy_(bn.weight)
             new.bias.copy_(bn.bias)
-    return new.to(device=bn.weight.device if bn.affine else None)
+    return new
 
 
 #: the attribute marking a module that :func:`replace_batchnorm_with_instancenorm` was applied to (``save`` records

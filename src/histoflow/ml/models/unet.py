@@ -7,7 +7,8 @@ input's height and width whenever both are divisible by ``2 ** (len(filters) - 1
 
 The 9-level encoder of the cascaded tumour-segmentation paper is
 ``UNet(in_channels=4, filters=(8, 16, 32, 64, 128, 128, 256, 256, 512))`` (input: RGB + heatmap,
-tile side a multiple of 256).
+tile side a multiple of 256; with instance norm, or batch norm and batches of one in training, at least
+512 on one side, so that the bottleneck is larger than 1 x 1).
 """
 
 from __future__ import annotations
@@ -148,6 +149,17 @@ class UNet(nn.Module):
             raise ParameterError(
                 f"UNet with {len(self.filters)} levels needs height and width divisible by {d}, "
                 f"got {h}x{w}; pad or crop the input (e.g. to {-(-h // d) * d}x{-(-w // d) * d})")
+        # the bottleneck is (h/d) x (w/d): instance norm needs 2 values per channel in each sample, batch norm in
+        # training 2 per channel over the batch (torch's own message names neither the model nor the fix)
+        cells = (h // d) * (w // d)
+        if not torch.jit.is_tracing() and (
+                (self.norm == "instance" and cells < 2) or (self.norm == "batch" and self.training and cells * x.shape[0] < 2)):
+            need = "in each image" if self.norm == "instance" else "over the batch in training"
+            raise ParameterError(
+                f"UNet with {len(self.filters)} levels and {self.norm} norm: a {h}x{w} input leaves a {h // d}x{w // d} "
+                f"bottleneck, and {self.norm} norm needs at least 2 values per channel {need}; use inputs of at "
+                f"least {2 * d}x{d}" + (", a batch of 2 or more" if self.norm == "batch" else "") +
+                ", or fewer levels")
         skips = []
         for i, block in enumerate(self.encoder):
             if i:
