@@ -765,6 +765,14 @@ def cmd_train(args):
                               "start again over it with --overwrite, or give another --output")
         if args.resume and not os.path.exists(os.path.join(out_dir, "last.ckpt")):
             print(f"note: {out_dir} has no last.ckpt to resume from; starting the run", file=sys.stderr)
+        if done and args.overwrite and not args.resume:
+            # the old run's files go now: a new run stopped in its first epoch must not leave them for a --resume
+            # to continue, or a reader to take, as if they were the new run's
+            old = [n for n in ("last.ckpt", "best.pt", "best.json", "metrics.csv", "metrics.json")
+                   if os.path.exists(os.path.join(out_dir, n))]
+            for n in old:
+                os.remove(os.path.join(out_dir, n))
+            print(f"note: --overwrite: removed the earlier run's {', '.join(old)} from {out_dir}", file=sys.stderr)
     t0 = time.perf_counter()
     trainer, _ = train_from_config(cfg, resume=args.resume)
     out = trainer.out_dir

@@ -307,6 +307,12 @@ def test_config_mistakes_are_one_line_errors(tmp_path, section, bad, message):
                                                       "JSON cannot hold; write it as a string (quoted in YAML: "),
     ({"card": {"metrics": {"dice": float("inf")}}}, "card.metrics.dice is inf, which JSON cannot hold"),
     ({"card": {"mpp": "fine"}}, "card.mpp must be a number > 0 (µm per pixel), not 'fine'"),
+    # these failed after the first epoch, when best.pt was saved (a raw TypeError; a ParameterError naming no file)
+    ({"card": {"training": "fine-tuned from a colleague's run"}}, "card.training is a mapping (the run adds its own"),
+    ({"card": {"metrics": [0.8]}}, "card.metrics is a mapping"),
+    ({"card": {"architecture": "UNet"}}, "card.architecture is written from the model (model.name); leave it out"),
+    ({"model": {"name": "UNet", "params": {}}}, "model.name: unknown model 'UNet'"),
+    ({"train.seed": 2 ** 70}, "train.seed must be a whole number >= 0 and below 2**62"),
     # post-processing values were first used after an epoch (a raw numpy or OpenCV error)
     ({"data.postprocess": {"fg_threshold": 5}}, "data.postprocess.fg_threshold must be a number from 0 to 1, not 5"),
     ({"data.postprocess": {"marker_threshold": "high"}}, "data.postprocess.marker_threshold must be a number from 0"),
@@ -456,3 +462,59 @@ def test_train_stopped_by_a_group_signal_says_one_line(tmp_path):
     os.killpg(p.pid, signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and "Traceback" not in err and "interrupted" in err, (p.returncode, err[-2000:])
+
+
+def test_card_section_with_only_comments_and_the_classification_card(tmp_path):
+    """`card:` with only comments under it is YAML's None: the run goes ahead (it was an AttributeError). A
+    tile_classification card says what the model predicts and from which files."""
+    store = _classification_store(tmp_path, lambda t: {"tissue": int(t.image.mean() < 210)})
+    path = tmp_path / "c.yaml"
+    path.write_text(f"task: tile_classification\ndata: {{train: {store}, label: tissue}}\n"
+                    "model: {name: rccnet, params: {num_classes: 2}}\n"
+                    f"train: {{epochs: 1, batch_size: 16, progress: false}}\noutput: {tmp_path / 'run'}\n"
+                    "card:\n  # licence: to be decided\n")
+    train_from_config(load_config(path))
+    from histoflow.ml import models
+
+    card = models.read_card(str(tmp_path / "run" / "best.pt"))
+    assert card["task"] == "tile_classification" and card["label"] == "tissue"
+    assert card["split"] == {"train": ["t.h5path"], "validation": []} and "t.h5path" in card["training_data"]
+
+
+def test_resume_with_other_data_or_batch_size_is_refused(tmp_path):
+    """The trainer's own settings (lr, schedule ...) were compared on resume, the configuration's data, label and
+    batch size were not: a resumed run trained on other tiles and joined the metrics as one run."""
+    from histoflow.ml.train import TrainingError
+
+    store = _classification_store(tmp_path, lambda t: {"tissue": int(t.image.mean() < 210),
+                                                       "dark": int(t.image.mean() < 180)})
+    cfg = {"task": "tile_classification", "data": {"train": store, "label": "tissue"},
+           "model": {"name": "rccnet", "params": {"num_classes": 2}},
+           "train": {"epochs": 1, "batch_size": 16, "progress": False}, "output": str(tmp_path / "run")}
+    train_from_config(cfg)
+    longer = dict(cfg, train=dict(cfg["train"], epochs=2, progress=False, num_workers=0))
+    for change, named in (({"train": dict(longer["train"], batch_size=8)}, "train.batch_size 16 -> 8"),
+                          ({"data": dict(cfg["data"], label="dark")}, "data.label 'tissue' -> 'dark'")):
+        with pytest.raises(TrainingError, match=f"cannot resume.*{named}"):
+            train_from_config(dict(longer, **change), resume=True)
+    trainer, hist = train_from_config(longer, resume=True)  # more epochs, the same run: continues
+    assert trainer.epoch == 2 and len(hist) == 2
+
+
+def test_train_overwrite_removes_the_earlier_run_first(tmp_path):
+    """--overwrite left the old run's last.ckpt until the new run's first epoch ended: a new run stopped before
+    that, then --resume, continued the old run as if it were the new one."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for n in ("last.ckpt", "best.pt", "best.json", "metrics.csv", "metrics.json"):
+        (out / n).write_text("the earlier run")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"task": "tile_classification", "data": {"train": "missing.h5path", "label": "x"},
+                                    "model": {"name": "rccnet"}, "output": str(out)}))
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--overwrite"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "missing.h5path" in r.stderr, r.stderr   # the new run fails on its data ...
+    assert "removed the earlier run's last.ckpt, best.pt" in r.stderr and not any(out.iterdir())   # ... the old is gone
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--resume"],
+                       capture_output=True, text=True)
+    assert "no last.ckpt to resume from" in r.stderr, r.stderr

@@ -474,3 +474,19 @@ def test_amp_runs_in_float32_where_bfloat16_is_emulated(monkeypatch, recwarn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert Trainer(_model(), torch.nn.CrossEntropyLoss(), amp=True, progress=False).amp is True
+
+
+def test_card_entries_the_trainer_fills_are_checked_before_training():
+    """card.training / card.metrics that are not mappings, or an architecture the model is not, failed after the
+    first epoch, when best.pt was saved (a raw TypeError; the epoch lost). Now at construction."""
+    from histoflow.errors import ParameterError
+
+    m = models.create("rccnet", num_classes=2)
+    for card, message in (({"training": "from a colleague"}, "card.training must be a mapping"),
+                          ({"metrics": 0.9}, "card.metrics must be a mapping"),
+                          ({"architecture": "RCCNet"}, "card.architecture 'RCCNet' disagrees with the model")):
+        with pytest.raises(ParameterError, match=message):
+            Trainer(m, torch.nn.CrossEntropyLoss(), card=card, progress=False)
+    Trainer(m, torch.nn.CrossEntropyLoss(), card={"architecture": "rccnet", "training": None}, progress=False)
+    with pytest.raises(ParameterError, match="seed must be below"):
+        Trainer(m, torch.nn.CrossEntropyLoss(), seed=2 ** 63 - 1, epochs=2, progress=False)

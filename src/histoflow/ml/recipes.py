@@ -115,7 +115,18 @@ def check_config(cfg: dict) -> dict:
                 why = " (dice, aji and pq need validation images: data.val_ids)"
         if monitor not in allowed:
             raise ConfigError(f"{where}: train.monitor is one of {', '.join(allowed)}{why}, not {monitor!r}")
+    if "card" in cfg and cfg["card"] is None:  # `card:` with only comments under it
+        cfg["card"] = {}
     card = cfg.get("card") or {}
+    if not isinstance(card, dict):
+        raise ConfigError(f"{where}: card is a mapping of model-card fields, not {card!r}")
+    for key in ("training", "metrics"):
+        if card.get(key) is not None and not isinstance(card[key], dict):
+            raise ConfigError(f"{where}: card.{key} is a mapping (the run adds its own entries to it), not "
+                              f"{card[key]!r}")
+    for key, what in (("architecture", "model.name"), ("parameters", "model.params")):
+        if key in card:
+            raise ConfigError(f"{where}: card.{key} is written from the model ({what}); leave it out")
     problem = json_problem(card, "card")
     if problem:  # found now, not when best.pt is first saved after an epoch
         raise ConfigError(f"{where}: {problem}")
@@ -257,8 +268,8 @@ def _model(cfg):
     try:
         model = models.create(name, **params)
     except (TypeError, ValueError) as e:  # a parameter the model does not take, or a bad value
-        if isinstance(e, HistoflowError) and not isinstance(e, ParameterError):
-            raise  # e.g. an unknown model name, whose message lists the known ones
+        if isinstance(e, HistoflowError) and not isinstance(e, ParameterError):  # e.g. an unknown model name,
+            raise ConfigError(f"{cfg.get('_path')}: model.name: {e}") from None   # whose message lists the known ones
         raise ConfigError(f"{cfg.get('_path')}: model {name!r} cannot be made with model.params {params} "
                           f"({e})") from None
     if m.get("init"):  # fine-tuning: start from the weights of an earlier run (same architecture)
@@ -278,8 +289,9 @@ def _loader_settings(cfg, batch_size=8):
     out = {}
     for key, default, low in (("batch_size", batch_size, 1), ("num_workers", 0, 0), ("seed", 0, 0)):
         v = t.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ConfigError(f"{cfg.get('_path')}: train.{key} must be a whole number >= {low}, not {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low or (key == "seed" and v >= 2 ** 62):
+            high = " and below 2**62" if key == "seed" else ""
+            raise ConfigError(f"{cfg.get('_path')}: train.{key} must be a whole number >= {low}{high}, not {v!r}")
         out[key] = int(v)
     return out
 
@@ -295,9 +307,30 @@ def _trainer(cfg, model, loss_fn, **kw) -> Trainer:
     card.setdefault("config", os.path.basename(cfg.get("_path", "")))
     try:
         return Trainer(model, loss_fn, out_dir=_path(cfg, _need(cfg, "output")), card=card,
-                       **{k: v for k, v in t.items() if k in known}, **kw)
+                       run_settings=_run_settings(cfg), **{k: v for k, v in t.items() if k in known}, **kw)
     except ParameterError as e:
         raise ConfigError(f"{cfg.get('_path')}: train: {e}") from None
+
+
+#: configuration keys a resumed run may change: how long and how it runs, not what it learns
+RESUMABLE = ("train.epochs", "train.patience", "train.progress", "train.num_workers", "train.device", "output")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _run_settings(cfg) -> dict:
+    """The configuration a resumed run must share with the run it continues (``Trainer(run_settings=...)``): every
+    key but the card (the run fills it in) and those in ``RESUMABLE``, by dotted name."""
+    return {k: v for k, v in _flat({k: v for k, v in cfg.items() if not k.startswith("_") and k != "card"}).items()
+            if k not in RESUMABLE}
 
 
 # ---------------------------------------------------------------------------------------- tasks
@@ -452,8 +485,18 @@ def _tile_classification(cfg, resume=False):
     if val_sets:
         val = torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(val_sets), batch_size=bs, num_workers=nw,
                                           worker_init_fn=quiet_interrupts)
+    card = cfg.setdefault("card", {})
+    card.setdefault("task", "tile_classification")
+    card.setdefault("label", label)
     if classes is not None:
-        cfg.setdefault("card", {}).setdefault("classes", classes)
+        card.setdefault("classes", classes)
+
+    def names(paths):
+        return [os.path.basename(p) for p in ([paths] if isinstance(paths, str) else paths)]
+
+    card.setdefault("split", {"train": names(d["train"]), "validation": names(d["val"]) if d.get("val") else []})
+    if card.get("training_data") is None:
+        card["training_data"] = f"tiles of {', '.join(card['split']['train'])}, label {label!r}"
     torch.manual_seed(settings["seed"])
     trainer = _trainer(cfg, _model(cfg), torch.nn.CrossEntropyLoss(), batch_loss=batch_loss)
     return trainer, trainer.fit(train, val, resume=resume)

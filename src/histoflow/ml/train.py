@@ -187,6 +187,10 @@ class Trainer:
         Model-card fields saved with ``best.pt`` (training data, licence ...); metrics are added.
     progress : bool
         Show a progress bar per epoch (on a terminal).
+    run_settings : mapping, optional
+        Anything else a resumed run must share with the run it continues (``histoflow train`` gives its
+        configuration: data, batch size, model, loss ...): kept in ``last.ckpt``, and a resume with other values is
+        refused, naming them.
     """
 
     def __init__(self, model, loss_fn, *, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -194,7 +198,7 @@ class Trainer:
                  seed: int = 0, device=None, amp: bool = False, out_dir=None,
                  batch_loss: Callable | None = None, validate: Callable | None = None, monitor: str = "val_loss",
                  card: Mapping | None = None, progress: bool = True, ema: float | None = None,
-                 mode: str | None = None):
+                 mode: str | None = None, run_settings: Mapping | None = None):
         if schedule not in (None, "onecycle", "plateau"):
             raise ParameterError(f"schedule must be None, 'onecycle' or 'plateau', got {schedule!r}")
         for name, v, low in (("epochs", epochs, 1), ("accumulate", accumulate, 1)):
@@ -241,6 +245,24 @@ class Trainer:
         if problem:  # found now, not when best.pt is first saved after an epoch
             raise ParameterError(problem)
         self.card = dict(card or {})
+        for key in ("training", "metrics"):  # the trainer adds its own entries to these when it saves best.pt
+            if self.card.get(key) is not None and not isinstance(self.card[key], Mapping):
+                raise ParameterError(f"card.{key} must be a mapping (the trainer adds its own entries to it), "
+                                     f"not {self.card[key]!r}")
+        if any(k in self.card for k in ("architecture", "parameters")):  # said now, not when best.pt is saved
+            from .models import _jsonable, _name_of, _parameters_of
+
+            name = _name_of(model)
+            own = {"architecture": name, "parameters": _parameters_of(model, name)}
+            for k in ("architecture", "parameters"):
+                if k in self.card and _jsonable(self.card[k]) != own[k]:
+                    raise ParameterError(f"card.{k} {self.card[k]!r} disagrees with the model ({own[k]!r}); it is "
+                                         "written from the model: leave it out")
+        if run_settings is not None and not isinstance(run_settings, Mapping):
+            raise ParameterError(f"run_settings must be a mapping, got {run_settings!r}")
+        self.run_settings = None if run_settings is None else dict(run_settings)
+        if not -2 ** 63 <= self.seed <= 2 ** 63 - 1 - self.epochs:  # torch.manual_seed(seed + epoch) takes 64-bit integers
+            raise ParameterError(f"seed must be below 2**63 - epochs, got {seed}")
         self.progress = bool(progress)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float, np.number))
@@ -292,7 +314,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "epoch": self.epoch, "history": self.history, "best_loss": self.best_loss,
                 "best_epoch": self.best_epoch, "since_best": self.since_best, "seed": self.seed,
-                "settings": self._settings(),
+                "settings": self._settings(), "run_settings": self.run_settings,
                 "ema": self.ema_model.state_dict() if self.ema_model is not None else None}
 
     def save_checkpoint(self, path=None):
@@ -317,6 +339,14 @@ class Trainer:
         old = state.get("settings")
         if isinstance(old, dict):  # checkpoints written before the settings were kept are taken as they are
             diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self._settings().items() if old.get(k) != v]
+            if diff:
+                raise TrainingError(f"{path}: cannot resume: the run was started with other settings "
+                                    f"({'; '.join(diff)}). Resume with the settings it was started with, or "
+                                    "start a new run from its weights (model.init)")
+        old_run, new_run = state.get("run_settings"), self.run_settings
+        if isinstance(old_run, dict) and new_run is not None:
+            diff = [f"{k} {old_run.get(k)!r} -> {new_run.get(k)!r}" for k in sorted(set(old_run) | set(new_run))
+                    if old_run.get(k) != new_run.get(k)]
             if diff:
                 raise TrainingError(f"{path}: cannot resume: the run was started with other settings "
                                     f"({'; '.join(diff)}). Resume with the settings it was started with, or "
@@ -364,11 +394,10 @@ class Trainer:
         from . import models
 
         card = dict(self.card)
-        card.setdefault("training", {})
-        card["training"] = {**card["training"], "epoch": self.epoch, "seed": self.seed, "lr": self.lr,
+        card["training"] = {**(card.get("training") or {}), "epoch": self.epoch, "seed": self.seed, "lr": self.lr,
                             "schedule": self.schedule, "accumulate": self.accumulate, "ema": self.ema,
                             "amp": self.amp}  # bfloat16 autocast as it ran (off where bf16 is emulated)
-        card["metrics"] = {**card.get("metrics", {}), **{k: v for k, v in metrics.items()
+        card["metrics"] = {**(card.get("metrics") or {}), **{k: v for k, v in metrics.items()
                                                          if k not in ("epoch", "seconds", "lr")}}
         models.save(self.eval_model, os.path.join(self.out_dir, "best.pt"), card=card)
 
