@@ -350,3 +350,54 @@ def test_quantify_wants_an_h5ad_and_phenotype_names_a_missing_thresholds_file(tm
                  str(tmp_path / "p.h5ad"), "--thresholds", str(tmp_path / "missing.yaml")]) == 1
     err = capsys.readouterr().err
     assert "missing.yaml: cannot read the thresholds (--thresholds): No such file or directory" in err, err
+
+
+def test_mistakes_in_modules_addresses_and_yaml_are_one_line(tmp_path, capsys):
+    """A module given to --import that fails as it runs (SyntaxError, its own exception), a --scheduler that is no
+    address, and a YAML syntax error printed tracebacks or several lines; each is one line naming the input now."""
+    (tmp_path / "badsyntax.py").write_text("def broken(:\n")
+    (tmp_path / "boom.py").write_text("x = 1\nraise RuntimeError('boom at import')\n")
+    (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {kernel_size: 5}\n")
+    (tmp_path / "broken.yaml").write_text("steps: [\n  bad")
+    exe = os.path.join(os.path.dirname(sys.executable), "histoflow")
+
+    def cli(*args):
+        return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=tmp_path)
+
+    for args, message in (
+            (("transforms", "--import", "badsyntax"), "--import badsyntax: cannot import it: invalid syntax at "),
+            (("transforms", "--import", "boom"), "--import boom: importing it raised RuntimeError: boom at import (at "),
+            (("run", "p.yaml", SVS, "-o", "o1", "--scheduler", "notanaddress"),
+             "'notanaddress' is not a dask scheduler address (e.g. tcp://host:8786)"),
+            (("run", "p.yaml", SVS, "-o", "o2", "--scheduler", "tcp://127.0.0.1:abc"), "is not a dask scheduler address"),
+            (("run", "broken.yaml", SVS, "-o", "o3"), "broken.yaml: not valid YAML: while parsing a flow sequence")):
+        r = cli(*args)
+        assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_resume_never_replaces_a_store_no_pipeline_run_wrote(tmp_path, capsys):
+    """`--resume` over an .h5path that no pipeline run wrote (here `histoflow tile`'s) replaced it without
+    --overwrite; it is refused now, in the command's words, and the file is kept."""
+    (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {kernel_size: 5}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    store = out / "CMU-1-Small-Region.h5path"
+    assert main(["tile", SVS, "-o", str(store), "--size", "256", "--no-progress"]) == 0
+    before = store.read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "p.yaml"), SVS, "-o", str(out), "--executor", "inprocess", "--resume",
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "exists and is not the finished result of a pipeline run" in err and "use --overwrite to replace it" in err
+    assert "resume=True" not in err and store.read_bytes() == before
+
+
+def test_tile_says_when_no_tile_fits(tmp_path, capsys):
+    img = data_path("he_patches", "stardist_histo.jpg")
+    with pytest.warns(UserWarning, match=r"no tiles of 1024 px .*--edge pad keeps the partial ones"):
+        assert main(["tile", img, "-o", str(tmp_path / "e.h5path"), "--size", "1024", "--edge", "drop",
+                     "--no-progress"]) == 0
+    with read_h5path(tmp_path / "e.h5path") as h5:
+        assert len(h5) == 0

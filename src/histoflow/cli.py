@@ -477,6 +477,10 @@ def _in_cli_words(msg: str, args) -> str:
         msg = msg.replace(skip, "or pass --on-error skip") if hasattr(args, "on_error") else \
             msg.replace(f", {skip}", "")
     msg = msg.replace("run again with resume=True (`--resume` on the command line)", "run again with --resume")
+    msg = msg.replace("resume=True continues the same run only: run without resume to replace it (--overwrite on "
+                      "the command line), or write elsewhere",
+                      "--resume continues the same run only: use --overwrite to replace it, or write elsewhere")
+    msg = msg.replace("; run without resume to start over", "; use --overwrite (without --resume) to start over")
     msg = msg.replace("add them with slide.add_mask(...), or pass tissue_filter=... to make 'tissue'",
                       "--tissue-filter FRACTION makes 'tissue' (other slide masks can be added from Python, with "
                       "SlideData.add_mask)")
@@ -502,6 +506,14 @@ def _import_modules(names):
             importlib.import_module(module.replace(os.sep, "."))
         except ImportError as e:
             raise ParameterError(f"--import {name}: cannot import it: {e}") from e
+        except SyntaxError as e:
+            raise ParameterError(f"--import {name}: cannot import it: {e.msg} at {e.filename}:{e.lineno}") from None
+        except Exception as e:  # noqa: BLE001 - the module's own code failed as it ran
+            import traceback
+
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            raise ParameterError(f"--import {name}: importing it raised {type(e).__name__}: {e} "
+                                 f"(at {last.filename}:{last.lineno})") from None
 
 
 def _slide_data(path, slide_mpp, **kwargs):
@@ -659,6 +671,11 @@ def cmd_tile(args):
     t0 = time.perf_counter()
     with _slide_data(args.slide, args.slide_mpp, backend=args.backend) as slide:
         grid = slide.grid(args.size, overlap=args.overlap, level=args.level, mpp=args.mpp, edge=args.edge)
+        if not len(grid):  # as `run` says it: an empty store written without a word looked like a success
+            import warnings
+
+            warnings.warn(f"{args.slide}: no tiles of {args.size} px (grid {grid}); the h5path will hold no tiles"
+                          + ("; --edge pad keeps the partial ones" if args.edge == "drop" else ""), stacklevel=2)
         tiles = (slide.read_tile(spec) for spec in grid)
         slide.write(args.output, tiles=tiles, total=len(grid), progress=not args.no_progress,
                     compression=None if args.compression == "none" else args.compression)
@@ -1269,6 +1286,11 @@ def cmd_phenotype(args):
         counts = table.apply(cells)
     except RuleError as e:
         raise RuleError(f"{args.rules}: {e}") from None
+    n_geojson = None
+    if args.geojson:  # first: a store that does not match the table is refused before the table or picture is written
+        from .ml.infer import cells_to_geojson
+
+        n_geojson = cells_to_geojson(store, args.geojson, adata=cells)
     _write_h5ad(cells, args.output)
     width = max(len(str(k)) for k in counts) if counts else 5
     total = sum(counts.values()) or 1
@@ -1278,10 +1300,8 @@ def cmd_phenotype(args):
     if png:
         _phenotype_png(cells, png)
     if args.geojson:
-        from .ml.infer import cells_to_geojson
-
-        n = cells_to_geojson(store, args.geojson, adata=cells)
-        print(f"{args.geojson}: {n} cells with outlines, phenotypes and measurements (QuPath: File > Import objects)")
+        print(f"{args.geojson}: {n_geojson} cells with outlines, phenotypes and measurements (QuPath: File > Import "
+              "objects)")
     print(f"{args.output}: {cells.n_obs} cells, {len([c for c in counts if counts[c]])} phenotypes"
           + (f"; picture {png}" if png else ""))
     return 0

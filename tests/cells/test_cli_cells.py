@@ -265,3 +265,22 @@ def test_segment_nuclei_resume_needs_the_h5path(tmp_path):
     r = _cli("segment-nuclei", data_path("wsi", "aperio_svs", "CMU-1-Small-Region.svs"), "-o", tmp_path / "n.tif",
              "--resume")
     assert r.returncode == 1 and "--resume" in r.stderr and "--h5path" in r.stderr and not os.listdir(tmp_path)
+
+
+def test_phenotype_geojson_of_another_store_writes_nothing(tmp_path):
+    """With --geojson and a store beside the table that does not hold the table's cells, the table and the picture
+    were written before the GeoJSON failed, and the same command then refused to run again (outputs exist)."""
+    import shutil
+
+    cells = tmp_path / "cells.h5ad"
+    assert _cli("quantify", MIBI, "-o", cells, "--png", "none", "--no-progress").returncode == 0
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    a = anndata.read_h5ad(cells)
+    a[:100].copy().write_h5ad(lone / "cells.h5ad")               # a table of 100 of the store's cells
+    shutil.copy(tmp_path / "cells.h5path", lone / "cells.h5path")
+    r = _cli("phenotype", lone / "cells.h5ad", "--rules", "mibi_panel", "-o", lone / "out.h5ad",
+             "--geojson", lone / "out.geojson")
+    assert r.returncode == 1 and "cells.h5path: the cell table has 100 rows but the tiles hold more" in r.stderr, \
+        r.stderr
+    assert sorted(os.listdir(lone)) == ["cells.h5ad", "cells.h5path"]

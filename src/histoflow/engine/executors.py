@@ -208,6 +208,9 @@ class DaskExecutor:
                 self.client = distributed.Client(address, timeout="20s")
             except (OSError, TimeoutError) as e:
                 raise PipelineError(f"cannot connect to the dask scheduler at {address}: {e}") from None
+            except (ValueError, TypeError) as e:  # no port, a port that is not a number ...
+                raise PipelineError(f"{address!r} is not a dask scheduler address (e.g. tcp://host:8786): {e}") \
+                    from None
             self._own_client = True
         else:
             import dask

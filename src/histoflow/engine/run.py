@@ -334,10 +334,16 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         job.resumed = len(job.done)
         return
     journal = partial.partial_dir(job.out)
-    if resume and not os.path.isdir(journal) and _other_settings(job.out, job.manifest):
-        raise PipelineError(f"{job.out}: exists, the result of a run with other settings; resume=True continues "
-                            "the same run only: run without resume to replace it (--overwrite on the command "
-                            "line), or write elsewhere")
+    if resume and not os.path.isdir(journal) and os.path.lexists(job.out):
+        rec = _last_run(job.out)
+        if rec is None:  # a `histoflow tile` store, a PathML file, anything else: not this run's to replace
+            raise PipelineError(f"{job.out}: exists and is not the finished result of a pipeline run, nor is there "
+                                "an unfinished one to continue; resume=True continues the same run only: run "
+                                "without resume to replace it (--overwrite on the command line), or write elsewhere")
+        if not _same_settings(rec, job.manifest):
+            raise PipelineError(f"{job.out}: exists, the result of a run with other settings; resume=True continues "
+                                "the same run only: run without resume to replace it (--overwrite on the command "
+                                "line), or write elsewhere")
     job.made_journal = not (resume and os.path.isdir(journal))  # a journal resumed is not this run's to drop
     job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)
@@ -376,12 +382,6 @@ def _same_settings(rec, manifest) -> bool:
     # the journal's version names the format of unfinished runs' batch files, not the output's
     return ({k: v for k, v in rec["run_settings"].items() if k != "journal"}
             == {k: v for k, v in manifest.items() if k != "journal"})
-
-
-def _other_settings(out, manifest) -> bool:
-    """Whether ``out`` is the finished result of a pipeline run with settings other than these."""
-    rec = _last_run(out)
-    return rec is not None and not _same_settings(rec, manifest)
 
 
 def _finished_before(out, manifest, failures_ok=True) -> bool:

@@ -44,7 +44,7 @@ def load_config(path) -> dict:
         with open(path, encoding="utf-8") as f:
             cfg = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file; a training configuration is YAML (see configs/)") from None
     if not isinstance(cfg, dict):

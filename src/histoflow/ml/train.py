@@ -332,7 +332,8 @@ class Trainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError, pickle.UnpicklingError) as e:
-            raise TrainingError(f"{path}: cannot resume from this checkpoint ({e})") from None
+            raise TrainingError(f"{path}: cannot resume: not a readable training checkpoint (damaged, or another "
+                                f"kind of file: {type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
         if not isinstance(state, dict):
             raise TrainingError(f"{path}: cannot resume: not a training checkpoint (it holds a "
                                 f"{type(state).__name__}, not the mapping Trainer.save_checkpoint writes)")

@@ -468,7 +468,7 @@ class Pipeline(Transform):
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise PipelineError(f"{source}: not valid YAML: {e}") from None
+            raise PipelineError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(d, dict) or "steps" not in d:
             raise PipelineError(f"{source}: a pipeline file is a mapping with 'steps' (a list of "
                                 "{TransformName: {param: value}})")
