@@ -12,7 +12,8 @@ from datafiles import SVS, data_path
 from PIL import Image
 
 import histoflow
-from histoflow.errors import ParameterError, SlideReadError, TileDecodeError
+from histoflow.errors import ParameterError, SlideReadError, TileDecodeError, UnsupportedFormatError
+from histoflow import open_slide
 from histoflow.io import detect_format
 
 
@@ -393,3 +394,97 @@ def test_ycbcr_without_jpeg_is_converted_to_rgb(tmp_path):
         assert s.brightfield and s.channel_names == ["R", "G", "B"]
         assert np.abs(got - np.asarray(Image.open(path).convert("RGB"))).max() <= 1
         assert np.abs(got - rgb).mean() < 1.5
+
+
+# ------------------------------------------------------------------ session 22 review: multi-file OME, labels, units
+def _ome_xml(uuid, planes, size=16, channels=("DAPI", "CD3"), z=1, unit=None):
+    """OME-XML whose TiffData entries place each (z, c) plane in a named file and IFD."""
+    u = f' PhysicalSizeXUnit="{unit}" PhysicalSizeYUnit="{unit}"' if unit else ""
+    ch = "".join(f'<Channel ID="Channel:0:{i}" SamplesPerPixel="1" Name="{n}"/>' for i, n in enumerate(channels))
+    td = "".join(f'<TiffData FirstZ="{zz}" FirstC="{c}" IFD="{ifd}" PlaneCount="1"><UUID FileName="{fn}">'
+                 f'urn:uuid:{fn}</UUID></TiffData>' for (zz, c), (fn, ifd) in planes.items())
+    return ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+            f'UUID="urn:uuid:{uuid}"><Image ID="Image:0" Name="x"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" '
+            f'Type="uint16" SizeX="{size}" SizeY="{size}" SizeC="{len(channels)}" SizeZ="{z}" SizeT="1" '
+            f'PhysicalSizeX="0.5" PhysicalSizeY="0.5"{u}>{ch}{td}</Pixels></Image></OME>')
+
+
+def test_multi_file_ome_tiff_is_refused_not_read_from_the_wrong_file(tmp_path):
+    """Planes stored in companion files were read at their offsets from the file opened: every channel showed the
+    first file's pixels under the right names. Refused now, naming the other files."""
+    import tifffile
+
+    planes = {(0, c): (f"c{c}.ome.tif", 0) for c in range(2)}
+    for c in range(2):
+        tifffile.imwrite(tmp_path / f"c{c}.ome.tif", np.full((16, 16), 1000 * (c + 1), np.uint16),
+                         description=_ome_xml(f"c{c}.ome.tif", planes), metadata=None, photometric="minisblack")
+    assert tifffile.imread(tmp_path / "c0.ome.tif").shape == (2, 16, 16)   # tifffile reads both files
+    with pytest.raises(UnsupportedFormatError, match=r"c0.ome.tif: a multi-file OME-TIFF: planes .* in c1.ome.tif"):
+        open_slide(tmp_path / "c0.ome.tif")
+
+
+def test_missing_ome_plane_is_an_error_not_a_shifted_channel(tmp_path):
+    """A plane whose file is missing was dropped before the Z/C index arithmetic: Z=1's DAPI was read as CD3."""
+    import tifffile
+
+    planes = {(0, 0): ("zc.ome.tif", 0), (0, 1): ("gone.ome.tif", 0), (1, 0): ("zc.ome.tif", 1),
+              (1, 1): ("zc.ome.tif", 2)}
+    with tifffile.TiffWriter(tmp_path / "zc.ome.tif") as tw:
+        for i, v in enumerate((100, 300, 400)):
+            tw.write(np.full((16, 16), v, np.uint16), description=_ome_xml("zc.ome.tif", planes, z=2) if i == 0
+                     else None, metadata=None, photometric="minisblack")
+    with pytest.raises(SlideReadError, match=r"zc.ome.tif: 1 of the image's 2 channel planes are missing \(channel "
+                                             r"index 1\)"):
+        open_slide(tmp_path / "zc.ome.tif")
+
+
+def test_a_reduced_label_image_is_not_a_pyramid_level(tmp_path):
+    """A reduced-resolution page of another shape (a portrait label after a landscape pyramid) became the last
+    level, so thumbnails and coarse tiles showed the label."""
+    import tifffile
+
+    base = np.full((1001, 1503, 3), 100, np.uint8)
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        tw.write(base, tile=(256, 256), photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+        tw.write(base[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+        tw.write(base[::4, ::4], tile=(256, 256), photometric="rgb", subfiletype=1)
+        tw.write(np.full((200, 120, 3), 250, np.uint8), photometric="rgb", subfiletype=1)
+    with open_slide(tmp_path / "p.tif") as s:
+        assert [(lv.width, lv.height) for lv in s.levels] == [(1503, 1001), (752, 501), (376, 251)]
+        assert s.thumbnail(150).mean() == 100
+
+
+@pytest.mark.parametrize("unit, value, mpp", [("pm", 250000, 0.25), ("in", 1e-5, 0.254), ("thou", 0.01, 0.254),
+                                              ("pixel", 1, None), ("reference frame", 1, None)])
+def test_ome_pixel_size_units(tmp_path, unit, value, mpp):
+    """OME lengths in units the table lacked were taken as µm (1 pixel -> 1 µm/px, 250000 pm -> implausible)."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "u.ome.tif", np.zeros((16, 16), np.uint16),
+                     metadata={"axes": "YX", "PhysicalSizeX": value, "PhysicalSizeY": value,
+                               "PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit})
+    with open_slide(tmp_path / "u.ome.tif") as s:
+        if mpp is None:
+            assert s.mpp is None and any(f"pixel size in {unit!r}, not a length" in w for w in s.warnings)
+        else:
+            assert s.mpp == pytest.approx((mpp, mpp))
+
+
+@pytest.mark.parametrize("unit, res, mpp", [("MILLIMETER", (4000, 2000), (0.25, 0.5)),
+                                            ("MICROMETER", (4, 2), (0.25, 0.5))])
+def test_tiff_resolution_in_millimetres_and_micrometres(tmp_path, unit, res, mpp):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "r.tif", np.zeros((16, 16), np.uint16), resolution=res, resolutionunit=unit)
+    with open_slide(tmp_path / "r.tif") as s:
+        assert s.mpp == pytest.approx(mpp)
+
+
+def test_z_stack_says_which_plane_it_reads(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "z.ome.tif", np.arange(5 * 16 * 16, dtype=np.uint16).reshape(5, 16, 16),
+                     metadata={"axes": "ZYX"})
+    with open_slide(tmp_path / "z.ome.tif") as s:
+        assert s.read_region((0, 0), 0, (16, 16))[..., 0].max() == 255     # Z = 0
+        assert any("axes Z (5) beside the channels: only the first plane" in w for w in s.warnings)

@@ -240,10 +240,13 @@ class TiffReader(SlideReader):
             pages = [p for p in s.pages if p is not None]
             if not pages or not all(getattr(p, "is_reduced", False) for p in pages):
                 break
+            w, h = s.sizes.get("width", 0), s.sizes.get("height", 0)
+            w0, h0 = main.sizes.get("width", 0), main.sizes.get("height", 0)
             if (s.dtype != main.dtype or len(pages) != len([p for p in last.pages if p is not None])
                     or s.shape[-1] != last.shape[-1] and "S" in s.axes
-                    or s.sizes.get("width", 0) >= last.sizes.get("width", 0)
-                    or s.sizes.get("height", 0) >= last.sizes.get("height", 0)):
+                    or w >= last.sizes.get("width", 0) or h >= last.sizes.get("height", 0)
+                    # a level keeps the slide's shape (to rounding); a reduced label or macro image does not
+                    or not w0 or abs(h - h0 * w / w0) > max(2.0, 0.02 * h)):
                 break
             levels.append(s)
             last = s
@@ -251,9 +254,17 @@ class TiffReader(SlideReader):
 
     def _planes_of(self, lvl) -> list[_Plane]:
         """The pages of one pyramid level, as channel planes (first index of any Z/T axes)."""
-        pages = [p for p in lvl.pages if p is not None]
-        if not pages:
+        pages = list(lvl.pages)
+        if not any(p is not None for p in pages):
             raise UnsupportedFormatError("a pyramid level without pages")
+        foreign = sorted({os.path.basename(getattr(p.parent, "filename", "") or "?") for p in pages
+                          if p is not None and getattr(p, "parent", self._tf) is not self._tf})
+        if foreign:  # their pixels are in those files, at offsets of theirs: never read from this one
+            raise UnsupportedFormatError(
+                f"a multi-file OME-TIFF: planes of this image are stored in {', '.join(foreign[:3])}"
+                + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+                + "; histoflow reads images held in one file: join them into one OME-TIFF first (e.g. with "
+                  "bfconvert, or tifffile.imwrite of tifffile.imread of this file)")
         axes = lvl.axes
         extra = [(a, n) for a, n in zip(axes, lvl.shape) if a not in "YXS"]
         n_planes = int(np.prod([n for _, n in extra])) if extra else 1
@@ -269,11 +280,21 @@ class TiffReader(SlideReader):
             # keep only the channel axis; take the first index of the others (Z, T, ...), even when one of
             # them is the only extra axis (a single-channel Z-stack or time series is one channel, not many)
             chan_axis = next((a for a, _ in extra if a in _CHANNEL_AXES), None)
+            dropped = [f"{a} ({n})" for a, n in extra if a != chan_axis and n > 1]
+            note = (f"axes {', '.join(dropped)} beside the channels: only the first plane of each is read "
+                    "(index 0), as one image of the channels")
+            if dropped and note not in self.warnings:
+                self.warnings.append(note)
             shape = [n for _, n in extra]
             idx = [range(n) if a == chan_axis else [0] for a, n in extra]
             keep = set(int(np.ravel_multi_index(t, shape)) for t in np.array(np.meshgrid(*idx, indexing="ij")).reshape(len(shape), -1).T)
             pages = [p for i, p in enumerate(pages) if i in keep]
             starts = [o for i, o in enumerate(starts) if i in keep]
+        missing = [i for i, p in enumerate(pages) if p is None]
+        if missing:  # an OME-XML plane whose file is not there (tifffile leaves None): its channel cannot be read
+            raise SlideReadError(f"{len(missing)} of the image's {len(pages)} channel planes are missing (channel "
+                                 f"index {', '.join(map(str, missing[:5]))}): the OME-XML names files that are not "
+                                 "beside this one, or planes this file does not hold")
         key = pages[0].keyframe if getattr(pages[0], "keyframe", None) is not None else pages[0]
         keep_samples = None
         if int(key.photometric) in _RGB_PHOTOMETRIC and key.samplesperpixel > 3:
@@ -367,8 +388,13 @@ class TiffReader(SlideReader):
             m = re.search(r"<(?:\w+:)?Pixels [^>]*>", desc)
             if m:
                 tag = m.group(0)
-                mx = _ome_size(tag, "X")
-                my = _ome_size(tag, "Y")
+                try:
+                    mx = _ome_size(tag, "X")
+                    my = _ome_size(tag, "Y")
+                except ValueError as e:
+                    self.warnings.append(f"the OME-XML gives the pixel size in {str(e)!r}, not a length: the pixel "
+                                         "size is unknown (give it with mpp=... / --slide-mpp)")
+                    mx = my = None
                 if mx and my:
                     return (mx, my)
         if tf.is_qpi:
@@ -579,7 +605,13 @@ def _as_hwc(a: np.ndarray) -> np.ndarray:
     return a
 
 
-_OME_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+#: µm per OME UnitsLength (SI and imperial); "pixel" and "reference frame" carry no physical size
+_OME_UNITS = {"Ym": 1e30, "Zm": 1e27, "Em": 1e24, "Pm": 1e21, "Tm": 1e18, "Gm": 1e15, "Mm": 1e12, "km": 1e9,
+              "hm": 1e8, "dam": 1e7, "m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0,
+              "\u00b5m": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "pm": 1e-6, "fm": 1e-9, "am": 1e-12, "zm": 1e-15,
+              "ym": 1e-18, "Å": 1e-4, "\u212b": 1e-4, "thou": 25.4, "li": 2540.0, "in": 25400.0, "ft": 304800.0,
+              "yd": 914400.0, "mi": 1.609344e9, "ua": 1.495978707e17, "ly": 9.4607304725808e21,
+              "pc": 3.0856776e22, "pt": 25400.0 / 72}
 _IMAGEJ_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
                  "m": 1e6, "inch": 25400.0, "in": 25400.0}  # lower case
 
@@ -597,7 +629,9 @@ def _ome_size(tag: str, axis: str):
         return None
     u = re.search(rf'PhysicalSize{axis}Unit="([^"]*)"', tag)
     unit = html_unescape(u.group(1)) if u else "µm"
-    return float(m.group(1)) * _OME_UNITS.get(unit, 1.0)
+    if unit not in _OME_UNITS:  # "pixel", "reference frame" or unknown: no physical size (not µm by default)
+        raise ValueError(unit)
+    return float(m.group(1)) * _OME_UNITS[unit]
 
 
 def _imagej_unit_um(unit) -> float | None:
@@ -630,6 +664,10 @@ def _resolution_mpp(page, tf):
             return (um / rx, um / ry)
     if unit == 3:  # centimetre
         return (1e4 / rx, 1e4 / ry)
+    if unit == 4:  # millimetre (TIFF/EP and tifffile's ResolutionUnit 4)
+        return (1e3 / rx, 1e3 / ry)
+    if unit == 5:  # micrometre (ResolutionUnit 5)
+        return (1.0 / rx, 1.0 / ry)
     if unit == 2:  # inch (the TIFF default)
         return (25400 / rx, 25400 / ry)
     return None
