@@ -236,7 +236,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("slide")
     s.add_argument("-o", "--output", required=True, help="cells.h5ad (an .h5path with tiles goes beside it)")
     s.add_argument("--nuclear-channel", default="auto", help="name or index (default: the DAPI/Hoechst/HH3 channel)")
-    s.add_argument("--membrane", nargs="*", default=None, metavar="NAME", help="membrane/cytoplasm channels")
+    s.add_argument("--membrane", nargs="*", default=None, metavar="NAME",
+                   help="membrane/cytoplasm channels, by name or index")
     s.add_argument("--expand", type=float, default=3.0, help="cell reach beyond the nucleus, µm (default 3)")
     s.add_argument("--tile", "--size", dest="tile", type=_positive_int, default=512,
                    help="tile size in pixels (default 512; --size, as in tile and run, is the same)")
@@ -893,7 +894,9 @@ def cmd_quantify(args):
             steps = [NucleusDetectionHE(mask_name="cells"), QuantifyCells(mask_name="cells")]
         else:
             nuclear = _channel_option(args.nuclear_channel, slide.reader.channel_names)
-            steps = [SegmentCells(nuclear_channel=nuclear, membrane_channels=args.membrane,
+            membrane = ([_channel_option(m, slide.reader.channel_names) for m in args.membrane]
+                        if args.membrane else args.membrane)  # names, or indices as --nuclear-channel takes them
+            steps = [SegmentCells(nuclear_channel=nuclear, membrane_channels=membrane,
                                   expand_um=args.expand), QuantifyCells(nucleus_mask="nuclei")]
         overlap = args.overlap
         said = False  # whether the overlap has been warned about here (the run would say it again otherwise)

@@ -75,7 +75,13 @@ def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None, ch
 
 
 def _stretch(a: np.ndarray) -> np.ndarray:
-    """Scale between the 1st and 99.5th percentiles of ``a`` to [0, 1]."""
+    """Scale between the 1st and 99.5th percentiles of ``a`` to [0, 1]; NaN and infinite pixels show as 0 (their
+    percentiles would make the whole channel NaN, a black picture)."""
+    finite = np.isfinite(a)
+    if not finite.all():
+        if not finite.any():
+            return np.zeros(a.shape, np.float32)
+        return np.where(finite, _stretch(np.where(finite, a, np.nanmin(np.where(finite, a, np.nan)))), 0)
     lo, hi = np.percentile(a, [1, 99.5])
     if hi <= lo:
         hi = lo + 1

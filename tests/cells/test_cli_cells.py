@@ -284,3 +284,18 @@ def test_phenotype_geojson_of_another_store_writes_nothing(tmp_path):
     assert r.returncode == 1 and "cells.h5path: the cell table has 100 rows but the tiles hold more" in r.stderr, \
         r.stderr
     assert sorted(os.listdir(lone)) == ["cells.h5ad", "cells.h5path"]
+
+
+def test_quantify_membrane_by_index_and_an_absolute_source(tmp_path):
+    """--membrane took names only (`--membrane 1`: "no channel '1'") while --nuclear-channel took indices; and the
+    table recorded the slide's path as given, so `phenotype` run from another folder lost the picture's slide."""
+    import shutil
+
+    shutil.copy(data_path("fluorescence", "instanseg_Fluorescence_example.tif"), tmp_path / "fl.tif")
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "quantify", "fl.tif", "-o", "q.h5ad",
+                        "--nuclear-channel", "0", "--membrane", "1", "--no-progress"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a = anndata.read_h5ad(tmp_path / "q.h5ad")
+    assert a.n_obs > 10 and os.path.isabs(a.uns["histoflow"]["source"]) and \
+        os.path.samefile(a.uns["histoflow"]["source"], tmp_path / "fl.tif")

@@ -76,3 +76,16 @@ def test_model_segmenter_through_the_engine_with_tiles(tmp_path, onnx_model):
     assert counts[0] == counts[1] == counts[2] and counts[0] > 300, counts
     with pytest.raises(HistoflowError, match="no such model file"):
         SegmentCellsModel(str(tmp_path / "none.onnx"))
+
+
+def test_one_membrane_channel_by_name_or_index(onnx_model):
+    """A lone name was iterated letter by letter ('no channel M'), a lone index raised a raw TypeError."""
+    from histoflow.errors import ParameterError
+
+    with SlideData(MIBI) as s:
+        for one in ("Membrane", 17):   # "Membrane (200)" is channel 17
+            seg = SegmentCellsModel(onnx_model, membrane_channels=one, radius_um=3.0)
+            assert isinstance(seg.membrane_channels, list) and len(seg.membrane_channels) == 1
+            seg.fit_slide(s)
+    with pytest.raises(ParameterError, match="membrane_channels is a channel"):
+        SegmentCellsModel(onnx_model, membrane_channels={"Membrane"})

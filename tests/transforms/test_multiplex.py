@@ -381,3 +381,38 @@ def test_nuclei_at_their_own_overlap_are_kept_once(tmp_path):
             with read_h5path(out) as h:
                 counts.append(h.cells.n_obs)
     assert counts[1] == counts[0] == counts[2], counts
+
+
+def test_a_name_given_to_two_channels_is_an_error():
+    """find_channel returned the first of two channels of the same name without a word (and `auto` took the first
+    'DAPI'); the docs promise an error listing them."""
+    from histoflow.errors import ChannelError
+    from histoflow.transforms.multiplex import nuclear_channel_index
+
+    with pytest.raises(ChannelError, match=r"'DAPI' names several channels \(indices \[0, 2\]"):
+        find_channel(["DAPI", "CD3", "DAPI"], "DAPI")
+    assert find_channel(["DAPI", "CD3", "DAPI"], 2) == 2
+    with pytest.raises(ChannelError, match=r"nuclear stain 'DAPI' names several channels \(indices \[0, 2\]\)"):
+        nuclear_channel_index(["DAPI", "CD3", "DAPI"])
+    assert nuclear_channel_index(["DNA1", "CD3", "DNA2"]) == 0   # two stains of different names: the first
+
+
+def test_nan_pixels_of_a_float_image_are_background(tmp_path):
+    """One NaN pixel in a float nuclear channel stopped segmentation ('autodetected range of [nan, nan]'); the
+    cells of the image are found as without it."""
+    import tifffile
+
+    img = tifffile.imread(data_path("fluorescence", "instanseg_Fluorescence_example.tif")).astype(np.float32)
+    holed = img.copy()
+    holed[0, 200:203, 200:203] = np.nan
+    holed[0, 10, 400] = np.inf
+    counts = []
+    for name, a in (("clean", img), ("holed", holed)):
+        path = tmp_path / f"{name}.ome.tif"
+        tifffile.imwrite(path, a, metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD3"]}})
+        with SlideData(str(path)) as s:
+            seg = SegmentCells(nuclear_channel="DAPI", membrane_channels=None)
+            seg.fit_slide(s)
+            nuclei, cells = seg.F(s.reader.read_region((0, 0), 0, s.dimensions), s.mpp[0] if s.mpp else None)
+        counts.append(int(cells.max()))
+    assert counts[0] > 10 and abs(counts[1] - counts[0]) <= 1, counts

@@ -811,6 +811,11 @@ class SegmentCellsModel(Transform):
             raise ParameterError(f"SegmentCellsModel: layout must be 'NCHW' or 'NHWC', got {layout!r}")
         self.model = model
         self.nuclear_channel = nuclear_channel
+        if isinstance(membrane_channels, (str, int, np.integer)):  # one channel, by name or index (as SegmentCells)
+            membrane_channels = [membrane_channels]
+        elif membrane_channels is not None and not isinstance(membrane_channels, (list, tuple)):
+            raise ParameterError(f"SegmentCellsModel: membrane_channels is a channel (name or index) or a list of "
+                                 f"them, not {membrane_channels!r}")
         self.membrane_channels = membrane_channels
         self.model_mpp = model_mpp
         self.layout = layout

@@ -52,12 +52,18 @@ def nuclear_channel_index(names, channel="auto") -> int:
             base = n.split("(")[0].strip()
             if base == marker or base.startswith(marker + " ") or base.startswith(marker + "_") or \
                     base.startswith(marker + "-") or any(looks_like(f, marker) for f in forms(n)):
+                same = [j for j, m in enumerate(names) if str(m) == str(names[i])]
+                if len(same) > 1:  # "DAPI" twice: which plane is the stain cannot be guessed
+                    raise ChannelError(f"the nuclear stain {names[i]!r} names several channels (indices {same}); "
+                                       "choose one with nuclear_channel=<index>")
                 return i
     raise ChannelError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
 
 
 def _smooth(channel, sigma_px):
     img = np.asarray(channel, np.float32)
+    if img.size and not np.isfinite(img).all():  # NaN / inf pixels of a float image: background, not spread by the blur
+        img = np.where(np.isfinite(img), img, np.float32(0))
     return ndi.gaussian_filter(img, sigma_px, mode="reflect") if sigma_px > 0 else img
 
 
@@ -303,6 +309,7 @@ def _otsu_threshold(values) -> float:
     from skimage.filters import threshold_otsu
 
     v = np.asarray(values, np.float32).ravel()
+    v = v[np.isfinite(v)]  # NaN pixels of a float image carry no intensity
     if v.size == 0 or v.max() <= v.min():
         warnings.warn("the nuclear channel is flat: no nuclei", stacklevel=3)
         return float("inf")

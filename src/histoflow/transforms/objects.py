@@ -111,9 +111,12 @@ def find_channel(names, channel) -> int:
             raise ChannelError(f"channel {channel} out of range: the image has {len(names)} channels {names}")
         return int(channel) % len(names)
     want = str(channel).strip().lower()
-    for i, n in enumerate(names):
-        if n == channel:
-            return i
+    exact = [i for i, n in enumerate(names) if n == channel]
+    if len(exact) > 1:  # the same name twice: which plane is meant cannot be guessed
+        raise ChannelError(f"channel {channel!r} names several channels (indices {exact} of {names}); give the "
+                           "index of the one meant")
+    if exact:
+        return exact[0]
     from ..cells.gating import normalize_name
 
     loose = normalize_name(str(channel))

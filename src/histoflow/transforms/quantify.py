@@ -13,6 +13,8 @@ with the slide's stain matrix, or Macenko's reference).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import MaskError, ParameterError
@@ -173,7 +175,7 @@ class QuantifyCells(Transform):
     def fit_slide(self, slide):
         self._reset()
         self.slide_name_ = slide.name
-        self.source_ = str(slide.path)
+        self.source_ = os.path.abspath(str(slide.path))  # the picture of phenotypes finds it from any folder
         self.mpp_ = float(slide.mpp[0]) if slide.mpp else None
         self.channel_names_ = self.input_channel_names(slide)
         self.od_ = self._use_od(slide.slide_type.brightfield, slide.reader.dtype, len(self.channel_names_))
