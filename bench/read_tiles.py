@@ -49,7 +49,8 @@ def mosaic(n: int) -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process, in MB: ``VmHWM`` of ``/proc/self/status`` (Linux).
+    """Peak resident memory of this process, in decimal MB (10**6 bytes, like the outputs' sizes; until session 22
+    MiB): ``VmHWM`` of ``/proc/self/status`` (Linux).
 
     Not ``ru_maxrss``: a process started by ``subprocess`` from a large parent inherits the parent's peak
     there (Linux records the old memory map's high-water mark at ``exec``), which made children of a bench
@@ -58,10 +59,10 @@ def peak_rss_mb() -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    return int(line.split()[1]) * 1024 / 1e6  # KiB ("kB" there) -> decimal MB, as output_mb
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def tile_coords(width: int, height: int):
