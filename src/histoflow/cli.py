@@ -480,7 +480,8 @@ def _in_cli_words(msg: str, args) -> str:
     msg = msg.replace("run again with resume=True (`--resume` on the command line)", "run again with --resume")
     msg = msg.replace("resume=True continues the same run only: run without resume to replace it (--overwrite on "
                       "the command line), or write elsewhere",
-                      "--resume continues the same run only: use --overwrite to replace it, or write elsewhere")
+                      "--resume continues the same run only: run with --overwrite and without --resume to replace "
+                      "it, or write elsewhere")
     msg = msg.replace("; run without resume to start over", "; use --overwrite (without --resume) to start over")
     msg = msg.replace("add them with slide.add_mask(...), or pass tissue_filter=... to make 'tissue'",
                       "--tissue-filter FRACTION makes 'tissue' (other slide masks can be added from Python, with "
@@ -783,14 +784,9 @@ def cmd_train(args):
                               "start again over it with --overwrite, or give another --output")
         if args.resume and not os.path.exists(os.path.join(out_dir, "last.ckpt")):
             print(f"note: {out_dir} has no last.ckpt to resume from; starting the run", file=sys.stderr)
-        if done and args.overwrite and not args.resume:
-            # the old run's files go now: a new run stopped in its first epoch must not leave them for a --resume
-            # to continue, or a reader to take, as if they were the new run's
-            old = [n for n in ("last.ckpt", "best.pt", "best.json", "metrics.csv", "metrics.json")
-                   if os.path.exists(os.path.join(out_dir, n))]
-            for n in old:
-                os.remove(os.path.join(out_dir, n))
-            print(f"note: --overwrite: removed the earlier run's {', '.join(old)} from {out_dir}", file=sys.stderr)
+        if done and args.overwrite and not args.resume:  # the trainer removes them as the new run starts
+            print(f"note: --overwrite: the earlier run in {out_dir} is replaced once this run's data and model are "
+                  "ready", file=sys.stderr)
     t0 = time.perf_counter()
     trainer, _ = train_from_config(cfg, resume=args.resume)
     out = trainer.out_dir

@@ -488,3 +488,49 @@ def test_z_stack_says_which_plane_it_reads(tmp_path):
     with open_slide(tmp_path / "z.ome.tif") as s:
         assert s.read_region((0, 0), 0, (16, 16))[..., 0].max() == 255     # Z = 0
         assert any("axes Z (5) beside the channels: only the first plane" in w for w in s.warnings)
+
+
+@pytest.mark.parametrize("unit", ["microns", "micrometer", "Micrometre", "UM", "&#181;M", "&#181;m", "&#956;m"])
+def test_ome_micrometre_spellings(tmp_path, unit):
+    """The unit table's exact symbols only: 'micrometer' and the like lost the pixel size (read as µm before)."""
+    import tifffile
+
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint16" SizeX="16" SizeY="16" '
+           f'SizeC="1" SizeZ="1" SizeT="1" PhysicalSizeX="0.5" PhysicalSizeY="0.5" PhysicalSizeXUnit="{unit}" '
+           f'PhysicalSizeYUnit="{unit}"><Channel ID="Channel:0:0" SamplesPerPixel="1"/><TiffData/></Pixels></Image></OME>')
+    tifffile.imwrite(tmp_path / "u.ome.tif", np.zeros((16, 16), np.uint16), description=xml, metadata=None)
+    with open_slide(tmp_path / "u.ome.tif") as s:
+        assert s.mpp == pytest.approx((0.5, 0.5)), s.warnings
+
+
+def test_ome_naming_itself_under_another_uuid_is_one_file(tmp_path):
+    """TiffData naming this very file under another UUID: tifffile opens it a second time; that is not a
+    multi-file OME-TIFF."""
+    import tifffile
+
+    planes = {(0, c): ("a.ome.tif", c) for c in range(2)}
+    xml = _ome_xml("AAAA", planes).replace("urn:uuid:a.ome.tif", "urn:uuid:BBBB")
+    with tifffile.TiffWriter(tmp_path / "a.ome.tif") as tw:
+        for c, v in enumerate((100, 200)):
+            tw.write(np.full((16, 16), v, np.uint16), description=xml if c == 0 else None, metadata=None,
+                     photometric="minisblack")
+    with open_slide(tmp_path / "a.ome.tif") as s:
+        assert s.channel_names == ["DAPI", "CD3"]
+        assert s.read_region((0, 0), 0, (1, 1))[0, 0].tolist() == [100, 200]
+
+
+def test_small_levels_of_a_tall_pyramid_are_kept(tmp_path):
+    """Levels listed as separate series (not halvings) keep their shape to a pixel's rounding on each side; the
+    aspect check dropped the narrow ones of a tall slide."""
+    import tifffile
+
+    base = np.full((6000, 1200), 7, np.uint8)
+    with tifffile.TiffWriter(tmp_path / "t.tif") as tw:
+        tw.write(base, tile=(256, 256))
+        for f in (5, 25, 125):
+            tw.write(base[::f, ::f][: 6000 // f, : 1200 // f].copy(), tile=(16, 16) if 1200 // f >= 16 else None,
+                     subfiletype=1)
+    ref = [(p.shape[1], p.shape[0]) for p in tifffile.TiffFile(tmp_path / "t.tif").pages]
+    with open_slide(tmp_path / "t.tif") as s:
+        assert [(lv.width, lv.height) for lv in s.levels] == ref

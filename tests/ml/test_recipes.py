@@ -501,20 +501,30 @@ def test_resume_with_other_data_or_batch_size_is_refused(tmp_path):
     assert trainer.epoch == 2 and len(hist) == 2
 
 
-def test_train_overwrite_removes_the_earlier_run_first(tmp_path):
+def test_train_overwrite_replaces_the_earlier_run_when_training_starts(tmp_path):
     """--overwrite left the old run's last.ckpt until the new run's first epoch ended: a new run stopped before
-    that, then --resume, continued the old run as if it were the new one."""
+    that, then --resume, continued the old run as if it were the new one. The new run removes the old files as it
+    starts training; one refused before that (its data missing) leaves them as they were."""
     out = tmp_path / "run"
     out.mkdir()
-    for n in ("last.ckpt", "best.pt", "best.json", "metrics.csv", "metrics.json"):
+    old = ("last.ckpt", "best.pt", "best.json", "metrics.csv", "metrics.json")
+    for n in old:
         (out / n).write_text("the earlier run")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"task": "tile_classification", "data": {"train": "missing.h5path", "label": "x"},
                                     "model": {"name": "rccnet"}, "output": str(out)}))
     r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--overwrite"],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "missing.h5path" in r.stderr, r.stderr   # the new run fails on its data ...
-    assert "removed the earlier run's last.ckpt, best.pt" in r.stderr and not any(out.iterdir())   # ... the old is gone
-    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--resume"],
+    assert r.returncode == 1 and "missing.h5path" in r.stderr, r.stderr
+    assert sorted(os.listdir(out)) == sorted(old)          # refused before training: the old run is kept
+    store = _classification_store(tmp_path, lambda t: {"grade": int(t.image.mean() < 210) * 2})
+    path.write_text(yaml.safe_dump({"task": "tile_classification", "data": {"train": store, "label": "grade"},
+                                    "model": {"name": "rccnet", "params": {"num_classes": 2}},
+                                    "train": {"epochs": 1, "batch_size": 16}, "output": str(out)}))
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--overwrite", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "label 'grade' has class 2" in r.stderr, r.stderr   # stopped in its first epoch
+    assert os.listdir(out) == []                             # ... with nothing of the old run left
+    r = subprocess.run([sys.executable, "-m", "histoflow.cli", "train", str(path), "--resume", "--no-progress"],
                        capture_output=True, text=True)
     assert "no last.ckpt to resume from" in r.stderr, r.stderr

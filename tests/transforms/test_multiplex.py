@@ -384,16 +384,15 @@ def test_nuclei_at_their_own_overlap_are_kept_once(tmp_path):
 
 
 def test_a_name_given_to_two_channels_is_an_error():
-    """find_channel returned the first of two channels of the same name without a word (and `auto` took the first
-    'DAPI'); the docs promise an error listing them."""
+    """find_channel returned the first of two channels of the same name without a word; the docs promise an error
+    listing them. (`auto` takes the first nuclear stain, as CODEX and CyCIF repeat DAPI in every cycle.)"""
     from histoflow.errors import ChannelError
     from histoflow.transforms.multiplex import nuclear_channel_index
 
     with pytest.raises(ChannelError, match=r"'DAPI' names several channels \(indices \[0, 2\]"):
         find_channel(["DAPI", "CD3", "DAPI"], "DAPI")
     assert find_channel(["DAPI", "CD3", "DAPI"], 2) == 2
-    with pytest.raises(ChannelError, match=r"nuclear stain 'DAPI' names several channels \(indices \[0, 2\]\)"):
-        nuclear_channel_index(["DAPI", "CD3", "DAPI"])
+    assert nuclear_channel_index(["DAPI", "CD3", "DAPI"]) == 0    # `auto`: CODEX/CyCIF repeat DAPI every cycle
     assert nuclear_channel_index(["DNA1", "CD3", "DNA2"]) == 0   # two stains of different names: the first
 
 

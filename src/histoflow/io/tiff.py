@@ -245,12 +245,23 @@ class TiffReader(SlideReader):
             if (s.dtype != main.dtype or len(pages) != len([p for p in last.pages if p is not None])
                     or s.shape[-1] != last.shape[-1] and "S" in s.axes
                     or w >= last.sizes.get("width", 0) or h >= last.sizes.get("height", 0)
-                    # a level keeps the slide's shape (to rounding); a reduced label or macro image does not
-                    or not w0 or abs(h - h0 * w / w0) > max(2.0, 0.02 * h)):
+                    # a level keeps the slide's shape (to a pixel's rounding on each side, or 2 %); a reduced
+                    # label or macro image does not
+                    or not w0 or abs(h * w0 - h0 * w) > max(h0 + w0, 0.02 * h * w0)):
                 break
             levels.append(s)
             last = s
         return levels
+
+    def _same_file(self, tf) -> bool:
+        """Whether a TiffFile tifffile opened for a page is this file (an OME-XML may name this file under
+        another UUID, which tifffile opens a second time), not a companion file of a multi-file OME-TIFF."""
+        if tf is self._tf:
+            return True
+        try:
+            return os.path.samefile(tf.filehandle.path, self._tf.filehandle.path)
+        except (OSError, AttributeError, TypeError):
+            return False
 
     def _planes_of(self, lvl) -> list[_Plane]:
         """The pages of one pyramid level, as channel planes (first index of any Z/T axes)."""
@@ -258,7 +269,7 @@ class TiffReader(SlideReader):
         if not any(p is not None for p in pages):
             raise UnsupportedFormatError("a pyramid level without pages")
         foreign = sorted({os.path.basename(getattr(p.parent, "filename", "") or "?") for p in pages
-                          if p is not None and getattr(p, "parent", self._tf) is not self._tf})
+                          if p is not None and not self._same_file(getattr(p, "parent", self._tf))})
         if foreign:  # their pixels are in those files, at offsets of theirs: never read from this one
             raise UnsupportedFormatError(
                 f"a multi-file OME-TIFF: planes of this image are stored in {', '.join(foreign[:3])}"
@@ -391,8 +402,10 @@ class TiffReader(SlideReader):
                 try:
                     mx = _ome_size(tag, "X")
                     my = _ome_size(tag, "Y")
-                except ValueError as e:
-                    self.warnings.append(f"the OME-XML gives the pixel size in {str(e)!r}, not a length: the pixel "
+                except _UnitError as e:
+                    what = ("not a length" if str(e).strip().lower() in ("pixel", "reference frame")
+                            else "a unit histoflow does not know")
+                    self.warnings.append(f"the OME-XML gives the pixel size in {str(e)!r}, {what}: the pixel "
                                          "size is unknown (give it with mpp=... / --slide-mpp)")
                     mx = my = None
                 if mx and my:
@@ -629,9 +642,32 @@ def _ome_size(tag: str, axis: str):
         return None
     u = re.search(rf'PhysicalSize{axis}Unit="([^"]*)"', tag)
     unit = html_unescape(u.group(1)) if u else "µm"
-    if unit not in _OME_UNITS:  # "pixel", "reference frame" or unknown: no physical size (not µm by default)
-        raise ValueError(unit)
-    return float(m.group(1)) * _OME_UNITS[unit]
+    um = _ome_unit_um(unit)
+    if um is None:  # "pixel", "reference frame" or a unit of no known length: no physical size
+        raise _UnitError(unit)
+    try:
+        return float(m.group(1)) * um
+    except ValueError:
+        return None
+
+
+class _UnitError(ValueError):
+    pass
+
+
+def _ome_unit_um(unit: str) -> float | None:
+    """µm in an OME length unit as files spell it: the schema's symbols ("µm", "nm", "in" ...), and common
+    spellings of the micrometre ("micron(s)", "micrometer", "UM", "μm"); None for "pixel", "reference frame" and
+    units of no known length."""
+    u = unit.strip()
+    if u in _OME_UNITS:
+        return _OME_UNITS[u]
+    low = u.lower().replace("\u03bc", "µ")
+    if low in ("µm", "um", "micron", "microns", "micrometer", "micrometre", "micrometers", "micrometres"):
+        return 1.0
+    aliases = {"nanometer": "nm", "nanometre": "nm", "millimeter": "mm", "millimetre": "mm", "centimeter": "cm",
+               "centimetre": "cm", "meter": "m", "metre": "m", "angstrom": "Å", "inch": "in", "inches": "in"}
+    return _OME_UNITS.get(aliases.get(low, low)) if low not in ("pixel", "reference frame") else None
 
 
 def _imagej_unit_um(unit) -> float | None:

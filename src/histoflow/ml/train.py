@@ -165,7 +165,8 @@ class Trainer:
     amp : bool
         bfloat16 autocast (CPU with AVX-512 BF16 or a CUDA GPU); the loss stays float32.
     out_dir : str or None
-        Where checkpoints and metrics go (nothing is written when None).
+        Where checkpoints and metrics go (nothing is written when None). A new (not resumed) run removes an
+        earlier run's files there (``RUN_FILES``) as it starts.
     batch_loss : callable, optional
         ``batch_loss(model, batch, loss_fn) -> loss`` for batches of another shape than
         :func:`default_batch_loss` expects.
@@ -302,6 +303,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _ckpt_path(self):
         return os.path.join(self.out_dir, "last.ckpt")
+
+    #: the files a run writes in ``out_dir`` (a new run removes an earlier one's as it starts)
+    RUN_FILES = ("last.ckpt", "best.pt", "best.json", "metrics.csv", "metrics.json")
 
     #: the settings a resumed run must share with the run it continues (``epochs`` may change, except one-cycle)
     RESUME_SETTINGS = ("schedule", "accumulate", "lr", "weight_decay", "monitor", "mode", "ema", "seed")
@@ -523,6 +527,13 @@ class Trainer:
                                 "keeps persistent_workers, whose copies of the dataset never see the new epoch: "
                                 "every epoch would repeat the first; make the DataLoader with "
                                 "persistent_workers=False")
+        if self.out_dir is not None and self.epoch == 0:
+            # a new run (not a resumed one) replaces an earlier run's files in out_dir as it starts: stopped in its
+            # first epoch, it must not leave them for a resume to continue, or a reader to take, as its own
+            for name in self.RUN_FILES:
+                path = os.path.join(self.out_dir, name)
+                if os.path.isfile(path):
+                    os.remove(path)
         while self.epoch < self.epochs:
             if self.patience is not None and self.since_best >= self.patience:
                 break

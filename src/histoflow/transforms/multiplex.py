@@ -52,11 +52,7 @@ def nuclear_channel_index(names, channel="auto") -> int:
             base = n.split("(")[0].strip()
             if base == marker or base.startswith(marker + " ") or base.startswith(marker + "_") or \
                     base.startswith(marker + "-") or any(looks_like(f, marker) for f in forms(n)):
-                same = [j for j, m in enumerate(names) if str(m) == str(names[i])]
-                if len(same) > 1:  # "DAPI" twice: which plane is the stain cannot be guessed
-                    raise ChannelError(f"the nuclear stain {names[i]!r} names several channels (indices {same}); "
-                                       "choose one with nuclear_channel=<index>")
-                return i
+                return i  # the first: CODEX and CyCIF panels repeat "DAPI" in every cycle, the first is the usual
     raise ChannelError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
 
 
