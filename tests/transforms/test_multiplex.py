@@ -415,3 +415,20 @@ def test_nan_pixels_of_a_float_image_are_background(tmp_path):
             nuclei, cells = seg.F(s.reader.read_region((0, 0), 0, s.dimensions), s.mpp[0] if s.mpp else None)
         counts.append(int(cells.max()))
     assert counts[0] > 10 and abs(counts[1] - counts[0]) <= 1, counts
+
+
+def test_a_slide_without_cells_has_the_same_columns(tmp_path):
+    """A slide where no cell was found lacked the nucleus_area column that any other table with a nucleus mask has
+    (tables of several slides then did not line up)."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "blank.ome.tif", np.zeros((2, 64, 64), np.uint16),
+                     metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD3"]}})
+    tables = {}
+    for nuclei in ("nuclei", None):
+        q = QuantifyCells(mask_name="cells", nucleus_mask=nuclei)
+        with SlideData(str(tmp_path / "blank.ome.tif")) as s:
+            q.fit_slide(s)
+        tables[nuclei] = q.slide_cells()
+    assert tables["nuclei"].n_obs == 0 and "nucleus_area" in tables["nuclei"].obs.columns
+    assert "nucleus_area" not in tables[None].obs.columns

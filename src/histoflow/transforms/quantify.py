@@ -264,7 +264,9 @@ class QuantifyCells(Transform):
         mpp = self.mpp_
         unit = "um" if mpp else "px"
         obs = {}
-        for k in MORPHOLOGY + (("nucleus_area",) if tables and "nucleus_area" in tables[0] else ()):
+        # nucleus_area with a nucleus mask, even for a slide without cells (the same columns as any other table)
+        with_nuclei = ("nucleus_area" in tables[0]) if tables else self.nucleus_mask is not None
+        for k in MORPHOLOGY + (("nucleus_area",) if with_nuclei else ()):
             v = cat(k).astype(np.float64)
             scale = ds_col * (mpp or 1.0)
             v = v * scale ** 2 if k.endswith("area") else (v if k in ("eccentricity", "solidity") else v * scale)
