@@ -676,3 +676,21 @@ def test_an_image_finer_than_the_model_gives_the_model_scale_nuclei():
     # the outlines follow the probability at the image's size, not the model's pixels as 2 x 2 blocks
     blocks = (fine > 0).reshape(384, 2, 384, 2).sum(axis=(1, 3))
     assert np.count_nonzero((blocks > 0) & (blocks < 4)) > 100
+
+
+def test_a_strip_narrower_than_the_window_is_padded_with_white(model, val_sample):
+    """An image (or a slide's edge tile) with one side under the 512 px window ran through MONAI's sliding window,
+    which padded that side by copying its edge rows over hundreds of pixels: smeared tissue the model took for
+    context. Padded with white now, it agrees with one pass over the strip (white to the divisor) as closely as
+    sliding windows do elsewhere: on this strip the probability maps differ by 0.003 on average (0.010 before)
+    and the nuclei match with PQ 0.94 (0.86 before)."""
+    from histoflow.ml.nucleus import predict_maps
+
+    post = CARD["postprocess"]
+    strip = np.ascontiguousarray(val_sample["image"][800:1000, :1000])
+    p, _ = predict_maps(model, strip)                       # sliding windows (1000 > 512)
+    one, _ = predict_maps(model, strip, window=2048)        # one pass
+    assert p.shape == strip.shape[:2] and np.abs(p - one).mean() < 0.006
+    a = segment_nuclei(model, strip, **post)
+    b = segment_nuclei(model, strip, window=2048, **post)
+    assert metrics.panoptic_quality(b, a).pq > 0.92
