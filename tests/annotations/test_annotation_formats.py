@@ -423,3 +423,64 @@ def test_polygonize_writes_valid_polygons_where_pixels_meet_at_a_corner(tmp_path
     np.testing.assert_array_equal(rasterize(polys, truth.shape, values=[int(p.name) for p in polys]), truth)
     write_geojson(polys, tmp_path / "truth.geojson")
     assert all(g.is_valid for g in _shapely_objects(read_geojson(tmp_path / "truth.geojson")).values())
+
+
+# ------------------------------------------------------------------ session 22 review
+def _two_layer_xml(path):
+    """Two unnamed ImageScope layers told apart by colour: red (a square), blue (a square and an exclusion strip)."""
+    path.write_text(
+        '<Annotations MicronsPerPixel="0.25">'
+        '<Annotation Id="1" Name="" LineColor="255"><Regions>'
+        '<Region Id="1" NegativeROA="0"><Vertices><Vertex X="0" Y="0"/><Vertex X="100" Y="0"/><Vertex X="100" Y="100"/>'
+        '<Vertex X="0" Y="100"/></Vertices></Region></Regions></Annotation>'
+        '<Annotation Id="2" Name="" LineColor="16711680"><Regions>'
+        '<Region Id="2" NegativeROA="0"><Vertices><Vertex X="200" Y="0"/><Vertex X="300" Y="0"/><Vertex X="300" Y="100"/>'
+        '<Vertex X="200" Y="100"/></Vertices></Region>'
+        '<Region Id="3" NegativeROA="1"><Vertices><Vertex X="50" Y="50"/><Vertex X="250" Y="50"/><Vertex X="250" Y="60"/>'
+        '<Vertex X="50" Y="60"/></Vertices></Region></Regions></Annotation></Annotations>')
+
+
+def test_unnamed_aperio_layers_keep_their_colours_and_their_own_exclusions(tmp_path):
+    """Unclassified polygons were written as one green layer: the layers' colours were lost, and (kept as
+    exclusions) one layer's NegativeROA cut the other's regions."""
+    src = tmp_path / "two.xml"
+    _two_layer_xml(src)
+    before = read_aperio_xml(src, negatives="keep")           # the exclusion kept as a polygon of its layer
+    write_aperio_xml(before, tmp_path / "out.xml")
+    write_geojson(before, tmp_path / "out.geojson")
+    colours = sorted(tuple(p.color) for p in before)
+    assert sorted(tuple(p.color) for p in read_aperio_xml(tmp_path / "out.xml", negatives="keep")) == colours
+    assert sorted(tuple(p.color) for p in read_geojson(tmp_path / "out.geojson")) == colours
+    applied = read_aperio_xml(tmp_path / "out.xml")
+    assert sorted(p.area for p in applied) == pytest.approx([9500, 10000])  # the red square is not cut by blue's strip
+
+
+def test_degenerate_geojson_parts_are_counted_and_never_written(tmp_path):
+    """A 2-point polygon was dropped without being counted; a 2-point hole was kept and written as a 3-position
+    ring, which RFC 7946 and QuPath refuse."""
+    from histoflow.annotations import skipped_features
+
+    src = tmp_path / "deg.geojson"
+    src.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [5, 5]]]}},
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]], [[2, 2], [3, 2]]]}}]}))
+    polys = read_geojson(src)
+    assert len(polys) == 1 and polys[0].holes == []
+    assert skipped_features(src) == {"Polygon with fewer than 3 vertices": 1}
+    p = polys[0]
+    p.holes = [np.array([[2.0, 2.0], [3.0, 2.0]])]                       # given by a caller: still not written
+    write_geojson([p], tmp_path / "out.geojson")
+    rings = json.loads((tmp_path / "out.geojson").read_text())["features"][0]["geometry"]["coordinates"]
+    assert len(rings) == 1 and all(len(r) >= 4 for r in rings)
+
+
+def test_imagej_names_with_emoji_are_written_readably(tmp_path):
+    from histoflow.annotations import read_imagej_rois, write_imagej_rois
+
+    p = Polygon(np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]]), name="Zelle \U0001f52c", classification="Tumor",
+                measurements={"x": 1.0})
+    with pytest.warns(UserWarning, match="past U\\+FFFF"):
+        write_imagej_rois([p], tmp_path / "e.zip")
+    back = read_imagej_rois(tmp_path / "e.zip")
+    assert back[0].name == "Zelle \ufffd" and back[0].classification == "Tumor" and back[0].measurements == {"x": 1.0}

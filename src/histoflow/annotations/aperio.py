@@ -255,16 +255,20 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
         if any(len(h) >= 3 for h in p.holes) and not p.measurements.get("negative"):
             layers.append((cls, [p]))
             continue
-        if cls not in by_class:
-            by_class[cls] = []
-            layers.append((cls, by_class[cls]))
-        by_class[cls].append(p)
+        # unclassified polygons keep the layers their colours tell apart (ImageScope's layers are often unnamed,
+        # told apart by colour; one layer for all lost the colours, and let one layer's exclusions cut another's)
+        key = (cls, None if p.classification is not None else _layer_color(p))
+        if key not in by_class:
+            by_class[key] = []
+            layers.append((cls, by_class[key]))
+        by_class[key].append(p)
     rid = 1
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # region by region
         f.write("<?xml version='1.0' encoding='utf-8'?>\n")
         f.write(f"<Annotations MicronsPerPixel={quoteattr(f'{mpp:.6f}' if mpp else '0')}>\n")
         for aid, (cls, polys) in enumerate(layers, start=1):
-            rgb = colors.get(polys[0].classification) if polys[0].classification is not None else None
+            rgb = colors.get(polys[0].classification) if polys[0].classification is not None else \
+                _layer_color(polys[0])
             f.write(f'<Annotation Id="{aid}" Name={quoteattr(cls)} LineColor="{_colorref(rgb) if rgb else 65280}" '
                     'Type="4" Visible="1"><Regions>\n')
             for p in polys:
@@ -276,10 +280,19 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     return path
 
 
+def _layer_color(p):
+    """The (r, g, b) a polygon was read with (its layer's LineColor), or None."""
+    try:
+        return tuple(int(v) for v in p.color) if p.color is not None and len(p.color) == 3 else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _regions(p, rid):
     """The Region elements of one polygon (its outline, then each hole as an exclusion), ids from ``rid``."""
     own = "1" if p.measurements.get("negative") else "0"  # an exclusion read with negatives="keep"
-    for k, (ring, negative) in enumerate([(p.exterior, own)] + [(h, "1") for h in p.holes]):
+    holes = [h for h in p.holes if len(h) >= 3]  # a hole of 1-2 points encloses nothing: no exclusion region
+    for k, (ring, negative) in enumerate([(p.exterior, own)] + [(h, "1") for h in holes]):
         attrs = {"Id": str(rid + k), "Type": "0", "NegativeROA": negative, "Text": _xml_text(p.name or "")}
         meas = {m: v for m, v in p.measurements.items() if m != "negative"} if k == 0 else {}
         for key in ("length", "area"):  # ImageScope's own region attributes

@@ -56,13 +56,19 @@ def _feature(parts, object_type, colors, path) -> dict:
         if str(q.name or "") != str(p.name or "") or q.classification != p.classification:
             raise AnnotationError(f"{path}: polygons of group {p.group!r} are parts of one object but have different "
                                   f"names or classes ({p.name!r} and {q.name!r}); give each object its own group")
-    rings = [[_closed(q.exterior)] + [_closed(h) for h in q.holes] for q in parts]
+    # a hole of fewer than 3 points encloses nothing, and is no GeoJSON ring (4 positions at least): left out
+    rings = [[_closed(q.exterior)] + [_closed(h) for h in q.holes if len(_closed(h)) >= 4] for q in parts]
     props = {"objectType": object_type or p.object_type or "detection"}
     if p.name:
         props["name"] = str(p.name)
     if p.classification is not None:
         props["classification"] = {"name": str(p.classification),
                                    "color": [int(v) for v in colors[p.classification]]}
+    elif p.color is not None:  # an unclassified object keeps its colour (an ImageScope layer's, a QuPath object's)
+        try:
+            props["color"] = [int(v) for v in color_triple(p.color, path)]
+        except AnnotationError:
+            pass
     if p.measurements:
         # NaN / infinity as null: bare NaN is not JSON, and strict readers (and QuPath's) refuse the file
         props["measurements"] = {str(k): (float(v) if math.isfinite(float(v)) else None)
@@ -252,6 +258,8 @@ def _polygons(path, feats):
         cls_obj = props.get("classification")
         cls = _class_name(cls_obj)
         color = cls_obj.get("color") if isinstance(cls_obj, dict) else None
+        if color is None and cls_obj is None:  # an unclassified object's own colour (QuPath writes it so)
+            color = props.get("color")
         packed = cls_obj.get("colorRGB") if isinstance(cls_obj, dict) else None
         if color is None and isinstance(packed, int) and not isinstance(packed, bool):  # QuPath 0.2: packed ARGB
             color = ((packed >> 16) & 255, (packed >> 8) & 255, packed & 255)
@@ -272,14 +280,19 @@ def _polygons(path, feats):
             nuc = _rings(path, i, nuc_parts[0] if isinstance(nuc_parts, list) else None, "nucleusGeometry")
             nucleus = nuc[0] if nuc and len(nuc[0]) >= 3 else None
         group = uuid.uuid4().hex if len(parts) > 1 else None  # unique: files read together never merge
+        kept = 0
         for rings in parts:
             rings = _rings(path, i, rings, "geometry")
             if not rings or len(rings[0]) < 3:
                 continue
-            out.append(Polygon(rings[0], rings[1:], name=name, classification=cls, measurements=dict(meas),
+            kept += 1
+            holes = [h for h in rings[1:] if len(h) >= 3]  # a hole of 1-2 points encloses nothing (and no ring)
+            out.append(Polygon(rings[0], holes, name=name, classification=cls, measurements=dict(meas),
                                object_type=str(kind_obj) if isinstance(kind_obj, str) else None, color=color,
                                group=group, uid=fid, nucleus=nucleus))
             nucleus = None  # the cell's nucleus goes with its first part only
+        if parts and not kept:  # said, as the Aperio reader says its lines and points
+            skipped["Polygon with fewer than 3 vertices"] = skipped.get("Polygon with fewer than 3 vertices", 0) + 1
     return out, skipped
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import uuid
+import warnings
 import zipfile
 
 import numpy as np
@@ -204,6 +205,9 @@ def write_imagej_rois(polygons, path) -> str:
     return path
 
 
+_ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
+
+
 def _roi(rf, parts, i, used, colors):
     """One object (its parts) as an ImageJ ROI and its unique entry name (``used`` holds the names taken)."""
     p = parts[0]
@@ -219,11 +223,18 @@ def _roi(rf, parts, i, used, colors):
         k += 1
         name = f"{base[:190]}-{k}"
     used.add(name.lower())
-    roi.name = name
     props = {"class": p.classification, "objectType": p.object_type, "uid": p.uid,
              "measurements": json.dumps({str(k): float(v) for k, v in p.measurements.items()})
              if p.measurements else None}
-    roi.props = "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in props.items() if v)
+    text = "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in props.items() if v)
+    # roifile records the name's and properties' lengths in characters but stores UTF-16, where a character past
+    # U+FFFF (an emoji) takes two units: the file then cannot be read back. Such characters become U+FFFD.
+    if _ASTRAL.search(name + text):
+        warnings.warn(f"ImageJ ROI {name!r}: characters past U+FFFF (e.g. emoji) in its name or properties are "
+                      "written as \ufffd (roifile cannot store them readably)", UserWarning, stacklevel=4)
+        name, text = _ASTRAL.sub("\ufffd", name), _ASTRAL.sub("\ufffd", text)
+    roi.name = name
+    roi.props = text
     if p.classification is not None:
         roi.stroke_color = bytes((255, *colors[p.classification]))
     return name, roi
