@@ -79,9 +79,10 @@ def _stretch(a: np.ndarray) -> np.ndarray:
     percentiles would make the whole channel NaN, a black picture)."""
     finite = np.isfinite(a)
     if not finite.all():
-        if not finite.any():
-            return np.zeros(a.shape, np.float32)
-        return np.where(finite, _stretch(np.where(finite, a, np.nanmin(np.where(finite, a, np.nan)))), 0)
+        out = np.zeros(a.shape, np.float32)
+        if finite.any():
+            out[finite] = _stretch(a[finite])
+        return out
     lo, hi = np.percentile(a, [1, 99.5])
     if hi <= lo:
         hi = lo + 1

@@ -57,7 +57,7 @@ def _feature(parts, object_type, colors, path) -> dict:
             raise AnnotationError(f"{path}: polygons of group {p.group!r} are parts of one object but have different "
                                   f"names or classes ({p.name!r} and {q.name!r}); give each object its own group")
     # a hole of fewer than 3 points encloses nothing, and is no GeoJSON ring (4 positions at least): left out
-    rings = [[_closed(q.exterior)] + [_closed(h) for h in q.holes if len(_closed(h)) >= 4] for q in parts]
+    rings = [[_closed(q.exterior)] + [r for r in map(_closed, q.holes) if len(r) >= 4] for q in parts]
     props = {"objectType": object_type or p.object_type or "detection"}
     if p.name:
         props["name"] = str(p.name)

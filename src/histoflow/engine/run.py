@@ -335,15 +335,12 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         return
     journal = partial.partial_dir(job.out)
     if resume and not os.path.isdir(journal) and os.path.lexists(job.out):
-        rec = _last_run(job.out)
-        if rec is None:  # a `histoflow tile` store, a PathML file, anything else: not this run's to replace
-            raise PipelineError(f"{job.out}: exists and is not the finished result of a pipeline run, nor is there "
-                                "an unfinished one to continue; resume=True continues the same run only: run "
-                                "without resume to replace it (--overwrite on the command line), or write elsewhere")
-        if not _same_settings(rec, job.manifest):
-            raise PipelineError(f"{job.out}: exists, the result of a run with other settings; resume=True continues "
-                                "the same run only: run without resume to replace it (--overwrite on the command "
-                                "line), or write elsewhere")
+        rec = _last_run(job.out)  # None: a `histoflow tile` store, a PathML file ...: not this run's to replace
+        if rec is None or not _same_settings(rec, job.manifest):
+            what = (" and is not the finished result of a pipeline run, nor is there an unfinished one to continue"
+                    if rec is None else ", the result of a run with other settings")
+            raise PipelineError(f"{job.out}: exists{what}; resume=True continues the same run only: run without "
+                                "resume to replace it (--overwrite on the command line), or write elsewhere")
     job.made_journal = not (resume and os.path.isdir(journal))  # a journal resumed is not this run's to drop
     job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)

@@ -620,13 +620,16 @@ def _as_hwc(a: np.ndarray) -> np.ndarray:
 
 #: µm per OME UnitsLength (SI and imperial); "pixel" and "reference frame" carry no physical size
 _OME_UNITS = {"Ym": 1e30, "Zm": 1e27, "Em": 1e24, "Pm": 1e21, "Tm": 1e18, "Gm": 1e15, "Mm": 1e12, "km": 1e9,
-              "hm": 1e8, "dam": 1e7, "m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "um": 1.0, "micron": 1.0,
-              "\u00b5m": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "pm": 1e-6, "fm": 1e-9, "am": 1e-12, "zm": 1e-15,
+              "hm": 1e8, "dam": 1e7, "m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "pm": 1e-6, "fm": 1e-9, "am": 1e-12, "zm": 1e-15,
               "ym": 1e-18, "Å": 1e-4, "\u212b": 1e-4, "thou": 25.4, "li": 2540.0, "in": 25400.0, "ft": 304800.0,
               "yd": 914400.0, "mi": 1.609344e9, "ua": 1.495978707e17, "ly": 9.4607304725808e21,
               "pc": 3.0856776e22, "pt": 25400.0 / 72}
-_IMAGEJ_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
-                 "m": 1e6, "inch": 25400.0, "in": 25400.0}  # lower case
+#: µm per length unit as people spell them (ImageJ's "unit", and OME units spelled other than the schema's)
+_IMAGEJ_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micrometer": 1.0, "micrometre": 1.0,
+                 "micrometers": 1.0, "micrometres": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3,
+                 "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3, "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4,
+                 "m": 1e6, "meter": 1e6, "metre": 1e6, "å": 1e-4, "angstrom": 1e-4, "inch": 25400.0,
+                 "inches": 25400.0, "in": 25400.0}  # lower case
 
 
 def _first_ome_image(xml: str) -> str:
@@ -656,18 +659,11 @@ class _UnitError(ValueError):
 
 
 def _ome_unit_um(unit: str) -> float | None:
-    """µm in an OME length unit as files spell it: the schema's symbols ("µm", "nm", "in" ...), and common
-    spellings of the micrometre ("micron(s)", "micrometer", "UM", "μm"); None for "pixel", "reference frame" and
-    units of no known length."""
+    """µm in an OME length unit: the schema's symbols ("µm", "nm", "Mm", "in" ...), else the spellings people use
+    (:func:`_imagej_unit_um`: "micron(s)", "micrometer", "UM" ...); None for "pixel", "reference frame" and units
+    of no known length."""
     u = unit.strip()
-    if u in _OME_UNITS:
-        return _OME_UNITS[u]
-    low = u.lower().replace("\u03bc", "µ")
-    if low in ("µm", "um", "micron", "microns", "micrometer", "micrometre", "micrometers", "micrometres"):
-        return 1.0
-    aliases = {"nanometer": "nm", "nanometre": "nm", "millimeter": "mm", "millimetre": "mm", "centimeter": "cm",
-               "centimetre": "cm", "meter": "m", "metre": "m", "angstrom": "Å", "inch": "in", "inches": "in"}
-    return _OME_UNITS.get(aliases.get(low, low)) if low not in ("pixel", "reference frame") else None
+    return _OME_UNITS[u] if u in _OME_UNITS else _imagej_unit_um(u)
 
 
 def _imagej_unit_um(unit) -> float | None:

@@ -250,15 +250,9 @@ class Trainer:
             if self.card.get(key) is not None and not isinstance(self.card[key], Mapping):
                 raise ParameterError(f"card.{key} must be a mapping (the trainer adds its own entries to it), "
                                      f"not {self.card[key]!r}")
-        if any(k in self.card for k in ("architecture", "parameters")):  # said now, not when best.pt is saved
-            from .models import _jsonable, _name_of, _parameters_of
+        from .models import check_card_identity
 
-            name = _name_of(model)
-            own = {"architecture": name, "parameters": _parameters_of(model, name)}
-            for k in ("architecture", "parameters"):
-                if k in self.card and _jsonable(self.card[k]) != own[k]:
-                    raise ParameterError(f"card.{k} {self.card[k]!r} disagrees with the model ({own[k]!r}); it is "
-                                         "written from the model: leave it out")
+        check_card_identity(model, self.card)  # said now, not when best.pt is first saved after an epoch
         if run_settings is not None and not isinstance(run_settings, Mapping):
             raise ParameterError(f"run_settings must be a mapping, got {run_settings!r}")
         self.run_settings = None if run_settings is None else dict(run_settings)
@@ -341,21 +335,15 @@ class Trainer:
         if not isinstance(state, dict):
             raise TrainingError(f"{path}: cannot resume: not a training checkpoint (it holds a "
                                 f"{type(state).__name__}, not the mapping Trainer.save_checkpoint writes)")
-        old = state.get("settings")
-        if isinstance(old, dict):  # checkpoints written before the settings were kept are taken as they are
-            diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in self._settings().items() if old.get(k) != v]
-            if diff:
-                raise TrainingError(f"{path}: cannot resume: the run was started with other settings "
-                                    f"({'; '.join(diff)}). Resume with the settings it was started with, or "
-                                    "start a new run from its weights (model.init)")
-        old_run, new_run = state.get("run_settings"), self.run_settings
-        if isinstance(old_run, dict) and new_run is not None:
-            diff = [f"{k} {old_run.get(k)!r} -> {new_run.get(k)!r}" for k in sorted(set(old_run) | set(new_run))
-                    if old_run.get(k) != new_run.get(k)]
-            if diff:
-                raise TrainingError(f"{path}: cannot resume: the run was started with other settings "
-                                    f"({'; '.join(diff)}). Resume with the settings it was started with, or "
-                                    "start a new run from its weights (model.init)")
+        diff = []  # checkpoints written before either kind of settings was kept are taken as they are
+        for old, new in ((state.get("settings"), self._settings()), (state.get("run_settings"), self.run_settings)):
+            if isinstance(old, dict) and new is not None:
+                diff += [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in [*new, *sorted(set(old) - set(new))]
+                         if old.get(k) != new.get(k)]
+        if diff:
+            raise TrainingError(f"{path}: cannot resume: the run was started with other settings "
+                                f"({'; '.join(diff)}). Resume with the settings it was started with, or "
+                                "start a new run from its weights (model.init)")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

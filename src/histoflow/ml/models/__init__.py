@@ -147,6 +147,20 @@ def _name_of(model: nn.Module) -> str:
                      f"({', '.join(list_models())}); register it first")
 
 
+def check_card_identity(model: nn.Module, card: Mapping, who: str = "") -> None:
+    """A ParameterError when ``card`` gives an ``architecture`` or ``parameters`` other than ``model``'s own
+    (:func:`save` writes them from the model; a trainer checks its card before the first epoch)."""
+    given = [k for k in ("architecture", "parameters") if k in card]
+    if not given:
+        return
+    name = _name_of(model)
+    own = {"architecture": name, "parameters": _parameters_of(model, name)}
+    for k in given:
+        if _jsonable(card[k]) != own[k]:
+            raise ParameterError(f"{who}card.{k} {card[k]!r} disagrees with the model ({own[k]!r}); it is written "
+                                 "from the model: leave it out")
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, tuple | list):
         return [_jsonable(x) for x in v]
@@ -253,11 +267,10 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
     switched = _instance_norm_switches(model)
     if switched:
         full[_INSTANCE_NORM_KEY] = switched
+    check_card_identity(model, card or {}, "save: ")
     for k, v in dict(card or {}).items():
         if k in ("weights_dtype", _INSTANCE_NORM_KEY):
             continue
-        if k in ("architecture", "parameters") and _jsonable(v) != full[k]:
-            raise ParameterError(f"save: card[{k!r}]={v!r} disagrees with the model ({full[k]!r})")
         full[k] = v
     try:
         text = json.dumps(_jsonable(full), indent=2, sort_keys=False)
