@@ -137,6 +137,11 @@ def test_grid_argument_errors():
                dict(mpp=float("inf"), slide_mpp=0.5), dict(mpp=0.5, slide_mpp=0)):
         with pytest.raises(RegionError):
             TileGrid((1000, 1000), 256, **kw)
+    # an infinite tile size, and a target mpp so fine that the tiles could not be counted: errors, not OverflowError
+    with pytest.raises(RegionError, match="tile_size must be a whole number of pixels"):
+        TileGrid((1000, 1000), float("inf"))
+    with pytest.raises(RegionError, match=r"the grid would have .* tiles .* more than 2,147,483,648"):
+        TileGrid((1000, 1000), 256, mpp=1e-9, slide_mpp=0.5)
 
 
 def test_level_grids_cover_the_level_itself(mosaic2):

@@ -79,6 +79,27 @@ def test_slide_masks_cropped_to_tiles_and_filtering():
             s.grid(256, mask="tumour")
 
 
+def test_slide_masks_that_do_not_cover_the_slide_are_refused():
+    """A transposed mask, a wrong or non-positive downsample, an empty mask: refused by add_mask, naming the slide,
+    instead of silently keeping the wrong tiles (a transposed all-tissue mask dropped 45 of 108) or failing later."""
+    with SlideData(SVS) as s:  # 2220 x 2967 (w x h)
+        s.add_mask("ok", np.ones((297, 222), bool))              # downsample 10, as the slide's shape
+        s.add_mask("ok_ds", np.ones((371, 278), bool), downsample=8)  # ceil(2967/8) x ceil(2220/8)
+        assert len(s.grid(256, mask="ok", min_coverage=1.0)) == len(s.grid(256, mask="ok_ds", min_coverage=1.0))
+        for arr, ds, match in [(np.ones((222, 297), bool), None, r"expected shape about \(397, 297\).*transposed"),
+                               (np.ones((10, 10), bool), -2, "downsample must be a positive number"),
+                               (np.ones((10, 10), bool), "x", "downsample must be a positive number"),
+                               (np.ones((10, 10), bool), float("nan"), "downsample must be a positive number"),
+                               (np.ones((371, 278), bool), 4, "covers 1112 x 1484 px of level 0"),
+                               (np.zeros((0, 100), bool), None, "is empty"),
+                               (np.zeros((10, 0), bool), None, "is empty"),
+                               (np.array([["a"]]), None, "dtype <U1")]:
+            with pytest.raises(RegionError, match=match) as e:
+                s.add_mask("bad", arr, ds)
+            assert "CMU-1-Small-Region.svs" in str(e.value)
+        assert "bad" not in s.masks
+
+
 def test_tiling_memory_does_not_grow_with_the_slide(mosaic2):
     """Iterating the 432 tiles of a 4440 x 5934 level keeps only a tile or two alive at a time."""
     with SlideData(mosaic2) as s:

@@ -8,7 +8,7 @@ import tifffile
 from datafiles import SVS, data_path, mosaic
 
 from histoflow import SlideReadError, open_slide
-from histoflow.errors import RegionError
+from histoflow.errors import ChannelError, RegionError, RegionTooLargeError
 from histoflow.io import detect_format
 
 MIBI = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
@@ -156,6 +156,15 @@ def test_thumbnail_bounded_and_faithful(mosaic8):
         np.testing.assert_array_equal(sub, th[..., [5, 0]])
         with pytest.raises(RegionError, match=r"thumbnail channels \[22\] out of range.*22 channel"):
             s.thumbnail(256, channels=[22])
+        # channels by name; a name the slide lacks, sizes that are no size, or far too large: errors naming the slide
+        np.testing.assert_array_equal(s.thumbnail(256, channels=[s.channel_names[5]]), th[..., [5]])
+        with pytest.raises(ChannelError, match=r"ark_fov8.*no channel named 'CD99'"):
+            s.thumbnail(64, channels=["CD99"])
+        for size in (float("nan"), 64.5, True, "64", 0):
+            with pytest.raises(RegionError, match=r"ark_fov8.*thumbnail size must be a positive whole number"):
+                s.thumbnail(size)
+        with pytest.raises(RegionTooLargeError, match=r"ark_fov8.*1000000 x 1000000 thumbnail"):
+            s.thumbnail(10**6)
 
 
 def test_same_thumbnail_again_is_not_read_again(monkeypatch):

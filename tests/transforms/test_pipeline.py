@@ -273,7 +273,7 @@ def test_fitting_view_runs_only_the_steps_that_change_pixels():
     np.testing.assert_array_equal(matrices[0], matrices[1])
     p = Pipeline([VirtualHE(nuclear_channel="DAPI"), QuantifyCells(mask_name="nuclei")], inputs=["nuclei"])
     with SlideData(qptiff) as s:
-        s.add_mask("nuclei", np.zeros((10, 10), np.uint8))
+        s.add_mask("nuclei", np.zeros((15, 20), np.uint8))
         p.fit_slide(s)
     assert p.steps[1].od_  # measured as H&E optical densities, as the tiles VirtualHE leaves will be
 

@@ -24,6 +24,10 @@ from ..errors import RegionError
 MPP_TOLERANCE = 0.01
 
 
+#: most tiles a grid may have (a target mpp far finer than the slide's would make more than a process can count)
+MAX_GRID_TILES = 1 << 31
+
+
 @dataclass(frozen=True)
 class TileSpec:
     """One cell of a grid."""
@@ -154,6 +158,10 @@ class TileGrid:
             self.out_size = (float(lw), float(lh))
         self.cols = _count(self.out_size[0], self.tile_size[0], self.stride[0], edge)
         self.rows = _count(self.out_size[1], self.tile_size[1], self.stride[1], edge)
+        if self.cols * self.rows > MAX_GRID_TILES:
+            raise RegionError(f"the grid would have {self.rows:,} x {self.cols:,} tiles ({self.out_size[0]:,.0f} x "
+                              f"{self.out_size[1]:,.0f} px of {self.tile_size[0]} x {self.tile_size[1]}), more than "
+                              f"{MAX_GRID_TILES:,}: use larger tiles or a coarser level / mpp")
         self.mask_filter = None
         if mask is not None:
             self.mask_filter = _MaskCoverage(np.asarray(mask), mask_downsample, self.dimensions)
@@ -267,7 +275,7 @@ def _pair(v, name):
         out = tuple(int(x) for x in vals)
         if any(isinstance(x, bool) or float(x) != int(x) for x in vals):
             raise TypeError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RegionError(f"{name} must be a whole number of pixels or a pair of them, got {v!r}") from None
     return out
 

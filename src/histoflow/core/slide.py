@@ -182,14 +182,40 @@ class SlideData:
 
     # ------------------------------------------------------------------ masks
     def add_mask(self, name: str, array, downsample: float | None = None):
-        """Attach a slide-level mask; ``downsample`` defaults to level-0 width / mask width."""
+        """Attach a slide-level mask; ``downsample`` (level-0 pixels per mask pixel) defaults to level-0
+        width / mask width. The mask must cover the slide: its size times ``downsample`` must match the
+        slide's within a mask pixel (or 2 %), so that a transposed mask or a wrong downsample is refused
+        here rather than silently keeping the wrong tiles."""
+        if not isinstance(name, str) or not name:
+            raise RegionError(f"{self.path}: a slide mask's name must be a non-empty string, got {name!r}")
         array = np.asarray(array)
         if array.ndim != 2:
             raise RegionError(f"{self.path}: slide mask {name!r} must be 2-D, got shape {array.shape}")
+        if 0 in array.shape:
+            raise RegionError(f"{self.path}: slide mask {name!r} is empty (shape {array.shape})")
+        if not (array.dtype == bool or array.dtype.kind in "uif"):
+            raise RegionError(f"{self.path}: slide mask {name!r} has dtype {array.dtype}; use bool, integers or "
+                              "floats")
+        w0, h0 = self.dimensions
+        if downsample is None:
+            ds = w0 / array.shape[1]
+        else:
+            try:
+                ds = float(downsample)
+            except (TypeError, ValueError):
+                ds = float("nan")
+            if not (math.isfinite(ds) and ds > 0):
+                raise RegionError(f"{self.path}: slide mask {name!r}: downsample must be a positive number "
+                                  f"(level-0 pixels per mask pixel), got {downsample!r}")
+        mh, mw = array.shape
+        if not all(abs(n * ds - full) <= max(ds, 0.02 * full) + 1 for n, full in ((mw, w0), (mh, h0))):
+            raise RegionError(
+                f"{self.path}: slide mask {name!r} of shape {array.shape} (h, w) at downsample {ds:g} covers "
+                f"{mw * ds:.0f} x {mh * ds:.0f} px of level 0, but the slide is {w0} x {h0}: expected shape about "
+                f"({round(h0 / ds)}, {round(w0 / ds)}) at that downsample (is the mask transposed?)")
         is_bool = array.dtype == bool
         if is_bool:
             array = array.astype(np.uint8)
-        ds = float(downsample) if downsample else self.dimensions[0] / array.shape[1]
         self.masks[name] = SlideMask(array, ds, is_bool)
 
     # ------------------------------------------------------------------ tiling

@@ -284,6 +284,14 @@ class SlideReader:
                               f"0..{len(self.levels) - 1}, or -1..-{len(self.levels)} from the last)")
         return level
 
+    def _channel_index(self, c: str) -> int:
+        """The index of the channel named ``c`` (:class:`ChannelError` naming the channels if there is none)."""
+        from ..errors import ChannelError
+
+        if c in self.channel_names:
+            return self.channel_names.index(c)
+        raise ChannelError(f"{self.path}: no channel named {c!r}; the channels are {self.channel_names}")
+
     def check_region_bytes(self, w: int, h: int, what: str = "region"):
         need = int(w) * int(h) * self.channels * self.dtype.itemsize
         if need > self.max_region_bytes:
@@ -358,18 +366,23 @@ class SlideReader:
         asking again for the same one (the tissue pre-pass, then a slide-level stain fit) costs a copy.
         """
         self._check_open()
-        max_size = int(max_size)
-        if max_size <= 0:
-            raise RegionError(f"{self.path}: thumbnail size must be positive, got {max_size}")
+        given = max_size
+        try:
+            max_size = int(max_size)
+        except (TypeError, ValueError, OverflowError):
+            max_size = 0
+        if isinstance(given, (bool, np.bool_)) or max_size <= 0 or max_size != given:
+            raise RegionError(f"{self.path}: thumbnail size must be a positive whole number of pixels, got {given!r}")
         if channels is not None:
-            channels = [int(c) for c in np.atleast_1d(channels)]
-            bad = [c for c in channels if not 0 <= c < self.channels]
+            channels = [self._channel_index(c) if isinstance(c, str) else c for c in np.atleast_1d(channels).tolist()]
+            bad = [c for c in channels if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.channels]
             if bad or not channels:
                 raise RegionError(f"{self.path}: thumbnail channels {bad or channels} out of range: the slide has "
                                   f"{self.channels} channel(s)")
         w0, h0 = self.dimensions
         scale = max_size / max(w0, h0)
         tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        self.check_region_bytes(tw, th, "thumbnail")
         level = 0
         for i, lv in enumerate(self.levels):
             if max(lv.width, lv.height) >= max_size:
