@@ -1205,6 +1205,25 @@ def _plain(value):
     return value
 
 
+def _text_or_none(v):
+    """A provenance value shown as text (``histoflow info``): strings as they are, anything else None."""
+    return v if isinstance(v, str) else None
+
+
+def _count_or_none(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _flag(obj, name: str, path) -> bool:
+    """A true/false attribute (absent: False); anything but one bool or 0/1 number is an inconsistency."""
+    v = _plain(_attr(obj, name, path, False))
+    if isinstance(v, list) and len(v) == 1:
+        v = v[0]
+    if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
+        return bool(v)
+    raise H5PathError(f"{path}: inconsistent: attribute {name!r} of {obj.name} must be true or false, got {v!r:.80}")
+
+
 def _dataset(group, name: str, path) -> h5py.Dataset:
     """``group[name]``, checked to be a plain dataset (hard link, internal storage, not virtual)."""
     try:
@@ -1289,7 +1308,8 @@ class _V2Reader:
         if "images" not in tiles:
             return
         img = _dataset(tiles, "images", path)
-        if img.ndim != 4 or not (img.dtype.kind in "ui" or img.dtype in (np.float32, np.float64)):
+        if img.ndim != 4 or 0 in img.shape[1:] or \
+                not (img.dtype.kind in "ui" or img.dtype in (np.float32, np.float64)):
             raise H5PathError(f"{path}: inconsistent: /tiles/images has shape {img.shape} dtype {img.dtype}")
         n, h, w, c = img.shape
         if n > MAX_TILES:
@@ -1317,7 +1337,7 @@ class _V2Reader:
                 raise H5PathError(f"{path}: inconsistent: tile mask {ds.name} has shape {ds.shape} "
                                   f"dtype {ds.dtype}, expected ({n}, {h}, {w})")
             _check_chunks(ds, path)
-            self._tile_masks[name] = (ds, bool(_attr(ds, "bool", path, False)))
+            self._tile_masks[name] = (ds, _flag(ds, "bool", path))
         lg = _group(tiles, "labels", path)
         for name in (lg or {}):
             ds = _dataset(lg, name, path)
@@ -1431,8 +1451,9 @@ class _V2Reader:
         if g is None or name not in g:
             raise KeyError(f"{self.path}: no slide mask {name!r}")
         ds = _dataset(g, name, self.path)
-        if ds.ndim != 2:
-            raise H5PathError(f"{self.path}: inconsistent: slide mask {ds.name} has shape {ds.shape}")
+        if ds.ndim != 2 or 0 in ds.shape or ds.dtype.kind not in "uifb":
+            raise H5PathError(f"{self.path}: inconsistent: slide mask {ds.name} has shape {ds.shape} dtype {ds.dtype}; "
+                              "expected a non-empty 2-D array of numbers")
         return ds
 
     def read_mask(self, name) -> np.ndarray:
@@ -1444,7 +1465,7 @@ class _V2Reader:
             arr = ds[()]
         except OSError as e:
             raise H5PathError(f"{self.path}: slide mask {name!r} cannot be read (damaged file?): {e}") from e
-        return arr.astype(bool) if _attr(ds, "bool", self.path, False) else arr
+        return arr.astype(bool) if _flag(ds, "bool", self.path) else arr
 
     def mask_downsample(self, name) -> float:
         v = _attr(self._mask_ds(name), "downsample", self.path, 1.0)
@@ -1539,7 +1560,13 @@ def _read_slide(g: h5py.Group, path, labels: bool = True) -> dict:
     if not labels:
         out["labels"] = {}
         return out
-    json_names = set(_plain(_attr(g, "json_labels", path, np.zeros(0, object))))
+    json_names = _plain(_attr(g, "json_labels", path, np.zeros(0, object)))
+    if isinstance(json_names, str):
+        json_names = [json_names]
+    if not isinstance(json_names, list) or not all(isinstance(k, str) for k in json_names):
+        raise H5PathError(f"{path}: invalid /slide metadata: attribute 'json_labels' must list label names, "
+                          f"got {json_names!r:.80}")
+    json_names = set(json_names)
     labels = {}
     lg = _group(g, "labels", path)
     for k in (lg.attrs if lg is not None else ()):
@@ -1799,15 +1826,17 @@ class H5Path:
             pipe = rec.get("pipeline")
             steps = pipe.get("steps") if isinstance(pipe, dict) else None
             executor = rec.get("executor")
-            runs.append({"kind": rec.get("kind"), "date": rec.get("date"),
-                         "steps": [next(iter(st)) for st in steps if isinstance(st, dict) and st]
+            failed = rec.get("failed_tiles")
+            runs.append({"kind": _text_or_none(rec.get("kind")), "date": _text_or_none(rec.get("date")),
+                         "steps": [str(next(iter(st))) for st in steps if isinstance(st, dict) and st]
                          if isinstance(steps, list) else None,
-                         "tiles_written": rec.get("tiles_written"),
+                         "tiles_written": _count_or_none(rec.get("tiles_written")),
                          # the list holds 100,000 at most; the total is recorded beside it
-                         "failed_tiles": rec.get("failed_tiles_total", len(rec["failed_tiles"]))
-                         if isinstance(rec.get("failed_tiles"), list) else None,
-                         "executor": executor.get("kind") if isinstance(executor, dict) else executor,
-                         "elapsed_s": rec.get("elapsed_s")})
+                         "failed_tiles": _count_or_none(rec.get("failed_tiles_total", len(failed)))
+                         if isinstance(failed, list) else None,
+                         "executor": _text_or_none(executor.get("kind") if isinstance(executor, dict) else executor),
+                         "elapsed_s": rec.get("elapsed_s") if isinstance(rec.get("elapsed_s"), (int, float))
+                         and not isinstance(rec.get("elapsed_s"), bool) else None})
         return {"path": self.path, "format_version": self.format_version, "slide": self.slide, "tiles": n,
                 "tile_shape": shape, "dtype": dtype, "compression": self._compression(),
                 "tile_masks": self.tile_mask_names, "tile_labels": self.tile_label_names, "masks": masks,

@@ -286,6 +286,10 @@ class PathMLV1Reader:
         if ds.ndim == 5 and (ds.shape[2] != 1 or ds.shape[4] != 1):
             raise H5PathError(f"{self.path}: {where}: array of shape {ds.shape} (i, j, z, c, t) holds "
                               f"{ds.shape[2]} z-planes and {ds.shape[4]} time points; histoflow reads one of each")
+        first = self._first_array()
+        if i and (ds.shape, ds.dtype) != first:
+            raise H5PathError(f"{self.path}: inconsistent: {where}: array has shape {ds.shape} dtype {ds.dtype}, "
+                              f"unlike the first tile's {first[0]} {first[1]} (PathML writes every tile alike)")
         coords_attr = _attr(g, "coords", self.path)
         if coords_attr is not None and \
                 parse_coords(coords_attr, self.path, f"{where}: coords attribute") != self._ij[i]:
@@ -309,6 +313,14 @@ class PathMLV1Reader:
         return Tile(image=image, coords=(j_col, i_row), level=0, downsample=1.0, masks=masks,
                     labels=self._tile_labels(g), slide_type=self._slide_type, name=name, mpp=None)
 
+    def _first_array(self) -> tuple:
+        """(shape, dtype) of the first tile's ``array``: every tile of a PathML file has the same."""
+        if self.__dict__.get("_first") is None:
+            g = _group(self.f["tiles"], self._keys[0], self.path)
+            ds = _dataset(g, "array", self.path) if "array" in g else None
+            self._first = (None, None) if ds is None else (ds.shape, ds.dtype)
+        return self._first
+
     # slide masks
 
     def mask_names(self) -> list:
@@ -320,6 +332,9 @@ class PathMLV1Reader:
         if g is None or name not in g:
             raise KeyError(f"{self.path}: no slide mask {name!r}")
         ds = _dataset(g, name, self.path)
+        if ds.ndim != 2 or 0 in ds.shape or ds.dtype.kind not in "uifb":
+            raise H5PathError(f"{self.path}: inconsistent: slide mask {name!r} has shape {ds.shape} dtype {ds.dtype}; "
+                              "expected a non-empty 2-D array of numbers")
         if ds.size * ds.dtype.itemsize > MAX_TILE_BYTES:
             raise H5PathError(f"{self.path}: slide mask {name!r} of shape {ds.shape} is larger than histoflow loads")
         try:
