@@ -233,7 +233,11 @@ class Transform:
             raise PipelineError(f"{name} has no parameter(s) {sorted(unknown)}; it takes {cls._param_names()}")
         if issubclass(cls, Pipeline):
             params = dict(params)
-            params["steps"] = [Transform.from_dict(s) for s in params.get("steps", [])]
+            steps = params.get("steps") or []
+            if not isinstance(steps, list):
+                raise PipelineError(f"{name}: 'steps' must be a list of {{TransformName: {{param: value}}}}, got "
+                                    f"{type(steps).__name__} {steps!r:.60}")
+            params["steps"] = [Transform.from_dict(s) for s in steps]
         return cls(**params)
 
     def __repr__(self):
@@ -270,6 +274,8 @@ class Pipeline(Transform):
         self.steps = list(steps)
         if isinstance(inputs, str):  # one mask name
             inputs = [inputs]
+        if inputs is not None and not isinstance(inputs, (list, tuple)):
+            raise PipelineError(f"Pipeline inputs must be slide mask names (a list of str), got {inputs!r}")
         self.inputs = list(inputs or ())
         if not all(isinstance(m, str) and m for m in self.inputs):
             raise PipelineError(f"Pipeline inputs must be slide mask names (a list of str), got {inputs!r}")
@@ -477,8 +483,9 @@ class Pipeline(Transform):
                                 f"{type(d['steps']).__name__} {d['steps']!r:.60}")
         version = d.get("histoflow_pipeline", PIPELINE_FORMAT)
         if version != PIPELINE_FORMAT:
-            raise PipelineError(f"{source}: pipeline format {version} is not supported (this histoflow "
-                                f"reads format {PIPELINE_FORMAT})")
+            raise PipelineError(f"{source}: pipeline format {version!r} is not supported (this histoflow "
+                                f"reads format {PIPELINE_FORMAT}, written as the number `histoflow_pipeline: "
+                                f"{PIPELINE_FORMAT}`)")
         try:
             steps = [Transform.from_dict(s) for s in d["steps"] or []]
             return cls(steps, inputs=d.get("inputs") or ())

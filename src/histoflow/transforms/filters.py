@@ -25,25 +25,36 @@ __all__ = ["MedianBlur", "GaussianBlur", "BoxBlur", "median_blur", "gaussian_blu
 
 
 # --------------------------------------------------------------------------- helpers (shared in the package)
-def _check_odd_kernel(name, kernel_size, minimum=1):
+#: largest filter / morphology kernel (pixels): far beyond any tile-scale filter; a kernel of 10^6 px made
+#: OpenCV pad a 256 px tile by half a million pixels on each side (minutes, or gigabytes)
+MAX_KERNEL = 1023
+
+
+def _check_odd_kernel(name, kernel_size, minimum=1, maximum=MAX_KERNEL, param="kernel_size"):
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral):
-        raise ParameterError(f"{name}: kernel_size must be an odd integer, got {kernel_size!r}")
+        raise ParameterError(f"{name}: {param} must be an odd integer, got {kernel_size!r}")
     if kernel_size < minimum or kernel_size % 2 == 0:
-        raise ParameterError(f"{name}: kernel_size must be an odd integer >= {minimum}, got {kernel_size}")
+        raise ParameterError(f"{name}: {param} must be an odd integer >= {minimum}, got {kernel_size}")
+    if kernel_size > maximum:
+        raise ParameterError(f"{name}: {param} must be at most {maximum} px, got {kernel_size}")
     return int(kernel_size)
 
 
-def _check_positive_int(name, param, value, minimum=1):
+def _check_positive_int(name, param, value, minimum=1, maximum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ParameterError(f"{name}: {param} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ParameterError(f"{name}: {param} must be at most {maximum}, got {value!r}")
     return int(value)
 
 
-def _check_number(name, param, value, minimum=None, strict=False):
+def _check_number(name, param, value, minimum=None, strict=False, maximum=None):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise ParameterError(f"{name}: {param} must be a finite number, got {value!r}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ParameterError(f"{name}: {param} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ParameterError(f"{name}: {param} must be at most {maximum:g}, got {value!r}")
     return value
 
 

@@ -154,13 +154,24 @@ def rescale_intensity(image, in_range="image", out_range="dtype", per_channel=Fa
     image = np.asarray(image)
     if image.size == 0:  # no pixels, nothing to stretch (scikit-image would raise)
         return image.copy()
+
+    def one(a):
+        rng = in_range
+        if rng == "image" and a.dtype.kind == "f" and not np.isfinite(a).all():
+            # the range of the finite pixels: NaN (no data) stays NaN, +-inf go to the ends (one NaN pixel made
+            # scikit-image's "image" range NaN, and with it the whole tile)
+            fin = a[np.isfinite(a)]
+            rng = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
+            if rng[0] == rng[1]:
+                rng = (rng[0], np.nextafter(rng[0], np.inf))
+        return _cast_like(exposure.rescale_intensity(a, rng, out_range), a.dtype)
+
     if per_channel and image.ndim == 3:
         out = np.empty_like(image)
         for i in range(image.shape[2]):
-            out[:, :, i] = _cast_like(exposure.rescale_intensity(image[:, :, i], in_range, out_range),
-                                      image.dtype)
+            out[:, :, i] = one(image[:, :, i])
         return out
-    return _cast_like(exposure.rescale_intensity(image, in_range, out_range), image.dtype)
+    return one(image)
 
 
 def equalize_histogram(image, nbins=256, per_channel=False):
@@ -180,14 +191,24 @@ def equalize_histogram(image, nbins=256, per_channel=False):
     image = np.asarray(image)
     if image.size == 0:
         return image.copy()
+    def one(a):
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            # the histogram of the finite pixels; NaN (no data) stays NaN, +-inf go to the ends
+            fin = np.isfinite(a)
+            if not fin.any():
+                return a.copy()
+            out = exposure.equalize_hist(np.where(fin, a, 0), nbins=nbins, mask=fin)
+            out = np.where(np.isnan(a), np.nan, np.where(a == np.inf, 1.0, np.where(a == -np.inf, 0.0, out)))
+            return _to_dtype(out, a.dtype)
+        return _to_dtype(exposure.equalize_hist(a, nbins=nbins), a.dtype)
+
     if per_channel and image.ndim == 3:
         out = np.empty_like(image)
         for i in range(image.shape[2]):
-            out[:, :, i] = _to_dtype(exposure.equalize_hist(image[:, :, i], nbins=nbins), image.dtype)
+            out[:, :, i] = one(image[:, :, i])
         return out
     # one histogram over every channel: flatten (scikit-image would warn that this might be a colour image)
-    flat = exposure.equalize_hist(image.reshape(-1), nbins=nbins)
-    return _to_dtype(flat, image.dtype).reshape(image.shape)
+    return one(image.reshape(-1)).reshape(image.shape)
 
 
 def equalize_adaptive(image, clip_limit=0.03, nbins=256, kernel_size=None):
@@ -298,6 +319,10 @@ class HistogramEqualization(Transform):
         tile.image = self.F(tile.image)
 
 
+#: largest CLAHE contextual region (px): scikit-image pads the image to a multiple of it (10^6 px asked for TiB)
+MAX_CLAHE_KERNEL = 4096
+
+
 class AdaptiveHistogramEqualization(Transform):
     """CLAHE (:func:`skimage.exposure.equalize_adapthist`), dtype kept; RGB on its HSV value, other
     channel counts channel by channel.
@@ -329,9 +354,10 @@ class AdaptiveHistogramEqualization(Transform):
             if isinstance(kernel_size, (list, tuple)):
                 if len(kernel_size) != 2:
                     raise ParameterError(f"{name}: kernel_size must be an int or (height, width), got {kernel_size!r}")
-                kernel_size = tuple(_check_positive_int(name, "kernel_size", k) for k in kernel_size)
+                kernel_size = tuple(_check_positive_int(name, "kernel_size", k, maximum=MAX_CLAHE_KERNEL)
+                                    for k in kernel_size)
             else:
-                kernel_size = _check_positive_int(name, "kernel_size", kernel_size)
+                kernel_size = _check_positive_int(name, "kernel_size", kernel_size, maximum=MAX_CLAHE_KERNEL)
         self.kernel_size = kernel_size
 
     def F(self, image):

@@ -45,6 +45,8 @@ def otsu_threshold(grey):
     True
     """
     grey = np.ascontiguousarray(grey)
+    if grey.dtype.kind == "f" and not np.isfinite(grey).all():
+        grey = grey[np.isfinite(grey)]  # the finite pixels' threshold (NaN is no data: in neither class)
     if grey.size == 0 or grey.min() == grey.max():
         return 0.0  # one grey level: no two classes; OpenCV's answer, for every dtype alike
     if grey.dtype in (np.uint8, np.uint16):

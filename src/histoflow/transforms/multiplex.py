@@ -19,6 +19,31 @@ from ..errors import ChannelError, ParameterError
 from ..utils import NUCLEAR_MARKERS
 from .base import Transform, inside_slide, outputs_from
 from .filters import _check_name, _check_number, _check_positive_int
+
+#: largest size (µm) a nucleus / cell parameter may span: sigmas, distances and expansions far beyond any cell (a
+#: sigma of 10^12 µm ran for minutes and gigabytes before failing)
+MAX_SIZE_UM = 500.0
+
+
+def _check_channel(who, param, value, auto=False):
+    """A channel given by name or index (``"auto"`` too where ``auto``); anything else is a ParameterError."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    also = ' (or "auto")' if auto else ""
+    raise ParameterError(f"{who}: {param} is a channel name or index{also}, got {value!r}")
+
+
+def _check_channels(who, param, value):
+    """None (an empty list too), or channels by name or index: one (``"CD45"``, ``5``) or a list of them."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if isinstance(value, (str, int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ParameterError(f"{who}: {param} is a channel name or index, or a list of them; got {value!r}")
+    return [_check_channel(who, param, v) for v in value]
 from .objects import LARGE_NUCLEUS_UM, find_channel, keep_owned, relabel_sequential
 
 __all__ = ["CollapseRunsCODEX", "CollapseRunsVectra", "SegmentNuclei", "SegmentCells", "VirtualHE",
@@ -201,16 +226,16 @@ class SegmentNuclei(Transform):
         who = type(self).__name__
         if threshold is not None:
             _check_number(who, "threshold", threshold)
-        _check_number(who, "sigma_um", sigma_um, 0)
+        _check_number(who, "sigma_um", sigma_um, 0, maximum=MAX_SIZE_UM / 8)
         _check_number(who, "min_area_um2", min_area_um2, 0)
         if max_area_um2 is not None:
             _check_number(who, "max_area_um2", max_area_um2, 0)
-        _check_number(who, "min_distance_um", min_distance_um, 0)
+        _check_number(who, "min_distance_um", min_distance_um, 0, maximum=MAX_SIZE_UM / 2)
         if mpp is not None:
             _check_number(who, "mpp", mpp, 0, strict=True)
         _check_name(who, "mask_name", mask_name)
         _check_name(who, "label_name", label_name)
-        self.nuclear_channel = nuclear_channel
+        self.nuclear_channel = _check_channel(who, "nuclear_channel", nuclear_channel, auto=True)
         self.threshold = threshold
         self.sigma_um = sigma_um
         self.min_area_um2 = min_area_um2
@@ -334,13 +359,11 @@ class SegmentCells(SegmentNuclei):
         super().__init__(nuclear_channel=nuclear_channel, threshold=threshold, sigma_um=sigma_um,
                          min_area_um2=min_area_um2, max_area_um2=max_area_um2, min_distance_um=min_distance_um,
                          mpp=mpp, mask_name=nucleus_mask, label_name=label_name)
-        _check_number("SegmentCells", "expand_um", expand_um, 0)
+        _check_number("SegmentCells", "expand_um", expand_um, 0, maximum=MAX_SIZE_UM / 2)
         _check_name("SegmentCells", "cell_mask", cell_mask)
         if cell_mask == nucleus_mask:
             raise ParameterError(f"SegmentCells: cell_mask and nucleus_mask must differ, both are {cell_mask!r}")
-        if isinstance(membrane_channels, (str, int)):  # one channel, by name or index
-            membrane_channels = [membrane_channels]
-        self.membrane_channels = membrane_channels
+        self.membrane_channels = _check_channels("SegmentCells", "membrane_channels", membrane_channels)
         self.expand_um = expand_um
         self.cell_mask = cell_mask
         self.nucleus_mask = nucleus_mask
@@ -571,8 +594,8 @@ class VirtualHE(Transform):
             if b.shape != (3,) or not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
                                           and np.isfinite(v) and v >= 0 for v in b):
                 raise ParameterError(f"VirtualHE: {name} is an OD colour of 3 numbers >= 0, got {beta!r}")
-        self.nuclear_channel = nuclear_channel
-        self.eosin_channels = eosin_channels
+        self.nuclear_channel = _check_channel("VirtualHE", "nuclear_channel", nuclear_channel, auto=True)
+        self.eosin_channels = _check_channels("VirtualHE", "eosin_channels", eosin_channels)
         self.k_h = k_h
         self.k_e = k_e
         self.percentile = percentile

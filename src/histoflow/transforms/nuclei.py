@@ -30,7 +30,7 @@ from scipy import ndimage as ndi
 
 from ..errors import ParameterError
 from .base import Transform, outputs_from
-from .filters import _check_name, _check_number
+from .filters import MAX_KERNEL, _check_name, _check_number
 from .morphology import _fill_holes, _peaks_per_label
 from .objects import LARGE_NUCLEUS_UM, keep_owned
 from .stain import REFERENCE_STAIN_MATRIX, _METHODS, _check_rgb, _od_lut, _StainFitMixin
@@ -234,8 +234,8 @@ class NucleusDetectionHE(_StainFitMixin, Transform):
         _check_number("NucleusDetectionHE", "min_area", min_area, 0)
         if max_area is not None:
             _check_number("NucleusDetectionHE", "max_area", max_area, 0)
-        _check_number("NucleusDetectionHE", "min_distance", min_distance, 1)
-        _check_number("NucleusDetectionHE", "sigma", sigma, 0)
+        _check_number("NucleusDetectionHE", "min_distance", min_distance, 1, maximum=MAX_KERNEL // 2)
+        _check_number("NucleusDetectionHE", "sigma", sigma, 0, maximum=MAX_KERNEL / 8)
         if mpp is not None:
             _check_number("NucleusDetectionHE", "mpp", mpp, 0, strict=True)
         if max_area is not None and max_area < min_area:

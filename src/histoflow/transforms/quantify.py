@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import MaskError, ParameterError
 from .base import Transform
+from .filters import _check_name
 from .objects import check_labels, relabel_sequential
 
 __all__ = ["QuantifyCells", "quantify_cells", "MORPHOLOGY"]
@@ -142,7 +143,12 @@ class QuantifyCells(Transform):
     reduces = True
 
     def __init__(self, mask_name="cells", nucleus_mask=None, stats=("mean", "median", "max"), brightfield="auto"):
-        if isinstance(stats, str) or not all(isinstance(v, str) for v in stats):
+        _check_name("QuantifyCells", "mask_name", mask_name)
+        _check_name("QuantifyCells", "nucleus_mask", nucleus_mask, optional=True)
+        if nucleus_mask == mask_name:
+            raise ParameterError(f"QuantifyCells: nucleus_mask and mask_name must differ, both are {mask_name!r}")
+        if isinstance(stats, str) or not isinstance(stats, (list, tuple)) or \
+                not all(isinstance(v, str) for v in stats):
             raise ParameterError(f"QuantifyCells: stats is a list of names among {STATS} (with 'mean'), got {stats!r}")
         unknown = set(stats) - set(STATS)
         if unknown or "mean" not in stats:

@@ -126,8 +126,8 @@ def detect_tissue(image, use_saturation=False, blur_ksize=17, threshold=None, mo
         channel = rgb_to_saturation(_rgb(image, "detect_tissue(use_saturation=True)"))
     else:
         channel = _grey_uint8(image)
-    bk = _odd(_check_odd_kernel("detect_tissue", blur_ksize) * scale)
-    mk = _odd(_check_odd_kernel("detect_tissue", morph_k_size) * scale)
+    bk = _odd(_check_odd_kernel("detect_tissue", blur_ksize, param="blur_ksize") * scale)
+    mk = _odd(_check_odd_kernel("detect_tissue", morph_k_size, param="morph_k_size") * scale)
     blurred = median_blur(channel, bk) if bk > 1 else channel
     empty = np.zeros(channel.shape, np.uint8)
     if channel.size == 0:  # no pixels (cv2.minMaxLoc would kill the process)
@@ -310,12 +310,12 @@ class TissueDetectionHE(Transform):
         self.slide_threshold_ = None
         self.mask_name = _check_name(name, "mask_name", mask_name)
         self.use_saturation = _check_bool(name, "use_saturation", use_saturation)
-        self.blur_ksize = _check_odd_kernel(name, blur_ksize)
+        self.blur_ksize = _check_odd_kernel(name, blur_ksize, param="blur_ksize")
         if threshold is not None:
             threshold = _check_number(name, "threshold", threshold)
         self.threshold = threshold
         self.morph_n_iter = _check_positive_int(name, "morph_n_iter", morph_n_iter, 0)
-        self.morph_k_size = _check_odd_kernel(name, morph_k_size)
+        self.morph_k_size = _check_odd_kernel(name, morph_k_size, param="morph_k_size")
         self.min_region_size = _check_number(name, "min_region_size", min_region_size, 0)
         self.max_hole_size = _check_number(name, "max_hole_size", max_hole_size, 0)
         self.outer_contours_only = _check_bool(name, "outer_contours_only", outer_contours_only)
@@ -430,7 +430,7 @@ class TissueDetectionCascade(Transform):
         if not isinstance(close_kernel_sizes, (list, tuple)):
             raise ParameterError(f"{name}: close_kernel_sizes must be a list of odd integers, "
                                  f"got {close_kernel_sizes!r}")
-        self.close_kernel_sizes = tuple(_check_odd_kernel(name, k) for k in close_kernel_sizes)
+        self.close_kernel_sizes = tuple(_check_odd_kernel(name, k, param="close_kernel_sizes") for k in close_kernel_sizes)
 
     masks_out = outputs_from("mask_name")
 
