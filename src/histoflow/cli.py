@@ -172,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="import this module first (repeatable): custom transforms defined in your own code, e.g. "
                         "--import my_transforms for my_transforms.py in the current folder")
     s.add_argument("--compression", choices=["htj2k", "gzip", "none"], default="htj2k",
-                   help="lossless tile compression: htj2k (default; RGB about 2.6x smaller than gzip; reading the "
+                   help="lossless tile compression: htj2k (default; RGB about 16%% smaller than gzip raw, 2-2.7x after a "
+                        "blur; reading the "
                         "files outside histoflow needs `import hdf5plugin` before h5py opens them) or gzip (any "
                         "HDF5 reader; the default of `histoflow tile`)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -218,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the shipped models; about 2x faster on CPU)")
     _slide_mpp_option(s, "the input's own µm/px, when the file does not say (default: the model's) or is wrong")
     s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
-                                                       "(about 4x slower; on the test images AJI 0.625 -> 0.629)")
+                                                       "(about 4x slower; on the test images AJI 0.627 -> 0.628 with "
+                                                       "the 40x model, 0.629 -> 0.634 with the 20x)")
     s.add_argument("--tile", "--size", dest="tile", type=_positive_int, default=1024,
                    help="tile size in level-0 pixels (default 1024; --size, as in tile and run, is the same)")
     s.add_argument("--overlap", type=_nonneg_int, default=None,
@@ -264,8 +266,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--thresholds", help="YAML/JSON of manual thresholds {channel: value} or {slide: {channel: v}}")
     s.add_argument("--no-log", action="store_true", help="find automatic thresholds on the intensities as they are "
                                                          "(default: on log1p intensities, which needs values >= 0)")
-    s.add_argument("--png", help="picture of the cells coloured by phenotype (default: OUTPUT with .png; 'none' for "
-                                 "no picture)")
+    s.add_argument("--png", help="picture of the cells coloured by phenotype (default: OUTPUT with .png, or "
+                                 "OUTPUT_picture.png when -o is the input, so quantify's own picture stays; 'none' "
+                                 "for no picture)")
     s.add_argument("--geojson", help="also write the cells with their phenotypes as QuPath GeoJSON (needs the "
                                      ".h5path that `histoflow quantify` wrote beside the .h5ad)")
     s.set_defaults(func=cmd_phenotype)
