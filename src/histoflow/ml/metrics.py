@@ -317,7 +317,8 @@ def aji(true, pred, zero_division: float = np.nan) -> float:
     """Aggregated Jaccard index (Kumar et al., IEEE TMI 2017) of two instance label images.
 
     Every ground-truth instance ``G_i`` is paired with the predicted instance ``S_j`` of largest IoU
-    (ties: the lowest label, as HoVer-Net's ``get_fast_aji`` and the MoNuSeg code); ``C`` sums ``|G_i & S_j|``
+    (exact ties, which the paper leaves open: the lowest label; HoVer-Net's ``get_fast_aji`` divides by ``union +
+    1e-6`` and so prefers the larger of two equal IoUs, e.g. 4/12 over 2/6); ``C`` sums ``|G_i & S_j|``
     and ``U`` sums ``|G_i | S_j|`` over these pairs (a prediction may serve several ground-truth instances, as
     in the original definition). A ground-truth instance that overlaps no prediction adds ``|G_i|`` to ``U``;
     every prediction never chosen adds its area to ``U``. ``AJI = C / U``.
