@@ -98,6 +98,26 @@ def test_slide_masks_that_do_not_cover_the_slide_are_refused():
                 s.add_mask("bad", arr, ds)
             assert "CMU-1-Small-Region.svs" in str(e.value)
         assert "bad" not in s.masks
+        with pytest.raises(RegionError, match=r"at that downsample$"):  # not transposed: no such hint
+            s.add_mask("bad", np.ones((371, 278), bool), 4)
+
+
+def test_masks_from_thumbnails_of_long_narrow_slides_are_accepted(tmp_path):
+    """A thumbnail of a 400 x 5000 slide is 20 px wide: its width is rounded by 2.4 %, and a mask made from it
+    must still be accepted (as the tissue pre-pass makes them)."""
+    import tifffile
+
+    with SlideData(SVS) as s:
+        strip = s.read_region((900, 0), 0, (400, 2500))
+    path = tmp_path / "narrow.tif"
+    tifffile.imwrite(path, np.concatenate([strip, strip[::-1]]), tile=(256, 256), photometric="rgb")
+    with SlideData(path) as s:
+        assert s.dimensions == (400, 5000)
+        for size in (64, 256, 1024, 2048):
+            th = s.thumbnail(size)
+            s.add_mask(f"tissue{size}", th.mean(axis=2) < 220)  # darker than glass
+            assert s.masks[f"tissue{size}"].downsample == pytest.approx(400 / th.shape[1])
+        assert 0 < len(s.grid(256, mask="tissue256")) <= 40
 
 
 def test_tiling_memory_does_not_grow_with_the_slide(mosaic2):

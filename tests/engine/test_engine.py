@@ -842,7 +842,7 @@ def test_pipeline_checked_before_any_tile(tmp_path):
     slide = SlideData(SVS)
     with pytest.raises(PipelineError, match=r"needs slide mask\(s\) \['tissue'\] as inputs"):
         slide.run(pipe, tmp_path / "a.h5path", executor="inprocess", progress=False)
-    slide.add_mask("tissue", np.ones((10, 10), np.uint8))
+    slide.add_mask("tissue", np.ones((13, 10), np.uint8))
     out = slide.run(pipe, tmp_path / "b.h5path", executor="inprocess", progress=False)
     with read_h5path(out) as h5:
         assert h5.tile(0).masks["tissue"].all()

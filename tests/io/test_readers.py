@@ -165,6 +165,12 @@ def test_thumbnail_bounded_and_faithful(mosaic8):
                 s.thumbnail(size)
         with pytest.raises(RegionTooLargeError, match=r"ark_fov8.*1000000 x 1000000 thumbnail"):
             s.thumbnail(10**6)
+    # the bound counts the channels asked for: a one-channel 2048 px thumbnail (8 MiB) of the 22-channel FOV is
+    # made under a 16 MiB bound (as SegmentNuclei's slide-wide fit asks), all 22 channels (176 MiB) are not
+    with open_slide(MIBI, max_region_bytes=16 * 2**20) as s:
+        assert s.thumbnail(2048, channels=[0]).shape == (2048, 2048, 1)
+        with pytest.raises(RegionTooLargeError, match=r"2048 x 2048 thumbnail: it would take 176"):
+            s.thumbnail(2048)
 
 
 def test_same_thumbnail_again_is_not_read_again(monkeypatch):

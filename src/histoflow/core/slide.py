@@ -208,11 +208,19 @@ class SlideData:
                 raise RegionError(f"{self.path}: slide mask {name!r}: downsample must be a positive number "
                                   f"(level-0 pixels per mask pixel), got {downsample!r}")
         mh, mw = array.shape
-        if not all(abs(n * ds - full) <= max(ds, 0.02 * full) + 1 for n, full in ((mw, w0), (mh, h0))):
+
+        def covers(h, w, d):  # within a mask pixel, 2 %, and the rounding of the other side's size (a mask made
+            # from a thumbnail of a long, narrow slide is 20 px wide: its downsample is known to 2.5 % only)
+            rel = 0.02 + 0.5 / min(h, w)
+            return all(abs(n * d - full) <= d + rel * full + 1 for n, full in ((w, w0), (h, h0)))
+
+        if not covers(mh, mw, ds):
+            transposed = covers(mw, mh, ds if downsample is not None else w0 / mh)
+            hint = " (is the mask transposed?)" if transposed else ""
             raise RegionError(
                 f"{self.path}: slide mask {name!r} of shape {array.shape} (h, w) at downsample {ds:g} covers "
                 f"{mw * ds:.0f} x {mh * ds:.0f} px of level 0, but the slide is {w0} x {h0}: expected shape about "
-                f"({round(h0 / ds)}, {round(w0 / ds)}) at that downsample (is the mask transposed?)")
+                f"({round(h0 / ds)}, {round(w0 / ds)}) at that downsample{hint}")
         is_bool = array.dtype == bool
         if is_bool:
             array = array.astype(np.uint8)

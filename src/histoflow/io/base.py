@@ -382,7 +382,11 @@ class SlideReader:
         w0, h0 = self.dimensions
         scale = max_size / max(w0, h0)
         tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-        self.check_region_bytes(tw, th, "thumbnail")
+        need = tw * th * (self.channels if channels is None else len(channels)) * self.dtype.itemsize
+        if need > self.max_region_bytes:
+            raise RegionTooLargeError(f"{self.path}: refusing to make a {tw} x {th} thumbnail: it would take "
+                                      f"{format_bytes(need)}, above the bound of {format_bytes(self.max_region_bytes)}; "
+                                      "ask for a smaller one (or raise max_region_bytes)")
         level = 0
         for i, lv in enumerate(self.levels):
             if max(lv.width, lv.height) >= max_size:

@@ -483,9 +483,14 @@ class Pipeline(Transform):
                                 f"{type(d['steps']).__name__} {d['steps']!r:.60}")
         version = d.get("histoflow_pipeline", PIPELINE_FORMAT)
         if version != PIPELINE_FORMAT:
+            if isinstance(version, str) and version.strip() == str(PIPELINE_FORMAT):
+                advice = f": write it as the number `histoflow_pipeline: {PIPELINE_FORMAT}`, without quotes"
+            elif isinstance(version, int) and not isinstance(version, bool) and version > PIPELINE_FORMAT:
+                advice = ": the file was written by a newer histoflow; upgrade histoflow to load it"
+            else:
+                advice = ""
             raise PipelineError(f"{source}: pipeline format {version!r} is not supported (this histoflow "
-                                f"reads format {PIPELINE_FORMAT}, written as the number `histoflow_pipeline: "
-                                f"{PIPELINE_FORMAT}`)")
+                                f"reads format {PIPELINE_FORMAT}){advice}")
         try:
             steps = [Transform.from_dict(s) for s in d["steps"] or []]
             return cls(steps, inputs=d.get("inputs") or ())

@@ -160,10 +160,14 @@ def rescale_intensity(image, in_range="image", out_range="dtype", per_channel=Fa
         if rng == "image" and a.dtype.kind == "f" and not np.isfinite(a).all():
             # the range of the finite pixels: NaN (no data) stays NaN, +-inf go to the ends (one NaN pixel made
             # scikit-image's "image" range NaN, and with it the whole tile)
-            fin = a[np.isfinite(a)]
-            rng = (float(fin.min()), float(fin.max())) if fin.size else (0.0, 1.0)
-            if rng[0] == rng[1]:
-                rng = (rng[0], np.nextafter(rng[0], np.inf))
+            fin = np.isfinite(a)
+            if not fin.any():
+                return a.copy()
+            lo, hi = float(a[fin].min()), float(a[fin].max())
+            if lo == hi:  # one value: as scikit-image treats an image of one value, the holes put back after
+                out = exposure.rescale_intensity(np.where(fin, a, a.dtype.type(lo)), "image", out_range)
+                return _cast_like(np.where(np.isnan(a), np.nan, out), a.dtype)
+            rng = (lo, hi)
         return _cast_like(exposure.rescale_intensity(a, rng, out_range), a.dtype)
 
     if per_channel and image.ndim == 3:
