@@ -158,6 +158,7 @@ def test_thumbnail_bounded_and_faithful(mosaic8):
             s.thumbnail(256, channels=[22])
         # channels by name; a name the slide lacks, sizes that are no size, or far too large: errors naming the slide
         np.testing.assert_array_equal(s.thumbnail(256, channels=[s.channel_names[5]]), th[..., [5]])
+        np.testing.assert_array_equal(s.thumbnail(256, channels=[0, s.channel_names[5]]), th[..., [0, 5]])  # mixed
         with pytest.raises(ChannelError, match=r"ark_fov8.*no channel named 'CD99'"):
             s.thumbnail(64, channels=["CD99"])
         for size in (float("nan"), 64.5, True, "64", 0):

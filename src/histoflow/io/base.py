@@ -374,7 +374,9 @@ class SlideReader:
         if isinstance(given, (bool, np.bool_)) or max_size <= 0 or max_size != given:
             raise RegionError(f"{self.path}: thumbnail size must be a positive whole number of pixels, got {given!r}")
         if channels is not None:
-            channels = [self._channel_index(c) if isinstance(c, str) else c for c in np.atleast_1d(channels).tolist()]
+            items = list(channels) if isinstance(channels, (list, tuple)) else np.atleast_1d(channels).tolist()
+            channels = [self._channel_index(c) if isinstance(c, str) else
+                        int(c) if isinstance(c, np.integer) else c for c in items]
             bad = [c for c in channels if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.channels]
             if bad or not channels:
                 raise RegionError(f"{self.path}: thumbnail channels {bad or channels} out of range: the slide has "
