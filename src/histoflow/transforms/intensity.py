@@ -195,6 +195,7 @@ def equalize_histogram(image, nbins=256, per_channel=False):
     image = np.asarray(image)
     if image.size == 0:
         return image.copy()
+
     def one(a):
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             # the histogram of the finite pixels; NaN (no data) stays NaN, +-inf go to the ends
