@@ -313,9 +313,23 @@ def _unraisable(hook):
 
     def handle(unraisable):
         if isinstance(unraisable.exc_value, _Interrupted) and unraisable.exc_value.args:
-            # from another thread a moment later, once the main thread is out of here (a signal raised in this
-            # hook would be printed and dropped as well)
-            threading.Timer(0.001, _thread.interrupt_main, (unraisable.exc_value.args[0],)).start()
+            # from another thread, once the main thread has left this hook: a signal raised in here would be
+            # printed and dropped as well (a fixed 1 ms wait lost the interrupt on a busy machine)
+            signum, main = unraisable.exc_value.args[0], threading.main_thread().ident
+
+            def deliver():
+                import time
+
+                for _ in range(10_000):  # 10 s at most
+                    f = sys._current_frames().get(main)
+                    while f is not None and f.f_code is not handle.__code__:
+                        f = f.f_back
+                    if f is None:
+                        break
+                    time.sleep(0.001)
+                _thread.interrupt_main(signum)
+
+            threading.Thread(target=deliver, name="histoflow-interrupt", daemon=True).start()
             return
         hook(unraisable)
 
