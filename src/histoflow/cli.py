@@ -500,6 +500,8 @@ def _in_cli_words(msg: str, args) -> str:
                       "--resume continues the same run only: run with --overwrite and without --resume to replace "
                       "it, or write elsewhere")
     msg = msg.replace("; run without resume to start over", "; use --overwrite (without --resume) to start over")
+    msg = msg.replace(". Run without resume to start over (that removes", ". Use --overwrite (without --resume) to "
+                      "start over (that removes")
     msg = msg.replace("add them with slide.add_mask(...), or pass tissue_filter=... to make 'tissue'",
                       "--tissue-filter FRACTION makes 'tissue' (other slide masks can be added from Python, with "
                       "SlideData.add_mask)")

@@ -1186,3 +1186,64 @@ def test_resume_keeps_the_batches_of_a_journal_whose_manifest_is_damaged(tmp_pat
     with pytest.warns(UserWarning, match="discarded and the run starts over"):
         SlideData(SVS).run(pipeline(), out, executor="inprocess", batch_size=10, progress=False)
     assert os.listdir(tmp_path) == ["d.h5path"]
+
+
+def test_a_slide_replaced_at_the_same_path_is_not_resumed(tmp_path):
+    """Another file copied over the slide between the interruption and --resume: the resume went on and one store
+    held tiles of two images. The slide file's size and modification time are inputs of the run now."""
+    import shutil
+
+    path = tmp_path / "s.svs"
+    shutil.copy(SVS, path)
+    out = tmp_path / "o.h5path"
+    with pytest.raises(Interrupt):
+        SlideData(path).run(pipeline(), out, executor="inprocess", batch_size=10, progress=False,
+                            on_batch=_interrupt_at(3))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # the same size, a later time: another copy
+    with pytest.raises(PipelineError, match=r"cannot resume: the slide file changed since"):
+        SlideData(path).run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False)
+    assert os.path.isdir(f"{out}.partial")  # its finished batches are kept
+
+
+def test_journal_damage_costs_only_the_damaged_batches(tmp_path, recwarn):
+    """A damaged batch file was found only at the merge, after all the remaining work, with the advice to throw
+    the whole journal away; a manifest that is JSON but not an object raised a raw TypeError; a journal whose
+    removal was interrupted (manifest gone, batch files left) blocked every later run."""
+    from histoflow.engine import partial
+
+    slide = SlideData(SVS)
+    out = tmp_path / "o.h5path"
+    with pytest.raises(Interrupt):
+        slide.run(pipeline(), out, executor="inprocess", batch_size=10, progress=False, on_batch=_interrupt_at(4))
+    d = f"{out}.partial"
+    names = sorted(f for f in os.listdir(d) if f.startswith("batch-"))
+    with open(os.path.join(d, names[1]), "r+b") as f:  # one byte of a chunk flipped
+        f.seek(-5, 2)
+        b = f.read(1)
+        f.seek(-5, 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    ran = []
+    slide.run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False,
+              on_batch=lambda s, b, done, t: ran.append(b))
+    assert int(names[1][6:13]) in ran and len(ran) == 11 - (len(names) - 1)  # only the damaged one again
+    assert any("damaged" in str(w.message) for w in recwarn)
+    ref = slide.run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", progress=False)
+    assert tile_data(out) == tile_data(ref)
+    assert sorted(os.listdir(tmp_path)) == ["o.h5path", "ref.h5path"]  # journals removed, nothing left over
+
+    out2 = tmp_path / "p.h5path"
+    with pytest.raises(Interrupt):
+        slide.run(pipeline(), out2, executor="inprocess", batch_size=10, progress=False, on_batch=_interrupt_at(2))
+    with open(f"{out2}.partial/manifest.json", "w") as f:
+        f.write("[]")
+    with pytest.raises(PipelineError, match="manifest.json is missing or unreadable"):
+        slide.run(pipeline(), out2, executor="inprocess", batch_size=10, resume=True, progress=False)
+    slide.run(pipeline(), out2, executor="inprocess", batch_size=10, progress=False)  # starting over works
+    assert tile_data(out2) == tile_data(ref)
+
+    # a removal killed half way leaves a renamed folder, which the next run on that output deletes
+    os.makedirs(f"{out2}.partial.removing-1234abcd/x")
+    partial.remove(partial.start(str(tmp_path / "q.h5path"), {"a": 1}, False)[0])
+    assert not os.path.exists(tmp_path / "q.h5path.partial")
+    slide.run(pipeline(), out2, executor="inprocess", batch_size=10, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["o.h5path", "p.h5path", "ref.h5path"]

@@ -41,15 +41,18 @@ def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
     Without ``resume`` the journal of an unfinished run is removed and the run starts over, with a warning
     that says how many finished batches that discards."""
     d = partial_dir(out_path)
+    _remove_leftovers(d)
     if os.path.isdir(d):
         old = _read_manifest(d)
         token = old.pop("token", None) if old is not None else None
         if resume and old is not None:
             if old != manifest or token is None:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-                raise PipelineError(f"{out_path}: cannot resume: the unfinished run used other settings "
-                                    f"({', '.join(diff) or 'journal'}); run without resume to start over")
-            return d, done_batches(d, token), token
+                what = ("the slide file changed since (another file at the same path)" if diff == ["inputs"] and
+                        (old.get("inputs") or {}).get("file") != (manifest.get("inputs") or {}).get("file")
+                        else f"the unfinished run used other settings ({', '.join(diff) or 'journal'})")
+                raise PipelineError(f"{out_path}: cannot resume: {what}; run without resume to start over")
+            return d, _whole_batches(d, token), token
         n = len(done_batches(d, token)) if token is not None else batch_count(d)
         if resume and n:  # the manifest is gone or damaged: the batches cannot be checked, but are not thrown away
             raise PipelineError(f"{out_path}: cannot resume: the journal's {os.path.join(d, MANIFEST)} is missing "
@@ -71,11 +74,48 @@ def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
 
 
 def _read_manifest(d):
+    """The journal's manifest, or None when it is missing, unreadable or not a JSON object."""
     try:
         with open(os.path.join(d, MANIFEST)) as f:
-            return json.load(f)
+            m = json.load(f)
     except (OSError, ValueError):
         return None
+    return m if isinstance(m, dict) else None
+
+
+def _whole_batches(d: str, token: str) -> set:
+    """The finished batches whose files are whole (their checksum holds). A damaged one is removed, with a
+    warning, and run again, rather than found only at the merge after all the other work (whose advice then
+    was to throw the whole journal away)."""
+    done = done_batches(d, token)
+    bad = []
+    for b in sorted(done):
+        try:
+            _check_file(batch_path(d, b, token))
+        except (OSError, ValueError) as e:
+            bad.append((b, e))
+    for b, e in bad:
+        done.discard(b)
+        try:
+            os.remove(batch_path(d, b, token))
+        except OSError:
+            shutil.rmtree(batch_path(d, b, token), ignore_errors=True)
+    if bad:
+        warnings.warn(f"{d}: {len(bad)} finished batch file(s) of the interrupted run are damaged "
+                      f"({bad[0][1]}{', ...' if len(bad) > 1 else ''}); they are run again", stacklevel=5)
+    return done
+
+
+def _check_file(path):
+    """Raise ValueError unless ``path`` is a whole batch file (magic, lengths and CRC-32), without parsing it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < _PREFIX or not data.startswith(BATCH_MAGIC):
+        raise ValueError(f"{os.path.basename(path)} is not a whole batch file")
+    n_header = int.from_bytes(data[len(BATCH_MAGIC):len(BATCH_MAGIC) + 8], "little")
+    if _PREFIX + n_header > len(data) or \
+            zlib.crc32(memoryview(data)[_PREFIX:]) != int.from_bytes(data[_PREFIX - 4:_PREFIX], "little"):
+        raise ValueError(f"{os.path.basename(path)} is damaged (checksum mismatch)")
 
 
 def _write_json(path, obj):
@@ -213,5 +253,29 @@ def _ints(values, n, what, lowest=0) -> tuple:
     return tuple(values)
 
 
+#: what a journal folder is renamed to before it is removed
+_REMOVING = ".removing-"
+
+
 def remove(d: str):
-    shutil.rmtree(d, ignore_errors=True)
+    """Remove a journal folder: renamed first (one atomic step), then deleted. A run killed while deleting leaves
+    a ``<journal>.removing-...`` folder that the next run on that output deletes, never a journal without its
+    manifest that would block ``--resume`` and plain runs alike."""
+    gone = f"{d}{_REMOVING}{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(d, gone)
+    except OSError:
+        gone = d
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _remove_leftovers(d: str):
+    """Journal folders of ``d``'s output that a killed run left half removed."""
+    parent, base = os.path.split(os.path.abspath(d))
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(base + _REMOVING):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

@@ -351,12 +351,30 @@ def _slide_inputs(slide) -> dict:
     """What the run reads of the slide besides its pixels (its pixel size, type, backend, masks), so that a
     resume with other inputs is refused rather than mixed with the tiles made from the first ones."""
     mpp = slide.mpp
-    return {"mpp": None if mpp is None else [float(v) for v in np.ravel(mpp)],
+    return {"file": _file_identity(slide.reader._abspath),
+            "mpp": None if mpp is None else [float(v) for v in np.ravel(mpp)],
             "slide_type": getattr(slide.slide_type, "name", str(slide.slide_type)),
             "backend": getattr(slide.reader, "backend", None),
             "masks": {name: {"shape": list(m.array.shape), "downsample": float(m.downsample),
                              "crc32": zlib.crc32(np.ascontiguousarray(m.array).view(np.uint8))}
                       for name, m in sorted(slide.masks.items())}}
+
+
+def _file_identity(path) -> list | None:
+    """Size and modification time (ns) of the slide's file, or of each file of a slide folder (DICOM): a slide
+    replaced at the same path between an interrupted run and its resume is refused, not mixed into one store."""
+    try:
+        if os.path.isdir(path):
+            out = []
+            for name in sorted(os.listdir(path)):
+                st = os.stat(os.path.join(path, name))
+                if not os.path.isdir(os.path.join(path, name)):
+                    out.append([name, st.st_size, st.st_mtime_ns])
+            return out
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return None
 
 
 def _last_run(out):
