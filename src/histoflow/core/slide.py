@@ -184,8 +184,8 @@ class SlideData:
     def add_mask(self, name: str, array, downsample: float | None = None):
         """Attach a slide-level mask; ``downsample`` (level-0 pixels per mask pixel) defaults to level-0
         width / mask width. The mask must cover the slide: its size times ``downsample`` must match the
-        slide's within a mask pixel and 2 % (more for masks a few pixels wide), so that a transposed mask or a wrong downsample is refused
-        here rather than silently keeping the wrong tiles."""
+        slide's within a mask pixel and 2 % (more for masks a few pixels wide), so that a transposed mask or a
+        wrong downsample is refused here rather than silently keeping the wrong tiles."""
         if not isinstance(name, str) or not name:
             raise RegionError(f"{self.path}: a slide mask's name must be a non-empty string, got {name!r}")
         array = np.asarray(array)
