@@ -809,14 +809,12 @@ class SegmentCellsModel(Transform):
                  radius_um=2.0, min_area_um2=8.0, clip_percentile=99.9, mask_name="cells", label_name="cell_count"):
         if layout not in ("NCHW", "NHWC"):
             raise ParameterError(f"SegmentCellsModel: layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        from ..transforms.multiplex import _check_channel, _check_channels
+
         self.model = model
-        self.nuclear_channel = nuclear_channel
-        if isinstance(membrane_channels, (str, int, np.integer)):  # one channel, by name or index (as SegmentCells)
-            membrane_channels = [membrane_channels]
-        elif membrane_channels is not None and not isinstance(membrane_channels, (list, tuple)):
-            raise ParameterError(f"SegmentCellsModel: membrane_channels is a channel (name or index) or a list of "
-                                 f"them, not {membrane_channels!r}")
-        self.membrane_channels = membrane_channels
+        # channels by name or index, one membrane channel or a list of them, checked as SegmentCells checks them
+        self.nuclear_channel = _check_channel("SegmentCellsModel", "nuclear_channel", nuclear_channel, auto=True)
+        self.membrane_channels = _check_channels("SegmentCellsModel", "membrane_channels", membrane_channels)
         self.model_mpp = model_mpp
         self.layout = layout
         self.output = output
