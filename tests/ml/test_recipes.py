@@ -247,6 +247,36 @@ def test_tile_classification_is_augmented(tmp_path, monkeypatch):
     assert len(seen) > 1 and train_set[5]["image"].numpy().tobytes() in seen
 
 
+@pytest.mark.parametrize("spec, message", [
+    ({"brightness": True}, "data.augment.brightness is the largest shift, a fraction of the range (e.g. 0.15), not True"),
+    ({"contrast": "0.2"}, "data.augment.contrast is the largest change of contrast (e.g. 0.15), not '0.2'"),
+    ({"noise": True}, "data.augment.noise is the largest noise sigma"),
+    ({"blur": [1.0]}, "data.augment.blur is the largest Gaussian sigma in pixels (e.g. 1.0), not [1.0]"),
+    ({"flip": "false"}, "data.augment.flip is true or false, not 'false'"),
+    ({"rot90": 1}, "data.augment.rot90 is true or false, not 1"),
+])
+def test_augmentation_settings_of_the_wrong_type_are_refused(spec, message):
+    """`brightness: true` (or contrast, noise) was the largest strength there is (shifts of the whole range,
+    noise of 255 grey levels), and a quoted "false" switched flips on."""
+    from histoflow.ml.recipes import _augmenter
+
+    with pytest.raises(ConfigError) as e:
+        _augmenter(spec, 0, images=[])
+    assert message in str(e.value)
+
+
+def test_augmentation_strengths_of_zero_or_false_are_off_and_numbers_pass():
+    from histoflow.ml.augment import Brightness, GaussianNoise, RandomFlip
+    from histoflow.ml.recipes import _augmenter
+
+    aug = _augmenter({"flip": False, "rot90": False, "brightness": 0, "contrast": False, "noise": 0.03}, 0, images=[])
+    assert [type(op) for op in aug.ops] == [GaussianNoise] and aug.ops[0].sigma == 0.03
+    aug = _augmenter({"brightness": 1}, 0, images=[])
+    assert [type(op) for op in aug.ops][0] is RandomFlip and isinstance(aug.ops[-1], Brightness)
+    with pytest.raises(ConfigError, match="only the nucleus task reads as a whole; use stain or hsv"):
+        _augmenter({"randstain": 1.0}, 0)
+
+
 @pytest.mark.parametrize("section, bad, message", [
     ("train", {"schedule": "cosine"}, "train: schedule must be"),
     ("train", {"epochs": 0}, "train: epochs must be a whole number"),
@@ -256,6 +286,7 @@ def test_tile_classification_is_augmented(tmp_path, monkeypatch):
     ("model", {"num_classes": -2}, "model 'rccnet' cannot be made with model.params"),
     ("augment", {"stain": 0.1}, "data.augment.stain is [sigma1, sigma2], e.g. [0.2, 0.2], not 0.1"),
     ("augment", {"hsv": [0.1, 0.2]}, "data.augment.hsv is [h, s, v], e.g. [0.04, 0.2, 0.15], not [0.1, 0.2]"),
+    ("augment", {"brightness": True}, "data.augment.brightness is the largest shift, a fraction of the range"),
     ("train", {"batch_size": "x"}, "train.batch_size must be a whole number >= 1, not 'x'"),
     ("train", {"batch_size": 0}, "train.batch_size must be a whole number >= 1"),
     ("train", {"num_workers": -1}, "train.num_workers must be a whole number >= 0"),

@@ -346,6 +346,19 @@ def test_a_kill_while_files_are_written_keeps_the_last_good_ones(patches, tmp_pa
         Trainer(_model(), torch.nn.CrossEntropyLoss(), amp="false")
 
 
+@pytest.mark.parametrize("monitor, values", [("acc", [1.0, 1.00001, 1.00002, 1.00003, 1.00004, 1.00005]),
+                                             ("val_loss", [1.0, 0.99999, 0.99998, 0.99997, 0.99996, 0.99995])])
+def test_the_plateau_schedule_counts_the_improvements_the_trainer_counts(patches, tmp_path, monitor, values):
+    """Every epoch a little better than the last (each the best so far for best.pt and early stopping): the rate
+    stays. torch's default relative threshold (1e-4) halved it twice in 6 epochs meanwhile."""
+    train, val = _loaders(patches)
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=6, lr=1e-3, schedule="plateau", patience=2,
+                monitor=monitor, progress=False, validate=lambda m, vl, dev: {monitor: values[len(t.history)]})
+    hist = t.fit(train, val)
+    assert t.best_epoch == 5 and t.since_best == 0
+    assert [h["lr"] for h in hist] == [1e-3] * 6 and t.optimizer.param_groups[0]["lr"] == 1e-3
+
+
 def test_plateau_follows_the_monitored_metric_and_patience_survives_a_resume(patches, tmp_path):
     """The plateau schedule got the negated metric for higher-is-better monitors, which turned its relative
     threshold round (AJI 0.6 then 0.59995 three times counted no bad epoch); the epochs since the best were

@@ -564,7 +564,9 @@ class Compose:
         ``numpy.random.default_rng(seed)`` (None: fresh OS entropy). Inside a PyTorch DataLoader worker
         a new generator is made per worker from ``[seed, torch.initial_seed()]``: workers never repeat one
         another's draws (a generator copied into forked workers would), draws differ between epochs, and
-        ``torch.manual_seed`` (or the DataLoader's ``generator``) makes them reproducible.
+        ``torch.manual_seed`` (or the DataLoader's ``generator``) makes them reproducible. The datasets of
+        :mod:`histoflow.ml.data` instead pass each item a generator keyed on (seed, epoch, item): the same
+        draws whatever the workers, and new ones only when ``dataset.set_epoch(epoch)`` is called each epoch.
 
     Calling
     -------

@@ -131,7 +131,9 @@ class _Epochs:
     each item's augmentation from (its seed, the epoch, the item, the names of the files the dataset reads, and
     which copy of it this is when a histoflow sampler draws it again in the epoch:
     :class:`~histoflow.ml.samplers.Draw`), the same whichever DataLoader worker (and however many) reads the
-    item; other transforms are called as they are."""
+    item; other transforms are called as they are. Call ``set_epoch(epoch)`` at the start of every epoch, as
+    with torch's ``DistributedSampler`` (histoflow's trainer does): without it every epoch gets the same
+    flips and colours as the first."""
 
     _epoch = 0
     _files_key = 0

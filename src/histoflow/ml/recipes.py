@@ -223,13 +223,30 @@ def _numbers(key, value, form):
     return tuple(float(v) for v in value)
 
 
+def _switch(key, value) -> bool:
+    """An on/off augmentation (``flip``, ``rot90``): true or false, nothing else (``"false"`` was on)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"data.augment.{key} is true or false, not {value!r}")
+    return value
+
+
+def _strength(key, value, form):
+    """The number of a one-number augmentation, None when it is off (absent, false or 0); ``true`` and text
+    are refused (``brightness: true`` was the largest strength there is, shifts of up to the whole range)."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"data.augment.{key} is {form}, not {value!r}")
+    return float(value) or None
+
+
 def _make_augmenter(spec: dict, seed: int, images):
     from . import augment as A
 
     ops = []
-    if spec.pop("flip", True):
+    if _switch("flip", spec.pop("flip", True)):
         ops.append(A.RandomFlip())
-    if spec.pop("rot90", True):
+    if _switch("rot90", spec.pop("rot90", True)):
         ops.append(A.RandomRotate90())
     if (z := spec.pop("zoom", None)):
         ops.append(A.RandomZoom(_numbers("zoom", z, "[smallest, largest], e.g. [0.8, 1.25]"), p=0.5))
@@ -237,20 +254,23 @@ def _make_augmenter(spec: dict, seed: int, images):
         ops.append(A.StainAugment(*_numbers("stain", s, "[sigma1, sigma2], e.g. [0.2, 0.2]"), p=0.5))
     if (rs := spec.pop("randstain", None)) is not None:
         if images is None:
-            raise ConfigError("data.augment.randstain needs the training images (this task has none)")
+            raise ConfigError("data.augment.randstain is fitted to the training images, which only the nucleus "
+                              "task reads as a whole; use stain or hsv for tile classification")
         if isinstance(rs, bool) or not isinstance(rs, (int, float)):
             raise ConfigError(f"data.augment.randstain is the templates' spread, a number >= 0 (1.0: as the "
                               f"training images vary), not {rs!r}")
         ops.append(A.RandStainNA.fit(images, spread=float(rs), p=0.5))
     if (h := spec.pop("hsv", None)):
         ops.append(A.HSVShift(*_numbers("hsv", h, "[h, s, v], e.g. [0.04, 0.2, 0.15]"), p=0.5))
-    if (b := spec.pop("brightness", None)):
+    if (b := _strength("brightness", spec.pop("brightness", None), "the largest shift, a fraction of the range "
+                                                                     "(e.g. 0.15)")):
         ops.append(A.Brightness(b, p=0.5))
-    if (c := spec.pop("contrast", None)):
+    if (c := _strength("contrast", spec.pop("contrast", None), "the largest change of contrast (e.g. 0.15)")):
         ops.append(A.Contrast(c, p=0.5))
-    if (bl := spec.pop("blur", None)):
+    if (bl := _strength("blur", spec.pop("blur", None), "the largest Gaussian sigma in pixels (e.g. 1.0)")):
         ops.append(A.Blur(bl, p=0.3))
-    if (n := spec.pop("noise", None)):
+    if (n := _strength("noise", spec.pop("noise", None), "the largest noise sigma, a fraction of the range "
+                                                        "(e.g. 0.03)")):
         ops.append(A.GaussianNoise(n, p=0.3))
     if spec:
         raise ConfigError(f"unknown augmentation(s) {sorted(spec)}; known: flip, rot90, zoom, stain, hsv, "

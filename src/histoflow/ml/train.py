@@ -150,9 +150,11 @@ class Trainer:
     lr, weight_decay : float
         Adam's learning rate (the peak rate for one-cycle) and weight decay.
     accumulate : int
-        Batches whose gradients are summed before each optimiser step, each weighted by its samples: the step is
-        that of one batch of all of them (a short last batch counts for its samples). ``train_loss`` is the
-        epoch's mean loss per sample.
+        Batches whose gradients are summed before each optimiser step, each weighted by its samples: for a loss
+        that is a mean over the batch's samples the step is that of one batch of all of them (a short last batch
+        counts for its samples). A loss that is not (cross entropy that leaves out targets, e.g. the -100 that
+        :class:`~histoflow.ml.data.TileDataset` gives missing labels; Dice over a whole batch) gives a step
+        close to, not equal to, one batch's. ``train_loss`` is the epoch's mean loss per sample.
     schedule : {None, "onecycle", "plateau"}
         One-cycle (per step, cosine) or reduce-on-plateau (per epoch: the rate is halved when ``monitor``
         has not improved for more than ``max(1, patience // 2)`` epochs in a row; patience 4 when None).
@@ -287,7 +289,9 @@ class Trainer:
             total = max(1, self.epochs * math.ceil(steps_per_epoch / self.accumulate))
             return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.lr, total_steps=total)
         if self.schedule == "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode=self.mode, factor=0.5,
+            # threshold 0: an improvement is what the trainer calls one (any, for best.pt and early stopping); torch's
+            # default (1e-4, relative) halved the rate while every epoch was the best so far
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode=self.mode, factor=0.5, threshold=0,
                                                               patience=max(1, (self.patience or 4) // 2))
         return None
 
