@@ -80,6 +80,9 @@ def test_style_transfer_matches_the_network_and_runs_in_a_pipeline(model_path, t
                     progress=False)
     with read_h5path(out) as h5:
         assert h5.tile(0).image.shape == (512, 512, 3) and h5.slide["channel_names"] == ["R", "G", "B"]
+        # and the record says what the tiles are (it said MIBI / uint16, so tiles read back were taken for MIBI
+        # and an unfitted QuantifyCells measured raw R, G, B instead of stain densities)
+        assert (h5.slide["slide_type"], h5.slide["dtype"], h5.tile(0).slide_type) == ("HE", "uint8", "HE")
 
 
 def test_style_transfer_errors(model_path, tmp_path):

@@ -413,7 +413,9 @@ def _finished_before(out, manifest, failures_ok=True) -> bool:
 def _slide_metadata(job, first_batch) -> dict:
     """The slide's record for the store. When the pipeline replaced the pixels with another number of
     channels (virtual H&E from fluorescence: 22 channels in, RGB out), the slide's channel names do not name
-    the stored tiles' channels: they become R, G, B (or none)."""
+    the stored tiles' channels: they become R, G, B (or none). A pipeline that makes another kind of image
+    (``slide_type_out``: virtual H&E, stain concentrations) also sets the record's slide type, and its dtype to
+    the stored tiles' (they said MIBI and uint16 over uint8 H&E tiles, and tiles read back were taken for MIBI)."""
     meta = job.slide.metadata()
     names = meta.get("channel_names")
     if names is not None and job.pipeline is not None:  # the channels the pipeline leaves (collapsed, RGB, ...)
@@ -422,6 +424,11 @@ def _slide_metadata(job, first_batch) -> dict:
     first = next((enc for _, enc in first_batch.tiles), None)
     if first is not None and names is not None and len(names) != first.image.shape[2]:
         meta["channel_names"] = ["R", "G", "B"] if first.image.shape[2] == 3 else None
+    kind = job.pipeline.slide_type_out if job.pipeline is not None else None
+    if kind:
+        meta["slide_type"] = kind
+        if first is not None:
+            meta["dtype"] = np.dtype(first.image.dtype).name
     return meta
 
 
