@@ -258,3 +258,18 @@ def test_a_failed_table_write_leaves_no_temporary_file(tmp_path, monkeypatch, ca
                  "-o", str(tmp_path / "out.h5ad"), "--png", "none"]) == 1
     assert "out.h5ad: cannot write it (No space left on device)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "rules.yaml"]
+
+
+def test_quantify_cells_names_the_id_of_each_row():
+    """Ids with gaps were renumbered silently and the rows came back without their ids: row k is the k-th
+    smallest id, now said by the `label` column."""
+    from histoflow.transforms.quantify import quantify_cells
+
+    lab = np.zeros((20, 20), np.int32)
+    img = np.zeros((20, 20), np.uint8)
+    lab[2:6, 2:6], img[2:6, 2:6] = 7, 10
+    lab[10:14, 10:18], img[10:14, 10:18] = 3, 2
+    t = quantify_cells(img, lab)
+    assert t["label"].tolist() == [3, 7] and t["mean"][:, 0].tolist() == [2.0, 10.0]
+    assert t["area"].tolist() == [32.0, 16.0]
+    assert quantify_cells(img, np.zeros_like(lab))["label"].shape == (0,)

@@ -29,8 +29,9 @@ STATS = ("mean", "median", "max")
 
 
 def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
-    """Per-cell measurements of one image: a dict of column arrays, one row per label 1..n.
+    """Per-cell measurements of one image: a dict of column arrays, one row per cell, in order of their ids.
 
+    ``label``: ``(n,)`` int64, each row's id in ``labels`` (ids need not be 1..n: row k is the k-th smallest id);
     ``mean`` / ``median`` / ``max``: ``(n, channels)`` float32 in the image's units; morphology columns
     ``(n,)`` in pixels; ``centroid``: ``(n, 2)`` (x, y) in pixels of ``image``; with ``nuclei`` (a label
     image with the same ids) also ``nucleus_area``.
@@ -47,13 +48,16 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
         shapes = f"{labels.shape}" + ("" if nuclei is None else f" and nuclei {np.shape(nuclei)}")
         raise ParameterError(f"quantify_cells: labels {shapes} must have the image's height and width "
                              f"{image.shape[:2]}")
+    present = np.zeros(int(labels.max(initial=0)) + 1, bool)
+    present[labels.ravel()] = True
+    present[0] = False
     if nuclei is None:
         labels = relabel_sequential(labels)
     else:
         labels, nuclei = relabel_sequential(labels, nuclei)
     n = int(labels.max(initial=0))
     c = image.shape[2]
-    out = {}
+    out = {"label": np.flatnonzero(present).astype(np.int64)}  # the ids the rows measure (rows were unnamed)
     if n == 0:
         for s in stats:
             out[s] = np.zeros((0, c), np.float32)
@@ -228,6 +232,7 @@ class QuantifyCells(Transform):
         if nuclei is not None:
             tile.masks[self.nucleus_mask] = nuclei
         cells = quantify_cells(image, labels, self.stats, nuclei)
+        del cells["label"]  # 1..n: the masks were renumbered above, row k is mask id k + 1
         ds = float(tile.downsample)
         # pixel i of a tile at downsample ds covers level-0 [i*ds, (i+1)*ds): its centre is at (i + 0.5) ds - 0.5
         cells["centroid"] = (cells["centroid"] + 0.5) * ds - 0.5 + np.asarray(tile.coords, np.float64)
