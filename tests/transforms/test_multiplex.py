@@ -43,6 +43,12 @@ def test_nuclear_channel_found_by_its_usual_names():
         assert nuclear_channel_index(names) == want, names
     with pytest.raises(KeyError, match="no channel looks like a nuclear stain"):
         nuclear_channel_index(["CD3", "H3K27me3"])
+    # DNA-PK is a DNA-repair kinase, not a DNA stain; numbered DNA channels and tagged DAPI still are
+    with pytest.raises(KeyError, match="no channel looks like a nuclear stain"):
+        nuclear_channel_index(["DNA-PK", "CD3", "Ki67"])
+    for names, want in ((["DNA-PK", "DNA-1"], 1), (["CD3", "DAPI-final"], 1), (["DNA_cycle2", "CD3"], 0),
+                        (["DNA-PKcs", "HH3"], 1)):
+        assert nuclear_channel_index(names) == want, names
 
 
 def test_quantify_cells_parameters_are_checked():

@@ -71,12 +71,17 @@ def nuclear_channel_index(names, channel="auto") -> int:
                 return True
         return False
 
+    def tagged(base, marker):  # "dapi 2", "dapi_cycle1", "dna-1"; but "dna-pk" (a kinase) is not a DNA stain
+        for sep in (" ", "_", "-"):
+            if base.startswith(marker + sep):
+                return marker != "dna" or any(ch.isdigit() for ch in base[len(marker) + 1:])
+        return False
+
     low = [str(n).lower() for n in names]
     for marker in NUCLEAR_MARKERS:
         for i, n in enumerate(low):
             base = n.split("(")[0].strip()
-            if base == marker or base.startswith(marker + " ") or base.startswith(marker + "_") or \
-                    base.startswith(marker + "-") or any(looks_like(f, marker) for f in forms(n)):
+            if base == marker or tagged(base, marker) or any(looks_like(f, marker) for f in forms(n)):
                 return i  # the first: CODEX and CyCIF panels repeat "DAPI" in every cycle, the first is the usual
     raise ChannelError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
 
