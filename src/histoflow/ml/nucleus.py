@@ -12,6 +12,7 @@ any size (sliding window with Gaussian blending, resampled to the model's µm/px
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -174,8 +175,15 @@ def _crop_pad(a, y, x, size, fill):
 
 @torch.no_grad()
 def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float = 0.25, device=None,
-                 amp: bool = False, batch_size: int = 2, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 amp: bool = False, batch_size: int = 2, tta: bool = False,
+                 origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """Nucleus probability ``(H, W)`` and HV maps ``(2, H, W)`` of an RGB uint8 image at the model's scale.
+
+    ``origin`` = (y, x): where the image lies in a larger one (a tile of a slide, in model pixels). The network
+    pools by its divisor (16 px for the U-Nets), so its answer for a pixel depends on where the pooling grid
+    starts: the image is padded with white above and to the left up to that grid of the whole slide, so a
+    nucleus is the same pixels in every tile that holds it with its surroundings (tiles whose stride was not a
+    multiple of 16 px changed nuclei in their middle).
 
     Images larger than ``window`` run through MONAI's sliding-window inference with Gaussian blending
     (``overlap`` of the window); the image is padded with white to a multiple of the model's divisor, and a side
@@ -187,6 +195,18 @@ def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float 
     :func:`rgb_uint8` makes them (floats in [0, 1], 16-bit, grey, RGBA).
     """
     image = rgb_uint8(image, "predict_maps")
+    div = int(getattr(model, "size_divisor", 16))
+    top, left = int(origin[0]) % div, int(origin[1]) % div
+    h, w = image.shape[:2]
+    if top or left or (tta and (h % div or w % div)):
+        # aligned with the slide's pooling grid above and to the left, and (for the flips of tta, which turn the
+        # image's bottom and right into its top and left) to a multiple of the divisor below and to the right
+        bottom, right = (-(top + h) % div, -(left + w) % div) if tta else (0, 0)
+        padded = np.pad(image[..., :3], ((top, bottom), (left, right), (0, 0)), constant_values=255)
+        p, hv = predict_maps(model, padded, window=window, overlap=overlap, device=device, amp=amp,
+                             batch_size=batch_size, tta=tta)
+        return (np.ascontiguousarray(p[top:top + h, left:left + w]),
+                np.ascontiguousarray(hv[:, top:top + h, left:left + w]))
     if tta:
         probs, hvs = [], []
         for fy, fx in ((False, False), (False, True), (True, False), (True, True)):
@@ -205,8 +225,6 @@ def predict_maps(model, image: np.ndarray, *, window: int = 512, overlap: float 
         return np.mean(probs, 0).astype(np.float32), np.mean(hvs, 0).astype(np.float32)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
-    div = int(getattr(model, "size_divisor", 16))
-    h, w = image.shape[:2]
     ph, pw = -h % div, -w % div
     win = max(div, (min(window, max(h + ph, w + pw)) // div) * div)
     if max(h + ph, w + pw) > win:  # sliding windows: a side shorter than the window is padded with white here, as
@@ -313,7 +331,64 @@ def maps_to_instances(prob, hv, *, fg_threshold: float = 0.5, marker_threshold: 
 SCALE_TOLERANCE = 0.03
 
 
-def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.ndarray:
+def _model_span(o: int, n: int, scale: float) -> tuple[int, int]:
+    """The model pixels ``[u0, u1)`` of the slide-wide model grid (model pixel u covers image pixels
+    ``[u / scale, (u + 1) / scale)``) that overlap image pixels ``[o, o + n)``."""
+    u0 = math.floor(o * scale + 1e-9)
+    return u0, max(u0 + 1, math.ceil((o + n) * scale - 1e-9))
+
+
+def _to_model_grid(image: np.ndarray, origin, scale: float):
+    """The image resampled onto the slide-wide model grid (area average when shrinking, bilinear when enlarging),
+    the model grid's first pixel (v0, u0), and the image's (y, x) margin added to reach it. Every tile of a slide
+    resampled this way gives its pixels the same values (each tile resized on its own put the model's pixels
+    at a fraction of a pixel that depended on where the tile began)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    oy, ox = int(origin[0]), int(origin[1])
+    v0, v1 = _model_span(oy, h, scale)
+    u0, u1 = _model_span(ox, w, scale)
+    # the source box in the image's pixel edges, from a copy with 2 pixels of its edge repeated around it (the
+    # first and last model pixels reach up to one model pixel past the image)
+    e = 2 + int(math.ceil(1 / scale))
+    src = np.pad(image[..., :3], ((e, e), (e, e), (0, 0)), mode="edge")
+    box = (u0 / scale - ox + e, v0 / scale - oy + e, u1 / scale - ox + e, v1 / scale - oy + e)
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((u1 - u0, v1 - v0), method, box=box))
+    return out, (v0, u0)
+
+
+def _from_model_grid(n: int, o: int, m0: int, m: int, scale: float) -> np.ndarray:
+    """For image pixels ``o .. o + n - 1``: the index of the model pixel (of ``m`` from ``m0``) under each one's
+    centre."""
+    idx = np.floor((o + np.arange(n) + 0.5) * scale).astype(np.int64) - m0
+    return np.clip(idx, 0, m - 1)
+
+
+def _one_piece(labels: np.ndarray) -> np.ndarray:
+    """Each nucleus as one 4-connected piece (its largest): sampling labels onto a coarser grid can cut a
+    thin neck, leaving one id in two places (a MultiPolygon in GeoJSON, two outlines for one nucleus)."""
+    from skimage.measure import label as pieces_of
+
+    pieces = pieces_of(labels, background=0, connectivity=1)
+    n = int(pieces.max())
+    if n == int(np.count_nonzero(np.bincount(labels.ravel())[1:])):
+        return labels
+    owner = np.zeros(n + 1, np.int64)
+    owner[pieces.ravel()] = labels.ravel()
+    size = np.bincount(pieces.ravel(), minlength=n + 1)
+    order = np.lexsort((size[1:], owner[1:])) + 1  # the pieces by id, then size: each id's largest comes last
+    ids = owner[order]
+    keep = np.zeros(n + 1, bool)
+    keep[order[np.r_[ids[1:] != ids[:-1], True]]] = True
+    out = labels.copy()
+    out[~keep[pieces]] = 0
+    return out
+
+
+def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, origin: tuple[int, int] = (0, 0),
+                   **kw) -> np.ndarray:
     """Instance labels of an RGB image with a nucleus model.
 
     ``scale`` = (image µm/px) / (model µm/px): the image is resized by it before the model runs, and the maps
@@ -326,6 +401,10 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.
     ``fg_threshold`` and grows into those within one model pixel (smooth outlines, not blocks). Within
     ``SCALE_TOLERANCE`` of 1 the image runs as it is (a 0.499 or 0.2527 µm/px scan on a 0.5 or 0.25 model:
     resampling by 0.2-1 % only blurs, and moves tile results by a pixel).
+    ``origin`` = (y, x): where the image lies in the slide, in its own pixels (a tile's position): the image is
+    resampled onto the model grid of the whole slide, and the network's pooling grid is that slide's too
+    (:func:`predict_maps`), so that a nucleus is the same pixels in every tile that holds it with its
+    surroundings, at any scale. Each nucleus is one connected piece.
     Other keywords go to :func:`predict_maps` / :func:`maps_to_instances`.
     """
     import cv2
@@ -335,23 +414,29 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, **kw) -> np.
     image = rgb_uint8(image, "segment_nuclei")
     h, w = image.shape[:2]
     if abs(scale - 1.0) <= SCALE_TOLERANCE:
-        return maps_to_instances(*predict_maps(model, image, **kw), **post)
+        return maps_to_instances(*predict_maps(model, image, origin=origin, **kw), **post)
     from skimage.segmentation import expand_labels
-
-    from ..core.resample import resize_mask
 
     # post-processed at the model's scale, where an image pixel is scale**2 pixels: min_size is in the image's
     post["min_size"] = post.get("min_size", 10) * scale ** 2
-    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = cv2.resize(image[..., :3], (sw, sh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    prob, hv = predict_maps(model, resized, **kw)
-    labels = resize_mask(maps_to_instances(prob, hv, **post), (w, h))
+    resized, (v0, u0) = _to_model_grid(image, origin, scale)
+    prob, hv = predict_maps(model, resized, origin=(v0, u0), **kw)
+    mh, mw = prob.shape
+    iy = _from_model_grid(h, int(origin[0]), v0, mh, scale)
+    ix = _from_model_grid(w, int(origin[1]), u0, mw, scale)
+    labels = maps_to_instances(prob, hv, **post)[iy[:, None], ix[None, :]]
     if scale > 1:
-        return labels
-    fg = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR) >= post.get("fg_threshold", 0.5)
+        return _one_piece(labels).astype(np.int32, copy=False)
+    # the probability at each image pixel's centre, bilinear between the model pixels' centres
+    my = ((int(origin[0]) + np.arange(h) + 0.5) * scale - 0.5 - v0).astype(np.float32)
+    mx = ((int(origin[1]) + np.arange(w) + 0.5) * scale - 0.5 - u0).astype(np.float32)
+    mapx, mapy = np.broadcast_to(mx[None, :], (h, w)), np.broadcast_to(my[:, None], (h, w))
+    fg = cv2.remap(prob, np.ascontiguousarray(mapx), np.ascontiguousarray(mapy), cv2.INTER_LINEAR,
+                   borderMode=cv2.BORDER_REPLICATE) >= post.get("fg_threshold", 0.5)
     labels[~fg] = 0
     labels = expand_labels(labels, int(np.ceil(1 / scale)))
     labels[~fg] = 0
+    labels = _one_piece(labels)
     present = np.bincount(labels.ravel()) > 0
     if not present[1:].all():  # a nucleus wholly under the threshold at this size: numbered 1..n again
         present[0] = False

@@ -271,8 +271,9 @@ class NucleusSegmentation(Transform):
 
     labels_out = outputs_from("label_name")
 
-    def F(self, image, mpp=None, core=None):
-        """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's)."""
+    def F(self, image, mpp=None, core=None, origin=(0, 0)):
+        """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's);
+        ``origin`` = (y, x), where it lies in the slide in its own pixels (:func:`~histoflow.ml.nucleus.segment_nuclei`)."""
         if np.asarray(image).size == 0:  # no pixels, no nuclei (the network cannot run on them)
             return np.zeros(np.shape(image)[:2], np.int32)
         r = _runner(self.model, self.backend, self.threads, mpp)
@@ -285,18 +286,22 @@ class NucleusSegmentation(Transform):
         for k in ("fg_threshold", "marker_threshold", "min_size"):
             if getattr(self, k) is not None:
                 post[k] = getattr(self, k)
-        labels = r.segment(_rgb_for_he_model(image), mpp, tta=self.tta, amp=getattr(self, "amp", False), **post)
+        labels = r.segment(_rgb_for_he_model(image), mpp, tta=self.tta, amp=getattr(self, "amp", False),
+                           origin=origin, **post)
         return keep_owned(labels, core)
 
     def apply(self, tile):
         mpp = tile.mpp[0] if tile.mpp else None
         image = tile.image
+        # the tile's place in the slide's pixels at its scale: the model's grids are the slide's, not the tile's
+        ds = float(tile.downsample or 1.0)
+        origin = (int(round(tile.coords[1] / ds)), int(round(tile.coords[0] / ds)))
         if tile.extent is not None:  # an edge tile: the model runs on the part inside the slide only
             ew, eh = tile.extent
             labels = np.zeros(image.shape[:2], np.int32)
-            labels[:eh, :ew] = self.F(image[:eh, :ew], mpp, tile.core)
+            labels[:eh, :ew] = self.F(image[:eh, :ew], mpp, tile.core, origin)
         else:
-            labels = self.F(image, mpp, tile.core)
+            labels = self.F(image, mpp, tile.core, origin)
         tile.masks[self.mask_name] = labels
         tile.labels[self.label_name] = int(labels.max(initial=0))
 
