@@ -55,6 +55,32 @@ def test_patch_classifier_heatmap(tmp_path, classifier):
         np.testing.assert_allclose(h.masks["heatmap_normal"] + heat, 1, atol=1e-5)
 
 
+@pytest.mark.parametrize("mpp", [1.0, 0.75])
+def test_a_heatmap_cell_of_a_resampled_run_is_its_tile(tmp_path, mpp):
+    """At a target µm/px the tiles lie at rounded level-0 coordinates and the heatmap's cells at multiples of the
+    fractional tile width: a cell mixed in a sliver of its neighbour (8 of 30 cells off by more than 1e-4 at
+    1 µm/px, 19 of 48 at 0.75). Constants are placed where the grid put the tile, in its level's pixels."""
+    class Dark(torch.nn.Module):  # the tile's darkness: a probability that differs from tile to tile
+        def forward(self, x):
+            g = x[:, :3].mean((1, 2, 3))[:, None]
+            return torch.cat([torch.zeros_like(g), 20 * (0.8 - g)], 1)
+
+    dark = str(export_onnx(Dark(), tmp_path / "dark.onnx", input_shape=(1, 3, 256, 256)))
+    with SlideData(SVS) as s:
+        out = s.run(PatchClassification(dark, classes=["normal", "tumour"]), str(tmp_path / "c.h5path"),
+                    tile_size=256, mpp=mpp, executor="inprocess", progress=False)
+    with read_h5path(out) as h:
+        heat, ds = h.masks["heatmap_tumour"], h.mask_downsample("heatmap_tumour")
+        assert np.ptp([h.tile(i).labels["prob_tumour"] for i in range(len(h))]) > 0.5
+        assert ds == pytest.approx(256 * h.tile(0).downsample)
+        off = 0
+        for i in range(len(h)):
+            t = h.tile(i)
+            cx, cy = t.coords[0] + 128 * t.downsample, t.coords[1] + 128 * t.downsample
+            off += abs(heat[int(cy // ds), int(cx // ds)] - t.labels["prob_tumour"]) > 1e-6
+        assert len(h) > 25 and off == 0
+
+
 def test_patch_classifier_onnx_equals_torch(tmp_path, classifier):
     net = models.load(classifier)
     onnx_path = export_onnx(net, tmp_path / "cls.onnx", input_shape=(1, 3, 128, 128))

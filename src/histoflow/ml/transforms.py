@@ -621,11 +621,18 @@ class _ReducingModelTransform(Transform, register=False):
             return
         w0 = int(round(tile.size[0] * tile.downsample))
         h0 = int(round(tile.size[1] * tile.downsample))
-        if values.ndim == 1 and tile.core is not None:  # a constant covers the part of the slide the tile owns
-            cx0, cy0, cx1, cy1 = tile.core
-            d = tile.downsample
-            self._maps.add(tile.coords[0] + cx0 * d, tile.coords[1] + cy0 * d, (cx1 - cx0) * d, (cy1 - cy0) * d,
-                           values)
+        if values.ndim == 1:
+            # a constant is placed where the grid put the tile, in its level's pixels (the level-0 coordinates are
+            # those rounded: at a downsample of 1.00005 the tile at x = 513 covered 0.03 px of the cell before
+            # its own and one heatmap pixel per tile mixed in a sliver of the neighbouring tile's value)
+            x, y = tile.coords
+            if d >= 1:
+                x, y = round(x / d) * d, round(y / d) * d
+            if tile.core is not None:  # a constant covers the part of the slide the tile owns
+                cx0, cy0, cx1, cy1 = tile.core
+                self._maps.add(x + cx0 * d, y + cy0 * d, (cx1 - cx0) * d, (cy1 - cy0) * d, values)
+            else:
+                self._maps.add(x, y, tile.size[0] * d, tile.size[1] * d, values)
             return
         self._maps.add(tile.coords[0], tile.coords[1], w0, h0, values, weights)
 
