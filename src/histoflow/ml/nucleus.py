@@ -339,23 +339,28 @@ def _model_span(o: int, n: int, scale: float) -> tuple[int, int]:
 
 
 def _to_model_grid(image: np.ndarray, origin, scale: float):
-    """The image resampled onto the slide-wide model grid (area average when shrinking, bilinear when enlarging),
-    the model grid's first pixel (v0, u0), and the image's (y, x) margin added to reach it. Every tile of a slide
-    resampled this way gives its pixels the same values (each tile resized on its own put the model's pixels
-    at a fraction of a pixel that depended on where the tile began)."""
+    """An ``(h, w, c)`` image (RGB uint8, or any channels as float32) resampled onto the slide-wide model grid
+    (area average when shrinking, bilinear when enlarging), and the model grid's first pixel (v0, u0). Every
+    tile of a slide resampled this way gives its pixels the same values (each tile resized on its own put the
+    model's pixels at a fraction of a pixel that depended on where the tile began)."""
     from PIL import Image
 
     h, w = image.shape[:2]
     oy, ox = int(origin[0]), int(origin[1])
     v0, v1 = _model_span(oy, h, scale)
     u0, u1 = _model_span(ox, w, scale)
-    # the source box in the image's pixel edges, from a copy with 2 pixels of its edge repeated around it (the
-    # first and last model pixels reach up to one model pixel past the image)
+    # the source box in the image's pixel edges, from a copy with its edge repeated around it (the first and
+    # last model pixels reach up to one model pixel past the image)
     e = 2 + int(math.ceil(1 / scale))
-    src = np.pad(image[..., :3], ((e, e), (e, e), (0, 0)), mode="edge")
+    src = np.pad(image, ((e, e), (e, e), (0, 0)), mode="edge")
     box = (u0 / scale - ox + e, v0 / scale - oy + e, u1 / scale - ox + e, v1 / scale - oy + e)
     method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
-    out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((u1 - u0, v1 - v0), method, box=box))
+    size = (u1 - u0, v1 - v0)
+    if src.dtype == np.uint8 and src.shape[2] == 3:
+        out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize(size, method, box=box))
+    else:
+        out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(src[..., c], np.float32), mode="F")
+                                   .resize(size, method, box=box)) for c in range(src.shape[2])], -1)
     return out, (v0, u0)
 
 
@@ -419,7 +424,7 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, origin: tupl
 
     # post-processed at the model's scale, where an image pixel is scale**2 pixels: min_size is in the image's
     post["min_size"] = post.get("min_size", 10) * scale ** 2
-    resized, (v0, u0) = _to_model_grid(image, origin, scale)
+    resized, (v0, u0) = _to_model_grid(image[..., :3], origin, scale)
     prob, hv = predict_maps(model, resized, origin=(v0, u0), **kw)
     mh, mw = prob.shape
     iy = _from_model_grid(h, int(origin[0]), v0, mh, scale)

@@ -69,6 +69,13 @@ def _rgb_for_he_model(image) -> np.ndarray:
     return rgb_uint8(image, "NucleusSegmentation")
 
 
+def _tile_origin(tile) -> tuple[int, int]:
+    """(y, x): a tile's place in the slide's pixels at its own scale (the models' grids are the slide's, not the
+    tile's)."""
+    ds = float(tile.downsample or 1.0)
+    return int(round(tile.coords[1] / ds)), int(round(tile.coords[0] / ds))
+
+
 class _Runner:
     """A loaded nucleus model (torch or onnxruntime) with its card; one per process and model file."""
 
@@ -293,9 +300,7 @@ class NucleusSegmentation(Transform):
     def apply(self, tile):
         mpp = tile.mpp[0] if tile.mpp else None
         image = tile.image
-        # the tile's place in the slide's pixels at its scale: the model's grids are the slide's, not the tile's
-        ds = float(tile.downsample or 1.0)
-        origin = (int(round(tile.coords[1] / ds)), int(round(tile.coords[0] / ds)))
+        origin = _tile_origin(tile)
         if tile.extent is not None:  # an edge tile: the model runs on the part inside the slide only
             ew, eh = tile.extent
             labels = np.zeros(image.shape[:2], np.int32)
@@ -889,29 +894,36 @@ class SegmentCellsModel(Transform):
         mem = sum(m / wt for m, wt in zip(mems, sc["membrane"])) if mems else nuc
         return np.stack([np.clip(a / hi, 0, 1) for a, hi in zip((nuc, mem), sc["inputs"])], -1)
 
-    def _predict(self, x):
+    def _predict(self, x, origin=(0, 0)):
         from .onnx import get_session
 
         sess = get_session(os.fspath(self.model))
         h, w = x.shape[:2]
-        x = np.pad(x, ((0, -h % 16), (0, -w % 16), (0, 0)))
+        # padded with 0 (no signal) to the slide's 16 px grid above and to the left (``origin``: where x lies in
+        # the slide, model pixels), so that a network that pools sees every tile on the same grid, and to a
+        # multiple of 16 below and to the right
+        top, left = int(origin[0]) % 16, int(origin[1]) % 16
+        x = np.pad(x, ((top, -(top + h) % 16), (left, -(left + w) % 16), (0, 0)))
         batch = x[None] if self.layout == "NHWC" else x.transpose(2, 0, 1)[None]
         out = sess(np.ascontiguousarray(batch, np.float32))
         if isinstance(out, dict):
             out = list(out.values())[self.output]
         out = np.asarray(out)[0]
         out = out if self.layout == "NHWC" else out.transpose(1, 2, 0)
-        return out[:h, :w]
+        return out[top:top + h, left:left + w]
 
     def min_overlap(self, mpp) -> int:
         """A large cell (twice a large nucleus), whole."""
         return int(np.ceil(2 * LARGE_NUCLEUS_UM / float(mpp or self.model_mpp)))
 
-    def F(self, image, mpp=None, core=None):
-        """Owned cell labels (int32) of a ``(h, w, c)`` image with pixel size ``mpp`` µm."""
-        import cv2
+    def F(self, image, mpp=None, core=None, origin=(0, 0)):
+        """Owned cell labels (int32) of a ``(h, w, c)`` image with pixel size ``mpp`` µm; ``origin`` = (y, x):
+        where it lies in the slide, in its own pixels (the inputs are resampled onto the slide's model grid and
+        padded to its 16 px grid, so a cell does not depend on where a tile begins)."""
         from skimage.feature import peak_local_max
         from skimage.segmentation import watershed
+
+        from .nucleus import _from_model_grid, _one_piece, _to_model_grid
 
         image = np.asarray(image)
         if image.ndim == 2:
@@ -922,9 +934,12 @@ class SegmentCellsModel(Transform):
         x = self._inputs(image)
         h, w = x.shape[:2]
         scale = mpp / float(self.model_mpp)
-        if abs(scale - 1) > 1e-3:
-            x = cv2.resize(x, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_LINEAR)
-        pred = self._predict(x)
+        resampled = abs(scale - 1) > 1e-3
+        if resampled:
+            x, (v0, u0) = _to_model_grid(np.ascontiguousarray(x, np.float32), origin, scale)
+        else:
+            v0, u0 = int(origin[0]), int(origin[1])
+        pred = self._predict(x, (v0, u0))
         inner = pred[..., self.inner_channel].astype(np.float32)
         fg = pred[..., self.foreground_channel] > self.interior_threshold
         radius = max(1, int(round(self.radius_um / self.model_mpp)))
@@ -937,15 +952,20 @@ class SegmentCellsModel(Transform):
         small = np.bincount(lab.ravel()) < min_area
         small[0] = False
         lab[small[lab]] = 0
-        if lab.shape != (h, w):
-            lab = cv2.resize(lab.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+        if resampled:  # the model pixel under each pixel's centre; a cell cut into pieces by that keeps its largest
+            iy = _from_model_grid(h, int(origin[0]), v0, lab.shape[0], scale)
+            ix = _from_model_grid(w, int(origin[1]), u0, lab.shape[1], scale)
+            lab = lab[iy[:, None], ix[None, :]].astype(np.int32)
+            if scale > 1:
+                lab = _one_piece(lab)
         return keep_owned(lab, core)
 
     def apply(self, tile):
         from ..transforms.multiplex import _on_extent
 
         # an edge tile's fill is not given to the model; labels padded back to the tile with 0
-        lab = _on_extent(tile, lambda image: (self.F(image, tile.mpp[0] if tile.mpp else None, tile.core),))[0]
+        lab = _on_extent(tile, lambda image: (self.F(image, tile.mpp[0] if tile.mpp else None, tile.core,
+                                                     _tile_origin(tile)),))[0]
         tile.masks[self.mask_name] = lab
         tile.labels[self.label_name] = int(lab.max(initial=0))
 
