@@ -131,3 +131,30 @@ def test_concentrations_are_one_named_channel_for_the_steps_after(tmp_path):
     with read_h5path(out) as h:
         cells = h.cells
     assert list(cells.var_names) == ["hematoxylin_concentration"] and cells.n_obs > 1000
+
+
+def test_sparse_tissue_gets_one_matrix_for_the_slide(tmp_path):
+    """Two specks of real H&E on a 2048 px slide of glass average away in the thumbnail: the slide fit gave None
+    without a word and every tile then estimated its own matrix. The full-resolution regions at the specks now
+    give the slide's; a slide with (almost) no stain says that its tiles will use their own."""
+    from datafiles import data_path
+
+    he = cv2.cvtColor(cv2.imread(data_path("he_patches", "tiatoolbox_stain_target.png")), cv2.COLOR_BGR2RGB)
+    for speck, fitted in ((24, True), (4, False)):
+        canvas = np.full((2048, 2048, 3), 240, np.uint8)
+        canvas[40:40 + speck, 40:40 + speck] = he[300:300 + speck, 300:300 + speck]
+        canvas[1064:1064 + speck, 1064:1064 + speck] = he[500:500 + speck, 500:500 + speck]
+        path = tmp_path / f"sparse{speck}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        with SlideData(str(path)) as slide:
+            for t in (StainNormalizationHE(), StainNormalizationHE(stain_estimation_method="vahadane"),
+                      StainAugmentation()):
+                if fitted:
+                    t.fit_slide(slide)
+                    m = np.asarray(t.slide_stains_[0])
+                    assert m.shape == (2, 3) and m[0] @ m[1] < 0.99  # two distinct stains, hematoxylin first
+                    assert m[0, 0] > m[1, 0]  # hematoxylin first: it absorbs red, eosin hardly
+                else:
+                    with pytest.warns(UserWarning, match="too little stained tissue to estimate the slide's stains"):
+                        t.fit_slide(slide)
+                    assert t.slide_stains_ is None

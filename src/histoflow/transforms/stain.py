@@ -872,7 +872,17 @@ class _StainFitMixin:
         try:
             m, mc = self._fit_image(thumb, method, mask)
         except StainEstimationError:
-            return None
+            # sparse tissue (biopsy fragments) averages away in a thumbnail: the full-resolution regions at it
+            # (each tile then estimated its own matrix, silently: one slide normalised by many matrices)
+            try:
+                if sample is None:
+                    raise StainEstimationError("no full-resolution tissue regions")
+                return self._fit_image(sample, method)
+            except StainEstimationError as e:
+                warnings.warn(f"{getattr(slide, 'path', 'the slide')}: too little stained tissue to estimate the "
+                              f"slide's stains once ({e}); each tile with enough stain uses its own, the rest "
+                              "pass unchanged", UserWarning, stacklevel=3)
+                return None
         k = self._est_kwargs()
         if sample is not None:
             try:
