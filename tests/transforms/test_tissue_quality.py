@@ -383,3 +383,50 @@ def test_saturation_tissue_detection_takes_half_float_tiles():
     td = TissueDetectionHE(use_saturation=True, otsu="tile")
     half = td.F((img / 255).astype(np.float16))
     assert np.array_equal(half, td.F((img / 255).astype(np.float32))) and half.any()
+
+
+def _he_crop():
+    import cv2
+    from datafiles import data_path
+
+    path = data_path("monuseg_train", "TCGA-21-5784-01Z-00-DX1.png")
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)[:256, :256]
+
+
+def test_float_tiles_with_no_data_or_on_the_0_255_scale():
+    """NaN (no data) was cast to 0, black: half a glass tile of NaN came out as tissue. Floats on the 0-255 scale
+    (astype(float)) were clipped to white: a tissue tile had no tissue and was white space. NaN is glass now, and
+    0-255 floats are refused as out-of-range integers are."""
+    from histoflow.errors import ParameterError
+    from histoflow.transforms import LabelWhiteSpaceHE, TissueDetectionHE
+
+    img = np.full((256, 256, 3), 0.95, np.float32)
+    img[:, 128:] = np.nan
+    for t in (TissueDetectionHE(otsu="tile"), TissueDetectionHE(threshold=200),
+              TissueDetectionHE(use_saturation=True, otsu="tile")):
+        assert t.F(img).sum() == 0
+    assert LabelWhiteSpaceHE().F(img)
+    he = _he_crop()
+    assert np.array_equal(TissueDetectionHE(otsu="tile").F(he / 255.0), TissueDetectionHE(otsu="tile").F(he))
+    with pytest.raises(ParameterError, match=r"floats in \[0, 1\]; got float64 values up to 25\d.*divide .* by 255"):
+        TissueDetectionHE(otsu="tile").F(he.astype(float))
+
+
+def test_focus_scores_of_other_integer_dtypes_and_of_no_data():
+    """An int64 copy of a sharp uint8 tile scored 0 (scaled by int64's range) and was labelled blurred; a float
+    tile with one NaN scored NaN."""
+    from histoflow.transforms import BlurQC
+    from histoflow.transforms.quality import laplacian_variance
+
+    he = _he_crop()
+    sharp = laplacian_variance(he)
+    assert sharp > 200
+    for a in (he.astype(np.int64), he.astype(np.int32), he.astype(np.uint32)):
+        assert laplacian_variance(a) == pytest.approx(sharp, rel=1e-3)
+    assert laplacian_variance(he.astype(np.int32) * 257) == pytest.approx(laplacian_variance(he.astype(np.uint16) * 257),
+                                                                         rel=1e-4)
+    assert BlurQC().F(he.astype(np.int64)) >= BlurQC().threshold  # not labelled blurred
+    f = he / 255.0
+    f[:40] = np.nan
+    assert np.isfinite(laplacian_variance(f)) and laplacian_variance(f) > 200
+    assert np.isnan(laplacian_variance(np.full((8, 8), np.nan)))

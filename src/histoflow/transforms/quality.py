@@ -16,8 +16,8 @@ def laplacian_variance(image, channel=None):
     """Focus score: variance of the Laplacian (``cv2.Laplacian``, 3x3 aperture, float64) of the grey image.
 
     The grey image is RGB converted with OpenCV's weights, the single channel, or ``channel``; it is taken
-    on the 0-255 scale whatever the dtype (uint16 is divided by 257, floats are taken as [0, 1]), so one
-    threshold serves every dtype. Sharp tissue scores in the hundreds or thousands; out-of-focus tiles and
+    on the 0-255 scale whatever the dtype (uint16 is divided by 257, floats are taken as [0, 1], other integers
+    as 8 or 16 bits by their values), so one threshold serves every dtype; NaN pixels (no data) are left out. Sharp tissue scores in the hundreds or thousands; out-of-focus tiles and
     blank glass score low.
 
     Examples
@@ -32,10 +32,20 @@ def laplacian_variance(image, channel=None):
     if grey.dtype == np.uint8:
         g = grey
     elif np.issubdtype(grey.dtype, np.integer):
-        g = grey.astype(np.float64) * (255.0 / np.iinfo(grey.dtype).max)
+        # other integers (int64 from astype(int), int32, uint32) by their values, as 8 or 16 bits: by their
+        # dtype's range an int64 tile of 0-255 values scored 0 and was labelled blurred
+        top = np.iinfo(grey.dtype).max
+        if grey.dtype != np.uint16:
+            lo, hi = int(grey.min()), int(grey.max())
+            if lo >= 0 and hi <= 65535:
+                top = 255 if hi <= 255 else 65535
+        g = grey.astype(np.float64) * (255.0 / top)
     else:
         g = grey.astype(np.float64) * 255.0
     lap = cv2.Laplacian(np.ascontiguousarray(g), cv2.CV_64F)
+    finite = np.isfinite(lap)
+    if not finite.all():  # NaN pixels (no data) and their neighbours take no part; a tile of no data scores NaN
+        return float(lap[finite].var()) if finite.any() else float("nan")
     return float(lap.var())
 
 
