@@ -188,3 +188,86 @@ def test_geojson_read_feature_by_feature_and_whole_agree(tmp_path):
         assert [(p.name, p.measurements, p.exterior.tolist()) for p in read_geojson(tmp_path / f"{name}.geojson")] == ref
     nan = read_geojson(tmp_path / "nan.geojson")
     assert np.isnan(nan[2].measurements["a"]) and [p.name for p in nan] == [r[0] for r in ref]
+
+
+def test_pixel_centres_on_an_outline_are_counted_once():
+    """At downsample 2, 4 ... pixel centres lie on whole level-0 coordinates, where outlines drawn on pixel
+    edges run; skimage counts such centres in on every side, so a 10 x 10 square took 36 pixels of 4 (144
+    level-0 pixels) and two squares sharing an edge both took the column on it. Half-open now, as pixels are."""
+    import numpy as np
+
+    from histoflow.annotations import Polygon, polygonize, rasterize
+    from histoflow.datasets.monuseg import load_monuseg
+    from datafiles import data_path
+
+    sq = Polygon([[1, 1], [11, 1], [11, 11], [1, 11]])
+    assert rasterize([sq], (8, 8), downsample=2).sum() * 4 == 100
+    pair = rasterize([Polygon([[0, 0], [4, 0], [4, 4], [0, 4]]), Polygon([[4, 0], [8, 0], [8, 4], [4, 4]])], (2, 4),
+                     downsample=2)
+    assert pair.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2]]
+    # a label image outlined and painted again at 2x and 4x coarser: its area, not 13 % more
+    lab = load_monuseg(data_path("monuseg_train"), "TCGA-XS-A8TJ-01Z-00-DX1")[0]["instances"][:400, :400]
+    polys = polygonize(lab)
+    for d in (2, 4):
+        coarse = rasterize(polys, (400 // d, 400 // d), downsample=d)
+        assert abs((coarse > 0).sum() * d * d / (lab > 0).sum() - 1) < 0.03
+
+
+def test_imagej_spline_fits_subpixel_ovals_and_colours(tmp_path):
+    """A polygon saved with "Fit Spline" was read as its control points (a diamond where ImageJ fills a round
+    shape); an oval with sub-pixel bounds was read from its integer ones; the ImageJ writer dropped the colour
+    of unclassified objects (XML -> ZIP -> XML merged a red and a green unnamed layer)."""
+    import numpy as np
+    import roifile
+
+    from histoflow.annotations import Polygon, read_imagej_rois, write_imagej_rois
+
+    r = roifile.ImagejRoi.frompoints(np.array([[50, 10], [90, 50], [50, 90], [10, 50]], np.int32))
+    r.roitype = roifile.ROI_TYPE.POLYGON
+    r.options |= roifile.ROI_OPTIONS.SPLINE_FIT
+    r.tofile(tmp_path / "spline.roi")
+    (p,) = read_imagej_rois(tmp_path / "spline.roi")
+    assert len(p.exterior) >= 100 and 4600 < p.area < 5100  # round (a circle of radius 40: 5027), not 3200
+    assert np.allclose(p.bounds, (10, 10, 90, 90), atol=1.0)
+    o = roifile.ImagejRoi()
+    o.roitype, o.version = roifile.ROI_TYPE.OVAL, 228
+    o.options |= roifile.ROI_OPTIONS.SUB_PIXEL_RESOLUTION
+    o.xd, o.yd, o.widthd, o.heightd = 10.6, 20.7, 30.4, 16.2
+    o.left, o.top, o.right, o.bottom = 10, 20, 42, 38
+    o.tofile(tmp_path / "oval.roi")
+    (q,) = read_imagej_rois(tmp_path / "oval.roi")
+    assert np.allclose(q.bounds, (10.6, 20.7, 41.0, 36.9), atol=0.05)
+    assert abs(q.area - np.pi * 15.2 * 8.1) < 0.01 * q.area
+    sq = [[0, 0], [10, 0], [10, 10], [0, 10]]
+    write_imagej_rois([Polygon(sq, name="red", color=(255, 0, 0)), Polygon(sq, name="green", color=(0, 255, 0)),
+                       Polygon(sq, name="plain")], tmp_path / "c.zip")
+    assert [x.color for x in read_imagej_rois(tmp_path / "c.zip")] == [(255, 0, 0), (0, 255, 0), None]
+
+
+def test_outlines_of_several_label_images_do_not_merge_and_xml_keeps_the_order(tmp_path):
+    """polygonize grouped the pieces of object 1 as "1" in every call: tiles each numbering their objects 1..n
+    merged into one object. write_aperio_xml wrote one layer per class, so A(T), B(S), C(T) came back A, C, B
+    and C no longer lay under B where they overlap."""
+    import numpy as np
+
+    from histoflow.annotations import Polygon, polygonize, rasterize, read_aperio_xml, write_aperio_xml
+
+    t = np.zeros((10, 10), np.int32)
+    t[1:3, 1:3] = 1
+    t[5:7, 5:7] = 1
+    ps = polygonize(t, origin=(0, 0)) + polygonize(t, origin=(100, 0))
+    lab = rasterize(ps, (10, 110))
+    assert lab.max() == 2 and len(np.unique(lab[:, :10])) == len(np.unique(lab[:, 100:])) == 2
+    assert np.unique(lab[:, :10])[1] != np.unique(lab[:, 100:])[1]
+
+    def sq(x, s):
+        return [[x, 0], [x + s, 0], [x + s, s], [x, s]]
+
+    ps = [Polygon(sq(0, 10), name="a", classification="T"), Polygon(sq(5, 10), name="b", classification="S"),
+          Polygon(sq(10, 10), name="c", classification="T")]
+    write_aperio_xml(ps, tmp_path / "order.xml")
+    back = read_aperio_xml(tmp_path / "order.xml")
+    assert [p.name for p in back] == ["a", "b", "c"]
+    classes = {"T": 1, "S": 2}
+    paint = [rasterize(q, (1, 20), values=[classes[p.classification] for p in q])[0].tolist() for q in (ps, back)]
+    assert paint[0] == paint[1] == [1] * 5 + [2] * 5 + [1] * 10

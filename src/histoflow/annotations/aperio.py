@@ -232,7 +232,11 @@ def _xml_text(text) -> str:
 
 
 def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
-    """Write polygons as an Aperio ImageScope XML file (one Annotation per class, one Region per polygon).
+    """Write polygons as an Aperio ImageScope XML file (one Annotation layer per class, one Region per polygon).
+
+    Polygons keep their order: a polygon of another class between two of one class starts a new layer of
+    that class, so that where polygons overlap the same one is painted last (:func:`rasterize`) after a round
+    trip (one layer per class moved every polygon of a class together).
 
     Each layer's LineColor is its class colour (the polygons' own, else one of a fixed palette, as in
     :func:`~histoflow.annotations.write_geojson`); each region's measurements are its ``Attributes``
@@ -249,19 +253,26 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     polygons = list(polygons)
     colors = class_colors(polygons, where=path)
     layers: list = []
-    by_class: dict = {}
+    latest: dict = {}  # the layer last opened for each (class, colour)
+    last = None
     for p in polygons:
         cls = _xml_text(p.classification or "")
-        if any(len(h) >= 3 for h in p.holes) and not p.measurements.get("negative"):
+        negative = bool(p.measurements.get("negative"))
+        if any(len(h) >= 3 for h in p.holes) and not negative:
             layers.append((cls, [p]))
+            last = None
             continue
         # unclassified polygons keep the layers their colours tell apart (ImageScope's layers are often unnamed,
         # told apart by colour; one layer for all lost the colours, and let one layer's exclusions cut another's)
         key = (cls, None if p.classification is not None else _layer_color(p))
-        if key not in by_class:
-            by_class[key] = []
-            layers.append((cls, by_class[key]))
-        by_class[key].append(p)
+        if negative and key in latest:  # an exclusion cuts the regions of its class's layer: it joins that one
+            latest[key].append(p)
+            continue
+        if key != last or key not in latest:
+            latest[key] = []
+            layers.append((cls, latest[key]))
+        latest[key].append(p)
+        last = key
     rid = 1
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # region by region
         f.write("<?xml version='1.0' encoding='utf-8'?>\n")

@@ -89,7 +89,10 @@ def _read(path):
             x0, y0, x1, y1 = roi.xd, roi.yd, roi.xd + roi.widthd, roi.yd + roi.heightd
             rings = [np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], np.float64)]
         elif roi.roitype == rf.ROI_TYPE.OVAL and not roi.composite:
-            rings = [_oval_ring(roi.left, roi.top, roi.right, roi.bottom)]
+            if roi.subpixelrect:  # bounds as floats, as for rectangles (the integer ones moved it up to a pixel)
+                rings = [_oval_ring(roi.xd, roi.yd, roi.xd + roi.widthd, roi.yd + roi.heightd)]
+            else:
+                rings = [_oval_ring(roi.left, roi.top, roi.right, roi.bottom)]
         elif roi.roitype == rf.ROI_TYPE.RECT and not roi.composite and roi.rounded_rect_arc_size > 0:
             rings = [_rounded_rect_ring(roi.left, roi.top, roi.right, roi.bottom, roi.rounded_rect_arc_size)]
         else:
@@ -100,6 +103,8 @@ def _read(path):
                                       "in ImageJ (Edit > Selection > Interpolate) and save again") from None
             rings = [np.asarray(c, np.float64) for c in coords]
             rings = [r for r in rings if r.ndim == 2 and len(r) >= 3]
+            if not roi.composite and roi.options & rf.ROI_OPTIONS.SPLINE_FIT:
+                rings = [_spline_ring(r) for r in rings]  # what ImageJ shows and fills, not its control points
         if not rings:
             skip("empty")
             continue
@@ -116,6 +121,23 @@ def _oval_ring(left, top, right, bottom):
     n = max(33, int(np.ceil(np.pi * (abs(a) + abs(b)))) + 1)
     t = np.linspace(0.0, 2.0 * np.pi, n, endpoint=False)
     return np.column_stack([left + a + a * np.cos(t), top + b + b * np.sin(t)])
+
+
+def _spline_ring(points, n: int = 200):
+    """A polygon saved with ImageJ's "Fit Spline" (its SPLINE_FIT option): ImageJ keeps the control points and
+    draws, fills and measures the closed cubic spline through them (parametrised by the points' order, about 200
+    points); the same curve here, with at least 4 vertices between control points."""
+    from scipy.interpolate import CubicSpline
+
+    pts = np.asarray(points, np.float64)
+    if len(pts) > 1 and np.array_equal(pts[0], pts[-1]):
+        pts = pts[:-1]
+    if len(pts) < 3:
+        return pts
+    k = len(pts)
+    t = np.arange(k + 1, dtype=np.float64)
+    spline = CubicSpline(t, np.vstack([pts, pts[:1]]), bc_type="periodic")
+    return spline(np.linspace(0.0, float(k), max(n, 4 * k), endpoint=False))
 
 
 def _rounded_rect_ring(left, top, right, bottom, arc):
@@ -237,6 +259,8 @@ def _roi(rf, parts, i, used, colors):
     roi.props = text
     if p.classification is not None:
         roi.stroke_color = bytes((255, *colors[p.classification]))
+    elif p.color is not None:  # an unclassified object's own colour (ImageScope layers are often told apart by it)
+        roi.stroke_color = bytes((255, *(int(c) for c in p.color)))
     return name, roi
 
 
