@@ -242,6 +242,10 @@ def test_imagej_spline_fits_subpixel_ovals_and_colours(tmp_path):
     write_imagej_rois([Polygon(sq, name="red", color=(255, 0, 0)), Polygon(sq, name="green", color=(0, 255, 0)),
                        Polygon(sq, name="plain")], tmp_path / "c.zip")
     assert [x.color for x in read_imagej_rois(tmp_path / "c.zip")] == [(255, 0, 0), (0, 255, 0), None]
+    # colours that are not three numbers 0..255 are left out, as the GeoJSON writer does (no ValueError)
+    write_imagej_rois([Polygon(sq, color=(255, 0, 0, 128)), Polygon(sq, color="#ff0000"),
+                       Polygon(sq, color=(300, 0, 0))], tmp_path / "odd.zip")
+    assert [x.color for x in read_imagej_rois(tmp_path / "odd.zip")] == [(255, 0, 0), None, None]
 
 
 def test_outlines_of_several_label_images_do_not_merge_and_xml_keeps_the_order(tmp_path):
@@ -271,3 +275,22 @@ def test_outlines_of_several_label_images_do_not_merge_and_xml_keeps_the_order(t
     classes = {"T": 1, "S": 2}
     paint = [rasterize(q, (1, 20), values=[classes[p.classification] for p in q])[0].tolist() for q in (ps, back)]
     assert paint[0] == paint[1] == [1] * 5 + [2] * 5 + [1] * 10
+    # order only matters where polygons overlap: interleaved classes that do not overlap stay one layer per class
+    cells = [Polygon(sq(10 * i, 8), name=f"c{i}", classification="AB"[i % 2]) for i in range(200)]
+    write_aperio_xml(cells, tmp_path / "cells.xml")
+    assert (tmp_path / "cells.xml").read_text().count("<Annotation ") == 2
+    # an exclusion still cuts every region of its class, before and after a polygon of another class
+    ps = [Polygon(sq(0, 100), name="t1", classification="T"), Polygon([[200, 0], [300, 0], [300, 100], [200, 100]],
+          name="s1", classification="S"), Polygon([[400, 0], [500, 0], [500, 100], [400, 100]], name="t2",
+          classification="T"), Polygon([[50, 0], [450, 0], [450, 50], [50, 50]], name="x", classification="T",
+          measurements={"negative": 1})]
+    # the second: a stroma region under a later tumour region, whose order one layer per class would swap
+    box = [[420, 60], [480, 60], [480, 90], [420, 90]]
+    for extra, layers in (([], 2), ([Polygon(box, name="o", classification="S"),
+                                    Polygon(box, name="late", classification="T")], 5)):
+        write_aperio_xml(ps + extra, tmp_path / "excl.xml")
+        assert (tmp_path / "excl.xml").read_text().count("<Annotation ") == layers
+        back = read_aperio_xml(tmp_path / "excl.xml")
+        areas = {p.name: p.area for p in back}
+        assert areas["t1"] == areas["t2"] == 7500 and areas["s1"] == 10000
+        assert [p.name for p in back] == [p.name for p in ps[:3] + extra] if extra else True

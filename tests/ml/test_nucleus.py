@@ -742,3 +742,19 @@ def test_nuclei_of_images_coarser_than_the_model_are_each_one_piece(val_sample):
         lab = seg.F(img, 0.25 * 1000 / size)
         ids = np.unique(lab)[1:]
         assert len(ids) > 100 and int(pieces(lab, background=0, connectivity=1).max()) == len(ids)
+
+
+def test_a_tile_that_fits_one_window_still_does_off_the_grid(model, val_sample, monkeypatch):
+    """Padded to the slide's 16 px grid, a 512 px tile became 527 px and went through MONAI's sliding window
+    (4 windows, 5x the time); it runs in one pass, as it did."""
+    import monai.inferers
+
+    from histoflow.ml.nucleus import predict_maps
+
+    def refuse(*a, **k):
+        raise AssertionError("sliding windows for an image that fits one")
+
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference", refuse)
+    tile = np.ascontiguousarray(val_sample["image"][:512, :512])
+    p, hv = predict_maps(model, tile, origin=(500, 500))
+    assert p.shape == (512, 512) and hv.shape == (2, 512, 512)

@@ -253,7 +253,7 @@ def test_tile_classification_is_augmented(tmp_path, monkeypatch):
     ({"noise": True}, "data.augment.noise is the largest noise sigma"),
     ({"blur": [1.0]}, "data.augment.blur is the largest Gaussian sigma in pixels (e.g. 1.0), not [1.0]"),
     ({"flip": "false"}, "data.augment.flip is true or false, not 'false'"),
-    ({"rot90": 1}, "data.augment.rot90 is true or false, not 1"),
+    ({"rot90": 2}, "data.augment.rot90 is true or false, not 2"),
 ])
 def test_augmentation_settings_of_the_wrong_type_are_refused(spec, message):
     """`brightness: true` (or contrast, noise) was the largest strength there is (shifts of the whole range,
@@ -271,6 +271,8 @@ def test_augmentation_strengths_of_zero_or_false_are_off_and_numbers_pass():
 
     aug = _augmenter({"flip": False, "rot90": False, "brightness": 0, "contrast": False, "noise": 0.03}, 0, images=[])
     assert [type(op) for op in aug.ops] == [GaussianNoise] and aug.ops[0].sigma == 0.03
+    for off in (0, None):  # as before: 0 and an empty value are off
+        assert [type(op) for op in _augmenter({"flip": off, "rot90": off}, 0, images=[]).ops] == []
     aug = _augmenter({"brightness": 1}, 0, images=[])
     assert [type(op) for op in aug.ops][0] is RandomFlip and isinstance(aug.ops[-1], Brightness)
     with pytest.raises(ConfigError, match="only the nucleus task reads as a whole; use stain or hsv"):

@@ -47,7 +47,9 @@ def test_nuclear_channel_found_by_its_usual_names():
     with pytest.raises(KeyError, match="no channel looks like a nuclear stain"):
         nuclear_channel_index(["DNA-PK", "CD3", "Ki67"])
     for names, want in ((["DNA-PK", "DNA-1"], 1), (["CD3", "DAPI-final"], 1), (["DNA_cycle2", "CD3"], 0),
-                        (["DNA-PKcs", "HH3"], 1)):
+                        (["DNA-PKcs", "HH3"], 1), (["CD3", "DNA-PKcs_S2056", "DNA1", "DNA2"], 2),
+                        (["CD3", "DNA-PK2", "DNA1"], 2), (["CD3", "DNA_damage_53BP1", "DNA1"], 2),
+                        (["CD3", "DNA intercalator"], 1), (["CD3", "DNA round 2"], 1)):
         assert nuclear_channel_index(names) == want, names
 
 

@@ -430,3 +430,24 @@ def test_focus_scores_of_other_integer_dtypes_and_of_no_data():
     f[:40] = np.nan
     assert np.isfinite(laplacian_variance(f)) and laplacian_variance(f) > 200
     assert np.isnan(laplacian_variance(np.full((8, 8), np.nan)))
+
+
+def test_focus_scores_of_a_16_bit_slide_in_wider_integers_are_alike(tmp_path):
+    """Tiles of a 16-bit slide that reach BlurQC as int32 were scaled by each tile's values: a dim one (max 255 or
+    less) was taken for 8-bit and scored 66,049x higher than the same pixels as uint16. After fit_slide they are
+    scored on the slide's 16 bits."""
+    import tifffile
+
+    from histoflow.transforms import BlurQC
+    from histoflow.transforms.quality import laplacian_variance
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 200, (64, 128)).astype(np.uint16)
+    img[:, 64:] = rng.integers(0, 4000, (64, 64))
+    tifffile.imwrite(tmp_path / "s16.tif", img)
+    t = BlurQC()
+    with histoflow.SlideData(str(tmp_path / "s16.tif")) as s:
+        t.fit_slide(s)
+    assert t.full_scale_ == 65535
+    for part in (img[:, :64], img[:, 64:]):
+        assert t.F(part.astype(np.int32)) == pytest.approx(laplacian_variance(part), rel=1e-9)

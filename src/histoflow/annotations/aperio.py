@@ -234,9 +234,11 @@ def _xml_text(text) -> str:
 def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     """Write polygons as an Aperio ImageScope XML file (one Annotation layer per class, one Region per polygon).
 
-    Polygons keep their order: a polygon of another class between two of one class starts a new layer of
-    that class, so that where polygons overlap the same one is painted last (:func:`rasterize`) after a round
-    trip (one layer per class moved every polygon of a class together).
+    Layers change the polygons' order (a class's polygons come together), which matters only where polygons of
+    different layers overlap (:func:`rasterize` paints later ones over earlier ones): then, and only then, a
+    polygon of another class between two of one class starts a new layer of that class, so that the same one
+    is painted last after a round trip (each exclusion is then written into every layer of its class whose
+    regions it overlaps, which it cut before).
 
     Each layer's LineColor is its class colour (the polygons' own, else one of a fixed palette, as in
     :func:`~histoflow.annotations.write_geojson`); each region's measurements are its ``Attributes``
@@ -252,27 +254,9 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     path = os.fspath(path)
     polygons = list(polygons)
     colors = class_colors(polygons, where=path)
-    layers: list = []
-    latest: dict = {}  # the layer last opened for each (class, colour)
-    last = None
-    for p in polygons:
-        cls = _xml_text(p.classification or "")
-        negative = bool(p.measurements.get("negative"))
-        if any(len(h) >= 3 for h in p.holes) and not negative:
-            layers.append((cls, [p]))
-            last = None
-            continue
-        # unclassified polygons keep the layers their colours tell apart (ImageScope's layers are often unnamed,
-        # told apart by colour; one layer for all lost the colours, and let one layer's exclusions cut another's)
-        key = (cls, None if p.classification is not None else _layer_color(p))
-        if negative and key in latest:  # an exclusion cuts the regions of its class's layer: it joins that one
-            latest[key].append(p)
-            continue
-        if key != last or key not in latest:
-            latest[key] = []
-            layers.append((cls, latest[key]))
-        latest[key].append(p)
-        last = key
+    layers = _layers(polygons, in_order=False)
+    if _reordered_overlaps(layers, polygons):
+        layers = _layers(polygons, in_order=True)
     rid = 1
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # region by region
         f.write("<?xml version='1.0' encoding='utf-8'?>\n")
@@ -289,6 +273,79 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
             f.write("</Regions></Annotation>\n")
         f.write("</Annotations>\n")
     return path
+
+
+def _layer_key(p):
+    # unclassified polygons keep the layers their colours tell apart (ImageScope's layers are often unnamed,
+    # told apart by colour; one layer for all lost the colours, and let one layer's exclusions cut another's)
+    return (_xml_text(p.classification or ""), None if p.classification is not None else _layer_color(p))
+
+
+def _layers(polygons, in_order: bool) -> list:
+    """``[(class name, polygons)]``: one layer per class (and colour, when unclassified), a polygon with holes in a
+    layer of its own (its holes are exclusions, which cut every region of their layer); ``in_order``: a new layer
+    whenever the class changes, so that the polygons keep their order, each exclusion in every layer of its
+    class."""
+    layers: list = []
+    by_key: dict = {}  # key -> its layers
+    last = None
+    for p in polygons:
+        key = _layer_key(p)
+        if p.measurements.get("negative"):
+            continue  # placed below, once the layers are known
+        if any(len(h) >= 3 for h in p.holes):
+            layers.append((key[0], [p]))
+            last = None
+            continue
+        if key not in by_key or (in_order and key != last):
+            by_key.setdefault(key, []).append([])
+            layers.append((key[0], by_key[key][-1]))
+        by_key[key][-1].append(p)
+        last = key
+    for p in polygons:  # exclusions cut the regions of their class's layer(s)
+        if p.measurements.get("negative"):
+            key = _layer_key(p)
+            if key not in by_key:
+                by_key[key] = [[]]
+                layers.append((key[0], by_key[key][0]))
+            targets = by_key[key][:1]
+            if in_order and len(by_key[key]) > 1:  # the layers holding regions it overlaps (else the first)
+                import shapely
+
+                cut = shapely.Polygon(p.exterior) if len(p.exterior) >= 3 else None
+                hits = [layer for layer in by_key[key] if cut is not None and any(
+                    len(q.exterior) >= 3 and shapely.Polygon(q.exterior).intersects(cut) for q in layer)]
+                targets = hits or targets
+            for layer in targets:
+                layer.append(p)
+    return layers
+
+
+def _reordered_overlaps(layers, polygons) -> bool:
+    """Whether writing ``layers`` puts a polygon after one it came before and whose area it overlaps (which
+    would change which of the two is painted where they overlap)."""
+    import shapely
+
+    order = {}
+    for k, (_, polys) in enumerate(layers):
+        for p in polys:
+            order.setdefault(id(p), k)
+    painted = [(i, p) for i, p in enumerate(polygons) if not p.measurements.get("negative") and len(p.exterior) >= 3]
+    if len(painted) < 2 or len({order[id(p)] for _, p in painted}) < 2:
+        return False
+    shapes = []
+    for _, p in painted:
+        g = shapely.Polygon(p.exterior, [h for h in p.holes if len(h) >= 3])
+        shapes.append(g if g.is_valid else shapely.make_valid(g))
+    tree = shapely.STRtree(shapes)
+    a, b = tree.query(shapes, predicate="intersects")
+    for u, v in zip(a.tolist(), b.tolist()):
+        if u >= v:
+            continue
+        (i, p), (j, q) = painted[u], painted[v]  # i < j: p came first
+        if order[id(q)] < order[id(p)] and shapes[u].intersection(shapes[v]).area > 0:
+            return True
+    return False
 
 
 def _layer_color(p):

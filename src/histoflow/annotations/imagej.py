@@ -24,7 +24,7 @@ import zipfile
 import numpy as np
 
 from ..utils import atomic_output
-from .polygon import AnnotationError, Polygon, class_colors, objects_of
+from .polygon import AnnotationError, Polygon, class_colors, color_triple, objects_of
 
 __all__ = ["read_imagej_rois", "write_imagej_rois"]
 
@@ -260,7 +260,10 @@ def _roi(rf, parts, i, used, colors):
     if p.classification is not None:
         roi.stroke_color = bytes((255, *colors[p.classification]))
     elif p.color is not None:  # an unclassified object's own colour (ImageScope layers are often told apart by it)
-        roi.stroke_color = bytes((255, *(int(c) for c in p.color)))
+        try:  # as the GeoJSON writer: a colour that is not three numbers 0..255 is left out
+            roi.stroke_color = bytes((255, *color_triple(p.color, "")))
+        except AnnotationError:
+            pass
     return name, roi
 
 

@@ -224,10 +224,13 @@ def _numbers(key, value, form):
 
 
 def _switch(key, value) -> bool:
-    """An on/off augmentation (``flip``, ``rot90``): true or false, nothing else (``"false"`` was on)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"data.augment.{key} is true or false, not {value!r}")
-    return value
+    """An on/off augmentation (``flip``, ``rot90``): true or false (also 1 / 0, and an empty value: off); text
+    is refused (a quoted ``"false"`` was on)."""
+    if value is None:
+        return False
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ConfigError(f"data.augment.{key} is true or false, not {value!r}")
 
 
 def _strength(key, value, form):

@@ -56,14 +56,26 @@ def ramp(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def mask_outline(mask: np.ndarray, size) -> np.ndarray:
-    """Boolean outline (1-2 px wide) of a slide mask resized to ``size = (w, h)``: the mask's pixels > 0, or
-    >= 0.5 for a float mask (a probability heatmap)."""
+def mask_outline(mask: np.ndarray, size, downsample: float | None = None, slide_size=None) -> np.ndarray:
+    """Boolean outline (1-2 px wide) of a slide mask drawn at ``size = (w, h)``: the mask's pixels > 0, or
+    >= 0.5 for a float mask (a probability heatmap). With its ``downsample`` and the slide's level-0
+    ``slide_size`` (w, h), each picture pixel takes the mask pixel under its centre, so a mask that covers the
+    slide a little more or less than exactly (as masks from thumbnails do) is drawn where it lies; otherwise the
+    mask is stretched over the picture."""
     from ..core.resample import resize_mask
 
     m = np.asarray(mask)
     m = (m >= 0.5) if m.dtype.kind == "f" else (m > 0)
-    m = resize_mask(m.astype(np.uint8), size) > 0
+    w, h = int(size[0]), int(size[1])
+    if downsample is not None and slide_size is not None:
+        def index(n, full, length):  # the mask pixel under each picture pixel's centre; -1 past the mask
+            i = np.floor((np.arange(n) + 0.5) * (float(full) / n) / float(downsample)).astype(np.int64)
+            return np.where(i < length, i, -1)
+
+        iy, ix = index(h, slide_size[1], m.shape[0]), index(w, slide_size[0], m.shape[1])
+        m = m[np.maximum(iy, 0)[:, None], np.maximum(ix, 0)[None, :]] & (iy >= 0)[:, None] & (ix >= 0)[None, :]
+    else:
+        m = resize_mask(m.astype(np.uint8), (w, h)) > 0
     inner = m.copy()
     inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
     edge = m & ~inner
@@ -123,14 +135,19 @@ def _same_size(reader, want):
 
 def _mask_view(h5, name, width):
     """Slide mask ``name`` read with a stride, no finer than twice the picture's ``width`` (a level-0 mask of
-    a large slide is not read whole for a 1024 px picture)."""
+    a large slide is not read whole for a 1024 px picture), and its downsample (None when the file does not
+    say it)."""
     src = h5._s()
+    try:
+        down = float(h5.mask_downsample(name))
+    except Exception:  # noqa: BLE001 - PathML's files and odd attributes: the mask is stretched over the slide
+        down = None
     if hasattr(src, "_mask_ds"):
         ds = src._mask_ds(name)
         step = max(1, int(ds.shape[1] // (2 * max(1, width))))
-        if step > 1:
-            return ds[::step, ::step]  # (outlines are of values > 0, or >= 0.5 for floats: bool or not alike)
-    return h5.masks[name]
+        if step > 1:  # (outlines are of values > 0, or >= 0.5 for floats: bool or not alike)
+            return ds[::step, ::step], None if down is None else down * step
+    return h5.masks[name], down
 
 
 def _geometry(h5):
@@ -311,6 +328,15 @@ def _legend(width, name, numeric, lo, hi, classes):
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    if numeric:  # wide enough for its text and an 80 px colour bar, however narrow the picture (a tall, narrow
+        # slide's picture can be 14 px wide: its legend was a clipped "sc")
+        need = 6 + int(probe.textlength(f"{name}: {lo:.4g}", font=font)) + 12 + 80 + 6 + \
+            int(probe.textlength(f"{hi:.4g}", font=font)) + 6
+    else:
+        first = str(classes[0]) if classes else ""
+        need = 6 + int(probe.textlength(f"{name}:", font=font)) + 8 + 14 + int(probe.textlength(first, font=font)) + 40
+    width = max(int(width), need)
     strip = Image.new("RGB", (width, 22), (255, 255, 255))
     d = ImageDraw.Draw(strip)
     if numeric:
@@ -390,7 +416,8 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
     pic = thumb[..., :3].copy()
 
     for k, name in enumerate(h5.masks):  # slide masks: outlines
-        pic[mask_outline(_mask_view(h5, name, tw), (tw, th))] = MASK_COLOURS[k % len(MASK_COLOURS)]
+        view, down = _mask_view(h5, name, tw)
+        pic[mask_outline(view, (tw, th), down, (W, H))] = MASK_COLOURS[k % len(MASK_COLOURS)]
 
     coords, down, (tile_h, tile_w) = _geometry(h5)
     step, edge = _steps(coords), _edge_mode(h5)
@@ -446,4 +473,8 @@ def overview(store, size: int = 1024, *, label: str | None = None, instances: st
             for px, py in zip((x + pts[:, 0] * ds) * sx, (y + pts[:, 1] * ds) * sy):
                 draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=INSTANCE_COLOUR)
     out = np.asarray(im)
-    return out if legend is None else np.concatenate([out, legend], axis=0)
+    if legend is None:
+        return out
+    if legend.shape[1] > out.shape[1]:  # a narrow picture: white beside it, the width of its legend
+        out = np.concatenate([out, np.full((out.shape[0], legend.shape[1] - out.shape[1], 3), 255, np.uint8)], 1)
+    return np.concatenate([out, legend], axis=0)

@@ -71,10 +71,13 @@ def nuclear_channel_index(names, channel="auto") -> int:
                 return True
         return False
 
-    def tagged(base, marker):  # "dapi 2", "dapi_cycle1", "dna-1"; but "dna-pk" (a kinase) is not a DNA stain
+    def tagged(base, marker):  # "dapi 2", "dapi_cycle1", "dna-1", "dna intercalator"; but not "dna-pk" (a
+        # kinase), "dna-pkcs_s2056" or "dna_damage_53bp1": after "dna" only a number, a cycle or round, or a stain
         for sep in (" ", "_", "-"):
             if base.startswith(marker + sep):
-                return marker != "dna" or any(ch.isdigit() for ch in base[len(marker) + 1:])
+                rest = base[len(marker) + 1:].strip()
+                return marker != "dna" or bool(re.fullmatch(
+                    r"(?:(?:cycle|round|c|r|ch)[ _-]?)?\d+|(?:intercalator|stain|counterstain)\b.*", rest))
         return False
 
     low = [str(n).lower() for n in names]

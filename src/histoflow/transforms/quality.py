@@ -12,12 +12,13 @@ from .intensity import to_grey
 __all__ = ["BlurQC", "laplacian_variance"]
 
 
-def laplacian_variance(image, channel=None):
+def laplacian_variance(image, channel=None, full_scale=None):
     """Focus score: variance of the Laplacian (``cv2.Laplacian``, 3x3 aperture, float64) of the grey image.
 
     The grey image is RGB converted with OpenCV's weights, the single channel, or ``channel``; it is taken
-    on the 0-255 scale whatever the dtype (uint16 is divided by 257, floats are taken as [0, 1], other integers
-    as 8 or 16 bits by their values), so one threshold serves every dtype; NaN pixels (no data) are left out. Sharp tissue scores in the hundreds or thousands; out-of-focus tiles and
+    on the 0-255 scale whatever the dtype (uint16 is divided by 257, floats are taken as [0, 1]; other integers
+    over ``full_scale``, e.g. 255 or 65535 from the slide's dtype, else as 8 or 16 bits by their values), so one
+    threshold serves every dtype; NaN pixels (no data) are left out. Sharp tissue scores in the hundreds or thousands; out-of-focus tiles and
     blank glass score low.
 
     Examples
@@ -35,7 +36,9 @@ def laplacian_variance(image, channel=None):
         # other integers (int64 from astype(int), int32, uint32) by their values, as 8 or 16 bits: by their
         # dtype's range an int64 tile of 0-255 values scored 0 and was labelled blurred
         top = np.iinfo(grey.dtype).max
-        if grey.dtype != np.uint16:
+        if full_scale is not None and grey.dtype != np.uint16:
+            top = float(full_scale)
+        elif grey.dtype != np.uint16:
             lo, hi = int(grey.min()), int(grey.max())
             if lo >= 0 and hi <= 65535:
                 top = 255 if hi <= 255 else 65535
@@ -87,8 +90,19 @@ class BlurQC(Transform):
     def labels_out(self):
         return (self.label_name, self.score_name)
 
+    def fit_slide(self, slide):
+        """The slide's full scale (255 for 8-bit slides, 65535 for 16-bit): tiles that reach this step as other
+        integers (int32, int64) are scored on it, all alike (by each tile's values, a dim tile of a 16-bit slide
+        was taken for 8-bit and scored 66,049x higher)."""
+        dtype = getattr(getattr(slide, "reader", None), "dtype", None)
+        try:
+            self.full_scale_ = float(np.iinfo(np.dtype(dtype)).max) if dtype is not None and \
+                np.dtype(dtype) in (np.uint8, np.uint16) else None
+        except TypeError:
+            self.full_scale_ = None
+
     def F(self, image):
-        return laplacian_variance(image, self.channel)
+        return laplacian_variance(image, self.channel, getattr(self, "full_scale_", None))
 
     def apply(self, tile):
         score = self.F(inside_slide(tile))  # an edge tile's fill is not scored (its edge made it look sharp)
