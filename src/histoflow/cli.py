@@ -965,7 +965,8 @@ def _picture_of(path):
 
     with open_slide(path) as r:
         thumb = r.thumbnail(min(PICTURE_SIZE, max(r.dimensions)))
-        return to_rgb(thumb, channel_names=list(r.channel_names or []) or None), r.dimensions
+        return to_rgb(thumb, brightfield=r.brightfield, channel_names=list(r.channel_names or []) or None), \
+            r.dimensions
 
 
 def _picture_path(option, output, avoid=()):
@@ -1346,13 +1347,17 @@ def _phenotype_png(cells, png):
                 scale = min(1.0, 1500 / max(w, h))
                 thumb = r.thumbnail(int(max(w, h) * scale))
                 names = list(r.channel_names)
+                brightfield = r.brightfield
             from .transforms.multiplex import nuclear_channel_index
 
             try:
                 c = [nuclear_channel_index(names)]
             except KeyError:
                 c = None
-            background = Image.fromarray((to_rgb(thumb, channels=c, channel_names=names) * 0.6).astype(np.uint8))
+            if brightfield:  # H&E shown as it is; fluorescence by its nuclear channel (3 uint8 channels were RGB)
+                c = None
+            background = Image.fromarray((to_rgb(thumb, brightfield=brightfield, channels=c, channel_names=names)
+                                          * 0.6).astype(np.uint8))
         except Exception:  # noqa: BLE001 - the picture still works without its background
             background = None
     scale = min(1.0, 1500 / max(w, h))

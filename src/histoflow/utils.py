@@ -61,11 +61,15 @@ NUCLEAR_MARKERS = ("dapi", "hoechst", "hh3", "histone", "dna", "nuclear", "h3")
 
 def display_channels(names, limit: int = 6) -> list[int]:
     """Channels worth showing in a picture: the nuclear stain first, background/empty channels left out."""
-    names = [str(n).lower() for n in names]
-    usable = [i for i, n in enumerate(names) if not n.startswith(("background", "empty", "blank"))]
-    nuclear = [i for i in usable if any(n == m or n.startswith(m + " ") or n.startswith(m + "(") or
-                                        n.startswith(m + "_") for m in NUCLEAR_MARKERS for n in [names[i]])]
-    order = nuclear[:1] + [i for i in usable if i not in nuclear[:1]]
+    from .transforms.multiplex import nuclear_channel_index
+
+    names = [str(n) for n in names]
+    usable = [i for i, n in enumerate(names) if not n.lower().startswith(("background", "empty", "blank"))]
+    try:  # the channel the cell segmentation takes for the nuclear stain (DNA1, Hoechst33342, DAPI-1, dsDNA ...)
+        nuclear = [usable[nuclear_channel_index([names[i] for i in usable])]]
+    except (KeyError, ValueError, IndexError):
+        nuclear = []
+    order = nuclear + [i for i in usable if i not in nuclear]
     return order[:limit]
 
 
@@ -82,8 +86,8 @@ def to_rgb(image: np.ndarray, brightfield: bool | None = None, channels=None, ch
     if img.ndim == 2:
         img = img[:, :, None]
     c = img.shape[2]
-    if brightfield is None:
-        brightfield = c == 3 and img.dtype == np.uint8
+    if brightfield is None:  # 3 uint8 channels are RGB, unless channels to show are named
+        brightfield = c == 3 and img.dtype == np.uint8 and channels is None
     if brightfield and c >= 3:
         rgb = img[:, :, :3]
         if rgb.dtype != np.uint8:  # (uint16 or float brightfield: stretched to the 8 bits)

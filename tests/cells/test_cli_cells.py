@@ -299,3 +299,34 @@ def test_quantify_membrane_by_index_and_an_absolute_source(tmp_path):
     a = anndata.read_h5ad(tmp_path / "q.h5ad")
     assert a.n_obs > 10 and os.path.isabs(a.uns["histoflow"]["source"]) and \
         os.path.samefile(a.uns["histoflow"]["source"], tmp_path / "fl.tif")
+
+
+def test_pictures_of_three_channel_fluorescence_are_false_colour():
+    """The Vectra QPTIFF (DAPI, FITC, Cy3; uint8) was drawn under quantify's and phenotype's cells as raw RGB:
+    DAPI in red, unstretched, nearly black. It is fluorescence: DAPI in blue, stretched, as `histoflow
+    thumbnail` shows it; channels named for a picture are shown even when three uint8 channels look like RGB."""
+    from histoflow import open_slide
+    from histoflow.cli import _picture_of
+    from histoflow.utils import to_rgb
+
+    path = data_path("wsi", "qptiff", "small_vectra.qptiff")
+    pic, _ = _picture_of(path)
+    with open_slide(path) as r:
+        assert not r.brightfield and list(r.channel_names) == ["DAPI", "FITC", "Cy3"]
+        dapi = np.asarray(r.thumbnail(max(pic.shape[:2])))[..., 0].astype(float)
+        th = np.asarray(r.thumbnail(512))
+    corr = [np.corrcoef(dapi.ravel(), pic[..., k].astype(float).ravel())[0, 1] for k in range(3)]
+    assert corr[2] > 0.99 and corr[0] < 0.9, corr  # DAPI in blue (was red)
+    assert pic.mean() > 1.5 * np.asarray(dapi).mean() / 3  # stretched, not the raw dark values
+    only = to_rgb(th, channels=[0], channel_names=["DAPI", "FITC", "Cy3"])
+    assert not np.array_equal(only, th) and np.array_equal(only[..., 0], only[..., 1])  # DAPI alone, in blue
+
+
+def test_pictures_put_the_channel_the_segmentation_takes_for_nuclei_first():
+    from histoflow.transforms.multiplex import nuclear_channel_index
+    from histoflow.utils import display_channels
+
+    for names in (["CD3", "CD8", "DNA1", "DNA2"], ["CD45", "Hoechst33342", "CD3"], ["CD4", "DAPI-1", "CD8"],
+                  ["Ki67", "dsDNA", "CD3"], ["Background", "HH3", "CD3"]):
+        assert display_channels(names)[0] == nuclear_channel_index(names), names
+    assert display_channels(["CD3", "CD8"]) == [0, 1]

@@ -184,7 +184,10 @@ def _stitched(h5, size):
         a2, b2, c2, d2 = max(a, 0), max(b, 0), min(c, w), min(d, h)
         if c2 <= a2 or d2 <= b2:
             continue
-        small = resize(np.asarray(images[i]), (c - a, d - b))  # area average, in the tiles' own dtype
+        # area average in float, rounded once below as a slide's thumbnail is (rounded here in the tiles' own
+        # dtype, low uint16 counts came out otherwise than in the slide's thumbnail: 0.5 up, not to even)
+        tile = np.asarray(images[i])
+        small = resize(tile.astype(np.float32) if tile.dtype.kind in "ui" else tile, (c - a, d - b))
         canvas[b2:d2, a2:c2] = small[b2 - b:d2 - b, a2 - a:c2 - a]
         seen[b2:d2, a2:c2] = True
     brightfield = meta.get("slide_type") in (None, "HE", "IHC") and channels == 3
