@@ -317,7 +317,7 @@ def test_option_values_are_refused_under_the_options_name(tmp_path, capsys):
     the overlap first)."""
     he = data_path("he_patches", "stardist_histo.jpg")
     (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {ksize: 3}\n")
-    cases = [(["tile", SVS, "-o", str(tmp_path / "t.h5path"), "--size", "0"], "argument --size: must be 1 or more"),
+    cases = [(["tile", SVS, "-o", str(tmp_path / "t.h5path"), "--size", "0"], "argument --size/--tile: must be 1 or more"),
              (["tile", SVS, "-o", str(tmp_path / "t.h5path"), "--overlap", "-1"], "argument --overlap: must be 0 or more"),
              (["thumbnail", SVS, "-o", str(tmp_path / "t.png"), "--size", "0"], "argument --size: must be 1 or more"),
              (["run", str(tmp_path / "p.yaml"), SVS, "-o", str(tmp_path / "r"), "--tissue-filter", "1.5"],

@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("slide", help="a slide or image")
     s.add_argument("-o", "--output", required=True, help="the tiles: an .h5path file")
     _overwrite_option(s, "the h5path file")
-    s.add_argument("--size", type=_positive_int, default=256, help="tile size in pixels (default 256)")
+    s.add_argument("--size", "--tile", dest="size", type=_positive_int, default=256,
+                   help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--level", type=_nonneg_int, help="pyramid level to tile (default 0)")
     g.add_argument("--mpp", type=_mpp, help="target µm/px of the tiles (resampled when no level matches)")
@@ -150,7 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline", help="pipeline YAML file (see `histoflow transforms`)")
     s.add_argument("slides", nargs="+")
     s.add_argument("-o", "--output", required=True, help="output folder")
-    s.add_argument("--size", type=_positive_int, default=256, help="tile size in pixels (default 256)")
+    # --tile too: the name segment-nuclei and quantify use, and the warnings' advice
+    s.add_argument("--size", "--tile", dest="size", type=_positive_int, default=256,
+                   help="tile size in pixels (default 256)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--level", type=_nonneg_int, help="pyramid level to tile (default 0)")
     g.add_argument("--mpp", type=_mpp, help="target µm/px of the tiles (resampled when no level matches)")
@@ -721,7 +724,11 @@ def cmd_run(args):
     _import_modules(args.imports)
     pipeline = Pipeline.load(args.pipeline)
     t0 = time.perf_counter()
-    slides = SlideDataset([_slide_data(p, args.slide_mpp, slide_type=args.slide_type) for p in args.slides])
+    made = []
+    for p in args.slides:  # each rests (its file closed until it is read): a cohort is not bound by open files
+        made.append(_slide_data(p, args.slide_mpp, slide_type=args.slide_type))
+        made[-1].reader.rest()
+    slides = SlideDataset(made)
     outs = slides.output_paths(args.output)
     # each slide's picture, OUTDIR/<slide>.png, or <slide>_picture.png where that is one of the inputs
     pngs = [None if args.png == "none" else _picture_path(None, p, avoid=args.slides) for p in outs]
@@ -752,6 +759,7 @@ def cmd_run(args):
                 except (HistoflowError, OSError) as e:  # the results stand; only their picture is missing
                     print(f"histoflow: warning: {out}: no picture: {e}", file=sys.stderr)
                     png = None
+                slide.reader.rest()  # (its thumbnail opened the file again)
             print(f"{out}: {len(h5)} tiles" + (f", {failed} failed" if failed else "")
                   + f", masks {h5.tile_mask_names}, labels {h5.tile_label_names}, "
                   f"{os.path.getsize(out) / 1e6:.1f} MB" + (f"; picture {png}" if png else ""))

@@ -139,7 +139,8 @@ class SlideData:
         declared = SlideType.get(slide_type) if slide_type else None
         self.reader = open_slide(self.path, backend=backend, mpp=mpp, max_region_bytes=max_region_bytes,
                                  brightfield=declared.brightfield if declared else None)
-        self.name = name or os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]
+        # the file's or folder's own name ("." and "dir/." name the folder, not a hidden "..h5path")
+        self.name = name or os.path.splitext(os.path.basename(os.path.abspath(self.path).rstrip("/\\")))[0]
         self.slide_type: SlideTypePreset = declared or self._infer_type()
         self.labels = dict(labels or {})
         self.masks: dict[str, SlideMask] = {}
@@ -438,10 +439,25 @@ class SlideDataset:
     """
 
     def __init__(self, paths, **slide_kwargs):
-        self.slides = [p if isinstance(p, SlideData) else SlideData(p, **slide_kwargs) for p in paths]
+        self.slides = []
+        for p in paths:
+            if isinstance(p, SlideData):
+                self.slides.append(p)
+                continue
+            s = SlideData(p, **slide_kwargs)
+            # its file's handles closed until it is read (opened again then): a cohort of thousands of slides
+            # held two or three handles each and stopped at the process's limit (often 1,024) before any work
+            s.reader.rest()
+            self.slides.append(s)
         names = [s.name for s in self.slides]
         if len(set(names)) != len(names):
-            raise RegionError(f"slide names must be unique (they name the output files): {names}")
+            from collections import Counter
+
+            twice = [n for n, k in Counter(names).items() if k > 1]
+            clash = "; ".join(f"{n!r}: " + ", ".join(s.path for s in self.slides if s.name == n) for n in twice[:5])
+            raise RegionError(f"slide names must be unique (they name the output files): {clash}"
+                              f"{' ...' if len(twice) > 5 else ''}; give one of each a name of its own "
+                              "(SlideData(path, name=...)) or keep such slides in separate runs")
 
     def __len__(self):
         return len(self.slides)

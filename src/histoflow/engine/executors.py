@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import pickle
 
 from ..errors import PipelineError
 
@@ -242,9 +243,17 @@ class DaskExecutor:
         return self.client.scheduler_info(n_workers=-1) if _takes_n_workers(self.client) else \
             self.client.scheduler_info()
 
+    def _nthreads(self) -> dict:
+        """{worker: threads}, asked of the scheduler (the client's cached scheduler_info() could be caught empty
+        by its periodic update: a run then saw one worker, or warned of none)."""
+        try:
+            return dict(self.client.nthreads())
+        except Exception:  # noqa: BLE001 - an older client: its scheduler_info
+            return {k: w.get("nthreads", 1) for k, w in self._info().get("workers", {}).items()}
+
     @property
     def workers(self) -> int:
-        return max(1, sum(w.get("nthreads", 1) for w in self._info()["workers"].values()))
+        return max(1, sum(self._nthreads().values()))
 
     def share(self, obj):
         """``obj`` (a slide or a pipeline) for the tasks, made by a task rather than scattered: the scheduler
@@ -257,11 +266,18 @@ class DaskExecutor:
             self._warned_empty = True
             warnings.warn(f"the dask cluster {self._where()} has no workers yet: the run waits for them "
                           "(start some, e.g. cluster.scale(...), or stop the run)", stacklevel=4)
-        return self.client.submit(_shared, obj, pure=False)
+        # pickled here: the scheduler holds the bytes, the worker that runs the task unpickles them. Given as
+        # the object, the scheduler unpickled it with the task graph, opening every slide itself (a slide it could
+        # not open failed the whole run as "dropped tasks", naming neither slide nor cause; its open files grew
+        # with every run)
+        # (cloudpickle, as dask pickles tasks: transforms defined in a script or a function travel by value)
+        import cloudpickle
+
+        return self.client.submit(_shared, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), pure=False)
 
     def _n_workers(self) -> int:
         try:
-            return len(self._info().get("workers", {}))
+            return len(self._nthreads())
         except Exception:  # noqa: BLE001 - unknown: do not warn
             return 1
 
@@ -309,9 +325,10 @@ class DaskExecutor:
             self._own_cluster.close()
 
 
-def _shared(obj):
-    """The task that hands a shared object to the batches (see :meth:`DaskExecutor.share`)."""
-    return obj
+def _shared(blob: bytes):
+    """The task that hands a shared object to the batches, unpickled on the worker (see
+    :meth:`DaskExecutor.share`)."""
+    return pickle.loads(blob)
 
 
 def _takes_n_workers(client) -> bool:

@@ -115,10 +115,15 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     tiling = {"tile_size": tile_size, "overlap": overlap, "stride": stride, "level": level, "mpp": mpp, "edge": edge,
               "tissue_filter": tissue_filter}
     run_id = uuid.uuid4().hex[:12]
+    # slides whose readers rest (closed until read: SlideDataset's) rest again once prepared and once finished,
+    # so that the run holds open only the slides it is working on
+    resting = {id(j): bool(getattr(j.slide.reader, "_closed", False)) for j in jobs}
     try:
         for job in jobs:
             job.on_error = on_error
             _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume)
+            if resting[id(job)]:
+                job.slide.reader.rest()
         ex, owned = make_executor(executor, workers=workers, scheduler=scheduler, client=client)
     except BaseException:
         _drop_unused_journals(jobs)
@@ -172,6 +177,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     on_batch(job.slide, b, len(job.done), len(job.batches))
                 if len(job.done) == len(job.batches):
                     _finish(job, tiling, ex, batch_size, run_id, t0)
+                    if resting[id(job)]:
+                        job.slide.reader.rest()
                 elif b == job.next_merge:
                     _merge_ready(job)
     finally:
@@ -367,14 +374,28 @@ def _file_identity(path) -> list | None:
         if os.path.isdir(path):
             out = []
             for name in sorted(os.listdir(path)):
-                st = os.stat(os.path.join(path, name))
-                if not os.path.isdir(os.path.join(path, name)):
-                    out.append([name, st.st_size, st.st_mtime_ns])
+                full = os.path.join(path, name)
+                if os.path.isdir(full) or not _is_dicom_file(full):
+                    continue  # only the slide's own files: a run's outputs written into the folder are not the slide
+                st = os.stat(full)
+                out.append([name, st.st_size, st.st_mtime_ns])
             return out
         st = os.stat(path)
         return [st.st_size, st.st_mtime_ns]
     except OSError:
         return None
+
+
+def _is_dicom_file(path) -> bool:
+    """A DICOM file by its name (.dcm) or its "DICM" mark at byte 128."""
+    if path.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
 
 
 def _last_run(out):

@@ -404,13 +404,40 @@ class SlideReader:
     # ------------------------------------------------------------------ life cycle
     def _check_open(self):
         if self._closed:
-            raise SlideReadError(f"{self.path}: the slide has been closed")
+            lock = getattr(self, "_wake_lock", None)
+            if lock is None:
+                raise SlideReadError(f"{self.path}: the slide has been closed")
+            with lock:  # rested (see rest()): opened again by the first reader, once
+                if self._closed:
+                    # made whole in a new object, then taken over with "closed" last: other threads see either
+                    # the rested reader (and wait here) or the open one, never one half made
+                    fresh = type(self).__new__(type(self))
+                    fresh.__setstate__(self.__getstate__())
+                    state = dict(fresh.__dict__)
+                    fresh.__dict__["_closed"] = True  # its handles are ours now: its __del__ must not close them
+                    is_closed = state.pop("_closed")
+                    state.pop("_wake_lock", None)
+                    self.__dict__.update(state)
+                    self._closed = is_closed
 
     def close(self):
         if not self._closed:
             self._closed = True
             self._last_thumbnail = None
             self._close()
+        self._wake_lock = None  # closed for good: a later read is an error
+
+    def rest(self):
+        """Close the file's handles but stay usable: the next read opens the file again (with the same options).
+        A run over many slides rests the ones it is not working on, so that a cohort is not limited by the
+        number of files a process may hold open (a 500-slide run of SVS files used 1,000 handles)."""
+        import threading
+
+        if not self._closed:
+            self._closed = True
+            self._last_thumbnail = None
+            self._close()
+            self._wake_lock = threading.Lock()
 
     def __enter__(self):
         return self

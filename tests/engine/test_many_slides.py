@@ -1,0 +1,93 @@
+"""Runs over many slides: files held open, the dask scheduler, output names, resume of DICOM folders."""
+import os
+import shutil
+
+import pytest
+from datafiles import DATA, SVS
+
+from histoflow import PipelineError, SlideData, SlideDataset
+from histoflow.errors import RegionError
+from histoflow.transforms import BoxBlur, Pipeline
+
+DICOM = os.path.join(DATA, "wsi", "dicom_wsic", "CMU-1-Small-Region")
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files by /proc")
+def test_a_cohort_holds_open_only_the_slides_being_worked_on(tmp_path):
+    """Every slide of a SlideDataset stayed open from its making to the end of the run (two handles an SVS):
+    about 500 slides stopped at the usual limit of 1,024 open files before any work. They rest (closed until
+    read, opened again then) and rest again once done."""
+    paths = []
+    for i in range(40):
+        paths.append(str(tmp_path / f"s{i:02d}.svs"))
+        os.symlink(SVS, paths[-1])
+    before = _open_files()
+    ds = SlideDataset(paths)
+    assert _open_files() - before <= 2
+    assert ds[3].read_region((0, 0), 0, (8, 8)).shape == (8, 8, 3)  # a rested slide reads as it did
+    outs = ds.run(Pipeline([BoxBlur(3)]), tmp_path / "out", tile_size=1024, executor="inprocess", progress=False)
+    assert len(outs) == 40 and all(os.path.isfile(o) for o in outs)
+    assert _open_files() - before <= 4
+    ds.close()
+    with pytest.raises(Exception, match="has been closed"):  # closed for good is closed
+        ds[3].read_region((0, 0), 0, (8, 8))
+
+
+def test_the_scheduler_does_not_open_the_slides(tmp_path):
+    """The slide went into dask's task graph as an object, which the scheduler unpickled, opening the file: a
+    slide it could not open failed the run as "dropped this run's tasks", naming neither slide nor cause (and
+    the scheduler's open files grew with every run). The worker opens it, and the error says which and why."""
+    gone = tmp_path / "gone.jpg"
+    shutil.copy(os.path.join(DATA, "he_patches", "stardist_histo.jpg"), gone)
+    ds = SlideDataset([os.path.join(DATA, "he_patches", "skimage_ihc.png"), str(gone)])
+    os.remove(gone)
+    with pytest.raises(PipelineError, match=r"gone.jpg: batch 0 .* failed on the executor: SlideNotFoundError: .*"
+                                            r"gone.jpg: no such file"):
+        ds.run(Pipeline([BoxBlur(5)]), tmp_path / "out", tile_size=128, progress=False, executor="dask", workers=1)
+
+
+def test_names_of_folders_given_as_dot_and_of_clashing_slides(tmp_path, monkeypatch):
+    """A DICOM folder given as "." was named "." (a hidden "..h5path"); two slides of one name were refused with
+    every name listed and no path."""
+    folder = tmp_path / "CMU-1-Small-Region"
+    shutil.copytree(DICOM, folder)
+    monkeypatch.chdir(folder)
+    assert SlideData(".").name == "CMU-1-Small-Region"
+    assert SlideData(str(folder) + "/.").name == "CMU-1-Small-Region"
+    with pytest.raises(RegionError, match=r"unique .*'CMU-1-Small-Region': .*CMU-1-Small-Region.svs, \."
+                                          r".*SlideData\(path, name=\.\.\.\)"):
+        SlideDataset([SVS, os.path.join(DATA, "he_patches", "skimage_ihc.png"), "."])
+
+
+def test_outputs_written_into_a_dicom_folder_are_not_the_slide(tmp_path):
+    """The identity of a DICOM folder (which a resume compares) listed every file in it: outputs written into
+    the folder made its finished result look like the result of other settings."""
+    from histoflow.engine.run import _file_identity
+
+    folder = tmp_path / "dcm"
+    shutil.copytree(DICOM, folder)
+    first = _file_identity(str(folder))
+    out = SlideDataset([str(folder)]).run(Pipeline([BoxBlur(3)]), folder, tile_size=512, executor="inprocess",
+                                          progress=False)
+    (folder / "notes.txt").write_text("mine")
+    assert os.path.isfile(out[0]) and _file_identity(str(folder)) == first and len(first) >= 2
+    again = SlideDataset([str(folder)]).run(Pipeline([BoxBlur(3)]), folder, tile_size=512, executor="inprocess",
+                                            progress=False, resume=True)
+    assert again == out
+
+
+def test_run_takes_tile_as_the_warnings_advise(tmp_path):
+    """The overlap warning of `histoflow run` advised `--tile N`, an option run did not have (`--size`)."""
+    from histoflow.cli import main
+
+    (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {kernel_size: 3}\n")
+    assert main(["run", str(tmp_path / "p.yaml"), SVS, "-o", str(tmp_path / "o"), "--tile", "1024",
+                 "--executor", "inprocess", "--png", "none", "--no-progress"]) == 0
+    from histoflow import read_h5path
+
+    with read_h5path(tmp_path / "o" / "CMU-1-Small-Region.h5path") as h5:
+        assert h5.images.shape[1:3] == (1024, 1024)
