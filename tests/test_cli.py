@@ -390,7 +390,7 @@ def test_resume_never_replaces_a_store_no_pipeline_run_wrote(tmp_path, capsys):
     assert main(["run", str(tmp_path / "p.yaml"), SVS, "-o", str(out), "--executor", "inprocess", "--resume",
                  "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "exists and is not the finished result of a pipeline run" in err and "run with --overwrite and without --resume to replace it" in err
+    assert "exists and is not the finished result of a pipeline run" in err and "add --overwrite to replace it" in err
     assert "resume=True" not in err and store.read_bytes() == before
 
 

@@ -185,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
                                                    "`histoflow thumbnail` draws an h5path file)")
     s.add_argument("--overwrite", action="store_true",
                    help="run again over slides whose h5path exists already in the output folder (refused without "
-                        "it; --resume keeps the finished ones and continues interrupted ones)")
+                        "it; --resume keeps the finished ones and continues interrupted ones; both: keep and "
+                        "continue those of the same settings, replace those of other settings)")
     s.add_argument("--slide-type", help="HE, IHC, IF, CODEX, Vectra, MIBI (default: from the file)")
     s.add_argument("--slide-mpp", type=_mpp, help="the slides' own µm/px, when the files do not say (or are wrong)")
     s.add_argument("--no-progress", action="store_true")
@@ -500,9 +501,10 @@ def _in_cli_words(msg: str, args) -> str:
     msg = msg.replace("run again with resume=True (`--resume` on the command line)", "run again with --resume")
     msg = msg.replace("resume=True continues the same run only: run without resume to replace it (--overwrite on "
                       "the command line), or write elsewhere",
-                      "--resume continues the same run only: run with --overwrite and without --resume to replace "
-                      "it, or write elsewhere")
-    msg = msg.replace("; run without resume to start over", "; use --overwrite (without --resume) to start over")
+                      "--resume continues the same run only: add --overwrite to replace it (finished slides of "
+                      "this run are kept), or write elsewhere")
+    msg = msg.replace("; run without resume to start over", "; add --overwrite to start it over (or use --overwrite "
+                      "without --resume to start every slide over)")
     msg = msg.replace(". Run without resume to start over (that removes", ". Use --overwrite (without --resume) to "
                       "start over (that removes")
     msg = msg.replace("add them with slide.add_mask(...), or pass tissue_filter=... to make 'tissue'",
@@ -743,7 +745,7 @@ def cmd_run(args):
     outs = slides.run(pipeline, args.output, tile_size=args.size, overlap=args.overlap, level=args.level,
                       mpp=args.mpp, tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
                       scheduler=args.scheduler, batch_size=args.batch_size, on_error=args.on_error,
-                      resume=args.resume, progress=not args.no_progress,
+                      resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
                       compression=None if args.compression == "none" else args.compression)
     from .store import read_h5path
     from .store.overview import overview

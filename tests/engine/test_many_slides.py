@@ -91,3 +91,42 @@ def test_run_takes_tile_as_the_warnings_advise(tmp_path):
 
     with read_h5path(tmp_path / "o" / "CMU-1-Small-Region.h5path") as h5:
         assert h5.images.shape[1:3] == (1024, 1024)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_with_overwrite_goes_on_replacing_older_results(tmp_path):
+    """A run replacing older results (other settings) was interrupted: resume refused the slides it had not reached
+    yet (their outputs are the old settings'), with or without overwrite, and the only way left, overwrite without
+    resume, threw away the slides already done and the journal. resume + overwrite keeps and continues what is
+    this run's and replaces the rest."""
+    from histoflow import read_h5path
+
+    paths = [os.path.join(DATA, "he_patches", "skimage_ihc.png"), os.path.join(DATA, "he_patches", "stardist_histo.jpg"),
+             SVS]
+    out = tmp_path / "out"
+    SlideDataset(paths).run(Pipeline([BoxBlur(5)]), out, tile_size=128, executor="inprocess", progress=False)
+    names = [os.path.join(out, f"{n}.h5path") for n in ("skimage_ihc", "stardist_histo", "CMU-1-Small-Region")]
+
+    def stop_on_the_second(slide, batch, done, total):
+        if slide.name == "stardist_histo" and done == 2:
+            raise _Stop()
+
+    with pytest.raises(_Stop):
+        SlideDataset(paths).run(Pipeline([BoxBlur(9)]), out, tile_size=128, executor="inprocess", progress=False,
+                                batch_size=2, on_batch=stop_on_the_second)
+    first = os.stat(names[0]).st_mtime_ns
+    with pytest.raises(PipelineError, match="result of a run with other settings"):
+        SlideDataset(paths).run(Pipeline([BoxBlur(9)]), out, tile_size=128, executor="inprocess", progress=False,
+                                batch_size=2, resume=True)
+    SlideDataset(paths).run(Pipeline([BoxBlur(9)]), out, tile_size=128, executor="inprocess", progress=False,
+                            batch_size=2, resume=True, overwrite=True)
+    assert os.stat(names[0]).st_mtime_ns == first  # finished by the interrupted run: kept
+    for n in names:
+        with read_h5path(n) as h5:
+            assert h5.provenance[-1]["pipeline"]["steps"][0]["BoxBlur"]["kernel_size"] == 9
+    with read_h5path(names[1]) as h5:
+        assert h5.provenance[-1]["resumed_batches"] >= 2  # continued from its journal
+    assert not any(p.endswith(".partial") for p in os.listdir(out))

@@ -372,7 +372,7 @@ class SlideData:
     def run(self, pipeline, out, *, tile_size=256, overlap=0, stride=None, level=None, mpp=None, edge="pad",
             tissue_filter=None, executor="dask", workers=None, scheduler=None, client=None, batch_size=32,
             max_in_flight=None, on_error="raise", resume=False, progress=True, compression="htj2k",
-            on_batch=None) -> str:
+            on_batch=None, overwrite=False) -> str:
         """Run a pipeline on every tile and write the results to the h5path file ``out``.
 
         Parameters
@@ -395,7 +395,11 @@ class SlideData:
             Stop at the first failing tile (the error names the slide, tile and transform), or record
             failed tiles in the file's provenance and go on.
         resume : bool
-            Continue an interrupted run from its finished batches.
+            Continue an interrupted run from its finished batches (and keep the finished result of a run with
+            the same settings). Without it an existing output and journal are replaced.
+        overwrite : bool
+            With ``resume``: an output or journal of a run with other settings is replaced rather than refused
+            (`--resume --overwrite`: an interrupted run that was replacing older results goes on doing so).
         progress : bool
             Show a progress bar (tiles done, rate, ETA).
         compression : {"htj2k", "gzip", None}
@@ -410,7 +414,7 @@ class SlideData:
                           level=level, mpp=mpp, edge=edge, tissue_filter=tissue_filter, executor=executor,
                           workers=workers, scheduler=scheduler, client=client, batch_size=batch_size,
                           max_in_flight=max_in_flight, on_error=on_error, resume=resume, progress=progress,
-                          compression=compression, on_batch=on_batch)[0]
+                          compression=compression, on_batch=on_batch, overwrite=overwrite)[0]
 
     # ------------------------------------------------------------------ life cycle
     def close(self):

@@ -35,17 +35,18 @@ def partial_dir(out_path: str) -> str:
     return os.fspath(out_path) + ".partial"
 
 
-def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
+def start(out_path: str, manifest: dict, resume: bool, replace_other: bool = False) -> tuple[str, set, str]:
     """Prepare the journal folder; return it, the batches already done (when resuming) and its token.
 
     Without ``resume`` the journal of an unfinished run is removed and the run starts over, with a warning
-    that says how many finished batches that discards."""
+    that says how many finished batches that discards; with ``resume`` and ``replace_other``, so is the journal
+    of a run with other settings (or whose settings cannot be read), instead of being refused."""
     d = partial_dir(out_path)
     _remove_leftovers(d)
     if os.path.isdir(d):
         old = _read_manifest(d)
         token = old.pop("token", None) if old is not None else None
-        if resume and old is not None:
+        if resume and old is not None and not (replace_other and (old != manifest or token is None)):
             if old != manifest or token is None:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
                 what = ("the slide file changed since (another file at the same path)" if diff == ["inputs"] and
@@ -54,7 +55,8 @@ def start(out_path: str, manifest: dict, resume: bool) -> tuple[str, set, str]:
                 raise PipelineError(f"{out_path}: cannot resume: {what}; run without resume to start over")
             return d, _whole_batches(d, token), token
         n = len(done_batches(d, token)) if token is not None else batch_count(d)
-        if resume and n:  # the manifest is gone or damaged: the batches cannot be checked, but are not thrown away
+        if resume and n and not replace_other:  # the manifest is gone or damaged: the batches cannot be checked,
+            # but are not thrown away
             raise PipelineError(f"{out_path}: cannot resume: the journal's {os.path.join(d, MANIFEST)} is missing "
                                 f"or unreadable, so its {n} finished batch(es) cannot be matched to this run's "
                                 f"settings; they are kept. Run without resume to start over (that removes {d})")

@@ -55,6 +55,7 @@ class _Job:
         self.in_memory: dict = {}  # batch -> journalled result kept in memory until its merge
         self.token = None  # names this journal's batch files: batches of another run are never merged
         self.on_error = "raise"
+        self.overwrite = False  # with resume: outputs and journals of other settings are replaced
         self.already_done = False  # resume=True found the output complete with the same settings
         self.made_journal = False  # this run made the journal (not one it resumes)
         self.made_folders: list = []  # folders above the output that did not exist before the journal
@@ -92,7 +93,7 @@ IN_MEMORY_BATCHES = 8
 def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, overlap=0, stride=None, level=None,
                mpp=None, edge="pad", tissue_filter=None, executor="dask", workers=None, scheduler=None,
                client=None, batch_size=32, max_in_flight=None, on_error="raise", resume=False, progress=True,
-               compression="htj2k", compression_level=2, on_batch=None) -> list[str]:
+               compression="htj2k", compression_level=2, on_batch=None, overwrite=False) -> list[str]:
     """Run ``pipeline`` on every tile of every slide; write one h5path per slide. See :meth:`SlideData.run`.
 
     Returns the output paths, in the order of ``slides``.
@@ -121,6 +122,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     try:
         for job in jobs:
             job.on_error = on_error
+            job.overwrite = bool(overwrite)
             _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume)
             if resting[id(job)]:
                 job.slide.reader.rest()
@@ -341,7 +343,8 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         job.resumed = len(job.done)
         return
     journal = partial.partial_dir(job.out)
-    if resume and not os.path.isdir(journal) and os.path.lexists(job.out):
+    replace = job.overwrite  # with resume: other settings' outputs and journals are replaced
+    if resume and not replace and not os.path.isdir(journal) and os.path.lexists(job.out):
         rec = _last_run(job.out)  # None: a `histoflow tile` store, a PathML file ...: not this run's to replace
         if rec is None or not _same_settings(rec, job.manifest):
             what = (" and is not the finished result of a pipeline run, nor is there an unfinished one to continue"
@@ -350,7 +353,8 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
                                 "resume to replace it (--overwrite on the command line), or write elsewhere")
     job.made_journal = not (resume and os.path.isdir(journal))  # a journal resumed is not this run's to drop
     job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
-    job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume)
+    job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume, replace_other=replace)
+    job.made_journal = job.made_journal or (replace and not job.done)  # another run's journal, replaced
     job.resumed = len(job.done)
 
 
