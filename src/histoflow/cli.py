@@ -505,6 +505,8 @@ def _in_cli_words(msg: str, args) -> str:
                       "this run are kept), or write elsewhere")
     msg = msg.replace("; run without resume to start over", "; add --overwrite to start it over (or use --overwrite "
                       "without --resume to start every slide over)")
+    msg = msg.replace("give one of each a name of its own (SlideData(path, name=...)) or keep such slides in separate "
+                      "runs", "rename or link one of each under another name, or run such slides separately")
     msg = msg.replace(". Run without resume to start over (that removes", ". Use --overwrite (without --resume) to "
                       "start over (that removes")
     msg = msg.replace("add them with slide.add_mask(...), or pass tissue_filter=... to make 'tissue'",
@@ -866,7 +868,8 @@ def cmd_segment_nuclei(args):
         try:
             slide.run(transform, store, tile_size=args.tile, overlap=overlap, level=0,
                       tissue_filter=args.tissue_filter, executor=executor, workers=args.workers,
-                      progress=not args.no_progress, batch_size=1, resume=args.resume)
+                      progress=not args.no_progress, batch_size=1, resume=args.resume,
+                      overwrite=args.overwrite)
         except PipelineError as e:
             if args.h5path:
                 raise
@@ -943,7 +946,7 @@ def cmd_quantify(args):
                     warnings.filterwarnings("ignore", message=r".*finds objects that need \d+ px of tile overlap")
                 slide.run(Pipeline(steps), store, tile_size=args.tile, overlap=overlap,
                           executor="dask" if args.workers else "inprocess", workers=args.workers,
-                          progress=not args.no_progress, resume=args.resume)
+                          progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
         except HistoflowError as e:  # the library names its parameter; the user typed an option
             if "nuclear_channel=" not in str(e):
                 raise

@@ -130,3 +130,55 @@ def test_resume_with_overwrite_goes_on_replacing_older_results(tmp_path):
     with read_h5path(names[1]) as h5:
         assert h5.provenance[-1]["resumed_batches"] >= 2  # continued from its journal
     assert not any(p.endswith(".partial") for p in os.listdir(out))
+
+
+def test_a_rested_reader_opened_again_is_the_reader_it_was(tmp_path, monkeypatch):
+    """Opened again in a separate object, a rested reader's associated images stayed bound to that object
+    (DICOM: "has been closed"; OpenSlide: "closed slide object"), and its path became absolute."""
+    from histoflow import open_slide
+
+    dicom = SlideDataset([os.path.join(DATA, "wsi", "dicom_wsic", "CMU-1-Small-Region-J2K")])[0]
+    shape = dicom.reader.associated_images["label"].shape
+    dicom.read_region((0, 0), 0, (8, 8))
+    assert dicom.reader.associated_images["label"].shape == shape
+    r = open_slide(SVS, backend="openslide")
+    images = r.associated_images
+    for _ in range(2):
+        r.rest()
+        r.read_region((0, 0), 0, (8, 8))
+    r.rest()
+    assert images["label"].shape == r.associated_images["label"].shape == (463, 387, 3)
+    monkeypatch.chdir(DATA)
+    s = SlideDataset([os.path.join("wsi", "aperio_svs", "CMU-1-Small-Region.svs")])[0]
+    s.read_region((0, 0), 0, (4, 4))
+    assert s.reader.info()["path"] == os.path.join("wsi", "aperio_svs", "CMU-1-Small-Region.svs")
+
+
+def test_quantify_takes_resume_with_overwrite_as_its_advice_says(tmp_path):
+    """quantify and segment-nuclei advised "add --overwrite" to a --resume over a store of other settings, but
+    did not pass it on: the same error again."""
+    import subprocess
+    import sys
+
+    f = os.path.join(DATA, "fluorescence", "instanseg_Fluorescence_example.tif")
+    base = [sys.executable, "-m", "histoflow.cli", "quantify", f, "-o", str(tmp_path / "a.h5ad"), "--nuclear-channel",
+            "0", "--slide-mpp", "0.5", "--no-progress", "--png", "none"]
+    run = lambda *extra: subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300)  # noqa: E731
+    assert run("--tile", "256").returncode == 0
+    r = run("--tile", "200", "--resume")
+    assert r.returncode == 1 and "add --overwrite to replace it" in r.stderr
+    r = run("--tile", "200", "--resume", "--overwrite")
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_command_line_says_clashing_names_in_its_own_words(tmp_path, capsys):
+    from histoflow.cli import main
+
+    for d in ("a", "c"):
+        (tmp_path / d).mkdir()
+        os.symlink(SVS, tmp_path / d / "x.svs")
+    (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {kernel_size: 3}\n")
+    assert main(["run", str(tmp_path / "p.yaml"), str(tmp_path / "a" / "x.svs"), str(tmp_path / "c" / "x.svs"),
+                 "-o", str(tmp_path / "o"), "--executor", "inprocess", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "'x': " in err and "rename or link one of each under another name" in err and "SlideData(" not in err

@@ -61,7 +61,11 @@ def start(out_path: str, manifest: dict, resume: bool, replace_other: bool = Fal
                                 f"or unreadable, so its {n} finished batch(es) cannot be matched to this run's "
                                 f"settings; they are kept. Run without resume to start over (that removes {d})")
         shutil.rmtree(d)
-        if n:  # deliberate (a run without resume starts over), but not silently: the work is lost
+        if n and resume:  # replace_other: a run of other settings (or of settings that cannot be read)
+            warnings.warn(f"{out_path}: an unfinished run's journal {d} held {n} finished batch(es) of other "
+                          "settings (or of settings it no longer says); they are discarded and this slide starts "
+                          "over (overwrite=True)", stacklevel=5)
+        elif n:  # deliberate (a run without resume starts over), but not silently: the work is lost
             warnings.warn(f"{out_path}: an unfinished run's journal {d} held {n} finished batch(es); they are "
                           "discarded and the run starts over (resume=True, `--resume` on the command line, would "
                           "have continued from them)", stacklevel=5)

@@ -72,6 +72,7 @@ class AssociatedImages(Mapping):
         if r is None:
             return load()
         r._check_open()
+        load = r._associated.get(name, load)  # a rested reader opened again has loaders of its own
         try:
             return np.array(load())  # a writable array of its own
         except HistoflowError:
@@ -402,23 +403,24 @@ class SlideReader:
         return out
 
     # ------------------------------------------------------------------ life cycle
+    #: True while a rested reader is opened again (other threads then wait for it, see :meth:`_check_open`)
+    _waking = False
+
     def _check_open(self):
-        if self._closed:
+        if self._closed or self._waking:
             lock = getattr(self, "_wake_lock", None)
             if lock is None:
                 raise SlideReadError(f"{self.path}: the slide has been closed")
-            with lock:  # rested (see rest()): opened again by the first reader, once
+            with lock:  # rested (see rest()): opened again by the first reader, once, in place (the backends'
+                # loaders of associated images are bound to the reader); other threads wait here meanwhile
                 if self._closed:
-                    # made whole in a new object, then taken over with "closed" last: other threads see either
-                    # the rested reader (and wait here) or the open one, never one half made
-                    fresh = type(self).__new__(type(self))
-                    fresh.__setstate__(self.__getstate__())
-                    state = dict(fresh.__dict__)
-                    fresh.__dict__["_closed"] = True  # its handles are ours now: its __del__ must not close them
-                    is_closed = state.pop("_closed")
-                    state.pop("_wake_lock", None)
-                    self.__dict__.update(state)
-                    self._closed = is_closed
+                    path, state = self.path, self.__getstate__()
+                    self._waking = True
+                    try:
+                        self.__init__(state["path"], **state["kwargs"])
+                    finally:
+                        self._waking = False
+                    self.path = path  # as given (relative paths stay relative in messages and info())
 
     def close(self):
         if not self._closed:
