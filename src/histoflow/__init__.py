@@ -36,6 +36,12 @@ _LAZY = {
 }
 
 
+#: what ``from histoflow import *`` gives: the lazy names too (they are imported then)
+__all__ = ["open_slide", *_LAZY, "ChannelError", "H5PathError", "HistoflowError", "OutputError", "ParameterError",
+           "PipelineError", "RegionError", "RegionTooLargeError", "SlideNotFoundError", "SlideReadError",
+           "TileDecodeError", "UnsupportedFormatError"]
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib

@@ -180,7 +180,13 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
     """
     from skimage.draw import polygon as draw_polygon
 
-    h, w = int(shape[0]), int(shape[1])
+    try:
+        h, w = (int(v) for v in shape)
+        if (h, w) != tuple(float(v) for v in shape) or h < 0 or w < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ParameterError(f"rasterize: shape is the output's (height, width), two whole numbers >= 0; got "
+                             f"{shape!r}") from None
     dx, dy = _downsample_pair(downsample)
     polygons = list(polygons)
     dtype = np.dtype(dtype)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import RegionError
+from ..errors import ParameterError, RegionError
 from ..io import open_slide
 from ..utils import missing_folders
-from .grid import TileGrid
+from .grid import TileGrid, TileSpec
 from .resample import resize, shrink
 from .tile import Tile
 from .types import SlideType, SlideTypePreset
@@ -265,6 +265,10 @@ class SlideData:
 
     def read_tile(self, spec) -> Tile:
         """Read the tile of a :class:`~histoflow.core.grid.TileSpec`, with the slide masks under it."""
+        if not isinstance(spec, TileSpec):
+            raise ParameterError(f"{self.path}: read_tile takes a TileSpec of slide.grid(...) (e.g. "
+                                 f"`for spec in slide.grid(256): slide.read_tile(spec)`), not {spec!r}; "
+                                 "read_region((x, y), level, (w, h)) reads any region")
         image = self._read_spec(spec)
         masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size) for k, m in self.masks.items()}
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)

@@ -328,6 +328,8 @@ class SlideReader:
         try:
             x, y = (int(v) for v in location)
             w, h = (int(v) for v in size)
+            if (x, y, w, h) != tuple(float(v) for v in (*location, *size)):
+                raise ValueError  # 10.9 was read as 10 without a word
         except (TypeError, ValueError):
             raise RegionError(f"{self.path}: location and size must be pairs of integers, "
                               f"got {location!r}, {size!r}") from None

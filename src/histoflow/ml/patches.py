@@ -2,8 +2,8 @@
 
 From any slide or image (H&E, virtual H&E, fluorescence) and a table of centroids (level-0 pixels, e.g.
 ``adata.obsm["spatial"]``) with labels (e.g. ``adata.obs["phenotype"]``): each sample is the patch centred
-on one cell, resampled from the slide's pixel size to ``mpp`` (41 x 41 at 0.5 µm/px by default, as in the
-nucleus-subtype paper), scaled to [0, 1]. Patches reaching past the slide are padded (white for
+on one cell, resampled from the slide's pixel size to ``mpp`` when given (the nucleus-subtype paper used 41 x 41 at
+0.5 µm/px: ``size=41, mpp=0.5``; by default 41 x 41 at the slide's own pixel size), scaled to [0, 1]. Patches reaching past the slide are padded (white for
 brightfield, 0 otherwise). Every DataLoader worker opens its own reader.
 """
 from __future__ import annotations
@@ -96,16 +96,28 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
                 self.labels = np.array([index[str(v)] for v in labels], np.int64)
         else:
             self.labels = None
-        self.channels = channels
+        self.channels = channels  # checked against the slide's channels below (names become indices)
         self.transform = transform
         if percentile is not None and not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
             raise DatasetError(f"{self.path}: percentile must be a number in (0, 100], got {percentile!r}")
         self.percentile = percentile
         self.scales = None
+        if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.number))
+                                or not np.isfinite(mpp) or mpp <= 0):
+            raise DatasetError(f"{self.path}: mpp must be a positive number of µm per patch pixel, got {mpp!r}")
         with _slide_of_source(self._source) as s:
             self.slide_mpp = float(s.mpp[0]) if s.mpp else None
             self.brightfield = bool(s.slide_type.brightfield)
             self.dtype = np.dtype(s.reader.dtype)
+            if channels is not None:  # names or indices, as elsewhere; a bad one named now, not at the first item
+                from ..transforms.objects import find_channel
+
+                names = list(s.reader.channel_names)
+                picked = [channels] if isinstance(channels, (str, int, np.integer)) else list(channels)
+                try:
+                    self.channels = [find_channel(names, c) for c in picked]
+                except KeyError as e:
+                    raise DatasetError(f"{self.path}: channels: {e.args[0] if e.args else e}") from None
             if percentile is not None:  # per channel, of the channels the patches keep
                 thumb = np.asarray(s.thumbnail(1024)).astype(np.float32)
                 thumb = self._keep(thumb)

@@ -126,6 +126,16 @@ def create(name: str, **kwargs: Any) -> nn.Module:
         v = kwargs.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
             raise ParameterError(f"{name}: {k} must be a whole number >= 1, got {v!r}")
+    import inspect
+
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepted = None
+    if accepted is not None and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:  # (a TypeError from the constructor named neither the model nor what it takes)
+            raise ParameterError(f"{name}: no parameter(s) {unknown}; it takes {sorted(accepted)}")
     try:
         model = factory(**kwargs)
     except (RuntimeError, OverflowError) as e:  # torch refusing a layer of these sizes; an infinite size
