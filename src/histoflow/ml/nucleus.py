@@ -375,10 +375,22 @@ def _from_model_grid(n: int, o: int, m0: int, m: int, scale: float) -> np.ndarra
 
 
 def _one_piece(labels: np.ndarray) -> np.ndarray:
-    """Each nucleus as one 4-connected piece (its largest): sampling labels onto a coarser grid can cut a
-    thin neck, leaving one id in two places (a MultiPolygon in GeoJSON, two outlines for one nucleus)."""
+    """Each nucleus as one 4-connected piece: two of its pixels that touch only at a corner are joined by a
+    background pixel beside them (the watershed leaves such necks), and a nucleus still in pieces keeps its
+    largest (sampling labels onto a coarser grid can cut a thin neck): one id in two places was a MultiPolygon
+    in GeoJSON and two outlines for one nucleus."""
     from skimage.measure import label as pieces_of
 
+    labels = np.array(labels, copy=True)
+    for _ in range(2):  # the two diagonals
+        a, d = labels[:-1, :-1], labels[1:, 1:]  # a pixel and its lower-right neighbour
+        b, c = labels[:-1, 1:], labels[1:, :-1]  # the two pixels between them
+        corner = (a > 0) & (a == d) & (b != a) & (c != a)
+        first = corner & (b == 0)
+        b[first] = a[first]
+        other = corner & ~first & (c == 0)  # the pixel above-right is another nucleus's: the one below-left
+        c[other] = a[other]
+        labels = labels[:, ::-1]  # the other diagonal, mirrored
     pieces = pieces_of(labels, background=0, connectivity=1)
     n = int(pieces.max())
     if n == int(np.count_nonzero(np.bincount(labels.ravel())[1:])):
@@ -422,7 +434,7 @@ def segment_nuclei(model, image: np.ndarray, *, scale: float = 1.0, origin: tupl
     image = rgb_uint8(image, "segment_nuclei")
     h, w = image.shape[:2]
     if abs(scale - 1.0) <= SCALE_TOLERANCE:
-        return maps_to_instances(*predict_maps(model, image, origin=origin, **kw), **post)
+        return _one_piece(maps_to_instances(*predict_maps(model, image, origin=origin, **kw), **post))
     from skimage.segmentation import expand_labels
 
     # post-processed at the model's scale, where an image pixel is scale**2 pixels: min_size is in the image's

@@ -69,6 +69,10 @@ def _rgb_for_he_model(image) -> np.ndarray:
     return rgb_uint8(image, "NucleusSegmentation")
 
 
+#: pixels by which NucleusSegmentation widens a tile's core when choosing the nuclei it keeps (see keep_owned)
+OWNERSHIP_MARGIN = 1.0
+
+
 def _tile_origin(tile) -> tuple[int, int]:
     """(y, x): a tile's place in the slide's pixels at its own scale (the models' grids are the slide's, not the
     tile's)."""
@@ -295,7 +299,10 @@ class NucleusSegmentation(Transform):
                 post[k] = getattr(self, k)
         labels = r.segment(_rgb_for_he_model(image), mpp, tta=self.tta, amp=getattr(self, "amp", False),
                            origin=origin, **post)
-        return keep_owned(labels, core)
+        # a pixel of margin: a nucleus on the split between two tiles, outlined a little differently by each,
+        # could have its centroid put on the other's side by both and be lost; kept by both, the slide's label
+        # image keeps it once (assemble_instances)
+        return keep_owned(labels, core, margin=OWNERSHIP_MARGIN)
 
     def apply(self, tile):
         mpp = tile.mpp[0] if tile.mpp else None

@@ -72,9 +72,12 @@ def relabel_sequential(labels, same_ids=None, what="labels"):
     return out, other
 
 
-def keep_owned(labels, core, *, return_ids: bool = False):
+def keep_owned(labels, core, *, return_ids: bool = False, margin: float = 0.0):
     """Keep the objects of a label image whose centroid lies in ``core`` = (x0, y0, x1, y1) (tile pixels);
-    renumber them 1..n. ``core=None`` keeps every object.
+    renumber them 1..n. ``core=None`` keeps every object. ``margin`` (pixels) widens the core on every side:
+    two tiles that outline one object a little differently can put its centroid each on the other's side of
+    the split, and then neither kept it; with a margin both may keep it, and the one slide-wide picture keeps
+    it once (:func:`histoflow.ml.infer.assemble_instances`).
 
     With ``return_ids=True`` also returns the old ids of the kept objects (in their new order), so that
     a second mask with the same ids (e.g. cells grown from nuclei) can be filtered alike.
@@ -94,6 +97,8 @@ def keep_owned(labels, core, *, return_ids: bool = False):
         with np.errstate(invalid="ignore", divide="ignore"):  # ids absent from the image give NaN, dropped
             cy, cx = (np.asarray(c) for c in zip(*ndi.center_of_mass(np.ones(labels.shape, np.uint8), labels, idx)))
         x0, y0, x1, y1 = core
+        if margin:
+            x0, y0, x1, y1 = x0 - margin, y0 - margin, x1 + margin, y1 + margin
         with np.errstate(invalid="ignore"):
             ok &= np.isfinite(cx) & (cx >= x0 - 0.5) & (cx < x1 - 0.5) & (cy >= y0 - 0.5) & (cy < y1 - 0.5)
     lut = np.zeros(n + 1, np.int32)
