@@ -182,3 +182,15 @@ def test_the_command_line_says_clashing_names_in_its_own_words(tmp_path, capsys)
                  "-o", str(tmp_path / "o"), "--executor", "inprocess", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "'x': " in err and "rename or link one of each under another name" in err and "SlideData(" not in err
+
+
+def test_a_rested_slide_whose_file_went_away_says_so_each_time(tmp_path):
+    from histoflow import SlideNotFoundError
+
+    path = tmp_path / "x.jpg"
+    shutil.copy(os.path.join(DATA, "he_patches", "stardist_histo.jpg"), path)
+    s = SlideDataset([str(path)])[0]
+    os.remove(path)
+    for _ in range(2):  # not a half-made reader the second time
+        with pytest.raises(SlideNotFoundError, match="x.jpg: no such file"):
+            s.read_region((0, 0), 0, (4, 4))

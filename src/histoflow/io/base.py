@@ -420,6 +420,9 @@ class SlideReader:
                     self._waking = True
                     try:
                         self.__init__(state["path"], **state["kwargs"])
+                    except BaseException:
+                        self._closed = True  # (the file went away or changed): still resting, the next read
+                        raise  # tries again and says why again, not a half-made reader
                     finally:
                         self._waking = False
                     self.path = path  # as given (relative paths stay relative in messages and info())
