@@ -794,3 +794,22 @@ def test_nuclei_touching_only_at_a_corner_are_joined():
     assert sorted(np.unique(out)[1:].tolist()) == [3, 5, 7, 9] and out[4, 1] == 9
     assert int(pieces(out, background=0, connectivity=1).max()) == 4
     assert (out == 3).sum() == 3 and (out == 5).sum() == 3 and (out == 7).sum() == 3
+
+
+def test_a_nucleus_step_on_tiles_resampled_by_the_reader_says_so(tmp_path, val_sample):
+    """Tiles read at a target µm/px are resampled by the reader tile by tile, so the model's objects vary with
+    the tiling there (not at a level, where the model resamples on the slide's grid): the run says so."""
+    import warnings
+
+    from PIL import Image
+
+    png = tmp_path / "he.png"
+    Image.fromarray(val_sample["image"][:300, :300]).save(png)
+    with SlideData(str(png), mpp=0.25, slide_type="HE") as s:
+        with pytest.warns(UserWarning, match="NucleusSegmentation runs on tiles read at a target µm/px"):
+            s.run(NucleusSegmentation(model="nucleus_unet_20x", threads=2), str(tmp_path / "a.h5path"),
+                  tile_size=64, overlap=32, mpp=0.5, executor="inprocess", progress=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*target µm/px.*")
+            s.run(NucleusSegmentation(model="nucleus_unet_20x", threads=2), str(tmp_path / "b.h5path"),
+                  tile_size=128, overlap=64, level=0, executor="inprocess", progress=False)
