@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import pickle
 
 from ..errors import PipelineError
 
@@ -266,14 +265,7 @@ class DaskExecutor:
             self._warned_empty = True
             warnings.warn(f"the dask cluster {self._where()} has no workers yet: the run waits for them "
                           "(start some, e.g. cluster.scale(...), or stop the run)", stacklevel=4)
-        # pickled here: the scheduler holds the bytes, the worker that runs the task unpickles them. Given as
-        # the object, the scheduler unpickled it with the task graph, opening every slide itself (a slide it could
-        # not open failed the whole run as "dropped tasks", naming neither slide nor cause; its open files grew
-        # with every run)
-        # (cloudpickle, as dask pickles tasks: transforms defined in a script or a function travel by value)
-        import cloudpickle
-
-        return self.client.submit(_shared, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), pure=False)
+        return self.client.submit(_shared, _portable(obj), pure=False)
 
     def _n_workers(self) -> int:
         try:
@@ -325,10 +317,33 @@ class DaskExecutor:
             self._own_cluster.close()
 
 
-def _shared(blob: bytes):
-    """The task that hands a shared object to the batches, unpickled on the worker (see
-    :meth:`DaskExecutor.share`)."""
-    return pickle.loads(blob)
+def _portable(obj):
+    """``obj`` as a task argument that the scheduler can hold without opening a slide: a slide travels as its
+    fields and its reader's state (path and options), and is opened by :func:`_shared` on the worker. Given as
+    the object, the scheduler unpickled it with the task graph and opened every slide itself (a slide it could
+    not open failed the whole run as "dropped tasks", naming neither slide nor cause; its open files grew with
+    every run). Other objects (pipelines) travel as they are."""
+    from ..core.slide import SlideData
+
+    if isinstance(obj, SlideData):
+        fields = dict(vars(obj))
+        reader = fields.pop("reader")
+        return ("slide", type(obj), fields, type(reader), reader.__getstate__())
+    return ("object", obj)
+
+
+def _shared(portable):
+    """The task that hands a shared object to the batches (see :meth:`DaskExecutor.share`): a slide is opened
+    here, on the worker."""
+    if portable[0] == "slide":
+        _, cls, fields, reader_cls, reader_state = portable
+        reader = reader_cls.__new__(reader_cls)
+        reader.__setstate__(reader_state)
+        slide = cls.__new__(cls)
+        slide.__dict__.update(fields)
+        slide.reader = reader
+        return slide
+    return portable[1]
 
 
 def _takes_n_workers(client) -> bool:
