@@ -621,7 +621,8 @@ def _as_hwc(a: np.ndarray) -> np.ndarray:
 #: µm per OME UnitsLength (SI and imperial); "pixel" and "reference frame" carry no physical size
 _OME_UNITS = {"Ym": 1e30, "Zm": 1e27, "Em": 1e24, "Pm": 1e21, "Tm": 1e18, "Gm": 1e15, "Mm": 1e12, "km": 1e9,
               "hm": 1e8, "dam": 1e7, "m": 1e6, "dm": 1e5, "cm": 1e4, "mm": 1e3, "µm": 1.0, "\u03bcm": 1.0,
-              "nm": 1e-3, "pm": 1e-6, "fm": 1e-9, "am": 1e-12, "zm": 1e-15, "ym": 1e-18, "Å": 1e-4, "\u212b": 1e-4, "thou": 25.4, "li": 2540.0, "in": 25400.0, "ft": 304800.0,
+              "nm": 1e-3, "pm": 1e-6, "fm": 1e-9, "am": 1e-12, "zm": 1e-15, "ym": 1e-18, "Å": 1e-4,
+              "\u212b": 1e-4, "thou": 25.4, "li": 2540.0, "in": 25400.0, "ft": 304800.0,
               "yd": 914400.0, "mi": 1.609344e9, "ua": 1.495978707e17, "ly": 9.4607304725808e21,
               "pc": 3.0856776e22, "pt": 25400.0 / 72}
 #: µm per length unit as people spell them (ImageJ's "unit", and OME units spelled other than the schema's)

@@ -2,9 +2,10 @@
 
 From any slide or image (H&E, virtual H&E, fluorescence) and a table of centroids (level-0 pixels, e.g.
 ``adata.obsm["spatial"]``) with labels (e.g. ``adata.obs["phenotype"]``): each sample is the patch centred
-on one cell, resampled from the slide's pixel size to ``mpp`` when given (the nucleus-subtype paper used 41 x 41 at
-0.5 µm/px: ``size=41, mpp=0.5``; by default 41 x 41 at the slide's own pixel size), scaled to [0, 1]. Patches reaching past the slide are padded (white for
-brightfield, 0 otherwise). Every DataLoader worker opens its own reader.
+on one cell, resampled from the slide's pixel size to ``mpp`` when given (the nucleus-subtype paper used
+41 x 41 at 0.5 µm/px: ``size=41, mpp=0.5``; by default 41 x 41 at the slide's own pixel size), scaled to
+[0, 1]. Patches reaching past the slide are padded (white for brightfield, 0 otherwise). Every DataLoader
+worker opens its own reader.
 """
 from __future__ import annotations
 

@@ -284,7 +284,8 @@ class NucleusSegmentation(Transform):
 
     def F(self, image, mpp=None, core=None, origin=(0, 0)):
         """Instance labels (int32) of an RGB image whose pixel size is ``mpp`` µm (None: the model's);
-        ``origin`` = (y, x), where it lies in the slide in its own pixels (:func:`~histoflow.ml.nucleus.segment_nuclei`)."""
+        ``origin`` = (y, x), where it lies in the slide in its own pixels
+        (:func:`~histoflow.ml.nucleus.segment_nuclei`)."""
         if np.asarray(image).size == 0:  # no pixels, no nuclei (the network cannot run on them)
             return np.zeros(np.shape(image)[:2], np.int32)
         r = _runner(self.model, self.backend, self.threads, mpp)

@@ -18,8 +18,8 @@ def laplacian_variance(image, channel=None, full_scale=None):
     The grey image is RGB converted with OpenCV's weights, the single channel, or ``channel``; it is taken
     on the 0-255 scale whatever the dtype (uint16 is divided by 257, floats are taken as [0, 1]; other integers
     over ``full_scale``, e.g. 255 or 65535 from the slide's dtype, else as 8 or 16 bits by their values), so one
-    threshold serves every dtype; NaN pixels (no data) are left out. Sharp tissue scores in the hundreds or thousands; out-of-focus tiles and
-    blank glass score low.
+    threshold serves every dtype; NaN pixels (no data) are left out. Sharp tissue scores in the hundreds or
+    thousands; out-of-focus tiles and blank glass score low.
 
     Examples
     --------
