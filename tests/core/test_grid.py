@@ -206,16 +206,19 @@ def test_resampled_tiles_are_the_exact_area_average_and_overhangs_read_little(tm
 
     with SlideData(SVS) as s:
         spec = s.grid(256, mpp=0.6)[10]            # about 308 -> 256 px: a ratio of 1.2
-        region = s.reader.read_region((spec.x, spec.y), spec.level, spec.read_size).astype(np.float64)
+        (ox, oy), r = spec.origin, spec.downsample
+        x0, y0 = int(ox * r), int(oy * r)
+        region = s.reader.read_region((x0, y0), 0, (int(np.ceil((ox + 256) * r)) - x0,
+                                                     int(np.ceil((oy + 256) * r)) - y0)).astype(np.float64)
 
-        def weights(n_src, n_out):  # row j: how much of each source pixel output pixel j covers
-            edges = np.arange(n_out + 1) * n_src / n_out
-            lo, hi = edges[:-1, None], edges[1:, None]
+        def weights(o, lo, n_src):  # row j: how much of each source pixel output pixel o + j covers
+            edges = (o + np.arange(257)) * r - lo   # in the slide's resampled grid, not the tile's own
+            a, b = edges[:-1, None], edges[1:, None]
             px = np.arange(n_src)[None, :]
-            return np.clip(np.minimum(hi, px + 1) - np.maximum(lo, px), 0, None) / (n_src / n_out)
+            return np.clip(np.minimum(b, px + 1) - np.maximum(a, px), 0, None) / r
 
-        wy, wx = weights(region.shape[0], 256), weights(region.shape[1], 256)
-        want = np.einsum("ij,jkc,lk->ilc", wy, region, wx)     # the exact area average
+        wy, wx = weights(oy, y0, region.shape[0]), weights(ox, x0, region.shape[1])
+        want = np.einsum("ij,jkc,lk->ilc", wy, region, wx, optimize=True)     # the exact area average
         got = s.read_tile(spec).image.astype(np.float64)
         assert np.abs(got - want).max() <= 0.51 and np.abs(got - want).mean() < 0.3
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -225,8 +228,10 @@ def test_resampled_tiles_are_the_exact_area_average_and_overhangs_read_little(tm
         assert t.extent == (19, 25) and (t.image[30:, 30:] == 255).all()
         small = cv2.resize(s.reader.read_region((0, 0), 0, s.dimensions), None, fx=256 / 30782, fy=256 / 30782,
                            interpolation=cv2.INTER_AREA)
-        # the pixels wholly inside the slide (the last row and column also average some of the white fill)
-        np.testing.assert_array_equal(t.image[:small.shape[0] - 1, :small.shape[1] - 1], small[:-1, :-1])
+        # the pixels wholly inside the slide (the last row and column average the slide's part of them only);
+        # OpenCV rounds its sums its own way: a grey level apart now and then
+        d = t.image[:small.shape[0] - 1, :small.shape[1] - 1].astype(int) - small[:-1, :-1]
+        assert np.abs(d).max() <= 1 and (d != 0).mean() < 0.01
 
 
 def test_grid_arguments_are_checked_by_name():

@@ -215,3 +215,74 @@ def test_a_grid_finer_than_level_0_warns_that_it_interpolates():
             warnings.simplefilter("error")
             for kwargs in ({}, {"level": 0}, {"mpp": 0.499}, {"mpp": 0.495}, {"mpp": 0.504}, {"mpp": 2.0}):
                 assert not s.grid(256, **kwargs).upsampled
+
+
+def _origin(grid, spec):
+    """A tile's top-left in the grid's output pixels."""
+    return spec.col * grid.stride[0], spec.row * grid.stride[1]
+
+
+def _area_reference(level, i, j, r):
+    """Output pixel (i, j) of a level resampled by r > 1, by hand: the mean of the level pixels under its square
+    [j r, (j + 1) r) x [i r, (i + 1) r), each weighted by the part it covers (inside the level only)."""
+    h, w = level.shape[:2]
+    total, acc = 0.0, np.zeros(level.shape[2])
+    y0, y1, x0, x1 = i * r, min((i + 1) * r, h), j * r, min((j + 1) * r, w)
+    for yy in range(int(y0), int(np.ceil(y1))):
+        wy = min(y1, yy + 1) - max(y0, yy)
+        for xx in range(int(x0), int(np.ceil(x1))):
+            wgt = wy * (min(x1, xx + 1) - max(x0, xx))
+            acc += wgt * level[yy, xx]
+            total += wgt
+    return acc / total
+
+
+@pytest.mark.filterwarnings("ignore:.*finer than the slide's finest level")
+def test_tiles_at_a_target_mpp_are_windows_of_one_resampled_level():
+    """A tile at a target µm/px was its rounded level-0 rectangle (256 or 257 level pixels by where it fell)
+    resized on its own: shifted by up to half a level pixel and stretched by up to one, so two tilings gave a
+    shared pixel other values (a nucleus model's objects then varied with the tiling). Each output pixel is now
+    the exact area average of the level pixels under it, by its place in the whole resampled level (bilinear at
+    its centre when enlarging): tiles of any size and overlap agree, pixel for pixel."""
+    rng = np.random.default_rng(0)
+    with SlideData(SVS) as s:
+        level = s.read_region((0, 0), 0, s.dimensions)
+        for mpp, (a, oa), (b, ob) in ((1.0, (128, 0), (200, 57)), (0.37, (96, 40), (150, 7)), (2.6, (64, 9), (40, 0))):
+            ga, gb = s.grid(a, overlap=oa, mpp=mpp), s.grid(b, overlap=ob, mpp=mpp)
+            h, w = int(np.ceil(ga.out_size[1])), int(np.ceil(ga.out_size[0]))
+            canvas = np.full((h + a, w + a, 3), -1, np.int16)
+            for spec in ga:
+                x, y = _origin(ga, spec)
+                canvas[y:y + a, x:x + a] = s.read_tile(spec).image
+            for spec in list(gb)[::3]:
+                (x, y), img = _origin(gb, spec), s.read_tile(spec).image
+                assert np.array_equal(canvas[y:y + b, x:x + b][:h - y, :w - x], img[:h - y, :w - x]), (mpp, spec)
+            r = ga.downsample
+            if r > 1:  # against the definition, pixel by pixel
+                for i, j in zip(rng.integers(0, h, 12), rng.integers(0, w, 12)):
+                    assert np.abs(canvas[i, j] - _area_reference(level, i, j, r)).max() <= 0.5 + 1e-6, (mpp, i, j)
+        # the last column and row: partly over the edge, they average the slide's pixels only; wholly over it: fill
+        g = s.grid(256, mpp=1.3, edge="pad")
+        spec = g[len(g) - 1]
+        (x, y), tile, r = _origin(g, spec), s.read_tile(spec).image, g.downsample
+        i, j = int(np.ceil(s.dimensions[1] / r)) - 1 - y, int(np.ceil(s.dimensions[0] / r)) - 1 - x
+        assert np.abs(tile[i, j] - _area_reference(level, y + i, x + j, r)).max() <= 0.5 + 1e-6
+        assert (tile[i + 1:] == 255).all() and (tile[:, j + 1:] == 255).all()
+
+
+def test_tiles_at_a_whole_multiple_of_a_level_are_its_block_means(tmp_path):
+    """At twice a level's pixel size every tile pixel is the mean of a 2 x 2 block (as OpenCV's area resize of
+    the whole level gives it), wherever the tile lies."""
+    import cv2
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "r.png")
+    whole = cv2.resize(img, (130, 150), interpolation=cv2.INTER_AREA)
+    with SlideData(str(tmp_path / "r.png"), mpp=0.25) as s:
+        grid = s.grid(48, overlap=11, mpp=0.5)
+        for spec in grid:
+            x, y = _origin(grid, spec)
+            tile = s.read_tile(spec).image[:150 - y, :130 - x]
+            assert np.abs(tile.astype(int) - whole[y:y + 48, x:x + 48]).max() <= 1

@@ -456,17 +456,30 @@ def test_patch_tables_of_the_wrong_form_are_refused():
 
 
 def test_patches_at_grid_corners_are_the_grid_tiles_at_any_mpp():
-    """Resampled patches from a table of coordinates read the level pixels a grid tile there reads (256 or
-    257 by where it falls); they all read the first tile's count, so 78 of 108 patches of CMU-1 at 1 µm/px
-    differed from the grid's tiles at the same corners. An off-grid corner reads about its share."""
+    """Resampled patches from a table of coordinates are the grid's tiles at the same corners, pixel for pixel
+    (they all read the first tile's count of level pixels once, so 78 of 108 patches of CMU-1 at 1 µm/px
+    differed), and both are windows of one resampled level: a patch off the grid's corners is that level's
+    window there, whatever its size."""
+    from histoflow import SlideData
+    from histoflow.core.resample import axis_weights
+
+    slide = SlideData(SVS)
     for mpp, size in ((1.0, 128), (0.7, 100)):
         grid = WSIPatchDataset(SVS, mpp=mpp, patch_size=size, tissue_filter=False)
         table = WSIPatchDataset(SVS, coords=grid.coords, mpp=mpp, patch_size=size)
-        assert len({tuple(r) for r in grid._read_sizes.tolist()}) > 1  # the grid's tiles do differ
+        tiles = list(slide.grid(size, mpp=mpp))
+        assert len(tiles) == len(grid)
         for i in range(len(grid)):
             assert np.array_equal(grid.read(i)["image"], table.read(i)["image"]), (mpp, i)
-    off = WSIPatchDataset(SVS, coords=[(0, 301, 555)], mpp=1.0, patch_size=128)
-    assert off._read_sizes[0].tolist() in ([256, 256], [256, 257], [257, 256], [257, 257])
+            assert np.array_equal(grid.read(i)["image"], slide.read_tile(tiles[i]).image), (mpp, i)
+    ds = 1.0 / slide.mpp[0]
+    off = WSIPatchDataset(SVS, coords=[(0, 302, 556)], mpp=1.0, patch_size=128)
+    assert np.allclose(off._origins[0], (302 / ds, 556 / ds))  # not a grid corner: its exact place
+    big = WSIPatchDataset(SVS, coords=[(0, int(round(150 * ds)), int(round(270 * ds)))], mpp=1.0, patch_size=200)
+    small = WSIPatchDataset(SVS, coords=[(0, int(round(170 * ds)), int(round(300 * ds)))], mpp=1.0, patch_size=64)
+    assert big._origins[0].tolist() == [150, 270] and small._origins[0].tolist() == [170, 300]
+    assert np.array_equal(big.read(0)["image"][30:94, 20:84], small.read(0)["image"])
+    assert axis_weights(0, 4, 2.5, 100).weight.shape == (4, 4)
 
 
 def test_repeats_and_files_keep_their_own_augmentation_in_a_concat_dataset(tmp_path):

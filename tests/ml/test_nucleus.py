@@ -796,20 +796,23 @@ def test_nuclei_touching_only_at_a_corner_are_joined():
     assert (out == 3).sum() == 3 and (out == 5).sum() == 3 and (out == 7).sum() == 3
 
 
-def test_a_nucleus_step_on_tiles_resampled_by_the_reader_says_so(tmp_path, val_sample):
-    """Tiles read at a target µm/px are resampled by the reader tile by tile, so the model's objects vary with
-    the tiling there (not at a level, where the model resamples on the slide's grid): the run says so."""
-    import warnings
-
+def test_tiled_nuclei_at_a_target_mpp_do_not_depend_on_the_tiling(tmp_path, val_sample):
+    """Tiles read at a target µm/px were each resampled from their own rounded level-0 rectangle (shifted by up
+    to half a level pixel, stretched by up to one), so the model's nuclei varied with the tiling there (mean best
+    IoU with the whole image 0.94 in this run; 0.92-0.95 at 0.37-0.7 µm/px). The tiles are now windows of one
+    resampled level: 0.98, as at a level."""
     from PIL import Image
 
     png = tmp_path / "he.png"
-    Image.fromarray(val_sample["image"][:300, :300]).save(png)
+    Image.fromarray(val_sample["image"][:600, :640]).save(png)
     with SlideData(str(png), mpp=0.25, slide_type="HE") as s:
-        with pytest.warns(UserWarning, match="NucleusSegmentation runs on tiles read at a target µm/px"):
-            s.run(NucleusSegmentation(model="nucleus_unet_20x", threads=2), str(tmp_path / "a.h5path"),
-                  tile_size=64, overlap=32, mpp=0.5, executor="inprocess", progress=False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("error", message=".*target µm/px.*")
-            s.run(NucleusSegmentation(model="nucleus_unet_20x", threads=2), str(tmp_path / "b.h5path"),
-                  tile_size=128, overlap=64, level=0, executor="inprocess", progress=False)
+        whole = s.read_tile(s.grid(1000, mpp=0.4)[0])
+        ref = NucleusSegmentation(model="nucleus_unet_20x", threads=2).F(whole.image, whole.mpp[0])
+        out = s.run(NucleusSegmentation(model="nucleus_unet_20x", threads=2), str(tmp_path / "a.h5path"),
+                    tile_size=192, overlap=80, mpp=0.4, executor="inprocess", progress=False)
+    lab = assemble_instances(out, "nuclei")
+    h, w = lab.shape
+    assert (h, w) == (375, 400)
+    best = _best_iou(ref[:h, :w], lab)
+    assert len(best) > 150
+    assert best.mean() > 0.97 and (best < 0.5).sum() <= 1, (best.mean(), (best < 0.5).sum(), len(best))

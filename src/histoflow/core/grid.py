@@ -47,6 +47,10 @@ class TileSpec:
     #: up to the slide's edge. The cores of all tiles cover the slide once, so an object (a nucleus, a
     #: cell) is kept by exactly one tile when each tile keeps the objects whose centroid is in its core.
     core: tuple = None
+    #: ``(x, y)`` of the tile's top-left in the grid's output pixels, for tiles resampled to a target µm/px
+    #: (None when read from a level as they are): each pixel is read from its place in the whole resampled
+    #: level (:func:`~histoflow.core.slide.read_on_grid`), not from the tile's rounded level-0 rectangle
+    origin: tuple = None
 
     @property
     def coords(self) -> tuple[int, int]:
@@ -206,7 +210,8 @@ class TileGrid:
             read = (max(1, _half_up(x1 / lds) - _half_up(x / lds)), max(1, _half_up(y1 / lds) - _half_up(y / lds)))
         else:
             read = self.tile_size
-        return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds, self.core(row, col))
+        return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds, self.core(row, col),
+                        (ox, oy) if self.resampled else None)
 
     def core(self, row: int, col: int) -> tuple:
         """The ``(x0, y0, x1, y1)`` part of tile (row, col) it owns, in tile pixels (see TileSpec.core)."""

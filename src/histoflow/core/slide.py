@@ -13,7 +13,7 @@ from ..errors import ParameterError, RegionError
 from ..io import open_slide
 from ..utils import missing_folders
 from .grid import TileGrid, TileSpec
-from .resample import resize, shrink
+from .resample import axis_weights, resample_window, resize, shrink
 from .tile import Tile
 from .types import SlideType, SlideTypePreset
 
@@ -77,6 +77,27 @@ def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
         part = reader.read_region((x, y), level, (nw, nh))
         out[:jh, :jw] = shrink(_edge_replicated(part, iw, ih), ow / rw, oh / rh, (jw, jh))
     return out
+
+
+def read_on_grid(reader, level, origin, scale, size) -> np.ndarray:
+    """The ``size = (w, h)`` window at output pixel ``origin = (x, y)`` of a level resampled by ``scale`` (level
+    pixels per output pixel), as grid tiles at a target µm/px are read: each output pixel the exact area average
+    of the level pixels it covers (bilinear when enlarging), weighted by its place in the whole resampled level
+    (:func:`~histoflow.core.resample.axis_weights`). A pixel is the same in every tile that holds it, so tiles
+    of any size and overlap cut one resampled image (reading a rounded region and resizing it, as
+    :func:`read_resampled` does, shifts each tile by up to half a level pixel and stretches it by up to one).
+    Pixels of the window wholly outside the level are the reader's fill; those partly outside average the
+    pixels inside only."""
+    lv = reader.levels[level]
+    w, h = int(size[0]), int(size[1])
+    wx = axis_weights(origin[0], w, scale, lv.width)
+    wy = axis_weights(origin[1], h, scale, lv.height)
+    if wx.hi <= wx.lo or wy.hi <= wy.lo:
+        return np.full((h, w, reader.channels), reader.fill_value, dtype=reader.dtype)
+    ds = lv.downsample
+    region = reader.read_region((int(round(wx.lo * ds)), int(round(wy.lo * ds))), level,
+                                (wx.hi - wx.lo, wy.hi - wy.lo))
+    return resample_window(region, wx, wy, reader.fill_value)
 
 
 def _refilled(reader, tile, jw, jh):
@@ -257,8 +278,11 @@ class SlideData:
         return grid
 
     def _read_spec(self, spec) -> np.ndarray:
-        """The tile's pixels: its level's region, resampled to the tile's size when the grid asks for it
-        (:func:`read_resampled`)."""
+        """The tile's pixels: its level's region as it is, or for a grid at a target µm/px its window of the
+        whole resampled level (:func:`read_on_grid`)."""
+        if spec.origin is not None:
+            scale = spec.downsample / float(self.reader.levels[spec.level].downsample)
+            return read_on_grid(self.reader, spec.level, spec.origin, scale, spec.size)
         if not spec.needs_resample:
             return self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
         return read_resampled(self.reader, spec.x, spec.y, spec.level, spec.read_size, spec.size)

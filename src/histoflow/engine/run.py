@@ -287,13 +287,6 @@ def _warn_small_overlap(slide, pipeline, grid):
                       f"at {'%.3g µm/px' % mpp if mpp else 'these tiles'}; with {have} px, an object cut by a tile's "
                       f"edge is found in pieces, each kept by its own tile (counted twice). Run with {hint}",
                       stacklevel=5)
-    steps = pipeline.steps if isinstance(pipeline, Pipeline) else [pipeline]
-    on_grid = next((t for t in steps if getattr(t, "slide_grid_model", False)), None)
-    if on_grid is not None and grid.resampled and grid.cols * grid.rows > 1:
-        warnings.warn(f"{slide.path}: {type(on_grid).__name__} runs on tiles read at a target µm/px, which the "
-                      "reader resamples tile by tile from whole level-0 pixels: its objects then vary a little "
-                      "with the tiling. Run it at a pyramid level (level=...; the model resamples each tile on the "
-                      "slide's own grid) for results that do not depend on the tiles", stacklevel=5)
 
 
 def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume):

@@ -305,9 +305,6 @@ class NucleusSegmentation(Transform):
         # image keeps it once (assemble_instances)
         return keep_owned(labels, core, margin=OWNERSHIP_MARGIN)
 
-    #: the model resamples tiles onto the slide's own grid: runs on tiles resampled by the reader warn (engine)
-    slide_grid_model = True
-
     def apply(self, tile):
         mpp = tile.mpp[0] if tile.mpp else None
         image = tile.image
@@ -970,8 +967,6 @@ class SegmentCellsModel(Transform):
             if scale > 1:
                 lab = _one_piece(lab)
         return keep_owned(lab, core)
-
-    slide_grid_model = True  # (see NucleusSegmentation)
 
     def apply(self, tile):
         from ..transforms.multiplex import _on_extent
