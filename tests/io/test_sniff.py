@@ -116,3 +116,47 @@ def test_a_mirax_slide_without_its_data_folder_is_refused(tmp_path):
         open_slide(mrxs)
     shutil.copy(data_path("he_patches", "stardist_histo.jpg"), tmp_path / "photo.jpg")
     assert open_slide(tmp_path / "photo.jpg").dimensions == (500, 300)  # a JPEG named as one is a JPEG
+
+
+def test_a_named_pipe_is_refused_at_once(tmp_path):
+    """A FIFO given as a slide (a glob that caught one) blocked the format check's read for ever, without a word."""
+    import os
+    import threading
+
+    from histoflow import UnsupportedFormatError
+
+    fifo = tmp_path / "slide.svs"
+    os.mkfifo(fifo)
+    seen = []
+
+    def check():
+        try:
+            detect_format(fifo)
+        except Exception as e:  # noqa: BLE001 - what is raised is asserted below
+            seen.append(e)
+
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the format check blocked on a named pipe"
+    assert isinstance(seen[0], UnsupportedFormatError) and "named pipe" in str(seen[0]) and str(fifo) in str(seen[0])
+
+
+def test_slides_named_by_uid_keep_their_whole_name(tmp_path):
+    """DICOM folders and files are often named by UID: the last dotted part was taken for an extension, so
+    two slides of one series got the same name (their outputs' file names) and a run refused them as a clash."""
+    import os
+
+    from histoflow import SlideData, SlideDataset
+
+    src = data_path("wsi", "dicom_wsic", "CMU-1-Small-Region")
+    for n in ("111", "222"):
+        os.symlink(src, tmp_path / f"1.2.826.0.1.3680043.8.498.{n}")
+    with SlideData(str(tmp_path / "1.2.826.0.1.3680043.8.498.111")) as s:
+        assert s.name == "1.2.826.0.1.3680043.8.498.111"
+    ds = SlideDataset([str(tmp_path / "1.2.826.0.1.3680043.8.498.111"), str(tmp_path / "1.2.826.0.1.3680043.8.498.222")])
+    assert sorted(s.name for s in ds.slides) == ["1.2.826.0.1.3680043.8.498.111", "1.2.826.0.1.3680043.8.498.222"]
+    from histoflow.core.slide import default_slide_name
+
+    assert default_slide_name("/a/b/slide.ome.tif") == "slide.ome" and default_slide_name("x/CMU-1.svs") == "CMU-1"
+    assert default_slide_name("/scans/1.2.840.10008.5.1") == "1.2.840.10008.5.1"

@@ -49,6 +49,19 @@ class SlideMask:
         return out.astype(bool) if self.is_bool else out
 
 
+def default_slide_name(path) -> str:
+    """A slide's default name (its outputs' file names): its file's name without the extension, or its folder's
+    name. "." and "dir/." name the folder; a folder keeps its whole name, and so does a file whose last dotted
+    part has no letter (DICOM files and folders named by UID: ``1.2.826.0.1.3680043.8.498.111`` lost its
+    ``.111``, and the slides of one series clashed)."""
+    full = os.path.abspath(os.fspath(path)).rstrip("/\\")
+    base = os.path.basename(full)
+    stem, ext = os.path.splitext(base)
+    if os.path.isdir(full) or not any(c.isalpha() for c in ext):
+        return base
+    return stem
+
+
 def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
     """``read_size`` level pixels at level-0 ``(x, y)`` resampled to ``size`` (area average when shrinking), as
     grid tiles at a target µm/px are read (:class:`SlideData` and :class:`~histoflow.ml.data.WSIPatchDataset`
@@ -160,8 +173,7 @@ class SlideData:
         declared = SlideType.get(slide_type) if slide_type else None
         self.reader = open_slide(self.path, backend=backend, mpp=mpp, max_region_bytes=max_region_bytes,
                                  brightfield=declared.brightfield if declared else None)
-        # the file's or folder's own name ("." and "dir/." name the folder, not a hidden "..h5path")
-        self.name = name or os.path.splitext(os.path.basename(os.path.abspath(self.path).rstrip("/\\")))[0]
+        self.name = name or default_slide_name(self.path)
         self.slide_type: SlideTypePreset = declared or self._infer_type()
         self.labels = dict(labels or {})
         self.masks: dict[str, SlideMask] = {}
