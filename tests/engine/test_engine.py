@@ -592,10 +592,12 @@ def test_skipped_failures_stop_a_resume_with_on_error_raise(tmp_path):
     with pytest.raises(Interrupt):
         slide.run(pipe, out, executor="inprocess", batch_size=10, on_error="skip", progress=False,
                   on_batch=_interrupt_at(3))
+    seen = []  # refused before any batch is computed (it came at the final merge, after all the rest)
     with pytest.raises(PipelineError, match=r"FailAt failed on tile at \(x=256, y=512\) in the run being resumed"
                                              r".*on_error='skip' \(`--on-error skip`\)"):
-        slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, progress=False)
-    assert not os.path.exists(out)
+        slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, progress=False,
+                  on_batch=lambda s, b, done, total: seen.append(b))
+    assert not os.path.exists(out) and seen == []
     slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, on_error="skip", progress=False)
     with read_h5path(out) as h5:
         assert len(h5) == 107 and len(h5.provenance[-1]["failed_tiles"]) == 1
@@ -609,6 +611,20 @@ def test_skipped_failures_stop_a_resume_with_on_error_raise(tmp_path):
     slide.run(pipe, out, executor="inprocess", batch_size=10, resume=True, on_error="skip", progress=False)
     with read_h5path(out) as h5:
         assert len(h5) == 107 and len(h5.provenance[-1]["failed_tiles"]) == 1
+
+
+def test_a_transform_run_alone_reads_the_slides_masks(tmp_path):
+    """A transform given to SlideData.run on its own was wrapped in a Pipeline without inputs: one that reads a
+    slide mask was refused ("which no earlier step makes (masks available: none)") though the slide had it."""
+    from histoflow.transforms import MorphOpen
+
+    slide = SlideData(SVS)
+    with pytest.raises(PipelineError, match=r"CMU-1-Small-Region.svs: the pipeline needs slide mask\(s\) \['tissue'\]"):
+        slide.run(MorphOpen("tissue"), tmp_path / "a.h5path", executor="inprocess", progress=False)
+    out = slide.run(MorphOpen("tissue"), tmp_path / "b.h5path", tissue_filter=0.5, executor="inprocess",
+                    progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) > 10 and h5.tile(0).masks["tissue"].any()
 
 
 def test_names_that_are_not_strings_fail_alike_on_every_executor(tmp_path, cluster):

@@ -105,7 +105,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     if pipeline is not None and not isinstance(pipeline, Transform):
         raise PipelineError(f"pipeline must be a Transform or Pipeline, got {type(pipeline).__name__}")
     if pipeline is not None and not isinstance(pipeline, Pipeline):
-        pipeline = Pipeline([pipeline])
+        # run alone, the masks a transform reads can only be the slide's (checked against each slide below)
+        pipeline = Pipeline([pipeline], inputs=list(dict.fromkeys(pipeline.masks_in)))
     batch_size = max(1, int(batch_size))
     if max_in_flight is not None and not (isinstance(max_in_flight, int) and max_in_flight >= 1):
         raise PipelineError(f"max_in_flight must be a whole number of batches >= 1, got {max_in_flight!r}")
@@ -139,6 +140,8 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
         for job in jobs:  # slides resumed with every batch done (or without tiles) only need their merge
             if len(job.done) == len(job.batches) and not job.already_done:
                 _finish(job, tiling, ex, batch_size, run_id, t0)
+            elif job.next_merge in job.done:  # resumed: what the journal holds is merged (and checked) first
+                _merge_ready(job)
         queue = deque((j, b) for j in jobs for b in range(len(j.batches)) if b not in j.done)
         in_flight_max = int(max_in_flight or getattr(ex, "max_in_flight", None) or 2 * ex.workers + 2)
         while queue or pending:
