@@ -1278,8 +1278,10 @@ def cmd_phenotype(args):
     manual = None
     if args.thresholds:
         try:
+            from .utils import yaml_load
+
             with open(args.thresholds, encoding="utf-8") as f:
-                manual = yaml.safe_load(f)
+                manual = yaml_load(f)
         except (UnicodeDecodeError, yaml.YAMLError) as e:
             raise HistoflowError(f"{args.thresholds}: not a YAML/JSON file of thresholds "
                                  f"({' '.join(str(e).split())})") from None

@@ -195,3 +195,27 @@ def outline_instances(rgb: np.ndarray, labels: np.ndarray, colour=(255, 255, 0))
     out = rgb[:, :, :3].copy()
     out[edge] = colour
     return out
+
+
+_YAML_LOADER = None
+
+
+def yaml_load(text):
+    """``yaml.safe_load`` with YAML 1.2's numbers: PyYAML follows YAML 1.1, where ``1e-3``, ``5e3`` and ``1.0e3``
+    are strings (only ``1.0e+3`` is a float), so a threshold written so was refused as "not a finite number"
+    or, where a string is allowed, taken as text. Everything else is as ``safe_load`` reads it."""
+    global _YAML_LOADER
+    import re
+
+    import yaml
+
+    if _YAML_LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        # a copy of every first-character list: adding to them in place would change PyYAML's own SafeLoader
+        Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        number = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
+        _YAML_LOADER = Loader
+    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader subclass

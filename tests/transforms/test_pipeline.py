@@ -291,3 +291,46 @@ def test_transform_listing_sentences():
     assert _first_sentence("Perturbation (Tellez et al. 2018), per tile. More.\n\nRest") == \
         "Perturbation (Tellez et al. 2018), per tile."
     assert _first_sentence("Keep planes (e.g. the composite\nones) in order.") == "Keep planes (e.g. the composite ones) in order."
+
+
+def test_numbers_in_scientific_notation_are_numbers_in_every_yaml_file(tmp_path):
+    """PyYAML reads YAML 1.1, where 5e3, 1e-3 and 1.0e3 are strings (only 1.0e+3 is a float): a pipeline with
+    min_region_size: 5e3 was refused as "must be a finite number, got '5e3'"."""
+    from histoflow.ml.recipes import load_config
+    from histoflow.transforms import Pipeline, TissueDetectionHE
+
+    p = tmp_path / "p.yaml"
+    p.write_text("steps:\n  - TissueDetectionHE: {min_region_size: 5e3, threshold: 2.0e1}\n")
+    pipe = Pipeline.load(str(p))
+    assert pipe.steps[0] == TissueDetectionHE(min_region_size=5000.0, threshold=20.0)
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "..", "configs", "nucleus_monuseg.yaml"), encoding="utf-8") as f:
+        text = f.read()
+    assert "  lr: 0.002\n" in text
+    c = tmp_path / "c.yaml"
+    c.write_text(text.replace("  lr: 0.002\n", "  lr: 2e-3\n"))
+    assert load_config(str(c))["train"]["lr"] == 0.002
+    import yaml
+
+    assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}  # PyYAML's own loader is left as it is
+
+
+def test_the_repr_of_a_transform_that_does_not_keep_a_parameter_does_not_raise():
+    """repr (tracebacks, debuggers, logs) raised PipelineError for a custom transform that keeps a parameter
+    under another name; such a transform is still refused where it matters (saving, running)."""
+    from histoflow.transforms import Pipeline, Transform
+
+    class Scale(Transform):
+        def __init__(self, factor=2.0):
+            self._factor = factor
+
+        def apply(self, tile):
+            tile.image = tile.image * self._factor
+
+    p = Pipeline([Scale()])
+    assert repr(p) == "Pipeline([\n    Scale(factor=<not kept>)\n])"
+    assert p.steps[0] == p.steps[0] and p.steps[0] != Scale() and len({p.steps[0], Scale()}) == 2
+    with pytest.raises(PipelineError, match="does not keep its parameter 'factor'"):
+        p.to_yaml()

@@ -584,7 +584,7 @@ class RuleTable:
 
     @classmethod
     def from_yaml(cls, path) -> "RuleTable":
-        """Read a table from a YAML file (``yaml.safe_load``; at most 1 MiB)."""
+        """Read a table from a YAML file (``yaml.safe_load`` with YAML 1.2's numbers, ``1e-3`` a float; at most 1 MiB)."""
         import yaml
 
         path = os.fspath(path)
@@ -600,7 +600,9 @@ class RuleTable:
         except UnicodeDecodeError as e:
             raise RuleError(f"{path}: not a text (UTF-8) file: {e.reason} at byte {e.start}") from None
         try:
-            d = yaml.safe_load(text)
+            from ..utils import yaml_load
+
+            d = yaml_load(text)
         except yaml.YAMLError as e:
             raise RuleError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         return cls.from_dict(d, where=path)
@@ -655,8 +657,8 @@ def load_preset(name: str) -> RuleTable:
     names = list_presets()
     if name not in names:
         raise RuleError(f"no preset rule table {name!r}; presets: {', '.join(names)}")
-    import yaml
+    from ..utils import yaml_load
 
     res = _presets_dir().joinpath(f"{name}.yaml")
-    d = yaml.safe_load(res.read_text(encoding="utf-8"))
+    d = yaml_load(res.read_text(encoding="utf-8"))
     return RuleTable.from_dict(d, where=f"preset {name!r}")

@@ -41,8 +41,10 @@ def load_config(path) -> dict:
     if os.path.isdir(path):
         raise ConfigError(f"{path}: is a folder; give the configuration's YAML file")
     try:
+        from ..utils import yaml_load
+
         with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f)
+            cfg = yaml_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     except UnicodeDecodeError:

@@ -241,14 +241,28 @@ class Transform:
         return cls(**params)
 
     def __repr__(self):
-        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        # never raises (tracebacks, debuggers and logs call it): a parameter not kept as an attribute, which a
+        # run refuses before its first tile, shows as such
+        try:
+            names = self._param_names()
+        except Exception:  # noqa: BLE001 - a signature inspect cannot read
+            names = ()
+        params = ", ".join(f"{k}={getattr(self, k)!r}" if hasattr(self, k) else f"{k}=<not kept>" for k in names)
         return f"{type(self).__name__}({params})"
 
     def __eq__(self, other):
-        return type(self) is type(other) and self.to_dict() == other.to_dict()
+        if type(self) is not type(other):
+            return False
+        try:
+            return self.to_dict() == other.to_dict()
+        except PipelineError:  # parameters that cannot be read back: only the same object is equal
+            return self is other
 
     def __hash__(self):  # from what __eq__ compares: equal transforms hash alike (np.float32(1.5) and 1.5)
-        return hash(_frozen(self.to_dict()))
+        try:
+            return hash(_frozen(self.to_dict()))
+        except PipelineError:
+            return object.__hash__(self)
 
 
 class Pipeline(Transform):
@@ -472,7 +486,9 @@ class Pipeline(Transform):
         if len(text) > 1_000_000:
             raise PipelineError(f"{source}: pipeline file too large ({len(text)} bytes)")
         try:
-            d = yaml.safe_load(text)
+            from ..utils import yaml_load
+
+            d = yaml_load(text)
         except yaml.YAMLError as e:
             raise PipelineError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(d, dict) or "steps" not in d:
