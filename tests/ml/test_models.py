@@ -645,3 +645,18 @@ def test_infinite_sizes_damaged_weights_and_deep_cards_are_model_errors(tmp_path
     (tmp_path / "r.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ModelError, match=r"r\.json: not a readable JSON model card \(RecursionError"):
         models.load(path)
+
+
+def test_a_saved_card_has_this_saves_date_and_versions_whatever_card_says(tmp_path):
+    """The save's own fields were overwritten by card=...: fine-tuning with card=parent.card gave the new weights
+    the parent's save date and torch / histoflow versions."""
+    import torch
+
+    import histoflow
+
+    m = models.create("rccnet", num_classes=3)
+    models.save(m, tmp_path / "a.pt", card={"saved": "1999-01-01", "torch_version": "0.1",
+                                            "histoflow_version": "0.0.0", "licence": "CC0"})
+    card = models.load(tmp_path / "a.pt").card
+    assert card["saved"] > "2026" and card["torch_version"] == torch.__version__
+    assert card["histoflow_version"] == histoflow.__version__ and card["licence"] == "CC0"

@@ -279,8 +279,8 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
         full[_INSTANCE_NORM_KEY] = switched
     check_card_identity(model, card or {}, "save: ")
     for k, v in dict(card or {}).items():
-        if k in ("weights_dtype", _INSTANCE_NORM_KEY):
-            continue
+        if k in _OWN_KEYS:  # the model's own (checked above), and the date and versions of this save, whatever
+            continue        # the card given says (a fine-tuned model's card=parent.card: the parent's date)
         full[k] = v
     try:
         text = json.dumps(_jsonable(full), indent=2, sort_keys=False)
