@@ -613,6 +613,19 @@ def test_skipped_failures_stop_a_resume_with_on_error_raise(tmp_path):
         assert len(h5) == 107 and len(h5.provenance[-1]["failed_tiles"]) == 1
 
 
+def test_a_resume_over_finished_outputs_keeps_them(tmp_path):
+    """A slide whose output had finished has no journal: resuming a cohort with such slides (the merge of a
+    resumed slide's journal before its work) failed with a TypeError."""
+    slide = SlideData(SVS)
+    out = tmp_path / "o.h5path"
+    slide.run(Pipeline([Blur(3)]), out, executor="inprocess", batch_size=10, progress=False)
+    with read_h5path(out) as h5:
+        n, run_id = len(h5), h5.provenance[-1]["run_id"]
+    slide.run(Pipeline([Blur(3)]), out, executor="inprocess", batch_size=10, resume=True, progress=False)
+    with read_h5path(out) as h5:
+        assert len(h5) == n and h5.provenance[-1]["run_id"] == run_id
+
+
 def test_a_transform_run_alone_reads_the_slides_masks(tmp_path):
     """A transform given to SlideData.run on its own was wrapped in a Pipeline without inputs: one that reads a
     slide mask was refused ("which no earlier step makes (masks available: none)") though the slide had it."""

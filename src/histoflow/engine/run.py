@@ -140,7 +140,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
         for job in jobs:  # slides resumed with every batch done (or without tiles) only need their merge
             if len(job.done) == len(job.batches) and not job.already_done:
                 _finish(job, tiling, ex, batch_size, run_id, t0)
-            elif job.next_merge in job.done:  # resumed: what the journal holds is merged (and checked) first
+            elif not job.already_done and job.next_merge in job.done:  # resumed: the journal's batches first
                 _merge_ready(job)
         queue = deque((j, b) for j in jobs for b in range(len(j.batches)) if b not in j.done)
         in_flight_max = int(max_in_flight or getattr(ex, "max_in_flight", None) or 2 * ex.workers + 2)
