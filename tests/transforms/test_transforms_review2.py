@@ -159,5 +159,5 @@ def test_tissue_detection_takes_8_bit_values_in_wider_integers():
     assert LabelWhiteSpaceHE().F(white.astype(np.int64)) == LabelWhiteSpaceHE().F(white)
     with pytest.raises(ParameterError, match=r"needs an RGB image \(h, w, 3\), got shape \(300, 500\)"):
         TissueDetectionHE(use_saturation=True).F(img[..., 0])
-    with pytest.raises(ParameterError, match=r"takes uint8, uint16 or floats in \[0, 1\]; got int64 values"):
+    with pytest.raises(ParameterError, match=r"take uint8, uint16 or floats in \[0, 1\]; got int64 values"):
         TissueDetectionHE().F(img.astype(np.int64) * 1000)

@@ -15,6 +15,9 @@ from ..errors import ParameterError
 from .base import Transform
 from .filters import _as_hwc, _check_bool, _check_number, _check_positive_int, _restore
 
+#: most histogram bins of the equalisations (16-bit images have 65,536 values; 10**9 bins took gigabytes)
+MAX_BINS = 65536
+
 __all__ = [
     "RescaleIntensity", "HistogramEqualization", "AdaptiveHistogramEqualization",
     "rescale_intensity", "equalize_histogram", "equalize_adaptive",
@@ -92,7 +95,7 @@ def _to_dtype(x, dtype):
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.round(x * info.max), max(info.min, 0), info.max).astype(dtype)
+        return _clip_to_int(np.round(x * float(info.max)), dtype, max(info.min, 0))
     if dtype == np.bool_:
         return x >= 0.5
     return x.astype(dtype, copy=False)
@@ -104,9 +107,22 @@ def _cast_like(x, dtype):
     if x.dtype == dtype:
         return x
     if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.round(x), info.min, info.max).astype(dtype)
+        return _clip_to_int(np.round(x), dtype)
     return x.astype(dtype)
+
+
+def _clip_to_int(x, dtype, lo=None):
+    """Rounded floats to an integer dtype, clipped to its range. For 64-bit integers the range's top is not a
+    float (2**63 - 1 rounds up to 2**63), so clipping to it and casting wrapped the brightest pixels round to
+    the dtype's minimum: those are set to the top after the cast."""
+    info = np.iinfo(dtype)
+    lo = info.min if lo is None else lo
+    if np.dtype(dtype).itemsize < 8:
+        return np.clip(x, lo, info.max).astype(dtype)
+    top = x >= float(info.max)
+    out = np.clip(x, lo, float(np.nextafter(float(info.max), 0))).astype(dtype)
+    out[top] = info.max
+    return out
 
 
 def _check_range(name, param, value):
@@ -168,6 +184,20 @@ def rescale_intensity(image, in_range="image", out_range="dtype", per_channel=Fa
                 out = exposure.rescale_intensity(np.where(fin, a, a.dtype.type(lo)), "image", out_range)
                 return _cast_like(np.where(np.isnan(a), np.nan, out), a.dtype)
             rng = (lo, hi)
+        if a.dtype.kind in "iu" and a.dtype.itemsize == 8:
+            # scikit-image casts its float result to 64-bit integers itself, wrapping the top of the range round
+            # to the bottom: its ranges are given as numbers of a float copy, and the cast is ours
+            from skimage.exposure.exposure import DTYPE_RANGE
+
+            def numbers(r):
+                if r == "dtype":
+                    return float(np.iinfo(a.dtype).min), float(np.iinfo(a.dtype).max)
+                if r == "image":
+                    return float(a.min()), float(a.max())
+                return tuple(float(v) for v in (DTYPE_RANGE[r] if isinstance(r, str) else r))
+
+            return _cast_like(exposure.rescale_intensity(a.astype(np.float64), numbers(rng), numbers(out_range)),
+                              a.dtype)
         return _cast_like(exposure.rescale_intensity(a, rng, out_range), a.dtype)
 
     if per_channel and image.ndim == 3:
@@ -191,7 +221,7 @@ def equalize_histogram(image, nbins=256, per_channel=False):
     """
     from skimage import exposure
 
-    nbins = _check_positive_int("equalize_histogram", "nbins", nbins, 2)
+    nbins = _check_positive_int("equalize_histogram", "nbins", nbins, 2, MAX_BINS)
     image = np.asarray(image)
     if image.size == 0:
         return image.copy()
@@ -251,16 +281,31 @@ def equalize_adaptive(image, clip_limit=0.03, nbins=256, kernel_size=None):
                              f"(scikit-image's float range), got {float(np.nanmin(image))}..{float(np.nanmax(image))}; "
                              "scale them first (RescaleIntensity) or give integers")
     ks = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
+    dtype = image.dtype
+    nan = None
+    if dtype.kind == "f":
+        # float16 overflows inside scikit-image (a 1- or 2-channel tile came out all 1.0); NaN (no data) was
+        # taken for 0 and shifted every region's histogram: it joins its channel's darkest value, and stays NaN
+        image = image.astype(np.float32 if dtype.itemsize <= 4 else np.float64)
+        nan = np.isnan(image)
+        if nan.all():
+            return _restore(np.array(image, dtype=dtype), was_2d)
+        if nan.any():
+            finite = np.where(nan, np.inf, image).min(axis=(0, 1), keepdims=True)  # each channel's darkest
+            image = np.where(nan, np.where(np.isfinite(finite), finite, 0), image)
+        else:
+            nan = None
     c = image.shape[2]
     if c == 3:
         out = _to_dtype(exposure.equalize_adapthist(image, kernel_size=ks, clip_limit=clip_limit,
-                                                    nbins=nbins), image.dtype)
+                                                    nbins=nbins), dtype)
     else:
-        out = np.empty_like(image)
+        out = np.empty(image.shape, dtype)
         for i in range(c):
             out[:, :, i] = _to_dtype(exposure.equalize_adapthist(image[:, :, i], kernel_size=ks,
-                                                                 clip_limit=clip_limit, nbins=nbins),
-                                     image.dtype)
+                                                                 clip_limit=clip_limit, nbins=nbins), dtype)
+    if nan is not None:
+        out[nan] = np.nan
     return _restore(out, was_2d)
 
 
@@ -314,7 +359,7 @@ class HistogramEqualization(Transform):
     changes_image = True
 
     def __init__(self, nbins=256, per_channel=False):
-        self.nbins = _check_positive_int("HistogramEqualization", "nbins", nbins, 2)
+        self.nbins = _check_positive_int("HistogramEqualization", "nbins", nbins, 2, MAX_BINS)
         self.per_channel = _check_bool("HistogramEqualization", "per_channel", per_channel)
 
     def F(self, image):
@@ -354,7 +399,7 @@ class AdaptiveHistogramEqualization(Transform):
         self.clip_limit = _check_number(name, "clip_limit", clip_limit, 0)
         if self.clip_limit > 1:
             raise ParameterError(f"{name}: clip_limit must be in [0, 1], got {clip_limit!r}")
-        self.nbins = _check_positive_int(name, "nbins", nbins, 2)
+        self.nbins = _check_positive_int(name, "nbins", nbins, 2, MAX_BINS)
         if kernel_size is not None:
             if isinstance(kernel_size, (list, tuple)):
                 if len(kernel_size) != 2:

@@ -44,7 +44,13 @@ def laplacian_variance(image, channel=None, full_scale=None):
                 top = 255 if hi <= 255 else 65535
         g = grey.astype(np.float64) * (255.0 / top)
     else:
-        g = grey.astype(np.float64) * 255.0
+        g = grey.astype(np.float64)
+        finite = np.isfinite(g)
+        hi = float(g[finite].max()) if finite.any() else 0.0
+        if hi > 1.5:  # scored as [0, 1], a 0-255 float tile scored 255**2 times too high: sharp, whatever it was
+            raise ParameterError(f"laplacian_variance: float images hold values in [0, 1]; got {grey.dtype} values "
+                                 f"up to {hi:g} (divide floats on the 0-255 scale by 255, or give integers)")
+        g = g * 255.0
     lap = cv2.Laplacian(np.ascontiguousarray(g), cv2.CV_64F)
     finite = np.isfinite(lap)
     if not finite.all():  # NaN pixels (no data) and their neighbours take no part; a tile of no data scores NaN

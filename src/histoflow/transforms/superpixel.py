@@ -6,6 +6,9 @@ import numpy as np
 from .base import Transform
 from .filters import _as_hwc, _check_positive_int, _restore
 
+#: most k-means iterations of SLIC (scikit-image's default is 10; it converges in far fewer than this)
+MAX_SLIC_ITERATIONS = 1000
+
 __all__ = ["SuperpixelInterpolation", "superpixel_interpolation"]
 
 
@@ -40,7 +43,7 @@ def superpixel_interpolation(image, region_size=10, n_iter=30, return_labels=Fal
     from skimage.segmentation import slic
 
     region_size = _check_positive_int("superpixel_interpolation", "region_size", region_size)
-    n_iter = _check_positive_int("superpixel_interpolation", "n_iter", n_iter)
+    n_iter = _check_positive_int("superpixel_interpolation", "n_iter", n_iter, 1, MAX_SLIC_ITERATIONS)
     image, was_2d = _as_hwc(image)
     h, w, c = image.shape
     if image.size == 0:  # no pixels, no superpixels (scikit-image would raise)
@@ -115,7 +118,7 @@ class SuperpixelInterpolation(Transform):
 
     def __init__(self, region_size=10, n_iter=30):
         self.region_size = _check_positive_int("SuperpixelInterpolation", "region_size", region_size)
-        self.n_iter = _check_positive_int("SuperpixelInterpolation", "n_iter", n_iter)
+        self.n_iter = _check_positive_int("SuperpixelInterpolation", "n_iter", n_iter, 1, MAX_SLIC_ITERATIONS)
 
     def F(self, image):
         return superpixel_interpolation(image, self.region_size, self.n_iter)
