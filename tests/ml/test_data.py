@@ -461,7 +461,6 @@ def test_patches_at_grid_corners_are_the_grid_tiles_at_any_mpp():
     differed), and both are windows of one resampled level: a patch off the grid's corners is that level's
     window there, whatever its size."""
     from histoflow import SlideData
-    from histoflow.core.resample import axis_weights
 
     slide = SlideData(SVS)
     for mpp, size in ((1.0, 128), (0.7, 100)):
@@ -479,7 +478,35 @@ def test_patches_at_grid_corners_are_the_grid_tiles_at_any_mpp():
     small = WSIPatchDataset(SVS, coords=[(0, int(round(170 * ds)), int(round(300 * ds)))], mpp=1.0, patch_size=64)
     assert big._origins[0].tolist() == [150, 270] and small._origins[0].tolist() == [170, 300]
     assert np.array_equal(big.read(0)["image"][30:94, 20:84], small.read(0)["image"])
-    assert axis_weights(0, 4, 2.5, 100).weight.shape == (4, 4)
+    # patches one level-0 pixel apart off the grid's corners are each read at their own place
+    level = slide.read_region((0, 0), 0, (700, 700)).astype(np.float64)
+    for x in (302, 303, 304, 305):
+        one = WSIPatchDataset(SVS, coords=[(0, x, 400)], mpp=1.0, patch_size=16)
+        img = one.read(0)["image"]
+        ox, oy = one._origins[0]  # x / ds, or the grid's whole pixel when x is where a grid puts a tile
+        assert ox in (x / ds, round(x / ds)) and oy == 400 / ds
+        for i, j in ((0, 0), (7, 11), (15, 15)):  # the exact area average over its square, by hand
+            y0, y1, x0, x1 = (oy + i) * ds, (oy + i + 1) * ds, (ox + j) * ds, (ox + j + 1) * ds
+            ys, xs = np.arange(int(y0), int(np.ceil(y1))), np.arange(int(x0), int(np.ceil(x1)))
+            wy = np.minimum(y1, ys + 1) - np.maximum(y0, ys)
+            wx = np.minimum(x1, xs + 1) - np.maximum(x0, xs)
+            want = np.einsum("i,j,ijc->c", wy, wx, level[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1]) / (wy.sum() * wx.sum())
+            assert np.abs(img[i, j] - want).max() <= 0.51, (x, i, j)
+
+
+@pytest.mark.filterwarnings("ignore:.*finer than the slide's finest level")
+def test_patches_of_grids_finer_than_level_0_are_the_grid_tiles():
+    """A grid finer than level 0 enlarges each tile's level-0 rectangle (a level-0 pixel spans several output
+    pixels, so the whole level-0 corners are what places a tile): its patches are the grid's tiles pixel for
+    pixel. (A table of level-0 corners cannot name such tiles: two output origins share a corner.)"""
+    from histoflow import SlideData
+
+    slide = SlideData(SVS)
+    grid = WSIPatchDataset(SVS, mpp=0.25, patch_size=101, tissue_filter=False)
+    tiles = list(slide.grid(101, mpp=0.25))
+    assert len(tiles) == len(grid) and np.isnan(grid._origins).all()
+    for i in range(0, len(grid), 37):
+        assert np.array_equal(grid.read(i)["image"], slide.read_tile(tiles[i]).image), i
 
 
 def test_repeats_and_files_keep_their_own_augmentation_in_a_concat_dataset(tmp_path):

@@ -1,6 +1,7 @@
 """Resizing images in their native dtype (exact area average when shrinking, bilinear when enlarging)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -77,60 +78,81 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class AxisWeights:
-    """How ``n`` output pixels along one axis, from output position ``start`` of a grid ``scale`` source pixels
-    per output pixel, are made from a source axis of ``extent`` pixels (see :func:`axis_weights`)."""
+    """How ``n`` output pixels along one axis are made from source pixels ``lo .. hi - 1`` (see
+    :func:`axis_weights`): ``matrix``, ``(n, hi - lo)`` sparse, and ``inside``, the output pixels that touch the
+    source. Shared by the tiles of a grid's column (or row): never changed once made."""
 
-    __slots__ = ("lo", "hi", "index", "weight", "inside")
+    __slots__ = ("lo", "hi", "matrix", "inside", "_as")
 
-    def __init__(self, lo, hi, index, weight, inside):
-        self.lo, self.hi, self.index, self.weight, self.inside = lo, hi, index, weight, inside
+    def __init__(self, lo, hi, matrix, inside):
+        self.lo, self.hi, self.matrix, self.inside = lo, hi, matrix, inside
+        self._as = {}
+
+    def matrix_as(self, dtype):
+        """``matrix`` with ``dtype`` weights (made once)."""
+        m = self._as.get(dtype)
+        if m is None:
+            m = self._as[dtype] = self.matrix.astype(dtype)
+        return m
 
 
-def axis_weights(start: int, n: int, scale: float, extent: int) -> AxisWeights:
+def axis_weights(start: float, n: int, scale: float, extent: int) -> AxisWeights:
     """The weights of output pixels ``start .. start + n - 1`` of the grid that lays output pixel ``i`` over
-    source interval ``[i * scale, (i + 1) * scale)``: the exact area average of what it covers when shrinking
-    (``scale > 1``), bilinear at its centre when enlarging, with the source's edge pixels repeated over what
-    lies outside ``[0, extent)`` when enlarging and left out of the average when shrinking. Every weight and
-    index comes from the output pixel's place in the whole grid, so a pixel's value does not depend on which
-    window of the grid it is made in (tiles of any size and overlap agree on the pixels they share).
-    Output pixels that do not touch the source at all are marked outside (``inside`` False)."""
-    i = np.arange(int(start), int(start) + int(n), dtype=np.float64)
+    source interval ``[i * scale, (i + 1) * scale)`` (``scale > 1``: shrinking): each the exact area average of
+    the source pixels it covers, those outside ``[0, extent)`` left out. Every weight comes from the output
+    pixel's place in the whole grid, so a pixel's value does not depend on which window of the grid it is made
+    in (tiles of any size and overlap agree on the pixels they share); a fractional ``start`` places a window
+    between the grid's pixels. Output pixels that do not touch the source are marked outside. The last few are
+    kept (the tiles of a grid's column share theirs)."""
+    if not scale > 1:
+        raise ValueError(f"axis_weights shrinks: scale must be > 1, got {scale}")
+    return _axis_weights(float(start), int(n), float(scale), int(extent))
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_weights(start, n, scale, extent):
+    from scipy.sparse import csr_matrix
+
+    i = start + np.arange(n, dtype=np.float64)
     a, b = i * scale, (i + 1) * scale
     inside = (b > 0) & (a < extent)
-    if scale > 1:
-        a, b = np.clip(a, 0, extent), np.clip(b, 0, extent)
-        m = int(math.ceil(scale)) + 1
-        first = np.floor(a)
-        k = first[:, None] + np.arange(m)[None, :]
-        span = np.where(inside, b - a, 1.0)
-        w = np.clip(np.minimum(b[:, None], k + 1) - np.maximum(a[:, None], k), 0, None) / span[:, None]
-    else:
-        c = (i + 0.5) * scale - 0.5
-        first = np.floor(c)
-        t = c - first
-        k = first[:, None] + np.arange(2)[None, :]
-        w = np.stack([1 - t, t], axis=1)
-    k = np.clip(k, 0, max(extent - 1, 0)).astype(np.int64)
+    a, b = np.clip(a, 0, extent), np.clip(b, 0, extent)
+    m = int(math.ceil(scale)) + 1
+    k = np.floor(a)[:, None] + np.arange(m)[None, :]
+    span = np.where(inside, b - a, 1.0)
+    w = np.clip(np.minimum(b[:, None], k + 1) - np.maximum(a[:, None], k), 0, None) / span[:, None]
     w[~inside] = 0
-    kin = k[inside]
-    lo = int(kin.min()) if kin.size else 0
-    hi = int(kin.max()) + 1 if kin.size else 0
-    return AxisWeights(lo, hi, np.clip(k - lo, 0, max(hi - lo - 1, 0)), w, inside)
+    keep = w > 0  # only the pixels an output pixel covers: a NaN beside it stays out (0 x NaN is NaN)
+    cols = k[keep].astype(np.int64)  # row by row, each row's columns increasing: a CSR matrix as it is
+    lo = int(cols.min()) if cols.size else 0
+    hi = int(cols.max()) + 1 if cols.size else 0
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
+    matrix = csr_matrix((w[keep], cols - lo, indptr), shape=(n, max(hi - lo, 0)))
+    inside.setflags(write=False)
+    return AxisWeights(lo, hi, matrix, inside)
+
+
+#: bytes of float working copy of a region that :func:`resample_window` converts at a time
+_WINDOW_BLOCK_BYTES = 64 << 20
 
 
 def resample_window(region: np.ndarray, wx: AxisWeights, wy: AxisWeights, fill) -> np.ndarray:
     """The output window of :func:`axis_weights` ``wx`` / ``wy`` made from ``region`` (the source rows
     ``wy.lo:wy.hi`` and columns ``wx.lo:wx.hi``, ``(h, w, c)``), in the region's dtype (integers rounded and
-    clipped); pixels outside the source are ``fill``. Columns first, then rows, always in the same order: a
-    pixel comes out bit for bit the same in any window."""
+    clipped); pixels outside the source are ``fill``. Rows first, then columns, each output pixel a sum over
+    the same source pixels in the same order in any window: a pixel comes out bit for bit the same. The region
+    is made float a block of columns at a time (a coarse pixel size reads a large region)."""
+    h, w, c = region.shape
     ft = np.float32 if region.dtype == np.uint8 else np.float64
-    src = region.astype(ft, copy=False)
-    cols = np.zeros((src.shape[0], len(wx.weight), src.shape[2]), ft)
-    for j in range(wx.weight.shape[1]):
-        cols += wx.weight[:, j, None].astype(ft) * src[:, wx.index[:, j]]
-    out = np.zeros((len(wy.weight), cols.shape[1], cols.shape[2]), ft)
-    for j in range(wy.weight.shape[1]):
-        out += wy.weight[:, j, None, None].astype(ft) * cols[wy.index[:, j]]
+    ny, nx = wy.matrix.shape[0], wx.matrix.shape[0]
+    my, mx = wy.matrix_as(ft), wx.matrix_as(ft)
+    rows = np.empty((ny, w, c), ft)
+    step = max(1, _WINDOW_BLOCK_BYTES // max(1, h * c * np.dtype(ft).itemsize))
+    for c0 in range(0, w, step):
+        block = region[:, c0:c0 + step].astype(ft).reshape(h, -1)
+        rows[:, c0:c0 + step] = (my @ block).reshape(ny, -1, c)
+    cols = mx @ np.ascontiguousarray(rows.transpose(1, 0, 2)).reshape(w, ny * c)
+    out = np.ascontiguousarray(cols.reshape(nx, ny, c).transpose(1, 0, 2))
     if region.dtype.kind in "ui":
         info = np.iinfo(region.dtype)
         out = np.clip(np.rint(out), info.min, info.max)

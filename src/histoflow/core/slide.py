@@ -93,14 +93,14 @@ def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
 
 
 def read_on_grid(reader, level, origin, scale, size) -> np.ndarray:
-    """The ``size = (w, h)`` window at output pixel ``origin = (x, y)`` of a level resampled by ``scale`` (level
+    """The ``size = (w, h)`` window at output pixel ``origin = (x, y)`` of a level shrunk by ``scale`` (> 1 level
     pixels per output pixel), as grid tiles at a target µm/px are read: each output pixel the exact area average
-    of the level pixels it covers (bilinear when enlarging), weighted by its place in the whole resampled level
+    of the level pixels it covers, weighted by its place in the whole resampled level
     (:func:`~histoflow.core.resample.axis_weights`). A pixel is the same in every tile that holds it, so tiles
     of any size and overlap cut one resampled image (reading a rounded region and resizing it, as
-    :func:`read_resampled` does, shifts each tile by up to half a level pixel and stretches it by up to one).
-    Pixels of the window wholly outside the level are the reader's fill; those partly outside average the
-    pixels inside only."""
+    :func:`read_resampled` does, shifts each tile by up to half a level pixel and stretches it by up to one);
+    a fractional origin (a patch off the grid's corners) is the window at that place. Pixels of the window
+    wholly outside the level are the reader's fill; those partly outside average the pixels inside only."""
     lv = reader.levels[level]
     w, h = int(size[0]), int(size[1])
     wx = axis_weights(origin[0], w, scale, lv.width)
@@ -290,8 +290,9 @@ class SlideData:
         return grid
 
     def _read_spec(self, spec) -> np.ndarray:
-        """The tile's pixels: its level's region as it is, or for a grid at a target µm/px its window of the
-        whole resampled level (:func:`read_on_grid`)."""
+        """The tile's pixels: its level's region as it is, or for a grid shrunk to a target µm/px its window of
+        the whole resampled level (:func:`read_on_grid`); tiles finer than level 0, their level-0 rectangle
+        enlarged (:func:`read_resampled`)."""
         if spec.origin is not None:
             scale = spec.downsample / float(self.reader.levels[spec.level].downsample)
             return read_on_grid(self.reader, spec.level, spec.origin, scale, spec.size)
