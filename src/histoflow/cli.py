@@ -241,10 +241,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quantify", help="segment cells of a multiplex (or H&E) slide and measure them (AnnData)")
     s.add_argument("slide")
     s.add_argument("-o", "--output", required=True, help="cells.h5ad (an .h5path with tiles goes beside it)")
-    s.add_argument("--nuclear-channel", default="auto", help="name or index (default: the DAPI/Hoechst/HH3 channel)")
+    s.add_argument("--nuclear-channel", default=None,
+                   help="name or index (default: the DAPI/Hoechst/HH3 channel); fluorescence only")
     s.add_argument("--membrane", nargs="*", default=None, metavar="NAME",
-                   help="membrane/cytoplasm channels, by name or index")
-    s.add_argument("--expand", type=float, default=3.0, help="cell reach beyond the nucleus, µm (default 3)")
+                   help="membrane/cytoplasm channels, by name or index; fluorescence only")
+    s.add_argument("--expand", type=float, default=None,
+                   help="cell reach beyond the nucleus, µm (default 3); fluorescence only (H&E cells are nuclei)")
     s.add_argument("--tile", "--size", dest="tile", type=_positive_int, default=512,
                    help="tile size in pixels (default 512; --size, as in tile and run, is the same)")
     s.add_argument("--overlap", type=_nonneg_int, default=None,
@@ -919,9 +921,17 @@ def cmd_quantify(args):
         if slide.slide_type.brightfield:
             from .transforms import NucleusDetectionHE
 
+            given = [o for o, v in (("--nuclear-channel", args.nuclear_channel), ("--membrane", args.membrane),
+                                    ("--expand", args.expand)) if v is not None]
+            if given:  # they were ignored: cells "grown by 10 µm" were the nuclei as they are
+                raise HistoflowError(f"{args.slide}: {', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to "
+                                     "fluorescence slides; on a brightfield (H&E) slide the cells are the nuclei "
+                                     "NucleusDetectionHE finds: leave them out")
             steps = [NucleusDetectionHE(mask_name="cells"), QuantifyCells(mask_name="cells")]
         else:
-            nuclear = _channel_option(args.nuclear_channel, slide.reader.channel_names)
+            if args.expand is None:
+                args.expand = 3.0
+            nuclear = _channel_option(args.nuclear_channel or "auto", slide.reader.channel_names)
             membrane = ([_channel_option(m, slide.reader.channel_names) for m in args.membrane]
                         if args.membrane else args.membrane)  # names, or indices as --nuclear-channel takes them
             steps = [SegmentCells(nuclear_channel=nuclear, membrane_channels=membrane,
@@ -929,7 +939,7 @@ def cmd_quantify(args):
         overlap = args.overlap
         said = False  # whether the overlap has been warned about here (the run would say it again otherwise)
         if overlap is None:
-            needed = _cell_overlap(slide, args.expand)
+            needed = _cell_overlap(slide, 3.0 if args.expand is None else args.expand)
             # a tile's core must stay: the overlap is at most half the tile. Below the overlap cells need, cells
             # near tile edges may differ from those of larger tiles (one MIBI cell: 404.5 µm² at --tile 128,
             # 415.5 at --tile 1024): said, with the tile size that avoids it
@@ -1401,7 +1411,7 @@ def cmd_annotations_convert(args):
           + (f"; skipped {', '.join(f'{v} {k}' for k, v in skipped.items())}, which enclose no area"
              if skipped else ""))
     if lost:
-        print(f"note: {describe_losses(args.output, lost)}")
+        print(f"note: {describe_losses(args.output, lost)}", file=sys.stderr)
     return 0
 
 

@@ -330,3 +330,17 @@ def test_pictures_put_the_channel_the_segmentation_takes_for_nuclei_first():
                   ["Ki67", "dsDNA", "CD3"], ["Background", "HH3", "CD3"]):
         assert display_channels(names)[0] == nuclear_channel_index(names), names
     assert display_channels(["CD3", "CD8"]) == [0, 1]
+
+
+def test_quantify_on_he_refuses_the_fluorescence_options(tmp_path):
+    """On an H&E image the cells are NucleusDetectionHE's nuclei: --nuclear-channel, --membrane and --expand
+    were ignored without a word (cells "grown by 10 µm" were the nuclei as they are)."""
+    he = data_path("he_patches", "stardist_histo.jpg")
+    for extra, named in ((["--expand", "10"], "--expand applies"),
+                         (["--nuclear-channel", "DAPI", "--membrane", "CD45"], "--nuclear-channel, --membrane apply")):
+        r = _cli("quantify", he, "--slide-mpp", "0.5", "-o", tmp_path / "c.h5ad", *extra, "--no-progress")
+        assert r.returncode == 1 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not os.listdir(tmp_path)
+    r = _cli("quantify", he, "--slide-mpp", "0.5", "-o", tmp_path / "c.h5ad", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert anndata.read_h5ad(tmp_path / "c.h5ad").n_obs > 100
