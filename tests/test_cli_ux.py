@@ -455,3 +455,20 @@ def test_errors_give_the_commands_options_not_python_parameters(tmp_path, capsys
                  "--tissue-filter", "0.5", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "run without --tissue-filter" in err and "instead" not in err
+
+
+def test_picture_and_geojson_options_refuse_other_extensions(tmp_path):
+    """--png pic.jpg wrote a PNG named .jpg, --geojson nuc.xml GeoJSON named as Aperio XML (which
+    `annotations convert` would take it for); thumbnail already refused a non-.png name."""
+    import subprocess
+    import sys
+
+    from datafiles import data_path
+
+    he = data_path("he_patches", "stardist_histo.jpg")
+    for extra, said in ((["--png", tmp_path / "pic.jpg"], "--png writes a PNG picture; give it a .png path"),
+                        (["--geojson", tmp_path / "nuc.xml"], "--geojson writes QuPath GeoJSON")):
+        r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(he), "-o",
+                            str(tmp_path / "n.tif"), *map(str, extra), "--no-progress"], capture_output=True, text=True)
+        assert r.returncode == 1 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not any(tmp_path.iterdir())

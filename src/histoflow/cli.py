@@ -849,6 +849,7 @@ def cmd_segment_nuclei(args):
         raise ParameterError(f"--overlap {overlap} must be less than --tile {args.tile} (pixels shared by "
                              "neighbouring tiles)")
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
+    _check_geojson_path(args.geojson)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
                                   "h5path": args.h5path}, overwrite=args.overwrite, resume=args.resume)
@@ -992,12 +993,24 @@ def _picture_of(path):
             r.dimensions
 
 
+def _check_geojson_path(option):
+    from .errors import HistoflowError
+
+    if option and not option.lower().endswith((".geojson", ".json")):
+        raise HistoflowError(f"{option}: --geojson writes QuPath GeoJSON; give it a .geojson (or .json) path "
+                             "(`histoflow annotations convert` makes Aperio XML or ImageJ ROIs from it)")
+
+
 def _picture_path(option, output, avoid=()):
     """Where a verb's picture goes: ``--png PATH``, none for ``--png none``, else OUTPUT with .png, or
     OUTPUT_picture.png when that would be one of the files in ``avoid`` (the input ``x.png`` of ``-o x.tif``)."""
     if option is not None and option.lower() == "none":
         return None
     if option:
+        if not option.lower().endswith(".png"):  # a PNG under another name misleads whatever opens it
+            from .errors import HistoflowError
+
+            raise HistoflowError(f"{option}: --png writes a PNG picture; give it a .png path (or 'none')")
         return option
     path = os.path.splitext(output)[0] + ".png"
     if os.path.realpath(path) in {os.path.realpath(p) for p in avoid if p}:
@@ -1255,6 +1268,7 @@ def cmd_phenotype(args):
     from .errors import HistoflowError
 
     # (quantify's own picture of the cell outlines, <cells>.png, is kept too)
+    _check_geojson_path(args.geojson)
     png = _picture_path(args.png, args.output, avoid=(args.cells, args.rules, args.thresholds, args.output,
                                                       args.geojson, os.path.splitext(args.cells)[0] + ".png"))
     from .errors import OutputError
