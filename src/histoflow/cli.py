@@ -849,12 +849,12 @@ def cmd_segment_nuclei(args):
         raise ParameterError(f"--overlap {overlap} must be less than --tile {args.tile} (pixels shared by "
                              "neighbouring tiles)")
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
-    _check_geojson_path(args.geojson)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
                                   "h5path": args.h5path}, overwrite=args.overwrite, resume=args.resume)
     if not args.output.lower().endswith((".tif", ".tiff")):
         raise OutputError(f"{args.output}: the label image is written as TIFF: give -o a .tif path")
+    _check_formats(args.png, args.geojson)
     t0 = time.perf_counter()
     with _slide_data(args.slide, args.slide_mpp) as slide, tempfile.TemporaryDirectory() as tmp:
         if not slide.slide_type.brightfield:  # the models read RGB H&E; a fluorescence channel is no such image
@@ -914,6 +914,7 @@ def cmd_quantify(args):
     png = _picture_path(args.png, out, avoid=(args.slide, out, store))
     _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png}, overwrite=args.overwrite,
                    resume=args.resume)
+    _check_formats(args.png)
     with _slide_data(args.slide, args.slide_mpp) as slide:
         if slide.mpp is None:  # the segmentation assumes one: said, and recorded in the cell table as used
             from .transforms.multiplex import DEFAULT_MPP
@@ -993,11 +994,15 @@ def _picture_of(path):
             r.dimensions
 
 
-def _check_geojson_path(option):
+def _check_formats(png, geojson=None):
+    """--png and --geojson name their formats (a PNG named .jpg, or GeoJSON named .xml, which `annotations
+    convert` takes for Aperio XML, misleads whatever opens it); after the checks that outputs do not clash."""
     from .errors import HistoflowError
 
-    if option and not option.lower().endswith((".geojson", ".json")):
-        raise HistoflowError(f"{option}: --geojson writes QuPath GeoJSON; give it a .geojson (or .json) path "
+    if png and png.lower() != "none" and not png.lower().endswith(".png"):
+        raise HistoflowError(f"{png}: --png writes a PNG picture; give it a .png path (or 'none')")
+    if geojson and not geojson.lower().endswith((".geojson", ".json")):
+        raise HistoflowError(f"{geojson}: --geojson writes QuPath GeoJSON; give it a .geojson (or .json) path "
                              "(`histoflow annotations convert` makes Aperio XML or ImageJ ROIs from it)")
 
 
@@ -1007,10 +1012,6 @@ def _picture_path(option, output, avoid=()):
     if option is not None and option.lower() == "none":
         return None
     if option:
-        if not option.lower().endswith(".png"):  # a PNG under another name misleads whatever opens it
-            from .errors import HistoflowError
-
-            raise HistoflowError(f"{option}: --png writes a PNG picture; give it a .png path (or 'none')")
         return option
     path = os.path.splitext(output)[0] + ".png"
     if os.path.realpath(path) in {os.path.realpath(p) for p in avoid if p}:
@@ -1268,7 +1269,6 @@ def cmd_phenotype(args):
     from .errors import HistoflowError
 
     # (quantify's own picture of the cell outlines, <cells>.png, is kept too)
-    _check_geojson_path(args.geojson)
     png = _picture_path(args.png, args.output, avoid=(args.cells, args.rules, args.thresholds, args.output,
                                                       args.geojson, os.path.splitext(args.cells)[0] + ".png"))
     from .errors import OutputError
@@ -1287,6 +1287,7 @@ def cmd_phenotype(args):
     for what, path in (("picture", png), ("GeoJSON", args.geojson)):
         if path and os.path.realpath(path) == os.path.realpath(args.cells):
             raise OutputError(f"{path}: the {what} would replace the input {args.cells}; choose another path")
+    _check_formats(args.png, args.geojson)
     presets = list_presets()
     if args.rules not in presets and not os.path.exists(args.rules):
         raise RuleError(f"{args.rules}: no such rule table file, nor a built-in preset of that name; presets: "

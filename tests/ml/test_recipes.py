@@ -406,7 +406,7 @@ def test_numeric_strings_in_postprocess_are_numbers(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg) .replace("data:\n", "data:\n  postprocess: {fg_threshold: 5e-1, min_size: 1e1}\n"))
     loaded = load_config(path)
-    assert loaded["data"]["postprocess"] == {"fg_threshold": "5e-1", "min_size": "1e1"}  # as PyYAML reads them
+    assert loaded["data"]["postprocess"] == {"fg_threshold": 0.5, "min_size": 10.0}  # numbers, as YAML 1.2 reads them
     trainer, hist = train_from_config(loaded)
     assert len(hist) == 1 and np.isfinite(hist[0]["aji"])
     assert json.load(open(tmp_path / "run" / "best.json"))["mpp"] == 0.25
