@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 from PIL import Image
@@ -79,21 +80,22 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 class AxisWeights:
     """How ``n`` output pixels along one axis are made from source pixels ``lo .. hi - 1`` (see
-    :func:`axis_weights`): ``matrix``, ``(n, hi - lo)`` sparse, and ``inside``, the output pixels that touch the
-    source. Shared by the tiles of a grid's column (or row): never changed once made."""
+    :func:`axis_weights`): output pixel ``i`` is ``sum_j weight[i, j] * source[lo + index[i, j]]``, and
+    ``inside`` marks the output pixels that touch the source. Shared by the tiles of a grid's column (or
+    row): never changed once made."""
 
-    __slots__ = ("lo", "hi", "matrix", "inside", "_as")
+    __slots__ = ("lo", "hi", "index", "weight", "inside", "_as")
 
-    def __init__(self, lo, hi, matrix, inside):
-        self.lo, self.hi, self.matrix, self.inside = lo, hi, matrix, inside
+    def __init__(self, lo, hi, index, weight, inside):
+        self.lo, self.hi, self.index, self.weight, self.inside = lo, hi, index, weight, inside
         self._as = {}
 
-    def matrix_as(self, dtype):
-        """``matrix`` with ``dtype`` weights (made once)."""
-        m = self._as.get(dtype)
-        if m is None:
-            m = self._as[dtype] = self.matrix.astype(dtype)
-        return m
+    def weight_as(self, dtype):
+        """``weight`` in ``dtype`` (made once)."""
+        w = self._as.get(dtype)
+        if w is None:
+            w = self._as[dtype] = self.weight.astype(dtype)
+        return w
 
 
 def axis_weights(start: float, n: int, scale: float, extent: int) -> AxisWeights:
@@ -111,8 +113,6 @@ def axis_weights(start: float, n: int, scale: float, extent: int) -> AxisWeights
 
 @functools.lru_cache(maxsize=256)
 def _axis_weights(start, n, scale, extent):
-    from scipy.sparse import csr_matrix
-
     i = start + np.arange(n, dtype=np.float64)
     a, b = i * scale, (i + 1) * scale
     inside = (b > 0) & (a < extent)
@@ -122,42 +122,75 @@ def _axis_weights(start, n, scale, extent):
     span = np.where(inside, b - a, 1.0)
     w = np.clip(np.minimum(b[:, None], k + 1) - np.maximum(a[:, None], k), 0, None) / span[:, None]
     w[~inside] = 0
-    keep = w > 0  # only the pixels an output pixel covers: a NaN beside it stays out (0 x NaN is NaN)
-    cols = k[keep].astype(np.int64)  # row by row, each row's columns increasing: a CSR matrix as it is
-    lo = int(cols.min()) if cols.size else 0
-    hi = int(cols.max()) + 1 if cols.size else 0
-    indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
-    matrix = csr_matrix((w[keep], cols - lo, indptr), shape=(n, max(hi - lo, 0)))
-    inside.setflags(write=False)
-    return AxisWeights(lo, hi, matrix, inside)
+    covered = w > 0
+    # a term an output pixel does not cover points at its first pixel, which it does: 0 x that pixel adds
+    # nothing, where 0 x a NaN (no data) beside it would have made it NaN
+    k = np.where(covered, k, k[:, :1]).astype(np.int64)
+    lo = int(k[covered].min()) if covered.any() else 0
+    hi = int(k[covered].max()) + 1 if covered.any() else 0
+    index = np.clip(k - lo, 0, max(hi - lo - 1, 0))
+    for arr in (index, w, inside):
+        arr.setflags(write=False)
+    return AxisWeights(lo, hi, index, w, inside)
 
 
-#: bytes of float working copy of a region that :func:`resample_window` converts at a time
-_WINDOW_BLOCK_BYTES = 64 << 20
+#: work arrays of at most this many bytes are kept per thread and used again (fresh pages for every tile's
+#: arrays cost more than the sums: ~1,500 page faults a 256 px tile)
+_KEEP_BYTES = 16 << 20
+_WORK = threading.local()
+
+
+def _work(name, shape, dtype):
+    """A thread's work array ``name`` of ``shape`` (contents undefined)."""
+    size = int(np.prod(shape))
+    nbytes = size * np.dtype(dtype).itemsize
+    if nbytes > _KEEP_BYTES:
+        return np.empty(shape, dtype)
+    store = getattr(_WORK, "arrays", None)
+    if store is None:
+        store = _WORK.arrays = {}
+    key = (name, np.dtype(dtype).str)
+    buf = store.get(key)
+    if buf is None or buf.size < size:
+        buf = store[key] = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
 
 
 def resample_window(region: np.ndarray, wx: AxisWeights, wy: AxisWeights, fill) -> np.ndarray:
     """The output window of :func:`axis_weights` ``wx`` / ``wy`` made from ``region`` (the source rows
     ``wy.lo:wy.hi`` and columns ``wx.lo:wx.hi``, ``(h, w, c)``), in the region's dtype (integers rounded and
     clipped); pixels outside the source are ``fill``. Rows first, then columns, each output pixel a sum over
-    the same source pixels in the same order in any window: a pixel comes out bit for bit the same. The region
-    is made float a block of columns at a time (a coarse pixel size reads a large region)."""
+    the same source pixels in the same order in any window: a pixel comes out bit for bit the same."""
     h, w, c = region.shape
     ft = np.float32 if region.dtype == np.uint8 else np.float64
-    ny, nx = wy.matrix.shape[0], wx.matrix.shape[0]
-    my, mx = wy.matrix_as(ft), wx.matrix_as(ft)
-    rows = np.empty((ny, w, c), ft)
-    step = max(1, _WINDOW_BLOCK_BYTES // max(1, h * c * np.dtype(ft).itemsize))
+    ny, nx = len(wy.index), len(wx.index)
+    wyf, wxf = wy.weight_as(ft), wx.weight_as(ft)
+    rows = _work("rows", (ny, w, c), ft)
+    # a block of columns at a time: the float copy of a coarse tile's large region stays small
+    step = max(1, _KEEP_BYTES // max(1, h * c * np.dtype(ft).itemsize))
     for c0 in range(0, w, step):
-        block = region[:, c0:c0 + step].astype(ft).reshape(h, -1)
-        rows[:, c0:c0 + step] = (my @ block).reshape(ny, -1, c)
-    cols = mx @ np.ascontiguousarray(rows.transpose(1, 0, 2)).reshape(w, ny * c)
-    out = np.ascontiguousarray(cols.reshape(nx, ny, c).transpose(1, 0, 2))
+        bw = min(step, w - c0)
+        src = _work("src", (h, bw, c), ft)
+        np.copyto(src, region[:, c0:c0 + bw], casting="unsafe")
+        acc, term = _work("acc", (ny, bw, c), ft), _work("term", (ny, bw, c), ft)
+        acc[...] = 0
+        for j in range(wyf.shape[1]):
+            np.take(src, wy.index[:, j], axis=0, out=term, mode="clip")  # (indices in range: no checks)
+            term *= wyf[:, j, None, None]
+            acc += term
+        rows[:, c0:c0 + bw] = acc
+    out, term = _work("out", (ny, nx, c), ft), _work("term2", (ny, nx, c), ft)
+    out[...] = 0
+    for j in range(wxf.shape[1]):
+        np.take(rows, wx.index[:, j], axis=1, out=term, mode="clip")
+        term *= wxf[None, :, j, None]
+        out += term
     if region.dtype.kind in "ui":
         info = np.iinfo(region.dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    out = out.astype(region.dtype)
+        np.rint(out, out=out)
+        np.clip(out, info.min, info.max, out=out)
+    res = out.astype(region.dtype)
     if not (wx.inside.all() and wy.inside.all()):
-        out[~wy.inside] = fill
-        out[:, ~wx.inside] = fill
-    return out
+        res[~wy.inside] = fill
+        res[:, ~wx.inside] = fill
+    return res
