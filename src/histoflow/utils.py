@@ -197,25 +197,41 @@ def outline_instances(rgb: np.ndarray, labels: np.ndarray, colour=(255, 255, 0))
     return out
 
 
-_YAML_LOADER = None
+_YAML = {}
+
+#: numbers in scientific notation, which YAML 1.2 reads as floats and PyYAML's YAML 1.1 as strings
+_SCIENTIFIC = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+
+
+def _yaml_classes():
+    """A SafeLoader and a SafeDumper that both take ``1e-3`` for a number: the dumper then quotes a string that
+    spells one (a mask named "1e5"), so what is written reads back as it was."""
+    if not _YAML:
+        import re
+
+        import yaml
+
+        for name, base in (("loader", yaml.SafeLoader), ("dumper", yaml.SafeDumper)):
+            cls = type(f"Histoflow{base.__name__}", (base,), {})
+            # a copy of every first-character list: adding to them in place would change PyYAML's own classes
+            cls.yaml_implicit_resolvers = {k: list(v) for k, v in base.yaml_implicit_resolvers.items()}
+            cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_SCIENTIFIC), list("-+0123456789."))
+            _YAML[name] = cls
+    return _YAML["loader"], _YAML["dumper"]
 
 
 def yaml_load(text):
     """``yaml.safe_load`` with YAML 1.2's numbers: PyYAML follows YAML 1.1, where ``1e-3``, ``5e3`` and ``1.0e3``
     are strings (only ``1.0e+3`` is a float), so a threshold written so was refused as "not a finite number"
     or, where a string is allowed, taken as text. Everything else is as ``safe_load`` reads it."""
-    global _YAML_LOADER
-    import re
-
     import yaml
 
-    if _YAML_LOADER is None:
-        class Loader(yaml.SafeLoader):
-            pass
+    return yaml.load(text, Loader=_yaml_classes()[0])  # noqa: S506 - a SafeLoader subclass
 
-        # a copy of every first-character list: adding to them in place would change PyYAML's own SafeLoader
-        Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-        number = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-        Loader.add_implicit_resolver("tag:yaml.org,2002:float", number, list("-+0123456789."))
-        _YAML_LOADER = Loader
-    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader subclass
+
+def yaml_dump(data, stream=None, **kw):
+    """``yaml.safe_dump`` whose output :func:`yaml_load` reads back as it was (strings that spell a number in
+    scientific notation are quoted)."""
+    import yaml
+
+    return yaml.dump(data, stream, Dumper=_yaml_classes()[1], **kw)

@@ -299,3 +299,16 @@ def test_a_nan_pixel_of_a_float_slide_stays_in_the_pixels_that_cover_it(tmp_path
         for mpp, want in ((1.0, [[5, 6]]), (1.25, [[4, 4], [4, 5]])):  # level pixel 12 spans [10, 12.5) and on
             g = s.grid(16, mpp=mpp)
             assert np.argwhere(np.isnan(s.read_tile(g[0]).image[:, :, 0])).tolist() == want, mpp
+
+
+def test_work_arrays_kept_per_thread_stay_within_their_budget(tmp_path):
+    """The 16 MB bound on the work arrays a thread keeps was per array: six of them, in two float types, held
+    ~130 MB for the life of the thread (every DataLoader worker, every dask worker thread)."""
+    from histoflow.core import resample
+
+    with SlideData(SVS) as s:
+        for size in (256, 1024):
+            for spec in list(s.grid(size, mpp=0.65))[:2]:
+                s.read_tile(spec)
+    kept = sum(b.nbytes for b in resample._WORK.arrays.values())
+    assert 0 < kept <= resample._KEEP_BYTES

@@ -140,6 +140,11 @@ def test_a_named_pipe_is_refused_at_once(tmp_path):
     t.join(10)
     assert not t.is_alive(), "the format check blocked on a named pipe"
     assert isinstance(seen[0], UnsupportedFormatError) and "named pipe" in str(seen[0]) and str(fifo) in str(seen[0])
+    from histoflow import open_slide
+
+    for backend in ("tiff", "image", "openslide"):  # a backend named skipped the check (openslide blocked past
+        with pytest.raises(UnsupportedFormatError, match="named pipe"):  # SIGTERM)
+            open_slide(fifo, backend=backend)
 
 
 def test_slides_named_by_uid_keep_their_whole_name(tmp_path):

@@ -315,6 +315,9 @@ def test_numbers_in_scientific_notation_are_numbers_in_every_yaml_file(tmp_path)
     import yaml
 
     assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}  # PyYAML's own loader is left as it is
+    # and a string that spells such a number is written quoted: it reads back a string
+    named = Pipeline([TissueDetectionHE(mask_name="1e5")])
+    assert Pipeline.from_yaml(named.to_yaml()) == named
 
 
 def test_the_repr_of_a_transform_that_does_not_keep_a_parameter_does_not_raise():

@@ -621,12 +621,12 @@ class RuleTable:
 
     def to_yaml(self, path) -> None:
         """Write the table as YAML (to a temporary name first, then renamed)."""
-        import yaml
+        from ..utils import yaml_dump
 
         path = os.fspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            yaml.safe_dump(self.to_dict(), f, sort_keys=False, allow_unicode=True)
+            yaml_dump(self.to_dict(), f, sort_keys=False, allow_unicode=True)
         os.replace(tmp, path)
 
     def __len__(self):

@@ -111,7 +111,7 @@ def axis_weights(start: float, n: int, scale: float, extent: int) -> AxisWeights
     return _axis_weights(float(start), int(n), float(scale), int(extent))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=512)  # a grid's columns and rows (~16 kB each at 256 px)
 def _axis_weights(start, n, scale, extent):
     i = start + np.arange(n, dtype=np.float64)
     a, b = i * scale, (i + 1) * scale
@@ -134,25 +134,28 @@ def _axis_weights(start, n, scale, extent):
     return AxisWeights(lo, hi, index, w, inside)
 
 
-#: work arrays of at most this many bytes are kept per thread and used again (fresh pages for every tile's
-#: arrays cost more than the sums: ~1,500 page faults a 256 px tile)
+#: bytes of work arrays a thread keeps and uses again, all together (fresh pages for every tile's arrays
+#: cost more than the sums: ~1,500 page faults a 256 px tile); larger ones are made for the call only
 _KEEP_BYTES = 16 << 20
 _WORK = threading.local()
 
 
 def _work(name, shape, dtype):
-    """A thread's work array ``name`` of ``shape`` (contents undefined)."""
+    """A thread's work array ``name`` of ``shape`` (contents undefined): kept for the next call while the
+    thread's kept arrays stay within ``_KEEP_BYTES`` together."""
     size = int(np.prod(shape))
-    nbytes = size * np.dtype(dtype).itemsize
-    if nbytes > _KEEP_BYTES:
-        return np.empty(shape, dtype)
+    dtype = np.dtype(dtype)
     store = getattr(_WORK, "arrays", None)
     if store is None:
         store = _WORK.arrays = {}
-    key = (name, np.dtype(dtype).str)
+    key = (name, dtype.str)
     buf = store.get(key)
-    if buf is None or buf.size < size:
-        buf = store[key] = np.empty(size, dtype)
+    if buf is not None and buf.size >= size:
+        return buf[:size].reshape(shape)
+    kept = sum(b.nbytes for k, b in store.items() if k != key)
+    if kept + size * dtype.itemsize > _KEEP_BYTES:
+        return np.empty(shape, dtype)
+    buf = store[key] = np.empty(size, dtype)
     return buf[:size].reshape(shape)
 
 

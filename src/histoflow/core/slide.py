@@ -63,9 +63,10 @@ def default_slide_name(path) -> str:
 
 
 def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
-    """``read_size`` level pixels at level-0 ``(x, y)`` resampled to ``size`` (area average when shrinking), as
-    grid tiles at a target µm/px are read (:class:`SlideData` and :class:`~histoflow.ml.data.WSIPatchDataset`
-    alike). A shrunk region overhanging the slide reads only the part inside (and a pixel of fill): at a coarse
+    """``read_size`` level pixels at level-0 ``(x, y)`` resampled to ``size`` (area average when shrinking,
+    bilinear when enlarging): a region off any grid, and the tiles of grids finer than level 0
+    (:class:`SlideData` and :class:`~histoflow.ml.data.WSIPatchDataset` alike; grids shrunk to a target µm/px
+    are read by :func:`read_on_grid`). A shrunk region overhanging the slide reads only the part inside (and a pixel of fill): at a coarse
     mpp one tile's region can be many times the slide (CMU-1 at 60 µm/px: 30782 px square, 2.9 GB). The pixels
     of the tile that lie partly inside the slide average slide pixels only; those wholly outside are the
     reader's fill."""

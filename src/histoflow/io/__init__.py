@@ -16,7 +16,7 @@ import os
 
 from ..errors import UnsupportedFormatError
 from .base import DEFAULT_MAX_REGION_BYTES, Level, SlideReader
-from .sniff import detect_format
+from .sniff import check_regular_file, detect_format
 
 #: backend name -> "module:Class" (imported on first use, so `import histoflow` stays light)
 BACKENDS = {
@@ -65,6 +65,7 @@ def open_slide(path, backend: str = "auto", *, mpp=None, max_region_bytes: int |
             from ..errors import SlideNotFoundError
 
             raise SlideNotFoundError(f"{path}: no such file or folder")
+        check_regular_file(path)  # (the format check makes it for backend="auto")
         if os.path.isdir(path) and backend != "dicom":
             raise UnsupportedFormatError(f"{path}: is a folder; the {backend!r} backend reads files (a folder of "
                                          "DICOM instances takes backend='dicom' or 'auto')")

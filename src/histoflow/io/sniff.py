@@ -73,6 +73,19 @@ _SLIDE_EXTENSIONS = frozenset([".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs",
                                ".qptiff", ".vsi", ".bmp"])
 
 
+def check_regular_file(path) -> None:
+    """An UnsupportedFormatError for a path that is neither a folder nor a regular file: a named pipe would
+    block the first read for ever (inside OpenSlide even past SIGTERM); a socket or device is no slide."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise SlideReadError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise UnsupportedFormatError(f"{path}: {kind}, not a slide file")
+
+
 def detect_format(path) -> FormatInfo:
     """Decide format and backend from the file's content.
 
@@ -89,14 +102,7 @@ def detect_format(path) -> FormatInfo:
             raise UnsupportedFormatError(f"{path}: this is the data folder of a MIRAX slide; open the .mrxs file next to it")
         raise UnsupportedFormatError(f"{path}: folder contains no DICOM files (nothing with a DICM preamble)"
                                      + _folder_hint(path))
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise SlideReadError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not stat.S_ISREG(mode):  # a pipe would block the read below for ever; a socket or device is no slide
-        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        raise UnsupportedFormatError(f"{path}: {kind}, not a slide file")
+    check_regular_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(512)

@@ -450,7 +450,9 @@ class Pipeline(Transform):
                 raise PipelineError(f"{cls.__qualname__} is not a registered transform (defined with register=False, "
                                     "or under a name another class took): a saved pipeline could not load it; "
                                     "register it, or leave it out of pipelines you save")
-        return yaml.safe_dump(doc, sort_keys=False)
+        from ..utils import yaml_dump
+
+        return yaml_dump(doc, sort_keys=False)
 
     def _all_steps(self):
         for step in self.steps:
