@@ -312,3 +312,18 @@ def test_work_arrays_kept_per_thread_stay_within_their_budget(tmp_path):
                 s.read_tile(spec)
     kept = sum(b.nbytes for b in resample._WORK.arrays.values())
     assert 0 < kept <= resample._KEEP_BYTES
+
+
+def test_the_extent_of_an_edge_tile_at_a_target_mpp_is_its_pixels_that_touch_the_slide():
+    """An edge tile's extent came from its rounded level-0 corner while its pixels come from its exact place in
+    the resampled level: at 0.73 µm/px the last row of slide pixels was declared outside (236 for 237 rows),
+    and steps that run on the part inside (the nucleus model) cut it off."""
+    with SlideData(SVS) as s:
+        for mpp in (0.73, 0.61, 1.3):
+            g = s.grid(256, mpp=mpp)
+            for spec in (g[len(g) - 1], next(t for t in g if t.row == g.rows - 1)):
+                t = s.read_tile(spec)
+                ew, eh = t.extent or spec.size
+                data = ~np.all(t.image == 255, axis=2)  # fill is white; this slide's glass is not
+                assert data[:, :ew].any(axis=0).all() and not data[:, ew:].any(), (mpp, spec)
+                assert data[:eh].any(axis=1).all() and not data[eh:].any(), (mpp, spec)

@@ -312,7 +312,11 @@ class SlideData:
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
         # the part inside the slide, when the tile overhangs its right or bottom edge
         lv = self.levels[spec.level]
-        if abs(spec.downsample - lv.downsample) > 1e-9:  # resampled from its level
+        if spec.origin is not None:  # a window of the resampled level: its pixels that touch the level
+            r = spec.downsample / float(self.reader.levels[spec.level].downsample)
+            ew = min(spec.size[0], math.ceil(lv.width / r - spec.origin[0] - 1e-9))
+            eh = min(spec.size[1], math.ceil(lv.height / r - spec.origin[1] - 1e-9))
+        elif abs(spec.downsample - lv.downsample) > 1e-9:  # resampled from its level (finer than level 0)
             w0, h0 = self.dimensions
             ew = min(spec.size[0], math.ceil((w0 - spec.x) / spec.downsample - 1e-9))
             eh = min(spec.size[1], math.ceil((h0 - spec.y) / spec.downsample - 1e-9))
