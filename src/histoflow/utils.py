@@ -224,9 +224,11 @@ def yaml_load(text):
     """``yaml.safe_load`` with YAML 1.2's numbers: PyYAML follows YAML 1.1, where ``1e-3``, ``5e3`` and ``1.0e3``
     are strings (only ``1.0e+3`` is a float), so a threshold written so was refused as "not a finite number"
     or, where a string is allowed, taken as text. Everything else is as ``safe_load`` reads it."""
-    import yaml
-
-    return yaml.load(text, Loader=_yaml_classes()[0])  # noqa: S506 - a SafeLoader subclass
+    loader = _yaml_classes()[0](text)  # a SafeLoader: plain data only, whatever the file holds
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def yaml_dump(data, stream=None, **kw):

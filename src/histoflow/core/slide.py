@@ -66,10 +66,10 @@ def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
     """``read_size`` level pixels at level-0 ``(x, y)`` resampled to ``size`` (area average when shrinking,
     bilinear when enlarging): a region off any grid, and the tiles of grids finer than level 0
     (:class:`SlideData` and :class:`~histoflow.ml.data.WSIPatchDataset` alike; grids shrunk to a target µm/px
-    are read by :func:`read_on_grid`). A shrunk region overhanging the slide reads only the part inside (and a pixel of fill): at a coarse
-    mpp one tile's region can be many times the slide (CMU-1 at 60 µm/px: 30782 px square, 2.9 GB). The pixels
-    of the tile that lie partly inside the slide average slide pixels only; those wholly outside are the
-    reader's fill."""
+    are read by :func:`read_on_grid`). A shrunk region overhanging the slide reads only the part inside (and a
+    pixel of fill): at a coarse mpp one tile's region can be many times the slide (CMU-1 at 60 µm/px: 30782 px
+    square, 2.9 GB). The pixels of the tile that lie partly inside the slide average slide pixels only; those
+    wholly outside are the reader's fill."""
     rw, rh = read_size
     ow, oh = size
     if (rw, rh) == (ow, oh):
@@ -290,13 +290,16 @@ class SlideData:
                           "slide's own pixels", stacklevel=2)
         return grid
 
+    def _grid_scale(self, spec) -> float:
+        """Level pixels per output pixel of a tile shrunk to a target µm/px (``spec.origin`` set)."""
+        return spec.downsample / float(self.reader.levels[spec.level].downsample)
+
     def _read_spec(self, spec) -> np.ndarray:
         """The tile's pixels: its level's region as it is, or for a grid shrunk to a target µm/px its window of
         the whole resampled level (:func:`read_on_grid`); tiles finer than level 0, their level-0 rectangle
         enlarged (:func:`read_resampled`)."""
         if spec.origin is not None:
-            scale = spec.downsample / float(self.reader.levels[spec.level].downsample)
-            return read_on_grid(self.reader, spec.level, spec.origin, scale, spec.size)
+            return read_on_grid(self.reader, spec.level, spec.origin, self._grid_scale(spec), spec.size)
         if not spec.needs_resample:
             return self.reader.read_region((spec.x, spec.y), spec.level, spec.read_size)
         return read_resampled(self.reader, spec.x, spec.y, spec.level, spec.read_size, spec.size)
@@ -313,7 +316,7 @@ class SlideData:
         # the part inside the slide, when the tile overhangs its right or bottom edge
         lv = self.levels[spec.level]
         if spec.origin is not None:  # a window of the resampled level: its pixels that touch the level
-            r = spec.downsample / float(self.reader.levels[spec.level].downsample)
+            r = self._grid_scale(spec)
             ew = min(spec.size[0], math.ceil(lv.width / r - spec.origin[0] - 1e-9))
             eh = min(spec.size[1], math.ceil(lv.height / r - spec.origin[1] - 1e-9))
         elif abs(spec.downsample - lv.downsample) > 1e-9:  # resampled from its level (finer than level 0)

@@ -24,6 +24,7 @@ from collections import deque
 import numpy as np
 
 from ..errors import H5PathError, OutputError, PipelineError
+from ..io.sniff import is_dicom_file
 from ..store import H5PathWriter
 from ..transforms.base import Pipeline, Transform
 from ..utils import missing_folders, progress_bar
@@ -382,7 +383,7 @@ def _file_identity(path) -> list | None:
             out = []
             for name in sorted(os.listdir(path)):
                 full = os.path.join(path, name)
-                if os.path.isdir(full) or not _is_dicom_file(full):
+                if os.path.isdir(full) or not is_dicom_file(full):  # as the DICOM reader finds them
                     continue  # only the slide's own files: a run's outputs written into the folder are not the slide
                 st = os.stat(full)
                 out.append([name, st.st_size, st.st_mtime_ns])
@@ -391,18 +392,6 @@ def _file_identity(path) -> list | None:
         return [st.st_size, st.st_mtime_ns]
     except OSError:
         return None
-
-
-def _is_dicom_file(path) -> bool:
-    """A DICOM file by its name (.dcm) or its "DICM" mark at byte 128."""
-    if path.lower().endswith(".dcm"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return head[128:132] == b"DICM"
 
 
 def _last_run(out):

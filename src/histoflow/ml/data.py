@@ -644,7 +644,7 @@ class WSIPatchDataset(_Epochs, Dataset):
                     tables.append(np.column_stack([np.full(len(xy), s, np.int64), xy]))
                     # resampled grids: each tile's place in the resampled level (read as the slide's tiles are)
                     origins.append(np.array([t.origin or (np.nan, np.nan) for t in specs], np.float64).reshape(-1, 2))
-                    # grids finer than level 0 enlarge each tile's rectangle: 256 or 257 level pixels by where
+                    # grids finer than level 0 enlarge each tile's rectangle (256 or 257 level pixels, by where)
                     read_sizes.append(np.array([t.read_size if t.origin is None and grid.resampled else (0, 0)
                                                 for t in specs], np.int32).reshape(-1, 2))
             finally:

@@ -53,8 +53,8 @@ def _to_uint8(a):
         if a.dtype != np.uint16 and a.size:
             lo, hi = int(a.min()), int(a.max())
             if lo < 0 or hi > 65535:
-                raise ParameterError(f"tissue and white-space detection take uint8, uint16 or floats in [0, 1]; got {a.dtype} "
-                                     f"values {lo}..{hi}")
+                raise ParameterError(f"tissue and white-space detection take uint8, uint16 or floats in [0, 1]; "
+                                     f"got {a.dtype} values {lo}..{hi}")
             top = 255 if hi <= 255 else 65535
         return np.clip(np.round(a.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
     # floats in [0, 1]: NaN (no data, as in PathML's float16 stores) is white glass, not tissue (it was cast to
@@ -63,8 +63,8 @@ def _to_uint8(a):
     finite = np.isfinite(f)
     hi = float(f[finite].max()) if finite.any() else 0.0
     if hi > 1.5:
-        raise ParameterError(f"tissue and white-space detection take uint8, uint16 or floats in [0, 1]; got {a.dtype} values up "
-                             f"to {hi:g} (divide floats on the 0-255 scale by 255)")
+        raise ParameterError(f"tissue and white-space detection take uint8, uint16 or floats in [0, 1]; got "
+                             f"{a.dtype} values up to {hi:g} (divide floats on the 0-255 scale by 255)")
     f = np.nan_to_num(f, nan=1.0, posinf=1.0, neginf=0.0)
     return np.clip(np.round(f * 255.0), 0, 255).astype(np.uint8)
 
