@@ -824,14 +824,15 @@ def test_resume_after_the_process_was_killed(tmp_path):
     journal = os.listdir(out + ".partial")
     done_before = {int(f[6:13]) for f in journal if f.startswith("batch-") and f.endswith(".hfb")}
     assert 7 <= len(done_before) < 20  # 7 reported, plus the few already in flight
-    # the half-merged file of the killed run is inside the journal, not beside the output
-    assert os.listdir(tmp_path) == ["resumed.h5path.partial"]
+    # the half-merged file of the killed run is inside the journal, not beside the output; its lock file stays
+    # (the lock itself went with the process)
+    assert sorted(os.listdir(tmp_path)) == ["resumed.h5path.lock", "resumed.h5path.partial"]
     assert any(".tmp-" in f for f in journal)
     ran = []
     SlideData(slide_path).run(pipeline(), out, executor="inprocess", batch_size=10, resume=True, progress=False,
                               on_batch=lambda s, b, d, t: ran.append(b))
     assert sorted(ran) == sorted(set(range(44)) - done_before)  # only what was missing
-    assert os.listdir(tmp_path) == ["resumed.h5path"]  # journal and the killed run's temporary file gone
+    assert os.listdir(tmp_path) == ["resumed.h5path"]  # journal, lock file, the killed run's temporary file gone
     ref = SlideData(slide_path).run(pipeline(), tmp_path / "ref.h5path", executor="inprocess", batch_size=10,
                                     progress=False)
     assert tile_data(out) == tile_data(ref)
@@ -1289,3 +1290,77 @@ def test_journal_damage_costs_only_the_damaged_batches(tmp_path, recwarn):
     assert not os.path.exists(tmp_path / "q.h5path.partial")
     slide.run(pipeline(), out2, executor="inprocess", batch_size=10, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["o.h5path", "p.h5path", "ref.h5path"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    """Two runs on one output (two terminals, a script started twice) were not kept apart: the second, without
+    resume, removed the first one's journal under it and both wrote the same file. The second is refused now,
+    naming who holds the output, and the first finishes as if alone."""
+    import threading
+
+    from histoflow import OutputError
+
+    slide, out = SlideData(SVS), tmp_path / "o.h5path"
+    reference = tmp_path / "ref.h5path"
+    slide.run(pipeline(), reference, executor="inprocess", batch_size=10, progress=False)
+    assert not os.path.exists(f"{reference}.lock")  # a finished run leaves no lock behind
+    paused, go = threading.Event(), threading.Event()
+
+    def hold(slide_, b, done, total):
+        if done == 2:
+            paused.set()
+            go.wait(30)
+
+    errors = []
+    first = threading.Thread(target=lambda: _catch(errors, slide.run, pipeline(), out, executor="inprocess",
+                                                   batch_size=10, progress=False, on_batch=hold))
+    first.start()
+    try:
+        assert paused.wait(30)
+        journal = sorted(os.listdir(f"{out}.partial"))
+        for resume in (False, True):
+            with pytest.raises(OutputError, match=rf"o.h5path: another histoflow run \(process {os.getpid()} on "
+                                                  r".*, since .*\) is writing this output; wait for it"):
+                SlideData(SVS).run(pipeline(), out, executor="inprocess", batch_size=10, progress=False,
+                                   resume=resume)
+            assert sorted(os.listdir(f"{out}.partial")) == journal  # the first run's journal is untouched
+    finally:
+        go.set()
+        first.join(60)
+    assert errors == []
+    assert tile_data(out) == tile_data(reference)
+    assert sorted(os.listdir(tmp_path)) == ["o.h5path", "ref.h5path"]  # no journal, no lock file
+
+
+def _catch(errors, f, *args, **kwargs):
+    try:
+        f(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - the test reports it
+        errors.append(e)
+
+
+def test_a_lock_file_left_by_a_killed_run_does_not_stop_the_next(tmp_path):
+    """A run killed outright leaves its lock file (the lock itself goes with the process): the next run on that
+    output takes it over and removes it; so does a run that fails."""
+    out = tmp_path / "o.h5path"
+    script = ("import os, sys; from histoflow.engine.partial import OutputLock; "
+              "OutputLock(sys.argv[1]).acquire(); os.kill(os.getpid(), 9)")
+    r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True)
+    assert r.returncode == -signal.SIGKILL and os.path.exists(f"{out}.lock")
+    assert "pid" in json.loads(open(f"{out}.lock").read())
+    with pytest.raises(PipelineError, match="synthetic failure"):
+        SlideData(SVS).run(Pipeline([FailAt(0, 0)]), out, executor="inprocess", progress=False)
+    assert os.listdir(tmp_path) == []
+    SlideData(SVS).run(pipeline(), tmp_path / "new" / "o.h5path", executor="inprocess", progress=False)
+    assert os.listdir(tmp_path / "new") == ["o.h5path"]
+
+
+def test_one_output_for_two_slides_is_refused(tmp_path):
+    from histoflow.engine.run import run_slides
+
+    out = tmp_path / "o.h5path"
+    with pytest.raises(PipelineError, match=r"o.h5path: given as the output of two slides \(.*CMU-1-Small-Region.svs "
+                                            r"and .*CMU-1-Small-Region.svs\); each slide needs an output of its own"):
+        run_slides([SlideData(SVS), SlideData(SVS)], [out, str(out)], pipeline(), executor="inprocess",
+                   progress=False)
+    assert os.listdir(tmp_path) == []

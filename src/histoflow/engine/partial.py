@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 import warnings
 import zlib
@@ -285,3 +286,85 @@ def _remove_leftovers(d: str):
     for name in names:
         if name.startswith(base + _REMOVING):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+LOCK_SUFFIX = ".lock"
+
+
+class OutputLock:
+    """An exclusive hold on one output path for the length of a run: ``OUT.h5path.lock`` beside it, locked with
+    ``flock``. A second run on the same output (another process, another terminal) is refused at once instead of
+    removing the first one's journal under it or writing the same file. The operating system drops the lock when
+    the process ends however it ends, so a killed run leaves no stale hold (only the empty file, which the next
+    run on that output takes over and removes). Where ``fcntl`` is missing (Windows) there is no lock."""
+
+    def __init__(self, out_path: str):
+        self.out = os.fspath(out_path)
+        self.path = self.out + LOCK_SUFFIX
+        self.fd = None
+
+    def acquire(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on Linux / macOS
+            return self
+        for _ in range(20):  # the file may be removed by the run releasing it between our open and our lock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"{self.out}: cannot write there: cannot make the run's lock file {self.path}: "
+                                  f"{e.strerror or e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputError(f"{self.out}: another histoflow run{holder} is writing this output; wait for it "
+                                  f"to finish (or stop it), or write elsewhere. If no such run exists, remove "
+                                  f"{self.path}") from None
+            except OSError:  # a file system without locks: run unguarded, as without fcntl
+                os.close(fd)
+                return self
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, json.dumps({"pid": os.getpid(), "host": _hostname(),
+                                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+                except OSError:
+                    pass  # who holds it is only for the message of a refused run
+                self.fd = fd
+                return self
+            os.close(fd)  # we locked a file that was removed meanwhile: take the new one
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still held, so no other run locks the removed file and thinks it alone
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _hostname() -> str:
+    import socket
+
+    try:
+        return socket.gethostname()
+    except OSError:  # pragma: no cover
+        return "?"
+
+
+def _read_holder(fd) -> str:
+    """' (process 123 on host, since ...)' from a held lock file, or '' when it says nothing readable."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f" (process {int(info['pid'])} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return ""

@@ -59,7 +59,8 @@ class _Job:
         self.overwrite = False  # with resume: outputs and journals of other settings are replaced
         self.already_done = False  # resume=True found the output complete with the same settings
         self.made_journal = False  # this run made the journal (not one it resumes)
-        self.made_folders: list = []  # folders above the output that did not exist before the journal
+        self.made_folders: list = []  # folders above the output that did not exist before the run
+        self.lock = None  # the run's hold on the output (partial.OutputLock)
 
     @property
     def n_tiles(self):
@@ -115,6 +116,12 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                                       not (isinstance(tissue_filter, (int, float)) and 0 <= tissue_filter <= 1)):
         raise PipelineError(f"tissue_filter is the fraction of a tile that must be tissue, 0..1; got {tissue_filter!r}")
     jobs = [_Job(s, o) for s, o in zip(slides, outputs)]
+    seen: dict = {}
+    for job in jobs:
+        other = seen.setdefault(os.path.abspath(job.out), job)
+        if other is not job:
+            raise PipelineError(f"{job.out}: given as the output of two slides ({other.slide.path} and "
+                                f"{job.slide.path}); each slide needs an output of its own")
     tiling = {"tile_size": tile_size, "overlap": overlap, "stride": stride, "level": level, "mpp": mpp, "edge": edge,
               "tissue_filter": tissue_filter}
     run_id = uuid.uuid4().hex[:12]
@@ -202,19 +209,24 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
 
 def _drop_unused_journals(jobs):
     """Remove the journals that this run made and that hold no finished batch (the run failed or was stopped
-    before any), and then the folders it made for them if they are empty: a failed run does not leave empty
-    folders behind. Journals with batches stay for ``resume=True``; finished slides have none left."""
+    before any), release the run's locks on its outputs, and then remove the folders it made for them if they
+    are empty: a failed run does not leave empty folders behind. Journals with batches stay for
+    ``resume=True``; finished slides have none left."""
     made = set()
     for job in jobs:
-        if job.finished or job.dir is None or not job.made_journal:
+        if job.finished:
             continue
-        try:
-            if partial.done_batches(job.dir, job.token):
+        if job.dir is not None and job.made_journal:
+            try:
+                if partial.done_batches(job.dir, job.token):
+                    continue
+            except OSError:
                 continue
-        except OSError:
-            continue
-        partial.remove(job.dir)
+            partial.remove(job.dir)
         made.update(job.made_folders)
+    for job in jobs:
+        if job.lock is not None:
+            job.lock.release()
     for d in sorted(made, key=len, reverse=True):  # the deepest first; rmdir removes only empty folders
         try:
             os.rmdir(d)
@@ -340,6 +352,14 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         "inputs": _slide_inputs(slide),
     }
     job.manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples are lists there)
+    # one run at a time on an output: the lock beside it (its folder made now, and dropped again if the run
+    # leaves nothing there) is held until the slide is finished or the run stops
+    job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(job.out)), exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{job.out}: cannot write there: cannot make its folder: {e.strerror or e}") from None
+    job.lock = partial.OutputLock(job.out).acquire()
     if resume and not os.path.isdir(partial.partial_dir(job.out)) and \
             _finished_before(job.out, job.manifest, failures_ok=job.on_error == "skip"):
         job.already_done, job.finished = True, True  # a slide the interrupted run had completed
@@ -356,7 +376,6 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
             raise PipelineError(f"{job.out}: exists{what}; resume=True continues the same run only: run without "
                                 "resume to replace it (--overwrite on the command line), or write elsewhere")
     job.made_journal = not (resume and os.path.isdir(journal))  # a journal resumed is not this run's to drop
-    job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))  # made with the journal
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume, replace_other=replace)
     job.made_journal = job.made_journal or (replace and not job.done)  # another run's journal, replaced
     job.resumed = len(job.done)
@@ -522,6 +541,8 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
     job.writer = None
     partial.remove(job.dir)
     job.finished = True
+    if job.lock is not None:  # the output is in place: other runs may have it now
+        job.lock.release()
     if job.shared is not None:  # the slide and pipeline shared with the workers can go
         ex.release(job.shared)
         job.shared = None
