@@ -486,3 +486,24 @@ def test_imagej_names_with_emoji_are_written_readably(tmp_path):
         write_imagej_rois([p], tmp_path / "e.zip")
     back = read_imagej_rois(tmp_path / "e.zip")
     assert back[0].name == "Zelle \ufffd" and back[0].classification == "Tumor" and back[0].measurements == {"x": 1.0}
+
+
+def test_coordinates_that_are_not_finite_are_refused_in_every_format(tmp_path):
+    """float() reads "nan" and "inf": an Aperio region with such a vertex became a polygon of area NaN, which
+    rasterised to nothing and was written to GeoJSON as a bare NaN (not JSON; its own reader then refused the
+    file). Every reader refuses such coordinates now, naming the file and the object, and so does Polygon."""
+    for bad in ("nan", "inf", "-inf"):
+        path = _aperio(tmp_path / f"{bad}.xml", [(0, False, SQUARE), (0, False, [[0, 0], [bad, 0], [5, 5]])])
+        with pytest.raises(AnnotationError, match=rf"{bad}.xml: region 2 has vertices that are not finite numbers"):
+            read_aperio_xml(path)
+    with pytest.warns(RuntimeWarning):  # roifile's integer copy of the coordinates
+        roi = roifile.ImagejRoi.frompoints(np.array([[1.5, 1.5], [8.25, 1.5], [np.nan, 9.0]], np.float32),
+                                           name="cell")
+    roifile.roiwrite(tmp_path / "n.zip", [roi], mode="w")
+    assert np.isnan(roifile.roiread(tmp_path / "n.zip")[0].coordinates()).any()  # the file holds the NaN
+    with pytest.raises(AnnotationError, match=r"n.zip: ROI 'cell' has coordinates that are not finite numbers"):
+        read_imagej_rois(tmp_path / "n.zip")
+    with pytest.raises(AnnotationError, match=r"polygon 'p': its exterior has coordinates that are not finite"):
+        Polygon([[0, 0], [np.inf, 0], [5, 5]], name="p")
+    with pytest.raises(AnnotationError, match=r"polygon 'q': a hole has coordinates that are not finite"):
+        Polygon(SQUARE, [[[1, 1], [2, np.nan], [2, 2]]], name="q")

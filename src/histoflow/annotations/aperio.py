@@ -140,6 +140,9 @@ def _region(path, region, layer, min_vertices, out, skipped):
     except (TypeError, ValueError):
         raise AnnotationError(f"{path}: region {region.get('Id')} has a vertex without numeric "
                               "X/Y") from None
+    if not np.all(np.isfinite(xy)):  # float() reads "nan" and "inf"
+        raise AnnotationError(f"{path}: region {region.get('Id')} has vertices that are not finite numbers (NaN "
+                              "or infinite)")
     if region.get("Type") == "2" and len(xy) == 2:  # an ellipse: two corners of its bounding box
         xy = _ellipse(xy)
     if len(xy) > 1 and np.array_equal(xy[0], xy[-1]):

@@ -108,6 +108,9 @@ def _read(path):
         if not rings:
             skip("empty")
             continue
+        if not all(np.all(np.isfinite(r)) for r in rings):  # a sub-pixel ROI holds float32 coordinates
+            raise AnnotationError(f"{path}: ROI {name!r} has coordinates that are not finite numbers (NaN or "
+                                  "infinite)")
         polys = _rings_to_polygons(rings, name)
         _apply_props(polys, _props(roi), _stroke(roi), path, name)
         out.extend(polys)

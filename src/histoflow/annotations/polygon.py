@@ -60,6 +60,11 @@ class Polygon:
         self.holes = [_open_ring(np.asarray(h, dtype=np.float64).reshape(-1, 2)) for h in self.holes]
         if self.nucleus is not None:
             self.nucleus = _open_ring(np.asarray(self.nucleus, dtype=np.float64).reshape(-1, 2))
+        for what, rings in (("its exterior", [self.exterior]), ("a hole", self.holes),
+                            ("its nucleus", [] if self.nucleus is None else [self.nucleus])):
+            if not all(np.all(np.isfinite(r)) for r in rings):  # no file format can hold them (JSON has no NaN)
+                raise AnnotationError(f"polygon {self.name!r}: {what} has coordinates that are not finite "
+                                      "numbers (NaN or infinite)")
 
     @property
     def area(self) -> float:
