@@ -196,6 +196,10 @@ def test_tile_dataset_uint16_and_mask_as_image(tmp_path):
     s = TileDataset(path, image_key="hema")[0]
     assert s["image"].shape == (1, 16, 16)
     np.testing.assert_allclose(s["image"][0].numpy(), hema / 255.0, atol=1e-6)
+    # a stored one-channel map reaches the transform as (h, w, 1), as every augmentation takes images (it was
+    # (h, w): every Compose refused it)
+    flipped = TileDataset(path, image_key="hema", transform=Compose([RandomFlip(p=1.0, vertical=False)]))[0]
+    np.testing.assert_allclose(flipped["image"][0].numpy(), hema[:, ::-1] / 255.0, atol=1e-6)
 
 
 def test_tile_dataset_errors_name_the_file(h5file, tmp_path):
@@ -453,6 +457,19 @@ def test_patch_tables_of_the_wrong_form_are_refused():
     assert ds.classes == ["a", "b"] and ds.labels.tolist() == [1, 0, 1]
     with pytest.raises(DatasetError, match="fractional"):
         NucleusPatchDataset(SVS, [[100, 100]] * 2, labels=[0.5, 1.0])
+    # a missing label renumbered integer classes as text ([2, 10, 3, None] -> classes '10', '2', '3', 'None')
+    for gap in (None, float("nan")):
+        for labels in ([2, 10, 3, gap], ["b", gap, "a", "b"], np.array([2.0, 10.0, 3.0, gap], object)):
+            with pytest.raises(DatasetError, match=r"CMU-1-Small-Region.svs: 1 label\(s\) are missing \(None / NaN\), "
+                                                   r"the first at centroid (3|1); drop those cells or give them a class"):
+                NucleusPatchDataset(SVS, [[100, 100]] * 4, labels=labels)
+    for size in ("x", 0, 2.5, True):
+        with pytest.raises(DatasetError, match=r"CMU-1-Small-Region.svs: size is the patch's side in pixels"):
+            NucleusPatchDataset(SVS, [[100, 100]], size=size)
+    for kw in ({"tissue_filter": "yes"}, {"tissue_filter": True}, {"tissue_filter": 1.5},
+               {"max_open_slides": "x"}, {"max_open_slides": 0}):
+        with pytest.raises(DatasetError, match=rf"WSIPatchDataset: {next(iter(kw))} "):
+            WSIPatchDataset([SVS], patch_size=64, **kw)
 
 
 def test_patches_at_grid_corners_are_the_grid_tiles_at_any_mpp():

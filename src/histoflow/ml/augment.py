@@ -560,11 +560,15 @@ class Compose:
     ops : sequence of callables
         Each ``op(image, masks, rng) -> (image, masks)`` (the classes of this module, or your own).
     seed : int, optional
-        Seed of the generator used when no ``rng`` is passed. In the main process the generator is
-        ``numpy.random.default_rng(seed)`` (None: fresh OS entropy). Inside a PyTorch DataLoader worker
-        a new generator is made per worker from ``[seed, torch.initial_seed()]``: workers never repeat one
-        another's draws (a generator copied into forked workers would), draws differ between epochs, and
-        ``torch.manual_seed`` (or the DataLoader's ``generator``) makes them reproducible. The datasets of
+        Seed of the generator used when no ``rng`` is passed. Once torch is imported, the generator is made
+        from ``[seed, torch.initial_seed()]`` (None counts as 0) and made again whenever torch is seeded again
+        or in each PyTorch DataLoader worker: workers never repeat one another's draws (a generator copied into
+        forked workers would), draws differ between epochs, and ``torch.manual_seed`` (or the DataLoader's
+        ``generator``) makes them reproducible; the trainer seeds torch at each epoch, so a run resumed at an
+        epoch draws what the run that went through drew. So with torch imported, call ``torch.manual_seed``
+        for the same draws in every run (torch's own seed is random at start-up), and give two
+        ``Compose`` objects different seeds for different draws. Without torch the generator is
+        ``numpy.random.default_rng(seed)`` (None: fresh OS entropy). The datasets of
         :mod:`histoflow.ml.data` instead pass each item a generator keyed on (seed, epoch, item): the same
         draws whatever the workers, and new ones only when ``dataset.set_epoch(epoch)`` is called each epoch.
 

@@ -349,6 +349,8 @@ class TileDataset(_Epochs, Dataset):
         if need_tile:
             tile = h.tile(j)
             image = tile.image if self.image_key == "image" else tile.masks[self.image_key]
+            if image.ndim == 2:  # a stored one-channel map: (h, w, 1), as transforms take images
+                image = image[..., None]
             masks = {k: tile.masks[k] for k in self.masks}
             labels = {}
             for k in self.labels:
@@ -620,8 +622,15 @@ class WSIPatchDataset(_Epochs, Dataset):
         if coords is not None and tissue_filter is not None:
             raise DatasetError("WSIPatchDataset: tissue_filter applies only when coords is None (the dataset "
                                "lists the tissue tiles itself); filter your coordinates beforehand")
-        if int(max_open_slides) < 1:
-            raise DatasetError(f"WSIPatchDataset: max_open_slides must be >= 1, got {max_open_slides}")
+        if isinstance(max_open_slides, bool) or not isinstance(max_open_slides, (int, np.integer)) or \
+                max_open_slides < 1:
+            raise DatasetError(f"WSIPatchDataset: max_open_slides must be a whole number >= 1, got "
+                               f"{max_open_slides!r}")
+        if tissue_filter is not None and tissue_filter is not False and (
+                isinstance(tissue_filter, bool) or not isinstance(tissue_filter, (int, float, np.number))
+                or not 0.0 <= float(tissue_filter) <= 1.0):
+            raise DatasetError(f"WSIPatchDataset: tissue_filter is the fraction of a patch that must be tissue, "
+                               f"in [0, 1] (or False: every patch); got {tissue_filter!r}")
         self.patch_size = patch_size
         self.level = level
         self.mpp = mpp
@@ -695,8 +704,6 @@ class WSIPatchDataset(_Epochs, Dataset):
                 tissue_prepass(slide)
                 mask = "tissue"
                 cover = DEFAULT_TISSUE_FILTER if tissue_filter is None else float(tissue_filter)
-                if not 0.0 <= cover <= 1.0:
-                    raise DatasetError(f"tissue_filter must be in [0, 1] or False, got {tissue_filter!r}")
             return slide.grid(self.patch_size, stride=stride, level=self.level, mpp=self.mpp, mask=mask,
                               min_coverage=cover)
         except (RegionError, DatasetError) as e:

@@ -20,6 +20,18 @@ from .data import _Epochs, _files_key, _open_source, _slide_of_source, _slide_so
 __all__ = ["NucleusPatchDataset"]
 
 
+def _missing(v) -> bool:
+    """Whether a label is a missing value (None, NaN, pandas' NA / NaT)."""
+    if v is None:
+        return True
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(v)) if np.ndim(v) == 0 else False
+    except (ImportError, TypeError, ValueError):
+        return isinstance(v, (float, np.floating)) and bool(np.isnan(v))
+
+
 def _whole_numbers(values) -> bool:
     """Whether every value is a whole (finite, non-boolean) number: such labels are class ids as given."""
     vals = np.asarray(values, dtype=object).ravel()
@@ -76,14 +88,19 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         if not np.all(np.isfinite(c)):
             raise DatasetError(f"{self.path}: centroids hold NaN or infinite values")
         self.centroids = c
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise DatasetError(f"{self.path}: size is the patch's side in pixels, a whole number >= 1; got {size!r}")
         self.size = int(size)
-        if self.size < 1:
-            raise DatasetError(f"patch size must be positive, got {size}")
         self.classes = None
         if labels is not None:
+            # missing values looked for as given (numpy makes ["a", nan] the strings "a", "nan")
+            gaps = [i for i, v in enumerate(np.asarray(labels, dtype=object).ravel()) if _missing(v)]
             labels = np.asarray(labels)
             if len(labels) != len(self.centroids):
                 raise DatasetError(f"{self.path}: {len(labels)} labels for {len(self.centroids)} centroids")
+            if gaps:  # would become a class of its own ("None", "nan") and renumber the others
+                raise DatasetError(f"{self.path}: {len(gaps)} label(s) are missing (None / NaN), the first at "
+                                   f"centroid {gaps[0]}; drop those cells or give them a class")
             if labels.dtype.kind in "iub":
                 self.labels = labels.astype(np.int64)
             elif _whole_numbers(labels):  # floats or objects holding whole numbers (a pandas column): the ids
