@@ -85,6 +85,26 @@ def test_quantify_then_phenotype(tmp_path):
     assert seen.get("unassigned", (140, 140, 140)) == (140, 140, 140)
     for i, c in enumerate(b.obs["phenotype"].cat.categories):
         assert tuple(png[13 + 14 * i, 13]) == colours[c], c
+    # a table in another order (sorted, rebuilt) is matched to the store's cells by name: each outline carries
+    # its own cell's name and values (by position, every outline carried another cell's)
+    import shutil
+
+    a[::-1].copy().write_h5ad(tmp_path / "reversed.h5ad")
+    shutil.copy(tmp_path / "cells.h5path", tmp_path / "reversed.h5path")  # the store beside the table
+    r = _cli("phenotype", tmp_path / "reversed.h5ad", "--rules", "mibi_panel", "-o", tmp_path / "rev.h5ad",
+             "--geojson", tmp_path / "rev.geojson")
+    assert r.returncode == 0, r.stderr
+    rev = {p.name: p for p in read_geojson(tmp_path / "rev.geojson")}
+    assert set(rev) == set(by_name)
+    for name in list(b.obs_names[:: max(1, a.n_obs // 20)]):
+        assert np.array_equal(rev[name].exterior, by_name[name].exterior)
+        assert rev[name].measurements == by_name[name].measurements
+    a[1:].copy().write_h5ad(tmp_path / "fewer.h5ad")  # not the store's cells
+    shutil.copy(tmp_path / "cells.h5path", tmp_path / "fewer.h5path")
+    r = _cli("phenotype", tmp_path / "fewer.h5ad", "--rules", "mibi_panel", "-o", tmp_path / "f.h5ad",
+             "--geojson", tmp_path / "f.geojson")
+    assert r.returncode == 1 and "fewer.h5path: the cell table does not hold the store's cells (e.g. " in r.stderr
+    assert not os.path.exists(tmp_path / "f.h5ad") and not os.path.exists(tmp_path / "f.geojson")
     # scanpy reads the table and runs its basics on it
     import scanpy as sc
 

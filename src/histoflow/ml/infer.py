@@ -230,8 +230,9 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
     store : str
         The h5path written by a run with ``QuantifyCells`` (its tiles carry ``mask``).
     adata : AnnData, optional
-        The cell table (default: the store's own ``/cells``); rows must be in the store's order (they are,
-        for tables made by ``QuantifyCells`` and kept in order, e.g. after ``histoflow phenotype``).
+        The cell table (default: the store's own ``/cells``), e.g. after ``histoflow phenotype``. Its rows are
+        matched to the store's cells by name (``obs_names``), in any order, where the store has its own table;
+        otherwise they must be in the store's order.
         ``obs[classes_key]`` becomes each cell's classification when present.
 
     Each cell carries its numeric ``obs`` columns (morphology ...) and its mean intensity per channel
@@ -262,6 +263,18 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
             colours = phenotype_colours(column.cat.categories if hasattr(column, "cat") else sorted(set(classes)))
         X = np.asarray(table.X)
         channels = list(table.var_names)
+        # the table's row of each of the store's cells, by name where the store has its own table (a table
+        # given in another order, sorted or rebuilt, gave every outline another cell's name and values)
+        order = None
+        own = h.cells if adata is not None else None
+        if own is not None:
+            where = {str(n): k for k, n in enumerate(table.obs_names)}
+            missing = [str(n) for n in own.obs_names if str(n) not in where]
+            if missing or own.n_obs != table.n_obs:
+                raise H5PathError(f"{store}: the cell table does not hold the store's cells "
+                                  f"({'e.g. ' + missing[0] + ' is not in it' if missing else f'{table.n_obs} rows for {own.n_obs} cells'}); "
+                                  "is it the table of this file?")
+            order = np.array([where[str(n)] for n in own.obs_names], np.int64)
         polys, row = [], 0
         for i in range(len(h)):
             t = h.tile(i)
@@ -283,6 +296,8 @@ def cells_to_geojson(store, out, adata=None, mask: str = "cells", classes_key: s
                 if nucleus is not None:
                     p.nucleus = nucleus.exterior
                 k = row + int(p.name) - 1
+                if order is not None:
+                    k = int(order[k])
                 p.name = str(table.obs_names[k])
                 if p.group is not None:  # pieces of one cell: grouped by the cell, not by the tile's own label
                     p.group = p.name
