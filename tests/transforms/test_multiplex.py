@@ -1,4 +1,6 @@
 """Multiplex segmentation and single-cell quantification on the real MIBI image (22 channels, uint16)."""
+import warnings
+
 import anndata
 import numpy as np
 import pytest
@@ -440,3 +442,70 @@ def test_a_slide_without_cells_has_the_same_columns(tmp_path):
         tables[nuclei] = q.slide_cells()
     assert tables["nuclei"].n_obs == 0 and "nucleus_area" in tables["nuclei"].obs.columns
     assert "nucleus_area" not in tables[None].obs.columns
+
+
+def test_nan_pixels_are_never_inside_a_cell():
+    """NaN pixels (a masked-out band of a float image) were set to 0, smoothed, and cells grew over them: 989
+    cell pixels of a 256 px crop lay on NaN and 6 of its 28 cells had NaN means in every channel. They are
+    background now, for the nuclei and the cells alike."""
+    import tifffile
+
+    img = np.moveaxis(tifffile.imread(MIBI), 0, -1).astype(np.float32)[:256, :256]
+    with SlideData(MIBI) as s:
+        names = list(s.reader.channel_names)
+    img[:, 120:140, :] = np.nan
+    seg = SegmentCells(nuclear_channel="HH3", membrane_channels=["Membrane"], expand_um=3)
+    seg.channel_names_ = names
+    cells, nuclei = seg.cells(img, 0.390625)
+    band = np.zeros(img.shape[:2], bool)
+    band[:, 120:140] = True
+    assert cells.max() > 15 and not (cells[band] > 0).any() and not (nuclei[band] > 0).any()
+    assert (cells[:, 110:120] > 0).any() and (cells[:, 140:150] > 0).any()  # cells reach the band's edges
+    q = quantify_cells(img, cells)
+    assert not np.isnan(q["mean"]).any()
+    only_nuclear = img.copy()
+    only_nuclear[:, :, :] = np.moveaxis(tifffile.imread(MIBI), 0, -1).astype(np.float32)[:256, :256]
+    only_nuclear[:, 120:140, names.index("HH3 (89)")] = np.nan  # one channel used by the segmentation
+    assert not (SegmentNuclei("HH3", mpp=0.390625).nuclei(only_nuclear, 0.390625, names)[band] > 0).any()
+
+
+def test_cells_overlap_covers_the_nuclei_smoothing(tmp_path):
+    """SegmentCells' min_overlap was its cells' reach alone: with expand_um=0 and sigma_um=2 it asked for 77 px
+    where its nuclei need 80 (their smoothing's reach), and a run at that overlap kept 3 cells twice, without a
+    warning. It is never less than the nuclei's now. (Clumps of touching nuclei wider than a large nucleus can
+    still come out differently in two tiles at that overlap: one cell of 253 here.)"""
+    for expand, sigma in ((0, 2), (0, 3), (3, 0.8), (1, 4)):
+        for mpp in (0.39, 1.0):
+            cells = SegmentCells(nuclear_channel="HH3", expand_um=expand, sigma_um=sigma)
+            assert cells.min_overlap(mpp) >= SegmentNuclei("HH3", sigma_um=sigma).min_overlap(mpp)
+    with SlideData(MIBI) as s:
+        mpp = s.mpp[0]
+        assert SegmentCells(nuclear_channel="HH3", expand_um=0, sigma_um=2).min_overlap(mpp) == 80
+        counts = []
+        for size, overlap in ((max(s.dimensions), 0), (256, 77), (256, 80)):
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                out = s.run(Pipeline([SegmentCells(nuclear_channel="HH3", expand_um=0, sigma_um=2),
+                                      QuantifyCells(nucleus_mask="nuclei")]),
+                            tmp_path / f"c{overlap}.h5path", tile_size=size, overlap=overlap, executor="inprocess",
+                            progress=False)
+            # the run at the former overlap is warned of now; at the new one, not
+            assert any("overlap" in str(w.message) for w in said) == (overlap == 77)
+            with read_h5path(out) as h:
+                counts.append(h.cells.n_obs)
+    assert counts[0] < counts[2] < counts[1], counts  # cells kept twice: fewer at the new overlap
+
+
+def test_two_cell_tables_are_refused_before_the_first_tile():
+    """A pipeline with two steps that make the slide's cell table ran every tile and only then failed, leaving a
+    journal that no run could use. It is refused when made, as other clashes are."""
+    from histoflow.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"QuantifyCells and QuantifyCells would both make the slide's cell "
+                                            r"table \(an h5path holds one\)"):
+        Pipeline([SegmentCells(nuclear_channel="HH3"), QuantifyCells(nucleus_mask="nuclei"),
+                  QuantifyCells(mask_name="nuclei")])
+    with pytest.raises(PipelineError, match="would both make the slide's cell table"):  # nested too
+        Pipeline([SegmentCells(nuclear_channel="HH3"),
+                  Pipeline([QuantifyCells(nucleus_mask="nuclei")], inputs=["cells", "nuclei"]),
+                  QuantifyCells(mask_name="nuclei")])

@@ -335,6 +335,11 @@ class Pipeline(Transform):
                                         f"masks {prefix}<class>, the second replacing the first: give one of "
                                         "them another name (heatmap_prefix= / mask_name=)")
                 makers[prefix] = type(step).__name__
+        tables = [type(s).__name__ for s in self._all_steps()
+                  if not isinstance(s, Pipeline) and type(s).slide_cells is not Transform.slide_cells]
+        if len(tables) > 1:  # found before the run, not after its last tile (slide_cells below)
+            raise PipelineError(f"{tables[0]} and {tables[1]} would both make the slide's cell table (an h5path "
+                                "holds one): keep one of them in the pipeline")
         for i, step in enumerate(self.steps):
             name = type(step).__name__
             if slide_type is not None and step.slide_types is not None:

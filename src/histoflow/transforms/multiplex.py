@@ -89,6 +89,18 @@ def nuclear_channel_index(names, channel="auto") -> int:
     raise ChannelError(f"no channel looks like a nuclear stain among {list(names)}; name it with nuclear_channel=")
 
 
+def _off_missing(labels, channels):
+    """``labels`` with the pixels where any of ``channels`` (h, w, k) is NaN or infinite set to 0: such pixels
+    of a float image are background (the smoothing and the growth of cells reached into them, and every
+    channel's mean of such a cell was NaN)."""
+    if channels.dtype.kind == "f" and channels.size:
+        missing = ~np.isfinite(channels).all(axis=-1)
+        if missing.any():
+            labels = labels.copy()
+            labels[missing] = 0
+    return labels
+
+
 def _smooth(channel, sigma_px):
     img = np.asarray(channel, np.float32)
     if img.size and not np.isfinite(img).all():  # NaN / inf pixels of a float image: background, not spread by the blur
@@ -296,10 +308,11 @@ class SegmentNuclei(Transform):
         if thr is None:
             thr = _otsu_threshold(sm)
         px2 = mpp * mpp
-        return segment_nuclei_fluorescence(
+        labels = segment_nuclei_fluorescence(
             sm, thr, smoothed=True, min_area=self.min_area_um2 / px2,
             max_area=None if self.max_area_um2 is None else self.max_area_um2 / px2,
             min_distance=self.min_distance_um / mpp)
+        return _off_missing(labels, image[..., [c]])
 
     def F(self, image, mpp=None, core=None):
         """The owned nuclei of one image (all of them when ``core`` is None)."""
@@ -413,15 +426,20 @@ class SegmentCells(SegmentNuclei):
                     ((float(np.percentile(m, 99)) if m.size else 0.0) or 1.0)
                 sig += m / scale
             membrane = sig
-        return grow_cells(nuc, self.expand_um / mpp, membrane=membrane), nuc
+        names = names or self.channel_names_ or [str(i) for i in range(image.shape[2])]
+        used = [self._channel(image, names)] + [find_channel(names, ch) for ch in self.membrane_channels or ()]
+        cells = grow_cells(nuc, self.expand_um / mpp, membrane=membrane)
+        return _off_missing(cells, image[..., used]), _off_missing(nuc, image[..., used])
 
     def min_overlap(self, mpp) -> int:
         """Twice a whole large cell (a large nucleus and the cells' reach on both sides): every nucleus that
         competes for a kept cell's territory is seen whole too. With one cell's width (54 px on the MIBI image)
         a neighbour cut by the tile's edge was dropped as too small and a kept cell grew into its place (3 of
-        339 cells differed from the whole image's at 256 px tiles; none with this, 108 px)."""
-        return int(np.ceil(2 * (LARGE_NUCLEUS_UM + 2 * max(0.0, float(self.expand_um))) /
-                           float(mpp or self.mpp or DEFAULT_MPP)))
+        339 cells differed from the whole image's at 256 px tiles; none with this, 108 px). Never less than
+        the nuclei's own (their smoothing's reach: a small expand_um with a large sigma_um needs that more)."""
+        cells = int(np.ceil(2 * (LARGE_NUCLEUS_UM + 2 * max(0.0, float(self.expand_um))) /
+                            float(mpp or self.mpp or DEFAULT_MPP)))
+        return max(cells, super().min_overlap(mpp))
 
     def F(self, image, mpp=None, core=None):
         """(cells, nuclei) of one image, those owned by ``core`` only, numbered alike 1..n."""
