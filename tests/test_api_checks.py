@@ -50,3 +50,15 @@ def test_nucleus_patches_check_their_pixel_size_and_channels():
     for bad in (["nope"], [99]):
         with pytest.raises(DatasetError, match="channels: .*(no channel 'nope'|channel 99 out of range)"):
             NucleusPatchDataset(mibi, [[500, 500]], channels=bad)
+
+
+def test_the_annotations_subpackage_is_an_attribute_of_the_package():
+    """`from __future__ import annotations` in histoflow/__init__.py bound the name `annotations` to __future__'s
+    feature object: `from histoflow import annotations` gave that object, not the subpackage."""
+    import subprocess
+    import sys
+
+    code = ("import histoflow; from histoflow import annotations; "
+            "print(annotations.__name__, callable(annotations.convert), hasattr(histoflow, 'annotations'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["histoflow.annotations", "True", "True"], r.stderr

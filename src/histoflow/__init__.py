@@ -3,8 +3,8 @@
 Open any slide with :func:`open_slide`, tile it with :class:`SlideData`, keep the results in one
 h5path file per slide (:func:`read_h5path`). Importing histoflow is light: no torch, no dask.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: it binds the name `annotations` in the package, which hid the
+# histoflow.annotations subpackage (`from histoflow import annotations` gave __future__'s feature object)
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401

@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="tiles overhanging the slide's right/bottom edge: pad with background (default) or drop")
     s.add_argument("--slide-mpp", type=_mpp, help="the slide's own µm/px, when the file does not say (or is wrong)")
     s.add_argument("--compression", choices=["gzip", "lzf", "htj2k", "none"], default="gzip",
-                   help="lossless: gzip (default; any HDF5 reader), htj2k (RGB: about 20%% smaller than gzip for raw "
-                        "tiles, 2.5x for smoothed ones; reading it outside histoflow needs `import hdf5plugin` "
+                   help="lossless: gzip (default; any HDF5 reader), htj2k (RGB: about 15%% smaller than gzip for raw "
+                        "tiles, 2x for smoothed ones; reading it outside histoflow needs `import hdf5plugin` "
                         "before h5py opens the file), lzf, none")
     s.add_argument("--backend", default="auto", help=BACKEND_HELP)
     s.add_argument("--no-progress", action="store_true")
@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
                         "the shipped models; about 2x faster on CPU)")
     _slide_mpp_option(s, "the input's own µm/px, when the file does not say (default: the model's) or is wrong")
     s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
-                                                       "(about 4x slower; on the test images AJI 0.627 -> 0.628 with "
+                                                       "(about 4x slower; on the test images AJI 0.627 -> 0.630 with "
                                                        "the 40x model, 0.629 -> 0.634 with the 20x)")
     s.add_argument("--tile", "--size", dest="tile", type=_positive_int, default=1024,
                    help="tile size in level-0 pixels (default 1024; --size, as in tile and run, is the same)")
