@@ -273,3 +273,26 @@ def test_quantify_cells_names_the_id_of_each_row():
     assert t["label"].tolist() == [3, 7] and t["mean"][:, 0].tolist() == [2.0, 10.0]
     assert t["area"].tolist() == [32.0, 16.0]
     assert quantify_cells(img, np.zeros_like(lab))["label"].shape == (0,)
+
+
+def test_label_ids_far_above_the_object_count_are_measured():
+    """A label image with large ids (hashed, or numbered across a whole study) made lookup tables as long as the
+    largest id: 10**13 asked numpy for 9 TiB and failed with a MemoryError. The same cells with ids 1..n give
+    the same table."""
+    from histoflow.transforms.objects import relabel_sequential
+    from histoflow.transforms.quantify import quantify_cells
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 1000, (40, 40, 2)).astype(np.uint16)
+    small = np.zeros((40, 40), np.int64)
+    small[2:9, 3:12], small[20:30, 5:9], small[30:38, 25:39] = 1, 2, 3
+    big_ids = np.array([0, 10 ** 13, 7, 2 ** 62], np.int64)
+    big = big_ids[small]
+    nuclei = np.where(np.isin(np.arange(40)[:, None] % 3, [0]), big, 0)
+    a, b = quantify_cells(img, small, nuclei=np.where(nuclei > 0, small, 0)), quantify_cells(img, big, nuclei=nuclei)
+    assert b["label"].tolist() == [7, 10 ** 13, 2 ** 62]
+    order = [1, 0, 2]  # rows follow the ids' order
+    for k in ("mean", "median", "area", "centroid", "nucleus_area"):
+        np.testing.assert_array_equal(b[k], a[k][order])
+    out, other = relabel_sequential(big, np.array([[10 ** 13, 5]]))
+    assert out.max() == 3 and (out[small == 2] == 1).all() and other.tolist() == [[2, 0]]

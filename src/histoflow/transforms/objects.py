@@ -57,6 +57,13 @@ def relabel_sequential(labels, same_ids=None, what="labels"):
     """
     labels = check_labels(labels, what)
     n = int(labels.max()) if labels.size else 0
+    if n > 4 * labels.size + 65536:  # ids far above the object count (hashed, or from a global numbering):
+        # sorted search, not a lookup table as long as the largest id (10**13 asked for 9 TiB)
+        ids = present_ids(labels)
+        out = _search(ids, labels)
+        if same_ids is None:
+            return out
+        return out, _search(ids, check_labels(same_ids, f"{what}: same_ids"))
     present = np.zeros(n + 1, bool)
     present[labels.ravel()] = True
     present[0] = False
@@ -70,6 +77,25 @@ def relabel_sequential(labels, same_ids=None, what="labels"):
     other = np.where(other <= n, lut[np.minimum(other, n)], 0).astype(np.int32) if other.size else \
         other.astype(np.int32)
     return out, other
+
+
+def present_ids(labels) -> np.ndarray:
+    """The ids (> 0) of a checked label image, sorted, as int64."""
+    labels = np.asarray(labels)
+    n = int(labels.max()) if labels.size else 0
+    if n > 4 * labels.size + 65536:
+        ids = np.unique(labels)
+    else:
+        ids = np.flatnonzero(np.bincount(labels.ravel(), minlength=n + 1))
+    return ids[ids > 0].astype(np.int64)
+
+
+def _search(ids, labels):
+    """``labels`` renumbered by their place in ``ids`` (1..), 0 where an id is not in ``ids``."""
+    pos = np.searchsorted(ids, labels)
+    pos = np.minimum(pos, max(len(ids) - 1, 0))
+    hit = (labels > 0) & (ids[pos] == labels) if len(ids) else np.zeros(labels.shape, bool)
+    return np.where(hit, pos + 1, 0).astype(np.int32)
 
 
 def keep_owned(labels, core, *, return_ids: bool = False, margin: float = 0.0):

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import MaskError, ParameterError
 from .base import Transform
 from .filters import _check_name
-from .objects import check_labels, relabel_sequential
+from .objects import check_labels, present_ids, relabel_sequential
 
 __all__ = ["QuantifyCells", "quantify_cells", "MORPHOLOGY"]
 
@@ -48,16 +48,14 @@ def quantify_cells(image, labels, stats=STATS, nuclei=None) -> dict:
         shapes = f"{labels.shape}" + ("" if nuclei is None else f" and nuclei {np.shape(nuclei)}")
         raise ParameterError(f"quantify_cells: labels {shapes} must have the image's height and width "
                              f"{image.shape[:2]}")
-    present = np.zeros(int(labels.max(initial=0)) + 1, bool)
-    present[labels.ravel()] = True
-    present[0] = False
+    ids = present_ids(labels)
     if nuclei is None:
         labels = relabel_sequential(labels)
     else:
         labels, nuclei = relabel_sequential(labels, nuclei)
     n = int(labels.max(initial=0))
     c = image.shape[2]
-    out = {"label": np.flatnonzero(present).astype(np.int64)}  # the ids the rows measure (rows were unnamed)
+    out = {"label": ids}  # the ids the rows measure (rows were unnamed)
     if n == 0:
         for s in stats:
             out[s] = np.zeros((0, c), np.float32)
