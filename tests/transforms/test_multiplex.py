@@ -509,3 +509,19 @@ def test_two_cell_tables_are_refused_before_the_first_tile():
         Pipeline([SegmentCells(nuclear_channel="HH3"),
                   Pipeline([QuantifyCells(nucleus_mask="nuclei")], inputs=["cells", "nuclei"]),
                   QuantifyCells(mask_name="nuclei")])
+
+
+def test_cell_areas_take_both_sides_of_a_pixel(tmp_path):
+    """Areas were pixels x mpp_x squared: on 0.39 x 0.78 µm pixels every cell had half its area. They use both
+    sides now, and a slide whose pixels are not square is warned that lengths are approximate."""
+    for mpp in ((0.39, 0.78), (0.39, 0.39)):
+        with SlideData(MIBI, mpp=mpp) as s, warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            out = s.run(Pipeline([SegmentCells(nuclear_channel="HH3"), QuantifyCells(nucleus_mask="nuclei")]),
+                        tmp_path / f"a{mpp[1]}.h5path", tile_size=1024, executor="inprocess", progress=False)
+        assert any("not square: cell areas are exact" in str(w.message) for w in said) == (mpp[0] != mpp[1])
+        with read_h5path(out) as h:
+            cells, lab = h.cells, np.asarray(h.tile(0).masks["cells"])
+        pixels = np.bincount(lab.ravel())[1:]
+        np.testing.assert_allclose(cells.obs["area"].to_numpy(), pixels[pixels > 0] * mpp[0] * mpp[1], rtol=1e-5)
+        assert list(cells.uns["histoflow"]["mpp_xy"]) == list(mpp)  # an array once read back

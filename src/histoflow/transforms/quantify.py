@@ -14,6 +14,7 @@ with the slide's stain matrix, or Macenko's reference).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -185,6 +186,13 @@ class QuantifyCells(Transform):
         self.slide_name_ = slide.name
         self.source_ = os.path.abspath(str(slide.path))  # the picture of phenotypes finds it from any folder
         self.mpp_ = float(slide.mpp[0]) if slide.mpp else None
+        # areas take both sides of a pixel (they were mpp_x squared: half the area of 0.39 x 0.78 µm pixels)
+        self.mpp_xy_ = (float(slide.mpp[0]), float(slide.mpp[1])) if slide.mpp else None
+        if self.mpp_xy_ and abs(self.mpp_xy_[0] - self.mpp_xy_[1]) > 0.01 * max(self.mpp_xy_):
+            warnings.warn(f"{slide.path}: its pixels are {self.mpp_xy_[0]:g} x {self.mpp_xy_[1]:g} µm, not square: "
+                          "cell areas are exact, lengths (perimeter, axes) are measured in pixels of their geometric "
+                          f"mean side ({np.sqrt(self.mpp_xy_[0] * self.mpp_xy_[1]):g} µm), an approximation",
+                          stacklevel=3)
         self.channel_names_ = self.input_channel_names(slide)
         self.od_ = self._use_od(slide.slide_type.brightfield, slide.reader.dtype, len(self.channel_names_))
         if self.od_:
@@ -271,14 +279,17 @@ class QuantifyCells(Transform):
         X = cat("mean", n_ch).astype(np.float32)
         ds_col = np.concatenate([np.full(n, d) for _, n, d in self._tiles]) if tables else np.zeros(0)
         mpp = self.mpp_
+        mpp_xy = getattr(self, "mpp_xy_", None) or ((mpp, mpp) if mpp else None)
         unit = "um" if mpp else "px"
         obs = {}
         # nucleus_area with a nucleus mask, even for a slide without cells (the same columns as any other table)
         with_nuclei = ("nucleus_area" in tables[0]) if tables else self.nucleus_mask is not None
         for k in MORPHOLOGY + (("nucleus_area",) if with_nuclei else ()):
             v = cat(k).astype(np.float64)
-            scale = ds_col * (mpp or 1.0)
-            v = v * scale ** 2 if k.endswith("area") else (v if k in ("eccentricity", "solidity") else v * scale)
+            if k.endswith("area"):
+                v = v * ds_col ** 2 * (mpp_xy[0] * mpp_xy[1] if mpp_xy else 1.0)
+            elif k not in ("eccentricity", "solidity"):
+                v = v * ds_col * (np.sqrt(mpp_xy[0] * mpp_xy[1]) if mpp_xy else 1.0)
             obs[k] = v.astype(np.float32)
         obs["slide"] = pd.Categorical([self.slide_name_] * len(X))
         obs["tile"] = pd.Categorical(np.concatenate([[name] * n for name, n, _ in self._tiles]) if tables else [])
@@ -289,7 +300,8 @@ class QuantifyCells(Transform):
                 adata.layers[s] = cat(s, n_ch).astype(np.float32)
         adata.obsm["spatial"] = cat("centroid", 2).astype(np.float64)
         adata.uns["histoflow"] = {"mask": self.mask_name, "stats": list(self.stats), "units": unit,
-                                  "mpp": mpp if mpp else 0.0, "spatial": "level-0 pixels (x, y)",
+                                  "mpp": mpp if mpp else 0.0, "mpp_xy": list(mpp_xy) if mpp_xy else [0.0, 0.0],
+                                  "spatial": "level-0 pixels (x, y)",
                                   "source": self.source_ or ""}
         return adata
 
