@@ -334,6 +334,7 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
                       min_coverage=tiling["tissue_filter"] or 0.0)
     if pipeline is not None:
         _warn_small_overlap(slide, job.pipeline, grid)
+        job.pipeline.fit_grid(grid)
     specs = list(enumerate(grid))
     if not specs:  # a blank slide: its h5path has the slide's record and masks, and no tiles
         warnings.warn(f"{slide.path}: no tiles to process (grid {grid}); its h5path will hold no tiles",

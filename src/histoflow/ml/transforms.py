@@ -468,12 +468,23 @@ def level_size(levels, downsample):
 
 
 class _Heatmap:
-    """Weighted sums of tile values painted at a fixed downsample of level 0."""
+    """Weighted sums of tile values painted at a fixed downsample of level 0.
 
-    def __init__(self, dimensions, downsample, channels, size=None):
+    With ``edges`` (the level-0 x and y of every tile edge of the grid), the sums are kept in the cells between
+    the heatmap's pixel edges and the tile edges, and each heatmap pixel is the area mean of its cells at the
+    end: a pixel that a tile's edge crosses is then the area mean of the blended map, not a mean that counted
+    its part covered by two tiles twice (faint seams along tile edges at a downsample that does not divide the
+    stride)."""
+
+    def __init__(self, dimensions, downsample, channels, size=None, edges=None):
         self.ds = float(downsample)
         self.dimensions = tuple(int(d) for d in dimensions)
         w, h = size or (max(1, int(np.ceil(d / self.ds))) for d in dimensions)
+        self.size = (int(w), int(h))
+        self.cells = None
+        if edges is not None:  # per axis: the cells' edges, and the heatmap pixel each cell lies in
+            self.cells = [_cells(n, self.ds, lim, e) for n, lim, e in zip(self.size, self.dimensions, edges)]
+            w, h = (len(c[0]) - 1 for c in self.cells)
         self.sum = np.zeros((channels, h, w), np.float32)
         self.weight = np.zeros((h, w), np.float32)
 
@@ -491,8 +502,12 @@ class _Heatmap:
             return self._add_constant(x, y, w0, h0, values)
         th, tw = (values.shape[1:] if values.ndim == 3 else weights.shape)
         H, W = self.weight.shape
-        wy, sy = _area_matrix(y, th, h0 / th, self.ds, self.dimensions[1], H)
-        wx, sx = _area_matrix(x, tw, w0 / tw, self.ds, self.dimensions[0], W)
+        if self.cells is None:
+            wy, sy = _area_matrix(y, th, h0 / th, self.ds, self.dimensions[1], H)
+            wx, sx = _area_matrix(x, tw, w0 / tw, self.ds, self.dimensions[0], W)
+        else:
+            wy, sy = _edge_matrix(y, th, h0 / th, self.cells[1][0], self.dimensions[1])
+            wx, sx = _edge_matrix(x, tw, w0 / tw, self.cells[0][0], self.dimensions[0])
         if wy is None or wx is None:
             return
         wt = np.ones((th, tw), np.float32) if weights is None else np.asarray(weights, np.float32)
@@ -524,7 +539,49 @@ class _Heatmap:
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.sum / self.weight
         out[:, self.weight == 0] = np.nan
-        return out
+        if self.cells is None:
+            return out
+        # each heatmap pixel: the area mean of its cells where tiles ran
+        (ex, gx), (ey, gy) = self.cells
+        area = np.diff(ey)[:, None] * np.diff(ex)[None, :] * (self.weight > 0)
+        starts_x = np.searchsorted(gx, np.arange(self.size[0]))
+        starts_y = np.searchsorted(gy, np.arange(self.size[1]))
+
+        def per_pixel(a):
+            return np.add.reduceat(np.add.reduceat(a, starts_y, axis=0), starts_x, axis=1)
+
+        cover = per_pixel(area)
+        maps = np.empty((out.shape[0], self.size[1], self.size[0]), np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for c in range(out.shape[0]):
+                maps[c] = per_pixel(np.where(area > 0, out[c], 0) * area) / cover
+        maps[:, cover <= 0] = np.nan
+        return maps
+
+
+def _cells(n, ds, limit, tile_edges):
+    """The edges (level-0) of the cells of one axis: those of the ``n`` heatmap pixels, the slide's end and the
+    tile edges inside; and the heatmap pixel of each cell."""
+    top = n * ds
+    inside = [e for e in tile_edges if 0 < e < top]
+    edges = np.unique(np.concatenate([np.arange(n + 1, dtype=np.float64) * ds, np.asarray(inside, np.float64),
+                                      [min(float(limit), top)]]))
+    edges = edges[np.concatenate([[True], np.diff(edges) > 1e-9 * max(1.0, top)])]
+    pixel = np.minimum(np.floor(edges[:-1] / ds + 1e-9), n - 1).astype(np.int64)
+    return edges, pixel
+
+
+def _edge_matrix(a, n, d, edges, limit):
+    """As :func:`_area_matrix`, for cells of any widths (``edges``, sorted): the fraction of each cell that each
+    of ``n`` map pixels ``[a + j d, a + (j + 1) d)``, cut to ``[0, limit)``, covers; (None, 0) when none."""
+    e = np.clip(a + np.arange(n + 1, dtype=np.float64) * d, 0, limit)
+    i0 = max(0, int(np.searchsorted(edges, e[0], side="right")) - 1)
+    i1 = min(len(edges) - 1, int(np.searchsorted(edges, e[-1], side="left")))
+    if i1 <= i0:
+        return None, 0
+    lo, hi = edges[i0:i1], edges[i0 + 1:i1 + 1]
+    overlap = np.minimum(hi[:, None], e[None, 1:]) - np.maximum(lo[:, None], e[None, :-1])
+    return (np.clip(overlap, 0, None) / (hi - lo)[:, None]).astype(np.float32), i0
 
 
 def _cover(a, b, ds, n):
@@ -583,6 +640,17 @@ class _ReducingModelTransform(Transform, register=False):
         self._levels = list(getattr(getattr(slide, "reader", slide), "levels", None) or [])
         self._slide_path = str(slide.path)
         self._maps = None
+        self._tile_edges = None
+
+    def fit_grid(self, grid):
+        """The level-0 x and y of every tile edge of the grid, as the maps are painted (a tile's corner and its
+        size times its downsample): stitched maps keep sums between them (see :class:`_Heatmap`)."""
+        d = float(grid.downsample)
+        (tw, th) = grid.tile_size
+        w0, h0 = int(round(tw * d)), int(round(th * d))
+        xs = {x for c in range(grid.cols) for x in (grid.spec(0, c).x, grid.spec(0, c).x + w0)}
+        ys = {y for r in range(grid.rows) for y in (grid.spec(r, 0).y, grid.spec(r, 0).y + h0)}
+        self._tile_edges = (sorted(xs), sorted(ys))
 
     def _classes(self, n):
         names = self.classes or _model_runner(self.model).card.get("classes")
@@ -623,7 +691,12 @@ class _ReducingModelTransform(Transform, register=False):
                     f"{w} x {h} pixels x {len(values)} classes ({w * h * (len(values) + 1) * 4 / 2**30:.1f} GiB) at "
                     f"a downsample of {float(ds):g}; pass a larger heatmap_downsample (e.g. "
                     f"{float(ds) * np.ceil(np.sqrt(w * h / MAX_HEATMAP_PIXELS)):g})")
-            self._maps = _Heatmap(self._dims, ds, len(values), level_size(getattr(self, "_levels", None), ds))
+            edges = getattr(self, "_tile_edges", None)
+            if values.ndim != 3 or edges is None or all(abs(e / float(ds) - round(e / float(ds))) < 1e-9
+                                                        for axis in edges for e in axis):
+                edges = None  # every tile edge is a heatmap pixel edge (the tiles' own level, a dividing downsample)
+            self._maps = _Heatmap(self._dims, ds, len(values), level_size(getattr(self, "_levels", None), ds),
+                                  edges=edges)
         d = float(tile.downsample)
         if values.ndim == 3 and abs(self._maps.ds - d) <= 1e-9 * d:
             # a map at the tiles' own level: placed by their level pixels, one map pixel on one heatmap pixel

@@ -129,6 +129,11 @@ class Transform:
         """Slide-level preparation before any tile runs (e.g. a stain matrix from a low-resolution
         tissue sample). Runs once, in the driver; the fitted transform is then sent to the workers."""
 
+    def fit_grid(self, grid) -> None:
+        """The grid (:class:`~histoflow.core.grid.TileGrid`) a slide run will tile the slide with, given after
+        :meth:`fit_slide`, in the driver: for transforms that build slide-level maps from the tiles. Default:
+        nothing."""
+
     def min_overlap(self, mpp) -> int:
         """The tile overlap (pixels, at the tiles' pixel size ``mpp`` in µm; None when unknown) this transform
         needs so that every object it keeps lies whole in one tile: transforms that find objects keep those
@@ -379,6 +384,10 @@ class Pipeline(Transform):
         for step in self.steps:
             names = step.channel_names_out(names) if names is not None else None
         return names
+
+    def fit_grid(self, grid):
+        for step in self.steps:
+            step.fit_grid(grid)
 
     def fit_slide(self, slide):
         """Fit each step to the slide in turn. A step after steps that change the pixels (a rescale, a stain
