@@ -1364,3 +1364,45 @@ def test_one_output_for_two_slides_is_refused(tmp_path):
         run_slides([SlideData(SVS), SlideData(SVS)], [out, str(out)], pipeline(), executor="inprocess",
                    progress=False)
     assert os.listdir(tmp_path) == []
+
+
+_MANY_SLIDES = """
+import os, resource, sys, warnings
+import numpy as np
+from PIL import Image
+d, soft, hard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.makedirs(d + "/in")
+rng = np.random.default_rng(0)
+paths = []
+for i in range(150):
+    paths.append(f"{{d}}/in/s{{i:03d}}.png")
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(paths[-1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+from histoflow import SlideDataset
+from histoflow.transforms import Pipeline, BoxBlur
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")
+    SlideDataset(paths).run(Pipeline([BoxBlur(3)]), d + "/out", executor="inprocess", progress=False, tile_size=64)
+print(sorted(os.listdir(d + "/out")) == [f"s{{i:03d}}.h5path" for i in range(150)],
+      resource.getrlimit(resource.RLIMIT_NOFILE)[0], sum("lock files open" in str(w.message) for w in said))
+"""
+
+
+@pytest.mark.parametrize("room", ["enough", "too little"])
+def test_many_outputs_are_locked_within_the_limit_on_open_files(tmp_path, room):
+    """A run holds one lock file open per output until that slide is done: a SlideDataset of more slides than the
+    process may open files raises its soft limit (up to the hard one), and where that is not enough, the outputs
+    beyond are written unlocked, with one warning, instead of failing for "too many open files"."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = 300 if room == "too little" else (hard if hard != resource.RLIM_INFINITY else 100_000)
+    r = subprocess.run([sys.executable, "-c", _MANY_SLIDES.format(), str(tmp_path / "d"), "100", str(hard)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    done, soft, warned = r.stdout.split()
+    assert done == "True"
+    if hard >= 150 + 256:
+        assert int(soft) >= 150 + 256 and warned == "0"  # raised: every output locked
+    else:
+        assert int(soft) == hard and warned == "1"  # could not be raised far enough: one warning

@@ -10,6 +10,7 @@ bytes after it (no pickle; see :func:`write_batch`); the manifest is JSON.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -308,10 +309,16 @@ class OutputLock:
             import fcntl
         except ImportError:  # pragma: no cover - not on Linux / macOS
             return self
+        if _HELD[0] >= _lock_budget():  # leave the process files to open for its work (journals, slides)
+            _warn_unlocked(self.out, OSError(errno.EMFILE, "too many open files"))
+            return self
         for _ in range(20):  # the file may be removed by the run releasing it between our open and our lock
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE):  # more outputs than the process may open files
+                    _warn_unlocked(self.out, e)
+                    return self
                 raise OutputError(f"{self.out}: cannot write there: cannot make the run's lock file {self.path}: "
                                   f"{e.strerror or e}") from None
             try:
@@ -337,6 +344,7 @@ class OutputLock:
                 except OSError:
                     pass  # who holds it is only for the message of a refused run
                 self.fd = fd
+                _HELD[0] += 1
                 return self
             os.close(fd)  # we locked a file that was removed meanwhile: take the new one
         return self
@@ -350,6 +358,48 @@ class OutputLock:
             pass
         os.close(self.fd)
         self.fd = None
+        _HELD[0] -= 1
+
+
+_SAID_UNLOCKED = []
+_HELD = [0]  # lock files this process holds open
+
+
+def _lock_budget() -> int:
+    """How many lock files the process may hold: its limit on open files less 256 for everything else."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):  # pragma: no cover
+        return 1 << 30
+    return (1 << 30) if soft == resource.RLIM_INFINITY else max(0, soft - 256)
+
+
+def _warn_unlocked(out, e):
+    if not _SAID_UNLOCKED:
+        _SAID_UNLOCKED.append(out)
+        warnings.warn(f"{out}: this run writes more outputs than it can hold lock files open for ({e.strerror or e} "
+                      "otherwise): from this one on they are not kept from other runs (give each run its own "
+                      "outputs)", stacklevel=4)
+
+
+def allow_open_files(n: int):
+    """Raise the process's limit on open files (its soft limit, up to the hard one) so that ``n`` more can be
+    open: a run holds a lock file for each output it writes (thousands for a large SlideDataset)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux / macOS
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
+                                                    hard))
+    except (ValueError, OSError):  # pragma: no cover - not allowed here: locks beyond the limit are skipped
+        pass
 
 
 def _hostname() -> str:

@@ -122,6 +122,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
         if other is not job:
             raise PipelineError(f"{job.out}: given as the output of two slides ({other.slide.path} and "
                                 f"{job.slide.path}); each slide needs an output of its own")
+    partial.allow_open_files(len(jobs))  # one lock file per output, held until the slide is finished
     tiling = {"tile_size": tile_size, "overlap": overlap, "stride": stride, "level": level, "mpp": mpp, "edge": edge,
               "tissue_filter": tissue_filter}
     run_id = uuid.uuid4().hex[:12]
