@@ -692,8 +692,9 @@ class _ReducingModelTransform(Transform, register=False):
                     f"a downsample of {float(ds):g}; pass a larger heatmap_downsample (e.g. "
                     f"{float(ds) * np.ceil(np.sqrt(w * h / MAX_HEATMAP_PIXELS)):g})")
             edges = getattr(self, "_tile_edges", None)
-            if values.ndim != 3 or edges is None or all(abs(e / float(ds) - round(e / float(ds))) < 1e-9
-                                                        for axis in edges for e in axis):
+            own = abs(float(ds) - float(tile.downsample)) <= 1e-9 * float(ds)  # the tiles' own pixels: placed 1:1
+            if own or values.ndim != 3 or edges is None or all(abs(e / float(ds) - round(e / float(ds))) < 1e-9
+                                                               for axis in edges for e in axis):
                 edges = None  # every tile edge is a heatmap pixel edge (the tiles' own level, a dividing downsample)
             self._maps = _Heatmap(self._dims, ds, len(values), level_size(getattr(self, "_levels", None), ds),
                                   edges=edges)
