@@ -158,3 +158,51 @@ def test_sparse_tissue_gets_one_matrix_for_the_slide(tmp_path):
                     with pytest.warns(UserWarning, match="too little stained tissue to estimate the slide's stains"):
                         t.fit_slide(slide)
                     assert t.slide_stains_ is None
+
+
+def test_stain_matrices_given_in_any_row_order_or_scale_mean_the_same_stains(cmu):
+    """normalize_stains took an eosin-first target as it came (the class reorders it): hematoxylin was painted
+    with eosin's colour (24.6 grey levels off on average). StainSeparation divided by its rows' lengths: rows
+    x 100 gave concentrations 100 times too small, and a negated row was taken (an almost empty stain)."""
+    from histoflow.transforms.stain import REFERENCE_MAX_CONCENTRATIONS, augment_stains, normalize_stains
+
+    im = cmu[1000:1256, 1000:1256]
+    r, rm = np.asarray(REFERENCE_STAIN_MATRIX), np.asarray(REFERENCE_MAX_CONCENTRATIONS)
+    base = normalize_stains(im)
+    for target, maxima in ((r[::-1], rm[::-1]), (2 * r, rm / 2), (3 * r[::-1], rm[::-1] / 3)):
+        out = normalize_stains(im, target_stain_matrix=target, target_max_concentrations=maxima)
+        assert np.abs(out.astype(int) - base).max() <= 1
+    from histoflow.transforms.stain import fit_stains
+
+    own, mc = fit_stains(im)  # the source's matrix given eosin-first with its maxima: the same result
+    a = normalize_stains(im, stain_matrix=own, max_concentrations=mc)
+    b = normalize_stains(im, stain_matrix=np.asarray(own)[::-1], max_concentrations=np.asarray(mc)[::-1])
+    assert np.abs(a.astype(int) - b).max() <= 1 and np.abs(a.astype(int) - im).mean() > 1
+    dab = StainSeparation("dab", output="concentration").F(im)
+    import skimage.color
+
+    hed = skimage.color.rgb_from_hed
+    for scale in (1.0, 100.0, 1 / 255):
+        same = StainSeparation("dab", stain_matrix=(hed / np.linalg.norm(hed, axis=1)[:, None] * scale).tolist(),
+                               output="concentration").F(im)
+        assert np.abs(same.astype(int) - dab).max() <= 1
+    with pytest.raises(ParameterError, match=r"StainSeparation: stain_matrix rows are stains' optical densities, so "
+                                             r">= 0"):
+        StainSeparation("hematoxylin", stain_matrix=[[-0.65, -0.7, -0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    with pytest.raises(ParameterError, match=r"augment_stains: alpha must be one finite number or one per stain \(2\)"):
+        augment_stains(im, [1.0, 1.0, 1.0], 0.0)
+
+
+def test_stain_augmenters_check_their_glass_and_tissue_settings():
+    """StainAugment took any background_intensity (-10 blacked out every image, 0 did nothing) and RandStainNA any
+    luminosity_threshold (-1: every image unchanged); strings failed with numpy's ValueError."""
+    from histoflow.ml.augment import AugmentError, RandStainNA, StainAugment
+
+    for bad in (0, -10, 300, "x", True):
+        with pytest.raises(AugmentError, match=r"StainAugment: background_intensity is the glass's intensity"):
+            StainAugment(background_intensity=bad)
+    stats = dict(means=[70, 10, -5], means_sd=[2, 1, 1], stds=[10, 5, 5], stds_sd=[1, 1, 1])
+    for bad in (-1, 0, 1.5, "a"):
+        with pytest.raises(AugmentError, match=r"RandStainNA: luminosity_threshold is the lightness"):
+            RandStainNA(**stats, luminosity_threshold=bad)
+    assert StainAugment(background_intensity=240).background_intensity == 240.0

@@ -398,7 +398,7 @@ class StainAugment(Augmentation):
             except ValueError as e:
                 raise AugmentError(str(e)) from None
         self.stain_matrix = stain_matrix
-        self.background_intensity = float(background_intensity)
+        self.background_intensity = _check_background("StainAugment", background_intensity)
         self.p = _check_prob("StainAugment", p)
 
     def matrix(self, image):
@@ -463,6 +463,10 @@ class RandStainNA(Augmentation):
         self.stds, self.stds_sd = vals["stds"], vals["stds_sd"]
         self.spread = _check_nonneg("RandStainNA", "spread", spread)
         self.p = _check_prob("RandStainNA", p)
+        if isinstance(luminosity_threshold, bool) or not isinstance(luminosity_threshold, (int, float, np.number)) \
+                or not 0 < luminosity_threshold <= 1:
+            raise AugmentError(f"RandStainNA: luminosity_threshold is the lightness (0..1] below which a pixel is "
+                               f"tissue, got {luminosity_threshold!r}")
         self.luminosity_threshold = float(luminosity_threshold)
 
     @classmethod
@@ -549,6 +553,14 @@ class GaussianNoise(Augmentation):
         if image.dtype.kind == "f":
             return np.clip(out, 0.0, 1.0).astype(image.dtype), masks
         return _to_dtype(out, image.dtype), masks
+
+
+def _check_background(who, v):
+    """The glass intensity of an optical-density conversion: a number in (0, 256], as the stain steps take it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not 0 < v <= 256:
+        raise AugmentError(f"{who}: background_intensity is the glass's intensity, a number in (0, 256] (e.g. 245), "
+                           f"got {v!r}")
+    return float(v)
 
 
 # ------------------------------------------------------------------------------------------ Compose

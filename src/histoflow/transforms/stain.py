@@ -223,6 +223,18 @@ def _checked_he_matrix(matrix, who):
     return valid, order, norms
 
 
+def _he_first(matrix, maxima, who):
+    """``(matrix, maxima)`` with the matrix's rows unit and hematoxylin first (:func:`_checked_he_matrix`) and the
+    maxima (None kept) reordered and rescaled with them; a matrix in that form already is kept bit for bit."""
+    m = _as_matrix(matrix, 2, who)
+    valid, order, norms = _checked_he_matrix(m, who)
+    if order == [0, 1] and np.all(np.abs(norms - 1) <= 1e-12) and np.allclose(valid, m, rtol=0, atol=1e-12):
+        return m, maxima
+    if maxima is not None:
+        maxima = (np.asarray(maxima, np.float64).reshape(-1) * norms)[order]
+    return valid, maxima
+
+
 def _check_seed(name, seed):
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ParameterError(f"{name}: seed must be a whole number >= 0 or None, got {seed!r}")
@@ -568,9 +580,11 @@ def normalize_stains(image, stain_matrix=None, max_concentrations=None,
                                       regularizer, max_c_percentile, seed=seed, max_c_pixels=max_c_pixels)
         if max_concentrations is None:
             max_concentrations = mc
-    src = _as_matrix(stain_matrix, 2, "stain_matrix")
-    dst = _as_matrix(target_stain_matrix, 2, "target_stain_matrix")
-    dst_max = np.asarray(target_max_concentrations, dtype=np.float64)
+    # hematoxylin first and unit rows, as the class takes them (an eosin-first target painted the nuclei pink);
+    # the maxima go with their rows
+    src, max_concentrations = _he_first(stain_matrix, max_concentrations, "normalize_stains: stain_matrix")
+    dst, dst_max = _he_first(target_stain_matrix, target_max_concentrations, "normalize_stains: target_stain_matrix")
+    dst_max = np.asarray(dst_max, dtype=np.float64)
     od = _od_lut(background_intensity)[image]
     flat = od.reshape(-1, 3)
     c = _concentrations(flat, src, "nnls" if method == "vahadane" else "lstsq")
@@ -667,8 +681,15 @@ def augment_stains(image, alpha, beta, stain_matrix=REFERENCE_STAIN_MATRIX, back
     """
     image = _check_rgb(image, "augment_stains")
     m = _as_matrix(stain_matrix, None, "stain_matrix")
-    alpha = np.asarray(alpha, np.float32).reshape(-1)
-    beta_ = np.asarray(beta, np.float32).reshape(-1)
+    try:
+        alpha = np.asarray(alpha, np.float32).reshape(-1)
+        beta_ = np.asarray(beta, np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise ParameterError(f"augment_stains: alpha and beta must be numbers, got {alpha!r} and {beta!r}") from None
+    for name, v in (("alpha", alpha), ("beta", beta_)):
+        if v.size not in (1, len(m)) or not np.all(np.isfinite(v)):
+            raise ParameterError(f"augment_stains: {name} must be one finite number or one per stain "
+                                 f"({len(m)}), got {v.tolist()}")
     od = _od_lut(background_intensity)[image]
     flat = od.reshape(-1, 3)
     c = _concentrations(flat, m, "nnls")
@@ -1126,7 +1147,8 @@ class StainSeparation(Transform):
         The stain (row 0, 1, 2 of the matrix).
     stain_matrix : (3, 3) or (2, 3) list, optional
         Rows = stain OD vectors (scikit-image's ``rgb_from_*`` convention; a third orthogonal row completes
-        a (2, 3) matrix). Default: ``skimage.color.rgb_from_hed`` (hematoxylin, eosin, DAB).
+        a (2, 3) matrix), >= 0, scaled to unit length. Default: ``skimage.color.rgb_from_hed`` (hematoxylin,
+        eosin, DAB), as it is.
     output : {"image", "concentration"}
         ``"image"``: ``tile.image`` becomes an (h, w, 3) uint8 RGB rendering of that stain alone (as
         scikit-image's ``hed2rgb``); ``"concentration"``: an (h, w, 1) uint8 image
@@ -1149,6 +1171,9 @@ class StainSeparation(Transform):
             raise ParameterError(f"StainSeparation: output must be 'image' or 'concentration', got {output!r}")
         if stain_matrix is not None:
             m = _as_matrix(stain_matrix, None, "StainSeparation stain_matrix")
+            if np.any(m < 0) or np.any(np.linalg.norm(m, axis=1) <= 0):  # a stain absorbs, it does not emit
+                raise ParameterError(f"StainSeparation: stain_matrix rows are stains' optical densities, so >= 0 "
+                                     f"and not all 0; got {m.tolist()}")
             _complete_matrix(m)
             k = _STAIN_INDEX[stain.lower()] if isinstance(stain, str) else int(stain)
             if k >= len(m):  # the third row of a two-stain matrix is a made-up residual, not a stain
@@ -1175,7 +1200,12 @@ class StainSeparation(Transform):
         return "IF" if self.output == "concentration" else None
 
     def _matrix(self):
-        return _complete_matrix(_skimage_matrices() if self.stain_matrix is None else self.stain_matrix)
+        if self.stain_matrix is None:
+            return _complete_matrix(_skimage_matrices())
+        # unit rows (Ruifrok & Johnston): concentrations in OD units whatever the rows' scale (rows x 100 gave
+        # concentrations 100 times too small)
+        m = np.asarray(self.stain_matrix, np.float64)
+        return _complete_matrix(m / np.linalg.norm(m, axis=1, keepdims=True))
 
     def F(self, image):
         m = self._matrix()
