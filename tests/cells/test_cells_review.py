@@ -296,3 +296,11 @@ def test_label_ids_far_above_the_object_count_are_measured():
         np.testing.assert_array_equal(b[k], a[k][order])
     out, other = relabel_sequential(big, np.array([[10 ** 13, 5]]))
     assert out.max() == 3 and (out[small == 2] == 1).all() and other.tolist() == [[2, 0]]
+    # 64-bit hashes: uint64 ids at and above 2**63 (wrapped negative as int64) and ids a step apart above 2**53
+    # (merged when compared as float64) stay apart
+    hashed = np.array([0, 2 ** 63 + 1, 2 ** 63 + 3, 2 ** 60 + 1], np.uint64)[small]
+    c = quantify_cells(img, hashed)
+    assert c["label"].dtype == np.uint64 and c["label"].tolist() == [2 ** 60 + 1, 2 ** 63 + 1, 2 ** 63 + 3]
+    np.testing.assert_array_equal(c["area"], a["area"][[2, 0, 1]])
+    near = np.array([0, 2 ** 60 + 1, 2 ** 60 + 2, 2 ** 60 + 3], np.uint64)[small]
+    assert np.unique(relabel_sequential(near)).tolist() == [0, 1, 2, 3]

@@ -1406,3 +1406,34 @@ def test_many_outputs_are_locked_within_the_limit_on_open_files(tmp_path, room):
         assert int(soft) >= 150 + 256 and warned == "0"  # raised: every output locked
     else:
         assert int(soft) == hard and warned == "1"  # could not be raised far enough: one warning
+
+
+def test_runs_on_file_systems_without_locks_and_finished_resumes_take_none(tmp_path, monkeypatch):
+    """Where flock is refused (some network mounts) a run goes on unguarded, as documented, but it left its lock
+    file behind, and a failed run its folder; a resume over a finished output wrote a lock file, so it failed in a
+    folder it cannot write to, where it had nothing to write."""
+    import errno
+    import fcntl
+
+    from histoflow.engine import partial
+
+    out = tmp_path / "done" / "o.h5path"
+    SlideData(SVS).run(pipeline(), out, executor="inprocess", progress=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished output needs no lock")
+
+    with monkeypatch.context() as m:
+        m.setattr(partial.OutputLock, "acquire", refuse)
+        assert SlideData(SVS).run(pipeline(), out, executor="inprocess", progress=False, resume=True) == str(out)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    SlideData(SVS).run(pipeline(), tmp_path / "a" / "o.h5path", executor="inprocess", progress=False)
+    assert os.listdir(tmp_path / "a") == ["o.h5path"]
+    with pytest.raises(PipelineError, match="synthetic failure"):
+        SlideData(SVS).run(Pipeline([FailAt(0, 0)]), tmp_path / "b" / "o.h5path", executor="inprocess",
+                           progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["a", "done"]

@@ -296,8 +296,8 @@ class OutputLock:
     """An exclusive hold on one output path for the length of a run: ``OUT.h5path.lock`` beside it, locked with
     ``flock``. A second run on the same output (another process, another terminal) is refused at once instead of
     removing the first one's journal under it or writing the same file. The operating system drops the lock when
-    the process ends however it ends, so a killed run leaves no stale hold (only the empty file, which the next
-    run on that output takes over and removes). Where ``fcntl`` is missing (Windows) there is no lock."""
+    the process ends however it ends, so a killed run leaves no stale hold (only the file, which names the process
+    that held it and which the next run on that output takes over and removes). Where ``fcntl`` is missing (Windows) there is no lock."""
 
     def __init__(self, out_path: str):
         self.out = os.fspath(out_path)
@@ -329,8 +329,12 @@ class OutputLock:
                 raise OutputError(f"{self.out}: another histoflow run{holder} is writing this output; wait for it "
                                   f"to finish (or stop it), or write elsewhere. If no such run exists, remove "
                                   f"{self.path}") from None
-            except OSError:  # a file system without locks: run unguarded, as without fcntl
+            except OSError:  # a file system without locks: run unguarded, as without fcntl, leaving no file
                 os.close(fd)
+                try:
+                    os.remove(self.path)
+                except OSError:
+                    pass
                 return self
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

@@ -354,6 +354,12 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         "inputs": _slide_inputs(slide),
     }
     job.manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples are lists there)
+    if resume and not os.path.isdir(partial.partial_dir(job.out)) and \
+            _finished_before(job.out, job.manifest, failures_ok=job.on_error == "skip"):
+        job.already_done, job.finished = True, True  # a slide the interrupted run had completed: nothing written
+        job.done = set(range(len(job.batches)))
+        job.resumed = len(job.done)
+        return
     # one run at a time on an output: the lock beside it (its folder made now, and dropped again if the run
     # leaves nothing there) is held until the slide is finished or the run stops
     job.made_folders = missing_folders(os.path.dirname(os.path.abspath(job.out)))
@@ -362,12 +368,6 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
     except OSError as e:
         raise OutputError(f"{job.out}: cannot write there: cannot make its folder: {e.strerror or e}") from None
     job.lock = partial.OutputLock(job.out).acquire()
-    if resume and not os.path.isdir(partial.partial_dir(job.out)) and \
-            _finished_before(job.out, job.manifest, failures_ok=job.on_error == "skip"):
-        job.already_done, job.finished = True, True  # a slide the interrupted run had completed
-        job.done = set(range(len(job.batches)))
-        job.resumed = len(job.done)
-        return
     journal = partial.partial_dir(job.out)
     replace = job.overwrite  # with resume: other settings' outputs and journals are replaced
     if resume and not replace and not os.path.isdir(journal) and os.path.lexists(job.out):

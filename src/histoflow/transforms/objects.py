@@ -87,11 +87,15 @@ def present_ids(labels) -> np.ndarray:
         ids = np.unique(labels)
     else:
         ids = np.flatnonzero(np.bincount(labels.ravel(), minlength=n + 1))
-    return ids[ids > 0].astype(np.int64)
+    ids = ids[ids > 0]
+    # uint64 ids stay uint64 (hashed ids at or above 2**63 wrapped to negative numbers as int64)
+    return ids if ids.dtype == np.uint64 else ids.astype(np.int64)
 
 
 def _search(ids, labels):
     """``labels`` renumbered by their place in ``ids`` (1..), 0 where an id is not in ``ids``."""
+    if labels.dtype != ids.dtype:  # the same integer type on both sides: numpy compares int64 with uint64 as
+        labels = labels.astype(ids.dtype, copy=False)  # float64, which merges ids above 2**53
     pos = np.searchsorted(ids, labels)
     pos = np.minimum(pos, max(len(ids) - 1, 0))
     hit = (labels > 0) & (ids[pos] == labels) if len(ids) else np.zeros(labels.shape, bool)

@@ -1147,7 +1147,7 @@ class StainSeparation(Transform):
         The stain (row 0, 1, 2 of the matrix).
     stain_matrix : (3, 3) or (2, 3) list, optional
         Rows = stain OD vectors (scikit-image's ``rgb_from_*`` convention; a third orthogonal row completes
-        a (2, 3) matrix), >= 0, scaled to unit length. Default: ``skimage.color.rgb_from_hed`` (hematoxylin,
+        a (2, 3) matrix), scaled to unit length. Default: ``skimage.color.rgb_from_hed`` (hematoxylin,
         eosin, DAB), as it is.
     output : {"image", "concentration"}
         ``"image"``: ``tile.image`` becomes an (h, w, 3) uint8 RGB rendering of that stain alone (as
@@ -1171,9 +1171,10 @@ class StainSeparation(Transform):
             raise ParameterError(f"StainSeparation: output must be 'image' or 'concentration', got {output!r}")
         if stain_matrix is not None:
             m = _as_matrix(stain_matrix, None, "StainSeparation stain_matrix")
-            if np.any(m < 0) or np.any(np.linalg.norm(m, axis=1) <= 0):  # a stain absorbs, it does not emit
-                raise ParameterError(f"StainSeparation: stain_matrix rows are stains' optical densities, so >= 0 "
-                                     f"and not all 0; got {m.tolist()}")
+            if np.any(np.max(m, axis=1) <= 0):  # a stain absorbs: a row with nothing positive is negated or empty
+                # (a residual row, as scikit-image's cross products, may mix signs)
+                raise ParameterError(f"StainSeparation: stain_matrix rows are stains' optical densities, each with "
+                                     f"a positive part (not negated, not all 0); got {m.tolist()}")
             _complete_matrix(m)
             k = _STAIN_INDEX[stain.lower()] if isinstance(stain, str) else int(stain)
             if k >= len(m):  # the third row of a two-stain matrix is a made-up residual, not a stain
