@@ -417,3 +417,17 @@ def test_the_legend_of_a_narrow_picture_is_readable(tmp_path):
     bar = np.array([ramp(np.array([0.0]))[0], ramp(np.array([1.0]))[0]])
     assert all(np.any(np.all(legend == c, axis=-1)) for c in bar)  # both ends of the colour bar are drawn
     assert np.all(pic[:1024, 40:] == 255)  # white beside the picture
+
+
+def test_a_mask_reaching_the_pictures_edge_is_outlined_there():
+    """The outline left out the picture's border: a tissue mask covering the whole slide had no outline at all
+    and looked like an empty one."""
+    from histoflow.store.overview import mask_outline
+
+    full = np.ones((50, 40), bool)
+    edge = mask_outline(full, (40, 50))
+    assert edge[:, 0].all() and edge[0, :].all() and edge[:, -1].all() and not edge[10:40, 10:30].any()
+    left = np.zeros((50, 40), bool)
+    left[10:30, :15] = True
+    edge = mask_outline(left, (40, 50))
+    assert edge[10:30, 0].all() and not edge[:, 20:].any()

@@ -193,3 +193,39 @@ def test_the_stored_compression_is_the_images_own(tmp_path):
             assert h.info()["compression"] == want
         with h5py.File(p) as f:
             assert ("gzip" == f["tiles/images"].compression) == (want == "gzip")
+
+
+def test_damaged_b_trees_and_pathml_files_raise_the_stores_own_error(tmp_path):
+    """Damage that h5py reports as RuntimeError ("incorrect B-tree node type", "Link visitation failed"),
+    SystemError, or a ValueError from a damaged datatype reached the caller as such, without the file's name,
+    from the group checks, the tiles' slide record, the cell table and PathML files' labels."""
+    import re
+
+    good = tmp_path / "good.h5path"
+    with H5PathWriter(good) as w:
+        for k in range(3):
+            w.add_tile(np.zeros((8, 8, 3), np.uint8), (8 * k, 0), masks={"m": np.ones((8, 8), bool)}, labels={"a": k})
+    from datafiles import data_path
+
+    pathml = data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path")
+    sources = [good.read_bytes(), open(pathml, "rb").read()]
+    bad = tmp_path / "bad.h5path"
+    raw, damaged = [], 0
+    for data in sources:
+        trees = [m.start() for m in re.finditer(b"TREE", data)][:40]
+        for at in trees:  # each group B-tree node's type byte
+            d = bytearray(data)
+            d[at + 4] = 0x79
+            bad.write_bytes(bytes(d))
+            try:
+                with read_h5path(bad) as h:
+                    h.slide, h.labels
+                    for _ in h:
+                        pass
+                    dict(h.masks), h.provenance, h.cells, h.info()
+            except HistoflowError as e:
+                assert "bad.h5path" in str(e), e
+                damaged += 1
+            except Exception as e:  # noqa: BLE001 - what the test is about
+                raw.append((at, type(e).__name__, str(e)[:120]))
+    assert raw == [] and damaged >= 3

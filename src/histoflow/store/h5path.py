@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - optional speed-up
 
 from .. import __version__
 from ..core.tile import Tile
-from ..errors import H5PathError, H5PathNotFoundError, H5PathOutputError, H5PathParameterError
+from ..errors import H5PathError, H5PathNotFoundError, H5PathOutputError, H5PathParameterError, HistoflowError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "EncodedTile", "H5Path", "H5PathWriter", "encode_tile", "read_h5path"]
 
@@ -1224,6 +1224,11 @@ def _flag(obj, name: str, path) -> bool:
     raise H5PathError(f"{path}: inconsistent: attribute {name!r} of {obj.name} must be true or false, got {v!r:.80}")
 
 
+#: what h5py raises for damaged metadata: damaged object headers (KeyError, OSError, ValueError), B-trees and link
+#: tables ("incorrect B-tree node type", "Link visitation failed": RuntimeError; SystemError from its lock)
+_DAMAGE = (KeyError, OSError, ValueError, RuntimeError, SystemError)
+
+
 def _dataset(group, name: str, path) -> h5py.Dataset:
     """``group[name]``, checked to be a plain dataset (hard link, internal storage, not virtual)."""
     try:
@@ -1231,7 +1236,7 @@ def _dataset(group, name: str, path) -> h5py.Dataset:
         if not isinstance(link, h5py.HardLink):
             raise H5PathError(f"{path}: {group.name}/{name} is a {type(link).__name__}, not a plain dataset")
         ds = group[name]
-    except (KeyError, OSError, ValueError) as e:  # h5py's errors for damaged object headers
+    except _DAMAGE as e:  # h5py's errors for damaged object headers and B-trees
         raise H5PathError(f"{path}: {group.name.rstrip('/')}/{name} cannot be opened (damaged file?): {e}") from e
     if not isinstance(ds, h5py.Dataset):
         raise H5PathError(f"{path}: {ds.name} is not a dataset")
@@ -1247,7 +1252,7 @@ def _group(parent, name: str, path) -> h5py.Group | None:
         if not isinstance(parent.get(name, getlink=True), h5py.HardLink) or not isinstance(parent[name], h5py.Group):
             raise H5PathError(f"{path}: {parent.name.rstrip('/')}/{name} is not a group")
         return parent[name]
-    except (KeyError, OSError, ValueError) as e:  # h5py's errors for damaged object headers
+    except _DAMAGE as e:  # h5py's errors for damaged object headers and B-trees
         raise H5PathError(f"{path}: {parent.name.rstrip('/')}/{name} cannot be opened (damaged file?): {e}") from e
 
 
@@ -1263,7 +1268,10 @@ def _check_tree(group, path):
             if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual):
                 problems.append(name)
 
-    group.visititems_links(visit)
+    try:
+        group.visititems_links(visit)
+    except _DAMAGE as e:
+        raise H5PathError(f"{path}: {group.name} cannot be read (damaged file?): {e}") from e
     if problems:
         raise H5PathError(f"{path}: {group.name}/{problems[0]} is a link or external dataset; refused")
 
@@ -1590,6 +1598,7 @@ class _Masks(Mapping):
 
     def __init__(self, src):
         self._src = src
+        self.path = src.path
 
     def __getitem__(self, name) -> np.ndarray:
         return self._src.read_mask(name)
@@ -1649,6 +1658,9 @@ class H5Path:
             raise H5PathError(f"{self.path}: not a readable HDF5 file (truncated or damaged?): {e}") from e
         try:
             self._src = _open_source(f, self.path)
+        except _DAMAGE as e:  # metadata damaged where no check of ours names it
+            f.close()
+            raise H5PathError(f"{self.path}: cannot be read (damaged file?): {type(e).__name__}: {e}") from e
         except BaseException:
             f.close()
             raise
@@ -1891,6 +1903,48 @@ def _open_source(f: h5py.File, path: str):
         raise H5PathError(f"{path}: invalid format_version {version}: version 1 files (PathML) carry no "
                           "format attribute")
     return _V2Reader(f, path)
+
+
+def _damage_guard(f, generator=False):
+    """``f`` with what h5py raises for a damaged file found while reading (a B-tree, a heap or a datatype that
+    the first checks did not reach) turned into an H5PathError naming the file; the project's own errors, and
+    the caller's (IndexError, KeyError, TypeError), pass as they are."""
+    import functools
+
+    def damaged(self, e):
+        return H5PathError(f"{self.path}: cannot be read (damaged file?): {type(e).__name__}: {e}")
+
+    if generator:
+        @functools.wraps(f)
+        def wrapped(self, *args, **kwargs):
+            try:
+                yield from f(self, *args, **kwargs)
+            except HistoflowError:
+                raise
+            except (RuntimeError, SystemError, ValueError, OSError) as e:
+                raise damaged(self, e) from e
+    else:
+        @functools.wraps(f)
+        def wrapped(self, *args, **kwargs):
+            try:
+                return f(self, *args, **kwargs)
+            except HistoflowError:
+                raise
+            except (RuntimeError, SystemError, ValueError, OSError) as e:
+                raise damaged(self, e) from e
+    return wrapped
+
+
+for _name in ("slide", "labels", "coords", "images", "tile_mask_names", "tile_label_names", "masks", "cells",
+              "provenance"):
+    _prop = H5Path.__dict__[_name]
+    setattr(H5Path, _name, property(_damage_guard(_prop.fget), doc=_prop.__doc__))
+for _name in ("__len__", "tile", "mask_downsample", "overview", "info"):
+    setattr(H5Path, _name, _damage_guard(H5Path.__dict__[_name]))
+H5Path.__iter__ = _damage_guard(H5Path.__dict__["__iter__"], generator=True)
+for _name in ("__getitem__", "__iter__", "__len__"):  # slide masks are read when used
+    setattr(_Masks, _name, _damage_guard(_Masks.__dict__[_name]))
+del _name, _prop
 
 
 def _register_filters():

@@ -76,7 +76,7 @@ def mask_outline(mask: np.ndarray, size, downsample: float | None = None, slide_
         m = m[np.maximum(iy, 0)[:, None], np.maximum(ix, 0)[None, :]] & (iy >= 0)[:, None] & (ix >= 0)[None, :]
     else:
         m = resize_mask(m.astype(np.uint8), (w, h)) > 0
-    inner = m.copy()
+    inner = np.zeros_like(m)  # the picture's border is an edge too: a mask that covers the whole slide is outlined
     inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
     edge = m & ~inner
     edge[1:, :] |= edge[:-1, :]

@@ -268,7 +268,7 @@ class PathMLV1Reader:
                     if ds.size * ds.dtype.itemsize > MAX_TILE_BYTES or not _whole_bytes(ds[()]):
                         ok = False
                         break
-            except (OSError, KeyError, TypeError):
+            except (OSError, KeyError, TypeError, ValueError, RuntimeError):
                 ok = False  # read_tile reports the damaged tile
             cache[mask] = ok
         return cache[mask]
