@@ -327,3 +327,69 @@ def test_the_extent_of_an_edge_tile_at_a_target_mpp_is_its_pixels_that_touch_the
                 data = ~np.all(t.image == 255, axis=2)  # fill is white; this slide's glass is not
                 assert data[:, :ew].any(axis=0).all() and not data[:, ew:].any(), (mpp, spec)
                 assert data[:eh].any(axis=1).all() and not data[eh:].any(), (mpp, spec)
+
+
+def test_a_mask_grid_keeps_only_tiles_the_mask_touches():
+    """Coverage comes from an integral image: a tile with no mask pixel under it came out as ~1e-15 instead of 0
+    and was kept at min_coverage=0 (1 of 61 tissue tiles of CMU-1, 12 % on a mosaic), against the docs' "kept
+    when the mask touches it at all"."""
+    from histoflow.engine import tissue_prepass
+
+    with SlideData(SVS) as s:
+        mask, ds = tissue_prepass(s)
+        for kw in ({}, {"overlap": 64}, {"mpp": 1.0}):
+            grid = s.grid(256, mask="tissue", **kw)
+            assert len(grid) > 10
+            for spec in grid:
+                x0, y0 = int(spec.x // ds), int(spec.y // ds)
+                x1, y1 = int(np.ceil((spec.x + spec.width0) / ds)), int(np.ceil((spec.y + spec.height0) / ds))
+                assert mask[y0:y1, x0:x1].any(), (kw, spec.row, spec.col)
+
+
+def test_masks_given_to_grid_and_to_the_constructor_are_checked_as_add_mask_checks(tmp_path):
+    """grid(mask=array) took a transposed mask (24 of the 54 tiles, the wrong ones) and a text array (numpy's
+    error); SlideData(masks=..., labels=...) raised numpy's and dict's errors for a list instead of a tuple or a
+    dict, without the slide's name, and left the reader open; SlideDataset wrote slides named '../x' outside its
+    folder."""
+    from histoflow import ParameterError, SlideDataset
+
+    with SlideData(SVS) as s:
+        w, h = s.dimensions
+        m = np.ones((round(h / 10), round(w / 10)), bool)
+        assert len(s.grid(256, mask=m)) == len(s.grid(256))
+        with pytest.raises(RegionError, match=r"CMU-1-Small-Region.svs: slide mask .* \(is the mask transposed\?\)"):
+            s.grid(256, mask=m.T)
+        with pytest.raises(RegionError, match=r"CMU-1-Small-Region.svs: slide mask .* has dtype <U1"):
+            s.grid(256, mask=np.full(m.shape, "x"))
+    for kw, match in (({"masks": {"t": [m, 10.0]}}, r"slide mask 't' is not an array .* as a tuple"),
+                      ({"masks": {"t": (m, 10.0, "x")}}, r"slide mask 't': give an array or \(array, downsample\)"),
+                      ({"masks": [m]}, r"masks must be a dict"),
+                      ({"labels": ["grade", 2]}, r"labels must be a dict \{name: value\}, got list")):
+        with pytest.raises((RegionError, ParameterError), match=r"CMU-1-Small-Region.svs: " + match):
+            SlideData(SVS, **kw)
+    assert SlideData(SVS, masks={"t": (m, 10.0)}, labels={"grade": 2}).masks["t"].downsample == 10.0
+    for name in ("../esc", "sub/a", ".."):
+        with pytest.raises(ParameterError, match=r"the slide's name .* cannot hold a folder separator"):
+            SlideDataset([SlideData(SVS, name=name)]).run(None, tmp_path / "out", executor="inprocess")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_thumbnails_larger_than_the_image_take_the_row_under_each_pixel():
+    """Enlarging (a 2048 px view of a 1024 px image), the last row of each strip repeated the row before instead of
+    taking its own source row: 8-11 wrong rows on the 22-channel MIBI image, whose strips are short."""
+    from histoflow.errors import PipelineError
+    from histoflow.engine import tissue_prepass
+
+    mibi = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
+    with SlideData(mibi) as s:
+        full = s.read_region((0, 0), 0, s.dimensions)
+        for n in (2048, 1500):
+            t = s.thumbnail(n)
+            rows = np.minimum((np.arange(t.shape[0]) * (full.shape[0] / t.shape[0])).astype(int), full.shape[0] - 1)
+            cols = np.minimum((np.arange(t.shape[1]) * (full.shape[1] / t.shape[1])).astype(int), full.shape[1] - 1)
+            assert np.array_equal(t, full[rows][:, cols])
+    # the tissue pre-pass refuses a multiplex slide before making that view (176 MiB for this one): its own
+    # reason, not a RegionTooLargeError about a thumbnail nobody asked for
+    with SlideData(mibi, max_region_bytes=100 * 2**20) as s, \
+            pytest.raises(PipelineError, match=r"the tissue pre-pass detects H&E-like tissue; for a MIBI slide"):
+        tissue_prepass(s)

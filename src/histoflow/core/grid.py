@@ -239,7 +239,8 @@ class TileGrid:
                 for c in range(self.cols):
                     if self.mask_filter is not None:
                         cov = self.coverage(self.spec(r, c))
-                        if cov <= 0 or cov < self.min_coverage - 1e-9:
+                        # (a rectangle the mask does not touch comes out of the integral image as ~1e-15)
+                        if cov <= 1e-9 or cov < self.min_coverage - 1e-9:
                             continue
                     keep.append((r, c))
             self._index = keep

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,12 +174,25 @@ class SlideData:
         declared = SlideType.get(slide_type) if slide_type else None
         self.reader = open_slide(self.path, backend=backend, mpp=mpp, max_region_bytes=max_region_bytes,
                                  brightfield=declared.brightfield if declared else None)
-        self.name = name or default_slide_name(self.path)
-        self.slide_type: SlideTypePreset = declared or self._infer_type()
-        self.labels = dict(labels or {})
-        self.masks: dict[str, SlideMask] = {}
-        for k, v in (masks or {}).items():
-            self.add_mask(k, *(v if isinstance(v, tuple) else (v,)))
+        try:
+            self.name = name or default_slide_name(self.path)
+            self.slide_type: SlideTypePreset = declared or self._infer_type()
+            if labels is not None and not isinstance(labels, Mapping):
+                raise ParameterError(f"{self.path}: labels must be a dict {{name: value}}, got "
+                                     f"{type(labels).__name__} {labels!r:.80}")
+            self.labels = dict(labels or {})
+            self.masks: dict[str, SlideMask] = {}
+            if masks is not None and not isinstance(masks, Mapping):
+                raise ParameterError(f"{self.path}: masks must be a dict {{name: array or (array, downsample)}}, "
+                                     f"got {type(masks).__name__}")
+            for k, v in (masks or {}).items():
+                if isinstance(v, tuple) and len(v) not in (1, 2):
+                    raise RegionError(f"{self.path}: slide mask {k!r}: give an array or (array, downsample), got a "
+                                      f"tuple of {len(v)}")
+                self.add_mask(k, *(v if isinstance(v, tuple) else (v,)))
+        except BaseException:
+            self.reader.close()  # not left open by a slide that could not be made
+            raise
         self.tiles: list[Tile] = []
 
     def _infer_type(self) -> SlideTypePreset:
@@ -223,7 +236,15 @@ class SlideData:
         wrong downsample is refused here rather than silently keeping the wrong tiles."""
         if not isinstance(name, str) or not name:
             raise RegionError(f"{self.path}: a slide mask's name must be a non-empty string, got {name!r}")
-        array = np.asarray(array)
+        self.masks[name] = SlideMask(*self._checked_mask(name, array, downsample))
+
+    def _checked_mask(self, name, array, downsample):
+        """``(array, downsample, was_bool)`` of a slide mask, checked as :meth:`add_mask` says."""
+        try:
+            array = np.asarray(array)
+        except (TypeError, ValueError) as e:  # a ragged list ([mask, downsample] for (mask, downsample))
+            raise RegionError(f"{self.path}: slide mask {name!r} is not an array ({e}); give an array, or "
+                              "(array, downsample) as a tuple") from None
         if array.ndim != 2:
             raise RegionError(f"{self.path}: slide mask {name!r} must be 2-D, got shape {array.shape}")
         if 0 in array.shape:
@@ -259,7 +280,7 @@ class SlideData:
         is_bool = array.dtype == bool
         if is_bool:
             array = array.astype(np.uint8)
-        self.masks[name] = SlideMask(array, ds, is_bool)
+        return array, ds, is_bool
 
     # ------------------------------------------------------------------ tiling
     def grid(self, tile_size=256, *, stride=None, overlap=0, level=None, mpp=None, edge="pad",
@@ -272,8 +293,8 @@ class SlideData:
                 if mask not in self.masks:
                     raise RegionError(f"{self.path}: no slide mask named {mask!r} (have {sorted(self.masks)})")
                 mask_arr, mask_ds = self.masks[mask].array, self.masks[mask].downsample
-            else:
-                mask_arr = np.asarray(mask)
+            else:  # checked as add_mask checks (a transposed mask kept the wrong tiles)
+                mask_arr, mask_ds, _ = self._checked_mask("grid(mask=...)", mask, None)
         try:
             grid = TileGrid(self.dimensions, tile_size, stride=stride, overlap=overlap, level=level, mpp=mpp,
                             level_downsamples=[lv.downsample for lv in self.levels], slide_mpp=self.mpp,
@@ -524,6 +545,13 @@ class SlideDataset:
 
     def output_paths(self, outdir) -> list[str]:
         """The h5path file :meth:`run` writes for each slide: ``outdir/<slide name>.h5path``."""
+        for s in self.slides:  # a name with a folder in it ("../x", "sub/x") wrote outside outdir, or below it
+            name = str(s.name)
+            if name in (".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name) \
+                    or "\0" in name:
+                raise ParameterError(f"{s.path}: the slide's name {name!r} is the name of its output file in "
+                                     f"{outdir}, so it cannot hold a folder separator or be '.' / '..'; give it "
+                                     "another with SlideData(..., name=...)")
         return [os.path.join(outdir, f"{s.name}.h5path") for s in self.slides]
 
     def run(self, pipeline, outdir, **kwargs) -> list[str]:
@@ -531,6 +559,7 @@ class SlideDataset:
         :meth:`SlideData.run`."""
         from ..engine import run_slides
 
+        outs = self.output_paths(outdir)  # names checked before any folder is made
         made = missing_folders(outdir)  # the folders made here, the deepest first
         try:
             os.makedirs(outdir, exist_ok=True)
@@ -539,7 +568,6 @@ class SlideDataset:
 
             why = "it is a file" if os.path.isfile(outdir) else (e.strerror or str(e))
             raise OutputError(f"{outdir}: cannot use it as the output folder: {why}") from None
-        outs = self.output_paths(outdir)
         try:
             return run_slides(self.slides, outs, pipeline, **kwargs)
         except BaseException:  # a run that failed before writing anything leaves no empty folder of its making

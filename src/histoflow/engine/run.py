@@ -75,10 +75,10 @@ def tissue_prepass(slide, max_size=2048, **kwargs):
     """
     from ..transforms.tissue import detect_tissue
 
-    thumb = slide.thumbnail(max_size)
-    if not slide.slide_type.brightfield:
+    if not slide.slide_type.brightfield:  # before its thumbnail (every channel of a multiplex slide)
         raise PipelineError(f"{slide.path}: the tissue pre-pass detects H&E-like tissue; for a "
                             f"{slide.slide_type.name} slide give a slide mask named 'tissue' instead")
+    thumb = slide.thumbnail(max_size)
     mask = detect_tissue(thumb[:, :, :3], **kwargs).astype("uint8")
     downsample = slide.dimensions[0] / mask.shape[1]
     slide.add_mask(TISSUE_MASK, mask, downsample)

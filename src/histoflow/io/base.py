@@ -490,7 +490,10 @@ def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: in
         # output row i averages source rows [floor(i * fy), floor((i + 1) * fy)): a strip ends where its last
         # row's box ends, not a row into the next strip's first box
         sy0 = int(math.floor(oy0 * fy))
-        sy1 = lv.height if oy1 == th else min(lv.height, int(math.floor(oy1 * fy)))
+        # (enlarging, the last row takes the source row under it: floor((oy1 - 1) * fy), which may be the one
+        # floor(oy1 * fy) names, then left out: the strip's last row repeated the row before)
+        end = math.floor(oy1 * fy) if fy >= 1 else math.floor((oy1 - 1) * fy) + 1
+        sy1 = lv.height if oy1 == th else min(lv.height, int(end))
         sy1 = max(sy1, sy0 + 1)
         strip = reader.read_region((0, int(round(sy0 * ds))), level, (lv.width, sy1 - sy0))
         if channels is not None:
