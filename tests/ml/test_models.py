@@ -629,8 +629,10 @@ def test_instance_norm_switch_of_a_part_or_a_member_round_trips(tmp_path):
 def test_infinite_sizes_damaged_weights_and_deep_cards_are_model_errors(tmp_path):
     """Raw OverflowError / AttributeError / RecursionError before: an infinite size in create or a card, a state
     dict with a non-string key, a card nested too deep for the JSON reader."""
-    for name, kwargs in (("mobilenet_v2", {"width_mult": float("inf")}), ("rccnet", {"input_size": float("inf")})):
-        with pytest.raises(ParameterError, match=f"{name}: cannot be made with"):
+    for name, kwargs, match in (("mobilenet_v2", {"width_mult": float("inf")}, "MobileNetV2: width_mult, .* must be "
+                                 "positive finite numbers, got inf"),
+                                ("rccnet", {"input_size": float("inf")}, "rccnet: cannot be made with")):
+        with pytest.raises(ParameterError, match=match):
             models.create(name, **kwargs)
     m = models.create("rccnet", num_classes=2)
     path = tmp_path / "r.pt"

@@ -594,11 +594,15 @@ class RuleTable:
             raise RuleError(f"{path}: cannot read the rule table ({e.strerror or e})") from None
         if size > MAX_TABLE_BYTES:
             raise RuleError(f"{path}: a rule table is at most {MAX_TABLE_BYTES} bytes, this file has {size}")
+        if os.path.isdir(path):
+            raise RuleError(f"{path}: is a folder, not a rule table (a YAML file, or the name of a built-in preset)")
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except UnicodeDecodeError as e:
             raise RuleError(f"{path}: not a text (UTF-8) file: {e.reason} at byte {e.start}") from None
+        except OSError as e:
+            raise RuleError(f"{path}: cannot read the rule table ({e.strerror or e})") from None
         try:
             from ..utils import yaml_load
 

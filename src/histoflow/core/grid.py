@@ -145,6 +145,11 @@ class TileGrid:
             if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
                 raise RegionError(f"target mpp must be a positive number, got {mpp}")
             want = self.target_mpp / smpp
+            if want > max(self.dimensions):  # one tile pixel larger than the whole slide: the resampling weights
+                # (tile size x level pixels per tile pixel) took gigabytes, and the process was killed
+                raise RegionError(f"target mpp {self.target_mpp:g} µm/px makes one tile pixel larger than the whole "
+                                  f"slide ({self.dimensions[0]} x {self.dimensions[1]} px at {smpp:g} µm/px, at most "
+                                  f"{max(self.dimensions) * smpp:g} µm/px)")
             self.level = max((i for i, d in enumerate(self.level_downsamples) if d <= want * (1 + MPP_TOLERANCE)),
                              default=0)
             lds = self.level_downsamples[self.level]

@@ -408,6 +408,14 @@ class SlideData:
 
         import itertools
 
+        try:
+            same = os.path.exists(path) and os.path.samefile(path, self.path)
+        except OSError:
+            same = False
+        if same:  # H5PathWriter would have replaced the image itself with the h5path
+            from ..errors import OutputError
+
+            raise OutputError(f"{os.fspath(path)}: the output is the slide being read; choose another output path")
         tiles = self.tiles if tiles is None else tiles
         if total is None and hasattr(tiles, "__len__"):
             total = len(tiles)

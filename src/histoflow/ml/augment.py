@@ -83,18 +83,25 @@ def _rng(rng):
     return rng
 
 
+def _number(v):
+    """``v`` as a float, or None when it is not a real number (text, None, a bool, a list)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    return float(v)
+
+
 def _check_prob(who, p):
-    p = float(p)
-    if not 0.0 <= p <= 1.0:
-        raise AugmentError(f"{who}: probability p must be in [0, 1], got {p}")
-    return p
+    v = _number(p)
+    if v is None or not 0.0 <= v <= 1.0:
+        raise AugmentError(f"{who}: probability p must be a number in [0, 1], got {p!r}")
+    return v
 
 
 def _check_nonneg(who, name, v):
-    v = float(v)
-    if not np.isfinite(v) or v < 0:
-        raise AugmentError(f"{who}: {name} must be a finite number >= 0, got {v}")
-    return v
+    f = _number(v)
+    if f is None or not np.isfinite(f) or f < 0:
+        raise AugmentError(f"{who}: {name} must be a finite number >= 0, got {v!r}")
+    return f
 
 
 def _rgb_uint8(image, who):

@@ -263,6 +263,15 @@ class NucleusSegmentation(Transform):
         self.backend = backend
         self.mask_name = mask_name
         self.label_name = label_name
+        for name, v, top in (("fg_threshold", fg_threshold, 1.0), ("marker_threshold", marker_threshold, 1.0),
+                             ("min_size", min_size, None)):
+            if v is None:
+                continue  # the model card's
+            bad = isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(v) or v < 0 or (top is not None and v > top)
+            if bad:  # NaN or 7 found no nucleus at all, and said nothing
+                raise ParameterError(f"NucleusSegmentation: {name} must be a number in "
+                                     f"{'[0, 1] (a probability)' if top else '[0, inf) (pixels)'}, got {v!r}")
         self.fg_threshold = fg_threshold
         self.marker_threshold = marker_threshold
         self.min_size = min_size

@@ -1314,6 +1314,9 @@ class _V2Reader:
         self._tile_masks: dict[str, tuple[h5py.Dataset, bool]] = {}
         self._tile_labels: dict[str, tuple[h5py.Dataset, str]] = {}
         if "images" not in tiles:
+            if len(tiles):  # a file of no tiles has an empty /tiles: coords or masks without images lost them
+                raise H5PathError(f"{path}: inconsistent: /tiles holds {sorted(tiles)} but no 'images' dataset "
+                                  "(damaged file?)")
             return
         img = _dataset(tiles, "images", path)
         if img.ndim != 4 or 0 in img.shape[1:] or \

@@ -22,6 +22,7 @@ import datetime
 import importlib
 import inspect
 import json
+import os
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -259,6 +260,10 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
     """
     from histoflow import __version__
 
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or Path(path).name in ("", ".", ".."):
+        raise ParameterError(f"save: path must name a weights file (e.g. 'model.pt'), got {path!r}")
+    if card is not None and not isinstance(card, Mapping):
+        raise ParameterError(f"save: card must be a dict of card entries, got {type(card).__name__} {card!r:.60}")
     path = Path(path)
     if path.suffix == ".json":
         raise ParameterError(f"save: {path} would be overwritten by the model card; use a .pt file name")
@@ -340,6 +345,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
         When the card or the weights are missing, unreadable or do not match; the message names
         the file.
     """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or Path(path).name in ("", ".", ".."):
+        raise ModelError(f"load: path must name a saved model's weights file (e.g. 'model.pt'), got {path!r}")
     path = Path(path)
     if path.suffix == ".json":
         path = path.with_suffix(".pt")

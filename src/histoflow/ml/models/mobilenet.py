@@ -17,6 +17,7 @@ paper: global average pooling, Dense(100), Dropout(0.5), ReLU, BatchNorm1d, Dens
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,8 +99,15 @@ class MobileNetV2(nn.Module):
         super().__init__()
         if head not in ("standard", "paper"):
             raise ParameterError(f"MobileNetV2: head must be 'standard' or 'paper', got {head!r}")
-        if width_mult <= 0 or num_classes < 1 or in_channels < 1 or hidden < 1:
-            raise ParameterError("MobileNetV2: width_mult, num_classes, in_channels and hidden must be positive")
+        def real(v):
+            return not isinstance(v, bool) and isinstance(v, (int, float, np.number)) and np.isfinite(v)
+
+        if not all(real(v) for v in (width_mult, num_classes, in_channels, hidden)) or width_mult <= 0 \
+                or num_classes < 1 or in_channels < 1 or hidden < 1:
+            raise ParameterError("MobileNetV2: width_mult, num_classes, in_channels and hidden must be positive "
+                                 f"finite numbers, got {width_mult!r}, {num_classes!r}, {in_channels!r}, {hidden!r}")
+        if dropout is not None and (not real(dropout) or not 0.0 <= dropout < 1.0):
+            raise ParameterError(f"MobileNetV2: dropout must be a number in [0, 1), got {dropout!r}")
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
         self.width_mult = float(width_mult)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -104,6 +105,9 @@ class UNet(nn.Module):
                  filters: Sequence[int] = (32, 64, 128, 256), upsample: str = "transpose",
                  norm: str | None = "batch", dropout: float = 0.0) -> None:
         super().__init__()
+        if isinstance(filters, (str, bytes)) or not hasattr(filters, "__iter__") or not all(
+                isinstance(f, (int, np.integer)) and not isinstance(f, (bool, np.bool_)) for f in filters):
+            raise ParameterError(f"UNet: filters must be a non-empty sequence of positive ints, got {filters!r}")
         filters = tuple(int(f) for f in filters)
         if len(filters) < 1 or any(f <= 0 for f in filters):
             raise ParameterError(f"UNet: filters must be a non-empty sequence of positive ints, got {filters}")
@@ -111,8 +115,8 @@ class UNet(nn.Module):
             raise ParameterError(f"UNet: upsample must be one of {_UPSAMPLES}, got {upsample!r}")
         if norm not in _NORMS:
             raise ParameterError(f"UNet: norm must be one of {_NORMS}, got {norm!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ParameterError(f"UNet: dropout must be in [0, 1), got {dropout}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.number)) or not 0.0 <= dropout < 1.0:
+            raise ParameterError(f"UNet: dropout must be a number in [0, 1), got {dropout!r}")
         if in_channels < 1 or out_channels < 1:
             raise ParameterError("UNet: in_channels and out_channels must be >= 1")
         self.in_channels = int(in_channels)
