@@ -104,3 +104,22 @@ def test_augmentations_models_and_rule_tables_raise_their_own_errors(tmp_path):
     (tmp_path / "rules.yaml").mkdir()
     with pytest.raises(RuleError, match=r"rules.yaml: is a folder, not a rule table"):
         RuleTable.from_yaml(tmp_path / "rules.yaml")
+
+
+def test_small_argument_mistakes_are_named(tmp_path):
+    """read_h5path(None) was a TypeError from os.fspath; write_annotations("abc") an AttributeError; a batch size
+    of 0, -3 or 1.5 was quietly made 1."""
+    from histoflow import PipelineError
+    from histoflow.annotations import AnnotationError, write_annotations
+    from histoflow.errors import H5PathError
+    from histoflow.transforms import BoxBlur, Pipeline
+
+    with pytest.raises(H5PathError, match=r"read_h5path: path must be a file name, got NoneType"):
+        read_h5path(None)
+    for bad in ("abc", [None]):
+        with pytest.raises(AnnotationError, match=r"out.geojson: polygons must be"):
+            write_annotations(bad, tmp_path / "out.geojson")
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(PipelineError, match=r"batch_size must be a whole number of tiles >= 1"):
+            SlideData(SVS).run(Pipeline([BoxBlur(3)]), tmp_path / "o.h5path", executor="inprocess", batch_size=bad)
+    assert list(tmp_path.iterdir()) == []

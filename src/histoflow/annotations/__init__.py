@@ -40,7 +40,14 @@ def read_annotations(path) -> list:
 
 def write_annotations(polygons, path) -> str:
     """Write polygons in the format of ``path``'s extension (.xml, .geojson/.json, .zip)."""
-    return _kind(path, _WRITERS, "write")(polygons, path)
+    writer = _kind(path, _WRITERS, "write")
+    if isinstance(polygons, (str, bytes, Polygon)) or not hasattr(polygons, "__iter__"):
+        raise AnnotationError(f"{path}: polygons must be a list of Polygon objects, got {type(polygons).__name__}")
+    polygons = list(polygons)
+    bad = [type(p).__name__ for p in polygons if not isinstance(p, Polygon)]
+    if bad:
+        raise AnnotationError(f"{path}: polygons must be Polygon objects, got a {bad[0]} among them")
+    return writer(polygons, path)
 
 
 def _read_skipped(path, negatives=None):

@@ -109,7 +109,9 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
     if pipeline is not None and not isinstance(pipeline, Pipeline):
         # run alone, the masks a transform reads can only be the slide's (checked against each slide below)
         pipeline = Pipeline([pipeline], inputs=list(dict.fromkeys(pipeline.masks_in)))
-    batch_size = max(1, int(batch_size))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise PipelineError(f"batch_size must be a whole number of tiles >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     if max_in_flight is not None and not (isinstance(max_in_flight, int) and max_in_flight >= 1):
         raise PipelineError(f"max_in_flight must be a whole number of batches >= 1, got {max_in_flight!r}")
     if tissue_filter is not None and (isinstance(tissue_filter, bool) or

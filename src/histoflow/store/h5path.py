@@ -1648,6 +1648,8 @@ class H5Path:
     """
 
     def __init__(self, path):
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise H5PathError(f"read_h5path: path must be a file name, got {type(path).__name__} {path!r:.60}")
         self.path = os.fspath(path)
         self._src = None
         if not os.path.exists(self.path):
