@@ -401,3 +401,21 @@ def test_tile_says_when_no_tile_fits(tmp_path, capsys):
                      "--no-progress"]) == 0
     with read_h5path(tmp_path / "e.h5path") as h5:
         assert len(h5) == 0
+
+
+def test_a_run_whose_every_tile_failed_is_not_a_success(tmp_path):
+    """With --on-error skip, a slide of which no tile could be processed printed "0 tiles, 6 failed" and exited 0,
+    so a batch script went on as if it had results. It exits 1 now, naming the first failure; the file with the
+    failures recorded stays."""
+    (tmp_path / "broken.py").write_text(
+        "from histoflow.transforms import Transform\n\n\n"
+        "class AlwaysFails(Transform):\n    def apply(self, tile):\n        raise ValueError('no luck')\n")
+    (tmp_path / "p.yaml").write_text("steps:\n  - AlwaysFails: {}\n")
+    exe = os.path.join(os.path.dirname(sys.executable), "histoflow")
+    r = subprocess.run([exe, "run", "p.yaml", SVS, "-o", "out", "--executor", "inprocess", "--size", "1024",
+                        "--no-progress", "--on-error", "skip", "--import", "broken", "--png", "none"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "CMU-1-Small-Region.h5path: every tile failed (9), e.g. AlwaysFails: " in r.stderr and "no luck" in r.stderr
+    with read_h5path(tmp_path / "out" / "CMU-1-Small-Region.h5path") as h5:
+        assert len(h5) == 0 and len(h5.provenance[-1]["failed_tiles"]) == 9

@@ -755,10 +755,15 @@ def cmd_run(args):
     from .store.overview import overview
     from .utils import save_png
 
+    all_failed = []
     for slide, out, png in zip(slides.slides, outs, pngs):
         with read_h5path(out) as h5:
             prov = h5.provenance[-1] if h5.provenance else {}
             failed = prov.get("failed_tiles_total", len(prov.get("failed_tiles", [])))  # the list is cut short
+            if failed and not len(h5):
+                first = (prov.get("failed_tiles") or [{}])[0]
+                all_failed.append(f"{out}: every tile failed ({failed}), e.g. {first.get('transform', '?')}: "
+                                  f"{first.get('error', '?')}")
             if png:
                 try:
                     save_png(png, overview(h5, 1024, slide=slide))
@@ -772,6 +777,10 @@ def cmd_run(args):
     slides.close()
     dt = time.perf_counter() - t0
     print(f"{len(outs)} slide(s) in {dt:.1f} s")
+    if all_failed:  # --on-error skip kept going, but a slide with nothing written is not a success
+        for line in all_failed:
+            print(f"histoflow: error: {line}", file=sys.stderr)
+        return 1
     return 0
 
 
