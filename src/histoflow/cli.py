@@ -61,6 +61,19 @@ def _mpp(text):
     return v
 
 
+def _microns(text):
+    """An argparse type: a length in µm (a finite number >= 0)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"is a length in µm, a finite number >= 0; got {text}")
+    return v
+
+
 def _fraction(text):
     """An argparse type: a number from 0 to 1 (a tissue fraction)."""
     try:
@@ -245,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="name or index (default: the DAPI/Hoechst/HH3 channel); fluorescence only")
     s.add_argument("--membrane", nargs="*", default=None, metavar="NAME",
                    help="membrane/cytoplasm channels, by name or index; fluorescence only")
-    s.add_argument("--expand", type=float, default=None,
+    s.add_argument("--expand", type=_microns, default=None,
                    help="cell reach beyond the nucleus, µm (default 3); fluorescence only (H&E cells are nuclei)")
     s.add_argument("--tile", "--size", dest="tile", type=_positive_int, default=512,
                    help="tile size in pixels (default 512; --size, as in tile and run, is the same)")

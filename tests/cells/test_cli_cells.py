@@ -364,3 +364,11 @@ def test_quantify_on_he_refuses_the_fluorescence_options(tmp_path):
     r = _cli("quantify", he, "--slide-mpp", "0.5", "-o", tmp_path / "c.h5ad", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert anndata.read_h5ad(tmp_path / "c.h5ad").n_obs > 100
+
+
+def test_quantify_names_the_option_of_an_expansion_that_is_not_a_length():
+    """--expand nan / inf / -1 were refused by SegmentCells ("expand_um must be a finite number"), a name the user
+    never typed; the command line names its own option now, before anything is read."""
+    for v in ("nan", "inf", "-1", "x"):
+        r = _cli("quantify", MIBI, "-o", "unused.h5ad", f"--expand={v}")
+        assert r.returncode == 2 and "argument --expand: " in r.stderr and "SegmentCells" not in r.stderr, r.stderr
