@@ -77,3 +77,41 @@ def test_bins_and_iterations_are_bounded_when_made():
     with pytest.raises(ParameterError, match="n_iter must be at most 1000"):
         SuperpixelInterpolation(n_iter=10**9)
     assert HistogramEqualization(nbins=65536).nbins == 65536
+
+
+def test_parameters_that_make_a_step_saturate_do_nothing_or_explode_are_refused():
+    """A review (session 26) found: RescaleIntensity to a range wider than the image's dtype clipped most of a
+    uint8 tile to 255; n iterations of a k px kernel act as one (k - 1) n + 1 px kernel, past the kernels' bound
+    (100,000 asked OpenCV for 160 GB, in its own error); thresholds off the 0-255 scale (or a white fraction of 1)
+    made tissue detection and white-space labelling constant."""
+    import numpy as np
+    import pytest
+
+    from histoflow.errors import ParameterError
+    from histoflow.transforms import (LabelWhiteSpaceHE, MorphClose, MorphOpen, RescaleIntensity,
+                                      TissueDetectionHE)
+    from histoflow.transforms.intensity import rescale_intensity
+    from histoflow.transforms.morphology import morph_close
+    from histoflow.transforms.tissue import TissueDetectionCascade
+
+    img = np.random.default_rng(0).integers(0, 200, (32, 32, 3), dtype=np.uint8)
+    for out_range in ("uint16", "uint12", (0, 1000), (-5, 100)):
+        with pytest.raises(ParameterError, match=r"out_range .* does not fit the image's uint8"):
+            rescale_intensity(img, out_range=out_range)
+        with pytest.raises(ParameterError, match=r"does not fit the image's uint8"):
+            RescaleIntensity(out_range=out_range).F(img)
+    assert rescale_intensity(img.astype(np.uint16), out_range="uint12").max() == 4095  # a range that fits
+    assert rescale_intensity(img, out_range=(0, 100)).max() == 100
+    for make in (lambda: MorphOpen("m", kernel_size=5, n_iterations=300),
+                 lambda: MorphClose("m", kernel_size=5, n_iterations=100000),
+                 lambda: morph_close(np.ones((8, 8), np.uint8), 5, 300),
+                 lambda: TissueDetectionHE(morph_k_size=7, morph_n_iter=200)):
+        with pytest.raises(ParameterError, match=r"reach as far as one \d+ px kernel; at most 1023 px"):
+            make()
+    assert MorphOpen("m", kernel_size=5, n_iterations=255).n_iterations == 255  # 1021 px: within
+    for make in (lambda: TissueDetectionHE(threshold=-5), lambda: TissueDetectionHE(threshold=300),
+                 lambda: TissueDetectionCascade(saturation_threshold=255),
+                 lambda: LabelWhiteSpaceHE(greyscale_threshold=255), lambda: LabelWhiteSpaceHE(proportion_threshold=1)):
+        with pytest.raises(ParameterError):
+            make()
+    assert LabelWhiteSpaceHE(greyscale_threshold=254, proportion_threshold=0.99).F(np.full((8, 8, 3), 255, np.uint8))

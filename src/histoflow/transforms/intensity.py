@@ -168,6 +168,17 @@ def rescale_intensity(image, in_range="image", out_range="dtype", per_channel=Fa
     in_range = _check_range("rescale_intensity", "in_range", in_range)
     out_range = _check_range("rescale_intensity", "out_range", out_range)
     image = np.asarray(image)
+    if image.dtype.kind in "iu" and out_range not in ("image", "dtype"):
+        # the result keeps the input's dtype: a wider range (uint16 / (0, 1000) for uint8) was clipped at its top,
+        # leaving most of the tile at 255
+        from skimage.exposure.exposure import DTYPE_RANGE
+
+        lo, hi = DTYPE_RANGE[out_range] if isinstance(out_range, str) else out_range
+        info = np.iinfo(image.dtype)
+        if lo < info.min or hi > info.max:
+            raise ParameterError(f"rescale_intensity: out_range {out_range!r} ({lo:g}..{hi:g}) does not fit the "
+                                 f"image's {image.dtype} ({info.min}..{info.max}), which the result keeps; convert "
+                                 "the image first, or give a range within it")
     if image.size == 0:  # no pixels, nothing to stretch (scikit-image would raise)
         return image.copy()
 

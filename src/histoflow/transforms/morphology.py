@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import MaskError, ParameterError
 from .base import Transform, outputs_from
-from .filters import _check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int
+from .filters import (MAX_KERNEL, _check_bool, _check_name, _check_number, _check_odd_kernel,
+                      _check_positive_int)
 from .intensity import to_grey
 
 __all__ = [
@@ -99,6 +100,17 @@ def binary_threshold(image, use_otsu=True, threshold=0, inverse=False, channel=N
     return (mask, t) if return_threshold else mask
 
 
+def check_reach(name, kernel_size, n_iterations, param="n_iterations"):
+    """``n_iterations`` of a ``kernel_size`` square kernel act as one kernel of side (k - 1) n + 1 (OpenCV makes
+    that kernel): kept within the kernels' bound, :data:`~histoflow.transforms.filters.MAX_KERNEL` (100,000
+    iterations of a 5 px kernel asked OpenCV for 160 GB)."""
+    side = (int(kernel_size) - 1) * int(n_iterations) + 1
+    if side > MAX_KERNEL:
+        raise ParameterError(f"{name}: {param}={n_iterations} of a {kernel_size} px kernel reach as far as one "
+                             f"{side} px kernel; at most {MAX_KERNEL} px (n <= {(MAX_KERNEL - 1) // max(1, int(kernel_size) - 1)})")
+    return n_iterations
+
+
 def morph_open(mask, kernel_size=5, n_iterations=1):
     """Morphological opening (erode then dilate, ``n_iterations`` times each) with a square kernel:
     removes specks and thin bridges narrower than the kernel.
@@ -111,7 +123,7 @@ def morph_open(mask, kernel_size=5, n_iterations=1):
     100
     """
     k = _check_odd_kernel("morph_open", kernel_size)
-    n = _check_positive_int("morph_open", "n_iterations", n_iterations)
+    n = check_reach("morph_open", k, _check_positive_int("morph_open", "n_iterations", n_iterations))
     mask = _as_mask(mask)
     if mask.size == 0:  # no pixels (OpenCV would raise)
         return mask.copy()
@@ -130,7 +142,7 @@ def morph_close(mask, kernel_size=5, n_iterations=1):
     1
     """
     k = _check_odd_kernel("morph_close", kernel_size)
-    n = _check_positive_int("morph_close", "n_iterations", n_iterations)
+    n = check_reach("morph_close", k, _check_positive_int("morph_close", "n_iterations", n_iterations))
     mask = _as_mask(mask)
     if mask.size == 0:  # no pixels (OpenCV would raise)
         return mask.copy()
@@ -270,7 +282,8 @@ class MorphOpen(_MaskTransform):
     def __init__(self, mask_name, kernel_size=5, n_iterations=1):
         self.mask_name = _check_name("MorphOpen", "mask_name", mask_name)
         self.kernel_size = _check_odd_kernel("MorphOpen", kernel_size)
-        self.n_iterations = _check_positive_int("MorphOpen", "n_iterations", n_iterations)
+        self.n_iterations = check_reach("MorphOpen", self.kernel_size,
+                                        _check_positive_int("MorphOpen", "n_iterations", n_iterations))
 
     def F(self, mask):
         return morph_open(mask, self.kernel_size, self.n_iterations)
@@ -297,7 +310,8 @@ class MorphClose(_MaskTransform):
     def __init__(self, mask_name, kernel_size=5, n_iterations=1):
         self.mask_name = _check_name("MorphClose", "mask_name", mask_name)
         self.kernel_size = _check_odd_kernel("MorphClose", kernel_size)
-        self.n_iterations = _check_positive_int("MorphClose", "n_iterations", n_iterations)
+        self.n_iterations = check_reach("MorphClose", self.kernel_size,
+                                        _check_positive_int("MorphClose", "n_iterations", n_iterations))
 
     def F(self, mask):
         return morph_close(mask, self.kernel_size, self.n_iterations)

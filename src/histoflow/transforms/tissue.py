@@ -18,7 +18,7 @@ from .base import Transform, inside_slide, outputs_from
 from .filters import (_check_bool, _check_name, _check_number, _check_odd_kernel, _check_positive_int,
                       median_blur)
 from .intensity import rgb_to_saturation, to_grey
-from .morphology import foreground_detection, morph_close, morph_open, otsu_threshold
+from .morphology import check_reach, foreground_detection, morph_close, morph_open, otsu_threshold
 
 __all__ = [
     "TissueDetectionHE", "TissueDetectionCascade", "LabelWhiteSpaceHE", "LabelArtifactTileHE",
@@ -278,7 +278,7 @@ class TissueDetectionHE(Transform):
         scaled to match), then enlarge the mask. The default 3 is about 12x faster than full resolution
         (the 17 px median becomes a 5 px one, which OpenCV does quickly, where 7 px and up are slow; the
         grey image is reduced by an exact factor, OpenCV's fast path) and agrees with it on about 98 % of
-        the pixels of CMU-1 tiles (boundaries move by a few pixels); use 1 for PathML's exact
+        the pixels of CMU-1 tiles (boundaries move by a few pixels); use 1 for PathML's
         full-resolution behaviour.
     otsu : {"slide", "tile"}
         Where Otsu's threshold comes from when ``threshold`` is None. ``"slide"`` (default): once per slide,
@@ -320,11 +320,12 @@ class TissueDetectionHE(Transform):
         self.mask_name = _check_name(name, "mask_name", mask_name)
         self.use_saturation = _check_bool(name, "use_saturation", use_saturation)
         self.blur_ksize = _check_odd_kernel(name, blur_ksize, param="blur_ksize")
-        if threshold is not None:
-            threshold = _check_number(name, "threshold", threshold)
+        if threshold is not None:  # grey or saturation, 0-255 (outside it every pixel or none is tissue)
+            threshold = _check_number(name, "threshold", threshold, 0, maximum=255)
         self.threshold = threshold
         self.morph_n_iter = _check_positive_int(name, "morph_n_iter", morph_n_iter, 0)
         self.morph_k_size = _check_odd_kernel(name, morph_k_size, param="morph_k_size")
+        check_reach(name, self.morph_k_size, self.morph_n_iter, "morph_n_iter")
         self.min_region_size = _check_number(name, "min_region_size", min_region_size, 0)
         self.max_hole_size = _check_number(name, "max_hole_size", max_hole_size, 0)
         self.outer_contours_only = _check_bool(name, "outer_contours_only", outer_contours_only)
@@ -436,6 +437,9 @@ class TissueDetectionCascade(Transform):
         name = "TissueDetectionCascade"
         self.mask_name = _check_name(name, "mask_name", mask_name)
         self.saturation_threshold = _check_number(name, "saturation_threshold", saturation_threshold, 0)
+        if self.saturation_threshold >= 255:  # no saturation exceeds it: nothing would be tissue
+            raise ParameterError(f"{name}: saturation_threshold is on the 0-255 scale and must be below 255, got "
+                                 f"{saturation_threshold!r}")
         if not isinstance(close_kernel_sizes, (list, tuple)):
             raise ParameterError(f"{name}: close_kernel_sizes must be a list of odd integers, "
                                  f"got {close_kernel_sizes!r}")
@@ -476,9 +480,12 @@ class LabelWhiteSpaceHE(Transform):
         name = "LabelWhiteSpaceHE"
         self.label_name = _check_name(name, "label_name", label_name)
         self.proportion_threshold = _check_number(name, "proportion_threshold", proportion_threshold, 0)
-        if self.proportion_threshold > 1:
-            raise ParameterError(f"{name}: proportion_threshold must be in [0, 1], got {proportion_threshold!r}")
+        if self.proportion_threshold >= 1:  # the white fraction must exceed it: 1 never can
+            raise ParameterError(f"{name}: proportion_threshold must be in [0, 1), got {proportion_threshold!r}")
         self.greyscale_threshold = _check_number(name, "greyscale_threshold", greyscale_threshold, 0)
+        if self.greyscale_threshold >= 255:  # a pixel is white above it: nothing is above 255
+            raise ParameterError(f"{name}: greyscale_threshold is on the 0-255 scale and must be below 255, got "
+                                 f"{greyscale_threshold!r}")
 
     labels_out = outputs_from("label_name")
 
