@@ -1437,3 +1437,35 @@ def test_runs_on_file_systems_without_locks_and_finished_resumes_take_none(tmp_p
         SlideData(SVS).run(Pipeline([FailAt(0, 0)]), tmp_path / "b" / "o.h5path", executor="inprocess",
                            progress=False)
     assert sorted(os.listdir(tmp_path)) == ["a", "done"]
+
+
+class FailTwo(Transform):
+    """Raises on two tiles of the first batch (the engine review's case)."""
+
+    def apply(self, tile):
+        if tile.coords in ((256, 0), (0, 256)):
+            raise ValueError(f"bad tile {tile.coords}")
+
+
+def test_a_threads_run_failing_in_its_first_batch_leaves_nothing(tmp_path):
+    """The threads executor finishes its running batches on close, and they landed in the journal after the
+    failure: the run left a journal (and the folders it made) while its message said nothing was kept. What is
+    kept is what the run had finished when it stopped."""
+    out = tmp_path / "a" / "b" / "out.h5path"
+    with pytest.raises(PipelineError, match=r"FailTwo failed on tile at .*\. Fix the cause and run again, or pass"):
+        SlideData(SVS).run(Pipeline([FailTwo()]), out, executor="threads", workers=2, tile_size=256, batch_size=8,
+                           progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_dask_client_is_named(tmp_path):
+    """A closed Client (or one whose cluster is gone) raised distributed's ClosedClientError, naming neither the
+    client nor the run."""
+    from distributed import Client
+
+    client = Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+    client.close()
+    with pytest.raises(PipelineError, match=r"the dask cluster .* takes no work: \w+Error: .*is the Client "
+                                            r"closed, or its scheduler gone\?"):
+        SlideData(SVS).run(pipeline(), tmp_path / "o.h5path", client=client, progress=False)
+    assert list(tmp_path.iterdir()) == []

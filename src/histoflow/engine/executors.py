@@ -252,7 +252,12 @@ class DaskExecutor:
 
     @property
     def workers(self) -> int:
-        return max(1, sum(self._nthreads().values()))
+        try:
+            return max(1, sum(self._nthreads().values()))
+        except Exception as e:  # noqa: BLE001 - a closed client / a cluster that is gone, in distributed's words
+            raise PipelineError(f"the dask cluster {self._where()} takes no work: {type(e).__name__}: {e} (is the "
+                                "Client closed, or its scheduler gone? pass an open Client or a scheduler "
+                                "address)") from e
 
     def share(self, obj):
         """``obj`` (a slide or a pipeline) for the tasks, made by a task rather than scattered: the scheduler
@@ -265,7 +270,16 @@ class DaskExecutor:
             self._warned_empty = True
             warnings.warn(f"the dask cluster {self._where()} has no workers yet: the run waits for them "
                           "(start some, e.g. cluster.scale(...), or stop the run)", stacklevel=4)
-        return self.client.submit(_shared, _portable(obj), pure=False)
+        return self._submit(_shared, _portable(obj), pure=False)
+
+    def _submit(self, fn, *args, **kwargs):
+        """``client.submit``, a closed client or a cluster that is gone named as the project's error."""
+        try:
+            return self.client.submit(fn, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - distributed raises several kinds (ClosedClientError, OSError ...)
+            raise PipelineError(f"the dask cluster {self._where()} takes no work: {type(e).__name__}: {e} (is the "
+                                "Client closed, or its scheduler gone? pass an open Client or a scheduler "
+                                "address)") from e
 
     def _n_workers(self) -> int:
         try:
@@ -294,7 +308,7 @@ class DaskExecutor:
             pass
 
     def submit(self, fn, *args, key=None):
-        return self.client.submit(fn, *args, key=key, pure=False, retries=2)
+        return self._submit(fn, *args, key=key, pure=False, retries=2)
 
     def wait_any(self, pending):
         try:

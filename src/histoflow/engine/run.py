@@ -220,10 +220,10 @@ def _drop_unused_journals(jobs):
         if job.finished:
             continue
         if job.dir is not None and job.made_journal:
-            try:
-                if partial.done_batches(job.dir, job.token):
-                    continue
-            except OSError:
+            # the batches the run had finished when it stopped; not those that landed in the journal after
+            # (a threads run finishes its running batches on close: a failure in the first batch left a
+            # journal, while the message said nothing was kept)
+            if job.done:
                 continue
             partial.remove(job.dir)
         made.update(job.made_folders)
