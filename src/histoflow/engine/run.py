@@ -61,6 +61,7 @@ class _Job:
         self.made_journal = False  # this run made the journal (not one it resumes)
         self.made_folders: list = []  # folders above the output that did not exist before the run
         self.lock = None  # the run's hold on the output (partial.OutputLock)
+        self.nothing_kept = False  # the run stopped on an error whose message said no batch was kept
 
     @property
     def n_tiles(self):
@@ -180,6 +181,7 @@ def run_slides(slides, outputs, pipeline: Transform | None, *, tile_size=256, ov
                     again = (f"Finished batches are kept in {job.dir}; fix the cause and run again with "
                              "resume=True (`--resume` on the command line)" if job.done or not job.made_journal
                              else "Fix the cause and run again")  # nothing done: the journal is dropped
+                    job.nothing_kept = not (job.done or not job.made_journal)
                     raise PipelineError(f"{job.slide.path}: {f.transform} failed on tile at (x={f.x}, y={f.y}): "
                                         f"{f.error}. {again}, or pass on_error='skip' (`histoflow run --on-error "
                                         "skip`)")
@@ -220,11 +222,17 @@ def _drop_unused_journals(jobs):
         if job.finished:
             continue
         if job.dir is not None and job.made_journal:
-            # the batches the run had finished when it stopped; not those that landed in the journal after
-            # (a threads run finishes its running batches on close: a failure in the first batch left a
-            # journal, while the message said nothing was kept)
+            # batches in the journal are kept for resume (a dask worker journals its own, before the driver
+            # hears of them: a Ctrl-C then keeps them), unless the run stopped on an error that said nothing was
+            # kept (a threads run finishes its running batches on close, after that message)
             if job.done:
                 continue
+            if not job.nothing_kept:
+                try:
+                    if partial.done_batches(job.dir, job.token):
+                        continue
+                except OSError:
+                    continue
             partial.remove(job.dir)
         made.update(job.made_folders)
     for job in jobs:
