@@ -124,6 +124,14 @@ def _stretch(a: np.ndarray) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0, 1)
 
 
+def same_file(a, b) -> bool:
+    """Whether the paths ``a`` and ``b`` both exist and are one file (an output that would replace its input)."""
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def missing_folders(path) -> list:
     """``path`` and those of its parent folders that do not exist, the deepest first (what ``os.makedirs(path)``
     would make)."""

@@ -89,11 +89,9 @@ def conversion_losses(polygons, path) -> dict:
 
 def _convert(src, dst, negatives=None):
     writer = _kind(dst, _WRITERS, "write")
-    try:
-        same = os.path.exists(dst) and os.path.samefile(src, dst)
-    except OSError:
-        same = False
-    if same:  # what the reader leaves out (points, lines) would be lost from the file itself
+    from ..utils import same_file
+
+    if same_file(src, dst):  # what the reader leaves out (points, lines) would be lost from the file itself
         raise AnnotationError(f"{dst}: the output is the file being converted; write to another path")
     polys, skipped = _read_skipped(src, negatives)
     lost = conversion_losses(polys, dst)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ParameterError, RegionError
 from ..io import open_slide
-from ..utils import missing_folders
+from ..utils import missing_folders, same_file
 from .grid import TileGrid, TileSpec
 from .resample import axis_weights, resample_window, resize, shrink
 from .tile import Tile
@@ -408,11 +408,7 @@ class SlideData:
 
         import itertools
 
-        try:
-            same = os.path.exists(path) and os.path.samefile(path, self.path)
-        except OSError:
-            same = False
-        if same:  # H5PathWriter would have replaced the image itself with the h5path
+        if same_file(path, self.path):  # H5PathWriter would have replaced the image itself with the h5path
             from ..errors import OutputError
 
             raise OutputError(f"{os.fspath(path)}: the output is the slide being read; choose another output path")

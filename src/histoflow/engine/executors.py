@@ -255,9 +255,11 @@ class DaskExecutor:
         try:
             return max(1, sum(self._nthreads().values()))
         except Exception as e:  # noqa: BLE001 - a closed client / a cluster that is gone, in distributed's words
-            raise PipelineError(f"the dask cluster {self._where()} takes no work: {type(e).__name__}: {e} (is the "
-                                "Client closed, or its scheduler gone? pass an open Client or a scheduler "
-                                "address)") from e
+            raise self._gone(e) from e
+
+    def _gone(self, e) -> PipelineError:
+        return PipelineError(f"the dask cluster {self._where()} takes no work: {type(e).__name__}: {e} (is the "
+                             "Client closed, or its scheduler gone? pass an open Client or a scheduler address)")
 
     def share(self, obj):
         """``obj`` (a slide or a pipeline) for the tasks, made by a task rather than scattered: the scheduler
@@ -277,9 +279,7 @@ class DaskExecutor:
         try:
             return self.client.submit(fn, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - distributed raises several kinds (ClosedClientError, OSError ...)
-            raise PipelineError(f"the dask cluster {self._where()} takes no work: {type(e).__name__}: {e} (is the "
-                                "Client closed, or its scheduler gone? pass an open Client or a scheduler "
-                                "address)") from e
+            raise self._gone(e) from e
 
     def _n_workers(self) -> int:
         try:

@@ -27,7 +27,7 @@ from ..errors import H5PathError, OutputError, PipelineError
 from ..io.sniff import is_dicom_file
 from ..store import H5PathWriter
 from ..transforms.base import Pipeline, Transform
-from ..utils import missing_folders, progress_bar
+from ..utils import missing_folders, progress_bar, same_file
 from . import partial
 from .executors import make_executor
 from .worker import BatchResult, Failure, _store_label, process_batch
@@ -280,7 +280,7 @@ def _check_output(job):
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise PipelineError(f"{out}: cannot write there: {parent} is a file, not a directory")
     if os.path.exists(out):
-        if os.path.exists(src) and os.path.samefile(out, src):
+        if same_file(out, src):
             raise PipelineError(f"{out}: the output is the slide being read; choose another output path")
         if not _is_hdf5(out):
             raise PipelineError(f"{out}: exists and is not an h5path file; a run only replaces h5path files "

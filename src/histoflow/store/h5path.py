@@ -1596,6 +1596,37 @@ def _read_slide(g: h5py.Group, path, labels: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------------------- H5Path
 
+def _damage_guard(f):
+    """``f`` with what h5py raises for a damaged file found while reading (a B-tree, a heap or a datatype that
+    the first checks did not reach) turned into an H5PathError naming the file; the project's own errors, and
+    the caller's (IndexError, KeyError, TypeError), pass as they are."""
+    import functools
+    import inspect
+
+    def damaged(self, e):
+        return H5PathError(f"{self.path}: cannot be read (damaged file?): {type(e).__name__}: {e}")
+
+    if inspect.isgeneratorfunction(f):
+        @functools.wraps(f)
+        def wrapped(self, *args, **kwargs):
+            try:
+                yield from f(self, *args, **kwargs)
+            except HistoflowError:
+                raise
+            except (RuntimeError, SystemError, ValueError, OSError) as e:
+                raise damaged(self, e) from e
+    else:
+        @functools.wraps(f)
+        def wrapped(self, *args, **kwargs):
+            try:
+                return f(self, *args, **kwargs)
+            except HistoflowError:
+                raise
+            except (RuntimeError, SystemError, ValueError, OSError) as e:
+                raise damaged(self, e) from e
+    return wrapped
+
+
 class _Masks(Mapping):
     """Slide-level masks by name; each is read from disk when accessed."""
 
@@ -1603,12 +1634,15 @@ class _Masks(Mapping):
         self._src = src
         self.path = src.path
 
+    @_damage_guard
     def __getitem__(self, name) -> np.ndarray:
         return self._src.read_mask(name)
 
+    @_damage_guard
     def __iter__(self):
         return iter(self._src.mask_names())
 
+    @_damage_guard
     def __len__(self):
         return len(self._src.mask_names())
 
@@ -1705,6 +1739,7 @@ class H5Path:
     # metadata
 
     @property
+    @_damage_guard
     def slide(self) -> dict:
         """Slide metadata: the keys :class:`H5PathWriter` accepts, ``None`` where unknown.
 
@@ -1714,36 +1749,43 @@ class H5Path:
         return copy.deepcopy(self._s().slide())
 
     @property
+    @_damage_guard
     def labels(self) -> dict:
         """Slide labels."""
         return copy.deepcopy(self._s().slide()["labels"])
 
     # tiles
 
+    @_damage_guard
     def __len__(self) -> int:
         return self._s().n
 
     @property
+    @_damage_guard
     def coords(self) -> np.ndarray:
         """``(N, 2)`` int64 level-0 ``(x, y)`` of every tile, in file order."""
         return self._s().coords().copy()
 
     @property
+    @_damage_guard
     def images(self):
         """All tile images, lazily: an ``(N, h, w, c)`` h5py dataset (v2; None when there are no
         tiles) or an array-like view (v1). Index it; ``images[()]`` loads everything."""
         return self._s().images
 
     @property
+    @_damage_guard
     def tile_mask_names(self) -> list:
         """Names of the per-tile masks."""
         return list(self._s().tile_mask_names)
 
     @property
+    @_damage_guard
     def tile_label_names(self) -> list:
         """Names of the per-tile labels."""
         return list(self._s().tile_label_names)
 
+    @_damage_guard
     def tile(self, key) -> Tile:
         """One tile, read from disk without reading the others.
 
@@ -1783,6 +1825,7 @@ class H5Path:
 
     __getitem__ = tile
 
+    @_damage_guard
     def __iter__(self) -> Iterator[Tile]:
         src = self._s()
         for i in range(src.n):
@@ -1793,10 +1836,12 @@ class H5Path:
     # slide masks
 
     @property
+    @_damage_guard
     def masks(self) -> Mapping:
         """Slide-level masks, name -> ndarray, each read when accessed."""
         return _Masks(self._s())
 
+    @_damage_guard
     def mask_downsample(self, name: str) -> float:
         """Downsample of slide mask ``name`` relative to level 0."""
         return self._s().mask_downsample(name)
@@ -1804,15 +1849,18 @@ class H5Path:
     # cells and provenance
 
     @property
+    @_damage_guard
     def cells(self):
         """The single-cell table (:class:`anndata.AnnData`), or None when the file has none."""
         return self._s().cells()
 
     @property
+    @_damage_guard
     def provenance(self) -> list:
         """Run records (dicts), oldest first."""
         return self._s().provenance()
 
+    @_damage_guard
     def overview(self, size: int = 1024, **kwargs) -> np.ndarray:
         """A picture (RGB uint8) of the slide with its slide masks, the tiles kept, optionally a tile label as
         colours (``label=``) and nuclei as dots (``instances=``): :func:`histoflow.store.overview.overview`."""
@@ -1820,6 +1868,7 @@ class H5Path:
 
         return overview(self, size, **kwargs)
 
+    @_damage_guard
     def info(self) -> dict:
         """What the file holds, in plain values: ``path``, ``format_version``, ``slide`` (its metadata),
         ``tiles`` (count), ``tile_shape`` and ``dtype`` (None without tiles), ``compression``, ``tile_masks``,
@@ -1908,48 +1957,6 @@ def _open_source(f: h5py.File, path: str):
         raise H5PathError(f"{path}: invalid format_version {version}: version 1 files (PathML) carry no "
                           "format attribute")
     return _V2Reader(f, path)
-
-
-def _damage_guard(f, generator=False):
-    """``f`` with what h5py raises for a damaged file found while reading (a B-tree, a heap or a datatype that
-    the first checks did not reach) turned into an H5PathError naming the file; the project's own errors, and
-    the caller's (IndexError, KeyError, TypeError), pass as they are."""
-    import functools
-
-    def damaged(self, e):
-        return H5PathError(f"{self.path}: cannot be read (damaged file?): {type(e).__name__}: {e}")
-
-    if generator:
-        @functools.wraps(f)
-        def wrapped(self, *args, **kwargs):
-            try:
-                yield from f(self, *args, **kwargs)
-            except HistoflowError:
-                raise
-            except (RuntimeError, SystemError, ValueError, OSError) as e:
-                raise damaged(self, e) from e
-    else:
-        @functools.wraps(f)
-        def wrapped(self, *args, **kwargs):
-            try:
-                return f(self, *args, **kwargs)
-            except HistoflowError:
-                raise
-            except (RuntimeError, SystemError, ValueError, OSError) as e:
-                raise damaged(self, e) from e
-    return wrapped
-
-
-for _name in ("slide", "labels", "coords", "images", "tile_mask_names", "tile_label_names", "masks", "cells",
-              "provenance"):
-    _prop = H5Path.__dict__[_name]
-    setattr(H5Path, _name, property(_damage_guard(_prop.fget), doc=_prop.__doc__))
-for _name in ("__len__", "tile", "mask_downsample", "overview", "info"):
-    setattr(H5Path, _name, _damage_guard(H5Path.__dict__[_name]))
-H5Path.__iter__ = _damage_guard(H5Path.__dict__["__iter__"], generator=True)
-for _name in ("__getitem__", "__iter__", "__len__"):  # slide masks are read when used
-    setattr(_Masks, _name, _damage_guard(_Masks.__dict__[_name]))
-del _name, _prop
 
 
 def _register_filters():
