@@ -269,6 +269,41 @@ def test_tiles_at_a_target_mpp_are_windows_of_one_resampled_level():
         assert (tile[i + 1:] == 255).all() and (tile[:, j + 1:] == 255).all()
 
 
+@pytest.mark.filterwarnings("ignore:.*finer than the slide's finest level")
+def test_tiles_finer_than_level_0_are_windows_of_one_enlarged_level(tmp_path):
+    """A tile finer than level 0 was its rounded level-0 rectangle enlarged on its own: shifted by up to half a
+    level-0 pixel (several output pixels) and stretched, so on a fine-textured slide a tile differed from the
+    whole level enlarged by up to 246 grey levels, and two tilings from each other. Each output pixel is now the
+    bilinear interpolation at its place in the whole enlarged level: tiles equal OpenCV's and Pillow's bilinear
+    resize of the whole image (within 1 for their fixed-point rounding) and agree with each other exactly."""
+    import cv2
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (130, 150, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "r.png")
+    with SlideData(str(tmp_path / "r.png"), mpp=0.5) as s:
+        for f, (a, oa), (b, ob) in ((2, (48, 11), (64, 0)), (2.5, (33, 7), (40, 3)), (4, (64, 0), (29, 9))):
+            w, h = int(150 * f), int(130 * f)
+            whole = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR).astype(int)
+            pil = np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR)).astype(int)
+            ga, gb = s.grid(a, overlap=oa, mpp=0.5 / f), s.grid(b, overlap=ob, mpp=0.5 / f)
+            assert ga.upsampled and ga.downsample == pytest.approx(1 / f)
+            canvas = np.full((h + a, w + a, 3), -1, np.int16)
+            for spec in ga:
+                (x, y), tile = _origin(ga, spec), s.read_tile(spec)
+                canvas[y:y + a, x:x + a] = tile.image
+                assert np.abs(canvas[y:y + a, x:x + a][:h - y, :w - x] - whole[y:y + a, x:x + a]).max() <= 1, (f, spec)
+                assert np.abs(canvas[y:y + a, x:x + a][:h - y, :w - x] - pil[y:y + a, x:x + a]).max() <= 1, (f, spec)
+                if tile.extent is not None:  # the edge tiles: the slide's pixels, then the fill
+                    ew, eh = tile.extent
+                    assert (ew, eh) == (min(a, w - x), min(a, h - y))
+                    assert (tile.image[eh:] == 255).all() and (tile.image[:, ew:] == 255).all()
+            for spec in gb:
+                (x, y), img_b = _origin(gb, spec), s.read_tile(spec).image
+                assert np.array_equal(canvas[y:y + b, x:x + b][:h - y, :w - x], img_b[:h - y, :w - x]), (f, spec)
+
+
 def test_tiles_at_a_whole_multiple_of_a_level_are_its_block_means(tmp_path):
     """At twice a level's pixel size every tile pixel is the mean of a 2 x 2 block (as OpenCV's area resize of
     the whole level gives it), wherever the tile lies."""

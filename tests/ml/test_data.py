@@ -513,15 +513,15 @@ def test_patches_at_grid_corners_are_the_grid_tiles_at_any_mpp():
 
 @pytest.mark.filterwarnings("ignore:.*finer than the slide's finest level")
 def test_patches_of_grids_finer_than_level_0_are_the_grid_tiles():
-    """A grid finer than level 0 enlarges each tile's level-0 rectangle (a level-0 pixel spans several output
-    pixels, so the whole level-0 corners are what places a tile): its patches are the grid's tiles pixel for
-    pixel. (A table of level-0 corners cannot name such tiles: two output origins share a corner.)"""
+    """A grid finer than level 0 reads each tile as its window of the whole enlarged level (a level-0 pixel
+    spans several output pixels, so its output origin places a tile): its patches are the grid's tiles pixel
+    for pixel. (A table of level-0 corners cannot name such tiles: two output origins share a corner.)"""
     from histoflow import SlideData
 
     slide = SlideData(SVS)
     grid = WSIPatchDataset(SVS, mpp=0.25, patch_size=101, tissue_filter=False)
     tiles = list(slide.grid(101, mpp=0.25))
-    assert len(tiles) == len(grid) and np.isnan(grid._origins).all()
+    assert len(tiles) == len(grid) and not np.isnan(grid._origins).any()
     for i in range(0, len(grid), 37):
         assert np.array_equal(grid.read(i)["image"], slide.read_tile(tiles[i]).image), i
 

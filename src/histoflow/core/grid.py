@@ -47,12 +47,11 @@ class TileSpec:
     #: up to the slide's edge. The cores of all tiles cover the slide once, so an object (a nucleus, a
     #: cell) is kept by exactly one tile when each tile keeps the objects whose centroid is in its core.
     core: tuple = None
-    #: ``(x, y)`` of the tile's top-left in the grid's output pixels, for tiles shrunk to a target µm/px
-    #: (None when read from a level as they are): each pixel is read from its place in the whole resampled
-    #: level (:func:`~histoflow.core.slide.read_on_grid`), not from the tile's rounded level-0 rectangle.
-    #: Also None on grids finer than level 0 (``upsampled``), whose tiles are their level-0 rectangles
-    #: enlarged: there a level-0 pixel spans several output pixels, so only the rectangle's whole level-0
-    #: coordinates (``x``, ``y``), which stitching and slide masks go by, place a tile
+    #: ``(x, y)`` of the tile's top-left in the grid's output pixels, for tiles resampled to a target µm/px,
+    #: shrunk or enlarged (None when read from a level as they are): each pixel is read from its place in the
+    #: whole resampled level (:func:`~histoflow.core.slide.read_on_grid`), not from the tile's rounded level-0
+    #: rectangle. On grids finer than level 0 (``upsampled``) a level-0 pixel spans several output pixels:
+    #: ``x``, ``y`` (whole level-0 pixels, which stitching and slide masks go by) are then the origin rounded
     origin: tuple = None
 
     @property
@@ -219,7 +218,7 @@ class TileGrid:
         else:
             read = self.tile_size
         return TileSpec(row, col, x, y, w0, h0, self.level, read, self.tile_size, ds, self.core(row, col),
-                        (ox, oy) if self.resampled and not self.upsampled else None)
+                        (ox, oy) if self.resampled else None)
 
     def core(self, row: int, col: int) -> tuple:
         """The ``(x0, y0, x1, y1)`` part of tile (row, col) it owns, in tile pixels (see TileSpec.core)."""

@@ -100,14 +100,19 @@ class AxisWeights:
 
 def axis_weights(start: float, n: int, scale: float, extent: int) -> AxisWeights:
     """The weights of output pixels ``start .. start + n - 1`` of the grid that lays output pixel ``i`` over
-    source interval ``[i * scale, (i + 1) * scale)`` (``scale > 1``: shrinking): each the exact area average of
-    the source pixels it covers, those outside ``[0, extent)`` left out. Every weight comes from the output
-    pixel's place in the whole grid, so a pixel's value does not depend on which window of the grid it is made
-    in (tiles of any size and overlap agree on the pixels they share); a fractional ``start`` places a window
-    between the grid's pixels. Output pixels that do not touch the source are marked outside. The last few are
-    kept (the tiles of a grid's column share theirs)."""
-    if not scale > 1:
-        raise ValueError(f"axis_weights shrinks: scale must be > 1, got {scale}")
+    source interval ``[i * scale, (i + 1) * scale)``. Shrinking (``scale > 1``): each the exact area average of
+    the source pixels it covers, those outside ``[0, extent)`` left out. Enlarging (``scale < 1``): bilinear,
+    each the linear interpolation of the two source pixels around its centre (source position
+    ``(i + 0.5) * scale - 0.5``, held at the first and last pixel beyond them), as a bilinear resize of the
+    whole source (Pillow's, OpenCV's) gives it. Every weight comes from the output pixel's place in the whole
+    grid, so a pixel's value does not depend on which window of the grid it is made in (tiles of any size and
+    overlap agree on the pixels they share); a fractional ``start`` places a window between the grid's pixels.
+    Output pixels that do not touch the source are marked outside. The last few are kept (the tiles of a
+    grid's column share theirs)."""
+    if not (math.isfinite(scale) and scale > 0 and scale != 1):
+        raise ValueError(f"axis_weights resamples: scale must be a positive number other than 1, got {scale}")
+    if scale < 1:
+        return _bilinear_weights(float(start), int(n), float(scale), int(extent))
     return _axis_weights(float(start), int(n), float(scale), int(extent))
 
 
@@ -126,6 +131,26 @@ def _axis_weights(start, n, scale, extent):
     # a term an output pixel does not cover points at its first pixel, which it does: 0 x that pixel adds
     # nothing, where 0 x a NaN (no data) beside it would have made it NaN
     k = np.where(covered, k, k[:, :1]).astype(np.int64)
+    lo = int(k[covered].min()) if covered.any() else 0
+    hi = int(k[covered].max()) + 1 if covered.any() else 0
+    index = np.clip(k - lo, 0, max(hi - lo - 1, 0))
+    for arr in (index, w, inside):
+        arr.setflags(write=False)
+    return AxisWeights(lo, hi, index, w, inside)
+
+
+@functools.lru_cache(maxsize=512)
+def _bilinear_weights(start, n, scale, extent):
+    i = start + np.arange(n, dtype=np.float64)
+    inside = ((i + 1) * scale > 0) & (i * scale < extent)
+    u = np.clip((i + 0.5) * scale - 0.5, 0, extent - 1)
+    j0 = np.floor(u)
+    f = u - j0
+    k = np.stack([j0, np.minimum(j0 + 1, extent - 1)], axis=1).astype(np.int64)
+    w = np.stack([1 - f, f], axis=1)
+    w[~inside] = 0
+    covered = w > 0
+    k = np.where(covered, k, k[:, :1])  # a weight-0 term points at the pixel the first covers (0 x NaN)
     lo = int(k[covered].min()) if covered.any() else 0
     hi = int(k[covered].max()) + 1 if covered.any() else 0
     index = np.clip(k - lo, 0, max(hi - lo - 1, 0))

@@ -64,9 +64,9 @@ def default_slide_name(path) -> str:
 
 def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
     """``read_size`` level pixels at level-0 ``(x, y)`` resampled to ``size`` (area average when shrinking,
-    bilinear when enlarging): a region off any grid, and the tiles of grids finer than level 0
-    (:class:`SlideData` and :class:`~histoflow.ml.data.WSIPatchDataset` alike; grids shrunk to a target µm/px
-    are read by :func:`read_on_grid`). A shrunk region overhanging the slide reads only the part inside (and a
+    bilinear when enlarging): a region off any grid, such as a patch of
+    :class:`~histoflow.ml.data.WSIPatchDataset` given by its level-0 corner (grid tiles at a target µm/px are
+    read by :func:`read_on_grid`). A shrunk region overhanging the slide reads only the part inside (and a
     pixel of fill): at a coarse mpp one tile's region can be many times the slide (CMU-1 at 60 µm/px: 30782 px
     square, 2.9 GB). The pixels of the tile that lie partly inside the slide average slide pixels only; those
     wholly outside are the reader's fill."""
@@ -94,10 +94,11 @@ def read_resampled(reader, x, y, level, read_size, size) -> np.ndarray:
 
 
 def read_on_grid(reader, level, origin, scale, size) -> np.ndarray:
-    """The ``size = (w, h)`` window at output pixel ``origin = (x, y)`` of a level shrunk by ``scale`` (> 1 level
-    pixels per output pixel), as grid tiles at a target µm/px are read: each output pixel the exact area average
-    of the level pixels it covers, weighted by its place in the whole resampled level
-    (:func:`~histoflow.core.resample.axis_weights`). A pixel is the same in every tile that holds it, so tiles
+    """The ``size = (w, h)`` window at output pixel ``origin = (x, y)`` of a level resampled by ``scale`` (level
+    pixels per output pixel), as grid tiles at a target µm/px are read: shrunk (``scale > 1``), each output pixel
+    the exact area average of the level pixels it covers; enlarged (``scale < 1``, finer than level 0),
+    bilinear between the level pixels around its centre; either way weighted by its place in the whole
+    resampled level (:func:`~histoflow.core.resample.axis_weights`). A pixel is the same in every tile that holds it, so tiles
     of any size and overlap cut one resampled image (reading a rounded region and resizing it, as
     :func:`read_resampled` does, shifts each tile by up to half a level pixel and stretches it by up to one);
     a fractional origin (a patch off the grid's corners) is the window at that place. Pixels of the window
@@ -312,13 +313,12 @@ class SlideData:
         return grid
 
     def _grid_scale(self, spec) -> float:
-        """Level pixels per output pixel of a tile shrunk to a target µm/px (``spec.origin`` set)."""
+        """Level pixels per output pixel of a tile resampled to a target µm/px (``spec.origin`` set)."""
         return spec.downsample / float(self.reader.levels[spec.level].downsample)
 
     def _read_spec(self, spec) -> np.ndarray:
-        """The tile's pixels: its level's region as it is, or for a grid shrunk to a target µm/px its window of
-        the whole resampled level (:func:`read_on_grid`); tiles finer than level 0, their level-0 rectangle
-        enlarged (:func:`read_resampled`)."""
+        """The tile's pixels: its level's region as it is, or for a grid at a target µm/px its window of the
+        whole resampled level (:func:`read_on_grid`), shrunk or enlarged."""
         if spec.origin is not None:
             return read_on_grid(self.reader, spec.level, spec.origin, self._grid_scale(spec), spec.size)
         if not spec.needs_resample:
@@ -340,7 +340,7 @@ class SlideData:
             r = self._grid_scale(spec)
             ew = min(spec.size[0], math.ceil(lv.width / r - spec.origin[0] - 1e-9))
             eh = min(spec.size[1], math.ceil(lv.height / r - spec.origin[1] - 1e-9))
-        elif abs(spec.downsample - lv.downsample) > 1e-9:  # resampled from its level (finer than level 0)
+        elif abs(spec.downsample - lv.downsample) > 1e-9:  # a rectangle resampled on its own
             w0, h0 = self.dimensions
             ew = min(spec.size[0], math.ceil((w0 - spec.x) / spec.downsample - 1e-9))
             eh = min(spec.size[1], math.ceil((h0 - spec.y) / spec.downsample - 1e-9))

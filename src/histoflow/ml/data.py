@@ -653,7 +653,7 @@ class WSIPatchDataset(_Epochs, Dataset):
                     tables.append(np.column_stack([np.full(len(xy), s, np.int64), xy]))
                     # resampled grids: each tile's place in the resampled level (read as the slide's tiles are)
                     origins.append(np.array([t.origin or (np.nan, np.nan) for t in specs], np.float64).reshape(-1, 2))
-                    # grids finer than level 0 enlarge each tile's rectangle (256 or 257 level pixels, by where)
+                    # (a tile without an origin resampled: its rectangle's level pixels, as SlideData reads it)
                     read_sizes.append(np.array([t.read_size if t.origin is None and grid.resampled else (0, 0)
                                                 for t in specs], np.int32).reshape(-1, 2))
             finally:
@@ -762,7 +762,7 @@ class WSIPatchDataset(_Epochs, Dataset):
             scale = self._scales[s][0] / float(reader.levels[level].downsample)  # level, as the tiles are read
             image = read_on_grid(reader, level, tuple(self._origins[i]), scale, size)
         else:
-            if self._read_sizes[i, 0] > 0:  # finer than level 0: its rectangle's level pixels, as a tile's
+            if self._read_sizes[i, 0] > 0:  # a resampled tile without an origin: its rectangle's level pixels
                 read_size = (int(self._read_sizes[i, 0]), int(self._read_sizes[i, 1]))
             image = read_resampled(reader, x, y, level, read_size, size)
         labels = {k: (v[i] if v.dtype != object else str(v[i])) for k, v in self.labels.items()}
