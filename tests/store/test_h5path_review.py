@@ -11,7 +11,7 @@ import pytest
 from datafiles import SVS
 
 from histoflow.core.slide import SlideData
-from histoflow.errors import H5PathError, H5PathOutputError, UnsupportedFormatError
+from histoflow.errors import H5PathError, H5PathOutputError, H5PathParameterError, UnsupportedFormatError
 from histoflow.store import H5PathWriter, read_h5path
 
 
@@ -78,6 +78,10 @@ def test_coordinates_and_errors_are_strict(tmp_path):
         w.add_tile(np.zeros((4, 4, 3), np.uint8), (10.7, 3.2))
     with pytest.raises(ValueError, match="level"):
         w.add_tile(np.zeros((4, 4, 3), np.uint8), (8, 0), level=1.9)
+    for level in (-1, 40000):  # -1 was stored as a level no slide has
+        with pytest.raises(H5PathParameterError, match=rf"e.h5path: tile 1 at \(x=8, y=0\): level must be a pyramid "
+                                                       rf"level, a whole number from 0 .* not {level}"):
+            w.add_tile(np.zeros((4, 4, 3), np.uint8), (8, 0), level=level)
     w.add_tile(np.zeros((4, 4, 3), np.uint8), (8.0, 0))  # a whole float is fine
     w.close()
     with read_h5path(tmp_path / "e.h5path") as h:

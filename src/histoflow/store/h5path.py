@@ -655,8 +655,9 @@ class H5PathWriter:
             raise H5PathParameterError(f"{self.path}: {where}: level must be a whole number and downsample a "
                                        f"number, got {level!r}, "
                               f"{downsample!r}") from None
-        if not -32768 <= level <= 32767:
-            raise H5PathError(f"{self.path}: {where}: level {level} out of range")
+        if not 0 <= level <= 32767:
+            raise H5PathParameterError(f"{self.path}: {where}: level must be a pyramid level, a whole number from 0 "
+                                       f"(the slide's full resolution) to 32767, not {level}")
         if not (math.isfinite(downsample) and downsample > 0):
             raise H5PathError(f"{self.path}: {where}: downsample must be a positive number, not {downsample}")
         return x, y, level, downsample, where
