@@ -43,7 +43,7 @@ def test_nucleus_patches_check_their_pixel_size_and_channels():
     he = histoflow.SlideData(data_path("he_patches", "tiatoolbox_stain_target.png"), mpp=0.25)
     for mpp in (-0.5, 0):  # one flat colour before
         with pytest.raises(DatasetError, match="mpp must be a positive number"):
-            NucleusPatchDataset(he, [[500, 500]], size=41, mpp=mpp)
+            NucleusPatchDataset(he, [[500, 500]], patch_size=41, mpp=mpp)
     mibi = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
     ds = NucleusPatchDataset(mibi, [[500, 500]], channels=["HH3", 2])  # names as elsewhere (IndexError before)
     assert ds[0]["image"].shape == (2, 41, 41)

@@ -36,7 +36,7 @@ def test_nucleus_patches_at_a_target_mpp(tmp_path):
     with open_slide(SVS) as r:
         mpp = r.mpp[0]
         ref = r.read_region((1000 - 20, 1500 - 20), 0, (41, 41))
-    ds = NucleusPatchDataset(SVS, [[1000.4, 1500.2], [5, 5]], labels=["tumour", "stroma"], size=41)
+    ds = NucleusPatchDataset(SVS, [[1000.4, 1500.2], [5, 5]], labels=["tumour", "stroma"], patch_size=41)
     assert ds.classes == ["stroma", "tumour"] and len(ds) == 2
     s = ds[0]
     assert s["image"].shape == (3, 41, 41) and s["label"].item() == 1
@@ -44,7 +44,7 @@ def test_nucleus_patches_at_a_target_mpp(tmp_path):
     # a cell near the corner: padded with white glass
     assert ds[1]["image"][:, 0, 0].min() == 1.0
     # at 0.25 µm/px the 41 px patch spans half the level-0 width (twice the resolution)
-    fine = NucleusPatchDataset(SVS, [[1000, 1500]], size=41, mpp=mpp / 2)
+    fine = NucleusPatchDataset(SVS, [[1000, 1500]], patch_size=41, mpp=mpp / 2)
     assert fine.scale == pytest.approx(0.5)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
     batch = next(iter(loader))
@@ -79,7 +79,7 @@ def test_patch_centre_is_the_centroid_pixel():
     with open_slide(path) as r:
         img = r.read_region((0, 0), 0, (1024, 1024))
     for size in (41, 40):
-        ds = NucleusPatchDataset(path, cents, size=size)
+        ds = NucleusPatchDataset(path, cents, patch_size=size)
         for i, (cx, cy) in enumerate(cents.astype(int)):  # odd and even coordinates alike
             p = ds.patch(i)
             assert p.shape[:2] == (size, size)
@@ -100,9 +100,9 @@ def test_fluorescence_patches_scaled_by_the_slides_percentile(tmp_path):
     own percentile instead."""
     mibi = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
     cells = [[500, 500], [300, 700], [800, 200]]
-    raw = NucleusPatchDataset(mibi, cells, size=41, mpp=0.5)
+    raw = NucleusPatchDataset(mibi, cells, patch_size=41, mpp=0.5)
     assert max(float(raw[i]["image"].max()) for i in range(3)) < 0.01
-    ds = NucleusPatchDataset(mibi, cells, size=41, mpp=0.5, percentile=99.9)
+    ds = NucleusPatchDataset(mibi, cells, patch_size=41, mpp=0.5, percentile=99.9)
     assert ds.scales.shape == (22,) and (ds.scales > 0).all()
     for i in range(3):
         x = ds[i]["image"]

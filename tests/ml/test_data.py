@@ -377,7 +377,7 @@ def test_slide_options_travel_to_the_workers():
     from histoflow.ml.patches import NucleusPatchDataset
 
     path = data_path("he_patches", "stardist_histo.jpg")
-    ds = NucleusPatchDataset(SlideData(path, mpp=0.25), [[100, 100], [300, 200]], size=41, mpp=0.5)
+    ds = NucleusPatchDataset(SlideData(path, mpp=0.25), [[100, 100], [300, 200]], patch_size=41, mpp=0.5)
     assert ds.slide_mpp == 0.25 and ds[0]["image"].shape == (3, 41, 41)
     w = WSIPatchDataset([SlideData(path, mpp=0.25)], patch_size=32, mpp=0.5, tissue_filter=False)
     assert len(w) == 8 * 5  # 250 x 150 px at 0.5 µm/px, edges padded
@@ -464,8 +464,14 @@ def test_patch_tables_of_the_wrong_form_are_refused():
                                                    r"the first at centroid (3|1); drop those cells or give them a class"):
                 NucleusPatchDataset(SVS, [[100, 100]] * 4, labels=labels)
     for size in ("x", 0, 2.5, True):
-        with pytest.raises(DatasetError, match=r"CMU-1-Small-Region.svs: size is the patch's side in pixels"):
-            NucleusPatchDataset(SVS, [[100, 100]], size=size)
+        with pytest.raises(DatasetError, match=r"CMU-1-Small-Region.svs: patch_size is the patch's side in pixels"):
+            NucleusPatchDataset(SVS, [[100, 100]], patch_size=size)
+    # patch_size, as WSIPatchDataset names it; size=, its earlier name, still works and says so
+    with pytest.warns(FutureWarning, match=r"NucleusPatchDataset\(size=...\) is now patch_size=..."):
+        old = NucleusPatchDataset(SVS, [[100, 100]], size=17)
+    assert old.patch_size == 17 and old[0]["image"].shape == (3, 17, 17)
+    with pytest.raises(DatasetError, match="give patch_size= only"):
+        NucleusPatchDataset(SVS, [[100, 100]], patch_size=17, size=17)
     for kw in ({"tissue_filter": "yes"}, {"tissue_filter": True}, {"tissue_filter": 1.5},
                {"max_open_slides": "x"}, {"max_open_slides": 0}):
         with pytest.raises(DatasetError, match=rf"WSIPatchDataset: {next(iter(kw))} "):

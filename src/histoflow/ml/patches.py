@@ -3,13 +3,14 @@
 From any slide or image (H&E, virtual H&E, fluorescence) and a table of centroids (level-0 pixels, e.g.
 ``adata.obsm["spatial"]``) with labels (e.g. ``adata.obs["phenotype"]``): each sample is the patch centred
 on one cell, resampled from the slide's pixel size to ``mpp`` when given (the nucleus-subtype paper used
-41 x 41 at 0.5 µm/px: ``size=41, mpp=0.5``; by default 41 x 41 at the slide's own pixel size), scaled to
+41 x 41 at 0.5 µm/px: ``patch_size=41, mpp=0.5``; by default 41 x 41 at the slide's own pixel size), scaled to
 [0, 1]. Patches reaching past the slide are padded (white for brightfield, 0 otherwise). Every DataLoader
 worker opens its own reader.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -51,14 +52,15 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
     labels : sequence, optional
         One label per cell: integers (also as whole floats, e.g. a pandas column), or class names (mapped
         to 0..k-1 in sorted order, ``classes``).
-    size : int
-        Patch side in pixels at ``mpp``.
+    patch_size : int
+        Patch side in pixels at ``mpp`` (as :class:`~histoflow.ml.data.WSIPatchDataset`'s; ``size=``, its
+        earlier name, still works with a ``FutureWarning``).
     mpp : float, optional
         Pixel size of the patches in µm (default: the slide's own, no resampling).
     channels : list of int, optional
         Channels to keep (default: all; RGB for brightfield).
     transform : callable, optional
-        Applied to the ``(size, size, c)`` numpy patch before conversion: a
+        Applied to the ``(patch_size, patch_size, c)`` numpy patch before conversion: a
         :class:`~histoflow.ml.augment.Compose` (seeded: each item's draw is reproducible, per epoch with
         ``set_epoch``, as in the other datasets), or any function of the array.
     percentile : float, optional
@@ -67,13 +69,19 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         dtype's maximum: for fluorescence counts (a MIBI image's uint16 channels reach ~250 of 65,535, so
         dtype scaling gives patches of ~0.004 at most). Models trained so must be given tiles scaled alike.
 
-    Samples: ``{"image": float32 (c, size, size) in [0, 1], "label": int64, "index": int}``.
+    Samples: ``{"image": float32 (c, patch_size, patch_size) in [0, 1], "label": int64, "index": int}``.
     """
 
-    def __init__(self, slide, centroids, labels=None, size: int = 41, mpp: float | None = None, channels=None,
-                 transform=None, percentile: float | None = None):
+    def __init__(self, slide, centroids, labels=None, patch_size: int = 41, mpp: float | None = None,
+                 channels=None, transform=None, percentile: float | None = None, *, size=None):
         self._source = _slide_source(slide)  # a SlideData's options (mpp=...) travel with it
         self.path = self._source[0]
+        if size is not None:  # the earlier name
+            if patch_size != 41:
+                raise DatasetError(f"{self.path}: give patch_size= only (size= is its earlier name), not both")
+            warnings.warn("NucleusPatchDataset(size=...) is now patch_size=..., as in WSIPatchDataset; size= will "
+                          "be removed in a later release", FutureWarning, stacklevel=2)
+            patch_size = size
         self._files_key = _files_key([self.path])
         if not os.path.exists(self.path):
             raise DatasetError(f"{self.path}: no such slide or image")
@@ -88,9 +96,10 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         if not np.all(np.isfinite(c)):
             raise DatasetError(f"{self.path}: centroids hold NaN or infinite values")
         self.centroids = c
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-            raise DatasetError(f"{self.path}: size is the patch's side in pixels, a whole number >= 1; got {size!r}")
-        self.size = int(size)
+        if isinstance(patch_size, bool) or not isinstance(patch_size, (int, np.integer)) or patch_size < 1:
+            raise DatasetError(f"{self.path}: patch_size is the patch's side in pixels, a whole number >= 1; got "
+                               f"{patch_size!r}")
+        self.patch_size = int(patch_size)
         self.classes = None
         if labels is not None:
             # missing values looked for as given (numpy makes ["a", nan] the strings "a", "nan")
@@ -159,17 +168,17 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         return self._reader
 
     def patch(self, i) -> np.ndarray:
-        """The native-dtype ``(size, size, c)`` patch of cell ``i``."""
+        """The native-dtype ``(patch_size, patch_size, c)`` patch of cell ``i``."""
         from ..core.resample import resize
 
         r = self._open()
         cx, cy = self.centroids[i]
-        span = max(1, int(round(self.size * self.scale)))
+        span = max(1, int(round(self.patch_size * self.scale)))
         # the centroid's pixel (round half up, not to even) sits at the patch centre (span // 2)
         x0, y0 = int(np.floor(cx + 0.5)) - span // 2, int(np.floor(cy + 0.5)) - span // 2
         a = r.read_region((x0, y0), 0, (span, span))
-        if span != self.size:
-            a = resize(a, (self.size, self.size))
+        if span != self.patch_size:
+            a = resize(a, (self.patch_size, self.patch_size))
         return self._keep(a)
 
     def _keep(self, a):
