@@ -406,3 +406,46 @@ def test_a_sparse_frame_off_the_tile_grid_is_refused_by_both_readers(tmp_path):
     with open_slide(p) as s:
         assert s.properties["dicom.reader"] == "wsidicom"
         np.testing.assert_array_equal(s.read_region((0, 0), 0, (128, 128)), frames[0])
+
+
+def test_a_grey_file_without_optical_paths_has_one_channel_everywhere(tmp_path):
+    """A grey single-file slide that wsidicom refuses and that names no optical path: the tolerant reader gave
+    no channel names, so the reader guessed three (RGB): regions inside the image came back (h, w, 1), those
+    crossing its edge (h, w, 3), and the thumbnail had three channels."""
+    img = np.random.default_rng(0).integers(0, 255, (200, 300), dtype=np.uint8)
+    path = _write(tmp_path / "grey.dcm", img, (100, 100), _uids(),
+                  drop=("ImageType", "OpticalPathSequence", "NumberOfOpticalPaths"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # wsidicom refused it: said in a warning
+        r = open_slide(path)
+    with r:
+        assert r.channel_names == ["intensity"] and r.channels == 1
+        inside, crossing = r.read_region((10, 10), 0, (50, 50)), r.read_region((280, 10), 0, (50, 50))
+        assert inside.shape == crossing.shape == (50, 50, 1)
+        assert np.array_equal(inside[:, :, 0], img[10:60, 10:60])
+        assert np.array_equal(crossing[:, :20, 0], img[10:60, 280:300]) and (crossing[:, 20:] == 0).all()
+        assert r.thumbnail(64).shape[2] == 1
+
+
+@pytest.mark.parametrize("folder", ["CMU-1-Small-Region", "CMU-1-Small-Region-J2K"])
+def test_a_label_or_overview_file_alone_is_not_opened_as_the_slide(folder):
+    """A folder leaves its LABEL and OVERVIEW images out of the slide; given alone, each opened as an H&E slide
+    (the label photo tiled into 16 tiles, the overview into 40), with no word of what it was."""
+    from histoflow import UnsupportedFormatError
+
+    root = data_path("wsi", "dicom_wsic", folder)
+    kinds = {}
+    for name in sorted(os.listdir(root)):
+        kinds[pydicom.dcmread(os.path.join(root, name), stop_before_pixels=True).ImageType[2]] = name
+    assert set(kinds) == {"VOLUME", "LABEL", "OVERVIEW"}
+    for kind, what in (("LABEL", "label"), ("OVERVIEW", "macro")):
+        with pytest.raises(UnsupportedFormatError, match=rf"{kinds[kind]}: a DICOM {kind} image \(ImageType {kind}\), "
+                                                         rf"not a pyramid level of a slide; open the slide's folder "
+                                                         rf"\(its {what} image is then in associated_images\)"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                open_slide(os.path.join(root, kinds[kind]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with open_slide(os.path.join(root, kinds["VOLUME"])) as r:
+            assert r.dimensions == (2220, 2967)

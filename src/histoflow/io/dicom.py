@@ -242,6 +242,15 @@ class DicomReader(SlideReader):
         """Open the largest volume image among ``files`` with :class:`_FrameFile`."""
         if len(files) == 1:
             headers, volume = [], files[0]
+            try:
+                flavour = _flavour(_read_header(volume))
+            except SlideReadError:  # damaged: _FrameFile says how
+                flavour = ""
+            if flavour in _ASSOCIATED_FLAVOURS:  # a label photo tiled as tissue; a folder leaves it out too
+                raise UnsupportedFormatError(
+                    f"{self.path}: a DICOM {flavour} image (ImageType {flavour}), not a pyramid level of a slide; "
+                    f"open the slide's folder (its {_ASSOCIATED_FLAVOURS[flavour]} image is then in "
+                    "associated_images) or its VOLUME file")
         else:
             headers, unreadable = [], []
             for path in files:
@@ -402,6 +411,9 @@ class _FrameFile:
             self.channel_names = [names.get(self._plane_path, self._plane_path)]
         else:
             self.channel_names = list(names.values())[:1]
+        if len(self.channel_names) != self.samples:  # no optical path named: named as the other readers do
+            self.channel_names = (["intensity"] if self.samples == 1
+                                  else [f"channel {i}" for i in range(self.samples)])
         self._file_size = os.path.getsize(path)
         self._fd = os.open(path, os.O_RDONLY) if hasattr(os, "pread") else None
         try:
