@@ -8,7 +8,7 @@ import tifffile
 from datafiles import SVS, data_path, mosaic
 
 from histoflow import SlideReadError, open_slide
-from histoflow.errors import ChannelError, RegionError, RegionTooLargeError
+from histoflow.errors import ChannelError, RegionError, RegionTooLargeError, UnsupportedFormatError
 from histoflow.io import detect_format
 
 MIBI = data_path("multiplex", "ark_fov8_mibitiff_22ch.tiff")
@@ -206,6 +206,32 @@ def test_backend_override_image_reads_plain_tiff():
     with open_slide(path, backend="image") as a, open_slide(path) as b:
         assert (a.backend, b.backend) == ("image", "tiff")
         np.testing.assert_array_equal(a.read_region((100, 50), 0, (300, 200)), b.read_region((100, 50), 0, (300, 200)))
+
+
+@pytest.mark.parametrize("rel, what", [
+    (("multiplex", "ark_fov8_mibitiff_22ch.tiff"), "a TIFF of 22 pages"),
+    (("wsi", "qptiff", "small_vectra.qptiff"), "a TIFF of 6 pages"),
+    (("fluorescence", "instanseg_Fluorescence_example.tif"), "a TIFF of 2 pages"),
+    (("fluorescence", "pathml_smalltif.tif"), "a TIFF of 2 pages")])
+def test_backend_image_refuses_the_tiffs_it_would_read_one_page_of(rel, what):
+    """backend='image' kept page 0 of a multi-page TIFF without a word (1 of MIBI's 22 channels, 1 of QPTIFF's
+    3 at the TIFF tag's mpp), and made an ImageJ fluorescence channel an RGB 'brightfield' image through its
+    display colour table."""
+    with pytest.raises(UnsupportedFormatError, match=rf"{rel[-1]}: {what} \(channels, levels or planes\): the "
+                                                     r"image backend would read its first page only.*; use "
+                                                     r"backend='tiff' \(the default\)"):
+        open_slide(data_path(*rel), backend="image")
+
+
+def test_backend_image_refuses_a_one_page_imagej_tiff(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "ij.tif", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), imagej=True)
+    with pytest.raises(UnsupportedFormatError, match=r"ij.tif: an ImageJ TIFF: the image backend would read its first "
+                                                     r"page only through its display colour table; use backend='tiff'"):
+        open_slide(tmp_path / "ij.tif", backend="image")
+    with open_slide(tmp_path / "ij.tif") as r:
+        assert r.channel_names == ["intensity"] and r.read_region((1, 1), 0, (1, 1)).item() == 65
 
 
 def test_svs_and_its_tiled_tiff_copy_agree():

@@ -1,4 +1,4 @@
-"""Image backend (Pillow): PNG, JPEG, BMP, GIF and small TIFFs without tiles. The image is decoded
+"""Image backend (Pillow): PNG, JPEG, BMP, GIF and small one-page TIFFs without tiles. The image is decoded
 once, on first read, and kept; Pillow's decompression-bomb limit bounds its size."""
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ class ImageReader(SlideReader):
         except Exception as e:  # a format Pillow knows, but the file is damaged or cut short
             raise SlideReadError(f"{self.path}: damaged or truncated image ({type(e).__name__}: {e})") from None
         im = self._im
+        if im.format == "TIFF":  # channels, levels or planes in pages, ImageJ's display colours: tifffile's work
+            pages = getattr(im, "n_frames", 1)
+            imagej = str(im.tag_v2.get(270, "")).startswith("ImageJ=")
+            if pages > 1 or imagej:
+                what = f"a TIFF of {pages} pages (channels, levels or planes)" if pages > 1 else "an ImageJ TIFF"
+                raise UnsupportedFormatError(
+                    f"{self.path}: {what}: the image backend would read its first page only"
+                    f"{' through its display colour table' if imagej else ''}; use backend='tiff' (the default)")
         if im.mode not in _MODES:
             raise UnsupportedFormatError(f"{self.path}: unsupported image mode {im.mode!r}")
         self._mode, dtype, names, self.brightfield = _MODES[im.mode]
