@@ -82,6 +82,34 @@ def test_region_of_negative_size():
             s.read_region((0, 0), 0, (-5, 10))
 
 
+def test_reader_arguments_are_checked_naming_the_file():
+    """A region of infinite size was a bare OverflowError, a downsample given as text a bare TypeError, a
+    max_region_bytes of "1e9" a bare ValueError; 0 became the default bound and -1 refused every read."""
+    from histoflow import ParameterError, SlideData
+
+    with open_slide(SVS) as s:
+        with pytest.raises(RegionError, match="CMU-1-Small-Region.svs: location and size must be pairs of integers"):
+            s.read_region((0, 0), 0, (float("inf"), 2))
+        for bad in ("4", float("nan"), 0, -2, None):
+            with pytest.raises(ParameterError, match=r"CMU-1-Small-Region.svs: downsample must be a positive number"):
+                s.best_level_for_downsample(bad)
+        assert s.best_level_for_downsample(4) == 0
+    for bad in ("1e9", 0, -1, 2.5, True):
+        with pytest.raises(ParameterError, match=r"CMU-1-Small-Region.svs: max_region_bytes must be a whole number of "
+                                                 r"bytes >= 1 \(or None for 4 GiB\)"):
+            open_slide(SVS, max_region_bytes=bad)
+    with open_slide(SVS, max_region_bytes=300) as s:
+        assert s.read_region((0, 0), 0, (10, 10)).shape == (10, 10, 3)
+        with pytest.raises(RegionTooLargeError):
+            s.read_region((0, 0), 0, (20, 10))
+    # SlideData's mpp is assigned as the reader's is (the way to correct a wrong resolution tag)
+    with SlideData(SVS) as s:
+        s.mpp = 0.25
+        assert s.mpp == s.reader.mpp == (0.25, 0.25) and s.grid(256, mpp=0.5).downsample == pytest.approx(2)
+        with pytest.raises(ParameterError):
+            s.mpp = -1
+
+
 def test_unknown_level():
     with open_slide(SVS) as s:
         with pytest.raises(RegionError, match="level 3 does not exist"):

@@ -217,7 +217,13 @@ class SlideData:
 
     @property
     def mpp(self):
+        """(x, y) pixel size of level 0 in µm, or None when unknown. Assign to override a missing or wrong one
+        (as ``SlideData(path, mpp=...)``; the reader's ``mpp`` is the same value)."""
         return self.reader.mpp
+
+    @mpp.setter
+    def mpp(self, value):
+        self.reader.mpp = value
 
     @property
     def channel_names(self):

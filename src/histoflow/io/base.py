@@ -117,7 +117,13 @@ class SlideReader:
         # absolute now: the process may change folder before the reader is pickled for a worker
         self._abspath = os.path.abspath(self.path)
         self._kwargs = {"mpp": mpp, "max_region_bytes": max_region_bytes, "brightfield": brightfield}
-        self.max_region_bytes = int(max_region_bytes or DEFAULT_MAX_REGION_BYTES)
+        if max_region_bytes is None:
+            max_region_bytes = DEFAULT_MAX_REGION_BYTES
+        elif (isinstance(max_region_bytes, bool) or not isinstance(max_region_bytes, (int, np.integer))
+              or max_region_bytes < 1):  # 0 became the default, -1 refused every read, "1e9" a bare ValueError
+            raise ParameterError(f"{self.path}: max_region_bytes must be a whole number of bytes >= 1 (or None for "
+                                 f"{DEFAULT_MAX_REGION_BYTES / 2**30:g} GiB), not {max_region_bytes!r}")
+        self.max_region_bytes = int(max_region_bytes)
         self.warnings: list[str] = []
         self.levels: list[Level] = []
         self.dtype = np.dtype(np.uint8)
@@ -248,6 +254,10 @@ class SlideReader:
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The level with the largest downsample not above ``downsample`` (as OpenSlide)."""
+        if (isinstance(downsample, bool) or not isinstance(downsample, (int, float, np.integer, np.floating))
+                or not math.isfinite(downsample) or downsample <= 0):
+            raise ParameterError(f"{self.path}: downsample must be a positive number (level-0 pixels per level "
+                                 f"pixel), not {downsample!r}")
         best = 0
         for i, lv in enumerate(self.levels):
             if lv.downsample <= downsample * (1 + 1e-6):
@@ -330,7 +340,7 @@ class SlideReader:
             w, h = (int(v) for v in size)
             if (x, y, w, h) != tuple(float(v) for v in (*location, *size)):
                 raise ValueError  # 10.9 was read as 10 without a word
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             raise RegionError(f"{self.path}: location and size must be pairs of integers, "
                               f"got {location!r}, {size!r}") from None
         if w <= 0 or h <= 0:
