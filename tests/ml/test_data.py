@@ -606,3 +606,34 @@ def test_nucleus_patches_take_histoflow_augmentations(tmp_path):
     assert len(seen) > 1
     flipped = NucleusPatchDataset(SVS, cells, transform=lambda p: p[:, ::-1])  # a plain function still works
     assert torch.equal(flipped[0]["image"], base.flip(2))
+
+
+def test_repeated_draws_keep_their_own_augmentation_through_a_subset_and_numpy_indices():
+    """torch's Subset looks a sampler's index up in its list: a Draw arrived as a plain index, so every copy of a
+    rare tile of a random_split came out with the same flips and colours (17 copies, 1 distinct). And numpy or
+    torch integers as indices (SubsetRandomSampler(np.arange(n)), ds[np.int64(3)]) crashed a seeded dataset:
+    their .repeat is a method, taken for a count."""
+    from histoflow.ml.augment import HSVShift
+    from histoflow.ml.data import Subset, random_split
+    from histoflow.ml.samplers import ClassBalancedSampler
+
+    path = data_path("pathml_h5path", "cmu_crop_written_by_pathml_3.0.8.h5path")
+    ds = TileDataset(path, transform=Compose([RandomFlip(), HSVShift(0.05, 0.2, 0.1)], seed=0))
+    assert torch.equal(ds[np.int64(3)]["image"], ds[3]["image"]) and torch.equal(ds[torch.tensor(3)]["image"],
+                                                                                    ds[3]["image"])
+
+    def copies_of_rare(dataset, rare):
+        labels = [1 if i == rare else 0 for i in range(len(dataset))]
+        draws = [i for i in ClassBalancedSampler(labels, 40, seed=0) if int(i) == rare]
+        return len(draws), len({dataset[i]["image"].numpy().tobytes() for i in draws})
+
+    train, _ = random_split(ds, [10, 2], generator=torch.Generator().manual_seed(0))
+    assert isinstance(train, Subset)
+    n, distinct = copies_of_rare(train, 0)
+    assert n >= 10 and distinct >= n - 3  # (a few flips can coincide; torch's Subset gave 1)
+    plain = torch.utils.data.Subset(ds, train.indices)
+    assert copies_of_rare(plain, 0)[1] == 1  # why Subset exists
+    assert torch.equal(train[4]["image"], ds[train.indices[4]]["image"])
+    loader = DataLoader(Subset(ds, np.arange(6)), batch_size=3, sampler=torch.utils.data.SubsetRandomSampler(
+        np.arange(6)))
+    assert sum(len(b["image"]) for b in loader) == 6

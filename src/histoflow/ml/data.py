@@ -191,10 +191,37 @@ def _transform(ds, sample, i):
     t = ds.transform
     if _seeded(t):
         key = [int(t.seed), ds._epoch, int(i) % max(len(ds), 1), ds._files_key]
-        repeat = getattr(i, "repeat", 0)  # a samplers.Draw: the same item drawn again this epoch
+        from .samplers import Draw
+
+        repeat = i.repeat if isinstance(i, Draw) else 0  # the same item drawn again this epoch (numpy and
+        # torch integers have a .repeat method: not a count)
         key = [k & 0xFFFFFFFFFFFFFFFF for k in (key + [int(repeat)] if repeat else key)]  # a seed may be < 0
         return t(sample, rng=np.random.default_rng(key))
     return t(sample)
+
+
+class Subset(torch.utils.data.Subset):
+    """``torch.utils.data.Subset`` that passes a sampler's repeated draws on as such: torch's looks the index up
+    in its list, so a :class:`~histoflow.ml.samplers.Draw` arrived as a plain index and every copy of a rare item
+    that a balancing sampler drew got the same seeded augmentation. Use it (or :func:`random_split`) to split a
+    histoflow dataset that a :class:`~histoflow.ml.samplers.ClassBalancedSampler` or
+    :class:`~histoflow.ml.samplers.HierarchicalSampler` draws from."""
+
+    def __getitem__(self, idx):
+        from .samplers import Draw
+
+        if isinstance(idx, Draw):
+            return self.dataset[Draw(int(self.indices[int(idx)]), idx.repeat)]
+        return super().__getitem__(idx)
+
+    def __getitems__(self, indices):  # a DataLoader's batch: each index as __getitem__ takes it
+        return [self[i] for i in indices]
+
+
+def random_split(dataset, lengths, generator=None) -> list[Subset]:
+    """``torch.utils.data.random_split`` giving :class:`Subset` s (same arguments, same split for a generator)."""
+    parts = torch.utils.data.random_split(dataset, lengths, generator=generator or torch.default_generator)
+    return [Subset(p.dataset, p.indices) for p in parts]
 
 
 class TileDataset(_Epochs, Dataset):
