@@ -249,3 +249,18 @@ def test_module_refuses_non_finite_features_as_the_guide_does(blobs, blob_guide)
     other = torch.from_numpy(test[6:12])  # the exported graph is specialised to 6 rows
     for graph in (traced, exported):
         assert torch.equal(graph(other), module(other))
+
+
+def test_ids_inside_an_autocast_region_are_scikit_learns():
+    """A training step with amp runs the module inside torch.autocast: its projection ran in bfloat16 and 2 of
+    2,000 overlapping features got another cluster than ClusterGuide.predict gives."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 64)) + rng.integers(0, 10, (2000, 1)) * 0.3
+    guide = ClusterGuide(n_clusters=10, threads=1).fit(x)
+    ref = guide.predict(x)
+    for dtype in (torch.float64, torch.float32):
+        module = guide.to_torch(dtype)
+        for amp in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=amp):
+                ids = module(torch.from_numpy(x).float()).numpy()
+            assert (ids == ref).all(), (dtype, amp)

@@ -91,6 +91,12 @@ def test_confusion_matrix_matches_sklearn():
         confusion_matrix(t, p, 3)
     with pytest.raises(ValueError, match=r"\(500,\).*\(499,\)"):
         confusion_matrix(t, p[:-1], 4)
+    from histoflow.errors import ParameterError
+
+    for names in (["tumour", "stroma"], np.array(["tumour", "stroma"], object)):  # a bare numpy TypeError before
+        with pytest.raises(ParameterError, match=r"y_true must hold integer class ids 0..1, got dtype .*map class "
+                                                 r"names to ids first"):
+            confusion_matrix(names, [0, 1], 2)
 
 
 def test_class_metrics_on_known_matrix():

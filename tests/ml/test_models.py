@@ -233,6 +233,12 @@ def test_hovernet_postprocess_separates_touching_nuclei():
     assert empty.max() == 0 and none == {}
     with pytest.raises(ValueError, match="hv_map"):
         hovernet_postprocess(np_prob, hv[:1])
+    # one NaN or infinite value made the image-wide extremes NaN: every nucleus was lost without a word
+    for where, value in (("hv", np.nan), ("hv", np.inf), ("np", np.nan)):
+        h, p = hv.copy(), np_prob.copy()
+        (h[0] if where == "hv" else p[1])[95, 95] = value
+        with pytest.raises(ParameterError, match=rf"the maps hold NaN or infinite values \({where}\w*: 1 value"):
+            hovernet_postprocess(p, h)
 
 
 @pytest.mark.parametrize("mode, size, out_size, pad, classes", [

@@ -250,10 +250,13 @@ class ClusterModule(nn.Module):
         return (z - self.pca_mean) @ self.pca_components.T
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """Squared Euclidean distances ``(N, k)`` to the cluster centres in PCA space."""
-        y = self.project(features)
-        diff = y[:, None, :] - self.centers[None, :, :]
-        return (diff * diff).sum(dim=-1)
+        """Squared Euclidean distances ``(N, k)`` to the cluster centres in PCA space, in the module's dtype
+        also inside an autocast region (a training step with ``amp``: its bfloat16 projection gave 2 of 2,000
+        features another cluster than scikit-learn's)."""
+        with torch.autocast(features.device.type, enabled=False):
+            y = self.project(features)
+            diff = y[:, None, :] - self.centers[None, :, :]
+            return (diff * diff).sum(dim=-1)
 
     @torch.no_grad()
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,9 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
     if n_classes < 1:
         raise ParameterError(f"n_classes must be >= 1, got {n_classes}")
     for name, a in (("y_true", t), ("y_pred", p)):
+        if a.size and a.dtype.kind not in "biuf":  # class names (str, object): np.mod raised a bare TypeError
+            raise ParameterError(f"{name} must hold integer class ids 0..{n_classes - 1}, got dtype {a.dtype} "
+                                 f"({a.ravel()[:3].tolist()} ...); map class names to ids first")
         if a.size and not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
             if not np.all(np.equal(np.mod(a, 1), 0)):
                 raise ParameterError(f"{name} must hold integer class labels, got dtype {a.dtype}")

@@ -179,6 +179,11 @@ def hovernet_postprocess(np_prob, hv_map, tp_prob=None, *, fg_threshold: float =
                              f"got {hv.shape}")
     if sobel_ksize % 2 == 0 or not 1 <= sobel_ksize <= 31:
         raise ParameterError(f"hovernet_postprocess: sobel_ksize must be odd and <= 31, got {sobel_ksize}")
+    bad = {name: int(a.size - np.count_nonzero(np.isfinite(a))) for name, a in (("np_prob", np_prob), ("hv_map", hv))}
+    if any(bad.values()):  # one NaN made each image-wide minimum and maximum NaN: no nucleus anywhere, silently
+        raise ParameterError("hovernet_postprocess: the maps hold NaN or infinite values ("
+                             + ", ".join(f"{k}: {v} value(s)" for k, v in bad.items() if v)
+                             + "); the network's output is broken there (its input, or its weights)")
 
     fg = np_prob >= fg_threshold
     fg_lab, _ = ndi.label(fg)
