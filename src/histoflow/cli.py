@@ -1166,6 +1166,7 @@ def _write_labels(store, shape, output, outlines, thumb, png, *, mpp=None):
     import tifffile
 
     from .annotations import polygonize
+    from .errors import OutputError
     from .ml.infer import InstanceRows
     from .utils import atomic_output, outline_instances, save_png
 
@@ -1217,8 +1218,11 @@ def _write_labels(store, shape, output, outlines, thumb, png, *, mpp=None):
                 labels[r0:r0 + len(block)] = block
             tifffile.imwrite(tmp_out, labels, compression="zlib", **scale)
         else:
-            tifffile.imwrite(tmp_out, tiles(sampled(blocks)), shape=(H, W), dtype=np.uint32, tile=(512, 512),
+            stream = tiles(sampled(blocks))
+            tifffile.imwrite(tmp_out, stream, shape=(H, W), dtype=np.uint32, tile=(512, 512),
                              compression="zlib", **scale)
+            for _ in stream:  # tifffile stops at the last tile it needs: the rest of the rows run to their end
+                raise OutputError(f"{output}: more label tiles than a {W} x {H} image holds (a histoflow bug)")
     if png:
         save_png(png, outline_instances(thumb, small))
     for p in polys:

@@ -627,6 +627,18 @@ def test_label_image_streams_a_row_of_tiles_at_a_time(tmp_path, monkeypatch):
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "l.png")), outline_instances(thumb, whole))
+    # a slide whose height is a multiple of the TIFF's 512 px tiles: tifffile stops pulling at its last tile,
+    # before the rows' end, where the count was set: "0 nuclei" for an image holding them all
+    tall = str(tmp_path / "tall.h5path")
+    with H5PathWriter(tall, slide={"name": "s", "width": W, "height": 512}) as w:
+        for y in range(0, 512, t):
+            for x in range(0, W, t):
+                lab = np.zeros((t, t), np.int32)
+                lab[10:20, 10:20], lab[40:50, 30:40] = 1, 2
+                w.add_tile(np.full((t, t, 3), 255, np.uint8), (x, y), masks={"nuclei": lab})
+    n, polys = cli._write_labels(tall, (512, W), str(tmp_path / "tall.tif"), True, None, None)
+    stored = tifffile.imread(tmp_path / "tall.tif")
+    assert n == stored.max() == len(polys) == 2 * 8 * 3 and len(np.unique(stored)) == n + 1
 
 
 def test_pixel_sizes_near_the_models_run_without_resampling(val_sample):

@@ -151,6 +151,7 @@ class InstanceRows:
             new = np.where(put, lut[lab.astype(np.int64)], 0).astype(np.int32)
             win[put] = new[put]
             next_id += len(ids)
+            self.count = next_id - 1  # as it goes: a consumer may stop once it has the last row it needs
             if self.on_objects is not None:
                 self.on_objects(new, x0, y0)
         while done < H:
