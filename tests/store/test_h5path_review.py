@@ -131,3 +131,56 @@ def test_lookups_by_coords_scan_the_table_once(tmp_path):
         with pytest.raises(KeyError, match=r"no tile at \(x=4, y=0\)"):
             h.tile((4, 0))
         assert len(scans) == 1
+
+
+def test_write_records_the_kind_of_image_the_tiles_became(tmp_path):
+    """Virtual H&E tiles of a Vectra slide written by SlideData.write were stored as Vectra with the slide's
+    DAPI/FITC/Cy3 names (three channels in, three out) and read back as Vectra tiles, which overview drew as
+    fluorescence; a slide run stored them as HE. Now both record HE, uint8, R, G, B."""
+    from datafiles import data_path
+
+    from histoflow.transforms import VirtualHE
+
+    s = SlideData(data_path("wsi", "qptiff", "small_vectra.qptiff"))
+    v = VirtualHE(nuclear_channel="auto")
+    v.fit_slide(s)
+    tiles = []
+    for t in s.generate_tiles(512):
+        v.apply(t)
+        tiles.append(t)
+    with read_h5path(s.write(tmp_path / "v.h5path", tiles)) as h:
+        assert (h.slide["slide_type"], h.slide["dtype"], h.slide["channel_names"]) == ("HE", "uint8", ["R", "G", "B"])
+        assert h.tile(0).slide_type == "HE"
+    plain = list(s.generate_tiles(512))[:2]  # tiles as read: the slide's own kind and names
+    with read_h5path(s.write(tmp_path / "p.h5path", plain)) as h:
+        assert (h.slide["slide_type"], h.slide["channel_names"]) == ("Vectra", ["DAPI", "FITC", "Cy3"])
+
+
+def test_strangers_fixed_length_strings_bytes_paths_and_mask_membership(tmp_path):
+    """Fixed-length string arrays (h5py's way to store numpy text) read as "b'DAPI'" names, and a fixed-length
+    json_labels made the slide unreadable; H5PathWriter refused a bytes path that read_h5path takes with a bare
+    AttributeError; `name in h.masks` decompressed the whole mask."""
+    import h5py
+
+    path = tmp_path / "s.h5path"
+    with H5PathWriter(path, slide={"channel_names": ["DAPI", "CD3"], "labels": {"panel": ["DAPI", "CD3"]}}) as w:
+        w.add_tile(np.zeros((4, 4, 2), np.uint16), (0, 0))
+        w.add_slide_mask("prob", np.ones((64, 64), np.float32), 1.0)
+    with h5py.File(path, "r+") as f:
+        f["slide"].attrs["channel_names"] = np.array(["DAPI", "CD3"], dtype="S")
+        f["slide"].attrs["json_labels"] = np.array(["panel"], dtype="S")
+    with read_h5path(path) as h:
+        assert h.slide["channel_names"] == ["DAPI", "CD3"] and h.labels == {"panel": ["DAPI", "CD3"]}
+        src = h._s()
+        reads = []
+        real = src.read_mask
+        src.read_mask = lambda name: reads.append(name) or real(name)
+        assert "prob" in h.masks and "tissue" not in h.masks and reads == []
+        assert h.masks["prob"].shape == (64, 64) and reads == ["prob"]
+    raw = os.fsencode(str(tmp_path)) + b"/bad\xff.h5path"
+    with H5PathWriter(raw, slide={"name": "x"}) as w:
+        w.add_tile(np.zeros((4, 4, 3), np.uint8), (0, 0))
+    with read_h5path(raw) as h:
+        assert len(h) == 1
+    with pytest.raises(H5PathParameterError, match="H5PathWriter: path must be a file name, got NoneType"):
+        H5PathWriter(None)

@@ -431,7 +431,13 @@ class SlideData:
             it = itertools.chain([first], it)
             names = meta.get("channel_names")
             c = 1 if np.ndim(first.image) == 2 else np.shape(first.image)[-1]
-            if names is not None and len(names) != c:
+            kind = getattr(first, "slide_type", None)
+            if kind and kind != meta.get("slide_type"):  # another kind of image (a virtual H&E of MIBI or Vectra
+                meta["slide_type"] = kind  # tiles): its kind and dtype, as a slide run records them (the store
+                meta["dtype"] = np.asarray(first.image).dtype.name  # said Vectra, its tiles read back so)
+                if names is not None:
+                    meta["channel_names"] = ["R", "G", "B"] if c == 3 else None
+            elif names is not None and len(names) != c:
                 meta["channel_names"] = ["R", "G", "B"] if c == 3 else None  # as a slide run does
         with H5PathWriter(path, slide=meta, compression=compression,
                           compression_level=compression_level) as w:

@@ -420,8 +420,11 @@ class H5PathWriter:
 
     def __init__(self, path, *, slide: dict | None = None, compression: str | None = "gzip",
                  compression_level: int = GZIP_LEVEL, overwrite: bool = True, temp_dir=None):
-        self.path = os.fspath(path)
         self._closed = True
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise H5PathParameterError(f"H5PathWriter: path must be a file name, got {type(path).__name__} "
+                                       f"{path!r:.60}")
+        self.path = os.fsdecode(os.fspath(path))  # bytes too, as read_h5path takes them
         self._f = None
         if compression not in COMPRESSIONS:
             raise H5PathParameterError(f"{self.path}: compression must be 'gzip', 'lzf', 'htj2k' or None, not "
@@ -1190,6 +1193,8 @@ def _bounded(value, what, path):
             raise H5PathError(f"{path}: {what} is not UTF-8") from e
     if isinstance(value, str) and len(value) > MAX_ATTR_CHARS:
         raise H5PathError(f"{path}: {what} is longer than {MAX_ATTR_CHARS} characters")
+    if isinstance(value, np.ndarray) and value.dtype.kind == "S":  # fixed-length strings (h5py's way for
+        value = value.astype(object)  # numpy text): each decoded as the variable-length ones ("b'DAPI'" before)
     if isinstance(value, np.ndarray) and value.dtype == object:
         value = np.array([_bounded(v, what, path) for v in value.ravel()], dtype=object).reshape(value.shape)
         if sum(len(v) for v in value.ravel() if isinstance(v, str)) > MAX_ATTR_CHARS * 16:
@@ -1646,6 +1651,10 @@ class _Masks(Mapping):
     @_damage_guard
     def __len__(self):
         return len(self._src.mask_names())
+
+    @_damage_guard
+    def __contains__(self, name):  # by name: Mapping's reads the whole mask (256 MB, 1.5 s for a large one)
+        return name in self._src.mask_names()
 
     def __repr__(self):
         return f"<slide masks {self._src.mask_names()}>"
