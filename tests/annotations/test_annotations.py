@@ -230,6 +230,15 @@ def test_rasterize_over_a_slide_at_a_level_or_mpp():
     assert ds == pytest.approx(2.0 / 0.499, rel=1e-3)
     assert m.shape == (round(2967 / ds), round(2220 / ds))
     assert abs(m.sum() * ds * ds - 400 * 200) / (400 * 200) < 0.05
+    # a mask larger than the reader's bound is refused before it is made (level 0 of a 1.7-gigapixel slide took
+    # 6 GiB and ended in numpy's MemoryError)
+    from histoflow import RegionTooLargeError, open_slide
+
+    with open_slide(SVS, max_region_bytes=2967 * 2220 * 4 - 1) as r:
+        with pytest.raises(RegionTooLargeError, match=r"CMU-1-Small-Region.svs: a 2220 x 2967 mask \(downsample 1\) "
+                                                      r"would take 25.1 MiB, above the bound .* coarser level= or mpp="):
+            rasterize_slide([box], r)
+        assert rasterize_slide([box], r, dtype=np.uint8)[0].sum() == 400 * 200
 
 
 def test_holes_and_classes_survive_every_format(tmp_path):

@@ -393,6 +393,16 @@ def rasterize_slide(polygons, slide, level: int | None = None, mpp: float | None
                 raise ParameterError(f"{reader.path}: level {level!r} does not exist: the slide has levels 0..{n - 1}")
             ds = float(reader.levels[level or 0].downsample)
         shape = (max(1, int(round(h0 / ds))), max(1, int(round(w0 / ds))))
+        need = shape[0] * shape[1] * np.dtype(dtype).itemsize
+        bound = getattr(reader, "max_region_bytes", None)
+        if bound is not None and need > bound:  # level 0 by default: 6 GiB for a 1.7-gigapixel slide
+            from ..errors import RegionTooLargeError
+            from ..io.base import format_bytes
+
+            raise RegionTooLargeError(
+                f"{reader.path}: a {shape[1]} x {shape[0]} mask (downsample {ds:g}) would take "
+                f"{format_bytes(need)}, above the bound of {format_bytes(bound)}; rasterise at a coarser "
+                f"level= or mpp= (slide masks need no more than the tissue's detail)")
         return rasterize(polygons, shape, downsample=ds, values=values, dtype=dtype), ds
     finally:
         if own:
