@@ -219,8 +219,29 @@ def _yaml_classes():
 
         import yaml
 
+        def construct_mapping(self, node, deep=False):
+            # a key written twice: YAML says it must not be, PyYAML keeps the last silently (a second `train:`
+            # section dropped the first's learning rate without a word). Merged keys (<<) may be overridden.
+            if isinstance(node, yaml.MappingNode):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark)
+                    except TypeError:  # unhashable: the base class says so
+                        continue
+                    if first is not key_node.start_mark:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"found the key {key!r} a second time (first on line {first.line + 1}); each key "
+                            "may appear once in a mapping", key_node.start_mark)
+            return yaml.SafeLoader.construct_mapping(self, node, deep)
+
         for name, base in (("loader", yaml.SafeLoader), ("dumper", yaml.SafeDumper)):
-            cls = type(f"Histoflow{base.__name__}", (base,), {})
+            extra = {"construct_mapping": construct_mapping} if name == "loader" else {}
+            cls = type(f"Histoflow{base.__name__}", (base,), extra)
             # a copy of every first-character list: adding to them in place would change PyYAML's own classes
             cls.yaml_implicit_resolvers = {k: list(v) for k, v in base.yaml_implicit_resolvers.items()}
             cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_SCIENTIFIC), list("-+0123456789."))

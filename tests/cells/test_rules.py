@@ -320,6 +320,7 @@ def test_python_api_steps_and_yaml_round_trip(tmp_path):
     ("steps: [{group: and, when: CD3}]\n", "single word"),
     ("name: x\n", "no 'steps'"),
     ("steps: [\n", "not valid YAML"),
+    ("steps: [{group: T, when: CD3}]\nsteps: [{group: B, when: CD20}]\n", "found the key 'steps' a second time"),
     ("steps: []\n", "at least one step"),
     ("aliases: [CD3]\nsteps: [{assign: x, when: CD3}]\n", "aliases must be a mapping"),
 ])

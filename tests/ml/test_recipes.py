@@ -143,6 +143,12 @@ def test_config_errors(tmp_path):
     bad.write_text("task: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    # a section written twice: PyYAML kept the last one silently (lr 0.5 trained at the default 0.001)
+    bad.write_text("task: tile_classification\ntrain: {epochs: 1, batch_size: 16, lr: 0.5}\noutput: x\n"
+                   "train: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: not valid YAML .*found the key 'train' a second time \(first on "
+                                          r"line 2\)"):
+        load_config(bad)
     with pytest.raises(ConfigError, match="unknown task 'segment_everything'"):
         train_from_config({"task": "segment_everything"})
     with pytest.raises(ConfigError, match="missing key data.root"):

@@ -77,7 +77,10 @@ def test_bad_yaml_files(tmp_path):
                       ("histoflow_pipeline: 1\nsteps: BoxBlur", r"'steps' must be a list of .*got str 'BoxBlur'"),
                       ("histoflow_pipeline: 9\nsteps: []", "pipeline format 9 is not supported"),
                       ("!!python/object:os.system ls", "not valid YAML"),
-                      ("[1, 2", "not valid YAML")]:
+                      ("[1, 2", "not valid YAML"),
+                      # a parameter given twice: the first was dropped without a word
+                      ("steps: [{BoxBlur: {kernel_size: 3, kernel_size: 9}}]", "found the key 'kernel_size' a "
+                                                                               "second time")]:
         p = tmp_path / "x.yaml"
         p.write_text(text)
         with pytest.raises(PipelineError, match=msg):
