@@ -160,6 +160,24 @@ def test_config_errors(tmp_path):
         train_from_config({"task": "nucleus_segmentation", "output": out, "data": dict(one, augment={"zoom": 0.8})})
     with pytest.raises(ConfigError, match="data: NucleusCrops: zoom must satisfy 0 < smallest <= largest"):
         train_from_config({"task": "nucleus_segmentation", "output": out, "data": dict(one, augment={"zoom": [1.25, 0.8]})})
+    # a model that cannot do the task is named before the run touches its folder (out_channels 3 failed at
+    # the first batch, after --overwrite had cleared the folder, naming no key); a card's own post-processing
+    # would be recorded while the epoch was chosen with another
+    small = {"root": MONUSEG, "ids": ["TCGA-21-5784-01Z-00-DX1"], "crop": 64, "crops_per_epoch": 4}
+    os.makedirs(out)
+    open(os.path.join(out, "keep.txt"), "w").close()
+    for params, msg in (({"out_channels": 3, "filters": [8, 16]}, r"needs 4 maps per pixel .* gives \(1, 3, 64, 64\); "
+                                                                  r"set model.params.out_channels: 4"),
+                        ({"in_channels": 4, "out_channels": 4, "filters": [8, 16]}, r"cannot take the nucleus task's "
+                                                                                    r"RGB images")):
+        with pytest.raises(ConfigError, match=msg):
+            train_from_config({"task": "nucleus_segmentation", "output": out, "data": small,
+                               "model": {"name": "unet", "params": params}, "train": {"epochs": 1}})
+        assert os.listdir(out) == ["keep.txt"]
+    with pytest.raises(ConfigError, match="card.postprocess is written from data.postprocess"):
+        train_from_config({"task": "nucleus_segmentation", "output": out, "data": small,
+                           "model": {"name": "unet", "params": {"out_channels": 4}},
+                           "card": {"postprocess": {"fg_threshold": 0.7}}})
     from histoflow.ml.recipes import _augmenter
 
     with pytest.raises(ConfigError, match="randstain is the templates' spread, a number"):

@@ -129,6 +129,9 @@ def check_config(cfg: dict) -> dict:
     for key, what in (("architecture", "model.name"), ("parameters", "model.params")):
         if key in card:
             raise ConfigError(f"{where}: card.{key} is written from the model ({what}); leave it out")
+    if cfg.get("task") == "nucleus_segmentation" and "postprocess" in card:  # the run's card got it, while the
+        raise ConfigError(f"{where}: card.postprocess is written from data.postprocess (or model.init's card), "
+                          "which chooses the epoch; give it as data.postprocess")  # epoch was chosen by another
     problem = json_problem(card, "card")
     if problem:  # found now, not when best.pt is first saved after an epoch
         raise ConfigError(f"{where}: {problem}")
@@ -283,6 +286,29 @@ def _make_augmenter(spec: dict, seed: int, images):
     return A.Compose(ops, seed=seed)
 
 
+def _check_nucleus_model(cfg, model):
+    """The nucleus task's model takes RGB images and gives 4 maps per pixel, checked on a blank image before any
+    work (a model with 3 outputs failed at the first batch, after the run folder was cleared, naming no key)."""
+    side = max(64, int(getattr(model, "size_divisor", 16) or 16))
+    what = f"model {cfg['model'].get('name')!r} with model.params {cfg['model'].get('params') or {}}"
+    was = model.training
+    model.eval()  # (batch-norm statistics untouched)
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, side, side))
+    except Exception as e:  # noqa: BLE001 - any failure: the model cannot do the task
+        raise ConfigError(f"{cfg.get('_path')}: {what} cannot take the nucleus task's RGB images "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); set model.params.in_channels: 3"
+                          ) from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[1:]) != (4, side, side):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{cfg.get('_path')}: the nucleus task needs 4 maps per pixel (background and nucleus "
+                          f"logits, horizontal and vertical maps), (1, 4, {side}, {side}) for a {side} px image; "
+                          f"{what} gives {got}; set model.params.out_channels: 4")
+
+
 def _model(cfg):
     from . import models
 
@@ -407,6 +433,7 @@ def _nucleus_segmentation(cfg, resume=False):
                                          num_workers=settings["num_workers"], worker_init_fn=quiet_interrupts)
     torch.manual_seed(seed)  # the initial weights too: the same config trains the same model in any process
     model = _model(cfg)
+    _check_nucleus_model(cfg, model)
     # the post-processing that chooses the epoch is the one the model's card gives NucleusSegmentation:
     # data.postprocess, else (fine-tuning) the starting model's own
     post = _postprocess(cfg)
@@ -447,7 +474,7 @@ def _nucleus_segmentation(cfg, resume=False):
     card = cfg.setdefault("card", {})
     card.setdefault("task", "nucleus_segmentation")
     if post:
-        card.setdefault("postprocess", post)
+        card["postprocess"] = post  # (check_config refuses one of the config's own)
     if card.get("mpp") is not None:
         card["mpp"] = _positive(cfg, "card.mpp", card["mpp"])
     if mpp is not None:
