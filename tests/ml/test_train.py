@@ -95,6 +95,31 @@ def test_trainer_is_reproducible_and_resumes_exactly(patches, tmp_path):
     resumed = run(tmp_path / "e", 3, resume=True)
     assert resumed.epoch == 3 and len(resumed.history) == 3
     assert torch.equal(_weights(resumed.model), _weights(a.model))
+    # the same run resumed into another folder by the public load_checkpoint: it refused every run with a
+    # schedule ("written with a learning-rate schedule"), and fit would have replaced the restored one
+    part = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=3, lr=1e-3, out_dir=tmp_path / "f",
+                   progress=False, accumulate=2, schedule="onecycle")
+    _stop_after(part, 2)
+    part.fit(*_loaders(patches))
+    other = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=3, lr=1e-3, out_dir=tmp_path / "g",
+                    progress=False, accumulate=2, schedule="onecycle")
+    other.load_checkpoint(tmp_path / "f" / "last.ckpt")
+    assert other.epoch == 2
+    other.fit(*_loaders(patches))
+    assert other.epoch == 3 and torch.equal(_weights(other.model), _weights(a.model))
+    train, val = _loaders(patches)
+    short = torch.utils.data.DataLoader(train.dataset, batch_size=train.batch_size * 2)
+    again = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=3, lr=1e-3, out_dir=tmp_path / "h",
+                    progress=False, accumulate=2, schedule="onecycle")
+    again.load_checkpoint(tmp_path / "f" / "last.ckpt")
+    with pytest.raises(TrainingError, match="the restored one-cycle schedule spans .* a one-cycle run cannot be "
+                                            "lengthened or shortened"):
+        again.fit(short, val)
+    plain = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=3, lr=1e-3, progress=False, accumulate=2)
+    before = _weights(plain.model)
+    with pytest.raises(TrainingError, match="started with other settings"):
+        plain.load_checkpoint(tmp_path / "f" / "last.ckpt")
+    assert torch.equal(_weights(plain.model), before)  # refused before anything was restored
 
 
 def _stop_after(trainer, n):
@@ -507,3 +532,31 @@ def test_card_entries_the_trainer_fills_are_checked_before_training():
     Trainer(m, torch.nn.CrossEntropyLoss(), card={"architecture": "rccnet", "training": None}, progress=False)
     with pytest.raises(ParameterError, match="seed must be below"):
         Trainer(m, torch.nn.CrossEntropyLoss(), seed=2 ** 63 - 1, epochs=2, progress=False)
+
+
+def test_nan_metrics_are_json_null_and_library_misuse_is_named(patches, tmp_path):
+    """A validation metric that is NaN in an epoch (the F1 of a class absent from the validation data) was
+    written into best.json and metrics.json as a bare NaN, which strict JSON readers refuse; the default batch
+    loss met a TileDataset's batches with a bare KeyError('target'); an out_dir that is a file gave
+    FileExistsError."""
+    from histoflow.errors import OutputError
+
+    def strict(path):
+        return json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"{path}: {c} in JSON"))
+
+    t = Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, lr=1e-3, out_dir=tmp_path / "n", progress=False,
+                validate=lambda m, vl, dev: {"f1_rare": float("nan"), "accuracy": 0.5})
+    t.fit(*_loaders(patches))
+    assert strict(tmp_path / "n" / "best.json")["metrics"]["f1_rare"] is None
+    assert strict(tmp_path / "n" / "metrics.json")["history"][0]["f1_rare"] is None
+    assert strict(tmp_path / "n" / "best.json")["metrics"]["accuracy"] == 0.5
+    x, y = patches
+    tiles = torch.utils.data.DataLoader([{"image": x[i], "labels": {"grade": y[i]}} for i in range(8)], batch_size=4)
+    with pytest.raises(TrainingError, match=r"the batches hold \['image', 'labels'\], not 'image' and 'target': give "
+                                            r"the Trainer a batch_loss"):
+        Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, progress=False).fit(tiles)
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(OutputError, match=rf"{out.name}: cannot make the run's folder"):
+            Trainer(_model(), torch.nn.CrossEntropyLoss(), epochs=1, out_dir=out, progress=False).fit(
+                *_loaders(patches))

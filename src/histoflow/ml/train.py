@@ -131,6 +131,10 @@ def _batch_size(batch) -> int:
 def default_batch_loss(model, batch, loss_fn):
     """Loss of one batch: ``(x, y)`` pairs or dicts with ``"image"`` and ``"target"``."""
     if isinstance(batch, Mapping):
+        if "image" not in batch or "target" not in batch:  # a TileDataset's (masks, labels) or a patch's label
+            raise TrainingError(f"the batches hold {sorted(batch)}, not 'image' and 'target': give the Trainer a "
+                                "batch_loss(model, batch, loss_fn) that says which of them the model is trained "
+                                "on (e.g. loss_fn(model(batch['image']), batch['labels']['grade']))")
         x, y = batch["image"], batch["target"]
     else:
         x, y = batch[0], batch[1]
@@ -284,9 +288,12 @@ class Trainer:
         return self.ema_model.module if self.ema_model is not None else self.model
 
     # ------------------------------------------------------------------ schedule
-    def _make_scheduler(self, steps_per_epoch: int):
+    def _onecycle_steps(self, steps_per_epoch: int) -> int:
+        return max(1, self.epochs * math.ceil(steps_per_epoch / self.accumulate))
+
+    def _make_scheduler(self, steps_per_epoch: int | None, total_steps: int | None = None):
         if self.schedule == "onecycle":
-            total = max(1, self.epochs * math.ceil(steps_per_epoch / self.accumulate))
+            total = total_steps or self._onecycle_steps(steps_per_epoch)
             return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.lr, total_steps=total)
         if self.schedule == "plateau":
             # threshold 0: an improvement is what the trainer calls one (any, for best.pt and early stopping); torch's
@@ -348,6 +355,18 @@ class Trainer:
             raise TrainingError(f"{path}: cannot resume: the run was started with other settings "
                                 f"({'; '.join(diff)}). Resume with the settings it was started with, or "
                                 "start a new run from its weights (model.init)")
+        sched = state.get("scheduler")
+        if (self.schedule is None) != (sched is None):  # checked before anything is restored
+            raise TrainingError(f"{path}: cannot resume: the checkpoint was written "
+                                f"{'without' if self.schedule is not None else 'with'} a learning-rate schedule")
+        if self.scheduler is None and self.schedule is not None:  # restored before fit (which keeps it): made
+            # now, before the optimiser's state, whose rate it sets first; one-cycle over the checkpoint's steps
+            # (fit checks that its data gives as many)
+            total = sched.get("total_steps") if isinstance(sched, dict) else None
+            if self.schedule == "onecycle" and not isinstance(total, int):
+                raise TrainingError(f"{path}: cannot resume from this checkpoint (its one-cycle schedule has no "
+                                    "step count)")
+            self.scheduler = self._make_scheduler(None, total)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -355,11 +374,7 @@ class Trainer:
                 if state.get("ema") is None:
                     raise KeyError("the checkpoint has no weight average (it was trained without ema)")
                 self.ema_model.load_state_dict(state["ema"])
-            if (self.scheduler is None) != (state.get("scheduler") is None):
-                raise TrainingError(f"{path}: cannot resume: the checkpoint was written "
-                                    f"{'without' if self.scheduler is not None else 'with'} a learning-rate schedule")
             if self.scheduler is not None:
-                sched = state["scheduler"]
                 mine = getattr(self.scheduler, "total_steps", None)
                 if mine is not None and sched.get("total_steps") not in (None, mine):
                     raise TrainingError(
@@ -410,10 +425,13 @@ class Trainer:
                 w.writeheader()
                 w.writerows(self.history)
         best = None if math.isinf(self.best_loss) else (self.best_loss if self.mode == "min" else -self.best_loss)
+        from .models import _jsonable
+
         with atomic_output(os.path.join(self.out_dir, "metrics.json")) as tmp:
-            with open(tmp, "w") as f:
-                json.dump({"history": self.history, "best_epoch": self.best_epoch + 1, "monitor": self.monitor,
-                           "mode": self.mode, "best_value": best}, f, indent=1)
+            with open(tmp, "w") as f:  # a NaN metric (a class absent from the validation data) as null
+                json.dump(_jsonable({"history": self.history, "best_epoch": self.best_epoch + 1,
+                                     "monitor": self.monitor, "mode": self.mode, "best_value": best}),
+                          f, indent=1, allow_nan=False)
 
     # ------------------------------------------------------------------ loops
     def _train_epoch(self, loader) -> float:
@@ -493,9 +511,22 @@ class Trainer:
         ``resume=True`` continues from ``out_dir/last.ckpt`` when it exists.
         """
         if self.out_dir is not None:
-            os.makedirs(self.out_dir, exist_ok=True)
-        # the schedule first: creating it sets the optimiser's rate, which a checkpoint then restores
-        self.scheduler = self._make_scheduler(len(train_loader))
+            try:
+                os.makedirs(self.out_dir, exist_ok=True)
+            except OSError as e:  # a file of that name, or under one; no permission
+                from ..errors import OutputError
+
+                raise OutputError(f"{self.out_dir}: cannot make the run's folder ({e.strerror or e})") from None
+        # the schedule first: creating it sets the optimiser's rate, which a checkpoint then restores. One restored
+        # by load_checkpoint before fit is kept (made again, it would set the restored optimiser's rate anew)
+        if self.scheduler is None or self.epoch == 0:
+            self.scheduler = self._make_scheduler(len(train_loader))
+        elif self.schedule == "onecycle" and self.scheduler.total_steps != self._onecycle_steps(len(train_loader)):
+            raise TrainingError(
+                f"the restored one-cycle schedule spans {self.scheduler.total_steps} steps, this run's data "
+                f"{self._onecycle_steps(len(train_loader))} ({self.epochs} epochs of {len(train_loader)} batches): a "
+                "one-cycle run cannot be lengthened or shortened; resume with the data and epochs it was started "
+                "with")
         if resume:
             if self.out_dir is None:
                 raise TrainingError("resume=True needs an out_dir holding last.ckpt")

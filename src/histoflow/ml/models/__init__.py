@@ -22,12 +22,14 @@ import datetime
 import importlib
 import inspect
 import json
+import math
 import os
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -173,10 +175,14 @@ def check_card_identity(model: nn.Module, card: Mapping, who: str = "") -> None:
 
 
 def _jsonable(v: Any) -> Any:
+    """Plain JSON: tuples as lists, keys as text, and numbers JSON cannot hold (NaN, infinities: a metric of a
+    class missing from the validation data) as null, not the bare ``NaN`` that strict readers refuse."""
     if isinstance(v, tuple | list):
         return [_jsonable(x) for x in v]
     if isinstance(v, Mapping):
         return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, float | np.floating) and not math.isfinite(v):
+        return None
     return v
 
 
@@ -288,7 +294,7 @@ def save(model: nn.Module, path: str | Path, card: Mapping[str, Any] | None = No
             continue        # the card given says (a fine-tuned model's card=parent.card: the parent's date)
         full[k] = v
     try:
-        text = json.dumps(_jsonable(full), indent=2, sort_keys=False)
+        text = json.dumps(_jsonable(full), indent=2, sort_keys=False, allow_nan=False)
     except TypeError as e:
         raise ParameterError(f"save: the card is not JSON-serialisable: {e}") from e
     path.parent.mkdir(parents=True, exist_ok=True)
