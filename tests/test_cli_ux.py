@@ -353,6 +353,12 @@ def test_segment_nuclei_and_phenotype_refuse_existing_outputs_but_resume_and_upd
     labels = _stamp(out)
     assert main(args + ["--resume"]) == 0 and _stamp(out)[0] == labels[0]  # the same nuclei, from the store
     assert main(args + ["--overwrite"]) == 0
+    # --resume with no run to continue (a new --h5path): the outputs of the first run replaced without a word
+    capsys.readouterr()
+    fresh = args[:-2] + [str(tmp_path / "new.h5path"), "--no-progress", "--resume"]
+    assert main(fresh) == 1 and _stamp(out)[0] == labels[0]
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and f"{out} (the label image)" in err and "exist already" in err
     cells = cells_file(tmp_path / "c.h5ad")
     rules = tmp_path / "r.yaml"
     rules.write_text("steps:\n  - {assign: T, when: CD3}\n")

@@ -873,7 +873,8 @@ def cmd_segment_nuclei(args):
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
-                                  "h5path": args.h5path}, overwrite=args.overwrite, resume=args.resume)
+                                  "h5path": args.h5path}, overwrite=args.overwrite, resume=args.resume,
+                   store=args.h5path)
     if not args.output.lower().endswith((".tif", ".tiff")):
         raise OutputError(f"{args.output}: the label image is written as TIFF: give -o a .tif path")
     _check_formats(args.png, args.geojson)
@@ -935,7 +936,7 @@ def cmd_quantify(args):
                              f"{store} beside it); give -o a name ending in .h5ad")
     png = _picture_path(args.png, out, avoid=(args.slide, out, store))
     _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png}, overwrite=args.overwrite,
-                   resume=args.resume)
+                   resume=args.resume, store=store)
     _check_formats(args.png)
     with _slide_data(args.slide, args.slide_mpp) as slide:
         if slide.mpp is None:  # the segmentation assumes one: said, and recorded in the cell table as used
@@ -1082,13 +1083,21 @@ def _write_h5ad(table, path):
         table.write_h5ad(tmp)
 
 
-def _check_outputs(inputs, outputs: dict, overwrite=True, resume=None, in_place=None):
+def _check_outputs(inputs, outputs: dict, overwrite=True, resume=None, in_place=None, store=None):
     """Before any work: refuse an output whose folder is missing, an output that is one of the inputs, and
     two outputs at one path (the later would replace the earlier). ``outputs`` maps what -> path (None: not
     written). With ``overwrite`` False (no ``--overwrite``), outputs that exist already are refused too, unless
     ``resume`` is True (``--resume`` continues the run that wrote them; ``resume`` None: the command has no
-    ``--resume``) or the output is ``in_place``, a file the command updates on purpose."""
+    ``--resume``) and there is a run to continue: the h5path ``store`` or its journal (with nothing to resume,
+    --resume replaced another image's outputs without a word), or the output is ``in_place``, a file the
+    command updates on purpose."""
+    from .engine.partial import partial_dir
     from .errors import OutputError
+
+    if resume and store and not (os.path.exists(store) or os.path.isdir(partial_dir(store))):
+        print(f"histoflow: nothing to resume ({store} and its journal do not exist): starting a new run",
+              file=sys.stderr)
+        resume = False
 
     ins = {os.path.realpath(p): p for p in inputs if p}
     seen: dict = {}
