@@ -1291,8 +1291,21 @@ def _read_cells(path):
         return cells
     try:
         return anndata.read_h5ad(path)
-    except (OSError, KeyError, ValueError) as e:
-        raise HistoflowError(f"{path}: not an AnnData .h5ad file ({e})") from None
+    except Exception as e:  # noqa: BLE001 - anndata raises TypeError, AnnDataReadError ... on other HDF5 files
+        what = " ".join(str(e).split())[:200]
+        hint = "; an h5path store is given by its .h5path name" if _is_h5path(path) else ""
+        raise HistoflowError(f"{path}: not an AnnData .h5ad file ({type(e).__name__}: {what}){hint}") from None
+
+
+def _is_h5path(path) -> bool:
+    """Whether an HDF5 file holds an h5path store (its root attribute), whatever its name ends with."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return "h5path" in str(f.attrs.get("format", ""))
+    except Exception:  # noqa: BLE001 - not HDF5, unreadable: not a store
+        return False
 
 
 def cmd_phenotype(args):

@@ -159,7 +159,21 @@ def test_quantify_and_phenotype_bad_inputs_write_nothing(tmp_path):
     r = _cli("phenotype", cells, "--rules", "mibi_panel", "-o", tmp_path / "p.h5ad", "--thresholds", tmp_path / "t.yaml")
     assert r.returncode == 1 and "t.yaml: not a YAML/JSON file of thresholds" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert sorted(os.listdir(tmp_path)) == sorted(before + ["rules.yaml", "t.yaml"])  # nothing half-written
+    # HDF5 files that are not AnnData (a plain .h5; a store under another name) gave a 30-line TypeError traceback
+    import h5py
+
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["x"] = np.arange(10)
+    from histoflow.store import H5PathWriter
+
+    with H5PathWriter(tmp_path / "store.h5ad", slide={"name": "s"}) as w:
+        w.add_tile(np.zeros((4, 4, 3), np.uint8), (0, 0))
+    for name, extra in (("plain.h5", ""), ("store.h5ad", "; an h5path store is given by its .h5path name")):
+        r = _cli("phenotype", tmp_path / name, "--rules", "mibi_panel", "-o", tmp_path / "p.h5ad")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{name}: not an AnnData .h5ad file (TypeError: " in r.stderr and r.stderr.rstrip().endswith(
+            extra or ")"), r.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(before + ["rules.yaml", "t.yaml", "plain.h5", "store.h5ad"])
 
 
 def test_quantify_cells_do_not_depend_on_the_tiling_at_the_default_overlap(tmp_path):
