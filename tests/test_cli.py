@@ -294,6 +294,16 @@ def test_run_imports_the_module_of_a_custom_transform(tmp_path):
         assert len(fractions) == 108 and 0 < max(fractions) <= 1
     r = cli("run", "own.yaml", SVS, "-o", "x", "--import", "no_such_module_here")
     assert r.returncode == 1 and "--import no_such_module_here: cannot import it" in r.stderr
+    # the module's file by an absolute path, or one through "..": made into the module name ".tmp.x.my_transforms"
+    # ("the 'package' argument is required to perform a relative import")
+    (tmp_path / "sub").mkdir()
+    for where, path in ((tmp_path, str(tmp_path / "my_transforms.py")), (tmp_path / "sub", "../my_transforms.py")):
+        r = subprocess.run([exe, "transforms", "--import", path], capture_output=True, text=True, cwd=where)
+        assert r.returncode == 0 and "DarkFraction(threshold=120)" in r.stdout, r.stderr
+    r = subprocess.run([exe, "run", "../own.yaml", SVS, "-o", "abs", "--executor", "dask", "--workers", "1",
+                        "--no-progress", "--import", str(tmp_path / "my_transforms.py")], capture_output=True,
+                       text=True, cwd=tmp_path / "sub")
+    assert r.returncode == 0, r.stderr  # the worker process finds it too
 
 
 def test_output_piped_into_a_reader_that_stops_early_is_no_error():

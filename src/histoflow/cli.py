@@ -544,9 +544,18 @@ def _import_modules(names):
     if names and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in names:
-        module = name[:-3] if name.endswith(".py") and os.path.isfile(name) else name
+        module = name
+        if name.endswith(".py") and os.path.isfile(name):
+            rel = os.path.normpath(name[:-3])
+            if os.path.isabs(rel) or rel.split(os.sep)[0] == os.pardir:  # /x/my_transforms.py, ../my_transforms.py:
+                folder = os.path.dirname(os.path.abspath(name))    # its folder searched (workers inherit it), the
+                if folder not in sys.path:                         # file imported by its own name
+                    sys.path.insert(0, folder)
+                module = os.path.basename(rel)
+            else:  # ex/my_transforms.py: ex.my_transforms, from the current folder
+                module = rel.replace(os.sep, ".")
         try:
-            importlib.import_module(module.replace(os.sep, "."))
+            importlib.import_module(module)
         except ImportError as e:
             raise ParameterError(f"--import {name}: cannot import it: {e}") from e
         except SyntaxError as e:
