@@ -211,7 +211,7 @@ def test_command_mistakes_are_refused_before_any_work(tmp_path, monkeypatch, cap
     ro.mkdir()
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(ro)) else real_access(p, mode))
     assert main(["segment-nuclei", data_path("he_patches", "stardist_histo.jpg"), "-o", str(ro / "n.tif"),
-                 "--mpp", "0.25"]) == 1
+                 "--slide-mpp", "0.25"]) == 1
     assert "no permission to write in" in capsys.readouterr().err and os.listdir(ro) == []
     monkeypatch.undo()
     assert main(["thumbnail", SVS, "-o", str(tmp_path / "t.jpg")]) == 1

@@ -60,18 +60,26 @@ def test_slide_mpp_names_the_inputs_pixel_size_everywhere(tmp_path, monkeypatch,
             err = capsys.readouterr().err
             assert f"note: {OME} states 0.5001 µm/px; --slide-mpp 0.25 replaces it" in err, (verb, option, err)
             assert seen.pop() == (0.25, 0.25)
+            # said: --mpp is a target resolution in tile / run (it was taken silently as the input's own)
+            assert ("note: --mpp here is the input's own µm/px (now --slide-mpp)" in err) == (option == "--mpp")
         assert main([verb, OME, "-o", str(tmp_path / out), "--no-progress"]) == 130
         assert "note" not in capsys.readouterr().err and seen.pop() == pytest.approx((0.5001, 0.5001), rel=1e-3)
     with pytest.raises(SystemExit):
         main(["segment-nuclei", "--help"])
-    assert "--slide-mpp MPP" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--slide-mpp MPP" in out and "--runtime {torch,onnx}" in out and "--backend" not in out
+    # segment-nuclei's model runtime is --runtime: --backend is the slide reader in info / thumbnail / tile
+    for option in ("--runtime", "--backend"):
+        assert main(["segment-nuclei", OME, "-o", str(tmp_path / "n.tif"), option, "onnx", "--no-progress"]) == 130
+        err = capsys.readouterr().err
+        assert ("note: --backend here is the model's runtime (now --runtime)" in err) == (option == "--backend")
     with pytest.raises(SystemExit):
         main(["quantify", HE, "-o", str(tmp_path / "q.h5ad"), "--slide-mpp", "-1"])
     assert "argument --slide-mpp: is µm per pixel, a positive number; got -1" in capsys.readouterr().err
 
 
 def test_segment_nuclei_writes_tiff_alone(tmp_path, capsys):
-    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "x.png"), "--mpp", "0.25", "--no-progress"]) == 1
+    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "x.png"), "--slide-mpp", "0.25", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"histoflow: error: {tmp_path / 'x.png'}: the label image is written as TIFF: give -o a " \
                           ".tif path", err
@@ -126,9 +134,10 @@ def test_unwritable_output_folders_are_refused_before_anything_is_made(tmp_path,
                           f"to write in {ro}", err
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"task": "tile_classification", "data": {}, "output": str(tmp_path / "run")}))
-    assert main(["train", str(cfg), "--output", str(ro / "x" / "y")]) == 1
-    err = capsys.readouterr().err
-    assert f"{ro / 'x' / 'y'}: cannot write the training run there: no permission to write in {ro}" in err, err
+    for option in ("--output", "-o"):  # -o as every other command names its output (train refused it)
+        assert main(["train", str(cfg), option, str(ro / "x" / "y")]) == 1
+        err = capsys.readouterr().err
+        assert f"{ro / 'x' / 'y'}: cannot write the training run there: no permission to write in {ro}" in err, err
     (tmp_path / "p.yaml").write_text("steps:\n  - BoxBlur: {kernel_size: 3}\n")
     assert main(["run", str(tmp_path / "p.yaml"), HE, "-o", str(ro / "out"), "--executor", "inprocess"]) == 1
     assert f"{ro / 'out'}: cannot write the h5path files there: no permission to write in {ro}" in \

@@ -103,7 +103,22 @@ def _slide_mpp_option(parser, help):
     target resolution)."""
     parser.add_argument("--slide-mpp", dest="slide_mpp", type=_mpp, metavar="MPP",
                         help=f"{help} (formerly --mpp, which still works here)")
-    parser.add_argument("--mpp", dest="slide_mpp", type=_mpp, help=argparse.SUPPRESS)
+    parser.add_argument("--mpp", dest="slide_mpp", type=_mpp, action=_SaidAlias, help=argparse.SUPPRESS,
+                        note="--mpp here is the input's own µm/px (now --slide-mpp), not a target resolution as "
+                             "in `histoflow tile` and `run`")
+
+
+class _SaidAlias(argparse.Action):
+    """An option kept under an earlier name, whose meaning differs from the same name elsewhere: stored as the
+    new one, with a note on stderr (segment-nuclei --mpp 0.5 was taken silently as the slide's own pixel size)."""
+
+    def __init__(self, *args, note="", **kwargs):
+        self.note = note
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {self.note}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,7 +233,7 @@ def _parser() -> argparse.ArgumentParser:
                                                              "OUTPUT (refused without it)")
     s.add_argument("--epochs", type=_positive_int, help="override train.epochs")
     s.add_argument("--seed", type=int, help="override train.seed (e.g. members of an ensemble)")
-    s.add_argument("--output", help="override the output folder")
+    s.add_argument("-o", "--output", help="override the output folder")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train)
 
@@ -231,9 +246,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="builtin",
                    help="nucleus model .pt, or nucleus_unet (40x) / nucleus_unet_20x (default: the shipped model "
                         "trained nearest the input's µm/px)")
-    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+    s.add_argument("--runtime", dest="backend", choices=["torch", "onnx"], default="torch",
                    help="run the model in torch (default) or onnxruntime (exported once, to ~/.cache/histoflow for "
                         "the shipped models; about 2x faster on CPU)")
+    s.add_argument("--backend", dest="backend", choices=["torch", "onnx"], action=_SaidAlias, help=argparse.SUPPRESS,
+                   note="--backend here is the model's runtime (now --runtime), not the slide reader as in "
+                        "`histoflow info`, `thumbnail` and `tile`")
     _slide_mpp_option(s, "the input's own µm/px, when the file does not say (default: the model's) or is wrong")
     s.add_argument("--tta", action="store_true", help="average the model's maps over the four flips of each tile "
                                                        "(about 4x slower; on the test images AJI 0.627 -> 0.630 with "

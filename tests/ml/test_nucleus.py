@@ -217,7 +217,7 @@ def test_segment_nuclei_cli(tmp_path, val_sample):
     Image.fromarray(val_sample["image"][:512, :640]).save(png)
     out, gj = tmp_path / "nuclei.tif", tmp_path / "nuclei.geojson"
     r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(png), "-o", str(out),
-                        "--geojson", str(gj), "--mpp", "0.25", "--tile", "512", "--no-progress"],
+                        "--geojson", str(gj), "--slide-mpp", "0.25", "--tile", "512", "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lab = tifffile.imread(out)
@@ -239,14 +239,14 @@ def test_segment_nuclei_cli(tmp_path, val_sample):
     assert len(np.unique(lab[yellow])) == n  # every nucleus
     assert np.array_equal(pic[~yellow], np.asarray(Image.open(png).convert("RGB"))[~yellow])
     r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(png), "-o", str(tmp_path / "b.tif"),
-                        "--mpp", "0.25", "--tile", "512", "--no-progress", "--png", "none"], capture_output=True, text=True)
+                        "--slide-mpp", "0.25", "--tile", "512", "--no-progress", "--png", "none"], capture_output=True, text=True)
     assert r.returncode == 0 and not (tmp_path / "b.png").exists() and "picture" not in r.stdout
     bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(tmp_path / "none.png"),
                           "-o", str(tmp_path / "x.tif")], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.png" in bad.stderr and not (tmp_path / "x.tif").exists()
     fluo = data_path("fluorescence", "instanseg_Fluorescence_example.tif")
     bad = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", fluo, "-o", str(tmp_path / "x.tif"),
-                          "--mpp", "0.5", "--no-progress"], capture_output=True, text=True)
+                          "--slide-mpp", "0.5", "--no-progress"], capture_output=True, text=True)
     assert bad.returncode == 1 and "instanseg_Fluorescence_example.tif: not RGB H&E but IF (2 channel(s) of " \
         "uint8)" in bad.stderr
     assert "resume" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1  # no journal to resume from
@@ -265,7 +265,7 @@ def test_segment_nuclei_cli_never_writes_over_its_input_or_itself(tmp_path, val_
     digest = hashlib.sha1(png.read_bytes()).hexdigest()
 
     def cli(*a):
-        return subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", *map(str, a), "--mpp", "0.25",
+        return subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", *map(str, a), "--slide-mpp", "0.25",
                                "--no-progress"], capture_output=True, text=True)
 
     r = cli(png, "-o", tmp_path / "he.tif")
@@ -360,7 +360,7 @@ def test_tiled_nuclei_are_each_one_piece(tmp_path):
     crop = tmp_path / "crop.png"
     Image.open(data_path("monuseg_train", "TCGA-F9-A8NY-01Z-00-DX1.png")).convert("RGB").crop((0, 0, 1000, 700)).save(crop)
     r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(crop), "-o", str(tmp_path / "n.tif"),
-                        "--geojson", str(tmp_path / "n.geojson"), "--tile", "192", "--overlap", "40", "--mpp", "0.25",
+                        "--geojson", str(tmp_path / "n.geojson"), "--tile", "192", "--overlap", "40", "--slide-mpp", "0.25",
                         "--png", "none", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lab = tifffile.imread(tmp_path / "n.tif")
@@ -661,7 +661,7 @@ def test_segment_nuclei_cli_tta(tmp_path, val_sample):
     png = tmp_path / "he.png"
     Image.fromarray(crop).save(png)
     r = subprocess.run([sys.executable, "-m", "histoflow.cli", "segment-nuclei", str(png), "-o", str(tmp_path / "t.tif"),
-                        "--mpp", "0.25", "--tta", "--png", "none", "--no-progress"], capture_output=True, text=True)
+                        "--slide-mpp", "0.25", "--tta", "--png", "none", "--no-progress"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     got = tifffile.imread(tmp_path / "t.tif")
     want = NucleusSegmentation(tta=True).F(crop, 0.25)
