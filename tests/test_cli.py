@@ -102,7 +102,7 @@ def test_run_command_and_transforms_listing(tmp_path):
     with read_h5path(tmp_path / "out" / "CMU-1-Small-Region.h5path") as h5:
         assert h5.slide["mpp"] == pytest.approx((0.5, 0.5))  # --slide-mpp overrides the file's 0.499
     r = run("run", str(pipe), SVS, "-o", str(tmp_path / "o3"), "--executor", "threads", "--scheduler", "tcp://x:1")
-    assert r.returncode == 1 and "--scheduler runs on dask: leave out --executor threads" in r.stderr
+    assert r.returncode == 2 and "--scheduler runs on dask: leave out --executor threads" in r.stderr  # usage
     import h5py
     import hdf5plugin
 

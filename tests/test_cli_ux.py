@@ -149,10 +149,10 @@ def test_unwritable_output_folders_are_refused_before_anything_is_made(tmp_path,
 
 
 def test_a_default_overlap_too_large_for_the_tile_is_said_as_such(tmp_path, capsys):
-    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "n.tif"), "--tile", "64"]) == 1
+    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "n.tif"), "--tile", "64"]) == 2  # a usage error
     err = capsys.readouterr().err
     assert "--tile 64: the default --overlap (128 px) is too large for it" in err and "--overlap 32" in err, err
-    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "n.tif"), "--tile", "64", "--overlap", "64"]) == 1
+    assert main(["segment-nuclei", HE, "-o", str(tmp_path / "n.tif"), "--tile", "64", "--overlap", "64"]) == 2
     assert "--overlap 64 must be less than --tile 64" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
@@ -280,7 +280,7 @@ def test_annotations_convert_keeps_negatives_on_request(tmp_path, capsys):
 
 def test_size_names_the_tile_size_in_every_verb(capsys):
     """`tile` and `run` call the tile size --size; segment-nuclei and quantify accept it too (their --tile)."""
-    assert main(["segment-nuclei", SVS, "-o", "/nonexistent/x.tif", "--size", "64"]) == 1
+    assert main(["segment-nuclei", SVS, "-o", "/nonexistent/x.tif", "--size", "64"]) == 2
     assert "--tile 64: the default --overlap" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["quantify", SVS, "-o", "x.h5ad", "--size", "0"])
@@ -487,3 +487,25 @@ def test_picture_and_geojson_options_refuse_other_extensions(tmp_path):
                             str(tmp_path / "n.tif"), *map(str, extra), "--no-progress"], capture_output=True, text=True)
         assert r.returncode == 1 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not any(tmp_path.iterdir())
+
+
+def test_options_that_do_not_go_together_exit_2_as_usage_errors(tmp_path, capsys):
+    """Found after parsing, they exited 1, as a failed run does (argparse's usage errors exit 2); tile's overlap
+    was refused in the library's words (overlap must be in [0, tile_size)); a misspelt reader a ParameterError."""
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("steps:\n  - BoxBlur: {kernel_size: 3}\n")
+    for argv, said in (
+            (["run", str(pipe), SVS, "-o", str(tmp_path / "o"), "--executor", "inprocess", "--workers", "2"],
+             "--executor inprocess runs in this process alone: leave out --workers"),
+            (["run", str(pipe), SVS, "-o", str(tmp_path / "o"), "--size", "64", "--overlap", "64"],
+             "--overlap 64 must be less than --size 64"),
+            (["tile", SVS, "-o", str(tmp_path / "t.h5path"), "--overlap", "256"],
+             "--overlap 256 must be less than --size 256 (pixels shared by neighbouring tiles)"),
+            (["thumbnail", SVS, "-o", str(tmp_path / "t.png"), "--label", "x"],
+             "--label draws over the tiles of an h5path file")):
+        assert main(argv) == 2, argv
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["info", SVS, "--backend", "openslid"])
+    assert e.value.code == 2 and "invalid choice: 'openslid'" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["p.yaml"]

@@ -5,14 +5,15 @@
     histoflow tile SLIDE -o OUT.h5path [--size 256] [--level L | --mpp M] [--overlap K] [--edge pad|drop]
     histoflow run PIPELINE.yaml SLIDE... -o OUTDIR [--workers N | --scheduler ADDRESS] [--resume]
     histoflow transforms [--json]
-    histoflow train CONFIG.yaml [--resume] [--epochs N] [--seed S] [--output DIR]
+    histoflow train CONFIG.yaml [--resume] [--epochs N] [--seed S] [-o DIR]
     histoflow segment-nuclei IMAGE_OR_SLIDE -o OUT.tif [--geojson OUT.geojson] [--workers N]
     histoflow quantify SLIDE -o cells.h5ad [--nuclear-channel NAME] [--membrane NAME ...] [--workers N]
     histoflow phenotype cells.h5ad --rules RULES.yaml|PRESET -o out.h5ad [--gate otsu|gmm]
     histoflow annotations convert IN OUT
     histoflow demo [-o OUTDIR]
 
-Errors print one line (``histoflow: error: ...``) and exit with status 1; ``--debug`` shows the traceback.
+Errors print one line (``histoflow: error: ...``) and exit with status 1 (2 for options that do not go
+together, as argparse's own usage errors); ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import shutil
 import sys
 import textwrap
 import time
+
+from .errors import ParameterError
 
 
 def _int_at_least(lo: int, why: str):
@@ -86,6 +89,11 @@ def _fraction(text):
 
 
 BACKEND_HELP = ("reader: auto (default, chosen by the file's content), openslide, tiff, dicom or image")
+BACKEND_CHOICES = ("auto", "openslide", "tiff", "dicom", "image")
+
+
+class UsageError(ParameterError):
+    """Options that do not go together, found after parsing: exit status 2, as argparse's own usage errors."""
 
 #: segment-nuclei's default tile overlap (level-0 pixels): larger than a nucleus at 40x
 NUCLEI_OVERLAP = 128
@@ -134,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "masks, cells, the runs that wrote it)")
     s.add_argument("slide", help="a slide or image (SVS, TIFF, OME-TIFF, DICOM folder, PNG, ...), or an h5path file")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    s.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("thumbnail", help="write a PNG thumbnail of a slide, or a picture of an h5path file")
@@ -151,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="h5path file: draw over the slide, or over the stored tiles put together (default auto: the "
                         "slide when it opens and the tiles hold its channels, e.g. not after VirtualHE)")
     _overwrite_option(s, "the thumbnail")
-    s.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    s.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.set_defaults(func=cmd_thumbnail)
 
     s = sub.add_parser("tile", help="cut a slide into tiles and write an h5path file")
@@ -171,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="lossless: gzip (default; any HDF5 reader), htj2k (RGB: about 15%% smaller than gzip for raw "
                         "tiles, 2x for smoothed ones; reading it outside histoflow needs `import hdf5plugin` "
                         "before h5py opens the file), lzf, none")
-    s.add_argument("--backend", default="auto", help=BACKEND_HELP)
+    s.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help=BACKEND_HELP)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_tile)
 
@@ -514,7 +522,7 @@ def main(argv=None) -> int:
             if args.debug:
                 raise
             print(f"histoflow: error: {_in_cli_words(str(e), args)}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(e, UsageError) else 1
         except KeyboardInterrupt:
             resumable = getattr(args, "resume", None) is not None and getattr(args, "h5path", True)
             saved = _anything_saved(args) if resumable else None
@@ -717,9 +725,7 @@ def cmd_thumbnail(args):
     for option, value in (("--label", args.label), ("--instances", args.instances),
                           ("--background", None if args.background == "auto" else args.background)):
         if value is not None:
-            from .errors import ParameterError
-
-            raise ParameterError(f"{option} draws over the tiles of an h5path file; {args.slide} is a slide")
+            raise UsageError(f"{option} draws over the tiles of an h5path file; {args.slide} is a slide")
     with open_slide(args.slide, backend=args.backend) as s:
         size = args.size
         if size > max(s.dimensions):  # a thumbnail never enlarges the slide
@@ -732,9 +738,18 @@ def cmd_thumbnail(args):
     return 0
 
 
+def _check_overlap(overlap, size, size_option):
+    """``--overlap`` against the tile size, said under the options' names (not the library's "overlap must be in
+    [0, tile_size)")."""
+    if overlap is not None and overlap >= size:
+        raise UsageError(f"--overlap {overlap} must be less than {size_option} {size} (pixels shared by "
+                             "neighbouring tiles)")
+
+
 def cmd_tile(args):
     from .errors import OutputError
 
+    _check_overlap(args.overlap, args.size, "--size")
     _check_outputs([args.slide], {"h5path": args.output}, overwrite=args.overwrite)
     if not args.output.lower().endswith(".h5path"):
         raise OutputError(f"{args.output}: tiles are written as an h5path store: give -o a .h5path path")
@@ -763,9 +778,10 @@ def cmd_run(args):
     from .errors import HistoflowError, OutputError, ParameterError
 
     if args.scheduler is not None and args.executor not in (None, "dask"):
-        raise ParameterError(f"--scheduler runs on dask: leave out --executor {args.executor} (or use dask)")
+        raise UsageError(f"--scheduler runs on dask: leave out --executor {args.executor} (or use dask)")
     if args.workers is not None and args.executor == "inprocess":
-        raise ParameterError("--executor inprocess runs in this process alone: leave out --workers")
+        raise UsageError("--executor inprocess runs in this process alone: leave out --workers")
+    _check_overlap(args.overlap, args.size, "--size")
     _check_output_folder(args.output, "h5path files", "-o")
     _import_modules(args.imports)
     pipeline = Pipeline.load(args.pipeline)
@@ -886,16 +902,16 @@ def cmd_segment_nuclei(args):
     from .ml.transforms import NucleusSegmentation
 
     if args.resume and not args.h5path:
-        raise ParameterError("segment-nuclei --resume continues from the per-tile results of an interrupted run, "
+        raise UsageError("segment-nuclei --resume continues from the per-tile results of an interrupted run, "
                              "which are kept only with --h5path: run with --h5path FILE (and --resume to continue)")
     overlap = NUCLEI_OVERLAP if args.overlap is None else args.overlap
     if overlap >= args.tile:  # said under the options' names, not as the library's "overlap must be in [0, ...)"
         if args.overlap is None:
-            raise ParameterError(f"--tile {args.tile}: the default --overlap ({NUCLEI_OVERLAP} px) is too large for "
+            raise UsageError(f"--tile {args.tile}: the default --overlap ({NUCLEI_OVERLAP} px) is too large for "
                                  f"it (a tile must be larger than its overlap): pass --overlap {args.tile // 2} or "
                                  f"less (nuclei larger than the overlap may be cut at tile edges), or --tile "
                                  f"{2 * NUCLEI_OVERLAP} or more")
-        raise ParameterError(f"--overlap {overlap} must be less than --tile {args.tile} (pixels shared by "
+        raise UsageError(f"--overlap {overlap} must be less than --tile {args.tile} (pixels shared by "
                              "neighbouring tiles)")
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))

@@ -298,7 +298,7 @@ def test_segment_nuclei_resume_needs_the_h5path(tmp_path):
     """Without --h5path the per-tile results live in a temporary folder: nothing to resume from, said at once."""
     r = _cli("segment-nuclei", data_path("wsi", "aperio_svs", "CMU-1-Small-Region.svs"), "-o", tmp_path / "n.tif",
              "--resume")
-    assert r.returncode == 1 and "--resume" in r.stderr and "--h5path" in r.stderr and not os.listdir(tmp_path)
+    assert r.returncode == 2 and "--resume" in r.stderr and "--h5path" in r.stderr and not os.listdir(tmp_path)
 
 
 def test_phenotype_geojson_of_another_store_writes_nothing(tmp_path):
