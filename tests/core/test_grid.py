@@ -274,3 +274,12 @@ def test_grid_arguments_are_checked_by_name():
     with pytest.raises(RegionError, match=r"pixels are not square \(0.5 x 0.25 µm\)"):
         TileGrid((2220, 2967), 256, mpp=1.0, slide_mpp=(0.5, 0.25))
     assert TileGrid((2220, 2967), 256, mpp=1.0, slide_mpp=(0.5, 0.502)).downsample == 2.0
+
+
+def test_negative_levels_count_from_the_last_as_read_region_takes_them():
+    """read_region((0, 0), -1, ...) reads the last level and its error names -1..-n; grid(level=-1) was refused."""
+    g = TileGrid((17760, 23736), 256, level=-1, level_downsamples=[1.0, 4.0, 16.0])
+    assert g.level == 2 and g.downsample == 16.0
+    assert TileGrid((17760, 23736), 256, level=-3, level_downsamples=[1.0, 4.0, 16.0]).level == 0
+    with pytest.raises(RegionError, match=r"level -4 does not exist \(the slide has 3: 0..2, or -1..-3 from the last\)"):
+        TileGrid((17760, 23736), 256, level=-4, level_downsamples=[1.0, 4.0, 16.0])

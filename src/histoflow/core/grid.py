@@ -156,9 +156,12 @@ class TileGrid:
         else:
             if level is not None and not _whole(level):
                 raise RegionError(f"level must be a whole number, got {level!r}")
-            self.level = int(level or 0)
-            if not 0 <= self.level < len(self.level_downsamples):
-                raise RegionError(f"level {self.level} does not exist (the slide has {len(self.level_downsamples)})")
+            n = len(self.level_downsamples)
+            given = int(level or 0)
+            self.level = given + n if given < 0 else given  # -1: the last level, as read_region takes it
+            if not 0 <= self.level < n:
+                raise RegionError(f"level {given} does not exist (the slide has {n}: 0..{n - 1}, or -1..-{n} from "
+                                  "the last)")
             self.downsample = self.level_downsamples[self.level]
         self.level_downsample = self.level_downsamples[self.level]
         # output-space size of the slide: a level's own size when tiles are read from it as they are (its
