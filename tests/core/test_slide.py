@@ -428,3 +428,17 @@ def test_thumbnails_larger_than_the_image_take_the_row_under_each_pixel():
     with SlideData(mibi, max_region_bytes=100 * 2**20) as s, \
             pytest.raises(PipelineError, match=r"the tissue pre-pass detects H&E-like tissue; for a MIBI slide"):
         tissue_prepass(s)
+
+
+def test_a_grid_resampled_from_a_short_level_ends_with_its_data(mosaic8):
+    """Level 2 of the 8x mosaic covers 1,112 px x 15.96 = 17,749 of level 0's 17,760: a grid at 17.34 level-0 px
+    per output pixel counted its columns from level 0 (1,024.2 px: five of 256) and its last column began past
+    the level's data, a tile of fill only that said one column of it was slide."""
+    with SlideData(mosaic8) as s:
+        r = 17.34
+        g = s.grid(256, mpp=float(s.mpp[0]) * r)
+        assert g.level == 2 and g.cols == 4 and g.out_size[0] == pytest.approx(1112 * 15.9614 / r, rel=1e-4)
+        for row in (0, g.rows - 1):
+            tile = s.read_tile(g.spec(row, g.cols - 1))
+            ew = tile.extent[0] if tile.extent else 256
+            assert ew >= 255 and (tile.image[:, :ew] != 255).any()

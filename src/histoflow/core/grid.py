@@ -167,9 +167,13 @@ class TileGrid:
         # output-space size of the slide: a level's own size when tiles are read from it as they are (its
         # downsample is level 0's size over its size, rounded: dividing by it can land a pixel off)
         self.out_size = (self.dimensions[0] / self.downsample, self.dimensions[1] / self.downsample)
-        if level_dimensions is not None and not self.resampled and self.level < len(level_dimensions):
+        if level_dimensions is not None and self.level < len(level_dimensions):
             lw, lh = level_dimensions[self.level]
-            self.out_size = (float(lw), float(lh))
+            if not self.resampled:
+                self.out_size = (float(lw), float(lh))
+            else:  # resampled from a level that covers less than level 0 (556 px x 15.96 = 8874.5 of 8880): the
+                r = self.downsample / self.level_downsample  # grid ends with the level's data, or its last column
+                self.out_size = (min(self.out_size[0], lw / r), min(self.out_size[1], lh / r))  # could be fill only
         self.cols = _count(self.out_size[0], self.tile_size[0], self.stride[0], edge)
         self.rows = _count(self.out_size[1], self.tile_size[1], self.stride[1], edge)
         if self.cols * self.rows > MAX_GRID_TILES:
