@@ -442,3 +442,16 @@ def test_a_grid_resampled_from_a_short_level_ends_with_its_data(mosaic8):
             tile = s.read_tile(g.spec(row, g.cols - 1))
             ew = tile.extent[0] if tile.extent else 256
             assert ew >= 255 and (tile.image[:, :ew] != 255).any()
+
+
+def test_a_tile_of_another_slides_grid_is_refused(mosaic2):
+    """A grid made on one slide and read on another: a level the slide lacks was a bare IndexError, a tile wholly
+    outside it a tile of fill that said one pixel of it was slide."""
+    with SlideData(mosaic2) as big, SlideData(SVS) as small:
+        for kwargs, said in (({"level": 1}, r"the tile is at level 1, which it does not have \(1 level\)"),
+                             ({"mpp": 3.0}, r"the tile is at level 1, which it does not have \(1 level\)"),
+                             ({"level": 0}, r"the tile is at \(4352, 5888\) \+ 256 x 256, outside its 2220 x 2967 px")):
+            g = big.grid(256, **kwargs)
+            with pytest.raises(RegionError, match=rf"CMU-1-Small-Region.svs: {said}: a TileSpec of another slide's"):
+                small.read_tile(g[len(g) - 1])
+        assert small.read_tile(big.grid(256)[0]).image.shape == (256, 256, 3)  # a tile it holds reads as ever

@@ -337,6 +337,15 @@ class SlideData:
             raise ParameterError(f"{self.path}: read_tile takes a TileSpec of slide.grid(...) (e.g. "
                                  f"`for spec in slide.grid(256): slide.read_tile(spec)`), not {spec!r}; "
                                  "read_region((x, y), level, (w, h)) reads any region")
+        w0, h0 = self.dimensions
+        if not 0 <= spec.level < len(self.levels) or not (spec.x < w0 and spec.y < h0 and spec.x + spec.width0 > 0
+                                                           and spec.y + spec.height0 > 0):
+            n = len(self.levels)
+            where = (f"level {spec.level}, which it does not have ({n} level{'s' if n != 1 else ''})"
+                     if not 0 <= spec.level < len(self.levels) else
+                     f"({spec.x}, {spec.y}) + {spec.width0} x {spec.height0}, outside its {w0} x {h0} px")
+            raise RegionError(f"{self.path}: the tile is at {where}: a TileSpec of another slide's grid? Make the "
+                              "grid of this slide (slide.grid(...))")
         image = self._read_spec(spec)
         masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size) for k, m in self.masks.items()}
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
