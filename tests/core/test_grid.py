@@ -283,3 +283,20 @@ def test_negative_levels_count_from_the_last_as_read_region_takes_them():
     assert TileGrid((17760, 23736), 256, level=-3, level_downsamples=[1.0, 4.0, 16.0]).level == 0
     with pytest.raises(RegionError, match=r"level -4 does not exist \(the slide has 3: 0..2, or -1..-3 from the last\)"):
         TileGrid((17760, 23736), 256, level=-4, level_downsamples=[1.0, 4.0, 16.0])
+
+
+def test_a_mask_reaching_past_the_slide_covers_no_padding():
+    """A mask's last pixel usually reaches past the slide (ceil(w0 / downsample) pixels): an edge tile counted its
+    padding as covered (34 % inside the slide, coverage 0.5: kept at min_coverage 0.5), and its tile mask marked
+    the padding as tissue."""
+    from histoflow.core.slide import SlideMask
+
+    g = TileGrid((1000, 900), 256, mask=np.ones((15, 16), bool), mask_downsample=64, min_coverage=0.5)
+    last = g.spec(g.rows - 1, g.cols - 1)  # x 768..1024 of 1000, y 768..1024 of 900
+    assert g.mask_filter.fraction(last.x, last.y, 256, 256) == pytest.approx((232 / 256) * (132 / 256))
+    assert g.mask_filter.fraction(0, 0, 256, 256) == 1.0
+    assert [(t.row, t.col) for t in g][-1] == (3, 2)  # the corner tile (46 % inside) is no longer kept
+    m = SlideMask(np.ones((15, 16), np.uint8), 64.0)
+    crop = m.crop(768, 768, 256, 256, (256, 256), (1000, 900))
+    assert crop[:132, :232].all() and not crop[132:].any() and not crop[:, 232:].any()
+    assert m.crop(768, 768, 256, 256, (256, 256))[:192].all()  # without the slide's size: as before (mask to 960)

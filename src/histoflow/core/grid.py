@@ -329,6 +329,7 @@ class _MaskCoverage:
             raise RegionError(f"a tile filter mask must be a non-empty 2-D array, got shape {mask.shape}")
         self.ds = float(downsample) if downsample else dimensions[0] / mask.shape[1]
         self.h, self.w = mask.shape
+        self.dimensions = dimensions  # level-0 (w, h): a mask reaching past the slide covers no padding
         # the integral image in the narrowest integer type that holds the mask's area (int32 up to 2 G
         # pixels: a level-0 mask took 32x its own size in int64 copies), summed in place row by row
         dt = np.int32 if mask.size < 2**31 else np.int64
@@ -349,11 +350,15 @@ class _MaskCoverage:
                      + ay * ((1 - ax) * s[j + 1, i] + ax * s[j + 1, i + 1]))
 
     def fraction(self, x, y, w0, h0) -> float:
-        """The fraction of the rectangle's area the mask covers; parts past the mask count as uncovered."""
+        """The fraction of the rectangle's area the mask covers; parts past the mask, or past the slide (a
+        mask's last pixel usually reaches beyond it: an edge tile's padding), count as uncovered."""
         ds = self.ds
         fx0, fy0, fx1, fy1 = x / ds, y / ds, (x + w0) / ds, (y + h0) / ds
         area = (fx1 - fx0) * (fy1 - fy0)
         if area <= 0:
+            return 0.0
+        fx1, fy1 = min(fx1, self.dimensions[0] / ds), min(fy1, self.dimensions[1] / ds)
+        if fx1 <= fx0 or fy1 <= fy0:
             return 0.0
         s = self._at(fx1, fy1) - self._at(fx0, fy1) - self._at(fx1, fy0) + self._at(fx0, fy0)
         return float(min(1.0, max(0.0, s / area)))

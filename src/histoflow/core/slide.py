@@ -31,16 +31,21 @@ class SlideMask:
         """The mask as it was given (bool stays bool), for writing."""
         return self.array.astype(bool) if self.is_bool else self.array
 
-    def crop(self, x: int, y: int, w0: int, h0: int, size) -> np.ndarray:
+    def crop(self, x: int, y: int, w0: int, h0: int, size, slide_size=None) -> np.ndarray:
         """The part of the mask under a level-0 rectangle, sampled (nearest) at ``size = (w, h)``: output pixel
         (i, j) takes the mask pixel under the level-0 point at the centre of its share of the rectangle, so a
-        tile's mask lines up with the tile's pixels at any resolution; zero where the rectangle leaves the mask."""
+        tile's mask lines up with the tile's pixels at any resolution; zero where the rectangle leaves the mask,
+        and past the slide's ``slide_size = (w, h)`` level-0 pixels when given (a mask's last pixel usually
+        reaches past the slide's edge: the padding of an edge tile is not tissue)."""
         ds = self.downsample
         mh, mw = self.array.shape[:2]
         w, h = int(size[0]), int(size[1])
-        cols = np.floor((x + (np.arange(w) + 0.5) * (w0 / w)) / ds).astype(np.int64)
-        rows = np.floor((y + (np.arange(h) + 0.5) * (h0 / h)) / ds).astype(np.int64)
+        cx, cy = x + (np.arange(w) + 0.5) * (w0 / w), y + (np.arange(h) + 0.5) * (h0 / h)
+        cols, rows = np.floor(cx / ds).astype(np.int64), np.floor(cy / ds).astype(np.int64)
         cin, rin = (cols >= 0) & (cols < mw), (rows >= 0) & (rows < mh)
+        if slide_size is not None:
+            cin &= cx < slide_size[0]
+            rin &= cy < slide_size[1]
         out = self.array[np.clip(rows, 0, mh - 1)[:, None], np.clip(cols, 0, mw - 1)[None, :]]
         if not (cin.all() and rin.all()):
             out = out.copy()
@@ -347,7 +352,8 @@ class SlideData:
             raise RegionError(f"{self.path}: the tile is at {where}: a TileSpec of another slide's grid? Make the "
                               "grid of this slide (slide.grid(...))")
         image = self._read_spec(spec)
-        masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size) for k, m in self.masks.items()}
+        masks = {k: m.crop(spec.x, spec.y, spec.width0, spec.height0, spec.size, (w0, h0))
+                 for k, m in self.masks.items()}
         mpp = None if self.mpp is None else (self.mpp[0] * spec.downsample, self.mpp[1] * spec.downsample)
         # the part inside the slide, when the tile overhangs its right or bottom edge
         lv = self.levels[spec.level]

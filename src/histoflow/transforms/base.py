@@ -685,7 +685,8 @@ class _SlideAfterSteps:
         levels = getattr(slide, "levels", None) or []
         ds = float(levels[level].downsample) if 0 <= level < len(levels) else 1.0
         (x, y), (w, h) = (int(v) for v in location), (int(v) for v in size)
-        masks = {k: m.crop(x, y, w * ds, h * ds, (w, h)) for k, m in getattr(slide, "masks", {}).items()}
+        masks = {k: m.crop(x, y, w * ds, h * ds, (w, h), slide.dimensions)
+                 for k, m in getattr(slide, "masks", {}).items()}
         mpp = None if slide.mpp is None else (slide.mpp[0] * ds, slide.mpp[1] * ds)
         tile = Tile(image=region, coords=(x, y), level=int(level), downsample=ds, masks=masks, labels={},
                     slide_type=slide.slide_type.name, name=f"{slide.name}_region", mpp=mpp)
