@@ -132,7 +132,7 @@ def test_thumbnail_and_run_draw_h5path_files(qc_store, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(png).size[1] == 300 + 22
-    assert main(["thumbnail", SVS, "-o", str(tmp_path / "s.png"), "--label", "blur"]) == 1
+    assert main(["thumbnail", SVS, "-o", str(tmp_path / "s.png"), "--label", "blur"]) == 2  # a usage error
     assert "--label draws over the tiles of an h5path file" in capsys.readouterr().err
     pipe = tmp_path / "p.yaml"
     pipe.write_text("steps:\n- BlurQC: {}\n")

@@ -342,6 +342,7 @@ class SlideData:
             raise ParameterError(f"{self.path}: read_tile takes a TileSpec of slide.grid(...) (e.g. "
                                  f"`for spec in slide.grid(256): slide.read_tile(spec)`), not {spec!r}; "
                                  "read_region((x, y), level, (w, h)) reads any region")
+        self.reader._check_open()  # a rested reader opened again first (meanwhile its levels are not there yet)
         w0, h0 = self.dimensions
         if not 0 <= spec.level < len(self.levels) or not (spec.x < w0 and spec.y < h0 and spec.x + spec.width0 > 0
                                                            and spec.y + spec.height0 > 0):
