@@ -530,6 +530,18 @@ def test_patches_of_grids_finer_than_level_0_are_the_grid_tiles():
     assert len(tiles) == len(grid) and not np.isnan(grid._origins).any()
     for i in range(0, len(grid), 37):
         assert np.array_equal(grid.read(i)["image"], slide.read_tile(tiles[i]).image), i
+    # patches given by their level-0 corners: windows of the same enlarged level, at x / downsample (each
+    # enlarged its rectangle on its own, up to 20 grey levels from the tile there); at 2x that is the tile
+    from histoflow.core.slide import read_on_grid
+
+    for mpp, exact in ((0.499 / 2, True), (0.499 * 0.6, False)):
+        g = slide.grid(128, mpp=mpp)
+        specs = [g.spec(1, 1), g.spec(2, 3)]
+        ds = WSIPatchDataset(SVS, coords=[(0, t.x, t.y) for t in specs], patch_size=128, mpp=mpp)
+        for k, t in enumerate(specs):
+            want = read_on_grid(slide.reader, 0, (t.x / g.downsample, t.y / g.downsample), g.downsample, (128, 128))
+            assert np.array_equal(ds.read(k)["image"], want)
+            assert np.array_equal(ds.read(k)["image"], slide.read_tile(t).image) == exact
 
 
 def test_repeats_and_files_keep_their_own_augmentation_in_a_concat_dataset(tmp_path):

@@ -440,35 +440,21 @@ class TileDataset(_Epochs, Dataset):
 
 # --------------------------------------------------------------------------------------- WSIPatchDataset
 def _origins(coords, scales) -> np.ndarray:
-    """Per patch of a slide shrunk to a target µm/px, the output-pixel place of its level-0 corner ``(x, y)`` in
-    the slide's resampled grid: a whole number where a grid would put a tile there (the patch is then that
-    tile, pixel for pixel), else the exact quotient; NaN for slides read at a level as they are and for grids
-    finer than level 0 (read as their tiles are: see :func:`_read_sizes`)."""
+    """Per patch of a slide resampled to a target µm/px, the output-pixel place of its level-0 corner ``(x, y)``
+    in the slide's resampled grid; NaN for slides read at a level as they are. Shrunk: a whole number where a
+    grid would put a tile there (the patch is then that tile, pixel for pixel), else the exact quotient.
+    Enlarged (finer than level 0, where several output pixels share a level-0 corner, so a corner cannot name
+    a tile): the exact quotient, the window at that place (a grid tile itself where its corner is exact, as at
+    2x or 4x)."""
     out = np.full((len(coords), 2), np.nan)
     for i, (s, x, y) in enumerate(coords.tolist()):
-        if scales[s] is None or scales[s][0] < 1:
+        if scales[s] is None:
             continue
         ds = scales[s][0]
-        out[i] = [round(v / ds) if int(round(round(v / ds) * ds)) == v else v / ds for v in (x, y)]
-    return out
-
-
-def _read_sizes(coords, scales) -> np.ndarray:
-    """Per patch of a grid finer than level 0, the level pixels a patch at level-0 ``(x, y)`` reads and enlarges,
-    as :meth:`TileGrid.spec <histoflow.core.grid.TileGrid.spec>` counts them for a tile there (so that a patch
-    at a grid tile's corner is that tile, pixel for pixel); 0 elsewhere."""
-    from ..core.grid import _half_up
-
-    out = np.zeros((len(coords), 2), np.int32)
-    for i, (s, x, y) in enumerate(coords.tolist()):
-        if scales[s] is None or scales[s][0] >= 1:
-            continue
-        ds, lds, (tw, th) = scales[s]
-        # the output-pixel start: a whole number where (x, y) is where a grid would put a tile (TileGrid rounds
-        # both ends from it), else the exact quotient
-        ox, oy = (round(v / ds) if int(round(round(v / ds) * ds)) == v else v / ds for v in (x, y))
-        x1, y1 = int(round((ox + tw) * ds)), int(round((oy + th) * ds))
-        out[i] = (max(1, _half_up(x1 / lds) - _half_up(x / lds)), max(1, _half_up(y1 / lds) - _half_up(y / lds)))
+        if ds < 1:
+            out[i] = [x / ds, y / ds]
+        else:
+            out[i] = [round(v / ds) if int(round(round(v / ds) * ds)) == v else v / ds for v in (x, y)]
     return out
 
 
@@ -664,7 +650,7 @@ class WSIPatchDataset(_Epochs, Dataset):
         self.transform = transform
         self.max_open_slides = int(max_open_slides)
         self._geometry = []   # per slide: (level, read_size, size)
-        tables, origins, read_sizes, extents, scales = [], [], [], [], []
+        tables, origins, extents, scales = [], [], [], []
         for s, path in enumerate(self.slides):
             slide = _slide_of_source(self._sources[s])
             try:
@@ -680,9 +666,6 @@ class WSIPatchDataset(_Epochs, Dataset):
                     tables.append(np.column_stack([np.full(len(xy), s, np.int64), xy]))
                     # resampled grids: each tile's place in the resampled level (read as the slide's tiles are)
                     origins.append(np.array([t.origin or (np.nan, np.nan) for t in specs], np.float64).reshape(-1, 2))
-                    # (a tile without an origin resampled: its rectangle's level pixels, as SlideData reads it)
-                    read_sizes.append(np.array([t.read_size if t.origin is None and grid.resampled else (0, 0)
-                                                for t in specs], np.int32).reshape(-1, 2))
             finally:
                 slide.close()
         self._scales = scales  # per slide: (output, level downsample, tile size) of a resampled grid, else None
@@ -690,7 +673,6 @@ class WSIPatchDataset(_Epochs, Dataset):
             self.coords = np.concatenate(tables) if tables else np.zeros((0, 3), np.int64)
             # per patch: its output-pixel place in a resampled grid (NaN: read at a level as it is)
             self._origins = np.concatenate(origins) if origins else np.zeros((0, 2))
-            self._read_sizes = np.concatenate(read_sizes) if read_sizes else np.zeros((0, 2), np.int32)
             per_slide = self.coords[:, 0]
             self.labels = {k: _label_array(k, v, len(self.slides), "slide")[per_slide]
                            for k, v in (labels or {}).items()}
@@ -698,7 +680,6 @@ class WSIPatchDataset(_Epochs, Dataset):
             self.coords, patch_labels = _parse_coords(coords, len(self.slides))
             self._check_inside(extents)
             self._origins = _origins(self.coords, scales)
-            self._read_sizes = _read_sizes(self.coords, scales)
             self.labels = {k: _label_array(k, v, len(self.coords), "patch") for k, v in patch_labels.items()}
             for k, v in (labels or {}).items():
                 if k in self.labels:
@@ -776,7 +757,7 @@ class WSIPatchDataset(_Epochs, Dataset):
 
     def read(self, i: int) -> dict:
         """The numpy sample of item ``i`` (before ``transform`` and tensor conversion)."""
-        from ..core.slide import read_on_grid, read_resampled
+        from ..core.slide import read_on_grid
 
         n = len(self)
         if not -n <= i < n:
@@ -785,13 +766,11 @@ class WSIPatchDataset(_Epochs, Dataset):
         s, x, y = (int(v) for v in self.coords[i])
         level, read_size, size = self._geometry[s]
         reader = self._reader(s)
-        if not np.isnan(self._origins[i, 0]):  # shrunk to a target µm/px: the patch's window of the resampled
+        if not np.isnan(self._origins[i, 0]):  # resampled to a target µm/px: the patch's window of the resampled
             scale = self._scales[s][0] / float(reader.levels[level].downsample)  # level, as the tiles are read
             image = read_on_grid(reader, level, tuple(self._origins[i]), scale, size)
-        else:
-            if self._read_sizes[i, 0] > 0:  # a resampled tile without an origin: its rectangle's level pixels
-                read_size = (int(self._read_sizes[i, 0]), int(self._read_sizes[i, 1]))
-            image = read_resampled(reader, x, y, level, read_size, size)
+        else:  # a level's own pixels
+            image = reader.read_region((x, y), level, read_size)
         labels = {k: (v[i] if v.dtype != object else str(v[i])) for k, v in self.labels.items()}
         return {"image": image, "masks": {}, "labels": labels, "coords": np.array([x, y], np.int64),
                 "index": i, "slide": s}
