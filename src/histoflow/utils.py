@@ -219,15 +219,19 @@ def _yaml_classes():
 
         import yaml
 
-        def construct_mapping(self, node, deep=False):
+        def flatten_mapping(self, node):
             # a key written twice: YAML says it must not be, PyYAML keeps the last silently (a second `train:`
-            # section dropped the first's learning rate without a word). Merged keys (<<) may be overridden.
-            if isinstance(node, yaml.MappingNode):
+            # section dropped the first's learning rate without a word). Checked on a mapping's own keys before
+            # its merges (<<) are expanded into it (merged keys may be overridden), once per mapping: PyYAML
+            # expands an anchored mapping in place when another merges it, maybe before it is built itself
+            checked = self.__dict__.setdefault("_histoflow_checked", set())
+            if id(node) not in checked:
+                checked.add(id(node))
                 seen = {}
                 for key_node, _ in node.value:
                     if key_node.tag == "tag:yaml.org,2002:merge":
                         continue
-                    key = self.construct_object(key_node, deep=deep)
+                    key = self.construct_object(key_node, deep=False)
                     try:
                         first = seen.setdefault(key, key_node.start_mark)
                     except TypeError:  # unhashable: the base class says so
@@ -237,10 +241,10 @@ def _yaml_classes():
                             "while constructing a mapping", node.start_mark,
                             f"found the key {key!r} a second time (first on line {first.line + 1}); each key "
                             "may appear once in a mapping", key_node.start_mark)
-            return yaml.SafeLoader.construct_mapping(self, node, deep)
+            return yaml.SafeLoader.flatten_mapping(self, node)
 
         for name, base in (("loader", yaml.SafeLoader), ("dumper", yaml.SafeDumper)):
-            extra = {"construct_mapping": construct_mapping} if name == "loader" else {}
+            extra = {"flatten_mapping": flatten_mapping} if name == "loader" else {}
             cls = type(f"Histoflow{base.__name__}", (base,), extra)
             # a copy of every first-character list: adding to them in place would change PyYAML's own classes
             cls.yaml_implicit_resolvers = {k: list(v) for k, v in base.yaml_implicit_resolvers.items()}

@@ -1,6 +1,7 @@
 """Transform and Pipeline: YAML round trips, custom transforms, checks, repr."""
 import numpy as np
 import pytest
+import yaml
 from datafiles import SVS
 
 from histoflow import PipelineError, open_slide
@@ -340,3 +341,17 @@ def test_the_repr_of_a_transform_that_does_not_keep_a_parameter_does_not_raise()
     assert p.steps[0] == p.steps[0] and p.steps[0] != Scale() and len({p.steps[0], Scale()}) == 2
     with pytest.raises(PipelineError, match="does not keep its parameter 'factor'"):
         p.to_yaml()
+
+
+def test_yaml_merges_may_override_keys_and_repeated_keys_are_refused_everywhere():
+    """Keys a mapping merges (<<) may be overridden in it, also when PyYAML expands an anchored mapping before it
+    is built (nested one level deeper: a first version of the duplicate-key check took that for a repeated key);
+    a key written twice is refused at any depth."""
+    from histoflow.utils import yaml_load
+
+    text = ("base: &base {lr: 0.1, wd: 0}\nouter:\n  a: &a\n    <<: *base\n    lr: 0.5\nb:\n  <<: *a\n  x: 2\n")
+    assert yaml_load(text) == yaml.safe_load(text) == {"base": {"lr": 0.1, "wd": 0}, "outer": {"a": {"lr": 0.5, "wd": 0}},
+                                                       "b": {"lr": 0.5, "wd": 0, "x": 2}}
+    for bad, key in (("a: 1\na: 2\n", "a"), ("x:\n  y: {k: 1, k: 2}\n", "k"), ("- {p: 1}\n- {q: 1, q: 2}\n", "q")):
+        with pytest.raises(yaml.YAMLError, match=f"found the key '{key}' a second time"):
+            yaml_load(bad)
