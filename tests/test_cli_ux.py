@@ -499,6 +499,8 @@ def test_options_that_do_not_go_together_exit_2_as_usage_errors(tmp_path, capsys
              "--executor inprocess runs in this process alone: leave out --workers"),
             (["run", str(pipe), SVS, "-o", str(tmp_path / "o"), "--size", "64", "--overlap", "64"],
              "--overlap 64 must be less than --size 64"),
+            (["quantify", SVS, "-o", str(tmp_path / "q.h5ad"), "--tile", "128", "--overlap", "128"],
+             "--overlap 128 must be less than --tile 128"),
             (["tile", SVS, "-o", str(tmp_path / "t.h5path"), "--overlap", "256"],
              "--overlap 256 must be less than --size 256 (pixels shared by neighbouring tiles)"),
             (["thumbnail", SVS, "-o", str(tmp_path / "t.png"), "--label", "x"],

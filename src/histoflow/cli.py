@@ -971,6 +971,8 @@ def cmd_quantify(args):
     from .store import read_h5path
     from .transforms import Pipeline, QuantifyCells, SegmentCells
 
+    _check_overlap(args.overlap, args.tile, "--tile")
+
     t0 = time.perf_counter()
     out = args.output
     store = os.path.splitext(out)[0] + ".h5path"

@@ -98,6 +98,8 @@ def test_reader_arguments_are_checked_naming_the_file():
         with pytest.raises(ParameterError, match=r"CMU-1-Small-Region.svs: max_region_bytes must be a whole number of "
                                                  r"bytes >= 1 \(or None for 4 GiB\)"):
             open_slide(SVS, max_region_bytes=bad)
+    with open_slide(SVS, max_region_bytes=8e9) as s:  # a whole number written as a float, as before
+        assert s.max_region_bytes == 8_000_000_000
     with open_slide(SVS, max_region_bytes=300) as s:
         assert s.read_region((0, 0), 0, (10, 10)).shape == (10, 10, 3)
         with pytest.raises(RegionTooLargeError):

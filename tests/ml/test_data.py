@@ -470,6 +470,8 @@ def test_patch_tables_of_the_wrong_form_are_refused():
     with pytest.warns(FutureWarning, match=r"NucleusPatchDataset\(size=...\) is now patch_size=..."):
         old = NucleusPatchDataset(SVS, [[100, 100]], size=17)
     assert old.patch_size == 17 and old[0]["image"].shape == (3, 17, 17)
+    with pytest.warns(FutureWarning, match=r"NucleusPatchDataset.size is now .patch_size"):
+        assert old.size == 17
     with pytest.raises(DatasetError, match="give patch_size= only"):
         NucleusPatchDataset(SVS, [[100, 100]], patch_size=17, size=17)
     for kw in ({"tissue_filter": "yes"}, {"tissue_filter": True}, {"tissue_filter": 1.5},

@@ -97,6 +97,8 @@ def test_confusion_matrix_matches_sklearn():
         with pytest.raises(ParameterError, match=r"y_true must hold integer class ids 0..1, got dtype .*map class "
                                                  r"names to ids first"):
             confusion_matrix(names, [0, 1], 2)
+    numbers = np.array([0, 1.0, 2], dtype=object)  # numbers in an object array (a pandas column) are numbers
+    assert confusion_matrix(numbers, np.array([0, 1, 1]), 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
 
 
 def test_class_metrics_on_known_matrix():

@@ -174,6 +174,11 @@ def test_config_errors(tmp_path):
             train_from_config({"task": "nucleus_segmentation", "output": out, "data": small,
                                "model": {"name": "unet", "params": params}, "train": {"epochs": 1}})
         assert os.listdir(out) == ["keep.txt"]
+    with pytest.raises(ConfigError, match=r"model 'hovernet' .* cannot take the nucleus task's RGB images "
+                                          r"\(ParameterError: HoVerNet \(fast mode\) expects input .*; the nucleus "
+                                          r"task needs a model that takes RGB images of any size"):
+        train_from_config({"task": "nucleus_segmentation", "output": out, "data": small,
+                           "model": {"name": "hovernet"}, "train": {"epochs": 1}})
     with pytest.raises(ConfigError, match="card.postprocess is written from data.postprocess"):
         train_from_config({"task": "nucleus_segmentation", "output": out, "data": small,
                            "model": {"name": "unet", "params": {"out_channels": 4}},

@@ -16,6 +16,7 @@ given), and :func:`summarize` leaves NaN out of the mean and SD.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, NamedTuple, Sequence, Tuple
 
 import numpy as np
@@ -170,6 +171,10 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
     if n_classes < 1:
         raise ParameterError(f"n_classes must be >= 1, got {n_classes}")
     for name, a in (("y_true", t), ("y_pred", p)):
+        if a.size and a.dtype == object and all(isinstance(v, numbers.Real) and not isinstance(v, str)
+                                                 for v in a.ravel()):
+            a = a.astype(np.float64)  # numbers in an object array (a pandas column): as numbers
+            t, p = (a, p) if name == "y_true" else (t, a)
         if a.size and a.dtype.kind not in "biuf":  # class names (str, object): np.mod raised a bare TypeError
             raise ParameterError(f"{name} must hold integer class ids 0..{n_classes - 1}, got dtype {a.dtype} "
                                  f"({a.ravel()[:3].tolist()} ...); map class names to ids first")

@@ -158,6 +158,13 @@ class NucleusPatchDataset(_Epochs, torch.utils.data.Dataset):
         self._reader = None
         self._pid = None
 
+    @property
+    def size(self) -> int:
+        """The earlier name of :attr:`patch_size` (with a ``FutureWarning``)."""
+        warnings.warn("NucleusPatchDataset.size is now .patch_size, as in WSIPatchDataset; .size will be removed "
+                      "in a later release", FutureWarning, stacklevel=2)
+        return self.patch_size
+
     def __len__(self):
         return len(self.centroids)
 

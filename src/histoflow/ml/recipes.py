@@ -297,16 +297,20 @@ def _check_nucleus_model(cfg, model):
         with torch.no_grad():
             out = model(torch.zeros(1, 3, side, side))
     except Exception as e:  # noqa: BLE001 - any failure: the model cannot do the task
+        channels = getattr(model, "in_channels", 3)
+        advice = "set model.params.in_channels: 3" if channels != 3 else "the nucleus task needs a model that " \
+            "takes RGB images of any size divisible by its pooling and gives 4 maps per pixel (e.g. unet)"
         raise ConfigError(f"{cfg.get('_path')}: {what} cannot take the nucleus task's RGB images "
-                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); set model.params.in_channels: 3"
-                          ) from None
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); {advice}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.ndim != 4 or tuple(out.shape[1:]) != (4, side, side):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        advice = "set model.params.out_channels: 4" if isinstance(out, torch.Tensor) and out.ndim == 4 and \
+            tuple(out.shape[2:]) == (side, side) else "use a model with one output tensor of that shape (e.g. unet)"
         raise ConfigError(f"{cfg.get('_path')}: the nucleus task needs 4 maps per pixel (background and nucleus "
                           f"logits, horizontal and vertical maps), (1, 4, {side}, {side}) for a {side} px image; "
-                          f"{what} gives {got}; set model.params.out_channels: 4")
+                          f"{what} gives {got}; {advice}")
 
 
 def _model(cfg):
