@@ -42,6 +42,15 @@ def test_adaptive_equalization_leaves_nan_pixels_nan(fluo):
     assert np.isnan(got[100, 100]) and np.isnan(got).sum() == 1
     other = ~np.isnan(got)
     assert (np.abs(got[other] - want[other]) > 0.01).mean() < 0.01
+    # a tile of no data at all stays so (its range check of NaN..NaN refused it, advising to rescale it)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blank = t.F(np.full((64, 64, 2), np.nan, np.float32))
+    assert blank.shape == (64, 64, 2) and np.isnan(blank).all()
+    with pytest.raises(ParameterError, match=r"float images must hold values in \[-1, 1\] .* got 0.0..inf"):
+        t.F(np.where(np.eye(64, dtype=bool)[:, :, None], np.inf, 0.0).astype(np.float32))
 
 
 def test_blur_score_refuses_floats_on_the_0_255_scale():

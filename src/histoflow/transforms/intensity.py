@@ -287,10 +287,12 @@ def equalize_adaptive(image, clip_limit=0.03, nbins=256, kernel_size=None):
     image, was_2d = _as_hwc(image)
     if image.size == 0:  # no pixels (scikit-image would raise)
         return _restore(image.copy(), was_2d)
-    if image.dtype.kind == "f" and not (np.nanmin(image) >= -1 and np.nanmax(image) <= 1):
-        raise ParameterError(f"AdaptiveHistogramEqualization: float images must hold values in [-1, 1] "
-                             f"(scikit-image's float range), got {float(np.nanmin(image))}..{float(np.nanmax(image))}; "
-                             "scale them first (RescaleIntensity) or give integers")
+    if image.dtype.kind == "f":  # (an all-NaN tile, no data, is left as it is below)
+        vals = image[~np.isnan(image)]
+        if vals.size and not (vals.min() >= -1 and vals.max() <= 1):
+            raise ParameterError(f"AdaptiveHistogramEqualization: float images must hold values in [-1, 1] "
+                                 f"(scikit-image's float range), got {float(vals.min())}..{float(vals.max())}; "
+                                 "scale them first (RescaleIntensity) or give integers")
     ks = tuple(kernel_size) if isinstance(kernel_size, (list, tuple)) else kernel_size
     dtype = image.dtype
     nan = None
