@@ -80,14 +80,20 @@ class InProcessExecutor:
 
 
 class ThreadExecutor:
-    """A thread pool in this process (decoders and OpenCV release the GIL)."""
+    """A thread pool in this process (decoders and OpenCV release the GIL). Each thread runs its own copy of the
+    pipeline (made as a dask worker's is, by pickling): a transform that keeps a tile's data on ``self`` while it
+    works gave tiles other tiles' pixels when the threads shared one (98 of 108), so the output would have
+    depended on the executor. The slide (its reader is safe to share) is shared."""
 
     name = "threads"
     same_process = True
 
     def __init__(self, workers: int | None = None):
+        import threading
+
         self.workers = int(workers or os.cpu_count() or 1)
         self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="histoflow")
+        self._local = threading.local()
 
     def share(self, obj):
         return obj
@@ -96,7 +102,22 @@ class ThreadExecutor:
         pass
 
     def submit(self, fn, *args, key=None):
-        return self._pool.submit(fn, *args)
+        return self._pool.submit(self._in_thread, fn, args)
+
+    def _in_thread(self, fn, args):
+        from ..transforms.base import Transform
+
+        return fn(*(self._own(a) if isinstance(a, Transform) else a for a in args))
+
+    def _own(self, obj):
+        """This thread's copy of ``obj`` (made once per thread and object)."""
+        import pickle
+
+        copies = self._local.__dict__.setdefault("copies", {})
+        held = copies.get(id(obj))
+        if held is None or held[0] is not obj:  # (the object is kept with its copy: its id stays its own)
+            held = copies[id(obj)] = (obj, pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)))
+        return held[1]
 
     def wait_any(self, pending):
         done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
