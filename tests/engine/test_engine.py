@@ -47,6 +47,19 @@ class Scratch(Transform):
         tile.image = (255 - self.current).astype(np.uint8)
 
 
+class AddFromFile(Transform):
+    """Adds the number its file holds to every pixel (a stand-in for a model's weights file)."""
+
+    changes_image = True
+
+    def __init__(self, path):
+        self.path = path
+
+    def apply(self, tile):
+        with open(self.path) as f:
+            tile.image = np.clip(tile.image.astype(int) + int(f.read()), 0, 255).astype(np.uint8)
+
+
 class Dark(Transform):
     """Mask of dark pixels and its fraction as a label."""
 
@@ -1491,3 +1504,30 @@ def test_threads_run_their_own_copy_of_the_pipeline(tmp_path):
     with read_h5path(a) as x, read_h5path(b) as y:
         assert len(x) == len(y) == 108
         assert all(np.array_equal(x.tile(i).image, y.tile(i).image) for i in range(len(x)))
+
+
+def test_a_resume_refuses_a_file_the_pipeline_reads_that_changed(tmp_path):
+    """The run's fingerprint held the slide file's identity but only the path of a model's weights: weights
+    replaced at that path between an interrupt and resume=True gave one store tiles of two models (4 and 5 of 9),
+    and a finished output was kept as done after the weights changed."""
+    weights = tmp_path / "w.txt"
+    weights.write_text("10")
+    out = tmp_path / "o.h5path"
+    kw = dict(executor="inprocess", compression="gzip", progress=False, batch_size=8)
+
+    def stop(slide, batch, done, total):
+        if done >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SlideData(SVS).run(Pipeline([AddFromFile(str(weights))]), out, on_batch=stop, **kw)
+    weights.write_text("50")
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(PipelineError, match=r"cannot resume: a file the pipeline reads changed since \(.*w.txt: "
+                                            r"other weights at the same path would mix"):
+        SlideData(SVS).run(Pipeline([AddFromFile(str(weights))]), out, resume=True, **kw)
+    done = SlideData(SVS).run(Pipeline([AddFromFile(str(weights))]), tmp_path / "done.h5path", **kw)
+    weights.write_text("90")
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    with pytest.raises(PipelineError, match="the result of a run with other settings"):
+        SlideData(SVS).run(Pipeline([AddFromFile(str(weights))]), done, resume=True, **kw)

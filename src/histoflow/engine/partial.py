@@ -51,8 +51,13 @@ def start(out_path: str, manifest: dict, resume: bool, replace_other: bool = Fal
         if resume and old is not None and not (replace_other and (old != manifest or token is None)):
             if old != manifest or token is None:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+                was, now = old.get("inputs") or {}, manifest.get("inputs") or {}
+                files = sorted(f for f in set(was.get("pipeline_files") or {}) | set(now.get("pipeline_files") or {})
+                               if (was.get("pipeline_files") or {}).get(f) != (now.get("pipeline_files") or {}).get(f))
                 what = ("the slide file changed since (another file at the same path)" if diff == ["inputs"] and
-                        (old.get("inputs") or {}).get("file") != (manifest.get("inputs") or {}).get("file")
+                        was.get("file") != now.get("file") else
+                        f"a file the pipeline reads changed since ({', '.join(files)}: other weights at the same "
+                        "path would mix two models' tiles in one store)" if diff == ["inputs"] and files
                         else f"the unfinished run used other settings ({', '.join(diff) or 'journal'})")
                 raise PipelineError(f"{out_path}: cannot resume: {what}; run without resume to start over")
             return d, _whole_batches(d, token), token

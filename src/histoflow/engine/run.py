@@ -363,6 +363,9 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
         "compression": compression, "compression_level": compression_level,
         "inputs": _slide_inputs(slide),
     }
+    files = _pipeline_files(manifest["pipeline"])
+    if files:  # a model's weights replaced at the same path: a resume would mix two models' tiles in one store
+        manifest["inputs"]["pipeline_files"] = files
     job.manifest = json.loads(json.dumps(manifest))  # as it reads back from disk (tuples are lists there)
     if resume and not os.path.isdir(partial.partial_dir(job.out)) and \
             _finished_before(job.out, job.manifest, failures_ok=job.on_error == "skip"):
@@ -391,6 +394,25 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
     job.dir, job.done, job.token = partial.start(job.out, job.manifest, resume, replace_other=replace)
     job.made_journal = job.made_journal or (replace and not job.done)  # another run's journal, replaced
     job.resumed = len(job.done)
+
+
+def _pipeline_files(document) -> dict:
+    """Size and modification time of each file the pipeline's parameters name (model weights, reference
+    images ...), by path: what a resume, or a finished output kept as done, must find unchanged."""
+    found = {}
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and 0 < len(v) < 4096 and os.path.isfile(v):
+            found[os.path.abspath(v)] = _file_identity(v)
+
+    walk(document)
+    return found
 
 
 def _slide_inputs(slide) -> dict:
