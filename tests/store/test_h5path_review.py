@@ -184,3 +184,20 @@ def test_strangers_fixed_length_strings_bytes_paths_and_mask_membership(tmp_path
         assert len(h) == 1
     with pytest.raises(H5PathParameterError, match="H5PathWriter: path must be a file name, got NoneType"):
         H5PathWriter(None)
+
+
+def test_an_output_that_is_a_symbolic_link_is_written_through_it(tmp_path):
+    """The finished file was renamed over the link: the link became a file and its target kept the earlier
+    result (h5py.File(link, "w"), which the docs compare the writer with, writes through it)."""
+    from histoflow.transforms import BoxBlur, Pipeline
+
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "r.h5path", tmp_path / "link.h5path"
+    for k, blur in enumerate((3, 9)):
+        if k:
+            os.symlink(target, link)
+        SlideData(SVS).run(Pipeline([BoxBlur(blur)]), link if k else target, executor="inprocess",
+                           progress=False, compression="gzip")
+    assert os.path.islink(link) and sorted(os.listdir(tmp_path / "real")) == ["r.h5path"]
+    with read_h5path(target) as h:
+        assert h.provenance[-1]["pipeline"]["steps"][0]["BoxBlur"]["kernel_size"] == 9

@@ -445,11 +445,14 @@ class H5PathWriter:
         self._slide_mpp = meta.get("mpp")
         self._channel_names = meta.get("channel_names")
 
+        # an output that is a symbolic link is written through it, as h5py.File(path, "w") writes (the link was
+        # replaced by a file, and its target kept the earlier result)
+        self._target = os.path.realpath(self.path) if os.path.islink(self.path) else self.path
         # beside the target (one file system: an atomic rename); a short name, so that a long file name still fits
-        short = os.path.basename(self.path).encode("utf-8", "surrogateescape")[:64].decode("utf-8", "ignore")
-        self._tmp = os.path.join(os.path.dirname(os.path.abspath(self.path)),  # 64 bytes: 4-byte characters too
+        short = os.path.basename(self._target).encode("utf-8", "surrogateescape")[:64].decode("utf-8", "ignore")
+        self._tmp = os.path.join(os.path.dirname(os.path.abspath(self._target)),  # 64 bytes: 4-byte characters too
                                  f".{short}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        folder = os.path.dirname(os.path.abspath(self.path))
+        folder = os.path.dirname(os.path.abspath(self._target))
         if not os.path.isdir(folder):
             raise H5PathOutputError(f"{self.path}: the output folder {folder} does not exist")
         if temp_dir is not None:
@@ -966,8 +969,8 @@ class H5PathWriter:
             _fsync(self._tmp)  # the data on disk before the name: a crash never leaves a partial file there
             if not self.overwrite and os.path.exists(self.path):
                 raise H5PathError(f"{self.path}: file appeared while writing and overwrite=False")
-            os.replace(self._tmp, self.path)
-            _fsync(os.path.dirname(os.path.abspath(self.path)), directory=True)
+            os.replace(self._tmp, self._target)
+            _fsync(os.path.dirname(os.path.abspath(self._target)), directory=True)
         except OSError as e:  # a full disk, a file-size limit: the OS's own words, the file named
             self.abort()
             if isinstance(e, H5PathError):
