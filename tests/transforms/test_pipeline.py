@@ -355,3 +355,25 @@ def test_yaml_merges_may_override_keys_and_repeated_keys_are_refused_everywhere(
     for bad, key in (("a: 1\na: 2\n", "a"), ("x:\n  y: {k: 1, k: 2}\n", "k"), ("- {p: 1}\n- {q: 1, q: 2}\n", "q")):
         with pytest.raises(yaml.YAMLError, match=f"found the key '{key}' a second time"):
             yaml_load(bad)
+
+
+class _Inverted(Transform):
+    changes_image = True
+
+    def apply(self, tile):
+        return Tile(255 - tile.image, tile.coords)  # a new tile: its pixels were dropped, without a word
+
+
+def test_a_step_that_returns_a_new_tile_is_an_error_not_a_no_op(tmp_path):
+    """apply() changes the tile it is given; a step that built and returned a new Tile had its work dropped: the
+    slide's own pixels were stored, with no warning and no failed tile."""
+    tile = Tile(np.full((8, 8, 3), 10, np.uint8), (0, 0))
+    from histoflow.transforms.base import TransformError
+
+    with pytest.raises(TransformError, match=r"_Inverted failed on tile .*: apply\(tile\) changes the tile it is given "
+                                             r"and returns nothing; it returned a new Tile"):
+        Pipeline([_Inverted()]).apply(tile)
+    from histoflow import SlideData
+
+    with pytest.raises(PipelineError, match="_Inverted failed on tile at"):  # the engine stops the run, naming it
+        SlideData(SVS).run(Pipeline([_Inverted()]), tmp_path / "o.h5path", executor="inprocess", progress=False)

@@ -371,7 +371,7 @@ class Pipeline(Transform):
     def apply(self, tile):
         for step in self.steps:
             try:
-                step.apply(tile)
+                got = step.apply(tile)
             except TransformError:
                 raise
             except Exception as e:
@@ -379,6 +379,11 @@ class Pipeline(Transform):
                     f"{type(step).__name__} failed on tile {tile.name or ''} at {tile.coords}: "
                     f"{type(e).__name__}: {e}", transform=type(step).__name__, coords=tile.coords,
                     reason=f"{type(e).__name__}: {e}") from e
+            if got is not None and got is not tile and isinstance(got, type(tile)):  # its changes were dropped
+                why = "apply(tile) changes the tile it is given and returns nothing; it returned a new Tile"
+                raise TransformError(f"{type(step).__name__} failed on tile {tile.name or ''} at {tile.coords}: "
+                                     f"{why} (its changes would be lost: set tile.image = ... instead)",
+                                     transform=type(step).__name__, coords=tile.coords, reason=why)
 
     def channel_names_out(self, names):
         for step in self.steps:
