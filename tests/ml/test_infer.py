@@ -382,3 +382,25 @@ def test_stitched_maps_at_a_downsample_that_does_not_divide_the_stride(tmp_path,
     padded[:h, :w] = p
     truth = np.nanmean(padded.reshape(hh, k, ww, k), axis=(1, 3))
     assert np.abs(stitched - truth).max() < 1e-4
+
+
+def test_heatmap_downsample_and_grey_images_are_checked_when_given(tmp_path):
+    """heatmap_downsample=-8 ran every tile before the store refused the map (naming no option), NaN was a bare
+    numpy error at the first tile and 0 became the default; F of a grey (h, w) image failed in numpy's transpose."""
+    from histoflow.errors import ParameterError
+
+    torch.manual_seed(2)
+    grey = models.create("unet", in_channels=1, out_channels=2, filters=(8, 16)).eval()
+    path = tmp_path / "grey.pt"
+    models.save(grey, path)
+    for cls in (PatchClassification, SemanticSegmentation):
+        for bad in (-8, float("nan"), 0, "8", True):
+            with pytest.raises(ParameterError, match=rf"{cls.__name__}: heatmap_downsample is level-0 pixels per "
+                                                     r"heatmap pixel, a number > 0"):
+                cls(str(path), heatmap_downsample=bad)
+        assert cls(str(path), heatmap_downsample=64).heatmap_downsample == 64
+    seg = SemanticSegmentation(str(path))
+    img = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    np.testing.assert_array_equal(seg.F(img), seg.F(img[:, :, None]))
+    with pytest.raises(ParameterError, match=r"an \(h, w\) or \(h, w, channels\) image, got shape \(2, 64, 64, 1\)"):
+        seg.F(np.zeros((2, 64, 64, 1), np.uint8))

@@ -10,6 +10,7 @@ cut by a tile edge is found once, in one piece, by the tile that owns its centre
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -438,11 +439,27 @@ def _as_input(image, scale):
     (``histoflow.ml.data``): unsigned integers over their dtype's maximum (uint8 / 255, uint16 / 65535, ...),
     booleans as 0 / 1, floats as they are."""
     a = np.asarray(image)
+    if a.ndim == 2:  # a grey image: one channel (the engine gives (h, w, 1); F(image) may get (h, w))
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise ParameterError(f"the model's input is an (h, w) or (h, w, channels) image, got shape {a.shape}")
     if a.dtype.kind == "u":
         a = a.astype(np.float32) * np.float32(1.0 / np.iinfo(a.dtype).max)
     else:
         a = a.astype(np.float32)
     return np.ascontiguousarray(a.transpose(2, 0, 1))[None] if scale else a
+
+
+def _heatmap_downsample(name, value):
+    """``heatmap_downsample`` checked when the transform is made: None, or a finite number > 0 (-8 ran every tile
+    before the store refused it, NaN was a bare numpy error at the first tile, 0 became the default)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) or \
+            not math.isfinite(value) or value <= 0:
+        raise ParameterError(f"{name}: heatmap_downsample is level-0 pixels per heatmap pixel, a number > 0 (or None: "
+                             f"the tiles' own pixels), not {value!r}")
+    return value
 
 
 def _softmax(x, axis):
@@ -692,7 +709,8 @@ class _ReducingModelTransform(Transform, register=False):
             raise HistoflowError(f"{type(self).__name__} makes a slide-level map: run it through "
                                  "SlideData.run (fit_slide sets the slide's size)")
         if self._maps is None:
-            ds = self.heatmap_downsample or tile.downsample * (tile.size[0] if values.ndim == 1 else 1)
+            ds = self.heatmap_downsample if self.heatmap_downsample is not None else \
+                tile.downsample * (tile.size[0] if values.ndim == 1 else 1)
             w, h = (int(np.ceil(d / float(ds))) for d in self._dims)
             if w * h > MAX_HEATMAP_PIXELS:
                 raise RegionTooLargeError(
@@ -763,7 +781,7 @@ class PatchClassification(_ReducingModelTransform):
         self.model = model
         self.classes = classes
         self.label_prefix = label_prefix
-        self.heatmap_downsample = heatmap_downsample
+        self.heatmap_downsample = _heatmap_downsample(type(self).__name__, heatmap_downsample)
         self.heatmap_prefix = heatmap_prefix
         _existing_model(model)  # at construction, not on the first tile of a run
 
@@ -830,7 +848,7 @@ class SemanticSegmentation(_ReducingModelTransform):
         self.model = model
         self.classes = classes
         self.mask_name = mask_name
-        self.heatmap_downsample = heatmap_downsample
+        self.heatmap_downsample = _heatmap_downsample(type(self).__name__, heatmap_downsample)
         _existing_model(model)  # at construction, not on the first tile of a run
 
     masks_out = outputs_from("mask_name")
