@@ -68,6 +68,16 @@ def test_patient_folds_keep_patients_apart():
         assert len(np.unique(labels[te])) == 4               # every class in every fold
     with pytest.raises(CellsError, match="at least 5 patients"):
         patient_folds([0, 1, 0], [1, 1, 2])
+    # a missing label was scikit-learn's "Got 'unknown' instead"; 2-D labels said "60 labels but 60 patient ids"
+    import pandas as pd
+
+    gap = labels.astype(object)
+    gap[7] = None
+    for bad in (gap, pd.Series(pd.Categorical(np.where(np.arange(600) == 9, None, labels.astype(str))))):
+        with pytest.raises(CellsError, match=r"patient_folds: 1 cells have no label \(the first: item (7|9)\)"):
+            patient_folds(bad, patients, n_splits=5)
+    with pytest.raises(CellsError, match=r"one value per cell; got shapes \(300, 2\) and \(600,\)"):
+        patient_folds(labels.reshape(300, 2), patients)
 
 
 def test_patch_centre_is_the_centroid_pixel():

@@ -27,14 +27,21 @@ def patient_folds(labels, patients, n_splits: int = 5, seed: int = 0) -> list[tu
     if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
         raise CellsError(f"patient_folds: n_splits must be a whole number >= 2 (a test fold and the rest), "
                          f"got {n_splits!r}")
-    labels = np.asarray(labels)
+    labels = np.asarray(labels, dtype=object) if hasattr(labels, "cat") or str(getattr(labels, "dtype", "")) == \
+        "category" else np.asarray(labels)
     patients = np.asarray(patients)
-    if labels.shape != patients.shape:
-        raise CellsError(f"patient_folds: {len(labels)} labels but {len(patients)} patient ids")
-    missing = [i for i, p in enumerate(patients.tolist()) if p is None or (isinstance(p, float) and p != p)]
-    if missing:
-        raise CellsError(f"patient_folds: {len(missing)} cells have no patient id (the first: item {missing[0]}); "
-                         "every cell needs one")
+    if labels.ndim != 1 or patients.ndim != 1 or labels.shape != patients.shape:
+        raise CellsError(f"patient_folds: labels and patient ids are one value per cell; got shapes {labels.shape} "
+                         f"and {patients.shape}")
+
+    def gaps(a):
+        return [i for i, v in enumerate(a.tolist()) if v is None or (isinstance(v, float) and v != v)]
+
+    for what, a in (("patient id", patients), ("label", labels)):
+        missing = gaps(a)
+        if missing:  # (a missing label was scikit-learn's "Got 'unknown' instead", naming no labels)
+            raise CellsError(f"patient_folds: {len(missing)} cells have no {what} (the first: item {missing[0]}); "
+                             "every cell needs one")
     patients = patients.astype(str) if patients.dtype == object else patients
     n_patients = len(np.unique(patients))
     if n_patients < n_splits:
