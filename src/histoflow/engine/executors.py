@@ -81,7 +81,7 @@ class InProcessExecutor:
 
 class ThreadExecutor:
     """A thread pool in this process (decoders and OpenCV release the GIL). Each thread runs its own copy of the
-    pipeline (made as a dask worker's is, by pickling): a transform that keeps a tile's data on ``self`` while it
+    pipeline (a deep copy, through the state a dask worker's copy is made from): a transform that keeps a tile's data on ``self`` while it
     works gave tiles other tiles' pixels when the threads shared one (98 of 108), so the output would have
     depended on the executor. The slide (its reader is safe to share) is shared."""
 
@@ -110,13 +110,14 @@ class ThreadExecutor:
         return fn(*(self._own(a) if isinstance(a, Transform) else a for a in args))
 
     def _own(self, obj):
-        """This thread's copy of ``obj`` (made once per thread and object)."""
-        import pickle
+        """This thread's copy of ``obj`` (made once per thread and object; ``copy.deepcopy`` goes through the
+        transforms' ``__getstate__``, as the pickling that sends them to dask workers does)."""
+        import copy
 
         copies = self._local.__dict__.setdefault("copies", {})
         held = copies.get(id(obj))
         if held is None or held[0] is not obj:  # (the object is kept with its copy: its id stays its own)
-            held = copies[id(obj)] = (obj, pickle.loads(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)))
+            held = copies[id(obj)] = (obj, copy.deepcopy(obj))
         return held[1]
 
     def wait_any(self, pending):
