@@ -743,7 +743,7 @@ def _check_overlap(overlap, size, size_option):
     [0, tile_size)")."""
     if overlap is not None and overlap >= size:
         raise UsageError(f"--overlap {overlap} must be less than {size_option} {size} (pixels shared by "
-                             "neighbouring tiles)")
+                         "neighbouring tiles)")
 
 
 def cmd_tile(args):
@@ -903,16 +903,14 @@ def cmd_segment_nuclei(args):
 
     if args.resume and not args.h5path:
         raise UsageError("segment-nuclei --resume continues from the per-tile results of an interrupted run, "
-                             "which are kept only with --h5path: run with --h5path FILE (and --resume to continue)")
+                         "which are kept only with --h5path: run with --h5path FILE (and --resume to continue)")
     overlap = NUCLEI_OVERLAP if args.overlap is None else args.overlap
-    if overlap >= args.tile:  # said under the options' names, not as the library's "overlap must be in [0, ...)"
-        if args.overlap is None:
-            raise UsageError(f"--tile {args.tile}: the default --overlap ({NUCLEI_OVERLAP} px) is too large for "
-                                 f"it (a tile must be larger than its overlap): pass --overlap {args.tile // 2} or "
-                                 f"less (nuclei larger than the overlap may be cut at tile edges), or --tile "
-                                 f"{2 * NUCLEI_OVERLAP} or more")
-        raise UsageError(f"--overlap {overlap} must be less than --tile {args.tile} (pixels shared by "
-                             "neighbouring tiles)")
+    if args.overlap is None and overlap >= args.tile:  # said under the options' names, with the default named
+        raise UsageError(f"--tile {args.tile}: the default --overlap ({NUCLEI_OVERLAP} px) is too large for "
+                         f"it (a tile must be larger than its overlap): pass --overlap {args.tile // 2} or "
+                         f"less (nuclei larger than the overlap may be cut at tile edges), or --tile "
+                         f"{2 * NUCLEI_OVERLAP} or more")
+    _check_overlap(args.overlap, args.tile, "--tile")
     transform = NucleusSegmentation(model=args.model, backend=args.backend, tta=args.tta)
     png = _picture_path(args.png, args.output, avoid=(args.slide, args.output, args.geojson, args.h5path))
     _check_outputs([args.slide], {"label image": args.output, "GeoJSON": args.geojson, "picture": png,
@@ -1275,7 +1273,7 @@ def _write_labels(store, shape, output, outlines, thumb, png, *, mpp=None):
             stream = tiles(sampled(blocks))
             tifffile.imwrite(tmp_out, stream, shape=(H, W), dtype=np.uint32, tile=(512, 512),
                              compression="zlib", **scale)
-            for _ in stream:  # tifffile stops at the last tile it needs: the rest of the rows run to their end
+            if next(stream, None) is not None:  # tifffile stops at its last tile: the rows run to their end here
                 raise OutputError(f"{output}: more label tiles than a {W} x {H} image holds (a histoflow bug)")
     if png:
         save_png(png, outline_instances(thumb, small))

@@ -279,7 +279,7 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
     # find_objects walks every id from 1 to the largest: a tile's window of slide-wide ids (1,000,001 ..) cost
     # time in proportion to the nuclei before it. Ids are counted from the smallest present (a few ids spread
     # wider than the image has pixels: numbered 1..n)
-    ids, slices = None, ()
+    ids, slices = None, ()  # ids[k - 1]: the id of compact label k (ids of any integer dtype, to 2**64 - 1)
     fg = labels[labels > 0]
     if fg.size:
         lo, hi = int(fg.min()), int(fg.max())
@@ -287,15 +287,15 @@ def polygonize(labels, downsample: float = 1.0, origin=(0, 0), classes=None, min
             ids = np.unique(fg)
             compact = np.zeros(labels.shape, np.int32)
             compact[labels > 0] = np.searchsorted(ids, fg) + 1
-        else:
-            ids = lo - 1  # (ids of any integer dtype, to 2**64 - 1: find_objects takes 32-bit ones)
-            compact = (np.where(labels > 0, labels - labels.dtype.type(ids), 0) if lo > 1 else labels).astype(
+        else:  # (find_objects takes 32-bit labels)
+            ids = np.arange(lo, hi + 1, dtype=np.uint64)
+            compact = (np.where(labels > 0, labels - labels.dtype.type(lo - 1), 0) if lo > 1 else labels).astype(
                 np.int32, copy=False)
         slices = ndi.find_objects(compact)
     for k, sl in enumerate(slices, start=1):
         if sl is None:
             continue
-        value = int(ids[k - 1]) if isinstance(ids, np.ndarray) else k + ids
+        value = int(ids[k - 1])
         y0, x0 = sl[0].start, sl[1].start
         m = (compact[sl] == k).astype(np.uint8)
         # pixel corners: draw each pixel as a 2x2 block, trace, and map back to corner coordinates

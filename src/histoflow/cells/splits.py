@@ -27,8 +27,8 @@ def patient_folds(labels, patients, n_splits: int = 5, seed: int = 0) -> list[tu
     if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
         raise CellsError(f"patient_folds: n_splits must be a whole number >= 2 (a test fold and the rest), "
                          f"got {n_splits!r}")
-    labels = np.asarray(labels, dtype=object) if hasattr(labels, "cat") or str(getattr(labels, "dtype", "")) == \
-        "category" else np.asarray(labels)
+    # (a pandas categorical keeps its missing values as None or NaN as an object array)
+    labels = np.asarray(labels, dtype=object) if str(getattr(labels, "dtype", "")) == "category" else np.asarray(labels)
     patients = np.asarray(patients)
     if labels.ndim != 1 or patients.ndim != 1 or labels.shape != patients.shape:
         raise CellsError(f"patient_folds: labels and patient ids are one value per cell; got shapes {labels.shape} "

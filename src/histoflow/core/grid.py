@@ -245,9 +245,6 @@ class TileGrid:
 
     def _kept(self):
         if self._index is None:
-            if self.mask_filter is None:
-                self._index = [(r, c) for r in range(self.rows) for c in range(self.cols)]
-                return self._index
             # every tile's level-0 rectangle as spec() makes it, a row of the grid at a time (one Python call a
             # tile took 75 µs: 3 minutes before a 2.4-million-tile grid began)
             ds, (tw, th), (sx, sy) = self.downsample, self.tile_size, self.stride
@@ -347,19 +344,10 @@ class _MaskCoverage:
         for r in range(2, self.h + 1):  # rows one at a time: no second full-size temporary
             self.integral[r, 1:] += self.integral[r - 1, 1:]
 
-    def _at(self, fx, fy) -> float:
-        """The mask's area in [0, fx) x [0, fy) (mask pixels), for fractional corners: the integral image
-        interpolated bilinearly, which is exact for a mask that is constant over each of its pixels."""
-        fx, fy = min(max(fx, 0.0), self.w), min(max(fy, 0.0), self.h)
-        i, j = min(int(fx), self.w - 1), min(int(fy), self.h - 1)
-        ax, ay = fx - i, fy - j
-        s = self.integral
-        return float((1 - ay) * ((1 - ax) * s[j, i] + ax * s[j, i + 1])
-                     + ay * ((1 - ax) * s[j + 1, i] + ax * s[j + 1, i + 1]))
-
     def fractions(self, x, y, w0, h0) -> np.ndarray:
         """:meth:`fraction` of every rectangle ``x[j], y[i], w0[j], h0[i]`` (columns ``x``, ``w0``; rows ``y``,
-        ``h0``), as ``(rows, cols)``: the same arithmetic in the same order, so the same values."""
+        ``h0``), as ``(rows, cols)``. The mask's area below and left of a fractional corner is the integral image
+        interpolated bilinearly, exact for a mask that is constant over each of its pixels."""
         ds = self.ds
         x, y, w0, h0 = (np.asarray(v, np.float64) for v in (x, y, w0, h0))
         fx0, fy0, fx1, fy1 = x / ds, y / ds, (x + w0) / ds, (y + h0) / ds
@@ -384,13 +372,4 @@ class _MaskCoverage:
     def fraction(self, x, y, w0, h0) -> float:
         """The fraction of the rectangle's area the mask covers; parts past the mask, or past the slide (a
         mask's last pixel usually reaches beyond it: an edge tile's padding), count as uncovered."""
-        ds = self.ds
-        fx0, fy0, fx1, fy1 = x / ds, y / ds, (x + w0) / ds, (y + h0) / ds
-        area = (fx1 - fx0) * (fy1 - fy0)
-        if area <= 0:
-            return 0.0
-        fx1, fy1 = min(fx1, self.dimensions[0] / ds), min(fy1, self.dimensions[1] / ds)
-        if fx1 <= fx0 or fy1 <= fy0:
-            return 0.0
-        s = self._at(fx1, fy1) - self._at(fx0, fy1) - self._at(fx1, fy0) + self._at(fx0, fy0)
-        return float(min(1.0, max(0.0, s / area)))
+        return float(self.fractions([x], [y], [w0], [h0])[0, 0])

@@ -103,8 +103,8 @@ def read_on_grid(reader, level, origin, scale, size) -> np.ndarray:
     pixels per output pixel), as grid tiles at a target µm/px are read: shrunk (``scale > 1``), each output pixel
     the exact area average of the level pixels it covers; enlarged (``scale < 1``, finer than level 0),
     bilinear between the level pixels around its centre; either way weighted by its place in the whole
-    resampled level (:func:`~histoflow.core.resample.axis_weights`). A pixel is the same in every tile that holds it, so tiles
-    of any size and overlap cut one resampled image (reading a rounded region and resizing it, as
+    resampled level (:func:`~histoflow.core.resample.axis_weights`). A pixel is the same in every tile that
+    holds it, so tiles of any size and overlap cut one resampled image (reading a rounded region and resizing it, as
     :func:`read_resampled` does, shifts each tile by up to half a level pixel and stretches it by up to one);
     a fractional origin (a patch off the grid's corners) is the window at that place. Pixels of the window
     wholly outside the level are the reader's fill; those partly outside average the pixels inside only."""

@@ -81,9 +81,9 @@ class InProcessExecutor:
 
 class ThreadExecutor:
     """A thread pool in this process (decoders and OpenCV release the GIL). Each thread runs its own copy of the
-    pipeline (a deep copy, through the state a dask worker's copy is made from): a transform that keeps a tile's data on ``self`` while it
-    works gave tiles other tiles' pixels when the threads shared one (98 of 108), so the output would have
-    depended on the executor. The slide (its reader is safe to share) is shared."""
+    pipeline (a deep copy, through the state a dask worker's copy is made from): a transform that keeps a tile's
+    data on ``self`` while it works gave tiles other tiles' pixels when the threads shared one (98 of 108), so
+    the output would have depended on the executor. The slide (its reader is safe to share) is shared."""
 
     name = "threads"
     same_process = True

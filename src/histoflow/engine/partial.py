@@ -52,8 +52,8 @@ def start(out_path: str, manifest: dict, resume: bool, replace_other: bool = Fal
             if old != manifest or token is None:
                 diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
                 was, now = old.get("inputs") or {}, manifest.get("inputs") or {}
-                files = sorted(f for f in set(was.get("pipeline_files") or {}) | set(now.get("pipeline_files") or {})
-                               if (was.get("pipeline_files") or {}).get(f) != (now.get("pipeline_files") or {}).get(f))
+                pf_was, pf_now = was.get("pipeline_files") or {}, now.get("pipeline_files") or {}
+                files = sorted(f for f in pf_was.keys() | pf_now.keys() if pf_was.get(f) != pf_now.get(f))
                 what = ("the slide file changed since (another file at the same path)" if diff == ["inputs"] and
                         was.get("file") != now.get("file") else
                         f"a file the pipeline reads changed since ({', '.join(files)}: other weights at the same "

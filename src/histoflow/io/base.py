@@ -119,7 +119,8 @@ class SlideReader:
         self._kwargs = {"mpp": mpp, "max_region_bytes": max_region_bytes, "brightfield": brightfield}
         if max_region_bytes is None:
             max_region_bytes = DEFAULT_MAX_REGION_BYTES
-        elif (isinstance(max_region_bytes, (bool, np.bool_)) or not isinstance(max_region_bytes, (int, float, np.number))
+        elif (isinstance(max_region_bytes, (bool, np.bool_))
+              or not isinstance(max_region_bytes, (int, float, np.number))
               or not math.isfinite(max_region_bytes) or max_region_bytes != int(max_region_bytes)
               or max_region_bytes < 1):  # 0 became the default, -1 refused every read, "1e9" a bare ValueError
             raise ParameterError(f"{self.path}: max_region_bytes must be a whole number of bytes >= 1 (or None for "

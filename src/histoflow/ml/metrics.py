@@ -163,18 +163,19 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
            [0, 1, 1],
            [0, 0, 1]])
     """
-    t = np.asarray(y_true)
-    p = np.asarray(y_pred)
+    def numeric(a):  # numbers in an object array (a pandas column) as numbers; class names stay, refused below
+        a = np.asarray(a)
+        if a.size and a.dtype == object and all(isinstance(v, numbers.Real) for v in a.ravel()):
+            return a.astype(np.float64)
+        return a
+
+    t, p = numeric(y_true), numeric(y_pred)
     if t.shape != p.shape:
         raise ParameterError(f"y_true shape {t.shape} does not match y_pred shape {p.shape}")
     n_classes = int(n_classes)
     if n_classes < 1:
         raise ParameterError(f"n_classes must be >= 1, got {n_classes}")
     for name, a in (("y_true", t), ("y_pred", p)):
-        if a.size and a.dtype == object and all(isinstance(v, numbers.Real) and not isinstance(v, str)
-                                                 for v in a.ravel()):
-            a = a.astype(np.float64)  # numbers in an object array (a pandas column): as numbers
-            t, p = (a, p) if name == "y_true" else (t, a)
         if a.size and a.dtype.kind not in "biuf":  # class names (str, object): np.mod raised a bare TypeError
             raise ParameterError(f"{name} must hold integer class ids 0..{n_classes - 1}, got dtype {a.dtype} "
                                  f"({a.ravel()[:3].tolist()} ...); map class names to ids first")
