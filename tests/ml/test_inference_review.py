@@ -255,9 +255,17 @@ def test_stitched_maps_at_a_level_are_the_levels_pixels(tmp_path, dark_model):
         got = np.asarray(h.masks["segmentation_prob_1"])
     assert got.shape == (lv.height, lv.width) == (742, 555)
     assert np.abs(got - truth).max() < 0.01
+    # the 20x network with a card at the level's own µm/px: the same placement of level tiles, without enlarging
+    # the level 4-8x for the shipped models (26 MP through the 40x network took 30 s)
+    from histoflow.ml.transforms import builtin_model_path
+
+    src = builtin_model_path("nucleus_unet_20x")
+    card = models.read_card(src)
+    model = tmp_path / "at_level.pt"
     with SlideData(mosaic(1)) as s:
-        nuc = s.run(NucleusSegmentation(), str(tmp_path / "n1.h5path"), tile_size=256, overlap=64, level=1,
-                    executor="inprocess", progress=False)
+        models.save(models.load(src), model, card={"mpp": s.mpp[0] * lv.downsample, "postprocess": card["postprocess"]})
+        nuc = s.run(NucleusSegmentation(model=str(model)), str(tmp_path / "n1.h5path"), tile_size=256, overlap=64,
+                    level=1, executor="inprocess", progress=False)
     with InstanceRows(nuc) as rows:
         assert rows.shape == (742, 555)
 

@@ -61,6 +61,46 @@ def inside_slide(tile) -> np.ndarray:
     return image[:eh, :ew]
 
 
+def on_inside(tile, fn) -> np.ndarray:
+    """``fn(image)``, an image of the same shape and dtype, on the part of the tile inside the slide; a tile
+    overhanging the slide's right or bottom edge keeps its fill as it is. For transforms whose result depends
+    on the whole tile's statistics (a rescale's range, a histogram): over the fill they describe the fill (the
+    0 fill of a fluorescence tile became its darkest class)."""
+    inner = inside_slide(tile)
+    if inner is tile.image:
+        return fn(tile.image)
+    eh, ew = inner.shape[:2]
+    out = tile.image.copy()
+    out[:eh, :ew] = fn(inner)
+    return out
+
+
+def mask_on_inside(tile, fn) -> np.ndarray:
+    """``fn(image)``, a mask (h, w), on the part of the tile inside the slide, 0 over an edge tile's fill."""
+    inner = inside_slide(tile)
+    if inner is tile.image:
+        return fn(tile.image)
+    eh, ew = inner.shape[:2]
+    m = fn(inner)
+    full = np.zeros(tile.image.shape[:2], m.dtype)
+    full[:eh, :ew] = m
+    return full
+
+
+def open_sides(tile) -> tuple:
+    """The sides of a slide's tile beyond which the slide goes on: ``"left"`` / ``"top"`` unless the tile
+    starts at the slide's left / top edge, ``"right"`` / ``"bottom"`` unless it reaches past the slide's
+    (``tile.extent``; a tile ending exactly at the slide's edge counts its side as open, since a tile does not
+    know the slide's size). A region touching an open side may go on in the next tile, so it cannot be
+    measured here. A lone tile (not from a slide's grid: ``tile.core`` is None) has none."""
+    if getattr(tile, "core", None) is None:
+        return ()
+    h, w = tile.image.shape[:2]
+    ew, eh = tile.extent if getattr(tile, "extent", None) is not None else (w, h)
+    sides = (("left", tile.coords[0] > 0), ("top", tile.coords[1] > 0), ("right", ew >= w), ("bottom", eh >= h))
+    return tuple(name for name, is_open in sides if is_open)
+
+
 def outputs_from(*params: str) -> property:
     """A ``masks_out`` / ``labels_out`` (or ``*_in``) that names what a transform writes from its own
     parameters: ``masks_out = outputs_from("mask_name")`` declares the mask the user chose to write."""

@@ -109,6 +109,20 @@ def _restore(out, was_2d):
     return out[:, :, 0] if was_2d else out
 
 
+def _clip_to_int(x, dtype, lo=None):
+    """Rounded floats to an integer dtype, clipped to its range. For 64-bit integers the range's top is not a
+    float (2**63 - 1 rounds up to 2**63), so clipping to it and casting wrapped the brightest pixels round to
+    the dtype's minimum: those are set to the top after the cast."""
+    info = np.iinfo(dtype)
+    lo = info.min if lo is None else lo
+    if np.dtype(dtype).itemsize < 8:
+        return np.clip(x, lo, info.max).astype(dtype)
+    top = x >= float(info.max)
+    out = np.clip(x, lo, float(np.nextafter(float(info.max), 0))).astype(dtype)
+    out[top] = info.max
+    return out
+
+
 #: dtypes OpenCV's Gaussian and box filters take as they are
 _CV2_FILTER_DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
 
@@ -126,8 +140,7 @@ def _filter_any_dtype(image, fn):
     if dt == np.bool_:
         return out >= 0.5
     if dt.kind in "iu":
-        info = np.iinfo(dt)
-        return np.clip(np.rint(out), info.min, info.max).astype(dt)
+        return _clip_to_int(np.rint(out), dt)
     return out.astype(dt)
 
 
@@ -154,6 +167,8 @@ def median_blur(image, kernel_size=5):
     if k == 1 or image.size == 0:  # (an empty image has nothing to filter; OpenCV would raise)
         return _restore(image.copy(), was_2d)
     dt = image.dtype
+    if dt.kind == "f" and np.isnan(image).any():  # NaN (no data): the median of each window's numbers
+        return _restore(_nan_median(image, k), was_2d)
     cv2_ok = dt == np.uint8 or (k <= 5 and dt in (np.uint16, np.float32))
     if cv2_ok:
         allowed = (1, 3, 4) if (dt == np.uint8 and k > 5) else (1, 2, 3, 4)
@@ -164,6 +179,27 @@ def median_blur(image, kernel_size=5):
         src = image.astype(np.float32) if dt == np.float16 else image  # (scipy has no float16 median)
         out = ndimage.median_filter(src, size=(k, k, 1), mode="nearest").astype(dt, copy=False)
     return _restore(out, was_2d)
+
+
+def _nan_median(image, k):
+    """Median over each ``k`` x ``k`` window of its numbers, NaN left out (edges replicated, as the other
+    paths); a NaN pixel stays NaN. OpenCV and scipy sort NaN among the numbers: NaN pixels took values and
+    finite pixels beside NaN were biased, differently for float32 and float64."""
+    import warnings
+
+    r = k // 2
+    src = image.astype(np.float32) if image.dtype == np.float16 else image
+    padded = np.pad(src, ((r, r), (r, r), (0, 0)), mode="edge")
+    out = np.empty(src.shape, src.dtype)
+    h, w, c = src.shape
+    rows = max(1, (1 << 23) // max(1, w * c * k * k))  # windows of ~8 M values at a time
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (a window of NaN only: NaN)
+        for y in range(0, h, rows):
+            win = np.lib.stride_tricks.sliding_window_view(padded[y:y + rows + 2 * r], (k, k), axis=(0, 1))
+            out[y:y + rows] = np.nanmedian(win.reshape(*win.shape[:3], k * k), axis=-1)
+    out[np.isnan(src)] = np.nan
+    return out.astype(image.dtype, copy=False)
 
 
 def gaussian_blur(image, kernel_size=5, sigma=5):

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 
 from ..errors import ParameterError
-from .base import Transform
-from .filters import _as_hwc, _check_bool, _check_number, _check_positive_int, _restore
+from .base import Transform, on_inside
+from .filters import _as_hwc, _check_bool, _check_number, _check_positive_int, _clip_to_int, _restore
 
 #: most histogram bins of the equalisations (16-bit images have 65,536 values; 10**9 bins took gigabytes)
 MAX_BINS = 65536
@@ -109,20 +109,6 @@ def _cast_like(x, dtype):
     if np.issubdtype(dtype, np.integer):
         return _clip_to_int(np.round(x), dtype)
     return x.astype(dtype)
-
-
-def _clip_to_int(x, dtype, lo=None):
-    """Rounded floats to an integer dtype, clipped to its range. For 64-bit integers the range's top is not a
-    float (2**63 - 1 rounds up to 2**63), so clipping to it and casting wrapped the brightest pixels round to
-    the dtype's minimum: those are set to the top after the cast."""
-    info = np.iinfo(dtype)
-    lo = info.min if lo is None else lo
-    if np.dtype(dtype).itemsize < 8:
-        return np.clip(x, lo, info.max).astype(dtype)
-    top = x >= float(info.max)
-    out = np.clip(x, lo, float(np.nextafter(float(info.max), 0))).astype(dtype)
-    out[top] = info.max
-    return out
 
 
 def _check_range(name, param, value):
@@ -350,7 +336,7 @@ class RescaleIntensity(Transform):
         return rescale_intensity(image, self.in_range, self.out_range, self.per_channel)
 
     def apply(self, tile):
-        tile.image = self.F(tile.image)
+        tile.image = on_inside(tile, self.F)  # an edge tile's fill is neither measured nor changed
 
 
 class HistogramEqualization(Transform):
@@ -379,7 +365,7 @@ class HistogramEqualization(Transform):
         return equalize_histogram(image, self.nbins, self.per_channel)
 
     def apply(self, tile):
-        tile.image = self.F(tile.image)
+        tile.image = on_inside(tile, self.F)  # an edge tile's fill is neither measured nor changed
 
 
 #: largest CLAHE contextual region (px): scikit-image pads the image to a multiple of it (10^6 px asked for TiB)
@@ -427,4 +413,4 @@ class AdaptiveHistogramEqualization(Transform):
         return equalize_adaptive(image, self.clip_limit, self.nbins, self.kernel_size)
 
     def apply(self, tile):
-        tile.image = self.F(tile.image)
+        tile.image = on_inside(tile, self.F)  # an edge tile's fill is neither measured nor changed

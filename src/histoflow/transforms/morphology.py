@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from ..errors import MaskError, ParameterError
-from .base import Transform, outputs_from
+from .base import Transform, mask_on_inside, open_sides, outputs_from
 from .filters import (MAX_KERNEL, _check_bool, _check_name, _check_number, _check_odd_kernel,
                       _check_positive_int)
 from .intensity import to_grey
@@ -149,10 +149,27 @@ def morph_close(mask, kernel_size=5, n_iterations=1):
     return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8), iterations=n)
 
 
-def foreground_detection(mask, min_region_size=5000, max_hole_size=1500, outer_contours_only=False):
+_EDGES = {"left": lambda a: a[:, 0], "top": lambda a: a[0], "right": lambda a: a[:, -1],
+          "bottom": lambda a: a[-1]}
+
+
+def _check_edges(edges) -> tuple:
+    if isinstance(edges, str):
+        edges = (edges,)
+    edges = tuple(edges or ())
+    bad = [e for e in edges if e not in _EDGES]
+    if bad:
+        raise ParameterError(f"open_edges must name sides among {sorted(_EDGES)}, got {bad!r}")
+    return edges
+
+
+def foreground_detection(mask, min_region_size=5000, max_hole_size=1500, outer_contours_only=False,
+                         open_edges=()):
     """Keep the large regions of a mask and fill their small holes.
 
-    Regions are 8-connected groups of 1s; one smaller than ``min_region_size`` pixels is removed. Holes
+    Regions are 8-connected groups of 1s; one smaller than ``min_region_size`` pixels is removed, unless it
+    touches a side named in ``open_edges`` (``"left"``, ``"top"``, ``"right"``, ``"bottom"``: sides beyond
+    which the image goes on, as a slide's tile has neighbours; the region's size is unknown there). Holes
     are 4-connected groups of 0s that do not touch the mask's border (a group touching the border may
     continue outside the tile, so it is never a hole); one smaller than ``max_hole_size`` pixels is
     filled, or every one when ``outer_contours_only``.
@@ -170,6 +187,7 @@ def foreground_detection(mask, min_region_size=5000, max_hole_size=1500, outer_c
     (0, 1)
     """
     mask = _as_mask(mask)
+    edges = _check_edges(open_edges)
     binary = (mask != 0).astype(np.uint8)
     if binary.size == 0:  # no pixels (OpenCV would raise)
         return binary
@@ -179,11 +197,13 @@ def foreground_detection(mask, min_region_size=5000, max_hole_size=1500, outer_c
     if ones == 0:
         return binary
     if ones == binary.size:
-        return binary if min_region_size <= 1 or ones >= min_region_size else np.zeros_like(binary)
+        return binary if min_region_size <= 1 or ones >= min_region_size or edges else np.zeros_like(binary)
     # Areas by bincount of the labels: OpenCV's statistics (boxes, centroids) took ~3x the labelling's time
     if min_region_size > 1:
         n, labels = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
         keep = np.bincount(labels.ravel(), minlength=n) >= min_region_size
+        for side in edges:  # (a tissue region cut by a tile's edge was dropped: 4 % of
+            keep[_EDGES[side](labels)] = True  # a slide's tissue missing along the seams of 256 px tiles)
         keep[0] = False
         if not keep[1:].all():
             binary = keep.astype(np.uint8)[labels]
@@ -241,7 +261,8 @@ class BinaryThreshold(Transform):
         return binary_threshold(image, self.use_otsu, self.threshold, self.inverse, self.channel)
 
     def apply(self, tile):
-        tile.masks[self.mask_name] = self.F(tile.image)
+        # an edge tile's fill is not thresholded (Otsu over it split the fill from the slide, not the slide)
+        tile.masks[self.mask_name] = mask_on_inside(tile, self.F)
 
 
 class _MaskTransform(Transform, register=False):
@@ -326,7 +347,9 @@ class ForegroundDetection(_MaskTransform):
     mask_name : str
         The mask to clean.
     min_region_size : int
-        Smallest region kept, in pixels (8-connected; default 5000).
+        Smallest region kept, in pixels (8-connected; default 5000). On a slide's tile a region reaching a
+        side beyond which the slide goes on is kept: its size is unknown there (see
+        :func:`~histoflow.transforms.base.open_sides`).
     max_hole_size : int
         Holes (4-connected background not touching the tile border) smaller than this are filled
         (default 1500).
@@ -346,8 +369,14 @@ class ForegroundDetection(_MaskTransform):
         self.max_hole_size = _check_number(name, "max_hole_size", max_hole_size, 0)
         self.outer_contours_only = _check_bool(name, "outer_contours_only", outer_contours_only)
 
-    def F(self, mask):
-        return foreground_detection(mask, self.min_region_size, self.max_hole_size, self.outer_contours_only)
+    def F(self, mask, open_edges=()):
+        return foreground_detection(mask, self.min_region_size, self.max_hole_size, self.outer_contours_only,
+                                    open_edges)
+
+    def apply(self, tile):
+        if self.mask_name not in tile.masks:
+            super().apply(tile)  # (its error)
+        tile.masks[self.mask_name] = self.F(tile.masks[self.mask_name], open_sides(tile))
 
 
 # --------------------------------------------------------------------------- helpers of the watershed recipes
