@@ -210,6 +210,13 @@ _YAML = {}
 #: numbers in scientific notation, which YAML 1.2 reads as floats and PyYAML's YAML 1.1 as strings
 _SCIENTIFIC = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
 
+#: YAML 1.1's integers and floats without its base-60 numbers (``1:30`` read as 90) and its octal numbers
+#: written with a leading 0 (``017`` read as 15): YAML 1.2 has neither, and a kernel of 017 ran as 15. Such
+#: text is read as a string (so a number parameter refuses it by name); ``0o17`` is octal, as in YAML 1.2.
+_INT = r"^(?:[-+]?0b[0-1_]+|[-+]?0o[0-7_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"
+_FLOAT = (r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+          r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
 
 def _yaml_classes():
     """A SafeLoader and a SafeDumper that both take ``1e-3`` for a number: the dumper then quotes a string that
@@ -248,6 +255,12 @@ def _yaml_classes():
             cls = type(f"Histoflow{base.__name__}", (base,), extra)
             # a copy of every first-character list: adding to them in place would change PyYAML's own classes
             cls.yaml_implicit_resolvers = {k: list(v) for k, v in base.yaml_implicit_resolvers.items()}
+            if name == "loader":  # (the dumper keeps YAML 1.1's: it quotes "017", which other readers take as 15)
+                numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+                cls.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in numbers]
+                                               for k, v in cls.yaml_implicit_resolvers.items()}
+                cls.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_INT), list("-+0123456789"))
+                cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT), list("-+0123456789."))
             cls.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_SCIENTIFIC), list("-+0123456789."))
             _YAML[name] = cls
     return _YAML["loader"], _YAML["dumper"]
@@ -256,7 +269,8 @@ def _yaml_classes():
 def yaml_load(text):
     """``yaml.safe_load`` with YAML 1.2's numbers: PyYAML follows YAML 1.1, where ``1e-3``, ``5e3`` and ``1.0e3``
     are strings (only ``1.0e+3`` is a float), so a threshold written so was refused as "not a finite number"
-    or, where a string is allowed, taken as text. Everything else is as ``safe_load`` reads it."""
+    or, where a string is allowed, taken as text; and where ``017`` is 15 and ``1:30`` is 90 (here strings, which
+    a number parameter refuses). Everything else is as ``safe_load`` reads it."""
     loader = _yaml_classes()[0](text)  # a SafeLoader: plain data only, whatever the file holds
     try:
         return loader.get_single_data()

@@ -316,6 +316,20 @@ def _warn_small_overlap(slide, pipeline, grid):
                       stacklevel=5)
 
 
+def _check_slide_mask_names(slide, pipeline, tiling):
+    """Refuse, before the first tile, a step whose slide masks would take the name of one the slide has (the
+    store refused it after the last tile, and a resume could never finish)."""
+    for step in pipeline._all_steps():
+        for prefix in step.slide_mask_prefixes:
+            have = sorted(m for m in slide.masks if m.startswith(prefix))
+            if have:
+                whence = "made by tissue_filter" if have[0] == TISSUE_MASK and tiling["tissue_filter"] is not None \
+                    else "the slide's own"
+                raise PipelineError(f"{slide.path}: {type(step).__name__} would write slide masks named {prefix}..., "
+                                    f"and the slide already has {have[0]!r} ({whence}): give the step another "
+                                    "name (mask_name= / heatmap_prefix=)")
+
+
 def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume):
     slide = job.slide
     _check_output(job)
@@ -331,6 +345,7 @@ def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, 
             pipeline.check(slide.slide_type, available_masks=set(slide.masks))
         except PipelineError as e:
             raise PipelineError(f"{slide.path}: {e}") from None
+        _check_slide_mask_names(slide, pipeline, tiling)
         try:
             job.pipeline = copy.deepcopy(pipeline)  # fitted per slide
         except Exception as e:  # noqa: BLE001 - copy raises whatever the object's state raises
@@ -582,12 +597,16 @@ def _finish(job, tiling, ex, batch_size, run_id, t0):
         job.shared = None
 
 
-def _fitted(pipeline) -> dict:
+def _fitted(pipeline, at: str = "") -> dict:
     """``{"<index>:<Step>": {attribute: value}}`` of the slide-level values the steps of ``pipeline`` fitted
     (their public attributes ending in ``_``, scikit-learn's convention), as JSON: numbers, text and arrays
-    (as lists) up to 10,000 numbers each; None and larger values are left out."""
+    (as lists) up to 10,000 numbers each; None and larger values are left out. The steps of a nested pipeline
+    are ``"<index>.<index>:<Step>"``."""
     out = {}
     for i, step in enumerate(getattr(pipeline, "steps", None) or []):
+        if getattr(step, "steps", None) is not None:  # a nested Pipeline: its own steps fitted the values
+            out.update(_fitted(step, f"{at}{i}."))
+            continue
         vals = {}
         for k, v in vars(step).items():
             if k.startswith("_") or not k.endswith("_") or v is None:
@@ -596,7 +615,7 @@ def _fitted(pipeline) -> dict:
             if j is not None:
                 vals[k] = j
         if vals:
-            out[f"{i}:{type(step).__name__}"] = vals
+            out[f"{at}{i}:{type(step).__name__}"] = vals
     return out
 
 

@@ -853,6 +853,10 @@ class SemanticSegmentation(_ReducingModelTransform):
 
     masks_out = outputs_from("mask_name")
 
+    @property
+    def slide_mask_prefixes(self):  # <mask_name> and <mask_name>_prob_<class>
+        return (self.mask_name,)
+
     def F(self, image):
         """Class probabilities ``(C, H, W)`` of one image (padded to the model's divisor and cropped back)."""
         _need_pixels(image, type(self).__name__)

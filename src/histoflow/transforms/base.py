@@ -35,6 +35,9 @@ REGISTRY: dict[str, type[Transform]] = {}
 
 PIPELINE_FORMAT = 1
 
+#: the keys of a pipeline file
+_DOCUMENT_KEYS = ("histoflow_pipeline", "steps", "inputs", "modules")
+
 
 class TransformError(PipelineError):
     """A transform raised on a tile. Carries the transform's name and the tile's coordinates."""
@@ -150,6 +153,9 @@ class Transform:
 
     def __init_subclass__(cls, register: bool = True, **kwargs):
         super().__init_subclass__(**kwargs)
+        for attr in ("masks_in", "masks_out", "labels_in", "labels_out", "slide_types", "slide_mask_prefixes"):
+            if isinstance(cls.__dict__.get(attr), str):  # ("tissue") without its comma: one name, not letters
+                setattr(cls, attr, (cls.__dict__[attr],))
         if register and not cls.__name__.startswith("_"):
             old = REGISTRY.get(cls.__name__)
             if old is not None and (_module(old), old.__qualname__) != (_module(cls), cls.__qualname__):
@@ -493,10 +499,15 @@ class Pipeline(Transform):
 
     # ------------------------------------------------------------------ YAML
     def to_document(self) -> dict:
-        """The YAML document form: ``{histoflow_pipeline: 1, steps: [...], inputs: [...]}``."""
+        """The YAML document form: ``{histoflow_pipeline: 1, steps: [...], inputs: [...], modules: [...]}``;
+        ``modules`` names the modules of custom transforms (to import before loading it again)."""
         d = {"histoflow_pipeline": PIPELINE_FORMAT, "steps": [s.to_dict() for s in self.steps]}
         if self.inputs:
             d["inputs"] = list(self.inputs)
+        modules = list(dict.fromkeys(_module(type(s)) for s in self._all_steps()
+                                     if not _module(type(s)).startswith(("histoflow.", "__main__"))))
+        if modules:  # (a run's provenance named a custom step's class alone: nothing said where it was)
+            d["modules"] = modules
         return d
 
     def to_yaml(self) -> str:
@@ -555,6 +566,14 @@ class Pipeline(Transform):
         if not isinstance(d, dict) or "steps" not in d:
             raise PipelineError(f"{source}: a pipeline file is a mapping with 'steps' (a list of "
                                 "{TransformName: {param: value}})")
+        unknown = sorted(str(k) for k in d if k not in _DOCUMENT_KEYS)
+        if unknown:  # (tile_size: 512 beside the steps was dropped without a word)
+            raise PipelineError(f"{source}: unknown key(s) {unknown} in a pipeline file, which holds "
+                                f"{', '.join(_DOCUMENT_KEYS)}; tiling (tile_size, overlap, tissue_filter, ...) is "
+                                "given to the run: SlideData.run(...) or `histoflow run` options")
+        modules = d.get("modules") or []
+        if not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+            raise PipelineError(f"{source}: 'modules' must be a list of module names, got {modules!r:.60}")
         if not isinstance(d["steps"], (list, type(None))):
             raise PipelineError(f"{source}: 'steps' must be a list of {{TransformName: {{param: value}}}}, got "
                                 f"{type(d['steps']).__name__} {d['steps']!r:.60}")
@@ -572,6 +591,8 @@ class Pipeline(Transform):
             steps = [Transform.from_dict(s) for s in d["steps"] or []]
             return cls(steps, inputs=d.get("inputs") or ())
         except PipelineError as e:
+            if modules and str(e).startswith("unknown transform"):
+                e = PipelineError(f"{e}; this pipeline's custom transforms come from {', '.join(modules)}")
             raise PipelineError(f"{source}: {e}") from None
         except (TypeError, ValueError) as e:
             raise PipelineError(f"{source}: bad parameter: {e}") from None

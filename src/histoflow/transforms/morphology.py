@@ -278,7 +278,24 @@ class _MaskTransform(Transform, register=False):
         if self.mask_name not in tile.masks:
             raise MaskError(f"{type(self).__name__}: tile has no mask {self.mask_name!r} "
                            f"(masks: {sorted(tile.masks) or 'none'})")
+        _refuse_labels(type(self).__name__, self.mask_name, tile.masks[self.mask_name])
         tile.masks[self.mask_name] = self.F(tile.masks[self.mask_name])
+
+
+def _refuse_labels(who, name, mask):
+    """A mask of more than two values (an instance or class label image) is not a 0/1 mask: the morphology
+    made it one blob (481 nuclei became one mask of 1 while the tile still counted 481)."""
+    m = np.asarray(mask)
+    if m.size == 0 or m.dtype == np.bool_ or m.dtype.kind not in "iuf":
+        return
+    top = m.max()
+    if not top > 1:
+        return
+    values = np.unique(m)
+    if len(values) > 2 or values[0] != 0:  # 0/1 and 0/255 masks are masks
+        raise MaskError(f"{who}: mask {name!r} holds {len(values)} values up to {top} (instance or class labels?); "
+                        f"{who} works on 0/1 masks and would turn it into one: threshold it first, or apply "
+                        "it to a 0/1 mask")
 
 
 class MorphOpen(_MaskTransform):
@@ -376,6 +393,7 @@ class ForegroundDetection(_MaskTransform):
     def apply(self, tile):
         if self.mask_name not in tile.masks:
             super().apply(tile)  # (its error)
+        _refuse_labels(type(self).__name__, self.mask_name, tile.masks[self.mask_name])
         tile.masks[self.mask_name] = self.F(tile.masks[self.mask_name], open_sides(tile))
 
 
