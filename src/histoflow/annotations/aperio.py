@@ -27,13 +27,15 @@ import numpy as np
 
 from ..utils import atomic_output
 from ..errors import ParameterError
-from .polygon import AnnotationError, Polygon, class_colors
+from .polygon import AnnotationError, Polygon, class_colors, measurement_values
 
 __all__ = ["read_aperio_xml", "write_aperio_xml", "aperio_mpp"]
 
 
 #: Polygon fields with no place in the format, kept as text attributes of the region
-_FIELDS = {"objectType": "object_type", "uid": "uid", "group": "group"}
+#: a polygon's QuPath object type, id and group, kept as region attributes under names of their own (as plain
+#: "group" / "uid", a measurement or ImageScope attribute of that name merged cells into one object)
+_FIELDS = {"histoflow:objectType": "object_type", "histoflow:uid": "uid", "histoflow:group": "group"}
 
 
 def _line_color(value):
@@ -157,6 +159,8 @@ def _region(path, region, layer, min_vertices, out, skipped):
         if key in _FIELDS:
             fields[_FIELDS[key]] = value or None
             continue
+        if key == "negative":  # the exclusion flag is NegativeROA's alone (an attribute of that name cut regions)
+            continue
         try:
             v = float(value)
         except (TypeError, ValueError):
@@ -175,8 +179,11 @@ def _region(path, region, layer, min_vertices, out, skipped):
                        measurements=meas, color=color, **fields))
 
 
-def _ellipse(corners, n=64):
+def _ellipse(corners):
+    """An ellipse region as a polygon with about one vertex per boundary pixel (64 vertices lost up to 2.4 px of
+    a 4000 x 2000 px ellipse's edge)."""
     (x0, y0), (x1, y1) = corners
+    n = max(64, int(np.ceil(np.pi * (abs(x1 - x0) + abs(y1 - y0)) / 2)) + 1)
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     return np.column_stack([(x0 + x1) / 2 + abs(x1 - x0) / 2 * np.cos(t), (y0 + y1) / 2 + abs(y1 - y0) / 2 * np.sin(t)])
 
@@ -246,7 +253,9 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     Each layer's LineColor is its class colour (the polygons' own, else one of a fixed palette, as in
     :func:`~histoflow.annotations.write_geojson`); each region's measurements are its ``Attributes``
     (``Length`` and ``Area`` also as the region's own attributes, which ImageScope shows), and so are a
-    polygon's QuPath object type, id and group (the parts of one object), as text. Holes are not
+    polygon's QuPath object type, id and group (the parts of one object), as text under names of their own
+    (``histoflow:objectType``, ``histoflow:uid``, ``histoflow:group``), so a measurement called "group" stays one.
+    The measurement ``negative`` is the exclusion flag (``NegativeROA``, 0 or 1; other values are refused). Holes are not
     representable as holes in this format; they are written as regions flagged
     ``NegativeROA="1"``, which ImageScope (and :func:`read_aperio_xml`) subtracts from every region of their
     Annotation layer: so a polygon with holes gets a layer of its own (same class name), where its holes cut
@@ -270,7 +279,7 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
             f.write(f'<Annotation Id="{aid}" Name={quoteattr(cls)} LineColor="{_colorref(rgb) if rgb else 65280}" '
                     'Type="4" Visible="1"><Regions>\n')
             for p in polys:
-                for reg in _regions(p, rid):
+                for reg in _regions(p, rid, path):
                     f.write(ET.tostring(reg, encoding="unicode") + "\n")
                     rid += 1
             f.write("</Regions></Annotation>\n")
@@ -359,18 +368,23 @@ def _layer_color(p):
         return None
 
 
-def _regions(p, rid):
+def _regions(p, rid, path=""):
     """The Region elements of one polygon (its outline, then each hole as an exclusion), ids from ``rid``."""
-    own = "1" if p.measurements.get("negative") else "0"  # an exclusion read with negatives="keep"
+    values = measurement_values(p, path)
+    flag = values.get("negative", 0.0)
+    if not (flag in (0.0, 1.0) or np.isnan(flag)):
+        raise AnnotationError(f"{path}: polygon {p.name!r}: its measurement 'negative' is {flag:g}; in Aperio XML "
+                              "it is the exclusion flag (NegativeROA, 0 or 1): rename the measurement")
+    own = "1" if flag == 1.0 else "0"  # an exclusion read with negatives="keep"
     holes = [h for h in p.holes if len(h) >= 3]  # a hole of 1-2 points encloses nothing: no exclusion region
     for k, (ring, negative) in enumerate([(p.exterior, own)] + [(h, "1") for h in holes]):
         attrs = {"Id": str(rid + k), "Type": "0", "NegativeROA": negative, "Text": _xml_text(p.name or "")}
-        meas = {m: v for m, v in p.measurements.items() if m != "negative"} if k == 0 else {}
+        meas = {m: v for m, v in values.items() if m != "negative"} if k == 0 else {}
         for key in ("length", "area"):  # ImageScope's own region attributes
             if key in meas:
-                attrs[key.capitalize()] = repr(float(meas[key]))  # in full: 6 digits turned 6000001 into 6e+06
+                attrs[key.capitalize()] = repr(meas[key])  # in full: 6 digits turned 6000001 into 6e+06
         reg = ET.Element("Region", attrs)
-        extra = {m: repr(float(v)) for m, v in meas.items() if m not in ("length", "area")}
+        extra = {m: repr(v) for m, v in meas.items() if m not in ("length", "area")}
         if k == 0:
             extra.update({key: _xml_text(getattr(p, f)) for key, f in _FIELDS.items() if getattr(p, f) is not None})
         if extra:

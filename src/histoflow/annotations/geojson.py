@@ -19,7 +19,7 @@ import uuid
 import numpy as np
 
 from ..utils import atomic_output
-from .polygon import AnnotationError, Polygon, class_colors, color_triple, objects_of
+from .polygon import AnnotationError, Polygon, class_colors, color_triple, measurement_values, objects_of
 
 __all__ = ["read_geojson", "write_geojson"]
 
@@ -71,8 +71,8 @@ def _feature(parts, object_type, colors, path) -> dict:
             pass
     if p.measurements:
         # NaN / infinity as null: bare NaN is not JSON, and strict readers (and QuPath's) refuse the file
-        props["measurements"] = {str(k): (float(v) if math.isfinite(float(v)) else None)
-                                 for k, v in p.measurements.items()}
+        props["measurements"] = {k: (v if math.isfinite(v) else None)
+                                 for k, v in measurement_values(p, path).items()}
     geom = {"type": "Polygon", "coordinates": rings[0]} if len(rings) == 1 else \
         {"type": "MultiPolygon", "coordinates": rings}
     feat = {"type": "Feature", "id": p.uid or str(uuid.uuid4()), "geometry": geom}
@@ -104,13 +104,13 @@ def _number(v):
     tools write them); a bool is not a measurement (it was stored as 1.0)."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):
-        try:
+    try:
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, str):
             return float(v.strip())
-        except ValueError:
-            return None
+    except (ValueError, OverflowError):  # not a number, or an integer past a float's range
+        return None
     return None
 
 
@@ -301,7 +301,7 @@ def _rings(path, i, rings, what):
     malformed or non-finite coordinates."""
     try:
         rings = [np.asarray(r, dtype=np.float64)[:, :2] for r in rings]
-    except (ValueError, IndexError, TypeError):
+    except (ValueError, IndexError, TypeError, OverflowError):
         raise AnnotationError(f"{path}: feature {i} has malformed coordinates in its {what}") from None
     if not all(np.all(np.isfinite(r)) for r in rings):
         raise AnnotationError(f"{path}: feature {i} has coordinates that are not finite numbers (NaN or "

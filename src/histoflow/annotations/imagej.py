@@ -24,7 +24,7 @@ import zipfile
 import numpy as np
 
 from ..utils import atomic_output
-from .polygon import AnnotationError, Polygon, class_colors, color_triple, objects_of
+from .polygon import AnnotationError, Polygon, class_colors, color_triple, measurement_values, objects_of
 
 __all__ = ["read_imagej_rois", "write_imagej_rois"]
 
@@ -225,7 +225,7 @@ def write_imagej_rois(polygons, path) -> str:
     with atomic_output(path, ".zip") as tmp, zipfile.ZipFile(tmp, "w") as z:  # ROI by ROI, as roifile writes them
         used: set = set()
         for i, parts in enumerate(objects_of(polygons)):  # the parts of a multi-part object become one ROI
-            name, roi = _roi(rf, parts, i, used, colors)
+            name, roi = _roi(rf, parts, i, used, colors, path)
             z.writestr(name + ".roi", roi.tobytes())
     return path
 
@@ -233,7 +233,7 @@ def write_imagej_rois(polygons, path) -> str:
 _ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
 
 
-def _roi(rf, parts, i, used, colors):
+def _roi(rf, parts, i, used, colors, path=""):
     """One object (its parts) as an ImageJ ROI and its unique entry name (``used`` holds the names taken)."""
     p = parts[0]
     if len(parts) == 1 and not p.holes:
@@ -249,7 +249,7 @@ def _roi(rf, parts, i, used, colors):
         name = f"{base[:190]}-{k}"
     used.add(name.lower())
     props = {"class": p.classification, "objectType": p.object_type, "uid": p.uid,
-             "measurements": json.dumps({str(k): float(v) for k, v in p.measurements.items()})
+             "measurements": json.dumps(measurement_values(p, path))
              if p.measurements else None}
     text = "".join(f"{k}: {' '.join(str(v).split())}\n" for k, v in props.items() if v)
     # roifile records the name's and properties' lengths in characters but stores UTF-16, where a character past
