@@ -294,6 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=_positive_int, help="local dask cluster with N workers (default: in-process)")
     _slide_mpp_option(s, "the slide's own µm/px, when the file does not say (default: assume "
                          "0.5 µm/px, with a warning) or is wrong")
+    s.add_argument("--slide-type", help="HE, IHC, IF, CODEX, Vectra, MIBI (default: from the file; e.g. IF for a "
+                                        "fluorescence image saved as RGB)")
     s.add_argument("--png", help="picture of the cell outlines over the slide, at most 2048 px "
                                  "(default: OUTPUT with .png; 'none' for no picture)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run from the tiles it wrote")
@@ -981,7 +983,7 @@ def cmd_quantify(args):
     _check_outputs([args.slide], {"cell table": out, "h5path": store, "picture": png}, overwrite=args.overwrite,
                    resume=args.resume, store=store)
     _check_formats(args.png)
-    with _slide_data(args.slide, args.slide_mpp) as slide:
+    with _slide_data(args.slide, args.slide_mpp, slide_type=args.slide_type) as slide:
         if slide.mpp is None:  # the segmentation assumes one: said, and recorded in the cell table as used
             from .transforms.multiplex import DEFAULT_MPP
 

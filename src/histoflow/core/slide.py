@@ -54,6 +54,16 @@ class SlideMask:
         return out.astype(bool) if self.is_bool else out
 
 
+def _rgb_names(slide_type, channels):
+    """Channel names of tiles that lost the slide's: R, G, B for brightfield RGB, else unknown (None); three
+    fluorescence channels (collapsed runs) are not red, green and blue."""
+    try:
+        brightfield = SlideType.get(slide_type).brightfield if slide_type else False
+    except ParameterError:
+        brightfield = False
+    return ["R", "G", "B"] if channels == 3 and brightfield else None
+
+
 def default_slide_name(path) -> str:
     """A slide's default name (its outputs' file names): its file's name without the extension, or its folder's
     name. "." and "dir/." name the folder; a folder keeps its whole name, and so does a file whose last dotted
@@ -406,7 +416,7 @@ class SlideData:
         }
 
     def write(self, path, tiles: Iterable[Tile] | None = None, *, compression="gzip", compression_level=2,
-              progress=False, total=None, provenance: dict | None = None) -> str:
+              progress=False, total=None, provenance: dict | None = None, channel_names=None) -> str:
         """Write an h5path file (atomically: a temporary name, then a rename).
 
         Parameters
@@ -423,6 +433,9 @@ class SlideData:
             Show a progress bar.
         total : int, optional
             Number of tiles, for the progress bar's ETA.
+        channel_names : list of str, optional
+            Names of the tiles' channels, when a transform gave them other channels than the slide's (by
+            default the slide's when the tiles keep their count; R, G, B for brightfield RGB tiles; else none).
         """
         from ..errors import H5PathError
         from ..store import H5PathWriter, encode_tile
@@ -452,9 +465,15 @@ class SlideData:
                 meta["slide_type"] = kind  # tiles): its kind and dtype, as a slide run records them (the store
                 meta["dtype"] = np.asarray(first.image).dtype.name  # said Vectra, its tiles read back so)
                 if names is not None:
-                    meta["channel_names"] = ["R", "G", "B"] if c == 3 else None
+                    meta["channel_names"] = _rgb_names(kind, c)
             elif names is not None and len(names) != c:
-                meta["channel_names"] = ["R", "G", "B"] if c == 3 else None  # as a slide run does
+                meta["channel_names"] = _rgb_names(kind or meta.get("slide_type"), c)
+            if channel_names is not None:
+                channel_names = [str(n) for n in channel_names]
+                if len(channel_names) != c:
+                    raise ParameterError(f"{os.fspath(path)}: {len(channel_names)} channel_names for tiles of {c} "
+                                         "channel(s)")
+                meta["channel_names"] = channel_names
         with H5PathWriter(path, slide=meta, compression=compression,
                           compression_level=compression_level) as w:
             for name, m in self.masks.items():

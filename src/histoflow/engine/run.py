@@ -507,9 +507,11 @@ def _slide_metadata(job, first_batch) -> dict:
         names = job.pipeline.channel_names_out(list(names))
         meta["channel_names"] = names
     first = next((enc for _, enc in first_batch.tiles), None)
-    if first is not None and names is not None and len(names) != first.image.shape[2]:
-        meta["channel_names"] = ["R", "G", "B"] if first.image.shape[2] == 3 else None
     kind = job.pipeline.slide_type_out if job.pipeline is not None else None
+    if first is not None and names is not None and len(names) != first.image.shape[2]:
+        from ..core.slide import _rgb_names
+
+        meta["channel_names"] = _rgb_names(kind or meta.get("slide_type"), first.image.shape[2])
     if kind:
         meta["slide_type"] = kind
         if first is not None:

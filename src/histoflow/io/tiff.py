@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +225,7 @@ class TiffReader(SlideReader):
         self.channel_names = self._channel_names(planes0, desc)
         self._native_mpp = self._find_mpp(desc, kp)
         self._associated = self._find_associated()
+        self._note_left_out_series(series)
         self.properties = {"tiff.pages": len(tf.pages), "tiff.compression": kp.compression.name
                            if hasattr(kp.compression, "name") else int(kp.compression)}
 
@@ -301,6 +303,8 @@ class TiffReader(SlideReader):
             keep = set(int(np.ravel_multi_index(t, shape)) for t in np.array(np.meshgrid(*idx, indexing="ij")).reshape(len(shape), -1).T)
             pages = [p for i, p in enumerate(pages) if i in keep]
             starts = [o for i, o in enumerate(starts) if i in keep]
+            if not self._levels_planes:  # level 0's: which of the stack's planes the channels are (their labels)
+                self._plane_indices0 = sorted(keep)
         missing = [i for i, p in enumerate(pages) if p is None]
         if missing:  # an OME-XML plane whose file is not there (tifffile leaves None): its channel cannot be read
             raise SlideReadError(f"{len(missing)} of the image's {len(pages)} channel planes are missing (channel "
@@ -369,6 +373,9 @@ class TiffReader(SlideReader):
             labels = tf.imagej_metadata.get("Labels")
             if isinstance(labels, (list, tuple)):
                 names = [str(v) for v in labels]
+                kept = getattr(self, "_plane_indices0", None)
+                if len(names) != n and kept and len(kept) == n and max(kept) < len(names):
+                    names = [names[i] for i in kept]  # one label a plane (Z or T beside C): the channels' own
         if not names or len(names) != n or not all(names):
             pagenames = []
             for p in planes:
@@ -426,6 +433,34 @@ class TiffReader(SlideReader):
             except (ValueError, KeyError, TypeError):
                 pass
         return _resolution_mpp(self._full_page(page), tf)
+
+    def _note_left_out_series(self, series):
+        """A warning for the images of the slide's size that follow the first and are not read (pages written
+        one by one, which tifffile lists as series of their own; an OME-TIFF of one Image per channel or per field
+        of view): the slide was read as the first image's channels alone, silently."""
+        used = {p.index for planes in self._levels_planes for p in planes}
+        w, h = self.levels[0].width, self.levels[0].height
+        names = []
+        for s in series[1:]:
+            pages = [p for p in s.pages if p is not None]
+            if not pages or any(p.index in used for p in pages):
+                continue
+            if (s.sizes.get("width"), s.sizes.get("height")) != (w, h):
+                continue
+            name = (s.name or "").strip()
+            if any(k in name.lower() for k in ("thumbnail", "label", "macro", "overview")):
+                continue
+            if not name and pages[0].tags.get(285) is not None:  # PageName
+                name = str(pages[0].tags[285].value).strip()
+            names.append(name or f"series {s.index}")
+        if names:
+            shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self.warnings.append(
+                f"{len(names)} more image(s) of the slide's size follow the first in the file and are not read "
+                f"({shown}): the slide is the first image's {len(self._levels_planes[0])} channel(s). If they are "
+                "more channels, write them as one multi-channel image (e.g. tifffile.imwrite(path, "
+                "np.stack(planes)) with axes CYX, or an OME-TIFF with one Image of C channels)")
+            warnings.warn(f"{self.path}: {self.warnings[-1]}", UserWarning, stacklevel=4)
 
     def _find_associated(self) -> dict:
         tf = self._tf
