@@ -82,3 +82,7 @@ class PipelineError(HistoflowError):
 class DatasetError(HistoflowError, ValueError):
     """A dataset cannot be built: a folder or file is missing or incomplete, or its contents are not what
     the dataset needs. Says what is expected where."""
+
+
+class NotFittedError(HistoflowError, RuntimeError):
+    """An object that learns from data (e.g. a ClusterGuide) was used before it was fitted."""

@@ -253,11 +253,29 @@ class RandomZoom(Augmentation):
         if (nh, nw) == (h, w):
             return image, masks
         img = _resize_image(image, nw, nh)
-        fill = _full_scale(image.dtype) if self.fill is None else self.fill
-        out = _crop_or_pad(img, h, w, oy, ox, fill)
-        new_masks = {k: _crop_or_pad(resize_mask(np.asarray(m), (nw, nh)), h, w, oy, ox, self.mask_fill)
-                     for k, m in masks.items()}
+        # white: the dtype's top as an integer (as a float, int64's rounded past it and wrapped to its minimum)
+        fill = (np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0) if self.fill is None else self.fill
+        out = _crop_or_pad(img, h, w, oy, ox, _fitting(fill, image.dtype, "fill", "the image"))
+        new_masks = {}
+        for k, m in masks.items():
+            m = resize_mask(np.asarray(m), (nw, nh))
+            new_masks[k] = _crop_or_pad(m, h, w, oy, ox, _fitting(self.mask_fill, m.dtype, "mask_fill", f"mask {k!r}"))
         return out, new_masks
+
+
+def _fitting(value, dtype, param, what):
+    """``value`` if ``dtype`` holds it, else an AugmentError naming it (numpy raised a bare OverflowError, and only
+    when a zoom-out was drawn: mid-epoch, in a worker)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "uib":
+        info = np.iinfo(dtype) if dtype.kind != "b" else None
+        ok = isinstance(value, (bool, int, np.integer, float, np.floating)) and float(value) == float(value) and \
+            float(value).is_integer() and (info is None and value in (0, 1) or
+                                           info is not None and info.min <= int(value) <= info.max)
+        if not ok:
+            raise AugmentError(f"RandomZoom: {param} {value!r} does not fit {what} of dtype {dtype}"
+                               + (f" ({info.min}..{info.max})" if info is not None else " (0 or 1)"))
+    return value
 
 
 def _resize_image(image, w, h):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ParameterError
+from ..errors import NotFittedError, ParameterError
 
 __all__ = ["ClusterGuide", "ClusterModule"]
 
@@ -131,7 +131,7 @@ class ClusterGuide:
 
     def _check_fitted(self) -> None:
         if self.kmeans_ is None:
-            raise RuntimeError("ClusterGuide is not fitted; call fit(features) first")
+            raise NotFittedError("ClusterGuide is not fitted; call fit(features) first")
 
     @property
     def n_components_(self) -> int:

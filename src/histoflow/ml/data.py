@@ -627,6 +627,8 @@ class WSIPatchDataset(_Epochs, Dataset):
         # paths, readers or SlideData objects (whose options, e.g. mpp=..., the workers' readers keep)
         self._sources = [_slide_source(s) for s in slides]
         self.slides = [src[0] for src in self._sources]
+        # a SlideData's own tissue mask chooses its patches (it was replaced by the automatic detection)
+        given_tissue = [getattr(s, "masks", {}).get("tissue") if hasattr(s, "masks") else None for s in slides]
         if not self.slides:
             raise DatasetError("WSIPatchDataset: no slides given")
         self._files_key = _files_key(self.slides)
@@ -654,6 +656,8 @@ class WSIPatchDataset(_Epochs, Dataset):
         for s, path in enumerate(self.slides):
             slide = _slide_of_source(self._sources[s])
             try:
+                if given_tissue[s] is not None:
+                    slide.add_mask("tissue", given_tissue[s].stored(), given_tissue[s].downsample)
                 grid = self._grid(slide, tissue_filter if coords is None else False, stride)
                 spec = grid.spec(0, 0)
                 self._geometry.append((spec.level, tuple(spec.read_size), tuple(spec.size)))
@@ -709,7 +713,13 @@ class WSIPatchDataset(_Epochs, Dataset):
             if tissue_filter is not False:
                 from ..engine import tissue_prepass
 
-                tissue_prepass(slide)
+                if "tissue" not in slide.masks:  # the slide's own, else the automatic detection (as runs do)
+                    if not slide.slide_type.brightfield:
+                        raise DatasetError(f"{slide.path}: patches of tissue are found by detecting H&E-like tissue; "
+                                           f"for a {slide.slide_type.name} slide give a SlideData with a slide mask "
+                                           "named 'tissue' (slide.add_mask), the patches (coords=...), or "
+                                           "tissue_filter=False for every patch")
+                    tissue_prepass(slide)
                 mask = "tissue"
                 cover = DEFAULT_TISSUE_FILTER if tissue_filter is None else float(tissue_filter)
             return slide.grid(self.patch_size, stride=stride, level=self.level, mpp=self.mpp, mask=mask,

@@ -554,8 +554,45 @@ def _tile_classification(cfg, resume=False):
     if card.get("training_data") is None:
         card["training_data"] = f"tiles of {', '.join(card['split']['train'])}, label {label!r}"
     torch.manual_seed(settings["seed"])
-    trainer = _trainer(cfg, _model(cfg), torch.nn.CrossEntropyLoss(), batch_loss=batch_loss)
+    model = _model(cfg)
+    _check_class_count(cfg, model, label, classes, train_sets + val_sets)
+    trainer = _trainer(cfg, model, torch.nn.CrossEntropyLoss(), batch_loss=batch_loss)
     return trainer, trainer.fit(train, val, resume=resume)
+
+
+def _check_class_count(cfg, model, label, classes, sets):
+    """The model gives an output per class, checked on one tile before any work: a class past its outputs failed
+    at the first batch, after ``--overwrite`` had cleared the earlier run's folder."""
+    if not sets or not len(sets[0]):
+        return
+    x = sets[0][0]["image"].unsqueeze(0)
+    was = model.training
+    model.eval()  # (batch-norm statistics untouched)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - any failure: the model cannot take the tiles
+        raise ConfigError(f"{cfg.get('_path')}: model {cfg['model'].get('name')!r} cannot take the tiles "
+                          f"{tuple(x.shape[1:])} ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise ConfigError(f"{cfg.get('_path')}: tile_classification needs a classifier giving (batch, classes); "
+                          f"model {cfg['model'].get('name')!r} gives {got}")
+    n = out.shape[1]
+    if classes is not None:
+        need, what = len(classes), f"{len(classes)} classes ({', '.join(map(str, classes[:5]))}" \
+            f"{', ...' if len(classes) > 5 else ''})"
+    else:
+        values = [int(v) for ds in sets for v in ds.label_column(label)]
+        lo, hi = min(values), max(values)
+        if lo < 0:
+            raise ConfigError(f"{cfg.get('_path')}: label {label!r} has class {lo}; classes are 0..k-1")
+        need, what = hi + 1, f"class {hi}"
+    if need > n:
+        raise ConfigError(f"{cfg.get('_path')}: label {label!r} has {what}, but the model gives {n} outputs "
+                          f"(classes 0..{n - 1}): set the model's number of classes (e.g. num_classes: {need})")
 
 
 def _label_classes(cfg, label, sets):

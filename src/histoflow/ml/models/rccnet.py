@@ -23,6 +23,7 @@ PyTorch reproduction; the placement of BatchNorm and Dropout is our reading of t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,11 +61,15 @@ class RCCNet(nn.Module):
     def __init__(self, num_classes: int = 4, in_channels: int = 3, input_size: int = 32,
                  dropout: float = 0.25, batch_norm: bool = True) -> None:
         super().__init__()
+        for name, v in (("input_size", input_size), ("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ParameterError(f"RCCNet: {name} must be a whole number, got {v!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.integer, np.floating)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ParameterError(f"RCCNet: dropout must be a number in [0, 1), got {dropout!r}")
         side = _spatial_after(int(input_size))
         if side < 1:
             raise ParameterError(f"RCCNet: input_size must be at least 10, got {input_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ParameterError(f"RCCNet: dropout must be in [0, 1), got {dropout}")
         if int(num_classes) < 1 or int(in_channels) < 1:
             raise ParameterError(f"RCCNet: num_classes and in_channels must be positive, got {num_classes} and "
                                  f"{in_channels}")
