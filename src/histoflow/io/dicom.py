@@ -403,6 +403,7 @@ class _FrameFile:
         if "ImageType" not in ds:
             self.notes.append("ImageType is missing")
         self._plane_path = None  # optical path of the frames read, when the frames name it (TILED_SPARSE)
+        self._guess_order = False  # frames of no stated organisation: their order found from their edges
         self._tile_frames = self._tile_to_frame(ds)
         names = _optical_path_names(ds)
         if self.samples == 3:
@@ -427,6 +428,49 @@ class _FrameFile:
         if len(self._frames) < self.n_frames:
             self.notes.append(f"file is truncated ({self._file_size} bytes): only {len(self._frames)} of "
                               f"{self.n_frames} frames are complete; reading the lost ones raises SlideReadError")
+        self._column_major = False
+        if self._guess_order:
+            self._column_major = self._frames_run_down_columns()
+            self.notes.append("DimensionOrganizationType is missing; frames taken " + (
+                "column by column (their edges meet so, not row by row as TILED_FULL would have them)"
+                if self._column_major else "as TILED_FULL (row by row)"))
+
+    def _frames_run_down_columns(self, sample: int = 8) -> bool:
+        """For frames whose order the file does not say: whether they run down the columns (as some converters
+        write them: PathML's small_dicom.dcm) rather than along the rows (TILED_FULL). Neighbouring frames of
+        a slide continue each other across their shared edge; the order under which the edges of a few inner
+        frames meet clearly better wins, rows when neither does (a blank slide)."""
+        across, down = self.tiles_across, self.tiles_down
+        inner = [(c, r) for r in range(down - 1) for c in range(across - 1)]
+        if not inner:
+            return False
+        picks = [inner[int(i)] for i in np.unique(np.linspace(0, len(inner) - 1, min(sample, len(inner))).round())]
+        cache: dict = {}
+
+        def frame(index):
+            if index not in cache:
+                try:
+                    data = b"".join(self._read_bytes(o, n, f"frame {index + 1}") for o, n in self._frames[index])
+                    cache[index] = self._decode(data).astype(np.float32)
+                except Exception:  # noqa: BLE001 - an unreadable frame: no evidence either way
+                    cache[index] = None
+            return cache[index]
+
+        score = {}
+        for name, index in (("rows", lambda c, r: r * across + c), ("columns", lambda c, r: c * down + r)):
+            steps = []
+            for c, r in picks:
+                if max(index(c + 1, r), index(c, r + 1)) >= len(self._frames):
+                    continue
+                t, right, below = frame(index(c, r)), frame(index(c + 1, r)), frame(index(c, r + 1))
+                if t is None or right is None or below is None:
+                    continue
+                steps.append(float(np.abs(t[:, -1] - right[:, 0]).mean()))
+                steps.append(float(np.abs(t[-1] - below[0]).mean()))
+            score[name] = float(np.median(steps)) if steps else None
+        if score["rows"] is None or score["columns"] is None:
+            return False
+        return score["columns"] < 0.5 * score["rows"] and score["rows"] > 2.0
 
     # .................................................................. metadata checks
     def _check_pixel_format(self, ds):
@@ -472,7 +516,9 @@ class _FrameFile:
             return self._sparse_tile_map(per_frame if positioned else None)
         if organisation not in ("TILED_FULL", ""):
             raise UnsupportedFormatError(f"{self.path}: DimensionOrganizationType {organisation} is not supported")
-        if not organisation:
+        self._guess_order = not organisation and self.n_frames == n_tiles and min(self.tiles_across,
+                                                                                   self.tiles_down) > 1
+        if not organisation and not self._guess_order:
             self.notes.append("DimensionOrganizationType is missing; frames taken as TILED_FULL (row by row)")
         if self.n_frames < n_tiles:
             raise SlideReadError(f"{self.path}: {self.n_frames} frames cannot tile a {self.width} x {self.height} "
@@ -643,7 +689,7 @@ class _FrameFile:
     def read_tile(self, column: int, row: int) -> np.ndarray | None:
         """The decoded frame at a tile grid position, ``(tile_height, tile_width, samples)``; None if absent."""
         if self._tile_frames is None:
-            index = row * self.tiles_across + column
+            index = column * self.tiles_down + row if self._column_major else row * self.tiles_across + column
         else:
             index = self._tile_frames.get((column, row))
             if index is None:
