@@ -511,3 +511,23 @@ def test_options_that_do_not_go_together_exit_2_as_usage_errors(tmp_path, capsys
         main(["info", SVS, "--backend", "openslid"])
     assert e.value.code == 2 and "invalid choice: 'openslid'" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["p.yaml"]
+
+
+def test_run_pictures_never_replace_an_input(tmp_path, monkeypatch):
+    """x.png's picture fell back to x_picture.png, another input slide: replaced by it under --overwrite."""
+    import hashlib
+
+    from PIL import Image
+
+    from histoflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.open(data_path("he_patches", "stardist_histo.jpg")).save("x.png")
+    Image.open(data_path("he_patches", "tiatoolbox_stain_target.png")).save("x_picture.png")
+    (tmp_path / "p.yaml").write_text("histoflow_pipeline: 1\nsteps:\n- BoxBlur: {kernel_size: 3}\n")
+    before = {p: hashlib.md5(open(p, "rb").read()).hexdigest() for p in ("x.png", "x_picture.png")}
+    for extra in ([], ["--overwrite"]):
+        assert main(["run", "p.yaml", "x.png", "x_picture.png", "-o", ".", "--executor", "inprocess",
+                     "--no-progress", "--slide-mpp", "0.5"] + extra) == 0
+    assert {p: hashlib.md5(open(p, "rb").read()).hexdigest() for p in before} == before
+    assert os.path.isfile("x_picture2.png") and os.path.isfile("x_picture_picture.png")

@@ -795,7 +795,7 @@ def cmd_run(args):
     slides = SlideDataset(made)
     outs = slides.output_paths(args.output)
     # each slide's picture, OUTDIR/<slide>.png, or <slide>_picture.png where that is one of the inputs
-    pngs = [None if args.png == "none" else _picture_path(None, p, avoid=args.slides) for p in outs]
+    pngs = [None if args.png == "none" else _picture_path(None, p, avoid=list(args.slides) + outs) for p in outs]
     if not args.overwrite and not args.resume:  # finished results are not replaced by mistake
         done = [p for p in outs + pngs if p and os.path.isfile(p)] + [p for _, p in _journals(outs)]
         if done:
@@ -1037,9 +1037,14 @@ def cmd_quantify(args):
     msg = (f"{out}: {cells.n_obs} cells x {cells.n_vars} channels ({', '.join(map(str, cells.var_names[:6]))}"
            f"{', ...' if cells.n_vars > 6 else ''}); tiles and masks in {store}")
     if png:
+        import numpy as np
+
         from .utils import outline_instances, save_png
 
         thumb, level0 = _picture_of(args.slide)
+        # dimmed, as the phenotype picture: the false colours reach the outlines' yellow (red + green, a yellow
+        # channel), which then told cell borders from marker signal no more
+        thumb = (thumb.astype(np.float32) * 0.7).astype(np.uint8)
         save_png(png, outline_instances(thumb, _labels_at(store, "cells", level0, thumb.shape[:2])))
         msg += f"; picture {png}"
     print(msg + f" ({time.perf_counter() - t0:.1f} s)")
@@ -1081,9 +1086,12 @@ def _picture_path(option, output, avoid=()):
         return None
     if option:
         return option
-    path = os.path.splitext(output)[0] + ".png"
-    if os.path.realpath(path) in {os.path.realpath(p) for p in avoid if p}:
-        path = os.path.splitext(output)[0] + "_picture.png"
+    taken = {os.path.realpath(p) for p in avoid if p}
+    base = os.path.splitext(output)[0]
+    path, k = base + ".png", 1
+    while os.path.realpath(path) in taken:  # (x_picture.png may be an input too: it was replaced)
+        path = base + ("_picture.png" if k == 1 else f"_picture{k}.png")
+        k += 1
     return path
 
 
