@@ -255,6 +255,8 @@ def _yaml_classes():
             cls = type(f"Histoflow{base.__name__}", (base,), extra)
             # a copy of every first-character list: adding to them in place would change PyYAML's own classes
             cls.yaml_implicit_resolvers = {k: list(v) for k, v in base.yaml_implicit_resolvers.items()}
+            if name == "dumper":  # YAML 1.1's numbers and the loader's 0o octal: quoted, "0o17" reads back as text
+                cls.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0o[0-7_]+$"), list("-+0"))
             if name == "loader":  # (the dumper keeps YAML 1.1's: it quotes "017", which other readers take as 15)
                 numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
                 cls.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in numbers]

@@ -135,3 +135,24 @@ def test_rasterize_agrees_with_pixel_centres_inside_the_outline():
         inside = shapely.contains(g, centres).reshape(41, 42)
         far = (shapely.distance(g.boundary, centres) > 1e-6).reshape(41, 42)
         assert np.array_equal(got[far], inside[far])
+
+
+def test_coordinates_past_int64_paint_nothing_wrong():
+    """Cast to int64, coordinates past its range wrapped round: a square far to the right painted 60 px of a
+    10 x 10 output, and a strip over every row none."""
+    far = Polygon([[1e19, 0], [2e19, 0], [2e19, 9], [1e19, 9]])
+    left = Polygon([[-2e19, 0], [-1e19, 0], [-1e19, 9], [-2e19, 9]])
+    strip = Polygon([[2, -1e19], [5, -1e19], [5, 1e19], [2, 1e19]])
+    assert rasterize([far], (10, 10)).sum() == 0 and rasterize([left], (10, 10)).sum() == 0
+    got = rasterize([strip], (10, 10))
+    assert got[:, 2:5].all() and got.sum() == 30
+    wide = Polygon([[-1e12, 2], [1e12, 2], [1e12, 5], [-1e12, 5]])
+    assert rasterize([wide], (10, 10)).sum() == 30
+
+
+def test_an_absurd_ellipse_region_is_bounded(tmp_path):
+    (tmp_path / "e.xml").write_text(
+        '<Annotations><Annotation Id="1"><Regions><Region Id="1" Type="2"><Vertices><Vertex X="100" Y="100"/>'
+        '<Vertex X="1e12" Y="1e12"/></Vertices></Region></Regions></Annotation></Annotations>')
+    p, = read_aperio_xml(tmp_path / "e.xml")
+    assert len(p.exterior) <= 100_000

@@ -148,3 +148,39 @@ def test_a_str_slide_types_is_one_type():
     Pipeline([Review5HEOnly()]).check("HE")
     with pytest.raises(PipelineError, match="accepts HE slides, not IF"):
         Pipeline([Review5HEOnly()]).check("IF")
+
+
+def test_one_valued_masks_are_masks_and_segmentations_clash_only_with_their_own_names(tmp_path, dark_model):
+    """A 0/255 mask is 255 throughout a tile inside the region: taken for labels, the run stopped; and
+    SemanticSegmentation(mask_name="tumour") was refused for the slide's own "tumour_bed"."""
+    from histoflow.ml.transforms import SemanticSegmentation
+
+    tile = Tile(np.zeros((32, 32, 3), np.uint8), (0, 0))
+    for value in (255, 0, 1):
+        tile.masks["m"] = np.full((32, 32), value, np.uint8)
+        MorphOpen("m", 3).apply(tile)
+        ForegroundDetection("m", 10).apply(tile)
+    tile.masks["m"] = np.full((32, 32), 7, np.uint8)
+    tile.masks["m"][0, 0] = 3  # two values, neither 0: labels
+    with pytest.raises(MaskError):
+        MorphOpen("m", 3).apply(tile)
+    with SlideData(SVS) as s:
+        w, h = s.dimensions
+        s.add_mask("tumour_bed", np.full((h // 16, w // 16), 255, np.uint8), 16)
+        out = s.run(Pipeline([MorphOpen("tumour_bed", 3), SemanticSegmentation(dark_model, mask_name="tumour")],
+                             inputs=["tumour_bed"]),
+                    str(tmp_path / "t.h5path"), tile_size=1024, executor="inprocess", progress=False)
+        with pytest.raises(PipelineError, match="already has 'tumour_bed'"):
+            s.run(SemanticSegmentation(dark_model, mask_name="tumour_bed"), str(tmp_path / "u.h5path"),
+                  tile_size=1024, executor="inprocess", progress=False)
+    with read_h5path(out) as h5:
+        assert {"tumour", "tumour_bed", "tumour_prob_0", "tumour_prob_1"} <= set(h5.masks)
+
+
+def test_saved_pipelines_load_back_whatever_their_strings():
+    from histoflow.utils import yaml_dump, yaml_load
+
+    for text in ("0o17", "017", "1:30", "1e3", "0x1F", "1_000", ".inf"):
+        assert yaml_load(yaml_dump({"a": text})) == {"a": text}
+        p = Pipeline([MorphOpen(mask_name=text)], inputs=[text])
+        assert Pipeline.from_yaml(p.to_yaml()) == p

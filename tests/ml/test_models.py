@@ -637,7 +637,7 @@ def test_infinite_sizes_damaged_weights_and_deep_cards_are_model_errors(tmp_path
     dict with a non-string key, a card nested too deep for the JSON reader."""
     for name, kwargs, match in (("mobilenet_v2", {"width_mult": float("inf")}, "MobileNetV2: width_mult, .* must be "
                                  "positive finite numbers, got inf"),
-                                ("rccnet", {"input_size": float("inf")}, "rccnet: cannot be made with")):
+                                ("rccnet", {"input_size": float("inf")}, "RCCNet: input_size must be a whole number, got inf")):
         with pytest.raises(ParameterError, match=match):
             models.create(name, **kwargs)
     m = models.create("rccnet", num_classes=2)

@@ -183,7 +183,8 @@ def _ellipse(corners):
     """An ellipse region as a polygon with about one vertex per boundary pixel (64 vertices lost up to 2.4 px of
     a 4000 x 2000 px ellipse's edge)."""
     (x0, y0), (x1, y1) = corners
-    n = max(64, int(np.ceil(np.pi * (abs(x1 - x0) + abs(y1 - y0)) / 2)) + 1)
+    # (at most 100,000: an ellipse of absurd corners asked for terabytes)
+    n = int(min(100_000, max(64, np.ceil(np.pi * (abs(x1 - x0) + abs(y1 - y0)) / 2) + 1)))
     t = np.linspace(0, 2 * np.pi, n, endpoint=False)
     return np.column_stack([(x0 + x1) / 2 + abs(x1 - x0) / 2 * np.cos(t), (y0 + y1) / 2 + abs(y1 - y0) / 2 * np.sin(t)])
 

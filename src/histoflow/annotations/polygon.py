@@ -282,6 +282,8 @@ def _fill(rows, cols, h, w):
     150 s by testing every pixel against every edge)."""
     rows = np.asarray(rows, np.float64)
     cols = np.asarray(cols, np.float64)
+    if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
+        return None
     y0, y1 = rows, np.roll(rows, -1)
     x0, x1 = cols, np.roll(cols, -1)
     down = y0 > y1  # each edge from its upper end: an edge two polygons share gives both the same crossings
@@ -289,8 +291,10 @@ def _fill(rows, cols, h, w):
     x0, x1 = np.where(down, x1, x0), np.where(down, x0, x1)
     # an edge crosses row r when one end is above it and the other not: r in [min, max), half-open, so a row
     # through a vertex counts the vertex once
-    start = np.maximum(np.ceil(np.minimum(y0, y1)).astype(np.int64), 0)
-    stop = np.minimum(np.ceil(np.maximum(y0, y1)).astype(np.int64), h)
+    # (values are clipped to just outside the output before a cast: past int64 they wrapped round, and a square
+    # far to the right painted 60 px of a 10 x 10 output)
+    start = np.maximum(np.ceil(np.clip(np.minimum(y0, y1), -1, h)).astype(np.int64), 0)
+    stop = np.minimum(np.ceil(np.clip(np.maximum(y0, y1), -1, h)).astype(np.int64), h)
     n = np.maximum(stop - start, 0)
     edges = np.nonzero(n)[0]
     if not len(edges):
@@ -303,8 +307,8 @@ def _fill(rows, cols, h, w):
     r, x = r[order], x[order]
     r, a, b = r[0::2], x[0::2], x[1::2]  # every row holds an even number of crossings
     # the points a <= c < b: one on an edge belongs to the polygon on its right, and (rows above) below it
-    c0 = np.maximum(np.ceil(a).astype(np.int64), 0)
-    c1 = np.minimum(np.ceil(b).astype(np.int64) - 1, w - 1)
+    c0 = np.maximum(np.ceil(np.clip(a, -1, w)).astype(np.int64), 0)
+    c1 = np.minimum(np.ceil(np.clip(b, -1, w)).astype(np.int64) - 1, w - 1)
     ok = c0 <= c1
     if not ok.any():
         return None

@@ -321,7 +321,7 @@ def _check_slide_mask_names(slide, pipeline, tiling):
     store refused it after the last tile, and a resume could never finish)."""
     for step in pipeline._all_steps():
         for prefix in step.slide_mask_prefixes:
-            have = sorted(m for m in slide.masks if m.startswith(prefix))
+            have = sorted(m for m in slide.masks if m.startswith(prefix) and step.makes_slide_mask(m))
             if have:
                 whence = "made by tissue_filter" if have[0] == TISSUE_MASK and tiling["tissue_filter"] is not None \
                     else "the slide's own"

@@ -857,6 +857,9 @@ class SemanticSegmentation(_ReducingModelTransform):
     def slide_mask_prefixes(self):  # <mask_name> and <mask_name>_prob_<class>
         return (self.mask_name,)
 
+    def makes_slide_mask(self, name):  # (not "tumour_bed" for mask_name "tumour")
+        return name == self.mask_name or name.startswith(f"{self.mask_name}_prob_")
+
     def F(self, image):
         """Class probabilities ``(C, H, W)`` of one image (padded to the model's divisor and cropped back)."""
         _need_pixels(image, type(self).__name__)

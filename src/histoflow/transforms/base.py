@@ -222,6 +222,11 @@ class Transform:
         slide-level heatmap. Only called when :attr:`reduces` is true. The engine passes the tile's masks,
         labels and cells but not its pixels (``tile.image`` is an empty ``(h, w, 0)`` array)."""
 
+    def makes_slide_mask(self, name: str) -> bool:
+        """Whether :meth:`slide_masks` may make a slide mask of this name (by default: one starting with a
+        :attr:`slide_mask_prefixes` entry)."""
+        return any(name.startswith(p) for p in self.slide_mask_prefixes)
+
     def slide_masks(self) -> dict:
         """Slide-level masks made from the collected tiles: ``{name: (array, downsample)}``, stored in
         the slide's h5path when the run ends. Only called when :attr:`reduces` is true."""

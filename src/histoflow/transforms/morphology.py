@@ -292,7 +292,7 @@ def _refuse_labels(who, name, mask):
     if not top > 1:
         return
     values = np.unique(m)
-    if len(values) > 2 or values[0] != 0:  # 0/1 and 0/255 masks are masks
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0):  # 0/1 and 0/255 masks (or one value) are masks
         raise MaskError(f"{who}: mask {name!r} holds {len(values)} values up to {top} (instance or class labels?); "
                         f"{who} works on 0/1 masks and would turn it into one: threshold it first, or apply "
                         "it to a 0/1 mask")
