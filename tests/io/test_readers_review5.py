@@ -94,3 +94,88 @@ def test_quantify_takes_a_slide_type(tmp_path, capsys):
 
     a = anndata.read_h5ad(tmp_path / "c.h5ad")
     assert a.n_obs > 20 and list(a.var_names) == ["R", "G", "B"]
+
+
+def test_unnamed_pages_left_out_are_numbered(tmp_path, planes):
+    path = tmp_path / "plain.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for p in planes:
+            tw.write(p, photometric="minisblack")
+    with pytest.warns(UserWarning, match=r"\('series 1', 'series 2', 'series 3'\)"):
+        open_slide(path).close()
+
+
+SVS_PATH = data_path("wsi", "aperio_svs", "CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="module")
+def he():
+    return tifffile.imread(SVS_PATH, key=0)[600:1300, 400:1300]
+
+
+def test_an_ome_tiff_whose_first_image_is_the_macro_opens_its_pyramid(tmp_path, he):
+    """Bio-Formats puts a converted slide's macro first (a Leica SCN's overview): the 150 px macro was opened as a
+    one-level slide at 3 µm/px, and the pyramid ignored."""
+    p = tmp_path / "macro_first.ome.tif"
+    with tifffile.TiffWriter(p) as tw:
+        tw.write(he[::6, ::6].copy(), photometric="rgb", metadata={"Name": "macro", "PhysicalSizeX": 3.0,
+                                                                   "PhysicalSizeY": 3.0})
+        tw.write(he, photometric="rgb", tile=(256, 256), subifds=1, metadata={
+            "Name": "Image0", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        tw.write(he[::2, ::2], photometric="rgb", tile=(256, 256), subfiletype=1)
+    with open_slide(p) as r:
+        assert r.dimensions == (900, 700) and len(r.levels) == 2 and r.mpp == (0.5, 0.5)
+        assert "macro" in r.associated_images and r.associated_images["macro"].shape[:2] == (117, 150)
+        assert any("first image is its 'macro'" in w for w in r.warnings)
+        np.testing.assert_array_equal(r.read_region((100, 50), 0, (300, 200)), he[50:250, 100:400])
+
+
+def test_cmyk_tiffs_read_as_rgb(tmp_path, he):
+    """A CMYK TIFF read as four ink channels (fluorescence, 0 fill); Pillow and OpenSlide read it as RGB."""
+    from PIL import Image
+
+    cmyk = np.asarray(Image.fromarray(he).convert("CMYK"))
+    p = tmp_path / "cmyk.tif"
+    tifffile.imwrite(p, cmyk, photometric="separated", tile=(256, 256), compression="zlib")
+    with open_slide(p) as r:
+        assert r.brightfield and r.channels == 3 and r.channel_names == ["R", "G", "B"]
+        np.testing.assert_array_equal(r.read_region((0, 0), 0, (900, 700)), np.asarray(Image.open(p).convert("RGB")))
+    tifffile.imwrite(tmp_path / "cmyk16.tif", cmyk.astype(np.uint16), photometric="separated")
+    with pytest.raises(Exception, match=r"cmyk16.tif: .*CMYK.*not supported"):
+        open_slide(tmp_path / "cmyk16.tif")
+
+
+def test_a_one_strip_compressed_image_is_decoded_once(tmp_path, he, monkeypatch):
+    """Every read decoded the whole strip again: a 256 px thumbnail of a 4000 x 4000 one decoded it 12 times."""
+    import histoflow.io.tiff as T
+
+    p = tmp_path / "onestrip.tif"
+    big = np.tile(he, (3, 3, 1))[:2000, :2000]
+    tifffile.imwrite(p, big, photometric="rgb", compression="zlib", rowsperstrip=2000)
+    calls = []
+    original = T.TiffReader._decode_one
+    monkeypatch.setattr(T.TiffReader, "_decode_one", lambda self, *a: calls.append(a[2]) or original(self, *a))
+    with open_slide(p) as r:
+        thumb = r.thumbnail(256)
+        a = r.read_region((10, 10), 0, (16, 16))
+        a[:] = 0  # the region handed out is the caller's: the kept strip is not changed
+        np.testing.assert_array_equal(r.read_region((10, 10), 0, (16, 16)), big[10:26, 10:26])
+    assert len(calls) == 1 and thumb.shape[:2] == (256, 256)
+
+
+def test_thumbnails_stay_within_the_readers_region_bound():
+    """A 64 px thumbnail with max_region_bytes=2 MiB was refused: its 4 MiB strips were over the bound."""
+    with open_slide(SVS_PATH, max_region_bytes=2 * 1024**2) as r:
+        assert r.thumbnail(64).shape[:2] == (64, 48)
+
+
+def test_a_damaged_tag_value_is_named(monkeypatch):
+    import histoflow.io.tiff as T
+    from histoflow.errors import SlideReadError
+
+    def broken(*a, **k):
+        raise TypeError("int() argument must be a string, a bytes-like object or a real number, not 'tuple'")
+
+    monkeypatch.setattr(T._Plane, "from_page", broken)
+    with pytest.raises(SlideReadError, match=r"pathml_smalltif.tif: damaged TIFF tags on level 0 \(TypeError"):
+        open_slide(data_path("fluorescence", "pathml_smalltif.tif"))

@@ -495,7 +495,8 @@ def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: in
     # rows of the output covered by each strip: keep a strip under ~4 MiB (its float64 row sums take up to
     # 8x that, divided by the column downsample)
     row_bytes = lv.width * c * reader.dtype.itemsize
-    rows_per_strip = max(1, int((4 * 1024**2) // max(row_bytes * max(fy, 1), 1)))
+    # (and within the reader's bound: a 64 px thumbnail with max_region_bytes=2 MiB was refused)
+    rows_per_strip = max(1, int(min(4 * 1024**2, reader.max_region_bytes) // max(row_bytes * max(fy, 1), 1)))
     ds = lv.downsample
     for oy0 in range(0, th, rows_per_strip):
         oy1 = min(th, oy0 + rows_per_strip)

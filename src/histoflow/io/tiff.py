@@ -30,6 +30,8 @@ _CHANNEL_AXES = "CIQ"  # tifffile axes that hold channels (I: a plain multi-page
 #: uncompressed strips whose rows lie end to end are read this many bytes at a time (a few rows), not whole:
 #: ImageJ writes a plane as one strip, so a 16 px region of a 30k x 30k uint16 image decoded 1.8 GB a channel
 _RAW_STRIP_BYTES = 1 << 20
+#: compressed strips decoding to more than this are kept once decoded, for the reads that follow
+_BIG_STRIP = 4 << 20
 
 
 @dataclass
@@ -58,6 +60,7 @@ class _Plane:
     raw: np.dtype | None = None  # uncompressed rows read straight from the file in this dtype (file byte order)
     raw_samples: int = 0  # ... with this many samples per pixel in each strip
     ycbcr: bool = False  # YCbCr stored without JPEG (whose decoder converts): converted to RGB after decoding
+    cmyk: bool = False  # 8-bit CMYK: converted to RGB after decoding (R = 255 - min(255, C + K), as Pillow)
 
     @classmethod
     def from_page(cls, page, keep_samples: int | None = None, colormap: np.ndarray | None = None,
@@ -113,6 +116,12 @@ class _Plane:
         elif data_offset is not None:
             raise UnsupportedFormatError(f"page {page.index}: an ImageJ stack whose planes have no pages of "
                                          "their own must be uncompressed")
+        cmyk = int(key.photometric) == 5
+        if cmyk and (key.dtype != np.uint8 or samples < 4 or separate > 1 or int(getattr(key, "inkset", 1) or 1) != 1):
+            raise UnsupportedFormatError(f"page {page.index}: separated (CMYK) pixels other than 8-bit contiguous "
+                                         f"CMYK ({key.dtype}, {samples} inks) are not supported")
+        if cmyk:
+            samples = keep = 3
         ycbcr = int(key.photometric) == 6 and int(key.compression) not in (6, 7) and colormap is None
         if ycbcr and (tuple(getattr(key, "subsampling", None) or (1, 1)) != (1, 1) or key.dtype != np.uint8
                       or separate > 1):
@@ -130,7 +139,7 @@ class _Plane:
                    tiles_down=down, offsets=offsets, counts=counts, jpegtables=key.jpegtables,
                    jpegheader=getattr(key, "jpegheader", None), tiled=bool(key.is_tiled), keep=keep, alpha=alpha,
                    colormap=colormap, invert=int(key.photometric) == 0 and colormap is None, raw=raw,
-                   raw_samples=contig, ycbcr=ycbcr)
+                   raw_samples=contig, ycbcr=ycbcr, cmyk=cmyk)
 
     def data_end(self) -> int:
         # in uint64: offset + count of a damaged entry near 2**63 would wrap around in int64 and pass as small
@@ -189,11 +198,18 @@ class TiffReader(SlideReader):
 
         self._levels_planes = []
         level0 = None
+        self._main = _main_series(series) if not (tf.is_svs or tf.is_qpi) else 0
+        if self._main:
+            self.warnings.append(f"the file's first image is its {(series[0].name or '').strip()!r}; the slide is "
+                                 f"image {self._main} ({(series[self._main].name or '').strip() or 'unnamed'})")
+        series = series[self._main:] + series[:self._main]  # the slide's image first; the rest as they were
         for i, lvl in enumerate(self._pyramid(series)):
             try:
                 planes = self._planes_of(lvl)
             except (UnsupportedFormatError, SlideReadError) as e:
                 raise type(e)(f"{path}: {e}") from None
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:  # a damaged tag's value
+                raise SlideReadError(f"{path}: damaged TIFF tags on level {i} ({type(e).__name__}: {e})") from None
             w, h = planes[0].width, planes[0].height
             if any(p.width != w or p.height != h for p in planes):
                 raise SlideReadError(f"{path}: level {i} has planes of different sizes")
@@ -220,7 +236,7 @@ class TiffReader(SlideReader):
         # palette indices become 8-bit RGB; 1-bit pages 0 / 255 (uint8)
         self.dtype = np.dtype(np.uint8 if palette or kp.dtype == bool else kp.dtype)
         photometric = int(kp.photometric)
-        self.brightfield = (len(planes0) == 1 and (photometric in _RGB_PHOTOMETRIC or palette)
+        self.brightfield = (len(planes0) == 1 and (photometric in _RGB_PHOTOMETRIC or palette or planes0[0].cmyk)
                             and planes0[0].samples == 3)
         self.channel_names = self._channel_names(planes0, desc)
         self._native_mpp = self._find_mpp(desc, kp)
@@ -368,7 +384,7 @@ class TiffReader(SlideReader):
                 names.append(m.group(1).strip() if m else "")
         elif tf.is_ome:  # the channels of the first <Image> (series 0, the one read), not of every image
             names = [html_unescape(m) for m in re.findall(r"<(?:\w+:)?Channel [^>]*?Name=\"([^\"]*)\"",
-                                                         _first_ome_image(desc))]
+                                                         _ome_image(desc, self._main))]
         elif tf.is_imagej and tf.imagej_metadata:
             labels = tf.imagej_metadata.get("Labels")
             if isinstance(labels, (list, tuple)):
@@ -403,7 +419,7 @@ class TiffReader(SlideReader):
             mag = re.search(r"NominalMagnification=\"([0-9.]+)\"", desc)
             if mag:
                 self.objective_power = float(mag.group(1))
-            m = re.search(r"<(?:\w+:)?Pixels [^>]*>", desc)
+            m = re.search(r"<(?:\w+:)?Pixels [^>]*>", _ome_image(desc, self._main))
             if m:
                 tag = m.group(0)
                 try:
@@ -441,7 +457,7 @@ class TiffReader(SlideReader):
         used = {p.index for planes in self._levels_planes for p in planes}
         w, h = self.levels[0].width, self.levels[0].height
         names = []
-        for s in series[1:]:
+        for number, s in enumerate(series[1:], start=1):
             pages = [p for p in s.pages if p is not None]
             if not pages or any(p.index in used for p in pages):
                 continue
@@ -452,7 +468,7 @@ class TiffReader(SlideReader):
                 continue
             if not name and pages[0].tags.get(285) is not None:  # PageName
                 name = str(pages[0].tags[285].value).strip()
-            names.append(name or f"series {s.index}")
+            names.append(name or f"series {number}")
         if names:
             shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             self.warnings.append(
@@ -466,7 +482,7 @@ class TiffReader(SlideReader):
         tf = self._tf
         out = {}
         used = {p.index for planes in self._levels_planes for p in planes}
-        for s in tf.series[1:]:
+        for s in tf.series:  # (the slide's own pages are used: a macro stored first is one of these)
             if any(p is not None and p.index in used for p in s.pages):
                 continue
             name = (s.name or "").strip().lower()
@@ -535,7 +551,8 @@ class TiffReader(SlideReader):
             # the region lies in one tile: decode it and return a view (the common aligned case)
             tile = self._decode(level, pl, row0 * pl.tiles_across + col0, col0, row0)
             ox, oy = x - col0 * tw, y - row0 * th
-            return tile[oy:oy + h, ox:ox + w, :pl.keep]
+            view = tile[oy:oy + h, ox:ox + w, :pl.keep]
+            return view if view.flags.writeable else view.copy()  # (a kept strip is never handed out)
         if out is None:
             out = np.empty((h, w, pl.samples), self.dtype)
             c0 = 0
@@ -564,6 +581,18 @@ class TiffReader(SlideReader):
         return out
 
     def _decode(self, level, pl: _Plane, index, col, row) -> np.ndarray:
+        big = not pl.tiled and pl.raw is None and pl.tile_w * pl.tile_h * pl.samples * self.dtype.itemsize > _BIG_STRIP
+        if big:  # the last large strip decoded is kept (read-only) for the reads that follow
+            kept = self.__dict__.get("_strip_kept")
+            if kept is not None and kept[0] == (level, pl.index, index):
+                return kept[1]
+        tile = self._decode_one(level, pl, index, col, row)
+        if big:
+            tile.setflags(write=False)
+            self.__dict__["_strip_kept"] = ((level, pl.index, index), tile)
+        return tile
+
+    def _decode_one(self, level, pl: _Plane, index, col, row) -> np.ndarray:
         offset, count = int(pl.offsets[index]), int(pl.counts[index])
         kind = "tile" if pl.tiled else "strip"
         if count == 0:  # sparse TIFF: tile never written
@@ -588,6 +617,9 @@ class TiffReader(SlideReader):
             seg = seg[0]
         if pl.colormap is not None:
             return np.take(pl.colormap, seg[..., 0], axis=0, mode="clip")  # clip: a damaged index
+        if pl.cmyk:
+            ink = seg[..., :3].astype(np.int16) + seg[..., 3:4]
+            return (255 - np.minimum(ink, 255)).astype(np.uint8)
         if pl.ycbcr:  # ITU-R BT.601, full range (TIFF's default coefficients and reference levels), as Pillow
             import cv2
 
@@ -668,11 +700,25 @@ _IMAGEJ_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "micromet
                  "inches": 25400.0, "in": 25400.0}  # lower case
 
 
-def _first_ome_image(xml: str) -> str:
-    """The first ``<Image>`` element of an OME-XML text, or the whole text when it has none. An OME-TIFF may
-    describe several images (series); their channel names must not be mixed."""
-    m = re.search(r"<(?:\w+:)?Image\b.*?</(?:\w+:)?Image>", xml, re.S)
-    return m.group(0) if m else xml
+def _ome_image(xml: str, index: int = 0) -> str:
+    """The ``index``-th ``<Image>`` element of an OME-XML text (the slide's: see :func:`_main_series`), or the whole
+    text when it has none. An OME-TIFF may describe several images (series); their channel names must not be
+    mixed."""
+    found = re.findall(r"<(?:\w+:)?Image\b.*?</(?:\w+:)?Image>", xml, re.S)
+    return found[index] if index < len(found) else (found[0] if found else xml)
+
+
+_ASSOCIATED_NAMES = ("thumbnail", "label", "macro", "overview")
+
+
+def _main_series(series) -> int:
+    """The series that is the slide: the first not named as a label, macro, overview or thumbnail image (a
+    converter may put the macro photograph first: it was opened as the slide, and the pyramid ignored)."""
+    for i, s in enumerate(series):
+        name = (s.name or "").strip().lower()
+        if not any(k in name for k in _ASSOCIATED_NAMES) and any(p is not None for p in s.pages):
+            return i
+    return 0
 
 
 def _ome_size(tag: str, axis: str):
