@@ -179,3 +179,26 @@ def test_a_damaged_tag_value_is_named(monkeypatch):
     monkeypatch.setattr(T._Plane, "from_page", broken)
     with pytest.raises(SlideReadError, match=r"pathml_smalltif.tif: damaged TIFF tags on level 0 \(TypeError"):
         open_slide(data_path("fluorescence", "pathml_smalltif.tif"))
+
+
+def test_pyramid_levels_stored_out_of_order_are_sorted(tmp_path, he):
+    """Levels stored 1x, 4x, 2x lost the 2x one; OME SubIFDs so stored kept their order (levels are largest first)."""
+    import openslide
+
+    small = {f: he.reshape(700 // f, f, 900 // f, f, 3).mean((1, 3)).astype(np.uint8) for f in (2, 4)}
+    generic = tmp_path / "ord.tif"
+    with tifffile.TiffWriter(generic) as tw:
+        for a, sft in ((he, 0), (small[4], 1), (small[2], 1)):
+            tw.write(a, tile=(128, 128), photometric="rgb", subfiletype=sft)
+    ome = tmp_path / "ord.ome.tif"
+    with tifffile.TiffWriter(ome) as tw:
+        tw.write(he, subifds=2, tile=(128, 128), photometric="rgb", metadata={"PhysicalSizeX": 0.25,
+                                                                             "PhysicalSizeY": 0.25})
+        tw.write(small[4], subfiletype=1, tile=(128, 128), photometric="rgb")
+        tw.write(small[2], subfiletype=1, tile=(128, 128), photometric="rgb")
+    assert openslide.OpenSlide(str(generic)).level_dimensions == ((900, 700), (450, 350), (225, 175))
+    for p in (generic, ome):
+        with open_slide(p) as r:
+            assert [(lv.width, lv.height) for lv in r.levels] == [(900, 700), (450, 350), (225, 175)]
+            assert r.best_level_for_downsample(4) == 2
+            np.testing.assert_array_equal(r.read_region((0, 0), 1, (450, 350)), small[2])

@@ -251,8 +251,12 @@ class TiffReader(SlideReader):
         which tifffile lists as separate series; OpenSlide's generic-tiff reads them as levels)."""
         main = series[0]
         levels = list(main.levels)
+
+        def largest_first(found):  # (levels stored 1x, 4x, 2x were left so: the reader's levels go largest first)
+            return sorted(found, key=lambda lv: -lv.sizes.get("width", 0))
+
         if self._tf.is_qpi or self._tf.is_svs or self._tf.is_ome:
-            return levels
+            return largest_first(levels)
         last = levels[-1]  # tifffile may group the first levels into one series and list the rest apart
         for s in series[1:]:
             pages = [p for p in s.pages if p is not None]
@@ -262,14 +266,14 @@ class TiffReader(SlideReader):
             w0, h0 = main.sizes.get("width", 0), main.sizes.get("height", 0)
             if (s.dtype != main.dtype or len(pages) != len([p for p in last.pages if p is not None])
                     or s.shape[-1] != last.shape[-1] and "S" in s.axes
-                    or w >= last.sizes.get("width", 0) or h >= last.sizes.get("height", 0)
+                    or w >= w0 or h >= h0 or any(w == lv.sizes.get("width", 0) for lv in levels)
                     # a level keeps the slide's shape (to a pixel's rounding on each side, or 2 %); a reduced
                     # label or macro image does not
                     or not w0 or abs(h * w0 - h0 * w) > max(h0 + w0, 0.02 * h * w0)):
                 break
             levels.append(s)
             last = s
-        return levels
+        return largest_first(levels)
 
     def _same_file(self, tf) -> bool:
         """Whether a TiffFile tifffile opened for a page is this file (an OME-XML may name this file under
