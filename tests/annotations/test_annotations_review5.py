@@ -156,3 +156,24 @@ def test_an_absurd_ellipse_region_is_bounded(tmp_path):
         '<Vertex X="1e12" Y="1e12"/></Vertices></Region></Regions></Annotation></Annotations>')
     p, = read_aperio_xml(tmp_path / "e.xml")
     assert len(p.exterior) <= 100_000
+
+
+def test_far_vertices_leave_the_near_crossings_exact():
+    """Crossings were taken from an edge's upper end: a vertex at 1e16 px left no digits for the rows near the
+    output (9 wrong pixels of a 12 x 12 output against exact arithmetic)."""
+    from fractions import Fraction
+
+    for far in (1e15, 1e16, 1e17):
+        tri = np.array([[2.3, 1.7], [9.1, 10.6], [far, -far / 3]])
+        got = rasterize([Polygon(tri)], (12, 12)) > 0
+        want = np.zeros((12, 12), bool)
+        pts = [(Fraction(x), Fraction(y)) for x, y in tri]
+        for r in range(12):
+            for c in range(12):
+                px, py = Fraction(c) + Fraction(1, 2), Fraction(r) + Fraction(1, 2)
+                inside = False
+                for (xa, ya), (xb, yb) in zip(pts, pts[1:] + pts[:1]):
+                    if (ya > py) != (yb > py) and px < xa + (py - ya) * (xb - xa) / (yb - ya):
+                        inside = not inside
+                want[r, c] = inside
+        assert (got != want).sum() <= 1, far  # (a centre within 1e-6 px of an edge may go either way)

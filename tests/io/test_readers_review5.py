@@ -143,6 +143,25 @@ def test_cmyk_tiffs_read_as_rgb(tmp_path, he):
     tifffile.imwrite(tmp_path / "cmyk16.tif", cmyk.astype(np.uint16), photometric="separated")
     with pytest.raises(Exception, match=r"cmyk16.tif: .*CMYK.*not supported"):
         open_slide(tmp_path / "cmyk16.tif")
+    # black ink too: Pillow's (255 - C)(255 - K) / 255, as the image backend reads the same pixels
+    inks = np.random.default_rng(0).integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "inks.tif", inks, photometric="separated")
+    Image.fromarray(inks, "CMYK").save(tmp_path / "inks_pil.tif")
+    with open_slide(tmp_path / "inks.tif") as r:
+        np.testing.assert_array_equal(r.read_region((0, 0), 0, (64, 64)),
+                                      np.asarray(Image.fromarray(inks, "CMYK").convert("RGB")))
+    # with unassociated alpha: transparent pixels are white, as RGBA's are
+    alpha = np.zeros((64, 64, 1), np.uint8)
+    alpha[:, :32] = 255
+    tifffile.imwrite(tmp_path / "inks_a.tif", np.concatenate([inks, alpha], -1), photometric="separated",
+                     extrasamples=[2])
+    with open_slide(tmp_path / "inks_a.tif") as r:
+        got = r.read_region((0, 0), 0, (64, 64))
+    assert (got[:, 32:] == 255).all() and np.array_equal(got[:, :32], np.asarray(
+        Image.fromarray(inks, "CMYK").convert("RGB"))[:, :32])
+    tifffile.imwrite(tmp_path / "inks2.tif", inks, photometric="separated", extratags=[(332, "H", 1, 2, True)])
+    with pytest.raises(Exception, match=r"inks2.tif: .*not supported"):  # InkSet 2: not CMYK
+        open_slide(tmp_path / "inks2.tif")
 
 
 def test_a_one_strip_compressed_image_is_decoded_once(tmp_path, he, monkeypatch):
@@ -161,12 +180,25 @@ def test_a_one_strip_compressed_image_is_decoded_once(tmp_path, he, monkeypatch)
         a[:] = 0  # the region handed out is the caller's: the kept strip is not changed
         np.testing.assert_array_equal(r.read_region((10, 10), 0, (16, 16)), big[10:26, 10:26])
     assert len(calls) == 1 and thumb.shape[:2] == (256, 256)
+    r = open_slide(p)
+    r.read_region((0, 0), 0, (8, 8))
+    assert "_strip_kept" in r.__dict__
+    r.rest()  # a rested reader holds no strip (a cohort's rested readers held theirs: 537 MiB for 20)
+    assert "_strip_kept" not in r.__dict__
+    np.testing.assert_array_equal(r.read_region((10, 10), 0, (16, 16)), big[10:26, 10:26])
+    r.close()
+    assert "_strip_kept" not in r.__dict__
 
 
 def test_thumbnails_stay_within_the_readers_region_bound():
     """A 64 px thumbnail with max_region_bytes=2 MiB was refused: its 4 MiB strips were over the bound."""
+    from histoflow.errors import RegionTooLargeError
+
     with open_slide(SVS_PATH, max_region_bytes=2 * 1024**2) as r:
         assert r.thumbnail(64).shape[:2] == (64, 48)
+    with open_slide(SVS_PATH, max_region_bytes=100_000) as r:  # a band of whole rows is over it: said so
+        with pytest.raises(RegionTooLargeError, match=r"a 64 x 86 px picture of level 0 .* raise the bound"):
+            r.thumbnail(86)
 
 
 def test_a_damaged_tag_value_is_named(monkeypatch):

@@ -302,7 +302,12 @@ def _fill(rows, cols, h, w):
     n = n[edges]
     e = np.repeat(edges, n)
     r = start[e] + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
-    x = x0[e] + (r - y0[e]) * (x1[e] - x0[e]) / (y1[e] - y0[e])
+    # from the end nearer the row: a far end (1e16 px, a damaged file) left no digits for the near part
+    slope = (x1[e] - x0[e]) / (y1[e] - y0[e])
+    near0 = np.abs(r - y0[e]) <= np.abs(r - y1[e])
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = np.where(near0, x0[e] + (r - y0[e]) * slope, x1[e] + (r - y1[e]) * slope)
+    x = np.nan_to_num(x, nan=-1.0, posinf=w + 1.0, neginf=-1.0)
     order = np.lexsort((x, r))
     r, x = r[order], x[order]
     r, a, b = r[0::2], x[0::2], x[1::2]  # every row holds an even number of crossings

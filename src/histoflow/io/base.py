@@ -508,7 +508,13 @@ def _downscale_level(reader: SlideReader, level: int, lv: Level, tw: int, th: in
         end = math.floor(oy1 * fy) if fy >= 1 else math.floor((oy1 - 1) * fy) + 1
         sy1 = lv.height if oy1 == th else min(lv.height, int(end))
         sy1 = max(sy1, sy0 + 1)
-        strip = reader.read_region((0, int(round(sy0 * ds))), level, (lv.width, sy1 - sy0))
+        try:
+            strip = reader.read_region((0, int(round(sy0 * ds))), level, (lv.width, sy1 - sy0))
+        except RegionTooLargeError as e:  # (it named an internal band of rows, and advised tiles)
+            raise RegionTooLargeError(
+                f"{reader.path}: a {tw} x {th} px picture of level {level} reads it in bands of whole rows "
+                f"({lv.width} px wide, {sy1 - sy0} rows), above max_region_bytes "
+                f"({format_bytes(reader.max_region_bytes)}): raise the bound to make it") from e
         if channels is not None:
             strip = strip[..., channels]
         if strip.shape[0] == oy1 - oy0 and strip.shape[1] == tw:  # same size: no resampling

@@ -117,7 +117,13 @@ class _Plane:
             raise UnsupportedFormatError(f"page {page.index}: an ImageJ stack whose planes have no pages of "
                                          "their own must be uncompressed")
         cmyk = int(key.photometric) == 5
-        if cmyk and (key.dtype != np.uint8 or samples < 4 or separate > 1 or int(getattr(key, "inkset", 1) or 1) != 1):
+        inkset = key.tags.get(332)  # InkSet: 1 CMYK (the default), 2 other inks
+        cmyk_alpha = 0
+        if cmyk and samples > 4 and tuple(getattr(key, "extrasamples", ()) or ()) and \
+                int(tuple(key.extrasamples)[0]) in (1, 2):
+            cmyk_alpha = int(tuple(key.extrasamples)[0])
+        if cmyk and (key.dtype != np.uint8 or samples < 4 or separate > 1
+                     or (inkset is not None and int(inkset.value) != 1)):
             raise UnsupportedFormatError(f"page {page.index}: separated (CMYK) pixels other than 8-bit contiguous "
                                          f"CMYK ({key.dtype}, {samples} inks) are not supported")
         if cmyk:
@@ -134,6 +140,8 @@ class _Plane:
         if keep_samples is not None and samples > keep_samples and extra and int(extra[0]) in (1, 2) \
                 and colormap is None:
             alpha = int(extra[0])  # contiguous or planar-separate: both are composited (see _read_plane)
+        if cmyk:
+            alpha = cmyk_alpha
         return cls(page=page, index=int(page.index), width=width, height=height, samples=keep,
                    separate=separate, tile_w=tw, tile_h=th, tiles_across=across,
                    tiles_down=down, offsets=offsets, counts=counts, jpegtables=key.jpegtables,
@@ -461,7 +469,8 @@ class TiffReader(SlideReader):
         used = {p.index for planes in self._levels_planes for p in planes}
         w, h = self.levels[0].width, self.levels[0].height
         names = []
-        for number, s in enumerate(series[1:], start=1):
+        for i, s in enumerate(series[1:], start=1):
+            number = (i + self._main) % len(series)  # (``series`` starts at the slide's image)
             pages = [p for p in s.pages if p is not None]
             if not pages or any(p.index in used for p in pages):
                 continue
@@ -621,9 +630,12 @@ class TiffReader(SlideReader):
             seg = seg[0]
         if pl.colormap is not None:
             return np.take(pl.colormap, seg[..., 0], axis=0, mode="clip")  # clip: a damaged index
-        if pl.cmyk:
-            ink = seg[..., :3].astype(np.int16) + seg[..., 3:4]
-            return (255 - np.minimum(ink, 255)).astype(np.uint8)
+        if pl.cmyk:  # Pillow's conversion: (255 - C)(255 - K) / 255, rounded as its MULDIV255
+            t = (255 - seg[..., :3].astype(np.uint32)) * (255 - seg[..., 3:4].astype(np.uint32)) + 128
+            rgb = (((t >> 8) + t) >> 8).astype(np.uint8)
+            if pl.alpha and seg.shape[-1] > 4:  # composited on white, as RGBA is
+                return _on_white(np.concatenate([rgb, seg[..., 4:5]], axis=-1), pl.alpha, 3)
+            return rgb
         if pl.ycbcr:  # ITU-R BT.601, full range (TIFF's default coefficients and reference levels), as Pillow
             import cv2
 
@@ -636,6 +648,7 @@ class TiffReader(SlideReader):
         return _on_white(seg, pl.alpha, pl.keep) if pl.alpha and seg.shape[-1] > pl.keep else seg
 
     def _close(self):
+        self.__dict__.pop("_strip_kept", None)  # (rested readers held their strips; a woken one, stale pixels)
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
