@@ -5,7 +5,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from datafiles import SVS
 
 from histoflow.core.slide import SlideData
@@ -16,20 +15,6 @@ from histoflow.transforms import Pipeline
 from histoflow.transforms.base import Transform
 from histoflow.transforms.library import (BoxBlur, ForegroundDetection, MorphClose, MorphOpen, NucleusDetectionHE,
                                           StainNormalizationHE, TissueDetectionHE)
-
-
-class _Dark(torch.nn.Module):
-    def forward(self, x):
-        g = x[:, :3].mean(1, keepdim=True)
-        return torch.cat([torch.zeros_like(g), 20 * (0.7 - g)], 1)
-
-
-@pytest.fixture(scope="module")
-def dark_model(tmp_path_factory):
-    from histoflow.ml.onnx import export_onnx
-
-    return str(export_onnx(_Dark(), tmp_path_factory.mktemp("dark") / "dark.onnx", input_shape=(1, 3, 64, 64),
-                           dynamic_spatial=True))
 
 
 def test_a_slide_mask_named_as_the_slides_own_is_refused_before_the_first_tile(tmp_path, dark_model):

@@ -215,22 +215,6 @@ def test_nuclei_do_not_depend_on_where_the_image_is_cut():
     assert own_differs >= 3  # with each crop's own extremes, as before
 
 
-class _Dark(torch.nn.Module):
-    """A per-pixel 'model' whose answer is known everywhere: class 1 = sigmoid(20 (0.7 - grey))."""
-
-    def forward(self, x):
-        g = x[:, :3].mean(1, keepdim=True)
-        return torch.cat([torch.zeros_like(g), 20 * (0.7 - g)], 1)
-
-
-@pytest.fixture(scope="module")
-def dark_model(tmp_path_factory):
-    from histoflow.ml.onnx import export_onnx
-
-    return str(export_onnx(_Dark(), tmp_path_factory.mktemp("dark") / "dark.onnx", input_shape=(1, 3, 64, 64),
-                           dynamic_spatial=True))
-
-
 def _truth(image):
     return 1 / (1 + np.exp(-20 * (0.7 - image[..., :3].astype(np.float64).mean(2) / 255)))
 
