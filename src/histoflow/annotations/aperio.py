@@ -256,8 +256,8 @@ def write_aperio_xml(polygons, path, mpp: float | None = None) -> str:
     (``Length`` and ``Area`` also as the region's own attributes, which ImageScope shows), and so are a
     polygon's QuPath object type, id and group (the parts of one object), as text under names of their own
     (``histoflow:objectType``, ``histoflow:uid``, ``histoflow:group``), so a measurement called "group" stays one.
-    The measurement ``negative`` is the exclusion flag (``NegativeROA``, 0 or 1; other values are refused). Holes are not
-    representable as holes in this format; they are written as regions flagged
+    The measurement ``negative`` is the exclusion flag (``NegativeROA``, 0 or 1; other values are refused).
+    Holes are not representable as holes in this format; they are written as regions flagged
     ``NegativeROA="1"``, which ImageScope (and :func:`read_aperio_xml`) subtracts from every region of their
     Annotation layer: so a polygon with holes gets a layer of its own (same class name), where its holes cut
     nothing else. Polygons flagged ``measurements["negative"]`` (exclusions read with ``negatives="keep"``)

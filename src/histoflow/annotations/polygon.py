@@ -276,10 +276,11 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
 
 def _fill(rows, cols, h, w):
     """The grid points (r, c), 0 <= r < h, 0 <= c < w, inside the closed ring through (rows, cols) (even-odd
-    rule; a point on the outline is in when the ring lies to its right or below it: half-open, as pixels), as ``(r0, c0, mask)`` of their bounding box, or None. A scanline fill: each
-    edge's crossings with the rows it spans, sorted, paired into spans; the time grows with the rows and edges
-    crossed, not with the box's pixels times the vertices (a 9,426-vertex ellipse over 4000 x 2000 px took
-    150 s by testing every pixel against every edge)."""
+    rule; a point on the outline is in when the ring lies to its right or below it: half-open, as pixels), as
+    ``(r0, c0, mask)`` of their bounding box, or None. A scanline fill: each edge's crossings with the rows it
+    spans, sorted, paired into spans; the time grows with the rows and edges crossed, not with the box's pixels
+    times the vertices (a 9,426-vertex ellipse over 4000 x 2000 px took 150 s by testing every pixel against
+    every edge)."""
     rows = np.asarray(rows, np.float64)
     cols = np.asarray(cols, np.float64)
     if not (np.isfinite(rows).all() and np.isfinite(cols).all()):
