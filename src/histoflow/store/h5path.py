@@ -377,6 +377,26 @@ def encode_tile(tile: Tile, compression: str | None = "gzip", compression_level:
 
 # ----------------------------------------------------------------------------------------- writer
 
+
+def _writes(method):
+    """A writer's method whose file writes may meet a full disk or a file-size limit: the OS's error (h5py's raw
+    OSError naming the hidden temporary file, which the engine could not tell from a tile's fault) becomes an
+    H5PathOutputError naming the output, and the file being written is dropped."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except H5PathError:
+            raise
+        except OSError as e:
+            self.abort()
+            raise H5PathOutputError(f"{self.path}: cannot write it ({' '.join(str(e).split())[:300]}); nothing "
+                                    "was written there") from e
+    return wrapper
+
+
 class H5PathWriter:
     """Write one h5path (format version 2) file, tile by tile.
 
@@ -549,6 +569,7 @@ class H5PathWriter:
 
     # -- tiles
 
+    @_writes
     def add_tile(self, image, coords=None, *, level: int = 0, downsample: float = 1.0,
                  masks: Mapping | None = None, labels: Mapping | None = None, name: str | None = None):
         """Append one tile.
@@ -668,6 +689,7 @@ class H5PathWriter:
             raise H5PathError(f"{self.path}: {where}: downsample must be a positive number, not {downsample}")
         return x, y, level, downsample, where
 
+    @_writes
     def _add_encoded(self, enc: EncodedTile):
         """Append a tile whose chunks were compressed elsewhere (same checks, bytes copied as they are)."""
         i = self._n
@@ -821,6 +843,7 @@ class H5PathWriter:
         for ds in self._per_tile_datasets():
             ds.resize(self._cap, axis=0)
 
+    @_writes
     def _flush(self):
         """Write the buffered per-tile metadata rows."""
         k = len(self._buf_coords)
@@ -854,6 +877,7 @@ class H5PathWriter:
 
     # -- slide-level data
 
+    @_writes
     def add_slide_mask(self, name: str, array, downsample: float = 1.0):
         """Store a slide-level mask.
 
@@ -896,6 +920,7 @@ class H5PathWriter:
         if is_bool:
             ds.attrs["bool"] = True
 
+    @_writes
     def set_cells(self, adata):
         """Store the single-cell table (an :class:`anndata.AnnData`) as ``/cells``, replacing any."""
         self._check_open()
@@ -916,6 +941,7 @@ class H5PathWriter:
         self._f.move(tmp, "cells")
         self._cells_set = True
 
+    @_writes
     def add_provenance(self, record: Mapping):
         """Append one run record to ``/provenance``.
 
@@ -1697,7 +1723,7 @@ class H5Path:
     def __init__(self, path):
         if not isinstance(path, (str, bytes, os.PathLike)):
             raise H5PathError(f"read_h5path: path must be a file name, got {type(path).__name__} {path!r:.60}")
-        self.path = os.fspath(path)
+        self.path = os.fsdecode(os.fspath(path))  # (bytes paths were named b"..." in messages)
         self._src = None
         self._by_coords = None  # (x, y) -> first tile index, made at the first lookup by coords
         if not os.path.exists(self.path):
@@ -1828,8 +1854,14 @@ class H5Path:
                 raise IndexError(f"{self.path}: tile index {int(key)} out of range for {src.n} tiles")
             return src.read_tile(i)
         if isinstance(key, (tuple, list, np.ndarray)) and len(key) == 2:
-            x, y = int(key[0]), int(key[1])
-            if x != key[0] or y != key[1]:  # (8.9, 0) is no tile's corner
+            try:  # the caller's key, not the file: NaN, inf, None or text was reported as a damaged file
+                if any(isinstance(v, (str, bytes, bool, np.bool_)) for v in key):
+                    raise TypeError
+                x, y = int(key[0]), int(key[1])
+                whole = x == key[0] and y == key[1]
+            except (TypeError, ValueError, OverflowError):
+                whole = False
+            if not whole:  # (8.9, 0) is no tile's corner
                 raise KeyError(f"{self.path}: no tile at {tuple(key)}: tile coords are whole numbers")
             if self._by_coords is None:  # one scan of the table, not one per lookup (7.8 ms at 100k tiles)
                 index = {}
