@@ -177,3 +177,14 @@ def test_far_vertices_leave_the_near_crossings_exact():
                         inside = not inside
                 want[r, c] = inside
         assert (got != want).sum() <= 1, far  # (a centre within 1e-6 px of an edge may go either way)
+
+
+def test_an_unnamed_multi_part_object_survives_aperio_xml_and_back(tmp_path):
+    """Its parts came back named by their region ids ("1", "2"), and the GeoJSON writer refused them as one object."""
+    parts = [Polygon(SQ, group="g1", classification="Tumor"), Polygon(SQ + 20, group="g1", classification="Tumor")]
+    back = read_annotations(write_annotations(parts, tmp_path / "mp.xml"))
+    assert [p.name for p in back] == ["", ""] and back[0].group == back[1].group
+    again = read_annotations(write_annotations(back, tmp_path / "back.geojson"))
+    assert len(again) == 2 and again[0].group is not None and again[0].group == again[1].group
+    single = read_annotations(write_annotations([Polygon(SQ)], tmp_path / "one.xml"))
+    assert single[0].name == "1"  # an ungrouped region without text keeps its id as its name

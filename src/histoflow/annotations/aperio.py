@@ -175,7 +175,10 @@ def _region(path, region, layer, min_vertices, out, skipped):
     if region.get("NegativeROA") == "1":
         meas["negative"] = 1
     text = region.get("Text") or ""
-    out.append(Polygon(xy, name=text or str(region.get("Id", len(out) + 1)), classification=cls,
+    # a region without text is named by its Id, unless it is a part of a multi-part object (its group): the parts
+    # then keep one name, as they were written (parts named "1" and "2" could not be written as one GeoJSON object)
+    name = text or ("" if fields.get("group") else str(region.get("Id", len(out) + 1)))
+    out.append(Polygon(xy, name=name, classification=cls,
                        measurements=meas, color=color, **fields))
 
 
