@@ -60,7 +60,7 @@ class _Plane:
     raw: np.dtype | None = None  # uncompressed rows read straight from the file in this dtype (file byte order)
     raw_samples: int = 0  # ... with this many samples per pixel in each strip
     ycbcr: bool = False  # YCbCr stored without JPEG (whose decoder converts): converted to RGB after decoding
-    cmyk: bool = False  # 8-bit CMYK: converted to RGB after decoding (R = 255 - min(255, C + K), as Pillow)
+    cmyk: bool = False  # 8-bit CMYK: converted to RGB after decoding (R = (255 - C)(255 - K) / 255, as Pillow)
 
     @classmethod
     def from_page(cls, page, keep_samples: int | None = None, colormap: np.ndarray | None = None,
@@ -394,7 +394,7 @@ class TiffReader(SlideReader):
                 d = self._full_page(p.page).description[:_MAX_DESCRIPTION]
                 m = re.search(r"<Biomarker>([^<]*)</Biomarker>", d) or re.search(r"<Name>([^<]*)</Name>", d)
                 names.append(m.group(1).strip() if m else "")
-        elif tf.is_ome:  # the channels of the first <Image> (series 0, the one read), not of every image
+        elif tf.is_ome:  # the channels of the slide's <Image> (the series read), not of every image
             names = [html_unescape(m) for m in re.findall(r"<(?:\w+:)?Channel [^>]*?Name=\"([^\"]*)\"",
                                                          _ome_image(desc, self._main))]
         elif tf.is_imagej and tf.imagej_metadata:
