@@ -247,9 +247,10 @@ def rasterize(polygons, shape, downsample: float = 1.0, origin=(0, 0), values=No
     ox, oy = origin
 
     def pixels(ring):
-        # pixel (c, r) covers level-0 [c*d, (c+1)*d); its centre is at (c + 0.5) * d. Centres on the outline
-        # count in; moved up and left by a hair, an outline through centres keeps those on its left and top
-        # edges (now just inside) and not those on its right and bottom ones (just outside)
+        # pixel (c, r) covers level-0 [c*d, (c+1)*d); its centre is at (c + 0.5) * d. Moved up and left by a hair,
+        # an outline through centres keeps those on its left and top edges (now just inside) and not those on its
+        # right and bottom ones (just outside); _fill's half-open rule does the same for 45-degree edges, which
+        # the hair moves along themselves
         cols = (ring[:, 0] - ox) / dx - 0.5 - _TIE
         rows = (ring[:, 1] - oy) / dy - 0.5 - _TIE
         return _fill(rows, cols, h, w)
@@ -290,12 +291,11 @@ def _fill(rows, cols, h, w):
     down = y0 > y1  # each edge from its upper end: an edge two polygons share gives both the same crossings
     y0, y1 = np.where(down, y1, y0), np.where(down, y0, y1)
     x0, x1 = np.where(down, x1, x0), np.where(down, x0, x1)
-    # an edge crosses row r when one end is above it and the other not: r in [min, max), half-open, so a row
-    # through a vertex counts the vertex once
-    # (values are clipped to just outside the output before a cast: past int64 they wrapped round, and a square
-    # far to the right painted 60 px of a 10 x 10 output)
-    start = np.maximum(np.ceil(np.clip(np.minimum(y0, y1), -1, h)).astype(np.int64), 0)
-    stop = np.minimum(np.ceil(np.clip(np.maximum(y0, y1), -1, h)).astype(np.int64), h)
+    # an edge crosses row r when one end is above it and the other not: r in [y0, y1), half-open, so a row
+    # through a vertex counts the vertex once (values are clipped to just outside the output before a cast: past
+    # int64 they wrapped round, and a square far to the right painted 60 px of a 10 x 10 output)
+    start = np.maximum(np.ceil(np.clip(y0, -1, h)).astype(np.int64), 0)
+    stop = np.minimum(np.ceil(np.clip(y1, -1, h)).astype(np.int64), h)
     n = np.maximum(stop - start, 0)
     edges = np.nonzero(n)[0]
     if not len(edges):

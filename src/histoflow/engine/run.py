@@ -320,14 +320,13 @@ def _check_slide_mask_names(slide, pipeline, tiling):
     """Refuse, before the first tile, a step whose slide masks would take the name of one the slide has (the
     store refused it after the last tile, and a resume could never finish)."""
     for step in pipeline._all_steps():
-        for prefix in step.slide_mask_prefixes:
-            have = sorted(m for m in slide.masks if m.startswith(prefix) and step.makes_slide_mask(m))
-            if have:
-                whence = "made by tissue_filter" if have[0] == TISSUE_MASK and tiling["tissue_filter"] is not None \
-                    else "the slide's own"
-                raise PipelineError(f"{slide.path}: {type(step).__name__} would write slide masks named {prefix}..., "
-                                    f"and the slide already has {have[0]!r} ({whence}): give the step another "
-                                    "name (mask_name= / heatmap_prefix=)")
+        have = sorted(m for m in slide.masks if step.makes_slide_mask(m))
+        if have:
+            whence = "made by tissue_filter" if have[0] == TISSUE_MASK and tiling["tissue_filter"] is not None \
+                else "the slide's own"
+            raise PipelineError(f"{slide.path}: {type(step).__name__} would write slide masks named "
+                                f"{step.slide_mask_prefixes[0]}..., and the slide already has {have[0]!r} ({whence}): "
+                                "give the step another name (mask_name= / heatmap_prefix=)")
 
 
 def _prepare(job, pipeline, tiling, batch_size, compression, compression_level, resume):

@@ -122,9 +122,10 @@ def _to_dtype(out, dtype):
 
 
 def _full_scale(dtype):
-    """The value of "white": 255 for uint8, 65535 for uint16, 1.0 for floats."""
+    """The value of "white": 255 for uint8, 65535 for uint16, 1.0 for floats. An integer for integer dtypes (as a
+    float, int64's top rounds past it, and a fill of it wrapped round to the dtype's minimum)."""
     dtype = np.dtype(dtype)
-    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+    return int(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
 
 
 # ------------------------------------------------------------------------------------------ base
@@ -253,8 +254,7 @@ class RandomZoom(Augmentation):
         if (nh, nw) == (h, w):
             return image, masks
         img = _resize_image(image, nw, nh)
-        # white: the dtype's top as an integer (as a float, int64's rounded past it and wrapped to its minimum)
-        fill = (np.iinfo(image.dtype).max if image.dtype.kind in "ui" else 1.0) if self.fill is None else self.fill
+        fill = _full_scale(image.dtype) if self.fill is None else self.fill
         out = _crop_or_pad(img, h, w, oy, ox, _fitting(fill, image.dtype, "fill", "the image"))
         new_masks = {}
         for k, m in masks.items():

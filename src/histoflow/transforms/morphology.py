@@ -291,8 +291,8 @@ def _refuse_labels(who, name, mask):
     top = m.max()
     if not top > 1:
         return
-    values = np.unique(m)
-    if len(values) > 2 or (len(values) == 2 and values[0] != 0):  # 0/1 and 0/255 masks (or one value) are masks
+    if ((m != 0) & (m != top)).any():  # 0/1 and 0/255 masks (or one value) are masks; a third value is not
+        values = np.unique(m)
         raise MaskError(f"{who}: mask {name!r} holds {len(values)} values up to {top} (instance or class labels?); "
                         f"{who} works on 0/1 masks and would turn it into one: threshold it first, or apply "
                         "it to a 0/1 mask")

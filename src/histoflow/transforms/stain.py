@@ -894,7 +894,7 @@ class _StainFitMixin:
         thumb, mask, sample = samples if samples is not None else self._slide_samples(slide)
         try:
             m, mc = self._fit_image(thumb, method, mask)
-            if not self._he_like(thumb, method, mask, m):  # as a tile's own fit is checked (a few hundred
+            if not self._he_like_fit(thumb, method, mask, m):  # as a tile's own fit is checked (a few hundred
                 # averaged pixels of a little tissue gave two stain vectors of cosine 0.986: every tile of the slide
                 # was normalised by them, 35 grey levels from the same tissue normalised by CMU-1's fit)
                 raise StainEstimationError(f"the thumbnail's stain vectors are not H&E-like (cosine "
@@ -906,7 +906,7 @@ class _StainFitMixin:
                 if sample is None:
                     raise StainEstimationError("no full-resolution tissue regions")
                 m, mc = self._fit_image(sample, method)
-                if not self._he_like(sample, method, None, m):
+                if not self._he_like_fit(sample, method, None, m):
                     raise StainEstimationError("the full-resolution tissue's stain vectors are not H&E-like either")
                 return m, mc
             except StainEstimationError as e:
@@ -933,11 +933,11 @@ class _StainFitMixin:
                 m, mc = self._fit_image(image, method, mask)
             except StainEstimationError:
                 return None
-            if self._he_like(image, method, mask, m):
+            if self._he_like_fit(image, method, mask, m):
                 return m, mc
         return None
 
-    def _he_like(self, image, method, mask, m) -> bool:
+    def _he_like_fit(self, image, method, mask, m) -> bool:
         """Whether a fit's stain matrix ``m`` of ``image`` is H&E's (:func:`_he_like`). Vahadane's two vectors lie
         closer together than Macenko's on the same pixels (cosine up to 0.983 on real H&E, where the limit was set
         on Macenko's): its fit is H&E when Macenko's of the same pixels is."""
